@@ -1,0 +1,27 @@
+//! vipgate's gRPC API (`proto/vipgate/v1`): the `Gateway` service, its server
+//! on a Unix socket, and the client helper that `vipgatectl` uses.
+//!
+//! This module owns the wire types and the socket. It reads the gateway only
+//! through [`GatewayView`], which the daemon implements; it never touches
+//! DPDK or the dataplane's state directly, and never blocks the runtime: the
+//! daemon runs it on a current-thread tokio runtime on the DPDK main lcore.
+#![forbid(unsafe_code)]
+
+mod client;
+mod error;
+mod server;
+mod view;
+
+pub use client::connect_unix;
+pub use error::ApiError;
+pub use server::{GatewayService, serve_unix};
+pub use view::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
+
+/// The generated protobuf messages and the tonic client and server of
+/// package `vipgate.v1`.
+pub mod pb {
+    tonic::include_proto!("vipgate.v1");
+}
+
+/// Where vipgated listens and vipgatectl connects unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";

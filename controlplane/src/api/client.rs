@@ -1,0 +1,37 @@
+//! Dialing vipgated's Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::error::{ApiError, root_cause};
+use super::pb::gateway_client::GatewayClient;
+
+/// A local socket answers at once; waiting longer only hides a hung daemon.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to vipgated's API on the Unix socket `path`.
+///
+/// The connection is made before this returns, so a missing or dead daemon
+/// is reported here (as [`ApiError::Connect`]) rather than on the first
+/// call. If the connection drops later, the channel dials the same path
+/// again. Calls have no deadline of their own: set one per request with
+/// `tonic::Request::set_timeout` where a hung daemon must not block the
+/// caller.
+pub async fn connect_unix(path: &Path) -> Result<GatewayClient<Channel>, ApiError> {
+    let socket: PathBuf = path.to_owned();
+    // The URI only fills HTTP/2's :authority; the connector ignores it and
+    // always dials the socket.
+    let channel = Endpoint::from_static("http://vipgated")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { UnixStream::connect(socket).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|source| ApiError::Connect { path: path.to_owned(), reason: root_cause(&source), source })?;
+    Ok(GatewayClient::new(channel))
+}

@@ -1,0 +1,55 @@
+//! vipgated: the vipgate gateway daemon.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vipgate_controlplane::config::Config;
+use vipgate_controlplane::daemon;
+
+/// vipgate gateway daemon: a DPDK Layer-4 load balancer.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(short, long, default_value = "/etc/vipgate/vipgated.toml")]
+    config: PathBuf,
+    /// Validate the configuration, print a summary and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIPGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vipgated: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!(
+            "{}: OK: {} ports, {} services, {} workers; EAL arguments: {}",
+            config.path.display(),
+            config.ports().len(),
+            config.services().len(),
+            config.lcores.len() - 1,
+            config.eal_args.join(" ")
+        );
+        return ExitCode::SUCCESS;
+    }
+    match daemon::run(&config) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vipgated: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,615 @@
+//! vipgated's configuration file: parsing, validation and what it compiles to.
+//!
+//! Owns: the TOML schema, every check an operator's mistake can fail, and
+//! the translation into EAL arguments, dataplane settings and a snapshot
+//! description. Everything is validated before EAL starts, and every error
+//! names the file, the line and the field. Must not touch DPDK.
+//!
+//! The reference for every key is `docs/configuration.md`.
+
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
+use vipgate_dataplane::pipeline::PipelineConfig;
+use vipgate_dataplane::route::Route;
+use vipgate_dataplane::snapshot::{
+    BackendSpec, Ipv4Cidr, PortSpec, Protocol, RouteSpec, ServiceSpec, Snapshot, SnapshotSpec,
+};
+use vipgate_dataplane::wire::EthernetAddress;
+use vipgate_dpdk::{DataplaneConfig, PortConfig};
+
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";
+/// Largest Maglev table size accepted (the largest prime below 2^24).
+pub const MAX_TABLE_SIZE: u32 = 16_777_213;
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 65_535;
+
+/// A configuration error. Its text names the file and, where it has one,
+/// the line and the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a key of the wrong type, missing or unknown.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message (it includes line and column).
+        message: String,
+    },
+    /// A value that parses but cannot be used.
+    #[error("{file}:{line}: {field}: {reason}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// Path of the field, such as `services[2].backends[0].port`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    eal: Spanned<RawEal>,
+    #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    ports: Vec<Spanned<RawPort>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    services: Vec<Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEal {
+    lcores: Spanned<String>,
+    #[serde(default = "yes")]
+    hugepages: bool,
+    memory_mb: Option<Spanned<u32>>,
+    #[serde(default = "default_prefix")]
+    file_prefix: Spanned<String>,
+    #[serde(default)]
+    extra_args: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_prefix() -> Spanned<String> {
+    Spanned::new(0..0, "vipgate".to_owned())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    #[serde(default = "default_mbufs")]
+    mbufs: Spanned<u32>,
+    #[serde(default = "default_mbuf_cache")]
+    mbuf_cache: Spanned<u32>,
+    #[serde(default)]
+    idle_sleep_us: u32,
+    #[serde(default = "default_neighbours")]
+    neighbour_capacity: Spanned<u32>,
+}
+
+fn default_mbufs() -> Spanned<u32> {
+    Spanned::new(0..0, 16_383)
+}
+fn default_mbuf_cache() -> Spanned<u32> {
+    Spanned::new(0..0, 256)
+}
+fn default_neighbours() -> Spanned<u32> {
+    Spanned::new(0..0, 4096)
+}
+
+impl Default for RawDataplane {
+    fn default() -> Self {
+        RawDataplane {
+            mbufs: default_mbufs(),
+            mbuf_cache: default_mbuf_cache(),
+            idle_sleep_us: 0,
+            neighbour_capacity: default_neighbours(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi { socket: default_socket() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    name: Spanned<String>,
+    device: Spanned<String>,
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: Spanned<String>,
+    via: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    vip: Spanned<String>,
+    port: Spanned<i64>,
+    protocol: Spanned<String>,
+    table_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    port: Spanned<i64>,
+    weight: Option<Spanned<i64>>,
+}
+
+/// How a device string is handed to EAL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// A virtual device: `--vdev <args>`; `name` is what EAL probes it as.
+    Virtual {
+        /// Device name (before the first comma).
+        name: String,
+        /// Full vdev string.
+        args: String,
+    },
+    /// A PCI device: `-a <address>`.
+    Pci {
+        /// Full address, `DDDD:BB:DD.F`.
+        address: String,
+    },
+}
+
+impl Device {
+    /// The name EAL knows the probed device by.
+    pub fn probed_name(&self) -> &str {
+        match self {
+            Device::Virtual { name, .. } => name,
+            Device::Pci { address } => address,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Lcores: the first is the main lcore, the rest run workers.
+    pub lcores: Vec<u32>,
+    /// Arguments for `rte_eal_init` (without the program name).
+    pub eal_args: Vec<String>,
+    /// Dataplane settings.
+    pub dataplane: DataplaneConfig,
+    /// Ports' devices, in port order.
+    pub devices: Vec<Device>,
+    /// The API's Unix socket.
+    pub api_socket: PathBuf,
+    /// Ports, routes and services; port MACs are filled in once the ports
+    /// are open (see [`Config::snapshot_spec`]).
+    spec: SnapshotSpec,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates configuration text; `path` is used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        Validator { file: path, text }.validate(raw)
+    }
+
+    /// The snapshot description with the ports' real MAC addresses.
+    pub fn snapshot_spec(&self, macs: &[EthernetAddress]) -> SnapshotSpec {
+        let mut spec = self.spec.clone();
+        for (p, mac) in spec.ports.iter_mut().zip(macs) {
+            p.mac = *mac;
+        }
+        spec
+    }
+
+    /// Services, as configured.
+    pub fn services(&self) -> &[ServiceSpec] {
+        &self.spec.services
+    }
+
+    /// Ports, as configured (MACs are zero here).
+    pub fn ports(&self) -> &[PortSpec] {
+        &self.spec.ports
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn line(&self, span: &std::ops::Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn err<T>(&self, span: std::ops::Range<usize>, field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid { file: self.file.to_owned(), line: self.line(&span), field: field.into(), reason: reason.into() })
+    }
+
+    fn ipv4(&self, s: &Spanned<String>, field: &str) -> Result<u32, ConfigError> {
+        match s.get_ref().trim().parse::<Ipv4Addr>() {
+            Ok(a) => Ok(u32::from(a)),
+            Err(_) => self.err(s.span(), field, format!("{:?} is not an IPv4 address", s.get_ref())),
+        }
+    }
+
+    fn cidr(&self, s: &Spanned<String>, field: &str) -> Result<Ipv4Cidr, ConfigError> {
+        let Some((a, l)) = s.get_ref().trim().split_once('/') else {
+            return self.err(s.span(), field, format!("{:?} needs a prefix length, such as 198.18.0.1/24", s.get_ref()));
+        };
+        let Ok(addr) = a.parse::<Ipv4Addr>() else {
+            return self.err(s.span(), field, format!("{a:?} is not an IPv4 address"));
+        };
+        match l.parse::<u8>() {
+            Ok(len) if len <= 32 => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
+            _ => self.err(s.span(), field, format!("prefix length {l:?} is not a number from 0 to 32")),
+        }
+    }
+
+    fn port_number(&self, v: &Spanned<i64>, field: &str) -> Result<u16, ConfigError> {
+        match u16::try_from(*v.get_ref()) {
+            Ok(p) if p != 0 => Ok(p),
+            _ => self.err(v.span(), field, format!("{} is not a port number from 1 to 65535", v.get_ref())),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let eal = raw.eal.get_ref();
+        let lcores = parse_lcores(eal.lcores.get_ref()).or_else(|reason| self.err(eal.lcores.span(), "eal.lcores", reason))?;
+        if lcores.len() < 2 {
+            return self.err(
+                eal.lcores.span(),
+                "eal.lcores",
+                "needs at least two lcores: the first runs the control plane, each further one a dataplane worker",
+            );
+        }
+        let prefix = eal.file_prefix.get_ref();
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return self.err(eal.file_prefix.span(), "eal.file_prefix", "use letters, digits, '-' and '_' only");
+        }
+        if let Some(m) = &eal.memory_mb {
+            if *m.get_ref() < 64 {
+                return self.err(m.span(), "eal.memory_mb", "at least 64 MiB are needed");
+            }
+        }
+        let dp = &raw.dataplane;
+        if *dp.mbufs.get_ref() < 1024 {
+            return self.err(dp.mbufs.span(), "dataplane.mbufs", "at least 1024 mbufs are needed");
+        }
+        if *dp.mbuf_cache.get_ref() > 512 || *dp.mbuf_cache.get_ref() > *dp.mbufs.get_ref() / 4 {
+            return self.err(dp.mbuf_cache.span(), "dataplane.mbuf_cache", "at most 512 and at most a quarter of dataplane.mbufs");
+        }
+        if *dp.neighbour_capacity.get_ref() < 16 {
+            return self.err(dp.neighbour_capacity.span(), "dataplane.neighbour_capacity", "at least 16 entries are needed");
+        }
+
+        if raw.ports.is_empty() {
+            return self.err(raw.eal.span(), "ports", "no [[ports]] configured; the gateway needs at least one");
+        }
+        let mut ports = Vec::new();
+        let mut devices = Vec::new();
+        let mut port_names = HashSet::new();
+        let mut probed = HashSet::new();
+        let mut subnets: Vec<(Ipv4Cidr, String)> = Vec::new();
+        for (i, p) in raw.ports.iter().enumerate() {
+            let p = p.get_ref();
+            let f = |k: &str| format!("ports[{i}].{k}");
+            let name = p.name.get_ref().trim();
+            if name.is_empty() {
+                return self.err(p.name.span(), f("name"), "must not be empty");
+            }
+            if !port_names.insert(name.to_owned()) {
+                return self.err(p.name.span(), f("name"), format!("another port is already named {name:?}"));
+            }
+            let device = parse_device(p.device.get_ref()).or_else(|reason| self.err(p.device.span(), f("device"), reason))?;
+            if !probed.insert(device.probed_name().to_owned()) {
+                return self.err(p.device.span(), f("device"), format!("device {:?} is used by another port", device.probed_name()));
+            }
+            if p.addresses.is_empty() {
+                return self.err(p.name.span(), f("addresses"), "a port needs at least one address (it sources ARP requests)");
+            }
+            let mut addresses = Vec::new();
+            for (j, a) in p.addresses.iter().enumerate() {
+                let field = format!("ports[{i}].addresses[{j}]");
+                let c = self.cidr(a, &field)?;
+                if c.len == 0 || c.len > 32 {
+                    return self.err(a.span(), field, "prefix length must be 1 to 32");
+                }
+                let mask = Route::mask(c.len);
+                if c.len < 31 && (c.addr & !mask == 0 || c.addr | mask == u32::MAX) {
+                    return self.err(a.span(), field, "is the network or broadcast address of its subnet");
+                }
+                for (other, owner) in &subnets {
+                    let m = Route::mask(c.len.min(other.len));
+                    if (c.addr ^ other.addr) & m == 0 {
+                        return self.err(
+                            a.span(),
+                            field,
+                            format!("overlaps {}/{} on port {owner:?}; each port needs its own subnet", Ipv4Addr::from(other.addr), other.len),
+                        );
+                    }
+                }
+                addresses.push(c);
+            }
+            for c in &addresses {
+                subnets.push((*c, name.to_owned()));
+            }
+            ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses });
+            devices.push(device);
+        }
+
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let r = r.get_ref();
+            let field = format!("routes[{i}].prefix");
+            let prefix = self.cidr(&r.prefix, &field)?;
+            if prefix.addr & !Route::mask(prefix.len) != 0 {
+                return self.err(
+                    r.prefix.span(),
+                    field,
+                    format!("host bits are set; did you mean {}/{}?", Ipv4Addr::from(prefix.addr & Route::mask(prefix.len)), prefix.len),
+                );
+            }
+            let via = self.ipv4(&r.via, &format!("routes[{i}].via"))?;
+            if !subnets.iter().any(|(c, _)| (c.addr ^ via) & Route::mask(c.len) == 0) {
+                return self.err(r.via.span(), format!("routes[{i}].via"), format!("{} is not on any port's subnet", Ipv4Addr::from(via)));
+            }
+            routes.push(RouteSpec { prefix, via });
+        }
+
+        let local: HashMap<u32, String> =
+            ports.iter().flat_map(|p| p.addresses.iter().map(move |c| (c.addr, p.name.clone()))).collect();
+        let mut services = Vec::new();
+        let mut service_names = HashSet::new();
+        let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
+        let mut backend_owner: HashMap<(u32, u16, Protocol), String> = HashMap::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let s = s.get_ref();
+            let f = |k: &str| format!("services[{i}].{k}");
+            let name = s.name.get_ref().trim().to_owned();
+            if name.is_empty() {
+                return self.err(s.name.span(), f("name"), "must not be empty");
+            }
+            if !service_names.insert(name.clone()) {
+                return self.err(s.name.span(), f("name"), format!("another service is already named {name:?}"));
+            }
+            let vip = self.ipv4(&s.vip, &f("vip"))?;
+            if let Some(owner) = local.get(&vip) {
+                return self.err(s.vip.span(), f("vip"), format!("{} is an address of port {owner:?}, not a free VIP", Ipv4Addr::from(vip)));
+            }
+            let port = self.port_number(&s.port, &f("port"))?;
+            let protocol = match s.protocol.get_ref().to_ascii_lowercase().as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => return self.err(s.protocol.span(), f("protocol"), format!("{other:?} is not \"tcp\" or \"udp\"")),
+            };
+            if let Some(other) = listeners.insert((vip, port, protocol), name.clone()) {
+                return self.err(
+                    s.port.span(),
+                    f("port"),
+                    format!("{}:{port}/{} is already served by service {other:?}", Ipv4Addr::from(vip), protocol.name()),
+                );
+            }
+            let table_size = match &s.table_size {
+                None => DEFAULT_TABLE_SIZE,
+                Some(t) => match u32::try_from(*t.get_ref()) {
+                    Ok(n) if is_prime(n) && (3..=MAX_TABLE_SIZE).contains(&n) => n,
+                    _ => {
+                        return self.err(
+                            t.span(),
+                            f("table_size"),
+                            format!("{} is not a prime from 3 to {MAX_TABLE_SIZE} (the default is {DEFAULT_TABLE_SIZE})", t.get_ref()),
+                        );
+                    }
+                },
+            };
+            let mut backends = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                let b = b.get_ref();
+                let bf = |k: &str| format!("services[{i}].backends[{j}].{k}");
+                let addr = self.ipv4(&b.address, &bf("address"))?;
+                if local.contains_key(&addr) || addr == vip {
+                    return self.err(b.address.span(), bf("address"), "is an address of the gateway itself");
+                }
+                if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0)
+                    && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
+                {
+                    return self.err(b.address.span(), bf("address"), format!("no route to {}: it is on no port's subnet and no [[routes]] entry covers it", Ipv4Addr::from(addr)));
+                }
+                let bport = self.port_number(&b.port, &bf("port"))?;
+                if !seen.insert((addr, bport)) {
+                    return self.err(b.address.span(), bf("address"), format!("{}:{bport} is listed twice", Ipv4Addr::from(addr)));
+                }
+                if let Some(other) = backend_owner.insert((addr, bport, protocol), name.clone()) {
+                    return self.err(
+                        b.address.span(),
+                        bf("address"),
+                        format!(
+                            "{}:{bport}/{} already serves service {other:?}; replies could not be translated back to one VIP",
+                            Ipv4Addr::from(addr),
+                            protocol.name()
+                        ),
+                    );
+                }
+                let weight = match &b.weight {
+                    None => 1,
+                    Some(w) => match u32::try_from(*w.get_ref()) {
+                        Ok(w) if w <= MAX_WEIGHT => w,
+                        _ => return self.err(w.span(), bf("weight"), format!("{} is not from 0 to {MAX_WEIGHT}", w.get_ref())),
+                    },
+                };
+                backends.push(BackendSpec { addr, port: bport, weight });
+            }
+            if backends.len() > usize::try_from(table_size).unwrap_or(usize::MAX) {
+                return self.err(s.name.span(), f("backends"), format!("{} backends do not fit a table of {table_size} slots", backends.len()));
+            }
+            services.push(ServiceSpec { name, vip, port, protocol, table_size, backends });
+        }
+
+        let spec = SnapshotSpec { ports, routes, services };
+        // The dataplane's own compiler is the last word: anything it would
+        // refuse at start is refused now, before EAL.
+        if let Err(e) = Snapshot::build(&spec) {
+            return self.err(0..0, "configuration", e.to_string());
+        }
+
+        let eal_args = eal_arguments(eal, &lcores, &devices);
+        let dataplane = DataplaneConfig {
+            ports: spec.ports.iter().zip(&devices).map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned() }).collect(),
+            mbufs: *dp.mbufs.get_ref(),
+            mbuf_cache: *dp.mbuf_cache.get_ref(),
+            idle_sleep_us: dp.idle_sleep_us,
+            pipeline: PipelineConfig { neighbour_capacity: *dp.neighbour_capacity.get_ref() as usize, ..PipelineConfig::default() },
+        };
+        Ok(Config { path: self.file.to_owned(), lcores, eal_args, dataplane, devices, api_socket: raw.api.socket, spec })
+    }
+}
+
+/// Parses an EAL lcore list such as `0,1`, `0-3` or `0,2-3`. The first
+/// number given is the main lcore.
+fn parse_lcores(s: &str) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (Ok(a), Ok(b)) = (a.trim().parse::<u32>(), b.trim().parse::<u32>()) else {
+            return Err(format!("{part:?} is not an lcore number or range (write lists like \"0,1\" or \"0-3\")"));
+        };
+        if a > b {
+            return Err(format!("range {part:?} is backwards"));
+        }
+        if b >= 128 {
+            return Err(format!("lcore {b} is beyond the 128 this build supports"));
+        }
+        for l in a..=b {
+            if out.contains(&l) {
+                return Err(format!("lcore {l} is listed twice"));
+            }
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
+
+/// Classifies a device string: a vdev (`net_...`) or a PCI address.
+fn parse_device(s: &str) -> Result<Device, String> {
+    let s = s.trim();
+    if s.starts_with("net_") {
+        let name = s.split(',').next().unwrap_or(s).to_owned();
+        return Ok(Device::Virtual { name, args: s.to_owned() });
+    }
+    let full = if s.matches(':').count() == 1 { format!("0000:{s}") } else { s.to_owned() };
+    let ok = full.len() == 12
+        && full.char_indices().all(|(i, c)| match i {
+            4 | 7 => c == ':',
+            10 => c == '.',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if ok {
+        Ok(Device::Pci { address: full.to_ascii_lowercase() })
+    } else {
+        Err(format!("{s:?} is neither a virtual device (net_tap0,iface=..., net_pcap0,..., net_null0, ...) nor a PCI address (0000:03:00.0)"))
+    }
+}
+
+fn eal_arguments(eal: &RawEal, lcores: &[u32], devices: &[Device]) -> Vec<String> {
+    let list: Vec<String> = lcores.iter().map(u32::to_string).collect();
+    let mut args = vec![
+        "-l".to_owned(),
+        list.join(","),
+        "--main-lcore".to_owned(),
+        lcores[0].to_string(),
+        "--file-prefix".to_owned(),
+        eal.file_prefix.get_ref().clone(),
+    ];
+    if eal.hugepages {
+        // Unlink hugepage files right after mapping them, so nothing is left
+        // in /dev/hugepages even if the process is killed.
+        args.push("--huge-unlink".to_owned());
+    } else {
+        args.push("--no-huge".to_owned());
+    }
+    let memory = eal.memory_mb.as_ref().map(|m| *m.get_ref()).or((!eal.hugepages).then_some(512));
+    if let Some(m) = memory {
+        args.push("-m".to_owned());
+        args.push(m.to_string());
+    }
+    if !devices.iter().any(|d| matches!(d, Device::Pci { .. })) {
+        // Never probe (and grab) the host's PCI NICs when none is configured.
+        args.push("--no-pci".to_owned());
+    }
+    for d in devices {
+        match d {
+            Device::Virtual { args: v, .. } => {
+                args.push("--vdev".to_owned());
+                args.push(v.clone());
+            }
+            Device::Pci { address } => {
+                args.push("-a".to_owned());
+                args.push(address.clone());
+            }
+        }
+    }
+    args.extend(eal.extra_args.iter().cloned());
+    args
+}
+
+#[cfg(test)]
+mod tests;

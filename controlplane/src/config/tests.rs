@@ -1,0 +1,186 @@
+use super::*;
+
+const GOOD: &str = r#"
+[eal]
+lcores = "0,1"
+hugepages = false
+file_prefix = "vgtest"
+
+[dataplane]
+idle_sleep_us = 20
+
+[api]
+socket = "/run/vipgate/test.sock"
+
+[[ports]]
+name = "client"
+device = "net_tap0,iface=vgt-c"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "backend"
+device = "0000:03:00.1"
+addresses = ["198.18.1.1/24"]
+
+[[routes]]
+prefix = "198.19.0.0/16"
+via = "198.18.0.254"
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "198.18.1.11", port = 8080 },
+  { address = "198.18.1.12", port = 8080, weight = 3 },
+]
+
+[[services]]
+name = "dns"
+vip = "198.18.100.1"
+port = 53
+protocol = "UDP"
+table_size = 251
+backends = [ { address = "198.18.1.11", port = 53 } ]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/vipgate/test.toml"), text)
+}
+
+#[test]
+fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.lcores, vec![0, 1]);
+    assert_eq!(
+        c.eal_args,
+        [
+            "-l", "0,1", "--main-lcore", "0", "--file-prefix", "vgtest", "--no-huge", "-m", "512", "--vdev",
+            "net_tap0,iface=vgt-c", "-a", "0000:03:00.1"
+        ]
+    );
+    assert_eq!(c.dataplane.ports[0].device, "net_tap0");
+    assert_eq!(c.dataplane.ports[1].device, "0000:03:00.1");
+    assert_eq!(c.dataplane.idle_sleep_us, 20);
+    assert_eq!(c.api_socket, PathBuf::from("/run/vipgate/test.sock"));
+    assert_eq!(c.services().len(), 2);
+    assert_eq!(c.services()[0].table_size, DEFAULT_TABLE_SIZE);
+    assert_eq!(c.services()[0].backends[1].weight, 3);
+    assert_eq!(c.services()[1].protocol, Protocol::Udp);
+    let macs = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
+    let spec = c.snapshot_spec(&macs);
+    assert_eq!(spec.ports[1].mac, macs[1]);
+    assert!(Snapshot::build(&spec).is_ok());
+}
+
+#[test]
+fn hugepages_and_vdev_only_give_huge_unlink_and_no_pci() {
+    let text = GOOD.replace("hugepages = false", "hugepages = true").replace("0000:03:00.1", "net_null0");
+    let c = parse(&text).unwrap();
+    assert!(c.eal_args.contains(&"--huge-unlink".to_owned()));
+    assert!(c.eal_args.contains(&"--no-pci".to_owned()));
+    assert!(!c.eal_args.contains(&"-m".to_owned()));
+}
+
+/// Each bad input, the line the error must point at, the field it must name
+/// and a fragment of the reason.
+#[test]
+fn every_bad_input_names_line_field_and_reason() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        ("lcores = \"0,1\"", "lcores = \"0\"", 3, "eal.lcores", "at least two lcores"),
+        ("lcores = \"0,1\"", "lcores = \"0,x\"", 3, "eal.lcores", "not an lcore number"),
+        ("lcores = \"0,1\"", "lcores = \"0,0\"", 3, "eal.lcores", "listed twice"),
+        ("file_prefix = \"vgtest\"", "file_prefix = \"a b\"", 5, "eal.file_prefix", "letters, digits"),
+        ("name = \"backend\"", "name = \"client\"", 19, "ports[1].name", "already named"),
+        ("device = \"0000:03:00.1\"", "device = \"eth0\"", 20, "ports[1].device", "neither a virtual device"),
+        ("device = \"0000:03:00.1\"", "device = \"net_tap0,iface=x\"", 20, "ports[1].device", "used by another port"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1\"]", 21, "ports[1].addresses[0]", "needs a prefix length"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.300/24\"]", 21, "ports[1].addresses[0]", "not an IPv4 address"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/33\"]", 21, "ports[1].addresses[0]", "0 to 32"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.0.9/16\"]", 21, "ports[1].addresses[0]", "overlaps 198.18.0.1/24"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.0/24\"]", 21, "ports[1].addresses[0]", "network or broadcast"),
+        ("prefix = \"198.19.0.0/16\"", "prefix = \"198.19.0.1/16\"", 24, "routes[0].prefix", "did you mean 198.19.0.0/16"),
+        ("via = \"198.18.0.254\"", "via = \"198.18.7.254\"", 25, "routes[0].via", "not on any port's subnet"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"198.18.0.1\"\nport = 80", 29, "services[0].vip", "address of port \"client\""),
+        ("port = 80", "port = 0", 30, "services[0].port", "not a port number"),
+        ("port = 80", "port = 70000", 30, "services[0].port", "not a port number"),
+        ("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 40, "services[1].port", "already served by service \"web\""),
+        ("protocol = \"tcp\"", "protocol = \"sctp\"", 31, "services[0].protocol", "not \"tcp\" or \"udp\""),
+        ("table_size = 251", "table_size = 250", 42, "services[1].table_size", "not a prime"),
+        ("table_size = 251", "table_size = 2", 42, "services[1].table_size", "not a prime from 3"),
+        ("weight = 3", "weight = 70000", 34, "services[0].backends[1].weight", "not from 0 to 65535"),
+        ("weight = 3", "weight = -1", 34, "services[0].backends[1].weight", "not from 0 to 65535"),
+        ("\"198.18.1.12\", port = 8080", "\"198.18.1.11\", port = 8080", 34, "services[0].backends[1].address", "listed twice"),
+        ("\"198.18.1.12\", port = 8080", "\"198.20.1.12\", port = 8080", 34, "services[0].backends[1].address", "no route to 198.20.1.12"),
+        ("\"198.18.1.12\", port = 8080", "\"198.18.1.1\", port = 8080", 34, "services[0].backends[1].address", "the gateway itself"),
+        ("port = 8080, weight = 3", "port = 0, weight = 3", 34, "services[0].backends[1].port", "not a port number"),
+        ("name = \"dns\"", "name = \"web\"", 38, "services[1].name", "already named"),
+    ];
+    for (from, to, line, field, reason) in cases {
+        assert!(GOOD.contains(from), "fixture lacks {from:?}");
+        let text = GOOD.replacen(from, to, 1);
+        let err = parse(&text).expect_err(to);
+        let msg = err.to_string();
+        match &err {
+            ConfigError::Invalid { line: l, field: f, reason: r, file } => {
+                assert_eq!(file, Path::new("/etc/vipgate/test.toml"));
+                assert_eq!((l, f.as_str()), (line, *field), "{to:?}: {msg}");
+                assert!(r.contains(reason), "{to:?}: {msg}");
+            }
+            other => panic!("{to:?}: expected Invalid, got {other:?}"),
+        }
+        assert!(msg.starts_with(&format!("/etc/vipgate/test.toml:{line}: {field}: ")), "{msg}");
+    }
+}
+
+#[test]
+fn a_backend_shared_by_two_services_is_refused() {
+    // The dns service becomes TCP on 8443 with web's first backend.
+    let text = GOOD
+        .replace("protocol = \"UDP\"", "protocol = \"tcp\"")
+        .replace("port = 53\n", "port = 8443\n")
+        .replace("{ address = \"198.18.1.11\", port = 53 }", "{ address = \"198.18.1.11\", port = 8080 }");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("services[1].backends[0].address") && err.contains("already serves service \"web\""), "{err}");
+}
+
+#[test]
+fn syntax_and_schema_errors_name_file_and_line() {
+    for (text, want) in [
+        (GOOD.replace("[[ports]]\nname = \"client\"", "[[ports]]\nnme = \"client\""), "unknown field `nme`"),
+        (GOOD.replace("port = 80", "port = \"eighty\""), "invalid type"),
+        (GOOD.replace("lcores = \"0,1\"", "lcores = \"0,1"), "line 3"),
+        ("[api]\nsocket = \"/x\"\n".to_owned(), "missing field `eal`"),
+    ] {
+        let err = parse(&text).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{msg}");
+        assert!(msg.starts_with("/etc/vipgate/test.toml: "), "{msg}");
+        assert!(msg.contains(want), "wanted {want:?} in {msg}");
+        assert!(msg.contains("line"), "{msg}");
+    }
+}
+
+#[test]
+fn missing_ports_and_missing_file_are_reported() {
+    let text = "[eal]\nlcores = \"0,1\"\n";
+    let msg = parse(text).unwrap_err().to_string();
+    assert!(msg.contains("ports: no [[ports]] configured"), "{msg}");
+    let msg = Config::load(Path::new("/nonexistent/vipgate.toml")).unwrap_err().to_string();
+    assert!(msg.starts_with("/nonexistent/vipgate.toml: cannot read"), "{msg}");
+}
+
+#[test]
+fn lcore_lists_and_devices() {
+    assert_eq!(parse_lcores("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+    assert_eq!(parse_lcores(" 3 , 1 ").unwrap(), vec![3, 1]);
+    assert!(parse_lcores("2-1").is_err());
+    assert_eq!(parse_device("03:00.0").unwrap(), Device::Pci { address: "0000:03:00.0".into() });
+    assert_eq!(parse_device("0000:AF:00.1").unwrap(), Device::Pci { address: "0000:af:00.1".into() });
+    assert_eq!(
+        parse_device("net_pcap0,rx_pcap=/tmp/x.pcap").unwrap(),
+        Device::Virtual { name: "net_pcap0".into(), args: "net_pcap0,rx_pcap=/tmp/x.pcap".into() }
+    );
+    assert!(parse_device("0000:03:00").is_err());
+}

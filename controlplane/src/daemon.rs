@@ -1,0 +1,150 @@
+//! The running daemon: EAL and dataplane start-up, the API, and an orderly
+//! shutdown on SIGINT or SIGTERM.
+//!
+//! Owns: the order of start-up and shutdown. The main lcore (the thread that
+//! initialised EAL) runs a current-thread tokio runtime for the control
+//! plane; workers run on the other lcores.
+
+use crate::api::{self, GatewayView, MempoolView, PortStats, PortView, WorkerView};
+use crate::config::Config;
+use std::sync::Arc;
+use tracing::{error, info};
+use vipgate_dataplane::snapshot::{Snapshot, SnapshotError};
+use vipgate_dpdk::{Dataplane, DpdkError, Eal, Mempool, ShutdownReport};
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// DPDK refused something.
+    #[error(transparent)]
+    Dpdk(#[from] DpdkError),
+    /// The forwarding state could not be compiled.
+    #[error("cannot compile the forwarding state: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The control-plane runtime could not start.
+    #[error("cannot start the control-plane runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The API failed.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    /// Mbufs were missing from the pool after shutdown.
+    #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
+    MbufLeak(ShutdownReport),
+}
+
+struct DaemonView {
+    workers: Vec<vipgate_dpdk::WorkerView>,
+    ports: Vec<vipgate_dpdk::PortView>,
+    pool: Arc<Mempool>,
+}
+
+impl GatewayView for DaemonView {
+    fn workers(&self) -> Vec<WorkerView> {
+        self.workers.iter().map(|w| WorkerView { lcore: w.lcore, counters: Arc::clone(&w.counters) }).collect()
+    }
+
+    fn ports(&self) -> Vec<PortView> {
+        self.ports
+            .iter()
+            .map(|p| {
+                let s = p.stats();
+                PortView {
+                    name: p.name.clone(),
+                    port_id: p.id,
+                    mac: p.mac.0,
+                    stats: PortStats {
+                        ipackets: s.ipackets,
+                        opackets: s.opackets,
+                        ibytes: s.ibytes,
+                        obytes: s.obytes,
+                        imissed: s.imissed,
+                        ierrors: s.ierrors,
+                        oerrors: s.oerrors,
+                        rx_nombuf: s.rx_nombuf,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn mempool(&self) -> MempoolView {
+        MempoolView { name: self.pool.name().to_owned(), size: u64::from(self.pool.size()), in_use: u64::from(self.pool.in_use()) }
+    }
+
+    fn serving(&self) -> bool {
+        true
+    }
+}
+
+/// Runs the gateway until SIGINT or SIGTERM, then shuts it down and checks
+/// that every mbuf came back.
+pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
+    info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
+    let eal = Eal::init(&config.eal_args)?;
+    let mut dataplane = Dataplane::open(eal, &config.dataplane)?;
+    let ports = dataplane.ports();
+    for p in &ports {
+        info!(port = %p.name, id = p.id, mac = %p.mac, "port started");
+    }
+    let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
+    let snapshot = Snapshot::build(&config.snapshot_spec(&macs))?;
+    for s in snapshot.services() {
+        info!(
+            service = %s.name,
+            vip = %std::net::Ipv4Addr::from(s.vip),
+            port = s.port,
+            protocol = s.protocol.name(),
+            backends = s.backends.len(),
+            table_size = s.maglev.size(),
+            "service"
+        );
+    }
+    dataplane.launch(Arc::new(snapshot))?;
+    let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
+    info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
+
+    let view = Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let served = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)
+        .and_then(|rt| {
+            let r = rt.block_on(api::serve_unix(&config.api_socket, view, shutdown_signal()));
+            drop(rt);
+            r.map_err(DaemonError::from)
+        });
+    if let Err(e) = &served {
+        error!("{e}; shutting down");
+    }
+
+    info!("stopping workers and ports");
+    let report = dataplane.shutdown();
+    info!(
+        pool_size = report.pool_size,
+        in_use_at_start = report.in_use_at_start,
+        in_use_at_end = report.in_use_at_end,
+        "mbuf pool at shutdown: {} in use (at start: {})",
+        report.in_use_at_end,
+        report.in_use_at_start
+    );
+    served?;
+    if !report.balanced() {
+        return Err(DaemonError::MbufLeak(report));
+    }
+    Ok(report)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        error!("cannot install signal handlers; stop vipgated with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    info!(signal = name, "shutting down");
+}

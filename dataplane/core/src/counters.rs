@@ -1,0 +1,174 @@
+//! Per-worker counters.
+//!
+//! Each worker owns one [`WorkerCounters`] and is its only writer; the control
+//! plane reads it at any time. Updates are a relaxed load and a relaxed store
+//! (plain `mov`/`add` on x86-64, no locked read-modify-write), which is exact
+//! because there is a single writer. The struct is cache-line aligned so two
+//! workers never share a line.
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why the dataplane dropped a packet. Every drop is counted under exactly one
+/// reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Truncated or inconsistent headers, or a bad IPv4 header checksum.
+    Malformed = 0,
+    /// An EtherType, IP protocol or IP feature the fast path does not handle
+    /// (IPv6, VLAN tags, ARP operations other than request and reply).
+    Unsupported,
+    /// An IPv4 fragment (L4 ports are not in every fragment).
+    Fragment,
+    /// TTL would reach zero.
+    TtlExceeded,
+    /// Addressed to a VIP on a port and protocol no service listens on.
+    NoService,
+    /// The service has no backend that can take new flows.
+    NoBackend,
+    /// Neither for a VIP, nor for the gateway, nor a reply from a backend.
+    NoMatch,
+    /// Addressed to the gateway itself, and not something the fast path
+    /// answers (the exception path to the kernel takes these later).
+    Local,
+    /// No route to the destination.
+    NoRoute,
+    /// The next hop's MAC address is not known yet (resolution was started).
+    NoNeighbour,
+    /// An ARP packet that is not for one of our addresses.
+    ArpNotOurs,
+    /// The transmit queue was full.
+    TxFull,
+}
+
+impl DropReason {
+    /// Number of reasons.
+    pub const COUNT: usize = 12;
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Malformed,
+        DropReason::Unsupported,
+        DropReason::Fragment,
+        DropReason::TtlExceeded,
+        DropReason::NoService,
+        DropReason::NoBackend,
+        DropReason::NoMatch,
+        DropReason::Local,
+        DropReason::NoRoute,
+        DropReason::NoNeighbour,
+        DropReason::ArpNotOurs,
+        DropReason::TxFull,
+    ];
+
+    /// Stable snake_case name used in the API and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Unsupported => "unsupported",
+            DropReason::Fragment => "fragment",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::NoService => "no_service",
+            DropReason::NoBackend => "no_backend",
+            DropReason::NoMatch => "no_match",
+            DropReason::Local => "local",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoNeighbour => "no_neighbour",
+            DropReason::ArpNotOurs => "arp_not_ours",
+            DropReason::TxFull => "tx_full",
+        }
+    }
+}
+
+/// One single-writer counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker may call this.
+    #[inline(always)]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Adds one. Only the owning worker may call this.
+    #[inline(always)]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Current value; callable from any thread.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// The counters of one worker.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct WorkerCounters {
+    /// Packets received from all ports.
+    pub rx_packets: Counter,
+    /// Bytes received from all ports.
+    pub rx_bytes: Counter,
+    /// Packets handed to a port for transmission and accepted by it.
+    pub tx_packets: Counter,
+    /// Bytes of `tx_packets`.
+    pub tx_bytes: Counter,
+    /// Packets translated towards a backend (VIP -> backend).
+    pub nat_forward: Counter,
+    /// Packets translated back from a backend (backend -> VIP).
+    pub nat_reverse: Counter,
+    /// ARP replies sent for our addresses and VIPs.
+    pub arp_replies: Counter,
+    /// ARP requests sent to resolve next hops.
+    pub arp_requests: Counter,
+    /// ICMP echo replies sent for our addresses and VIPs.
+    pub icmp_echo_replies: Counter,
+    /// Packets absorbed without forwarding or dropping (ARP replies for us),
+    /// so that rx = tx + drops + consumed.
+    pub consumed: Counter,
+    /// Loop iterations that received at least one packet.
+    pub busy_polls: Counter,
+    /// TSC cycles spent in busy iterations (rx through tx).
+    pub busy_cycles: Counter,
+    /// Drops, indexed by `DropReason as usize`.
+    pub drops: [Counter; DropReason::COUNT],
+}
+
+impl WorkerCounters {
+    /// Counts one drop.
+    #[inline(always)]
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason as usize].inc();
+    }
+
+    /// Drops counted under `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].get()
+    }
+
+    /// Sum of all drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(Counter::get).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_reason_in_index_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+
+    #[test]
+    fn counters_are_cache_line_aligned() {
+        assert_eq!(core::mem::align_of::<WorkerCounters>(), 64);
+    }
+}

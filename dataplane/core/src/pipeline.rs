@@ -1,0 +1,363 @@
+//! The per-burst packet step: classify, look up, translate, pick the next
+//! hop, rewrite, and return a verdict per packet.
+//!
+//! Owns: the forwarding decision for one worker and that worker's neighbour
+//! table. It rewrites frames in place (NAT never changes a frame's length)
+//! and never allocates, locks, logs or reads a clock: time comes in as `now`
+//! (nanoseconds, monotonic). Must not touch mbufs, ports or queues: the
+//! driver does that with the verdicts.
+//!
+//! In this slice the service mode is destination NAT: the client's address
+//! is kept, the destination becomes the backend chosen by Maglev on the flow
+//! hash, and replies from a backend address:port are translated back to the
+//! VIP:port found in the snapshot's reverse map (derived from configuration,
+//! not from per-flow state, so any gateway with the same configuration can
+//! translate them).
+
+use crate::counters::{DropReason, WorkerCounters};
+use crate::hash::{FlowKey, flow_hash};
+use crate::neighbour::{NeighbourTable, NeighbourTimers};
+use crate::route::NextHop;
+use crate::snapshot::Snapshot;
+use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
+use arrayvec::ArrayVec;
+use std::sync::Arc;
+
+/// Most ARP solicitations one burst (or one housekeeping pass) can ask for.
+pub const MAX_SOLICITATIONS: usize = 32;
+
+/// TTL of packets the gateway originates (echo replies).
+const ORIGIN_TTL: u8 = 64;
+
+/// One received frame: the ingress port (dense index) and its bytes.
+#[derive(Debug)]
+pub struct RxPacket<'a> {
+    /// Ingress port, dense index into the snapshot's ports.
+    pub port: u16,
+    /// The whole frame, starting at the Ethernet header.
+    pub frame: &'a mut [u8],
+}
+
+/// What to do with a frame after [`Pipeline::process`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the (rewritten) frame on this port.
+    Transmit(u16),
+    /// Free it; already counted under this reason.
+    Drop(DropReason),
+    /// Free it; it was absorbed (an ARP reply we learned from).
+    Consumed,
+}
+
+/// An ARP request the driver should build and send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Solicitation {
+    /// Port to send it on.
+    pub port: u16,
+    /// Our MAC on that port.
+    pub sender_mac: EthernetAddress,
+    /// Our address on that port's subnet.
+    pub sender_ip: u32,
+    /// The address to resolve.
+    pub target_ip: u32,
+}
+
+/// Tunables of a pipeline.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineConfig {
+    /// Entries in the neighbour table.
+    pub neighbour_capacity: usize,
+    /// Neighbour timers.
+    pub neighbour_timers: NeighbourTimers,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { neighbour_capacity: 4096, neighbour_timers: NeighbourTimers::default() }
+    }
+}
+
+/// One worker's packet step and the state it keeps between bursts.
+#[derive(Debug)]
+pub struct Pipeline {
+    neighbours: NeighbourTable,
+    counters: Arc<WorkerCounters>,
+    solicitations: ArrayVec<Solicitation, MAX_SOLICITATIONS>,
+}
+
+impl Pipeline {
+    /// A pipeline counting into `counters`.
+    pub fn new(config: PipelineConfig, counters: Arc<WorkerCounters>) -> Self {
+        Pipeline {
+            neighbours: NeighbourTable::new(config.neighbour_capacity, config.neighbour_timers),
+            counters,
+            solicitations: ArrayVec::new(),
+        }
+    }
+
+    /// The counters this pipeline writes.
+    pub fn counters(&self) -> &Arc<WorkerCounters> {
+        &self.counters
+    }
+
+    /// The neighbour table.
+    pub fn neighbours(&self) -> &NeighbourTable {
+        &self.neighbours
+    }
+
+    /// Processes a burst: one verdict per packet, frames rewritten in place.
+    /// Drops are counted here; the driver counts rx, tx and tx-full drops.
+    ///
+    /// `verdicts` must be at least as long as `packets`.
+    pub fn process(&mut self, snap: &Snapshot, now: u64, packets: &mut [RxPacket<'_>], verdicts: &mut [Verdict]) {
+        for (p, v) in packets.iter_mut().zip(verdicts.iter_mut()) {
+            let verdict = self.process_one(snap, now, p.port, p.frame);
+            match verdict {
+                Verdict::Drop(reason) => self.counters.count_drop(reason),
+                Verdict::Consumed => self.counters.consumed.inc(),
+                Verdict::Transmit(_) => {}
+            }
+            *v = verdict;
+        }
+    }
+
+    /// ARP requests to send, collected since the last call.
+    pub fn take_solicitations(&mut self) -> arrayvec::Drain<'_, Solicitation, MAX_SOLICITATIONS> {
+        self.solicitations.drain(..)
+    }
+
+    /// Periodic work (not per packet): expires neighbours and asks to resolve
+    /// every known next hop that is unresolved or stale, so the first packet
+    /// of a flow rarely waits for ARP.
+    pub fn housekeeping(&mut self, snap: &Snapshot, now: u64) {
+        self.neighbours.expire(now);
+        for nh in snap.known_next_hops() {
+            if self.solicitations.is_full() {
+                break;
+            }
+            if self.neighbours.lookup(nh.addr, now).solicit {
+                self.queue_solicitation(snap, *nh);
+            }
+        }
+    }
+
+    #[inline]
+    fn process_one(&mut self, snap: &Snapshot, now: u64, port: u16, frame: &mut [u8]) -> Verdict {
+        let ethertype = match ethernet::Frame::new_checked(&*frame) {
+            Ok(eth) => eth.ethertype(),
+            Err(_) => return Verdict::Drop(DropReason::Malformed),
+        };
+        match ethertype {
+            EtherType::IPV4 => self.ipv4(snap, now, port, frame),
+            EtherType::ARP => self.arp(snap, now, port, frame),
+            _ => Verdict::Drop(DropReason::Unsupported),
+        }
+    }
+
+    #[inline]
+    fn ipv4(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8]) -> Verdict {
+        let (eth, rest) = frame.split_at_mut(ethernet::HEADER_LEN);
+        let Ok(ip) = ipv4::Packet::new_checked(&*rest) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if !ip.verify_checksum() {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        let (src, dst, proto, ttl) = (ip.src_addr(), ip.dst_addr(), ip.protocol(), ip.ttl());
+        let (hl, total) = (ip.header_len(), usize::from(ip.total_len()));
+        let fragment = ip.is_fragment();
+        let (hdr, l4) = rest.split_at_mut(hl);
+        let l4 = &mut l4[..total - hl];
+
+        match proto {
+            ipv4::protocol::TCP | ipv4::protocol::UDP => {
+                if fragment {
+                    return Verdict::Drop(DropReason::Fragment);
+                }
+                let ports = if proto == ipv4::protocol::TCP {
+                    tcp::Packet::new_checked(&*l4).map(|t| (t.src_port(), t.dst_port()))
+                } else {
+                    udp::Packet::new_checked(&*l4).map(|u| (u.src_port(), u.dst_port()))
+                };
+                let Ok((sport, dport)) = ports else {
+                    return Verdict::Drop(DropReason::Malformed);
+                };
+
+                if let Some(svc) = snap.service(dst, dport, proto) {
+                    if ttl <= 1 {
+                        return Verdict::Drop(DropReason::TtlExceeded);
+                    }
+                    let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
+                    let Some(i) = svc.maglev.lookup(flow_hash(&key)) else {
+                        return Verdict::Drop(DropReason::NoBackend);
+                    };
+                    let backend = svc.backends[usize::from(i)];
+                    let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
+                        return Verdict::Drop(DropReason::NoNeighbour);
+                    };
+                    rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                    ip.set_dst_addr(backend.addr);
+                    ip.set_ttl(ttl - 1);
+                    set_macs(eth, snap, backend.next_hop.port, mac);
+                    self.counters.nat_forward.inc();
+                    return Verdict::Transmit(backend.next_hop.port);
+                }
+
+                if let Some(rev) = snap.reverse(src, sport, proto) {
+                    if ttl <= 1 {
+                        return Verdict::Drop(DropReason::TtlExceeded);
+                    }
+                    let Some(nh) = snap.routes().next_hop(dst) else {
+                        return Verdict::Drop(DropReason::NoRoute);
+                    };
+                    let Some(mac) = self.resolve(snap, nh, now) else {
+                        return Verdict::Drop(DropReason::NoNeighbour);
+                    };
+                    rewrite_l4(proto, l4, Endpoint::Src, src, rev.vip, rev.port);
+                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                    ip.set_src_addr(rev.vip);
+                    ip.set_ttl(ttl - 1);
+                    set_macs(eth, snap, nh.port, mac);
+                    self.counters.nat_reverse.inc();
+                    return Verdict::Transmit(nh.port);
+                }
+                Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
+            }
+            ipv4::protocol::ICMP => {
+                if !snap.is_vip(dst) && snap.local_port(dst).is_none() {
+                    return Verdict::Drop(DropReason::NoMatch);
+                }
+                if fragment {
+                    return Verdict::Drop(DropReason::Fragment);
+                }
+                let Ok(mut msg) = icmp::Packet::new_checked(&mut *l4) else {
+                    return Verdict::Drop(DropReason::Malformed);
+                };
+                if msg.msg_type() != icmp::message::ECHO_REQUEST || msg.code() != 0 {
+                    return Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported));
+                }
+                // Echo reply in place, back to the sender's MAC on the
+                // ingress port.
+                msg.set_type_code(icmp::message::ECHO_REPLY, 0);
+                let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                ip.swap_addrs();
+                ip.set_ttl(ORIGIN_TTL);
+                let sender = ethernet::Frame::new_unchecked(&*eth).src_addr();
+                set_macs(eth, snap, in_port, sender);
+                self.counters.icmp_echo_replies.inc();
+                Verdict::Transmit(in_port)
+            }
+            _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
+        }
+    }
+
+    /// The drop reason for a packet no rule took: `if_vip` when addressed to
+    /// a VIP, `Local` when addressed to the gateway, else `NoMatch`.
+    #[inline]
+    fn unmatched(snap: &Snapshot, dst: u32, if_vip: DropReason) -> DropReason {
+        if snap.is_vip(dst) {
+            if_vip
+        } else if snap.local_port(dst).is_some() {
+            DropReason::Local
+        } else {
+            DropReason::NoMatch
+        }
+    }
+
+    fn arp(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8]) -> Verdict {
+        let Some(port) = snap.ports().get(usize::from(in_port)) else {
+            return Verdict::Drop(DropReason::NoMatch);
+        };
+        let (eth, rest) = frame.split_at_mut(ethernet::HEADER_LEN);
+        let mut pkt = match arp::Packet::new_checked(&mut *rest) {
+            Ok(p) => p,
+            Err(wire::Error::Truncated) => return Verdict::Drop(DropReason::Malformed),
+            Err(_) => return Verdict::Drop(DropReason::Unsupported),
+        };
+        let (op, sha, spa, tpa) = (pkt.operation(), pkt.sender_hw(), pkt.sender_ip(), pkt.target_ip());
+        let ours = snap.local_port(tpa) == Some(in_port) || snap.is_vip(tpa);
+
+        // RFC 826 merge: refresh a sender we know; add it if the packet is
+        // for us. Only on-link unicast senders are believed.
+        if spa != 0 && !sha.is_multicast() && port.address_for(spa).is_some() && (ours || self.neighbours.get(spa).is_some()) {
+            self.neighbours.learn(spa, sha.0, now);
+        }
+
+        match op {
+            arp::Operation::Request if ours => {
+                pkt.emit(arp::Operation::Reply, port.mac, tpa, sha, spa);
+                let mut eth = ethernet::Frame::new_unchecked(&mut *eth);
+                eth.set_dst_addr(sha);
+                eth.set_src_addr(port.mac);
+                self.counters.arp_replies.inc();
+                Verdict::Transmit(in_port)
+            }
+            arp::Operation::Reply if ours => Verdict::Consumed,
+            arp::Operation::Request | arp::Operation::Reply => Verdict::Drop(DropReason::ArpNotOurs),
+            arp::Operation::Unknown(_) => Verdict::Drop(DropReason::Unsupported),
+        }
+    }
+
+    /// The MAC of a next hop, starting resolution when it is unknown or
+    /// stale. Never waits.
+    #[inline]
+    fn resolve(&mut self, snap: &Snapshot, nh: NextHop, now: u64) -> Option<EthernetAddress> {
+        let found = self.neighbours.lookup(nh.addr, now);
+        if found.solicit {
+            self.queue_solicitation(snap, nh);
+        }
+        found.mac.map(EthernetAddress)
+    }
+
+    fn queue_solicitation(&mut self, snap: &Snapshot, nh: NextHop) {
+        let Some(port) = snap.ports().get(usize::from(nh.port)) else { return };
+        let Some(sender_ip) = port.address_for(nh.addr).or_else(|| port.addresses.first().map(|c| c.addr)) else {
+            return;
+        };
+        // When full, the neighbour table's retransmit timer asks again later.
+        let _ = self.solicitations.try_push(Solicitation { port: nh.port, sender_mac: port.mac, sender_ip, target_ip: nh.addr });
+    }
+}
+
+/// Which end of a flow a rewrite changes.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Src,
+    Dst,
+}
+
+/// Rewrites the port of one endpoint of a TCP or UDP header and fixes its
+/// checksum for that and for the pseudo-header address change `old -> new`.
+/// The caller has already checked the header with `new_checked`.
+#[inline(always)]
+fn rewrite_l4(proto: u8, l4: &mut [u8], end: Endpoint, old_addr: u32, new_addr: u32, new_port: u16) {
+    if proto == ipv4::protocol::TCP {
+        let mut t = tcp::Packet::new_unchecked(l4);
+        t.update_checksum_for_addr(old_addr, new_addr);
+        match end {
+            Endpoint::Src => t.set_src_port(new_port),
+            Endpoint::Dst => t.set_dst_port(new_port),
+        }
+    } else {
+        let mut u = udp::Packet::new_unchecked(l4);
+        u.update_checksum_for_addr(old_addr, new_addr);
+        match end {
+            Endpoint::Src => u.set_src_port(new_port),
+            Endpoint::Dst => u.set_dst_port(new_port),
+        }
+    }
+}
+
+/// Sets the Ethernet addresses for transmission on `port` to `dst`.
+#[inline(always)]
+fn set_macs(eth: &mut [u8], snap: &Snapshot, port: u16, dst: EthernetAddress) {
+    let mut f = ethernet::Frame::new_unchecked(eth);
+    f.set_dst_addr(dst);
+    if let Some(p) = snap.ports().get(usize::from(port)) {
+        f.set_src_addr(p.mac);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,422 @@
+//! Pipeline tests. Frames are built and checked with etherparse, an
+//! implementation independent of `crate::wire`, so a checksum or layout bug
+//! in our wire code cannot hide behind itself.
+
+use super::*;
+use crate::maglev::DEFAULT_TABLE_SIZE;
+use crate::snapshot::{BackendSpec, Ipv4Cidr, PortSpec, Protocol, RouteSpec, ServiceSpec, SnapshotSpec};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proptest::prelude::*;
+
+const GW_C: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 1];
+const GW_B: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 2];
+const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 2];
+const BACKEND_MACS: [[u8; 6]; 3] = [[0x02, 0xbb, 0, 0, 0, 11], [0x02, 0xbb, 0, 0, 0, 12], [0x02, 0xbb, 0, 0, 0, 13]];
+
+const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
+    u32::from_be_bytes([a, b, c, d])
+}
+const GW_C_IP: u32 = ip(198, 18, 0, 1);
+const GW_B_IP: u32 = ip(198, 18, 1, 1);
+const CLIENT: u32 = ip(198, 18, 0, 2);
+const VIP: u32 = ip(198, 18, 100, 1);
+const BACKENDS: [u32; 3] = [ip(198, 18, 1, 11), ip(198, 18, 1, 12), ip(198, 18, 1, 13)];
+const REMOTE: u32 = ip(198, 19, 5, 5);
+const ROUTER: u32 = ip(198, 18, 0, 254);
+
+fn spec() -> SnapshotSpec {
+    let backends = |port| BACKENDS.iter().map(|&addr| BackendSpec { addr, port, weight: 1 }).collect();
+    SnapshotSpec {
+        ports: vec![
+            PortSpec { name: "client".into(), mac: EthernetAddress(GW_C), addresses: vec![Ipv4Cidr { addr: GW_C_IP, len: 24 }] },
+            PortSpec { name: "backend".into(), mac: EthernetAddress(GW_B), addresses: vec![Ipv4Cidr { addr: GW_B_IP, len: 24 }] },
+        ],
+        routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTER }],
+        services: vec![
+            ServiceSpec { name: "web".into(), vip: VIP, port: 80, protocol: Protocol::Tcp, table_size: DEFAULT_TABLE_SIZE, backends: backends(8080) },
+            ServiceSpec { name: "dns".into(), vip: VIP, port: 53, protocol: Protocol::Udp, table_size: 251, backends: backends(5353) },
+        ],
+    }
+}
+
+struct Rig {
+    snap: Snapshot,
+    pipe: Pipeline,
+    now: u64,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let snap = Snapshot::build(&spec()).unwrap();
+        let pipe = Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default()));
+        Rig { snap, pipe, now: 1_000_000_000 }
+    }
+
+    /// A rig whose neighbours (client, router, backends) are all resolved.
+    fn resolved() -> Rig {
+        let mut r = Rig::new();
+        r.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+        r.teach(0, ROUTER, [0x02, 0xee, 0, 0, 0, 1], GW_C_IP);
+        for (a, m) in BACKENDS.iter().zip(BACKEND_MACS) {
+            r.teach(1, *a, m, GW_B_IP);
+        }
+        r
+    }
+
+    fn run(&mut self, port: u16, frame: &mut [u8]) -> Verdict {
+        let mut pkts = [RxPacket { port, frame }];
+        let mut v = [Verdict::Consumed];
+        self.pipe.process(&self.snap, self.now, &mut pkts, &mut v);
+        v[0]
+    }
+
+    /// Sends an ARP reply from `addr` to our address on `port`.
+    fn teach(&mut self, port: u16, addr: u32, mac: [u8; 6], ours: u32) {
+        let mut f = arp_frame(2, mac, addr, GW_C, ours);
+        assert_eq!(self.run(port, &mut f), Verdict::Consumed);
+        assert_eq!(self.pipe.neighbours().get(addr), Some(mac));
+    }
+}
+
+fn arp_frame(op: u16, sha: [u8; 6], spa: u32, tha: [u8; 6], tpa: u32) -> Vec<u8> {
+    let mut f = vec![0u8; 42];
+    let mut eth = ethernet::Frame::new_unchecked(&mut f[..]);
+    eth.set_dst_addr(if op == 1 { EthernetAddress::BROADCAST } else { EthernetAddress(tha) });
+    eth.set_src_addr(EthernetAddress(sha));
+    eth.set_ethertype(EtherType::ARP);
+    let o = if op == 1 { arp::Operation::Request } else { arp::Operation::Reply };
+    arp::Packet::new_unchecked(eth.payload_mut()).emit(o, EthernetAddress(sha), spa, EthernetAddress(tha), tpa);
+    f
+}
+
+fn tcp_frame(src: (u32, u16), dst: (u32, u16), ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C)
+        .ipv4(src.0.to_be_bytes(), dst.0.to_be_bytes(), ttl)
+        .tcp(src.1, dst.1, 12345, 64240)
+        .syn();
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp_frame(src: (u32, u16), dst: (u32, u16), ttl: u8, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C).ipv4(src.0.to_be_bytes(), dst.0.to_be_bytes(), ttl).udp(src.1, dst.1);
+    let mut v = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+/// Parses a frame with etherparse and checks every checksum independently.
+/// Returns (eth src, eth dst, ip src, ip dst, ttl, sport, dport).
+fn inspect(frame: &[u8]) -> ([u8; 6], [u8; 6], u32, u32, u8, u16, u16) {
+    let s = SlicedPacket::from_ethernet(frame).expect("etherparse parses the output");
+    let eth = match s.link {
+        Some(etherparse::LinkSlice::Ethernet2(e)) => e,
+        other => panic!("not ethernet: {other:?}"),
+    };
+    let Some(NetSlice::Ipv4(ip)) = s.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    let (src, dst) = (h.source, h.destination);
+    let payload = ip.payload().payload;
+    let (sport, dport) = match s.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let th = t.to_header();
+            assert_eq!(th.checksum, th.calc_checksum_ipv4(&h, t.payload()).unwrap(), "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let uh = u.to_header();
+            if uh.checksum != 0 {
+                assert_eq!(uh.checksum, uh.calc_checksum_ipv4(&h, u.payload()).unwrap(), "UDP checksum");
+            }
+            (u.source_port(), u.destination_port())
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            let ih = i.header();
+            assert_eq!(ih.checksum, ih.icmp_type.calc_checksum(i.payload()), "ICMP checksum");
+            (0, 0)
+        }
+        other => panic!("unexpected transport {other:?} (payload {} bytes)", payload.len()),
+    };
+    (eth.source(), eth.destination(), u32::from_be_bytes(src), u32::from_be_bytes(dst), h.time_to_live, sport, dport)
+}
+
+#[test]
+fn forwards_tcp_to_a_backend_and_translates_the_reply_back() {
+    let mut r = Rig::resolved();
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    let (esrc, edst, src, dst, ttl, sport, dport) = inspect(&f);
+    let bi = BACKENDS.iter().position(|&b| b == dst).expect("destination is a backend");
+    assert_eq!((esrc, edst), (GW_B, BACKEND_MACS[bi]));
+    assert_eq!((src, sport, dport, ttl), (CLIENT, 40000, 8080, 63));
+
+    // The backend answers the client directly; the gateway restores the VIP.
+    let mut reply = tcp_frame((dst, 8080), (CLIENT, 40000), 64, b"hello");
+    assert_eq!(r.run(1, &mut reply), Verdict::Transmit(0));
+    let (esrc, edst, src, dst, ttl, sport, dport) = inspect(&reply);
+    assert_eq!((esrc, edst), (GW_C, CLIENT_MAC));
+    assert_eq!((src, sport, dst, dport, ttl), (VIP, 80, CLIENT, 40000, 63));
+    let c = r.pipe.counters();
+    assert_eq!((c.nat_forward.get(), c.nat_reverse.get(), c.total_drops()), (1, 1, 0));
+}
+
+#[test]
+fn forwards_udp_and_keeps_absent_checksum_absent() {
+    let mut r = Rig::resolved();
+    let mut f = udp_frame((CLIENT, 5000), (VIP, 53), 64, b"query");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    let (_, _, _, dst, _, _, dport) = inspect(&f);
+    assert!(BACKENDS.contains(&dst));
+    assert_eq!(dport, 5353);
+
+    let mut f = udp_frame((CLIENT, 5001), (VIP, 53), 64, b"query");
+    f[14 + 20 + 6] = 0;
+    f[14 + 20 + 7] = 0;
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    assert_eq!(&f[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+    inspect(&f);
+}
+
+#[test]
+fn same_flow_same_backend_and_all_backends_used() {
+    let mut r = Rig::resolved();
+    let mut hits = [0u32; 3];
+    for sport in 0..3000u16 {
+        let mut seen = None;
+        for _ in 0..2 {
+            let mut f = tcp_frame((CLIENT, 10000 + sport), (VIP, 80), 64, b"");
+            assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+            let dst = inspect(&f).3;
+            assert!(seen.is_none() || seen == Some(dst), "a flow changed backend");
+            seen = Some(dst);
+        }
+        hits[BACKENDS.iter().position(|&b| Some(b) == seen).unwrap()] += 1;
+    }
+    for h in hits {
+        assert!((850..=1150).contains(&h), "uneven split {hits:?}");
+    }
+}
+
+#[test]
+fn unknown_port_of_a_vip_is_dropped_and_counted() {
+    let mut r = Rig::resolved();
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 81), 64, b"");
+    let before = f.clone();
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::NoService));
+    assert_eq!(f, before, "a dropped frame is not modified");
+    let mut f = udp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::NoService));
+    assert_eq!(r.pipe.counters().drops(DropReason::NoService), 2);
+}
+
+#[test]
+fn other_destinations_are_classified() {
+    let mut r = Rig::resolved();
+    let mut f = tcp_frame((CLIENT, 1), (GW_C_IP, 22), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Local));
+    let mut f = tcp_frame((CLIENT, 1), (ip(198, 18, 50, 1), 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::NoMatch));
+    // A backend talking from a port no service uses is not a reply.
+    let mut f = tcp_frame((BACKENDS[0], 9999), (CLIENT, 40000), 64, b"");
+    assert_eq!(r.run(1, &mut f), Verdict::Drop(DropReason::NoMatch));
+    let mut f = tcp_frame((BACKENDS[0], 8080), (ip(203, 0, 113, 1), 40000), 64, b"");
+    assert_eq!(r.run(1, &mut f), Verdict::Drop(DropReason::NoRoute));
+}
+
+#[test]
+fn replies_to_remote_clients_go_through_the_static_route() {
+    let mut r = Rig::resolved();
+    let mut f = tcp_frame((BACKENDS[1], 8080), (REMOTE, 5555), 64, b"");
+    assert_eq!(r.run(1, &mut f), Verdict::Transmit(0));
+    let (_, edst, src, dst, _, sport, _) = inspect(&f);
+    assert_eq!((edst, src, sport, dst), ([0x02, 0xee, 0, 0, 0, 1], VIP, 80, REMOTE));
+}
+
+#[test]
+fn ttl_expiry_is_dropped() {
+    let mut r = Rig::resolved();
+    for ttl in [0, 1] {
+        let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), ttl, b"");
+        assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::TtlExceeded));
+    }
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 2, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    assert_eq!(inspect(&f).4, 1);
+}
+
+#[test]
+fn unresolved_next_hop_drops_and_solicits_once_per_interval() {
+    let mut r = Rig::new();
+    for _ in 0..5 {
+        let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+        assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::NoNeighbour));
+    }
+    let sol: Vec<_> = r.pipe.take_solicitations().collect();
+    assert_eq!(sol.len(), 1, "{sol:?}");
+    assert_eq!(sol[0].port, 1);
+    assert_eq!(sol[0].sender_ip, GW_B_IP);
+    assert_eq!(sol[0].sender_mac, EthernetAddress(GW_B));
+    assert!(BACKENDS.contains(&sol[0].target_ip));
+    assert_eq!(r.pipe.take_solicitations().count(), 0);
+}
+
+#[test]
+fn housekeeping_resolves_backends_and_gateways_ahead_of_traffic() {
+    let mut r = Rig::new();
+    r.pipe.housekeeping(&r.snap, r.now);
+    let mut targets: Vec<u32> = r.pipe.take_solicitations().map(|s| s.target_ip).collect();
+    targets.sort();
+    let mut want = vec![ROUTER, BACKENDS[0], BACKENDS[1], BACKENDS[2]];
+    want.sort();
+    assert_eq!(targets, want);
+    // Rate-limited: nothing new within the retransmit interval.
+    r.pipe.housekeeping(&r.snap, r.now + 1000);
+    assert_eq!(r.pipe.take_solicitations().count(), 0);
+}
+
+#[test]
+fn answers_arp_for_own_addresses_and_vips_only() {
+    let mut r = Rig::new();
+    for (port, target, mac) in [(0u16, GW_C_IP, GW_C), (0, VIP, GW_C), (1, GW_B_IP, GW_B), (1, VIP, GW_B)] {
+        let mut f = arp_frame(1, CLIENT_MAC, ip(198, 18, port as u8, 77), [0; 6], target);
+        assert_eq!(r.run(port, &mut f), Verdict::Transmit(port));
+        let s = SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(NetSlice::Arp(a)) = s.net else { panic!("not ARP") };
+        assert_eq!(a.operation(), etherparse::ArpOperation::REPLY);
+        assert_eq!(a.sender_hw_addr(), &mac);
+        assert_eq!(a.sender_protocol_addr(), &target.to_be_bytes());
+        assert_eq!(a.target_hw_addr(), &CLIENT_MAC);
+        assert_eq!(&f[0..6], &CLIENT_MAC);
+        assert_eq!(&f[6..12], &mac);
+        // The requester was learned.
+        assert_eq!(r.pipe.neighbours().get(ip(198, 18, port as u8, 77)), Some(CLIENT_MAC));
+    }
+    // Not ours: the other port's address, or a stranger's.
+    let mut f = arp_frame(1, CLIENT_MAC, CLIENT, [0; 6], GW_B_IP);
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::ArpNotOurs));
+    let mut f = arp_frame(1, CLIENT_MAC, CLIENT, [0; 6], ip(198, 18, 0, 99));
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::ArpNotOurs));
+    assert_eq!(r.pipe.counters().arp_replies.get(), 4);
+}
+
+#[test]
+fn off_link_arp_senders_are_not_learned() {
+    let mut r = Rig::new();
+    let mut f = arp_frame(1, CLIENT_MAC, ip(198, 19, 0, 1), [0; 6], GW_C_IP);
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(0));
+    assert_eq!(r.pipe.neighbours().get(ip(198, 19, 0, 1)), None);
+}
+
+#[test]
+fn answers_ping_to_own_address_and_vip() {
+    let mut r = Rig::new();
+    for target in [GW_C_IP, VIP] {
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C).ipv4(CLIENT.to_be_bytes(), target.to_be_bytes(), 5).icmpv4_echo_request(7, 9);
+        let mut f = Vec::new();
+        b.write(&mut f, b"ping-payload").unwrap();
+        assert_eq!(r.run(0, &mut f), Verdict::Transmit(0));
+        let (esrc, edst, src, dst, ttl, _, _) = inspect(&f);
+        assert_eq!((esrc, edst, src, dst, ttl), (GW_C, CLIENT_MAC, target, CLIENT, ORIGIN_TTL));
+        let s = SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(TransportSlice::Icmpv4(i)) = s.transport else { panic!() };
+        assert!(matches!(i.icmp_type(), etherparse::Icmpv4Type::EchoReply(e) if e.id == 7 && e.seq == 9));
+    }
+    assert_eq!(r.pipe.counters().icmp_echo_replies.get(), 2);
+}
+
+#[test]
+fn fragments_bad_checksums_and_unsupported_types_are_dropped() {
+    let mut r = Rig::resolved();
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    f[14 + 6] |= 0x20; // more fragments
+    let mut ip = ipv4::Packet::new_unchecked(&mut f[14..]);
+    ip.fill_checksum();
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Fragment));
+
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    f[14 + 10] ^= 0xff;
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Malformed));
+
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    f[12] = 0x86;
+    f[13] = 0xdd;
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Unsupported));
+
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    f[14 + 9] = 47; // GRE to a VIP
+    ipv4::Packet::new_unchecked(&mut f[14..]).fill_checksum();
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Unsupported));
+}
+
+#[test]
+fn every_truncation_is_dropped_as_malformed_without_panicking() {
+    let mut r = Rig::resolved();
+    let whole = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    for len in 0..whole.len() {
+        let mut f = whole[..len].to_vec();
+        let v = r.run(0, &mut f);
+        assert_eq!(v, Verdict::Drop(DropReason::Malformed), "length {len}");
+    }
+    let whole = arp_frame(1, CLIENT_MAC, CLIENT, [0; 6], GW_C_IP);
+    for len in 0..whole.len() {
+        let mut f = whole[..len].to_vec();
+        assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Malformed), "arp length {len}");
+    }
+}
+
+#[test]
+fn ethernet_padding_is_carried_but_ignored() {
+    let mut r = Rig::resolved();
+    let mut f = udp_frame((CLIENT, 5000), (VIP, 53), 64, b"q");
+    f.resize(60, 0xee);
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    inspect(&f);
+    assert!(f[f.len() - 4..].iter().all(|&b| b == 0xee));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Random bytes, with or without a plausible header prefix, never panic
+    /// and always get exactly one verdict; drops are counted.
+    #[test]
+    fn arbitrary_frames_never_panic(mut tail in proptest::collection::vec(any::<u8>(), 0..120), kind in 0u8..4, port in 0u16..3) {
+        let mut r = Rig::resolved();
+        let mut f = match kind {
+            0 => Vec::new(),
+            1 => tcp_frame((CLIENT, 1), (VIP, 80), 64, b"")[..34].to_vec(),
+            2 => arp_frame(1, CLIENT_MAC, CLIENT, [0; 6], GW_C_IP)[..22].to_vec(),
+            _ => udp_frame((CLIENT, 1), (VIP, 53), 64, b"")[..14].to_vec(),
+        };
+        f.append(&mut tail);
+        let v = r.run(port, &mut f);
+        let drops = r.pipe.counters().total_drops();
+        prop_assert_eq!(matches!(v, Verdict::Drop(_)), drops == 1);
+    }
+
+    /// Forward then reverse translation is the identity on the client's view:
+    /// the client sees its reply come from exactly the VIP:port it sent to,
+    /// with valid checksums, for TCP and UDP.
+    #[test]
+    fn forward_then_reverse_is_identity_for_the_client(
+        sport in 1u16.., client_host in 2u8..250, udp in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut r = Rig::resolved();
+        let client = ip(198, 18, 0, client_host);
+        r.teach(0, client, CLIENT_MAC, GW_C_IP);
+        let (vport, make): (u16, fn((u32, u16), (u32, u16), u8, &[u8]) -> Vec<u8>) =
+            if udp { (53, udp_frame) } else { (80, tcp_frame) };
+        let mut f = make((client, sport), (VIP, vport), 64, &payload);
+        prop_assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+        let (_, _, src, backend, _, s1, bport) = inspect(&f);
+        prop_assert_eq!((src, s1), (client, sport));
+        prop_assert!(BACKENDS.contains(&backend));
+
+        let mut reply = make((backend, bport), (client, sport), 64, &payload);
+        prop_assert_eq!(r.run(1, &mut reply), Verdict::Transmit(0));
+        let (_, _, rsrc, rdst, _, rsport, rdport) = inspect(&reply);
+        prop_assert_eq!((rsrc, rsport, rdst, rdport), (VIP, vport, client, sport));
+    }
+}

@@ -1,0 +1,414 @@
+//! The compiled, immutable forwarding state a worker reads.
+//!
+//! Owns: turning a validated description of ports, routes and services into
+//! lookup structures (service map, Maglev tables, reverse-NAT map, routes,
+//! next hops per backend). Everything a worker needs per packet is
+//! precomputed here, off the worker cores. Must not parse configuration files
+//! or touch packets.
+
+use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
+use crate::route::{NextHop, Route, RouteTable};
+use crate::wire::EthernetAddress;
+use ahash::RandomState;
+use hashbrown::{HashMap, HashSet};
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => crate::wire::ipv4::protocol::TCP,
+            Protocol::Udp => crate::wire::ipv4::protocol::UDP,
+        }
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// An IPv4 address with prefix length, as configured on a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    /// Address (host byte order).
+    pub addr: u32,
+    /// Prefix length.
+    pub len: u8,
+}
+
+/// One port as the snapshot needs it.
+#[derive(Clone, Debug)]
+pub struct PortSpec {
+    /// Operator-facing name.
+    pub name: String,
+    /// MAC address of the port.
+    pub mac: EthernetAddress,
+    /// Addresses of the gateway on this port.
+    pub addresses: Vec<Ipv4Cidr>,
+}
+
+/// A static route.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteSpec {
+    /// Destination prefix.
+    pub prefix: Ipv4Cidr,
+    /// Gateway; must be on a connected subnet.
+    pub via: u32,
+}
+
+/// A backend of a service.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendSpec {
+    /// Address.
+    pub addr: u32,
+    /// Port.
+    pub port: u16,
+    /// Maglev weight (0: no new flows).
+    pub weight: u32,
+}
+
+/// A service: VIP, port and protocol, and its backends.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    /// Operator-facing name.
+    pub name: String,
+    /// Virtual IP.
+    pub vip: u32,
+    /// Virtual port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Maglev table size (prime).
+    pub table_size: u32,
+    /// Backends.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Everything a snapshot is built from.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotSpec {
+    /// Ports in dense index order.
+    pub ports: Vec<PortSpec>,
+    /// Static routes.
+    pub routes: Vec<RouteSpec>,
+    /// Services.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// Why a snapshot could not be built. Each names the offending item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// Two services share VIP, port and protocol.
+    #[error("services {first:?} and {second:?} both use {vip}:{port}/{protocol}")]
+    DuplicateService {
+        /// First service.
+        first: String,
+        /// Second service.
+        second: String,
+        /// VIP.
+        vip: std::net::Ipv4Addr,
+        /// Port.
+        port: u16,
+        /// Protocol name.
+        protocol: &'static str,
+    },
+    /// A backend address:port/protocol serves two services, so replies from
+    /// it could not be translated back unambiguously.
+    #[error("backend {addr}:{port}/{protocol} is used by both {first:?} and {second:?}; replies could not be mapped back to one VIP")]
+    SharedBackend {
+        /// Backend address.
+        addr: std::net::Ipv4Addr,
+        /// Backend port.
+        port: u16,
+        /// Protocol name.
+        protocol: &'static str,
+        /// First service.
+        first: String,
+        /// Second service.
+        second: String,
+    },
+    /// No route reaches a backend.
+    #[error("service {service:?}: no route to backend {addr}")]
+    BackendUnreachable {
+        /// Service.
+        service: String,
+        /// Backend address.
+        addr: std::net::Ipv4Addr,
+    },
+    /// A static route's gateway is not on a connected subnet.
+    #[error("route {prefix}/{len}: gateway {via} is not on any port's subnet")]
+    GatewayNotOnLink {
+        /// Prefix.
+        prefix: std::net::Ipv4Addr,
+        /// Length.
+        len: u8,
+        /// Gateway.
+        via: std::net::Ipv4Addr,
+    },
+    /// A VIP is also an address of a port.
+    #[error("service {service:?}: VIP {vip} is also an address of port {port:?}")]
+    VipIsLocal {
+        /// Service.
+        service: String,
+        /// VIP.
+        vip: std::net::Ipv4Addr,
+        /// Port name.
+        port: String,
+    },
+    /// The Maglev table could not be built.
+    #[error("service {service:?}: {source}")]
+    Maglev {
+        /// Service.
+        service: String,
+        /// Cause.
+        source: MaglevError,
+    },
+    /// More ports than the dataplane supports.
+    #[error("{0} ports configured; at most {max} are supported", max = u16::MAX)]
+    TooManyPorts(usize),
+}
+
+/// A backend, ready for the fast path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Address.
+    pub addr: u32,
+    /// Port.
+    pub port: u16,
+    /// Where packets to it leave.
+    pub next_hop: NextHop,
+}
+
+/// A compiled service.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// VIP.
+    pub vip: u32,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Maglev lookup table (slot -> index into `backends`).
+    pub maglev: MaglevTable,
+    /// Backends, in configuration order.
+    pub backends: Vec<Backend>,
+}
+
+/// A compiled port.
+#[derive(Clone, Debug)]
+pub struct Port {
+    /// Name.
+    pub name: String,
+    /// MAC.
+    pub mac: EthernetAddress,
+    /// Addresses.
+    pub addresses: Vec<Ipv4Cidr>,
+}
+
+impl Port {
+    /// The port address on the same subnet as `addr`, if any.
+    pub fn address_for(&self, addr: u32) -> Option<u32> {
+        self.addresses.iter().find(|c| (c.addr ^ addr) & Route::mask(c.len) == 0).map(|c| c.addr)
+    }
+}
+
+/// Where a reply from a backend is translated back to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseNat {
+    /// VIP.
+    pub vip: u32,
+    /// Virtual port.
+    pub port: u16,
+}
+
+/// Packs (address, port, protocol) into one hashable word.
+#[inline(always)]
+pub(crate) fn l4_key(addr: u32, port: u16, protocol: u8) -> u64 {
+    (u64::from(addr) << 32) | (u64::from(port) << 8) | u64::from(protocol)
+}
+
+/// The immutable forwarding state.
+#[derive(Debug)]
+pub struct Snapshot {
+    ports: Vec<Port>,
+    local: HashMap<u32, u16, RandomState>,
+    vips: HashSet<u32, RandomState>,
+    services: HashMap<u64, u32, RandomState>,
+    service_list: Vec<Service>,
+    reverse: HashMap<u64, ReverseNat, RandomState>,
+    routes: RouteTable,
+    next_hops: Vec<NextHop>,
+}
+
+fn ip4(a: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(a)
+}
+
+impl Snapshot {
+    /// Compiles a snapshot. Fails, naming the culprit, on anything the fast
+    /// path could not serve correctly.
+    pub fn build(spec: &SnapshotSpec) -> Result<Snapshot, SnapshotError> {
+        if spec.ports.len() > usize::from(u16::MAX) {
+            return Err(SnapshotError::TooManyPorts(spec.ports.len()));
+        }
+        let ports: Vec<Port> = spec
+            .ports
+            .iter()
+            .map(|p| Port { name: p.name.clone(), mac: p.mac, addresses: p.addresses.clone() })
+            .collect();
+
+        let mut local = HashMap::with_hasher(RandomState::new());
+        let mut routes = Vec::new();
+        let mut next_hops = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            for c in &p.addresses {
+                local.insert(c.addr, i as u16);
+                routes.push(Route { prefix: c.addr, len: c.len, port: i as u16, via: None });
+            }
+        }
+        let connected = RouteTable::new(routes.clone());
+        for r in &spec.routes {
+            let Some(hop) = connected.lookup(r.via) else {
+                return Err(SnapshotError::GatewayNotOnLink {
+                    prefix: ip4(r.prefix.addr),
+                    len: r.prefix.len,
+                    via: ip4(r.via),
+                });
+            };
+            routes.push(Route { prefix: r.prefix.addr, len: r.prefix.len, port: hop.port, via: Some(r.via) });
+            let gw = NextHop { port: hop.port, addr: r.via };
+            if !next_hops.contains(&gw) {
+                next_hops.push(gw);
+            }
+        }
+        let routes = RouteTable::new(routes);
+
+        let mut vips = HashSet::with_hasher(RandomState::new());
+        let mut services = HashMap::with_hasher(RandomState::new());
+        let mut reverse: HashMap<u64, ReverseNat, RandomState> = HashMap::with_hasher(RandomState::new());
+        let mut reverse_owner: HashMap<u64, usize> = HashMap::new();
+        let mut service_list = Vec::with_capacity(spec.services.len());
+        for (si, s) in spec.services.iter().enumerate() {
+            if let Some(&port) = local.get(&s.vip) {
+                return Err(SnapshotError::VipIsLocal {
+                    service: s.name.clone(),
+                    vip: ip4(s.vip),
+                    port: ports[usize::from(port)].name.clone(),
+                });
+            }
+            let proto = s.protocol.number();
+            let key = l4_key(s.vip, s.port, proto);
+            if let Some(&other) = services.get(&key) {
+                return Err(SnapshotError::DuplicateService {
+                    first: spec.services[other as usize].name.clone(),
+                    second: s.name.clone(),
+                    vip: ip4(s.vip),
+                    port: s.port,
+                    protocol: s.protocol.name(),
+                });
+            }
+            let mut backends = Vec::with_capacity(s.backends.len());
+            for b in &s.backends {
+                let next_hop = routes
+                    .next_hop(b.addr)
+                    .ok_or_else(|| SnapshotError::BackendUnreachable { service: s.name.clone(), addr: ip4(b.addr) })?;
+                let rkey = l4_key(b.addr, b.port, proto);
+                if let Some(&owner) = reverse_owner.get(&rkey) {
+                    return Err(SnapshotError::SharedBackend {
+                        addr: ip4(b.addr),
+                        port: b.port,
+                        protocol: s.protocol.name(),
+                        first: spec.services[owner].name.clone(),
+                        second: s.name.clone(),
+                    });
+                }
+                reverse_owner.insert(rkey, si);
+                reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port });
+                if !next_hops.contains(&next_hop) {
+                    next_hops.push(next_hop);
+                }
+                backends.push(Backend { addr: b.addr, port: b.port, next_hop });
+            }
+            // Stable Maglev keys: "a.b.c.d:port", independent of list order.
+            let keys: Vec<String> = s.backends.iter().map(|b| format!("{}:{}", ip4(b.addr), b.port)).collect();
+            let mb: Vec<MaglevBackend<'_>> = keys
+                .iter()
+                .zip(&s.backends)
+                .map(|(k, b)| MaglevBackend { key: k.as_bytes(), weight: b.weight })
+                .collect();
+            let maglev = MaglevTable::build(&mb, s.table_size)
+                .map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })?;
+            vips.insert(s.vip);
+            services.insert(key, si as u32);
+            service_list.push(Service {
+                name: s.name.clone(),
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol,
+                maglev,
+                backends,
+            });
+        }
+        Ok(Snapshot { ports, local, vips, services, service_list, reverse, routes, next_hops })
+    }
+
+    /// Ports in dense index order.
+    pub fn ports(&self) -> &[Port] {
+        &self.ports
+    }
+
+    /// Services in configuration order.
+    pub fn services(&self) -> &[Service] {
+        &self.service_list
+    }
+
+    /// The routes.
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// Distinct next hops of all backends and static-route gateways: the
+    /// neighbours the workers resolve ahead of traffic.
+    pub fn known_next_hops(&self) -> &[NextHop] {
+        &self.next_hops
+    }
+
+    /// The service listening on `vip:port/protocol`.
+    #[inline]
+    pub fn service(&self, vip: u32, port: u16, protocol: u8) -> Option<&Service> {
+        self.services.get(&l4_key(vip, port, protocol)).map(|&i| &self.service_list[i as usize])
+    }
+
+    /// Where a reply from `backend:port/protocol` is translated back to.
+    #[inline]
+    pub fn reverse(&self, backend: u32, port: u16, protocol: u8) -> Option<ReverseNat> {
+        self.reverse.get(&l4_key(backend, port, protocol)).copied()
+    }
+
+    /// True if `addr` is a VIP of any service.
+    #[inline]
+    pub fn is_vip(&self, addr: u32) -> bool {
+        self.vips.contains(&addr)
+    }
+
+    /// The port owning gateway address `addr`.
+    #[inline]
+    pub fn local_port(&self, addr: u32) -> Option<u16> {
+        self.local.get(&addr).copied()
+    }
+}

@@ -1,0 +1,245 @@
+//! The dataplane's lifecycle: open ports, launch workers, shut down and
+//! account for every mbuf.
+
+use crate::eal::Eal;
+use crate::error::{DpdkError, strerror};
+use crate::mempool::Mempool;
+use crate::port::{Port, PortStats};
+use crate::worker::{Worker, worker_main};
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use vipgate_dataplane::counters::WorkerCounters;
+use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig};
+use vipgate_dataplane::snapshot::Snapshot;
+use vipgate_dataplane::wire::EthernetAddress;
+
+/// One port to open.
+#[derive(Clone, Debug)]
+pub struct PortConfig {
+    /// Operator-facing name.
+    pub name: String,
+    /// The device's name after EAL probing: a vdev name such as `net_tap0`
+    /// or a PCI address such as `0000:03:00.0`.
+    pub device: String,
+}
+
+/// How to build the dataplane.
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    /// Ports in dense index order.
+    pub ports: Vec<PortConfig>,
+    /// Mbufs in the pool.
+    pub mbufs: u32,
+    /// Per-lcore mbuf cache.
+    pub mbuf_cache: u32,
+    /// Idle workers sleep this long after many empty polls (0: never).
+    pub idle_sleep_us: u32,
+    /// Pipeline tunables.
+    pub pipeline: PipelineConfig,
+}
+
+/// A port as the control plane sees it.
+#[derive(Clone, Debug)]
+pub struct PortView {
+    /// Name.
+    pub name: String,
+    /// DPDK port id.
+    pub id: u16,
+    /// MAC address.
+    pub mac: EthernetAddress,
+}
+
+impl PortView {
+    /// The driver's counters for this port.
+    pub fn stats(&self) -> PortStats {
+        // SAFETY: all-zero is a valid rte_eth_stats.
+        let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
+        // SAFETY: reading stats of a probed port id is thread-safe; an id
+        // that was closed meanwhile makes DPDK return an error, not fault.
+        if unsafe { vipgate_ffi::rte_eth_stats_get(self.id, &mut s) } != 0 {
+            return PortStats::default();
+        }
+        PortStats {
+            ipackets: s.ipackets,
+            opackets: s.opackets,
+            ibytes: s.ibytes,
+            obytes: s.obytes,
+            imissed: s.imissed,
+            ierrors: s.ierrors,
+            oerrors: s.oerrors,
+            rx_nombuf: s.rx_nombuf,
+        }
+    }
+}
+
+/// A worker as the control plane sees it.
+#[derive(Clone, Debug)]
+pub struct WorkerView {
+    /// The lcore it runs on.
+    pub lcore: u32,
+    /// Its counters.
+    pub counters: Arc<WorkerCounters>,
+}
+
+/// What shutdown found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Mbufs in the pool.
+    pub pool_size: u32,
+    /// Mbufs in use when the pool was created.
+    pub in_use_at_start: u32,
+    /// Mbufs in use after workers stopped and ports were closed.
+    pub in_use_at_end: u32,
+}
+
+impl ShutdownReport {
+    /// True if every mbuf came back.
+    pub fn balanced(&self) -> bool {
+        self.in_use_at_start == self.in_use_at_end
+    }
+}
+
+/// The running dataplane. Owns EAL, the pool, the ports and the workers.
+#[derive(Debug)]
+pub struct Dataplane {
+    workers: Vec<WorkerView>,
+    ports: Vec<Port>,
+    pool: Option<Arc<Mempool>>,
+    stop: Arc<AtomicBool>,
+    launched: bool,
+    in_use_at_start: u32,
+    idle_sleep_us: u32,
+    pipeline: PipelineConfig,
+    // Dropped last: EAL cleanup after every DPDK object is gone.
+    eal: Eal,
+}
+
+impl Dataplane {
+    /// Creates the pool and starts every port with one queue per worker
+    /// lcore. Workers are not running yet: see [`Dataplane::launch`].
+    pub fn open(eal: Eal, config: &DataplaneConfig) -> Result<Dataplane, DpdkError> {
+        let lcores = eal.worker_lcores();
+        if lcores.is_empty() {
+            return Err(DpdkError::NoWorkerLcore);
+        }
+        let pool = Arc::new(Mempool::create("vipgate_mbufs", config.mbufs, config.mbuf_cache)?);
+        let in_use_at_start = pool.in_use();
+        let mut dp = Dataplane {
+            workers: lcores.iter().map(|&lcore| WorkerView { lcore, counters: Arc::default() }).collect(),
+            ports: Vec::with_capacity(config.ports.len()),
+            pool: Some(pool),
+            stop: Arc::new(AtomicBool::new(false)),
+            launched: false,
+            in_use_at_start,
+            idle_sleep_us: config.idle_sleep_us,
+            pipeline: config.pipeline,
+            eal,
+        };
+        let queues = u16::try_from(lcores.len()).unwrap_or(u16::MAX);
+        for p in &config.ports {
+            let pool = dp.pool.as_ref().expect("pool exists until shutdown");
+            let port = Port::start(&p.name, &p.device, queues, pool)?;
+            dp.ports.push(port);
+        }
+        Ok(dp)
+    }
+
+    /// The ports, in dense index order.
+    pub fn ports(&self) -> Vec<PortView> {
+        self.ports.iter().map(|p| PortView { name: p.name().to_owned(), id: p.id(), mac: p.mac() }).collect()
+    }
+
+    /// The workers.
+    pub fn workers(&self) -> &[WorkerView] {
+        &self.workers
+    }
+
+    /// The mbuf pool. Clones must be dropped before [`Dataplane::shutdown`],
+    /// which frees the pool only when it holds the last reference.
+    pub fn pool(&self) -> &Arc<Mempool> {
+        self.pool.as_ref().expect("pool exists until shutdown")
+    }
+
+    /// EAL.
+    pub fn eal(&self) -> &Eal {
+        &self.eal
+    }
+
+    /// Starts one worker per worker lcore, all reading `snapshot`.
+    pub fn launch(&mut self, snapshot: Arc<Snapshot>) -> Result<(), DpdkError> {
+        let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
+        let pool = self.pool().as_ptr();
+        let tsc_hz = self.eal.tsc_hz();
+        let lcores: Vec<(u32, Arc<WorkerCounters>)> = self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters))).collect();
+        for (i, (lcore, counters)) in lcores.into_iter().enumerate() {
+            let worker = Box::new(Worker {
+                queue: i as u16,
+                port_ids: port_ids.clone(),
+                pipeline: Pipeline::new(self.pipeline, counters),
+                snapshot: Arc::clone(&snapshot),
+                stop: Arc::clone(&self.stop),
+                pool,
+                idle_sleep_us: self.idle_sleep_us,
+                tsc_hz,
+            });
+            let arg = Box::into_raw(worker) as *mut c_void;
+            // SAFETY: `worker_main` takes ownership of `arg` exactly once; the
+            // lcore is a worker lcore in WAIT state (nothing launched yet).
+            let rc = unsafe { vipgate_ffi::rte_eal_remote_launch(Some(worker_main), arg, lcore) };
+            if rc != 0 {
+                // SAFETY: the launch failed, so the worker never took `arg`.
+                drop(unsafe { Box::from_raw(arg as *mut Worker) });
+                self.stop_workers();
+                return Err(DpdkError::Launch { lcore, reason: strerror(rc) });
+            }
+            self.launched = true;
+        }
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if self.launched {
+            // SAFETY: called from the main lcore; waits for every worker
+            // launched above to return.
+            unsafe { vipgate_ffi::rte_eal_mp_wait_lcore() };
+            self.launched = false;
+        }
+    }
+
+    /// Stops the workers, stops and closes every port, and reports whether
+    /// every mbuf came back to the pool. Then frees the pool and cleans up
+    /// EAL.
+    pub fn shutdown(mut self) -> ShutdownReport {
+        self.stop_workers();
+        for port in self.ports.drain(..) {
+            port.close();
+        }
+        let pool = self.pool.take().expect("pool exists until shutdown");
+        let report = ShutdownReport { pool_size: pool.size(), in_use_at_start: self.in_use_at_start, in_use_at_end: pool.in_use() };
+        if let Err(shared) = Arc::try_unwrap(pool) {
+            // Someone still holds the pool: leaking it is safe, freeing it
+            // under their feet is not.
+            tracing::warn!(pool = shared.name(), "mbuf pool still referenced at shutdown; not freeing it");
+            std::mem::forget(shared);
+        }
+        report
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        // Also on error paths: workers first, then ports, then the pool;
+        // `eal` is dropped last by field order.
+        self.stop_workers();
+        for port in self.ports.drain(..) {
+            port.close();
+        }
+        if let Some(pool) = self.pool.take() {
+            if let Err(shared) = Arc::try_unwrap(pool) {
+                std::mem::forget(shared);
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! vipgate's DPDK driver: EAL, the mbuf pool, ports and queues, and the
+//! worker loop that moves mbufs between the NIC and the packet core.
+//!
+//! Owns: every DPDK resource and its lifetime (start, clean shutdown, every
+//! mbuf back in its pool). Holds no load-balancing logic: per burst it hands
+//! frame bytes to [`vipgate_dataplane::pipeline::Pipeline`] and acts on the
+//! verdicts. Unsafe code lives only here and in `vipgate-ffi`; each block
+//! carries a SAFETY comment.
+#![warn(missing_docs, unreachable_pub)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod dataplane;
+mod eal;
+mod error;
+mod mempool;
+mod port;
+mod worker;
+
+pub use dataplane::{Dataplane, DataplaneConfig, PortConfig, PortView, ShutdownReport, WorkerView};
+pub use eal::Eal;
+pub use error::DpdkError;
+pub use mempool::Mempool;
+pub use port::{Port, PortStats};
+
+/// Packets per rx/tx burst.
+pub const BURST: usize = 32;

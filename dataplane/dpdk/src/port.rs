@@ -1,0 +1,194 @@
+//! Ethernet ports: configuration, queues, start, stop, close, stats.
+
+use crate::error::{DpdkError, strerror};
+use crate::mempool::Mempool;
+use std::ffi::CString;
+use vipgate_dataplane::wire::EthernetAddress;
+
+/// Descriptors per rx queue.
+const RX_DESC: u16 = 1024;
+/// Descriptors per tx queue.
+const TX_DESC: u16 = 1024;
+
+/// Counters kept by the port's driver (hardware or PMD).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Packets received.
+    pub ipackets: u64,
+    /// Packets sent.
+    pub opackets: u64,
+    /// Bytes received.
+    pub ibytes: u64,
+    /// Bytes sent.
+    pub obytes: u64,
+    /// Packets dropped by the hardware because rx queues were full.
+    pub imissed: u64,
+    /// Receive errors.
+    pub ierrors: u64,
+    /// Transmit errors.
+    pub oerrors: u64,
+    /// Receive mbuf allocation failures.
+    pub rx_nombuf: u64,
+}
+
+/// A started DPDK port. Stop and close it with [`Port::close`].
+#[derive(Debug)]
+pub struct Port {
+    id: u16,
+    name: String,
+    mac: EthernetAddress,
+    queues: u16,
+    started: bool,
+}
+
+impl Port {
+    /// Looks up the probed device `device_name` (a vdev name such as
+    /// `net_tap0`, or a PCI address), configures `queues` rx and tx queues
+    /// (RSS over IP/TCP/UDP when more than one), sets the queues up with
+    /// `pool` and starts the port.
+    pub fn start(name: &str, device_name: &str, queues: u16, pool: &Mempool) -> Result<Port, DpdkError> {
+        let err = |op, rc: i32| DpdkError::Port { name: name.to_owned(), op, reason: strerror(rc) };
+        let cdev = CString::new(device_name).map_err(|_| DpdkError::NulInArgument(device_name.to_owned()))?;
+        let mut id: u16 = 0;
+        // SAFETY: EAL is initialised; cdev is a valid C string; `id` is a
+        // valid out-pointer.
+        if unsafe { vipgate_ffi::rte_eth_dev_get_port_by_name(cdev.as_ptr(), &mut id) } != 0 {
+            return Err(DpdkError::PortNotFound { name: name.to_owned(), device: device_name.to_owned() });
+        }
+
+        // SAFETY: all-zero is a valid rte_eth_dev_info (plain data); DPDK
+        // fills it.
+        let mut info: vipgate_ffi::rte_eth_dev_info = unsafe { std::mem::zeroed() };
+        // SAFETY: `id` is a probed port; `info` is a valid out-pointer.
+        let rc = unsafe { vipgate_ffi::rte_eth_dev_info_get(id, &mut info) };
+        if rc != 0 {
+            return Err(err("reading device info", rc));
+        }
+        if queues > info.max_rx_queues || queues > info.max_tx_queues {
+            return Err(DpdkError::Port {
+                name: name.to_owned(),
+                op: "configuring queues",
+                reason: format!(
+                    "{queues} queues requested, device supports {} rx / {} tx",
+                    info.max_rx_queues, info.max_tx_queues
+                ),
+            });
+        }
+
+        // SAFETY: all-zero is the documented default rte_eth_conf.
+        let mut conf: vipgate_ffi::rte_eth_conf = unsafe { std::mem::zeroed() };
+        if queues > 1 {
+            let wanted = vipgate_ffi::RTE_ETH_RSS_IP | vipgate_ffi::RTE_ETH_RSS_TCP | vipgate_ffi::RTE_ETH_RSS_UDP;
+            conf.rxmode.mq_mode = vipgate_ffi::RTE_ETH_MQ_RX_RSS;
+            conf.rx_adv_conf.rss_conf.rss_hf = wanted & info.flow_type_rss_offloads;
+        }
+        // SAFETY: `id` is a probed, stopped port; `conf` is initialised.
+        let rc = unsafe { vipgate_ffi::rte_eth_dev_configure(id, queues, queues, &conf) };
+        if rc != 0 {
+            return Err(err("configuring", rc));
+        }
+        let (mut rxd, mut txd) = (RX_DESC, TX_DESC);
+        // SAFETY: valid port and in/out pointers.
+        let rc = unsafe { vipgate_ffi::rte_eth_dev_adjust_nb_rx_tx_desc(id, &mut rxd, &mut txd) };
+        if rc != 0 {
+            return Err(err("adjusting descriptor counts", rc));
+        }
+        // SAFETY: `id` is configured; socket id lookup has no side effects.
+        let socket = unsafe { vipgate_ffi::rte_eth_dev_socket_id(id) };
+        let socket = if socket < 0 { 0 } else { socket as u32 };
+        for q in 0..queues {
+            // SAFETY: queue index < configured count; NULL conf selects the
+            // driver's defaults; the pool outlives the port (closed first).
+            let rc = unsafe { vipgate_ffi::rte_eth_rx_queue_setup(id, q, rxd, socket, std::ptr::null(), pool.as_ptr()) };
+            if rc != 0 {
+                return Err(err("setting up an rx queue", rc));
+            }
+            // SAFETY: as above, for tx.
+            let rc = unsafe { vipgate_ffi::rte_eth_tx_queue_setup(id, q, txd, socket, std::ptr::null()) };
+            if rc != 0 {
+                return Err(err("setting up a tx queue", rc));
+            }
+        }
+        // SAFETY: all-zero is a valid rte_ether_addr; DPDK fills it.
+        let mut mac: vipgate_ffi::rte_ether_addr = unsafe { std::mem::zeroed() };
+        // SAFETY: valid port and out-pointer.
+        let rc = unsafe { vipgate_ffi::rte_eth_macaddr_get(id, &mut mac) };
+        if rc != 0 {
+            return Err(err("reading the MAC address", rc));
+        }
+        let mut port = Port { id, name: name.to_owned(), mac: EthernetAddress(mac.addr_bytes), queues, started: false };
+        // SAFETY: the port is configured with all its queues set up.
+        let rc = unsafe { vipgate_ffi::rte_eth_dev_start(id) };
+        if rc != 0 {
+            port.close();
+            return Err(err("starting", rc));
+        }
+        port.started = true;
+        Ok(port)
+    }
+
+    /// DPDK port id.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Operator-facing name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// MAC address.
+    pub fn mac(&self) -> EthernetAddress {
+        self.mac
+    }
+
+    /// Number of rx (and tx) queues.
+    pub fn queues(&self) -> u16 {
+        self.queues
+    }
+
+    /// Driver counters; zeros if the driver cannot report them.
+    pub fn stats(&self) -> PortStats {
+        // SAFETY: all-zero is a valid rte_eth_stats.
+        let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
+        // SAFETY: valid port id and out-pointer; callable from any thread.
+        if unsafe { vipgate_ffi::rte_eth_stats_get(self.id, &mut s) } != 0 {
+            return PortStats::default();
+        }
+        PortStats {
+            ipackets: s.ipackets,
+            opackets: s.opackets,
+            ibytes: s.ibytes,
+            obytes: s.obytes,
+            imissed: s.imissed,
+            ierrors: s.ierrors,
+            oerrors: s.oerrors,
+            rx_nombuf: s.rx_nombuf,
+        }
+    }
+
+    /// Stops and closes the port; its queues release every mbuf they hold.
+    /// Workers must have stopped polling it.
+    pub fn close(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        if self.started {
+            // SAFETY: no worker polls the port any more (caller's contract).
+            unsafe { vipgate_ffi::rte_eth_dev_stop(self.id) };
+            self.started = false;
+        }
+        // SAFETY: the port is stopped; close releases its queues and mbufs.
+        unsafe { vipgate_ffi::rte_eth_dev_close(self.id) };
+        self.id = u16::MAX;
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        if self.id != u16::MAX {
+            self.shut();
+        }
+    }
+}

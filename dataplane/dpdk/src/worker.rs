@@ -1,0 +1,273 @@
+//! The worker loop: one per worker lcore, polling its queue on every port.
+//!
+//! Per iteration: one rx burst per port; prefetch the frames; hand the
+//! burst to the pipeline; free dropped mbufs in bulk; one tx burst per
+//! egress port; send any ARP requests the pipeline asked for. Nothing here
+//! allocates, locks, logs or makes a system call while packets flow (an
+//! optional idle sleep happens only after many empty polls). DPDK is
+//! crossed once per burst, never per packet, except for the prefetch
+//! hint.
+
+use crate::BURST;
+use arrayvec::ArrayVec;
+use std::ffi::c_void;
+use std::ptr::null_mut;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use vipgate_dataplane::counters::{DropReason, WorkerCounters};
+use vipgate_dataplane::pipeline::{Pipeline, RxPacket, Solicitation, Verdict};
+use vipgate_dataplane::snapshot::Snapshot;
+use vipgate_dataplane::wire::arp;
+use vipgate_ffi::rte_mbuf;
+
+/// Empty polls in a row before an idle worker sleeps (when configured).
+const IDLE_POLLS_BEFORE_SLEEP: u32 = 1024;
+
+/// Housekeeping (neighbour expiry and refresh) runs this many times a second.
+const HOUSEKEEPING_HZ: u64 = 10;
+
+/// Everything one worker owns. Moved to its lcore at launch.
+pub(crate) struct Worker {
+    /// Queue id this worker polls (rx) and sends on (tx), on every port.
+    pub(crate) queue: u16,
+    /// DPDK port ids, indexed by dense port index.
+    pub(crate) port_ids: Vec<u16>,
+    pub(crate) pipeline: Pipeline,
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) pool: *mut vipgate_ffi::rte_mempool,
+    pub(crate) idle_sleep_us: u32,
+    pub(crate) tsc_hz: u64,
+}
+
+// SAFETY: a Worker is handed to exactly one lcore and used only there; the
+// raw mempool pointer refers to a pool that is safe to use from any lcore
+// and outlives every worker (the pool is freed after all workers returned).
+unsafe impl Send for Worker {}
+
+/// Converts TSC ticks to nanoseconds with a multiply and a shift.
+struct Clock {
+    origin: u64,
+    mult: u128,
+}
+
+impl Clock {
+    fn new(hz: u64) -> Clock {
+        // SAFETY: reading the TSC has no preconditions.
+        let origin = unsafe { vipgate_ffi::rte_rdtsc() };
+        Clock { origin, mult: (1_000_000_000u128 << 32) / u128::from(hz.max(1)) }
+    }
+
+    #[inline(always)]
+    fn ns(&self, tsc: u64) -> u64 {
+        ((u128::from(tsc.wrapping_sub(self.origin)) * self.mult) >> 32) as u64
+    }
+}
+
+#[inline(always)]
+fn rdtsc() -> u64 {
+    // SAFETY: reading the TSC has no preconditions.
+    unsafe { vipgate_ffi::rte_rdtsc() }
+}
+
+/// The address of an mbuf's first data byte.
+///
+/// # Safety
+/// `m` must point to a valid mbuf.
+#[inline(always)]
+unsafe fn mtod(m: *mut rte_mbuf) -> *mut u8 {
+    // SAFETY: the caller guarantees `m` is valid; buf_addr + data_off is
+    // inside the mbuf's buffer by DPDK's invariants.
+    unsafe { ((*m).buf_addr as *mut u8).add(usize::from((*m).data_off)) }
+}
+
+/// lcore entry point given to `rte_eal_remote_launch`.
+///
+/// # Safety
+/// `arg` must come from `Box::into_raw(Box<Worker>)` and be passed exactly
+/// once.
+pub(crate) unsafe extern "C" fn worker_main(arg: *mut c_void) -> i32 {
+    // SAFETY: per this function's contract, `arg` is a leaked Box<Worker>
+    // that nobody else owns; it is reclaimed and dropped here.
+    let mut worker = unsafe { Box::from_raw(arg as *mut Worker) };
+    worker.run();
+    0
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let nports = self.port_ids.len();
+        let mut rx: [*mut rte_mbuf; BURST] = [null_mut(); BURST];
+        let mut tx: Vec<ArrayVec<*mut rte_mbuf, BURST>> = vec![ArrayVec::new(); nports];
+        let mut verdicts = [Verdict::Consumed; BURST];
+        let clock = Clock::new(self.tsc_hz);
+        let housekeeping_every = (self.tsc_hz / HOUSEKEEPING_HZ).max(1);
+        let mut next_housekeeping = 0u64;
+        let mut idle_polls = 0u32;
+        let counters = Arc::clone(self.pipeline.counters());
+
+        while !self.stop.load(Ordering::Relaxed) {
+            let start = rdtsc();
+            if start >= next_housekeeping {
+                self.pipeline.housekeeping(&self.snapshot, clock.ns(start));
+                self.send_solicitations(&counters);
+                next_housekeeping = start + housekeeping_every;
+            }
+            let mut received = 0usize;
+            for dense in 0..nports {
+                // SAFETY: the port is started with `self.queue` configured;
+                // only this worker polls this queue; `rx` has BURST slots.
+                let n = unsafe {
+                    vipgate_ffi::rte_eth_rx_burst(self.port_ids[dense], self.queue, rx.as_mut_ptr(), BURST as u16)
+                } as usize;
+                if n == 0 {
+                    continue;
+                }
+                received += n;
+                self.burst(dense as u16, &rx[..n], clock.ns(start), &mut verdicts, &mut tx, &counters);
+            }
+            if received > 0 {
+                counters.busy_polls.inc();
+                counters.busy_cycles.add(rdtsc().wrapping_sub(start));
+                idle_polls = 0;
+            } else {
+                idle_polls = idle_polls.saturating_add(1);
+                if self.idle_sleep_us > 0 && idle_polls >= IDLE_POLLS_BEFORE_SLEEP {
+                    std::thread::sleep(std::time::Duration::from_micros(u64::from(self.idle_sleep_us)));
+                } else {
+                    // SAFETY: a CPU pause hint; no preconditions.
+                    unsafe { vipgate_ffi::rte_pause() };
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn burst(
+        &mut self,
+        ingress: u16,
+        mbufs: &[*mut rte_mbuf],
+        now: u64,
+        verdicts: &mut [Verdict; BURST],
+        tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
+        counters: &WorkerCounters,
+    ) {
+        let n = mbufs.len();
+        for &m in mbufs {
+            // SAFETY: `m` came from rx_burst and is valid; prefetch is a hint.
+            unsafe { vipgate_ffi::rte_prefetch0(mtod(m) as *const c_void) };
+        }
+        let mut bytes = 0u64;
+        let mut packets: ArrayVec<RxPacket<'_>, BURST> = ArrayVec::new();
+        for &m in mbufs {
+            // SAFETY: `m` is a valid mbuf this worker owns exclusively from
+            // rx_burst until it is sent or freed below; its first segment
+            // holds `data_len` initialised bytes at mtod(m). No other slice
+            // aliases it: every mbuf in a burst is distinct, and the slices
+            // die (with `packets`) before the mbufs are handed back.
+            let frame = unsafe {
+                bytes += u64::from((*m).pkt_len);
+                std::slice::from_raw_parts_mut(mtod(m), usize::from((*m).data_len))
+            };
+            packets.push(RxPacket { port: ingress, frame });
+        }
+        counters.rx_packets.add(n as u64);
+        counters.rx_bytes.add(bytes);
+        self.pipeline.process(&self.snapshot, now, &mut packets, &mut verdicts[..n]);
+        drop(packets);
+
+        let mut free: ArrayVec<*mut rte_mbuf, BURST> = ArrayVec::new();
+        for (&m, v) in mbufs.iter().zip(verdicts.iter()) {
+            match *v {
+                Verdict::Transmit(p) if usize::from(p) < tx.len() => tx[usize::from(p)].push(m),
+                Verdict::Transmit(_) => {
+                    // A port the snapshot names but this worker does not
+                    // drive: a configuration bug, never expected.
+                    counters.count_drop(DropReason::NoRoute);
+                    free.push(m);
+                }
+                Verdict::Drop(_) | Verdict::Consumed => free.push(m),
+            }
+        }
+        if !free.is_empty() {
+            // SAFETY: every pointer is a valid mbuf owned by this worker and
+            // not referenced anywhere else.
+            unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(free.as_mut_ptr(), free.len() as u32) };
+        }
+        for (dense, queue) in tx.iter_mut().enumerate() {
+            if !queue.is_empty() {
+                self.flush(dense, queue, counters);
+            }
+        }
+        self.send_solicitations(counters);
+    }
+
+    /// Sends a port's pending frames; frees and counts what the queue refuses.
+    #[inline]
+    fn flush(&self, dense: usize, queue: &mut ArrayVec<*mut rte_mbuf, BURST>, counters: &WorkerCounters) {
+        let len = queue.len();
+        // SAFETY: valid mbufs owned by this worker; read before handing them
+        // to the driver, which may free them as soon as they are sent.
+        let lens: ArrayVec<u32, BURST> = queue.iter().map(|&m| unsafe { (*m).pkt_len }).collect();
+        // SAFETY: the port is started; `self.queue` is this worker's tx queue;
+        // the pointers are valid mbufs whose ownership passes to the driver
+        // for the first `sent` of them.
+        let sent = unsafe {
+            vipgate_ffi::rte_eth_tx_burst(self.port_ids[dense], self.queue, queue.as_mut_ptr(), len as u16)
+        } as usize;
+        counters.tx_packets.add(sent as u64);
+        counters.tx_bytes.add(lens[..sent].iter().map(|&l| u64::from(l)).sum());
+        if sent < len {
+            // SAFETY: the unsent mbufs are still ours.
+            unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(queue.as_mut_ptr().add(sent), (len - sent) as u32) };
+            counters.drops[DropReason::TxFull as usize].add((len - sent) as u64);
+        }
+        queue.clear();
+    }
+
+    /// Builds and sends the ARP requests the pipeline asked for. Rare: at
+    /// most once per second per unresolved neighbour.
+    fn send_solicitations(&mut self, counters: &WorkerCounters) {
+        let (pool, queue, port_ids) = (self.pool, self.queue, &self.port_ids);
+        for s in self.pipeline.take_solicitations() {
+            if let Some(&port_id) = port_ids.get(usize::from(s.port)) {
+                send_arp_request(pool, port_id, queue, &s, counters);
+            }
+        }
+    }
+}
+
+fn send_arp_request(pool: *mut vipgate_ffi::rte_mempool, port_id: u16, queue: u16, s: &Solicitation, counters: &WorkerCounters) {
+    // SAFETY: the pool is alive for the worker's lifetime.
+    let m = unsafe { vipgate_ffi::rte_pktmbuf_alloc(pool) };
+    if m.is_null() {
+        // Pool exhausted: the neighbour table asks again after its
+        // retransmit interval.
+        return;
+    }
+    // SAFETY: `m` is a freshly allocated mbuf we own; its buffer has
+    // buf_len - data_off bytes of room after the data offset.
+    let room = unsafe { std::slice::from_raw_parts_mut(mtod(m), usize::from((*m).buf_len - (*m).data_off)) };
+    let Some(len) = arp::emit_request_frame(room, s.sender_mac, s.sender_ip, s.target_ip) else {
+        // SAFETY: `m` is ours and unsent.
+        unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
+        return;
+    };
+    let mut one = [m];
+    // SAFETY: `m` is ours; lengths describe the bytes just written; the
+    // port is started and `queue` is this worker's tx queue.
+    let sent = unsafe {
+        (*m).data_len = len as u16;
+        (*m).pkt_len = len as u32;
+        vipgate_ffi::rte_eth_tx_burst(port_id, queue, one.as_mut_ptr(), 1)
+    };
+    if sent == 1 {
+        counters.arp_requests.inc();
+        counters.tx_packets.inc();
+        counters.tx_bytes.add(len as u64);
+    } else {
+        // SAFETY: not accepted by the driver, still ours.
+        unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
+        counters.count_drop(DropReason::TxFull);
+    }
+}

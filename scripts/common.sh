@@ -1,0 +1,96 @@
+# shellcheck shell=bash disable=SC2034
+# Helpers shared by the vipgate scripts. Source it; do not run it.
+#
+# Every script that sources this file sets VG_TAG first (for example
+# VG_TAG=rig), so that each line it prints says which script took the step.
+
+VG_TAG=${VG_TAG:-vipgate}
+VG_SCRIPTS_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+VG_ROOT=$(cd -- "$VG_SCRIPTS_DIR/.." && pwd)
+
+# Where setup.sh records its hugepage decision (sourced by demo.sh, test.sh).
+VG_ENV_DIR=/run/vipgate
+VG_HUGEPAGES_ENV=$VG_ENV_DIR/hugepages.env
+
+# Where rig.sh keeps the state of each rig (one directory per prefix).
+VG_RIG_STATE_ROOT=/run/vipgate-rig
+
+# The IPv4 plan of the rig (test networks: 198.18.0.0/15 only).
+VG_CLIENT_NET=198.18.0.0/24
+VG_CLIENT_GW=198.18.0.1
+VG_CLIENT_ADDR=198.18.0.2
+VG_BACKEND_NET_PREFIX=198.18.1 # backend i (1-based) is 198.18.1.(10+i)
+VG_BACKEND_GW=198.18.1.1
+VG_VIP_NET=198.18.100.0/24
+VG_VIP=198.18.100.1
+VG_HTTP_PORT=8080
+VG_UDP_PORT=5353
+
+say() { printf '==> %s: %s\n' "$VG_TAG" "$*"; }
+warn() { printf '==> %s: WARNING: %s\n' "$VG_TAG" "$*" >&2; }
+die() {
+	printf '==> %s: ERROR: %s\n' "$VG_TAG" "$*" >&2
+	exit 1
+}
+
+require_root() {
+	if [[ $(id -u) -ne 0 ]]; then
+		die "must run as root (it manages hugepages, network namespaces and DPDK); try: sudo $0"
+	fi
+}
+
+# rustup installs into ~/.cargo/bin, which a root login shell (sudo -i, su -)
+# may not have on PATH.
+add_cargo_to_path() {
+	if ! command -v cargo >/dev/null 2>&1 && [[ -x ${CARGO_HOME:-$HOME/.cargo}/bin/cargo ]]; then
+		PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+		export PATH
+	fi
+}
+
+# The target directory cargo writes to.
+cargo_target_dir() {
+	local dir=${CARGO_TARGET_DIR:-$VG_ROOT/target}
+	[[ $dir = /* ]] || dir=$VG_ROOT/$dir
+	printf '%s\n' "$dir"
+}
+
+# Seconds since the epoch, with a fraction (for elapsed-time messages).
+now_s() { date +%s.%N; }
+elapsed_s() { awk -v a="$1" -v b="$(now_s)" 'BEGIN { printf "%.1f", b - a }'; }
+
+pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+# stop_pid PID [TIMEOUT_S]: SIGTERM, wait up to TIMEOUT_S (default 5), then
+# SIGKILL. Works for processes that are not children of this shell.
+# Returns 0 if the process exited on SIGTERM, 1 if it needed SIGKILL.
+stop_pid() {
+	local pid=$1 timeout=${2:-5} i
+	pid_alive "$pid" || return 0
+	kill -TERM "$pid" 2>/dev/null || return 0
+	for ((i = 0; i < timeout * 10; i++)); do
+		pid_alive "$pid" || return 0
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	for ((i = 0; i < 50; i++)); do
+		pid_alive "$pid" || break
+		sleep 0.1
+	done
+	return 1
+}
+
+# The hugepage decision setup.sh made (VIPGATE_HUGEPAGES=1|0), unless the
+# caller already forced one in the environment.
+load_hugepages_env() {
+	local forced=${VIPGATE_HUGEPAGES:-}
+	if [[ -r $VG_HUGEPAGES_ENV ]]; then
+		# shellcheck source=/dev/null
+		source "$VG_HUGEPAGES_ENV"
+	fi
+	if [[ -n $forced ]]; then
+		VIPGATE_HUGEPAGES=$forced
+	fi
+	VIPGATE_HUGEPAGES=${VIPGATE_HUGEPAGES:-0}
+	export VIPGATE_HUGEPAGES
+}

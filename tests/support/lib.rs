@@ -1,0 +1,350 @@
+//! Support for vipgate's end-to-end tests: a gateway (`vipgated` as a child
+//! process) on net_tap ports, with the client and backend network
+//! namespaces of `scripts/rig.sh` around it, and a guaranteed teardown.
+//!
+//! Tests that use it need root and either hugepages or an explicit
+//! `VIPGATE_HUGEPAGES=0`; they fail loudly, never skip, when those are
+//! missing.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The client's address in its namespace.
+pub const CLIENT_ADDR: &str = "198.18.0.2";
+/// The VIP every rig configures.
+pub const VIP: &str = "198.18.100.1";
+/// Backend `backend-i` (1-based) listens on `198.18.1.(10+i)`.
+pub fn backend_addr(i: usize) -> String {
+    format!("198.18.1.{}", 10 + i)
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Panics unless running as root: the rig creates namespaces and taps.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (network namespaces, net_tap, hugepages); run it through scripts/test.sh as root");
+}
+
+/// Whether the gateway should use hugepages. `VIPGATE_HUGEPAGES=1|0` (set
+/// by scripts/setup.sh) decides; without it, hugepages must be available or
+/// the test fails, telling how to proceed.
+pub fn use_hugepages() -> bool {
+    match std::env::var("VIPGATE_HUGEPAGES").as_deref() {
+        Ok("0") => false,
+        Ok("1") => {
+            assert!(free_hugepages() >= 128, "VIPGATE_HUGEPAGES=1 but fewer than 128 free 2 MiB hugepages; run scripts/setup.sh");
+            true
+        }
+        _ => {
+            assert!(
+                free_hugepages() >= 128,
+                "no free hugepages: run scripts/setup.sh (it reserves them), or set VIPGATE_HUGEPAGES=0 to test with --no-huge"
+            );
+            true
+        }
+    }
+}
+
+fn free_hugepages() -> u64 {
+    let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"));
+    if !mounted {
+        return 0;
+    }
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Path of a binary built by the workspace (`vipgated`, `vipgatectl`):
+/// `$VIPGATED_BIN`-style overrides first, then beside the test executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let env = format!("{}_BIN", name.to_ascii_uppercase());
+    if let Ok(p) = std::env::var(&env) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not found; build it first (cargo build -p vipgate-controlplane) or set {env}", p.display());
+    p
+}
+
+/// What a rig is configured with beyond the defaults.
+#[derive(Clone, Debug)]
+pub struct RigOptions {
+    /// Number of HTTP/UDP backends.
+    pub backends: usize,
+    /// Extra TOML appended to the generated configuration.
+    pub extra_config: String,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions { backends: 3, extra_config: String::new() }
+    }
+}
+
+/// A running gateway with its namespaces. Call [`Rig::teardown`] at the end
+/// of a test to check that nothing was left behind; if the test panics
+/// first, `Drop` still tears everything down.
+pub struct Rig {
+    /// Unique prefix of this rig's namespaces, interfaces and files.
+    pub prefix: String,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// Where the gateway's stderr goes.
+    pub log: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+    torn_down: bool,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// What teardown found.
+#[derive(Debug)]
+pub struct Leftovers {
+    /// The gateway's exit status.
+    pub exit: Option<std::process::ExitStatus>,
+    /// Namespaces of this rig still present.
+    pub namespaces: Vec<String>,
+    /// Hugepage files of this rig still present.
+    pub hugepage_files: Vec<PathBuf>,
+    /// Processes still running that belong to this rig.
+    pub processes: Vec<String>,
+    /// The gateway's log.
+    pub log: String,
+}
+
+impl Rig {
+    /// Starts vipgated and brings the rig up around it.
+    pub fn start(opts: RigOptions) -> Rig {
+        require_root();
+        let huge = use_hugepages();
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("vgt{}x{n}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("vipgate-{prefix}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("api.sock");
+        let log = dir.join("vipgated.log");
+        let backends: Vec<String> = (1..=opts.backends)
+            .map(|i| format!("  {{ address = \"{}\", port = PORT }},", backend_addr(i)))
+            .collect();
+        let backends = backends.join("\n");
+        let config = format!(
+            r#"[eal]
+lcores = "0,1"
+hugepages = {huge}
+file_prefix = "{prefix}"
+
+[dataplane]
+idle_sleep_us = 20
+mbufs = 8191
+
+[api]
+socket = "{socket}"
+
+[[ports]]
+name = "client"
+device = "net_tap{n}0,iface={prefix}c"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "backend"
+device = "net_tap{n}1,iface={prefix}b"
+addresses = ["198.18.1.1/24"]
+
+[[services]]
+name = "web"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+backends = [
+{web}
+]
+
+[[services]]
+name = "echo"
+vip = "{VIP}"
+port = 5353
+protocol = "udp"
+backends = [
+{udp}
+]
+{extra}
+"#,
+            socket = socket.display(),
+            web = backends.replace("PORT", "8080"),
+            udp = backends.replace("PORT", "5353"),
+            extra = opts.extra_config,
+        );
+        let config_path = dir.join("vipgated.toml");
+        std::fs::write(&config_path, config).expect("write config");
+
+        let logfile = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(workspace_bin("vipgated"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("VIPGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().expect("log fd"))
+            .stderr(logfile)
+            .spawn()
+            .expect("spawn vipgated");
+        let mut rig = Rig { prefix: prefix.clone(), socket, log, dir, child: Some(child), torn_down: false };
+
+        let up = Command::new(repo_root().join("scripts/rig.sh"))
+            .args(["up", "--prefix", &prefix, "--client-if", &format!("{prefix}c"), "--backend-if", &format!("{prefix}b")])
+            .args(["--backends", &opts.backends.to_string(), "--wait", "30"])
+            .output()
+            .expect("run scripts/rig.sh");
+        if !up.status.success() {
+            panic!(
+                "rig.sh up failed:\n{}{}\n--- vipgated log ---\n{}",
+                String::from_utf8_lossy(&up.stdout),
+                String::from_utf8_lossy(&up.stderr),
+                rig.log_text()
+            );
+        }
+        rig.wait_for_api();
+        rig
+    }
+
+    fn wait_for_api(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.ctl(&["health"]).status.success() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("vipgated exited early ({status}):\n{}", self.log_text());
+                }
+            }
+            assert!(Instant::now() < deadline, "vipgated API did not come up within 20 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The gateway's log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Runs vipgatectl against this rig's gateway.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(workspace_bin("vipgatectl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run vipgatectl")
+    }
+
+    /// `vipgatectl --json stats`, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self.ctl(&["--json", "stats"]);
+        assert!(out.status.success(), "vipgatectl stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("vipgatectl --json stats prints JSON")
+    }
+
+    /// A total drop counter by reason name.
+    pub fn drops(&self, reason: &str) -> u64 {
+        self.stats()["total"]["drops"][reason].as_u64().unwrap_or(0)
+    }
+
+    /// Runs a command in the client namespace.
+    pub fn client(&self, cmd: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &format!("{}client", self.prefix)]).args(cmd).output().expect("ip netns exec")
+    }
+
+    /// Stops everything and reports what was left behind.
+    pub fn teardown(mut self) -> Leftovers {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Leftovers {
+        self.torn_down = true;
+        let mut exit = None;
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(s)) => {
+                        exit = Some(s);
+                        break;
+                    }
+                    _ if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        exit = child.wait().ok();
+                        break;
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        let _ = Command::new(repo_root().join("scripts/rig.sh")).args(["down", "--prefix", &self.prefix]).output();
+        let log = self.log_text();
+        // EAL's runtime directory holds only sockets and config files of a
+        // process that is gone; remove it (it lives in /var/run/dpdk).
+        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
+        let _ = std::fs::remove_dir_all(&self.dir);
+
+        let namespaces = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default())
+            .lines()
+            .filter(|l| l.starts_with(&self.prefix))
+            .map(str::to_owned)
+            .collect();
+        let hugepage_files = std::fs::read_dir("/dev/hugepages")
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&self.prefix))).collect())
+            .unwrap_or_default();
+        let processes = String::from_utf8_lossy(&Command::new("pgrep").args(["-af", &self.prefix]).output().map(|o| o.stdout).unwrap_or_default())
+            .lines()
+            .filter(|l| !l.contains("pgrep"))
+            .map(str::to_owned)
+            .collect();
+        Leftovers { exit, namespaces, hugepage_files, processes, log }
+    }
+}
+
+impl Leftovers {
+    /// Asserts a clean exit with every mbuf returned and nothing left over.
+    pub fn assert_clean(&self) {
+        assert!(self.namespaces.is_empty(), "namespaces left: {:?}", self.namespaces);
+        assert!(self.hugepage_files.is_empty(), "hugepage files left: {:?}", self.hugepage_files);
+        assert!(self.processes.is_empty(), "processes left: {:?}", self.processes);
+        assert!(self.exit.is_some_and(|s| s.success()), "vipgated did not exit cleanly ({:?}):\n{}", self.exit, self.log);
+        assert!(
+            self.log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"),
+            "vipgated did not report every mbuf back in the pool:\n{}",
+            self.log
+        );
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if !self.torn_down {
+            let left = self.shutdown();
+            if !left.namespaces.is_empty() || !left.processes.is_empty() {
+                eprintln!("rig {}: leftovers after a failed test: {left:?}", self.prefix);
+            }
+        }
+    }
+}
