@@ -94,3 +94,31 @@ load_hugepages_env() {
 	VIPGATE_HUGEPAGES=${VIPGATE_HUGEPAGES:-0}
 	export VIPGATE_HUGEPAGES
 }
+
+# run_fg CMD...: runs CMD in its own session (stdin from /dev/null) and waits
+# for it. Unlike a plain foreground command, the wait returns as soon as the
+# script gets a trapped SIGTERM or SIGINT; the exit trap then calls stop_fg,
+# which stops CMD's whole process group.
+FG_PID=""
+run_fg() {
+	local rc=0
+	setsid "$@" </dev/null &
+	FG_PID=$!
+	wait "$FG_PID" || rc=$?
+	FG_PID=""
+	return "$rc"
+}
+
+stop_fg() {
+	local i
+	pid_alive "$FG_PID" || return 0
+	kill -TERM -- "-$FG_PID" 2>/dev/null || kill -TERM "$FG_PID" 2>/dev/null || true
+	# Give it (nextest: its tests) time to clean up, then insist.
+	for ((i = 0; i < 300; i++)); do
+		[[ $(awk '{print $3}' "/proc/$FG_PID/stat" 2>/dev/null) =~ ^(Z|)$ ]] && break
+		sleep 0.1
+	done
+	kill -KILL -- "-$FG_PID" 2>/dev/null || true
+	wait "$FG_PID" 2>/dev/null || true
+	FG_PID=""
+}

@@ -7,7 +7,7 @@
 #   scripts/demo.sh --requests N send N HTTP requests (default 300)
 #   scripts/demo.sh --no-build   use the binaries already built
 #
-# VIPGATED / VIPGATECTL in the environment override the binaries' paths
+# VIPGATED_BIN / VIPGATECTL_BIN in the environment override the binaries' paths
 # (default: the release binaries under cargo's target directory).
 #
 # Steps: setup.sh (packages, hugepages); release build of vipgated and
@@ -68,26 +68,12 @@ require_root
 cd "$VG_ROOT"
 
 TARGET_DIR=$(cargo_target_dir)
-VIPGATED=${VIPGATED:-$TARGET_DIR/release/vipgated}
-VIPGATECTL=${VIPGATECTL:-$TARGET_DIR/release/vipgatectl}
+VIPGATED=${VIPGATED_BIN:-$TARGET_DIR/release/vipgated}
+VIPGATECTL=${VIPGATECTL_BIN:-$TARGET_DIR/release/vipgatectl}
 DAEMON_PID=""
 DAEMON_IS_CHILD=0
 KEEP_RUNNING=0
 TEARDOWN_PROBLEMS=0
-
-FG_PID=""
-
-# run_fg CMD...: runs CMD in its own session and waits for it. Unlike a plain
-# foreground command, the wait returns as soon as this script gets SIGTERM or
-# SIGINT, and on_exit stops CMD's whole process group.
-run_fg() {
-	local rc=0
-	setsid "$@" </dev/null &
-	FG_PID=$!
-	wait "$FG_PID" || rc=$?
-	FG_PID=""
-	return "$rc"
-}
 
 # --- teardown ----------------------------------------------------------------
 
@@ -174,10 +160,7 @@ on_exit() {
 	local rc=$?
 	trap - EXIT INT TERM
 	set +e
-	if pid_alive "$FG_PID"; then
-		kill -TERM -- "-$FG_PID" 2>/dev/null || kill -TERM "$FG_PID" 2>/dev/null
-		wait "$FG_PID" 2>/dev/null
-	fi
+	stop_fg
 	if ((KEEP_RUNNING)); then
 		exit "$rc"
 	fi

@@ -29,7 +29,8 @@
 # exec: runs CMD inside ${P}client or ${P}backend (ip netns exec).
 # status: prints the namespaces, addresses, routes and backends.
 #
-# State: /run/vipgate-rig/${P}/ (rig.env, backends, backend-i.pid, backend-i.log).
+# State: /run/vipgate-rig/${P}/ (rig.env, backends, backend-i.pid,
+# backend-i.log, and owner: $VIPGATE_TEST_RUN_ID when scripts/test.sh runs it).
 set -euo pipefail
 
 VG_TAG=rig
@@ -292,6 +293,10 @@ cmd_up() {
 		say "setting up rig '$PREFIX' (state in $STATE)"
 		printf '%s\n' "$want" >"$STATE/rig.env"
 	fi
+	if [[ -n ${VIPGATE_TEST_RUN_ID:-} ]]; then
+		# Lets scripts/test.sh find and remove the rigs its tests leave behind.
+		printf '%s\n' "$VIPGATE_TEST_RUN_ID" >"$STATE/owner"
+	fi
 	ensure_ns "$CLIENT_NS"
 	ensure_ns "$BACKEND_NS"
 	attach_interfaces
@@ -303,7 +308,7 @@ cmd_up() {
 }
 
 cmd_down() {
-	local f pid ns pids
+	local f pid ns pids=() left
 	require_root
 	if [[ -d $STATE ]]; then
 		for f in "$STATE"/*.pid "$STATE"/*.pid.launch; do
@@ -311,19 +316,27 @@ cmd_down() {
 			pid=$(cat "$f" 2>/dev/null || true)
 			if [[ -n $pid ]] && is_backend_pid "$pid"; then
 				say "stopping $(basename "${f%%.pid*}") (pid $pid)"
-				stop_pid "$pid" 5 || warn "$(basename "${f%%.pid*}") needed SIGKILL"
+				pids+=("$pid")
 			fi
 		done
 	fi
 	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
 		ns_exists "$ns" || continue
-		pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ' || true)
-		if [[ -n ${pids// /} ]]; then
-			say "stopping processes still in $ns: $pids"
-			for pid in $pids; do
-				stop_pid "$pid" 3 || warn "pid $pid needed SIGKILL"
-			done
-		fi
+		for pid in $(ip netns pids "$ns" 2>/dev/null || true); do
+			[[ " ${pids[*]} " = *" $pid "* ]] && continue
+			say "stopping pid $pid, still running in $ns: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-100)"
+			pids+=("$pid")
+		done
+	done
+	if ((${#pids[@]})); then
+		# SIGTERM to all at once, then wait: stopping one at a time adds up.
+		kill -TERM "${pids[@]}" 2>/dev/null || true
+		for pid in "${pids[@]}"; do
+			stop_pid "$pid" 5 || warn "pid $pid needed SIGKILL"
+		done
+	fi
+	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
+		ns_exists "$ns" || continue
 		say "deleting namespace $ns"
 		ip netns del "$ns" 2>/dev/null || warn "could not delete namespace $ns"
 	done
@@ -331,7 +344,11 @@ cmd_down() {
 		say "removing $STATE"
 		rm -rf "$STATE"
 	fi
-	rmdir "$VG_RIG_STATE_ROOT" 2>/dev/null || true
+	left=""
+	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
+		ns_exists "$ns" && left+=" $ns"
+	done
+	[[ -z $left ]] || warn "namespaces still present:$left"
 	say "rig '$PREFIX' is down"
 }
 

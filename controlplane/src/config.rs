@@ -16,7 +16,7 @@ use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, Ipv4Cidr, PortSpec, Protocol, RouteSpec, ServiceSpec, Snapshot, SnapshotSpec,
+    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, RouteSpec, ServiceSpec, Snapshot, SnapshotSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{DataplaneConfig, PortConfig};
@@ -77,6 +77,15 @@ struct RawConfig {
     routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     services: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    neighbours: Vec<Spanned<RawNeighbour>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNeighbour {
+    address: Spanned<String>,
+    mac: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,7 +513,26 @@ impl Validator<'_> {
             services.push(ServiceSpec { name, vip, port, protocol, table_size, backends });
         }
 
-        let spec = SnapshotSpec { ports, routes, services };
+        let mut neighbours = Vec::new();
+        let mut seen_neighbours = HashSet::new();
+        for (i, n) in raw.neighbours.iter().enumerate() {
+            let n = n.get_ref();
+            let field = format!("neighbours[{i}].address");
+            let addr = self.ipv4(&n.address, &field)?;
+            if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0) {
+                return self.err(n.address.span(), field, format!("{} is not on any port's subnet", Ipv4Addr::from(addr)));
+            }
+            if local.contains_key(&addr) {
+                return self.err(n.address.span(), field, "is an address of the gateway itself");
+            }
+            if !seen_neighbours.insert(addr) {
+                return self.err(n.address.span(), field, format!("{} is listed twice", Ipv4Addr::from(addr)));
+            }
+            let mac = parse_mac(n.mac.get_ref()).or_else(|reason| self.err(n.mac.span(), format!("neighbours[{i}].mac"), reason))?;
+            neighbours.push(NeighbourSpec { addr, mac });
+        }
+
+        let spec = SnapshotSpec { ports, routes, neighbours, services };
         // The dataplane's own compiler is the last word: anything it would
         // refuse at start is refused now, before EAL.
         if let Err(e) = Snapshot::build(&spec) {
@@ -546,6 +574,26 @@ fn parse_lcores(s: &str) -> Result<Vec<u32>, String> {
         }
     }
     Ok(out)
+}
+
+/// Parses a unicast MAC address written as six colon-separated hex bytes.
+fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
+    let parts: Vec<&str> = s.trim().split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address like 02:00:00:00:00:01"));
+    }
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        *b = match u8::from_str_radix(p, 16) {
+            Ok(v) if p.len() == 2 => v,
+            _ => return Err(format!("{s:?} is not a MAC address like 02:00:00:00:00:01")),
+        };
+    }
+    let mac = EthernetAddress(mac);
+    if mac.is_multicast() || mac == EthernetAddress::default() {
+        return Err(format!("{s:?} is not a unicast MAC address"));
+    }
+    Ok(mac)
 }
 
 /// Classifies a device string: a vdev (`net_...`) or a PCI address.

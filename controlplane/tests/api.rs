@@ -38,13 +38,13 @@ impl FakeGateway {
         w1.busy_polls.add(10);
         w1.busy_cycles.add(12_345);
         for _ in 0..3 {
-            w1.drop(DropReason::NoService);
+            w1.count_drop(DropReason::NoService);
         }
         let w2 = WorkerCounters::default();
         w2.rx_packets.add(200);
         w2.tx_packets.add(195);
-        w2.drop(DropReason::NoService);
-        w2.drop(DropReason::TxFull);
+        w2.count_drop(DropReason::NoService);
+        w2.count_drop(DropReason::TxFull);
         Arc::new(FakeGateway {
             workers: vec![
                 WorkerView { lcore: 1, counters: Arc::new(w1) },

@@ -302,11 +302,11 @@ mod tests {
     #[test]
     fn total_lists_drops_in_reason_order() {
         let a = WorkerCounters::default();
-        a.drop(DropReason::NoService);
+        a.count_drop(DropReason::NoService);
         a.rx_packets.add(5);
         let b = WorkerCounters::default();
-        b.drop(DropReason::NoService);
-        b.drop(DropReason::TxFull);
+        b.count_drop(DropReason::NoService);
+        b.count_drop(DropReason::TxFull);
         b.rx_packets.add(7);
         let mut total = zero_counters();
         add_counters(&mut total, &packet_counters(&a));

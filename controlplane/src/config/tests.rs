@@ -43,6 +43,10 @@ port = 53
 protocol = "UDP"
 table_size = 251
 backends = [ { address = "198.18.1.11", port = 53 } ]
+
+[[neighbours]]
+address = "198.18.1.11"
+mac = "02:00:00:00:01:0b"
 "#;
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -71,6 +75,8 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
     let macs = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
     let spec = c.snapshot_spec(&macs);
     assert_eq!(spec.ports[1].mac, macs[1]);
+    assert_eq!(spec.neighbours.len(), 1);
+    assert_eq!(spec.neighbours[0].mac, EthernetAddress([2, 0, 0, 0, 1, 0x0b]));
     assert!(Snapshot::build(&spec).is_ok());
 }
 
@@ -116,6 +122,10 @@ fn every_bad_input_names_line_field_and_reason() {
         ("\"198.18.1.12\", port = 8080", "\"198.18.1.1\", port = 8080", 34, "services[0].backends[1].address", "the gateway itself"),
         ("port = 8080, weight = 3", "port = 0, weight = 3", 34, "services[0].backends[1].port", "not a port number"),
         ("name = \"dns\"", "name = \"web\"", 38, "services[1].name", "already named"),
+        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 46, "neighbours[0].address", "not on any port's subnet"),
+        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.1.1\"\nmac", 46, "neighbours[0].address", "the gateway itself"),
+        ("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01\"", 47, "neighbours[0].mac", "not a MAC address"),
+        ("mac = \"02:00:00:00:01:0b\"", "mac = \"01:00:5e:00:00:01\"", 47, "neighbours[0].mac", "not a unicast"),
     ];
     for (from, to, line, field, reason) in cases {
         assert!(GOOD.contains(from), "fixture lacks {from:?}");
@@ -149,7 +159,7 @@ fn a_backend_shared_by_two_services_is_refused() {
 fn syntax_and_schema_errors_name_file_and_line() {
     for (text, want) in [
         (GOOD.replace("[[ports]]\nname = \"client\"", "[[ports]]\nnme = \"client\""), "unknown field `nme`"),
-        (GOOD.replace("port = 80", "port = \"eighty\""), "invalid type"),
+        (GOOD.replacen("port = 80\n", "port = \"eighty\"\n", 1), "invalid type"),
         (GOOD.replace("lcores = \"0,1\"", "lcores = \"0,1"), "line 3"),
         ("[api]\nsocket = \"/x\"\n".to_owned(), "missing field `eal`"),
     ] {

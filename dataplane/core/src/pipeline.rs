@@ -131,6 +131,10 @@ impl Pipeline {
     /// of a flow rarely waits for ARP.
     pub fn housekeeping(&mut self, snap: &Snapshot, now: u64) {
         self.neighbours.expire(now);
+        // Permanent entries are re-asserted every pass, so they never age out.
+        for (addr, mac) in snap.static_neighbours() {
+            self.neighbours.learn(addr, mac.0, now);
+        }
         for nh in snap.known_next_hops() {
             if self.solicitations.is_full() {
                 break;
@@ -280,7 +284,13 @@ impl Pipeline {
 
         // RFC 826 merge: refresh a sender we know; add it if the packet is
         // for us. Only on-link unicast senders are believed.
-        if spa != 0 && !sha.is_multicast() && port.address_for(spa).is_some() && (ours || self.neighbours.get(spa).is_some()) {
+        // Permanent entries are never overridden by what the wire says.
+        if spa != 0
+            && !sha.is_multicast()
+            && port.address_for(spa).is_some()
+            && (ours || self.neighbours.get(spa).is_some())
+            && !snap.is_static_neighbour(spa)
+        {
             self.neighbours.learn(spa, sha.0, now);
         }
 

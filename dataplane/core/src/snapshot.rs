@@ -96,6 +96,15 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
 }
 
+/// A permanent neighbour entry (like `ip neigh add ... nud permanent`).
+#[derive(Clone, Copy, Debug)]
+pub struct NeighbourSpec {
+    /// On-link address.
+    pub addr: u32,
+    /// Its MAC.
+    pub mac: EthernetAddress,
+}
+
 /// Everything a snapshot is built from.
 #[derive(Clone, Debug, Default)]
 pub struct SnapshotSpec {
@@ -103,6 +112,8 @@ pub struct SnapshotSpec {
     pub ports: Vec<PortSpec>,
     /// Static routes.
     pub routes: Vec<RouteSpec>,
+    /// Permanent neighbours.
+    pub neighbours: Vec<NeighbourSpec>,
     /// Services.
     pub services: Vec<ServiceSpec>,
 }
@@ -175,6 +186,12 @@ pub enum SnapshotError {
         service: String,
         /// Cause.
         source: MaglevError,
+    },
+    /// A permanent neighbour is not on any port's subnet.
+    #[error("neighbour {addr} is not on any port's subnet")]
+    NeighbourNotOnLink {
+        /// The address.
+        addr: std::net::Ipv4Addr,
     },
     /// More ports than the dataplane supports.
     #[error("{0} ports configured; at most {max} are supported", max = u16::MAX)]
@@ -253,6 +270,7 @@ pub struct Snapshot {
     reverse: HashMap<u64, ReverseNat, RandomState>,
     routes: RouteTable,
     next_hops: Vec<NextHop>,
+    static_neighbours: HashMap<u32, EthernetAddress, RandomState>,
 }
 
 fn ip4(a: u32) -> std::net::Ipv4Addr {
@@ -297,6 +315,13 @@ impl Snapshot {
             }
         }
         let routes = RouteTable::new(routes);
+        let mut static_neighbours = HashMap::with_hasher(RandomState::new());
+        for n in &spec.neighbours {
+            if connected.lookup(n.addr).is_none() {
+                return Err(SnapshotError::NeighbourNotOnLink { addr: ip4(n.addr) });
+            }
+            static_neighbours.insert(n.addr, n.mac);
+        }
 
         let mut vips = HashSet::with_hasher(RandomState::new());
         let mut services = HashMap::with_hasher(RandomState::new());
@@ -364,7 +389,7 @@ impl Snapshot {
                 backends,
             });
         }
-        Ok(Snapshot { ports, local, vips, services, service_list, reverse, routes, next_hops })
+        Ok(Snapshot { ports, local, vips, services, service_list, reverse, routes, next_hops, static_neighbours })
     }
 
     /// Ports in dense index order.
@@ -386,6 +411,17 @@ impl Snapshot {
     /// neighbours the workers resolve ahead of traffic.
     pub fn known_next_hops(&self) -> &[NextHop] {
         &self.next_hops
+    }
+
+    /// Permanent neighbours: (address, MAC).
+    pub fn static_neighbours(&self) -> impl Iterator<Item = (u32, EthernetAddress)> + '_ {
+        self.static_neighbours.iter().map(|(a, m)| (*a, *m))
+    }
+
+    /// True if `addr` has a permanent neighbour entry.
+    #[inline]
+    pub fn is_static_neighbour(&self, addr: u32) -> bool {
+        self.static_neighbours.contains_key(&addr)
     }
 
     /// The service listening on `vip:port/protocol`.

@@ -32,6 +32,7 @@ fn spec() -> SnapshotSpec {
             PortSpec { name: "backend".into(), mac: EthernetAddress(GW_B), addresses: vec![Ipv4Cidr { addr: GW_B_IP, len: 24 }] },
         ],
         routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTER }],
+        neighbours: vec![],
         services: vec![
             ServiceSpec { name: "web".into(), vip: VIP, port: 80, protocol: Protocol::Tcp, table_size: DEFAULT_TABLE_SIZE, backends: backends(8080) },
             ServiceSpec { name: "dns".into(), vip: VIP, port: 53, protocol: Protocol::Udp, table_size: 251, backends: backends(5353) },
@@ -274,6 +275,32 @@ fn housekeeping_resolves_backends_and_gateways_ahead_of_traffic() {
     // Rate-limited: nothing new within the retransmit interval.
     r.pipe.housekeeping(&r.snap, r.now + 1000);
     assert_eq!(r.pipe.take_solicitations().count(), 0);
+}
+
+#[test]
+fn static_neighbours_resolve_without_arp_and_are_never_overridden() {
+    let mut s = spec();
+    s.neighbours = BACKENDS.iter().zip(BACKEND_MACS).map(|(&addr, mac)| crate::snapshot::NeighbourSpec { addr, mac: EthernetAddress(mac) }).collect();
+    let snap = Snapshot::build(&s).unwrap();
+    let mut r = Rig { snap, pipe: Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default())), now: 1 };
+    r.pipe.housekeeping(&r.snap, r.now);
+    let targets: Vec<u32> = r.pipe.take_solicitations().map(|s| s.target_ip).collect();
+    assert_eq!(targets, vec![ROUTER], "only the router needs ARP");
+    // A spoofed ARP reply does not move a permanent entry.
+    let mut f = arp_frame(2, [0x02, 0x66, 0x66, 0x66, 0x66, 0x66], BACKENDS[0], GW_B, GW_B_IP);
+    assert_eq!(r.run(1, &mut f), Verdict::Consumed);
+    assert_eq!(r.pipe.neighbours().get(BACKENDS[0]), Some(BACKEND_MACS[0]));
+    // Still fresh long after the reachable time, thanks to housekeeping.
+    r.now += 3600 * 1_000_000_000;
+    r.pipe.housekeeping(&r.snap, r.now);
+    assert!(r.pipe.take_solicitations().all(|s| !BACKENDS.contains(&s.target_ip)));
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    r.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+
+    let mut bad = spec();
+    bad.neighbours = vec![crate::snapshot::NeighbourSpec { addr: ip(198, 20, 0, 1), mac: EthernetAddress(CLIENT_MAC) }];
+    assert!(matches!(Snapshot::build(&bad), Err(crate::snapshot::SnapshotError::NeighbourNotOnLink { .. })));
 }
 
 #[test]

@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Runs every vipgate test, as CI does.
+#
+#   scripts/test.sh [NEXTEST ARGS...]     e.g. scripts/test.sh -E 'test(e2e)'
+#
+# Steps: setup.sh (packages, toolchain, hugepages); cargo build of every
+# target in the workspace (the e2e tests run target/debug/vipgated);
+# cargo nextest run --workspace --no-fail-fast; cargo test --doc (when the
+# workspace has doc tests); then a sweep for anything the tests left behind.
+#
+# The tests get VIPGATE_HUGEPAGES=1|0 from setup.sh (an explicit
+# VIPGATE_HUGEPAGES=0 in the environment forces --no-huge) and
+# VIPGATE_TEST_RUN_ID, which marks every process and rig of this run: the
+# sweep stops those processes, tears those rigs down, and removes their DPDK
+# runtime directories and hugepage files. It runs on any exit, including
+# SIGINT/SIGTERM. Leftovers after tests fail the run (a test must clean up
+# after itself) unless VIPGATE_ALLOW_LEFTOVERS=1.
+#
+# Non-interactive (reads nothing from stdin); must run as root. Exits 0 only
+# if every step passed.
+set -euo pipefail
+
+VG_TAG="test"
+# shellcheck source=scripts/common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
+
+case ${1:-} in
+-h | --help)
+	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+	exit 0
+	;;
+esac
+
+require_root
+cd "$VG_ROOT"
+exec </dev/null
+
+VIPGATE_TEST_RUN_ID=$(date +%Y%m%d%H%M%S)-$$-$RANDOM
+export VIPGATE_TEST_RUN_ID
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+NEXTEST_ARGS=("$@")
+
+STEP_NAMES=()
+STEP_RESULTS=()
+STEP_NOTES=()
+FAILED=0
+SWEPT=0
+
+record() { # NAME RESULT NOTE
+	STEP_NAMES+=("$1")
+	STEP_RESULTS+=("$2")
+	STEP_NOTES+=("$3")
+	[[ $2 != FAIL ]] || FAILED=1
+}
+
+# step NAME CMD...: runs CMD (through run_fg, so SIGTERM reaches it) and
+# records PASS or FAIL with its duration.
+step() {
+	local name=$1 t0 rc=0
+	shift
+	say "step: $name: $*"
+	t0=$(now_s)
+	run_fg "$@" || rc=$?
+	if ((rc == 0)); then
+		record "$name" PASS "$(elapsed_s "$t0")s"
+	else
+		record "$name" FAIL "exit $rc after $(elapsed_s "$t0")s"
+	fi
+	return "$rc"
+}
+
+# Processes carrying this run's VIPGATE_TEST_RUN_ID. This shell itself is
+# not one: /proc/PID/environ shows the environment a process was exec'd with.
+marked_pids() {
+	local d pid
+	for d in /proc/[0-9]*; do
+		pid=${d#/proc/}
+		[[ $pid = "$$" ]] && continue
+		grep -qzxF "VIPGATE_TEST_RUN_ID=$VIPGATE_TEST_RUN_ID" "$d/environ" 2>/dev/null && echo "$pid"
+	done
+	return 0
+}
+
+# Removes what this run's tests left behind; prints each thing it finds.
+# Sets LEFTOVERS to how many things it had to remove.
+sweep() {
+	local pids=() pid fd link prefixes=() st p f cmdline
+	LEFTOVERS=0
+	mapfile -t pids < <(marked_pids)
+	for pid in "${pids[@]}"; do
+		cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120) || continue
+		[[ -n $cmdline ]] || continue
+		warn "leftover process $pid: $cmdline"
+		LEFTOVERS=$((LEFTOVERS + 1))
+		# EAL keeps files open in its runtime directory: remember the prefix.
+		for fd in /proc/"$pid"/fd/*; do
+			link=$(readlink "$fd" 2>/dev/null) || continue
+			if [[ $link =~ ^/(var/)?run/dpdk/([^/]+)/ ]]; then
+				prefixes+=("${BASH_REMATCH[2]}")
+			fi
+		done
+	done
+	if ((${#pids[@]})); then
+		kill -TERM "${pids[@]}" 2>/dev/null || true
+		for pid in "${pids[@]}"; do
+			stop_pid "$pid" 10 || warn "process $pid needed SIGKILL"
+		done
+	fi
+	for st in "$VG_RIG_STATE_ROOT"/*/owner; do
+		[[ -f $st && $(<"$st") = "$VIPGATE_TEST_RUN_ID" ]] || continue
+		p=$(basename -- "$(dirname -- "$st")")
+		warn "leftover rig '$p'"
+		LEFTOVERS=$((LEFTOVERS + 1))
+		"$VG_SCRIPTS_DIR/rig.sh" down --prefix "$p" || warn "rig.sh down --prefix $p failed"
+		prefixes+=("$p")
+	done
+	for p in "${prefixes[@]}"; do
+		if [[ -d /var/run/dpdk/$p ]]; then
+			warn "leftover DPDK runtime directory /var/run/dpdk/$p"
+			rm -rf "/var/run/dpdk/$p"
+		fi
+		for f in /dev/hugepages/"$p"map_*; do
+			[[ -e $f ]] || continue
+			warn "leftover hugepage file $f"
+			rm -f "$f"
+		done
+		if [[ -d ${TMPDIR:-/tmp}/vipgate-$p ]]; then
+			rm -rf "${TMPDIR:-/tmp}/vipgate-$p"
+		fi
+	done
+	rmdir /var/run/dpdk 2>/dev/null || true
+}
+
+summary() {
+	local i
+	say "summary (run $VIPGATE_TEST_RUN_ID, VIPGATE_HUGEPAGES=${VIPGATE_HUGEPAGES:-?})"
+	for i in "${!STEP_NAMES[@]}"; do
+		printf '    %-10s %-5s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_NOTES[$i]}"
+	done
+}
+
+on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	set +e
+	stop_fg
+	if ((!SWEPT)); then
+		say "interrupted or stopped early (exit $rc): sweeping what the tests left behind"
+		sweep
+		if ((LEFTOVERS)); then
+			record sweep WARN "$LEFTOVERS leftover(s) removed"
+		else
+			record sweep PASS "nothing left behind"
+		fi
+	fi
+	summary
+	if ((rc == 0 && FAILED)); then
+		rc=1
+	fi
+	if ((rc == 0)); then
+		say "PASSED"
+	else
+		printf '==> test: FAILED (exit %s)\n' "$rc" >&2
+	fi
+	exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [[ ${VIPGATE_SKIP_SETUP:-0} = 1 ]]; then
+	say "setup skipped (VIPGATE_SKIP_SETUP=1)"
+	record setup SKIP "VIPGATE_SKIP_SETUP=1"
+else
+	step setup "$VG_SCRIPTS_DIR/setup.sh" || exit 1
+fi
+load_hugepages_env
+add_cargo_to_path
+say "tests run with VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES${VIPGATE_HUGEPAGES_REASON:+ ($VIPGATE_HUGEPAGES_REASON)}"
+
+if step build cargo build --workspace --all-targets; then
+	step nextest cargo nextest run --workspace --no-fail-fast "${NEXTEST_ARGS[@]}" || true
+	# Doc tests: nextest does not run them.
+	if grep -rqE '^[[:space:]]*//[/!][[:space:]]*```' --include='*.rs' \
+		ffi dataplane controlplane tests/support 2>/dev/null; then
+		step doctests cargo test --doc --workspace || true
+	else
+		record doctests SKIP "no doc tests in the workspace"
+	fi
+else
+	record nextest SKIP "build failed"
+	record doctests SKIP "build failed"
+fi
+
+say "step: sweep: looking for processes, rigs and DPDK files the tests left behind"
+sweep
+SWEPT=1
+if ((LEFTOVERS == 0)); then
+	record sweep PASS "nothing left behind"
+elif [[ ${VIPGATE_ALLOW_LEFTOVERS:-0} = 1 ]]; then
+	record sweep WARN "$LEFTOVERS leftover(s) removed (allowed by VIPGATE_ALLOW_LEFTOVERS=1)"
+else
+	record sweep FAIL "$LEFTOVERS leftover(s) removed: a test did not clean up after itself"
+fi
