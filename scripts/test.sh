@@ -45,6 +45,7 @@ STEP_RESULTS=()
 STEP_NOTES=()
 FAILED=0
 SWEPT=0
+CURRENT_STEP=""
 
 record() { # NAME RESULT NOTE
 	STEP_NAMES+=("$1")
@@ -60,7 +61,9 @@ step() {
 	shift
 	say "step: $name: $*"
 	t0=$(now_s)
+	CURRENT_STEP=$name
 	run_fg "$@" || rc=$?
+	CURRENT_STEP=""
 	if ((rc == 0)); then
 		record "$name" PASS "$(elapsed_s "$t0")s"
 	else
@@ -144,6 +147,9 @@ on_exit() {
 	trap - EXIT INT TERM
 	set +e
 	stop_fg
+	if [[ -n $CURRENT_STEP ]]; then
+		record "$CURRENT_STEP" FAIL "interrupted (exit $rc)"
+	fi
 	if ((!SWEPT)); then
 		say "interrupted or stopped early (exit $rc): sweeping what the tests left behind"
 		sweep
