@@ -1,0 +1,95 @@
+//! Shared set-up of the packet-core benchmarks: a two-port gateway with one
+//! TCP service of three backends (permanent neighbours, so nothing waits for
+//! ARP), and bursts of client frames.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use vipgate_dataplane::counters::WorkerCounters;
+use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Verdict};
+use vipgate_dataplane::snapshot::{BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec};
+use vipgate_dataplane::wire::{EthernetAddress, ethernet, ipv4, tcp};
+
+pub const BURST: usize = 32;
+
+const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
+    u32::from_be_bytes([a, b, c, d])
+}
+
+pub const VIP: u32 = ip(198, 18, 100, 1);
+pub const CLIENT_NET: u32 = ip(198, 18, 0, 0);
+
+pub fn snapshot() -> Snapshot {
+    let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
+    let mut neighbours: Vec<NeighbourSpec> =
+        backends.iter().map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) }).collect();
+    neighbours.push(NeighbourSpec { addr: ip(198, 18, 0, 2), mac: EthernetAddress([2, 0xcc, 0, 0, 0, 2]) });
+    Snapshot::build(&SnapshotSpec {
+        ports: vec![
+            PortSpec { name: "client".into(), mac: EthernetAddress([2, 0, 0, 0, 0, 1]), addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }] },
+            PortSpec { name: "backend".into(), mac: EthernetAddress([2, 0, 0, 0, 0, 2]), addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }] },
+        ],
+        routes: vec![],
+        neighbours,
+        services: vec![ServiceSpec {
+            name: "web".into(),
+            vip: VIP,
+            port: 80,
+            protocol: Protocol::Tcp,
+            table_size: 65537,
+            backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
+        }],
+    })
+    .expect("benchmark snapshot")
+}
+
+/// A pipeline whose permanent neighbours are loaded.
+pub fn pipeline(snap: &Snapshot) -> Pipeline {
+    let mut p = Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default()));
+    p.housekeeping(snap, 0);
+    let _ = p.take_solicitations().count();
+    p
+}
+
+/// A 64-byte TCP frame (60 bytes without FCS) from `src:sport` to `dst:dport`.
+pub fn tcp_frame(src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
+    let mut f = vec![0u8; 60];
+    let mut eth = ethernet::Frame::new_unchecked(&mut f[..]);
+    eth.set_dst_addr(EthernetAddress([2, 0, 0, 0, 0, 1]));
+    eth.set_src_addr(EthernetAddress([2, 0xcc, 0, 0, 0, 2]));
+    eth.set_ethertype(0x0800);
+    let ipb = &mut f[14..54];
+    ipb[..20].copy_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    ipb[12..16].copy_from_slice(&src.to_be_bytes());
+    ipb[16..20].copy_from_slice(&dst.to_be_bytes());
+    ipv4::Packet::new_unchecked(&mut ipb[..]).fill_checksum();
+    let t = &mut ipb[20..40];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 0x50;
+    t[13] = 0x10;
+    tcp::Packet::new_unchecked(&mut t[..]).fill_checksum(src, dst);
+    f
+}
+
+/// `BURST` client->VIP frames of distinct flows.
+pub fn forward_burst(seed: u16) -> Vec<Vec<u8>> {
+    (0..BURST as u16).map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + seed.wrapping_mul(BURST as u16) + i, VIP, 80)).collect()
+}
+
+/// `BURST` backend->client reply frames.
+pub fn reverse_burst() -> Vec<Vec<u8>> {
+    (0..BURST as u16).map(|i| tcp_frame(ip(198, 18, 1, 11 + (i % 3) as u8), 8080, CLIENT_NET | 2, 10_000 + i)).collect()
+}
+
+/// `BURST` frames for a port of the VIP that no service listens on.
+pub fn no_service_burst() -> Vec<Vec<u8>> {
+    (0..BURST as u16).map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + i, VIP, 81)).collect()
+}
+
+/// Runs one burst through the pipeline.
+#[inline]
+pub fn run_burst(pipe: &mut Pipeline, snap: &Snapshot, now: u64, frames: &mut [Vec<u8>], verdicts: &mut [Verdict; BURST], ingress: u16) {
+    let mut pkts: arrayvec::ArrayVec<RxPacket<'_>, BURST> = frames.iter_mut().map(|f| RxPacket { port: ingress, frame: &mut f[..] }).collect();
+    pipe.process(snap, now, &mut pkts, &mut verdicts[..]);
+}

@@ -1,0 +1,54 @@
+//! Criterion timings of the packet core: per-packet cost of a 32-packet
+//! burst through `Pipeline::process` (forward DNAT, reverse translation, and
+//! a drop), the stable flow hash, and Maglev table builds. Frames are
+//! restored before every burst outside the timed section.
+
+mod common;
+
+use common::*;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use vipgate_dataplane::hash::{FlowKey, flow_hash};
+use vipgate_dataplane::maglev::{MaglevBackend, MaglevTable};
+use vipgate_dataplane::pipeline::Verdict;
+
+fn bursts(c: &mut Criterion) {
+    let snap = snapshot();
+    let mut g = c.benchmark_group("pipeline_burst32");
+    g.throughput(Throughput::Elements(BURST as u64));
+    for (name, frames, ingress) in [
+        ("forward_dnat", forward_burst(0), 0u16),
+        ("reverse_nat", reverse_burst(), 1),
+        ("drop_no_service", no_service_burst(), 0),
+    ] {
+        let mut pipe = pipeline(&snap);
+        let mut verdicts = [Verdict::Consumed; BURST];
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || frames.clone(),
+                |f| run_burst(&mut pipe, &snap, 1, black_box(f), &mut verdicts, ingress),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn hashing(c: &mut Criterion) {
+    let key = FlowKey { src_addr: 0xc612_0002, dst_addr: 0xc612_6401, src_port: 40000, dst_port: 80, protocol: 6 };
+    c.bench_function("flow_hash", |b| b.iter(|| flow_hash(black_box(&key))));
+}
+
+fn maglev_build(c: &mut Criterion) {
+    let mut g = c.benchmark_group("maglev_build_65537");
+    g.sample_size(20);
+    for n in [10usize, 100, 1000] {
+        let keys: Vec<String> = (0..n).map(|i| format!("198.18.{}.{}:8080", 1 + i / 250, 1 + i % 250)).collect();
+        let backends: Vec<MaglevBackend<'_>> = keys.iter().map(|k| MaglevBackend { key: k.as_bytes(), weight: 1 }).collect();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &backends, |b, be| b.iter(|| MaglevTable::build(black_box(be), 65537).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bursts, hashing, maglev_build);
+criterion_main!(benches);
