@@ -333,10 +333,10 @@ impl Validator<'_> {
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return self.err(eal.file_prefix.span(), "eal.file_prefix", "use letters, digits, '-' and '_' only");
         }
-        if let Some(m) = &eal.memory_mb {
-            if *m.get_ref() < 64 {
-                return self.err(m.span(), "eal.memory_mb", "at least 64 MiB are needed");
-            }
+        if let Some(m) = &eal.memory_mb
+            && *m.get_ref() < 64
+        {
+            return self.err(m.span(), "eal.memory_mb", "at least 64 MiB are needed");
         }
         let dp = &raw.dataplane;
         if *dp.mbufs.get_ref() < 1024 {

@@ -226,10 +226,10 @@ backends = [
             if self.ctl(&["health"]).status.success() {
                 return;
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("vipgated exited early ({status}):\n{}", self.log_text());
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("vipgated exited early ({status}):\n{}", self.log_text());
             }
             assert!(Instant::now() < deadline, "vipgated API did not come up within 20 s:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(100));

@@ -57,7 +57,7 @@ impl RouteTable {
             r.prefix &= Route::mask(r.len);
         }
         // Stable sort keeps the given order among equal lengths.
-        routes.sort_by(|a, b| b.len.cmp(&a.len));
+        routes.sort_by_key(|r| core::cmp::Reverse(r.len));
         RouteTable { routes }
     }
 

@@ -236,10 +236,10 @@ impl Drop for Dataplane {
         for port in self.ports.drain(..) {
             port.close();
         }
-        if let Some(pool) = self.pool.take() {
-            if let Err(shared) = Arc::try_unwrap(pool) {
-                std::mem::forget(shared);
-            }
+        if let Some(pool) = self.pool.take()
+            && let Err(shared) = Arc::try_unwrap(pool)
+        {
+            std::mem::forget(shared);
         }
     }
 }

@@ -90,6 +90,8 @@ fn arp_frame(op: u16, sha: [u8; 6], spa: u32, tha: [u8; 6], tpa: u32) -> Vec<u8>
     f
 }
 
+type FrameBuilder = fn((u32, u16), (u32, u16), u8, &[u8]) -> Vec<u8>;
+
 fn tcp_frame(src: (u32, u16), dst: (u32, u16), ttl: u8, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C)
         .ipv4(src.0.to_be_bytes(), dst.0.to_be_bytes(), ttl)
@@ -433,7 +435,7 @@ proptest! {
         let mut r = Rig::resolved();
         let client = ip(198, 18, 0, client_host);
         r.teach(0, client, CLIENT_MAC, GW_C_IP);
-        let (vport, make): (u16, fn((u32, u16), (u32, u16), u8, &[u8]) -> Vec<u8>) =
+        let (vport, make): (u16, FrameBuilder) =
             if udp { (53, udp_frame) } else { (80, tcp_frame) };
         let mut f = make((client, sport), (VIP, vport), 64, &payload);
         prop_assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
