@@ -182,6 +182,17 @@ on_exit() {
 	exit "$rc"
 }
 
+# One demo at a time: a second one would tear the first one down (same
+# namespaces, interfaces and DPDK file prefix). The lock is held on fd 9 for
+# the life of this script; long-lived children get 9>&- so that a kept demo
+# does not hold it.
+LOCK=$VG_ENV_DIR/demo.lock
+mkdir -p "$VG_ENV_DIR"
+exec 9>"$LOCK"
+if ! flock -n 9; then
+	die "another scripts/demo.sh is running on this machine (it holds $LOCK); wait for it to finish"
+fi
+
 if [[ $MODE = down ]]; then
 	say "tearing down a kept demo"
 	DAEMON_IS_CHILD=0
@@ -271,7 +282,7 @@ say "checking it: vipgated --config $CONF --check"
 "$VIPGATED" --config "$CONF" --check </dev/null
 
 say "step 4/8: starting vipgated (log: $LOG)"
-setsid "$VIPGATED" --config "$CONF" </dev/null >"$LOG" 2>&1 &
+setsid "$VIPGATED" --config "$CONF" </dev/null >"$LOG" 2>&1 9>&- &
 DAEMON_PID=$!
 DAEMON_IS_CHILD=1
 echo "$DAEMON_PID" >"$PIDFILE"
@@ -290,7 +301,7 @@ done
 say "interfaces are up after $(elapsed_s "$t0")s"
 
 say "step 5/8: building the rig (scripts/rig.sh up)"
-"$RIG" up --prefix "$PREFIX" --client-if "$CLIENT_IF" --backend-if "$BACKEND_IF" --backends "$BACKENDS" --wait 30
+"$RIG" up --prefix "$PREFIX" --client-if "$CLIENT_IF" --backend-if "$BACKEND_IF" --backends "$BACKENDS" --wait 30 9>&-
 
 say "waiting for the API: vipgatectl --socket $SOCKET health"
 deadline=$(($(date +%s) + 30))
@@ -386,10 +397,10 @@ if ((KEEP)); then
     ip netns exec $CLIENT_NS curl -si $URL
     ip netns exec $CLIENT_NS curl -s $BASE_URL/whoami
     printf 'hi\\n' | ip netns exec $CLIENT_NS socat -t 2 - UDP4:$VG_VIP:$VG_UDP_PORT
-    scripts/rig.sh exec --prefix $PREFIX client -- bash      # a shell in the client namespace
+    scripts/rig.sh exec --prefix $PREFIX client -- bash    (a shell in the client namespace)
     $VIPGATECTL --socket $SOCKET stats
     $VIPGATECTL --socket $SOCKET --json stats
-    tail -f $LOG                             # vipgated's log
+    tail -f $LOG    (vipgated's log)
   Tear down with:
     scripts/demo.sh --down
 EOF
