@@ -25,5 +25,6 @@
 #include <rte_bus_vdev.h>
 #include <rte_dev.h>
 #include <rte_pause.h>
+#include <rte_pdump.h>
 
 #endif /* VIPGATE_FFI_WRAPPER_H */

@@ -14,7 +14,7 @@ mod view;
 
 pub use client::connect_unix;
 pub use error::ApiError;
-pub use server::{GatewayService, serve_unix};
+pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_unix};
 pub use view::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
 
 /// The generated protobuf messages and the tonic client and server of

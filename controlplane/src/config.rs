@@ -94,6 +94,8 @@ struct RawEal {
     lcores: Spanned<String>,
     #[serde(default = "yes")]
     hugepages: bool,
+    #[serde(default)]
+    huge_unlink: bool,
     memory_mb: Option<Spanned<u32>>,
     #[serde(default = "default_prefix")]
     file_prefix: Spanned<String>,
@@ -299,7 +301,7 @@ impl Validator<'_> {
         }
     }
 
-    fn cidr(&self, s: &Spanned<String>, field: &str) -> Result<Ipv4Cidr, ConfigError> {
+    fn cidr(&self, s: &Spanned<String>, field: &str, min_len: u8) -> Result<Ipv4Cidr, ConfigError> {
         let Some((a, l)) = s.get_ref().trim().split_once('/') else {
             return self.err(s.span(), field, format!("{:?} needs a prefix length, such as 198.18.0.1/24", s.get_ref()));
         };
@@ -307,8 +309,8 @@ impl Validator<'_> {
             return self.err(s.span(), field, format!("{a:?} is not an IPv4 address"));
         };
         match l.parse::<u8>() {
-            Ok(len) if len <= 32 => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
-            _ => self.err(s.span(), field, format!("prefix length {l:?} is not a number from 0 to 32")),
+            Ok(len) if (min_len..=32).contains(&len) => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
+            _ => self.err(s.span(), field, format!("prefix length {l:?} is not a number from {min_len} to 32")),
         }
     }
 
@@ -377,9 +379,12 @@ impl Validator<'_> {
             let mut addresses = Vec::new();
             for (j, a) in p.addresses.iter().enumerate() {
                 let field = format!("ports[{i}].addresses[{j}]");
-                let c = self.cidr(a, &field)?;
-                if c.len == 0 || c.len > 32 {
-                    return self.err(a.span(), field, "prefix length must be 1 to 32");
+                let c = self.cidr(a, &field, 1)?;
+                if !is_unicast(c.addr) {
+                    return self.err(a.span(), field, format!("{} is not a unicast address", Ipv4Addr::from(c.addr)));
+                }
+                if addresses.iter().any(|o: &Ipv4Cidr| o.addr == c.addr) {
+                    return self.err(a.span(), field, format!("{} is listed twice", Ipv4Addr::from(c.addr)));
                 }
                 let mask = Route::mask(c.len);
                 if c.len < 31 && (c.addr & !mask == 0 || c.addr | mask == u32::MAX) {
@@ -408,7 +413,10 @@ impl Validator<'_> {
         for (i, r) in raw.routes.iter().enumerate() {
             let r = r.get_ref();
             let field = format!("routes[{i}].prefix");
-            let prefix = self.cidr(&r.prefix, &field)?;
+            let prefix = self.cidr(&r.prefix, &field, 0)?;
+            if let Some(j) = routes.iter().position(|o: &RouteSpec| o.prefix == prefix) {
+                return self.err(r.prefix.span(), field, format!("routes[{j}] already has this prefix"));
+            }
             if prefix.addr & !Route::mask(prefix.len) != 0 {
                 return self.err(
                     r.prefix.span(),
@@ -417,6 +425,9 @@ impl Validator<'_> {
                 );
             }
             let via = self.ipv4(&r.via, &format!("routes[{i}].via"))?;
+            if subnets.iter().any(|(c, _)| c.addr == via) {
+                return self.err(r.via.span(), format!("routes[{i}].via"), "is an address of the gateway itself; name the next router");
+            }
             if !subnets.iter().any(|(c, _)| (c.addr ^ via) & Route::mask(c.len) == 0) {
                 return self.err(r.via.span(), format!("routes[{i}].via"), format!("{} is not on any port's subnet", Ipv4Addr::from(via)));
             }
@@ -425,6 +436,10 @@ impl Validator<'_> {
 
         let local: HashMap<u32, String> =
             ports.iter().flat_map(|p| p.addresses.iter().map(move |c| (c.addr, p.name.clone()))).collect();
+        // Every VIP, so that no backend can be one (whichever service comes
+        // first in the file); unparsable ones are reported below.
+        let all_vips: HashSet<u32> =
+            raw.services.iter().filter_map(|s| s.get_ref().vip.get_ref().trim().parse::<Ipv4Addr>().ok()).map(u32::from).collect();
         let mut services = Vec::new();
         let mut service_names = HashSet::new();
         let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
@@ -440,6 +455,9 @@ impl Validator<'_> {
                 return self.err(s.name.span(), f("name"), format!("another service is already named {name:?}"));
             }
             let vip = self.ipv4(&s.vip, &f("vip"))?;
+            if !is_unicast(vip) {
+                return self.err(s.vip.span(), f("vip"), format!("{} is not a unicast address", Ipv4Addr::from(vip)));
+            }
             if let Some(owner) = local.get(&vip) {
                 return self.err(s.vip.span(), f("vip"), format!("{} is an address of port {owner:?}, not a free VIP", Ipv4Addr::from(vip)));
             }
@@ -475,8 +493,11 @@ impl Validator<'_> {
                 let b = b.get_ref();
                 let bf = |k: &str| format!("services[{i}].backends[{j}].{k}");
                 let addr = self.ipv4(&b.address, &bf("address"))?;
-                if local.contains_key(&addr) || addr == vip {
-                    return self.err(b.address.span(), bf("address"), "is an address of the gateway itself");
+                if local.contains_key(&addr) || all_vips.contains(&addr) {
+                    return self.err(b.address.span(), bf("address"), "is an address of the gateway itself (a port address or a VIP)");
+                }
+                if !is_unicast(addr) {
+                    return self.err(b.address.span(), bf("address"), format!("{} is not a unicast address", Ipv4Addr::from(addr)));
                 }
                 if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0)
                     && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
@@ -576,6 +597,13 @@ fn parse_lcores(s: &str) -> Result<Vec<u32>, String> {
     Ok(out)
 }
 
+/// True for addresses a host can own: not 0.0.0.0/8, loopback, multicast,
+/// reserved or limited broadcast.
+fn is_unicast(addr: u32) -> bool {
+    let a = Ipv4Addr::from(addr);
+    !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240)
+}
+
 /// Parses a unicast MAC address written as six colon-separated hex bytes.
 fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
     let parts: Vec<&str> = s.trim().split(':').collect();
@@ -628,9 +656,12 @@ fn eal_arguments(eal: &RawEal, lcores: &[u32], devices: &[Device]) -> Vec<String
         eal.file_prefix.get_ref().clone(),
     ];
     if eal.hugepages {
-        // Unlink hugepage files right after mapping them, so nothing is left
-        // in /dev/hugepages even if the process is killed.
-        args.push("--huge-unlink".to_owned());
+        if eal.huge_unlink {
+            // Hugepage files are unlinked right after mapping: nothing is
+            // left in /dev/hugepages even after SIGKILL, but secondary
+            // processes (dpdk-proc-info, dpdk-dumpcap) cannot attach.
+            args.push("--huge-unlink".to_owned());
+        }
     } else {
         args.push("--no-huge".to_owned());
     }

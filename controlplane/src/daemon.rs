@@ -73,15 +73,29 @@ impl GatewayView for DaemonView {
     }
 
     fn serving(&self) -> bool {
-        true
+        self.workers.iter().all(vipgate_dpdk::WorkerView::running)
     }
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts it down and checks
 /// that every mbuf came back.
+///
+/// Order: the control-plane runtime, the signal handlers and the API socket
+/// come first, so a second daemon on the same socket fails before touching
+/// DPDK, and a signal during start-up stops the daemon cleanly as soon as it
+/// is up. Then EAL, ports and workers; then the API is served.
 pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
+    // A current-thread runtime creates no threads: it runs on this thread,
+    // which EAL makes the main lcore below.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
+    let socket = rt.block_on(api::bind_unix(&config.api_socket))?;
+
     info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
     let eal = Eal::init(&config.eal_args)?;
+    if let Err(e) = eal.init_packet_capture() {
+        tracing::warn!("packet capture (dpdk-dumpcap) unavailable: {e}");
+    }
     let mut dataplane = Dataplane::open(eal, &config.dataplane)?;
     let ports = dataplane.ports();
     for p in &ports {
@@ -105,15 +119,8 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
     let view = Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
-    let served = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Runtime)
-        .and_then(|rt| {
-            let r = rt.block_on(api::serve_unix(&config.api_socket, view, shutdown_signal()));
-            drop(rt);
-            r.map_err(DaemonError::from)
-        });
+    let served = rt.block_on(api::serve_bound(socket, view, signals.wait())).map_err(DaemonError::from);
+    drop(rt);
     if let Err(e) = &served {
         error!("{e}; shutting down");
     }
@@ -135,16 +142,27 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     Ok(report)
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-        error!("cannot install signal handlers; stop vipgated with SIGKILL");
-        return std::future::pending().await;
-    };
-    let name = tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    };
-    info!(signal = name, "shutting down");
+/// SIGINT and SIGTERM handlers. Installed before anything else starts, so a
+/// signal that arrives during start-up is kept and acted on once the daemon
+/// is up, rather than killing it half-initialised.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime.
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    async fn wait(mut self) {
+        let name = tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        };
+        info!(signal = name, "shutting down");
+    }
 }

@@ -122,6 +122,8 @@ pub struct Leftovers {
     pub hugepage_files: Vec<PathBuf>,
     /// Processes still running that belong to this rig.
     pub processes: Vec<String>,
+    /// EAL's runtime directory was still there after vipgated exited.
+    pub runtime_dir_left: bool,
     /// The gateway's log.
     pub log: String,
 }
@@ -301,9 +303,11 @@ backends = [
         }
         let _ = Command::new(repo_root().join("scripts/rig.sh")).args(["down", "--prefix", &self.prefix]).output();
         let log = self.log_text();
-        // EAL's runtime directory holds only sockets and config files of a
-        // process that is gone; remove it (it lives in /var/run/dpdk).
-        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
+        // vipgated removes its EAL runtime directory when it stops cleanly;
+        // after a failure, remove what it left.
+        let runtime_dir = Path::new("/var/run/dpdk").join(&self.prefix);
+        let runtime_dir_left = runtime_dir.exists();
+        let _ = std::fs::remove_dir_all(&runtime_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
 
         let namespaces = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default())
@@ -319,7 +323,10 @@ backends = [
             .filter(|l| !l.contains("pgrep"))
             .map(str::to_owned)
             .collect();
-        Leftovers { exit, namespaces, hugepage_files, processes, log }
+        for f in &hugepage_files {
+            let _ = std::fs::remove_file(f);
+        }
+        Leftovers { exit, namespaces, hugepage_files, processes, runtime_dir_left, log }
     }
 }
 
@@ -329,6 +336,7 @@ impl Leftovers {
         assert!(self.namespaces.is_empty(), "namespaces left: {:?}", self.namespaces);
         assert!(self.hugepage_files.is_empty(), "hugepage files left: {:?}", self.hugepage_files);
         assert!(self.processes.is_empty(), "processes left: {:?}", self.processes);
+        assert!(!self.runtime_dir_left, "vipgated left its EAL runtime directory behind");
         assert!(self.exit.is_some_and(|s| s.success()), "vipgated did not exit cleanly ({:?}):\n{}", self.exit, self.log);
         assert!(
             self.log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"),

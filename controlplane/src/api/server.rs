@@ -108,6 +108,7 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
             .iter()
             .map(|&r| pb::DropCount { reason: r.name().to_owned(), packets: c.drops(r) })
             .collect(),
+        consumed: c.consumed.get(),
     }
 }
 
@@ -131,6 +132,7 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.icmp_echo_replies, c.icmp_echo_replies),
         (&mut total.busy_polls, c.busy_polls),
         (&mut total.busy_cycles, c.busy_cycles),
+        (&mut total.consumed, c.consumed),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);
@@ -185,7 +187,35 @@ pub async fn serve_unix(
     view: Arc<dyn GatewayView>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
+    serve_bound(bind_unix(path).await?, view, shutdown).await
+}
+
+/// A published API socket that is not served yet. Connections wait in the
+/// kernel's backlog until [`serve_bound`] runs; dropping it removes the
+/// socket file.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: UnixListener,
+    socket: SocketFile,
+}
+
+/// Publishes the API socket at `path` (see [`serve_unix`] for the rules)
+/// without serving it yet, so that a daemon can claim its socket, and fail
+/// if another daemon holds it, before it starts anything else.
+pub async fn bind_unix(path: &Path) -> Result<BoundSocket, ApiError> {
     let (listener, socket) = listen(path).await?;
+    Ok(BoundSocket { listener, socket })
+}
+
+/// Serves the `Gateway` service on a socket from [`bind_unix`] until
+/// `shutdown` completes, then removes the socket file.
+pub async fn serve_bound(
+    bound: BoundSocket,
+    view: Arc<dyn GatewayView>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ApiError> {
+    let BoundSocket { listener, socket } = bound;
+    let path = socket.path.clone();
     tracing::info!(socket = %path.display(), "API listening");
     let result = tonic::transport::Server::builder()
         .add_service(GatewayService::new(view).into_server())
@@ -193,10 +223,11 @@ pub async fn serve_unix(
         .await;
     drop(socket);
     tracing::info!(socket = %path.display(), "API stopped");
-    result.map_err(|source| ApiError::Serve { path: path.to_owned(), source })
+    result.map_err(|source| ApiError::Serve { path, source })
 }
 
 /// The socket file this process published; dropping it removes the file.
+#[derive(Debug)]
 struct SocketFile {
     path: PathBuf,
     /// Device and inode of our socket, so that drop never removes a socket

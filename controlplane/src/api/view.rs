@@ -75,6 +75,7 @@ pub struct MempoolView {
     pub name: String,
     /// Number of mbufs in the pool.
     pub size: u64,
-    /// Mbufs currently taken from the pool (including per-lcore caches).
+    /// Mbufs currently taken from the pool; mbufs parked in per-lcore caches
+    /// count as free, as DPDK counts them.
     pub in_use: u64,
 }

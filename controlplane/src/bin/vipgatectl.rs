@@ -197,6 +197,7 @@ struct CountersJson {
     busy_polls: u64,
     busy_cycles: u64,
     drops: Drops,
+    consumed: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -283,6 +284,7 @@ impl From<pb::PacketCounters> for CountersJson {
             busy_polls: c.busy_polls,
             busy_cycles: c.busy_cycles,
             drops: Drops(c.drops.into_iter().map(|d| (d.reason, d.packets)).collect()),
+            consumed: c.consumed,
         }
     }
 }
@@ -345,6 +347,7 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
         "ARP_REQ",
         "ICMP_ECHO",
         "DROPS",
+        "CONSUMED",
         "BUSY_POLLS",
         "BUSY_CYCLES",
     ];
@@ -360,6 +363,7 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
             c.arp_requests,
             c.icmp_echo_replies,
             c.drops.total(),
+            c.consumed,
             c.busy_polls,
             c.busy_cycles,
         ];

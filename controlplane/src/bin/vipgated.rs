@@ -8,7 +8,7 @@ use vipgate_controlplane::daemon;
 
 /// vipgate gateway daemon: a DPDK Layer-4 load balancer.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "vipgated", version, about = "vipgate gateway daemon: a DPDK Layer-4 load balancer")]
 struct Args {
     /// Configuration file.
     #[arg(short, long, default_value = "/etc/vipgate/vipgated.toml")]
@@ -20,13 +20,21 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let (filter, bad_filter) = match std::env::var("VIPGATE_LOG") {
+        Err(_) => (tracing_subscriber::EnvFilter::new("info"), None),
+        Ok(v) => match tracing_subscriber::EnvFilter::try_new(&v) {
+            Ok(f) => (f, None),
+            Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(format!("VIPGATE_LOG={v:?} is not a valid filter ({e}); logging at info"))),
+        },
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIPGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(warning) = bad_filter {
+        tracing::warn!("{warning}");
+    }
 
     let config = match Config::load(&args.config) {
         Ok(c) => c,

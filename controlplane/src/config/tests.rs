@@ -81,12 +81,16 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
 }
 
 #[test]
-fn hugepages_and_vdev_only_give_huge_unlink_and_no_pci() {
+fn hugepages_and_vdev_only_give_no_pci_and_optional_huge_unlink() {
     let text = GOOD.replace("hugepages = false", "hugepages = true").replace("0000:03:00.1", "net_null0");
     let c = parse(&text).unwrap();
-    assert!(c.eal_args.contains(&"--huge-unlink".to_owned()));
+    // By default hugepage files stay linked so dpdk-proc-info and
+    // dpdk-dumpcap can attach; vipgated removes them when it stops.
+    assert!(!c.eal_args.contains(&"--huge-unlink".to_owned()));
     assert!(c.eal_args.contains(&"--no-pci".to_owned()));
     assert!(!c.eal_args.contains(&"-m".to_owned()));
+    let c = parse(&text.replace("hugepages = true", "hugepages = true\nhuge_unlink = true")).unwrap();
+    assert!(c.eal_args.contains(&"--huge-unlink".to_owned()));
 }
 
 /// Each bad input, the line the error must point at, the field it must name
@@ -103,7 +107,7 @@ fn every_bad_input_names_line_field_and_reason() {
         ("device = \"0000:03:00.1\"", "device = \"net_tap0,iface=x\"", 20, "ports[1].device", "used by another port"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.1.1\"]", 21, "ports[1].addresses[0]", "needs a prefix length"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.1.300/24\"]", 21, "ports[1].addresses[0]", "not an IPv4 address"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/33\"]", 21, "ports[1].addresses[0]", "0 to 32"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/33\"]", 21, "ports[1].addresses[0]", "1 to 32"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.0.9/16\"]", 21, "ports[1].addresses[0]", "overlaps 198.18.0.1/24"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.1.0/24\"]", 21, "ports[1].addresses[0]", "network or broadcast"),
         ("prefix = \"198.19.0.0/16\"", "prefix = \"198.19.0.1/16\"", 24, "routes[0].prefix", "did you mean 198.19.0.0/16"),
@@ -120,6 +124,14 @@ fn every_bad_input_names_line_field_and_reason() {
         ("\"198.18.1.12\", port = 8080", "\"198.18.1.11\", port = 8080", 34, "services[0].backends[1].address", "listed twice"),
         ("\"198.18.1.12\", port = 8080", "\"198.20.1.12\", port = 8080", 34, "services[0].backends[1].address", "no route to 198.20.1.12"),
         ("\"198.18.1.12\", port = 8080", "\"198.18.1.1\", port = 8080", 34, "services[0].backends[1].address", "the gateway itself"),
+        ("\"198.18.1.12\", port = 8080", "\"198.18.100.1\", port = 8080", 34, "services[0].backends[1].address", "a VIP"),
+        ("\"198.18.1.12\", port = 8080", "\"224.0.0.1\", port = 8080", 34, "services[0].backends[1].address", "not a unicast"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"0.0.0.0\"\nport = 80", 29, "services[0].vip", "not a unicast"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"239.1.1.1\"\nport = 80", 29, "services[0].vip", "not a unicast"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/24\", \"198.18.1.1/24\"]", 21, "ports[1].addresses[1]", "listed twice"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/0\"]", 21, "ports[1].addresses[0]", "from 1 to 32"),
+        ("[\"198.18.1.1/24\"]", "[\"127.0.0.1/8\"]", 21, "ports[1].addresses[0]", "not a unicast"),
+        ("via = \"198.18.0.254\"", "via = \"198.18.0.1\"", 25, "routes[0].via", "the gateway itself"),
         ("port = 8080, weight = 3", "port = 0, weight = 3", 34, "services[0].backends[1].port", "not a port number"),
         ("name = \"dns\"", "name = \"web\"", 38, "services[1].name", "already named"),
         ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 46, "neighbours[0].address", "not on any port's subnet"),
@@ -193,4 +205,14 @@ fn lcore_lists_and_devices() {
         Device::Virtual { name: "net_pcap0".into(), args: "net_pcap0,rx_pcap=/tmp/x.pcap".into() }
     );
     assert!(parse_device("0000:03:00").is_err());
+}
+
+#[test]
+fn duplicate_route_prefixes_are_refused() {
+    let text = GOOD.replace(
+        "via = \"198.18.0.254\"\n",
+        "via = \"198.18.0.254\"\n\n[[routes]]\nprefix = \"198.19.0.0/16\"\nvia = \"198.18.0.253\"\n",
+    );
+    let msg = parse(&text).unwrap_err().to_string();
+    assert!(msg.contains(":28: routes[1].prefix: routes[0] already has this prefix"), "{msg}");
 }

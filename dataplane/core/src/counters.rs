@@ -115,18 +115,22 @@ pub struct WorkerCounters {
     pub tx_packets: Counter,
     /// Bytes of `tx_packets`.
     pub tx_bytes: Counter,
-    /// Packets translated towards a backend (VIP -> backend).
+    /// Packets translated towards a backend (VIP -> backend); counted when
+    /// translated, before the transmit queue accepts them.
     pub nat_forward: Counter,
     /// Packets translated back from a backend (backend -> VIP).
     pub nat_reverse: Counter,
-    /// ARP replies sent for our addresses and VIPs.
+    /// ARP replies built for our addresses and VIPs.
     pub arp_replies: Counter,
-    /// ARP requests sent to resolve next hops.
+    /// ARP requests built to resolve next hops (a request the transmit queue
+    /// refuses is also counted under the `tx_full` drop).
     pub arp_requests: Counter,
-    /// ICMP echo replies sent for our addresses and VIPs.
+    /// ICMP echo replies built for our addresses and VIPs.
     pub icmp_echo_replies: Counter,
-    /// Packets absorbed without forwarding or dropping (ARP replies for us),
-    /// so that rx = tx + drops + consumed.
+    /// Packets absorbed without forwarding or dropping (ARP replies for us).
+    /// Every packet is accounted for: rx + arp_requests = tx + drops +
+    /// consumed, where arp_requests are the packets the worker itself
+    /// originates.
     pub consumed: Counter,
     /// Loop iterations that received at least one packet.
     pub busy_polls: Counter,

@@ -48,7 +48,7 @@ const FREE: u16 = u16::MAX;
 /// One backend as Maglev sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct MaglevBackend<'a> {
-    /// Stable identity (for example `"198.18.1.11:8080/tcp"` as bytes).
+    /// Stable identity (for example `"198.18.1.11:8080"` as bytes).
     /// Permutations are derived from it, and ties are broken by it.
     pub key: &'a [u8],
     /// Relative weight; 0 means the backend gets no slots.

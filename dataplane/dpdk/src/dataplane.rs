@@ -82,6 +82,15 @@ pub struct WorkerView {
     pub counters: Arc<WorkerCounters>,
 }
 
+impl WorkerView {
+    /// True while the worker's loop runs on its lcore.
+    pub fn running(&self) -> bool {
+        // SAFETY: reading an lcore's state is a plain read of EAL's lcore
+        // table, valid from any thread once EAL is initialised.
+        unsafe { vipgate_ffi::rte_eal_get_lcore_state(self.lcore) == vipgate_ffi::RUNNING }
+    }
+}
+
 /// What shutdown found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {

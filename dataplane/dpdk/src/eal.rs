@@ -10,6 +10,10 @@ static INITIALISED: AtomicBool = AtomicBool::new(false);
 /// called [`Eal::init`] is the main lcore.
 #[derive(Debug)]
 pub struct Eal {
+    /// `--file-prefix`: names this process's hugepage files.
+    file_prefix: String,
+    /// EAL's runtime directory (`/var/run/dpdk/<prefix>` for root).
+    runtime_dir: Option<std::path::PathBuf>,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
@@ -32,9 +36,29 @@ impl Eal {
         let rc = unsafe { vipgate_ffi::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
         if rc < 0 {
             let joined: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-            return Err(DpdkError::EalInit { args: joined.join(" "), reason: last_error() });
+            // EAL does not set rte_errno on every failure; its own log lines
+            // (printed just before) then carry the reason.
+            let reason = match vipgate_ffi::vipgate_rte_errno() {
+                0 => "see EAL's messages above".to_owned(),
+                _ => last_error(),
+            };
+            return Err(DpdkError::EalInit { args: joined.join(" "), reason });
         }
-        Ok(Eal { _not_send: std::marker::PhantomData })
+        let file_prefix = args
+            .iter()
+            .map(AsRef::as_ref)
+            .skip_while(|a| *a != "--file-prefix")
+            .nth(1)
+            .or_else(|| args.iter().map(AsRef::as_ref).find_map(|a| a.strip_prefix("--file-prefix=")))
+            .unwrap_or("rte")
+            .to_owned();
+        // SAFETY: EAL is initialised; the result is a static NUL-terminated
+        // string or NULL.
+        let dir = unsafe { vipgate_ffi::rte_eal_get_runtime_dir() };
+        let runtime_dir = (!dir.is_null())
+            // SAFETY: non-NULL, NUL-terminated, owned by EAL for the process's life.
+            .then(|| std::path::PathBuf::from(unsafe { std::ffi::CStr::from_ptr(dir) }.to_string_lossy().into_owned()));
+        Ok(Eal { file_prefix, runtime_dir, _not_send: std::marker::PhantomData })
     }
 
     /// Worker lcores (every enabled lcore but the main one), in order.
@@ -48,6 +72,17 @@ impl Eal {
             lc = unsafe { vipgate_ffi::rte_get_next_lcore(lc, 1, 0) };
         }
         out
+    }
+
+    /// Lets `dpdk-dumpcap` capture on this process's ports (it attaches as a
+    /// secondary process; capture callbacks are installed only while a
+    /// capture runs).
+    pub fn init_packet_capture(&self) -> Result<(), DpdkError> {
+        // SAFETY: EAL is initialised and this is the primary process.
+        if unsafe { vipgate_ffi::rte_pdump_init() } != 0 {
+            return Err(DpdkError::PacketCapture(last_error()));
+        }
+        Ok(())
     }
 
     /// The main lcore's id.
@@ -74,5 +109,34 @@ impl Drop for Eal {
         // SAFETY: called once, after every DPDK object owned by the process
         // was released (owners borrow `Eal` or are dropped first).
         unsafe { vipgate_ffi::rte_eal_cleanup() };
+        // rte_eal_cleanup unmaps the memory but leaves this process's
+        // hugepage files and runtime directory behind; a gateway that stops
+        // cleanly removes them. (After a crash, EAL reclaims the files of
+        // the same prefix at the next start.)
+        for dir in hugetlbfs_mounts() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let ours = format!("{}map_", self.file_prefix);
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&ours) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        if let Some(dir) = &self.runtime_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// Mount points of hugetlbfs file systems.
+fn hugetlbfs_mounts() -> Vec<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "hugetlbfs").then(|| std::path::PathBuf::from(mnt))
+        })
+        .collect()
 }

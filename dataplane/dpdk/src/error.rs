@@ -49,6 +49,9 @@ pub enum DpdkError {
         /// DPDK's error text.
         reason: String,
     },
+    /// The packet-capture framework could not start.
+    #[error("cannot initialise packet capture: {0}")]
+    PacketCapture(String),
     /// A worker could not be launched on its lcore.
     #[error("cannot launch worker on lcore {lcore}: {reason}")]
     Launch {

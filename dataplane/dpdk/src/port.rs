@@ -100,6 +100,18 @@ impl Port {
             // SAFETY: queue index < configured count; NULL conf selects the
             // driver's defaults; the pool outlives the port (closed first).
             let rc = unsafe { vipgate_ffi::rte_eth_rx_queue_setup(id, q, rxd, socket, std::ptr::null(), pool.as_ptr()) };
+            if rc == -libc::ENOMEM {
+                return Err(DpdkError::Port {
+                    name: name.to_owned(),
+                    op: "setting up an rx queue",
+                    reason: format!(
+                        "the mbuf pool ({} mbufs, {} in use) cannot fill {rxd} more rx descriptors; raise [dataplane] mbufs to at least ports x workers x {} plus headroom",
+                        pool.size(),
+                        pool.in_use(),
+                        u32::from(rxd) + u32::from(txd)
+                    ),
+                });
+            }
             if rc != 0 {
                 return Err(err("setting up an rx queue", rc));
             }

@@ -261,8 +261,10 @@ fn send_arp_request(pool: *mut vipgate_ffi::rte_mempool, port_id: u16, queue: u1
         (*m).pkt_len = len as u32;
         vipgate_ffi::rte_eth_tx_burst(port_id, queue, one.as_mut_ptr(), 1)
     };
+    // Counted when built, so that rx + arp_requests = tx + drops + consumed
+    // holds whether or not the queue takes it.
+    counters.arp_requests.inc();
     if sent == 1 {
-        counters.arp_requests.inc();
         counters.tx_packets.inc();
         counters.tx_bytes.add(len as u64);
     } else {
