@@ -35,8 +35,9 @@ What the capture holds
     Destination port 80 for TCP, 53 for UDP, unless --dport says otherwise.
 
 --shards K splits the capture by flow (flow i goes to shard i mod K) into K
-files OUT.s0of K.pcap ... so K queues each replay their own share of the
-flows. A JSON summary of what was written is printed on stdout.
+files, OUT without .pcap plus .s0ofK.pcap to .s<K-1>ofK.pcap, so K queues
+each replay their own share of the flows. A JSON summary of what was written
+is printed on stdout.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ PORT_FIRST = 1024
 PORT_COUNT = 65536 - PORT_FIRST
 TUPLE_SPACE = CLIENT_HOSTS * PORT_COUNT
 
-TCP_FIN, TCP_SYN, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x08, 0x10
+TCP_SYN, TCP_PSH, TCP_ACK = 0x02, 0x08, 0x10
 
 
 class SplitMix64:
