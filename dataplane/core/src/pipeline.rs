@@ -83,6 +83,12 @@ pub struct Pipeline {
     neighbours: NeighbourTable,
     counters: Arc<WorkerCounters>,
     solicitations: ArrayVec<Solicitation, MAX_SOLICITATIONS>,
+    /// MACs of the snapshot's known next hops, by slot: the fast path reads
+    /// an array instead of the neighbour table. Refreshed by housekeeping and
+    /// whenever ARP teaches a known next hop's MAC.
+    next_hop_macs: Vec<Option<EthernetAddress>>,
+    /// The snapshot `next_hop_macs` belongs to.
+    next_hop_generation: u64,
 }
 
 impl Pipeline {
@@ -92,6 +98,8 @@ impl Pipeline {
             neighbours: NeighbourTable::new(config.neighbour_capacity, config.neighbour_timers),
             counters,
             solicitations: ArrayVec::new(),
+            next_hop_macs: Vec::new(),
+            next_hop_generation: 0,
         }
     }
 
@@ -110,6 +118,9 @@ impl Pipeline {
     ///
     /// `verdicts` must be at least as long as `packets`.
     pub fn process(&mut self, snap: &Snapshot, now: u64, packets: &mut [RxPacket<'_>], verdicts: &mut [Verdict]) {
+        if snap.generation() != self.next_hop_generation {
+            self.adopt(snap, now);
+        }
         for (p, v) in packets.iter_mut().zip(verdicts.iter_mut()) {
             let verdict = self.process_one(snap, now, p.port, p.frame);
             match verdict {
@@ -130,19 +141,40 @@ impl Pipeline {
     /// every known next hop that is unresolved or stale, so the first packet
     /// of a flow rarely waits for ARP.
     pub fn housekeeping(&mut self, snap: &Snapshot, now: u64) {
+        if snap.generation() != self.next_hop_generation {
+            self.adopt(snap, now);
+        }
         self.neighbours.expire(now);
         // Permanent entries are re-asserted every pass, so they never age out.
         for (addr, mac) in snap.static_neighbours() {
             self.neighbours.learn(addr, mac.0, now);
         }
-        for nh in snap.known_next_hops() {
-            if self.solicitations.is_full() {
-                break;
-            }
-            if self.neighbours.lookup(nh.addr, now).solicit {
+        for (slot, nh) in snap.known_next_hops().iter().enumerate() {
+            let found = self.neighbours.lookup(nh.addr, now);
+            self.next_hop_macs[slot] = found.mac.map(EthernetAddress);
+            if found.solicit && !self.solicitations.is_full() {
                 self.queue_solicitation(snap, *nh);
             }
         }
+    }
+
+    /// Sizes the next-hop MAC cache for a new snapshot and fills it from the
+    /// neighbour table. Runs once per snapshot change, never per packet.
+    #[cold]
+    #[inline(never)]
+    fn adopt(&mut self, snap: &Snapshot, now: u64) {
+        let known = snap.known_next_hops();
+        self.next_hop_macs.clear();
+        self.next_hop_macs.extend(known.iter().map(|nh| self.neighbours.get(nh.addr).map(EthernetAddress)));
+        for (addr, mac) in snap.static_neighbours() {
+            self.neighbours.learn(addr, mac.0, now);
+            for (slot, nh) in known.iter().enumerate() {
+                if nh.addr == addr {
+                    self.next_hop_macs[slot] = Some(mac);
+                }
+            }
+        }
+        self.next_hop_generation = snap.generation();
     }
 
     #[inline]
@@ -292,6 +324,11 @@ impl Pipeline {
             && !snap.is_static_neighbour(spa)
         {
             self.neighbours.learn(spa, sha.0, now);
+            for (slot, nh) in snap.known_next_hops().iter().enumerate() {
+                if nh.addr == spa {
+                    self.next_hop_macs[slot] = Some(sha);
+                }
+            }
         }
 
         match op {
@@ -310,14 +347,24 @@ impl Pipeline {
     }
 
     /// The MAC of a next hop, starting resolution when it is unknown or
-    /// stale. Never waits.
+    /// stale. Never waits. A known next hop (backend, route gateway) is an
+    /// array read; only destinations on connected subnets, and known next
+    /// hops not resolved yet, consult the neighbour table.
     #[inline]
     fn resolve(&mut self, snap: &Snapshot, nh: NextHop, now: u64) -> Option<EthernetAddress> {
+        let cached = self.next_hop_macs.get(nh.slot as usize).copied();
+        if let Some(Some(mac)) = cached {
+            return Some(mac);
+        }
         let found = self.neighbours.lookup(nh.addr, now);
         if found.solicit {
             self.queue_solicitation(snap, nh);
         }
-        found.mac.map(EthernetAddress)
+        let mac = found.mac.map(EthernetAddress);
+        if let Some(slot) = cached.and(self.next_hop_macs.get_mut(nh.slot as usize)) {
+            *slot = mac;
+        }
+        mac
     }
 
     fn queue_solicitation(&mut self, snap: &Snapshot, nh: NextHop) {

@@ -6,6 +6,10 @@
 //! of a list sorted by prefix length, which for under a few dozen entries is
 //! faster than any trie. Must not know about packets.
 
+/// Marks a next hop that has no slot among the snapshot's known next hops
+/// (a destination on a connected subnet).
+pub const NO_SLOT: u32 = u32::MAX;
+
 /// Where a packet to some destination leaves the gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NextHop {
@@ -14,6 +18,9 @@ pub struct NextHop {
     /// The address whose MAC the frame goes to: the destination itself on a
     /// connected route, else the route's gateway.
     pub addr: u32,
+    /// Index among the snapshot's known next hops (backends and route
+    /// gateways), whose MACs a worker keeps in an array; [`NO_SLOT`] if none.
+    pub slot: u32,
 }
 
 /// One route.
@@ -27,6 +34,8 @@ pub struct Route {
     pub port: u16,
     /// Gateway, or `None` for a connected route.
     pub via: Option<u32>,
+    /// The gateway's known-next-hop slot ([`NO_SLOT`] for connected routes).
+    pub slot: u32,
 }
 
 impl Route {
@@ -70,7 +79,7 @@ impl RouteTable {
     /// Where to send a packet for `dst`.
     #[inline]
     pub fn next_hop(&self, dst: u32) -> Option<NextHop> {
-        self.lookup(dst).map(|r| NextHop { port: r.port, addr: r.via.unwrap_or(dst) })
+        self.lookup(dst).map(|r| NextHop { port: r.port, addr: r.via.unwrap_or(dst), slot: r.slot })
     }
 
     /// All routes, longest prefix first.
@@ -90,23 +99,23 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let t = RouteTable::new(vec![
-            Route { prefix: 0, len: 0, port: 0, via: Some(ip(198, 18, 0, 254)) },
-            Route { prefix: ip(198, 18, 0, 0), len: 24, port: 0, via: None },
-            Route { prefix: ip(198, 18, 1, 77), len: 24, port: 1, via: None },
-            Route { prefix: ip(198, 19, 0, 0), len: 16, port: 1, via: Some(ip(198, 18, 1, 254)) },
+            Route { prefix: 0, len: 0, port: 0, via: Some(ip(198, 18, 0, 254)), slot: 0 },
+            Route { prefix: ip(198, 18, 0, 0), len: 24, port: 0, via: None, slot: NO_SLOT },
+            Route { prefix: ip(198, 18, 1, 77), len: 24, port: 1, via: None, slot: NO_SLOT },
+            Route { prefix: ip(198, 19, 0, 0), len: 16, port: 1, via: Some(ip(198, 18, 1, 254)), slot: 1 },
         ]);
-        assert_eq!(t.next_hop(ip(198, 18, 0, 9)), Some(NextHop { port: 0, addr: ip(198, 18, 0, 9) }));
-        assert_eq!(t.next_hop(ip(198, 18, 1, 11)), Some(NextHop { port: 1, addr: ip(198, 18, 1, 11) }));
-        assert_eq!(t.next_hop(ip(198, 19, 7, 7)), Some(NextHop { port: 1, addr: ip(198, 18, 1, 254) }));
-        assert_eq!(t.next_hop(ip(198, 20, 0, 1)), Some(NextHop { port: 0, addr: ip(198, 18, 0, 254) }));
+        assert_eq!(t.next_hop(ip(198, 18, 0, 9)), Some(NextHop { port: 0, addr: ip(198, 18, 0, 9), slot: NO_SLOT }));
+        assert_eq!(t.next_hop(ip(198, 18, 1, 11)), Some(NextHop { port: 1, addr: ip(198, 18, 1, 11), slot: NO_SLOT }));
+        assert_eq!(t.next_hop(ip(198, 19, 7, 7)), Some(NextHop { port: 1, addr: ip(198, 18, 1, 254), slot: 1 }));
+        assert_eq!(t.next_hop(ip(198, 20, 0, 1)), Some(NextHop { port: 0, addr: ip(198, 18, 0, 254), slot: 0 }));
         assert_eq!(t.routes()[0].prefix, ip(198, 18, 0, 0));
     }
 
     #[test]
     fn no_default_no_route() {
-        let t = RouteTable::new(vec![Route { prefix: ip(198, 18, 0, 0), len: 24, port: 0, via: None }]);
+        let t = RouteTable::new(vec![Route { prefix: ip(198, 18, 0, 0), len: 24, port: 0, via: None, slot: NO_SLOT }]);
         assert_eq!(t.next_hop(ip(198, 18, 2, 1)), None);
-        assert!(Route { prefix: 0, len: 0, port: 0, via: None }.contains(ip(1, 2, 3, 4)));
-        assert!(Route { prefix: ip(198, 18, 0, 5), len: 32, port: 0, via: None }.contains(ip(198, 18, 0, 5)));
+        assert!(Route { prefix: 0, len: 0, port: 0, via: None, slot: NO_SLOT }.contains(ip(1, 2, 3, 4)));
+        assert!(Route { prefix: ip(198, 18, 0, 5), len: 32, port: 0, via: None, slot: NO_SLOT }.contains(ip(198, 18, 0, 5)));
     }
 }

@@ -7,7 +7,8 @@
 //! or touch packets.
 
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
-use crate::route::{NextHop, Route, RouteTable};
+use crate::route::{NO_SLOT, NextHop, Route, RouteTable};
+use std::sync::atomic::{AtomicU64, Ordering};
 use crate::wire::EthernetAddress;
 use ahash::RandomState;
 use hashbrown::{HashMap, HashSet};
@@ -259,9 +260,24 @@ pub(crate) fn l4_key(addr: u32, port: u16, protocol: u8) -> u64 {
     (u64::from(addr) << 32) | (u64::from(port) << 8) | u64::from(protocol)
 }
 
+/// Source of snapshot generations: every snapshot built in a process has
+/// its own.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// The slot of the next hop `(port, addr)` among `known`, added if new.
+fn known_slot(known: &mut Vec<NextHop>, port: u16, addr: u32) -> u32 {
+    if let Some(i) = known.iter().position(|n| n.port == port && n.addr == addr) {
+        return i as u32;
+    }
+    let slot = known.len() as u32;
+    known.push(NextHop { port, addr, slot });
+    slot
+}
+
 /// The immutable forwarding state.
 #[derive(Debug)]
 pub struct Snapshot {
+    generation: u64,
     ports: Vec<Port>,
     local: HashMap<u32, u16, RandomState>,
     vips: HashSet<u32, RandomState>,
@@ -296,7 +312,7 @@ impl Snapshot {
         for (i, p) in ports.iter().enumerate() {
             for c in &p.addresses {
                 local.insert(c.addr, i as u16);
-                routes.push(Route { prefix: c.addr, len: c.len, port: i as u16, via: None });
+                routes.push(Route { prefix: c.addr, len: c.len, port: i as u16, via: None, slot: NO_SLOT });
             }
         }
         let connected = RouteTable::new(routes.clone());
@@ -308,11 +324,8 @@ impl Snapshot {
                     via: ip4(r.via),
                 });
             };
-            routes.push(Route { prefix: r.prefix.addr, len: r.prefix.len, port: hop.port, via: Some(r.via) });
-            let gw = NextHop { port: hop.port, addr: r.via };
-            if !next_hops.contains(&gw) {
-                next_hops.push(gw);
-            }
+            let slot = known_slot(&mut next_hops, hop.port, r.via);
+            routes.push(Route { prefix: r.prefix.addr, len: r.prefix.len, port: hop.port, via: Some(r.via), slot });
         }
         let routes = RouteTable::new(routes);
         let mut static_neighbours = HashMap::with_hasher(RandomState::new());
@@ -349,9 +362,10 @@ impl Snapshot {
             }
             let mut backends = Vec::with_capacity(s.backends.len());
             for b in &s.backends {
-                let next_hop = routes
+                let mut next_hop = routes
                     .next_hop(b.addr)
                     .ok_or_else(|| SnapshotError::BackendUnreachable { service: s.name.clone(), addr: ip4(b.addr) })?;
+                next_hop.slot = known_slot(&mut next_hops, next_hop.port, next_hop.addr);
                 let rkey = l4_key(b.addr, b.port, proto);
                 if let Some(&owner) = reverse_owner.get(&rkey) {
                     return Err(SnapshotError::SharedBackend {
@@ -364,9 +378,6 @@ impl Snapshot {
                 }
                 reverse_owner.insert(rkey, si);
                 reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port });
-                if !next_hops.contains(&next_hop) {
-                    next_hops.push(next_hop);
-                }
                 backends.push(Backend { addr: b.addr, port: b.port, next_hop });
             }
             // Stable Maglev keys: "a.b.c.d:port", independent of list order.
@@ -389,7 +400,14 @@ impl Snapshot {
                 backends,
             });
         }
-        Ok(Snapshot { ports, local, vips, services, service_list, reverse, routes, next_hops, static_neighbours })
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        Ok(Snapshot { generation, ports, local, vips, services, service_list, reverse, routes, next_hops, static_neighbours })
+    }
+
+    /// Identifies this snapshot among all built in the process; a worker
+    /// rebuilds per-snapshot caches when it changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Ports in dense index order.
@@ -408,7 +426,7 @@ impl Snapshot {
     }
 
     /// Distinct next hops of all backends and static-route gateways: the
-    /// neighbours the workers resolve ahead of traffic.
+    /// neighbours the workers resolve ahead of traffic. Entry `i` has slot `i`.
     pub fn known_next_hops(&self) -> &[NextHop] {
         &self.next_hops
     }

@@ -5,8 +5,8 @@
 //! egress port; send any ARP requests the pipeline asked for. Nothing here
 //! allocates, locks, logs or makes a system call while packets flow (an
 //! optional idle sleep happens only after many empty polls). DPDK is
-//! crossed once per burst, never per packet, except for the prefetch
-//! hint.
+//! crossed once per burst (rx, free, tx), never per packet: prefetch hints
+//! and TSC reads are CPU intrinsics, not calls into DPDK's C wrappers.
 
 use crate::BURST;
 use arrayvec::ArrayVec;
@@ -53,8 +53,7 @@ struct Clock {
 
 impl Clock {
     fn new(hz: u64) -> Clock {
-        // SAFETY: reading the TSC has no preconditions.
-        let origin = unsafe { vipgate_ffi::rte_rdtsc() };
+        let origin = rdtsc();
         Clock { origin, mult: (1_000_000_000u128 << 32) / u128::from(hz.max(1)) }
     }
 
@@ -66,8 +65,29 @@ impl Clock {
 
 #[inline(always)]
 fn rdtsc() -> u64 {
-    // SAFETY: reading the TSC has no preconditions.
-    unsafe { vipgate_ffi::rte_rdtsc() }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC exists on every x86-64 CPU and has no preconditions.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // SAFETY: reading the timer has no preconditions.
+        unsafe { vipgate_ffi::rte_rdtsc() }
+    }
+}
+
+/// Hints the CPU to fetch the cache line at `p` into all cache levels.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: a prefetch is a hint: it never faults, whatever `p` is, and
+        // SSE (PREFETCHT0) is part of the x86-64 baseline.
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The address of an mbuf's first data byte.
@@ -135,8 +155,7 @@ impl Worker {
                 if self.idle_sleep_us > 0 && idle_polls >= IDLE_POLLS_BEFORE_SLEEP {
                     std::thread::sleep(std::time::Duration::from_micros(u64::from(self.idle_sleep_us)));
                 } else {
-                    // SAFETY: a CPU pause hint; no preconditions.
-                    unsafe { vipgate_ffi::rte_pause() };
+                    std::hint::spin_loop();
                 }
             }
         }
@@ -154,8 +173,8 @@ impl Worker {
     ) {
         let n = mbufs.len();
         for &m in mbufs {
-            // SAFETY: `m` came from rx_burst and is valid; prefetch is a hint.
-            unsafe { vipgate_ffi::rte_prefetch0(mtod(m) as *const c_void) };
+            // SAFETY: `m` came from rx_burst and is a valid mbuf.
+            prefetch(unsafe { mtod(m) });
         }
         let mut bytes = 0u64;
         let mut packets: ArrayVec<RxPacket<'_>, BURST> = ArrayVec::new();

@@ -306,6 +306,45 @@ fn static_neighbours_resolve_without_arp_and_are_never_overridden() {
 }
 
 #[test]
+fn cached_next_hop_macs_follow_arp_and_expiry() {
+    let mut r = Rig::resolved();
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    let (_, mac, _, dst, _, _, _) = inspect(&f);
+    let i = BACKENDS.iter().position(|&b| b == dst).unwrap();
+    assert_eq!(mac, BACKEND_MACS[i]);
+
+    // The backend moves to another MAC: the very next packet follows it.
+    let moved = [0x02, 0xbb, 0xee, 0, 0, i as u8];
+    r.teach(1, dst, moved, GW_B_IP);
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    assert_eq!(inspect(&f).1, moved);
+
+    // Long silence: the neighbour expires, the cache empties, packets wait
+    // for ARP again and one solicitation goes out.
+    r.now += 3600 * 1_000_000_000;
+    r.pipe.housekeeping(&r.snap, r.now);
+    let _ = r.pipe.take_solicitations().count();
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::NoNeighbour));
+    r.teach(1, dst, moved, GW_B_IP);
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+}
+
+#[test]
+fn a_new_snapshot_keeps_what_the_worker_learned() {
+    let mut r = Rig::resolved();
+    // Same configuration, new snapshot (a reload): the learned MACs carry
+    // over to the new snapshot's slots without waiting for ARP.
+    r.snap = Snapshot::build(&spec()).unwrap();
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+    assert_eq!(r.pipe.take_solicitations().count(), 0);
+}
+
+#[test]
 fn answers_arp_for_own_addresses_and_vips_only() {
     let mut r = Rig::new();
     for (port, target, mac) in [(0u16, GW_C_IP, GW_C), (0, VIP, GW_C), (1, GW_B_IP, GW_B), (1, VIP, GW_B)] {

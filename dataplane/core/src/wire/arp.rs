@@ -59,12 +59,14 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
+    #[inline]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after checking its length and that it is Ethernet/IPv4
     /// ARP (hardware type 1, protocol 0x0800, lengths 6 and 4).
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -76,6 +78,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks the buffer is long enough.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         if self.buffer.as_ref().len() < PACKET_LEN { Err(Error::Truncated) } else { Ok(()) }
     }

@@ -66,11 +66,13 @@ pub struct Frame<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Frame<T> {
     /// Wraps a buffer without checking its length.
+    #[inline]
     pub fn new_unchecked(buffer: T) -> Self {
         Frame { buffer }
     }
 
     /// Wraps a buffer after checking it holds a whole header.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let f = Self::new_unchecked(buffer);
         f.check_len()?;
@@ -78,6 +80,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Checks the buffer holds a whole header.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         if self.buffer.as_ref().len() < HEADER_LEN { Err(Error::Truncated) } else { Ok(()) }
     }
@@ -88,6 +91,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Destination address.
+    #[inline]
     pub fn dst_addr(&self) -> EthernetAddress {
         let mut a = [0; 6];
         a.copy_from_slice(&self.buffer.as_ref()[field::DST]);
@@ -95,6 +99,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Source address.
+    #[inline]
     pub fn src_addr(&self) -> EthernetAddress {
         let mut a = [0; 6];
         a.copy_from_slice(&self.buffer.as_ref()[field::SRC]);
@@ -102,6 +107,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// EtherType.
+    #[inline]
     pub fn ethertype(&self) -> u16 {
         be16(self.buffer.as_ref(), field::ETHERTYPE)
     }

@@ -48,11 +48,13 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
+    #[inline]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after [`check_len`](Self::check_len).
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -61,6 +63,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// Checks: buffer holds 20 bytes; version is 4; 20 <= header length <=
     /// total length <= buffer length.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         let b = self.buffer.as_ref();
         if b.len() < MIN_HEADER_LEN {
@@ -81,6 +84,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Header length in bytes (including options).
+    #[inline]
     pub fn header_len(&self) -> usize {
         usize::from(self.buffer.as_ref()[field::VER_IHL] & 0x0f) * 4
     }
@@ -91,6 +95,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Total length field.
+    #[inline]
     pub fn total_len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::TOTAL_LEN)
     }
@@ -106,36 +111,43 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// True if this is a fragment (more-fragments set or a non-zero offset).
+    #[inline]
     pub fn is_fragment(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLAGS_FRAG) & 0x3fff != 0
     }
 
     /// Time to live.
+    #[inline]
     pub fn ttl(&self) -> u8 {
         self.buffer.as_ref()[field::TTL]
     }
 
     /// Protocol of the payload.
+    #[inline]
     pub fn protocol(&self) -> u8 {
         self.buffer.as_ref()[field::PROTOCOL]
     }
 
     /// Header checksum field.
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// Source address (host byte order).
+    #[inline]
     pub fn src_addr(&self) -> u32 {
         be32(self.buffer.as_ref(), field::SRC)
     }
 
     /// Destination address (host byte order).
+    #[inline]
     pub fn dst_addr(&self) -> u32 {
         be32(self.buffer.as_ref(), field::DST)
     }
 
     /// True if the header checksum verifies.
+    #[inline]
     pub fn verify_checksum(&self) -> bool {
         checksum::fold(checksum::sum(&self.buffer.as_ref()[..self.header_len()])) == 0xffff
     }

@@ -40,11 +40,13 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
+    #[inline]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after [`check_len`](Self::check_len).
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -52,6 +54,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks the buffer holds the fixed header and the data offset is sane.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         let b = self.buffer.as_ref();
         if b.len() < MIN_HEADER_LEN {
@@ -68,11 +71,13 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Source port.
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// Destination port.
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
@@ -88,11 +93,13 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Header length from the data offset, in bytes.
+    #[inline]
     pub fn header_len(&self) -> usize {
         usize::from(self.buffer.as_ref()[field::OFF_FLAGS.start] >> 4) * 4
     }
 
     /// Flag bits (see [`flags`]).
+    #[inline]
     pub fn flags(&self) -> u16 {
         be16(self.buffer.as_ref(), field::OFF_FLAGS) & 0x01ff
     }
@@ -103,12 +110,14 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checksum field.
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// True if the checksum verifies for the given pseudo-header addresses.
     /// The buffer must be exactly the segment (IP payload).
+    #[inline]
     pub fn verify_checksum(&self, src: u32, dst: u32) -> bool {
         let b = self.buffer.as_ref();
         let Ok(len) = u16::try_from(b.len()) else { return false };

@@ -23,11 +23,13 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
+    #[inline]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after [`check_len`](Self::check_len).
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -35,6 +37,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks: 8 <= length field <= buffer length.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         let b = self.buffer.as_ref();
         if b.len() < HEADER_LEN {
@@ -51,16 +54,19 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Source port.
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// Destination port.
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
 
     /// Length field (header and payload).
+    #[inline]
     pub fn len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::LENGTH)
     }
@@ -71,6 +77,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checksum field (0: none).
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
@@ -81,6 +88,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// True if the checksum is absent or verifies.
+    #[inline]
     pub fn verify_checksum(&self, src: u32, dst: u32) -> bool {
         if self.checksum() == 0 {
             return true;
