@@ -35,6 +35,8 @@ PACKAGES=(
 	build-essential clang libclang-dev pkg-config protobuf-compiler ca-certificates
 	# The rig and the demo: ip/netns, setsid/mount, curl, socat, backends.
 	iproute2 util-linux procps curl socat python3
+	# Benchmarks: callgrind instruction counts and the report's plot.
+	valgrind python3-matplotlib
 )
 
 HP_TARGET=${VIPGATE_HUGEPAGES_TARGET:-512}

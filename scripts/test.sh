@@ -5,8 +5,10 @@
 #
 # Steps: setup.sh (packages, toolchain, hugepages); cargo build of every
 # target in the workspace (the e2e tests run target/debug/vipgated);
-# cargo nextest run --workspace --no-fail-fast; cargo test --doc (when the
-# workspace has doc tests); then a sweep for anything the tests left behind.
+# cargo nextest run --workspace --no-fail-fast; a smoke run of the
+# packet-rate benchmark (scripts/bench-dataplane.sh --smoke); cargo test
+# --doc (when the workspace has doc tests); then a sweep for anything the
+# tests left behind.
 #
 # The tests get VIPGATE_HUGEPAGES=1|0 from setup.sh (an explicit
 # VIPGATE_HUGEPAGES=0 in the environment forces --no-huge) and
@@ -186,6 +188,9 @@ say "tests run with VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES${VIPGATE_HUGEPAGES_REAS
 
 if step build cargo build --workspace --all-targets; then
 	step nextest cargo nextest run --workspace --no-fail-fast "${NEXTEST_ARGS[@]}" || true
+	# The packet-rate benchmark is a benchmark, not a test: CI only proves
+	# it still runs (a few seconds, debug build, nothing written to docs/).
+	step bench-smoke "$VG_SCRIPTS_DIR/bench-dataplane.sh" --smoke || true
 	# Doc tests: nextest does not run them.
 	if grep -rqE '^[[:space:]]*//[/!][[:space:]]*```' --include='*.rs' \
 		ffi dataplane controlplane tests/support 2>/dev/null; then
@@ -195,6 +200,7 @@ if step build cargo build --workspace --all-targets; then
 	fi
 else
 	record nextest SKIP "build failed"
+	record bench-smoke SKIP "build failed"
 	record doctests SKIP "build failed"
 fi
 

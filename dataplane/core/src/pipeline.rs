@@ -350,7 +350,7 @@ impl Pipeline {
     /// stale. Never waits. A known next hop (backend, route gateway) is an
     /// array read; only destinations on connected subnets, and known next
     /// hops not resolved yet, consult the neighbour table.
-    #[inline]
+    #[inline(always)]
     fn resolve(&mut self, snap: &Snapshot, nh: NextHop, now: u64) -> Option<EthernetAddress> {
         let cached = self.next_hop_macs.get(nh.slot as usize).copied();
         if let Some(Some(mac)) = cached {

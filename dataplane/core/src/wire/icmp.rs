@@ -90,6 +90,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets type and code, updating the checksum incrementally.
+    #[inline]
     pub fn set_type_code(&mut self, msg_type: u8, code: u8) {
         let b = self.buffer.as_mut();
         let old = be16(b, field::TYPE_CODE);

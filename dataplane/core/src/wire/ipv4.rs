@@ -153,6 +153,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// The payload, up to the total length.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         let b = self.buffer.as_ref();
         &b[self.header_len()..usize::from(self.total_len())]
@@ -202,6 +203,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
     /// Swaps source and destination addresses (checksum is unchanged: the
     /// sum of the header words is the same).
+    #[inline]
     pub fn swap_addrs(&mut self) {
         let (s, d) = (self.src_addr(), self.dst_addr());
         let b = self.buffer.as_mut();
@@ -210,6 +212,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// The payload, up to the total length, mutably.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let (hl, total) = (self.header_len(), usize::from(self.total_len()));
         &mut self.buffer.as_mut()[hl..total]

@@ -83,6 +83,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Payload, up to the length field.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[HEADER_LEN..usize::from(self.len())]
     }
