@@ -148,3 +148,29 @@ fn e2e_e_teardown_leaves_nothing_even_when_a_test_fails() {
     assert!(huge.is_empty(), "hugepage files of {prefix} left: {huge:?}");
     assert!(!std::path::Path::new("/var/run/dpdk").join(&prefix).exists());
 }
+
+/// Two workers (lcores 1 and 2 share CPU 1 on a two-CPU machine), so each
+/// tap has two queues and the kernel spreads flows across them. DNAT is
+/// stateless, so either worker can take either direction of a flow; what
+/// must hold is that both workers forward and that every request succeeds.
+/// (On net_tap the kernel spreads ARP traffic over both queues too, so this
+/// test passes even without neighbour sharing between workers; the
+/// pipeline's `workers_share_what_they_learn_from_arp` test covers that.)
+#[test]
+fn e2e_two_workers_forward_http_and_udp() {
+    let rig = Rig::start(RigOptions { lcores: "0@0,1@1,2@1".to_owned(), ..RigOptions::default() });
+    let results = http_requests(&rig);
+    let failures: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let udp = rig.client(&["sh", "-c", &format!("printf two | socat -T 3 - UDP4:{VIP}:5353")]);
+    let stats = rig.stats();
+    let left = rig.teardown();
+    assert!(failures.is_empty(), "{} of {REQUESTS} failed: {:?}\n{}", failures.len(), &failures[..failures.len().min(5)], left.log);
+    assert!(String::from_utf8_lossy(&udp.stdout).ends_with(" two"), "UDP reply {:?}", String::from_utf8_lossy(&udp.stdout));
+    let workers = stats["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{stats}");
+    for w in workers {
+        assert!(w["nat_forward"].as_u64().unwrap() > 0, "a worker forwarded nothing: {stats}");
+    }
+    println!("per-worker nat_forward: {:?}", workers.iter().map(|w| w["nat_forward"].as_u64().unwrap()).collect::<Vec<_>>());
+    left.assert_clean();
+}

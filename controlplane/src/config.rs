@@ -323,7 +323,8 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let eal = raw.eal.get_ref();
-        let lcores = parse_lcores(eal.lcores.get_ref()).or_else(|reason| self.err(eal.lcores.span(), "eal.lcores", reason))?;
+        let (lcores, cpus) =
+            parse_lcores(eal.lcores.get_ref()).or_else(|reason| self.err(eal.lcores.span(), "eal.lcores", reason))?;
         if lcores.len() < 2 {
             return self.err(
                 eal.lcores.span(),
@@ -560,7 +561,7 @@ impl Validator<'_> {
             return self.err(0..0, "configuration", e.to_string());
         }
 
-        let eal_args = eal_arguments(eal, &lcores, &devices);
+        let eal_args = eal_arguments(eal, &lcores, &cpus, &devices);
         let dataplane = DataplaneConfig {
             ports: spec.ports.iter().zip(&devices).map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned() }).collect(),
             mbufs: *dp.mbufs.get_ref(),
@@ -572,11 +573,21 @@ impl Validator<'_> {
     }
 }
 
-/// Parses an EAL lcore list such as `0,1`, `0-3` or `0,2-3`. The first
-/// number given is the main lcore.
-fn parse_lcores(s: &str) -> Result<Vec<u32>, String> {
+/// Parses an EAL lcore list such as `0,1`, `0-3` or `0,2-3`, where an
+/// lcore may be placed on a CPU with `lcore@cpu` (`0@0,1@1,2@1` runs lcores
+/// 1 and 2 on CPU 1). The first lcore given is the main lcore. Returns the
+/// lcores and, per lcore, its CPU if one was given.
+fn parse_lcores(s: &str) -> Result<(Vec<u32>, Vec<Option<u32>>), String> {
     let mut out = Vec::new();
-    for part in s.split(',').map(str::trim) {
+    let mut cpus = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        let (part, cpu) = match item.split_once('@') {
+            Some((l, c)) => match c.trim().parse::<u32>() {
+                Ok(c) if !l.contains('-') => (l.trim(), Some(c)),
+                _ => return Err(format!("{item:?}: write a single lcore on a CPU as \"lcore@cpu\", such as \"2@1\"")),
+            },
+            None => (item, None),
+        };
         let (a, b) = part.split_once('-').unwrap_or((part, part));
         let (Ok(a), Ok(b)) = (a.trim().parse::<u32>(), b.trim().parse::<u32>()) else {
             return Err(format!("{part:?} is not an lcore number or range (write lists like \"0,1\" or \"0-3\")"));
@@ -592,9 +603,10 @@ fn parse_lcores(s: &str) -> Result<Vec<u32>, String> {
                 return Err(format!("lcore {l} is listed twice"));
             }
             out.push(l);
+            cpus.push(cpu);
         }
     }
-    Ok(out)
+    Ok((out, cpus))
 }
 
 /// True for addresses a host can own: not 0.0.0.0/8, loopback, multicast,
@@ -645,10 +657,16 @@ fn parse_device(s: &str) -> Result<Device, String> {
     }
 }
 
-fn eal_arguments(eal: &RawEal, lcores: &[u32], devices: &[Device]) -> Vec<String> {
-    let list: Vec<String> = lcores.iter().map(u32::to_string).collect();
+fn eal_arguments(eal: &RawEal, lcores: &[u32], cpus: &[Option<u32>], devices: &[Device]) -> Vec<String> {
+    // With any lcore placed on a CPU, EAL needs --lcores (which also lets
+    // several lcores share a CPU); otherwise -l, where lcore N runs on CPU N.
+    let (flag, list): (&str, Vec<String>) = if cpus.iter().any(Option::is_some) {
+        ("--lcores", lcores.iter().zip(cpus).map(|(l, c)| format!("{l}@{}", c.unwrap_or(*l))).collect())
+    } else {
+        ("-l", lcores.iter().map(u32::to_string).collect())
+    };
     let mut args = vec![
-        "-l".to_owned(),
+        flag.to_owned(),
         list.join(","),
         "--main-lcore".to_owned(),
         lcores[0].to_string(),

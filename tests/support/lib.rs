@@ -86,11 +86,13 @@ pub struct RigOptions {
     pub backends: usize,
     /// Extra TOML appended to the generated configuration.
     pub extra_config: String,
+    /// `[eal] lcores`: the first is the control plane, the others workers.
+    pub lcores: String,
 }
 
 impl Default for RigOptions {
     fn default() -> Self {
-        RigOptions { backends: 3, extra_config: String::new() }
+        RigOptions { backends: 3, extra_config: String::new(), lcores: "0,1".to_owned() }
     }
 }
 
@@ -145,7 +147,7 @@ impl Rig {
         let backends = backends.join("\n");
         let config = format!(
             r#"[eal]
-lcores = "0,1"
+lcores = "{lcores}"
 hugepages = {huge}
 file_prefix = "{prefix}"
 
@@ -189,6 +191,7 @@ backends = [
             web = backends.replace("PORT", "8080"),
             udp = backends.replace("PORT", "5353"),
             extra = opts.extra_config,
+            lcores = opts.lcores,
         );
         let config_path = dir.join("vipgated.toml");
         std::fs::write(&config_path, config).expect("write config");

@@ -195,9 +195,12 @@ fn missing_ports_and_missing_file_are_reported() {
 
 #[test]
 fn lcore_lists_and_devices() {
-    assert_eq!(parse_lcores("0-2,5").unwrap(), vec![0, 1, 2, 5]);
-    assert_eq!(parse_lcores(" 3 , 1 ").unwrap(), vec![3, 1]);
+    assert_eq!(parse_lcores("0-2,5").unwrap().0, vec![0, 1, 2, 5]);
+    assert_eq!(parse_lcores(" 3 , 1 ").unwrap().0, vec![3, 1]);
     assert!(parse_lcores("2-1").is_err());
+    assert_eq!(parse_lcores("0@0,1@1,2@1").unwrap(), (vec![0, 1, 2], vec![Some(0), Some(1), Some(1)]));
+    assert!(parse_lcores("1-2@1").is_err());
+    assert!(parse_lcores("1@x").is_err());
     assert_eq!(parse_device("03:00.0").unwrap(), Device::Pci { address: "0000:03:00.0".into() });
     assert_eq!(parse_device("0000:AF:00.1").unwrap(), Device::Pci { address: "0000:af:00.1".into() });
     assert_eq!(
@@ -205,6 +208,15 @@ fn lcore_lists_and_devices() {
         Device::Virtual { name: "net_pcap0".into(), args: "net_pcap0,rx_pcap=/tmp/x.pcap".into() }
     );
     assert!(parse_device("0000:03:00").is_err());
+}
+
+#[test]
+fn lcores_placed_on_cpus_become_an_lcores_map() {
+    let c = parse(&GOOD.replace("lcores = \"0,1\"", "lcores = \"0@0,1@1,2@1\"")).unwrap();
+    assert_eq!(c.lcores, vec![0, 1, 2]);
+    assert_eq!(&c.eal_args[..4], ["--lcores", "0@0,1@1,2@1", "--main-lcore", "0"]);
+    let c = parse(&GOOD.replace("lcores = \"0,1\"", "lcores = \"0,1,2@1\"")).unwrap();
+    assert_eq!(&c.eal_args[..2], ["--lcores", "0@0,1@1,2@1"]);
 }
 
 #[test]

@@ -21,6 +21,7 @@ use crate::route::NextHop;
 use crate::snapshot::Snapshot;
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
 use arrayvec::ArrayVec;
+use crossbeam::queue::ArrayQueue;
 use std::sync::Arc;
 
 /// Most ARP solicitations one burst (or one housekeeping pass) can ask for.
@@ -62,6 +63,27 @@ pub struct Solicitation {
     pub target_ip: u32,
 }
 
+/// A neighbour one worker learned, for the others. RSS hands each ARP reply
+/// to one worker only; without sharing, the others would never learn it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NeighbourUpdate {
+    /// The neighbour's address.
+    pub addr: u32,
+    /// Its MAC.
+    pub mac: EthernetAddress,
+}
+
+/// Entries in each worker's neighbour inbox. Updates are rare (ARP); when
+/// an inbox is full the update is dropped and the peer learns the neighbour
+/// from its own resolution a second later.
+pub const NEIGHBOUR_INBOX: usize = 1024;
+
+/// Creates the neighbour inboxes of `workers` pipelines: element `i` is
+/// worker `i`'s inbox.
+pub fn neighbour_inboxes(workers: usize) -> Vec<Arc<ArrayQueue<NeighbourUpdate>>> {
+    (0..workers).map(|_| Arc::new(ArrayQueue::new(NEIGHBOUR_INBOX))).collect()
+}
+
 /// Tunables of a pipeline.
 #[derive(Clone, Copy, Debug)]
 pub struct PipelineConfig {
@@ -89,6 +111,10 @@ pub struct Pipeline {
     next_hop_macs: Vec<Option<EthernetAddress>>,
     /// The snapshot `next_hop_macs` belongs to.
     next_hop_generation: u64,
+    /// Neighbours other workers learned, for this one (lock-free, bounded).
+    inbox: Option<Arc<ArrayQueue<NeighbourUpdate>>>,
+    /// The other workers' inboxes.
+    peers: Vec<Arc<ArrayQueue<NeighbourUpdate>>>,
 }
 
 impl Pipeline {
@@ -100,7 +126,16 @@ impl Pipeline {
             solicitations: ArrayVec::new(),
             next_hop_macs: Vec::new(),
             next_hop_generation: 0,
+            inbox: None,
+            peers: Vec::new(),
         }
+    }
+
+    /// Joins this pipeline to its peers: `inboxes[me]` receives what the
+    /// others learn; every other inbox receives what this one learns.
+    pub fn share_neighbours(&mut self, inboxes: &[Arc<ArrayQueue<NeighbourUpdate>>], me: usize) {
+        self.inbox = inboxes.get(me).cloned();
+        self.peers = inboxes.iter().enumerate().filter(|(i, _)| *i != me).map(|(_, q)| Arc::clone(q)).collect();
     }
 
     /// The counters this pipeline writes.
@@ -121,6 +156,7 @@ impl Pipeline {
         if snap.generation() != self.next_hop_generation {
             self.adopt(snap, now);
         }
+        self.drain_inbox(snap, now);
         for (p, v) in packets.iter_mut().zip(verdicts.iter_mut()) {
             let verdict = self.process_one(snap, now, p.port, p.frame);
             match verdict {
@@ -150,10 +186,35 @@ impl Pipeline {
             self.neighbours.learn(addr, mac.0, now);
         }
         for (slot, nh) in snap.known_next_hops().iter().enumerate() {
+            if self.solicitations.is_full() {
+                // No room to ask: only refresh the MAC, and leave this
+                // address's once-per-interval solicitation for a pass (or a
+                // packet) that can send it, so no next hop is starved.
+                self.next_hop_macs[slot] = self.neighbours.get(nh.addr).map(EthernetAddress);
+                continue;
+            }
             let found = self.neighbours.lookup(nh.addr, now);
             self.next_hop_macs[slot] = found.mac.map(EthernetAddress);
-            if found.solicit && !self.solicitations.is_full() {
+            if found.solicit {
                 self.queue_solicitation(snap, *nh);
+            }
+        }
+    }
+
+    /// Takes in the neighbours other workers learned. One atomic load when
+    /// the inbox is empty, which is nearly always.
+    #[inline]
+    fn drain_inbox(&mut self, snap: &Snapshot, now: u64) {
+        let Some(inbox) = &self.inbox else { return };
+        while let Some(u) = inbox.pop() {
+            if snap.is_static_neighbour(u.addr) {
+                continue;
+            }
+            self.neighbours.learn(u.addr, u.mac.0, now);
+            for (slot, nh) in snap.known_next_hops().iter().enumerate() {
+                if nh.addr == u.addr {
+                    self.next_hop_macs[slot] = Some(u.mac);
+                }
             }
         }
     }
@@ -328,6 +389,10 @@ impl Pipeline {
                 if nh.addr == spa {
                     self.next_hop_macs[slot] = Some(sha);
                 }
+            }
+            for peer in &self.peers {
+                // Full: the peer resolves the neighbour itself shortly.
+                let _ = peer.push(NeighbourUpdate { addr: spa, mac: sha });
             }
         }
 

@@ -10,7 +10,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vipgate_dataplane::counters::WorkerCounters;
-use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig};
+use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, neighbour_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::EthernetAddress;
 
@@ -181,11 +181,14 @@ impl Dataplane {
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
         let lcores: Vec<(u32, Arc<WorkerCounters>)> = self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters))).collect();
+        let inboxes = neighbour_inboxes(lcores.len());
         for (i, (lcore, counters)) in lcores.into_iter().enumerate() {
+            let mut pipeline = Pipeline::new(self.pipeline, counters);
+            pipeline.share_neighbours(&inboxes, i);
             let worker = Box::new(Worker {
                 queue: i as u16,
                 port_ids: port_ids.clone(),
-                pipeline: Pipeline::new(self.pipeline, counters),
+                pipeline,
                 snapshot: Arc::clone(&snapshot),
                 stop: Arc::clone(&self.stop),
                 pool,

@@ -117,7 +117,11 @@ impl Drop for Eal {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             let ours = format!("{}map_", self.file_prefix);
             for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&ours) {
+                // Exactly `<prefix>map_<n>`: never another prefix's files.
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let ours = name.strip_prefix(&ours).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                if ours {
                     let _ = std::fs::remove_file(e.path());
                 }
             }

@@ -345,6 +345,47 @@ fn a_new_snapshot_keeps_what_the_worker_learned() {
 }
 
 #[test]
+fn workers_share_what_they_learn_from_arp() {
+    let snap = Snapshot::build(&spec()).unwrap();
+    let inboxes = neighbour_inboxes(2);
+    let mut a = Rig { snap: Snapshot::build(&spec()).unwrap(), pipe: Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default())), now: 1 };
+    let mut b = Rig { snap, pipe: Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default())), now: 1 };
+    a.pipe.share_neighbours(&inboxes, 0);
+    b.pipe.share_neighbours(&inboxes, 1);
+    // Only worker a sees the ARP replies (RSS put them on its queue).
+    a.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+    for (addr, mac) in BACKENDS.iter().zip(BACKEND_MACS) {
+        a.teach(1, *addr, mac, GW_B_IP);
+    }
+    // Worker b forwards without ARPing itself.
+    let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    assert_eq!(b.run(0, &mut f), Verdict::Transmit(1));
+    let (_, mac, _, dst, _, _, _) = inspect(&f);
+    assert_eq!(mac, BACKEND_MACS[BACKENDS.iter().position(|&x| x == dst).unwrap()]);
+    let mut reply = tcp_frame((dst, 8080), (CLIENT, 40000), 64, b"");
+    assert_eq!(b.run(1, &mut reply), Verdict::Transmit(0));
+    assert_eq!(b.pipe.take_solicitations().count(), 0);
+    assert!(inboxes[1].is_empty() && inboxes[0].is_empty());
+}
+
+#[test]
+fn many_unresolved_next_hops_are_all_solicited_over_successive_passes() {
+    // 100 backends, none answering: more than one pass can ask for.
+    let mut s = spec();
+    s.services[0].backends = (0..100u32).map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1 }).collect();
+    let snap = Snapshot::build(&s).unwrap();
+    let mut pipe = Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default()));
+    let mut asked = std::collections::HashSet::new();
+    for pass in 0..8u64 {
+        pipe.housekeeping(&snap, 1 + pass * 100_000_000);
+        asked.extend(pipe.take_solicitations().map(|s| s.target_ip));
+    }
+    for i in 0..100u32 {
+        assert!(asked.contains(&(ip(198, 18, 1, 100) + i)), "backend {i} never solicited");
+    }
+}
+
+#[test]
 fn answers_arp_for_own_addresses_and_vips_only() {
     let mut r = Rig::new();
     for (port, target, mac) in [(0u16, GW_C_IP, GW_C), (0, VIP, GW_C), (1, GW_B_IP, GW_B), (1, VIP, GW_B)] {
