@@ -10,6 +10,7 @@
 
 pub mod checksum;
 pub mod counters;
+pub mod flow;
 pub mod hash;
 pub mod maglev;
 pub mod neighbour;
