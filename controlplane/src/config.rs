@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
+use vipgate_dataplane::flow::{DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY};
 use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
@@ -122,6 +123,61 @@ struct RawDataplane {
     idle_sleep_us: u32,
     #[serde(default = "default_neighbours")]
     neighbour_capacity: Spanned<u32>,
+    #[serde(default = "default_flow_capacity")]
+    flow_capacity: Spanned<u64>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+/// Connection-tracking timeouts, in seconds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default = "default_tcp_syn")]
+    tcp_syn: Spanned<u64>,
+    #[serde(default = "default_tcp_established")]
+    tcp_established: Spanned<u64>,
+    #[serde(default = "default_tcp_closing")]
+    tcp_closing: Spanned<u64>,
+    #[serde(default = "default_tcp_reset")]
+    tcp_reset: Spanned<u64>,
+    #[serde(default = "default_udp")]
+    udp: Spanned<u64>,
+}
+
+fn secs(ns: u64) -> Spanned<u64> {
+    Spanned::new(0..0, ns / 1_000_000_000)
+}
+fn default_tcp_syn() -> Spanned<u64> {
+    secs(FlowTimeouts::default().tcp_syn_ns)
+}
+fn default_tcp_established() -> Spanned<u64> {
+    secs(FlowTimeouts::default().tcp_established_ns)
+}
+fn default_tcp_closing() -> Spanned<u64> {
+    secs(FlowTimeouts::default().tcp_closing_ns)
+}
+fn default_tcp_reset() -> Spanned<u64> {
+    secs(FlowTimeouts::default().tcp_reset_ns)
+}
+fn default_udp() -> Spanned<u64> {
+    secs(FlowTimeouts::default().udp_ns)
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            tcp_syn: default_tcp_syn(),
+            tcp_established: default_tcp_established(),
+            tcp_closing: default_tcp_closing(),
+            tcp_reset: default_tcp_reset(),
+            udp: default_udp(),
+        }
+    }
+}
+
+fn default_flow_capacity() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_FLOW_CAPACITY as u64)
 }
 
 fn default_mbufs() -> Spanned<u32> {
@@ -141,6 +197,8 @@ impl Default for RawDataplane {
             mbuf_cache: default_mbuf_cache(),
             idle_sleep_us: 0,
             neighbour_capacity: default_neighbours(),
+            flow_capacity: default_flow_capacity(),
+            timeouts: RawTimeouts::default(),
         }
     }
 }
@@ -351,6 +409,36 @@ impl Validator<'_> {
         if *dp.neighbour_capacity.get_ref() < 16 {
             return self.err(dp.neighbour_capacity.span(), "dataplane.neighbour_capacity", "at least 16 entries are needed");
         }
+        let flows = *dp.flow_capacity.get_ref();
+        if !(1024..=MAX_FLOW_CAPACITY as u64).contains(&flows) {
+            return self.err(
+                dp.flow_capacity.span(),
+                "dataplane.flow_capacity",
+                format!("{flows} is not from 1024 to {MAX_FLOW_CAPACITY} (each slot takes {} bytes per worker)", vipgate_dataplane::flow::BYTES_PER_SLOT),
+            );
+        }
+        // The flow table keeps expiry in a clock of about 1 ms units in 32
+        // bits; timeouts beyond 26 days are capped there, so refuse them.
+        const MAX_TIMEOUT_S: u64 = 26 * 24 * 3600;
+        let t = &dp.timeouts;
+        for (name, v) in [
+            ("tcp_syn", &t.tcp_syn),
+            ("tcp_established", &t.tcp_established),
+            ("tcp_closing", &t.tcp_closing),
+            ("tcp_reset", &t.tcp_reset),
+            ("udp", &t.udp),
+        ] {
+            if !(1..=MAX_TIMEOUT_S).contains(v.get_ref()) {
+                return self.err(v.span(), format!("dataplane.timeouts.{name}"), format!("{} is not from 1 to {MAX_TIMEOUT_S} seconds", v.get_ref()));
+            }
+        }
+        let flow_timeouts = FlowTimeouts {
+            tcp_syn_ns: *t.tcp_syn.get_ref() * 1_000_000_000,
+            tcp_established_ns: *t.tcp_established.get_ref() * 1_000_000_000,
+            tcp_closing_ns: *t.tcp_closing.get_ref() * 1_000_000_000,
+            tcp_reset_ns: *t.tcp_reset.get_ref() * 1_000_000_000,
+            udp_ns: *t.udp.get_ref() * 1_000_000_000,
+        };
 
         if raw.ports.is_empty() {
             return self.err(raw.eal.span(), "ports", "no [[ports]] configured; the gateway needs at least one");
@@ -567,7 +655,12 @@ impl Validator<'_> {
             mbufs: *dp.mbufs.get_ref(),
             mbuf_cache: *dp.mbuf_cache.get_ref(),
             idle_sleep_us: dp.idle_sleep_us,
-            pipeline: PipelineConfig { neighbour_capacity: *dp.neighbour_capacity.get_ref() as usize, ..PipelineConfig::default() },
+            pipeline: PipelineConfig {
+                neighbour_capacity: *dp.neighbour_capacity.get_ref() as usize,
+                neighbour_timers: PipelineConfig::default().neighbour_timers,
+                flow_capacity: flows as usize,
+                flow_timeouts,
+            },
         };
         Ok(Config { path: self.file.to_owned(), lcores, eal_args, dataplane, devices, api_socket: raw.api.socket, spec })
     }

@@ -109,6 +109,10 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
             .map(|&r| pb::DropCount { reason: r.name().to_owned(), packets: c.drops(r) })
             .collect(),
         consumed: c.consumed.get(),
+        flows_created: c.flows_created.get(),
+        flows_evicted: c.flows_evicted.get(),
+        flows_rehashed: c.flows_rehashed.get(),
+        flows_active: c.flows_active.get(),
     }
 }
 
@@ -133,6 +137,10 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.busy_polls, c.busy_polls),
         (&mut total.busy_cycles, c.busy_cycles),
         (&mut total.consumed, c.consumed),
+        (&mut total.flows_created, c.flows_created),
+        (&mut total.flows_evicted, c.flows_evicted),
+        (&mut total.flows_rehashed, c.flows_rehashed),
+        (&mut total.flows_active, c.flows_active),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);

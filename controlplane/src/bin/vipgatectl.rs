@@ -198,6 +198,10 @@ struct CountersJson {
     busy_cycles: u64,
     drops: Drops,
     consumed: u64,
+    flows_created: u64,
+    flows_evicted: u64,
+    flows_rehashed: u64,
+    flows_active: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -285,6 +289,10 @@ impl From<pb::PacketCounters> for CountersJson {
             busy_cycles: c.busy_cycles,
             drops: Drops(c.drops.into_iter().map(|d| (d.reason, d.packets)).collect()),
             consumed: c.consumed,
+            flows_created: c.flows_created,
+            flows_evicted: c.flows_evicted,
+            flows_rehashed: c.flows_rehashed,
+            flows_active: c.flows_active,
         }
     }
 }
@@ -348,6 +356,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
         "ICMP_ECHO",
         "DROPS",
         "CONSUMED",
+        "FLOWS",
+        "NEW_FLOWS",
         "BUSY_POLLS",
         "BUSY_CYCLES",
     ];
@@ -364,6 +374,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
             c.icmp_echo_replies,
             c.drops.total(),
             c.consumed,
+            c.flows_active,
+            c.flows_created,
             c.busy_polls,
             c.busy_cycles,
         ];

@@ -8,6 +8,10 @@ file_prefix = "vgtest"
 
 [dataplane]
 idle_sleep_us = 20
+flow_capacity = 65536
+
+[dataplane.timeouts]
+udp = 60
 
 [api]
 socket = "/run/vipgate/test.sock"
@@ -67,6 +71,9 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
     assert_eq!(c.dataplane.ports[0].device, "net_tap0");
     assert_eq!(c.dataplane.ports[1].device, "0000:03:00.1");
     assert_eq!(c.dataplane.idle_sleep_us, 20);
+    assert_eq!(c.dataplane.pipeline.flow_capacity, 65536);
+    assert_eq!(c.dataplane.pipeline.flow_timeouts.udp_ns, 60_000_000_000);
+    assert_eq!(c.dataplane.pipeline.flow_timeouts.tcp_established_ns, FlowTimeouts::default().tcp_established_ns);
     assert_eq!(c.api_socket, PathBuf::from("/run/vipgate/test.sock"));
     assert_eq!(c.services().len(), 2);
     assert_eq!(c.services()[0].table_size, DEFAULT_TABLE_SIZE);
@@ -99,45 +106,48 @@ fn hugepages_and_vdev_only_give_no_pci_and_optional_huge_unlink() {
 fn every_bad_input_names_line_field_and_reason() {
     let cases: &[(&str, &str, usize, &str, &str)] = &[
         ("lcores = \"0,1\"", "lcores = \"0\"", 3, "eal.lcores", "at least two lcores"),
+        ("flow_capacity = 65536", "flow_capacity = 10", 9, "dataplane.flow_capacity", "is not from 1024"),
+        ("udp = 60", "udp = 0", 12, "dataplane.timeouts.udp", "not from 1 to"),
+        ("udp = 60", "udp = 99999999", 12, "dataplane.timeouts.udp", "not from 1 to"),
         ("lcores = \"0,1\"", "lcores = \"0,x\"", 3, "eal.lcores", "not an lcore number"),
         ("lcores = \"0,1\"", "lcores = \"0,0\"", 3, "eal.lcores", "listed twice"),
         ("file_prefix = \"vgtest\"", "file_prefix = \"a b\"", 5, "eal.file_prefix", "letters, digits"),
-        ("name = \"backend\"", "name = \"client\"", 19, "ports[1].name", "already named"),
-        ("device = \"0000:03:00.1\"", "device = \"eth0\"", 20, "ports[1].device", "neither a virtual device"),
-        ("device = \"0000:03:00.1\"", "device = \"net_tap0,iface=x\"", 20, "ports[1].device", "used by another port"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1\"]", 21, "ports[1].addresses[0]", "needs a prefix length"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.300/24\"]", 21, "ports[1].addresses[0]", "not an IPv4 address"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/33\"]", 21, "ports[1].addresses[0]", "1 to 32"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.0.9/16\"]", 21, "ports[1].addresses[0]", "overlaps 198.18.0.1/24"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.0/24\"]", 21, "ports[1].addresses[0]", "network or broadcast"),
-        ("prefix = \"198.19.0.0/16\"", "prefix = \"198.19.0.1/16\"", 24, "routes[0].prefix", "did you mean 198.19.0.0/16"),
-        ("via = \"198.18.0.254\"", "via = \"198.18.7.254\"", 25, "routes[0].via", "not on any port's subnet"),
-        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"198.18.0.1\"\nport = 80", 29, "services[0].vip", "address of port \"client\""),
-        ("port = 80", "port = 0", 30, "services[0].port", "not a port number"),
-        ("port = 80", "port = 70000", 30, "services[0].port", "not a port number"),
-        ("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 40, "services[1].port", "already served by service \"web\""),
-        ("protocol = \"tcp\"", "protocol = \"sctp\"", 31, "services[0].protocol", "not \"tcp\" or \"udp\""),
-        ("table_size = 251", "table_size = 250", 42, "services[1].table_size", "not a prime"),
-        ("table_size = 251", "table_size = 2", 42, "services[1].table_size", "not a prime from 3"),
-        ("weight = 3", "weight = 70000", 34, "services[0].backends[1].weight", "not from 0 to 65535"),
-        ("weight = 3", "weight = -1", 34, "services[0].backends[1].weight", "not from 0 to 65535"),
-        ("\"198.18.1.12\", port = 8080", "\"198.18.1.11\", port = 8080", 34, "services[0].backends[1].address", "listed twice"),
-        ("\"198.18.1.12\", port = 8080", "\"198.20.1.12\", port = 8080", 34, "services[0].backends[1].address", "no route to 198.20.1.12"),
-        ("\"198.18.1.12\", port = 8080", "\"198.18.1.1\", port = 8080", 34, "services[0].backends[1].address", "the gateway itself"),
-        ("\"198.18.1.12\", port = 8080", "\"198.18.100.1\", port = 8080", 34, "services[0].backends[1].address", "a VIP"),
-        ("\"198.18.1.12\", port = 8080", "\"224.0.0.1\", port = 8080", 34, "services[0].backends[1].address", "not a unicast"),
-        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"0.0.0.0\"\nport = 80", 29, "services[0].vip", "not a unicast"),
-        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"239.1.1.1\"\nport = 80", 29, "services[0].vip", "not a unicast"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/24\", \"198.18.1.1/24\"]", 21, "ports[1].addresses[1]", "listed twice"),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/0\"]", 21, "ports[1].addresses[0]", "from 1 to 32"),
-        ("[\"198.18.1.1/24\"]", "[\"127.0.0.1/8\"]", 21, "ports[1].addresses[0]", "not a unicast"),
-        ("via = \"198.18.0.254\"", "via = \"198.18.0.1\"", 25, "routes[0].via", "the gateway itself"),
-        ("port = 8080, weight = 3", "port = 0, weight = 3", 34, "services[0].backends[1].port", "not a port number"),
-        ("name = \"dns\"", "name = \"web\"", 38, "services[1].name", "already named"),
-        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 46, "neighbours[0].address", "not on any port's subnet"),
-        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.1.1\"\nmac", 46, "neighbours[0].address", "the gateway itself"),
-        ("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01\"", 47, "neighbours[0].mac", "not a MAC address"),
-        ("mac = \"02:00:00:00:01:0b\"", "mac = \"01:00:5e:00:00:01\"", 47, "neighbours[0].mac", "not a unicast"),
+        ("name = \"backend\"", "name = \"client\"", 23, "ports[1].name", "already named"),
+        ("device = \"0000:03:00.1\"", "device = \"eth0\"", 24, "ports[1].device", "neither a virtual device"),
+        ("device = \"0000:03:00.1\"", "device = \"net_tap0,iface=x\"", 24, "ports[1].device", "used by another port"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1\"]", 25, "ports[1].addresses[0]", "needs a prefix length"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.300/24\"]", 25, "ports[1].addresses[0]", "not an IPv4 address"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/33\"]", 25, "ports[1].addresses[0]", "1 to 32"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.0.9/16\"]", 25, "ports[1].addresses[0]", "overlaps 198.18.0.1/24"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.0/24\"]", 25, "ports[1].addresses[0]", "network or broadcast"),
+        ("prefix = \"198.19.0.0/16\"", "prefix = \"198.19.0.1/16\"", 28, "routes[0].prefix", "did you mean 198.19.0.0/16"),
+        ("via = \"198.18.0.254\"", "via = \"198.18.7.254\"", 29, "routes[0].via", "not on any port's subnet"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"198.18.0.1\"\nport = 80", 33, "services[0].vip", "address of port \"client\""),
+        ("port = 80", "port = 0", 34, "services[0].port", "not a port number"),
+        ("port = 80", "port = 70000", 34, "services[0].port", "not a port number"),
+        ("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 44, "services[1].port", "already served by service \"web\""),
+        ("protocol = \"tcp\"", "protocol = \"sctp\"", 35, "services[0].protocol", "not \"tcp\" or \"udp\""),
+        ("table_size = 251", "table_size = 250", 46, "services[1].table_size", "not a prime"),
+        ("table_size = 251", "table_size = 2", 46, "services[1].table_size", "not a prime from 3"),
+        ("weight = 3", "weight = 70000", 38, "services[0].backends[1].weight", "not from 0 to 65535"),
+        ("weight = 3", "weight = -1", 38, "services[0].backends[1].weight", "not from 0 to 65535"),
+        ("\"198.18.1.12\", port = 8080", "\"198.18.1.11\", port = 8080", 38, "services[0].backends[1].address", "listed twice"),
+        ("\"198.18.1.12\", port = 8080", "\"198.20.1.12\", port = 8080", 38, "services[0].backends[1].address", "no route to 198.20.1.12"),
+        ("\"198.18.1.12\", port = 8080", "\"198.18.1.1\", port = 8080", 38, "services[0].backends[1].address", "the gateway itself"),
+        ("\"198.18.1.12\", port = 8080", "\"198.18.100.1\", port = 8080", 38, "services[0].backends[1].address", "a VIP"),
+        ("\"198.18.1.12\", port = 8080", "\"224.0.0.1\", port = 8080", 38, "services[0].backends[1].address", "not a unicast"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"0.0.0.0\"\nport = 80", 33, "services[0].vip", "not a unicast"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"239.1.1.1\"\nport = 80", 33, "services[0].vip", "not a unicast"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/24\", \"198.18.1.1/24\"]", 25, "ports[1].addresses[1]", "listed twice"),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/0\"]", 25, "ports[1].addresses[0]", "from 1 to 32"),
+        ("[\"198.18.1.1/24\"]", "[\"127.0.0.1/8\"]", 25, "ports[1].addresses[0]", "not a unicast"),
+        ("via = \"198.18.0.254\"", "via = \"198.18.0.1\"", 29, "routes[0].via", "the gateway itself"),
+        ("port = 8080, weight = 3", "port = 0, weight = 3", 38, "services[0].backends[1].port", "not a port number"),
+        ("name = \"dns\"", "name = \"web\"", 42, "services[1].name", "already named"),
+        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 50, "neighbours[0].address", "not on any port's subnet"),
+        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.1.1\"\nmac", 50, "neighbours[0].address", "the gateway itself"),
+        ("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01\"", 51, "neighbours[0].mac", "not a MAC address"),
+        ("mac = \"02:00:00:00:01:0b\"", "mac = \"01:00:5e:00:00:01\"", 51, "neighbours[0].mac", "not a unicast"),
     ];
     for (from, to, line, field, reason) in cases {
         assert!(GOOD.contains(from), "fixture lacks {from:?}");
@@ -226,5 +236,5 @@ fn duplicate_route_prefixes_are_refused() {
         "via = \"198.18.0.254\"\n\n[[routes]]\nprefix = \"198.19.0.0/16\"\nvia = \"198.18.0.253\"\n",
     );
     let msg = parse(&text).unwrap_err().to_string();
-    assert!(msg.contains(":28: routes[1].prefix: routes[0] already has this prefix"), "{msg}");
+    assert!(msg.contains(":32: routes[1].prefix: routes[0] already has this prefix"), "{msg}");
 }

@@ -90,6 +90,12 @@ impl Counter {
         self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
+    /// Sets the value (for gauges). Only the owning worker may call this.
+    #[inline(always)]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+
     /// Adds one. Only the owning worker may call this.
     #[inline(always)]
     pub fn inc(&self) {
@@ -132,6 +138,17 @@ pub struct WorkerCounters {
     /// consumed, where arp_requests are the packets the worker itself
     /// originates.
     pub consumed: Counter,
+    /// Flows added to the connection-tracking table.
+    pub flows_created: Counter,
+    /// Live flows pushed out of a full connection-tracking table to make
+    /// room for a new one (the new flow is still forwarded).
+    pub flows_evicted: Counter,
+    /// Flows whose backend left its service and that were moved to a live
+    /// backend chosen by Maglev.
+    pub flows_rehashed: Counter,
+    /// Occupied connection-tracking slots (a gauge, updated by housekeeping;
+    /// an upper bound on live flows: expired ones are counted until swept).
+    pub flows_active: Counter,
     /// Loop iterations that received at least one packet.
     pub busy_polls: Counter,
     /// TSC cycles spent in busy iterations (rx through tx).

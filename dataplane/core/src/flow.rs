@@ -1,8 +1,8 @@
 //! The connection-tracking table of one worker.
 //!
 //! Owns: which flows the worker has seen, what each was translated to
-//! (backend, source NAT address and port, the snapshot generation that chose
-//! them), its TCP state as far as timeouts need it, and when it expires. It
+//! (backend and a hint of its place in the service, source NAT address and port),
+//! its TCP state as far as timeouts need it, and when it expires. It
 //! neither parses nor rewrites packets, chooses backends or allocates source
 //! ports: the pipeline does, and hands this table keys, TCP flags and `now`.
 //! Every entry that leaves the table (removed, replaced, evicted, or found
@@ -245,10 +245,13 @@ pub struct FlowEntry {
     pub backend_addr: u32,
     /// Source address the flow is translated to (FullNAT), or 0.
     pub snat_addr: u32,
-    /// Low 32 bits of the generation of the snapshot that chose the
-    /// translation: while it matches the current snapshot, the pipeline can
-    /// trust the entry without checking the backend again.
-    pub snapshot_generation: u32,
+    /// Where the backend stood in its service's backend list when this entry
+    /// was last checked: a hint, always verified against `backend_addr` and
+    /// `backend_port`, so after a configuration change the pipeline finds
+    /// the backend with one comparison while it has not moved.
+    pub backend_index: u16,
+    /// Unused; keeps the layout explicit.
+    pub reserved: u16,
     src_port: u16,
     dst_port: u16,
     /// Port the flow is translated to (the backend's).
@@ -274,8 +277,8 @@ impl FlowEntry {
     const VACANT: FlowEntry =
         FlowEntry::new(&FlowKey { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
 
-    /// An entry for `key` in `state`, with no translation, generation 0 and
-    /// no flags; set the public fields before inserting it.
+    /// An entry for `key` in `state`, with no translation and no flags; set
+    /// the public fields before inserting it.
     #[must_use]
     pub const fn new(key: &FlowKey, state: FlowState) -> FlowEntry {
         FlowEntry {
@@ -283,7 +286,8 @@ impl FlowEntry {
             dst_addr: key.dst_addr,
             backend_addr: 0,
             snat_addr: 0,
-            snapshot_generation: 0,
+            backend_index: 0,
+            reserved: 0,
             src_port: key.src_port,
             dst_port: key.dst_port,
             backend_port: 0,

@@ -15,10 +15,11 @@
 //! translate them).
 
 use crate::counters::{DropReason, WorkerCounters};
+use crate::flow::{FlowEntry, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Backend, Service, Snapshot};
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
 use arrayvec::ArrayVec;
 use crossbeam::queue::ArrayQueue;
@@ -91,18 +92,34 @@ pub struct PipelineConfig {
     pub neighbour_capacity: usize,
     /// Neighbour timers.
     pub neighbour_timers: NeighbourTimers,
+    /// Slots in the connection-tracking table (see `flow::memory_bytes`).
+    pub flow_capacity: usize,
+    /// Connection-tracking timeouts.
+    pub flow_timeouts: FlowTimeouts,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { neighbour_capacity: 4096, neighbour_timers: NeighbourTimers::default() }
+        PipelineConfig {
+            neighbour_capacity: 4096,
+            neighbour_timers: NeighbourTimers::default(),
+            flow_capacity: crate::flow::DEFAULT_CAPACITY,
+            flow_timeouts: FlowTimeouts::default(),
+        }
     }
 }
+
+/// Housekeeping passes it takes to sweep the whole connection-tracking
+/// table for expired flows (at 10 passes a second: every 10 seconds).
+const SWEEP_PASSES: usize = 100;
 
 /// One worker's packet step and the state it keeps between bursts.
 #[derive(Debug)]
 pub struct Pipeline {
     neighbours: NeighbourTable,
+    /// Connection tracking: the backend each flow was given, so flows keep
+    /// it when backends are added, removed or reweighted.
+    flows: FlowTable,
     counters: Arc<WorkerCounters>,
     solicitations: ArrayVec<Solicitation, MAX_SOLICITATIONS>,
     /// MACs of the snapshot's known next hops, by slot: the fast path reads
@@ -122,6 +139,7 @@ impl Pipeline {
     pub fn new(config: PipelineConfig, counters: Arc<WorkerCounters>) -> Self {
         Pipeline {
             neighbours: NeighbourTable::new(config.neighbour_capacity, config.neighbour_timers),
+            flows: FlowTable::new(config.flow_capacity, config.flow_timeouts),
             counters,
             solicitations: ArrayVec::new(),
             next_hop_macs: Vec::new(),
@@ -146,6 +164,11 @@ impl Pipeline {
     /// The neighbour table.
     pub fn neighbours(&self) -> &NeighbourTable {
         &self.neighbours
+    }
+
+    /// The connection-tracking table.
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
     }
 
     /// Processes a burst: one verdict per packet, frames rewritten in place.
@@ -181,6 +204,9 @@ impl Pipeline {
             self.adopt(snap, now);
         }
         self.neighbours.expire(now);
+        let budget = self.flows.capacity().div_ceil(SWEEP_PASSES);
+        self.flows.expire_some(now, budget, |_| {});
+        self.counters.flows_active.set(self.flows.occupied() as u64);
         // Permanent entries are re-asserted every pass, so they never age out.
         for (addr, mac) in snap.static_neighbours() {
             self.neighbours.learn(addr, mac.0, now);
@@ -279,16 +305,16 @@ impl Pipeline {
                 let Ok((sport, dport)) = ports else {
                     return Verdict::Drop(DropReason::Malformed);
                 };
+                let tcp_flags = if proto == ipv4::protocol::TCP { tcp::Packet::new_unchecked(&*l4).flags() } else { 0 };
 
                 if let Some(svc) = snap.service(dst, dport, proto) {
                     if ttl <= 1 {
                         return Verdict::Drop(DropReason::TtlExceeded);
                     }
                     let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    let Some(i) = svc.maglev.lookup(flow_hash(&key)) else {
+                    let Some(backend) = self.backend_for(svc, &key, tcp_flags, now) else {
                         return Verdict::Drop(DropReason::NoBackend);
                     };
-                    let backend = svc.backends[usize::from(i)];
                     let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
                         return Verdict::Drop(DropReason::NoNeighbour);
                     };
@@ -304,6 +330,16 @@ impl Pipeline {
                 if let Some(rev) = snap.reverse(src, sport, proto) {
                     if ttl <= 1 {
                         return Verdict::Drop(DropReason::TtlExceeded);
+                    }
+                    // The reply's flow, as the client sees it. The
+                    // translation comes from configuration, so a reply is
+                    // translated even without an entry (a flow another
+                    // gateway started); an entry only follows the TCP state.
+                    if proto == ipv4::protocol::TCP {
+                        let key = FlowKey { src_addr: dst, dst_addr: rev.vip, src_port: dport, dst_port: rev.port, protocol: proto };
+                        if let Some(flow) = self.flows.lookup(&key, now) {
+                            self.flows.on_tcp_flags(flow, false, tcp_flags, now);
+                        }
                     }
                     let Some(nh) = snap.routes().next_hop(dst) else {
                         return Verdict::Drop(DropReason::NoRoute);
@@ -347,6 +383,54 @@ impl Pipeline {
             }
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
+    }
+
+    /// The backend of a client packet's flow: the one its tracked flow has,
+    /// or for a new flow the one Maglev picks (then tracked). A flow keeps
+    /// its backend when backends are added, removed or reweighted (weight 0
+    /// drains: Maglev stops picking the backend, its flows go on); a flow
+    /// whose backend left the service is moved to the backend Maglev picks.
+    #[inline]
+    fn backend_for(&mut self, svc: &Service, key: &FlowKey, tcp_flags: u16, now: u64) -> Option<Backend> {
+        let hash = self.flows.hash_key(key);
+        if let Some(flow) = self.flows.lookup_hashed(key, hash, now) {
+            let e = *self.flows.get(flow);
+            let hinted = svc.backends.get(usize::from(e.backend_index)).filter(|b| b.addr == e.backend_addr && b.port == e.backend_port);
+            let backend = match hinted {
+                Some(b) => *b,
+                None => {
+                    let (i, moved) = match svc.position(e.backend_addr, e.backend_port) {
+                        Some(i) => (i, false),
+                        None => (usize::from(svc.maglev.lookup(flow_hash(key))?), true),
+                    };
+                    let b = svc.backends[i];
+                    let entry = self.flows.get_mut(flow);
+                    entry.backend_index = i as u16;
+                    entry.backend_addr = b.addr;
+                    entry.backend_port = b.port;
+                    if moved {
+                        self.counters.flows_rehashed.inc();
+                    }
+                    b
+                }
+            };
+            if key.protocol == ipv4::protocol::TCP {
+                self.flows.on_tcp_flags(flow, true, tcp_flags, now);
+            }
+            return Some(backend);
+        }
+        let i = svc.maglev.lookup(flow_hash(key))?;
+        let b = svc.backends[usize::from(i)];
+        let mut entry = FlowEntry::new(key, FlowState::of_first_packet(key.protocol, tcp_flags));
+        entry.backend_addr = b.addr;
+        entry.backend_port = b.port;
+        entry.backend_index = i;
+        let (_, outcome) = self.flows.insert_hashed(entry, hash, now);
+        self.counters.flows_created.inc();
+        if outcome.is_eviction() {
+            self.counters.flows_evicted.inc();
+        }
+        Some(b)
     }
 
     /// The drop reason for a packet no rule took: `if_vip` when addressed to

@@ -227,6 +227,15 @@ pub struct Service {
     pub backends: Vec<Backend>,
 }
 
+impl Service {
+    /// Where the backend `addr:port` stands in `backends`. A scan: called
+    /// only when a flow's cached position no longer matches (after a
+    /// configuration change), never for the packets of a steady flow.
+    pub fn position(&self, addr: u32, port: u16) -> Option<usize> {
+        self.backends.iter().position(|b| b.addr == addr && b.port == port)
+    }
+}
+
 /// A compiled port.
 #[derive(Clone, Debug)]
 pub struct Port {

@@ -40,6 +40,12 @@ fn spec() -> SnapshotSpec {
     }
 }
 
+/// A pipeline configuration with a small connection-tracking table, so the
+/// many pipelines the tests create stay cheap.
+fn test_config() -> PipelineConfig {
+    PipelineConfig { flow_capacity: 4096, ..PipelineConfig::default() }
+}
+
 struct Rig {
     snap: Snapshot,
     pipe: Pipeline,
@@ -49,7 +55,7 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         let snap = Snapshot::build(&spec()).unwrap();
-        let pipe = Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default()));
+        let pipe = Pipeline::new(test_config(), Arc::new(WorkerCounters::default()));
         Rig { snap, pipe, now: 1_000_000_000 }
     }
 
@@ -284,7 +290,7 @@ fn static_neighbours_resolve_without_arp_and_are_never_overridden() {
     let mut s = spec();
     s.neighbours = BACKENDS.iter().zip(BACKEND_MACS).map(|(&addr, mac)| crate::snapshot::NeighbourSpec { addr, mac: EthernetAddress(mac) }).collect();
     let snap = Snapshot::build(&s).unwrap();
-    let mut r = Rig { snap, pipe: Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default())), now: 1 };
+    let mut r = Rig { snap, pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
     r.pipe.housekeeping(&r.snap, r.now);
     let targets: Vec<u32> = r.pipe.take_solicitations().map(|s| s.target_ip).collect();
     assert_eq!(targets, vec![ROUTER], "only the router needs ARP");
@@ -348,8 +354,8 @@ fn a_new_snapshot_keeps_what_the_worker_learned() {
 fn workers_share_what_they_learn_from_arp() {
     let snap = Snapshot::build(&spec()).unwrap();
     let inboxes = neighbour_inboxes(2);
-    let mut a = Rig { snap: Snapshot::build(&spec()).unwrap(), pipe: Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default())), now: 1 };
-    let mut b = Rig { snap, pipe: Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default())), now: 1 };
+    let mut a = Rig { snap: Snapshot::build(&spec()).unwrap(), pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
+    let mut b = Rig { snap, pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
     a.pipe.share_neighbours(&inboxes, 0);
     b.pipe.share_neighbours(&inboxes, 1);
     // Only worker a sees the ARP replies (RSS put them on its queue).
@@ -374,7 +380,7 @@ fn many_unresolved_next_hops_are_all_solicited_over_successive_passes() {
     let mut s = spec();
     s.services[0].backends = (0..100u32).map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1 }).collect();
     let snap = Snapshot::build(&s).unwrap();
-    let mut pipe = Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default()));
+    let mut pipe = Pipeline::new(test_config(), Arc::new(WorkerCounters::default()));
     let mut asked = std::collections::HashSet::new();
     for pass in 0..8u64 {
         pipe.housekeeping(&snap, 1 + pass * 100_000_000);
@@ -528,4 +534,147 @@ proptest! {
         let (_, _, rsrc, rdst, _, rsport, rdport) = inspect(&reply);
         prop_assert_eq!((rsrc, rsport, rdst, rdport), (VIP, vport, client, sport));
     }
+}
+
+/// The web service with these (address, weight) backends on port 8080.
+fn spec_with(backends: &[(u32, u32)]) -> SnapshotSpec {
+    let mut s = spec();
+    s.services[0].backends = backends.iter().map(|&(addr, weight)| BackendSpec { addr, port: 8080, weight }).collect();
+    s
+}
+
+/// Sends one TCP segment of flow `sport` (client -> VIP:80) and returns the
+/// backend address it was sent to.
+fn send(r: &mut Rig, sport: u16, flags_syn: bool) -> u32 {
+    let mut f = tcp_frame((CLIENT, sport), (VIP, 80), 64, b"");
+    if !flags_syn {
+        f[14 + 20 + 13] = 0x10; // ACK only
+        let (src, dst) = (CLIENT, VIP);
+        let l4 = &mut f[14 + 20..];
+        tcp::Packet::new_unchecked(&mut l4[..20]).fill_checksum(src, dst);
+    }
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(1), "flow {sport}");
+    inspect(&f).3
+}
+
+const B4: u32 = ip(198, 18, 1, 14);
+
+#[test]
+fn established_flows_keep_their_backend_when_a_backend_is_added() {
+    let mut r = Rig::resolved();
+    r.teach(1, B4, [0x02, 0xbb, 0, 0, 0, 14], GW_B_IP);
+    let before: Vec<u32> = (0..600u16).map(|p| send(&mut r, 20000 + p, true)).collect();
+
+    let grown = spec_with(&[(BACKENDS[0], 1), (BACKENDS[1], 1), (BACKENDS[2], 1), (B4, 1)]);
+    // Without state, Maglev would move about a quarter of these flows.
+    let mut fresh = Rig { snap: Snapshot::build(&grown).unwrap(), pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
+    fresh.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+    for (a, m) in BACKENDS.iter().zip(BACKEND_MACS).chain([(&B4, [0x02, 0xbb, 0, 0, 0, 14])]) {
+        fresh.teach(1, *a, m, GW_B_IP);
+    }
+    let stateless: Vec<u32> = (0..600u16).map(|p| send(&mut fresh, 20000 + p, true)).collect();
+    let would_move = before.iter().zip(&stateless).filter(|(a, b)| a != b).count();
+    assert!(would_move > 60, "the new backend would take only {would_move} of 600 flows");
+
+    r.snap = Snapshot::build(&grown).unwrap();
+    for (p, b) in before.iter().enumerate() {
+        assert_eq!(send(&mut r, 20000 + p as u16, false), *b, "flow {p} changed backend");
+    }
+    // New flows do reach the new backend.
+    let new_to_b4 = (0..300u16).filter(|p| send(&mut r, 40000 + p, true) == B4).count();
+    assert!(new_to_b4 > 30, "{new_to_b4} of 300 new flows went to the new backend");
+    assert_eq!(r.pipe.counters().flows_rehashed.get(), 0);
+}
+
+#[test]
+fn weight_zero_drains_a_backend_and_a_removed_backend_is_rehashed() {
+    let mut r = Rig::resolved();
+    let before: Vec<u32> = (0..300u16).map(|p| send(&mut r, 20000 + p, true)).collect();
+    let on_b0 = before.iter().filter(|&&b| b == BACKENDS[0]).count();
+    assert!(on_b0 > 50);
+
+    // Drain backend 0: its flows go on, no new flow reaches it.
+    r.snap = Snapshot::build(&spec_with(&[(BACKENDS[0], 0), (BACKENDS[1], 1), (BACKENDS[2], 1)])).unwrap();
+    for (p, b) in before.iter().enumerate() {
+        assert_eq!(send(&mut r, 20000 + p as u16, false), *b, "drained: flow {p} moved");
+    }
+    for p in 0..300u16 {
+        assert_ne!(send(&mut r, 40000 + p, true), BACKENDS[0], "a new flow reached the drained backend");
+    }
+
+    // Remove backend 0: its flows move to live backends, the others stay.
+    r.snap = Snapshot::build(&spec_with(&[(BACKENDS[1], 1), (BACKENDS[2], 1)])).unwrap();
+    for (p, b) in before.iter().enumerate() {
+        let now_on = send(&mut r, 20000 + p as u16, false);
+        if *b == BACKENDS[0] {
+            assert_ne!(now_on, BACKENDS[0]);
+        } else {
+            assert_eq!(now_on, *b, "flow {p} on a remaining backend moved");
+        }
+    }
+    assert_eq!(r.pipe.counters().flows_rehashed.get(), on_b0 as u64);
+}
+
+#[test]
+fn a_full_flow_table_still_forwards_new_flows() {
+    let snap = Snapshot::build(&spec()).unwrap();
+    let config = PipelineConfig { flow_capacity: 64, ..PipelineConfig::default() };
+    let mut r = Rig { snap, pipe: Pipeline::new(config, Arc::new(WorkerCounters::default())), now: 1 };
+    r.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+    for (a, m) in BACKENDS.iter().zip(BACKEND_MACS) {
+        r.teach(1, *a, m, GW_B_IP);
+    }
+    for p in 0..1000u16 {
+        send(&mut r, 20000 + p, true);
+    }
+    let c = r.pipe.counters();
+    assert_eq!(c.flows_created.get(), 1000);
+    assert!(c.flows_evicted.get() >= 1000 - 64, "evicted {}", c.flows_evicted.get());
+    assert!(r.pipe.flows().occupied() <= r.pipe.flows().capacity());
+}
+
+#[test]
+fn udp_flows_expire_and_then_follow_maglev_again() {
+    let mut r = Rig::resolved();
+    r.teach(1, B4, [0x02, 0xbb, 0, 0, 0, 14], GW_B_IP);
+    let udp = |r: &mut Rig, sport: u16| {
+        let mut f = udp_frame((CLIENT, sport), (VIP, 53), 64, b"q");
+        assert_eq!(r.run(0, &mut f), Verdict::Transmit(1));
+        inspect(&f).3
+    };
+    let before: Vec<u32> = (0..200u16).map(|p| udp(&mut r, 30000 + p)).collect();
+    let mut grown = spec();
+    grown.services[1].backends.push(BackendSpec { addr: B4, port: 5353, weight: 1 });
+    r.snap = Snapshot::build(&grown).unwrap();
+    // Within the UDP timeout the flows stay put.
+    r.now += 60 * 1_000_000_000;
+    for (p, b) in before.iter().enumerate() {
+        assert_eq!(udp(&mut r, 30000 + p as u16), *b);
+    }
+    // After it, they are new flows, and some land on the new backend.
+    r.now += 400 * 1_000_000_000;
+    r.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+    for (a, m) in BACKENDS.iter().zip(BACKEND_MACS).chain([(&B4, [0x02, 0xbb, 0, 0, 0, 14])]) {
+        r.teach(1, *a, m, GW_B_IP);
+    }
+    let moved = (0..200u16).filter(|&p| udp(&mut r, 30000 + p) == B4).count();
+    assert!(moved > 20, "only {moved} expired flows re-balanced onto the new backend");
+}
+
+#[test]
+fn replies_drive_the_tcp_state_of_the_flow() {
+    let mut r = Rig::resolved();
+    let backend = send(&mut r, 20000, true);
+    send(&mut r, 20000, false);
+    let key = FlowKey { src_addr: CLIENT, dst_addr: VIP, src_port: 20000, dst_port: 80, protocol: 6 };
+    let state = |r: &Rig| r.pipe.flows().find(&key, r.now).map(|f| r.pipe.flows().get(f).state);
+    assert_eq!(state(&r), Some(FlowState::TcpEstablished));
+    // The backend closes: FIN from the server side.
+    let mut fin = tcp_frame((backend, 8080), (CLIENT, 20000), 64, b"");
+    fin[14 + 20 + 13] = 0x11; // FIN|ACK
+    let l4 = &mut fin[14 + 20..];
+    tcp::Packet::new_unchecked(&mut l4[..20]).fill_checksum(backend, CLIENT);
+    assert_eq!(r.run(1, &mut fin), Verdict::Transmit(0));
+    assert_eq!(state(&r), Some(FlowState::TcpClosing));
+    assert_eq!(r.pipe.flows().find(&key, r.now).map(|f| r.pipe.flows().get(f).flags & FlowEntry::FIN_FROM_BACKEND), Some(FlowEntry::FIN_FROM_BACKEND));
 }
