@@ -580,10 +580,18 @@ impl FlowTable {
         self.entries.len()
     }
 
-    /// Slots holding an entry not yet handed back: the live flows plus the
-    /// expired ones no insert or sweep has reclaimed yet. An upper bound on
-    /// the live flows, in constant time.
-    #[must_use]
+    /// Where the table's memory lies, as (address, length in bytes), so the
+    /// DPDK driver can ask the kernel to back it with huge pages. The
+    /// addresses are for that advice only.
+    pub fn memory_regions(&self) -> [(usize, usize); 2] {
+        [
+            (self.buckets.as_ptr() as usize, size_of_val(&*self.buckets)),
+            (self.entries.as_ptr() as usize, size_of_val(&*self.entries)),
+        ]
+    }
+
+    /// Occupied slots: an upper bound on live flows (expired ones count
+    /// until they are swept or reused).
     pub fn occupied(&self) -> usize {
         self.occupied
     }

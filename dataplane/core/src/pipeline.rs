@@ -171,6 +171,12 @@ impl Pipeline {
         &self.flows
     }
 
+    /// Where the connection-tracking table's memory lies (address, bytes),
+    /// for the driver's huge-page advice.
+    pub fn flow_memory(&self) -> [(usize, usize); 2] {
+        self.flows.memory_regions()
+    }
+
     /// Processes a burst: one verdict per packet, frames rewritten in place.
     /// Drops are counted here; the driver counts rx, tx and tx-full drops.
     ///

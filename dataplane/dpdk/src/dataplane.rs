@@ -5,12 +5,12 @@ use crate::eal::Eal;
 use crate::error::{DpdkError, strerror};
 use crate::mempool::Mempool;
 use crate::port::{Port, PortStats};
-use crate::worker::{Worker, worker_main};
+use crate::worker::{WorkerSetup, worker_main};
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vipgate_dataplane::counters::WorkerCounters;
-use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, neighbour_inboxes};
+use vipgate_dataplane::pipeline::{PipelineConfig, neighbour_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::EthernetAddress;
 
@@ -183,12 +183,13 @@ impl Dataplane {
         let lcores: Vec<(u32, Arc<WorkerCounters>)> = self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters))).collect();
         let inboxes = neighbour_inboxes(lcores.len());
         for (i, (lcore, counters)) in lcores.into_iter().enumerate() {
-            let mut pipeline = Pipeline::new(self.pipeline, counters);
-            pipeline.share_neighbours(&inboxes, i);
-            let worker = Box::new(Worker {
+            let worker = Box::new(WorkerSetup {
+                index: i,
                 queue: i as u16,
                 port_ids: port_ids.clone(),
-                pipeline,
+                pipeline: self.pipeline,
+                counters,
+                inboxes: inboxes.clone(),
                 snapshot: Arc::clone(&snapshot),
                 stop: Arc::clone(&self.stop),
                 pool,
@@ -201,7 +202,7 @@ impl Dataplane {
             let rc = unsafe { vipgate_ffi::rte_eal_remote_launch(Some(worker_main), arg, lcore) };
             if rc != 0 {
                 // SAFETY: the launch failed, so the worker never took `arg`.
-                drop(unsafe { Box::from_raw(arg as *mut Worker) });
+                drop(unsafe { Box::from_raw(arg as *mut WorkerSetup) });
                 self.stop_workers();
                 return Err(DpdkError::Launch { lcore, reason: strerror(rc) });
             }

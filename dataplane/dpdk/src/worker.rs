@@ -15,7 +15,7 @@ use std::ptr::null_mut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
-use vipgate_dataplane::pipeline::{Pipeline, RxPacket, Solicitation, Verdict};
+use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Solicitation, Verdict};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::arp;
 use vipgate_ffi::rte_mbuf;
@@ -26,13 +26,79 @@ const IDLE_POLLS_BEFORE_SLEEP: u32 = 1024;
 /// Housekeeping (neighbour expiry and refresh) runs this many times a second.
 const HOUSEKEEPING_HZ: u64 = 10;
 
-/// Everything one worker owns. Moved to its lcore at launch.
+/// What a worker is built from, on its own lcore: the pipeline's tables are
+/// allocated and first touched there, so they live on the worker's NUMA
+/// node.
+/// A worker's neighbour inbox.
+pub(crate) type Inbox = Arc<crossbeam::queue::ArrayQueue<vipgate_dataplane::pipeline::NeighbourUpdate>>;
+
+pub(crate) struct WorkerSetup {
+    pub(crate) index: usize,
+    pub(crate) queue: u16,
+    pub(crate) port_ids: Vec<u16>,
+    pub(crate) pipeline: PipelineConfig,
+    pub(crate) counters: Arc<WorkerCounters>,
+    pub(crate) inboxes: Vec<Inbox>,
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) pool: *mut vipgate_ffi::rte_mempool,
+    pub(crate) idle_sleep_us: u32,
+    pub(crate) tsc_hz: u64,
+}
+
+// SAFETY: the set-up is handed to exactly one lcore; the mempool pointer
+// refers to a pool usable from any lcore that outlives every worker.
+unsafe impl Send for WorkerSetup {}
+
+impl WorkerSetup {
+    fn build(self) -> Worker {
+        let mut pipeline = Pipeline::new(self.pipeline, self.counters);
+        pipeline.share_neighbours(&self.inboxes, self.index);
+        for (addr, len) in pipeline.flow_memory() {
+            advise_huge_pages(addr, len);
+        }
+        Worker {
+            queue: self.queue,
+            port_ids: self.port_ids,
+            pipeline,
+            snapshot: self.snapshot,
+            stop: self.stop,
+            pool: self.pool,
+            idle_sleep_us: self.idle_sleep_us,
+            tsc_hz: self.tsc_hz,
+        }
+    }
+}
+
+/// Asks the kernel to back `len` bytes at `addr` with transparent huge
+/// pages, and to convert the pages already there (Linux 6.1+), so that
+/// lookups spread over a large flow table do not miss the TLB on every
+/// packet. Advice only: if the kernel declines (older kernel, THP disabled)
+/// nothing changes but speed.
+fn advise_huge_pages(addr: usize, len: usize) {
+    const HUGE: usize = 2 << 20;
+    // Only whole 2 MiB pages inside the region can be huge.
+    let start = addr.next_multiple_of(HUGE);
+    let end = (addr + len) / HUGE * HUGE;
+    if end <= start {
+        return;
+    }
+    for advice in [libc::MADV_HUGEPAGE, libc::MADV_COLLAPSE] {
+        // SAFETY: [start, end) lies inside an allocation this thread owns
+        // (the flow table's boxed slices, alive for the worker's life);
+        // MADV_HUGEPAGE and MADV_COLLAPSE change how it is backed, never
+        // its contents.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+    }
+}
+
+/// Everything one worker owns, on its lcore.
 pub(crate) struct Worker {
     /// Queue id this worker polls (rx) and sends on (tx), on every port.
     pub(crate) queue: u16,
     /// DPDK port ids, indexed by dense port index.
     pub(crate) port_ids: Vec<u16>,
-    pub(crate) pipeline: Pipeline,
+    pipeline: Pipeline,
     pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
@@ -104,12 +170,13 @@ unsafe fn mtod(m: *mut rte_mbuf) -> *mut u8 {
 /// lcore entry point given to `rte_eal_remote_launch`.
 ///
 /// # Safety
-/// `arg` must come from `Box::into_raw(Box<Worker>)` and be passed exactly
-/// once.
+/// `arg` must come from `Box::into_raw(Box<WorkerSetup>)` and be passed
+/// exactly once.
 pub(crate) unsafe extern "C" fn worker_main(arg: *mut c_void) -> i32 {
-    // SAFETY: per this function's contract, `arg` is a leaked Box<Worker>
-    // that nobody else owns; it is reclaimed and dropped here.
-    let mut worker = unsafe { Box::from_raw(arg as *mut Worker) };
+    // SAFETY: per this function's contract, `arg` is a leaked
+    // Box<WorkerSetup> that nobody else owns; it is reclaimed here.
+    let setup = unsafe { Box::from_raw(arg as *mut WorkerSetup) };
+    let mut worker = setup.build();
     worker.run();
     0
 }
