@@ -630,6 +630,15 @@ impl FlowTable {
         [first, self.other_bucket(first, tag)]
     }
 
+    /// Addresses of the metadata lines of a hash's two candidate buckets, for
+    /// a prefetch hint issued by the caller while earlier packets of the
+    /// burst are processed. The addresses are for that hint only.
+    #[inline]
+    pub fn prefetch_addresses(&self, hash: FlowHash) -> [usize; 2] {
+        let [a, b] = self.candidate_buckets(hash);
+        [&self.buckets[a] as *const Bucket as usize, &self.buckets[b] as *const Bucket as usize]
+    }
+
     /// First bucket and tag of a hash.
     #[inline]
     fn home(&self, hash: FlowHash) -> (usize, u32) {

@@ -15,7 +15,7 @@
 //! translate them).
 
 use crate::counters::{DropReason, WorkerCounters};
-use crate::flow::{FlowEntry, FlowState, FlowTable, FlowTimeouts};
+use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
@@ -113,6 +113,28 @@ impl Default for PipelineConfig {
 /// table for expired flows (at 10 passes a second: every 10 seconds).
 const SWEEP_PASSES: usize = 100;
 
+/// Issues memory prefetch hints for the pipeline. The packet core cannot
+/// (prefetch instructions need `unsafe` in Rust), so it says what to fetch
+/// and the driver does it; tests and benches without a driver use
+/// [`NoPrefetch`].
+pub trait Prefetch {
+    /// Hints that the cache line at `addr` is about to be read.
+    fn prefetch(&self, addr: usize);
+}
+
+/// A [`Prefetch`] that does nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoPrefetch;
+
+impl Prefetch for NoPrefetch {
+    #[inline(always)]
+    fn prefetch(&self, _addr: usize) {}
+}
+
+/// Most packets in one call of [`Pipeline::process`] whose flow hash is
+/// computed ahead (the rest are hashed when reached).
+const HASH_AHEAD: usize = 64;
+
 /// One worker's packet step and the state it keeps between bursts.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -132,6 +154,8 @@ pub struct Pipeline {
     inbox: Option<Arc<ArrayQueue<NeighbourUpdate>>>,
     /// The other workers' inboxes.
     peers: Vec<Arc<ArrayQueue<NeighbourUpdate>>>,
+    /// Flow-table hashes computed ahead for the burst being processed.
+    ahead: [Option<FlowHash>; HASH_AHEAD],
 }
 
 impl Pipeline {
@@ -146,6 +170,7 @@ impl Pipeline {
             next_hop_generation: 0,
             inbox: None,
             peers: Vec::new(),
+            ahead: [None; HASH_AHEAD],
         }
     }
 
@@ -182,12 +207,36 @@ impl Pipeline {
     ///
     /// `verdicts` must be at least as long as `packets`.
     pub fn process(&mut self, snap: &Snapshot, now: u64, packets: &mut [RxPacket<'_>], verdicts: &mut [Verdict]) {
+        self.process_with(snap, now, packets, verdicts, &NoPrefetch);
+    }
+
+    /// [`Pipeline::process`], first hashing every TCP/UDP packet's flow and
+    /// prefetching its connection-tracking buckets through `prefetch`, so
+    /// the table's cache misses overlap instead of stalling packet by packet.
+    pub fn process_with<P: Prefetch>(
+        &mut self,
+        snap: &Snapshot,
+        now: u64,
+        packets: &mut [RxPacket<'_>],
+        verdicts: &mut [Verdict],
+        prefetch: &P,
+    ) {
         if snap.generation() != self.next_hop_generation {
             self.adopt(snap, now);
         }
         self.drain_inbox(snap, now);
-        for (p, v) in packets.iter_mut().zip(verdicts.iter_mut()) {
-            let verdict = self.process_one(snap, now, p.port, p.frame);
+        for (i, p) in packets.iter().enumerate().take(HASH_AHEAD) {
+            let hash = flow_key_of(p.frame).map(|key| self.flows.hash_key(&key));
+            if let Some(h) = hash {
+                for addr in self.flows.prefetch_addresses(h) {
+                    prefetch.prefetch(addr);
+                }
+            }
+            self.ahead[i] = hash;
+        }
+        for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
+            let ahead = self.ahead.get(i).copied().flatten();
+            let verdict = self.process_one(snap, now, p.port, p.frame, ahead);
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
@@ -271,20 +320,20 @@ impl Pipeline {
     }
 
     #[inline]
-    fn process_one(&mut self, snap: &Snapshot, now: u64, port: u16, frame: &mut [u8]) -> Verdict {
+    fn process_one(&mut self, snap: &Snapshot, now: u64, port: u16, frame: &mut [u8], ahead: Option<FlowHash>) -> Verdict {
         let ethertype = match ethernet::Frame::new_checked(&*frame) {
             Ok(eth) => eth.ethertype(),
             Err(_) => return Verdict::Drop(DropReason::Malformed),
         };
         match ethertype {
-            EtherType::IPV4 => self.ipv4(snap, now, port, frame),
+            EtherType::IPV4 => self.ipv4(snap, now, port, frame, ahead),
             EtherType::ARP => self.arp(snap, now, port, frame),
             _ => Verdict::Drop(DropReason::Unsupported),
         }
     }
 
     #[inline]
-    fn ipv4(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8]) -> Verdict {
+    fn ipv4(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8], ahead: Option<FlowHash>) -> Verdict {
         let (eth, rest) = frame.split_at_mut(ethernet::HEADER_LEN);
         let Ok(ip) = ipv4::Packet::new_checked(&*rest) else {
             return Verdict::Drop(DropReason::Malformed);
@@ -318,7 +367,7 @@ impl Pipeline {
                         return Verdict::Drop(DropReason::TtlExceeded);
                     }
                     let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    let Some(backend) = self.backend_for(svc, &key, tcp_flags, now) else {
+                    let Some(backend) = self.backend_for(svc, &key, ahead, tcp_flags, now) else {
                         return Verdict::Drop(DropReason::NoBackend);
                     };
                     let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
@@ -397,8 +446,10 @@ impl Pipeline {
     /// drains: Maglev stops picking the backend, its flows go on); a flow
     /// whose backend left the service is moved to the backend Maglev picks.
     #[inline]
-    fn backend_for(&mut self, svc: &Service, key: &FlowKey, tcp_flags: u16, now: u64) -> Option<Backend> {
-        let hash = self.flows.hash_key(key);
+    fn backend_for(&mut self, svc: &Service, key: &FlowKey, ahead: Option<FlowHash>, tcp_flags: u16, now: u64) -> Option<Backend> {
+        // The hash computed ahead is of the packet's own 5-tuple, which for
+        // a client packet is exactly `key`.
+        let hash = ahead.unwrap_or_else(|| self.flows.hash_key(key));
         if let Some(flow) = self.flows.lookup_hashed(key, hash, now) {
             let e = *self.flows.get(flow);
             let hinted = svc.backends.get(usize::from(e.backend_index)).filter(|b| b.addr == e.backend_addr && b.port == e.backend_port);
@@ -530,6 +581,31 @@ impl Pipeline {
         // When full, the neighbour table's retransmit timer asks again later.
         let _ = self.solicitations.try_push(Solicitation { port: nh.port, sender_mac: port.mac, sender_ip, target_ip: nh.addr });
     }
+}
+
+/// The 5-tuple of an untagged IPv4 TCP or UDP frame, read with every bound
+/// checked and nothing else validated: only for computing hashes ahead; the
+/// main pass validates the packet in full and decides what it is.
+#[inline]
+fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
+    let ip = frame.get(ethernet::HEADER_LEN..)?;
+    if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 {
+        return None;
+    }
+    let protocol = *ip.get(9)?;
+    if protocol != ipv4::protocol::TCP && protocol != ipv4::protocol::UDP {
+        return None;
+    }
+    let hl = usize::from(ip[0] & 0x0f) * 4;
+    let l4 = ip.get(hl..hl + 4)?;
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    Some(FlowKey {
+        src_addr: be32(ip.get(12..16)?),
+        dst_addr: be32(ip.get(16..20)?),
+        src_port: u16::from_be_bytes([l4[0], l4[1]]),
+        dst_port: u16::from_be_bytes([l4[2], l4[3]]),
+        protocol,
+    })
 }
 
 /// Which end of a flow a rewrite changes.

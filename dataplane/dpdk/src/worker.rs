@@ -15,7 +15,7 @@ use std::ptr::null_mut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
-use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Solicitation, Verdict};
+use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, Prefetch, RxPacket, Solicitation, Verdict};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::arp;
 use vipgate_ffi::rte_mbuf;
@@ -143,6 +143,16 @@ fn rdtsc() -> u64 {
     }
 }
 
+/// The pipeline's prefetch hints, issued as CPU prefetch instructions.
+struct CpuPrefetch;
+
+impl Prefetch for CpuPrefetch {
+    #[inline(always)]
+    fn prefetch(&self, addr: usize) {
+        prefetch(addr as *const u8);
+    }
+}
+
 /// Hints the CPU to fetch the cache line at `p` into all cache levels.
 #[inline(always)]
 fn prefetch(p: *const u8) {
@@ -259,7 +269,7 @@ impl Worker {
         }
         counters.rx_packets.add(n as u64);
         counters.rx_bytes.add(bytes);
-        self.pipeline.process(&self.snapshot, now, &mut packets, &mut verdicts[..n]);
+        self.pipeline.process_with(&self.snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
         drop(packets);
 
         let mut free: ArrayVec<*mut rte_mbuf, BURST> = ArrayVec::new();
