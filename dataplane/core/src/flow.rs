@@ -639,6 +639,20 @@ impl FlowTable {
         [&self.buckets[a] as *const Bucket as usize, &self.buckets[b] as *const Bucket as usize]
     }
 
+    /// Address of the first entry whose tag matches the hash, for a second
+    /// prefetch hint once the buckets' metadata is in cache (a tag match is
+    /// likely the flow; a miss or a stale match costs only a wasted hint).
+    #[inline]
+    pub fn entry_prefetch_address(&self, hash: FlowHash) -> Option<usize> {
+        let (first, tag) = self.home(hash);
+        for bucket in [first, self.other_bucket(first, tag)] {
+            if let Some(i) = self.buckets[bucket].tags.iter().position(|&t| t == tag) {
+                return Some(&self.entries[bucket * SLOTS_PER_BUCKET + i] as *const FlowEntry as usize);
+            }
+        }
+        None
+    }
+
     /// First bucket and tag of a hash.
     #[inline]
     fn home(&self, hash: FlowHash) -> (usize, u32) {

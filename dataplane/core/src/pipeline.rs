@@ -234,6 +234,13 @@ impl Pipeline {
             }
             self.ahead[i] = hash;
         }
+        // Second stage: the metadata of the first packets has arrived by
+        // now; fetch the entries their tags point at.
+        for hash in self.ahead.iter().take(packets.len().min(HASH_AHEAD)).flatten() {
+            if let Some(addr) = self.flows.entry_prefetch_address(*hash) {
+                prefetch.prefetch(addr);
+            }
+        }
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
             let ahead = self.ahead.get(i).copied().flatten();
             let verdict = self.process_one(snap, now, p.port, p.frame, ahead);
