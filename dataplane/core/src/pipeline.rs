@@ -1,18 +1,19 @@
 //! The per-burst packet step: classify, look up, translate, pick the next
 //! hop, rewrite, and return a verdict per packet.
 //!
-//! Owns: the forwarding decision for one worker and that worker's neighbour
-//! table. It rewrites frames in place (NAT never changes a frame's length)
-//! and never allocates, locks, logs or reads a clock: time comes in as `now`
-//! (nanoseconds, monotonic). Must not touch mbufs, ports or queues: the
-//! driver does that with the verdicts.
+//! Owns: the forwarding decision for one worker, and that worker's neighbour
+//! and connection-tracking tables. It rewrites frames in place (NAT never
+//! changes a frame's length) and never allocates, locks, logs or reads a
+//! clock: time comes in as `now` (nanoseconds, monotonic). Must not touch
+//! mbufs, ports or queues: the driver does that with the verdicts.
 //!
-//! In this slice the service mode is destination NAT: the client's address
-//! is kept, the destination becomes the backend chosen by Maglev on the flow
-//! hash, and replies from a backend address:port are translated back to the
-//! VIP:port found in the snapshot's reverse map (derived from configuration,
-//! not from per-flow state, so any gateway with the same configuration can
-//! translate them).
+//! The service mode is destination NAT: the client's address is kept, the
+//! destination becomes the flow's backend: the one its tracked flow already
+//! has, or for a new flow the one Maglev picks on the stable flow hash.
+//! Replies from a backend address:port are translated back to the VIP:port
+//! found in the snapshot's reverse map (derived from configuration, not from
+//! per-flow state, so any gateway with the same configuration can translate
+//! them); a tracked TCP flow also follows the reply's FIN and RST.
 
 use crate::counters::{DropReason, WorkerCounters};
 use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
@@ -131,9 +132,21 @@ impl Prefetch for NoPrefetch {
     fn prefetch(&self, _addr: usize) {}
 }
 
-/// Most packets in one call of [`Pipeline::process`] whose flow hash is
-/// computed ahead (the rest are hashed when reached).
+/// Most packets in one call of [`Pipeline::process`] classified ahead (the
+/// rest are looked up when reached).
 const HASH_AHEAD: usize = 64;
+
+/// What the pass ahead of a burst learned about one packet.
+#[derive(Clone, Copy, Debug)]
+enum Ahead {
+    /// Not examined (past `HASH_AHEAD`, or not untagged IPv4 TCP/UDP).
+    Unknown,
+    /// TCP or UDP to no service.
+    NoService,
+    /// To this service (index into the snapshot's services); the hash of
+    /// its 5-tuple in the connection-tracking table.
+    Service(u32, FlowHash),
+}
 
 /// One worker's packet step and the state it keeps between bursts.
 #[derive(Debug)]
@@ -154,8 +167,8 @@ pub struct Pipeline {
     inbox: Option<Arc<ArrayQueue<NeighbourUpdate>>>,
     /// The other workers' inboxes.
     peers: Vec<Arc<ArrayQueue<NeighbourUpdate>>>,
-    /// Flow-table hashes computed ahead for the burst being processed.
-    ahead: [Option<FlowHash>; HASH_AHEAD],
+    /// What the pass ahead learned about each packet of the current burst.
+    ahead: [Ahead; HASH_AHEAD],
 }
 
 impl Pipeline {
@@ -170,7 +183,7 @@ impl Pipeline {
             next_hop_generation: 0,
             inbox: None,
             peers: Vec::new(),
-            ahead: [None; HASH_AHEAD],
+            ahead: [Ahead::Unknown; HASH_AHEAD],
         }
     }
 
@@ -225,24 +238,36 @@ impl Pipeline {
             self.adopt(snap, now);
         }
         self.drain_inbox(snap, now);
+        // First stage: classify each packet once (the main pass reuses the
+        // result) and, for client packets to a service, hash the 5-tuple and
+        // prefetch the flow's two candidate buckets. Replies and strays are
+        // not worth a hash: they do not meet the table with their own tuple.
         for (i, p) in packets.iter().enumerate().take(HASH_AHEAD) {
-            let hash = flow_key_of(p.frame).map(|key| self.flows.hash_key(&key));
-            if let Some(h) = hash {
-                for addr in self.flows.prefetch_addresses(h) {
-                    prefetch.prefetch(addr);
-                }
-            }
-            self.ahead[i] = hash;
+            self.ahead[i] = match flow_key_of(p.frame) {
+                None => Ahead::Unknown,
+                Some(key) => match snap.service_index(key.dst_addr, key.dst_port, key.protocol) {
+                    None => Ahead::NoService,
+                    Some(svc) => {
+                        let hash = self.flows.hash_key(&key);
+                        for addr in self.flows.prefetch_addresses(hash) {
+                            prefetch.prefetch(addr);
+                        }
+                        Ahead::Service(svc, hash)
+                    }
+                },
+            };
         }
-        // Second stage: the metadata of the first packets has arrived by
-        // now; fetch the entries their tags point at.
-        for hash in self.ahead.iter().take(packets.len().min(HASH_AHEAD)).flatten() {
-            if let Some(addr) = self.flows.entry_prefetch_address(*hash) {
+        // Second stage: the first packets' metadata has arrived by now;
+        // fetch the entries their tags point at.
+        for a in self.ahead.iter().take(packets.len().min(HASH_AHEAD)) {
+            if let Ahead::Service(_, hash) = *a
+                && let Some(addr) = self.flows.entry_prefetch_address(hash)
+            {
                 prefetch.prefetch(addr);
             }
         }
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
-            let ahead = self.ahead.get(i).copied().flatten();
+            let ahead = self.ahead.get(i).copied().unwrap_or(Ahead::Unknown);
             let verdict = self.process_one(snap, now, p.port, p.frame, ahead);
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
@@ -327,7 +352,7 @@ impl Pipeline {
     }
 
     #[inline]
-    fn process_one(&mut self, snap: &Snapshot, now: u64, port: u16, frame: &mut [u8], ahead: Option<FlowHash>) -> Verdict {
+    fn process_one(&mut self, snap: &Snapshot, now: u64, port: u16, frame: &mut [u8], ahead: Ahead) -> Verdict {
         let ethertype = match ethernet::Frame::new_checked(&*frame) {
             Ok(eth) => eth.ethertype(),
             Err(_) => return Verdict::Drop(DropReason::Malformed),
@@ -340,7 +365,7 @@ impl Pipeline {
     }
 
     #[inline]
-    fn ipv4(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8], ahead: Option<FlowHash>) -> Verdict {
+    fn ipv4(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8], ahead: Ahead) -> Verdict {
         let (eth, rest) = frame.split_at_mut(ethernet::HEADER_LEN);
         let Ok(ip) = ipv4::Packet::new_checked(&*rest) else {
             return Verdict::Drop(DropReason::Malformed);
@@ -369,12 +394,18 @@ impl Pipeline {
                 };
                 let tcp_flags = if proto == ipv4::protocol::TCP { tcp::Packet::new_unchecked(&*l4).flags() } else { 0 };
 
-                if let Some(svc) = snap.service(dst, dport, proto) {
+                // The pass ahead read the same bytes, so its answer stands.
+                let (svc, hash) = match ahead {
+                    Ahead::Service(i, hash) => (snap.services().get(i as usize), Some(hash)),
+                    Ahead::NoService => (None, None),
+                    Ahead::Unknown => (snap.service(dst, dport, proto), None),
+                };
+                if let Some(svc) = svc {
                     if ttl <= 1 {
                         return Verdict::Drop(DropReason::TtlExceeded);
                     }
                     let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    let Some(backend) = self.backend_for(svc, &key, ahead, tcp_flags, now) else {
+                    let Some(backend) = self.backend_for(svc, &key, hash, tcp_flags, now) else {
                         return Verdict::Drop(DropReason::NoBackend);
                     };
                     let Some(mac) = self.resolve(snap, backend.next_hop, now) else {

@@ -457,6 +457,13 @@ impl Snapshot {
         self.services.get(&l4_key(vip, port, protocol)).map(|&i| &self.service_list[i as usize])
     }
 
+    /// The index (into [`Snapshot::services`]) of the service listening on
+    /// `vip:port/protocol`.
+    #[inline]
+    pub fn service_index(&self, vip: u32, port: u16, protocol: u8) -> Option<u32> {
+        self.services.get(&l4_key(vip, port, protocol)).copied()
+    }
+
     /// Where a reply from `backend:port/protocol` is translated back to.
     #[inline]
     pub fn reverse(&self, backend: u32, port: u16, protocol: u8) -> Option<ReverseNat> {
