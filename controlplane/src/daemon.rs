@@ -5,7 +5,7 @@
 //! initialised EAL) runs a current-thread tokio runtime for the control
 //! plane; workers run on the other lcores.
 
-use crate::api::{self, GatewayView, MempoolView, PortStats, PortView, WorkerView};
+use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
 use std::sync::Arc;
 use tracing::{error, info};
@@ -48,22 +48,7 @@ impl GatewayView for DaemonView {
         self.ports
             .iter()
             .map(|p| {
-                let s = p.stats();
-                PortView {
-                    name: p.name.clone(),
-                    port_id: p.id,
-                    mac: p.mac.0,
-                    stats: PortStats {
-                        ipackets: s.ipackets,
-                        opackets: s.opackets,
-                        ibytes: s.ibytes,
-                        obytes: s.obytes,
-                        imissed: s.imissed,
-                        ierrors: s.ierrors,
-                        oerrors: s.oerrors,
-                        rx_nombuf: s.rx_nombuf,
-                    },
-                }
+                PortView { name: p.name.clone(), port_id: p.id, mac: p.mac.0, stats: p.stats() }
             })
             .collect()
     }

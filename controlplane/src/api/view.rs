@@ -47,26 +47,9 @@ pub struct PortView {
     pub stats: PortStats,
 }
 
-/// A port's driver counters, field for field DPDK's `rte_eth_stats` totals.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortStats {
-    /// Packets received successfully.
-    pub ipackets: u64,
-    /// Packets transmitted successfully.
-    pub opackets: u64,
-    /// Bytes received successfully.
-    pub ibytes: u64,
-    /// Bytes transmitted successfully.
-    pub obytes: u64,
-    /// Packets dropped by the NIC because the receive queues were full.
-    pub imissed: u64,
-    /// Packets received with errors.
-    pub ierrors: u64,
-    /// Packets whose transmission failed.
-    pub oerrors: u64,
-    /// Receive failures for lack of an mbuf.
-    pub rx_nombuf: u64,
-}
+/// A port's driver counters (plain numbers, DPDK's `rte_eth_stats` totals),
+/// shared with the driver so the daemon hands them over as they are.
+pub use vipgate_dpdk::PortStats;
 
 /// The packet buffer pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -53,23 +53,7 @@ pub struct PortView {
 impl PortView {
     /// The driver's counters for this port.
     pub fn stats(&self) -> PortStats {
-        // SAFETY: all-zero is a valid rte_eth_stats.
-        let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
-        // SAFETY: reading stats of a probed port id is thread-safe; an id
-        // that was closed meanwhile makes DPDK return an error, not fault.
-        if unsafe { vipgate_ffi::rte_eth_stats_get(self.id, &mut s) } != 0 {
-            return PortStats::default();
-        }
-        PortStats {
-            ipackets: s.ipackets,
-            opackets: s.opackets,
-            ibytes: s.ibytes,
-            obytes: s.obytes,
-            imissed: s.imissed,
-            ierrors: s.ierrors,
-            oerrors: s.oerrors,
-            rx_nombuf: s.rx_nombuf,
-        }
+        PortStats::read(self.id)
     }
 }
 

@@ -31,6 +31,31 @@ pub struct PortStats {
     pub rx_nombuf: u64,
 }
 
+impl PortStats {
+    /// Reads port `id`'s counters from its driver; zeros if it cannot
+    /// report them.
+    pub fn read(id: u16) -> PortStats {
+        // SAFETY: all-zero is a valid rte_eth_stats.
+        let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid out-pointer; reading a port's stats is thread-safe,
+        // and an id that is not (or no longer) a port makes DPDK return an
+        // error, not fault.
+        if unsafe { vipgate_ffi::rte_eth_stats_get(id, &mut s) } != 0 {
+            return PortStats::default();
+        }
+        PortStats {
+            ipackets: s.ipackets,
+            opackets: s.opackets,
+            ibytes: s.ibytes,
+            obytes: s.obytes,
+            imissed: s.imissed,
+            ierrors: s.ierrors,
+            oerrors: s.oerrors,
+            rx_nombuf: s.rx_nombuf,
+        }
+    }
+}
+
 /// A started DPDK port. Stop and close it with [`Port::close`].
 #[derive(Debug)]
 pub struct Port {
@@ -161,22 +186,7 @@ impl Port {
 
     /// Driver counters; zeros if the driver cannot report them.
     pub fn stats(&self) -> PortStats {
-        // SAFETY: all-zero is a valid rte_eth_stats.
-        let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
-        // SAFETY: valid port id and out-pointer; callable from any thread.
-        if unsafe { vipgate_ffi::rte_eth_stats_get(self.id, &mut s) } != 0 {
-            return PortStats::default();
-        }
-        PortStats {
-            ipackets: s.ipackets,
-            opackets: s.opackets,
-            ibytes: s.ibytes,
-            obytes: s.obytes,
-            imissed: s.imissed,
-            ierrors: s.ierrors,
-            oerrors: s.oerrors,
-            rx_nombuf: s.rx_nombuf,
-        }
+        PortStats::read(self.id)
     }
 
     /// Stops and closes the port; its queues release every mbuf they hold.
