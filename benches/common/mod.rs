@@ -38,6 +38,7 @@ pub fn snapshot() -> Snapshot {
             protocol: Protocol::Tcp,
             table_size: 65537,
             backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
+            on_backend_removal: Default::default(),
         }],
     })
     .expect("benchmark snapshot")

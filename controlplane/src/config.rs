@@ -17,7 +17,8 @@ use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, RouteSpec, ServiceSpec, Snapshot, SnapshotSpec,
+    BackendSpec, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec, ServiceSpec, Snapshot,
+    SnapshotSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{DataplaneConfig, PortConfig};
@@ -244,6 +245,7 @@ struct RawService {
     port: Spanned<i64>,
     protocol: Spanned<String>,
     table_size: Option<Spanned<i64>>,
+    on_backend_removal: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -620,7 +622,15 @@ impl Validator<'_> {
             if backends.len() > usize::try_from(table_size).unwrap_or(usize::MAX) {
                 return self.err(s.name.span(), f("backends"), format!("{} backends do not fit a table of {table_size} slots", backends.len()));
             }
-            services.push(ServiceSpec { name, vip, port, protocol, table_size, backends });
+            let on_backend_removal = match &s.on_backend_removal {
+                None => OnBackendRemoval::Rehash,
+                Some(v) => match v.get_ref().as_str() {
+                    "rehash" => OnBackendRemoval::Rehash,
+                    "reset" => OnBackendRemoval::Reset,
+                    other => return self.err(v.span(), f("on_backend_removal"), format!("{other:?} is not \"rehash\" or \"reset\"")),
+                },
+            };
+            services.push(ServiceSpec { name, vip, port, protocol, table_size, backends, on_backend_removal });
         }
 
         let mut neighbours = Vec::new();

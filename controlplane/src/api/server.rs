@@ -113,6 +113,7 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
         flows_evicted: c.flows_evicted.get(),
         flows_rehashed: c.flows_rehashed.get(),
         flows_active: c.flows_active.get(),
+        flows_reset: c.flows_reset.get(),
     }
 }
 
@@ -141,6 +142,7 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.flows_evicted, c.flows_evicted),
         (&mut total.flows_rehashed, c.flows_rehashed),
         (&mut total.flows_active, c.flows_active),
+        (&mut total.flows_reset, c.flows_reset),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);

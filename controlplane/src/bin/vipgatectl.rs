@@ -202,6 +202,7 @@ struct CountersJson {
     flows_evicted: u64,
     flows_rehashed: u64,
     flows_active: u64,
+    flows_reset: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -293,6 +294,7 @@ impl From<pb::PacketCounters> for CountersJson {
             flows_evicted: c.flows_evicted,
             flows_rehashed: c.flows_rehashed,
             flows_active: c.flows_active,
+            flows_reset: c.flows_reset,
         }
     }
 }

@@ -46,6 +46,7 @@ vip = "198.18.100.1"
 port = 53
 protocol = "UDP"
 table_size = 251
+on_backend_removal = "reset"
 backends = [ { address = "198.18.1.11", port = 53 } ]
 
 [[neighbours]]
@@ -79,6 +80,8 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
     assert_eq!(c.services()[0].table_size, DEFAULT_TABLE_SIZE);
     assert_eq!(c.services()[0].backends[1].weight, 3);
     assert_eq!(c.services()[1].protocol, Protocol::Udp);
+    assert_eq!(c.services()[0].on_backend_removal, OnBackendRemoval::Rehash);
+    assert_eq!(c.services()[1].on_backend_removal, OnBackendRemoval::Reset);
     let macs = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
     let spec = c.snapshot_spec(&macs);
     assert_eq!(spec.ports[1].mac, macs[1]);
@@ -127,6 +130,7 @@ fn every_bad_input_names_line_field_and_reason() {
         ("port = 80", "port = 70000", 34, "services[0].port", "not a port number"),
         ("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 44, "services[1].port", "already served by service \"web\""),
         ("protocol = \"tcp\"", "protocol = \"sctp\"", 35, "services[0].protocol", "not \"tcp\" or \"udp\""),
+        ("on_backend_removal = \"reset\"", "on_backend_removal = \"drop\"", 47, "services[1].on_backend_removal", "not \"rehash\" or \"reset\""),
         ("table_size = 251", "table_size = 250", 46, "services[1].table_size", "not a prime"),
         ("table_size = 251", "table_size = 2", 46, "services[1].table_size", "not a prime from 3"),
         ("weight = 3", "weight = 70000", 38, "services[0].backends[1].weight", "not from 0 to 65535"),
@@ -144,10 +148,10 @@ fn every_bad_input_names_line_field_and_reason() {
         ("via = \"198.18.0.254\"", "via = \"198.18.0.1\"", 29, "routes[0].via", "the gateway itself"),
         ("port = 8080, weight = 3", "port = 0, weight = 3", 38, "services[0].backends[1].port", "not a port number"),
         ("name = \"dns\"", "name = \"web\"", 42, "services[1].name", "already named"),
-        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 50, "neighbours[0].address", "not on any port's subnet"),
-        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.1.1\"\nmac", 50, "neighbours[0].address", "the gateway itself"),
-        ("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01\"", 51, "neighbours[0].mac", "not a MAC address"),
-        ("mac = \"02:00:00:00:01:0b\"", "mac = \"01:00:5e:00:00:01\"", 51, "neighbours[0].mac", "not a unicast"),
+        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 51, "neighbours[0].address", "not on any port's subnet"),
+        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.1.1\"\nmac", 51, "neighbours[0].address", "the gateway itself"),
+        ("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01\"", 52, "neighbours[0].mac", "not a MAC address"),
+        ("mac = \"02:00:00:00:01:0b\"", "mac = \"01:00:5e:00:00:01\"", 52, "neighbours[0].mac", "not a unicast"),
     ];
     for (from, to, line, field, reason) in cases {
         assert!(GOOD.contains(from), "fixture lacks {from:?}");

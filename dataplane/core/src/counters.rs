@@ -146,6 +146,9 @@ pub struct WorkerCounters {
     /// Flows whose backend left its service and that were moved to a live
     /// backend chosen by Maglev.
     pub flows_rehashed: Counter,
+    /// TCP resets sent to clients whose flow's backend left a service with
+    /// `on_backend_removal = "reset"`.
+    pub flows_reset: Counter,
     /// Occupied connection-tracking slots (a gauge, updated by housekeeping;
     /// an upper bound on live flows: expired ones are counted until swept).
     pub flows_active: Counter,

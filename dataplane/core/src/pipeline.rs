@@ -20,7 +20,7 @@ use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
-use crate::snapshot::{Backend, Service, Snapshot};
+use crate::snapshot::{Backend, OnBackendRemoval, Service, Snapshot};
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
 use arrayvec::ArrayVec;
 use crossbeam::queue::ArrayQueue;
@@ -405,8 +405,21 @@ impl Pipeline {
                         return Verdict::Drop(DropReason::TtlExceeded);
                     }
                     let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    let Some(backend) = self.backend_for(svc, &key, hash, tcp_flags, now) else {
-                        return Verdict::Drop(DropReason::NoBackend);
+                    let backend = match self.backend_for(svc, &key, hash, tcp_flags, now) {
+                        Choice::Backend(b) => b,
+                        Choice::None => return Verdict::Drop(DropReason::NoBackend),
+                        Choice::Reset => {
+                            if proto != ipv4::protocol::TCP {
+                                return Verdict::Drop(DropReason::NoBackend);
+                            }
+                            // A segment carrying a RST is never answered.
+                            if tcp_flags & tcp::flags::RST != 0 {
+                                return Verdict::Drop(DropReason::NoBackend);
+                            }
+                            reset_in_place(eth, hdr, l4, snap, in_port);
+                            self.counters.flows_reset.inc();
+                            return Verdict::Transmit(in_port);
+                        }
                     };
                     let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
                         return Verdict::Drop(DropReason::NoNeighbour);
@@ -484,7 +497,7 @@ impl Pipeline {
     /// drains: Maglev stops picking the backend, its flows go on); a flow
     /// whose backend left the service is moved to the backend Maglev picks.
     #[inline]
-    fn backend_for(&mut self, svc: &Service, key: &FlowKey, ahead: Option<FlowHash>, tcp_flags: u16, now: u64) -> Option<Backend> {
+    fn backend_for(&mut self, svc: &Service, key: &FlowKey, ahead: Option<FlowHash>, tcp_flags: u16, now: u64) -> Choice {
         // The hash computed ahead is of the packet's own 5-tuple, which for
         // a client packet is exactly `key`.
         let hash = ahead.unwrap_or_else(|| self.flows.hash_key(key));
@@ -496,7 +509,14 @@ impl Pipeline {
                 None => {
                     let (i, moved) = match svc.position(e.backend_addr, e.backend_port) {
                         Some(i) => (i, false),
-                        None => (usize::from(svc.maglev.lookup(flow_hash(key))?), true),
+                        None if svc.on_backend_removal == OnBackendRemoval::Reset => {
+                            let _ = self.flows.remove(flow);
+                            return Choice::Reset;
+                        }
+                        None => match svc.maglev.lookup(flow_hash(key)) {
+                            Some(i) => (usize::from(i), true),
+                            None => return Choice::None,
+                        },
                     };
                     let b = svc.backends[i];
                     let entry = self.flows.get_mut(flow);
@@ -512,9 +532,9 @@ impl Pipeline {
             if key.protocol == ipv4::protocol::TCP {
                 self.flows.on_tcp_flags(flow, true, tcp_flags, now);
             }
-            return Some(backend);
+            return Choice::Backend(backend);
         }
-        let i = svc.maglev.lookup(flow_hash(key))?;
+        let Some(i) = svc.maglev.lookup(flow_hash(key)) else { return Choice::None };
         let b = svc.backends[usize::from(i)];
         let mut entry = FlowEntry::new(key, FlowState::of_first_packet(key.protocol, tcp_flags));
         entry.backend_addr = b.addr;
@@ -525,7 +545,7 @@ impl Pipeline {
         if outcome.is_eviction() {
             self.counters.flows_evicted.inc();
         }
-        Some(b)
+        Choice::Backend(b)
     }
 
     /// The drop reason for a packet no rule took: `if_vip` when addressed to
@@ -644,6 +664,57 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
         dst_port: u16::from_be_bytes([l4[2], l4[3]]),
         protocol,
     })
+}
+
+/// The backend decision for a client packet.
+enum Choice {
+    /// Forward to this backend.
+    Backend(Backend),
+    /// The service has no backend that takes new flows.
+    None,
+    /// The flow's backend left a service whose policy is to reset such
+    /// flows; the flow is already forgotten.
+    Reset,
+}
+
+/// Turns a client's TCP segment into the VIP's reset of that connection,
+/// in place, addressed back to the client on the port it came in on (RFC
+/// 9293 section 3.10.7.1: a RST answering a segment with ACK takes its
+/// sequence number from that ACK; otherwise it acknowledges the segment).
+/// The frame keeps its length; bytes past the new IP total length are
+/// zeroed Ethernet padding.
+fn reset_in_place(eth: &mut [u8], hdr: &mut [u8], l4: &mut [u8], snap: &Snapshot, in_port: u16) {
+    let (src_port, dst_port, seq, ack, flags) = {
+        let t = tcp::Packet::new_unchecked(&*l4);
+        (t.src_port(), t.dst_port(), t.seq(), t.ack(), t.flags())
+    };
+    let seg_len = (l4.len() - tcp::Packet::new_unchecked(&*l4).header_len()) as u32
+        + u32::from(flags & tcp::flags::SYN != 0)
+        + u32::from(flags & tcp::flags::FIN != 0);
+    let (rst_seq, rst_ack, rst_flags) = if flags & tcp::flags::ACK != 0 {
+        (ack, 0, tcp::flags::RST)
+    } else {
+        (0, seq.wrapping_add(seg_len), tcp::flags::RST | tcp::flags::ACK)
+    };
+    // TCP: a bare 20-byte header.
+    l4.fill(0);
+    let t = &mut l4[..tcp::MIN_HEADER_LEN];
+    t[0..2].copy_from_slice(&dst_port.to_be_bytes());
+    t[2..4].copy_from_slice(&src_port.to_be_bytes());
+    t[4..8].copy_from_slice(&rst_seq.to_be_bytes());
+    t[8..12].copy_from_slice(&rst_ack.to_be_bytes());
+    t[12..14].copy_from_slice(&((5u16 << 12) | rst_flags).to_be_bytes());
+    // IP: swap the addresses, a fresh TTL, no options' worth of payload.
+    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+    ip.swap_addrs();
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let hl = ip.header_len();
+    hdr[2..4].copy_from_slice(&((hl + tcp::MIN_HEADER_LEN) as u16).to_be_bytes());
+    hdr[8] = ORIGIN_TTL;
+    ipv4::Packet::new_unchecked(&mut *hdr).fill_checksum();
+    tcp::Packet::new_unchecked(&mut l4[..tcp::MIN_HEADER_LEN]).fill_checksum(src, dst);
+    let sender = ethernet::Frame::new_unchecked(&*eth).src_addr();
+    set_macs(eth, snap, in_port, sender);
 }
 
 /// Which end of a flow a rewrite changes.

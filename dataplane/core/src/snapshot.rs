@@ -40,6 +40,20 @@ impl Protocol {
     }
 }
 
+/// What happens to a flow whose backend left its service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnBackendRemoval {
+    /// Move the flow to the backend Maglev picks now (TCP connections break
+    /// at the new backend, which answers with a reset of its own; UDP
+    /// exchanges simply continue there).
+    #[default]
+    Rehash,
+    /// Answer the client's next TCP segment with a reset from the VIP and
+    /// forget the flow; a UDP flow is forgotten and its packet dropped, so
+    /// the next one starts a new flow.
+    Reset,
+}
+
 /// An IPv4 address with prefix length, as configured on a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Cidr {
@@ -95,6 +109,8 @@ pub struct ServiceSpec {
     pub table_size: u32,
     /// Backends.
     pub backends: Vec<BackendSpec>,
+    /// What happens to the flows of a backend that leaves the service.
+    pub on_backend_removal: OnBackendRemoval,
 }
 
 /// A permanent neighbour entry (like `ip neigh add ... nud permanent`).
@@ -225,6 +241,8 @@ pub struct Service {
     pub maglev: MaglevTable,
     /// Backends, in configuration order.
     pub backends: Vec<Backend>,
+    /// What happens to the flows of a backend that leaves the service.
+    pub on_backend_removal: OnBackendRemoval,
 }
 
 impl Service {
@@ -407,6 +425,7 @@ impl Snapshot {
                 protocol: s.protocol,
                 maglev,
                 backends,
+                on_backend_removal: s.on_backend_removal,
             });
         }
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);

@@ -122,6 +122,7 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
             protocol: Protocol::Tcp,
             table_size: 65537,
             backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
+            on_backend_removal: Default::default(),
         }],
     };
     dp.launch(Arc::new(Snapshot::build(&spec).unwrap())).expect("launch");

@@ -34,8 +34,8 @@ fn spec() -> SnapshotSpec {
         routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTER }],
         neighbours: vec![],
         services: vec![
-            ServiceSpec { name: "web".into(), vip: VIP, port: 80, protocol: Protocol::Tcp, table_size: DEFAULT_TABLE_SIZE, backends: backends(8080) },
-            ServiceSpec { name: "dns".into(), vip: VIP, port: 53, protocol: Protocol::Udp, table_size: 251, backends: backends(5353) },
+            ServiceSpec { name: "web".into(), vip: VIP, port: 80, protocol: Protocol::Tcp, table_size: DEFAULT_TABLE_SIZE, backends: backends(8080), on_backend_removal: Default::default() },
+            ServiceSpec { name: "dns".into(), vip: VIP, port: 53, protocol: Protocol::Udp, table_size: 251, backends: backends(5353), on_backend_removal: Default::default() },
         ],
     }
 }
@@ -677,4 +677,61 @@ fn replies_drive_the_tcp_state_of_the_flow() {
     assert_eq!(r.run(1, &mut fin), Verdict::Transmit(0));
     assert_eq!(state(&r), Some(FlowState::TcpClosing));
     assert_eq!(r.pipe.flows().find(&key, r.now).map(|f| r.pipe.flows().get(f).flags & FlowEntry::FIN_FROM_BACKEND), Some(FlowEntry::FIN_FROM_BACKEND));
+}
+
+#[test]
+fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
+    use crate::snapshot::OnBackendRemoval;
+    let mut r = Rig::resolved();
+    let mut s = spec();
+    s.services[0].on_backend_removal = OnBackendRemoval::Reset;
+    r.snap = Snapshot::build(&s).unwrap();
+    let before: Vec<u32> = (0..100u16).map(|p| send(&mut r, 20000 + p, true)).collect();
+    let victim = before.iter().position(|&b| b == BACKENDS[0]).expect("a flow on backend 0") as u16;
+
+    let mut gone = s.clone();
+    gone.services[0].backends.remove(0);
+    r.snap = Snapshot::build(&gone).unwrap();
+
+    // An ACK segment (seq 12345, ack 777) of the victim's flow comes back as
+    // the VIP's reset: seq = the segment's ack, RST only.
+    let mut f = tcp_frame((CLIENT, 20000 + victim), (VIP, 80), 64, b"payload bytes");
+    {
+        let l4 = &mut f[14 + 20..];
+        l4[8..12].copy_from_slice(&777u32.to_be_bytes());
+        l4[13] = 0x10;
+        let len = l4.len();
+        tcp::Packet::new_unchecked(&mut l4[..len]).fill_checksum(CLIENT, VIP);
+    }
+    let frame_len = f.len();
+    assert_eq!(r.run(0, &mut f), Verdict::Transmit(0));
+    assert_eq!(f.len(), frame_len, "the frame keeps its length");
+    let (esrc, edst, src, dst, ttl, sport, dport) = inspect(&f);
+    assert_eq!((esrc, edst, src, sport, dst, dport, ttl), (GW_C, CLIENT_MAC, VIP, 80, CLIENT, 20000 + victim, ORIGIN_TTL));
+    let s2 = SlicedPacket::from_ethernet(&f).unwrap();
+    let Some(TransportSlice::Tcp(t)) = s2.transport else { panic!("not TCP") };
+    assert!(t.rst() && !t.ack() && !t.syn(), "flags");
+    assert_eq!(t.sequence_number(), 777);
+    assert!(t.payload().is_empty());
+    assert_eq!(r.pipe.counters().flows_reset.get(), 1);
+
+    // The flow is forgotten: the client's next SYN reaches a live backend.
+    assert_ne!(send(&mut r, 20000 + victim, true), BACKENDS[0]);
+    // A SYN (no ACK) on a flow of the removed backend gets RST|ACK acking it.
+    let other = before.iter().enumerate().filter(|(_, b)| **b == BACKENDS[0]).map(|(i, _)| i as u16).find(|&i| i != victim);
+    if let Some(o) = other {
+        let mut syn = tcp_frame((CLIENT, 20000 + o), (VIP, 80), 64, b"");
+        assert_eq!(r.run(0, &mut syn), Verdict::Transmit(0));
+        let s3 = SlicedPacket::from_ethernet(&syn).unwrap();
+        let Some(TransportSlice::Tcp(t)) = s3.transport else { panic!("not TCP") };
+        assert!(t.rst() && t.ack());
+        assert_eq!(t.acknowledgment_number(), 12346, "acks the SYN (seq 12345 + 1)");
+        inspect(&syn);
+    }
+    // Flows on the remaining backends are untouched.
+    for (p, b) in before.iter().enumerate() {
+        if *b != BACKENDS[0] {
+            assert_eq!(send(&mut r, 20000 + p as u16, false), *b);
+        }
+    }
 }
