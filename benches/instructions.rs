@@ -2,6 +2,13 @@
 //!
 //! `instructions <workload> <bursts>` runs that many 32-packet bursts of a
 //! workload (`forward`, `reverse`, `drop`) through `Pipeline::process`.
+//! `instructions established|new|prepare <flows> <bursts>` measures
+//! connection tracking at scale: `flows` flows are made established first
+//! (set-up, the same in both runs), then the bursts carry packets of those
+//! flows, cycling (`established`), or of flows never seen (`new`, each
+//! packet a new flow inserted into a table holding `flows`). Frames are
+//! prepared per packet; `prepare` does only that, so its count can be
+//! subtracted.
 //! `scripts/bench-instructions.sh` runs it under `valgrind --tool=callgrind`
 //! at two burst counts and divides the difference in instructions by the
 //! difference in packets, so set-up and process start cancel out. Counts are
@@ -16,6 +23,11 @@ use vipgate_dataplane::pipeline::Verdict;
 fn main() {
     let mut args = std::env::args().skip(1);
     let workload = args.next().unwrap_or_else(|| "forward".into());
+    if matches!(workload.as_str(), "established" | "new" | "prepare") {
+        let flows: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+        let bursts: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
+        return at_scale(&workload, flows, bursts);
+    }
     let bursts: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let snap = snapshot();
     let mut pipe = pipeline(&snap);
@@ -41,4 +53,31 @@ fn main() {
         transmitted += verdicts.iter().filter(|v| matches!(v, Verdict::Transmit(_))).count() as u64;
     }
     println!("{workload}: {bursts} bursts, {transmitted} transmitted");
+}
+
+/// The connection-tracking workloads at scale (see the module comment).
+fn at_scale(workload: &str, flows: u32, bursts: u32) {
+    let snap = snapshot();
+    let mut pipe = pipeline(&snap);
+    let template = flow_template();
+    warm(&mut pipe, &snap, &template, flows);
+    let mut frames = vec![vec![0u8; template.len()]; BURST];
+    let mut verdicts = [Verdict::Consumed; BURST];
+    let mut transmitted = 0u64;
+    for b in 0..bursts {
+        for (j, f) in frames.iter_mut().enumerate() {
+            let n = b * BURST as u32 + j as u32;
+            let id = if workload == "new" { flows + n } else { n % flows.max(1) };
+            prepare_frame(&template, f, id);
+        }
+        if workload == "prepare" {
+            black_box(&mut frames);
+            continue;
+        }
+        let mut pkts: arrayvec::ArrayVec<vipgate_dataplane::pipeline::RxPacket<'_>, BURST> =
+            frames.iter_mut().map(|f| vipgate_dataplane::pipeline::RxPacket { port: 0, frame: &mut f[..] }).collect();
+        pipe.process(&snap, 1, black_box(&mut pkts), &mut verdicts);
+        transmitted += verdicts.iter().filter(|v| matches!(v, Verdict::Transmit(_))).count() as u64;
+    }
+    println!("{workload} {flows}: {bursts} bursts, {transmitted} transmitted, {} flows created", pipe.counters().flows_created.get());
 }

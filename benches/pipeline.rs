@@ -34,6 +34,46 @@ fn bursts(c: &mut Criterion) {
     g.finish();
 }
 
+/// Connection tracking at scale: per-packet time for packets of established
+/// flows and of new flows, with 1, 10k and 1M flows in the table. Frames are
+/// prepared outside the timed section.
+fn flows_at_scale(c: &mut Criterion) {
+    let snap = snapshot();
+    let template = flow_template();
+    let mut g = c.benchmark_group("pipeline_flows");
+    g.throughput(Throughput::Elements(BURST as u64));
+    g.sample_size(20);
+    for flows in [1u32, 10_000, 1_000_000] {
+        for new in [false, true] {
+            let mut pipe = pipeline(&snap);
+            warm(&mut pipe, &snap, &template, flows);
+            let mut verdicts = [Verdict::Consumed; BURST];
+            let mut next = 0u32;
+            let name = format!("{}/{flows}", if new { "new" } else { "established" });
+            g.bench_function(name, |b| {
+                b.iter_batched_ref(
+                    || {
+                        let frames: Vec<Vec<u8>> = (0..BURST as u32)
+                            .map(|j| {
+                                let n = next + j;
+                                let id = if new { flows + n } else { n % flows };
+                                let mut f = vec![0u8; template.len()];
+                                prepare_frame(&template, &mut f, id);
+                                f
+                            })
+                            .collect();
+                        next += BURST as u32;
+                        frames
+                    },
+                    |f| run_burst(&mut pipe, &snap, 1, black_box(f), &mut verdicts, 0),
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
 fn hashing(c: &mut Criterion) {
     let key = FlowKey { src_addr: 0xc612_0002, dst_addr: 0xc612_6401, src_port: 40000, dst_port: 80, protocol: 6 };
     c.bench_function("flow_hash", |b| b.iter(|| flow_hash(black_box(&key))));
@@ -50,5 +90,5 @@ fn maglev_build(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bursts, hashing, maglev_build);
+criterion_group!(benches, bursts, flows_at_scale, hashing, maglev_build);
 criterion_main!(benches);

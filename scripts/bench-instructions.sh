@@ -8,11 +8,24 @@
 # bursts of 32 packets, and prints (Ir(2N) - Ir(N)) / (N * 32): the
 # instructions one packet costs, with start-up and set-up cancelled out.
 # The count includes restoring each 60-byte frame before its burst.
+#
+# A second table measures connection tracking at scale: 1, 10k and 1M
+# concurrent flows, packets of established flows and of new flows (each a
+# flow never seen, inserted into a table already holding that many), with
+# --scale-bursts N and 2N bursts (default 500). Frames are prepared per
+# packet; the `prepare` workload, which only prepares them, is subtracted.
 set -euo pipefail
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 
 bursts=2000
-if [[ ${1:-} == --bursts ]]; then bursts=$2; fi
+scale_bursts=500
+while (($#)); do
+	case $1 in
+	--bursts) bursts=$2; shift 2 ;;
+	--scale-bursts) scale_bursts=$2; shift 2 ;;
+	*) echo "usage: $0 [--bursts N] [--scale-bursts N]" >&2; exit 2 ;;
+	esac
+done
 
 if ! command -v valgrind >/dev/null; then
 	echo "==> bench-instructions: installing valgrind"
@@ -42,4 +55,25 @@ for w in forward reverse drop; do
 	b=$(count "$w" $((2 * bursts)))
 	per=$(python3 -c "print(f'{($b - $a) / ($bursts * 32):.1f}')")
 	printf '%-10s %14s %14s %12s\n' "$w" "$a" "$b" "$per"
+done
+
+count3() { # WORKLOAD FLOWS BURSTS -> total instructions
+	valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" "$1" "$2" "$3" >/dev/null 2>"$tmp/vg.log"
+	sed -n 's/^summary: //p' "$tmp/cg.out"
+}
+
+per_packet() { # WORKLOAD FLOWS -> instructions per packet
+	local a b
+	a=$(count3 "$1" "$2" "$scale_bursts")
+	b=$(count3 "$1" "$2" $((2 * scale_bursts)))
+	python3 -c "print(($b - $a) / ($scale_bursts * 32))"
+}
+
+echo
+printf '%-10s %16s %16s %14s\n' flows "established Ir/pkt" "new-flow Ir/pkt" "prepare Ir/pkt"
+for flows in 1 10000 1000000; do
+	prep=$(per_packet prepare "$flows")
+	est=$(per_packet established "$flows")
+	new=$(per_packet new "$flows")
+	python3 -c "print(f'{$flows:<10} {$est - $prep:16.1f} {$new - $prep:16.1f} {$prep:14.1f}')"
 done
