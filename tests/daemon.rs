@@ -45,21 +45,7 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
 
 fn stops_cleanly_on(signal: i32, name: &str) {
     require_root();
-    let huge = use_hugepages();
-    let prefix = format!("vgsig{}{name}", std::process::id());
-    let dir = std::env::temp_dir().join(&prefix);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("api.sock");
-    let path = dir.join("vipgated.toml");
-    std::fs::write(&path, config(&prefix, &socket, huge)).unwrap();
-    let mut child = Command::new(workspace_bin("vipgated"))
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, socket, dir, prefix) = spawn(&format!("sig{name}"), None);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "API socket never appeared");
