@@ -26,12 +26,12 @@ const IDLE_POLLS_BEFORE_SLEEP: u32 = 1024;
 /// Housekeeping (neighbour expiry and refresh) runs this many times a second.
 const HOUSEKEEPING_HZ: u64 = 10;
 
-/// What a worker is built from, on its own lcore: the pipeline's tables are
-/// allocated and first touched there, so they live on the worker's NUMA
-/// node.
 /// A worker's neighbour inbox.
 pub(crate) type Inbox = Arc<crossbeam::queue::ArrayQueue<vipgate_dataplane::pipeline::NeighbourUpdate>>;
 
+/// What a worker is built from, on its own lcore: the pipeline's tables are
+/// allocated and first touched there, so they live on the worker's NUMA
+/// node.
 pub(crate) struct WorkerSetup {
     pub(crate) index: usize,
     pub(crate) queue: u16,
@@ -106,10 +106,6 @@ pub(crate) struct Worker {
     pub(crate) tsc_hz: u64,
 }
 
-// SAFETY: a Worker is handed to exactly one lcore and used only there; the
-// raw mempool pointer refers to a pool that is safe to use from any lcore
-// and outlives every worker (the pool is freed after all workers returned).
-unsafe impl Send for Worker {}
 
 /// Converts TSC ticks to nanoseconds with a multiply and a shift.
 struct Clock {
