@@ -135,7 +135,7 @@ STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/vipgate-bench-state.XXXXXX")
 export VG_BENCH_STATE_DIR=$STATE_DIR
 
 backstop() {
-	local pid prefix grown now f
+	local pid prefix grown now
 	# run.py normally leaves nothing; this catches what it could not undo
 	# (killed with SIGKILL, for instance).
 	if [[ -f $STATE_DIR/pids ]]; then
@@ -148,12 +148,7 @@ backstop() {
 	if [[ -f $STATE_DIR/prefixes ]]; then
 		while read -r prefix; do
 			[[ -n $prefix ]] || continue
-			rm -rf "/var/run/dpdk/$prefix"
-			for f in /dev/hugepages/"$prefix"map_*; do
-				[[ -e $f ]] || continue
-				warn "removing leftover hugepage file $f"
-				rm -f "$f"
-			done
+			remove_dpdk_files "$prefix"
 		done <"$STATE_DIR/prefixes"
 		rmdir /var/run/dpdk 2>/dev/null || true
 	fi

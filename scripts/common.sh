@@ -80,6 +80,34 @@ stop_pid() {
 	return 1
 }
 
+# stop_pids TIMEOUT_S PID...: SIGTERM to all at once (stopping them one at a
+# time adds up), then stop_pid each; warns about any that needed SIGKILL.
+stop_pids() {
+	local timeout=$1 pid
+	shift
+	(($#)) || return 0
+	kill -TERM "$@" 2>/dev/null || true
+	for pid in "$@"; do
+		stop_pid "$pid" "$timeout" || warn "process $pid needed SIGKILL"
+	done
+}
+
+# remove_dpdk_files PREFIX: what a DPDK process with --file-prefix PREFIX
+# left behind: its runtime directory, and its hugepage files, matched as
+# exactly PREFIXmap_<n> so that another prefix's files (say, those of
+# "amap_x" for prefix "a") are never touched. Warns about each hugepage file.
+remove_dpdk_files() {
+	local prefix=$1 f n
+	rm -rf "/var/run/dpdk/$prefix"
+	for f in /dev/hugepages/"$prefix"map_*; do
+		[[ -e $f ]] || continue
+		n=${f#/dev/hugepages/"$prefix"map_}
+		[[ $n =~ ^[0-9]+$ ]] || continue
+		warn "removing leftover hugepage file $f"
+		rm -f "$f"
+	done
+}
+
 # The hugepage decision setup.sh made (VIPGATE_HUGEPAGES=1|0), unless the
 # caller already forced one in the environment.
 load_hugepages_env() {

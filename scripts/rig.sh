@@ -328,13 +328,7 @@ cmd_down() {
 			pids+=("$pid")
 		done
 	done
-	if ((${#pids[@]})); then
-		# SIGTERM to all at once, then wait: stopping one at a time adds up.
-		kill -TERM "${pids[@]}" 2>/dev/null || true
-		for pid in "${pids[@]}"; do
-			stop_pid "$pid" 5 || warn "pid $pid needed SIGKILL"
-		done
-	fi
+	stop_pids 5 "${pids[@]}"
 	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
 		ns_exists "$ns" || continue
 		say "deleting namespace $ns"

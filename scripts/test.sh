@@ -89,7 +89,7 @@ marked_pids() {
 # Removes what this run's tests left behind; prints each thing it finds.
 # Sets LEFTOVERS to how many things it had to remove.
 sweep() {
-	local pids=() pid fd link prefixes=() st p f cmdline
+	local pids=() pid fd link prefixes=() st p cmdline
 	LEFTOVERS=0
 	mapfile -t pids < <(marked_pids)
 	for pid in "${pids[@]}"; do
@@ -105,12 +105,7 @@ sweep() {
 			fi
 		done
 	done
-	if ((${#pids[@]})); then
-		kill -TERM "${pids[@]}" 2>/dev/null || true
-		for pid in "${pids[@]}"; do
-			stop_pid "$pid" 10 || warn "process $pid needed SIGKILL"
-		done
-	fi
+	stop_pids 10 "${pids[@]}"
 	for st in "$VG_RIG_STATE_ROOT"/*/owner; do
 		[[ -f $st && $(<"$st") = "$VIPGATE_TEST_RUN_ID" ]] || continue
 		p=$(basename -- "$(dirname -- "$st")")
@@ -122,13 +117,8 @@ sweep() {
 	for p in "${prefixes[@]}"; do
 		if [[ -d /var/run/dpdk/$p ]]; then
 			warn "leftover DPDK runtime directory /var/run/dpdk/$p"
-			rm -rf "/var/run/dpdk/$p"
 		fi
-		for f in /dev/hugepages/"$p"map_*; do
-			[[ -e $f ]] || continue
-			warn "leftover hugepage file $f"
-			rm -f "$f"
-		done
+		remove_dpdk_files "$p"
 		if [[ -d ${TMPDIR:-/tmp}/vipgate-$p ]]; then
 			rm -rf "${TMPDIR:-/tmp}/vipgate-$p"
 		fi
