@@ -75,9 +75,12 @@ fn at_scale(workload: &str, flows: u32, bursts: u32) {
             continue;
         }
         let mut pkts: arrayvec::ArrayVec<vipgate_dataplane::pipeline::RxPacket<'_>, BURST> =
-            frames.iter_mut().map(|f| vipgate_dataplane::pipeline::RxPacket { port: 0, frame: &mut f[..] }).collect();
+            frames.iter_mut().map(|f| vipgate_dataplane::pipeline::RxPacket::new(0, &mut f[..])).collect();
         pipe.process(&snap, 1, black_box(&mut pkts), &mut verdicts);
         transmitted += verdicts.iter().filter(|v| matches!(v, Verdict::Transmit(_))).count() as u64;
     }
-    println!("{workload} {flows}: {bursts} bursts, {transmitted} transmitted, {} flows created", pipe.counters().flows_created.get());
+    println!(
+        "{workload} {flows}: {bursts} bursts, {transmitted} transmitted, {} flows created",
+        pipe.counters().flows_created.get()
+    );
 }

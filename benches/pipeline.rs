@@ -84,8 +84,11 @@ fn maglev_build(c: &mut Criterion) {
     g.sample_size(20);
     for n in [10usize, 100, 1000] {
         let keys: Vec<String> = (0..n).map(|i| format!("198.18.{}.{}:8080", 1 + i / 250, 1 + i % 250)).collect();
-        let backends: Vec<MaglevBackend<'_>> = keys.iter().map(|k| MaglevBackend { key: k.as_bytes(), weight: 1 }).collect();
-        g.bench_with_input(BenchmarkId::from_parameter(n), &backends, |b, be| b.iter(|| MaglevTable::build(black_box(be), 65537).unwrap()));
+        let backends: Vec<MaglevBackend<'_>> =
+            keys.iter().map(|k| MaglevBackend { key: k.as_bytes(), weight: 1 }).collect();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &backends, |b, be| {
+            b.iter(|| MaglevTable::build(black_box(be), 65537).unwrap())
+        });
     }
     g.finish();
 }

@@ -24,49 +24,33 @@ const CLANG_PACKAGES: &str = "apt-get install clang libclang-dev";
 /// Macro prefixes whose values are built with `RTE_BIT64` (or from other
 /// such macros). They are 64-bit flag words in DPDK's API, so they are given
 /// the type `u64` whatever their value.
-const U64_FLAG_PREFIXES: &[&str] = &[
-    "RTE_ETH_RX_OFFLOAD_",
-    "RTE_ETH_TX_OFFLOAD_",
-    "RTE_ETH_RSS_",
-    "RTE_MBUF_F_",
-    "RTE_ETH_DEV_CAPA_",
-];
+const U64_FLAG_PREFIXES: &[&str] =
+    &["RTE_ETH_RX_OFFLOAD_", "RTE_ETH_TX_OFFLOAD_", "RTE_ETH_RSS_", "RTE_MBUF_F_", "RTE_ETH_DEV_CAPA_"];
 
 /// Structs that bindgen cannot lay out: they are packed but contain a member
 /// with an alignment attribute (such as `struct rte_ether_addr`), which Rust
 /// refuses (`packed` may not contain `align`). They are only reachable
 /// through headers vipgate does not use, so they stay opaque blobs of the
 /// right size.
-const OPAQUE_TYPES: &[&str] = &[
-    "rte_arp_ipv4",
-    "rte_arp_hdr",
-    "rte_l2tpv2_combined_msg_hdr",
-    "rte_gtp_psc_generic_hdr",
-];
+const OPAQUE_TYPES: &[&str] =
+    &["rte_arp_ipv4", "rte_arp_hdr", "rte_l2tpv2_combined_msg_hdr", "rte_gtp_psc_generic_hdr"];
 
 #[derive(Debug)]
 struct FlagWidths;
 
 impl ParseCallbacks for FlagWidths {
     fn int_macro(&self, name: &str, _value: i64) -> Option<IntKind> {
-        U64_FLAG_PREFIXES
-            .iter()
-            .any(|prefix| name.starts_with(prefix))
-            .then_some(IntKind::U64)
+        U64_FLAG_PREFIXES.iter().any(|prefix| name.starts_with(prefix)).then_some(IntKind::U64)
     }
 }
 
 fn main() {
-    let manifest_dir =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let wrapper = manifest_dir.join("wrapper.h");
     let shim = manifest_dir.join("shim.c");
     for file in ["wrapper.h", "shim.h", "shim.c"] {
-        println!(
-            "cargo:rerun-if-changed={}",
-            manifest_dir.join(file).display()
-        );
+        println!("cargo:rerun-if-changed={}", manifest_dir.join(file).display());
     }
 
     let dpdk = probe_dpdk();
@@ -85,15 +69,12 @@ fn main() {
 /// Finds libdpdk, emits its link flags, and panics with install advice if it
 /// is not there.
 fn probe_dpdk() -> pkg_config::Library {
-    let dpdk = pkg_config::Config::new()
-        .atleast_version(DPDK_MIN_VERSION)
-        .probe("libdpdk")
-        .unwrap_or_else(|err| {
-            panic!(
-                "vipgate-ffi: DPDK not found by pkg-config (libdpdk >= {DPDK_MIN_VERSION}). \
+    let dpdk = pkg_config::Config::new().atleast_version(DPDK_MIN_VERSION).probe("libdpdk").unwrap_or_else(|err| {
+        panic!(
+            "vipgate-ffi: DPDK not found by pkg-config (libdpdk >= {DPDK_MIN_VERSION}). \
                  Install it: {DPDK_PACKAGES}\n\npkg-config said:\n{err}"
-            )
-        });
+        )
+    });
     // The vdev bus (rte_vdev_init, rte_vdev_uninit) is a driver library that
     // libdpdk.pc does not list for shared linkage. The linker drops it again
     // (--as-needed) from binaries that call none of its functions.
@@ -109,9 +90,7 @@ fn dpdk_cflags() -> Vec<String> {
     let output = Command::new(&pkg_config)
         .args(["--cflags", "libdpdk"])
         .output()
-        .unwrap_or_else(|err| {
-            panic!("vipgate-ffi: could not run pkg-config ({err}). Install it: {DPDK_PACKAGES}")
-        });
+        .unwrap_or_else(|err| panic!("vipgate-ffi: could not run pkg-config ({err}). Install it: {DPDK_PACKAGES}"));
     assert!(
         output.status.success(),
         "vipgate-ffi: `pkg-config --cflags libdpdk` failed. Install DPDK: {DPDK_PACKAGES}\n{}",
@@ -176,9 +155,7 @@ fn generate_bindings(wrapper: &Path, cflags: &[String], out_dir: &Path) {
              if a DPDK header is missing: {DPDK_PACKAGES}"
         )
     });
-    bindings
-        .write_to_file(out_dir.join("bindings.rs"))
-        .expect("could not write bindings.rs");
+    bindings.write_to_file(out_dir.join("bindings.rs")).expect("could not write bindings.rs");
 }
 
 /// Compiles bindgen's wrappers of the static inline functions and vipgate's

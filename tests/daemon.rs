@@ -98,7 +98,8 @@ fn daemon_refuses_a_bad_config_before_eal_starts() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    let want = format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", path.display());
+    let want =
+        format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", path.display());
     assert!(err.contains(&want), "wanted {want:?} in {err:?}");
     assert!(!err.contains("EAL"), "EAL started: {err}");
     assert!(!Path::new("/var/run/dpdk").join(&prefix).exists(), "EAL created its runtime directory");
@@ -108,7 +109,10 @@ fn daemon_refuses_a_bad_config_before_eal_starts() {
 }
 
 /// Spawns vipgated on a fresh config; returns (child, socket, dir, prefix).
-fn spawn(tag: &str, socket_override: Option<&Path>) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
+fn spawn(
+    tag: &str,
+    socket_override: Option<&Path>,
+) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
     let huge = use_hugepages();
     let prefix = format!("vg{tag}{}", std::process::id());
     let dir = std::env::temp_dir().join(&prefix);
@@ -157,7 +161,15 @@ fn a_second_daemon_on_a_live_socket_fails_before_eal() {
     require_root();
     let (mut first, socket, dir1, prefix1) = spawn("one", None);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !Command::new(workspace_bin("vipgatectl")).arg("--socket").arg(&socket).arg("health").output().unwrap().status.success() {
+    while !Command::new(workspace_bin("vipgatectl"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("health")
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
         assert!(Instant::now() < deadline, "first daemon never served");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -165,7 +177,8 @@ fn a_second_daemon_on_a_live_socket_fails_before_eal() {
     let out = second.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let second_started_eal = Path::new("/var/run/dpdk").join(&prefix2).exists();
-    let still_serving = Command::new(workspace_bin("vipgatectl")).arg("--socket").arg(&socket).arg("health").output().unwrap();
+    let still_serving =
+        Command::new(workspace_bin("vipgatectl")).arg("--socket").arg(&socket).arg("health").output().unwrap();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     let first_exit = first.wait().unwrap();

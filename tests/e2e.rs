@@ -22,7 +22,14 @@ fn http_requests(rig: &Rig) -> Vec<(u16, Result<String, String>)> {
         .map(|i| {
             let sport = FIRST_SOURCE_PORT + i;
             let out = rig.client(&[
-                "curl", "-sS", "--max-time", "5", "--local-port", &sport.to_string(), "-H", "Connection: close",
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--local-port",
+                &sport.to_string(),
+                "-H",
+                "Connection: close",
                 &format!("http://{VIP}/"),
             ]);
             let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -41,7 +48,8 @@ fn predicted_backend(sport: u16, backends: usize) -> usize {
     let mb: Vec<MaglevBackend<'_>> = keys.iter().map(|k| MaglevBackend { key: k.as_bytes(), weight: 1 }).collect();
     let table = MaglevTable::build(&mb, DEFAULT_TABLE_SIZE).unwrap();
     let ip = |s: &str| u32::from(s.parse::<std::net::Ipv4Addr>().unwrap());
-    let key = FlowKey { src_addr: ip(vipgate::CLIENT_ADDR), dst_addr: ip(VIP), src_port: sport, dst_port: 80, protocol: 6 };
+    let key =
+        FlowKey { src_addr: ip(vipgate::CLIENT_ADDR), dst_addr: ip(VIP), src_port: sport, dst_port: 80, protocol: 6 };
     usize::from(table.lookup(flow_hash(&key)).unwrap()) + 1
 }
 
@@ -52,7 +60,13 @@ fn e2e_a_300_http_requests_to_the_vip_all_succeed() {
     let failures: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
     let stats = rig.stats();
     let left = rig.teardown();
-    assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {:?}\n{}", failures.len(), &failures[..failures.len().min(5)], left.log);
+    assert!(
+        failures.is_empty(),
+        "{} of {REQUESTS} requests failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        left.log
+    );
     assert_eq!(stats["total"]["drops"]["malformed"].as_u64().unwrap_or(0), 0, "{stats}");
     assert!(stats["total"]["nat_forward"].as_u64().unwrap() >= u64::from(REQUESTS) * 3, "{stats}");
     left.assert_clean();
@@ -87,7 +101,8 @@ fn e2e_c_udp_request_and_response_through_the_vip() {
     for i in 0..12u16 {
         let payload = format!("ping-{i}");
         let out = rig.client(&[
-            "sh", "-c",
+            "sh",
+            "-c",
             &format!("printf '{payload}' | socat -T 3 - UDP4:{VIP}:5353,sourceport={},reuseaddr", 50000 + i),
         ]);
         let reply = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -137,13 +152,20 @@ fn e2e_e_teardown_leaves_nothing_even_when_a_test_fails() {
     .expect_err("the closure panics");
     let msg = prefix.downcast_ref::<String>().expect("panic message");
     let prefix = msg.rsplit(' ').next().unwrap().to_owned();
-    let ns = String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
+    let ns =
+        String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
+            .into_owned();
     assert!(!ns.contains(&prefix), "namespaces of {prefix} left: {ns}");
     let procs = std::process::Command::new("pgrep").args(["-af", &prefix]).output().unwrap();
     let procs = String::from_utf8_lossy(&procs.stdout);
     assert!(procs.lines().all(|l| l.contains("pgrep")), "processes of {prefix} left: {procs}");
     let huge: Vec<_> = std::fs::read_dir("/dev/hugepages")
-        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with(&prefix)).collect())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with(&prefix))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(huge.is_empty(), "hugepage files of {prefix} left: {huge:?}");
     assert!(!std::path::Path::new("/var/run/dpdk").join(&prefix).exists());
@@ -164,13 +186,26 @@ fn e2e_two_workers_forward_http_and_udp() {
     let udp = rig.client(&["sh", "-c", &format!("printf two | socat -T 3 - UDP4:{VIP}:5353")]);
     let stats = rig.stats();
     let left = rig.teardown();
-    assert!(failures.is_empty(), "{} of {REQUESTS} failed: {:?}\n{}", failures.len(), &failures[..failures.len().min(5)], left.log);
-    assert!(String::from_utf8_lossy(&udp.stdout).ends_with(" two"), "UDP reply {:?}", String::from_utf8_lossy(&udp.stdout));
+    assert!(
+        failures.is_empty(),
+        "{} of {REQUESTS} failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        left.log
+    );
+    assert!(
+        String::from_utf8_lossy(&udp.stdout).ends_with(" two"),
+        "UDP reply {:?}",
+        String::from_utf8_lossy(&udp.stdout)
+    );
     let workers = stats["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2, "{stats}");
     for w in workers {
         assert!(w["nat_forward"].as_u64().unwrap() > 0, "a worker forwarded nothing: {stats}");
     }
-    println!("per-worker nat_forward: {:?}", workers.iter().map(|w| w["nat_forward"].as_u64().unwrap()).collect::<Vec<_>>());
+    println!(
+        "per-worker nat_forward: {:?}",
+        workers.iter().map(|w| w["nat_forward"].as_u64().unwrap()).collect::<Vec<_>>()
+    );
     left.assert_clean();
 }

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Verdict};
-use vipgate_dataplane::snapshot::{BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec};
+use vipgate_dataplane::snapshot::{
+    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
+};
 use vipgate_dataplane::wire::{EthernetAddress, ethernet, ipv4, tcp};
 
 pub const BURST: usize = 32;
@@ -21,13 +23,23 @@ pub const CLIENT_NET: u32 = ip(198, 18, 0, 0);
 
 pub fn snapshot() -> Snapshot {
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
-    let mut neighbours: Vec<NeighbourSpec> =
-        backends.iter().map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) }).collect();
+    let mut neighbours: Vec<NeighbourSpec> = backends
+        .iter()
+        .map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) })
+        .collect();
     neighbours.push(NeighbourSpec { addr: ip(198, 18, 0, 2), mac: EthernetAddress([2, 0xcc, 0, 0, 0, 2]) });
     Snapshot::build(&SnapshotSpec {
         ports: vec![
-            PortSpec { name: "client".into(), mac: EthernetAddress([2, 0, 0, 0, 0, 1]), addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }] },
-            PortSpec { name: "backend".into(), mac: EthernetAddress([2, 0, 0, 0, 0, 2]), addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }] },
+            PortSpec {
+                name: "client".into(),
+                mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
+            },
+            PortSpec {
+                name: "backend".into(),
+                mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
+                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
+            },
         ],
         routes: vec![],
         neighbours,
@@ -39,7 +51,9 @@ pub fn snapshot() -> Snapshot {
             table_size: 65537,
             backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
             on_backend_removal: Default::default(),
+            mode: Default::default(),
         }],
+        source_pools: vec![],
     })
     .expect("benchmark snapshot")
 }
@@ -75,7 +89,9 @@ pub fn tcp_frame(src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
 
 /// `BURST` client->VIP frames of distinct flows.
 pub fn forward_burst(seed: u16) -> Vec<Vec<u8>> {
-    (0..BURST as u16).map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + seed.wrapping_mul(BURST as u16) + i, VIP, 80)).collect()
+    (0..BURST as u16)
+        .map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + seed.wrapping_mul(BURST as u16) + i, VIP, 80))
+        .collect()
 }
 
 /// `BURST` backend->client reply frames.
@@ -90,8 +106,16 @@ pub fn no_service_burst() -> Vec<Vec<u8>> {
 
 /// Runs one burst through the pipeline.
 #[inline]
-pub fn run_burst(pipe: &mut Pipeline, snap: &Snapshot, now: u64, frames: &mut [Vec<u8>], verdicts: &mut [Verdict; BURST], ingress: u16) {
-    let mut pkts: arrayvec::ArrayVec<RxPacket<'_>, BURST> = frames.iter_mut().map(|f| RxPacket { port: ingress, frame: &mut f[..] }).collect();
+pub fn run_burst(
+    pipe: &mut Pipeline,
+    snap: &Snapshot,
+    now: u64,
+    frames: &mut [Vec<u8>],
+    verdicts: &mut [Verdict; BURST],
+    ingress: u16,
+) {
+    let mut pkts: arrayvec::ArrayVec<RxPacket<'_>, BURST> =
+        frames.iter_mut().map(|f| RxPacket::new(ingress, &mut f[..])).collect();
     pipe.process(snap, now, &mut pkts, &mut verdicts[..]);
 }
 
@@ -136,7 +160,8 @@ pub fn warm(pipe: &mut Pipeline, snap: &Snapshot, template: &[u8], flows: u32) {
         for (j, f) in frames.iter_mut().take(n).enumerate() {
             prepare_frame(template, f, id + j as u32);
         }
-        let mut pkts: arrayvec::ArrayVec<RxPacket<'_>, BURST> = frames.iter_mut().take(n).map(|f| RxPacket { port: 0, frame: &mut f[..] }).collect();
+        let mut pkts: arrayvec::ArrayVec<RxPacket<'_>, BURST> =
+            frames.iter_mut().take(n).map(|f| RxPacket::new(0, &mut f[..])).collect();
         pipe.process(snap, 1, &mut pkts, &mut verdicts[..n]);
         id += n as u32;
     }

@@ -12,13 +12,15 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
-use vipgate_dataplane::flow::{DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY};
+use vipgate_dataplane::flow::{
+    DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY,
+};
 use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec, ServiceSpec, Snapshot,
-    SnapshotSpec,
+    BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec, ServiceSpec,
+    Snapshot, SnapshotSpec, SourcePoolSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{DataplaneConfig, PortConfig};
@@ -29,6 +31,8 @@ pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";
 pub const MAX_TABLE_SIZE: u32 = 16_777_213;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65_535;
+/// Source ports of a pool when `ports` is not given.
+pub const DEFAULT_POOL_PORTS: (u16, u16) = (1024, 65535);
 
 /// A configuration error. Its text names the file and, where it has one,
 /// the line and the field.
@@ -81,6 +85,16 @@ struct RawConfig {
     services: Vec<Spanned<RawService>>,
     #[serde(default)]
     neighbours: Vec<Spanned<RawNeighbour>>,
+    #[serde(default)]
+    source_pools: Vec<Spanned<RawPool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    addresses: Spanned<Vec<Spanned<String>>>,
+    ports: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +260,9 @@ struct RawService {
     protocol: Spanned<String>,
     table_size: Option<Spanned<i64>>,
     on_backend_removal: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    source_pool: Option<Spanned<String>>,
+    tunnel_source: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
 }
@@ -308,14 +325,15 @@ pub struct Config {
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
         Config::parse(path, &text)
     }
 
     /// Validates configuration text; `path` is used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
         Validator { file: path, text }.validate(raw)
     }
 
@@ -350,8 +368,18 @@ impl Validator<'_> {
         self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
     }
 
-    fn err<T>(&self, span: std::ops::Range<usize>, field: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
-        Err(ConfigError::Invalid { file: self.file.to_owned(), line: self.line(&span), field: field.into(), reason: reason.into() })
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            file: self.file.to_owned(),
+            line: self.line(&span),
+            field: field.into(),
+            reason: reason.into(),
+        })
     }
 
     fn ipv4(&self, s: &Spanned<String>, field: &str) -> Result<u32, ConfigError> {
@@ -363,7 +391,11 @@ impl Validator<'_> {
 
     fn cidr(&self, s: &Spanned<String>, field: &str, min_len: u8) -> Result<Ipv4Cidr, ConfigError> {
         let Some((a, l)) = s.get_ref().trim().split_once('/') else {
-            return self.err(s.span(), field, format!("{:?} needs a prefix length, such as 198.18.0.1/24", s.get_ref()));
+            return self.err(
+                s.span(),
+                field,
+                format!("{:?} needs a prefix length, such as 198.18.0.1/24", s.get_ref()),
+            );
         };
         let Ok(addr) = a.parse::<Ipv4Addr>() else {
             return self.err(s.span(), field, format!("{a:?} is not an IPv4 address"));
@@ -406,17 +438,28 @@ impl Validator<'_> {
             return self.err(dp.mbufs.span(), "dataplane.mbufs", "at least 1024 mbufs are needed");
         }
         if *dp.mbuf_cache.get_ref() > 512 || *dp.mbuf_cache.get_ref() > *dp.mbufs.get_ref() / 4 {
-            return self.err(dp.mbuf_cache.span(), "dataplane.mbuf_cache", "at most 512 and at most a quarter of dataplane.mbufs");
+            return self.err(
+                dp.mbuf_cache.span(),
+                "dataplane.mbuf_cache",
+                "at most 512 and at most a quarter of dataplane.mbufs",
+            );
         }
         if *dp.neighbour_capacity.get_ref() < 16 {
-            return self.err(dp.neighbour_capacity.span(), "dataplane.neighbour_capacity", "at least 16 entries are needed");
+            return self.err(
+                dp.neighbour_capacity.span(),
+                "dataplane.neighbour_capacity",
+                "at least 16 entries are needed",
+            );
         }
         let flows = *dp.flow_capacity.get_ref();
         if !(1024..=MAX_FLOW_CAPACITY as u64).contains(&flows) {
             return self.err(
                 dp.flow_capacity.span(),
                 "dataplane.flow_capacity",
-                format!("{flows} is not from 1024 to {MAX_FLOW_CAPACITY} (each slot takes {} bytes per worker)", vipgate_dataplane::flow::BYTES_PER_SLOT),
+                format!(
+                    "{flows} is not from 1024 to {MAX_FLOW_CAPACITY} (each slot takes {} bytes per worker)",
+                    vipgate_dataplane::flow::BYTES_PER_SLOT
+                ),
             );
         }
         // The flow table keeps expiry in a clock of about 1 ms units in 32
@@ -431,7 +474,11 @@ impl Validator<'_> {
             ("udp", &t.udp),
         ] {
             if !(1..=MAX_TIMEOUT_S).contains(v.get_ref()) {
-                return self.err(v.span(), format!("dataplane.timeouts.{name}"), format!("{} is not from 1 to {MAX_TIMEOUT_S} seconds", v.get_ref()));
+                return self.err(
+                    v.span(),
+                    format!("dataplane.timeouts.{name}"),
+                    format!("{} is not from 1 to {MAX_TIMEOUT_S} seconds", v.get_ref()),
+                );
             }
         }
         let flow_timeouts = FlowTimeouts {
@@ -460,12 +507,21 @@ impl Validator<'_> {
             if !port_names.insert(name.to_owned()) {
                 return self.err(p.name.span(), f("name"), format!("another port is already named {name:?}"));
             }
-            let device = parse_device(p.device.get_ref()).or_else(|reason| self.err(p.device.span(), f("device"), reason))?;
+            let device =
+                parse_device(p.device.get_ref()).or_else(|reason| self.err(p.device.span(), f("device"), reason))?;
             if !probed.insert(device.probed_name().to_owned()) {
-                return self.err(p.device.span(), f("device"), format!("device {:?} is used by another port", device.probed_name()));
+                return self.err(
+                    p.device.span(),
+                    f("device"),
+                    format!("device {:?} is used by another port", device.probed_name()),
+                );
             }
             if p.addresses.is_empty() {
-                return self.err(p.name.span(), f("addresses"), "a port needs at least one address (it sources ARP requests)");
+                return self.err(
+                    p.name.span(),
+                    f("addresses"),
+                    "a port needs at least one address (it sources ARP requests)",
+                );
             }
             let mut addresses = Vec::new();
             for (j, a) in p.addresses.iter().enumerate() {
@@ -487,7 +543,11 @@ impl Validator<'_> {
                         return self.err(
                             a.span(),
                             field,
-                            format!("overlaps {}/{} on port {owner:?}; each port needs its own subnet", Ipv4Addr::from(other.addr), other.len),
+                            format!(
+                                "overlaps {}/{} on port {owner:?}; each port needs its own subnet",
+                                Ipv4Addr::from(other.addr),
+                                other.len
+                            ),
                         );
                     }
                 }
@@ -512,15 +572,27 @@ impl Validator<'_> {
                 return self.err(
                     r.prefix.span(),
                     field,
-                    format!("host bits are set; did you mean {}/{}?", Ipv4Addr::from(prefix.addr & Route::mask(prefix.len)), prefix.len),
+                    format!(
+                        "host bits are set; did you mean {}/{}?",
+                        Ipv4Addr::from(prefix.addr & Route::mask(prefix.len)),
+                        prefix.len
+                    ),
                 );
             }
             let via = self.ipv4(&r.via, &format!("routes[{i}].via"))?;
             if subnets.iter().any(|(c, _)| c.addr == via) {
-                return self.err(r.via.span(), format!("routes[{i}].via"), "is an address of the gateway itself; name the next router");
+                return self.err(
+                    r.via.span(),
+                    format!("routes[{i}].via"),
+                    "is an address of the gateway itself; name the next router",
+                );
             }
             if !subnets.iter().any(|(c, _)| (c.addr ^ via) & Route::mask(c.len) == 0) {
-                return self.err(r.via.span(), format!("routes[{i}].via"), format!("{} is not on any port's subnet", Ipv4Addr::from(via)));
+                return self.err(
+                    r.via.span(),
+                    format!("routes[{i}].via"),
+                    format!("{} is not on any port's subnet", Ipv4Addr::from(via)),
+                );
             }
             routes.push(RouteSpec { prefix, via });
         }
@@ -529,8 +601,77 @@ impl Validator<'_> {
             ports.iter().flat_map(|p| p.addresses.iter().map(move |c| (c.addr, p.name.clone()))).collect();
         // Every VIP, so that no backend can be one (whichever service comes
         // first in the file); unparsable ones are reported below.
-        let all_vips: HashSet<u32> =
-            raw.services.iter().filter_map(|s| s.get_ref().vip.get_ref().trim().parse::<Ipv4Addr>().ok()).map(u32::from).collect();
+        let all_vips: HashSet<u32> = raw
+            .services
+            .iter()
+            .filter_map(|s| s.get_ref().vip.get_ref().trim().parse::<Ipv4Addr>().ok())
+            .map(u32::from)
+            .collect();
+        let workers = lcores.len() - 1;
+        let mut source_pools: Vec<SourcePoolSpec> = Vec::new();
+        let mut pool_addresses: HashMap<u32, String> = HashMap::new();
+        for (i, p) in raw.source_pools.iter().enumerate() {
+            let p = p.get_ref();
+            let f = |k: &str| format!("source_pools[{i}].{k}");
+            let name = p.name.get_ref().trim().to_owned();
+            if name.is_empty() {
+                return self.err(p.name.span(), f("name"), "must not be empty");
+            }
+            if source_pools.iter().any(|o| o.name == name) {
+                return self.err(p.name.span(), f("name"), format!("another source pool is already named {name:?}"));
+            }
+            if p.addresses.get_ref().is_empty() {
+                return self.err(p.addresses.span(), f("addresses"), "a source pool needs at least one address");
+            }
+            let mut addresses = Vec::new();
+            for (j, a) in p.addresses.get_ref().iter().enumerate() {
+                let field = format!("source_pools[{i}].addresses[{j}]");
+                let addr = self.ipv4(a, &field)?;
+                if !is_unicast(addr) {
+                    return self.err(a.span(), field, format!("{} is not a unicast address", Ipv4Addr::from(addr)));
+                }
+                if let Some(owner) = local.get(&addr) {
+                    return self.err(
+                        a.span(),
+                        field,
+                        format!(
+                            "{} is an address of port {owner:?}; a pool needs addresses of its own",
+                            Ipv4Addr::from(addr)
+                        ),
+                    );
+                }
+                if all_vips.contains(&addr) {
+                    return self.err(
+                        a.span(),
+                        field,
+                        format!("{} is a VIP; a pool needs addresses of its own", Ipv4Addr::from(addr)),
+                    );
+                }
+                if let Some(owner) = pool_addresses.insert(addr, name.clone()) {
+                    return self.err(
+                        a.span(),
+                        field,
+                        format!("{} is already in source pool {owner:?}", Ipv4Addr::from(addr)),
+                    );
+                }
+                addresses.push(addr);
+            }
+            let (first_port, last_port) = match &p.ports {
+                None => DEFAULT_POOL_PORTS,
+                Some(r) => parse_port_range(r.get_ref()).or_else(|reason| self.err(r.span(), f("ports"), reason))?,
+            };
+            let span = usize::from(last_port - first_port) + 1;
+            if span < workers {
+                let at = p.ports.as_ref().map_or(p.name.span(), Spanned::span);
+                return self.err(
+                    at,
+                    f("ports"),
+                    format!("{first_port}-{last_port} is {span} ports for {workers} workers; each worker needs a slice of its own"),
+                );
+            }
+            source_pools.push(SourcePoolSpec { name, addresses, first_port, last_port });
+        }
+
         let mut services = Vec::new();
         let mut service_names = HashSet::new();
         let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
@@ -550,34 +691,92 @@ impl Validator<'_> {
                 return self.err(s.vip.span(), f("vip"), format!("{} is not a unicast address", Ipv4Addr::from(vip)));
             }
             if let Some(owner) = local.get(&vip) {
-                return self.err(s.vip.span(), f("vip"), format!("{} is an address of port {owner:?}, not a free VIP", Ipv4Addr::from(vip)));
+                return self.err(
+                    s.vip.span(),
+                    f("vip"),
+                    format!("{} is an address of port {owner:?}, not a free VIP", Ipv4Addr::from(vip)),
+                );
             }
             let port = self.port_number(&s.port, &f("port"))?;
             let protocol = match s.protocol.get_ref().to_ascii_lowercase().as_str() {
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
-                other => return self.err(s.protocol.span(), f("protocol"), format!("{other:?} is not \"tcp\" or \"udp\"")),
+                other => {
+                    return self.err(s.protocol.span(), f("protocol"), format!("{other:?} is not \"tcp\" or \"udp\""));
+                }
             };
             if let Some(other) = listeners.insert((vip, port, protocol), name.clone()) {
                 return self.err(
                     s.port.span(),
                     f("port"),
-                    format!("{}:{port}/{} is already served by service {other:?}", Ipv4Addr::from(vip), protocol.name()),
+                    format!(
+                        "{}:{port}/{} is already served by service {other:?}",
+                        Ipv4Addr::from(vip),
+                        protocol.name()
+                    ),
                 );
             }
             let table_size = match &s.table_size {
                 None => DEFAULT_TABLE_SIZE,
-                Some(t) => match u32::try_from(*t.get_ref()) {
-                    Ok(n) if is_prime(n) && (3..=MAX_TABLE_SIZE).contains(&n) => n,
-                    _ => {
-                        return self.err(
+                Some(t) => {
+                    match u32::try_from(*t.get_ref()) {
+                        Ok(n) if is_prime(n) && (3..=MAX_TABLE_SIZE).contains(&n) => n,
+                        _ => {
+                            return self.err(
                             t.span(),
                             f("table_size"),
                             format!("{} is not a prime from 3 to {MAX_TABLE_SIZE} (the default is {DEFAULT_TABLE_SIZE})", t.get_ref()),
                         );
+                        }
+                    }
+                }
+            };
+            let mode = match s.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                None | Some("nat") => ForwardingMode::Nat,
+                Some("fullnat") => match &s.source_pool {
+                    None => {
+                        let at = s.mode.as_ref().map_or(s.name.span(), Spanned::span);
+                        return self.err(
+                            at,
+                            f("source_pool"),
+                            "mode \"fullnat\" needs source_pool = \"<name of a [[source_pools]] entry>\"",
+                        );
+                    }
+                    Some(pool) => {
+                        let want = pool.get_ref().trim();
+                        if !source_pools.iter().any(|p| p.name == want) {
+                            let known: Vec<&str> = source_pools.iter().map(|p| p.name.as_str()).collect();
+                            return self.err(
+                                pool.span(),
+                                f("source_pool"),
+                                format!("no source pool is named {want:?} (configured: {known:?})"),
+                            );
+                        }
+                        ForwardingMode::FullNat { pool: want.to_owned() }
                     }
                 },
+                Some("dsr") => {
+                    let tunnel_source = match &s.tunnel_source {
+                        None => None,
+                        Some(t) => Some(self.cidr(t, &f("tunnel_source"), 16)?),
+                    };
+                    ForwardingMode::Dsr { tunnel_source }
+                }
+                Some(other) => {
+                    let m = s.mode.as_ref().expect("matched Some");
+                    return self.err(m.span(), f("mode"), format!("{other:?} is not \"nat\", \"fullnat\" or \"dsr\""));
+                }
             };
+            if let Some(pool) = &s.source_pool
+                && !matches!(mode, ForwardingMode::FullNat { .. })
+            {
+                return self.err(pool.span(), f("source_pool"), "is only used with mode = \"fullnat\"");
+            }
+            if let Some(t) = &s.tunnel_source
+                && !matches!(mode, ForwardingMode::Dsr { .. })
+            {
+                return self.err(t.span(), f("tunnel_source"), "is only used with mode = \"dsr\"");
+            }
             let mut backends = Vec::new();
             let mut seen = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
@@ -585,21 +784,53 @@ impl Validator<'_> {
                 let bf = |k: &str| format!("services[{i}].backends[{j}].{k}");
                 let addr = self.ipv4(&b.address, &bf("address"))?;
                 if local.contains_key(&addr) || all_vips.contains(&addr) {
-                    return self.err(b.address.span(), bf("address"), "is an address of the gateway itself (a port address or a VIP)");
+                    return self.err(
+                        b.address.span(),
+                        bf("address"),
+                        "is an address of the gateway itself (a port address or a VIP)",
+                    );
                 }
                 if !is_unicast(addr) {
-                    return self.err(b.address.span(), bf("address"), format!("{} is not a unicast address", Ipv4Addr::from(addr)));
+                    return self.err(
+                        b.address.span(),
+                        bf("address"),
+                        format!("{} is not a unicast address", Ipv4Addr::from(addr)),
+                    );
                 }
                 if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0)
                     && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
                 {
-                    return self.err(b.address.span(), bf("address"), format!("no route to {}: it is on no port's subnet and no [[routes]] entry covers it", Ipv4Addr::from(addr)));
+                    return self.err(
+                        b.address.span(),
+                        bf("address"),
+                        format!(
+                            "no route to {}: it is on no port's subnet and no [[routes]] entry covers it",
+                            Ipv4Addr::from(addr)
+                        ),
+                    );
                 }
                 let bport = self.port_number(&b.port, &bf("port"))?;
                 if !seen.insert((addr, bport)) {
-                    return self.err(b.address.span(), bf("address"), format!("{}:{bport} is listed twice", Ipv4Addr::from(addr)));
+                    return self.err(
+                        b.address.span(),
+                        bf("address"),
+                        format!("{}:{bport} is listed twice", Ipv4Addr::from(addr)),
+                    );
                 }
-                if let Some(other) = backend_owner.insert((addr, bport, protocol), name.clone()) {
+                if matches!(mode, ForwardingMode::Dsr { .. }) && bport != port {
+                    return self.err(
+                        b.port.span(),
+                        bf("port"),
+                        format!("{bport}: direct server return cannot change the port; the backend must listen on the service port {port}"),
+                    );
+                }
+                if pool_addresses.contains_key(&addr) {
+                    return self.err(b.address.span(), bf("address"), "is a source pool address of the gateway");
+                }
+                // Only nat replies are recognised by their backend source.
+                if matches!(mode, ForwardingMode::Nat)
+                    && let Some(other) = backend_owner.insert((addr, bport, protocol), name.clone())
+                {
                     return self.err(
                         b.address.span(),
                         bf("address"),
@@ -614,23 +845,39 @@ impl Validator<'_> {
                     None => 1,
                     Some(w) => match u32::try_from(*w.get_ref()) {
                         Ok(w) if w <= MAX_WEIGHT => w,
-                        _ => return self.err(w.span(), bf("weight"), format!("{} is not from 0 to {MAX_WEIGHT}", w.get_ref())),
+                        _ => {
+                            return self.err(
+                                w.span(),
+                                bf("weight"),
+                                format!("{} is not from 0 to {MAX_WEIGHT}", w.get_ref()),
+                            );
+                        }
                     },
                 };
                 backends.push(BackendSpec { addr, port: bport, weight });
             }
             if backends.len() > usize::try_from(table_size).unwrap_or(usize::MAX) {
-                return self.err(s.name.span(), f("backends"), format!("{} backends do not fit a table of {table_size} slots", backends.len()));
+                return self.err(
+                    s.name.span(),
+                    f("backends"),
+                    format!("{} backends do not fit a table of {table_size} slots", backends.len()),
+                );
             }
             let on_backend_removal = match &s.on_backend_removal {
                 None => OnBackendRemoval::Rehash,
                 Some(v) => match v.get_ref().as_str() {
                     "rehash" => OnBackendRemoval::Rehash,
                     "reset" => OnBackendRemoval::Reset,
-                    other => return self.err(v.span(), f("on_backend_removal"), format!("{other:?} is not \"rehash\" or \"reset\"")),
+                    other => {
+                        return self.err(
+                            v.span(),
+                            f("on_backend_removal"),
+                            format!("{other:?} is not \"rehash\" or \"reset\""),
+                        );
+                    }
                 },
             };
-            services.push(ServiceSpec { name, vip, port, protocol, table_size, backends, on_backend_removal });
+            services.push(ServiceSpec { name, vip, port, protocol, table_size, backends, on_backend_removal, mode });
         }
 
         let mut neighbours = Vec::new();
@@ -640,7 +887,11 @@ impl Validator<'_> {
             let field = format!("neighbours[{i}].address");
             let addr = self.ipv4(&n.address, &field)?;
             if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0) {
-                return self.err(n.address.span(), field, format!("{} is not on any port's subnet", Ipv4Addr::from(addr)));
+                return self.err(
+                    n.address.span(),
+                    field,
+                    format!("{} is not on any port's subnet", Ipv4Addr::from(addr)),
+                );
             }
             if local.contains_key(&addr) {
                 return self.err(n.address.span(), field, "is an address of the gateway itself");
@@ -648,11 +899,12 @@ impl Validator<'_> {
             if !seen_neighbours.insert(addr) {
                 return self.err(n.address.span(), field, format!("{} is listed twice", Ipv4Addr::from(addr)));
             }
-            let mac = parse_mac(n.mac.get_ref()).or_else(|reason| self.err(n.mac.span(), format!("neighbours[{i}].mac"), reason))?;
+            let mac = parse_mac(n.mac.get_ref())
+                .or_else(|reason| self.err(n.mac.span(), format!("neighbours[{i}].mac"), reason))?;
             neighbours.push(NeighbourSpec { addr, mac });
         }
 
-        let spec = SnapshotSpec { ports, routes, neighbours, services };
+        let spec = SnapshotSpec { ports, routes, neighbours, services, source_pools };
         // The dataplane's own compiler is the last word: anything it would
         // refuse at start is refused now, before EAL.
         if let Err(e) = Snapshot::build(&spec) {
@@ -661,7 +913,12 @@ impl Validator<'_> {
 
         let eal_args = eal_arguments(eal, &lcores, &cpus, &devices);
         let dataplane = DataplaneConfig {
-            ports: spec.ports.iter().zip(&devices).map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned() }).collect(),
+            ports: spec
+                .ports
+                .iter()
+                .zip(&devices)
+                .map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned() })
+                .collect(),
             mbufs: *dp.mbufs.get_ref(),
             mbuf_cache: *dp.mbuf_cache.get_ref(),
             idle_sleep_us: dp.idle_sleep_us,
@@ -672,7 +929,15 @@ impl Validator<'_> {
                 flow_timeouts,
             },
         };
-        Ok(Config { path: self.file.to_owned(), lcores, eal_args, dataplane, devices, api_socket: raw.api.socket, spec })
+        Ok(Config {
+            path: self.file.to_owned(),
+            lcores,
+            eal_args,
+            dataplane,
+            devices,
+            api_socket: raw.api.socket,
+            spec,
+        })
     }
 }
 
@@ -710,6 +975,15 @@ fn parse_lcores(s: &str) -> Result<(Vec<u32>, Vec<Option<u32>>), String> {
         }
     }
     Ok((out, cpus))
+}
+
+/// Parses a port range `first-last` (or a single port).
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+        (Ok(a), Ok(b)) if a >= 1 && a <= b => Ok((a, b)),
+        _ => Err(format!("{s:?} is not a port range like \"1024-65535\" (from 1 to 65535, first <= last)")),
+    }
 }
 
 /// True for addresses a host can own: not 0.0.0.0/8, loopback, multicast,
@@ -756,7 +1030,9 @@ fn parse_device(s: &str) -> Result<Device, String> {
     if ok {
         Ok(Device::Pci { address: full.to_ascii_lowercase() })
     } else {
-        Err(format!("{s:?} is neither a virtual device (net_tap0,iface=..., net_pcap0,..., net_null0, ...) nor a PCI address (0000:03:00.0)"))
+        Err(format!(
+            "{s:?} is neither a virtual device (net_tap0,iface=..., net_pcap0,..., net_null0, ...) nor a PCI address (0000:03:00.0)"
+        ))
     }
 }
 

@@ -47,14 +47,16 @@ impl GatewayView for DaemonView {
     fn ports(&self) -> Vec<PortView> {
         self.ports
             .iter()
-            .map(|p| {
-                PortView { name: p.name.clone(), port_id: p.id, mac: p.mac.0, stats: p.stats() }
-            })
+            .map(|p| PortView { name: p.name.clone(), port_id: p.id, mac: p.mac.0, stats: p.stats() })
             .collect()
     }
 
     fn mempool(&self) -> MempoolView {
-        MempoolView { name: self.pool.name().to_owned(), size: u64::from(self.pool.size()), in_use: u64::from(self.pool.in_use()) }
+        MempoolView {
+            name: self.pool.name().to_owned(),
+            size: u64::from(self.pool.size()),
+            in_use: u64::from(self.pool.in_use()),
+        }
     }
 
     fn serving(&self) -> bool {
@@ -103,7 +105,8 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
-    let view = Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let view =
+        Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
     let served = rt.block_on(api::serve_bound(socket, view, signals.wait())).map_err(DaemonError::from);
     drop(rt);
     if let Err(e) = &served {

@@ -103,10 +103,7 @@ mod tests {
         // NUL-terminated string.
         let version = unsafe { CStr::from_ptr(rte_version()) };
         let version = version.to_str().expect("DPDK version is ASCII");
-        assert!(
-            version.contains("22.11"),
-            "unexpected DPDK version {version:?}"
-        );
+        assert!(version.contains("22.11"), "unexpected DPDK version {version:?}");
     }
 
     #[test]
@@ -133,11 +130,7 @@ mod tests {
     #[test]
     fn mtod_is_buf_addr_plus_data_off() {
         let mut buf = [0u8; 256];
-        let mut m = rte_mbuf {
-            buf_addr: buf.as_mut_ptr().cast(),
-            data_off: 128,
-            ..Default::default()
-        };
+        let mut m = rte_mbuf { buf_addr: buf.as_mut_ptr().cast(), data_off: 128, ..Default::default() };
         let m = &raw mut m;
         // SAFETY: `m` is a local mbuf whose buffer is `buf` (256 bytes), and
         // data_off (128) + 4 stays inside it.

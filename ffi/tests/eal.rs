@@ -51,12 +51,7 @@ fn allowed_cpus() -> Vec<usize> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
     let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
-    assert_eq!(
-        rc,
-        0,
-        "sched_getaffinity: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
     (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE and `set` was filled in above.
         .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
@@ -169,8 +164,7 @@ unsafe fn check_mempool() -> *mut rte_mempool {
     unsafe {
         let socket = c_int::try_from(rte_socket_id()).expect("socket id fits c_int");
         let data_room = u16::try_from(RTE_MBUF_DEFAULT_BUF_SIZE).expect("fits u16");
-        let pool =
-            rte_pktmbuf_pool_create(name.as_ptr(), NB_MBUFS, MEMPOOL_CACHE, 0, data_room, socket);
+        let pool = rte_pktmbuf_pool_create(name.as_ptr(), NB_MBUFS, MEMPOOL_CACHE, 0, data_room, socket);
         assert!(!pool.is_null(), "rte_pktmbuf_pool_create: {}", errno_text());
         assert_eq!(rte_mempool_in_use_count(pool), 0);
         assert_eq!(rte_mempool_avail_count(pool), NB_MBUFS);
@@ -191,10 +185,7 @@ unsafe fn check_mempool() -> *mut rte_mempool {
         let m = mbufs[0];
         let headroom = u16::try_from(RTE_PKTMBUF_HEADROOM).expect("fits u16");
         assert_eq!((*m).data_off, headroom);
-        assert_eq!(
-            vipgate_ffi::pktmbuf_mtod(m),
-            (*m).buf_addr.cast::<u8>().add(usize::from(headroom))
-        );
+        assert_eq!(vipgate_ffi::pktmbuf_mtod(m), (*m).buf_addr.cast::<u8>().add(usize::from(headroom)));
         pktmbuf_mtod(m).write_bytes(0xab, 64);
         for m in &mbufs[1..] {
             rte_pktmbuf_free(*m);
@@ -205,10 +196,7 @@ unsafe fn check_mempool() -> *mut rte_mempool {
         assert_eq!(rte_mempool_in_use_count(pool), 0);
 
         // In bulk.
-        assert_eq!(
-            rte_pktmbuf_alloc_bulk(pool, mbufs.as_mut_ptr(), BURST as c_uint),
-            0
-        );
+        assert_eq!(rte_pktmbuf_alloc_bulk(pool, mbufs.as_mut_ptr(), BURST as c_uint), 0);
         assert_eq!(rte_mempool_in_use_count(pool), BURST as c_uint);
         rte_pktmbuf_free_bulk(mbufs.as_mut_ptr(), BURST as c_uint);
         assert_eq!(rte_mempool_in_use_count(pool), 0);
@@ -222,19 +210,11 @@ unsafe fn check_ring(pool: *mut rte_mempool) {
     // tables are BURST long.
     unsafe {
         let socket = c_int::try_from(rte_socket_id()).expect("socket id fits c_int");
-        let ring = rte_ring_create(
-            c"vgffi_ring".as_ptr(),
-            64,
-            socket,
-            RING_F_SP_ENQ | RING_F_SC_DEQ,
-        );
+        let ring = rte_ring_create(c"vgffi_ring".as_ptr(), 64, socket, RING_F_SP_ENQ | RING_F_SC_DEQ);
         assert!(!ring.is_null(), "rte_ring_create: {}", errno_text());
 
         let mut mbufs = [ptr::null_mut::<rte_mbuf>(); BURST];
-        assert_eq!(
-            rte_pktmbuf_alloc_bulk(pool, mbufs.as_mut_ptr(), BURST as c_uint),
-            0
-        );
+        assert_eq!(rte_pktmbuf_alloc_bulk(pool, mbufs.as_mut_ptr(), BURST as c_uint), 0);
         let objs: Vec<*mut c_void> = mbufs.iter().map(|m| m.cast()).collect();
         let enq = rte_ring_enqueue_burst(ring, objs.as_ptr(), BURST as c_uint, ptr::null_mut());
         assert_eq!(enq, BURST as c_uint);
@@ -260,11 +240,7 @@ unsafe fn check_remote_launch() {
     unsafe {
         let worker = rte_get_next_lcore(u32::MAX, 1, 0);
         assert_eq!(worker, 1, "first worker lcore");
-        assert_eq!(
-            rte_get_next_lcore(worker, 1, 0),
-            RTE_MAX_LCORE,
-            "only one worker"
-        );
+        assert_eq!(rte_get_next_lcore(worker, 1, 0), RTE_MAX_LCORE, "only one worker");
         let arg = (&raw const seen).cast_mut().cast::<c_void>();
         assert_eq!(rte_eal_remote_launch(Some(report_lcore), arg, worker), 0);
         assert_eq!(rte_eal_wait_lcore(worker), 42, "worker's return value");
@@ -281,10 +257,7 @@ unsafe fn check_vdev_hotplug() {
         assert_eq!(rte_vdev_init(c"net_null1".as_ptr(), c"".as_ptr()), 0);
         assert_eq!(rte_eth_dev_count_avail(), 2);
         let mut port = u16::MAX;
-        assert_eq!(
-            rte_eth_dev_get_port_by_name(c"net_null1".as_ptr(), &raw mut port),
-            0
-        );
+        assert_eq!(rte_eth_dev_get_port_by_name(c"net_null1".as_ptr(), &raw mut port), 0);
         assert_eq!(rte_vdev_uninit(c"net_null1".as_ptr()), 0);
         assert_eq!(rte_eth_dev_count_avail(), 1);
     }
@@ -298,10 +271,7 @@ unsafe fn check_null_port(pool: *mut rte_mempool) {
     // is a live local, and mbuf pointers are checked non-null before use.
     unsafe {
         let mut port = u16::MAX;
-        assert_eq!(
-            rte_eth_dev_get_port_by_name(c"net_null0".as_ptr(), &raw mut port),
-            0
-        );
+        assert_eq!(rte_eth_dev_get_port_by_name(c"net_null0".as_ptr(), &raw mut port), 0);
         let socket = rte_eth_dev_socket_id(port);
         // SOCKET_ID_ANY (-1) goes to the queue setup functions as unsigned.
         let socket = c_uint::try_from(socket).unwrap_or(c_uint::MAX);
@@ -311,20 +281,9 @@ unsafe fn check_null_port(pool: *mut rte_mempool) {
         assert!(info.max_rx_queues >= 1 && info.max_tx_queues >= 1);
 
         let conf = rte_eth_conf::default();
-        assert_eq!(
-            rte_eth_dev_configure(port, 1, 1, &raw const conf),
-            0,
-            "{}",
-            errno_text()
-        );
-        assert_eq!(
-            rte_eth_rx_queue_setup(port, 0, NB_DESC, socket, ptr::null(), pool),
-            0
-        );
-        assert_eq!(
-            rte_eth_tx_queue_setup(port, 0, NB_DESC, socket, ptr::null()),
-            0
-        );
+        assert_eq!(rte_eth_dev_configure(port, 1, 1, &raw const conf), 0, "{}", errno_text());
+        assert_eq!(rte_eth_rx_queue_setup(port, 0, NB_DESC, socket, ptr::null(), pool), 0);
+        assert_eq!(rte_eth_tx_queue_setup(port, 0, NB_DESC, socket, ptr::null()), 0);
         assert_eq!(rte_eth_dev_start(port), 0);
 
         let mut mac = rte_ether_addr::default();
@@ -332,27 +291,18 @@ unsafe fn check_null_port(pool: *mut rte_mempool) {
 
         // Transmit: 64-byte frames; net_null frees them.
         let mut tx = [ptr::null_mut::<rte_mbuf>(); BURST];
-        assert_eq!(
-            rte_pktmbuf_alloc_bulk(pool, tx.as_mut_ptr(), BURST as c_uint),
-            0
-        );
+        assert_eq!(rte_pktmbuf_alloc_bulk(pool, tx.as_mut_ptr(), BURST as c_uint), 0);
         for &m in &tx {
             let frame = pktmbuf_mtod(m);
             frame.write_bytes(0xff, 6);
-            frame
-                .add(6)
-                .copy_from_nonoverlapping(mac.addr_bytes.as_ptr(), 6);
+            frame.add(6).copy_from_nonoverlapping(mac.addr_bytes.as_ptr(), 6);
             frame.add(12).write_bytes(0, 52);
             (*m).data_len = 64;
             (*m).pkt_len = 64;
         }
         let sent = rte_eth_tx_burst(port, 0, tx.as_mut_ptr(), BURST as u16);
         assert_eq!(usize::from(sent), BURST, "net_null takes every packet");
-        assert_eq!(
-            rte_mempool_in_use_count(pool),
-            0,
-            "net_null freed what it sent"
-        );
+        assert_eq!(rte_mempool_in_use_count(pool), 0, "net_null freed what it sent");
 
         // Receive: net_null fills the whole burst.
         let mut rx = [ptr::null_mut::<rte_mbuf>(); BURST];

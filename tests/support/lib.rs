@@ -30,7 +30,10 @@ pub fn repo_root() -> PathBuf {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (network namespaces, net_tap, hugepages); run it through scripts/test.sh as root");
+    assert_eq!(
+        euid, 0,
+        "this test needs root (network namespaces, net_tap, hugepages); run it through scripts/test.sh as root"
+    );
 }
 
 /// Whether the gateway should use hugepages. `VIPGATE_HUGEPAGES=1|0` (set
@@ -40,7 +43,10 @@ pub fn use_hugepages() -> bool {
     match std::env::var("VIPGATE_HUGEPAGES").as_deref() {
         Ok("0") => false,
         Ok("1") => {
-            assert!(free_hugepages() >= 128, "VIPGATE_HUGEPAGES=1 but fewer than 128 free 2 MiB hugepages; run scripts/setup.sh");
+            assert!(
+                free_hugepages() >= 128,
+                "VIPGATE_HUGEPAGES=1 but fewer than 128 free 2 MiB hugepages; run scripts/setup.sh"
+            );
             true
         }
         _ => {
@@ -54,7 +60,10 @@ pub fn use_hugepages() -> bool {
 }
 
 fn free_hugepages() -> u64 {
-    let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default().lines().any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"));
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"));
     if !mounted {
         return 0;
     }
@@ -141,9 +150,8 @@ impl Rig {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let socket = dir.join("api.sock");
         let log = dir.join("vipgated.log");
-        let backends: Vec<String> = (1..=opts.backends)
-            .map(|i| format!("  {{ address = \"{}\", port = PORT }},", backend_addr(i)))
-            .collect();
+        let backends: Vec<String> =
+            (1..=opts.backends).map(|i| format!("  {{ address = \"{}\", port = PORT }},", backend_addr(i))).collect();
         let backends = backends.join("\n");
         let config = format!(
             r#"[eal]
@@ -209,7 +217,15 @@ backends = [
         let mut rig = Rig { prefix: prefix.clone(), socket, log, dir, child: Some(child), torn_down: false };
 
         let up = Command::new(repo_root().join("scripts/rig.sh"))
-            .args(["up", "--prefix", &prefix, "--client-if", &format!("{prefix}c"), "--backend-if", &format!("{prefix}b")])
+            .args([
+                "up",
+                "--prefix",
+                &prefix,
+                "--client-if",
+                &format!("{prefix}c"),
+                "--backend-if",
+                &format!("{prefix}b"),
+            ])
             .args(["--backends", &opts.backends.to_string(), "--wait", "30"])
             .output()
             .expect("run scripts/rig.sh");
@@ -274,7 +290,11 @@ backends = [
 
     /// Runs a command in the client namespace.
     pub fn client(&self, cmd: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &format!("{}client", self.prefix)]).args(cmd).output().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}client", self.prefix)])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
     }
 
     /// Stops everything and reports what was left behind.
@@ -313,19 +333,28 @@ backends = [
         let _ = std::fs::remove_dir_all(&runtime_dir);
         let _ = std::fs::remove_dir_all(&self.dir);
 
-        let namespaces = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default())
-            .lines()
-            .filter(|l| l.starts_with(&self.prefix))
-            .map(str::to_owned)
-            .collect();
+        let namespaces = String::from_utf8_lossy(
+            &Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default(),
+        )
+        .lines()
+        .filter(|l| l.starts_with(&self.prefix))
+        .map(str::to_owned)
+        .collect();
         let hugepage_files = std::fs::read_dir("/dev/hugepages")
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&self.prefix))).collect())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&self.prefix)))
+                    .collect()
+            })
             .unwrap_or_default();
-        let processes = String::from_utf8_lossy(&Command::new("pgrep").args(["-af", &self.prefix]).output().map(|o| o.stdout).unwrap_or_default())
-            .lines()
-            .filter(|l| !l.contains("pgrep"))
-            .map(str::to_owned)
-            .collect();
+        let processes = String::from_utf8_lossy(
+            &Command::new("pgrep").args(["-af", &self.prefix]).output().map(|o| o.stdout).unwrap_or_default(),
+        )
+        .lines()
+        .filter(|l| !l.contains("pgrep"))
+        .map(str::to_owned)
+        .collect();
         for f in &hugepage_files {
             let _ = std::fs::remove_file(f);
         }
@@ -340,7 +369,12 @@ impl Leftovers {
         assert!(self.hugepage_files.is_empty(), "hugepage files left: {:?}", self.hugepage_files);
         assert!(self.processes.is_empty(), "processes left: {:?}", self.processes);
         assert!(!self.runtime_dir_left, "vipgated left its EAL runtime directory behind");
-        assert!(self.exit.is_some_and(|s| s.success()), "vipgated did not exit cleanly ({:?}):\n{}", self.exit, self.log);
+        assert!(
+            self.exit.is_some_and(|s| s.success()),
+            "vipgated did not exit cleanly ({:?}):\n{}",
+            self.exit,
+            self.log
+        );
         assert!(
             self.log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"),
             "vipgated did not report every mbuf back in the pool:\n{}",

@@ -114,6 +114,8 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
         flows_rehashed: c.flows_rehashed.get(),
         flows_active: c.flows_active.get(),
         flows_reset: c.flows_reset.get(),
+        handoff_out: c.handoff_out.get(),
+        handoff_in: c.handoff_in.get(),
     }
 }
 
@@ -143,6 +145,8 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.flows_rehashed, c.flows_rehashed),
         (&mut total.flows_active, c.flows_active),
         (&mut total.flows_reset, c.flows_reset),
+        (&mut total.handoff_out, c.handoff_out),
+        (&mut total.handoff_in, c.handoff_in),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);

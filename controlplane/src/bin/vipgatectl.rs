@@ -203,6 +203,8 @@ struct CountersJson {
     flows_rehashed: u64,
     flows_active: u64,
     flows_reset: u64,
+    handoff_out: u64,
+    handoff_in: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -295,6 +297,8 @@ impl From<pb::PacketCounters> for CountersJson {
             flows_rehashed: c.flows_rehashed,
             flows_active: c.flows_active,
             flows_reset: c.flows_reset,
+            handoff_out: c.handoff_out,
+            handoff_in: c.handoff_in,
         }
     }
 }
@@ -360,6 +364,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
         "CONSUMED",
         "FLOWS",
         "NEW_FLOWS",
+        "HANDOFF_OUT",
+        "HANDOFF_IN",
         "BUSY_POLLS",
         "BUSY_CYCLES",
     ];
@@ -378,6 +384,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
             c.consumed,
             c.flows_active,
             c.flows_created,
+            c.handoff_out,
+            c.handoff_in,
             c.busy_polls,
             c.busy_cycles,
         ];

@@ -24,7 +24,10 @@ fn main() -> ExitCode {
         Err(_) => (tracing_subscriber::EnvFilter::new("info"), None),
         Ok(v) => match tracing_subscriber::EnvFilter::try_new(&v) {
             Ok(f) => (f, None),
-            Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(format!("VIPGATE_LOG={v:?} is not a valid filter ({e}); logging at info"))),
+            Err(e) => (
+                tracing_subscriber::EnvFilter::new("info"),
+                Some(format!("VIPGATE_LOG={v:?} is not a valid filter ({e}); logging at info")),
+            ),
         },
     };
     tracing_subscriber::fmt()

@@ -65,8 +65,19 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
     assert_eq!(
         c.eal_args,
         [
-            "-l", "0,1", "--main-lcore", "0", "--file-prefix", "vgtest", "--no-huge", "-m", "512", "--vdev",
-            "net_tap0,iface=vgt-c", "-a", "0000:03:00.1"
+            "-l",
+            "0,1",
+            "--main-lcore",
+            "0",
+            "--file-prefix",
+            "vgtest",
+            "--no-huge",
+            "-m",
+            "512",
+            "--vdev",
+            "net_tap0,iface=vgt-c",
+            "-a",
+            "0000:03:00.1"
         ]
     );
     assert_eq!(c.dataplane.ports[0].device, "net_tap0");
@@ -123,23 +134,77 @@ fn every_bad_input_names_line_field_and_reason() {
         ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/33\"]", 25, "ports[1].addresses[0]", "1 to 32"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.0.9/16\"]", 25, "ports[1].addresses[0]", "overlaps 198.18.0.1/24"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.1.0/24\"]", 25, "ports[1].addresses[0]", "network or broadcast"),
-        ("prefix = \"198.19.0.0/16\"", "prefix = \"198.19.0.1/16\"", 28, "routes[0].prefix", "did you mean 198.19.0.0/16"),
+        (
+            "prefix = \"198.19.0.0/16\"",
+            "prefix = \"198.19.0.1/16\"",
+            28,
+            "routes[0].prefix",
+            "did you mean 198.19.0.0/16",
+        ),
         ("via = \"198.18.0.254\"", "via = \"198.18.7.254\"", 29, "routes[0].via", "not on any port's subnet"),
-        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"198.18.0.1\"\nport = 80", 33, "services[0].vip", "address of port \"client\""),
+        (
+            "vip = \"198.18.100.1\"\nport = 80",
+            "vip = \"198.18.0.1\"\nport = 80",
+            33,
+            "services[0].vip",
+            "address of port \"client\"",
+        ),
         ("port = 80", "port = 0", 34, "services[0].port", "not a port number"),
         ("port = 80", "port = 70000", 34, "services[0].port", "not a port number"),
-        ("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 44, "services[1].port", "already served by service \"web\""),
+        (
+            "port = 53\nprotocol = \"UDP\"",
+            "port = 80\nprotocol = \"tcp\"",
+            44,
+            "services[1].port",
+            "already served by service \"web\"",
+        ),
         ("protocol = \"tcp\"", "protocol = \"sctp\"", 35, "services[0].protocol", "not \"tcp\" or \"udp\""),
-        ("on_backend_removal = \"reset\"", "on_backend_removal = \"drop\"", 47, "services[1].on_backend_removal", "not \"rehash\" or \"reset\""),
+        (
+            "on_backend_removal = \"reset\"",
+            "on_backend_removal = \"drop\"",
+            47,
+            "services[1].on_backend_removal",
+            "not \"rehash\" or \"reset\"",
+        ),
         ("table_size = 251", "table_size = 250", 46, "services[1].table_size", "not a prime"),
         ("table_size = 251", "table_size = 2", 46, "services[1].table_size", "not a prime from 3"),
         ("weight = 3", "weight = 70000", 38, "services[0].backends[1].weight", "not from 0 to 65535"),
         ("weight = 3", "weight = -1", 38, "services[0].backends[1].weight", "not from 0 to 65535"),
-        ("\"198.18.1.12\", port = 8080", "\"198.18.1.11\", port = 8080", 38, "services[0].backends[1].address", "listed twice"),
-        ("\"198.18.1.12\", port = 8080", "\"198.20.1.12\", port = 8080", 38, "services[0].backends[1].address", "no route to 198.20.1.12"),
-        ("\"198.18.1.12\", port = 8080", "\"198.18.1.1\", port = 8080", 38, "services[0].backends[1].address", "the gateway itself"),
-        ("\"198.18.1.12\", port = 8080", "\"198.18.100.1\", port = 8080", 38, "services[0].backends[1].address", "a VIP"),
-        ("\"198.18.1.12\", port = 8080", "\"224.0.0.1\", port = 8080", 38, "services[0].backends[1].address", "not a unicast"),
+        (
+            "\"198.18.1.12\", port = 8080",
+            "\"198.18.1.11\", port = 8080",
+            38,
+            "services[0].backends[1].address",
+            "listed twice",
+        ),
+        (
+            "\"198.18.1.12\", port = 8080",
+            "\"198.20.1.12\", port = 8080",
+            38,
+            "services[0].backends[1].address",
+            "no route to 198.20.1.12",
+        ),
+        (
+            "\"198.18.1.12\", port = 8080",
+            "\"198.18.1.1\", port = 8080",
+            38,
+            "services[0].backends[1].address",
+            "the gateway itself",
+        ),
+        (
+            "\"198.18.1.12\", port = 8080",
+            "\"198.18.100.1\", port = 8080",
+            38,
+            "services[0].backends[1].address",
+            "a VIP",
+        ),
+        (
+            "\"198.18.1.12\", port = 8080",
+            "\"224.0.0.1\", port = 8080",
+            38,
+            "services[0].backends[1].address",
+            "not a unicast",
+        ),
         ("vip = \"198.18.100.1\"\nport = 80", "vip = \"0.0.0.0\"\nport = 80", 33, "services[0].vip", "not a unicast"),
         ("vip = \"198.18.100.1\"\nport = 80", "vip = \"239.1.1.1\"\nport = 80", 33, "services[0].vip", "not a unicast"),
         ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/24\", \"198.18.1.1/24\"]", 25, "ports[1].addresses[1]", "listed twice"),
@@ -148,8 +213,20 @@ fn every_bad_input_names_line_field_and_reason() {
         ("via = \"198.18.0.254\"", "via = \"198.18.0.1\"", 29, "routes[0].via", "the gateway itself"),
         ("port = 8080, weight = 3", "port = 0, weight = 3", 38, "services[0].backends[1].port", "not a port number"),
         ("name = \"dns\"", "name = \"web\"", 42, "services[1].name", "already named"),
-        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.9.11\"\nmac", 51, "neighbours[0].address", "not on any port's subnet"),
-        ("address = \"198.18.1.11\"\nmac", "address = \"198.18.1.1\"\nmac", 51, "neighbours[0].address", "the gateway itself"),
+        (
+            "address = \"198.18.1.11\"\nmac",
+            "address = \"198.18.9.11\"\nmac",
+            51,
+            "neighbours[0].address",
+            "not on any port's subnet",
+        ),
+        (
+            "address = \"198.18.1.11\"\nmac",
+            "address = \"198.18.1.1\"\nmac",
+            51,
+            "neighbours[0].address",
+            "the gateway itself",
+        ),
         ("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01\"", 52, "neighbours[0].mac", "not a MAC address"),
         ("mac = \"02:00:00:00:01:0b\"", "mac = \"01:00:5e:00:00:01\"", 52, "neighbours[0].mac", "not a unicast"),
     ];
@@ -241,4 +318,159 @@ fn duplicate_route_prefixes_are_refused() {
     );
     let msg = parse(&text).unwrap_err().to_string();
     assert!(msg.contains(":32: routes[1].prefix: routes[0] already has this prefix"), "{msg}");
+}
+
+/// GOOD with a source pool, web in FullNAT through it and dns in DSR.
+const MODES: &str = r#"
+[eal]
+lcores = "0,1,2"
+hugepages = false
+
+[[ports]]
+name = "client"
+device = "net_tap0,iface=vgt-c"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "backend"
+device = "net_tap1,iface=vgt-b"
+addresses = ["198.18.1.1/24"]
+
+[[source_pools]]
+name = "snat"
+addresses = ["198.18.1.100", "198.18.1.101"]
+ports = "20000-29999"
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+mode = "fullnat"
+source_pool = "snat"
+backends = [ { address = "198.18.1.11", port = 8080 } ]
+
+[[services]]
+name = "dns"
+vip = "198.18.100.1"
+port = 53
+protocol = "udp"
+mode = "dsr"
+tunnel_source = "198.18.3.0/24"
+backends = [ { address = "198.18.1.11", port = 53 } ]
+"#;
+
+#[test]
+fn modes_and_source_pools_compile() {
+    let c = parse(MODES).unwrap();
+    let spec = c.snapshot_spec(&[EthernetAddress::default(); 2]);
+    assert_eq!(
+        spec.source_pools,
+        vec![SourcePoolSpec {
+            name: "snat".into(),
+            addresses: vec![0xC612_0164, 0xC612_0165],
+            first_port: 20000,
+            last_port: 29999
+        }]
+    );
+    assert_eq!(spec.services[0].mode, ForwardingMode::FullNat { pool: "snat".into() });
+    assert_eq!(
+        spec.services[1].mode,
+        ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: 0xC612_0300, len: 24 }) }
+    );
+    // Without `ports`, a pool uses 1024-65535; without `mode`, nat.
+    let c = parse(
+        &MODES
+            .replace("ports = \"20000-29999\"\n", "")
+            .replace("mode = \"dsr\"\ntunnel_source = \"198.18.3.0/24\"\n", ""),
+    )
+    .unwrap();
+    let spec = c.snapshot_spec(&[EthernetAddress::default(); 2]);
+    assert_eq!((spec.source_pools[0].first_port, spec.source_pools[0].last_port), DEFAULT_POOL_PORTS);
+    assert_eq!(spec.services[1].mode, ForwardingMode::Nat);
+    // nat and fullnat services may share a backend: replies differ by
+    // destination (the client, or a pool address).
+    let shared = MODES
+        .replace("mode = \"dsr\"\ntunnel_source = \"198.18.3.0/24\"\n", "")
+        .replace("port = 53\nprotocol = \"udp\"", "port = 81\nprotocol = \"tcp\"")
+        .replace("port = 53 }", "port = 8080 }");
+    parse(&shared).unwrap();
+}
+
+#[test]
+fn bad_modes_and_pools_name_line_field_and_reason() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        ("mode = \"fullnat\"", "mode = \"snat\"", 26, "services[0].mode", "not \"nat\", \"fullnat\" or \"dsr\""),
+        (
+            "source_pool = \"snat\"",
+            "source_pool = \"other\"",
+            27,
+            "services[0].source_pool",
+            "no source pool is named \"other\"",
+        ),
+        ("source_pool = \"snat\"\n", "", 26, "services[0].source_pool", "needs source_pool"),
+        ("mode = \"fullnat\"\n", "", 26, "services[0].source_pool", "only used with mode = \"fullnat\""),
+        ("mode = \"dsr\"\n", "", 35, "services[1].tunnel_source", "only used with mode = \"dsr\""),
+        (
+            "tunnel_source = \"198.18.3.0/24\"",
+            "tunnel_source = \"198.18.3.0/8\"",
+            36,
+            "services[1].tunnel_source",
+            "from 16 to 32",
+        ),
+        (
+            "{ address = \"198.18.1.11\", port = 53 }",
+            "{ address = \"198.18.1.11\", port = 5353 }",
+            37,
+            "services[1].backends[0].port",
+            "cannot change the port",
+        ),
+        ("ports = \"20000-29999\"", "ports = \"29999-20000\"", 19, "source_pools[0].ports", "not a port range"),
+        ("ports = \"20000-29999\"", "ports = \"0-10\"", 19, "source_pools[0].ports", "not a port range"),
+        ("ports = \"20000-29999\"", "ports = \"20000\"", 19, "source_pools[0].ports", "1 ports for 2 workers"),
+        (
+            "\"198.18.1.100\", \"198.18.1.101\"",
+            "\"198.18.1.100\", \"198.18.1.100\"",
+            18,
+            "source_pools[0].addresses[1]",
+            "already in source pool \"snat\"",
+        ),
+        (
+            "\"198.18.1.100\", \"198.18.1.101\"",
+            "\"198.18.1.1\"",
+            18,
+            "source_pools[0].addresses[0]",
+            "address of port \"backend\"",
+        ),
+        ("\"198.18.1.100\", \"198.18.1.101\"", "\"198.18.100.1\"", 18, "source_pools[0].addresses[0]", "is a VIP"),
+        ("\"198.18.1.100\", \"198.18.1.101\"", "\"224.1.1.1\"", 18, "source_pools[0].addresses[0]", "not a unicast"),
+        (
+            "addresses = [\"198.18.1.100\", \"198.18.1.101\"]",
+            "addresses = []",
+            18,
+            "source_pools[0].addresses",
+            "at least one address",
+        ),
+        ("name = \"snat\"", "name = \" \"", 17, "source_pools[0].name", "must not be empty"),
+        (
+            "{ address = \"198.18.1.11\", port = 8080 }",
+            "{ address = \"198.18.1.101\", port = 8080 }",
+            28,
+            "services[0].backends[0].address",
+            "source pool address",
+        ),
+    ];
+    for (from, to, line, field, reason) in cases {
+        assert!(MODES.contains(from), "fixture lacks {from:?}");
+        let text = MODES.replacen(from, to, 1);
+        let err = parse(&text).expect_err(to);
+        let msg = err.to_string();
+        match &err {
+            ConfigError::Invalid { line: l, field: f, reason: r, .. } => {
+                assert_eq!((l, f.as_str()), (line, *field), "{to:?}: {msg}");
+                assert!(r.contains(reason), "{to:?}: {msg}");
+            }
+            other => panic!("{to:?}: expected Invalid, got {other:?}"),
+        }
+    }
 }

@@ -39,11 +39,24 @@ pub enum DropReason {
     ArpNotOurs,
     /// The transmit queue was full.
     TxFull,
+    /// A new FullNAT flow found no free source port on this worker's slice
+    /// of its pool (the flow is not created; the client retries).
+    SnatExhausted,
+    /// A reply to a FullNAT source address and port that no flow holds (or
+    /// from another backend than the flow's): FullNAT cannot translate it
+    /// without the flow.
+    NoFlow,
+    /// The hand-off ring to the worker owning the packet's flow was full, or
+    /// the dataplane stopped while the packet waited in it.
+    Handoff,
+    /// Direct server return needs 20 bytes in front of the frame for the
+    /// outer IPv4 header, and the driver gave fewer.
+    NoHeadroom,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 16;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -58,6 +71,10 @@ impl DropReason {
         DropReason::NoNeighbour,
         DropReason::ArpNotOurs,
         DropReason::TxFull,
+        DropReason::SnatExhausted,
+        DropReason::NoFlow,
+        DropReason::Handoff,
+        DropReason::NoHeadroom,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -75,6 +92,10 @@ impl DropReason {
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::ArpNotOurs => "arp_not_ours",
             DropReason::TxFull => "tx_full",
+            DropReason::SnatExhausted => "snat_exhausted",
+            DropReason::NoFlow => "no_flow",
+            DropReason::Handoff => "handoff",
+            DropReason::NoHeadroom => "no_headroom",
         }
     }
 }
@@ -121,8 +142,9 @@ pub struct WorkerCounters {
     pub tx_packets: Counter,
     /// Bytes of `tx_packets`.
     pub tx_bytes: Counter,
-    /// Packets translated towards a backend (VIP -> backend); counted when
-    /// translated, before the transmit queue accepts them.
+    /// Packets sent towards a backend (VIP -> backend: translated, or
+    /// encapsulated for DSR); counted when rewritten, before the transmit
+    /// queue accepts them.
     pub nat_forward: Counter,
     /// Packets translated back from a backend (backend -> VIP).
     pub nat_reverse: Counter,
@@ -134,10 +156,16 @@ pub struct WorkerCounters {
     /// ICMP echo replies built for our addresses and VIPs.
     pub icmp_echo_replies: Counter,
     /// Packets absorbed without forwarding or dropping (ARP replies for us).
-    /// Every packet is accounted for: rx + arp_requests = tx + drops +
-    /// consumed, where arp_requests are the packets the worker itself
-    /// originates.
+    /// Every packet is accounted for: rx + arp_requests + handoff_in = tx +
+    /// drops + consumed + handoff_out per worker, where arp_requests are the
+    /// packets the worker itself originates; summed over the workers the
+    /// hand-offs cancel out.
     pub consumed: Counter,
+    /// Packets received here whose flow another worker owns, handed to it
+    /// on its hand-off ring.
+    pub handoff_out: Counter,
+    /// Packets taken from other workers' hand-off rings.
+    pub handoff_in: Counter,
     /// Flows added to the connection-tracking table.
     pub flows_created: Counter,
     /// Live flows pushed out of a full connection-tracking table to make

@@ -916,6 +916,19 @@ impl FlowTable {
         Some(self.entries[slot])
     }
 
+    /// Keeps only the entries (live or expired, not yet handed back) for
+    /// which `keep` returns true; the others are removed. Visits every slot:
+    /// for configuration changes, never per packet.
+    pub fn retain(&mut self, mut keep: impl FnMut(&FlowEntry) -> bool) {
+        for slot in 0..self.entries.len() {
+            let tag = &mut self.buckets[slot / SLOTS_PER_BUCKET].tags[slot % SLOTS_PER_BUCKET];
+            if *tag != EMPTY && !keep(&self.entries[slot]) {
+                *tag = EMPTY;
+                self.occupied -= 1;
+            }
+        }
+    }
+
     /// Housekeeping, not per packet: visits the next `budget` slots (in
     /// order, wrapping, resuming where the last call stopped), clears every
     /// expired entry among them and passes it to `on_expire` (to release its

@@ -69,9 +69,7 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     // both constants have bits set there: neither factor of the first
     // multiplication can be zero, so no key can make the product collapse
     // and erase the other word's contribution.
-    let a = (u64::from(key.src_addr) << 32)
-        | (u64::from(key.src_port) << 16)
-        | (u64::from(key.protocol) << 8);
+    let a = (u64::from(key.src_addr) << 32) | (u64::from(key.src_port) << 16) | (u64::from(key.protocol) << 8);
     let b = (u64::from(key.dst_addr) << 32) | (u64::from(key.dst_port) << 16);
     // A single folded multiply leaves the extreme bits of the result depending
     // on few input bits; the second round (by an odd constant) spreads them.
@@ -100,9 +98,7 @@ const fn fmix64(mut h: u64) -> u64 {
 /// Plain 64-bit FNV-1a starting from `basis`.
 #[inline]
 fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
-    bytes.iter().fold(basis, |h, &byte| {
-        (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
-    })
+    bytes.iter().fold(basis, |h, &byte| (h ^ u64::from(byte)).wrapping_mul(FNV_PRIME))
 }
 
 /// Seeded 64-bit hash of a byte string, stable on every machine and in every
@@ -134,13 +130,7 @@ mod tests {
     use super::*;
 
     fn key(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, protocol: u8) -> FlowKey {
-        FlowKey {
-            src_addr,
-            dst_addr,
-            src_port,
-            dst_port,
-            protocol,
-        }
+        FlowKey { src_addr, dst_addr, src_port, dst_port, protocol }
     }
 
     /// 198.18.0.0/15 addresses, as the test rig uses.
@@ -159,10 +149,7 @@ mod tests {
             (key(CLIENT, VIP, 40001, 80, 6), 0x3F22_7910),
             (key(CLIENT, VIP, 40000, 80, 17), 0xE7DC_568E),
             (key(VIP, CLIENT, 80, 40000, 6), 0x1F78_87E7),
-            (
-                key(u32::MAX, u32::MAX, u16::MAX, u16::MAX, u8::MAX),
-                0xDBE0_EA64,
-            ),
+            (key(u32::MAX, u32::MAX, u16::MAX, u16::MAX, u8::MAX), 0xDBE0_EA64),
         ];
         for (k, want) in cases {
             assert_eq!(flow_hash(&k), want, "{k:?}");
@@ -217,13 +204,7 @@ mod tests {
         };
         for _ in 0..SAMPLES {
             let (r1, r2) = (next(), next());
-            let base = key(
-                r1 as u32,
-                (r1 >> 32) as u32,
-                r2 as u16,
-                (r2 >> 16) as u16,
-                (r2 >> 32) as u8,
-            );
+            let base = key(r1 as u32, (r1 >> 32) as u32, r2 as u16, (r2 >> 16) as u16, (r2 >> 32) as u8);
             let h = flow_hash(&base);
             for (bit, counts) in flips.iter_mut().enumerate() {
                 let mut k = base;
@@ -235,10 +216,7 @@ mod tests {
                     _ => k.protocol ^= 1 << (bit - 96),
                 }
                 let diff = h ^ flow_hash(&k);
-                assert_ne!(
-                    diff, 0,
-                    "flipping input bit {bit} of {base:?} left the hash unchanged"
-                );
+                assert_ne!(diff, 0, "flipping input bit {bit} of {base:?} left the hash unchanged");
                 for (out, count) in counts.iter_mut().enumerate() {
                     *count += (diff >> out) & 1;
                 }
@@ -251,10 +229,7 @@ mod tests {
             for (out, &count) in counts.iter().enumerate() {
                 let p = f64::from(count) / f64::from(SAMPLES);
                 worst = worst.max((p - 0.5).abs());
-                assert!(
-                    (0.45..=0.55).contains(&p),
-                    "input bit {bit} flips output bit {out} with probability {p}"
-                );
+                assert!((0.45..=0.55).contains(&p), "input bit {bit} flips output bit {out} with probability {p}");
             }
         }
         println!("worst avalanche bias {worst}");
@@ -265,26 +240,11 @@ mod tests {
         let base = key(CLIENT, VIP, 40000, 80, 6);
         let h = flow_hash(&base);
         let variants = [
-            FlowKey {
-                src_addr: CLIENT + 1,
-                ..base
-            },
-            FlowKey {
-                dst_addr: VIP + 1,
-                ..base
-            },
-            FlowKey {
-                src_port: 40001,
-                ..base
-            },
-            FlowKey {
-                dst_port: 443,
-                ..base
-            },
-            FlowKey {
-                protocol: 17,
-                ..base
-            },
+            FlowKey { src_addr: CLIENT + 1, ..base },
+            FlowKey { dst_addr: VIP + 1, ..base },
+            FlowKey { src_port: 40001, ..base },
+            FlowKey { dst_port: 443, ..base },
+            FlowKey { protocol: 17, ..base },
         ];
         for v in variants {
             assert_ne!(flow_hash(&v), h, "{v:?}");
@@ -294,10 +254,7 @@ mod tests {
     /// Chi-square statistic of `counts` against a uniform distribution.
     fn chi_square(counts: &[u32], total: u32) -> f64 {
         let expected = f64::from(total) / counts.len() as f64;
-        counts
-            .iter()
-            .map(|&c| (f64::from(c) - expected).powi(2) / expected)
-            .sum()
+        counts.iter().map(|&c| (f64::from(c) - expected).powi(2) / expected).sum()
     }
 
     /// One million flows from 16 clients, sequential source ports, to one
@@ -322,10 +279,7 @@ mod tests {
             assert!((750.0..1300.0).contains(&chi2), "{name}: chi-square {chi2}");
             // Expected 1024 per bucket, standard deviation 32.
             let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
-            assert!(
-                *min >= 1024 - 6 * 32 && *max <= 1024 + 6 * 32,
-                "{name}: min {min} max {max}"
-            );
+            assert!(*min >= 1024 - 6 * 32 && *max <= 1024 + 6 * 32, "{name}: min {min} max {max}");
         }
     }
 

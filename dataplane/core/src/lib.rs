@@ -17,4 +17,5 @@ pub mod neighbour;
 pub mod pipeline;
 pub mod route;
 pub mod snapshot;
+pub mod snat;
 pub mod wire;

@@ -154,31 +154,21 @@ impl MaglevTable {
             return Err(MaglevError::SizeNotPrime(size));
         }
         if backends.len() > MAX_BACKENDS || backends.len() > size as usize {
-            return Err(MaglevError::TooManyBackends {
-                backends: backends.len(),
-                size,
-            });
+            return Err(MaglevError::TooManyBackends { backends: backends.len(), size });
         }
         // Fits: checked against MAX_BACKENDS above.
         let mut order: Vec<u16> = (0..backends.len() as u16).collect();
         order.sort_unstable_by_key(|&i| backends[usize::from(i)].key);
-        if let Some(pair) = order
-            .windows(2)
-            .find(|pair| backends[usize::from(pair[0])].key == backends[usize::from(pair[1])].key)
+        if let Some(pair) =
+            order.windows(2).find(|pair| backends[usize::from(pair[0])].key == backends[usize::from(pair[1])].key)
         {
-            return Err(MaglevError::DuplicateKey(
-                backends[usize::from(pair[0])].key.to_vec(),
-            ));
+            return Err(MaglevError::DuplicateKey(backends[usize::from(pair[0])].key.to_vec()));
         }
 
         let divisor = backends.iter().fold(0, |g, b| gcd(g, b.weight));
         if divisor == 0 {
             // No backend has a weight: nothing can be served.
-            return Ok(MaglevTable {
-                slots: Box::default(),
-                size,
-                backends: backends.len(),
-            });
+            return Ok(MaglevTable { slots: Box::default(), size, backends: backends.len() });
         }
 
         let modulus = u64::from(size);
@@ -208,11 +198,7 @@ impl MaglevTable {
                 }
             }
         }
-        Ok(MaglevTable {
-            slots,
-            size,
-            backends: backends.len(),
-        })
+        Ok(MaglevTable { slots, size, backends: backends.len() })
     }
 
     /// The backend (index into the slice given to [`MaglevTable::build`]) for
@@ -286,10 +272,7 @@ impl std::fmt::Debug for MaglevTable {
 /// Whether `n` is prime (trial division by 6k +- 1; at most about 11,000
 /// divisions for any `u32`, so fine for validating configuration).
 #[must_use]
-#[allow(
-    clippy::manual_is_multiple_of,
-    reason = "u32::is_multiple_of needs Rust 1.87; the workspace supports 1.85"
-)]
+#[allow(clippy::manual_is_multiple_of, reason = "u32::is_multiple_of needs Rust 1.87; the workspace supports 1.85")]
 pub const fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -317,35 +300,22 @@ mod tests {
     use proptest::prelude::*;
 
     fn keys(n: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|i| format!("198.18.{}.{}:8080/tcp", i / 250, i % 250 + 1).into_bytes())
-            .collect()
+        (0..n).map(|i| format!("198.18.{}.{}:8080/tcp", i / 250, i % 250 + 1).into_bytes()).collect()
     }
 
     fn equal(keys: &[Vec<u8>]) -> Vec<MaglevBackend<'_>> {
-        keys.iter()
-            .map(|k| MaglevBackend { key: k, weight: 1 })
-            .collect()
+        keys.iter().map(|k| MaglevBackend { key: k, weight: 1 }).collect()
     }
 
     /// The table as slot -> key, which is what must not depend on input order.
     fn slot_keys<'a>(table: &MaglevTable, backends: &[MaglevBackend<'a>]) -> Vec<&'a [u8]> {
-        table
-            .slots()
-            .iter()
-            .map(|&i| backends[usize::from(i)].key)
-            .collect()
+        table.slots().iter().map(|&i| backends[usize::from(i)].key).collect()
     }
 
     #[test]
     fn is_prime_matches_trial_division() {
         let primes: Vec<u32> = (0..60).filter(|&n| is_prime(n)).collect();
-        assert_eq!(
-            primes,
-            [
-                2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59
-            ]
-        );
+        assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59]);
         assert!(is_prime(65537));
         assert!(is_prime(655_373));
         assert!(is_prime(4_294_967_291)); // the largest u32 prime
@@ -394,10 +364,7 @@ mod tests {
             }
             let share = f64::from(moved) / f64::from(kept);
             worst = worst.max(share);
-            assert!(
-                share <= 0.01,
-                "removing backend {removed} moved {moved} of {kept} slots"
-            );
+            assert!(share <= 0.01, "removing backend {removed} moved {moved} of {kept} slots");
         }
         println!("worst disruption {:.3}%", worst * 100.0);
     }
@@ -406,19 +373,12 @@ mod tests {
     #[test]
     fn weights_set_the_shares() {
         let keys = keys(3);
-        let backends: Vec<_> = keys
-            .iter()
-            .zip([1, 2, 4])
-            .map(|(k, weight)| MaglevBackend { key: k, weight })
-            .collect();
+        let backends: Vec<_> = keys.iter().zip([1, 2, 4]).map(|(k, weight)| MaglevBackend { key: k, weight }).collect();
         let table = MaglevTable::build(&backends, DEFAULT_TABLE_SIZE).unwrap();
         for (count, weight) in table.slot_counts().into_iter().zip([1.0, 2.0, 4.0]) {
             let share = f64::from(count) / f64::from(DEFAULT_TABLE_SIZE);
             let want = weight / 7.0;
-            assert!(
-                (share - want).abs() <= 0.01 * want,
-                "share {share} want {want}"
-            );
+            assert!((share - want).abs() <= 0.01 * want, "share {share} want {want}");
         }
     }
 
@@ -427,14 +387,8 @@ mod tests {
     #[test]
     fn builds_are_deterministic_and_order_independent() {
         let keys = keys(50);
-        let backends: Vec<_> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| MaglevBackend {
-                key: k,
-                weight: 1 + i as u32 % 3,
-            })
-            .collect();
+        let backends: Vec<_> =
+            keys.iter().enumerate().map(|(i, k)| MaglevBackend { key: k, weight: 1 + i as u32 % 3 }).collect();
         let first = MaglevTable::build(&backends, DEFAULT_TABLE_SIZE).unwrap();
         let second = MaglevTable::build(&backends, DEFAULT_TABLE_SIZE).unwrap();
         assert_eq!(first, second);
@@ -445,11 +399,7 @@ mod tests {
         shuffled.swap(3, 40);
         shuffled.rotate_left(17);
         let third = MaglevTable::build(&shuffled, DEFAULT_TABLE_SIZE).unwrap();
-        assert_ne!(
-            first.slots(),
-            third.slots(),
-            "indices follow the input order"
-        );
+        assert_ne!(first.slots(), third.slots(), "indices follow the input order");
         assert_eq!(slot_keys(&first, &backends), slot_keys(&third, &shuffled));
     }
 
@@ -460,25 +410,13 @@ mod tests {
     #[test]
     fn golden_table() {
         let backends = [
-            MaglevBackend {
-                key: b"198.18.1.11:8080/tcp",
-                weight: 1,
-            },
-            MaglevBackend {
-                key: b"198.18.1.12:8080/tcp",
-                weight: 1,
-            },
-            MaglevBackend {
-                key: b"198.18.1.13:8080/tcp",
-                weight: 2,
-            },
+            MaglevBackend { key: b"198.18.1.11:8080/tcp", weight: 1 },
+            MaglevBackend { key: b"198.18.1.12:8080/tcp", weight: 1 },
+            MaglevBackend { key: b"198.18.1.13:8080/tcp", weight: 2 },
         ];
         let table = MaglevTable::build(&backends, DEFAULT_TABLE_SIZE).unwrap();
         let bytes: Vec<u8> = table.slots().iter().flat_map(|s| s.to_le_bytes()).collect();
-        assert_eq!(
-            table.slots()[..16],
-            [2, 2, 2, 0, 0, 1, 1, 2, 0, 1, 0, 2, 0, 2, 0, 1]
-        );
+        assert_eq!(table.slots()[..16], [2, 2, 2, 0, 0, 1, 1, 2, 0, 1, 0, 2, 0, 2, 0, 1]);
         // A digest of all 65537 slots (little-endian u16s).
         assert_eq!(stable_hash(&bytes, 0), 0xAA27_B661_5668_80EA);
     }
@@ -489,52 +427,22 @@ mod tests {
         let keys = keys(4);
         let backends = equal(&keys);
         for size in [0, 1, 4, 9, 65535, 65536] {
-            assert_eq!(
-                MaglevTable::build(&backends, size),
-                Err(MaglevError::SizeNotPrime(size))
-            );
+            assert_eq!(MaglevTable::build(&backends, size), Err(MaglevError::SizeNotPrime(size)));
         }
-        assert_eq!(
-            MaglevTable::build(&backends, 3),
-            Err(MaglevError::TooManyBackends {
-                backends: 4,
-                size: 3
-            })
-        );
-        let many = vec![
-            MaglevBackend {
-                key: b"x",
-                weight: 1
-            };
-            MAX_BACKENDS + 1
-        ];
+        assert_eq!(MaglevTable::build(&backends, 3), Err(MaglevError::TooManyBackends { backends: 4, size: 3 }));
+        let many = vec![MaglevBackend { key: b"x", weight: 1 }; MAX_BACKENDS + 1];
         assert_eq!(
             MaglevTable::build(&many, 655_373),
-            Err(MaglevError::TooManyBackends {
-                backends: MAX_BACKENDS + 1,
-                size: 655_373
-            })
+            Err(MaglevError::TooManyBackends { backends: MAX_BACKENDS + 1, size: 655_373 })
         );
         let mut dup = backends.clone();
-        dup.push(MaglevBackend {
-            key: &keys[2],
-            weight: 0,
-        });
-        assert_eq!(
-            MaglevTable::build(&dup, 13),
-            Err(MaglevError::DuplicateKey(keys[2].clone()))
-        );
+        dup.push(MaglevBackend { key: &keys[2], weight: 0 });
+        assert_eq!(MaglevTable::build(&dup, 13), Err(MaglevError::DuplicateKey(keys[2].clone())));
     }
 
     #[test]
     fn no_weight_means_no_backend() {
-        for backends in [
-            vec![],
-            vec![MaglevBackend {
-                key: b"a",
-                weight: 0,
-            }],
-        ] {
+        for backends in [vec![], vec![MaglevBackend { key: b"a", weight: 0 }]] {
             let table = MaglevTable::build(&backends, 13).unwrap();
             assert!(table.is_empty());
             assert_eq!(table.size(), 13);
@@ -553,19 +461,10 @@ mod tests {
         let base: Vec<_> = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| MaglevBackend {
-                key: k,
-                weight: if i % 4 == 0 { 0 } else { 1 + i as u32 % 3 },
-            })
+            .map(|(i, k)| MaglevBackend { key: k, weight: if i % 4 == 0 { 0 } else { 1 + i as u32 % 3 } })
             .collect();
         let active: Vec<_> = base.iter().copied().filter(|b| b.weight > 0).collect();
-        let scaled: Vec<_> = base
-            .iter()
-            .map(|b| MaglevBackend {
-                weight: b.weight * 6,
-                ..*b
-            })
-            .collect();
+        let scaled: Vec<_> = base.iter().map(|b| MaglevBackend { weight: b.weight * 6, ..*b }).collect();
         let t_base = MaglevTable::build(&base, 1021).unwrap();
         let t_active = MaglevTable::build(&active, 1021).unwrap();
         let t_scaled = MaglevTable::build(&scaled, 1021).unwrap();
@@ -590,16 +489,7 @@ mod tests {
 
     #[test]
     fn smallest_table() {
-        let backends = [
-            MaglevBackend {
-                key: b"a",
-                weight: 1,
-            },
-            MaglevBackend {
-                key: b"b",
-                weight: 1,
-            },
-        ];
+        let backends = [MaglevBackend { key: b"a", weight: 1 }, MaglevBackend { key: b"b", weight: 1 }];
         let table = MaglevTable::build(&backends, 2).unwrap();
         assert_eq!(table.slot_counts(), [1, 1]);
     }

@@ -49,11 +49,7 @@ impl Default for NeighbourTimers {
     /// probes one second apart).
     fn default() -> Self {
         const SECOND: u64 = 1_000_000_000;
-        NeighbourTimers {
-            reachable_ns: 30 * SECOND,
-            retransmit_ns: SECOND,
-            incomplete_timeout_ns: 3 * SECOND,
-        }
+        NeighbourTimers { reachable_ns: 30 * SECOND, retransmit_ns: SECOND, incomplete_timeout_ns: 3 * SECOND }
     }
 }
 
@@ -100,9 +96,7 @@ impl NeighbourEntry {
     pub fn state(&self, now: u64, timers: &NeighbourTimers) -> NeighbourState {
         match self.mac {
             None => NeighbourState::Incomplete,
-            Some(_) if now.saturating_sub(self.confirmed_ns) < timers.reachable_ns => {
-                NeighbourState::Reachable
-            }
+            Some(_) if now.saturating_sub(self.confirmed_ns) < timers.reachable_ns => NeighbourState::Reachable,
             Some(_) => NeighbourState::Stale,
         }
     }
@@ -110,8 +104,7 @@ impl NeighbourEntry {
     /// Whether a solicitation may go out at `now` without breaking the rate
     /// limit.
     fn may_solicit(&self, now: u64, retransmit_ns: u64) -> bool {
-        self.solicited_ns
-            .is_none_or(|at| now.saturating_sub(at) >= retransmit_ns)
+        self.solicited_ns.is_none_or(|at| now.saturating_sub(at) >= retransmit_ns)
     }
 
     /// Eviction order from a full table: Incomplete first, then Stale, then
@@ -156,10 +149,7 @@ impl NeighbourTable {
     pub fn new(capacity: usize, timers: NeighbourTimers) -> Self {
         let capacity = capacity.max(1);
         NeighbourTable {
-            entries: HashMap::with_capacity_and_hasher(
-                capacity.saturating_mul(2),
-                RandomState::new(),
-            ),
+            entries: HashMap::with_capacity_and_hasher(capacity.saturating_mul(2), RandomState::new()),
             capacity,
             timers,
         }
@@ -183,24 +173,10 @@ impl NeighbourTable {
             if solicit {
                 entry.solicited_ns = Some(now);
             }
-            return NeighbourLookup {
-                mac: entry.mac,
-                solicit,
-            };
+            return NeighbourLookup { mac: entry.mac, solicit };
         }
-        self.insert(
-            NeighbourEntry {
-                addr,
-                mac: None,
-                confirmed_ns: now,
-                solicited_ns: Some(now),
-            },
-            now,
-        );
-        NeighbourLookup {
-            mac: None,
-            solicit: true,
-        }
+        self.insert(NeighbourEntry { addr, mac: None, confirmed_ns: now, solicited_ns: Some(now) }, now);
+        NeighbourLookup { mac: None, solicit: true }
     }
 
     /// Records that `addr` is at `mac`, as of `now`: the entry becomes (or
@@ -213,15 +189,7 @@ impl NeighbourTable {
             entry.confirmed_ns = now;
             return;
         }
-        self.insert(
-            NeighbourEntry {
-                addr,
-                mac: Some(mac),
-                confirmed_ns: now,
-                solicited_ns: None,
-            },
-            now,
-        );
+        self.insert(NeighbourEntry { addr, mac: Some(mac), confirmed_ns: now, solicited_ns: None }, now);
     }
 
     /// Housekeeping, every second or so, never per packet (it visits every
@@ -256,9 +224,7 @@ impl NeighbourTable {
 
     /// The state of `addr` at `now`, if it has an entry.
     pub fn state(&self, addr: u32, now: u64) -> Option<NeighbourState> {
-        self.entries
-            .get(&addr)
-            .map(|entry| entry.state(now, &self.timers))
+        self.entries.get(&addr).map(|entry| entry.state(now, &self.timers))
     }
 
     /// Forgets `addr`; returns whether it had an entry.
@@ -306,11 +272,7 @@ impl NeighbourTable {
     fn insert(&mut self, entry: NeighbourEntry, now: u64) {
         if self.entries.len() >= self.capacity {
             let timers = self.timers;
-            let victim = self
-                .entries
-                .values()
-                .min_by_key(|e| e.eviction_rank(now, &timers))
-                .map(|e| e.addr);
+            let victim = self.entries.values().min_by_key(|e| e.eviction_rank(now, &timers)).map(|e| e.addr);
             if let Some(victim) = victim {
                 self.entries.remove(&victim);
             }
@@ -337,22 +299,10 @@ mod tests {
     fn miss_solicits_once_per_retransmit_interval() {
         let mut t = table(16);
         let t0 = 5 * S;
-        assert_eq!(
-            t.lookup(GW, t0),
-            NeighbourLookup {
-                mac: None,
-                solicit: true
-            }
-        );
+        assert_eq!(t.lookup(GW, t0), NeighbourLookup { mac: None, solicit: true });
         assert_eq!(t.state(GW, t0), Some(NeighbourState::Incomplete));
         for dt in [0, 1, MS, 999 * MS] {
-            assert_eq!(
-                t.lookup(GW, t0 + dt),
-                NeighbourLookup {
-                    mac: None,
-                    solicit: false
-                }
-            );
+            assert_eq!(t.lookup(GW, t0 + dt), NeighbourLookup { mac: None, solicit: false });
         }
         assert!(t.lookup(GW, t0 + S).solicit);
         assert!(!t.lookup(GW, t0 + S + 1).solicit);
@@ -365,9 +315,7 @@ mod tests {
     #[test]
     fn flood_gives_one_request_per_second() {
         let mut t = table(16);
-        let solicits = (0..10_000u64)
-            .filter(|i| t.lookup(GW, i * MS).solicit)
-            .count();
+        let solicits = (0..10_000u64).filter(|i| t.lookup(GW, i * MS).solicit).count();
         assert_eq!(solicits, 10);
     }
 
@@ -376,25 +324,13 @@ mod tests {
         let mut t = table(16);
         assert!(t.lookup(GW, 0).solicit);
         t.learn(GW, MAC, 100 * MS);
-        assert_eq!(
-            t.lookup(GW, 200 * MS),
-            NeighbourLookup {
-                mac: Some(MAC),
-                solicit: false
-            }
-        );
+        assert_eq!(t.lookup(GW, 200 * MS), NeighbourLookup { mac: Some(MAC), solicit: false });
         assert_eq!(t.get(GW), Some(MAC));
         assert_eq!(t.state(GW, 200 * MS), Some(NeighbourState::Reachable));
 
         // Learning an unknown address (an ARP request to us) also works.
         t.learn(GW + 1, [2, 0, 0, 0, 0, 2], S);
-        assert_eq!(
-            t.lookup(GW + 1, S),
-            NeighbourLookup {
-                mac: Some([2, 0, 0, 0, 0, 2]),
-                solicit: false
-            }
-        );
+        assert_eq!(t.lookup(GW + 1, S), NeighbourLookup { mac: Some([2, 0, 0, 0, 0, 2]), solicit: false });
     }
 
     #[test]
@@ -403,39 +339,15 @@ mod tests {
         t.learn(GW, MAC, 0);
         let timers = NeighbourTimers::default();
         let stale = timers.reachable_ns;
-        assert_eq!(
-            t.lookup(GW, stale - 1),
-            NeighbourLookup {
-                mac: Some(MAC),
-                solicit: false
-            }
-        );
+        assert_eq!(t.lookup(GW, stale - 1), NeighbourLookup { mac: Some(MAC), solicit: false });
         assert_eq!(t.state(GW, stale), Some(NeighbourState::Stale));
-        assert_eq!(
-            t.lookup(GW, stale),
-            NeighbourLookup {
-                mac: Some(MAC),
-                solicit: true
-            }
-        );
-        assert_eq!(
-            t.lookup(GW, stale + 10 * MS),
-            NeighbourLookup {
-                mac: Some(MAC),
-                solicit: false
-            }
-        );
+        assert_eq!(t.lookup(GW, stale), NeighbourLookup { mac: Some(MAC), solicit: true });
+        assert_eq!(t.lookup(GW, stale + 10 * MS), NeighbourLookup { mac: Some(MAC), solicit: false });
         assert!(t.lookup(GW, stale + S).solicit);
         // The answer comes: reachable again, no more requests.
         let new_mac = [2, 0, 0, 0, 0, 9];
         t.learn(GW, new_mac, stale + S + MS);
-        assert_eq!(
-            t.lookup(GW, stale + 3 * S),
-            NeighbourLookup {
-                mac: Some(new_mac),
-                solicit: false
-            }
-        );
+        assert_eq!(t.lookup(GW, stale + 3 * S), NeighbourLookup { mac: Some(new_mac), solicit: false });
     }
 
     #[test]
@@ -449,15 +361,7 @@ mod tests {
         let before: Vec<_> = t.iter().collect();
         assert_eq!(t.get(GW), Some(MAC));
         assert_eq!(t.iter().collect::<Vec<_>>(), before);
-        assert_eq!(
-            before,
-            [NeighbourEntry {
-                addr: GW,
-                mac: Some(MAC),
-                confirmed_ns: 0,
-                solicited_ns: Some(0)
-            }]
-        );
+        assert_eq!(before, [NeighbourEntry { addr: GW, mac: Some(MAC), confirmed_ns: 0, solicited_ns: Some(0) }]);
     }
 
     #[test]
@@ -485,11 +389,7 @@ mod tests {
     /// incomplete_timeout_ns.
     #[test]
     fn expire_keeps_the_rate_limit() {
-        let timers = NeighbourTimers {
-            reachable_ns: 30 * S,
-            retransmit_ns: 5 * S,
-            incomplete_timeout_ns: S,
-        };
+        let timers = NeighbourTimers { reachable_ns: 30 * S, retransmit_ns: 5 * S, incomplete_timeout_ns: S };
         let mut t = NeighbourTable::new(16, timers);
         assert!(t.lookup(GW, 0).solicit);
         t.expire(4 * S);
@@ -562,11 +462,7 @@ mod tests {
                 t.expire(now);
             }
             assert!(t.len() <= t.capacity());
-            assert_eq!(
-                t.entries.allocation_size(),
-                reserved,
-                "reallocated after {i} operations"
-            );
+            assert_eq!(t.entries.allocation_size(), reserved, "reallocated after {i} operations");
         }
         assert_eq!(t.len(), 64);
     }

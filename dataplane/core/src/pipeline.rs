@@ -7,20 +7,35 @@
 //! clock: time comes in as `now` (nanoseconds, monotonic). Must not touch
 //! mbufs, ports or queues: the driver does that with the verdicts.
 //!
-//! The service mode is destination NAT: the client's address is kept, the
-//! destination becomes the flow's backend: the one its tracked flow already
-//! has, or for a new flow the one Maglev picks on the stable flow hash.
-//! Replies from a backend address:port are translated back to the VIP:port
-//! found in the snapshot's reverse map (derived from configuration, not from
-//! per-flow state, so any gateway with the same configuration can translate
-//! them); a tracked TCP flow also follows the reply's FIN and RST.
+//! A client packet to a service goes to the flow's backend: the one its
+//! tracked flow already has, or for a new flow the one Maglev picks on the
+//! stable flow hash. How it gets there is the service's mode:
+//!
+//! - nat: the destination becomes the backend. Replies from a backend
+//!   address:port are translated back to the VIP:port found in the
+//!   snapshot's reverse map (derived from configuration, not from per-flow
+//!   state, so any gateway with the same configuration can translate them).
+//! - fullnat: the source also becomes a pair from the worker's slice of the
+//!   service's source pool (see [`crate::snat`]); replies to that pair are
+//!   translated back through the pair's binding.
+//! - dsr: the frame is encapsulated in IPv4 (IPIP) to the backend, which
+//!   answers the client directly. The only change of length the pipeline
+//!   makes: 20 bytes prepended into the headroom the driver left.
+//!
+//! A tracked TCP flow also follows the reply's FIN and RST.
+//!
+//! With several workers, each flow has one owner, computed from the client's
+//! address and port (or, for a FullNAT reply, from its destination port), so
+//! both directions meet the same state. A packet that arrives at another
+//! worker gets [`Verdict::Handoff`] and the driver passes it to the owner.
 
 use crate::counters::{DropReason, WorkerCounters};
 use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
-use crate::snapshot::{Backend, OnBackendRemoval, Service, Snapshot};
+use crate::snapshot::{Backend, Mode, OnBackendRemoval, Service, Snapshot};
+use crate::snat::{self, Binding, SnatTable};
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
 use arrayvec::ArrayVec;
 use crossbeam::queue::ArrayQueue;
@@ -32,13 +47,50 @@ pub const MAX_SOLICITATIONS: usize = 32;
 /// TTL of packets the gateway originates (echo replies).
 const ORIGIN_TTL: u8 = 64;
 
-/// One received frame: the ingress port (dense index) and its bytes.
+/// One received frame: the ingress port (dense index), and its buffer:
+/// free headroom, then the frame from its Ethernet header on.
 #[derive(Debug)]
 pub struct RxPacket<'a> {
     /// Ingress port, dense index into the snapshot's ports.
     pub port: u16,
-    /// The whole frame, starting at the Ethernet header.
-    pub frame: &'a mut [u8],
+    buf: &'a mut [u8],
+    start: usize,
+}
+
+impl<'a> RxPacket<'a> {
+    /// A frame with no headroom (DSR encapsulation is then impossible).
+    pub fn new(port: u16, frame: &'a mut [u8]) -> Self {
+        RxPacket { port, buf: frame, start: 0 }
+    }
+
+    /// `buf` holds `headroom` free bytes, then the frame.
+    ///
+    /// # Panics
+    /// If `headroom` is longer than `buf`.
+    pub fn with_headroom(port: u16, buf: &'a mut [u8], headroom: usize) -> Self {
+        assert!(headroom <= buf.len(), "headroom {headroom} beyond a buffer of {}", buf.len());
+        RxPacket { port, buf, start: headroom }
+    }
+
+    /// The frame.
+    #[inline]
+    pub fn frame(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// The frame, mutably.
+    #[inline]
+    pub fn frame_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+
+    /// Free bytes before the frame. After [`Pipeline::process`] it is
+    /// smaller than it was by the bytes the pipeline prepended (20 for a DSR
+    /// packet, else 0): the driver moves the frame's start back as much.
+    #[inline]
+    pub fn headroom(&self) -> usize {
+        self.start
+    }
 }
 
 /// What to do with a frame after [`Pipeline::process`].
@@ -50,6 +102,10 @@ pub enum Verdict {
     Drop(DropReason),
     /// Free it; it was absorbed (an ARP reply we learned from).
     Consumed,
+    /// Another worker owns this packet's flow: pass the frame, unchanged,
+    /// to that worker (index among the pipelines), which processes it with
+    /// [`Pipeline::process_handed_over`].
+    Handoff(u16),
 }
 
 /// An ARP request the driver should build and send.
@@ -144,8 +200,10 @@ enum Ahead {
     /// TCP or UDP to no service.
     NoService,
     /// To this service (index into the snapshot's services); the hash of
-    /// its 5-tuple in the connection-tracking table.
+    /// its 5-tuple in the connection-tracking table. This worker owns it.
     Service(u32, FlowHash),
+    /// To a service; the flow is this worker's.
+    Handoff(u16),
 }
 
 /// One worker's packet step and the state it keeps between bursts.
@@ -169,6 +227,14 @@ pub struct Pipeline {
     peers: Vec<Arc<ArrayQueue<NeighbourUpdate>>>,
     /// What the pass ahead learned about each packet of the current burst.
     ahead: [Ahead; HASH_AHEAD],
+    /// This pipeline's index among the workers, and their number.
+    worker: u16,
+    workers: u16,
+    /// True while processing packets other workers handed over: they are
+    /// this worker's by construction and are never handed on.
+    handed_over: bool,
+    /// FullNAT source pairs of this worker.
+    snat: SnatTable,
 }
 
 impl Pipeline {
@@ -184,7 +250,31 @@ impl Pipeline {
             inbox: None,
             peers: Vec::new(),
             ahead: [Ahead::Unknown; HASH_AHEAD],
+            worker: 0,
+            workers: 1,
+            handed_over: false,
+            snat: SnatTable::new(0, 1),
         }
+    }
+
+    /// Makes this pipeline worker `worker` of `workers`: it then owns the
+    /// flows of its share of clients and its slice of every source pool,
+    /// and hands other packets to their owners. Call before processing.
+    ///
+    /// # Panics
+    /// If `worker >= workers` or `workers` exceeds `u16::MAX`.
+    pub fn set_worker(&mut self, worker: usize, workers: usize) {
+        assert!(worker < workers && workers <= usize::from(u16::MAX), "worker {worker} of {workers}");
+        self.worker = worker as u16;
+        self.workers = workers as u16;
+        self.snat = SnatTable::new(self.worker, self.workers);
+        // Rebuild the per-snapshot state (source pools) on the next burst.
+        self.next_hop_generation = 0;
+    }
+
+    /// This worker's FullNAT source pairs.
+    pub fn snat(&self) -> &SnatTable {
+        &self.snat
     }
 
     /// Joins this pipeline to its peers: `inboxes[me]` receives what the
@@ -234,6 +324,35 @@ impl Pipeline {
         verdicts: &mut [Verdict],
         prefetch: &P,
     ) {
+        self.handed_over = false;
+        self.process_burst(snap, now, packets, verdicts, prefetch);
+    }
+
+    /// [`Pipeline::process_with`] for packets other workers handed to this
+    /// one ([`Verdict::Handoff`]): they are processed as this worker's own,
+    /// and never handed on.
+    pub fn process_handed_over<P: Prefetch>(
+        &mut self,
+        snap: &Snapshot,
+        now: u64,
+        packets: &mut [RxPacket<'_>],
+        verdicts: &mut [Verdict],
+        prefetch: &P,
+    ) {
+        self.handed_over = true;
+        self.process_burst(snap, now, packets, verdicts, prefetch);
+        self.handed_over = false;
+    }
+
+    #[inline]
+    fn process_burst<P: Prefetch>(
+        &mut self,
+        snap: &Snapshot,
+        now: u64,
+        packets: &mut [RxPacket<'_>],
+        verdicts: &mut [Verdict],
+        prefetch: &P,
+    ) {
         if snap.generation() != self.next_hop_generation {
             self.adopt(snap, now);
         }
@@ -243,11 +362,15 @@ impl Pipeline {
         // prefetch the flow's two candidate buckets. Replies and strays are
         // not worth a hash: they do not meet the table with their own tuple.
         for (i, p) in packets.iter().enumerate().take(HASH_AHEAD) {
-            self.ahead[i] = match flow_key_of(p.frame) {
+            self.ahead[i] = match flow_key_of(p.frame()) {
                 None => Ahead::Unknown,
                 Some(key) => match snap.service_index(key.dst_addr, key.dst_port, key.protocol) {
                     None => Ahead::NoService,
                     Some(svc) => {
+                        if let Some(w) = self.foreign_owner(key.src_addr, key.src_port, key.protocol) {
+                            self.ahead[i] = Ahead::Handoff(w);
+                            continue;
+                        }
                         let hash = self.flows.hash_key(&key);
                         for addr in self.flows.prefetch_addresses(hash) {
                             prefetch.prefetch(addr);
@@ -268,11 +391,11 @@ impl Pipeline {
         }
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
             let ahead = self.ahead.get(i).copied().unwrap_or(Ahead::Unknown);
-            let verdict = self.process_one(snap, now, p.port, p.frame, ahead);
+            let verdict = self.process_one(snap, now, p, ahead);
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
-                Verdict::Transmit(_) => {}
+                Verdict::Transmit(_) | Verdict::Handoff(_) => {}
             }
             *v = verdict;
         }
@@ -292,7 +415,12 @@ impl Pipeline {
         }
         self.neighbours.expire(now);
         let budget = self.flows.capacity().div_ceil(SWEEP_PASSES);
-        self.flows.expire_some(now, budget, |_| {});
+        let snat = &mut self.snat;
+        self.flows.expire_some(now, budget, |e| {
+            if e.snat_addr != 0 {
+                snat.release(e.snat_addr, e.snat_port);
+            }
+        });
         self.counters.flows_active.set(self.flows.occupied() as u64);
         // Permanent entries are re-asserted every pass, so they never age out.
         for (addr, mac) in snap.static_neighbours() {
@@ -348,25 +476,72 @@ impl Pipeline {
                 }
             }
         }
+        if !self.snat.built_for(snap.source_pools()) {
+            self.rebuild_snat(snap);
+        }
         self.next_hop_generation = snap.generation();
     }
 
+    /// Rebuilds the FullNAT source pairs for the snapshot's pools, keeping
+    /// every tracked flow whose pair is still this worker's and forgetting
+    /// the others (their pool or address is gone). Visits the whole flow
+    /// table: runs when the pools change, never per packet.
+    #[cold]
+    #[inline(never)]
+    fn rebuild_snat(&mut self, snap: &Snapshot) {
+        let pools = snap.source_pools();
+        let snat = &self.snat;
+        let mut claims = Vec::new();
+        self.flows.retain(|e| {
+            if e.snat_addr == 0 {
+                return true;
+            }
+            let keep = snat.would_own(pools, e.snat_addr, e.snat_port);
+            if keep {
+                let binding =
+                    Binding { key: e.key(), backend_addr: e.backend_addr, backend_port: e.backend_port, live: true };
+                claims.push((e.snat_addr, e.snat_port, binding));
+            }
+            keep
+        });
+        self.snat.rebuild(pools, &claims);
+    }
+
+    /// The worker owning client `addr:port`'s flow when it is not this one
+    /// (and this packet may be handed on).
+    #[inline(always)]
+    fn foreign_owner(&self, addr: u32, port: u16, protocol: u8) -> Option<u16> {
+        if self.workers <= 1 || self.handed_over {
+            return None;
+        }
+        let w = client_owner(addr, port, protocol, self.workers);
+        (w != self.worker).then_some(w)
+    }
+
     #[inline]
-    fn process_one(&mut self, snap: &Snapshot, now: u64, port: u16, frame: &mut [u8], ahead: Ahead) -> Verdict {
-        let ethertype = match ethernet::Frame::new_checked(&*frame) {
+    fn process_one(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ahead: Ahead) -> Verdict {
+        let ethertype = match ethernet::Frame::new_checked(p.frame()) {
             Ok(eth) => eth.ethertype(),
             Err(_) => return Verdict::Drop(DropReason::Malformed),
         };
         match ethertype {
-            EtherType::IPV4 => self.ipv4(snap, now, port, frame, ahead),
-            EtherType::ARP => self.arp(snap, now, port, frame),
+            EtherType::IPV4 => self.ipv4(snap, now, p, ahead),
+            EtherType::ARP => {
+                let port = p.port;
+                self.arp(snap, now, port, p.frame_mut())
+            }
             _ => Verdict::Drop(DropReason::Unsupported),
         }
     }
 
     #[inline]
-    fn ipv4(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8], ahead: Ahead) -> Verdict {
-        let (eth, rest) = frame.split_at_mut(ethernet::HEADER_LEN);
+    fn ipv4(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ahead: Ahead) -> Verdict {
+        if let Ahead::Handoff(w) = ahead {
+            // The owner validates it.
+            return Verdict::Handoff(w);
+        }
+        let in_port = p.port;
+        let (eth, rest) = p.buf[p.start..].split_at_mut(ethernet::HEADER_LEN);
         let Ok(ip) = ipv4::Packet::new_checked(&*rest) else {
             return Verdict::Drop(DropReason::Malformed);
         };
@@ -398,16 +573,23 @@ impl Pipeline {
                 let (svc, hash) = match ahead {
                     Ahead::Service(i, hash) => (snap.services().get(i as usize), Some(hash)),
                     Ahead::NoService => (None, None),
-                    Ahead::Unknown => (snap.service(dst, dport, proto), None),
+                    Ahead::Unknown | Ahead::Handoff(_) => (snap.service(dst, dport, proto), None),
                 };
                 if let Some(svc) = svc {
+                    if hash.is_none()
+                        && let Some(w) = self.foreign_owner(src, sport, proto)
+                    {
+                        return Verdict::Handoff(w);
+                    }
                     if ttl <= 1 {
                         return Verdict::Drop(DropReason::TtlExceeded);
                     }
-                    let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    let backend = match self.backend_for(svc, &key, hash, tcp_flags, now) {
-                        Choice::Backend(b) => b,
+                    let key =
+                        FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
+                    let (backend, (snat_addr, snat_port)) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
+                        Choice::Backend(b, pair) => (b, pair),
                         Choice::None => return Verdict::Drop(DropReason::NoBackend),
+                        Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
                         Choice::Reset => {
                             if proto != ipv4::protocol::TCP {
                                 return Verdict::Drop(DropReason::NoBackend);
@@ -424,16 +606,100 @@ impl Pipeline {
                     let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
                         return Verdict::Drop(DropReason::NoNeighbour);
                     };
-                    rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
-                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                    ip.set_dst_addr(backend.addr);
-                    ip.set_ttl(ttl - 1);
-                    set_macs(eth, snap, backend.next_hop.port, mac);
+                    let out = backend.next_hop.port;
+                    match svc.mode {
+                        Mode::Nat => {
+                            rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                            ip.set_dst_addr(backend.addr);
+                            ip.set_ttl(ttl - 1);
+                            set_macs(eth, snap, out, mac);
+                        }
+                        Mode::FullNat { .. } => {
+                            rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                            rewrite_l4(proto, l4, Endpoint::Src, src, snat_addr, snat_port);
+                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                            ip.set_dst_addr(backend.addr);
+                            ip.set_src_addr(snat_addr);
+                            ip.set_ttl(ttl - 1);
+                            set_macs(eth, snap, out, mac);
+                        }
+                        Mode::Dsr { source_mask } => {
+                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                            let Ok(total_len) = u16::try_from(total + ipv4::MIN_HEADER_LEN) else {
+                                return Verdict::Drop(DropReason::Unsupported);
+                            };
+                            ip.set_ttl(ttl - 1);
+                            let outer = ipv4::Header {
+                                tos: ip.tos(),
+                                total_len,
+                                dont_frag: ip.dont_frag(),
+                                ttl: ORIGIN_TTL,
+                                protocol: ipv4::protocol::IPIP,
+                                src: backend.tunnel_src | (tunnel_spread(src, sport) & source_mask),
+                                dst: backend.addr,
+                            };
+                            let port_mac =
+                                snap.ports().get(usize::from(out)).map_or(EthernetAddress::default(), |p| p.mac);
+                            if !encapsulate(p, &outer, mac, port_mac) {
+                                return Verdict::Drop(DropReason::NoHeadroom);
+                            }
+                        }
+                    }
                     self.counters.nat_forward.inc();
-                    return Verdict::Transmit(backend.next_hop.port);
+                    return Verdict::Transmit(out);
+                }
+
+                if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
+                    // A reply to a FullNAT source pair: its binding names the
+                    // client's flow, and only the pair's owner has it.
+                    if self.workers > 1 && !self.handed_over {
+                        match snap
+                            .source_pools()
+                            .get(usize::from(pool))
+                            .and_then(|p| snat::owner_of(p, dport, self.workers))
+                        {
+                            Some(w) if w != self.worker => return Verdict::Handoff(w),
+                            Some(_) => {}
+                            None => return Verdict::Drop(DropReason::NoFlow),
+                        }
+                    }
+                    let Some(b) = self.snat.binding(pool, addr_index, dport).copied() else {
+                        return Verdict::Drop(DropReason::NoFlow);
+                    };
+                    if b.backend_addr != src || b.backend_port != sport || b.key.protocol != proto {
+                        return Verdict::Drop(DropReason::NoFlow);
+                    }
+                    if ttl <= 1 {
+                        return Verdict::Drop(DropReason::TtlExceeded);
+                    }
+                    if proto == ipv4::protocol::TCP
+                        && let Some(flow) = self.flows.lookup(&b.key, now)
+                    {
+                        self.flows.on_tcp_flags(flow, false, tcp_flags, now);
+                    }
+                    let client = b.key.src_addr;
+                    let Some(nh) = snap.routes().next_hop(client) else {
+                        return Verdict::Drop(DropReason::NoRoute);
+                    };
+                    let Some(mac) = self.resolve(snap, nh, now) else {
+                        return Verdict::Drop(DropReason::NoNeighbour);
+                    };
+                    rewrite_l4(proto, l4, Endpoint::Src, src, b.key.dst_addr, b.key.dst_port);
+                    rewrite_l4(proto, l4, Endpoint::Dst, dst, client, b.key.src_port);
+                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                    ip.set_src_addr(b.key.dst_addr);
+                    ip.set_dst_addr(client);
+                    ip.set_ttl(ttl - 1);
+                    set_macs(eth, snap, nh.port, mac);
+                    self.counters.nat_reverse.inc();
+                    return Verdict::Transmit(nh.port);
                 }
 
                 if let Some(rev) = snap.reverse(src, sport, proto) {
+                    if let Some(w) = self.foreign_owner(dst, dport, proto) {
+                        return Verdict::Handoff(w);
+                    }
                     if ttl <= 1 {
                         return Verdict::Drop(DropReason::TtlExceeded);
                     }
@@ -442,7 +708,13 @@ impl Pipeline {
                     // translated even without an entry (a flow another
                     // gateway started); an entry only follows the TCP state.
                     if proto == ipv4::protocol::TCP {
-                        let key = FlowKey { src_addr: dst, dst_addr: rev.vip, src_port: dport, dst_port: rev.port, protocol: proto };
+                        let key = FlowKey {
+                            src_addr: dst,
+                            dst_addr: rev.vip,
+                            src_port: dport,
+                            dst_port: rev.port,
+                            protocol: proto,
+                        };
                         if let Some(flow) = self.flows.lookup(&key, now) {
                             self.flows.on_tcp_flags(flow, false, tcp_flags, now);
                         }
@@ -497,20 +769,36 @@ impl Pipeline {
     /// drains: Maglev stops picking the backend, its flows go on); a flow
     /// whose backend left the service is moved to the backend Maglev picks.
     #[inline]
-    fn backend_for(&mut self, svc: &Service, key: &FlowKey, ahead: Option<FlowHash>, tcp_flags: u16, now: u64) -> Choice {
+    fn backend_for(
+        &mut self,
+        svc: &Service,
+        key: &FlowKey,
+        ahead: Option<FlowHash>,
+        tcp_flags: u16,
+        now: u64,
+    ) -> Choice {
         // The hash computed ahead is of the packet's own 5-tuple, which for
         // a client packet is exactly `key`.
         let hash = ahead.unwrap_or_else(|| self.flows.hash_key(key));
+        let fullnat = matches!(svc.mode, Mode::FullNat { .. });
         if let Some(flow) = self.flows.lookup_hashed(key, hash, now) {
             let e = *self.flows.get(flow);
-            let hinted = svc.backends.get(usize::from(e.backend_index)).filter(|b| b.addr == e.backend_addr && b.port == e.backend_port);
+            if fullnat != (e.snat_addr != 0) {
+                // The service changed mode under this flow: start afresh.
+                self.forget(flow);
+                return self.new_flow(svc, key, hash, tcp_flags, now);
+            }
+            let hinted = svc
+                .backends
+                .get(usize::from(e.backend_index))
+                .filter(|b| b.addr == e.backend_addr && b.port == e.backend_port);
             let backend = match hinted {
                 Some(b) => *b,
                 None => {
                     let (i, moved) = match svc.position(e.backend_addr, e.backend_port) {
                         Some(i) => (i, false),
                         None if svc.on_backend_removal == OnBackendRemoval::Reset => {
-                            let _ = self.flows.remove(flow);
+                            self.forget(flow);
                             return Choice::Reset;
                         }
                         None => match svc.maglev.lookup(flow_hash(key)) {
@@ -525,6 +813,9 @@ impl Pipeline {
                     entry.backend_port = b.port;
                     if moved {
                         self.counters.flows_rehashed.inc();
+                        if fullnat {
+                            self.snat.rebind(e.snat_addr, e.snat_port, b.addr, b.port);
+                        }
                     }
                     b
                 }
@@ -532,20 +823,51 @@ impl Pipeline {
             if key.protocol == ipv4::protocol::TCP {
                 self.flows.on_tcp_flags(flow, true, tcp_flags, now);
             }
-            return Choice::Backend(backend);
+            return Choice::Backend(backend, (e.snat_addr, e.snat_port));
         }
-        let Some(i) = svc.maglev.lookup(flow_hash(key)) else { return Choice::None };
+        self.new_flow(svc, key, hash, tcp_flags, now)
+    }
+
+    /// Tracks a new flow: Maglev picks the backend; a FullNAT flow also
+    /// takes a source pair from this worker's slice of the pool.
+    #[inline]
+    fn new_flow(&mut self, svc: &Service, key: &FlowKey, hash: FlowHash, tcp_flags: u16, now: u64) -> Choice {
+        let spread = flow_hash(key);
+        let Some(i) = svc.maglev.lookup(spread) else { return Choice::None };
         let b = svc.backends[usize::from(i)];
         let mut entry = FlowEntry::new(key, FlowState::of_first_packet(key.protocol, tcp_flags));
         entry.backend_addr = b.addr;
         entry.backend_port = b.port;
         entry.backend_index = i;
+        if let Mode::FullNat { pool } = svc.mode {
+            let binding = Binding { key: *key, backend_addr: b.addr, backend_port: b.port, live: true };
+            // The other half of the hash than Maglev's slot choice.
+            let Some((addr, port)) = self.snat.allocate(pool, spread.rotate_left(16), binding) else {
+                return Choice::Exhausted;
+            };
+            entry.snat_addr = addr;
+            entry.snat_port = port;
+        }
         let (_, outcome) = self.flows.insert_hashed(entry, hash, now);
         self.counters.flows_created.inc();
         if outcome.is_eviction() {
             self.counters.flows_evicted.inc();
         }
-        Choice::Backend(b)
+        if let Some(old) = outcome.displaced()
+            && old.snat_addr != 0
+        {
+            self.snat.release(old.snat_addr, old.snat_port);
+        }
+        Choice::Backend(b, (entry.snat_addr, entry.snat_port))
+    }
+
+    /// Removes a flow and frees its source pair.
+    fn forget(&mut self, flow: crate::flow::FlowRef) {
+        if let Some(e) = self.flows.remove(flow)
+            && e.snat_addr != 0
+        {
+            self.snat.release(e.snat_addr, e.snat_port);
+        }
     }
 
     /// The drop reason for a packet no rule took: `if_vip` when addressed to
@@ -572,7 +894,7 @@ impl Pipeline {
             Err(_) => return Verdict::Drop(DropReason::Unsupported),
         };
         let (op, sha, spa, tpa) = (pkt.operation(), pkt.sender_hw(), pkt.sender_ip(), pkt.target_ip());
-        let ours = snap.local_port(tpa) == Some(in_port) || snap.is_vip(tpa);
+        let ours = snap.local_port(tpa) == Some(in_port) || snap.answers_arp_for(tpa);
 
         // RFC 826 merge: refresh a sender we know; add it if the packet is
         // for us. Only on-link unicast senders are believed.
@@ -637,7 +959,12 @@ impl Pipeline {
             return;
         };
         // When full, the neighbour table's retransmit timer asks again later.
-        let _ = self.solicitations.try_push(Solicitation { port: nh.port, sender_mac: port.mac, sender_ip, target_ip: nh.addr });
+        let _ = self.solicitations.try_push(Solicitation {
+            port: nh.port,
+            sender_mac: port.mac,
+            sender_ip,
+            target_ip: nh.addr,
+        });
     }
 }
 
@@ -668,13 +995,55 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
 
 /// The backend decision for a client packet.
 enum Choice {
-    /// Forward to this backend.
-    Backend(Backend),
+    /// Forward to this backend; for FullNAT, from this source pair (else
+    /// zeros).
+    Backend(Backend, (u32, u16)),
     /// The service has no backend that takes new flows.
     None,
+    /// A new FullNAT flow found no free source pair.
+    Exhausted,
     /// The flow's backend left a service whose policy is to reset such
     /// flows; the flow is already forgotten.
     Reset,
+}
+
+/// The worker of `workers` that owns the flows of client `addr:port` over
+/// `protocol`. Both directions of a flow give the same answer: the client is
+/// the source of its requests and the destination of the replies (nat mode).
+/// A multiply-shift of the three fields: every input bit reaches the high
+/// half, which picks the worker without a division.
+#[inline(always)]
+#[must_use]
+pub fn client_owner(addr: u32, port: u16, protocol: u8, workers: u16) -> u16 {
+    let x =
+        ((u64::from(addr) << 32) | (u64::from(port) << 8) | u64::from(protocol)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (((x >> 32) * u64::from(workers)) >> 32) as u16
+}
+
+/// Bits that vary a DSR tunnel's outer source with the client, so that the
+/// backend's NIC spreads tunnels over its queues with RSS.
+#[inline(always)]
+fn tunnel_spread(addr: u32, port: u16) -> u32 {
+    ((((u64::from(addr) << 16) ^ u64::from(port)).wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 32) as u32
+}
+
+/// Prepends an Ethernet header and the outer IPv4 header `outer` in front of
+/// the packet's IPv4 header, in the headroom: the old Ethernet header is
+/// overwritten, the inner packet does not move. False (nothing changed) if
+/// the headroom is too small.
+#[inline]
+fn encapsulate(p: &mut RxPacket<'_>, outer: &ipv4::Header, dst: EthernetAddress, src: EthernetAddress) -> bool {
+    let Some(start) = p.start.checked_sub(ipv4::MIN_HEADER_LEN) else {
+        return false;
+    };
+    let b = &mut p.buf[start..];
+    let mut eth = ethernet::Frame::new_unchecked(&mut b[..ethernet::HEADER_LEN]);
+    eth.set_dst_addr(dst);
+    eth.set_src_addr(src);
+    eth.set_ethertype(EtherType::IPV4);
+    outer.emit(&mut b[ethernet::HEADER_LEN..]);
+    p.start = start;
+    true
 }
 
 /// Turns a client's TCP segment into the VIP's reset of that connection,

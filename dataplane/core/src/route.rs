@@ -116,6 +116,8 @@ mod tests {
         let t = RouteTable::new(vec![Route { prefix: ip(198, 18, 0, 0), len: 24, port: 0, via: None, slot: NO_SLOT }]);
         assert_eq!(t.next_hop(ip(198, 18, 2, 1)), None);
         assert!(Route { prefix: 0, len: 0, port: 0, via: None, slot: NO_SLOT }.contains(ip(1, 2, 3, 4)));
-        assert!(Route { prefix: ip(198, 18, 0, 5), len: 32, port: 0, via: None, slot: NO_SLOT }.contains(ip(198, 18, 0, 5)));
+        assert!(
+            Route { prefix: ip(198, 18, 0, 5), len: 32, port: 0, via: None, slot: NO_SLOT }.contains(ip(198, 18, 0, 5))
+        );
     }
 }

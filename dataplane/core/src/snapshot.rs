@@ -8,10 +8,10 @@
 
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
 use crate::route::{NO_SLOT, NextHop, Route, RouteTable};
-use std::sync::atomic::{AtomicU64, Ordering};
 use crate::wire::EthernetAddress;
 use ahash::RandomState;
 use hashbrown::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Transport protocol of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,6 +52,58 @@ pub enum OnBackendRemoval {
     /// forget the flow; a UDP flow is forgotten and its packet dropped, so
     /// the next one starts a new flow.
     Reset,
+}
+
+/// How a service's packets reach its backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ForwardingMode {
+    /// Destination NAT: the client's address is kept; replies come back
+    /// through a gateway, which translates them back using configuration
+    /// alone (any gateway with the same configuration can).
+    #[default]
+    Nat,
+    /// Destination and source NAT: the source becomes an address and port
+    /// of the named source pool, so backends need no route back through the
+    /// gateway. Replies need the flow's state; the worker that owns it
+    /// follows from the reply's destination port.
+    FullNat {
+        /// Name of the source pool.
+        pool: String,
+    },
+    /// Direct server return: the client's packet is encapsulated in IPv4
+    /// (IPIP, RFC 2003) to the backend, which answers the client directly.
+    Dsr {
+        /// Outer source addresses: a flow-dependent address from this prefix,
+        /// so that the backend's NIC spreads tunnels over its queues. `None`:
+        /// the egress port's address.
+        tunnel_source: Option<Ipv4Cidr>,
+    },
+}
+
+impl ForwardingMode {
+    /// Lower-case name, as in the configuration.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ForwardingMode::Nat => "nat",
+            ForwardingMode::FullNat { .. } => "fullnat",
+            ForwardingMode::Dsr { .. } => "dsr",
+        }
+    }
+}
+
+/// A FullNAT source pool: addresses the gateway owns and the source ports
+/// it may use on each. The port range is split into equal slices, one per
+/// worker, so a reply's destination port names the worker holding its flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourcePoolSpec {
+    /// Operator-facing name.
+    pub name: String,
+    /// Addresses; the gateway answers ARP for them.
+    pub addresses: Vec<u32>,
+    /// First source port.
+    pub first_port: u16,
+    /// Last source port (inclusive).
+    pub last_port: u16,
 }
 
 /// An IPv4 address with prefix length, as configured on a port.
@@ -111,6 +163,8 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// What happens to the flows of a backend that leaves the service.
     pub on_backend_removal: OnBackendRemoval,
+    /// How packets reach the backends.
+    pub mode: ForwardingMode,
 }
 
 /// A permanent neighbour entry (like `ip neigh add ... nud permanent`).
@@ -133,6 +187,8 @@ pub struct SnapshotSpec {
     pub neighbours: Vec<NeighbourSpec>,
     /// Services.
     pub services: Vec<ServiceSpec>,
+    /// FullNAT source pools.
+    pub source_pools: Vec<SourcePoolSpec>,
 }
 
 /// Why a snapshot could not be built. Each names the offending item.
@@ -155,7 +211,9 @@ pub enum SnapshotError {
     },
     /// A backend address:port/protocol serves two services, so replies from
     /// it could not be translated back unambiguously.
-    #[error("backend {addr}:{port}/{protocol} is used by both {first:?} and {second:?}; replies could not be mapped back to one VIP")]
+    #[error(
+        "backend {addr}:{port}/{protocol} is used by both {first:?} and {second:?}; replies could not be mapped back to one VIP"
+    )]
     SharedBackend {
         /// Backend address.
         addr: std::net::Ipv4Addr,
@@ -213,6 +271,38 @@ pub enum SnapshotError {
     /// More ports than the dataplane supports.
     #[error("{0} ports configured; at most {max} are supported", max = u16::MAX)]
     TooManyPorts(usize),
+    /// A FullNAT service names a source pool that does not exist.
+    #[error("service {service:?}: source pool {pool:?} does not exist")]
+    UnknownPool {
+        /// Service.
+        service: String,
+        /// The pool it names.
+        pool: String,
+    },
+    /// A source pool is unusable: an address the gateway or another pool
+    /// already uses, an empty pool, or an empty or reversed port range.
+    #[error("source pool {pool:?}: {reason}")]
+    BadPool {
+        /// Pool.
+        pool: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A DSR backend listens on another port than the service: DSR cannot
+    /// translate ports (the backend answers the client directly).
+    #[error(
+        "service {service:?}: backend {addr}:{port}: direct server return cannot change the port; the backend must listen on {service_port}"
+    )]
+    DsrPort {
+        /// Service.
+        service: String,
+        /// Backend address.
+        addr: std::net::Ipv4Addr,
+        /// Backend port.
+        port: u16,
+        /// The service's port.
+        service_port: u16,
+    },
 }
 
 /// A backend, ready for the fast path.
@@ -224,6 +314,28 @@ pub struct Backend {
     pub port: u16,
     /// Where packets to it leave.
     pub next_hop: NextHop,
+    /// DSR: the outer source address (the base of the tunnel source prefix,
+    /// or the egress port's address); 0 in other modes.
+    pub tunnel_src: u32,
+}
+
+/// A service's forwarding mode, compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Destination NAT.
+    Nat,
+    /// Destination and source NAT from this source pool (index into
+    /// [`Snapshot::source_pools`]).
+    FullNat {
+        /// The pool.
+        pool: u16,
+    },
+    /// IPIP to the backend; the outer source is the backend's `tunnel_src`
+    /// with the bits of `source_mask` taken from the flow.
+    Dsr {
+        /// Host bits of the tunnel source prefix (0: one fixed source).
+        source_mask: u32,
+    },
 }
 
 /// A compiled service.
@@ -243,6 +355,8 @@ pub struct Service {
     pub backends: Vec<Backend>,
     /// What happens to the flows of a backend that leaves the service.
     pub on_backend_removal: OnBackendRemoval,
+    /// How packets reach the backends.
+    pub mode: Mode,
 }
 
 impl Service {
@@ -314,6 +428,9 @@ pub struct Snapshot {
     routes: RouteTable,
     next_hops: Vec<NextHop>,
     static_neighbours: HashMap<u32, EthernetAddress, RandomState>,
+    source_pools: Vec<SourcePoolSpec>,
+    /// Source pool address -> (pool index, address index in the pool).
+    pool_addresses: HashMap<u32, (u16, u16), RandomState>,
 }
 
 fn ip4(a: u32) -> std::net::Ipv4Addr {
@@ -363,6 +480,28 @@ impl Snapshot {
             static_neighbours.insert(n.addr, n.mac);
         }
 
+        let all_vips: HashSet<u32> = spec.services.iter().map(|s| s.vip).collect();
+        let mut pool_addresses = HashMap::with_hasher(RandomState::new());
+        for (pi, pool) in spec.source_pools.iter().enumerate() {
+            let bad = |reason: String| SnapshotError::BadPool { pool: pool.name.clone(), reason };
+            if pool.addresses.is_empty() {
+                return Err(bad("has no addresses".to_owned()));
+            }
+            if pool.addresses.len() > usize::from(u16::MAX) || spec.source_pools.len() > usize::from(u16::MAX) {
+                return Err(bad("too many pools or addresses".to_owned()));
+            }
+            if pool.first_port == 0 || pool.first_port > pool.last_port {
+                return Err(bad(format!("port range {}-{} is empty or starts at 0", pool.first_port, pool.last_port)));
+            }
+            for (ai, &a) in pool.addresses.iter().enumerate() {
+                if local.contains_key(&a) || all_vips.contains(&a) {
+                    return Err(bad(format!("{} is already a port address or a VIP", ip4(a))));
+                }
+                if pool_addresses.insert(a, (pi as u16, ai as u16)).is_some() {
+                    return Err(bad(format!("{} is in more than one pool (or twice in this one)", ip4(a))));
+                }
+            }
+        }
         let mut vips = HashSet::with_hasher(RandomState::new());
         let mut services = HashMap::with_hasher(RandomState::new());
         let mut reverse: HashMap<u64, ReverseNat, RandomState> = HashMap::with_hasher(RandomState::new());
@@ -394,6 +533,34 @@ impl Snapshot {
                     .ok_or_else(|| SnapshotError::BackendUnreachable { service: s.name.clone(), addr: ip4(b.addr) })?;
                 next_hop.slot = known_slot(&mut next_hops, next_hop.port, next_hop.addr);
                 let rkey = l4_key(b.addr, b.port, proto);
+                let mut tunnel_src = 0;
+                if let ForwardingMode::Dsr { tunnel_source } = &s.mode {
+                    if b.port != s.port {
+                        return Err(SnapshotError::DsrPort {
+                            service: s.name.clone(),
+                            addr: ip4(b.addr),
+                            port: b.port,
+                            service_port: s.port,
+                        });
+                    }
+                    tunnel_src = match tunnel_source {
+                        Some(c) => c.addr & Route::mask(c.len),
+                        None => {
+                            let port = &ports[usize::from(next_hop.port)];
+                            port.address_for(next_hop.addr)
+                                .or_else(|| port.addresses.first().map(|c| c.addr))
+                                .unwrap_or(0)
+                        }
+                    };
+                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src });
+                    continue;
+                }
+                if !matches!(s.mode, ForwardingMode::Nat) {
+                    // FullNAT replies are found by their source-pool
+                    // destination, not by the backend's address.
+                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src });
+                    continue;
+                }
                 if let Some(&owner) = reverse_owner.get(&rkey) {
                     return Err(SnapshotError::SharedBackend {
                         addr: ip4(b.addr),
@@ -405,7 +572,7 @@ impl Snapshot {
                 }
                 reverse_owner.insert(rkey, si);
                 reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port });
-                backends.push(Backend { addr: b.addr, port: b.port, next_hop });
+                backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src });
             }
             // Stable Maglev keys: "a.b.c.d:port", independent of list order.
             let keys: Vec<String> = s.backends.iter().map(|b| format!("{}:{}", ip4(b.addr), b.port)).collect();
@@ -416,6 +583,16 @@ impl Snapshot {
                 .collect();
             let maglev = MaglevTable::build(&mb, s.table_size)
                 .map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })?;
+            let mode = match &s.mode {
+                ForwardingMode::Nat => Mode::Nat,
+                ForwardingMode::FullNat { pool } => match spec.source_pools.iter().position(|p| &p.name == pool) {
+                    Some(i) => Mode::FullNat { pool: i as u16 },
+                    None => return Err(SnapshotError::UnknownPool { service: s.name.clone(), pool: pool.clone() }),
+                },
+                ForwardingMode::Dsr { tunnel_source } => {
+                    Mode::Dsr { source_mask: tunnel_source.map_or(0, |c| !Route::mask(c.len)) }
+                }
+            };
             vips.insert(s.vip);
             services.insert(key, si as u32);
             service_list.push(Service {
@@ -426,10 +603,24 @@ impl Snapshot {
                 maglev,
                 backends,
                 on_backend_removal: s.on_backend_removal,
+                mode,
             });
         }
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
-        Ok(Snapshot { generation, ports, local, vips, services, service_list, reverse, routes, next_hops, static_neighbours })
+        Ok(Snapshot {
+            generation,
+            ports,
+            local,
+            vips,
+            services,
+            service_list,
+            reverse,
+            routes,
+            next_hops,
+            static_neighbours,
+            source_pools: spec.source_pools.clone(),
+            pool_addresses,
+        })
     }
 
     /// Identifies this snapshot among all built in the process; a worker
@@ -487,6 +678,27 @@ impl Snapshot {
     #[inline]
     pub fn reverse(&self, backend: u32, port: u16, protocol: u8) -> Option<ReverseNat> {
         self.reverse.get(&l4_key(backend, port, protocol)).copied()
+    }
+
+    /// FullNAT source pools, in configuration order.
+    pub fn source_pools(&self) -> &[SourcePoolSpec] {
+        &self.source_pools
+    }
+
+    /// If `addr` is a source pool address: (pool index, address index).
+    #[inline]
+    pub fn source_pool_address(&self, addr: u32) -> Option<(u16, u16)> {
+        if self.pool_addresses.is_empty() {
+            return None;
+        }
+        self.pool_addresses.get(&addr).copied()
+    }
+
+    /// True if the gateway answers ARP for `addr` on any port: a VIP or a
+    /// source pool address.
+    #[inline]
+    pub fn answers_arp_for(&self, addr: u32) -> bool {
+        self.vips.contains(&addr) || self.pool_addresses.contains_key(&addr)
     }
 
     /// True if `addr` is a VIP of any service.

@@ -3,6 +3,7 @@
 
 use crate::eal::Eal;
 use crate::error::{DpdkError, strerror};
+use crate::handoff::Handoff;
 use crate::mempool::Mempool;
 use crate::port::{Port, PortStats};
 use crate::worker::{WorkerSetup, worker_main};
@@ -99,6 +100,8 @@ pub struct Dataplane {
     workers: Vec<WorkerView>,
     ports: Vec<Port>,
     pool: Option<Arc<Mempool>>,
+    /// Rings between workers; drained after they stop, before the pool goes.
+    handoff: Option<Handoff>,
     stop: Arc<AtomicBool>,
     launched: bool,
     in_use_at_start: u32,
@@ -122,6 +125,7 @@ impl Dataplane {
             workers: lcores.iter().map(|&lcore| WorkerView { lcore, counters: Arc::default() }).collect(),
             ports: Vec::with_capacity(config.ports.len()),
             pool: Some(pool),
+            handoff: Some(Handoff::create(lcores.len())?),
             stop: Arc::new(AtomicBool::new(false)),
             launched: false,
             in_use_at_start,
@@ -164,8 +168,11 @@ impl Dataplane {
         let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
-        let lcores: Vec<(u32, Arc<WorkerCounters>)> = self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters))).collect();
+        let lcores: Vec<(u32, Arc<WorkerCounters>)> =
+            self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters))).collect();
         let inboxes = neighbour_inboxes(lcores.len());
+        let workers = lcores.len();
+        let handoff = self.handoff.as_ref().expect("rings exist until shutdown");
         for (i, (lcore, counters)) in lcores.into_iter().enumerate() {
             let worker = Box::new(WorkerSetup {
                 index: i,
@@ -179,6 +186,9 @@ impl Dataplane {
                 pool,
                 idle_sleep_us: self.idle_sleep_us,
                 tsc_hz,
+                workers,
+                outbound: handoff.outbound(i),
+                inbound: handoff.inbound(i),
             });
             let arg = Box::into_raw(worker) as *mut c_void;
             // SAFETY: `worker_main` takes ownership of `arg` exactly once; the
@@ -203,6 +213,12 @@ impl Dataplane {
             unsafe { vipgate_ffi::rte_eal_mp_wait_lcore() };
             self.launched = false;
         }
+        // The workers' ring handles are gone with them; what is left in the
+        // rings goes back to the pool.
+        if let Some(handoff) = self.handoff.take() {
+            let counters: Vec<Arc<WorkerCounters>> = self.workers.iter().map(|w| Arc::clone(&w.counters)).collect();
+            handoff.drain(&counters);
+        }
     }
 
     /// Stops the workers, stops and closes every port, and reports whether
@@ -214,7 +230,11 @@ impl Dataplane {
             port.close();
         }
         let pool = self.pool.take().expect("pool exists until shutdown");
-        let report = ShutdownReport { pool_size: pool.size(), in_use_at_start: self.in_use_at_start, in_use_at_end: pool.in_use() };
+        let report = ShutdownReport {
+            pool_size: pool.size(),
+            in_use_at_start: self.in_use_at_start,
+            in_use_at_end: pool.in_use(),
+        };
         if let Err(shared) = Arc::try_unwrap(pool) {
             // Someone still holds the pool: leaking it is safe, freeing it
             // under their feet is not.

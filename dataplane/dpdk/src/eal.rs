@@ -120,7 +120,8 @@ impl Drop for Eal {
                 // Exactly `<prefix>map_<n>`: never another prefix's files.
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                let ours = name.strip_prefix(&ours).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                let ours =
+                    name.strip_prefix(&ours).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
                 if ours {
                     let _ = std::fs::remove_file(e.path());
                 }

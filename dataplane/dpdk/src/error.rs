@@ -31,8 +31,20 @@ pub enum DpdkError {
         /// DPDK's error text.
         reason: String,
     },
+    /// A hand-off ring between two workers could not be created.
+    #[error("cannot create hand-off ring {name:?} of {size} entries: {reason}")]
+    Ring {
+        /// Ring name.
+        name: String,
+        /// Requested entries.
+        size: u32,
+        /// DPDK's error text.
+        reason: String,
+    },
     /// A configured device was not probed by EAL.
-    #[error("port {name:?}: device {device:?} was not found after EAL probing (check the vdev string or PCI address, and that the device is bound to a DPDK driver)")]
+    #[error(
+        "port {name:?}: device {device:?} was not found after EAL probing (check the vdev string or PCI address, and that the device is bound to a DPDK driver)"
+    )]
     PortNotFound {
         /// Port name.
         name: String,

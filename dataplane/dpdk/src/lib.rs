@@ -12,6 +12,7 @@
 mod dataplane;
 mod eal;
 mod error;
+mod handoff;
 mod mempool;
 mod port;
 mod worker;

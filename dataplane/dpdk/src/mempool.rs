@@ -34,9 +34,11 @@ impl Mempool {
                 vipgate_ffi::SOCKET_ID_ANY,
             )
         };
-        NonNull::new(p)
-            .map(|ptr| Mempool { ptr, name: name.to_owned() })
-            .ok_or_else(|| DpdkError::Mempool { name: name.to_owned(), size, reason: last_error() })
+        NonNull::new(p).map(|ptr| Mempool { ptr, name: name.to_owned() }).ok_or_else(|| DpdkError::Mempool {
+            name: name.to_owned(),
+            size,
+            reason: last_error(),
+        })
     }
 
     /// Raw pointer for DPDK calls.

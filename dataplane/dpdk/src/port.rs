@@ -124,7 +124,8 @@ impl Port {
         for q in 0..queues {
             // SAFETY: queue index < configured count; NULL conf selects the
             // driver's defaults; the pool outlives the port (closed first).
-            let rc = unsafe { vipgate_ffi::rte_eth_rx_queue_setup(id, q, rxd, socket, std::ptr::null(), pool.as_ptr()) };
+            let rc =
+                unsafe { vipgate_ffi::rte_eth_rx_queue_setup(id, q, rxd, socket, std::ptr::null(), pool.as_ptr()) };
             if rc == -libc::ENOMEM {
                 return Err(DpdkError::Port {
                     name: name.to_owned(),

@@ -1,14 +1,18 @@
 //! The worker loop: one per worker lcore, polling its queue on every port.
 //!
-//! Per iteration: one rx burst per port; prefetch the frames; hand the
-//! burst to the pipeline; free dropped mbufs in bulk; one tx burst per
-//! egress port; send any ARP requests the pipeline asked for. Nothing here
+//! Per iteration: one rx burst per port, then one burst from each hand-off
+//! ring (packets other workers received for flows this worker owns);
+//! prefetch the frames; hand the burst to the pipeline; free dropped mbufs
+//! in bulk; one tx burst per egress port; one enqueue per hand-off ring for
+//! packets whose flow another worker owns; send any ARP requests the
+//! pipeline asked for. Nothing here
 //! allocates, locks, logs or makes a system call while packets flow (an
 //! optional idle sleep happens only after many empty polls). DPDK is
 //! crossed once per burst (rx, free, tx), never per packet: prefetch hints
 //! and TSC reads are CPU intrinsics, not calls into DPDK's C wrappers.
 
 use crate::BURST;
+use crate::handoff::Ring;
 use arrayvec::ArrayVec;
 use std::ffi::c_void;
 use std::ptr::null_mut;
@@ -44,6 +48,12 @@ pub(crate) struct WorkerSetup {
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
     pub(crate) tsc_hz: u64,
+    /// Number of workers.
+    pub(crate) workers: usize,
+    /// Rings to the other workers, by destination (`None` for this one).
+    pub(crate) outbound: Vec<Option<Arc<Ring>>>,
+    /// Rings from the other workers.
+    pub(crate) inbound: Vec<Arc<Ring>>,
 }
 
 // SAFETY: the set-up is handed to exactly one lcore; the mempool pointer
@@ -54,6 +64,14 @@ impl WorkerSetup {
     fn build(self) -> Worker {
         let mut pipeline = Pipeline::new(self.pipeline, self.counters);
         pipeline.share_neighbours(&self.inboxes, self.index);
+        pipeline.set_worker(self.index, self.workers);
+        // DPDK port id -> dense index, for packets handed over by another
+        // worker (they carry the port they arrived on in `mbuf.port`).
+        let max_id = self.port_ids.iter().copied().max().map_or(0, usize::from);
+        let mut dense_of = vec![u16::MAX; max_id + 1];
+        for (dense, &id) in self.port_ids.iter().enumerate() {
+            dense_of[usize::from(id)] = dense as u16;
+        }
         for (addr, len) in pipeline.flow_memory() {
             advise_huge_pages(addr, len);
         }
@@ -66,6 +84,9 @@ impl WorkerSetup {
             pool: self.pool,
             idle_sleep_us: self.idle_sleep_us,
             tsc_hz: self.tsc_hz,
+            outbound: self.outbound,
+            inbound: self.inbound,
+            dense_of,
         }
     }
 }
@@ -104,8 +125,14 @@ pub(crate) struct Worker {
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
     pub(crate) tsc_hz: u64,
+    outbound: Vec<Option<Arc<Ring>>>,
+    inbound: Vec<Arc<Ring>>,
+    /// Dense port index by DPDK port id (`u16::MAX`: not ours).
+    dense_of: Vec<u16>,
 }
 
+/// Per-destination batches of packets to hand to other workers.
+type HandoffBatches = Vec<ArrayVec<*mut rte_mbuf, BURST>>;
 
 /// Converts TSC ticks to nanoseconds with a multiply and a shift.
 struct Clock {
@@ -192,6 +219,7 @@ impl Worker {
         let nports = self.port_ids.len();
         let mut rx: [*mut rte_mbuf; BURST] = [null_mut(); BURST];
         let mut tx: Vec<ArrayVec<*mut rte_mbuf, BURST>> = vec![ArrayVec::new(); nports];
+        let mut handoff: HandoffBatches = vec![ArrayVec::new(); self.outbound.len()];
         let mut verdicts = [Verdict::Consumed; BURST];
         let clock = Clock::new(self.tsc_hz);
         let housekeeping_every = (self.tsc_hz / HOUSEKEEPING_HZ).max(1);
@@ -217,7 +245,23 @@ impl Worker {
                     continue;
                 }
                 received += n;
-                self.burst(dense as u16, &rx[..n], clock.ns(start), &mut verdicts, &mut tx, &counters);
+                self.burst(
+                    Some(dense as u16),
+                    &rx[..n],
+                    clock.ns(start),
+                    &mut verdicts,
+                    &mut tx,
+                    &mut handoff,
+                    &counters,
+                );
+            }
+            for r in 0..self.inbound.len() {
+                let n = self.inbound[r].dequeue(&mut rx);
+                if n == 0 {
+                    continue;
+                }
+                received += n;
+                self.burst(None, &rx[..n], clock.ns(start), &mut verdicts, &mut tx, &mut handoff, &counters);
             }
             if received > 0 {
                 counters.busy_polls.inc();
@@ -234,44 +278,88 @@ impl Worker {
         }
     }
 
+    /// Processes one burst: from the rx queue of port `ingress`, or (`None`)
+    /// handed over by other workers, each carrying its ingress port id.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn burst(
         &mut self,
-        ingress: u16,
+        ingress: Option<u16>,
         mbufs: &[*mut rte_mbuf],
         now: u64,
         verdicts: &mut [Verdict; BURST],
         tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
+        handoff: &mut HandoffBatches,
         counters: &WorkerCounters,
     ) {
         let n = mbufs.len();
         for &m in mbufs {
-            // SAFETY: `m` came from rx_burst and is a valid mbuf.
+            // SAFETY: `m` came from rx_burst or a hand-off ring and is a
+            // valid mbuf.
             prefetch(unsafe { mtod(m) });
         }
         let mut bytes = 0u64;
+        let mut headroom = [0u16; BURST];
         let mut packets: ArrayVec<RxPacket<'_>, BURST> = ArrayVec::new();
-        for &m in mbufs {
+        for (i, &m) in mbufs.iter().enumerate() {
             // SAFETY: `m` is a valid mbuf this worker owns exclusively from
-            // rx_burst until it is sent or freed below; its first segment
-            // holds `data_len` initialised bytes at mtod(m). No other slice
-            // aliases it: every mbuf in a burst is distinct, and the slices
-            // die (with `packets`) before the mbufs are handed back.
-            let frame = unsafe {
+            // rx_burst (or the ring) until it is sent, handed on or freed
+            // below. Its buffer holds `data_off` bytes of headroom, which
+            // belong to it, then `data_len` initialised bytes of its first
+            // segment. No other slice aliases it: every mbuf in a burst is
+            // distinct, and the slices die (with `packets`) before the mbufs
+            // are handed back.
+            let (port, buf) = unsafe {
                 bytes += u64::from((*m).pkt_len);
-                std::slice::from_raw_parts_mut(mtod(m), usize::from((*m).data_len))
+                headroom[i] = (*m).data_off;
+                let port = match ingress {
+                    Some(p) => p,
+                    None => self.dense_of.get(usize::from((*m).port)).copied().unwrap_or(u16::MAX),
+                };
+                let len = usize::from((*m).data_off) + usize::from((*m).data_len);
+                (port, std::slice::from_raw_parts_mut((*m).buf_addr as *mut u8, len))
             };
-            packets.push(RxPacket { port: ingress, frame });
+            packets.push(RxPacket::with_headroom(port, buf, usize::from(headroom[i])));
         }
-        counters.rx_packets.add(n as u64);
-        counters.rx_bytes.add(bytes);
-        self.pipeline.process_with(&self.snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
+        if ingress.is_some() {
+            counters.rx_packets.add(n as u64);
+            counters.rx_bytes.add(bytes);
+            self.pipeline.process_with(&self.snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
+        } else {
+            counters.handoff_in.add(n as u64);
+            self.pipeline.process_handed_over(&self.snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
+        }
+        let mut grown = [0u16; BURST];
+        for (g, (p, &h)) in grown.iter_mut().zip(packets.iter().zip(headroom.iter())) {
+            // Bytes the pipeline prepended (DSR encapsulation).
+            *g = h - p.headroom() as u16;
+        }
         drop(packets);
 
         let mut free: ArrayVec<*mut rte_mbuf, BURST> = ArrayVec::new();
-        for (&m, v) in mbufs.iter().zip(verdicts.iter()) {
+        for (i, (&m, v)) in mbufs.iter().zip(verdicts.iter()).enumerate() {
             match *v {
-                Verdict::Transmit(p) if usize::from(p) < tx.len() => tx[usize::from(p)].push(m),
+                Verdict::Transmit(p) if usize::from(p) < tx.len() => {
+                    if grown[i] != 0 {
+                        // SAFETY: `m` is ours; the pipeline wrote `grown[i]`
+                        // bytes of header into its headroom, right before
+                        // the old start of data.
+                        unsafe {
+                            (*m).data_off -= grown[i];
+                            (*m).data_len += grown[i];
+                            (*m).pkt_len += u32::from(grown[i]);
+                        }
+                    }
+                    tx[usize::from(p)].push(m);
+                }
+                Verdict::Handoff(w) if self.outbound.get(usize::from(w)).is_some_and(Option::is_some) => {
+                    handoff[usize::from(w)].push(m);
+                }
+                Verdict::Handoff(_) => {
+                    // An owner that does not exist: never expected.
+                    counters.count_drop(DropReason::Handoff);
+                    free.push(m);
+                }
                 Verdict::Transmit(_) => {
                     // A port the snapshot names but this worker does not
                     // drive: a configuration bug, never expected.
@@ -291,7 +379,27 @@ impl Worker {
                 self.flush(dense, queue, counters);
             }
         }
+        for (w, batch) in handoff.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                self.hand_off(w, batch, counters);
+            }
+        }
         self.send_solicitations(counters);
+    }
+
+    /// Passes a batch to worker `w`'s ring; frees and counts what does not
+    /// fit.
+    #[inline]
+    fn hand_off(&self, w: usize, batch: &mut ArrayVec<*mut rte_mbuf, BURST>, counters: &WorkerCounters) {
+        let Some(Some(ring)) = self.outbound.get(w) else { return };
+        let sent = ring.enqueue(batch);
+        counters.handoff_out.add(sent as u64);
+        if sent < batch.len() {
+            // SAFETY: the mbufs the ring refused are still ours.
+            unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(batch.as_mut_ptr().add(sent), (batch.len() - sent) as u32) };
+            counters.drops[DropReason::Handoff as usize].add((batch.len() - sent) as u64);
+        }
+        batch.clear();
     }
 
     /// Sends a port's pending frames; frees and counts what the queue refuses.
@@ -304,9 +412,9 @@ impl Worker {
         // SAFETY: the port is started; `self.queue` is this worker's tx queue;
         // the pointers are valid mbufs whose ownership passes to the driver
         // for the first `sent` of them.
-        let sent = unsafe {
-            vipgate_ffi::rte_eth_tx_burst(self.port_ids[dense], self.queue, queue.as_mut_ptr(), len as u16)
-        } as usize;
+        let sent =
+            unsafe { vipgate_ffi::rte_eth_tx_burst(self.port_ids[dense], self.queue, queue.as_mut_ptr(), len as u16) }
+                as usize;
         counters.tx_packets.add(sent as u64);
         counters.tx_bytes.add(lens[..sent].iter().map(|&l| u64::from(l)).sum());
         if sent < len {
@@ -329,7 +437,13 @@ impl Worker {
     }
 }
 
-fn send_arp_request(pool: *mut vipgate_ffi::rte_mempool, port_id: u16, queue: u16, s: &Solicitation, counters: &WorkerCounters) {
+fn send_arp_request(
+    pool: *mut vipgate_ffi::rte_mempool,
+    port_id: u16,
+    queue: u16,
+    s: &Solicitation,
+    counters: &WorkerCounters,
+) {
     // SAFETY: the pool is alive for the worker's lifetime.
     let m = unsafe { vipgate_ffi::rte_pktmbuf_alloc(pool) };
     if m.is_null() {

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::pipeline::PipelineConfig;
-use vipgate_dataplane::snapshot::{BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec};
+use vipgate_dataplane::snapshot::{
+    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
+};
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DataplaneConfig, Eal, PortConfig};
 
@@ -110,11 +112,22 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let spec = SnapshotSpec {
         ports: vec![
-            PortSpec { name: "in".into(), mac: macs[0], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }] },
-            PortSpec { name: "out".into(), mac: macs[1], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }] },
+            PortSpec {
+                name: "in".into(),
+                mac: macs[0],
+                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
+            },
+            PortSpec {
+                name: "out".into(),
+                mac: macs[1],
+                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
+            },
         ],
         routes: vec![],
-        neighbours: backends.iter().map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) }).collect(),
+        neighbours: backends
+            .iter()
+            .map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) })
+            .collect(),
         services: vec![ServiceSpec {
             name: "web".into(),
             vip: ip(198, 18, 100, 1),
@@ -123,7 +136,9 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
             table_size: 65537,
             backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
             on_backend_removal: Default::default(),
+            mode: Default::default(),
         }],
+        source_pools: vec![],
     };
     dp.launch(Arc::new(Snapshot::build(&spec).unwrap())).expect("launch");
     std::thread::sleep(Duration::from_millis(1500));
@@ -132,8 +147,11 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
     let in_use_while_running = dp.pool().in_use();
     let report = dp.shutdown();
 
-    let (rx, tx, fwd, no_service) = (c.rx_packets.get(), c.tx_packets.get(), c.nat_forward.get(), c.drops(DropReason::NoService));
-    println!("rx {rx} tx {tx} nat_forward {fwd} no_service {no_service} in use while running {in_use_while_running}; {report:?}");
+    let (rx, tx, fwd, no_service) =
+        (c.rx_packets.get(), c.tx_packets.get(), c.nat_forward.get(), c.drops(DropReason::NoService));
+    println!(
+        "rx {rx} tx {tx} nat_forward {fwd} no_service {no_service} in use while running {in_use_while_running}; {report:?}"
+    );
     for r in DropReason::ALL {
         if c.drops(r) > 0 {
             println!("drop {}: {}", r.name(), c.drops(r));

@@ -28,15 +28,42 @@ fn spec() -> SnapshotSpec {
     let backends = |port| BACKENDS.iter().map(|&addr| BackendSpec { addr, port, weight: 1 }).collect();
     SnapshotSpec {
         ports: vec![
-            PortSpec { name: "client".into(), mac: EthernetAddress(GW_C), addresses: vec![Ipv4Cidr { addr: GW_C_IP, len: 24 }] },
-            PortSpec { name: "backend".into(), mac: EthernetAddress(GW_B), addresses: vec![Ipv4Cidr { addr: GW_B_IP, len: 24 }] },
+            PortSpec {
+                name: "client".into(),
+                mac: EthernetAddress(GW_C),
+                addresses: vec![Ipv4Cidr { addr: GW_C_IP, len: 24 }],
+            },
+            PortSpec {
+                name: "backend".into(),
+                mac: EthernetAddress(GW_B),
+                addresses: vec![Ipv4Cidr { addr: GW_B_IP, len: 24 }],
+            },
         ],
         routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTER }],
         neighbours: vec![],
         services: vec![
-            ServiceSpec { name: "web".into(), vip: VIP, port: 80, protocol: Protocol::Tcp, table_size: DEFAULT_TABLE_SIZE, backends: backends(8080), on_backend_removal: Default::default() },
-            ServiceSpec { name: "dns".into(), vip: VIP, port: 53, protocol: Protocol::Udp, table_size: 251, backends: backends(5353), on_backend_removal: Default::default() },
+            ServiceSpec {
+                name: "web".into(),
+                vip: VIP,
+                port: 80,
+                protocol: Protocol::Tcp,
+                table_size: DEFAULT_TABLE_SIZE,
+                backends: backends(8080),
+                on_backend_removal: Default::default(),
+                mode: Default::default(),
+            },
+            ServiceSpec {
+                name: "dns".into(),
+                vip: VIP,
+                port: 53,
+                protocol: Protocol::Udp,
+                table_size: 251,
+                backends: backends(5353),
+                on_backend_removal: Default::default(),
+                mode: Default::default(),
+            },
         ],
+        source_pools: vec![],
     }
 }
 
@@ -71,7 +98,7 @@ impl Rig {
     }
 
     fn run(&mut self, port: u16, frame: &mut [u8]) -> Verdict {
-        let mut pkts = [RxPacket { port, frame }];
+        let mut pkts = [RxPacket::new(port, frame)];
         let mut v = [Verdict::Consumed];
         self.pipe.process(&self.snap, self.now, &mut pkts, &mut v);
         v[0]
@@ -109,7 +136,9 @@ fn tcp_frame(src: (u32, u16), dst: (u32, u16), ttl: u8, payload: &[u8]) -> Vec<u
 }
 
 fn udp_frame(src: (u32, u16), dst: (u32, u16), ttl: u8, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C).ipv4(src.0.to_be_bytes(), dst.0.to_be_bytes(), ttl).udp(src.1, dst.1);
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C)
+        .ipv4(src.0.to_be_bytes(), dst.0.to_be_bytes(), ttl)
+        .udp(src.1, dst.1);
     let mut v = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut v, payload).unwrap();
     v
@@ -288,7 +317,11 @@ fn housekeeping_resolves_backends_and_gateways_ahead_of_traffic() {
 #[test]
 fn static_neighbours_resolve_without_arp_and_are_never_overridden() {
     let mut s = spec();
-    s.neighbours = BACKENDS.iter().zip(BACKEND_MACS).map(|(&addr, mac)| crate::snapshot::NeighbourSpec { addr, mac: EthernetAddress(mac) }).collect();
+    s.neighbours = BACKENDS
+        .iter()
+        .zip(BACKEND_MACS)
+        .map(|(&addr, mac)| crate::snapshot::NeighbourSpec { addr, mac: EthernetAddress(mac) })
+        .collect();
     let snap = Snapshot::build(&s).unwrap();
     let mut r = Rig { snap, pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
     r.pipe.housekeeping(&r.snap, r.now);
@@ -354,7 +387,11 @@ fn a_new_snapshot_keeps_what_the_worker_learned() {
 fn workers_share_what_they_learn_from_arp() {
     let snap = Snapshot::build(&spec()).unwrap();
     let inboxes = neighbour_inboxes(2);
-    let mut a = Rig { snap: Snapshot::build(&spec()).unwrap(), pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
+    let mut a = Rig {
+        snap: Snapshot::build(&spec()).unwrap(),
+        pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())),
+        now: 1,
+    };
     let mut b = Rig { snap, pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
     a.pipe.share_neighbours(&inboxes, 0);
     b.pipe.share_neighbours(&inboxes, 1);
@@ -378,7 +415,8 @@ fn workers_share_what_they_learn_from_arp() {
 fn many_unresolved_next_hops_are_all_solicited_over_successive_passes() {
     // 100 backends, none answering: more than one pass can ask for.
     let mut s = spec();
-    s.services[0].backends = (0..100u32).map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1 }).collect();
+    s.services[0].backends =
+        (0..100u32).map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1 }).collect();
     let snap = Snapshot::build(&s).unwrap();
     let mut pipe = Pipeline::new(test_config(), Arc::new(WorkerCounters::default()));
     let mut asked = std::collections::HashSet::new();
@@ -428,7 +466,9 @@ fn off_link_arp_senders_are_not_learned() {
 fn answers_ping_to_own_address_and_vip() {
     let mut r = Rig::new();
     for target in [GW_C_IP, VIP] {
-        let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C).ipv4(CLIENT.to_be_bytes(), target.to_be_bytes(), 5).icmpv4_echo_request(7, 9);
+        let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C)
+            .ipv4(CLIENT.to_be_bytes(), target.to_be_bytes(), 5)
+            .icmpv4_echo_request(7, 9);
         let mut f = Vec::new();
         b.write(&mut f, b"ping-payload").unwrap();
         assert_eq!(r.run(0, &mut f), Verdict::Transmit(0));
@@ -567,7 +607,11 @@ fn established_flows_keep_their_backend_when_a_backend_is_added() {
 
     let grown = spec_with(&[(BACKENDS[0], 1), (BACKENDS[1], 1), (BACKENDS[2], 1), (B4, 1)]);
     // Without state, Maglev would move about a quarter of these flows.
-    let mut fresh = Rig { snap: Snapshot::build(&grown).unwrap(), pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
+    let mut fresh = Rig {
+        snap: Snapshot::build(&grown).unwrap(),
+        pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())),
+        now: 1,
+    };
     fresh.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
     for (a, m) in BACKENDS.iter().zip(BACKEND_MACS).chain([(&B4, [0x02, 0xbb, 0, 0, 0, 14])]) {
         fresh.teach(1, *a, m, GW_B_IP);
@@ -676,7 +720,10 @@ fn replies_drive_the_tcp_state_of_the_flow() {
     tcp::Packet::new_unchecked(&mut l4[..20]).fill_checksum(backend, CLIENT);
     assert_eq!(r.run(1, &mut fin), Verdict::Transmit(0));
     assert_eq!(state(&r), Some(FlowState::TcpClosing));
-    assert_eq!(r.pipe.flows().find(&key, r.now).map(|f| r.pipe.flows().get(f).flags & FlowEntry::FIN_FROM_BACKEND), Some(FlowEntry::FIN_FROM_BACKEND));
+    assert_eq!(
+        r.pipe.flows().find(&key, r.now).map(|f| r.pipe.flows().get(f).flags & FlowEntry::FIN_FROM_BACKEND),
+        Some(FlowEntry::FIN_FROM_BACKEND)
+    );
 }
 
 #[test]
@@ -707,7 +754,10 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
     assert_eq!(r.run(0, &mut f), Verdict::Transmit(0));
     assert_eq!(f.len(), frame_len, "the frame keeps its length");
     let (esrc, edst, src, dst, ttl, sport, dport) = inspect(&f);
-    assert_eq!((esrc, edst, src, sport, dst, dport, ttl), (GW_C, CLIENT_MAC, VIP, 80, CLIENT, 20000 + victim, ORIGIN_TTL));
+    assert_eq!(
+        (esrc, edst, src, sport, dst, dport, ttl),
+        (GW_C, CLIENT_MAC, VIP, 80, CLIENT, 20000 + victim, ORIGIN_TTL)
+    );
     let s2 = SlicedPacket::from_ethernet(&f).unwrap();
     let Some(TransportSlice::Tcp(t)) = s2.transport else { panic!("not TCP") };
     assert!(t.rst() && !t.ack() && !t.syn(), "flags");
@@ -718,7 +768,8 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
     // The flow is forgotten: the client's next SYN reaches a live backend.
     assert_ne!(send(&mut r, 20000 + victim, true), BACKENDS[0]);
     // A SYN (no ACK) on a flow of the removed backend gets RST|ACK acking it.
-    let other = before.iter().enumerate().filter(|(_, b)| **b == BACKENDS[0]).map(|(i, _)| i as u16).find(|&i| i != victim);
+    let other =
+        before.iter().enumerate().filter(|(_, b)| **b == BACKENDS[0]).map(|(i, _)| i as u16).find(|&i| i != victim);
     if let Some(o) = other {
         let mut syn = tcp_frame((CLIENT, 20000 + o), (VIP, 80), 64, b"");
         assert_eq!(r.run(0, &mut syn), Verdict::Transmit(0));
@@ -735,3 +786,5 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
         }
     }
 }
+
+mod modes;

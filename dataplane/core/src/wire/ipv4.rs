@@ -219,6 +219,49 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 }
 
+/// A fresh 20-byte header: no options, identification 0, the given DF
+/// flag, checksum filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Type of service (DSCP and ECN).
+    pub tos: u8,
+    /// Total length, header included.
+    pub total_len: u16,
+    /// Don't-fragment flag.
+    pub dont_frag: bool,
+    /// Time to live.
+    pub ttl: u8,
+    /// Payload protocol.
+    pub protocol: u8,
+    /// Source address.
+    pub src: u32,
+    /// Destination address.
+    pub dst: u32,
+}
+
+impl Header {
+    /// Writes the header into the first [`MIN_HEADER_LEN`] bytes of `buf`.
+    ///
+    /// # Panics
+    /// If `buf` is shorter than [`MIN_HEADER_LEN`].
+    #[inline]
+    pub fn emit(&self, buf: &mut [u8]) {
+        let b = &mut buf[..MIN_HEADER_LEN];
+        b[field::VER_IHL] = 0x45;
+        b[field::TOS] = self.tos;
+        set_be16(b, field::TOTAL_LEN, self.total_len);
+        set_be16(b, field::IDENT, 0);
+        set_be16(b, field::FLAGS_FRAG, if self.dont_frag { 0x4000 } else { 0 });
+        b[field::TTL] = self.ttl;
+        b[field::PROTOCOL] = self.protocol;
+        set_be32(b, field::SRC, self.src);
+        set_be32(b, field::DST, self.dst);
+        set_be16(b, field::CHECKSUM, 0);
+        let c = checksum::checksum(b);
+        set_be16(b, field::CHECKSUM, c);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,7 +121,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn verify_checksum(&self, src: u32, dst: u32) -> bool {
         let b = self.buffer.as_ref();
         let Ok(len) = u16::try_from(b.len()) else { return false };
-        let s = checksum::combine(checksum::pseudo_header_v4(src, dst, super::ipv4::protocol::TCP, len), checksum::sum(b));
+        let s =
+            checksum::combine(checksum::pseudo_header_v4(src, dst, super::ipv4::protocol::TCP, len), checksum::sum(b));
         checksum::fold(s) == 0xffff
     }
 }
@@ -159,7 +160,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         let b = self.buffer.as_mut();
         set_be16(b, field::CHECKSUM, 0);
         let len = u16::try_from(b.len()).unwrap_or(u16::MAX);
-        let s = checksum::combine(checksum::pseudo_header_v4(src, dst, super::ipv4::protocol::TCP, len), checksum::sum(b));
+        let s =
+            checksum::combine(checksum::pseudo_header_v4(src, dst, super::ipv4::protocol::TCP, len), checksum::sum(b));
         set_be16(b, field::CHECKSUM, !checksum::fold(s));
     }
 }
@@ -170,9 +172,7 @@ mod tests {
 
     fn segment() -> Vec<u8> {
         // 40000 -> 80, SYN, window 64240, data offset 5, no payload.
-        let mut v = vec![
-            0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0,
-        ];
+        let mut v = vec![0x9c, 0x40, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0];
         Packet::new_unchecked(&mut v[..]).fill_checksum(0xc612_0002, 0xc612_6401);
         v
     }

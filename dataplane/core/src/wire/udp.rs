@@ -95,7 +95,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return true;
         }
         let b = &self.buffer.as_ref()[..usize::from(self.len())];
-        let s = checksum::combine(checksum::pseudo_header_v4(src, dst, super::ipv4::protocol::UDP, self.len()), checksum::sum(b));
+        let s = checksum::combine(
+            checksum::pseudo_header_v4(src, dst, super::ipv4::protocol::UDP, self.len()),
+            checksum::sum(b),
+        );
         checksum::fold(s) == 0xffff
     }
 }
