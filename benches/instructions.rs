@@ -1,7 +1,9 @@
 //! Instruction counts of the packet core, for callgrind.
 //!
 //! `instructions <workload> <bursts>` runs that many 32-packet bursts of a
-//! workload (`forward`, `reverse`, `drop`) through `Pipeline::process`.
+//! workload through `Pipeline::process`: `forward`, `reverse`, `drop` (nat
+//! mode), `forward-fullnat`, `reverse-fullnat`, `forward-dsr`, and
+//! `handoff` (worker 0 of 2, every packet owned by worker 1).
 //! `instructions established|new|prepare <flows> <bursts>` measures
 //! connection tracking at scale: `flows` flows are made established first
 //! (set-up, the same in both runs), then the bursts carry packets of those
@@ -19,6 +21,7 @@ mod common;
 use common::*;
 use std::hint::black_box;
 use vipgate_dataplane::pipeline::Verdict;
+use vipgate_dataplane::snapshot::{ForwardingMode, Ipv4Cidr};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -29,30 +32,46 @@ fn main() {
         return at_scale(&workload, flows, bursts);
     }
     let bursts: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let snap = snapshot();
+    let fullnat = || ForwardingMode::FullNat { pool: "snat".into() };
+    let dsr = || ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: u32::from_be_bytes([198, 18, 3, 0]), len: 24 }) };
+    let snap = match workload.as_str() {
+        "forward-fullnat" | "reverse-fullnat" => snapshot_with(fullnat()),
+        "forward-dsr" => snapshot_with(dsr()),
+        _ => snapshot(),
+    };
     let mut pipe = pipeline(&snap);
     let (template, ingress) = match workload.as_str() {
-        "forward" => (forward_burst(0), 0),
+        "forward" | "forward-fullnat" | "forward-dsr" => (forward_burst(0), 0),
         "reverse" => (reverse_burst(), 1),
+        "reverse-fullnat" => (fullnat_reply_burst(&mut pipe, &snap, &forward_burst(0)), 1),
         "drop" => (no_service_burst(), 0),
+        "handoff" => {
+            pipe.set_worker(0, 2);
+            (foreign_burst(), 0)
+        }
         other => {
-            eprintln!("unknown workload {other:?}: use forward, reverse or drop");
+            eprintln!("unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr or handoff");
             std::process::exit(2);
         }
     };
+    // Every frame has HEADROOM bytes in front, as an mbuf has.
+    let template = with_headroom(&template);
     let mut frames = template.clone();
     let mut verdicts = [Verdict::Consumed; BURST];
-    let mut transmitted = 0u64;
+    let (mut transmitted, mut handed) = (0u64, 0u64);
     for _ in 0..bursts {
-        // Restore the frames (a 64-byte copy each, counted in the result and
+        // Restore the frames (a 124-byte copy each, counted in the result and
         // stated in docs/performance.md).
         for (f, t) in frames.iter_mut().zip(&template) {
             f.copy_from_slice(t);
         }
-        run_burst(&mut pipe, &snap, 1, black_box(&mut frames), &mut verdicts, ingress);
+        run_burst_headroom(&mut pipe, &snap, 1, black_box(&mut frames), &mut verdicts, ingress);
         transmitted += verdicts.iter().filter(|v| matches!(v, Verdict::Transmit(_))).count() as u64;
+        handed += verdicts.iter().filter(|v| matches!(v, Verdict::Handoff(_))).count() as u64;
     }
-    println!("{workload}: {bursts} bursts, {transmitted} transmitted");
+    let expected = if workload == "drop" { 0 } else { (bursts * BURST) as u64 };
+    assert_eq!(transmitted + handed, expected, "{workload}: every packet must be forwarded or handed off (drop: none)");
+    println!("{workload}: {bursts} bursts, {transmitted} transmitted, {handed} handed off");
 }
 
 /// The connection-tracking workloads at scale (see the module comment).

@@ -4,10 +4,13 @@
 #   scripts/bench-instructions.sh [--bursts N]   (default 2000)
 #
 # Builds benches/instructions.rs with the bench profile, runs each workload
-# (forward, reverse, drop) under `valgrind --tool=callgrind` with N and 2N
+# (forward, reverse, drop; forward-fullnat, reverse-fullnat, forward-dsr;
+# handoff: a worker's cost to hand a packet to its owner) under
+# `valgrind --tool=callgrind` with N and 2N
 # bursts of 32 packets, and prints (Ir(2N) - Ir(N)) / (N * 32): the
 # instructions one packet costs, with start-up and set-up cancelled out.
-# The count includes restoring each 60-byte frame before its burst.
+# The count includes restoring each 60-byte frame (and its 64 bytes of
+# headroom) before its burst.
 #
 # A second table measures connection tracking at scale: 1, 10k and 1M
 # concurrent flows, packets of established flows and of new flows (each a
@@ -49,12 +52,12 @@ count() { # WORKLOAD BURSTS -> total instructions
 	sed -n 's/^summary: //p' "$tmp/cg.out"
 }
 
-printf '%-10s %14s %14s %12s\n' workload "Ir(${bursts})" "Ir($((2 * bursts)))" "Ir/packet"
-for w in forward reverse drop; do
+printf '%-16s %14s %14s %12s\n' workload "Ir(${bursts})" "Ir($((2 * bursts)))" "Ir/packet"
+for w in forward reverse drop forward-fullnat reverse-fullnat forward-dsr handoff; do
 	a=$(count "$w" "$bursts")
 	b=$(count "$w" $((2 * bursts)))
 	per=$(python3 -c "print(f'{($b - $a) / ($bursts * 32):.1f}')")
-	printf '%-10s %14s %14s %12s\n' "$w" "$a" "$b" "$per"
+	printf '%-16s %14s %14s %12s\n' "$w" "$a" "$b" "$per"
 done
 
 count3() { # WORKLOAD FLOWS BURSTS -> total instructions

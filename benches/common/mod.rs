@@ -8,7 +8,8 @@ use std::sync::Arc;
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Verdict};
 use vipgate_dataplane::snapshot::{
-    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
+    BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
+    SourcePoolSpec,
 };
 use vipgate_dataplane::wire::{EthernetAddress, ethernet, ipv4, tcp};
 
@@ -22,6 +23,17 @@ pub const VIP: u32 = ip(198, 18, 100, 1);
 pub const CLIENT_NET: u32 = ip(198, 18, 0, 0);
 
 pub fn snapshot() -> Snapshot {
+    snapshot_with(ForwardingMode::Nat)
+}
+
+/// The FullNAT source pool address of [`snapshot_with`].
+pub const POOL_ADDR: u32 = ip(198, 18, 1, 100);
+
+/// The benchmark gateway with its service in `mode` (FullNAT from a
+/// one-address pool; DSR backends on the service port, tunnel sources
+/// from 198.18.3.0/24).
+pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
+    let port = if matches!(mode, ForwardingMode::Dsr { .. }) { 80 } else { 8080 };
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let mut neighbours: Vec<NeighbourSpec> = backends
         .iter()
@@ -49,11 +61,16 @@ pub fn snapshot() -> Snapshot {
             port: 80,
             protocol: Protocol::Tcp,
             table_size: 65537,
-            backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
+            backends: backends.iter().map(|&addr| BackendSpec { addr, port, weight: 1 }).collect(),
             on_backend_removal: Default::default(),
-            mode: Default::default(),
+            mode,
         }],
-        source_pools: vec![],
+        source_pools: vec![SourcePoolSpec {
+            name: "snat".into(),
+            addresses: vec![POOL_ADDR],
+            first_port: 1024,
+            last_port: 65535,
+        }],
     })
     .expect("benchmark snapshot")
 }
@@ -102,6 +119,65 @@ pub fn reverse_burst() -> Vec<Vec<u8>> {
 /// `BURST` frames for a port of the VIP that no service listens on.
 pub fn no_service_burst() -> Vec<Vec<u8>> {
     (0..BURST as u16).map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + i, VIP, 81)).collect()
+}
+
+/// Bytes of headroom in front of each frame of [`run_burst_headroom`], as
+/// an mbuf has (DSR writes its outer header there).
+pub const HEADROOM: usize = 64;
+
+/// Runs one burst whose buffers hold [`HEADROOM`] free bytes, then the
+/// frame.
+#[inline]
+pub fn run_burst_headroom(
+    pipe: &mut Pipeline,
+    snap: &Snapshot,
+    now: u64,
+    bufs: &mut [Vec<u8>],
+    verdicts: &mut [Verdict; BURST],
+    ingress: u16,
+) {
+    let mut pkts: arrayvec::ArrayVec<RxPacket<'_>, BURST> =
+        bufs.iter_mut().map(|b| RxPacket::with_headroom(ingress, &mut b[..], HEADROOM)).collect();
+    pipe.process(snap, now, &mut pkts, &mut verdicts[..]);
+}
+
+/// Frames with [`HEADROOM`] zero bytes in front.
+pub fn with_headroom(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .map(|f| {
+            let mut b = vec![0u8; HEADROOM];
+            b.extend_from_slice(f);
+            b
+        })
+        .collect()
+}
+
+/// The replies to a FullNAT forward burst, as its backends send them: run
+/// `forward` through `pipe` once (creating the flows and their source
+/// pairs) and answer each translated frame.
+pub fn fullnat_reply_burst(pipe: &mut Pipeline, snap: &Snapshot, forward: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut frames = forward.to_vec();
+    let mut verdicts = [Verdict::Consumed; BURST];
+    run_burst(pipe, snap, 1, &mut frames, &mut verdicts, 0);
+    assert!(verdicts.iter().all(|v| matches!(v, Verdict::Transmit(1))), "{verdicts:?}");
+    frames
+        .iter()
+        .map(|f| {
+            let be32 = |o: usize| u32::from_be_bytes([f[o], f[o + 1], f[o + 2], f[o + 3]]);
+            let be16 = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+            tcp_frame(be32(30), be16(36), be32(26), be16(34))
+        })
+        .collect()
+}
+
+/// `BURST` client->VIP frames of distinct flows that worker 1 of 2 owns.
+pub fn foreign_burst() -> Vec<Vec<u8>> {
+    (10_000u16..)
+        .filter(|&p| vipgate_dataplane::pipeline::client_owner(CLIENT_NET | 2, p, 6, 2) == 1)
+        .take(BURST)
+        .map(|p| tcp_frame(CLIENT_NET | 2, p, VIP, 80))
+        .collect()
 }
 
 /// Runs one burst through the pipeline.
