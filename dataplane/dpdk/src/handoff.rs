@@ -7,7 +7,8 @@
 //! from it, so the rings run in DPDK's SP/SC mode (no compare-and-swap).
 //! A full ring refuses the packet; the sender frees and counts it
 //! (`handoff` drop). Mbufs still in a ring when the workers stop are freed
-//! here and counted the same way, so every mbuf comes back to the pool.
+//! here and counted as taken in and dropped by the worker they were for,
+//! so every mbuf comes back to the pool and every packet is accounted for.
 
 use crate::error::{DpdkError, last_error};
 use std::ffi::{CString, c_void};
@@ -142,7 +143,10 @@ impl Handoff {
                 // SAFETY: the mbufs came out of the ring, which held the only
                 // reference to them.
                 unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(buf.as_mut_ptr(), n as u32) };
+                // The receiver took them in (`handoff_in`, matching the
+                // sender's `handoff_out`) and dropped them.
                 if let Some(c) = counters.get(idx % self.n) {
+                    c.handoff_in.add(n as u64);
                     c.drops[DropReason::Handoff as usize].add(n as u64);
                 }
             }
