@@ -586,8 +586,8 @@ impl Pipeline {
                     }
                     let key =
                         FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    let (backend, (snat_addr, snat_port)) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
-                        Choice::Backend(b, pair) => (b, pair),
+                    let (backend, snat_addr, snat_port) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
+                        Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
                         Choice::None => return Verdict::Drop(DropReason::NoBackend),
                         Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
                         Choice::Reset => {
@@ -625,24 +625,9 @@ impl Pipeline {
                             set_macs(eth, snap, out, mac);
                         }
                         Mode::Dsr { source_mask } => {
-                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                            let Ok(total_len) = u16::try_from(total + ipv4::MIN_HEADER_LEN) else {
-                                return Verdict::Drop(DropReason::Unsupported);
-                            };
-                            ip.set_ttl(ttl - 1);
-                            let outer = ipv4::Header {
-                                tos: ip.tos(),
-                                total_len,
-                                dont_frag: ip.dont_frag(),
-                                ttl: ORIGIN_TTL,
-                                protocol: ipv4::protocol::IPIP,
-                                src: backend.tunnel_src | (tunnel_spread(src, sport) & source_mask),
-                                dst: backend.addr,
-                            };
-                            let port_mac =
-                                snap.ports().get(usize::from(out)).map_or(EthernetAddress::default(), |p| p.mac);
-                            if !encapsulate(p, &outer, mac, port_mac) {
-                                return Verdict::Drop(DropReason::NoHeadroom);
+                            let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
+                            if let Err(reason) = dsr_encapsulate(p, snap, &backend, source_mask, mac, t, total) {
+                                return Verdict::Drop(reason);
                             }
                         }
                     }
@@ -651,49 +636,8 @@ impl Pipeline {
                 }
 
                 if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
-                    // A reply to a FullNAT source pair: its binding names the
-                    // client's flow, and only the pair's owner has it.
-                    if self.workers > 1 && !self.handed_over {
-                        match snap
-                            .source_pools()
-                            .get(usize::from(pool))
-                            .and_then(|p| snat::owner_of(p, dport, self.workers))
-                        {
-                            Some(w) if w != self.worker => return Verdict::Handoff(w),
-                            Some(_) => {}
-                            None => return Verdict::Drop(DropReason::NoFlow),
-                        }
-                    }
-                    let Some(b) = self.snat.binding(pool, addr_index, dport).copied() else {
-                        return Verdict::Drop(DropReason::NoFlow);
-                    };
-                    if b.backend_addr != src || b.backend_port != sport || b.key.protocol != proto {
-                        return Verdict::Drop(DropReason::NoFlow);
-                    }
-                    if ttl <= 1 {
-                        return Verdict::Drop(DropReason::TtlExceeded);
-                    }
-                    if proto == ipv4::protocol::TCP
-                        && let Some(flow) = self.flows.lookup(&b.key, now)
-                    {
-                        self.flows.on_tcp_flags(flow, false, tcp_flags, now);
-                    }
-                    let client = b.key.src_addr;
-                    let Some(nh) = snap.routes().next_hop(client) else {
-                        return Verdict::Drop(DropReason::NoRoute);
-                    };
-                    let Some(mac) = self.resolve(snap, nh, now) else {
-                        return Verdict::Drop(DropReason::NoNeighbour);
-                    };
-                    rewrite_l4(proto, l4, Endpoint::Src, src, b.key.dst_addr, b.key.dst_port);
-                    rewrite_l4(proto, l4, Endpoint::Dst, dst, client, b.key.src_port);
-                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                    ip.set_src_addr(b.key.dst_addr);
-                    ip.set_dst_addr(client);
-                    ip.set_ttl(ttl - 1);
-                    set_macs(eth, snap, nh.port, mac);
-                    self.counters.nat_reverse.inc();
-                    return Verdict::Transmit(nh.port);
+                    let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
+                    return self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
                 }
 
                 if let Some(rev) = snap.reverse(src, sport, proto) {
@@ -763,6 +707,66 @@ impl Pipeline {
         }
     }
 
+    /// A reply to a FullNAT source pair: its binding names the client's
+    /// flow, and only the pair's owner has it. Out of line, so that the nat
+    /// path stays compact.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn fullnat_reply(
+        &mut self,
+        snap: &Snapshot,
+        now: u64,
+        eth: &mut [u8],
+        hdr: &mut [u8],
+        l4: &mut [u8],
+        t: Tuple,
+        pool: u16,
+        addr_index: u16,
+    ) -> Verdict {
+        let Tuple { src, dst, sport, dport, proto, ttl, tcp_flags } = t;
+        if self.workers > 1 && !self.handed_over {
+            match snap
+                .source_pools()
+                .get(usize::from(pool))
+                .and_then(|p| snat::owner_of(p, dport, self.workers))
+            {
+                Some(w) if w != self.worker => return Verdict::Handoff(w),
+                Some(_) => {}
+                None => return Verdict::Drop(DropReason::NoFlow),
+            }
+        }
+        let Some(b) = self.snat.binding(pool, addr_index, dport).copied() else {
+            return Verdict::Drop(DropReason::NoFlow);
+        };
+        if b.backend_addr != src || b.backend_port != sport || b.key.protocol != proto {
+            return Verdict::Drop(DropReason::NoFlow);
+        }
+        if ttl <= 1 {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        if proto == ipv4::protocol::TCP
+            && let Some(flow) = self.flows.lookup(&b.key, now)
+        {
+            self.flows.on_tcp_flags(flow, false, tcp_flags, now);
+        }
+        let client = b.key.src_addr;
+        let Some(nh) = snap.routes().next_hop(client) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let Some(mac) = self.resolve(snap, nh, now) else {
+            return Verdict::Drop(DropReason::NoNeighbour);
+        };
+        rewrite_l4(proto, l4, Endpoint::Src, src, b.key.dst_addr, b.key.dst_port);
+        rewrite_l4(proto, l4, Endpoint::Dst, dst, client, b.key.src_port);
+        let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+        ip.set_src_addr(b.key.dst_addr);
+        ip.set_dst_addr(client);
+        ip.set_ttl(ttl - 1);
+        set_macs(eth, snap, nh.port, mac);
+        self.counters.nat_reverse.inc();
+        Verdict::Transmit(nh.port)
+    }
+
     /// The backend of a client packet's flow: the one its tracked flow has,
     /// or for a new flow the one Maglev picks (then tracked). A flow keeps
     /// its backend when backends are added, removed or reweighted (weight 0
@@ -792,8 +796,8 @@ impl Pipeline {
                 .backends
                 .get(usize::from(e.backend_index))
                 .filter(|b| b.addr == e.backend_addr && b.port == e.backend_port);
-            let backend = match hinted {
-                Some(b) => *b,
+            let index = match hinted {
+                Some(_) => e.backend_index,
                 None => {
                     let (i, moved) = match svc.position(e.backend_addr, e.backend_port) {
                         Some(i) => (i, false),
@@ -817,13 +821,13 @@ impl Pipeline {
                             self.snat.rebind(e.snat_addr, e.snat_port, b.addr, b.port);
                         }
                     }
-                    b
+                    i as u16
                 }
             };
             if key.protocol == ipv4::protocol::TCP {
                 self.flows.on_tcp_flags(flow, true, tcp_flags, now);
             }
-            return Choice::Backend(backend, (e.snat_addr, e.snat_port));
+            return Choice::Backend(Chosen { index, snat_port: e.snat_port, snat_addr: e.snat_addr });
         }
         self.new_flow(svc, key, hash, tcp_flags, now)
     }
@@ -858,7 +862,7 @@ impl Pipeline {
         {
             self.snat.release(old.snat_addr, old.snat_port);
         }
-        Choice::Backend(b, (entry.snat_addr, entry.snat_port))
+        Choice::Backend(Chosen { index: i, snat_port: entry.snat_port, snat_addr: entry.snat_addr })
     }
 
     /// Removes a flow and frees its source pair.
@@ -993,11 +997,32 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
     })
 }
 
+/// The header fields of a TCP or UDP packet the pipeline decides on.
+#[derive(Clone, Copy)]
+struct Tuple {
+    src: u32,
+    dst: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    ttl: u8,
+    tcp_flags: u16,
+}
+
+/// The backend a client packet goes to: its index in the service's
+/// backends, and for FullNAT the flow's source pair (else zeros). Eight
+/// bytes, so a [`Choice`] comes back in registers.
+#[derive(Clone, Copy)]
+struct Chosen {
+    index: u16,
+    snat_port: u16,
+    snat_addr: u32,
+}
+
 /// The backend decision for a client packet.
 enum Choice {
-    /// Forward to this backend; for FullNAT, from this source pair (else
-    /// zeros).
-    Backend(Backend, (u32, u16)),
+    /// Forward to this backend.
+    Backend(Chosen),
     /// The service has no backend that takes new flows.
     None,
     /// A new FullNAT flow found no free source pair.
@@ -1025,6 +1050,42 @@ pub fn client_owner(addr: u32, port: u16, protocol: u8, workers: u16) -> u16 {
 #[inline(always)]
 fn tunnel_spread(addr: u32, port: u16) -> u32 {
     ((((u64::from(addr) << 16) ^ u64::from(port)).wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 32) as u32
+}
+
+/// DSR: decrements the inner TTL and encapsulates the packet in IPIP to
+/// `backend` (see [`encapsulate`]). Out of line, so that the nat path stays
+/// compact.
+#[inline(never)]
+fn dsr_encapsulate(
+    p: &mut RxPacket<'_>,
+    snap: &Snapshot,
+    backend: &Backend,
+    source_mask: u32,
+    mac: EthernetAddress,
+    t: Tuple,
+    total: usize,
+) -> Result<(), DropReason> {
+    let Ok(total_len) = u16::try_from(total + ipv4::MIN_HEADER_LEN) else {
+        return Err(DropReason::Unsupported);
+    };
+    if p.start < ipv4::MIN_HEADER_LEN {
+        return Err(DropReason::NoHeadroom);
+    }
+    let mut ip = ipv4::Packet::new_unchecked(&mut p.buf[p.start + ethernet::HEADER_LEN..]);
+    ip.set_ttl(t.ttl - 1);
+    let outer = ipv4::Header {
+        tos: ip.tos(),
+        total_len,
+        dont_frag: ip.dont_frag(),
+        ttl: ORIGIN_TTL,
+        protocol: ipv4::protocol::IPIP,
+        src: backend.tunnel_src | (tunnel_spread(t.src, t.sport) & source_mask),
+        dst: backend.addr,
+    };
+    let port_mac = snap.ports().get(usize::from(backend.next_hop.port)).map_or(EthernetAddress::default(), |p| p.mac);
+    let done = encapsulate(p, &outer, mac, port_mac);
+    debug_assert!(done, "headroom checked above");
+    Ok(())
 }
 
 /// Prepends an Ethernet header and the outer IPv4 header `outer` in front of

@@ -431,6 +431,16 @@ pub struct Snapshot {
     source_pools: Vec<SourcePoolSpec>,
     /// Source pool address -> (pool index, address index in the pool).
     pool_addresses: HashMap<u32, (u16, u16), RandomState>,
+    /// One bit per [`filter_bit`] of every pool address: most packets that
+    /// are not for a pool address are told so by one load and a mask,
+    /// without a hash lookup.
+    pool_filter: [u64; 4],
+}
+
+/// The bit of `addr` in a 256-bit address filter.
+#[inline(always)]
+fn filter_bit(addr: u32) -> usize {
+    (addr.wrapping_mul(0x9E37_79B1) >> 24) as usize
 }
 
 fn ip4(a: u32) -> std::net::Ipv4Addr {
@@ -619,6 +629,10 @@ impl Snapshot {
             next_hops,
             static_neighbours,
             source_pools: spec.source_pools.clone(),
+            pool_filter: pool_addresses.keys().fold([0u64; 4], |mut f, &a| {
+                f[filter_bit(a) / 64] |= 1 << (filter_bit(a) % 64);
+                f
+            }),
             pool_addresses,
         })
     }
@@ -688,7 +702,8 @@ impl Snapshot {
     /// If `addr` is a source pool address: (pool index, address index).
     #[inline]
     pub fn source_pool_address(&self, addr: u32) -> Option<(u16, u16)> {
-        if self.pool_addresses.is_empty() {
+        let bit = filter_bit(addr);
+        if self.pool_filter[bit / 64] & (1 << (bit % 64)) == 0 {
             return None;
         }
         self.pool_addresses.get(&addr).copied()
