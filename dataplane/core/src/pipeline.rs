@@ -626,7 +626,7 @@ impl Pipeline {
                         }
                         Mode::Dsr { source_mask } => {
                             let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                            if let Err(reason) = dsr_encapsulate(p, snap, &backend, source_mask, mac, t, total) {
+                            if let Err(reason) = dsr_encapsulate(p, snap, backend, source_mask, mac, t, total) {
                                 return Verdict::Drop(reason);
                             }
                         }
