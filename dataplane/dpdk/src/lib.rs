@@ -14,6 +14,7 @@ mod eal;
 mod error;
 mod mempool;
 mod port;
+pub mod rcu;
 mod worker;
 
 pub use dataplane::{Dataplane, DataplaneConfig, PortConfig, PortView, ShutdownReport, WorkerView};
