@@ -1,7 +1,8 @@
 //! vipgated as a process, without namespaces: it stops cleanly on SIGINT
-//! as well as SIGTERM, and a configuration error stops it before EAL starts
+//! as well as SIGTERM, a configuration error stops it before EAL starts
 //! (nothing is created in /var/run/dpdk, the exit code is 2, and the
-//! message names file, line and field).
+//! message names file, line and field), and SIGHUP reloads the
+//! configuration file, or refuses it and keeps running.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -109,10 +110,12 @@ fn daemon_refuses_a_bad_config_before_eal_starts() {
 }
 
 /// Spawns vipgated on a fresh config; returns (child, socket, dir, prefix).
-fn spawn(
-    tag: &str,
-    socket_override: Option<&Path>,
-) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
+fn spawn(tag: &str, socket_override: Option<&Path>) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
+    spawn_logging(tag, socket_override, Stdio::piped())
+}
+
+/// [`spawn`], with vipgated's stderr (its log) sent to `log`.
+fn spawn_logging(tag: &str, socket_override: Option<&Path>, log: Stdio) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
     let huge = use_hugepages();
     let prefix = format!("vg{tag}{}", std::process::id());
     let dir = std::env::temp_dir().join(&prefix);
@@ -125,7 +128,7 @@ fn spawn(
         .arg(&path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .spawn()
         .unwrap();
     (child, socket, dir, prefix)
@@ -192,4 +195,171 @@ fn a_second_daemon_on_a_live_socket_fails_before_eal() {
     assert!(!second_started_eal, "the second daemon created an EAL runtime directory");
     assert!(still_serving.status.success(), "the first daemon stopped serving");
     assert!(first_exit.success());
+}
+
+/// A daemon started for a reload test, its log in a file that can be read
+/// while it runs. Dropping it kills the daemon and removes its files.
+struct Reloading {
+    child: Option<std::process::Child>,
+    socket: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    prefix: String,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Reloading {
+    /// Starts vipgated and waits until its API answers.
+    fn start(tag: &str) -> Reloading {
+        require_root();
+        let log = std::env::temp_dir().join(format!("vg{tag}{}.log", std::process::id()));
+        let file = std::fs::File::create(&log).unwrap();
+        let (child, socket, dir, prefix) = spawn_logging(tag, None, Stdio::from(file));
+        let config = dir.join("vipgated.toml");
+        let mut d = Reloading { child: Some(child), socket, dir, prefix, config, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !d.health() {
+            assert!(Instant::now() < deadline, "vipgated API did not come up:\n{}", d.log_text());
+            assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none(), "vipgated exited early:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn health(&self) -> bool {
+        Command::new(workspace_bin("vipgatectl")).arg("--socket").arg(&self.socket).arg("health").output().unwrap().status.success()
+    }
+
+    /// The configuration file as it was written at start.
+    fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).unwrap()
+    }
+
+    /// Replaces the configuration file, sends SIGHUP and waits for the
+    /// `n`th reload outcome (a line with `configuration reloaded` or `reload
+    /// refused`) in the log; returns that line.
+    fn reload(&mut self, text: &str, n: usize) -> String {
+        std::fs::write(&self.config, text).unwrap();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log_text();
+            let outcomes: Vec<&str> =
+                log.lines().filter(|l| l.contains("configuration reloaded") || l.contains("reload refused")).collect();
+            if let Some(line) = outcomes.get(n - 1) {
+                return (*line).to_owned();
+            }
+            assert!(Instant::now() < deadline, "no outcome for reload {n} within 20 s:\n{log}");
+            assert!(self.child.as_mut().unwrap().try_wait().unwrap().is_none(), "vipgated exited on SIGHUP:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then checks a clean exit with every mbuf back and nothing
+    /// left behind; returns the whole log.
+    fn stop(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        let log = self.log_text();
+        let runtime_dir_left = Path::new("/var/run/dpdk").join(&self.prefix).exists();
+        assert!(status.success(), "exit {status:?}:\n{log}");
+        assert!(log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"), "{log}");
+        assert!(!runtime_dir_left, "EAL runtime directory left behind:\n{log}");
+        assert!(!self.socket.exists(), "API socket left behind");
+        log
+    }
+}
+
+impl Drop for Reloading {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
+        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
+            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A second service, on another VIP.
+const DNS_SERVICE: &str = r#"
+[[services]]
+name = "dns"
+vip = "198.18.100.2"
+port = 53
+protocol = "udp"
+backends = [ { address = "198.18.1.12", port = 53 }, { address = "198.18.1.13", port = 53 } ]
+"#;
+
+#[test]
+fn sighup_applies_a_changed_service_set() {
+    let mut d = Reloading::start("hupok");
+    let original = d.config_text();
+    let line = d.reload(&(original.clone() + DNS_SERVICE), 1);
+    assert!(line.contains("configuration reloaded: generation 2, 2 services in "), "{line}");
+    let log = d.log_text();
+    assert!(log.contains("service=dns vip=198.18.100.2 port=53 protocol=\"udp\" backends=2"), "{log}");
+    assert!(d.health(), "the API stopped answering after the reload");
+    // And back: one service again, generation 3.
+    let line = d.reload(&original, 2);
+    assert!(line.contains("configuration reloaded: generation 3, 1 services in "), "{line}");
+    let log = d.stop();
+    assert!(!log.contains("reload refused"), "{log}");
+    println!("{}", log.lines().filter(|l| l.contains("reload") || l.contains("service")).collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
+fn sighup_with_an_invalid_file_is_refused_and_the_daemon_keeps_running() {
+    let mut d = Reloading::start("hupbad");
+    let original = d.config_text();
+    let bad = original.replace("port = 8080", "port = 80800");
+    // The same text `vipgated --check` prints for the file.
+    std::fs::write(&d.config, &bad).unwrap();
+    let check = Command::new(workspace_bin("vipgated")).arg("--config").arg(&d.config).arg("--check").output().unwrap();
+    assert_eq!(check.status.code(), Some(2));
+    let check_err = String::from_utf8_lossy(&check.stderr);
+    let reason = check_err.trim().strip_prefix("vipgated: configuration error: ").expect("--check's error text").to_owned();
+    assert_eq!(reason, format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", d.config.display()));
+
+    let line = d.reload(&bad, 1);
+    assert!(line.contains(&format!("reload refused: {reason}; the running configuration is kept")), "{line}");
+    assert!(d.health(), "the API stopped answering after a refused reload");
+    // The file fixed, the next SIGHUP applies it.
+    let line = d.reload(&(original + DNS_SERVICE), 2);
+    assert!(line.contains("configuration reloaded: generation 2, 2 services"), "{line}");
+    let log = d.stop();
+    println!("{}", log.lines().filter(|l| l.contains("reload")).collect::<Vec<_>>().join("\n"));
+}
+
+#[test]
+fn sighup_with_a_changed_port_device_is_refused_naming_the_field() {
+    let mut d = Reloading::start("hupdev");
+    let original = d.config_text();
+    let from = format!("net_null{}a,no-rx=1", d.prefix);
+    let to = format!("net_null{}c,no-rx=1", d.prefix);
+    assert!(original.contains(&from));
+    let line = d.reload(&original.replace(&from, &to), 1);
+    let want = format!("reload refused: ports[0].device changed from \"{from}\" to \"{to}\"; restart vipgated to change it");
+    assert!(line.contains(&want), "wanted {want:?} in {line:?}");
+    // A service change together with a fixed one is refused as a whole.
+    let line = d.reload(&(original.replace("idle_sleep_us = 50", "idle_sleep_us = 10") + DNS_SERVICE), 2);
+    assert!(line.contains("reload refused: dataplane.idle_sleep_us changed from 50 to 10; restart vipgated to change it"), "{line}");
+    assert!(d.health());
+    let log = d.stop();
+    assert!(!log.contains("configuration reloaded"), "{log}");
+    assert!(!log.contains("service=dns"), "the refused file's service was applied:\n{log}");
+    println!("{}", log.lines().filter(|l| l.contains("reload")).collect::<Vec<_>>().join("\n"));
 }

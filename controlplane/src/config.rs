@@ -1,9 +1,10 @@
 //! vipgated's configuration file: parsing, validation and what it compiles to.
 //!
-//! Owns: the TOML schema, every check an operator's mistake can fail, and
-//! the translation into EAL arguments, dataplane settings and a snapshot
-//! description. Everything is validated before EAL starts, and every error
-//! names the file, the line and the field. Must not touch DPDK.
+//! Owns: the TOML schema, every check an operator's mistake can fail, the
+//! translation into EAL arguments, dataplane settings and a snapshot
+//! description, and which settings a reload may change. Everything is
+//! validated before EAL starts, and every error names the file, the line
+//! and the field. Must not touch DPDK.
 //!
 //! The reference for every key is `docs/configuration.md`.
 
@@ -320,6 +321,23 @@ pub struct Config {
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
+    /// Every setting a reload may not change, as (field, value) in file
+    /// order: `[eal]`, `[dataplane]`, `[api]`, then `[[ports]]`.
+    fixed: Vec<(String, String)>,
+}
+
+/// A reload that would change a setting only a restart can change: the
+/// first such field, with its running and its new value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} changed from {from} to {to}")]
+pub struct RestartRequired {
+    /// Path of the field, such as `ports[0].device` (or `ports` when the
+    /// number of ports changed).
+    pub field: String,
+    /// The running value, written as in the file (strings quoted).
+    pub from: String,
+    /// The value in the new file.
+    pub to: String,
 }
 
 impl Config {
@@ -354,6 +372,22 @@ impl Config {
     /// Ports, as configured (MACs are zero here).
     pub fn ports(&self) -> &[PortSpec] {
         &self.spec.ports
+    }
+
+    /// Whether a running gateway can switch from `self` to `new` without a
+    /// restart: services (with their backends), routes and neighbours may
+    /// change; `[eal]`, `[dataplane]`, `[api]` and `[[ports]]` may not.
+    /// Returns the first of those fields that differs. Values are compared
+    /// as validated (defaults filled in), so writing out a default is no
+    /// change.
+    pub fn restart_required(&self, new: &Config) -> Option<RestartRequired> {
+        // Field names line up until the number of ports, which comes before
+        // the ports' own fields.
+        self.fixed.iter().zip(&new.fixed).find(|(a, b)| a != b).map(|((field, from), (_, to))| RestartRequired {
+            field: field.clone(),
+            from: from.clone(),
+            to: to.clone(),
+        })
     }
 }
 
@@ -929,16 +963,56 @@ impl Validator<'_> {
                 flow_timeouts,
             },
         };
-        Ok(Config {
-            path: self.file.to_owned(),
-            lcores,
-            eal_args,
-            dataplane,
-            devices,
-            api_socket: raw.api.socket,
-            spec,
-        })
+        let fixed = fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices);
+        Ok(Config { path: self.file.to_owned(), lcores, eal_args, dataplane, devices, api_socket: raw.api.socket, spec, fixed })
     }
+}
+
+/// The settings only a restart can change, as (field, value) in file order,
+/// values written as in TOML. See [`Config::restart_required`].
+fn fixed_settings(
+    eal: &RawEal,
+    lcores: &[u32],
+    cpus: &[Option<u32>],
+    dp: &RawDataplane,
+    socket: &Path,
+    ports: &[PortSpec],
+    devices: &[Device],
+) -> Vec<(String, String)> {
+    let lcores: Vec<String> =
+        lcores.iter().zip(cpus).map(|(l, c)| c.map_or_else(|| l.to_string(), |c| format!("{l}@{c}"))).collect();
+    let t = &dp.timeouts;
+    let mut fixed = vec![
+        ("eal.lcores".to_owned(), format!("{:?}", lcores.join(","))),
+        ("eal.hugepages".to_owned(), eal.hugepages.to_string()),
+        ("eal.huge_unlink".to_owned(), eal.huge_unlink.to_string()),
+        ("eal.memory_mb".to_owned(), eal.memory_mb.as_ref().map_or_else(|| "(not set)".to_owned(), |m| m.get_ref().to_string())),
+        ("eal.file_prefix".to_owned(), format!("{:?}", eal.file_prefix.get_ref())),
+        ("eal.extra_args".to_owned(), format!("{:?}", eal.extra_args)),
+        ("dataplane.mbufs".to_owned(), dp.mbufs.get_ref().to_string()),
+        ("dataplane.mbuf_cache".to_owned(), dp.mbuf_cache.get_ref().to_string()),
+        ("dataplane.idle_sleep_us".to_owned(), dp.idle_sleep_us.to_string()),
+        ("dataplane.neighbour_capacity".to_owned(), dp.neighbour_capacity.get_ref().to_string()),
+        ("dataplane.flow_capacity".to_owned(), dp.flow_capacity.get_ref().to_string()),
+        ("dataplane.timeouts.tcp_syn".to_owned(), t.tcp_syn.get_ref().to_string()),
+        ("dataplane.timeouts.tcp_established".to_owned(), t.tcp_established.get_ref().to_string()),
+        ("dataplane.timeouts.tcp_closing".to_owned(), t.tcp_closing.get_ref().to_string()),
+        ("dataplane.timeouts.tcp_reset".to_owned(), t.tcp_reset.get_ref().to_string()),
+        ("dataplane.timeouts.udp".to_owned(), t.udp.get_ref().to_string()),
+        ("api.socket".to_owned(), format!("{:?}", socket.display().to_string())),
+        ("ports".to_owned(), format!("{} port{}", ports.len(), if ports.len() == 1 { "" } else { "s" })),
+    ];
+    for (i, (p, d)) in ports.iter().zip(devices).enumerate() {
+        let device = match d {
+            Device::Virtual { args, .. } => args,
+            Device::Pci { address } => address,
+        };
+        let addresses: Vec<String> = p.addresses.iter().map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).collect();
+        fixed.push((format!("ports[{i}].name"), format!("{:?}", p.name)));
+        fixed.push((format!("ports[{i}].device"), format!("{device:?}")));
+        fixed.push((format!("ports[{i}].addresses"), format!("{addresses:?}")));
+    }
+    fixed
 }
 
 /// Parses an EAL lcore list such as `0,1`, `0-3` or `0,2-3`, where an

@@ -1,15 +1,17 @@
-//! The running daemon: EAL and dataplane start-up, the API, and an orderly
-//! shutdown on SIGINT or SIGTERM.
+//! The running daemon: EAL and dataplane start-up, the API, configuration
+//! reloads on SIGHUP, and an orderly shutdown on SIGINT or SIGTERM.
 //!
-//! Owns: the order of start-up and shutdown. The main lcore (the thread that
-//! initialised EAL) runs a current-thread tokio runtime for the control
-//! plane; workers run on the other lcores.
+//! Owns: the order of start-up and shutdown, and what a reload may change.
+//! The main lcore (the thread that initialised EAL) runs a current-thread
+//! tokio runtime for the control plane; workers run on the other lcores.
 
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
 use std::sync::Arc;
-use tracing::{error, info};
+use std::time::Instant;
+use tracing::{error, info, warn};
 use vipgate_dataplane::snapshot::{Snapshot, SnapshotError};
+use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DpdkError, Eal, Mempool, ShutdownReport};
 
 /// Why the daemon stopped with an error.
@@ -65,12 +67,15 @@ impl GatewayView for DaemonView {
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts it down and checks
-/// that every mbuf came back.
+/// that every mbuf came back. Each SIGHUP meanwhile reloads the
+/// configuration file: services, routes and neighbours may change, nothing
+/// else (see [`Config::restart_required`]).
 ///
 /// Order: the control-plane runtime, the signal handlers and the API socket
 /// come first, so a second daemon on the same socket fails before touching
-/// DPDK, and a signal during start-up stops the daemon cleanly as soon as it
-/// is up. Then EAL, ports and workers; then the API is served.
+/// DPDK, and a signal during start-up stops (or, SIGHUP, reloads) the daemon
+/// as soon as it is up. Then EAL, ports and workers; then the API is served,
+/// and reloads run beside it on the same runtime.
 pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // A current-thread runtime creates no threads: it runs on this thread,
     // which EAL makes the main lcore below.
@@ -90,24 +95,32 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     }
     let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
     let snapshot = Snapshot::build(&config.snapshot_spec(&macs))?;
-    for s in snapshot.services() {
-        info!(
-            service = %s.name,
-            vip = %std::net::Ipv4Addr::from(s.vip),
-            port = s.port,
-            protocol = s.protocol.name(),
-            backends = s.backends.len(),
-            table_size = s.maglev.size(),
-            "service"
-        );
-    }
+    log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
-    let view =
-        Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
-    let served = rt.block_on(api::serve_bound(socket, view, signals.wait())).map_err(DaemonError::from);
+    let view = Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let Signals { stop, mut hup } = signals;
+    let mut reloader = Reloader { running: config.clone(), macs, generation: 1 };
+    let served = rt
+        .block_on(async {
+            // Two futures on one thread: the API, which ends on SIGINT or
+            // SIGTERM, and the reloads, which never end. `select!` polls
+            // both, so the API keeps answering while a reload waits for the
+            // workers.
+            let reloads = async {
+                while hup.recv().await.is_some() {
+                    reloader.reload(&dataplane).await;
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                served = api::serve_bound(socket, view, stop.wait()) => served,
+                () = reloads => unreachable!("the reload loop never ends"),
+            }
+        })
+        .map_err(DaemonError::from);
     drop(rt);
     if let Err(e) = &served {
         error!("{e}; shutting down");
@@ -130,10 +143,93 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     Ok(report)
 }
 
-/// SIGINT and SIGTERM handlers. Installed before anything else starts, so a
-/// signal that arrives during start-up is kept and acted on once the daemon
-/// is up, rather than killing it half-initialised.
+/// Logs each service of a snapshot, one line each.
+fn log_services(snapshot: &Snapshot) {
+    for s in snapshot.services() {
+        info!(
+            service = %s.name,
+            vip = %std::net::Ipv4Addr::from(s.vip),
+            port = s.port,
+            protocol = s.protocol.name(),
+            backends = s.backends.len(),
+            table_size = s.maglev.size(),
+            "service"
+        );
+    }
+}
+
+/// Applies the configuration file again on SIGHUP. Only services (and their
+/// backends), routes and neighbours may change at runtime: they make up the
+/// snapshot, which is published to the running workers. Anything else
+/// (`[eal]`, `[dataplane]`, `[api]`, `[[ports]]`) is fixed when the daemon
+/// starts; a file that changes it, or that is not valid, is refused and the
+/// running configuration is kept.
+struct Reloader {
+    /// The configuration in force, which a reload is compared with.
+    running: Config,
+    /// The ports' MAC addresses, in port order.
+    macs: Vec<EthernetAddress>,
+    /// 1 for the configuration the daemon started with, plus one per
+    /// applied reload.
+    generation: u64,
+}
+
+impl Reloader {
+    /// Reads `running.path` again and, if it is valid and changes only what
+    /// may change, publishes its snapshot. Logs the outcome; never fails.
+    ///
+    /// Reading the file and compiling the snapshot run on the runtime's
+    /// thread (a few milliseconds); waiting for the workers to leave the old
+    /// snapshot yields to the runtime.
+    async fn reload(&mut self, dataplane: &Dataplane) {
+        let start = Instant::now();
+        let path = self.running.path.clone();
+        info!(path = %path.display(), "SIGHUP: reloading the configuration");
+        let new = match Config::load(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                error!("reload refused: {e}; the running configuration is kept");
+                return;
+            }
+        };
+        if let Some(change) = self.running.restart_required(&new) {
+            error!("reload refused: {change}; restart vipgated to change it");
+            return;
+        }
+        let snapshot = match Snapshot::build(&new.snapshot_spec(&self.macs)) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("reload refused: cannot compile the forwarding state: {e}; the running configuration is kept");
+                return;
+            }
+        };
+        log_services(&snapshot);
+        let services = snapshot.services().len();
+        let published = dataplane.publish_async(snapshot).await;
+        // Published even if a worker stalled: the new state is in force.
+        self.running = new;
+        self.generation += 1;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        match published {
+            Ok(()) => info!("configuration reloaded: generation {}, {services} services in {ms:.1} ms", self.generation),
+            Err(e) => warn!("configuration reloaded: generation {}, {services} services in {ms:.1} ms; but {e}", self.generation),
+        }
+    }
+}
+
+/// The signal handlers: SIGINT and SIGTERM stop the daemon, SIGHUP reloads
+/// its configuration. Installed before anything else starts, so a signal
+/// that arrives during start-up is kept and acted on once the daemon is up,
+/// rather than killing it half-initialised (SIGHUP's default action would).
 struct Signals {
+    /// SIGINT and SIGTERM, which end the API future.
+    stop: StopSignals,
+    /// SIGHUP, which the reload loop waits on.
+    hup: tokio::signal::unix::Signal,
+}
+
+/// SIGINT and SIGTERM.
+struct StopSignals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
 }
@@ -142,9 +238,14 @@ impl Signals {
     /// Installs the handlers; must run inside the runtime.
     fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+        Ok(Signals {
+            stop: StopSignals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? },
+            hup: signal(SignalKind::hangup())?,
+        })
     }
+}
 
+impl StopSignals {
     /// Resolves on the first SIGINT or SIGTERM.
     async fn wait(mut self) {
         let name = tokio::select! {

@@ -474,3 +474,50 @@ fn bad_modes_and_pools_name_line_field_and_reason() {
         }
     }
 }
+
+/// What `restart_required` says when GOOD is edited into `edited`.
+fn restart_required(edited: &str) -> Option<String> {
+    parse(GOOD).unwrap().restart_required(&parse(edited).unwrap()).map(|r| r.to_string())
+}
+
+#[test]
+fn services_routes_and_neighbours_may_change_without_a_restart() {
+    assert_eq!(restart_required(GOOD), None);
+    let edited = GOOD
+        .replace("{ address = \"198.18.1.12\", port = 8080, weight = 3 },", "{ address = \"198.18.1.13\", port = 8081, weight = 0 },")
+        .replace("prefix = \"198.19.0.0/16\"", "prefix = \"198.20.0.0/16\"")
+        .replace("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01:0c\"")
+        .replace("table_size = 251", "table_size = 257")
+        + "\n[[services]]\nname = \"new\"\nvip = \"198.18.100.2\"\nport = 443\nprotocol = \"tcp\"\n";
+    assert_eq!(parse(&edited).unwrap().services().len(), 3);
+    assert_eq!(restart_required(&edited), None);
+    // Writing out a default, or the same lcores another way, is no change.
+    let spelled_out = GOOD.replace("idle_sleep_us = 20", "idle_sleep_us = 20\nmbufs = 16383\nmbuf_cache = 256").replace("\"0,1\"", "\"0-1\"");
+    assert_eq!(restart_required(&spelled_out), None);
+}
+
+#[test]
+fn eal_dataplane_api_and_ports_need_a_restart_and_the_first_change_is_named() {
+    for (from, to, want) in [
+        ("lcores = \"0,1\"", "lcores = \"0,2\"", "eal.lcores changed from \"0,1\" to \"0,2\""),
+        ("hugepages = false", "hugepages = true", "eal.hugepages changed from false to true"),
+        ("file_prefix = \"vgtest\"", "file_prefix = \"vgtest2\"\nmemory_mb = 512", "eal.memory_mb changed from (not set) to 512"),
+        ("flow_capacity = 65536", "flow_capacity = 131072", "dataplane.flow_capacity changed from 65536 to 131072"),
+        ("udp = 60", "udp = 61", "dataplane.timeouts.udp changed from 60 to 61"),
+        ("idle_sleep_us = 20", "idle_sleep_us = 0", "dataplane.idle_sleep_us changed from 20 to 0"),
+        ("test.sock", "other.sock", "api.socket changed from \"/run/vipgate/test.sock\" to \"/run/vipgate/other.sock\""),
+        ("name = \"client\"", "name = \"clients\"", "ports[0].name changed from \"client\" to \"clients\""),
+        ("iface=vgt-c", "iface=vgt-x", "ports[0].device changed from \"net_tap0,iface=vgt-c\" to \"net_tap0,iface=vgt-x\""),
+        ("\"0000:03:00.1\"", "\"03:00.0\"", "ports[1].device changed from \"0000:03:00.1\" to \"0000:03:00.0\""),
+        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/24\", \"198.18.2.1/24\"]", "ports[1].addresses changed from [\"198.18.1.1/24\"] to [\"198.18.1.1/24\", \"198.18.2.1/24\"]"),
+    ] {
+        assert!(GOOD.contains(from), "{from}");
+        let edited = GOOD.replacen(from, to, 1);
+        assert_eq!(restart_required(&edited).as_deref(), Some(want), "editing {from:?} into {to:?}");
+    }
+    let third = GOOD.to_owned() + "\n[[ports]]\nname = \"third\"\ndevice = \"net_null0\"\naddresses = [\"198.18.9.1/24\"]\n";
+    assert_eq!(restart_required(&third).as_deref(), Some("ports changed from 2 ports to 3 ports"));
+    // Several changes: the first in file order is named.
+    let both = GOOD.replace("iface=vgt-c", "iface=vgt-x").replace("flow_capacity = 65536", "flow_capacity = 131072");
+    assert_eq!(restart_required(&both).as_deref(), Some("dataplane.flow_capacity changed from 65536 to 131072"));
+}

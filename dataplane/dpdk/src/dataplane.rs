@@ -1,15 +1,17 @@
-//! The dataplane's lifecycle: open ports, launch workers, shut down and
-//! account for every mbuf.
+//! The dataplane's lifecycle: open ports, launch workers, publish new
+//! snapshots to them, shut down and account for every mbuf.
 
 use crate::eal::Eal;
 use crate::error::{DpdkError, strerror};
 use crate::handoff::Handoff;
 use crate::mempool::Mempool;
 use crate::port::{Port, PortStats};
+use crate::rcu::{Publisher, Stalled};
 use crate::worker::{WorkerSetup, worker_main};
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::pipeline::{PipelineConfig, neighbour_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
@@ -94,7 +96,8 @@ impl ShutdownReport {
     }
 }
 
-/// The running dataplane. Owns EAL, the pool, the ports and the workers.
+/// The running dataplane. Owns EAL, the pool, the ports, the workers and
+/// the snapshot they read.
 #[derive(Debug)]
 pub struct Dataplane {
     workers: Vec<WorkerView>,
@@ -102,6 +105,10 @@ pub struct Dataplane {
     pool: Option<Arc<Mempool>>,
     /// Rings between workers; drained after they stop, before the pool goes.
     handoff: Option<Handoff>,
+    /// The workers' snapshot, from launch on. Workers hold its readers; it
+    /// outlives them (workers stop in `stop_workers`, before fields drop),
+    /// so every snapshot is dropped on the control plane's thread.
+    snapshots: Option<Publisher<Snapshot>>,
     stop: Arc<AtomicBool>,
     launched: bool,
     in_use_at_start: u32,
@@ -112,6 +119,12 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
+    /// How long [`Dataplane::publish`] and [`Dataplane::publish_async`]
+    /// wait for every worker to pass a quiescent state. A running worker
+    /// passes one per loop iteration (microseconds, a few milliseconds
+    /// with housekeeping); a sleeping one does not hold up publication.
+    pub const GRACE_TIMEOUT: Duration = Duration::from_secs(1);
+
     /// Creates the pool and starts every port with one queue per worker
     /// lcore. Workers are not running yet: see [`Dataplane::launch`].
     pub fn open(eal: Eal, config: &DataplaneConfig) -> Result<Dataplane, DpdkError> {
@@ -126,6 +139,7 @@ impl Dataplane {
             ports: Vec::with_capacity(config.ports.len()),
             pool: Some(pool),
             handoff: Some(Handoff::create(lcores.len())?),
+            snapshots: None,
             stop: Arc::new(AtomicBool::new(false)),
             launched: false,
             in_use_at_start,
@@ -163,8 +177,12 @@ impl Dataplane {
         &self.eal
     }
 
-    /// Starts one worker per worker lcore, all reading `snapshot`.
+    /// Starts one worker per worker lcore, all reading `snapshot` until
+    /// [`Dataplane::publish`] replaces it. Launches once.
     pub fn launch(&mut self, snapshot: Arc<Snapshot>) -> Result<(), DpdkError> {
+        if self.snapshots.is_some() {
+            return Err(DpdkError::AlreadyLaunched);
+        }
         let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
@@ -173,7 +191,9 @@ impl Dataplane {
         let inboxes = neighbour_inboxes(lcores.len());
         let workers = lcores.len();
         let handoff = self.handoff.as_ref().expect("rings exist until shutdown");
-        for (i, (lcore, counters)) in lcores.into_iter().enumerate() {
+        let (publisher, readers) = Publisher::new(snapshot, lcores.len());
+        self.snapshots = Some(publisher);
+        for ((i, (lcore, counters)), reader) in lcores.into_iter().enumerate().zip(readers) {
             let worker = Box::new(WorkerSetup {
                 index: i,
                 queue: i as u16,
@@ -181,7 +201,7 @@ impl Dataplane {
                 pipeline: self.pipeline,
                 counters,
                 inboxes: inboxes.clone(),
-                snapshot: Arc::clone(&snapshot),
+                snapshot: reader,
                 stop: Arc::clone(&self.stop),
                 pool,
                 idle_sleep_us: self.idle_sleep_us,
@@ -203,6 +223,43 @@ impl Dataplane {
             self.launched = true;
         }
         Ok(())
+    }
+
+    /// The snapshot the workers read now (`None` before launch). The `Arc`
+    /// is the control plane's own reference: holding it keeps that snapshot
+    /// alive after a publication replaces it, and it is dropped wherever the
+    /// caller drops it, never on a worker.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshots.as_ref().map(Publisher::current)
+    }
+
+    /// Replaces the workers' snapshot: each worker uses it from its next
+    /// loop iteration (within one burst). Blocks until every worker has
+    /// passed a quiescent state, at most [`Dataplane::GRACE_TIMEOUT`], then
+    /// drops the replaced snapshot on this thread.
+    ///
+    /// On [`DpdkError::Stalled`] the new snapshot is in place all the same;
+    /// only the old one is kept, until a later publication finds the
+    /// stalled workers past it.
+    pub fn publish(&self, snapshot: Snapshot) -> Result<(), DpdkError> {
+        let publisher = self.snapshots.as_ref().ok_or(DpdkError::NotLaunched)?;
+        let grace = publisher.publish(snapshot);
+        publisher.synchronize(grace, Self::GRACE_TIMEOUT).map_err(|e| self.stalled(e))
+    }
+
+    /// [`Dataplane::publish`] for the control plane's tokio runtime: waits
+    /// for the workers' quiescent states without blocking the runtime (it
+    /// yields, then sleeps on tokio's timer between polls).
+    pub async fn publish_async(&self, snapshot: Snapshot) -> Result<(), DpdkError> {
+        let publisher = self.snapshots.as_ref().ok_or(DpdkError::NotLaunched)?;
+        let grace = publisher.publish(snapshot);
+        publisher.synchronize_async(grace, Self::GRACE_TIMEOUT).await.map_err(|e| self.stalled(e))
+    }
+
+    /// Names the lcores of the readers a synchronisation waited for in vain.
+    fn stalled(&self, e: Stalled) -> DpdkError {
+        let lcores = e.readers.iter().filter_map(|&i| self.workers.get(i).map(|w| w.lcore)).collect();
+        DpdkError::Stalled { lcores, waited: e.waited }
     }
 
     fn stop_workers(&mut self) {

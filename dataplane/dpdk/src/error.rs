@@ -72,6 +72,24 @@ pub enum DpdkError {
         /// DPDK's error text.
         reason: String,
     },
+    /// Workers are already running.
+    #[error("the workers are already launched")]
+    AlreadyLaunched,
+    /// A snapshot was published before the workers were launched.
+    #[error("no snapshot to replace: the workers are not launched yet")]
+    NotLaunched,
+    /// Some workers did not pass a quiescent state in time after a new
+    /// snapshot was published. The new snapshot is in place; the old one is
+    /// kept until they pass one.
+    #[error(
+        "workers on lcores {lcores:?} did not pass a quiescent state within {waited:?}: they may still use the previous snapshot, which is kept until they do"
+    )]
+    Stalled {
+        /// The lcores of the stalled workers.
+        lcores: Vec<u32>,
+        /// How long the publication waited.
+        waited: std::time::Duration,
+    },
 }
 
 /// DPDK's text for an errno value (positive or negative).

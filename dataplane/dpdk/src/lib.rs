@@ -15,6 +15,7 @@ mod error;
 mod handoff;
 mod mempool;
 mod port;
+pub mod rcu;
 mod worker;
 
 pub use dataplane::{Dataplane, DataplaneConfig, PortConfig, PortView, ShutdownReport, WorkerView};

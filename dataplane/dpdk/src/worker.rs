@@ -1,11 +1,13 @@
 //! The worker loop: one per worker lcore, polling its queue on every port.
 //!
-//! Per iteration: one rx burst per port, then one burst from each hand-off
-//! ring (packets other workers received for flows this worker owns);
-//! prefetch the frames; hand the burst to the pipeline; free dropped mbufs
-//! in bulk; one tx burst per egress port; one enqueue per hand-off ring for
-//! packets whose flow another worker owns; send any ARP requests the
-//! pipeline asked for. Nothing here
+//! Per iteration: load the current snapshot (once; the whole iteration uses
+//! it); one rx burst per port, then one burst from each hand-off ring
+//! (packets other workers received for flows this worker owns); prefetch
+//! the frames; hand the burst to the pipeline; free dropped mbufs in bulk;
+//! one tx burst per egress port; one enqueue per hand-off ring for packets
+//! whose flow another worker owns; send any ARP requests the pipeline asked
+//! for; declare a quiescent state, after which the control plane may free a
+//! snapshot it replaced. Nothing here
 //! allocates, locks, logs or makes a system call while packets flow (an
 //! optional idle sleep happens only after many empty polls). DPDK is
 //! crossed once per burst (rx, free, tx), never per packet: prefetch hints
@@ -13,6 +15,7 @@
 
 use crate::BURST;
 use crate::handoff::Ring;
+use crate::rcu::Reader;
 use arrayvec::ArrayVec;
 use std::ffi::c_void;
 use std::ptr::null_mut;
@@ -43,7 +46,9 @@ pub(crate) struct WorkerSetup {
     pub(crate) pipeline: PipelineConfig,
     pub(crate) counters: Arc<WorkerCounters>,
     pub(crate) inboxes: Vec<Inbox>,
-    pub(crate) snapshot: Arc<Snapshot>,
+    /// This worker's reader of the published snapshot (offline until the
+    /// loop starts).
+    pub(crate) snapshot: Reader<Snapshot>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
@@ -61,7 +66,9 @@ pub(crate) struct WorkerSetup {
 unsafe impl Send for WorkerSetup {}
 
 impl WorkerSetup {
-    fn build(self) -> Worker {
+    /// The worker, and apart from it the snapshot reader its loop passes
+    /// around (a reference from the reader must not borrow the worker).
+    fn build(self) -> (Worker, Reader<Snapshot>) {
         let mut pipeline = Pipeline::new(self.pipeline, self.counters);
         pipeline.share_neighbours(&self.inboxes, self.index);
         pipeline.set_worker(self.index, self.workers);
@@ -75,11 +82,10 @@ impl WorkerSetup {
         for (addr, len) in pipeline.flow_memory() {
             advise_huge_pages(addr, len);
         }
-        Worker {
+        let worker = Worker {
             queue: self.queue,
             port_ids: self.port_ids,
             pipeline,
-            snapshot: self.snapshot,
             stop: self.stop,
             pool: self.pool,
             idle_sleep_us: self.idle_sleep_us,
@@ -87,7 +93,8 @@ impl WorkerSetup {
             outbound: self.outbound,
             inbound: self.inbound,
             dense_of,
-        }
+        };
+        (worker, self.snapshot)
     }
 }
 
@@ -120,7 +127,6 @@ pub(crate) struct Worker {
     /// DPDK port ids, indexed by dense port index.
     pub(crate) port_ids: Vec<u16>,
     pipeline: Pipeline,
-    pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
@@ -209,13 +215,18 @@ pub(crate) unsafe extern "C" fn worker_main(arg: *mut c_void) -> i32 {
     // SAFETY: per this function's contract, `arg` is a leaked
     // Box<WorkerSetup> that nobody else owns; it is reclaimed here.
     let setup = unsafe { Box::from_raw(arg as *mut WorkerSetup) };
-    let mut worker = setup.build();
-    worker.run();
+    let (mut worker, mut snapshot) = setup.build();
+    worker.run(&mut snapshot);
+    // Dropping the reader takes it offline: publications stop waiting for
+    // this worker.
     0
 }
 
 impl Worker {
-    fn run(&mut self) {
+    /// Polls until the stop flag is set. `snapshot` is loaded once per
+    /// iteration and declared quiescent at the end of each; it is offline
+    /// while the worker sleeps.
+    fn run(&mut self, snapshot: &mut Reader<Snapshot>) {
         let nports = self.port_ids.len();
         let mut rx: [*mut rte_mbuf; BURST] = [null_mut(); BURST];
         let mut tx: Vec<ArrayVec<*mut rte_mbuf, BURST>> = vec![ArrayVec::new(); nports];
@@ -227,10 +238,13 @@ impl Worker {
         let mut idle_polls = 0u32;
         let counters = Arc::clone(self.pipeline.counters());
 
+        snapshot.online();
         while !self.stop.load(Ordering::Relaxed) {
             let start = rdtsc();
+            // Valid until `quiescent` below; the borrow checker holds us to it.
+            let snap = snapshot.load();
             if start >= next_housekeeping {
-                self.pipeline.housekeeping(&self.snapshot, clock.ns(start));
+                self.pipeline.housekeeping(snap, clock.ns(start));
                 self.send_solicitations(&counters);
                 next_housekeeping = start + housekeeping_every;
             }
@@ -246,6 +260,7 @@ impl Worker {
                 }
                 received += n;
                 self.burst(
+                    snap,
                     Some(dense as u16),
                     &rx[..n],
                     clock.ns(start),
@@ -261,7 +276,7 @@ impl Worker {
                     continue;
                 }
                 received += n;
-                self.burst(None, &rx[..n], clock.ns(start), &mut verdicts, &mut tx, &mut handoff, &counters);
+                self.burst(snap, None, &rx[..n], clock.ns(start), &mut verdicts, &mut tx, &mut handoff, &counters);
             }
             if received > 0 {
                 counters.busy_polls.inc();
@@ -270,20 +285,29 @@ impl Worker {
             } else {
                 idle_polls = idle_polls.saturating_add(1);
                 if self.idle_sleep_us > 0 && idle_polls >= IDLE_POLLS_BEFORE_SLEEP {
+                    // Asleep, the worker holds no snapshot: publications
+                    // do not wait for it.
+                    snapshot.offline();
                     std::thread::sleep(std::time::Duration::from_micros(u64::from(self.idle_sleep_us)));
+                    snapshot.online();
                 } else {
                     std::hint::spin_loop();
                 }
             }
+            snapshot.quiescent();
         }
+        snapshot.offline();
     }
 
     /// Processes one burst: from the rx queue of port `ingress`, or (`None`)
     /// handed over by other workers, each carrying its ingress port id.
+    /// The snapshot comes from the loop's reader, which must not be borrowed
+    /// through `self`.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn burst(
         &mut self,
+        snapshot: &Snapshot,
         ingress: Option<u16>,
         mbufs: &[*mut rte_mbuf],
         now: u64,
@@ -324,10 +348,10 @@ impl Worker {
         if ingress.is_some() {
             counters.rx_packets.add(n as u64);
             counters.rx_bytes.add(bytes);
-            self.pipeline.process_with(&self.snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
+            self.pipeline.process_with(snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
         } else {
             counters.handoff_in.add(n as u64);
-            self.pipeline.process_handed_over(&self.snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
+            self.pipeline.process_handed_over(snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
         }
         let mut grown = [0u16; BURST];
         for (g, (p, &h)) in grown.iter_mut().zip(packets.iter().zip(headroom.iter())) {
