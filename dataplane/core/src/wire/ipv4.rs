@@ -48,13 +48,13 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
-    #[inline]
+    #[inline(always)]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline]
+    #[inline(always)]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -63,7 +63,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// Checks: buffer holds 20 bytes; version is 4; 20 <= header length <=
     /// total length <= buffer length.
-    #[inline]
+    #[inline(always)]
     pub fn check_len(&self) -> Result<()> {
         let b = self.buffer.as_ref();
         if b.len() < MIN_HEADER_LEN {
@@ -84,18 +84,19 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Header length in bytes (including options).
-    #[inline]
+    #[inline(always)]
     pub fn header_len(&self) -> usize {
         usize::from(self.buffer.as_ref()[field::VER_IHL] & 0x0f) * 4
     }
 
     /// Type of service / DSCP+ECN byte.
+    #[inline(always)]
     pub fn tos(&self) -> u8 {
         self.buffer.as_ref()[field::TOS]
     }
 
     /// Total length field.
-    #[inline]
+    #[inline(always)]
     pub fn total_len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::TOTAL_LEN)
     }
@@ -106,42 +107,43 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Don't-fragment flag.
+    #[inline(always)]
     pub fn dont_frag(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLAGS_FRAG) & 0x4000 != 0
     }
 
     /// True if this is a fragment (more-fragments set or a non-zero offset).
-    #[inline]
+    #[inline(always)]
     pub fn is_fragment(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLAGS_FRAG) & 0x3fff != 0
     }
 
     /// Time to live.
-    #[inline]
+    #[inline(always)]
     pub fn ttl(&self) -> u8 {
         self.buffer.as_ref()[field::TTL]
     }
 
     /// Protocol of the payload.
-    #[inline]
+    #[inline(always)]
     pub fn protocol(&self) -> u8 {
         self.buffer.as_ref()[field::PROTOCOL]
     }
 
     /// Header checksum field.
-    #[inline]
+    #[inline(always)]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// Source address (host byte order).
-    #[inline]
+    #[inline(always)]
     pub fn src_addr(&self) -> u32 {
         be32(self.buffer.as_ref(), field::SRC)
     }
 
     /// Destination address (host byte order).
-    #[inline]
+    #[inline(always)]
     pub fn dst_addr(&self) -> u32 {
         be32(self.buffer.as_ref(), field::DST)
     }
@@ -162,7 +164,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets the source address, updating the header checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_src_addr(&mut self, addr: u32) {
         let old = self.src_addr();
         let c = checksum::update32(self.checksum(), old, addr);
@@ -172,7 +174,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the destination address, updating the header checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_dst_addr(&mut self, addr: u32) {
         let old = self.dst_addr();
         let c = checksum::update32(self.checksum(), old, addr);
@@ -182,7 +184,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the TTL, updating the header checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_ttl(&mut self, ttl: u8) {
         let b = self.buffer.as_mut();
         let old = be16(b, field::TTL_PROTO);

@@ -40,13 +40,13 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
-    #[inline]
+    #[inline(always)]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline]
+    #[inline(always)]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -54,7 +54,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks the buffer holds the fixed header and the data offset is sane.
-    #[inline]
+    #[inline(always)]
     pub fn check_len(&self) -> Result<()> {
         let b = self.buffer.as_ref();
         if b.len() < MIN_HEADER_LEN {
@@ -71,13 +71,13 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Source port.
-    #[inline]
+    #[inline(always)]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// Destination port.
-    #[inline]
+    #[inline(always)]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
@@ -93,13 +93,13 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Header length from the data offset, in bytes.
-    #[inline]
+    #[inline(always)]
     pub fn header_len(&self) -> usize {
         usize::from(self.buffer.as_ref()[field::OFF_FLAGS.start] >> 4) * 4
     }
 
     /// Flag bits (see [`flags`]).
-    #[inline]
+    #[inline(always)]
     pub fn flags(&self) -> u16 {
         be16(self.buffer.as_ref(), field::OFF_FLAGS) & 0x01ff
     }
@@ -110,7 +110,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checksum field.
-    #[inline]
+    #[inline(always)]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
@@ -129,7 +129,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets the source port, updating the checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_src_port(&mut self, port: u16) {
         let c = checksum::update16(self.checksum(), self.src_port(), port);
         let b = self.buffer.as_mut();
@@ -138,7 +138,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the destination port, updating the checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_dst_port(&mut self, port: u16) {
         let c = checksum::update16(self.checksum(), self.dst_port(), port);
         let b = self.buffer.as_mut();
@@ -148,7 +148,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
     /// Updates the checksum for a pseudo-header address change (NAT of the
     /// enclosing IPv4 header).
-    #[inline]
+    #[inline(always)]
     pub fn update_checksum_for_addr(&mut self, old: u32, new: u32) {
         let c = checksum::update32(self.checksum(), old, new);
         set_be16(self.buffer.as_mut(), field::CHECKSUM, c);

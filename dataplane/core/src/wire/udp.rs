@@ -23,13 +23,13 @@ pub struct Packet<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Wraps a buffer without checks.
-    #[inline]
+    #[inline(always)]
     pub fn new_unchecked(buffer: T) -> Self {
         Packet { buffer }
     }
 
     /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline]
+    #[inline(always)]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -37,7 +37,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks: 8 <= length field <= buffer length.
-    #[inline]
+    #[inline(always)]
     pub fn check_len(&self) -> Result<()> {
         let b = self.buffer.as_ref();
         if b.len() < HEADER_LEN {
@@ -54,19 +54,19 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Source port.
-    #[inline]
+    #[inline(always)]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// Destination port.
-    #[inline]
+    #[inline(always)]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
 
     /// Length field (header and payload).
-    #[inline]
+    #[inline(always)]
     pub fn len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::LENGTH)
     }
@@ -77,7 +77,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checksum field (0: none).
-    #[inline]
+    #[inline(always)]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
@@ -116,21 +116,21 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the source port, updating the checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_src_port(&mut self, port: u16) {
         self.patch16(self.src_port(), port);
         set_be16(self.buffer.as_mut(), field::SRC_PORT, port);
     }
 
     /// Sets the destination port, updating the checksum.
-    #[inline]
+    #[inline(always)]
     pub fn set_dst_port(&mut self, port: u16) {
         self.patch16(self.dst_port(), port);
         set_be16(self.buffer.as_mut(), field::DST_PORT, port);
     }
 
     /// Updates the checksum for a pseudo-header address change.
-    #[inline]
+    #[inline(always)]
     pub fn update_checksum_for_addr(&mut self, old: u32, new: u32) {
         let c = self.checksum();
         if c != 0 {
