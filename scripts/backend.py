@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""A test backend for vipgate's rig: HTTP and UDP on one address.
+"""A test backend for vipgate's rig: HTTP and UDP on one or more addresses.
 
-    backend.py --name NAME --bind ADDR [--http-port 8080] [--udp-port 5353]
-               [--pid-file FILE] [--access-log FILE]
+    backend.py --name NAME --bind ADDR [--bind ADDR ...]
+               [--http-port 8080] [--udp-port 5353]
+               [--pid-file FILE] [--access-log FILE] [--ipip-decap TUNDEV]
+
+Each --bind address gets its own HTTP listener and UDP socket (a DSR
+backend binds its own address and the VIP it holds on lo: a UDP reply then
+leaves from the address the request came to, the VIP, as the client expects).
 
 HTTP (HTTP/1.1, keep-alive, one thread per connection):
   GET  /            200 "backend NAME\\n", header X-Backend: NAME
@@ -19,19 +24,29 @@ pattern does not line up with packet or buffer sizes. A client checks a
 transfer by comparing the sha256 of what it got with the sha256 of
 bytes(i % 251 for i in range(N)).
 
-UDP: every datagram is answered with b"NAME " + datagram, to its sender.
+UDP: every datagram is answered with b"NAME " + datagram, to its sender,
+from the socket (and so the address) it arrived on.
 
-SIGTERM or SIGINT: stop both servers, remove the pid file, exit 0.
+--ipip-decap TUNDEV: a user-space stand-in for the kernel's IPIP receive
+path (tunl0), for kernels built without CONFIG_NET_IPIP. A raw socket takes
+every IPIP packet addressed to this namespace (the kernel has already checked
+the outer header), strips the outer header and writes the inner packet to
+the existing TUN device TUNDEV (created by rig.sh with `ip tuntap add mode
+tun`), where the kernel receives it as it would on tunl0. Needs root.
+
+SIGTERM or SIGINT: stop every server, remove the pid file, exit 0.
 Python 3 standard library only. No per-request logging unless --access-log.
 """
 
 import argparse
+import fcntl
 import hashlib
 import http.server
 import ipaddress
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import urllib.parse
@@ -160,6 +175,66 @@ class HTTPServer(http.server.ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IPPROTO_IPIP = 4
+
+
+def open_decap(tun_dev):
+    """The raw IPIP socket and the TUN device's fd, or an error message."""
+    # TUNSETIFF would create a missing device rather than fail.
+    if not os.path.exists(f"/sys/class/net/{tun_dev}"):
+        return None, None, f"no device {tun_dev!r} here (create it with: ip tuntap add dev {tun_dev} mode tun)"
+    try:
+        tun = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as e:
+        return None, None, f"cannot open /dev/net/tun: {e}"
+    try:
+        fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", tun_dev.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError as e:
+        os.close(tun)
+        return None, None, f"cannot attach to TUN device {tun_dev!r} (create it with: ip tuntap add dev {tun_dev} mode tun): {e}"
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPIP)
+    except OSError as e:
+        os.close(tun)
+        return None, None, f"cannot open a raw IPIP socket: {e}"
+    # Room for a burst of tunnelled ACKs while this thread is not scheduled.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    raw.settimeout(0.5)
+    return raw, tun, None
+
+
+def serve_decap(raw, tun, name, stop):
+    """Outer IPv4 header off, inner IPv4 packet into the TUN device."""
+    bad = 0
+    while not stop.is_set():
+        try:
+            packet = raw.recv(65535)
+        except socket.timeout:
+            continue
+        except OSError:
+            if stop.is_set():
+                return
+            raise
+        ok = len(packet) >= 40 and packet[0] >> 4 == 4
+        if ok:
+            ihl = (packet[0] & 0x0F) * 4
+            outer_len = int.from_bytes(packet[2:4], "big")
+            inner = packet[ihl:outer_len]
+            ok = ihl >= 20 and outer_len <= len(packet) and len(inner) >= 20 and inner[0] >> 4 == 4
+        if not ok:
+            bad += 1
+            if bad <= 10:
+                print(f"backend {name}: dropping a malformed IPIP packet ({len(packet)} bytes)", file=sys.stderr)
+            continue
+        try:
+            os.write(tun, inner)
+        except OSError as e:
+            print(f"backend {name}: writing to the TUN device failed: {e}", file=sys.stderr)
+
+
 def serve_udp(sock, name, stop):
     prefix = name.encode() + b" "
     while not stop.is_set():
@@ -180,22 +255,54 @@ def serve_udp(sock, name, stop):
 def main():
     ap = argparse.ArgumentParser(description="vipgate test backend (HTTP + UDP)")
     ap.add_argument("--name", required=True)
-    ap.add_argument("--bind", required=True, help="address to bind (IPv4 or IPv6)")
+    ap.add_argument(
+        "--bind",
+        required=True,
+        action="append",
+        help="address to bind (IPv4 or IPv6); repeat it to listen on several",
+    )
     ap.add_argument("--http-port", type=int, default=8080)
     ap.add_argument("--udp-port", type=int, default=5353)
-    ap.add_argument("--pid-file", help="write the pid here once both servers listen")
+    ap.add_argument("--pid-file", help="write the pid here once every server listens")
     ap.add_argument("--access-log", help="append one line per HTTP request to this file")
+    ap.add_argument(
+        "--ipip-decap",
+        metavar="TUNDEV",
+        help="decapsulate IPIP in user space into this existing TUN device",
+    )
     args = ap.parse_args()
-
-    access_log = open(args.access_log, "a", encoding="utf-8") if args.access_log else None
-    httpd = HTTPServer((args.bind, args.http_port), args.name, access_log)
-
-    udp = socket.socket(family_of(args.bind), socket.SOCK_DGRAM)
-    udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    udp.bind((args.bind, args.udp_port))
-    udp.settimeout(0.5)
+    for address in args.bind:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            ap.error(f"--bind {address!r} is not an IP address")
+    if len(set(args.bind)) != len(args.bind):
+        ap.error(f"--bind lists an address twice: {args.bind}")
 
     stop = threading.Event()
+    threads = []
+    decap = None
+    if args.ipip_decap:
+        raw, tun, err = open_decap(args.ipip_decap)
+        if err:
+            print(f"backend {args.name}: {err}", file=sys.stderr, flush=True)
+            return 1
+        decap = (raw, tun)
+        threads.append(threading.Thread(target=serve_decap, args=(raw, tun, args.name, stop), daemon=True))
+
+    access_log = open(args.access_log, "a", encoding="utf-8") if args.access_log else None
+    servers = []
+    udps = []
+    for address in args.bind:
+        httpd = HTTPServer((address, args.http_port), args.name, access_log)
+        servers.append(httpd)
+        udp = socket.socket(family_of(address), socket.SOCK_DGRAM)
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind((address, args.udp_port))
+        udp.settimeout(0.5)
+        udps.append(udp)
+        threads.append(threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True))
+        threads.append(threading.Thread(target=serve_udp, args=(udp, args.name, stop), daemon=True))
 
     def on_signal(signum, _frame):
         stop.set()
@@ -203,10 +310,6 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    threads = [
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True),
-        threading.Thread(target=serve_udp, args=(udp, args.name, stop), daemon=True),
-    ]
     for t in threads:
         t.start()
 
@@ -216,21 +319,26 @@ def main():
             f.write(f"{os.getpid()}\n")
         os.replace(tmp, args.pid_file)
 
-    print(
-        f"backend {args.name}: http {fmt_addr((args.bind, args.http_port))}, "
-        f"udp {fmt_addr((args.bind, args.udp_port))}, pid {os.getpid()}",
-        file=sys.stderr,
-        flush=True,
+    listening = ", ".join(
+        f"http {fmt_addr((a, args.http_port))} udp {fmt_addr((a, args.udp_port))}" for a in args.bind
     )
+    decapping = f", IPIP decapsulated into {args.ipip_decap}" if decap else ""
+    print(f"backend {args.name}: {listening}{decapping}, pid {os.getpid()}", file=sys.stderr, flush=True)
 
     while not stop.wait(1.0):
         pass
 
-    httpd.shutdown()
-    httpd.server_close()
-    udp.close()
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+    for udp in udps:
+        udp.close()
+    if decap:
+        decap[0].close()
     for t in threads:
         t.join(timeout=2)
+    if decap:
+        os.close(decap[1])
     if args.pid_file:
         try:
             os.unlink(args.pid_file)

@@ -21,6 +21,9 @@ VG_CLIENT_GW=198.18.0.1
 VG_CLIENT_ADDR=198.18.0.2
 VG_BACKEND_NET_PREFIX=198.18.1 # backend i (1-based) is 198.18.1.(10+i)
 VG_BACKEND_GW=198.18.1.1
+# In dsr mode the client also has a leg in the backend LAN (rig.sh): the
+# backends send their replies straight to it, not through the gateway.
+VG_CLIENT_LAN_ADDR=198.18.1.200
 VG_VIP_NET=198.18.100.0/24
 VG_VIP=198.18.100.1
 VG_HTTP_PORT=8080

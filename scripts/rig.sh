@@ -1,32 +1,75 @@
 #!/usr/bin/env bash
-# The test rig: a client namespace and a backend namespace around a running
+# The test rig: a client namespace and a backend side around a running
 # gateway, using the two net_tap interfaces the gateway created.
 #
 #   rig.sh up     --prefix P --client-if IF --backend-if IF
+#                 [--mode nat|fullnat|dsr] [--dsr-decap kernel|userspace]
 #                 [--backends N] [--wait SECONDS] [--http-port PORT] [--udp-port PORT]
 #   rig.sh down   --prefix P
-#   rig.sh exec   --prefix P client|backend -- CMD [ARGS...]
+#   rig.sh exec   --prefix P client|backend|b<i> -- CMD [ARGS...]
 #   rig.sh status --prefix P
 #
 # up: creates the namespaces ${P}client and ${P}backend; waits (at most
 #   --wait seconds, default 20) for the two interfaces to appear in the root
 #   namespace and be up (the gateway creates them and brings them up when it
-#   starts its ports), moves them in and configures them:
+#   starts its ports), moves them in and configures them for --mode (the
+#   gateway's services must use the same mode; default nat):
 #
+#   nat, fullnat:
 #     ${P}client   lo up; CLIENT_IF 198.18.0.2/24;
 #                  route 198.18.100.0/24 via 198.18.0.1 (the gateway, VIPs)
 #     ${P}backend  lo up; BACKEND_IF 198.18.1.11/24 ... 198.18.1.(10+N)/24;
-#                  route 198.18.0.0/24 via 198.18.1.1 (nat mode: replies to
-#                  the real client address go back through the gateway)
+#                  nat: route 198.18.0.0/24 via 198.18.1.1 (replies to the
+#                  real client address go back through the gateway);
+#                  fullnat: NO route to 198.18.0.0/24 (the backends answer
+#                  the gateway's source pool address, on their own subnet)
+#     backend-i listens on 198.18.1.(10+i) in ${P}backend.
+#
+#   dsr (direct server return: the gateway sends each client packet to the
+#   backend in IPIP; the backend answers the client directly):
+#     ${P}backend  the backend LAN: bridge br0 with BACKEND_IF (no address),
+#                  one veth to each backend namespace and one to the client
+#     ${P}b<i>     backend-i: eth0 198.18.1.(10+i)/24 on br0; the VIP
+#                  198.18.100.1/32 on lo; route 198.18.0.0/24 via
+#                  198.18.1.200 (the client's leg, not the gateway); the
+#                  DSR backend set-up: net.ipv4.conf.{all,default,tunl0}.
+#                  rp_filter=0, net.ipv4.conf.all.arp_ignore=1,
+#                  net.ipv4.conf.all.arp_announce=2, and the decapsulator:
+#                    --dsr-decap kernel (default): the kernel's ipip
+#                      fallback device tunl0, brought up (`modprobe ipip`
+#                      first in the root namespace; up fails if the kernel
+#                      has no IPIP, or creates no tunl0 in other namespaces,
+#                      net.core.fb_tunnels_only_for_init_net)
+#                    --dsr-decap userspace: for kernels without IPIP
+#                      (CONFIG_NET_IPIP): a TUN device vgdecap (same
+#                      rp_filter=0) into which backend.py --ipip-decap writes
+#                      the inner packets it takes from a raw IPIP socket
+#                  backend-i listens on its address and on the VIP, so that
+#                  UDP replies leave from the VIP.
+#     ${P}client   as above, plus a leg lan0 198.18.1.200/24 on br0 where
+#                  the replies arrive, and net.ipv4.conf.{all,default,lan0}.
+#                  rp_filter=0 (replies from the VIP arrive on lan0, while
+#                  the route to the VIP is via the gateway on CLIENT_IF)
+#     The backend LAN's links have an MTU of 1520, so that a full-size
+#     client packet still fits on the LAN once the gateway has added its
+#     20-byte IPIP header (whether the gateway can send it is up to the MTU
+#     of the gateway's own port).
 #
 #   then starts N backends (scripts/backend.py, named backend-1..backend-N,
-#   backend-i on 198.18.1.(10+i), HTTP on 8080, UDP on 5353) and returns
-#   once every one answers HTTP and UDP. Running it again on a rig that is
-#   up only repairs what is missing (dead backends, lost addresses).
-# down: stops the backends and every other process inside the two
-#   namespaces, deletes the namespaces and the state. Never fails when things
-#   are already gone.
-# exec: runs CMD inside ${P}client or ${P}backend (ip netns exec).
+#   HTTP on 8080, UDP on 5353), waits until every one answers HTTP and UDP
+#   (in dsr mode on its address and on the VIP), and announces each backend
+#   address to the gateway with an ARP request for 198.18.1.1 (a gateway
+#   learns the sender of a request for its address, RFC 826; without it the
+#   first packet to a backend could arrive before the gateway has resolved
+#   it, and a gateway that drops while it resolves would lose it).
+#   Running it again on a rig that is up only repairs what is missing (dead
+#   backends, lost addresses); a second up with other settings (mode
+#   included) is refused.
+# down: stops the backends and every other process inside the rig's
+#   namespaces, deletes the namespaces (with them the bridge, the veths and
+#   the taps) and the state. Never fails when things are already gone.
+# exec: runs CMD inside ${P}client, ${P}backend (in dsr mode: the LAN, with
+#   no address of its own) or ${P}b<i> (dsr mode: backend-i).
 # status: prints the namespaces, addresses, routes and backends.
 #
 # State: /run/vipgate-rig/${P}/ (rig.env, backends, backend-i.pid,
@@ -38,6 +81,13 @@ VG_TAG=rig
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
 BACKEND_PY=$VG_SCRIPTS_DIR/backend.py
+# Names inside the rig's namespaces (so they never clash between rigs).
+LAN_BRIDGE=br0
+LAN_MTU=1520
+CLIENT_LAN_IF=lan0    # in ${P}client
+CLIENT_LAN_PEER=vclient # in ${P}backend, on the bridge
+BACKEND_LAN_IF=eth0   # in ${P}b<i>; its peer in ${P}backend is vb<i>
+DECAP_TUN=vgdecap     # in ${P}b<i> with --dsr-decap userspace
 
 usage() {
 	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -56,6 +106,8 @@ BACKENDS=3
 WAIT_S=20
 HTTP_PORT=$VG_HTTP_PORT
 UDP_PORT=$VG_UDP_PORT
+MODE=nat
+DSR_DECAP=""
 ROLE=""
 CMD=()
 
@@ -68,6 +120,8 @@ set_opt() {
 	--wait) WAIT_S=$2 ;;
 	--http-port) HTTP_PORT=$2 ;;
 	--udp-port) UDP_PORT=$2 ;;
+	--mode) MODE=$2 ;;
+	--dsr-decap) DSR_DECAP=$2 ;;
 	esac
 }
 
@@ -76,17 +130,18 @@ parse_args() {
 	shift
 	while (($#)); do
 		case $1 in
-		--prefix | --client-if | --backend-if | --backends | --wait | --http-port | --udp-port)
+		--prefix | --client-if | --backend-if | --backends | --wait | --http-port | --udp-port | --mode | --dsr-decap)
 			(($# >= 2)) || usage_error "$1 needs a value"
 			set_opt "$1" "$2"
 			shift 2
 			;;
-		--prefix=* | --client-if=* | --backend-if=* | --backends=* | --wait=* | --http-port=* | --udp-port=*)
+		--prefix=* | --client-if=* | --backend-if=* | --backends=* | --wait=* | --http-port=* | --udp-port=* | --mode=* | --dsr-decap=*)
 			set_opt "${1%%=*}" "${1#*=}"
 			shift
 			;;
-		client | backend)
+		client | backend | b[0-9]*)
 			[[ $sub = exec && -z $ROLE ]] || usage_error "unexpected argument: $1"
+			[[ $1 =~ ^(client|backend|b[1-9][0-9]*)$ ]] || usage_error "exec: '$1' is not client, backend or b<i> (i from 1)"
 			ROLE=$1 && shift
 			;;
 		--)
@@ -118,17 +173,60 @@ parse_args() {
 		fi
 		[[ $WAIT_S =~ ^[0-9]+$ ]] || usage_error "--wait must be a whole number of seconds"
 		[[ $HTTP_PORT =~ ^[0-9]+$ && $UDP_PORT =~ ^[0-9]+$ ]] || usage_error "ports must be numbers"
+		case $MODE in
+		nat | fullnat | dsr) ;;
+		*) usage_error "--mode must be nat, fullnat or dsr: '$MODE'" ;;
+		esac
+		if [[ $MODE = dsr ]]; then
+			DSR_DECAP=${DSR_DECAP:-kernel}
+			[[ $DSR_DECAP = kernel || $DSR_DECAP = userspace ]] ||
+				usage_error "--dsr-decap must be kernel or userspace: '$DSR_DECAP'"
+		elif [[ -n $DSR_DECAP ]]; then
+			usage_error "--dsr-decap is only used with --mode dsr"
+		fi
 		;;
 	exec)
-		[[ -n $ROLE ]] || usage_error "exec needs 'client' or 'backend'"
+		[[ -n $ROLE ]] || usage_error "exec needs 'client', 'backend' or 'b<i>'"
 		((${#CMD[@]})) || usage_error "exec needs -- CMD [ARGS...]"
 		;;
 	esac
 }
 
 ns_exists() { [[ -e /run/netns/$1 ]]; }
-ns_of() { if [[ $1 = client ]]; then echo "$CLIENT_NS"; else echo "$BACKEND_NS"; fi; }
+ns_of() {
+	case $1 in
+	client) echo "$CLIENT_NS" ;;
+	backend) echo "$BACKEND_NS" ;;
+	*) echo "$PREFIX$1" ;; # b<i>
+	esac
+}
 backend_addr() { echo "$VG_BACKEND_NET_PREFIX.$((10 + $1))"; }
+# The namespace backend i runs in.
+backend_ns() { if [[ $MODE = dsr ]]; then echo "${PREFIX}b$1"; else echo "$BACKEND_NS"; fi; }
+
+# Every namespace of this rig that exists: ${P}b<i> (dsr backends), then
+# ${P}backend and ${P}client. Matched exactly, so that another rig's
+# namespaces (say, those of prefix "${P}b1") are never taken for ours.
+rig_namespaces() {
+	local f n rest
+	for f in /run/netns/"$PREFIX"b*; do
+		[[ -e $f ]] || continue
+		n=${f##*/}
+		rest=${n#"$PREFIX"b}
+		[[ $rest =~ ^[1-9][0-9]*$ ]] && echo "$n"
+	done
+	for n in "$BACKEND_NS" "$CLIENT_NS"; do
+		ns_exists "$n" && echo "$n"
+	done
+	return 0
+}
+
+# ns_sysctl NS KEY=VALUE...: sets sysctls inside NS.
+ns_sysctl() {
+	local ns=$1
+	shift
+	ip netns exec "$ns" sysctl -q -w "$@" >/dev/null
+}
 
 ensure_ns() {
 	local ns=$1
@@ -209,9 +307,117 @@ configure_backend() {
 		addrs+=("$(backend_addr "$i")")
 		ip -n "$BACKEND_NS" addr replace "$(backend_addr "$i")/24" dev "$BACKEND_IF"
 	done
-	say "$BACKEND_NS: $BACKEND_IF ${addrs[*]} (/24), route $VG_CLIENT_NET via $VG_BACKEND_GW"
 	ip -n "$BACKEND_NS" link set "$BACKEND_IF" up
-	ip -n "$BACKEND_NS" route replace "$VG_CLIENT_NET" via "$VG_BACKEND_GW" dev "$BACKEND_IF"
+	if [[ $MODE = fullnat ]]; then
+		say "$BACKEND_NS: $BACKEND_IF ${addrs[*]} (/24), no route to $VG_CLIENT_NET (fullnat needs none)"
+		if [[ -n $(ip -n "$BACKEND_NS" route show "$VG_CLIENT_NET") ]]; then
+			die "$BACKEND_NS has a route to $VG_CLIENT_NET, which fullnat mode must do without: $(ip -n "$BACKEND_NS" route show "$VG_CLIENT_NET")"
+		fi
+	else
+		say "$BACKEND_NS: $BACKEND_IF ${addrs[*]} (/24), route $VG_CLIENT_NET via $VG_BACKEND_GW"
+		ip -n "$BACKEND_NS" route replace "$VG_CLIENT_NET" via "$VG_BACKEND_GW" dev "$BACKEND_IF"
+	fi
+}
+
+# dsr, --dsr-decap kernel: the ipip module must be there before the backend
+# namespaces are created (each new namespace then gets its tunl0).
+require_ipip() {
+	if [[ ! -d /sys/module/ipip ]] && ! ip link show tunl0 >/dev/null 2>&1; then
+		[[ -e /proc/modules ]] ||
+			die "this kernel has no IPIP (ipip is not built in) and cannot load modules (no /proc/modules): DSR backends cannot decapsulate with tunl0 here; use --dsr-decap userspace (backend.py decapsulates instead of the kernel)"
+		command -v modprobe >/dev/null ||
+			die "the kernel's IPIP support (ipip) is not loaded and modprobe is not installed (apt-get install kmod); DSR backends need it to decapsulate. On a kernel without IPIP (CONFIG_NET_IPIP) use --dsr-decap userspace"
+		say "modprobe ipip (the DSR backends decapsulate with its tunl0)"
+		modprobe ipip ||
+			die "modprobe ipip failed: DSR backends cannot decapsulate. On a kernel without IPIP (CONFIG_NET_IPIP) use --dsr-decap userspace"
+	fi
+	[[ -d /sys/module/ipip ]] || ip link show tunl0 >/dev/null 2>&1 ||
+		die "ipip is still missing after modprobe (no /sys/module/ipip, no tunl0)"
+}
+
+# The bridge of the backend LAN, with the gateway's backend interface on it.
+configure_lan() {
+	if ip -n "$BACKEND_NS" link show dev "$LAN_BRIDGE" >/dev/null 2>&1; then
+		say "$BACKEND_NS: bridge $LAN_BRIDGE exists"
+	else
+		say "$BACKEND_NS: creating bridge $LAN_BRIDGE (the backend LAN, MTU $LAN_MTU)"
+		ip -n "$BACKEND_NS" link add "$LAN_BRIDGE" mtu "$LAN_MTU" type bridge
+	fi
+	if ! ip -n "$BACKEND_NS" -o link show dev "$BACKEND_IF" | grep -q " master $LAN_BRIDGE "; then
+		# net_tap gives the kernel side of the tap the DPDK port's MAC. On a
+		# bridge, a port's own MAC is the bridge's: frames to the gateway
+		# would stay in the bridge instead of going out through the tap. So
+		# the kernel side gets a MAC of its own (as a VM's tap does).
+		local mac
+		mac=02$(od -An -N5 -tx1 /dev/urandom | tr ' ' ':' | tr -d '\n')
+		say "$BACKEND_NS: $BACKEND_IF gets kernel-side MAC $mac (the gateway keeps its own)"
+		ip -n "$BACKEND_NS" link set "$BACKEND_IF" address "$mac"
+	fi
+	say "$BACKEND_NS: $BACKEND_IF (the gateway's backend port) on $LAN_BRIDGE, no address"
+	ip -n "$BACKEND_NS" link set "$BACKEND_IF" mtu "$LAN_MTU"
+	ip -n "$BACKEND_NS" link set "$BACKEND_IF" master "$LAN_BRIDGE"
+	ip -n "$BACKEND_NS" link set "$BACKEND_IF" up
+	ip -n "$BACKEND_NS" link set "$LAN_BRIDGE" up
+}
+
+# lan_veth NS IFNAME PEER: a veth pair from the LAN's bridge (PEER, in
+# ${P}backend) to IFNAME in NS, both ends up, MTU of the LAN.
+lan_veth() {
+	local ns=$1 ifname=$2 peer=$3
+	if ip -n "$BACKEND_NS" link show dev "$peer" >/dev/null 2>&1 && ip -n "$ns" link show dev "$ifname" >/dev/null 2>&1; then
+		say "veth $BACKEND_NS/$peer <-> $ns/$ifname exists"
+	else
+		# Half a pair cannot be (a veth dies with its peer); a name taken by
+		# something else is reported by ip.
+		say "creating veth $BACKEND_NS/$peer <-> $ns/$ifname"
+		ip -n "$BACKEND_NS" link add "$peer" mtu "$LAN_MTU" type veth peer name "$ifname" netns "$ns" mtu "$LAN_MTU"
+	fi
+	ip -n "$BACKEND_NS" link set "$peer" master "$LAN_BRIDGE"
+	ip -n "$BACKEND_NS" link set "$peer" up
+	ip -n "$ns" link set "$ifname" up
+}
+
+configure_client_lan() {
+	say "$CLIENT_NS: leg $CLIENT_LAN_IF $VG_CLIENT_LAN_ADDR/24 in the backend LAN (DSR replies arrive there), rp_filter=0"
+	lan_veth "$CLIENT_NS" "$CLIENT_LAN_IF" "$CLIENT_LAN_PEER"
+	ip -n "$CLIENT_NS" addr replace "$VG_CLIENT_LAN_ADDR/24" dev "$CLIENT_LAN_IF"
+	ns_sysctl "$CLIENT_NS" net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+		"net.ipv4.conf.$CLIENT_LAN_IF.rp_filter=0"
+}
+
+# Backend i of a dsr rig: its namespace on the LAN, with the DSR backend
+# set-up.
+configure_dsr_backend() {
+	local i=$1 ns addr decap_if
+	ns=$(backend_ns "$i")
+	addr=$(backend_addr "$i")
+	ensure_ns "$ns"
+	# Before the veth exists, so that it is created with default's value.
+	say "$ns: sysctls rp_filter=0 (all, default), arp_ignore=1, arp_announce=2 (all)"
+	ns_sysctl "$ns" net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+		net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
+	lan_veth "$ns" "$BACKEND_LAN_IF" "vb$i"
+	say "$ns: $BACKEND_LAN_IF $addr/24, VIP $VG_VIP/32 on lo, route $VG_CLIENT_NET via $VG_CLIENT_LAN_ADDR"
+	ip -n "$ns" addr replace "$addr/24" dev "$BACKEND_LAN_IF"
+	ip -n "$ns" addr replace "$VG_VIP/32" dev lo
+	ip -n "$ns" route replace "$VG_CLIENT_NET" via "$VG_CLIENT_LAN_ADDR" dev "$BACKEND_LAN_IF"
+	if [[ $DSR_DECAP = kernel ]]; then
+		decap_if=tunl0
+		ip -n "$ns" link show dev tunl0 >/dev/null 2>&1 ||
+			die "$ns has no tunl0 although ipip is loaded (is net.core.fb_tunnels_only_for_init_net set? it is $(sysctl -n net.core.fb_tunnels_only_for_init_net 2>/dev/null || echo unknown))"
+		say "$ns: ip link set tunl0 up (the kernel decapsulates IPIP)"
+	else
+		decap_if=$DECAP_TUN
+		if ip -n "$ns" link show dev "$DECAP_TUN" >/dev/null 2>&1; then
+			say "$ns: TUN device $DECAP_TUN exists (backend.py decapsulates IPIP into it)"
+		else
+			say "$ns: creating TUN device $DECAP_TUN (backend.py decapsulates IPIP into it; no kernel IPIP)"
+			ip -n "$ns" tuntap add dev "$DECAP_TUN" mode tun
+		fi
+	fi
+	ip -n "$ns" link set "$decap_if" up
+	say "$ns: net.ipv4.conf.$decap_if.rp_filter=0"
+	ns_sysctl "$ns" "net.ipv4.conf.$decap_if.rp_filter=0"
 }
 
 # Is PID one of our backends (and not a recycled pid)?
@@ -223,41 +429,100 @@ is_backend_pid() {
 }
 
 start_backends() {
-	local i name addr pidf pid
+	local i name addr ns pidf pid binds decap
 	: >"$STATE/backends.tmp"
 	for ((i = 1; i <= BACKENDS; i++)); do
 		name=backend-$i
 		addr=$(backend_addr "$i")
+		ns=$(backend_ns "$i")
 		pidf=$STATE/$name.pid
-		printf '%s %s %s %s\n' "$name" "$addr" "$HTTP_PORT" "$UDP_PORT" >>"$STATE/backends.tmp"
+		printf '%s %s %s %s %s\n' "$name" "$addr" "$HTTP_PORT" "$UDP_PORT" "$ns" >>"$STATE/backends.tmp"
 		pid=$(cat "$pidf" 2>/dev/null || true)
 		if [[ -n $pid ]] && is_backend_pid "$pid"; then
-			say "$name already running (pid $pid) on $addr"
+			say "$name already running (pid $pid) on $addr in $ns"
 			continue
 		fi
 		rm -f "$pidf"
-		say "starting $name on $addr (http $HTTP_PORT, udp $UDP_PORT), log $STATE/$name.log"
-		setsid ip netns exec "$BACKEND_NS" python3 "$BACKEND_PY" --name "$name" --bind "$addr" \
-			--http-port "$HTTP_PORT" --udp-port "$UDP_PORT" --pid-file "$pidf" \
+		binds=(--bind "$addr")
+		decap=()
+		if [[ $MODE = dsr ]]; then
+			binds+=(--bind "$VG_VIP")
+			if [[ $DSR_DECAP = userspace ]]; then decap=(--ipip-decap "$DECAP_TUN"); fi
+		fi
+		say "starting $name in $ns on ${binds[*]} (http $HTTP_PORT, udp $UDP_PORT)${decap:+, IPIP decapsulated into $DECAP_TUN}, log $STATE/$name.log"
+		setsid ip netns exec "$ns" python3 "$BACKEND_PY" --name "$name" "${binds[@]}" \
+			--http-port "$HTTP_PORT" --udp-port "$UDP_PORT" --pid-file "$pidf" "${decap[@]}" \
 			</dev/null >>"$STATE/$name.log" 2>&1 &
 		echo "$!" >"$pidf.launch"
 	done
 	mv -f "$STATE/backends.tmp" "$STATE/backends"
 }
 
+# backend_answers NS NAME ADDR HTTP_PORT UDP_PORT: NAME answers HTTP and UDP
+# on ADDR, from inside NS.
+backend_answers() {
+	local ns=$1 name=$2 addr=$3 hp=$4 up=$5 body reply
+	body=$(ip netns exec "$ns" curl -s --max-time 1 "http://$addr:$hp/" 2>/dev/null || true)
+	[[ $body = "backend $name" ]] || return 1
+	reply=$(ip netns exec "$ns" python3 -c "$UDP_PROBE" "$addr" "$up" 2>/dev/null || true)
+	[[ $reply = "$name ping" ]]
+}
+
+# ARP requests "who has GATEWAY? tell SENDER" out of IFNAME, one per SENDER,
+# broadcast: python3 -c "$ARP_ANNOUNCE" IFNAME GATEWAY SENDER...
+ARP_ANNOUNCE='
+import socket, struct, sys
+ifname, target, senders = sys.argv[1], sys.argv[2], sys.argv[3:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+mac = s.getsockname()[4]
+for sender in senders:
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, socket.inet_aton(sender),
+                      bytes(6), socket.inet_aton(target))
+    s.send((b"\xff" * 6 + mac + b"\x08\x06" + arp).ljust(60, b"\0"))
+'
+
+announce_backends() {
+	local i
+	if [[ $MODE = dsr ]]; then
+		say "announcing each backend to the gateway: ARP who-has $VG_BACKEND_GW from its address, out of $BACKEND_LAN_IF in ${PREFIX}b<i>"
+		for ((i = 1; i <= BACKENDS; i++)); do
+			ip netns exec "$(backend_ns "$i")" python3 -c "$ARP_ANNOUNCE" "$BACKEND_LAN_IF" "$VG_BACKEND_GW" "$(backend_addr "$i")" ||
+				die "could not send the ARP announcement of backend-$i"
+		done
+	else
+		local addrs=()
+		for ((i = 1; i <= BACKENDS; i++)); do addrs+=("$(backend_addr "$i")"); done
+		say "announcing the backends to the gateway: ARP who-has $VG_BACKEND_GW from ${addrs[*]}, out of $BACKEND_IF"
+		ip netns exec "$BACKEND_NS" python3 -c "$ARP_ANNOUNCE" "$BACKEND_IF" "$VG_BACKEND_GW" "${addrs[@]}" ||
+			die "could not send the backends' ARP announcements"
+	fi
+}
+
+# Sends "ping" to ADDR PORT and prints the reply, waiting at most 1 s. The
+# socket is connected, so only a reply from ADDR:PORT counts. (socat would
+# always wait out its -t after the reply.)
+UDP_PROBE='
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"ping")
+sys.stdout.write(s.recv(65535).decode())
+'
+
 wait_backends() {
-	local deadline name addr hp up pending body reply i
+	local deadline name addr hp up ns pending i
 	deadline=$(($(date +%s) + WAIT_S))
 	say "waiting for $BACKENDS backend(s) to answer HTTP and UDP"
 	while :; do
 		pending=()
-		while read -r name addr hp up; do
-			body=$(ip netns exec "$BACKEND_NS" curl -s --max-time 1 "http://$addr:$hp/" 2>/dev/null || true)
-			reply=""
-			if [[ $body = "backend $name" ]]; then
-				reply=$(printf 'ping' | ip netns exec "$BACKEND_NS" socat -t 1 -T 1 - "UDP4:$addr:$up" 2>/dev/null || true)
+		while read -r name addr hp up ns; do
+			if ! backend_answers "$ns" "$name" "$addr" "$hp" "$up"; then
+				pending+=("$name")
+			elif [[ $MODE = dsr ]] && ! backend_answers "$ns" "$name" "$VG_VIP" "$hp" "$up"; then
+				pending+=("$name (on the VIP)")
 			fi
-			[[ $reply = "$name ping" ]] || pending+=("$name")
 		done <"$STATE/backends"
 		((${#pending[@]} == 0)) && break
 		for ((i = 1; i <= BACKENDS; i++)); do
@@ -272,25 +537,37 @@ wait_backends() {
 		sleep 0.2
 	done
 	rm -f "$STATE"/*.pid.launch
-	say "all $BACKENDS backend(s) answer HTTP and UDP"
+	if [[ $MODE = dsr ]]; then
+		say "all $BACKENDS backend(s) answer HTTP and UDP, on their addresses and on the VIP $VG_VIP"
+	else
+		say "all $BACKENDS backend(s) answer HTTP and UDP"
+	fi
 }
 
 cmd_up() {
-	local want
+	local want i tools=(ip curl socat python3 setsid)
 	require_root
-	for tool in ip curl socat python3 setsid; do
+	if [[ $MODE = dsr ]]; then tools+=(sysctl); fi
+	for tool in "${tools[@]}"; do
 		command -v "$tool" >/dev/null || die "$tool not found (run scripts/setup.sh)"
 	done
-	mkdir -p "$STATE"
-	want=$(printf 'PREFIX=%s\nCLIENT_IF=%s\nBACKEND_IF=%s\nBACKENDS=%s\nHTTP_PORT=%s\nUDP_PORT=%s\n' \
-		"$PREFIX" "$CLIENT_IF" "$BACKEND_IF" "$BACKENDS" "$HTTP_PORT" "$UDP_PORT")
+	want=$(printf 'PREFIX=%s\nCLIENT_IF=%s\nBACKEND_IF=%s\nBACKENDS=%s\nHTTP_PORT=%s\nUDP_PORT=%s\nMODE=%s\n' \
+		"$PREFIX" "$CLIENT_IF" "$BACKEND_IF" "$BACKENDS" "$HTTP_PORT" "$UDP_PORT" "$MODE")
+	if [[ $MODE = dsr ]]; then want+=$'\n'"DSR_DECAP=$DSR_DECAP"; fi
 	if [[ -f $STATE/rig.env ]]; then
 		if [[ $(<"$STATE/rig.env") != "$want" ]]; then
-			die "rig '$PREFIX' is already up with other settings ($STATE/rig.env); run: $0 down --prefix $PREFIX"
+			die "rig '$PREFIX' is already up with other settings (it has: $(grep -vxFf <(printf '%s\n' "$want") "$STATE/rig.env" | tr '\n' ' '); asked for: $(grep -vxFf "$STATE/rig.env" <(printf '%s\n' "$want") | tr '\n' ' ')); run: $0 down --prefix $PREFIX"
 		fi
-		say "rig '$PREFIX' already set up; checking every part"
-	else
-		say "setting up rig '$PREFIX' (state in $STATE)"
+		say "rig '$PREFIX' already set up (mode $MODE); checking every part"
+	fi
+	# Before anything is created, so that a kernel without IPIP leaves
+	# nothing behind.
+	if [[ $MODE = dsr && $DSR_DECAP = kernel ]]; then
+		require_ipip
+	fi
+	if [[ ! -f $STATE/rig.env ]]; then
+		say "setting up rig '$PREFIX' in mode $MODE${DSR_DECAP:+ (IPIP decapsulation: $DSR_DECAP)} (state in $STATE)"
+		mkdir -p "$STATE"
 		printf '%s\n' "$want" >"$STATE/rig.env"
 	fi
 	if [[ -n ${VIPGATE_TEST_RUN_ID:-} ]]; then
@@ -301,14 +578,27 @@ cmd_up() {
 	ensure_ns "$BACKEND_NS"
 	attach_interfaces
 	configure_client
-	configure_backend
+	if [[ $MODE = dsr ]]; then
+		configure_lan
+		configure_client_lan
+		for ((i = 1; i <= BACKENDS; i++)); do
+			configure_dsr_backend "$i"
+		done
+	else
+		configure_backend
+	fi
 	start_backends
 	wait_backends
-	say "rig '$PREFIX' is up: client in $CLIENT_NS ($VG_CLIENT_ADDR), $BACKENDS backend(s) in $BACKEND_NS"
+	announce_backends
+	if [[ $MODE = dsr ]]; then
+		say "rig '$PREFIX' is up (dsr): client in $CLIENT_NS ($VG_CLIENT_ADDR, LAN leg $VG_CLIENT_LAN_ADDR), backend LAN $BACKEND_NS, $BACKENDS backend(s) in ${PREFIX}b1..${PREFIX}b$BACKENDS"
+	else
+		say "rig '$PREFIX' is up ($MODE): client in $CLIENT_NS ($VG_CLIENT_ADDR), $BACKENDS backend(s) in $BACKEND_NS"
+	fi
 }
 
 cmd_down() {
-	local f pid ns pids=() left
+	local f pid ns pids=() namespaces left
 	require_root
 	if [[ -d $STATE ]]; then
 		for f in "$STATE"/*.pid "$STATE"/*.pid.launch; do
@@ -320,8 +610,8 @@ cmd_down() {
 			fi
 		done
 	fi
-	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
-		ns_exists "$ns" || continue
+	mapfile -t namespaces < <(rig_namespaces)
+	for ns in "${namespaces[@]}"; do
 		for pid in $(ip netns pids "$ns" 2>/dev/null || true); do
 			[[ " ${pids[*]} " = *" $pid "* ]] && continue
 			say "stopping pid $pid, still running in $ns: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-100)"
@@ -329,7 +619,8 @@ cmd_down() {
 		done
 	done
 	stop_pids 5 "${pids[@]}"
-	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
+	# The veths, the bridge and the taps go with their namespaces.
+	for ns in "${namespaces[@]}"; do
 		ns_exists "$ns" || continue
 		say "deleting namespace $ns"
 		ip netns del "$ns" 2>/dev/null || warn "could not delete namespace $ns"
@@ -338,11 +629,8 @@ cmd_down() {
 		say "removing $STATE"
 		rm -rf "$STATE"
 	fi
-	left=""
-	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
-		ns_exists "$ns" && left+=" $ns"
-	done
-	[[ -z $left ]] || warn "namespaces still present:$left"
+	left=$(rig_namespaces | tr '\n' ' ')
+	[[ -z $left ]] || warn "namespaces still present: $left"
 	say "rig '$PREFIX' is down"
 }
 
@@ -355,21 +643,22 @@ cmd_exec() {
 }
 
 cmd_status() {
-	local ns name addr hp up pid st
-	for ns in "$CLIENT_NS" "$BACKEND_NS"; do
-		if ns_exists "$ns"; then
-			say "namespace $ns:"
-			ip -n "$ns" -br addr show | sed 's/^/    /'
-			ip -n "$ns" route show | sed 's/^/    route /'
-		else
-			say "namespace $ns: absent"
-		fi
-	done
+	local ns name addr hp up pid st found=0
+	if [[ -f $STATE/rig.env ]]; then
+		say "settings: $(tr '\n' ' ' <"$STATE/rig.env")"
+	fi
+	while read -r ns; do
+		found=1
+		say "namespace $ns:"
+		ip -n "$ns" -br addr show | sed 's/^/    /'
+		ip -n "$ns" route show | sed 's/^/    route /'
+	done < <(rig_namespaces)
+	((found)) || say "no namespace of rig '$PREFIX'"
 	if [[ -f $STATE/backends ]]; then
-		while read -r name addr hp up; do
+		while read -r name addr hp up ns; do
 			pid=$(cat "$STATE/$name.pid" 2>/dev/null || true)
 			if [[ -n $pid ]] && is_backend_pid "$pid"; then st="running (pid $pid)"; else st="NOT running"; fi
-			say "$name $addr http $hp udp $up: $st"
+			say "$name $addr http $hp udp $up in ${ns:-$BACKEND_NS}: $st"
 		done <"$STATE/backends"
 	else
 		say "no state in $STATE"

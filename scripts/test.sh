@@ -10,7 +10,8 @@
 # --doc (when the workspace has doc tests); then a sweep for anything the
 # tests left behind.
 #
-# The tests get VIPGATE_HUGEPAGES=1|0 from setup.sh (an explicit
+# The tests get VIPGATE_DSR_DECAP=kernel|userspace (kernel when the kernel
+# has IPIP), VIPGATE_HUGEPAGES=1|0 from setup.sh (an explicit
 # VIPGATE_HUGEPAGES=0 in the environment forces --no-huge) and
 # VIPGATE_TEST_RUN_ID, which marks every process and rig of this run: the
 # sweep stops those processes, tears those rigs down, and removes their DPDK
@@ -175,6 +176,22 @@ fi
 load_hugepages_env
 add_cargo_to_path
 say "tests run with VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES${VIPGATE_HUGEPAGES_REASON:+ ($VIPGATE_HUGEPAGES_REASON)}"
+
+# DSR backends decapsulate IPIP with the kernel's tunl0 (the set-up
+# docs/operations.md describes). A kernel built without IPIP, that cannot
+# load it either, has no tunl0: there the DSR end-to-end tests use
+# scripts/backend.py's user-space decapsulator instead, and say so.
+if [[ -z ${VIPGATE_DSR_DECAP:-} ]]; then
+	if [[ -d /sys/module/ipip ]] || ip link show tunl0 >/dev/null 2>&1 ||
+		{ [[ -e /proc/modules ]] && command -v modprobe >/dev/null && modprobe ipip 2>/dev/null; }; then
+		VIPGATE_DSR_DECAP=kernel
+	else
+		VIPGATE_DSR_DECAP=userspace
+		warn "this kernel has no IPIP (CONFIG_NET_IPIP) and cannot load modules: the DSR end-to-end tests decapsulate in user space (scripts/backend.py --ipip-decap); the kernel's tunl0 set-up is not exercised here"
+	fi
+fi
+export VIPGATE_DSR_DECAP
+say "DSR backends decapsulate with: $VIPGATE_DSR_DECAP (VIPGATE_DSR_DECAP)"
 
 if step build cargo build --workspace --all-targets; then
 	step nextest cargo nextest run --workspace --no-fail-fast "${NEXTEST_ARGS[@]}" || true

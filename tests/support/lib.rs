@@ -4,7 +4,10 @@
 //!
 //! Tests that use it need root and either hugepages or an explicit
 //! `VIPGATE_HUGEPAGES=0`; they fail loudly, never skip, when those are
-//! missing.
+//! missing. A [`Mode::Dsr`] rig also needs the kernel's IPIP (the backends
+//! decapsulate with tunl0), or `VIPGATE_DSR_DECAP=userspace`, which has
+//! scripts/backend.py decapsulate instead (for kernels without
+//! CONFIG_NET_IPIP; see scripts/rig.sh).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,18 @@ use std::time::{Duration, Instant};
 pub const CLIENT_ADDR: &str = "198.18.0.2";
 /// The VIP every rig configures.
 pub const VIP: &str = "198.18.100.1";
+/// The address of the FullNAT source pool a [`Mode::FullNat`] rig
+/// configures: what the backends see as their peer.
+pub const SOURCE_POOL_ADDR: &str = "198.18.1.100";
+/// The source ports of that pool.
+pub const SOURCE_POOL_PORTS: std::ops::RangeInclusive<u16> = 20000..=39999;
+/// The prefix the outer sources of a [`Mode::Dsr`] rig's tunnels come from.
+pub const TUNNEL_SOURCE: &str = "198.18.3.0/24";
+/// In a [`Mode::Dsr`] rig, the client's leg in the backend LAN (in the
+/// client namespace), where the backends' replies arrive.
+pub const CLIENT_LAN_IF: &str = "lan0";
+/// The UDP service's port (the backends' too, in every mode).
+pub const UDP_PORT: u16 = 5353;
 /// Backend `backend-i` (1-based) listens on `198.18.1.(10+i)`.
 pub fn backend_addr(i: usize) -> String {
     format!("198.18.1.{}", 10 + i)
@@ -88,6 +103,42 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     p
 }
 
+/// How the rig's two services reach their backends (the services' `mode`,
+/// and `scripts/rig.sh up --mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Destination NAT; the backends route the client network back through
+    /// the gateway.
+    #[default]
+    Nat,
+    /// Source and destination NAT, the source from the pool
+    /// [`SOURCE_POOL_ADDR`]; the backends have no route to the clients.
+    FullNat,
+    /// Direct server return: IPIP to the backend, which holds the VIP and
+    /// answers the client directly, on the client's leg in the backend LAN.
+    Dsr,
+}
+
+impl Mode {
+    /// The name in the configuration and on rig.sh's command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::FullNat => "fullnat",
+            Mode::Dsr => "dsr",
+        }
+    }
+
+    /// The web service's port: 80, except in DSR, where the backends (on
+    /// 8080) must listen on the service's port.
+    pub fn http_port(self) -> u16 {
+        if self == Mode::Dsr { BACKEND_HTTP_PORT } else { 80 }
+    }
+}
+
+/// The port the backends serve HTTP on.
+const BACKEND_HTTP_PORT: u16 = 8080;
+
 /// What a rig is configured with beyond the defaults.
 #[derive(Clone, Debug)]
 pub struct RigOptions {
@@ -97,11 +148,23 @@ pub struct RigOptions {
     pub extra_config: String,
     /// `[eal] lcores`: the first is the control plane, the others workers.
     pub lcores: String,
+    /// The mode of both services, and how the rig is wired for it.
+    pub mode: Mode,
 }
 
 impl Default for RigOptions {
     fn default() -> Self {
-        RigOptions { backends: 3, extra_config: String::new(), lcores: "0,1".to_owned() }
+        RigOptions { backends: 3, extra_config: String::new(), lcores: "0,1".to_owned(), mode: Mode::Nat }
+    }
+}
+
+/// How a DSR rig's backends decapsulate: `VIPGATE_DSR_DECAP=kernel`
+/// (default: the kernel's tunl0) or `userspace` (scripts/backend.py).
+fn dsr_decap() -> &'static str {
+    match std::env::var("VIPGATE_DSR_DECAP").as_deref() {
+        Err(_) | Ok("" | "kernel") => "kernel",
+        Ok("userspace") => "userspace",
+        Ok(other) => panic!("VIPGATE_DSR_DECAP must be \"kernel\" or \"userspace\", not {other:?}"),
     }
 }
 
@@ -115,6 +178,10 @@ pub struct Rig {
     pub socket: PathBuf,
     /// Where the gateway's stderr goes.
     pub log: PathBuf,
+    /// The services' mode.
+    pub mode: Mode,
+    /// The web service's port on the VIP (see [`Mode::http_port`]).
+    pub http_port: u16,
     dir: PathBuf,
     child: Option<Child>,
     torn_down: bool,
@@ -153,6 +220,19 @@ impl Rig {
         let backends: Vec<String> =
             (1..=opts.backends).map(|i| format!("  {{ address = \"{}\", port = PORT }},", backend_addr(i))).collect();
         let backends = backends.join("\n");
+        let http_port = opts.mode.http_port();
+        let (pools, service_mode) = match opts.mode {
+            Mode::Nat => (String::new(), String::new()),
+            Mode::FullNat => (
+                format!(
+                    "[[source_pools]]\nname = \"snat\"\naddresses = [\"{SOURCE_POOL_ADDR}\"]\nports = \"{}-{}\"\n",
+                    SOURCE_POOL_PORTS.start(),
+                    SOURCE_POOL_PORTS.end()
+                ),
+                "mode = \"fullnat\"\nsource_pool = \"snat\"\n".to_owned(),
+            ),
+            Mode::Dsr => (String::new(), format!("mode = \"dsr\"\ntunnel_source = \"{TUNNEL_SOURCE}\"\n")),
+        };
         let config = format!(
             r#"[eal]
 lcores = "{lcores}"
@@ -176,28 +256,29 @@ name = "backend"
 device = "net_tap{n}1,iface={prefix}b"
 addresses = ["198.18.1.1/24"]
 
+{pools}
 [[services]]
 name = "web"
 vip = "{VIP}"
-port = 80
+port = {http_port}
 protocol = "tcp"
-backends = [
+{service_mode}backends = [
 {web}
 ]
 
 [[services]]
 name = "echo"
 vip = "{VIP}"
-port = 5353
+port = {UDP_PORT}
 protocol = "udp"
-backends = [
+{service_mode}backends = [
 {udp}
 ]
 {extra}
 "#,
             socket = socket.display(),
-            web = backends.replace("PORT", "8080"),
-            udp = backends.replace("PORT", "5353"),
+            web = backends.replace("PORT", &BACKEND_HTTP_PORT.to_string()),
+            udp = backends.replace("PORT", &UDP_PORT.to_string()),
             extra = opts.extra_config,
             lcores = opts.lcores,
         );
@@ -214,24 +295,40 @@ backends = [
             .stderr(logfile)
             .spawn()
             .expect("spawn vipgated");
-        let mut rig = Rig { prefix: prefix.clone(), socket, log, dir, child: Some(child), torn_down: false };
+        let mut rig = Rig {
+            prefix: prefix.clone(),
+            socket,
+            log,
+            mode: opts.mode,
+            http_port,
+            dir,
+            child: Some(child),
+            torn_down: false,
+        };
 
-        let up = Command::new(repo_root().join("scripts/rig.sh"))
-            .args([
-                "up",
-                "--prefix",
-                &prefix,
-                "--client-if",
-                &format!("{prefix}c"),
-                "--backend-if",
-                &format!("{prefix}b"),
-            ])
-            .args(["--backends", &opts.backends.to_string(), "--wait", "30"])
-            .output()
-            .expect("run scripts/rig.sh");
+        let mut up = Command::new(repo_root().join("scripts/rig.sh"));
+        up.args([
+            "up",
+            "--prefix",
+            &prefix,
+            "--client-if",
+            &format!("{prefix}c"),
+            "--backend-if",
+            &format!("{prefix}b"),
+        ])
+        .args(["--backends", &opts.backends.to_string(), "--wait", "30", "--mode", opts.mode.name()]);
+        if opts.mode == Mode::Dsr {
+            up.args(["--dsr-decap", dsr_decap()]);
+        }
+        let up = up.output().expect("run scripts/rig.sh");
         if !up.status.success() {
+            let hint = if opts.mode == Mode::Dsr {
+                format!("(rig.sh got --dsr-decap {} from VIPGATE_DSR_DECAP=kernel|userspace)\n", dsr_decap())
+            } else {
+                String::new()
+            };
             panic!(
-                "rig.sh up failed:\n{}{}\n--- vipgated log ---\n{}",
+                "rig.sh up failed:\n{}{}{hint}\n--- vipgated log ---\n{}",
                 String::from_utf8_lossy(&up.stdout),
                 String::from_utf8_lossy(&up.stderr),
                 rig.log_text()
@@ -290,8 +387,22 @@ backends = [
 
     /// Runs a command in the client namespace.
     pub fn client(&self, cmd: &[&str]) -> Output {
+        self.in_namespace("client", cmd)
+    }
+
+    /// Runs a command in the backend namespace: where the backends run in
+    /// nat and fullnat modes; the backend LAN (a bridge, no address) in dsr
+    /// mode, where backend `i` has a namespace of its own, `b<i>` for
+    /// [`Rig::in_namespace`].
+    pub fn backend(&self, cmd: &[&str]) -> Output {
+        self.in_namespace("backend", cmd)
+    }
+
+    /// Runs a command in this rig's namespace `${prefix}{suffix}` (client,
+    /// backend, or b<i> in dsr mode).
+    pub fn in_namespace(&self, suffix: &str, cmd: &[&str]) -> Output {
         Command::new("ip")
-            .args(["netns", "exec", &format!("{}client", self.prefix)])
+            .args(["netns", "exec", &format!("{}{suffix}", self.prefix)])
             .args(cmd)
             .output()
             .expect("ip netns exec")
