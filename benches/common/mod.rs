@@ -46,11 +46,13 @@ pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
                 name: "client".into(),
                 mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
+                mtu: 1500,
             },
             PortSpec {
                 name: "backend".into(),
                 mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
+                mtu: 1500,
             },
         ],
         routes: vec![],

@@ -20,8 +20,8 @@ use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec, ServiceSpec,
-    Snapshot, SnapshotSpec, SourcePoolSpec,
+    BackendSpec, DEFAULT_MTU, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec,
+    ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{DataplaneConfig, PortConfig};
@@ -32,6 +32,11 @@ pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";
 pub const MAX_TABLE_SIZE: u32 = 16_777_213;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65_535;
+/// Smallest port MTU (RFC 791's minimum datagram every host accepts).
+pub const MIN_MTU: u16 = 576;
+/// Largest port MTU: a frame must fit one mbuf's 2048-byte data room.
+pub const MAX_MTU: u16 = 2000;
+
 /// Source ports of a pool when `ports` is not given.
 pub const DEFAULT_POOL_PORTS: (u16, u16) = (1024, 65535);
 
@@ -243,6 +248,7 @@ struct RawPort {
     device: Spanned<String>,
     #[serde(default)]
     addresses: Vec<Spanned<String>>,
+    mtu: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -590,7 +596,20 @@ impl Validator<'_> {
             for c in &addresses {
                 subnets.push((*c, name.to_owned()));
             }
-            ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses });
+            let mtu = match &p.mtu {
+                None => DEFAULT_MTU,
+                Some(m) => match u16::try_from(*m.get_ref()) {
+                    Ok(v) if (MIN_MTU..=MAX_MTU).contains(&v) => v,
+                    _ => {
+                        return self.err(
+                            m.span(),
+                            f("mtu"),
+                            format!("{} is not from {MIN_MTU} to {MAX_MTU} (a frame must fit one 2048-byte mbuf)", m.get_ref()),
+                        );
+                    }
+                },
+            };
+            ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses, mtu });
             devices.push(device);
         }
 
@@ -951,7 +970,7 @@ impl Validator<'_> {
                 .ports
                 .iter()
                 .zip(&devices)
-                .map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned() })
+                .map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned(), mtu: p.mtu })
                 .collect(),
             mbufs: *dp.mbufs.get_ref(),
             mbuf_cache: *dp.mbuf_cache.get_ref(),
@@ -1011,6 +1030,7 @@ fn fixed_settings(
         fixed.push((format!("ports[{i}].name"), format!("{:?}", p.name)));
         fixed.push((format!("ports[{i}].device"), format!("{device:?}")));
         fixed.push((format!("ports[{i}].addresses"), format!("{addresses:?}")));
+        fixed.push((format!("ports[{i}].mtu"), p.mtu.to_string()));
     }
     fixed
 }

@@ -116,6 +116,7 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
         flows_reset: c.flows_reset.get(),
         handoff_out: c.handoff_out.get(),
         handoff_in: c.handoff_in.get(),
+        icmp_frag_needed: c.icmp_frag_needed.get(),
     }
 }
 
@@ -147,6 +148,7 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.flows_reset, c.flows_reset),
         (&mut total.handoff_out, c.handoff_out),
         (&mut total.handoff_in, c.handoff_in),
+        (&mut total.icmp_frag_needed, c.icmp_frag_needed),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);

@@ -205,6 +205,7 @@ struct CountersJson {
     flows_reset: u64,
     handoff_out: u64,
     handoff_in: u64,
+    icmp_frag_needed: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -299,6 +300,7 @@ impl From<pb::PacketCounters> for CountersJson {
             flows_reset: c.flows_reset,
             handoff_out: c.handoff_out,
             handoff_in: c.handoff_in,
+            icmp_frag_needed: c.icmp_frag_needed,
         }
     }
 }

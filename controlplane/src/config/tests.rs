@@ -521,3 +521,19 @@ fn eal_dataplane_api_and_ports_need_a_restart_and_the_first_change_is_named() {
     let both = GOOD.replace("iface=vgt-c", "iface=vgt-x").replace("flow_capacity = 65536", "flow_capacity = 131072");
     assert_eq!(restart_required(&both).as_deref(), Some("dataplane.flow_capacity changed from 65536 to 131072"));
 }
+
+#[test]
+fn port_mtu_defaults_to_1500_and_is_bounded() {
+    let c = parse(GOOD).unwrap();
+    assert!(c.ports().iter().all(|p| p.mtu == 1500));
+    assert_eq!(c.dataplane.ports[1].mtu, 1500);
+    let with = |mtu: &str| GOOD.replacen("addresses = [\"198.18.1.1/24\"]", &format!("addresses = [\"198.18.1.1/24\"]\nmtu = {mtu}"), 1);
+    let c = parse(&with("1520")).unwrap();
+    assert_eq!((c.ports()[1].mtu, c.dataplane.ports[1].mtu), (1520, 1520));
+    for bad in ["575", "2001", "-1"] {
+        let err = parse(&with(bad)).unwrap_err().to_string();
+        assert!(err.starts_with("/etc/vipgate/test.toml:26: ports[1].mtu: ") && err.contains("not from 576 to 2000"), "{err}");
+    }
+    // The MTU is set on the device at start: changing it needs a restart.
+    assert_eq!(restart_required(&with("1600")).as_deref(), Some("ports[1].mtu changed from 1500 to 1600"));
+}

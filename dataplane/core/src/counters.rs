@@ -52,11 +52,15 @@ pub enum DropReason {
     /// Direct server return needs 20 bytes in front of the frame for the
     /// outer IPv4 header, and the driver gave fewer.
     NoHeadroom,
+    /// A packet without DF that would exceed the egress port's MTU once
+    /// encapsulated (DSR; vipgate does not fragment). With DF set the
+    /// client gets ICMP "fragmentation needed" instead (`icmp_frag_needed`).
+    TooBig,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -75,6 +79,7 @@ impl DropReason {
         DropReason::NoFlow,
         DropReason::Handoff,
         DropReason::NoHeadroom,
+        DropReason::TooBig,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -96,6 +101,7 @@ impl DropReason {
             DropReason::NoFlow => "no_flow",
             DropReason::Handoff => "handoff",
             DropReason::NoHeadroom => "no_headroom",
+            DropReason::TooBig => "too_big",
         }
     }
 }
@@ -155,6 +161,9 @@ pub struct WorkerCounters {
     pub arp_requests: Counter,
     /// ICMP echo replies built for our addresses and VIPs.
     pub icmp_echo_replies: Counter,
+    /// ICMP "fragmentation needed" sent to clients whose DSR packet (DF
+    /// set) would exceed the egress MTU once encapsulated (RFC 1191).
+    pub icmp_frag_needed: Counter,
     /// Packets absorbed without forwarding or dropping (ARP replies for us).
     /// Every packet is accounted for: rx + arp_requests + handoff_in = tx +
     /// drops + consumed + handoff_out per worker, where arp_requests are the

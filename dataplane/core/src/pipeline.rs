@@ -55,12 +55,14 @@ pub struct RxPacket<'a> {
     pub port: u16,
     buf: &'a mut [u8],
     start: usize,
+    end: usize,
 }
 
 impl<'a> RxPacket<'a> {
     /// A frame with no headroom (DSR encapsulation is then impossible).
     pub fn new(port: u16, frame: &'a mut [u8]) -> Self {
-        RxPacket { port, buf: frame, start: 0 }
+        let end = frame.len();
+        RxPacket { port, buf: frame, start: 0, end }
     }
 
     /// `buf` holds `headroom` free bytes, then the frame.
@@ -69,19 +71,20 @@ impl<'a> RxPacket<'a> {
     /// If `headroom` is longer than `buf`.
     pub fn with_headroom(port: u16, buf: &'a mut [u8], headroom: usize) -> Self {
         assert!(headroom <= buf.len(), "headroom {headroom} beyond a buffer of {}", buf.len());
-        RxPacket { port, buf, start: headroom }
+        let end = buf.len();
+        RxPacket { port, buf, start: headroom, end }
     }
 
     /// The frame.
     #[inline]
     pub fn frame(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 
     /// The frame, mutably.
     #[inline]
     pub fn frame_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..]
+        &mut self.buf[self.start..self.end]
     }
 
     /// Free bytes before the frame. After [`Pipeline::process`] it is
@@ -90,6 +93,13 @@ impl<'a> RxPacket<'a> {
     #[inline]
     pub fn headroom(&self) -> usize {
         self.start
+    }
+
+    /// Shortens the frame to `len` bytes (an answer built in place that is
+    /// shorter than the packet it answers). The driver sets the frame's
+    /// length from [`RxPacket::frame`] after processing.
+    fn truncate(&mut self, len: usize) {
+        self.end = self.end.min(self.start + len);
     }
 }
 
@@ -541,7 +551,7 @@ impl Pipeline {
             return Verdict::Handoff(w);
         }
         let in_port = p.port;
-        let (eth, rest) = p.buf[p.start..].split_at_mut(ethernet::HEADER_LEN);
+        let (eth, rest) = p.buf[p.start..p.end].split_at_mut(ethernet::HEADER_LEN);
         let Ok(ip) = ipv4::Packet::new_checked(&*rest) else {
             return Verdict::Drop(DropReason::Malformed);
         };
@@ -626,8 +636,10 @@ impl Pipeline {
                         }
                         Mode::Dsr { source_mask } => {
                             let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                            if let Err(reason) = dsr_encapsulate(p, snap, backend, source_mask, mac, t, total) {
-                                return Verdict::Drop(reason);
+                            if let Err(verdict) =
+                                dsr_encapsulate(p, snap, backend, source_mask, mac, t, total, &self.counters)
+                            {
+                                return verdict;
                             }
                         }
                     }
@@ -1053,9 +1065,13 @@ fn tunnel_spread(addr: u32, port: u16) -> u32 {
 }
 
 /// DSR: decrements the inner TTL and encapsulates the packet in IPIP to
-/// `backend` (see [`encapsulate`]). Out of line, so that the nat path stays
-/// compact.
+/// `backend` (see [`encapsulate`]). A packet that would exceed the egress
+/// port's MTU once encapsulated is not sent: with DF set, the client gets
+/// ICMP "fragmentation needed" advertising the MTU left for it (path MTU
+/// discovery, RFC 1191), the `Err` verdict; without DF it is dropped as
+/// `too_big`. Out of line, so that the nat path stays compact.
 #[inline(never)]
+#[allow(clippy::too_many_arguments)]
 fn dsr_encapsulate(
     p: &mut RxPacket<'_>,
     snap: &Snapshot,
@@ -1064,14 +1080,33 @@ fn dsr_encapsulate(
     mac: EthernetAddress,
     t: Tuple,
     total: usize,
-) -> Result<(), DropReason> {
-    let Ok(total_len) = u16::try_from(total + ipv4::MIN_HEADER_LEN) else {
-        return Err(DropReason::Unsupported);
+    counters: &WorkerCounters,
+) -> Result<(), Verdict> {
+    const OUTER: usize = ipv4::MIN_HEADER_LEN;
+    let Some(port) = snap.ports().get(usize::from(backend.next_hop.port)) else {
+        return Err(Verdict::Drop(DropReason::NoRoute));
     };
-    if p.start < ipv4::MIN_HEADER_LEN {
-        return Err(DropReason::NoHeadroom);
+    if total + OUTER > usize::from(port.mtu) {
+        let ip = ipv4::Packet::new_unchecked(&p.buf[p.start + ethernet::HEADER_LEN..p.end]);
+        if !ip.dont_frag() {
+            return Err(Verdict::Drop(DropReason::TooBig));
+        }
+        let hl = ip.header_len();
+        let in_port = p.port;
+        let Some(from) = snap.ports().get(usize::from(in_port)).and_then(|q| q.address_for(t.src).or_else(|| q.addresses.first().map(|c| c.addr))) else {
+            return Err(Verdict::Drop(DropReason::TooBig));
+        };
+        frag_needed_in_place(p, snap, in_port, hl, port.mtu - OUTER as u16, from);
+        counters.icmp_frag_needed.inc();
+        return Err(Verdict::Transmit(in_port));
     }
-    let mut ip = ipv4::Packet::new_unchecked(&mut p.buf[p.start + ethernet::HEADER_LEN..]);
+    let Ok(total_len) = u16::try_from(total + OUTER) else {
+        return Err(Verdict::Drop(DropReason::Unsupported));
+    };
+    if p.start < OUTER {
+        return Err(Verdict::Drop(DropReason::NoHeadroom));
+    }
+    let mut ip = ipv4::Packet::new_unchecked(&mut p.buf[p.start + ethernet::HEADER_LEN..p.end]);
     ip.set_ttl(t.ttl - 1);
     let outer = ipv4::Header {
         tos: ip.tos(),
@@ -1082,10 +1117,47 @@ fn dsr_encapsulate(
         src: backend.tunnel_src | (tunnel_spread(t.src, t.sport) & source_mask),
         dst: backend.addr,
     };
-    let port_mac = snap.ports().get(usize::from(backend.next_hop.port)).map_or(EthernetAddress::default(), |p| p.mac);
-    let done = encapsulate(p, &outer, mac, port_mac);
+    let done = encapsulate(p, &outer, mac, port.mac);
     debug_assert!(done, "headroom checked above");
     Ok(())
+}
+
+/// Turns the packet into ICMP destination unreachable, "fragmentation
+/// needed and DF set" (type 3, code 4) with next-hop MTU `mtu` (RFC 1191),
+/// from `from` back to the packet's sender on the ingress port. It quotes
+/// the packet's IP header and the first 8 bytes of its payload (RFC 792),
+/// and the frame shrinks to fit. The caller guarantees the packet is longer
+/// than the answer (it exceeded an MTU of at least 576).
+fn frag_needed_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, hl: usize, mtu: u16, from: u32) {
+    const ICMP_HEADER: usize = 8;
+    let quoted = hl + 8;
+    let ip_at = ethernet::HEADER_LEN;
+    let icmp_at = ip_at + ipv4::MIN_HEADER_LEN;
+    let f = p.frame_mut();
+    let client = ipv4::Packet::new_unchecked(&f[ip_at..]).src_addr();
+    f.copy_within(ip_at..ip_at + quoted, icmp_at + ICMP_HEADER);
+    let icmp_len = ICMP_HEADER + quoted;
+    {
+        let m = &mut f[icmp_at..icmp_at + icmp_len];
+        m[..ICMP_HEADER].copy_from_slice(&[3, 4, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8]);
+        let c = crate::checksum::checksum(m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    ipv4::Header {
+        tos: 0,
+        total_len: (ipv4::MIN_HEADER_LEN + icmp_len) as u16,
+        dont_frag: false,
+        ttl: ORIGIN_TTL,
+        protocol: ipv4::protocol::ICMP,
+        src: from,
+        dst: client,
+    }
+    .emit(&mut f[ip_at..]);
+    let (eth, _) = f.split_at_mut(ethernet::HEADER_LEN);
+    let sender = ethernet::Frame::new_unchecked(&*eth).src_addr();
+    set_macs(eth, snap, in_port, sender);
+    // At least Ethernet's minimum frame (60 bytes without FCS).
+    p.truncate((icmp_at + icmp_len).max(60));
 }
 
 /// Prepends an Ethernet header and the outer IPv4 header `outer` in front of

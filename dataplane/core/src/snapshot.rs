@@ -124,7 +124,14 @@ pub struct PortSpec {
     pub mac: EthernetAddress,
     /// Addresses of the gateway on this port.
     pub addresses: Vec<Ipv4Cidr>,
+    /// Largest IP packet the port sends (its MTU, [`DEFAULT_MTU`] unless
+    /// configured): a DSR packet that would exceed it once encapsulated is
+    /// answered with ICMP "fragmentation needed".
+    pub mtu: u16,
 }
+
+/// The MTU of a port unless configured: Ethernet's 1500.
+pub const DEFAULT_MTU: u16 = 1500;
 
 /// A static route.
 #[derive(Clone, Copy, Debug)]
@@ -377,6 +384,8 @@ pub struct Port {
     pub mac: EthernetAddress,
     /// Addresses.
     pub addresses: Vec<Ipv4Cidr>,
+    /// MTU.
+    pub mtu: u16,
 }
 
 impl Port {
@@ -457,7 +466,7 @@ impl Snapshot {
         let ports: Vec<Port> = spec
             .ports
             .iter()
-            .map(|p| Port { name: p.name.clone(), mac: p.mac, addresses: p.addresses.clone() })
+            .map(|p| Port { name: p.name.clone(), mac: p.mac, addresses: p.addresses.clone(), mtu: p.mtu })
             .collect();
 
         let mut local = HashMap::with_hasher(RandomState::new());

@@ -25,6 +25,8 @@ pub struct PortConfig {
     /// The device's name after EAL probing: a vdev name such as `net_tap0`
     /// or a PCI address such as `0000:03:00.0`.
     pub device: String,
+    /// The port's MTU (set on the device at start).
+    pub mtu: u16,
 }
 
 /// How to build the dataplane.
@@ -150,7 +152,7 @@ impl Dataplane {
         let queues = u16::try_from(lcores.len()).unwrap_or(u16::MAX);
         for p in &config.ports {
             let pool = dp.pool.as_ref().expect("pool exists until shutdown");
-            let port = Port::start(&p.name, &p.device, queues, pool)?;
+            let port = Port::start(&p.name, &p.device, queues, p.mtu, pool)?;
             dp.ports.push(port);
         }
         Ok(dp)

@@ -69,9 +69,10 @@ pub struct Port {
 impl Port {
     /// Looks up the probed device `device_name` (a vdev name such as
     /// `net_tap0`, or a PCI address), configures `queues` rx and tx queues
-    /// (RSS over IP/TCP/UDP when more than one), sets the queues up with
-    /// `pool` and starts the port.
-    pub fn start(name: &str, device_name: &str, queues: u16, pool: &Mempool) -> Result<Port, DpdkError> {
+    /// (RSS over IP/TCP/UDP when more than one), sets the MTU (when the
+    /// device's differs), sets the queues up with `pool` and starts the
+    /// port.
+    pub fn start(name: &str, device_name: &str, queues: u16, mtu: u16, pool: &Mempool) -> Result<Port, DpdkError> {
         let err = |op, rc: i32| DpdkError::Port { name: name.to_owned(), op, reason: strerror(rc) };
         let cdev = CString::new(device_name).map_err(|_| DpdkError::NulInArgument(device_name.to_owned()))?;
         let mut id: u16 = 0;
@@ -111,6 +112,20 @@ impl Port {
         let rc = unsafe { vipgate_ffi::rte_eth_dev_configure(id, queues, queues, &conf) };
         if rc != 0 {
             return Err(err("configuring", rc));
+        }
+        let mut current: u16 = 0;
+        // SAFETY: `id` is a configured port; `current` is a valid out-pointer.
+        let rc = unsafe { vipgate_ffi::rte_eth_dev_get_mtu(id, &mut current) };
+        if rc != 0 || current != mtu {
+            // SAFETY: `id` is a configured, stopped port.
+            let rc = unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) };
+            if rc != 0 {
+                return Err(DpdkError::Port {
+                    name: name.to_owned(),
+                    op: "setting the MTU",
+                    reason: format!("the device refuses MTU {mtu} (its MTU is {current}): {}", strerror(rc)),
+                });
+            }
         }
         let (mut rxd, mut txd) = (RX_DESC, TX_DESC);
         // SAFETY: valid port and in/out pointers.

@@ -353,10 +353,12 @@ impl Worker {
             counters.handoff_in.add(n as u64);
             self.pipeline.process_handed_over(snapshot, now, &mut packets, &mut verdicts[..n], &CpuPrefetch);
         }
-        let mut grown = [0u16; BURST];
-        for (g, (p, &h)) in grown.iter_mut().zip(packets.iter().zip(headroom.iter())) {
-            // Bytes the pipeline prepended (DSR encapsulation).
-            *g = h - p.headroom() as u16;
+        // Where each frame starts and how long it is now: the pipeline may
+        // have prepended a header into the headroom (DSR) or shortened the
+        // frame (an answer built in place).
+        let mut span = [(0u16, 0u16); BURST];
+        for (s, p) in span.iter_mut().zip(packets.iter()) {
+            *s = (p.headroom() as u16, p.frame().len() as u16);
         }
         drop(packets);
 
@@ -364,14 +366,15 @@ impl Worker {
         for (i, (&m, v)) in mbufs.iter().zip(verdicts.iter()).enumerate() {
             match *v {
                 Verdict::Transmit(p) if usize::from(p) < tx.len() => {
-                    if grown[i] != 0 {
-                        // SAFETY: `m` is ours; the pipeline wrote `grown[i]`
-                        // bytes of header into its headroom, right before
-                        // the old start of data.
-                        unsafe {
-                            (*m).data_off -= grown[i];
-                            (*m).data_len += grown[i];
-                            (*m).pkt_len += u32::from(grown[i]);
+                    let (off, len) = span[i];
+                    // SAFETY: `m` is ours; the pipeline's frame lies inside
+                    // its buffer (headroom and first segment), at `off` for
+                    // `len` bytes, all initialised.
+                    unsafe {
+                        if off != headroom[i] || len != (*m).data_len {
+                            (*m).data_off = off;
+                            (*m).data_len = len;
+                            (*m).pkt_len = u32::from(len);
                         }
                     }
                     tx[usize::from(p)].push(m);

@@ -96,8 +96,8 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
     let eal = Eal::init(&args).expect("EAL init");
     let config = DataplaneConfig {
         ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into() },
-            PortConfig { name: "out".into(), device: "net_null0".into() },
+            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
+            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
         ],
         mbufs: 8191,
         mbuf_cache: 128,
@@ -120,8 +120,8 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
     };
     let spec = SnapshotSpec {
         ports: vec![
-            PortSpec { name: "in".into(), mac: macs[0], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }] },
-            PortSpec { name: "out".into(), mac: macs[1], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }] },
+            PortSpec { name: "in".into(), mac: macs[0], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }], mtu: 1500 },
+            PortSpec { name: "out".into(), mac: macs[1], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }], mtu: 1500 },
         ],
         routes: vec![],
         neighbours: backends

@@ -98,8 +98,8 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
     let eal = Eal::init(&args).expect("EAL init");
     let config = DataplaneConfig {
         ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into() },
-            PortConfig { name: "out".into(), device: "net_null0".into() },
+            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
+            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
         ],
         mbufs: 4095,
         mbuf_cache: 128,
@@ -116,11 +116,13 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
                 name: "in".into(),
                 mac: macs[0],
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
+                mtu: 1500,
             },
             PortSpec {
                 name: "out".into(),
                 mac: macs[1],
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
+                mtu: 1500,
             },
         ],
         routes: vec![],

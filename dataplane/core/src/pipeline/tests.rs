@@ -32,11 +32,13 @@ fn spec() -> SnapshotSpec {
                 name: "client".into(),
                 mac: EthernetAddress(GW_C),
                 addresses: vec![Ipv4Cidr { addr: GW_C_IP, len: 24 }],
+                mtu: 1500,
             },
             PortSpec {
                 name: "backend".into(),
                 mac: EthernetAddress(GW_B),
                 addresses: vec![Ipv4Cidr { addr: GW_B_IP, len: 24 }],
+                mtu: 1500,
             },
         ],
         routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTER }],

@@ -359,3 +359,49 @@ proptest! {
         prop_assert_eq!((rsrc, rsport, rdst, rdport), (VIP, vport, client, sport));
     }
 }
+
+#[test]
+fn dsr_packets_too_big_once_encapsulated_get_icmp_fragmentation_needed() {
+    let mut r = Rig::with_spec(&spec_mode(&dsr(), (1024, 65535)));
+    // 1480 bytes of IP fit a 1500 MTU once encapsulated; 1481 do not.
+    let fits = tcp_frame((CLIENT, 40000), (VIP, 80), 64, &[7u8; 1480 - 40]);
+    let (v, out) = r.run_with_headroom(0, &fits, 64);
+    assert_eq!((v, out.len()), (Verdict::Transmit(1), 14 + 1500));
+
+    // etherparse's builder sets DF.
+    let big = tcp_frame((CLIENT, 40001), (VIP, 80), 64, &[7u8; 1481 - 40]);
+    let (v, out) = r.run_with_headroom(0, &big, 64);
+    assert_eq!(v, Verdict::Transmit(0), "answered on the ingress port");
+    assert_eq!(r.pipe.counters().icmp_frag_needed.get(), 1);
+    assert_eq!(out.len(), 14 + 20 + 8 + 20 + 8, "the answer quotes the IP header and 8 bytes");
+    let s = SlicedPacket::from_ethernet(&out).expect("etherparse parses the ICMP error");
+    let Some(NetSlice::Ipv4(ip)) = &s.net else { panic!("not IPv4") };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    assert_eq!((u32::from_be_bytes(h.source), u32::from_be_bytes(h.destination)), (GW_C_IP, CLIENT));
+    let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!("not ICMP: {:?}", s.transport) };
+    assert_eq!(icmp.header().checksum, icmp.icmp_type().calc_checksum(icmp.payload()), "ICMP checksum");
+    match icmp.icmp_type() {
+        etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu }) => {
+            assert_eq!(next_hop_mtu, 1480)
+        }
+        other => panic!("not fragmentation needed: {other:?}"),
+    }
+    assert_eq!(icmp.payload(), &big[14..14 + 28], "the quoted header and the first 8 bytes of TCP");
+    let eth = etherparse::Ethernet2HeaderSlice::from_slice(&out).unwrap();
+    assert_eq!((eth.source(), eth.destination()), (GW_C, CLIENT_MAC));
+
+    // Without DF the packet is dropped: vipgate does not fragment.
+    let mut no_df = big.clone();
+    no_df[14 + 6] &= !0x40;
+    ipv4::Packet::new_unchecked(&mut no_df[14..]).fill_checksum();
+    let (v, _) = r.run_with_headroom(0, &no_df, 64);
+    assert_eq!(v, Verdict::Drop(DropReason::TooBig));
+
+    // A larger MTU on the backend port lets the same packet through.
+    let mut s = spec_mode(&dsr(), (1024, 65535));
+    s.ports[1].mtu = 1600;
+    let mut r = Rig::with_spec(&s);
+    let (v, out) = r.run_with_headroom(0, &big, 64);
+    assert_eq!((v, out.len()), (Verdict::Transmit(1), 14 + 1501));
+}
