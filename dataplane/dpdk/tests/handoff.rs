@@ -9,6 +9,9 @@
 //! Needs root (EAL's runtime directory); runs without hugepages. EAL is
 //! initialised once per process: this file holds a single test.
 
+mod common;
+
+use common::{Cleanup, core_list, ip, pcap};
 use std::sync::Arc;
 use std::time::Duration;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
@@ -19,38 +22,6 @@ use vipgate_dataplane::snapshot::{
 };
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DataplaneConfig, Eal, PortConfig};
-
-const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
-    u32::from_be_bytes([a, b, c, d])
-}
-
-/// A classic libpcap file of `frames`.
-fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in [0xa1b2_c3d4u32.to_le_bytes().to_vec(), 2u16.to_le_bytes().to_vec(), 4u16.to_le_bytes().to_vec()] {
-        out.extend_from_slice(&v);
-    }
-    out.extend_from_slice(&0i32.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&65535u32.to_le_bytes());
-    out.extend_from_slice(&1u32.to_le_bytes()); // Ethernet
-    for (i, f) in frames.iter().enumerate() {
-        for v in [i as u32, 0, f.len() as u32, f.len() as u32] {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
-        out.extend_from_slice(f);
-    }
-    out
-}
-
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.0));
-        let _ = std::fs::remove_file(format!("/tmp/{}.pcap", self.0));
-    }
-}
 
 #[test]
 fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
@@ -185,16 +156,4 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
     );
     assert!(report.balanced(), "mbufs missing after shutdown: {report:?}");
     assert_eq!(report.in_use_at_end, 0);
-}
-
-/// CPUs this process may run on.
-fn core_list() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
-    let mut cpus = Vec::new();
-    for part in line.split(':').nth(1).unwrap().trim().split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
-    }
-    cpus
 }

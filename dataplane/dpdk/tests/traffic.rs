@@ -7,6 +7,9 @@
 //! (`--no-huge`) so it also runs where none are reserved. EAL is
 //! initialised once per process: this file holds a single test.
 
+mod common;
+
+use common::{Cleanup, core_list, ip, pcap};
 use std::sync::Arc;
 use std::time::Duration;
 use vipgate_dataplane::counters::DropReason;
@@ -17,45 +20,12 @@ use vipgate_dataplane::snapshot::{
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DataplaneConfig, Eal, PortConfig};
 
-const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
-    u32::from_be_bytes([a, b, c, d])
-}
-
-/// A classic libpcap file of `frames`.
-fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&4u16.to_le_bytes());
-    out.extend_from_slice(&0i32.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&65535u32.to_le_bytes());
-    out.extend_from_slice(&1u32.to_le_bytes()); // Ethernet
-    for (i, f) in frames.iter().enumerate() {
-        out.extend_from_slice(&(i as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
-        out.extend_from_slice(f);
-    }
-    out
-}
-
-struct RuntimeDir(String);
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.0));
-        let _ = std::fs::remove_file(format!("/tmp/{}.pcap", self.0));
-    }
-}
-
 #[test]
 fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root: EAL creates /var/run/dpdk/<prefix>");
     let prefix = format!("vgdrv{}", std::process::id());
-    let _cleanup = RuntimeDir(prefix.clone());
+    let _cleanup = Cleanup(prefix.clone());
 
     // 64 TCP flows and 64 packets that no rule takes (an unconfigured port).
     // net_null runs with no-rx=1: by default its rx side would fabricate
@@ -168,16 +138,4 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
     assert!(in_use_while_running > 0);
     assert!(report.balanced(), "mbufs missing after shutdown: {report:?}");
     assert_eq!(report.in_use_at_end, 0);
-}
-
-/// CPUs this process may run on.
-fn core_list() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
-    let mut cpus = Vec::new();
-    for part in line.split(':').nth(1).unwrap().trim().split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
-    }
-    cpus
 }
