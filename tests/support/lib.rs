@@ -8,8 +8,16 @@
 //! decapsulate with tunl0), or `VIPGATE_DSR_DECAP=userspace`, which has
 //! scripts/backend.py decapsulate instead (for kernels without
 //! CONFIG_NET_IPIP; see scripts/rig.sh).
+//!
+//! For reload tests: a rig can run more backends than its configuration
+//! lists ([`RigOptions::configured_backends`]); [`Rig::config_with_web_backends`]
+//! writes the configuration again with another web backend list and
+//! [`Rig::reload`] applies it (SIGHUP) and waits for the outcome;
+//! [`Rig::start_download`] runs a long download in the background and tells
+//! which backend serves it while it runs.
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -142,8 +150,12 @@ const BACKEND_HTTP_PORT: u16 = 8080;
 /// What a rig is configured with beyond the defaults.
 #[derive(Clone, Debug)]
 pub struct RigOptions {
-    /// Number of HTTP/UDP backends.
+    /// Number of HTTP/UDP backends: rig.sh starts `backend-1..backend-N`.
     pub backends: usize,
+    /// How many of them (`backend-1..backend-K`) the generated
+    /// configuration lists in both services; `None`: all. The others run,
+    /// ready for a reload to add them (see [`Rig::config_with_web_backends`]).
+    pub configured_backends: Option<usize>,
     /// Extra TOML appended to the generated configuration.
     pub extra_config: String,
     /// `[eal] lcores`: the first is the control plane, the others workers.
@@ -154,7 +166,13 @@ pub struct RigOptions {
 
 impl Default for RigOptions {
     fn default() -> Self {
-        RigOptions { backends: 3, extra_config: String::new(), lcores: "0,1".to_owned(), mode: Mode::Nat }
+        RigOptions {
+            backends: 3,
+            configured_backends: None,
+            extra_config: String::new(),
+            lcores: "0,1".to_owned(),
+            mode: Mode::Nat,
+        }
     }
 }
 
@@ -183,8 +201,71 @@ pub struct Rig {
     /// The web service's port on the VIP (see [`Mode::http_port`]).
     pub http_port: u16,
     dir: PathBuf,
+    config_path: PathBuf,
+    config: ConfigTemplate,
     child: Option<Child>,
     torn_down: bool,
+}
+
+/// Everything the generated configuration is made of, kept so that
+/// [`Rig::config_with_web_backends`] can write it again with another web
+/// backend list and nothing else changed.
+#[derive(Clone, Debug)]
+struct ConfigTemplate {
+    /// `[eal]` through the source pools: what comes before the services.
+    head: String,
+    /// The services' `mode` (and `source_pool` or `tunnel_source`) lines.
+    service_mode: String,
+    http_port: u16,
+    /// The echo (UDP) service's backends, 1-based.
+    udp_backends: Vec<usize>,
+    extra: String,
+}
+
+impl ConfigTemplate {
+    /// The whole configuration, the web service listing `web` as (backend
+    /// index, 1-based, weight), in that order.
+    fn render(&self, web: &[(usize, u32)]) -> String {
+        let web: Vec<String> = web
+            .iter()
+            .map(|&(i, w)| {
+                format!("  {{ address = \"{}\", port = {BACKEND_HTTP_PORT}, weight = {w} }},", backend_addr(i))
+            })
+            .collect();
+        let udp: Vec<String> = self
+            .udp_backends
+            .iter()
+            .map(|&i| format!("  {{ address = \"{}\", port = {UDP_PORT} }},", backend_addr(i)))
+            .collect();
+        format!(
+            r#"{head}
+[[services]]
+name = "web"
+vip = "{VIP}"
+port = {http_port}
+protocol = "tcp"
+{service_mode}backends = [
+{web}
+]
+
+[[services]]
+name = "echo"
+vip = "{VIP}"
+port = {UDP_PORT}
+protocol = "udp"
+{service_mode}backends = [
+{udp}
+]
+{extra}
+"#,
+            head = self.head,
+            http_port = self.http_port,
+            service_mode = self.service_mode,
+            web = web.join("\n"),
+            udp = udp.join("\n"),
+            extra = self.extra,
+        )
+    }
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -217,9 +298,12 @@ impl Rig {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let socket = dir.join("api.sock");
         let log = dir.join("vipgated.log");
-        let backends: Vec<String> =
-            (1..=opts.backends).map(|i| format!("  {{ address = \"{}\", port = PORT }},", backend_addr(i))).collect();
-        let backends = backends.join("\n");
+        let configured = opts.configured_backends.unwrap_or(opts.backends);
+        assert!(
+            (1..=opts.backends).contains(&configured),
+            "configured_backends {configured} must be from 1 to backends ({})",
+            opts.backends
+        );
         let http_port = opts.mode.http_port();
         let (pools, service_mode) = match opts.mode {
             Mode::Nat => (String::new(), String::new()),
@@ -233,7 +317,7 @@ impl Rig {
             ),
             Mode::Dsr => (String::new(), format!("mode = \"dsr\"\ntunnel_source = \"{TUNNEL_SOURCE}\"\n")),
         };
-        let config = format!(
+        let head = format!(
             r#"[eal]
 lcores = "{lcores}"
 hugepages = {huge}
@@ -256,32 +340,18 @@ name = "backend"
 device = "net_tap{n}1,iface={prefix}b"
 addresses = ["198.18.1.1/24"]
 
-{pools}
-[[services]]
-name = "web"
-vip = "{VIP}"
-port = {http_port}
-protocol = "tcp"
-{service_mode}backends = [
-{web}
-]
-
-[[services]]
-name = "echo"
-vip = "{VIP}"
-port = {UDP_PORT}
-protocol = "udp"
-{service_mode}backends = [
-{udp}
-]
-{extra}
-"#,
+{pools}"#,
             socket = socket.display(),
-            web = backends.replace("PORT", &BACKEND_HTTP_PORT.to_string()),
-            udp = backends.replace("PORT", &UDP_PORT.to_string()),
-            extra = opts.extra_config,
             lcores = opts.lcores,
         );
+        let template = ConfigTemplate {
+            head,
+            service_mode,
+            http_port,
+            udp_backends: (1..=configured).collect(),
+            extra: opts.extra_config.clone(),
+        };
+        let config = template.render(&(1..=configured).map(|i| (i, 1)).collect::<Vec<_>>());
         let config_path = dir.join("vipgated.toml");
         std::fs::write(&config_path, config).expect("write config");
 
@@ -302,6 +372,8 @@ protocol = "udp"
             mode: opts.mode,
             http_port,
             dir,
+            config_path,
+            config: template,
             child: Some(child),
             torn_down: false,
         };
@@ -383,6 +455,125 @@ protocol = "udp"
     /// A total drop counter by reason name.
     pub fn drops(&self, reason: &str) -> u64 {
         self.stats()["total"]["drops"][reason].as_u64().unwrap_or(0)
+    }
+
+    /// The configuration file vipgated runs with (as last written by
+    /// [`Rig::start`] or [`Rig::reload`]).
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config_path).expect("read the rig's configuration")
+    }
+
+    /// The rig's generated configuration with the web service's backend list
+    /// replaced by `backends`: (backend index, 1-based as in
+    /// [`backend_addr`], weight), in that order. Everything else, the echo
+    /// service included, is as [`Rig::start`] generated it. For
+    /// [`Rig::reload`].
+    pub fn config_with_web_backends(&self, backends: &[(usize, u32)]) -> String {
+        self.config.render(backends)
+    }
+
+    /// Replaces the configuration file (a temporary file renamed over it),
+    /// sends SIGHUP to vipgated and waits, at most 10 s, until its log has
+    /// one more `configuration reloaded` line than before; returns that
+    /// line. Panics, with the log, if a `reload refused` line appears
+    /// instead or the deadline passes.
+    pub fn reload(&self, new_text: &str) -> String {
+        const RELOADED: &str = "configuration reloaded";
+        const REFUSED: &str = "reload refused";
+        // Only whole lines: vipgated may be writing the last one.
+        let lines = |log: &str, what: &str| -> Vec<String> {
+            let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+            whole.lines().filter(|l| l.contains(what)).map(str::to_owned).collect()
+        };
+        let before = self.log_text();
+        let (reloaded, refused) = (lines(&before, RELOADED).len(), lines(&before, REFUSED).len());
+
+        let tmp = self.config_path.with_extension("toml.tmp");
+        std::fs::write(&tmp, new_text).expect("write the new configuration");
+        std::fs::rename(&tmp, &self.config_path).expect("rename the new configuration into place");
+        let pid = self.child.as_ref().expect("vipgated is running").id();
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0, "SIGHUP to vipgated failed");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = lines(&log, REFUSED).get(refused) {
+                panic!(
+                    "vipgated refused the reload: {line}\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
+                );
+            }
+            if let Some(line) = lines(&log, RELOADED).get(reloaded) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload outcome within 10 s of SIGHUP\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /whoami` through the VIP on a new connection from client source
+    /// port `sport` (curl, 5 s at most): who answered, and the peer and
+    /// local addresses the backend saw.
+    pub fn whoami(&self, sport: u16) -> Result<Whoami, String> {
+        let out = self.client(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--local-port",
+            &sport.to_string(),
+            "-H",
+            "Connection: close",
+            &format!("http://{VIP}:{}/whoami", self.http_port),
+        ]);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(format!(
+                "port {sport}: {} {body:?} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        // "backend NAME\nclient IP:PORT\nlocal IP:PORT\n"
+        let field = |key: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+                .map(str::to_owned)
+                .ok_or_else(|| format!("port {sport}: no {key:?} line in {body:?}"))
+        };
+        Ok(Whoami { sport, backend: field("backend")?, peer: field("client")?, local: field("local")? })
+    }
+
+    /// Starts downloading `n` bytes of `/bytes` through the VIP in the
+    /// background: curl in the client namespace from source port `sport`,
+    /// at most `rate` (curl's `--limit-rate`, e.g. `8M`), its body piped
+    /// into sha256sum and its response headers written to a file as they
+    /// arrive, so that [`Download::backend`] can tell who serves it while
+    /// the body still flows.
+    pub fn start_download(&self, n: u64, rate: &str, sport: u16) -> Download {
+        let headers = self.dir.join(format!("download-{sport}.headers"));
+        let _ = std::fs::remove_file(&headers);
+        let script = format!(
+            "set -o pipefail; curl -sS --max-time 120 --limit-rate {rate} --local-port {sport} -H 'Connection: close' \
+             -D '{headers}' -w '%{{stderr}}size=%{{size_download}} code=%{{http_code}}\\n' \
+             'http://{VIP}:{port}/bytes?n={n}' | sha256sum",
+            headers = headers.display(),
+            port = self.http_port,
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &format!("{}client", self.prefix), "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so that Drop can stop curl and
+            // sha256sum along with the shell.
+            .process_group(0)
+            .spawn()
+            .expect("start the download");
+        Download { child: Some(child), headers, n, started: Instant::now() }
     }
 
     /// Runs a command in the client namespace.
@@ -470,6 +661,137 @@ protocol = "udp"
             let _ = std::fs::remove_file(f);
         }
         Leftovers { exit, namespaces, hugepage_files, processes, runtime_dir_left, log }
+    }
+}
+
+/// One `/whoami` answer (see [`Rig::whoami`]).
+#[derive(Clone, Debug)]
+pub struct Whoami {
+    /// The client source port the request was sent from.
+    pub sport: u16,
+    /// The answering backend's name, `backend-i`.
+    pub backend: String,
+    /// The peer the backend saw, `IP:PORT`.
+    pub peer: String,
+    /// The address the backend was reached on, `IP:PORT`.
+    pub local: String,
+}
+
+/// The byte at offset i of scripts/backend.py's `/bytes` body is
+/// `i % BYTES_PATTERN_MODULUS`.
+pub const BYTES_PATTERN_MODULUS: usize = 251;
+
+/// The sha256 (hex) of the first `n` bytes of backend.py's `/bytes`
+/// pattern, generated here from its definition and hashed by sha256sum.
+pub fn bytes_sha256(n: u64) -> String {
+    let mut child =
+        Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("run sha256sum");
+    // A whole number of periods, so every chunk continues the pattern.
+    let chunk: Vec<u8> = (0..BYTES_PATTERN_MODULUS * 256).map(|i| (i % BYTES_PATTERN_MODULUS) as u8).collect();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut left = n;
+    while left > 0 {
+        let take = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+        stdin.write_all(&chunk[..take]).expect("write to sha256sum");
+        left -= take as u64;
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("sha256sum");
+    assert!(out.status.success(), "sha256sum failed");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("a digest").to_owned()
+}
+
+/// A download started by [`Rig::start_download`]. Dropping it before
+/// [`Download::finish`] kills it (curl, sha256sum and their shell).
+pub struct Download {
+    child: Option<Child>,
+    headers: PathBuf,
+    /// The number of bytes asked for.
+    pub n: u64,
+    started: Instant,
+}
+
+/// How a [`Download`] ended.
+#[derive(Clone, Debug)]
+pub struct Downloaded {
+    /// The sha256 (hex) of the body received.
+    pub sha256: String,
+    /// Bytes of body received (curl's `size_download`).
+    pub size: u64,
+    /// The HTTP status.
+    pub code: String,
+    /// From the start to the end of the download.
+    pub took: Duration,
+}
+
+impl Download {
+    /// The backend serving the download, from its response's `X-Backend`
+    /// header; waits for the headers, at most `timeout`. Panics if they do
+    /// not come or the download ends without them.
+    pub fn backend(&mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.headers).unwrap_or_default();
+            if let Some(name) = text.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case("x-backend").then(|| v.trim().to_owned())
+            }) {
+                return name;
+            }
+            if !self.running() {
+                let out = self.child.take().expect("the download's process").wait_with_output();
+                panic!("the download ended without an X-Backend header (headers: {text:?}): {out:?}");
+            }
+            assert!(Instant::now() < deadline, "no X-Backend header within {timeout:?} (headers so far: {text:?})");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the download is still going.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// How long since it started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for the download to end (curl gives up after 120 s); returns
+    /// what arrived, or how it failed.
+    pub fn finish(mut self) -> Result<Downloaded, String> {
+        let out = self.child.take().expect("the download's process").wait_with_output().expect("wait for the download");
+        let took = self.started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !out.status.success() {
+            return Err(format!("{}: {stderr}", out.status));
+        }
+        let sha256 = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+        let line =
+            stderr.lines().rev().find(|l| l.starts_with("size=")).ok_or_else(|| format!("no size in {stderr:?}"))?;
+        let mut size = None;
+        let mut code = String::new();
+        for kv in line.split_whitespace() {
+            match kv.split_once('=') {
+                Some(("size", v)) => size = v.parse().ok(),
+                Some(("code", v)) => v.clone_into(&mut code),
+                _ => {}
+            }
+        }
+        Ok(Downloaded { sha256, size: size.ok_or_else(|| format!("bad size in {line:?}"))?, code, took })
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: kill(2) on the process group our own child leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            }
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.headers);
     }
 }
 
