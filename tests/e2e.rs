@@ -172,9 +172,10 @@ fn e2e_e_teardown_leaves_nothing_even_when_a_test_fails() {
 }
 
 /// Two workers (lcores 1 and 2 share CPU 1 on a two-CPU machine), so each
-/// tap has two queues and the kernel spreads flows across them. DNAT is
-/// stateless, so either worker can take either direction of a flow; what
-/// must hold is that both workers forward and that every request succeeds.
+/// tap has two queues and the kernel spreads flows across them. Each flow
+/// has one owner worker; a packet the other worker receives is handed to
+/// the owner, so what must hold is that both workers forward and that every
+/// request succeeds (tests/modes.rs checks the hand-off counters).
 /// (On net_tap the kernel spreads ARP traffic over both queues too, so this
 /// test passes even without neighbour sharing between workers; the
 /// pipeline's `workers_share_what_they_learn_from_arp` test covers that.)

@@ -9,10 +9,9 @@
 //! Needs root and hugepages (or VIPGATE_HUGEPAGES=0); the dsr tests need
 //! the kernel's IPIP or VIPGATE_DSR_DECAP=userspace (see tests/support).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vipgate::{CLIENT_ADDR, CLIENT_LAN_IF, Mode, Rig, RigOptions, SOURCE_POOL_ADDR, SOURCE_POOL_PORTS, UDP_PORT, VIP};
+use vipgate::{CLIENT_ADDR, CLIENT_LAN_IF, Mode, Rig, RigOptions, SOURCE_POOL_ADDR, SOURCE_POOL_PORTS, UDP_PORT, VIP, Whoami};
+use std::process::Command;
 
 const REQUESTS: u16 = 40;
 /// Fixed client source ports, so that every run has the same flows.
@@ -20,68 +19,10 @@ const FIRST_SOURCE_PORT: u16 = 41000;
 const DOWNLOAD_SOURCE_PORT: u16 = 42000;
 const UDP_SOURCE_PORT: u16 = 50000;
 const DOWNLOAD_BYTES: u64 = 50 * 1024 * 1024;
-/// The byte at offset i of backend.py's /bytes body is i % 251.
-const PATTERN_MODULUS: usize = 251;
-
+const UPLOAD_BYTES: usize = 3 * 1024 * 1024;
 const ONE_WORKER: &str = "0,1";
 /// Two workers sharing CPU 1 of a two-CPU machine.
 const TWO_WORKERS: &str = "0@0,1@1,2@1";
-
-/// One /whoami answer: who answered, the peer it saw, the address it was
-/// reached on.
-#[derive(Debug)]
-struct Whoami {
-    sport: u16,
-    backend: String,
-    peer: String,
-    local: String,
-}
-
-fn whoami(rig: &Rig, sport: u16) -> Result<Whoami, String> {
-    let out = rig.client(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "5",
-        "--local-port",
-        &sport.to_string(),
-        "-H",
-        "Connection: close",
-        &format!("http://{VIP}:{}/whoami", rig.http_port),
-    ]);
-    let body = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!("port {sport}: {} {body:?} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    // "backend NAME\nclient IP:PORT\nlocal IP:PORT\n"
-    let field = |key: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
-            .map(str::to_owned)
-            .ok_or_else(|| format!("port {sport}: no {key:?} line in {body:?}"))
-    };
-    Ok(Whoami { sport, backend: field("backend")?, peer: field("client")?, local: field("local")? })
-}
-
-/// The sha256 of the first `n` bytes of backend.py's /bytes pattern,
-/// generated here from its definition and hashed by sha256sum.
-fn expected_sha256(n: u64) -> String {
-    let mut child =
-        Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("run sha256sum");
-    // A whole number of periods, so every chunk continues the pattern.
-    let chunk: Vec<u8> = (0..PATTERN_MODULUS * 256).map(|i| (i % PATTERN_MODULUS) as u8).collect();
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut left = n;
-    while left > 0 {
-        let take = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
-        stdin.write_all(&chunk[..take]).expect("write to sha256sum");
-        left -= take as u64;
-    }
-    drop(stdin);
-    let out = child.wait_with_output().expect("sha256sum");
-    assert!(out.status.success(), "sha256sum failed");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("a digest").to_owned()
-}
 
 /// Downloads `n` bytes of /bytes through the VIP; returns (sha256, bytes,
 /// HTTP status) or the failure.
@@ -108,6 +49,35 @@ fn download(rig: &Rig, n: u64) -> Result<(String, u64, String), String> {
         }
     }
     Ok((sha, size.ok_or_else(|| format!("bad size in {line:?}"))?, code))
+}
+
+/// Uploads `n` bytes to the backends' /sha256 through the VIP: full-size
+/// packets from the client towards the backends. Returns (the sha256 and
+/// length the backend computed, the sha256 of what was sent).
+fn upload(rig: &Rig, n: usize) -> Result<(String, String), String> {
+    let path = std::env::temp_dir().join(format!("vipgate-upload-{}", rig.prefix));
+    let data: Vec<u8> = (0..n).map(|i| ((i as u64).wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&path, &data).map_err(|e| format!("write {}: {e}", path.display()))?;
+    let sent = Command::new("sha256sum").arg(&path).output().map_err(|e| format!("sha256sum: {e}"))?;
+    let sent = String::from_utf8_lossy(&sent.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+    let out = rig.client(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "60",
+        "-H",
+        "Connection: close",
+        "-H",
+        "Expect:",
+        "--data-binary",
+        &format!("@{}", path.display()),
+        &format!("http://{VIP}:{}/sha256", rig.http_port),
+    ]);
+    let _ = std::fs::remove_file(&path);
+    if !out.status.success() {
+        return Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok((String::from_utf8_lossy(&out.stdout).trim().to_owned(), format!("{sent} {n}")))
 }
 
 /// Bytes received so far on an interface of the client namespace.
@@ -137,10 +107,10 @@ fn settled_stats(rig: &Rig) -> serde_json::Value {
 fn run(mode: Mode, lcores: &str) {
     let workers = lcores.split(',').count() - 1;
     let rig = Rig::start(RigOptions { mode, lcores: lcores.to_owned(), ..RigOptions::default() });
-    let expected_sha = expected_sha256(DOWNLOAD_BYTES);
+    let expected_sha = vipgate::bytes_sha256(DOWNLOAD_BYTES);
 
     // 1. HTTP.
-    let answers: Vec<Result<Whoami, String>> = (0..REQUESTS).map(|i| whoami(&rig, FIRST_SOURCE_PORT + i)).collect();
+    let answers: Vec<Result<Whoami, String>> = (0..REQUESTS).map(|i| rig.whoami(FIRST_SOURCE_PORT + i)).collect();
 
     // 2. A download; in dsr mode, the client's leg in the backend LAN must
     //    carry it.
@@ -149,6 +119,12 @@ fn run(mode: Mode, lcores: &str) {
     let downloaded = download(&rig, DOWNLOAD_BYTES);
     let took = started.elapsed();
     let rx_grew = rx_before.map(|before| client_rx_bytes(&rig, CLIENT_LAN_IF) - before);
+
+    // An upload: full-size packets towards the backends. In dsr mode they
+    // would not fit the backend port's MTU once encapsulated: the gateway
+    // answers with ICMP "fragmentation needed" and the client's path MTU
+    // discovery shrinks them.
+    let uploaded = upload(&rig, UPLOAD_BYTES);
 
     // 3. UDP: socat's socket is connected to the VIP, so only a reply from
     //    VIP:5353 reaches it.
@@ -189,6 +165,16 @@ fn run(mode: Mode, lcores: &str) {
     assert_eq!(code, "200", "download status");
     assert_eq!(size, DOWNLOAD_BYTES, "download length");
     assert_eq!(sha, expected_sha, "sha256 of the download");
+
+    let (answer, sent) = uploaded.unwrap_or_else(|e| panic!("the upload failed: {e}\n{stats}\n{}", left.log));
+    assert_eq!(answer, sent, "what the backend received (sha256 and length) differs from what was sent");
+    let frag_needed = total(&stats, "icmp_frag_needed");
+    println!("upload of {UPLOAD_BYTES} bytes arrived intact; icmp_frag_needed {frag_needed}");
+    if mode == Mode::Dsr {
+        assert!(frag_needed > 0, "full-size client packets went through without path MTU discovery: {stats}");
+    } else {
+        assert_eq!(frag_needed, 0, "{stats}");
+    }
 
     assert!(udp.status.success(), "socat failed: {}", String::from_utf8_lossy(&udp.stderr));
     let (name, echoed) = udp_reply.split_once(' ').unwrap_or_else(|| panic!("unexpected UDP reply {udp_reply:?}"));

@@ -590,7 +590,7 @@ addresses = ["198.18.1.1/24"]
     }
 
     /// Runs a command in this rig's namespace `${prefix}{suffix}` (client,
-    /// backend, or b<i> in dsr mode).
+    /// backend, or `b<i>` in dsr mode).
     pub fn in_namespace(&self, suffix: &str, cmd: &[&str]) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &format!("{}{suffix}", self.prefix)])
