@@ -405,3 +405,46 @@ fn dsr_packets_too_big_once_encapsulated_get_icmp_fragmentation_needed() {
     let (v, out) = r.run_with_headroom(0, &big, 64);
     assert_eq!((v, out.len()), (Verdict::Transmit(1), 14 + 1501));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Random bytes after a plausible header prefix never panic in any
+    /// mode, as worker 0 or 1 of 2 or as the only worker, handed over or
+    /// not, with or without headroom: exactly one verdict, and a drop is
+    /// counted.
+    #[test]
+    fn arbitrary_frames_never_panic_in_any_mode(
+        mut tail in proptest::collection::vec(any::<u8>(), 0..120), kind in 0u8..6, mode in 0u8..3,
+        worker in 0usize..3, headroom in prop_oneof![Just(0usize), Just(64usize)], handed in any::<bool>(),
+    ) {
+        let mode = [ForwardingMode::Nat, fullnat(), dsr()][usize::from(mode)].clone();
+        let mut r = Rig::with_spec(&spec_mode(&mode, (20000, 20099)));
+        if worker < 2 {
+            r.pipe.set_worker(worker, 2);
+        }
+        let mut f = match kind {
+            0 => tcp_frame((CLIENT, 1), (VIP, 80), 64, b"")[..34].to_vec(),
+            1 => udp_frame((CLIENT, 1), (VIP, 53), 64, b"")[..34].to_vec(),
+            2 => tcp_frame((BACKENDS[0], 8080), (POOL_ADDR, 20001), 64, b"")[..34].to_vec(),
+            3 => udp_frame((BACKENDS[1], 80), (CLIENT, 9), 64, b"")[..34].to_vec(),
+            4 => arp_frame(1, CLIENT_MAC, CLIENT, [0; 6], POOL_ADDR)[..22].to_vec(),
+            _ => Vec::new(),
+        };
+        f.append(&mut tail);
+        let mut buf = vec![0u8; headroom];
+        buf.extend_from_slice(&f);
+        let mut pkts = [RxPacket::with_headroom(0, &mut buf, headroom)];
+        let mut v = [Verdict::Consumed];
+        if handed {
+            r.pipe.process_handed_over(&r.snap, r.now, &mut pkts, &mut v, &NoPrefetch);
+        } else {
+            r.pipe.process(&r.snap, r.now, &mut pkts, &mut v);
+        }
+        let drops = r.pipe.counters().total_drops();
+        prop_assert_eq!(matches!(v[0], Verdict::Drop(_)), drops == 1);
+        if handed {
+            prop_assert!(!matches!(v[0], Verdict::Handoff(_)), "handed-over packets are never handed on");
+        }
+    }
+}
