@@ -255,3 +255,47 @@ async fn an_oversized_request_is_refused_with_out_of_range() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+/// Over the global rate limit, requests queue; past the connection's
+/// concurrency limit, they are refused at once.
+#[tokio::test]
+async fn a_burst_over_the_rate_limit_is_refused_with_resource_exhausted() {
+    let pki = Pki::new("burst");
+    let (endpoint, stop, task) = start(&pki, 4 << 20);
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pki.read("ca.pem")))
+        .identity(tonic::transport::Identity::from_pem(pki.read("client.pem"), pki.read("client.key")));
+    let channel =
+        tonic::transport::Endpoint::from_shared(endpoint).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let burst = 3 * api::RATE_LIMIT_PER_SECOND as usize;
+    let calls: Vec<_> = (0..burst)
+        .map(|_| {
+            let mut client = pb::gateway_client::GatewayClient::new(channel.clone());
+            tokio::spawn(async move { client.get_health(pb::GetHealthRequest {}).await.map(|_| ()) })
+        })
+        .collect();
+    let (mut ok, mut refused, mut streams) = (0, 0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                assert_eq!(s.message(), "Too many active requests for the connection");
+                refused += 1;
+            }
+            // Streams past MAX_CONCURRENT_STREAMS that the client opened
+            // before it saw the server's SETTINGS: HTTP/2 REFUSED_STREAM.
+            Err(s) if s.code() == tonic::Code::Unavailable && format!("{s:?}").contains("REFUSED_STREAM") => streams += 1,
+            Err(s) => panic!("unexpected status {s:?}"),
+        }
+    }
+    println!(
+        "{burst} calls at once: {ok} answered, {refused} refused with RESOURCE_EXHAUSTED, {streams} streams refused"
+    );
+    assert_eq!(ok + refused + streams, burst);
+    assert!(refused > 0, "nothing was refused");
+    // The first second's budget, then at most the connection's queue.
+    let budget = api::RATE_LIMIT_PER_SECOND as usize + api::CONCURRENCY_PER_CONNECTION;
+    assert!((api::RATE_LIMIT_PER_SECOND as usize..=budget + api::RATE_LIMIT_PER_SECOND as usize).contains(&ok), "{ok}");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}

@@ -18,16 +18,18 @@ use super::error::ApiError;
 use super::server::GatewayService;
 use super::view::GatewayView;
 
-/// Requests served at once on one connection (HTTP/2 streams beyond it
-/// wait).
+/// Requests in progress at once on one connection, waiting for the rate
+/// limit included; one more fails at once with RESOURCE_EXHAUSTED ("Too
+/// many active requests for the connection").
 pub const CONCURRENCY_PER_CONNECTION: usize = 16;
 /// HTTP/2 streams a client may open at once on one connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 32;
-/// Requests accepted per second over all TCP connections; more wait their
-/// turn (up to [`REQUEST_TIMEOUT`]).
+/// Requests started per second over all TCP connections; more wait their
+/// turn in a queue (up to [`REQUEST_TIMEOUT`]).
 pub const RATE_LIMIT_PER_SECOND: u64 = 100;
-/// Requests queued for the rate limiter at once; more are refused with
-/// UNAVAILABLE ("buffer full") rather than held in memory.
+/// Requests waiting for the rate limit, over all connections; when it is
+/// full, a new request fails at once with RESOURCE_EXHAUSTED rather than
+/// being held in memory.
 pub const RATE_LIMIT_QUEUE: usize = 256;
 /// The longest one request may take, queueing included; then it fails with
 /// CANCELLED.
@@ -112,6 +114,9 @@ pub async fn serve_tcp(
         .tls_config(tls)
         .map_err(serve_err)?
         .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        // Refuse rather than wait when the connection's limit or the rate
+        // limiter's queue is full.
+        .load_shed(true)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
