@@ -1071,7 +1071,11 @@ impl Validator<'_> {
         let Some(listen) = &api.listen_tcp else {
             for (key, v) in [("tls_cert", &api.tls_cert), ("tls_key", &api.tls_key), ("client_ca", &api.client_ca)] {
                 if let Some(v) = v {
-                    return self.err(v.span(), format!("api.{key}"), "is only used with api.listen_tcp, which is not set");
+                    return self.err(
+                        v.span(),
+                        format!("api.{key}"),
+                        "is only used with api.listen_tcp, which is not set",
+                    );
                 }
             }
             return Ok((None, max));
@@ -1102,7 +1106,9 @@ impl Validator<'_> {
             let path = Path::new(v.get_ref());
             let text = match std::fs::read(path) {
                 Ok(t) => t,
-                Err(e) => return self.err(v.span(), format!("api.{key}"), format!("cannot read {}: {e}", path.display())),
+                Err(e) => {
+                    return self.err(v.span(), format!("api.{key}"), format!("cannot read {}: {e}", path.display()));
+                }
             };
             if let Err(reason) = kind.check(&text) {
                 return self.err(v.span(), format!("api.{key}"), format!("{}: {reason}", path.display()));
@@ -1127,7 +1133,10 @@ impl Validator<'_> {
             Err(_) => self.err(
                 listen.span(),
                 "metrics.listen",
-                format!("{:?} is not an address and port such as \"127.0.0.1:9469\" (or \"\" to turn metrics off)", listen.get_ref()),
+                format!(
+                    "{:?} is not an address and port such as \"127.0.0.1:9469\" (or \"\" to turn metrics off)",
+                    listen.get_ref()
+                ),
             ),
         }
     }
@@ -1170,7 +1179,9 @@ fn listener_settings(
     max_request_bytes: usize,
     metrics: Option<std::net::SocketAddr>,
 ) -> Vec<(String, String)> {
-    let opt = |v: &Option<Spanned<String>>| v.as_ref().map_or_else(|| "(not set)".to_owned(), |v| format!("{:?}", v.get_ref().trim()));
+    let opt = |v: &Option<Spanned<String>>| {
+        v.as_ref().map_or_else(|| "(not set)".to_owned(), |v| format!("{:?}", v.get_ref().trim()))
+    };
     vec![
         ("api.listen_tcp".to_owned(), opt(&api.listen_tcp)),
         ("api.tls_cert".to_owned(), opt(&api.tls_cert)),

@@ -188,7 +188,9 @@ impl Listeners {
     async fn serve(self, view: Arc<DaemonView>) -> DaemonError {
         let metrics = async {
             match self.metrics {
-                Some(m) => crate::metrics::serve(m, Arc::clone(&view) as Arc<dyn GatewayView>).await.map_err(DaemonError::from),
+                Some(m) => {
+                    crate::metrics::serve(m, Arc::clone(&view) as Arc<dyn GatewayView>).await.map_err(DaemonError::from)
+                }
                 None => std::future::pending().await,
             }
         };

@@ -1,4 +1,5 @@
-//! vipgate's control plane: the gRPC API and the pieces behind `vipgated` and `vipgatectl`.
+//! vipgate's control plane: the gRPC API, the Prometheus endpoint and the pieces behind `vipgated` and
+//! `vipgatectl`.
 #![forbid(unsafe_code)]
 
 pub mod api;

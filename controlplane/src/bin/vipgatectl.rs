@@ -118,7 +118,10 @@ fn tls_hint(cli: &Cli, e: &CtlError) -> &'static str {
     match e {
         CtlError::Api(ApiError::Call { status, .. })
             if cli.endpoint.is_some()
-                && matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown) =>
+                && matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+                ) =>
         {
             " (vipgated closed the connection: is --cert signed by the CA in its [api] client_ca, and --key its key?)"
         }

@@ -563,7 +563,11 @@ impl TlsFiles {
 
     /// GOOD with `[api]` lines added after the socket.
     fn config(&self, api_lines: &str) -> String {
-        GOOD.replacen("socket = \"/run/vipgate/test.sock\"", &format!("socket = \"/run/vipgate/test.sock\"\n{api_lines}"), 1)
+        GOOD.replacen(
+            "socket = \"/run/vipgate/test.sock\"",
+            &format!("socket = \"/run/vipgate/test.sock\"\n{api_lines}"),
+            1,
+        )
     }
 
     fn full(&self) -> String {
@@ -597,7 +601,10 @@ fn metrics_listen_defaults_to_loopback_and_empty_turns_it_off() {
         "/etc/vipgate/test.toml:18: metrics.listen: \"localhost:9469\" is not an address and port such as \"127.0.0.1:9469\" (or \"\" to turn metrics off)"
     );
     let err = parse(&with("\"127.0.0.1\"")).unwrap_err().to_string();
-    assert!(err.starts_with("/etc/vipgate/test.toml:18: metrics.listen: \"127.0.0.1\" is not an address and port"), "{err}");
+    assert!(
+        err.starts_with("/etc/vipgate/test.toml:18: metrics.listen: \"127.0.0.1\" is not an address and port"),
+        "{err}"
+    );
     let err = parse(&with("9469")).unwrap_err().to_string();
     assert!(err.contains("test.toml") && err.contains("invalid type"), "{err}");
     let err = parse(&GOOD.replacen("[[ports]]", "[metrics]\nenabled = false\n\n[[ports]]", 1)).unwrap_err().to_string();
@@ -607,7 +614,10 @@ fn metrics_listen_defaults_to_loopback_and_empty_turns_it_off() {
         restart_required(&with("\"127.0.0.1:9470\"")).as_deref(),
         Some("metrics.listen changed from \"127.0.0.1:9469\" to \"127.0.0.1:9470\"")
     );
-    assert_eq!(restart_required(&with("\"\"")).as_deref(), Some("metrics.listen changed from \"127.0.0.1:9469\" to \"\""));
+    assert_eq!(
+        restart_required(&with("\"\"")).as_deref(),
+        Some("metrics.listen changed from \"127.0.0.1:9469\" to \"\"")
+    );
     assert_eq!(restart_required(&with("\"127.0.0.1:9469\"")), None, "writing out the default is no change");
 }
 
@@ -635,26 +645,49 @@ fn api_tls_errors_name_line_field_and_file() {
         let err = parse(&f.config(&drop_line(key))).unwrap_err().to_string();
         assert_eq!(
             err,
-            format!("/etc/vipgate/test.toml:16: api.{key}: is required with api.listen_tcp: the TCP listener always uses TLS with client certificates (set tls_cert, tls_key and client_ca)")
+            format!(
+                "/etc/vipgate/test.toml:16: api.{key}: is required with api.listen_tcp: the TCP listener always uses TLS with client certificates (set tls_cert, tls_key and client_ca)"
+            )
         );
     }
     let err = parse(&f.config(&full.replace("ca.pem", "missing.pem"))).unwrap_err().to_string();
     assert!(
-        err.starts_with(&format!("/etc/vipgate/test.toml:19: api.client_ca: cannot read {}: No such file", f.path("missing.pem"))),
+        err.starts_with(&format!(
+            "/etc/vipgate/test.toml:19: api.client_ca: cannot read {}: No such file",
+            f.path("missing.pem")
+        )),
         "{err}"
     );
     let err = parse(&f.config(&full.replace("cert.pem", "garbage.pem"))).unwrap_err().to_string();
-    assert_eq!(err, format!("/etc/vipgate/test.toml:17: api.tls_cert: {}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)", f.path("garbage.pem")));
+    assert_eq!(
+        err,
+        format!(
+            "/etc/vipgate/test.toml:17: api.tls_cert: {}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            f.path("garbage.pem")
+        )
+    );
     // A certificate is not a key.
     let err = parse(&f.config(&full.replace("key.pem", "cert.pem"))).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("/etc/vipgate/test.toml:18: api.tls_key: {}: holds no PEM private key", f.path("cert.pem"))), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "/etc/vipgate/test.toml:18: api.tls_key: {}: holds no PEM private key",
+            f.path("cert.pem")
+        )),
+        "{err}"
+    );
     let err = parse(&f.config(&full.replace("127.0.0.1:50051", "127.0.0.1"))).unwrap_err().to_string();
-    assert_eq!(err, "/etc/vipgate/test.toml:16: api.listen_tcp: \"127.0.0.1\" is not an address and port such as \"198.18.0.1:50051\"");
+    assert_eq!(
+        err,
+        "/etc/vipgate/test.toml:16: api.listen_tcp: \"127.0.0.1\" is not an address and port such as \"198.18.0.1:50051\""
+    );
     let err = parse(&f.config(&format!("tls_cert = \"{}\"", f.path("cert.pem")))).unwrap_err().to_string();
     assert_eq!(err, "/etc/vipgate/test.toml:16: api.tls_cert: is only used with api.listen_tcp, which is not set");
     for bad in ["1023", "67108865", "-1"] {
         let err = parse(&f.config(&format!("max_request_bytes = {bad}"))).unwrap_err().to_string();
-        assert_eq!(err, format!("/etc/vipgate/test.toml:16: api.max_request_bytes: {bad} is not from 1024 to 67108864"));
+        assert_eq!(
+            err,
+            format!("/etc/vipgate/test.toml:16: api.max_request_bytes: {bad} is not from 1024 to 67108864")
+        );
     }
 }
 
@@ -677,5 +710,8 @@ fn api_tcp_settings_need_a_restart() {
         changed(f.config(&(f.full() + "\nmax_request_bytes = 1024"))).as_deref(),
         Some("api.max_request_bytes changed from 4194304 to 1024")
     );
-    assert_eq!(changed(GOOD.to_owned()).as_deref(), Some("api.listen_tcp changed from \"127.0.0.1:50051\" to (not set)"));
+    assert_eq!(
+        changed(GOOD.to_owned()).as_deref(),
+        Some("api.listen_tcp changed from \"127.0.0.1:50051\" to (not set)")
+    );
 }
