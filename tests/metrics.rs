@@ -241,7 +241,10 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
     let after = d.stats();
     println!("{}", body.lines().take(40).collect::<Vec<_>>().join("\n"));
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(body.contains("\nnode_ipvs_connections_total 0\n") || body.contains("\nnode_ipvs_connections_total "), "{body}");
+    assert!(
+        body.contains("\nnode_ipvs_connections_total 0\n") || body.contains("\nnode_ipvs_connections_total "),
+        "{body}"
+    );
     assert!(!body.contains("{}"), "a series written with empty braces");
     assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
     let m = Exposition::parse(&body);
@@ -426,4 +429,31 @@ fn metrics_can_be_turned_off() {
     let log = d.stop();
     assert!(log.contains("metrics endpoint off"), "{log}");
     assert!(!log.contains("metrics listening"), "{log}");
+}
+
+#[test]
+fn sighup_that_moves_the_metrics_endpoint_is_refused_naming_the_field() {
+    require_root();
+    let port = free_port();
+    let mut d = Daemon::start("promhup", &format!("127.0.0.1:{port}"), false);
+    d.wait_ready();
+    let path = d.dir.join("vipgated.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let other = free_port();
+    std::fs::write(&path, text.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{other}"))).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(d.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    let want = format!(
+        "reload refused: metrics.listen changed from \"127.0.0.1:{port}\" to \"127.0.0.1:{other}\"; restart vipgated to change it"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.log_text().contains(&want) {
+        assert!(Instant::now() < deadline, "wanted {want:?} in:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still served where it was.
+    let (head, _) = curl(&format!("http://127.0.0.1:{port}/metrics"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let log = d.stop();
+    println!("{}", log.lines().filter(|l| l.contains("reload")).collect::<Vec<_>>().join("\n"));
 }
