@@ -1,5 +1,6 @@
 //! vipgate's gRPC API (`proto/vipgate/v1`): the `Gateway` service, its server
-//! on a Unix socket, and the client helper that `vipgatectl` uses.
+//! on a Unix socket and on TCP with mutual TLS, and the client helpers that
+//! `vipgatectl` uses.
 //!
 //! This module owns the wire types and the socket. It reads the gateway only
 //! through [`GatewayView`], which the daemon implements; it never touches
@@ -10,11 +11,16 @@
 mod client;
 mod error;
 mod server;
+mod tcp;
 mod view;
 
-pub use client::connect_unix;
+pub use client::{TlsClientFiles, connect_tls, connect_unix};
 pub use error::ApiError;
 pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_unix};
+pub use tcp::{
+    BoundTcp, CONCURRENCY_PER_CONNECTION, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    MAX_CONCURRENT_STREAMS, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, REQUEST_TIMEOUT, TcpSettings, bind_tcp, serve_tcp,
+};
 pub use view::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
 
 /// The generated protobuf messages and the tonic client and server of

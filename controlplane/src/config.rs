@@ -37,6 +37,14 @@ pub const MIN_MTU: u16 = 576;
 /// Largest port MTU: a frame must fit one mbuf's 2048-byte data room.
 pub const MAX_MTU: u16 = 2000;
 
+/// Default and bounds of `[api] max_request_bytes`: the largest gRPC
+/// request message the TCP listener decodes.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Smallest `[api] max_request_bytes`.
+pub const MIN_MAX_REQUEST_BYTES: usize = 1024;
+/// Largest `[api] max_request_bytes`.
+pub const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
 /// Source ports of a pool when `ports` is not given.
 pub const DEFAULT_POOL_PORTS: (u16, u16) = (1024, 65535);
 
@@ -83,6 +91,8 @@ struct RawConfig {
     dataplane: RawDataplane,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    metrics: RawMetrics,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
     #[serde(default)]
@@ -229,6 +239,17 @@ impl Default for RawDataplane {
 struct RawApi {
     #[serde(default = "default_socket")]
     socket: PathBuf,
+    listen_tcp: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    client_ca: Option<Spanned<String>>,
+    max_request_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 fn default_socket() -> PathBuf {
@@ -237,7 +258,14 @@ fn default_socket() -> PathBuf {
 
 impl Default for RawApi {
     fn default() -> Self {
-        RawApi { socket: default_socket() }
+        RawApi {
+            socket: default_socket(),
+            listen_tcp: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            max_request_bytes: None,
+        }
     }
 }
 
@@ -324,12 +352,34 @@ pub struct Config {
     pub devices: Vec<Device>,
     /// The API's Unix socket.
     pub api_socket: PathBuf,
+    /// The API's TCP listener with mutual TLS, if `[api] listen_tcp` is set.
+    pub api_tcp: Option<ApiTcp>,
+    /// The largest request message the TCP listener decodes.
+    pub api_max_request_bytes: usize,
+    /// Where the Prometheus endpoint listens; `None` when `[metrics] listen
+    /// = ""` turns it off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
     /// Every setting a reload may not change, as (field, value) in file
     /// order: `[eal]`, `[dataplane]`, `[api]`, then `[[ports]]`.
     fixed: Vec<(String, String)>,
+}
+
+/// The API's TCP listener: its address and the PEM files it uses, read and
+/// checked at validation.
+#[derive(Clone, Debug)]
+pub struct ApiTcp {
+    /// `[api] listen_tcp`.
+    pub addr: std::net::SocketAddr,
+    /// `[api] tls_cert`: the server's certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// `[api] tls_key`: the server's private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// `[api] client_ca`: the CA certificates client certificates must chain
+    /// to, PEM.
+    pub client_ca_pem: Vec<u8>,
 }
 
 /// A reload that would change a setting only a restart can change: the
@@ -982,9 +1032,164 @@ impl Validator<'_> {
                 flow_timeouts,
             },
         };
-        let fixed = fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices);
-        Ok(Config { path: self.file.to_owned(), lcores, eal_args, dataplane, devices, api_socket: raw.api.socket, spec, fixed })
+        let (api_tcp, api_max_request_bytes) = self.api_tcp(&raw.api)?;
+        let metrics_listen = self.metrics(&raw.metrics)?;
+        let mut fixed = fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices);
+        // In file order: after `api.socket`, before `ports`.
+        let at = fixed.iter().position(|(f, _)| f == "ports").unwrap_or(fixed.len());
+        fixed.splice(at..at, listener_settings(&raw.api, api_max_request_bytes, metrics_listen));
+        Ok(Config {
+            path: self.file.to_owned(),
+            lcores,
+            eal_args,
+            dataplane,
+            devices,
+            api_socket: raw.api.socket,
+            api_tcp,
+            api_max_request_bytes,
+            metrics_listen,
+            spec,
+            fixed,
+        })
     }
+
+    /// `[api] listen_tcp` with its TLS files, and `max_request_bytes`.
+    fn api_tcp(&self, api: &RawApi) -> Result<(Option<ApiTcp>, usize), ConfigError> {
+        let max = match &api.max_request_bytes {
+            None => DEFAULT_MAX_REQUEST_BYTES,
+            Some(v) => match usize::try_from(*v.get_ref()) {
+                Ok(n) if (MIN_MAX_REQUEST_BYTES..=MAX_MAX_REQUEST_BYTES).contains(&n) => n,
+                _ => {
+                    return self.err(
+                        v.span(),
+                        "api.max_request_bytes",
+                        format!("{} is not from {MIN_MAX_REQUEST_BYTES} to {MAX_MAX_REQUEST_BYTES}", v.get_ref()),
+                    );
+                }
+            },
+        };
+        let Some(listen) = &api.listen_tcp else {
+            for (key, v) in [("tls_cert", &api.tls_cert), ("tls_key", &api.tls_key), ("client_ca", &api.client_ca)] {
+                if let Some(v) = v {
+                    return self.err(
+                        v.span(),
+                        format!("api.{key}"),
+                        "is only used with api.listen_tcp, which is not set",
+                    );
+                }
+            }
+            return Ok((None, max));
+        };
+        let addr = match listen.get_ref().trim().parse::<std::net::SocketAddr>() {
+            Ok(a) if a.port() != 0 => a,
+            _ => {
+                return self.err(
+                    listen.span(),
+                    "api.listen_tcp",
+                    format!("{:?} is not an address and port such as \"198.18.0.1:50051\"", listen.get_ref()),
+                );
+            }
+        };
+        let mut pems = Vec::new();
+        for (key, v, kind) in [
+            ("tls_cert", &api.tls_cert, Pem::Certificates),
+            ("tls_key", &api.tls_key, Pem::PrivateKey),
+            ("client_ca", &api.client_ca, Pem::Certificates),
+        ] {
+            let Some(v) = v else {
+                return self.err(
+                    listen.span(),
+                    format!("api.{key}"),
+                    "is required with api.listen_tcp: the TCP listener always uses TLS with client certificates (set tls_cert, tls_key and client_ca)",
+                );
+            };
+            let path = Path::new(v.get_ref());
+            let text = match std::fs::read(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    return self.err(v.span(), format!("api.{key}"), format!("cannot read {}: {e}", path.display()));
+                }
+            };
+            if let Err(reason) = kind.check(&text) {
+                return self.err(v.span(), format!("api.{key}"), format!("{}: {reason}", path.display()));
+            }
+            pems.push(text);
+        }
+        let [cert_pem, key_pem, client_ca_pem]: [Vec<u8>; 3] = pems.try_into().unwrap_or_else(|_| unreachable!());
+        Ok((Some(ApiTcp { addr, cert_pem, key_pem, client_ca_pem }), max))
+    }
+
+    /// `[metrics] listen`: an address and port, or `""` for off.
+    fn metrics(&self, m: &RawMetrics) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(listen) = &m.listen else {
+            return Ok(Some(crate::metrics::DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!())));
+        };
+        let text = listen.get_ref().trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match text.parse::<std::net::SocketAddr>() {
+            Ok(a) => Ok(Some(a)),
+            Err(_) => self.err(
+                listen.span(),
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address and port such as \"127.0.0.1:9469\" (or \"\" to turn metrics off)",
+                    listen.get_ref()
+                ),
+            ),
+        }
+    }
+}
+
+/// What a PEM file must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    /// One or more certificates.
+    Certificates,
+    /// One private key (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+impl Pem {
+    fn check(self, text: &[u8]) -> Result<(), String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        match self {
+            Pem::Certificates => {
+                let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(text).collect();
+                match certs {
+                    Ok(c) if !c.is_empty() => Ok(()),
+                    Ok(_) => Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned()),
+                    Err(e) => Err(format!("is not a PEM certificate file: {e}")),
+                }
+            }
+            Pem::PrivateKey => match PrivateKeyDer::from_pem_slice(text) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("holds no PEM private key: {e}")),
+            },
+        }
+    }
+}
+
+/// The restart-only settings of the API's TCP listener and the metrics
+/// endpoint, as (field, value), after those of [`fixed_settings`].
+fn listener_settings(
+    api: &RawApi,
+    max_request_bytes: usize,
+    metrics: Option<std::net::SocketAddr>,
+) -> Vec<(String, String)> {
+    let opt = |v: &Option<Spanned<String>>| {
+        v.as_ref().map_or_else(|| "(not set)".to_owned(), |v| format!("{:?}", v.get_ref().trim()))
+    };
+    vec![
+        ("api.listen_tcp".to_owned(), opt(&api.listen_tcp)),
+        ("api.tls_cert".to_owned(), opt(&api.tls_cert)),
+        ("api.tls_key".to_owned(), opt(&api.tls_key)),
+        ("api.client_ca".to_owned(), opt(&api.client_ca)),
+        ("api.max_request_bytes".to_owned(), max_request_bytes.to_string()),
+        ("metrics.listen".to_owned(), format!("{:?}", metrics.map(|a| a.to_string()).unwrap_or_default())),
+    ]
 }
 
 /// The settings only a restart can change, as (field, value) in file order,

@@ -30,6 +30,9 @@ pub enum DaemonError {
     /// The API failed.
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    /// The Prometheus endpoint failed.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -82,6 +85,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?;
+    let listeners = Listeners::bind(config)?;
 
     info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
     let eal = Eal::init(&config.eal_args)?;
@@ -116,11 +120,11 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
                 std::future::pending::<()>().await
             };
             tokio::select! {
-                served = api::serve_bound(socket, view, stop.wait()) => served,
+                served = api::serve_bound(socket, Arc::clone(&view) as Arc<dyn GatewayView>, stop.wait()) => served.map_err(DaemonError::from),
+                failed = listeners.serve(view) => Err(failed),
                 () = reloads => unreachable!("the reload loop never ends"),
             }
-        })
-        .map_err(DaemonError::from);
+        });
     drop(rt);
     if let Err(e) = &served {
         error!("{e}; shutting down");
@@ -141,6 +145,68 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         return Err(DaemonError::MbufLeak(report));
     }
     Ok(report)
+}
+
+/// The TCP listeners besides the API socket: the Prometheus endpoint and
+/// the API over TCP with mutual TLS, each optional. Bound before EAL, like
+/// the socket, so an address in use stops the daemon before it touches
+/// DPDK; served on the control-plane runtime beside the socket.
+struct Listeners {
+    metrics: Option<crate::metrics::BoundMetrics>,
+    tcp: Option<api::BoundTcp>,
+}
+
+impl Listeners {
+    fn bind(config: &Config) -> Result<Listeners, DaemonError> {
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                if !addr.ip().is_loopback() {
+                    warn!(%addr, "[metrics] listen is not a loopback address: anyone who can reach it can read the gateway's counters");
+                }
+                Some(crate::metrics::bind(addr)?)
+            }
+            None => {
+                info!("metrics endpoint off ([metrics] listen = \"\")");
+                None
+            }
+        };
+        let tcp = match &config.api_tcp {
+            Some(t) => Some(api::bind_tcp(api::TcpSettings {
+                addr: t.addr,
+                cert_pem: t.cert_pem.clone(),
+                key_pem: t.key_pem.clone(),
+                client_ca_pem: t.client_ca_pem.clone(),
+                max_request_bytes: config.api_max_request_bytes,
+            })?),
+            None => None,
+        };
+        Ok(Listeners { metrics, tcp })
+    }
+
+    /// Serves both until one fails; never returns otherwise. Dropping the
+    /// future (when the API socket's server ends) closes them.
+    async fn serve(self, view: Arc<DaemonView>) -> DaemonError {
+        let metrics = async {
+            match self.metrics {
+                Some(m) => {
+                    crate::metrics::serve(m, Arc::clone(&view) as Arc<dyn GatewayView>).await.map_err(DaemonError::from)
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let tcp = async {
+            match self.tcp {
+                Some(t) => api::serve_tcp(t, Arc::clone(&view) as Arc<dyn GatewayView>, std::future::pending())
+                    .await
+                    .map_err(DaemonError::from),
+                None => std::future::pending().await,
+            }
+        };
+        match tokio::try_join!(metrics, tcp) {
+            Err(e) => e,
+            Ok(((), ())) => unreachable!("the listeners only return on errors"),
+        }
+    }
 }
 
 /// Logs each service of a snapshot, one line each.

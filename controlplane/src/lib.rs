@@ -1,6 +1,8 @@
-//! vipgate's control plane: the gRPC API and the pieces behind `vipgated` and `vipgatectl`.
+//! vipgate's control plane: the gRPC API, the Prometheus endpoint and the pieces behind `vipgated` and
+//! `vipgatectl`.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod metrics;

@@ -35,3 +35,39 @@ pub async fn connect_unix(path: &Path) -> Result<GatewayClient<Channel>, ApiErro
         .map_err(|source| ApiError::Connect { path: path.to_owned(), reason: root_cause(&source), source })?;
     Ok(GatewayClient::new(channel))
 }
+
+/// The files a client presents and trusts when it dials vipgated over TCP.
+#[derive(Clone, Debug)]
+pub struct TlsClientFiles {
+    /// The client's certificate, PEM.
+    pub cert: PathBuf,
+    /// The client's private key, PEM.
+    pub key: PathBuf,
+    /// The CA that signed vipgated's server certificate, PEM.
+    pub ca: PathBuf,
+}
+
+/// Connects to vipgated's API over TCP with mutual TLS at `endpoint`
+/// (`https://host:port`). The server's certificate must be signed by
+/// `files.ca` and name the endpoint's host.
+pub async fn connect_tls(endpoint: &str, files: &TlsClientFiles) -> Result<GatewayClient<Channel>, ApiError> {
+    let fail = |reason: String| ApiError::ConnectTcp { endpoint: endpoint.to_owned(), reason };
+    let read = |path: &Path, what: &str| {
+        std::fs::read(path).map_err(|e| fail(format!("cannot read the {what} {}: {e}", path.display())))
+    };
+    let cert = read(&files.cert, "client certificate")?;
+    let key = read(&files.key, "client key")?;
+    let ca = read(&files.ca, "CA certificate")?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let channel = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| fail(format!("not a URL like https://198.18.0.1:50051: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tls_config(tls)
+        .map_err(|e| fail(root_cause(&e)))?
+        .connect()
+        .await
+        .map_err(|e| fail(root_cause(&e)))?;
+    Ok(GatewayClient::new(channel))
+}

@@ -54,6 +54,31 @@ pub enum ApiError {
         /// The underlying error.
         source: tonic::transport::Error,
     },
+    /// The API's TCP listener could not be bound.
+    #[error("cannot listen for the API on TCP {addr}: {source} (set [api] listen_tcp)")]
+    ListenTcp {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The gRPC server on TCP stopped with an error.
+    #[error("the API server on TCP {addr} failed: {source}")]
+    ServeTcp {
+        /// The listen address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        source: tonic::transport::Error,
+    },
+    /// The client could not reach vipgated over TCP, or its TLS files could
+    /// not be read.
+    #[error("cannot connect to vipgated at {endpoint}: {reason}")]
+    ConnectTcp {
+        /// The endpoint, such as `https://198.18.0.1:50051`.
+        endpoint: String,
+        /// What went wrong, in words.
+        reason: String,
+    },
     /// The client could not reach vipgated on the socket.
     #[error("cannot connect to vipgated at {}: {reason} — is vipgated running? (set --socket)", path.display())]
     Connect {
@@ -84,8 +109,18 @@ impl ApiError {
 
 /// The server's reason, or the meaning of the status code when the server
 /// gave none.
+///
+/// A status the client made up from a transport failure (such as a TLS
+/// alert from the server after the handshake) carries the failure as its
+/// source: its root cause is added, since the status alone only says
+/// "operation was canceled" or "transport error".
 fn status_reason(status: &tonic::Status) -> String {
-    if status.message().is_empty() { status.code().description().to_owned() } else { status.message().to_owned() }
+    let reason =
+        if status.message().is_empty() { status.code().description().to_owned() } else { status.message().to_owned() };
+    match std::error::Error::source(status) {
+        Some(source) => format!("{reason}: {}", root_cause(source)),
+        None => reason,
+    }
 }
 
 /// The innermost error of a chain, in words.

@@ -1,6 +1,7 @@
 //! vipgatectl, the command-line client of vipgated's API.
 //!
-//! It talks gRPC to vipgated over its Unix socket and prints what it reads,
+//! It talks gRPC to vipgated over its Unix socket (or, with `--endpoint`,
+//! over TCP with mutual TLS) and prints what it reads,
 //! as tables for people or, with `--json`, as a stable JSON document for
 //! scripts. Exit codes: 0 success, 1 the call failed (the message says why),
 //! 2 bad usage.
@@ -28,6 +29,22 @@ struct Cli {
     /// vipgated's API socket.
     #[arg(long, global = true, value_name = "PATH", env = "VIPGATE_SOCKET", default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Talk to vipgated over TCP with mutual TLS instead of the socket, at
+    /// `https://host:port` (its `[api] listen_tcp`); needs --cert, --key and
+    /// --ca.
+    #[arg(long, global = true, value_name = "URL", env = "VIPGATE_ENDPOINT", requires_all = ["cert", "key", "ca"])]
+    endpoint: Option<String>,
+    /// With --endpoint: this client's certificate (PEM), signed by the CA
+    /// vipgated's `[api] client_ca` names.
+    #[arg(long, global = true, value_name = "PEM", env = "VIPGATE_CERT", requires = "endpoint")]
+    cert: Option<PathBuf>,
+    /// With --endpoint: this client's private key (PEM).
+    #[arg(long, global = true, value_name = "PEM", env = "VIPGATE_KEY", requires = "endpoint")]
+    key: Option<PathBuf>,
+    /// With --endpoint: the CA certificate (PEM) that signed vipgated's
+    /// server certificate.
+    #[arg(long, global = true, value_name = "PEM", env = "VIPGATE_CA", requires = "endpoint")]
+    ca: Option<PathBuf>,
     /// Print a JSON document instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
@@ -79,7 +96,7 @@ fn main() -> ExitCode {
     let output = match runtime.block_on(run(&cli)) {
         Ok(output) => output,
         Err(e) => {
-            eprintln!("vipgatectl: {e}");
+            eprintln!("vipgatectl: {e}{}", tls_hint(&cli, &e));
             return ExitCode::FAILURE;
         }
     };
@@ -94,9 +111,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Over TLS 1.3 the server checks the client's certificate after the
+/// client considers the handshake done, so a refused certificate shows up
+/// as a first call on a closed connection: say what that most likely means.
+fn tls_hint(cli: &Cli, e: &CtlError) -> &'static str {
+    match e {
+        CtlError::Api(ApiError::Call { status, .. })
+            if cli.endpoint.is_some()
+                && matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+                ) =>
+        {
+            " (vipgated closed the connection: is --cert signed by the CA in its [api] client_ca, and --key its key?)"
+        }
+        _ => "",
+    }
+}
+
 /// Runs the command and returns what to print.
 async fn run(cli: &Cli) -> Result<String, CtlError> {
-    let mut client = api::connect_unix(&cli.socket).await?;
+    let mut client = match (&cli.endpoint, &cli.cert, &cli.key, &cli.ca) {
+        (Some(endpoint), Some(cert), Some(key), Some(ca)) => {
+            let files = api::TlsClientFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() };
+            api::connect_tls(endpoint, &files).await?
+        }
+        // clap refuses --endpoint without all three files.
+        _ => api::connect_unix(&cli.socket).await?,
+    };
     match cli.command {
         Command::Health => {
             let health = client

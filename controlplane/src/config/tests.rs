@@ -537,3 +537,181 @@ fn port_mtu_defaults_to_1500_and_is_bounded() {
     // The MTU is set on the device at start: changing it needs a restart.
     assert_eq!(restart_required(&with("1600")).as_deref(), Some("ports[1].mtu changed from 1500 to 1600"));
 }
+
+/// A directory with a CA certificate, a server certificate and key, and
+/// files that are not PEM, made for one test and removed on drop.
+struct TlsFiles {
+    dir: PathBuf,
+}
+
+impl TlsFiles {
+    fn new(tag: &str) -> TlsFiles {
+        let dir = std::env::temp_dir().join(format!("vgcfg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("garbage.pem"), "not a certificate\n").unwrap();
+        TlsFiles { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// GOOD with `[api]` lines added after the socket.
+    fn config(&self, api_lines: &str) -> String {
+        GOOD.replacen(
+            "socket = \"/run/vipgate/test.sock\"",
+            &format!("socket = \"/run/vipgate/test.sock\"\n{api_lines}"),
+            1,
+        )
+    }
+
+    fn full(&self) -> String {
+        format!(
+            "listen_tcp = \"127.0.0.1:50051\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"",
+            self.path("cert.pem"),
+            self.path("key.pem"),
+            self.path("ca.pem")
+        )
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn metrics_listen_defaults_to_loopback_and_empty_turns_it_off() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9469".parse().unwrap()));
+    // Before [[ports]], on line 18.
+    let with = |v: &str| GOOD.replacen("[[ports]]", &format!("[metrics]\nlisten = {v}\n\n[[ports]]"), 1);
+    assert_eq!(parse(&with("\"\"")).unwrap().metrics_listen, None);
+    assert_eq!(parse(&with("\"0.0.0.0:9100\"")).unwrap().metrics_listen, Some("0.0.0.0:9100".parse().unwrap()));
+    assert_eq!(parse(&with("\"[::1]:9469\"")).unwrap().metrics_listen, Some("[::1]:9469".parse().unwrap()));
+    let err = parse(&with("\"localhost:9469\"")).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "/etc/vipgate/test.toml:18: metrics.listen: \"localhost:9469\" is not an address and port such as \"127.0.0.1:9469\" (or \"\" to turn metrics off)"
+    );
+    let err = parse(&with("\"127.0.0.1\"")).unwrap_err().to_string();
+    assert!(
+        err.starts_with("/etc/vipgate/test.toml:18: metrics.listen: \"127.0.0.1\" is not an address and port"),
+        "{err}"
+    );
+    let err = parse(&with("9469")).unwrap_err().to_string();
+    assert!(err.contains("test.toml") && err.contains("invalid type"), "{err}");
+    let err = parse(&GOOD.replacen("[[ports]]", "[metrics]\nenabled = false\n\n[[ports]]", 1)).unwrap_err().to_string();
+    assert!(err.contains("unknown field `enabled`"), "{err}");
+    // Restart-only.
+    assert_eq!(
+        restart_required(&with("\"127.0.0.1:9470\"")).as_deref(),
+        Some("metrics.listen changed from \"127.0.0.1:9469\" to \"127.0.0.1:9470\"")
+    );
+    assert_eq!(
+        restart_required(&with("\"\"")).as_deref(),
+        Some("metrics.listen changed from \"127.0.0.1:9469\" to \"\"")
+    );
+    assert_eq!(restart_required(&with("\"127.0.0.1:9469\"")), None, "writing out the default is no change");
+}
+
+#[test]
+fn api_listen_tcp_reads_its_tls_files() {
+    let f = TlsFiles::new("ok");
+    let c = parse(&f.config(&f.full())).unwrap();
+    let tcp = c.api_tcp.expect("api_tcp");
+    assert_eq!(tcp.addr, "127.0.0.1:50051".parse().unwrap());
+    assert!(String::from_utf8_lossy(&tcp.cert_pem).contains("BEGIN CERTIFICATE"));
+    assert!(String::from_utf8_lossy(&tcp.key_pem).contains("PRIVATE KEY"));
+    assert_eq!(c.api_max_request_bytes, 4 * 1024 * 1024);
+    assert!(parse(GOOD).unwrap().api_tcp.is_none());
+    let c = parse(&f.config(&(f.full() + "\nmax_request_bytes = 65536"))).unwrap();
+    assert_eq!(c.api_max_request_bytes, 65536);
+}
+
+#[test]
+fn api_tls_errors_name_line_field_and_file() {
+    let f = TlsFiles::new("bad");
+    let full = f.full();
+    let drop_line = |key: &str| full.lines().filter(|l| !l.starts_with(key)).collect::<Vec<_>>().join("\n");
+    // Line 16 is the first added line, listen_tcp.
+    for key in ["tls_cert", "tls_key", "client_ca"] {
+        let err = parse(&f.config(&drop_line(key))).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "/etc/vipgate/test.toml:16: api.{key}: is required with api.listen_tcp: the TCP listener always uses TLS with client certificates (set tls_cert, tls_key and client_ca)"
+            )
+        );
+    }
+    let err = parse(&f.config(&full.replace("ca.pem", "missing.pem"))).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "/etc/vipgate/test.toml:19: api.client_ca: cannot read {}: No such file",
+            f.path("missing.pem")
+        )),
+        "{err}"
+    );
+    let err = parse(&f.config(&full.replace("cert.pem", "garbage.pem"))).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "/etc/vipgate/test.toml:17: api.tls_cert: {}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            f.path("garbage.pem")
+        )
+    );
+    // A certificate is not a key.
+    let err = parse(&f.config(&full.replace("key.pem", "cert.pem"))).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "/etc/vipgate/test.toml:18: api.tls_key: {}: holds no PEM private key",
+            f.path("cert.pem")
+        )),
+        "{err}"
+    );
+    let err = parse(&f.config(&full.replace("127.0.0.1:50051", "127.0.0.1"))).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "/etc/vipgate/test.toml:16: api.listen_tcp: \"127.0.0.1\" is not an address and port such as \"198.18.0.1:50051\""
+    );
+    let err = parse(&f.config(&format!("tls_cert = \"{}\"", f.path("cert.pem")))).unwrap_err().to_string();
+    assert_eq!(err, "/etc/vipgate/test.toml:16: api.tls_cert: is only used with api.listen_tcp, which is not set");
+    for bad in ["1023", "67108865", "-1"] {
+        let err = parse(&f.config(&format!("max_request_bytes = {bad}"))).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("/etc/vipgate/test.toml:16: api.max_request_bytes: {bad} is not from 1024 to 67108864")
+        );
+    }
+}
+
+#[test]
+fn api_tcp_settings_need_a_restart() {
+    let f = TlsFiles::new("restart");
+    let running = parse(&f.config(&f.full())).unwrap();
+    let changed = |text: String| running.restart_required(&parse(&text).unwrap()).map(|c| c.to_string());
+    assert_eq!(changed(f.config(&f.full())), None);
+    assert_eq!(
+        changed(f.config(&f.full().replace("50051", "50052"))).as_deref(),
+        Some("api.listen_tcp changed from \"127.0.0.1:50051\" to \"127.0.0.1:50052\"")
+    );
+    std::fs::copy(f.dir.join("ca.pem"), f.dir.join("ca2.pem")).unwrap();
+    assert_eq!(
+        changed(f.config(&f.full().replace("ca.pem", "ca2.pem"))),
+        Some(format!("api.client_ca changed from {:?} to {:?}", f.path("ca.pem"), f.path("ca2.pem")))
+    );
+    assert_eq!(
+        changed(f.config(&(f.full() + "\nmax_request_bytes = 1024"))).as_deref(),
+        Some("api.max_request_bytes changed from 4194304 to 1024")
+    );
+    assert_eq!(
+        changed(GOOD.to_owned()).as_deref(),
+        Some("api.listen_tcp changed from \"127.0.0.1:50051\" to (not set)")
+    );
+}

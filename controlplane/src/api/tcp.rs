@@ -1,0 +1,130 @@
+//! The `Gateway` service on TCP, always with mutual TLS, and the limits that
+//! keep a misbehaving client from exhausting the daemon.
+//!
+//! The Unix socket is protected by its file mode; a TCP listener is not, so
+//! every connection must present a client certificate signed by the
+//! configured CA, checked during the TLS handshake (rustls, through tonic's
+//! `tls-ring` feature). A client without one never reaches the service.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use super::error::ApiError;
+use super::server::GatewayService;
+use super::view::GatewayView;
+
+/// Requests in progress at once on one connection, waiting for the rate
+/// limit included; one more fails at once with RESOURCE_EXHAUSTED ("Too
+/// many active requests for the connection").
+pub const CONCURRENCY_PER_CONNECTION: usize = 16;
+/// HTTP/2 streams a client may open at once on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 32;
+/// Requests started per second over all TCP connections; more wait their
+/// turn in a queue (up to [`REQUEST_TIMEOUT`]).
+pub const RATE_LIMIT_PER_SECOND: u64 = 100;
+/// Requests waiting for the rate limit, over all connections; when it is
+/// full, a new request fails at once with RESOURCE_EXHAUSTED rather than
+/// being held in memory.
+pub const RATE_LIMIT_QUEUE: usize = 256;
+/// The longest one request may take, queueing included; then it fails with
+/// CANCELLED.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 PING interval on idle connections, and how long the answer may
+/// take before the connection is closed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the TCP listener needs: its address, PEM files already read (see
+/// `config::ApiTcp`) and the request size limit.
+#[derive(Clone, Debug)]
+pub struct TcpSettings {
+    /// The address to listen on.
+    pub addr: SocketAddr,
+    /// Server certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// Server private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// CA certificates that sign client certificates, PEM.
+    pub client_ca_pem: Vec<u8>,
+    /// Largest request message decoded; a larger one fails with
+    /// OUT_OF_RANGE (tonic's code for it).
+    pub max_request_bytes: usize,
+}
+
+/// A bound TCP listener, not served yet: connections wait in the kernel's
+/// backlog until [`serve_tcp`] runs.
+#[derive(Debug)]
+pub struct BoundTcp {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    settings: TcpSettings,
+}
+
+impl BoundTcp {
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Binds the API's TCP listener, so that an address in use fails start-up
+/// before EAL. Needs no runtime.
+pub fn bind_tcp(settings: TcpSettings) -> Result<BoundTcp, ApiError> {
+    let addr = settings.addr;
+    let err = |source| ApiError::ListenTcp { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    Ok(BoundTcp { listener, addr, settings })
+}
+
+/// Serves the `Gateway` service on `bound` with mutual TLS until `shutdown`
+/// completes. Must run inside a tokio runtime (a current-thread one is
+/// enough).
+pub async fn serve_tcp(
+    bound: BoundTcp,
+    view: Arc<dyn GatewayView>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ApiError> {
+    let BoundTcp { listener, addr, settings } = bound;
+    let serve_err = |source| ApiError::ServeTcp { addr, source };
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| ApiError::ListenTcp { addr, source })?;
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&settings.cert_pem, &settings.key_pem))
+        .client_ca_root(Certificate::from_pem(&settings.client_ca_pem))
+        .client_auth_optional(false)
+        .timeout(HANDSHAKE_TIMEOUT);
+    let limits = tower::ServiceBuilder::new()
+        // The buffer makes the rate limiter shareable by every connection:
+        // one global budget, and a bounded queue in front of it.
+        .layer(tower::buffer::BufferLayer::new(RATE_LIMIT_QUEUE))
+        .layer(tower::limit::RateLimitLayer::new(RATE_LIMIT_PER_SECOND, Duration::from_secs(1)));
+    let service = GatewayService::new(view).into_server().max_decoding_message_size(settings.max_request_bytes);
+    tracing::info!(%addr, "API listening on TCP with mutual TLS");
+    let result = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(serve_err)?
+        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
+        // Refuse rather than wait when the connection's limit or the rate
+        // limiter's queue is full.
+        .load_shed(true)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .timeout(REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(limits)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    tracing::info!(%addr, "API on TCP stopped");
+    result.map_err(serve_err)
+}

@@ -1,0 +1,438 @@
+//! The Prometheus endpoint: `GET /metrics` over HTTP/1, computed on each
+//! scrape from the counters the API reads ([`GatewayView`]).
+//!
+//! Owns: the metric names, their labels and the HTTP listener. A scrape
+//! reads each worker's counters once (atomic loads, no per-packet work) and
+//! asks the driver for port statistics, then encodes the result with the
+//! `prometheus-client` crate. Runs on the control plane's current-thread
+//! tokio runtime, beside the gRPC API; it starts no thread.
+//!
+//! The metric list is documented in `docs/operations.md`.
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use vipgate_dataplane::counters::{DropReason, WorkerCounters};
+
+use crate::api::{GatewayView, PortView};
+
+/// Default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9469";
+
+/// The content type of the OpenMetrics text format that `prometheus-client`
+/// writes; Prometheus negotiates and parses it.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Connections served at once; further ones wait in the kernel's backlog.
+/// A scrape takes well under a millisecond, so a few are plenty.
+const MAX_CONNECTIONS: usize = 8;
+
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the metrics endpoint could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// The listen address could not be bound (in use, not local, ...).
+    #[error(
+        "cannot listen for metrics on {addr}: {source} (set [metrics] listen, or listen = \"\" to turn metrics off)"
+    )]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Accepting connections failed.
+    #[error("the metrics endpoint on {addr} failed: {source}")]
+    Accept {
+        /// The listen address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound metrics listener that does not serve yet: connections wait in the
+/// kernel's backlog until [`serve`] runs. Binding is separate so that a
+/// port in use fails start-up before EAL.
+#[derive(Debug)]
+pub struct BoundMetrics {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl BoundMetrics {
+    /// The address actually bound (with the real port if 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Binds the metrics listener on `addr`. Needs no runtime.
+pub fn bind(addr: SocketAddr) -> Result<BoundMetrics, MetricsError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    listener.set_nonblocking(true).map_err(|source| MetricsError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
+    Ok(BoundMetrics { listener, addr })
+}
+
+/// Serves `GET /metrics` on `bound` until the future is dropped. Only
+/// returns on an error of the listening socket. Must run inside a tokio
+/// runtime (a current-thread one is enough); each connection is a task on
+/// that runtime.
+pub async fn serve(bound: BoundMetrics, view: Arc<dyn GatewayView>) -> Result<(), MetricsError> {
+    let BoundMetrics { listener, addr } = bound;
+    let listener = TcpListener::from_std(listener).map_err(|source| MetricsError::Accept { addr, source })?;
+    tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(GatewayCollector { view }));
+    let registry = Arc::new(registry);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            unreachable!("the semaphore is never closed")
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            // A connection that died before we took it, or a transient
+            // shortage of descriptors: not the listener's fault.
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(%addr, "metrics: cannot accept a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(source) => return Err(MetricsError::Accept { addr, source }),
+        };
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let registry = Arc::clone(&registry);
+                async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, "metrics connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        // EMFILE, ENFILE: out of descriptors for now.
+        || matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+/// Answers one request: the exposition for `GET /metrics` (and `HEAD`), 404
+/// for other paths, 405 for other methods.
+fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, text: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return plain(StatusCode::NOT_FOUND, "not found: metrics are at /metrics\n");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    let text = match encode(registry) {
+        Ok(t) => t,
+        Err(_) => return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics\n"),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(CONTENT_TYPE));
+    r
+}
+
+fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut text = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// Renders the metrics of `view` as the endpoint would serve them (for
+/// tests and tools that want the text without HTTP).
+pub fn render(view: Arc<dyn GatewayView>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(GatewayCollector { view }));
+    encode(&registry).unwrap_or_default()
+}
+
+/// Reads the gateway on each scrape.
+struct GatewayCollector {
+    view: Arc<dyn GatewayView>,
+}
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+/// One worker's counters, read once.
+struct WorkerSample {
+    worker: String,
+    c: Values,
+}
+
+/// The values of [`WorkerCounters`], loaded once per scrape so every family
+/// shows the same reading.
+#[derive(Default)]
+struct Values {
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+    handoff_out: u64,
+    handoff_in: u64,
+    flows_created: u64,
+    flows_evicted: u64,
+    flows_rehashed: u64,
+    flows_reset: u64,
+    flows_active: u64,
+    busy_polls: u64,
+    busy_cycles: u64,
+    drops: [u64; DropReason::COUNT],
+}
+
+impl Values {
+    fn read(c: &WorkerCounters) -> Values {
+        let mut drops = [0; DropReason::COUNT];
+        for r in DropReason::ALL {
+            drops[r as usize] = c.drops(r);
+        }
+        Values {
+            rx_packets: c.rx_packets.get(),
+            rx_bytes: c.rx_bytes.get(),
+            tx_packets: c.tx_packets.get(),
+            tx_bytes: c.tx_bytes.get(),
+            handoff_out: c.handoff_out.get(),
+            handoff_in: c.handoff_in.get(),
+            flows_created: c.flows_created.get(),
+            flows_evicted: c.flows_evicted.get(),
+            flows_rehashed: c.flows_rehashed.get(),
+            flows_reset: c.flows_reset.get(),
+            flows_active: c.flows_active.get(),
+            busy_polls: c.busy_polls.get(),
+            busy_cycles: c.busy_cycles.get(),
+            drops,
+        }
+    }
+}
+
+/// A per-worker counter family: name (without `_total`), help, and how to
+/// read it.
+type WorkerField = (&'static str, &'static str, fn(&Values) -> u64);
+
+const WORKER_COUNTERS: &[WorkerField] = &[
+    ("vipgate_worker_rx_packets", "Packets received from all ports by the worker.", |v| v.rx_packets),
+    ("vipgate_worker_rx_bytes", "Bytes received from all ports by the worker.", |v| v.rx_bytes),
+    ("vipgate_worker_tx_packets", "Packets the worker handed to a port and the port accepted.", |v| v.tx_packets),
+    ("vipgate_worker_tx_bytes", "Bytes of vipgate_worker_tx_packets.", |v| v.tx_bytes),
+    (
+        "vipgate_worker_handoff_out_packets",
+        "Packets received by the worker whose flow another worker owns, handed to it.",
+        |v| v.handoff_out,
+    ),
+    ("vipgate_worker_handoff_in_packets", "Packets the worker took from other workers' hand-off rings.", |v| {
+        v.handoff_in
+    }),
+    ("vipgate_worker_flows_created", "Flows added to the worker's connection-tracking table.", |v| v.flows_created),
+    ("vipgate_worker_flows_evicted", "Live flows pushed out of a full connection-tracking table.", |v| v.flows_evicted),
+    ("vipgate_worker_flows_rehashed", "Flows moved to another backend after theirs left its service.", |v| {
+        v.flows_rehashed
+    }),
+    (
+        "vipgate_worker_flows_reset",
+        "Flows reset because their backend left a service with on_backend_removal = \"reset\".",
+        |v| v.flows_reset,
+    ),
+    ("vipgate_worker_busy_polls", "Worker loop iterations that received at least one packet.", |v| v.busy_polls),
+    ("vipgate_worker_busy_cycles", "TSC cycles the worker spent in busy iterations (receive through transmit).", |v| {
+        v.busy_cycles
+    }),
+];
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(&[(&str, &str)], u64)],
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    // A single series without labels is written as `name_total 5`, not
+    // `name_total{} 5`.
+    if let &[(&[], value)] = rows {
+        return ConstCounter::new(value).encode(family);
+    }
+    for (labels, value) in rows {
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(&[(&str, &str)], V)],
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        gauge(
+            e,
+            "vipgate_build_info",
+            "vipgated's version; the value is always 1.",
+            &[(&[("version", env!("CARGO_PKG_VERSION"))], 1_i64)],
+        )?;
+
+        let samples: Vec<WorkerSample> = self
+            .view
+            .workers()
+            .iter()
+            .map(|w| WorkerSample { worker: w.lcore.to_string(), c: Values::read(&w.counters) })
+            .collect();
+        let labels: Vec<[(&str, &str); 1]> = samples.iter().map(|s| [("worker", s.worker.as_str())]).collect();
+        let per_worker = |read: fn(&Values) -> u64| -> Vec<(&[(&str, &str)], u64)> {
+            samples.iter().zip(&labels).map(|(s, l)| (&l[..], read(&s.c))).collect()
+        };
+        for (name, help, read) in WORKER_COUNTERS {
+            counter(e, name, help, &per_worker(*read))?;
+        }
+        gauge(
+            e,
+            "vipgate_worker_flows_active",
+            "Occupied connection-tracking slots of the worker (updated by housekeeping; expired flows count until swept).",
+            &per_worker(|v| v.flows_active),
+        )?;
+        let per_packet: Vec<(&[(&str, &str)], f64)> = samples
+            .iter()
+            .zip(&labels)
+            .map(|(s, l)| {
+                let p = if s.c.rx_packets == 0 { 0.0 } else { s.c.busy_cycles as f64 / s.c.rx_packets as f64 };
+                (&l[..], p)
+            })
+            .collect();
+        gauge(
+            e,
+            "vipgate_worker_busy_cycles_per_packet",
+            "vipgate_worker_busy_cycles divided by vipgate_worker_rx_packets since start (0 before the first packet).",
+            &per_packet,
+        )?;
+
+        let drop_labels: Vec<[(&str, &str); 2]> = samples
+            .iter()
+            .flat_map(|s| DropReason::ALL.iter().map(move |r| [("worker", s.worker.as_str()), ("reason", r.name())]))
+            .collect();
+        let drop_rows: Vec<(&[(&str, &str)], u64)> = samples
+            .iter()
+            .flat_map(|s| DropReason::ALL.iter().map(move |r| s.c.drops[*r as usize]))
+            .zip(&drop_labels)
+            .map(|(v, l)| (&l[..], v))
+            .collect();
+        counter(e, "vipgate_worker_dropped_packets", "Packets the worker dropped, by reason.", &drop_rows)?;
+
+        // node_exporter's ipvs collector names, summed over the workers, so
+        // dashboards written for IPVS work unchanged.
+        let sum = |read: fn(&Values) -> u64| samples.iter().fold(0u64, |a, s| a.wrapping_add(read(&s.c)));
+        let none: &[(&str, &str)] = &[];
+        counter(
+            e,
+            "node_ipvs_connections",
+            "Flows created by all workers (vipgate_worker_flows_created summed).",
+            &[(none, sum(|v| v.flows_created))],
+        )?;
+        counter(
+            e,
+            "node_ipvs_incoming_packets",
+            "Packets received by all workers (vipgate_worker_rx_packets summed).",
+            &[(none, sum(|v| v.rx_packets))],
+        )?;
+        counter(
+            e,
+            "node_ipvs_outgoing_packets",
+            "Packets sent by all workers (vipgate_worker_tx_packets summed).",
+            &[(none, sum(|v| v.tx_packets))],
+        )?;
+        counter(
+            e,
+            "node_ipvs_incoming_bytes",
+            "Bytes received by all workers (vipgate_worker_rx_bytes summed).",
+            &[(none, sum(|v| v.rx_bytes))],
+        )?;
+        counter(
+            e,
+            "node_ipvs_outgoing_bytes",
+            "Bytes sent by all workers (vipgate_worker_tx_bytes summed).",
+            &[(none, sum(|v| v.tx_bytes))],
+        )?;
+
+        let ports: Vec<PortView> = self.view.ports();
+        let port_labels: Vec<[(&str, &str); 1]> = ports.iter().map(|p| [("port", p.name.as_str())]).collect();
+        type PortField = (&'static str, &'static str, fn(&PortView) -> u64);
+        let port_fields: [PortField; 8] = [
+            ("vipgate_port_rx_packets", "Packets the port's driver received (ipackets).", |p| p.stats.ipackets),
+            ("vipgate_port_tx_packets", "Packets the port's driver sent (opackets).", |p| p.stats.opackets),
+            ("vipgate_port_rx_bytes", "Bytes the port's driver received (ibytes).", |p| p.stats.ibytes),
+            ("vipgate_port_tx_bytes", "Bytes the port's driver sent (obytes).", |p| p.stats.obytes),
+            (
+                "vipgate_port_rx_missed_packets",
+                "Packets the NIC dropped because the receive queues were full (imissed).",
+                |p| p.stats.imissed,
+            ),
+            ("vipgate_port_rx_errors", "Erroneous packets received (ierrors).", |p| p.stats.ierrors),
+            ("vipgate_port_tx_errors", "Packets the port failed to send (oerrors).", |p| p.stats.oerrors),
+            ("vipgate_port_rx_nombuf", "Receive buffer allocation failures (rx_nombuf).", |p| p.stats.rx_nombuf),
+        ];
+        for (name, help, read) in port_fields {
+            let rows: Vec<(&[(&str, &str)], u64)> =
+                ports.iter().zip(&port_labels).map(|(p, l)| (&l[..], read(p))).collect();
+            counter(e, name, help, &rows)?;
+        }
+
+        let pool = self.view.mempool();
+        let pool_labels = [("pool", pool.name.as_str())];
+        gauge(e, "vipgate_mempool_size_mbufs", "Mbufs in the packet buffer pool.", &[(&pool_labels[..], pool.size)])?;
+        gauge(
+            e,
+            "vipgate_mempool_in_use_mbufs",
+            "Mbufs taken from the packet buffer pool (per-lcore caches count as free).",
+            &[(&pool_labels[..], pool.in_use)],
+        )?;
+        Ok(())
+    }
+}
