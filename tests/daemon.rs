@@ -39,6 +39,12 @@ vip = "198.18.100.1"
 port = 80
 protocol = "tcp"
 backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
+
+# Off: these tests may run beside a vipgated that holds the default port;
+# tests/metrics.rs covers the endpoint. (Last, so the lines above keep the
+# numbers the error tests expect.)
+[metrics]
+listen = ""
 "#,
         socket = socket.display()
     )

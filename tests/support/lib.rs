@@ -330,6 +330,11 @@ mbufs = 8191
 [api]
 socket = "{socket}"
 
+# Off: these tests may run beside a vipgated that holds the default port;
+# tests/metrics.rs covers the endpoint.
+[metrics]
+listen = ""
+
 [[ports]]
 name = "client"
 device = "net_tap{n}0,iface={prefix}c"
