@@ -4,3 +4,5 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod state;
+pub mod store;
