@@ -1,5 +1,5 @@
-//! vipgate's gRPC API (`proto/vipgate/v1`): the `Gateway` service, its server
-//! on a Unix socket, and the client helper that `vipgatectl` uses.
+//! vipgate's gRPC API (`proto/vipgate/v1`): the `Gateway` and `ServiceManager`
+//! services, their server on a Unix socket, and the client helpers.
 //!
 //! This module owns the wire types and the socket. It reads the gateway only
 //! through [`GatewayView`], which the daemon implements; it never touches
@@ -10,11 +10,13 @@
 mod client;
 mod error;
 mod server;
+mod services;
 mod view;
 
-pub use client::connect_unix;
+pub use client::{connect_unix, connect_unix_services};
 pub use error::ApiError;
-pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_unix};
+pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_bound_with_state, serve_unix};
+pub use services::ServiceManagerService;
 pub use view::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
 
 /// The generated protobuf messages and the tonic client and server of
