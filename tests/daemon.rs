@@ -39,8 +39,12 @@ vip = "198.18.100.1"
 port = 80
 protocol = "tcp"
 backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
+
+[state]
+dir = "{state_dir}"
 "#,
-        socket = socket.display()
+        socket = socket.display(),
+        state_dir = socket.with_file_name("state").display()
     )
 }
 

@@ -330,6 +330,9 @@ mbufs = 8191
 [api]
 socket = "{socket}"
 
+[state]
+dir = "{state_dir}"
+
 [[ports]]
 name = "client"
 device = "net_tap{n}0,iface={prefix}c"
@@ -342,6 +345,7 @@ addresses = ["198.18.1.1/24"]
 
 {pools}"#,
             socket = socket.display(),
+            state_dir = dir.join("state").display(),
             lcores = opts.lcores,
         );
         let template = ConfigTemplate {
