@@ -537,3 +537,17 @@ fn port_mtu_defaults_to_1500_and_is_bounded() {
     // The MTU is set on the device at start: changing it needs a restart.
     assert_eq!(restart_required(&with("1600")).as_deref(), Some("ports[1].mtu changed from 1500 to 1600"));
 }
+
+#[test]
+fn the_state_directory_defaults_and_needs_a_restart() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+    let with = GOOD.replacen("[[ports]]", "[state]\ndir = \"/srv/vipgate\"\n\n[[ports]]", 1);
+    assert_eq!(parse(&with).unwrap().state_dir, Path::new("/srv/vipgate"));
+    assert_eq!(
+        restart_required(&with).as_deref(),
+        Some("state.dir changed from \"/var/lib/vipgate\" to \"/srv/vipgate\"")
+    );
+    let unknown = GOOD.replacen("[[ports]]", "[state]\ndirectory = \"/x\"\n\n[[ports]]", 1);
+    assert!(parse(&unknown).unwrap_err().to_string().contains("unknown field `directory`"));
+}
