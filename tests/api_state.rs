@@ -728,7 +728,11 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
         let delay = Duration::from_millis(20 + seed % 380);
         tokio::time::sleep(delay).await;
         d.kill9();
-        let _ = writer.await;
+        if let Err(e) = writer.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
         let (last_acked, pending) = {
             let p = progress.lock().unwrap();
             let last = p.acked.last_key_value().map(|(v, s)| (*v, s.clone())).unwrap_or(current.clone());

@@ -106,6 +106,9 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         source_pools = dynamic.source_pools.len(),
         "dynamic state restored"
     );
+    // Checked against the file before EAL too (the MACs only matter to the
+    // snapshot), so a conflict stops the start before anything else.
+    state::validate(config, &[], &dynamic).map_err(|source| DaemonError::State { path: store.path(), source })?;
 
     info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
     let eal = Eal::init(&config.eal_args)?;

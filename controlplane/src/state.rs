@@ -351,6 +351,13 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             pool_addresses.insert(*a, format!("static source pool {:?}", p.name));
         }
     }
+    // Static backends' addresses: no dynamic VIP or pool address may be one.
+    let mut static_backends: HashMap<u32, String> = HashMap::new();
+    for s in config.services() {
+        for b in &s.backends {
+            static_backends.insert(b.addr, format!("a backend of static service {:?} (defined in {file})", s.name));
+        }
+    }
     let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
     let mut backend_owner: HashMap<(u32, u16, Protocol), String> = HashMap::new();
     for s in config.services() {
@@ -392,6 +399,9 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             if all_vips.contains(&addr) {
                 return Err(StateError::invalid(field, format!("{a} is a VIP; a pool needs addresses of its own")));
             }
+            if let Some(owner) = static_backends.get(&addr) {
+                return Err(StateError::invalid(field, format!("{a} is {owner}")));
+            }
             if let Some(owner) = pool_addresses.insert(addr, format!("source pool {:?}", p.name)) {
                 return Err(StateError::invalid(field, format!("{a} is already in {owner}")));
             }
@@ -430,6 +440,9 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         }
         if let Some(owner) = pool_addresses.get(&vip) {
             return Err(StateError::invalid(f("vip"), format!("{} is an address of {owner}", s.vip)));
+        }
+        if let Some(owner) = static_backends.get(&vip) {
+            return Err(StateError::invalid(f("vip"), format!("{} is {owner}", s.vip)));
         }
         let port = check_port_number(i64::from(s.port)).map_err(|r| StateError::invalid(f("port"), r))?;
         let protocol = s.protocol.to_spec();

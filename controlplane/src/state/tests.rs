@@ -197,6 +197,11 @@ fn each_invalid_state_is_refused_naming_the_field() {
             "services[\"api\"].vip: 198.18.0.1 is an address of port \"a\"",
         ),
         (
+            "vip is a static backend",
+            |s| s.services.get_mut("api").unwrap().vip = Ipv4Addr::new(198, 18, 1, 11),
+            "services[\"api\"].vip: 198.18.1.11 is a backend of static service \"web\"",
+        ),
+        (
             "tunnel source",
             |s| {
                 let a = s.services.get_mut("api").unwrap();
