@@ -863,3 +863,66 @@ fn a_corrupt_state_file_stops_the_start_naming_it() {
     // The file is left as it was, for the operator.
     assert!(std::fs::read_to_string(d.state_file()).unwrap().ends_with("\"servi"));
 }
+
+#[tokio::test]
+async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() {
+    let mut d = Daemon::new("nodisk");
+    let mut c = d.start().await;
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "create",
+    );
+    let before = state(&mut c).await;
+    // A directory where vipgated writes its temporary file: the write fails
+    // (as root, permissions would not stop it).
+    let pid = d.child.as_ref().unwrap().id();
+    let tmp = d.state_file().with_file_name(format!(".state.json.{pid}.tmp"));
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::write(tmp.join("x"), "x").unwrap();
+    let e = c
+        .add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) })
+        .await
+        .expect_err("a change that cannot be written is refused");
+    println!("{:?}: {}", e.code(), e.message());
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains(&d.state_file().display().to_string()) && e.message().contains("nothing was changed"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(state(&mut c).await, before);
+    // Fixed, the same call goes through with the next version.
+    std::fs::remove_dir_all(&tmp).unwrap();
+    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) }).await;
+    assert_eq!(version(r, "add"), before.version + 1);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_that_conflicts_with_the_persisted_state_stops_the_start_before_eal() {
+    let mut d = Daemon::new("startconflict");
+    let mut c = d.start().await;
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "create",
+    );
+    drop(c);
+    d.stop().await;
+    let text = std::fs::read_to_string(d.config_path()).unwrap()
+        + "\n[[services]]\nname = \"api\"\nvip = \"198.18.100.7\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ { address = \"198.18.1.12\", port = 80 } ]\n";
+    std::fs::write(d.config_path(), text).unwrap();
+    d.spawn();
+    let status = d.child.take().unwrap().wait().unwrap();
+    let log = d.log_text();
+    println!("{}", log.lines().last().unwrap_or_default());
+    assert_eq!(status.code(), Some(1), "{log}");
+    let want = format!(
+        "the dynamic state in {} does not fit the configuration: services[\"api\"].name: a static service named \"api\" is defined in {}",
+        d.state_file().display(),
+        d.config_path().display()
+    );
+    assert!(log.contains(&want), "wanted {want:?} in {log}");
+    assert!(!log.contains("initialising EAL"), "EAL started: {log}");
+}
