@@ -90,8 +90,10 @@ impl GatewayView for DaemonView {
 /// as soon as it is up. Then EAL, ports and workers; then the API is served,
 /// and reloads run beside it on the same runtime.
 pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
-    // A current-thread runtime creates no threads: it runs on this thread,
-    // which EAL makes the main lcore below.
+    // A current-thread runtime runs on this thread, which EAL makes the main
+    // lcore below. Its only other threads are the blocking pool's, started
+    // on demand to write the state file (`Reloader::commit`); they never
+    // touch DPDK.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?;
