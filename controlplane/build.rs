@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The API files, relative to the proto root.
-const PROTOS: &[&str] = &["vipgate/v1/gateway.proto"];
+const PROTOS: &[&str] = &["vipgate/v1/gateway.proto", "vipgate/v1/services.proto"];
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");

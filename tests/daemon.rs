@@ -45,8 +45,11 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
 # numbers the error tests expect.)
 [metrics]
 listen = ""
+[state]
+dir = "{state_dir}"
 "#,
-        socket = socket.display()
+        socket = socket.display(),
+        state_dir = socket.with_file_name("state").display()
     )
 }
 

@@ -1,6 +1,6 @@
-//! vipgate's gRPC API (`proto/vipgate/v1`): the `Gateway` service, its server
-//! on a Unix socket and on TCP with mutual TLS, and the client helpers that
-//! `vipgatectl` uses.
+//! vipgate's gRPC API (`proto/vipgate/v1`): the `Gateway` and `ServiceManager`
+//! services, their server on a Unix socket and on TCP with mutual TLS, and
+//! the client helpers that `vipgatectl` uses.
 //!
 //! This module owns the wire types and the socket. It reads the gateway only
 //! through [`GatewayView`], which the daemon implements; it never touches
@@ -11,12 +11,14 @@
 mod client;
 mod error;
 mod server;
+mod services;
 mod tcp;
 mod view;
 
-pub use client::{TlsClientFiles, connect_tls, connect_unix};
+pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_services};
 pub use error::ApiError;
-pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_unix};
+pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_bound_with_state, serve_unix};
+pub use services::ServiceManagerService;
 pub use tcp::{
     BoundTcp, CONCURRENCY_PER_CONNECTION, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
     MAX_CONCURRENT_STREAMS, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, REQUEST_TIMEOUT, TcpSettings, bind_tcp, serve_tcp,

@@ -28,6 +28,8 @@ use vipgate_dpdk::{DataplaneConfig, PortConfig};
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";
+/// Default directory of the persisted dynamic state (`[state] dir`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate";
 /// Largest Maglev table size accepted (the largest prime below 2^24).
 pub const MAX_TABLE_SIZE: u32 = 16_777_213;
 /// Largest backend weight.
@@ -93,6 +95,8 @@ struct RawConfig {
     api: RawApi,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    state: RawState,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
     #[serde(default)]
@@ -269,6 +273,24 @@ impl Default for RawApi {
     }
 }
 
+/// Where the API's dynamic state is persisted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    #[serde(default = "default_state_dir")]
+    dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState { dir: default_state_dir() }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPort {
@@ -359,6 +381,9 @@ pub struct Config {
     /// Where the Prometheus endpoint listens; `None` when `[metrics] listen
     /// = ""` turns it off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the dynamic state (services and pools created through the API)
+    /// is persisted.
+    pub state_dir: PathBuf,
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
@@ -430,6 +455,21 @@ impl Config {
         &self.spec.ports
     }
 
+    /// Source pools, as configured.
+    pub fn source_pools(&self) -> &[SourcePoolSpec] {
+        &self.spec.source_pools
+    }
+
+    /// Static routes, as configured.
+    pub fn routes(&self) -> &[RouteSpec] {
+        &self.spec.routes
+    }
+
+    /// Number of dataplane workers (every lcore but the first).
+    pub fn workers(&self) -> usize {
+        self.lcores.len() - 1
+    }
+
     /// Whether a running gateway can switch from `self` to `new` without a
     /// restart: services (with their backends), routes and neighbours may
     /// change; `[eal]`, `[dataplane]`, `[api]` and `[[ports]]` may not.
@@ -480,27 +520,11 @@ impl Validator<'_> {
     }
 
     fn cidr(&self, s: &Spanned<String>, field: &str, min_len: u8) -> Result<Ipv4Cidr, ConfigError> {
-        let Some((a, l)) = s.get_ref().trim().split_once('/') else {
-            return self.err(
-                s.span(),
-                field,
-                format!("{:?} needs a prefix length, such as 198.18.0.1/24", s.get_ref()),
-            );
-        };
-        let Ok(addr) = a.parse::<Ipv4Addr>() else {
-            return self.err(s.span(), field, format!("{a:?} is not an IPv4 address"));
-        };
-        match l.parse::<u8>() {
-            Ok(len) if (min_len..=32).contains(&len) => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
-            _ => self.err(s.span(), field, format!("prefix length {l:?} is not a number from {min_len} to 32")),
-        }
+        parse_cidr(s.get_ref(), min_len).or_else(|reason| self.err(s.span(), field, reason))
     }
 
     fn port_number(&self, v: &Spanned<i64>, field: &str) -> Result<u16, ConfigError> {
-        match u16::try_from(*v.get_ref()) {
-            Ok(p) if p != 0 => Ok(p),
-            _ => self.err(v.span(), field, format!("{} is not a port number from 1 to 65535", v.get_ref())),
-        }
+        check_port_number(*v.get_ref()).or_else(|reason| self.err(v.span(), field, reason))
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -763,14 +787,9 @@ impl Validator<'_> {
                 None => DEFAULT_POOL_PORTS,
                 Some(r) => parse_port_range(r.get_ref()).or_else(|reason| self.err(r.span(), f("ports"), reason))?,
             };
-            let span = usize::from(last_port - first_port) + 1;
-            if span < workers {
+            if let Err(reason) = check_pool_ports(first_port, last_port, workers) {
                 let at = p.ports.as_ref().map_or(p.name.span(), Spanned::span);
-                return self.err(
-                    at,
-                    f("ports"),
-                    format!("{first_port}-{last_port} is {span} ports for {workers} workers; each worker needs a slice of its own"),
-                );
+                return self.err(at, f("ports"), reason);
             }
             source_pools.push(SourcePoolSpec { name, addresses, first_port, last_port });
         }
@@ -821,18 +840,7 @@ impl Validator<'_> {
             }
             let table_size = match &s.table_size {
                 None => DEFAULT_TABLE_SIZE,
-                Some(t) => {
-                    match u32::try_from(*t.get_ref()) {
-                        Ok(n) if is_prime(n) && (3..=MAX_TABLE_SIZE).contains(&n) => n,
-                        _ => {
-                            return self.err(
-                            t.span(),
-                            f("table_size"),
-                            format!("{} is not a prime from 3 to {MAX_TABLE_SIZE} (the default is {DEFAULT_TABLE_SIZE})", t.get_ref()),
-                        );
-                        }
-                    }
-                }
+                Some(t) => check_table_size(*t.get_ref()).or_else(|reason| self.err(t.span(), f("table_size"), reason))?,
             };
             let mode = match s.mode.as_ref().map(|m| m.get_ref().as_str()) {
                 None | Some("nat") => ForwardingMode::Nat,
@@ -946,16 +954,7 @@ impl Validator<'_> {
                 }
                 let weight = match &b.weight {
                     None => 1,
-                    Some(w) => match u32::try_from(*w.get_ref()) {
-                        Ok(w) if w <= MAX_WEIGHT => w,
-                        _ => {
-                            return self.err(
-                                w.span(),
-                                bf("weight"),
-                                format!("{} is not from 0 to {MAX_WEIGHT}", w.get_ref()),
-                            );
-                        }
-                    },
+                    Some(w) => check_weight(*w.get_ref()).or_else(|reason| self.err(w.span(), bf("weight"), reason))?,
                 };
                 backends.push(BackendSpec { addr, port: bport, weight });
             }
@@ -1037,7 +1036,9 @@ impl Validator<'_> {
         let mut fixed = fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices);
         // In file order: after `api.socket`, before `ports`.
         let at = fixed.iter().position(|(f, _)| f == "ports").unwrap_or(fixed.len());
-        fixed.splice(at..at, listener_settings(&raw.api, api_max_request_bytes, metrics_listen));
+        let mut extra = listener_settings(&raw.api, api_max_request_bytes, metrics_listen);
+        extra.push(("state.dir".to_owned(), format!("{:?}", raw.state.dir.display().to_string())));
+        fixed.splice(at..at, extra);
         Ok(Config {
             path: self.file.to_owned(),
             lcores,
@@ -1048,6 +1049,7 @@ impl Validator<'_> {
             api_tcp,
             api_max_request_bytes,
             metrics_listen,
+            state_dir: raw.state.dir,
             spec,
             fixed,
         })
@@ -1276,6 +1278,61 @@ fn parse_lcores(s: &str) -> Result<(Vec<u32>, Vec<Option<u32>>), String> {
     Ok((out, cpus))
 }
 
+// Checks shared by the configuration file and the API (`crate::state`):
+// each returns the value or the reason, and the caller names the field.
+
+/// A TCP or UDP port number, 1 to 65535.
+pub(crate) fn check_port_number(v: i64) -> Result<u16, String> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("{v} is not a port number from 1 to 65535")),
+    }
+}
+
+/// A Maglev table size: a prime from 3 to [`MAX_TABLE_SIZE`].
+pub(crate) fn check_table_size(v: i64) -> Result<u32, String> {
+    match u32::try_from(v) {
+        Ok(n) if is_prime(n) && (3..=MAX_TABLE_SIZE).contains(&n) => Ok(n),
+        _ => Err(format!("{v} is not a prime from 3 to {MAX_TABLE_SIZE} (the default is {DEFAULT_TABLE_SIZE})")),
+    }
+}
+
+/// A backend weight, 0 to [`MAX_WEIGHT`].
+pub(crate) fn check_weight(v: i64) -> Result<u32, String> {
+    match u32::try_from(v) {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ => Err(format!("{v} is not from 0 to {MAX_WEIGHT}")),
+    }
+}
+
+/// A source pool's port range must give each worker a slice of its own.
+pub(crate) fn check_pool_ports(first_port: u16, last_port: u16, workers: usize) -> Result<(), String> {
+    if first_port == 0 || first_port > last_port {
+        return Err(format!("{first_port}-{last_port} is not a port range from 1 to 65535 with first <= last"));
+    }
+    let span = usize::from(last_port - first_port) + 1;
+    if span < workers {
+        return Err(format!(
+            "{first_port}-{last_port} is {span} ports for {workers} workers; each worker needs a slice of its own"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses an IPv4 prefix `a.b.c.d/len` with `len` from `min_len` to 32.
+pub(crate) fn parse_cidr(s: &str, min_len: u8) -> Result<Ipv4Cidr, String> {
+    let Some((a, l)) = s.trim().split_once('/') else {
+        return Err(format!("{s:?} needs a prefix length, such as 198.18.0.1/24"));
+    };
+    let Ok(addr) = a.parse::<Ipv4Addr>() else {
+        return Err(format!("{a:?} is not an IPv4 address"));
+    };
+    match l.parse::<u8>() {
+        Ok(len) if (min_len..=32).contains(&len) => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
+        _ => Err(format!("prefix length {l:?} is not a number from {min_len} to 32")),
+    }
+}
+
 /// Parses a port range `first-last` (or a single port).
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
@@ -1287,7 +1344,7 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 
 /// True for addresses a host can own: not 0.0.0.0/8, loopback, multicast,
 /// reserved or limited broadcast.
-fn is_unicast(addr: u32) -> bool {
+pub(crate) fn is_unicast(addr: u32) -> bool {
     let a = Ipv4Addr::from(addr);
     !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240)
 }

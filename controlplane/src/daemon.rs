@@ -7,6 +7,8 @@
 
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
+use crate::state::{self, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView};
+use crate::store::{Store, StoreError};
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{error, info, warn};
@@ -33,6 +35,17 @@ pub enum DaemonError {
     /// The Prometheus endpoint failed.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The persisted dynamic state could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The persisted dynamic state does not fit the configuration file.
+    #[error("the dynamic state in {path} does not fit the configuration: {source}")]
+    State {
+        /// The state file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: StateError,
+    },
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -80,12 +93,28 @@ impl GatewayView for DaemonView {
 /// as soon as it is up. Then EAL, ports and workers; then the API is served,
 /// and reloads run beside it on the same runtime.
 pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
-    // A current-thread runtime creates no threads: it runs on this thread,
-    // which EAL makes the main lcore below.
+    // A current-thread runtime runs on this thread, which EAL makes the main
+    // lcore below. Its only other threads are the blocking pool's, started
+    // on demand to write the state file (`Reloader::commit`); they never
+    // touch DPDK.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?;
     let listeners = Listeners::bind(config)?;
+    // The dynamic state before EAL: a state file that cannot be read stops
+    // the start here, and is never replaced by an empty state.
+    let store = Store::new(&config.state_dir);
+    let dynamic = store.load()?;
+    info!(
+        path = %store.path().display(),
+        version = dynamic.version,
+        services = dynamic.services.len(),
+        source_pools = dynamic.source_pools.len(),
+        "dynamic state restored"
+    );
+    // Checked against the file before EAL too (the MACs only matter to the
+    // snapshot), so a conflict stops the start before anything else.
+    state::validate(config, &[], &dynamic).map_err(|source| DaemonError::State { path: store.path(), source })?;
 
     info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
     let eal = Eal::init(&config.eal_args)?;
@@ -98,7 +127,8 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         info!(port = %p.name, id = p.id, mac = %p.mac, "port started");
     }
     let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
-    let snapshot = Snapshot::build(&config.snapshot_spec(&macs))?;
+    let snapshot = state::compile(config, &macs, &dynamic)
+        .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
@@ -106,23 +136,35 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
 
     let view = Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
     let Signals { stop, mut hup } = signals;
-    let mut reloader = Reloader { running: config.clone(), macs, generation: 1 };
+    let running = Arc::new(config.clone());
+    let (handle, mut requests) =
+        StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
+    let mut reloader = Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone() };
     let served = rt
         .block_on(async {
             // Two futures on one thread: the API, which ends on SIGINT or
-            // SIGTERM, and the reloads, which never end. `select!` polls
-            // both, so the API keeps answering while a reload waits for the
-            // workers.
-            let reloads = async {
-                while hup.recv().await.is_some() {
-                    reloader.reload(&dataplane).await;
+            // SIGTERM, and the changes (reloads and API mutations, one at a
+            // time, in arrival order), which never end. `select!` polls
+            // both, so the API keeps answering reads while a change is
+            // persisted or waits for the workers.
+            let changes = async {
+                loop {
+                    tokio::select! {
+                        Some(()) = hup.recv() => reloader.reload(&dataplane).await,
+                        Some(request) = requests.recv() => reloader.mutate(request, &dataplane).await,
+                        else => break,
+                    }
                 }
                 std::future::pending::<()>().await
             };
             tokio::select! {
-                served = api::serve_bound(socket, Arc::clone(&view) as Arc<dyn GatewayView>, stop.wait()) => served.map_err(DaemonError::from),
-                failed = listeners.serve(view) => Err(failed),
-                () = reloads => unreachable!("the reload loop never ends"),
+                served = api::serve_bound_with_state(socket, Arc::clone(&view) as Arc<dyn GatewayView>, Some(handle.clone()), async {
+                    stop.wait().await;
+                    // Watch streams never end by themselves.
+                    handle.close();
+                }) => served.map_err(DaemonError::from),
+                failed = listeners.serve(view, handle.clone()) => Err(failed),
+                () = changes => unreachable!("the change loop never ends"),
             }
         });
     drop(rt);
@@ -185,7 +227,7 @@ impl Listeners {
 
     /// Serves both until one fails; never returns otherwise. Dropping the
     /// future (when the API socket's server ends) closes them.
-    async fn serve(self, view: Arc<DaemonView>) -> DaemonError {
+    async fn serve(self, view: Arc<DaemonView>, state: StateHandle) -> DaemonError {
         let metrics = async {
             match self.metrics {
                 Some(m) => {
@@ -196,7 +238,7 @@ impl Listeners {
         };
         let tcp = async {
             match self.tcp {
-                Some(t) => api::serve_tcp(t, Arc::clone(&view) as Arc<dyn GatewayView>, std::future::pending())
+                Some(t) => api::serve_tcp(t, Arc::clone(&view) as Arc<dyn GatewayView>, Some(state), std::future::pending())
                     .await
                     .map_err(DaemonError::from),
                 None => std::future::pending().await,
@@ -224,20 +266,31 @@ fn log_services(snapshot: &Snapshot) {
     }
 }
 
-/// Applies the configuration file again on SIGHUP. Only services (and their
-/// backends), routes and neighbours may change at runtime: they make up the
-/// snapshot, which is published to the running workers. Anything else
-/// (`[eal]`, `[dataplane]`, `[api]`, `[[ports]]`) is fixed when the daemon
-/// starts; a file that changes it, or that is not valid, is refused and the
-/// running configuration is kept.
+/// The only writer of the forwarding state: applies the configuration file
+/// again on SIGHUP, and the API's mutations of the dynamic state. Both
+/// compile static ∪ dynamic with [`state::compile`] and publish through
+/// [`Reloader::commit`], one change at a time, so they never race.
+///
+/// Only services (and their backends), source pools, routes and neighbours
+/// may change at runtime: they make up the snapshot, which is published to
+/// the running workers. Anything else (`[eal]`, `[dataplane]`, `[api]`,
+/// `[state]`, `[[ports]]`) is fixed when the daemon starts; a file that
+/// changes it, that is not valid, or that conflicts with the dynamic state,
+/// is refused and the running configuration is kept.
 struct Reloader {
     /// The configuration in force, which a reload is compared with.
-    running: Config,
+    running: Arc<Config>,
     /// The ports' MAC addresses, in port order.
     macs: Vec<EthernetAddress>,
     /// 1 for the configuration the daemon started with, plus one per
     /// applied reload.
     generation: u64,
+    /// The dynamic state in force (persisted).
+    dynamic: DesiredState,
+    /// Where it is persisted.
+    store: Store,
+    /// Where readers and watchers see it.
+    handle: StateHandle,
 }
 
 impl Reloader {
@@ -262,24 +315,128 @@ impl Reloader {
             error!("reload refused: {change}; restart vipgated to change it");
             return;
         }
-        let snapshot = match Snapshot::build(&new.snapshot_spec(&self.macs)) {
+        // The file against the dynamic state: a conflict (a name or a
+        // VIP:port/protocol both use) refuses the reload.
+        let snapshot = match state::compile(&new, &self.macs, &self.dynamic) {
             Ok(s) => s,
             Err(e) => {
-                error!("reload refused: cannot compile the forwarding state: {e}; the running configuration is kept");
+                error!("reload refused: {e}; the running configuration is kept");
                 return;
             }
         };
+        let change = Change {
+            cause: "reload".to_owned(),
+            services_changed: new
+                .services()
+                .iter()
+                .filter(|s| {
+                    !self.running.services().iter().any(|o| o.name == s.name && format!("{o:?}") == format!("{s:?}"))
+                })
+                .map(|s| s.name.clone())
+                .collect(),
+            services_deleted: self
+                .running
+                .services()
+                .iter()
+                .filter(|o| !new.services().iter().any(|s| s.name == o.name))
+                .map(|o| o.name.clone())
+                .collect(),
+            pools_changed: new
+                .source_pools()
+                .iter()
+                .filter(|p| !self.running.source_pools().contains(p))
+                .map(|p| p.name.clone())
+                .collect(),
+            pools_deleted: self
+                .running
+                .source_pools()
+                .iter()
+                .filter(|o| !new.source_pools().iter().any(|p| p.name == o.name))
+                .map(|o| o.name.clone())
+                .collect(),
+        };
+        // A reload is a change like any other: it takes the next version,
+        // persisted before it is applied.
+        let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         log_services(&snapshot);
         let services = snapshot.services().len();
-        let published = dataplane.publish_async(snapshot).await;
-        // Published even if a worker stalled: the new state is in force.
-        self.running = new;
+        if let Err(e) = self.commit(Arc::new(new), dynamic, snapshot, change, dataplane).await {
+            error!("reload refused: {e}; the running configuration is kept");
+            return;
+        }
         self.generation += 1;
         let ms = start.elapsed().as_secs_f64() * 1e3;
-        match published {
-            Ok(()) => info!("configuration reloaded: generation {}, {services} services in {ms:.1} ms", self.generation),
-            Err(e) => warn!("configuration reloaded: generation {}, {services} services in {ms:.1} ms; but {e}", self.generation),
+        info!(
+            "configuration reloaded: generation {}, {services} services in {ms:.1} ms (state version {})",
+            self.generation, self.dynamic.version
+        );
+    }
+
+    /// Applies one API mutation: on a copy of the dynamic state, validated
+    /// and compiled as a whole, then committed. Answers the caller with the
+    /// new version only once it is durable and published; a refused
+    /// mutation changes nothing.
+    async fn mutate(&mut self, request: MutationRequest, dataplane: &Dataplane) {
+        let MutationRequest { mutation, reply } = request;
+        let outcome: Result<u64, StateError> = async {
+            let mut new = self.dynamic.clone();
+            let change = mutation(&self.running, &mut new)?;
+            new.version = self.dynamic.version + 1;
+            let snapshot = state::compile(&self.running, &self.macs, &new)?;
+            self.commit(Arc::clone(&self.running), new, snapshot, change, dataplane).await?;
+            Ok(self.dynamic.version)
         }
+        .await;
+        if let Err(e) = &outcome {
+            info!(code = ?e.kind, "API change refused: {e}");
+        }
+        // The caller may have gone; the change stands.
+        let _ = reply.send(outcome);
+    }
+
+    /// The one way a change takes effect, in this order: persist the
+    /// dynamic state (atomically, fsynced), publish the snapshot to the
+    /// workers, then make it the state readers and watchers see. If
+    /// persisting fails nothing has changed.
+    async fn commit(
+        &mut self,
+        config: Arc<Config>,
+        dynamic: DesiredState,
+        snapshot: Snapshot,
+        change: Change,
+        dataplane: &Dataplane,
+    ) -> Result<(), StateError> {
+        let start = Instant::now();
+        let store = self.store.clone();
+        let copy = dynamic.clone();
+        // On the blocking pool: the runtime's thread keeps answering reads
+        // while the file is written and fsynced.
+        let saved = tokio::task::spawn_blocking(move || store.save(&copy))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Write { path: self.store.path(), source: std::io::Error::other(e) }));
+        if let Err(e) = saved {
+            error!("{e}; the change is refused");
+            return Err(StateError::new(ErrorKind::Unavailable, format!("{e}; nothing was changed")));
+        }
+        let published = dataplane.publish_async(snapshot).await;
+        // Published even if a worker stalled: the new state is in force.
+        if let Err(e) = published {
+            warn!("state version {}: published, but {e}", dynamic.version);
+        }
+        info!(
+            version = dynamic.version,
+            cause = %change.cause,
+            services_changed = ?change.services_changed,
+            services_deleted = ?change.services_deleted,
+            pools_changed = ?change.pools_changed,
+            pools_deleted = ?change.pools_deleted,
+            "state changed in {:.1} ms",
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        self.running = Arc::clone(&config);
+        self.dynamic = dynamic.clone();
+        self.handle.publish(StateView { config, dynamic }, change);
+        Ok(())
     }
 }
 

@@ -6,3 +6,5 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod metrics;
+pub mod state;
+pub mod store;

@@ -102,7 +102,7 @@ fn start(pki: &Pki, max_request_bytes: usize) -> (String, oneshot::Sender<()>, t
     let endpoint = format!("https://{}", bound.local_addr());
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
-        api::serve_tcp(bound, Arc::new(OneWorker), async {
+        api::serve_tcp(bound, Arc::new(OneWorker), None, async {
             let _ = stopped.await;
         })
         .await

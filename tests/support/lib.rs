@@ -334,6 +334,8 @@ socket = "{socket}"
 # tests/metrics.rs covers the endpoint.
 [metrics]
 listen = ""
+[state]
+dir = "{state_dir}"
 
 [[ports]]
 name = "client"
@@ -347,6 +349,7 @@ addresses = ["198.18.1.1/24"]
 
 {pools}"#,
             socket = socket.display(),
+            state_dir = dir.join("state").display(),
             lcores = opts.lcores,
         );
         let template = ConfigTemplate {

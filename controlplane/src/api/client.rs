@@ -9,6 +9,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::error::{ApiError, root_cause};
 use super::pb::gateway_client::GatewayClient;
+use super::pb::service_manager_client::ServiceManagerClient;
 
 /// A local socket answers at once; waiting longer only hides a hung daemon.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -22,18 +23,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `tonic::Request::set_timeout` where a hung daemon must not block the
 /// caller.
 pub async fn connect_unix(path: &Path) -> Result<GatewayClient<Channel>, ApiError> {
+    Ok(GatewayClient::new(channel_unix(path).await?))
+}
+
+/// Connects to vipgated's desired-state API (`ServiceManager`) on the Unix
+/// socket `path`, with the same rules as [`connect_unix`].
+pub async fn connect_unix_services(path: &Path) -> Result<ServiceManagerClient<Channel>, ApiError> {
+    Ok(ServiceManagerClient::new(channel_unix(path).await?))
+}
+
+async fn channel_unix(path: &Path) -> Result<Channel, ApiError> {
     let socket: PathBuf = path.to_owned();
     // The URI only fills HTTP/2's :authority; the connector ignores it and
     // always dials the socket.
-    let channel = Endpoint::from_static("http://vipgated")
+    Endpoint::from_static("http://vipgated")
         .connect_timeout(CONNECT_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move { UnixStream::connect(socket).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|source| ApiError::Connect { path: path.to_owned(), reason: root_cause(&source), source })?;
-    Ok(GatewayClient::new(channel))
+        .map_err(|source| ApiError::Connect { path: path.to_owned(), reason: root_cause(&source), source })
 }
 
 /// The files a client presents and trusts when it dials vipgated over TCP.

@@ -15,7 +15,9 @@ use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use super::error::ApiError;
 use super::pb;
 use super::pb::gateway_server::{Gateway, GatewayServer};
+use super::services::ServiceManagerService;
 use super::view::{GatewayView, MempoolView, PortView};
+use crate::state::StateHandle;
 
 /// Only the daemon's user may talk to it: the API will change the gateway's
 /// configuration, so the socket is as private as the configuration file.
@@ -230,11 +232,23 @@ pub async fn serve_bound(
     view: Arc<dyn GatewayView>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
+    serve_bound_with_state(bound, view, None, shutdown).await
+}
+
+/// [`serve_bound`], with the `ServiceManager` service beside `Gateway` on
+/// the same socket when `state` is given.
+pub async fn serve_bound_with_state(
+    bound: BoundSocket,
+    view: Arc<dyn GatewayView>,
+    state: Option<StateHandle>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ApiError> {
     let BoundSocket { listener, socket } = bound;
     let path = socket.path.clone();
     tracing::info!(socket = %path.display(), "API listening");
     let result = tonic::transport::Server::builder()
         .add_service(GatewayService::new(view).into_server())
+        .add_optional_service(state.map(|s| ServiceManagerService::new(s).into_server()))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     drop(socket);

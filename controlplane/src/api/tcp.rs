@@ -92,6 +92,7 @@ pub fn bind_tcp(settings: TcpSettings) -> Result<BoundTcp, ApiError> {
 pub async fn serve_tcp(
     bound: BoundTcp,
     view: Arc<dyn GatewayView>,
+    state: Option<crate::state::StateHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
     let BoundTcp { listener, addr, settings } = bound;
@@ -123,6 +124,9 @@ pub async fn serve_tcp(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(limits)
         .add_service(service)
+        .add_optional_service(state.map(|s| {
+            super::ServiceManagerService::new(s).into_server().max_decoding_message_size(settings.max_request_bytes)
+        }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     tracing::info!(%addr, "API on TCP stopped");

@@ -715,3 +715,17 @@ fn api_tcp_settings_need_a_restart() {
         Some("api.listen_tcp changed from \"127.0.0.1:50051\" to (not set)")
     );
 }
+
+#[test]
+fn the_state_directory_defaults_and_needs_a_restart() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.state_dir, Path::new(DEFAULT_STATE_DIR));
+    let with = GOOD.replacen("[[ports]]", "[state]\ndir = \"/srv/vipgate\"\n\n[[ports]]", 1);
+    assert_eq!(parse(&with).unwrap().state_dir, Path::new("/srv/vipgate"));
+    assert_eq!(
+        restart_required(&with).as_deref(),
+        Some("state.dir changed from \"/var/lib/vipgate\" to \"/srv/vipgate\"")
+    );
+    let unknown = GOOD.replacen("[[ports]]", "[state]\ndirectory = \"/x\"\n\n[[ports]]", 1);
+    assert!(parse(&unknown).unwrap_err().to_string().contains("unknown field `directory`"));
+}

@@ -1,0 +1,445 @@
+//! The `ServiceManager` service: the desired-state API.
+//!
+//! Converts requests into [`crate::state`] mutations (checking each field on
+//! the way in, errors naming the field path) and hands them to the daemon
+//! through a [`StateHandle`]; reads answer from the handle's current view
+//! and never wait for a mutation or the disk.
+
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+use vipgate_dataplane::snapshot::{ForwardingMode, OnBackendRemoval, ServiceSpec, SourcePoolSpec};
+
+use super::pb;
+use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
+use crate::config::DEFAULT_POOL_PORTS;
+use crate::state::{
+    self, AdminState, BackendState, ErrorKind, MAX_BACKENDS, MAX_POOLS, MAX_SERVICES, ModeState, PoolState,
+    ProtocolState, RemovalState, ServiceState, StateError, StateHandle, StateView, backend_field, ops, service_field,
+};
+
+/// The `ServiceManager` gRPC service over the daemon's [`StateHandle`].
+#[derive(Debug)]
+pub struct ServiceManagerService {
+    state: StateHandle,
+}
+
+impl ServiceManagerService {
+    /// A service applying its mutations through `state`.
+    pub fn new(state: StateHandle) -> Self {
+        ServiceManagerService { state }
+    }
+
+    /// The tonic server wrapper, ready for `Server::add_service`.
+    pub fn into_server(self) -> ServiceManagerServer<Self> {
+        ServiceManagerServer::new(self)
+    }
+
+    async fn mutate(&self, mutation: state::Mutation) -> Result<Response<pb::MutationResponse>, Status> {
+        let version = self.state.mutate(mutation).await.map_err(status)?;
+        Ok(Response::new(pb::MutationResponse { version }))
+    }
+}
+
+/// The gRPC status of a refused request.
+fn status(e: StateError) -> Status {
+    let code = match e.kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Unimplemented => Code::Unimplemented,
+        ErrorKind::Unavailable => Code::Unavailable,
+    };
+    Status::new(code, e.message)
+}
+
+fn invalid(field: impl std::fmt::Display, reason: impl std::fmt::Display) -> Status {
+    status(StateError::invalid(field, reason))
+}
+
+fn admin_state(v: i32, field: &str) -> Result<Option<AdminState>, Status> {
+    match pb::AdminState::try_from(v) {
+        Ok(pb::AdminState::Unspecified) => Ok(None),
+        Ok(pb::AdminState::Enabled) => Ok(Some(AdminState::Enabled)),
+        Ok(pb::AdminState::Draining) => Ok(Some(AdminState::Draining)),
+        Ok(pb::AdminState::Disabled) => Ok(Some(AdminState::Disabled)),
+        Err(_) => Err(invalid(field, format!("{v} is not an admin state"))),
+    }
+}
+
+fn backend_from(b: &pb::Backend, service: &str, index: usize) -> Result<BackendState, Status> {
+    let f = |k: &str| backend_field(service, index, k);
+    Ok(BackendState {
+        address: state::parse_ipv4(&b.address).map_err(|r| invalid(f("address"), r))?,
+        port: state::parse_port(b.port).map_err(|r| invalid(f("port"), r))?,
+        weight: state::parse_weight(b.weight).map_err(|r| invalid(f("weight"), r))?,
+        admin_state: admin_state(b.admin_state, &f("admin_state"))?.unwrap_or_default(),
+    })
+}
+
+/// A service from a request, each field checked; `health_check` and
+/// `flow_timeouts` are UNIMPLEMENTED (never stored, since the dataplane
+/// cannot apply them).
+fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
+    let name = s.name.trim().to_owned();
+    let f = |k: &str| service_field(&name, k);
+    state::check_name(&name).map_err(|r| invalid(f("name"), r))?;
+    if s.health_check.is_some() {
+        return Err(Status::unimplemented(format!(
+            "{}: per-service health checks are not supported by the dataplane yet",
+            f("health_check")
+        )));
+    }
+    if s.flow_timeouts.is_some() {
+        return Err(Status::unimplemented(format!(
+            "{}: per-service flow timeouts are not supported by the dataplane yet; set [dataplane.timeouts]",
+            f("flow_timeouts")
+        )));
+    }
+    if s.backends.len() > MAX_BACKENDS {
+        return Err(invalid(f("backends"), format!("{} backends; at most {MAX_BACKENDS}", s.backends.len())));
+    }
+    let mode = match s.mode.as_str() {
+        "" | "nat" => ModeState::Nat,
+        "fullnat" => {
+            if s.source_pool.is_empty() {
+                return Err(invalid(f("source_pool"), "mode \"fullnat\" needs a source_pool"));
+            }
+            ModeState::Fullnat { source_pool: s.source_pool.trim().to_owned() }
+        }
+        "dsr" => {
+            ModeState::Dsr { tunnel_source: (!s.tunnel_source.is_empty()).then(|| s.tunnel_source.trim().to_owned()) }
+        }
+        other => return Err(invalid(f("mode"), format!("{other:?} is not \"nat\", \"fullnat\" or \"dsr\""))),
+    };
+    if !s.source_pool.is_empty() && !matches!(mode, ModeState::Fullnat { .. }) {
+        return Err(invalid(f("source_pool"), "is only used with mode \"fullnat\""));
+    }
+    if !s.tunnel_source.is_empty() && !matches!(mode, ModeState::Dsr { .. }) {
+        return Err(invalid(f("tunnel_source"), "is only used with mode \"dsr\""));
+    }
+    let on_backend_removal = if s.on_backend_removal.is_empty() {
+        RemovalState::Rehash
+    } else {
+        RemovalState::parse(&s.on_backend_removal).map_err(|r| invalid(f("on_backend_removal"), r))?
+    };
+    Ok(ServiceState {
+        vip: state::parse_ipv4(&s.vip).map_err(|r| invalid(f("vip"), r))?,
+        port: state::parse_port(s.port).map_err(|r| invalid(f("port"), r))?,
+        protocol: ProtocolState::parse(&s.protocol).map_err(|r| invalid(f("protocol"), r))?,
+        mode,
+        table_size: state::parse_table_size(s.table_size).map_err(|r| invalid(f("table_size"), r))?,
+        on_backend_removal,
+        backends: s.backends.iter().enumerate().map(|(j, b)| backend_from(b, &name, j)).collect::<Result<_, _>>()?,
+        name,
+    })
+}
+
+fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
+    let name = p.name.trim().to_owned();
+    let f = |k: &str| format!("source_pools[{name:?}].{k}");
+    state::check_name(&name).map_err(|r| invalid(f("name"), r))?;
+    if p.addresses.len() > 65_536 {
+        return Err(invalid(f("addresses"), format!("{} addresses; at most 65536", p.addresses.len())));
+    }
+    let addresses = p
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(j, a)| state::parse_ipv4(a).map_err(|r| invalid(format!("source_pools[{name:?}].addresses[{j}]"), r)))
+        .collect::<Result<Vec<Ipv4Addr>, _>>()?;
+    let (first_port, last_port) = match (p.first_port, p.last_port) {
+        (0, 0) => DEFAULT_POOL_PORTS,
+        (a, b) => match (u16::try_from(a), u16::try_from(b)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return Err(invalid(f("ports"), format!("{a}-{b} is not a port range from 1 to 65535"))),
+        },
+    };
+    Ok(PoolState { name, addresses, first_port, last_port })
+}
+
+fn required<T>(v: Option<T>, field: &str) -> Result<T, Status> {
+    v.ok_or_else(|| invalid(field, "is required"))
+}
+
+fn origin(is_static: bool) -> i32 {
+    if is_static { pb::Origin::Static } else { pb::Origin::Dynamic }.into()
+}
+
+fn static_service(s: &ServiceSpec) -> pb::Service {
+    let (mode, source_pool, tunnel_source) = match &s.mode {
+        ForwardingMode::Nat => ("nat", String::new(), String::new()),
+        ForwardingMode::FullNat { pool } => ("fullnat", pool.clone(), String::new()),
+        ForwardingMode::Dsr { tunnel_source } => (
+            "dsr",
+            String::new(),
+            tunnel_source.map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).unwrap_or_default(),
+        ),
+    };
+    pb::Service {
+        name: s.name.clone(),
+        vip: Ipv4Addr::from(s.vip).to_string(),
+        port: s.port.into(),
+        protocol: s.protocol.name().to_owned(),
+        mode: mode.to_owned(),
+        source_pool,
+        tunnel_source,
+        table_size: s.table_size,
+        on_backend_removal: match s.on_backend_removal {
+            OnBackendRemoval::Rehash => "rehash",
+            OnBackendRemoval::Reset => "reset",
+        }
+        .to_owned(),
+        backends: s
+            .backends
+            .iter()
+            .map(|b| pb::Backend {
+                address: Ipv4Addr::from(b.addr).to_string(),
+                port: b.port.into(),
+                weight: Some(b.weight),
+                admin_state: pb::AdminState::Enabled.into(),
+            })
+            .collect(),
+        origin: origin(true),
+        health_check: None,
+        flow_timeouts: None,
+    }
+}
+
+fn dynamic_service(s: &ServiceState) -> pb::Service {
+    let (mode, source_pool, tunnel_source) = match &s.mode {
+        ModeState::Nat => ("nat", String::new(), String::new()),
+        ModeState::Fullnat { source_pool } => ("fullnat", source_pool.clone(), String::new()),
+        ModeState::Dsr { tunnel_source } => ("dsr", String::new(), tunnel_source.clone().unwrap_or_default()),
+    };
+    pb::Service {
+        name: s.name.clone(),
+        vip: s.vip.to_string(),
+        port: s.port.into(),
+        protocol: s.protocol.to_spec().name().to_owned(),
+        mode: mode.to_owned(),
+        source_pool,
+        tunnel_source,
+        table_size: s.table_size,
+        on_backend_removal: match s.on_backend_removal {
+            RemovalState::Rehash => "rehash",
+            RemovalState::Reset => "reset",
+        }
+        .to_owned(),
+        backends: s
+            .backends
+            .iter()
+            .map(|b| pb::Backend {
+                address: b.address.to_string(),
+                port: b.port.into(),
+                weight: Some(b.weight),
+                admin_state: match b.admin_state {
+                    AdminState::Enabled => pb::AdminState::Enabled,
+                    AdminState::Draining => pb::AdminState::Draining,
+                    AdminState::Disabled => pb::AdminState::Disabled,
+                }
+                .into(),
+            })
+            .collect(),
+        origin: origin(false),
+        health_check: None,
+        flow_timeouts: None,
+    }
+}
+
+fn static_pool(p: &SourcePoolSpec) -> pb::SourcePool {
+    pb::SourcePool {
+        name: p.name.clone(),
+        addresses: p.addresses.iter().map(|a| Ipv4Addr::from(*a).to_string()).collect(),
+        first_port: p.first_port.into(),
+        last_port: p.last_port.into(),
+        origin: origin(true),
+    }
+}
+
+fn dynamic_pool(p: &PoolState) -> pb::SourcePool {
+    pb::SourcePool {
+        name: p.name.clone(),
+        addresses: p.addresses.iter().map(ToString::to_string).collect(),
+        first_port: p.first_port.into(),
+        last_port: p.last_port.into(),
+        origin: origin(false),
+    }
+}
+
+/// The whole state as the API shows it: static and dynamic objects sorted
+/// by name.
+pub(crate) fn state_response(view: &StateView) -> pb::GetStateResponse {
+    let mut services: Vec<pb::Service> = view.config.services().iter().map(static_service).collect();
+    services.extend(view.dynamic.services.values().map(dynamic_service));
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut source_pools: Vec<pb::SourcePool> = view.config.source_pools().iter().map(static_pool).collect();
+    source_pools.extend(view.dynamic.source_pools.values().map(dynamic_pool));
+    source_pools.sort_by(|a, b| a.name.cmp(&b.name));
+    pb::GetStateResponse {
+        version: view.dynamic.version,
+        services,
+        source_pools,
+        config_file: view.config.path.display().to_string(),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ServiceManager for ServiceManagerService {
+    async fn get_state(
+        &self,
+        _request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        Ok(Response::new(state_response(&self.state.current())))
+    }
+
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::MutationResponse>, Status> {
+        let r = request.into_inner();
+        if r.services.len() > MAX_SERVICES {
+            return Err(invalid(
+                "services",
+                format!("{} services in one request; at most {MAX_SERVICES}", r.services.len()),
+            ));
+        }
+        if r.source_pools.len() > MAX_POOLS {
+            return Err(invalid(
+                "source_pools",
+                format!("{} source pools in one request; at most {MAX_POOLS}", r.source_pools.len()),
+            ));
+        }
+        let services = r.services.iter().map(service_from).collect::<Result<Vec<_>, _>>()?;
+        let pools = r.source_pools.iter().map(pool_from).collect::<Result<Vec<_>, _>>()?;
+        let expected = r.expected_version;
+        self.mutate(Box::new(move |c, s| ops::apply(c, s, expected, services, pools))).await
+    }
+
+    async fn create_service(
+        &self,
+        request: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let s = service_from(&required(request.into_inner().service, "service")?)?;
+        self.mutate(Box::new(move |c, st| ops::create_service(c, st, s))).await
+    }
+
+    async fn update_service(
+        &self,
+        request: Request<pb::UpdateServiceRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let s = service_from(&required(request.into_inner().service, "service")?)?;
+        self.mutate(Box::new(move |c, st| ops::update_service(c, st, s))).await
+    }
+
+    async fn delete_service(
+        &self,
+        request: Request<pb::DeleteServiceRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let name = request.into_inner().name;
+        self.mutate(Box::new(move |c, st| ops::delete_service(c, st, &name))).await
+    }
+
+    async fn add_backend(
+        &self,
+        request: Request<pb::AddBackendRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let r = request.into_inner();
+        let service = r.service;
+        let index = self.state.current().dynamic.services.get(&service).map_or(0, |s| s.backends.len());
+        let b = backend_from(&required(r.backend, "backend")?, &service, index)?;
+        self.mutate(Box::new(move |c, st| ops::add_backend(c, st, &service, b))).await
+    }
+
+    async fn update_backend(
+        &self,
+        request: Request<pb::UpdateBackendRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let r = request.into_inner();
+        let service = r.service;
+        let f = |k: &str| format!("services[{service:?}].backends[{}:{}].{k}", r.address, r.port);
+        let address = state::parse_ipv4(&r.address).map_err(|e| invalid(f("address"), e))?;
+        let port = state::parse_port(r.port).map_err(|e| invalid(f("port"), e))?;
+        let weight = r.weight.map(|w| state::parse_weight(Some(w)).map_err(|e| invalid(f("weight"), e))).transpose()?;
+        let admin = admin_state(r.admin_state, &f("admin_state"))?;
+        if weight.is_none() && admin.is_none() {
+            return Err(invalid(f("weight"), "set weight, admin_state or both"));
+        }
+        self.mutate(Box::new(move |c, st| ops::update_backend(c, st, &service, address, port, weight, admin))).await
+    }
+
+    async fn remove_backend(
+        &self,
+        request: Request<pb::RemoveBackendRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let r = request.into_inner();
+        let service = r.service;
+        let f = |k: &str| format!("services[{service:?}].backends[{}:{}].{k}", r.address, r.port);
+        let address = state::parse_ipv4(&r.address).map_err(|e| invalid(f("address"), e))?;
+        let port = state::parse_port(r.port).map_err(|e| invalid(f("port"), e))?;
+        self.mutate(Box::new(move |c, st| ops::remove_backend(c, st, &service, address, port))).await
+    }
+
+    async fn create_source_pool(
+        &self,
+        request: Request<pb::CreateSourcePoolRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let p = pool_from(&required(request.into_inner().pool, "pool")?)?;
+        self.mutate(Box::new(move |c, st| ops::create_pool(c, st, p))).await
+    }
+
+    async fn delete_source_pool(
+        &self,
+        request: Request<pb::DeleteSourcePoolRequest>,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let name = request.into_inner().name;
+        self.mutate(Box::new(move |c, st| ops::delete_pool(c, st, &name))).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let (view, mut events) = self.state.subscribe();
+        let first = pb::WatchEvent {
+            version: view.dynamic.version,
+            event: Some(pb::watch_event::Event::Snapshot(state_response(&view))),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    () = state.closed() => return,
+                    () = tx.closed() => return,
+                };
+                let item = match event {
+                    Ok(e) => Ok(pb::WatchEvent {
+                        version: e.version,
+                        event: Some(pb::watch_event::Event::Change(pb::Change {
+                            cause: e.change.cause.clone(),
+                            services_changed: e.change.services_changed.clone(),
+                            services_deleted: e.change.services_deleted.clone(),
+                            pools_changed: e.change.pools_changed.clone(),
+                            pools_deleted: e.change.pools_deleted.clone(),
+                        })),
+                    }),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::aborted(format!("the watcher fell {n} changes behind; watch again")))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

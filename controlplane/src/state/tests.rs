@@ -1,0 +1,294 @@
+use super::*;
+use std::path::Path;
+
+const CONFIG: &str = r#"
+[eal]
+lcores = "0,1"
+hugepages = false
+
+[[ports]]
+name = "a"
+device = "net_null0"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "b"
+device = "net_null1"
+addresses = ["198.18.1.1/24"]
+
+[[routes]]
+prefix = "198.19.0.0/16"
+via = "198.18.1.254"
+
+[[source_pools]]
+name = "static-pool"
+addresses = ["198.18.1.100"]
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+backends = [ { address = "198.18.1.11", port = 8080 } ]
+"#;
+
+fn config() -> Config {
+    Config::parse(Path::new("/etc/vipgate/vipgated.toml"), CONFIG).unwrap()
+}
+
+fn macs() -> Vec<EthernetAddress> {
+    vec![EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])]
+}
+
+fn backend(last: u8, port: u16, weight: u32) -> BackendState {
+    BackendState { address: Ipv4Addr::new(198, 18, 1, last), port, weight, admin_state: AdminState::Enabled }
+}
+
+fn service(name: &str, vip_last: u8) -> ServiceState {
+    ServiceState {
+        name: name.to_owned(),
+        vip: Ipv4Addr::new(198, 18, 100, vip_last),
+        port: 80,
+        protocol: ProtocolState::Tcp,
+        mode: ModeState::Nat,
+        table_size: 251,
+        on_backend_removal: RemovalState::Rehash,
+        backends: vec![backend(20, 8080, 1), backend(21, 8080, 2)],
+    }
+}
+
+fn pool(name: &str, last: u8) -> PoolState {
+    PoolState {
+        name: name.to_owned(),
+        addresses: vec![Ipv4Addr::new(198, 18, 1, last)],
+        first_port: 1024,
+        last_port: 65535,
+    }
+}
+
+fn with(services: Vec<ServiceState>, pools: Vec<PoolState>) -> DesiredState {
+    DesiredState {
+        version: 1,
+        services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        source_pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
+    }
+}
+
+#[test]
+fn a_valid_dynamic_state_compiles_with_the_static_one() {
+    let mut api = service("api", 2);
+    api.backends[0].admin_state = AdminState::Draining;
+    api.backends[1].admin_state = AdminState::Disabled;
+    let mut nat2 = service("full", 3);
+    nat2.mode = ModeState::Fullnat { source_pool: "dyn-pool".to_owned() };
+    nat2.backends = vec![backend(30, 8080, 1)];
+    let state = with(vec![api, nat2], vec![pool("dyn-pool", 101)]);
+    let spec = validate(&config(), &macs(), &state).unwrap();
+    let names: Vec<_> = spec.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["web", "api", "full"]);
+    let api = &spec.services[1];
+    // Draining: weight 0; disabled: left out.
+    assert_eq!(api.backends.len(), 1);
+    assert_eq!(api.backends[0].weight, 0);
+    assert_eq!(spec.source_pools.len(), 2);
+    let snapshot = compile(&config(), &macs(), &state).unwrap();
+    assert_eq!(snapshot.services().len(), 3);
+}
+
+#[test]
+fn each_invalid_state_is_refused_naming_the_field() {
+    type Case = (&'static str, fn(&mut DesiredState), &'static str);
+    let cases: &[Case] = &[
+        (
+            "weight",
+            |s| s.services.get_mut("api").unwrap().backends[1].weight = 70_000,
+            "services[\"api\"].backends[1].weight: 70000 is not from 0 to 65535",
+        ),
+        (
+            "table size",
+            |s| s.services.get_mut("api").unwrap().table_size = 1000,
+            "services[\"api\"].table_size: 1000 is not a prime from 3 to 16777213",
+        ),
+        (
+            "unknown pool",
+            |s| s.services.get_mut("api").unwrap().mode = ModeState::Fullnat { source_pool: "x".to_owned() },
+            "services[\"api\"].source_pool: no source pool is named \"x\"",
+        ),
+        (
+            "vip against static",
+            |s| s.services.get_mut("api").unwrap().vip = Ipv4Addr::new(198, 18, 100, 1),
+            "services[\"api\"].port: 198.18.100.1:80/tcp is already served by static service \"web\" (defined in /etc/vipgate/vipgated.toml)",
+        ),
+        (
+            "vip against dynamic",
+            |s| {
+                let mut o = service("other", 2);
+                o.backends = vec![backend(40, 80, 1)];
+                s.services.insert("other".to_owned(), o);
+            },
+            "198.18.100.2:80/tcp is already served by service",
+        ),
+        (
+            "static name",
+            |s| {
+                let mut o = service("web", 9);
+                o.backends.clear();
+                s.services.insert("web".to_owned(), o);
+            },
+            "services[\"web\"].name: a static service named \"web\" is defined in /etc/vipgate/vipgated.toml",
+        ),
+        (
+            "dsr port",
+            |s| s.services.get_mut("api").unwrap().mode = ModeState::Dsr { tunnel_source: None },
+            "services[\"api\"].backends[0].port: 8080: direct server return cannot change the port",
+        ),
+        (
+            "backend twice",
+            |s| {
+                let b = s.services["api"].backends[0].clone();
+                s.services.get_mut("api").unwrap().backends.push(b);
+            },
+            "services[\"api\"].backends[2].address: 198.18.1.20:8080 is listed twice",
+        ),
+        (
+            "unroutable backend",
+            |s| s.services.get_mut("api").unwrap().backends[0].address = Ipv4Addr::new(10, 1, 2, 3),
+            "services[\"api\"].backends[0].address: no route to 10.1.2.3",
+        ),
+        (
+            "backend is a VIP",
+            |s| s.services.get_mut("api").unwrap().backends[0].address = Ipv4Addr::new(198, 18, 100, 1),
+            "is an address of the gateway itself",
+        ),
+        (
+            "shared nat backend",
+            |s| s.services.get_mut("api").unwrap().backends[0] = backend(11, 8080, 1),
+            "services[\"api\"].backends[0].address: 198.18.1.11:8080/tcp already serves static service \"web\"",
+        ),
+        (
+            "pool address is a port's",
+            |s| {
+                s.source_pools.insert(
+                    "p".to_owned(),
+                    PoolState { addresses: vec![Ipv4Addr::new(198, 18, 1, 1)], ..pool("p", 1) },
+                );
+            },
+            "source_pools[\"p\"].addresses[0]: 198.18.1.1 is an address of port \"b\"",
+        ),
+        (
+            "pool address in static pool",
+            |s| {
+                s.source_pools.insert("p".to_owned(), pool("p", 100));
+            },
+            "source_pools[\"p\"].addresses[0]: 198.18.1.100 is already in static source pool \"static-pool\"",
+        ),
+        (
+            "bad name",
+            |s| {
+                let mut o = service("a b", 7);
+                o.backends.clear();
+                s.services.insert("a b".to_owned(), o);
+            },
+            "services[\"a b\"].name: \"a b\": use letters, digits",
+        ),
+        (
+            "vip is a port address",
+            |s| s.services.get_mut("api").unwrap().vip = Ipv4Addr::new(198, 18, 0, 1),
+            "services[\"api\"].vip: 198.18.0.1 is an address of port \"a\"",
+        ),
+        (
+            "vip is a static backend",
+            |s| s.services.get_mut("api").unwrap().vip = Ipv4Addr::new(198, 18, 1, 11),
+            "services[\"api\"].vip: 198.18.1.11 is a backend of static service \"web\"",
+        ),
+        (
+            "tunnel source",
+            |s| {
+                let a = s.services.get_mut("api").unwrap();
+                a.port = 8080;
+                a.mode = ModeState::Dsr { tunnel_source: Some("198.18.3.0/8".to_owned()) };
+            },
+            "services[\"api\"].tunnel_source: prefix length \"8\" is not a number from 16 to 32",
+        ),
+    ];
+    for (what, change, want) in cases {
+        let mut state = with(vec![service("api", 2)], vec![]);
+        change(&mut state);
+        let e = compile(&config(), &macs(), &state).err().unwrap_or_else(|| panic!("{what}: accepted"));
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{what}: {e}");
+        assert!(e.message.contains(want), "{what}: wanted {want:?} in {:?}", e.message);
+    }
+}
+
+#[test]
+fn mutations_refuse_static_objects_and_missing_ones() {
+    let c = config();
+    let mut s = with(vec![service("api", 2)], vec![pool("dyn-pool", 101)]);
+    let e = ops::delete_service(&c, &mut s, "web").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    assert_eq!(e.message, "service \"web\" is defined in /etc/vipgate/vipgated.toml; change it there and reload");
+    assert_eq!(ops::delete_service(&c, &mut s, "nope").unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(ops::create_service(&c, &mut s, service("api", 3)).unwrap_err().kind, ErrorKind::AlreadyExists);
+    assert_eq!(ops::create_service(&c, &mut s, service("web", 3)).unwrap_err().kind, ErrorKind::AlreadyExists);
+    assert_eq!(ops::delete_pool(&c, &mut s, "static-pool").unwrap_err().kind, ErrorKind::FailedPrecondition);
+    let e = ops::remove_backend(&c, &mut s, "api", Ipv4Addr::new(198, 18, 1, 99), 80).unwrap_err();
+    assert_eq!((e.kind, e.message.as_str()), (ErrorKind::NotFound, "service \"api\" has no backend 198.18.1.99:80"));
+    s.services.get_mut("api").unwrap().mode = ModeState::Fullnat { source_pool: "dyn-pool".to_owned() };
+    let e = ops::delete_pool(&c, &mut s, "dyn-pool").unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::FailedPrecondition, "source pool \"dyn-pool\" is used by service \"api\"")
+    );
+    let e = ops::apply(&c, &mut s, 0, vec![], vec![]).unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::FailedPrecondition, "expected_version 0 is not the current version 1")
+    );
+    let before = s.clone();
+    assert_eq!(
+        ops::apply(&c, &mut s, 1, vec![service("web", 5)], vec![]).unwrap_err().kind,
+        ErrorKind::FailedPrecondition
+    );
+    assert_eq!(s, before, "a refused mutation changed the state");
+}
+
+#[test]
+fn backend_updates_and_the_change_they_report() {
+    let c = config();
+    let mut s = with(vec![service("api", 2)], vec![]);
+    let ch = ops::update_backend(
+        &c,
+        &mut s,
+        "api",
+        Ipv4Addr::new(198, 18, 1, 20),
+        8080,
+        Some(9),
+        Some(AdminState::Draining),
+    )
+    .unwrap();
+    assert_eq!(ch.services_changed, ["api"]);
+    assert_eq!(
+        s.services["api"].backends[0],
+        BackendState { weight: 9, admin_state: AdminState::Draining, ..backend(20, 8080, 9) }
+    );
+    ops::add_backend(&c, &mut s, "api", backend(22, 8080, 1)).unwrap();
+    assert_eq!(ops::add_backend(&c, &mut s, "api", backend(22, 8080, 1)).unwrap_err().kind, ErrorKind::AlreadyExists);
+    ops::remove_backend(&c, &mut s, "api", Ipv4Addr::new(198, 18, 1, 21), 8080).unwrap();
+    assert_eq!(s.services["api"].backends.len(), 2);
+    let old = s.clone();
+    let ch = ops::apply(&c, &mut s, 1, vec![service("new", 4)], vec![pool("p", 101)]).unwrap();
+    assert_eq!(ch.services_changed, ["new"]);
+    assert_eq!(ch.services_deleted, ["api"]);
+    assert_eq!(ch.pools_changed, ["p"]);
+    assert_eq!(Change::between("x", &old, &old).services_changed.len(), 0);
+}
+
+#[test]
+fn parsers_name_ipv6_and_ranges() {
+    assert_eq!(parse_ipv4("2001:db8::1").unwrap_err(), "\"2001:db8::1\" is an IPv6 address; IPv6 is not supported");
+    assert_eq!(parse_ipv4("nope").unwrap_err(), "\"nope\" is not an IPv4 address");
+    assert_eq!(parse_port(70_000).unwrap_err(), "70000 is not a port number from 1 to 65535");
+    assert_eq!(parse_table_size(0).unwrap(), DEFAULT_TABLE_SIZE);
+    assert_eq!(parse_weight(None).unwrap(), 1);
+    assert!(parse_weight(Some(65_536)).is_err());
+}

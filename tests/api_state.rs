@@ -1,0 +1,928 @@
+//! The desired-state API (`ServiceManager`) against a running vipgated on
+//! net_null ports: every call's success path and version, refused requests
+//! that change nothing, restore after SIGTERM and after SIGKILL in the
+//! middle of a stream of changes, Watch (with a reload), and a corrupt state
+//! file. They need root and hugepages (or VIPGATE_HUGEPAGES=0) and fail
+//! loudly without.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use tonic::transport::Channel;
+use vipgate::{require_root, use_hugepages, workspace_bin};
+use vipgate_controlplane::api::connect_unix_services;
+use vipgate_controlplane::api::pb;
+use vipgate_controlplane::api::pb::service_manager_client::ServiceManagerClient;
+
+type Client = ServiceManagerClient<Channel>;
+
+/// The configuration: one static service "web" and one static pool.
+fn config(prefix: &str, dir: &Path, huge: bool, extra: &str) -> String {
+    format!(
+        r#"[eal]
+lcores = "0,1"
+hugepages = {huge}
+file_prefix = "{prefix}"
+
+[dataplane]
+idle_sleep_us = 50
+mbufs = 4095
+
+[api]
+socket = "{socket}"
+
+[state]
+dir = "{state}"
+
+[[ports]]
+name = "a"
+device = "net_null{prefix}a,no-rx=1"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "b"
+device = "net_null{prefix}b,no-rx=1"
+addresses = ["198.18.1.1/24"]
+
+[[source_pools]]
+name = "static-pool"
+addresses = ["198.18.1.100"]
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
+{extra}"#,
+        socket = dir.join("api.sock").display(),
+        state = dir.join("state").display(),
+    )
+}
+
+/// A vipgated under test, restartable on the same directory (and so the
+/// same state). Dropping it kills the daemon and removes its files.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    prefix: String,
+    starts: usize,
+}
+
+impl Daemon {
+    fn new(tag: &str) -> Daemon {
+        require_root();
+        let huge = use_hugepages();
+        let prefix = format!("vgs{tag}{}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vipgated.toml"), config(&prefix, &dir, huge, "")).unwrap();
+        Daemon { child: None, dir, prefix, starts: 0 }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("vipgated.toml")
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.join("state").join("state.json")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("vipgated.{}.log", self.starts))
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(workspace_bin("vipgated"))
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Starts vipgated and waits until the desired-state API answers.
+    async fn start(&mut self) -> Client {
+        self.spawn();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = connect_unix_services(&self.socket()).await
+                && c.get_state(pb::GetStateRequest {}).await.is_ok()
+            {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", self.log_text());
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vipgated exited early ({status}):\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+    }
+
+    /// SIGTERM and a clean exit within 20 s. Waits on the runtime, so that
+    /// the test's open connections (and Watch streams) can see the server
+    /// go away.
+    async fn stop(&mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vipgated did not stop within 20 s of SIGTERM:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let log = self.log_text();
+        assert!(status.success(), "exit {status:?}:\n{log}");
+        assert!(log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"), "{log}");
+        log
+    }
+
+    /// SIGKILL, then waits for the process to be gone.
+    fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.take().unwrap().wait();
+    }
+
+    /// Replaces the configuration file, sends SIGHUP and waits for the
+    /// reload's outcome line.
+    async fn reload(&self, text: &str) -> String {
+        let before = self.log_text().matches("configuration reloaded").count();
+        std::fs::write(self.config_path(), text).unwrap();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().filter(|l| l.contains("configuration reloaded")).nth(before) {
+                return line.to_owned();
+            }
+            assert!(!log.contains("reload refused"), "{log}");
+            assert!(Instant::now() < deadline, "no reload outcome:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
+        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
+            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn backend(last: u8, port: u32, weight: u32) -> pb::Backend {
+    pb::Backend {
+        address: format!("198.18.1.{last}"),
+        port,
+        weight: Some(weight),
+        admin_state: pb::AdminState::Enabled.into(),
+    }
+}
+
+/// A dynamic nat service as GetState shows it back.
+fn service(name: &str, vip_last: u8, backends: Vec<pb::Backend>) -> pb::Service {
+    pb::Service {
+        name: name.to_owned(),
+        vip: format!("198.18.100.{vip_last}"),
+        port: 80,
+        protocol: "tcp".to_owned(),
+        mode: "nat".to_owned(),
+        table_size: 251,
+        on_backend_removal: "rehash".to_owned(),
+        backends,
+        origin: pb::Origin::Dynamic.into(),
+        ..pb::Service::default()
+    }
+}
+
+fn pool(name: &str, last: u8) -> pb::SourcePool {
+    pb::SourcePool {
+        name: name.to_owned(),
+        addresses: vec![format!("198.18.1.{last}")],
+        first_port: 1024,
+        last_port: 65535,
+        origin: pb::Origin::Dynamic.into(),
+    }
+}
+
+async fn state(c: &mut Client) -> pb::GetStateResponse {
+    c.get_state(pb::GetStateRequest {}).await.expect("GetState").into_inner()
+}
+
+fn dynamic_services(s: &pb::GetStateResponse) -> Vec<pb::Service> {
+    s.services.iter().filter(|s| s.origin == i32::from(pb::Origin::Dynamic)).cloned().collect()
+}
+
+fn find<'a>(s: &'a pb::GetStateResponse, name: &str) -> &'a pb::Service {
+    s.services.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("no service {name:?} in {s:?}"))
+}
+
+/// Checks that a call's version is the next one and that GetState shows it.
+async fn check(c: &mut Client, expect: &mut u64, v: u64, what: &str) -> pb::GetStateResponse {
+    *expect += 1;
+    assert_eq!(v, *expect, "{what}: version");
+    let s = state(c).await;
+    assert_eq!(s.version, v, "{what}: GetState's version");
+    println!("{what}: version {v}");
+    s
+}
+
+fn version(r: Result<tonic::Response<pb::MutationResponse>, tonic::Status>, what: &str) -> u64 {
+    match r {
+        Ok(r) => r.into_inner().version,
+        Err(e) => panic!("{what}: {:?}: {}", e.code(), e.message()),
+    }
+}
+
+#[tokio::test]
+async fn every_call_succeeds_and_increments_the_version() {
+    let mut d = Daemon::new("ok");
+    let mut c = d.start().await;
+    let s0 = state(&mut c).await;
+    assert_eq!(s0.version, 0);
+    assert_eq!(s0.services.len(), 1);
+    assert_eq!(s0.services[0].origin, i32::from(pb::Origin::Static));
+    assert_eq!(s0.source_pools[0].name, "static-pool");
+    assert_eq!(s0.config_file, d.config_path().display().to_string());
+
+    let mut expect = 0;
+
+    let v = version(
+        c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await,
+        "CreateSourcePool",
+    );
+    let s = check(&mut c, &mut expect, v, "CreateSourcePool").await;
+    assert!(s.source_pools.iter().any(|p| *p == pool("snat", 101)), "{s:?}");
+
+    let mut api = service("api", 2, vec![backend(20, 8080, 1)]);
+    api.mode = "fullnat".to_owned();
+    api.source_pool = "snat".to_owned();
+    let v = version(c.create_service(pb::CreateServiceRequest { service: Some(api.clone()) }).await, "CreateService");
+    let s = check(&mut c, &mut expect, v, "CreateService").await;
+    assert_eq!(*find(&s, "api"), api);
+
+    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 5)) }).await;
+    let s = check(&mut c, &mut expect, version(r, "AddBackend"), "AddBackend").await;
+    assert_eq!(find(&s, "api").backends[1], backend(21, 8080, 5));
+
+    let r = c
+        .update_backend(pb::UpdateBackendRequest {
+            service: "api".into(),
+            address: "198.18.1.21".into(),
+            port: 8080,
+            weight: Some(9),
+            admin_state: pb::AdminState::Draining.into(),
+        })
+        .await;
+    let s = check(&mut c, &mut expect, version(r, "UpdateBackend"), "UpdateBackend").await;
+    let b = &find(&s, "api").backends[1];
+    assert_eq!((b.weight, b.admin_state), (Some(9), i32::from(pb::AdminState::Draining)));
+
+    let r = c
+        .remove_backend(pb::RemoveBackendRequest { service: "api".into(), address: "198.18.1.20".into(), port: 8080 })
+        .await;
+    let s = check(&mut c, &mut expect, version(r, "RemoveBackend"), "RemoveBackend").await;
+    assert_eq!(find(&s, "api").backends.len(), 1);
+
+    let mut api2 = api.clone();
+    api2.backends = vec![backend(22, 8080, 3), backend(23, 8080, 4)];
+    api2.on_backend_removal = "reset".to_owned();
+    let r = c.update_service(pb::UpdateServiceRequest { service: Some(api2.clone()) }).await;
+    let s = check(&mut c, &mut expect, version(r, "UpdateService"), "UpdateService").await;
+    assert_eq!(*find(&s, "api"), api2);
+
+    let dns = service("dns", 3, vec![backend(30, 53, 1)]);
+    let r = c.create_service(pb::CreateServiceRequest { service: Some(dns) }).await;
+    check(&mut c, &mut expect, version(r, "CreateService dns"), "CreateService dns").await;
+    let r = c.delete_service(pb::DeleteServiceRequest { name: "dns".into() }).await;
+    let s = check(&mut c, &mut expect, version(r, "DeleteService"), "DeleteService").await;
+    assert!(!s.services.iter().any(|x| x.name == "dns"));
+
+    let applied = vec![service("a1", 10, vec![backend(40, 80, 1)]), service("a2", 11, vec![backend(41, 80, 2)])];
+    let r = c
+        .apply(pb::ApplyRequest {
+            expected_version: expect,
+            services: applied.clone(),
+            source_pools: vec![pool("p2", 102)],
+        })
+        .await;
+    let s = check(&mut c, &mut expect, version(r, "Apply"), "Apply").await;
+    assert_eq!(dynamic_services(&s), applied);
+    assert!(s.source_pools.iter().any(|p| p.name == "p2") && !s.source_pools.iter().any(|p| p.name == "snat"));
+
+    let r = c.delete_service(pb::DeleteServiceRequest { name: "a2".into() }).await;
+    check(&mut c, &mut expect, version(r, "DeleteService a2"), "DeleteService a2").await;
+    let r = c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "p2".into() }).await;
+    let s = check(&mut c, &mut expect, version(r, "DeleteSourcePool"), "DeleteSourcePool").await;
+    assert!(!s.source_pools.iter().any(|p| p.name == "p2"));
+    let log = d.stop().await;
+    assert!(log.contains("state changed"), "{log}");
+}
+
+type Call = Box<dyn FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = tonic::Status>>>>;
+
+fn call<F, Fut>(f: F) -> Call
+where
+    F: FnOnce(Client) -> Fut + 'static,
+    Fut: std::future::Future<Output = Result<tonic::Response<pb::MutationResponse>, tonic::Status>> + 'static,
+{
+    Box::new(move |c| {
+        Box::pin(async move {
+            match f(c).await {
+                Ok(r) => panic!("accepted: version {}", r.into_inner().version),
+                Err(e) => e,
+            }
+        })
+    })
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
+    let mut d = Daemon::new("bad");
+    let mut c = d.start().await;
+    // Something dynamic to conflict with and to fail to change.
+    let mut api = service("api", 2, vec![backend(20, 8080, 1), backend(21, 8080, 1)]);
+    api.mode = "fullnat".to_owned();
+    api.source_pool = "snat".to_owned();
+    version(c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await, "pool");
+    version(c.create_service(pb::CreateServiceRequest { service: Some(api.clone()) }).await, "api");
+    let file = d.config_path().display().to_string();
+
+    let create = |s: pb::Service| {
+        call(move |mut c: Client| async move { c.create_service(pb::CreateServiceRequest { service: Some(s) }).await })
+    };
+    let with = |f: fn(&mut pb::Service)| {
+        let mut s = service("new", 9, vec![backend(50, 8080, 1), backend(51, 8080, 1)]);
+        f(&mut s);
+        s
+    };
+    let many_backends: Vec<pb::Backend> = (0..10_001).map(|i| backend(60, 1 + i, 1)).collect();
+    let cases: Vec<(&str, Call, Code, String)> = vec![
+        (
+            "unknown service",
+            call(
+                |mut c: Client| async move { c.delete_service(pb::DeleteServiceRequest { name: "nope".into() }).await },
+            ),
+            Code::NotFound,
+            "no service is named \"nope\"".into(),
+        ),
+        (
+            "duplicate service",
+            create(service("api", 7, vec![])),
+            Code::AlreadyExists,
+            "service \"api\" already exists".into(),
+        ),
+        (
+            "duplicate name of a static service",
+            create(service("web", 7, vec![])),
+            Code::AlreadyExists,
+            format!("service \"web\" already exists (defined in {file})"),
+        ),
+        (
+            "duplicate VIP:port against static",
+            create(with(|s| s.vip = "198.18.100.1".into())),
+            Code::InvalidArgument,
+            format!(
+                "services[\"new\"].port: 198.18.100.1:80/tcp is already served by static service \"web\" (defined in {file})"
+            ),
+        ),
+        (
+            "duplicate VIP:port against dynamic",
+            create(with(|s| s.vip = "198.18.100.2".into())),
+            Code::InvalidArgument,
+            "services[\"new\"].port: 198.18.100.2:80/tcp is already served by service \"api\"".into(),
+        ),
+        (
+            "bad weight",
+            create(with(|s| s.backends[1].weight = Some(70_000))),
+            Code::InvalidArgument,
+            "services[\"new\"].backends[1].weight: 70000 is not from 0 to 65535".into(),
+        ),
+        (
+            "non-prime table size",
+            create(with(|s| s.table_size = 1000)),
+            Code::InvalidArgument,
+            "services[\"new\"].table_size: 1000 is not a prime from 3 to 16777213".into(),
+        ),
+        (
+            "IPv6 VIP",
+            create(with(|s| s.vip = "2001:db8::1".into())),
+            Code::InvalidArgument,
+            "services[\"new\"].vip: \"2001:db8::1\" is an IPv6 address; IPv6 is not supported".into(),
+        ),
+        (
+            "IPv6 backend",
+            create(with(|s| s.backends[0].address = "fd00::5".into())),
+            Code::InvalidArgument,
+            "services[\"new\"].backends[0].address: \"fd00::5\" is an IPv6 address; IPv6 is not supported".into(),
+        ),
+        (
+            "unknown pool",
+            create(with(|s| {
+                s.mode = "fullnat".into();
+                s.source_pool = "x".into();
+            })),
+            Code::InvalidArgument,
+            "services[\"new\"].source_pool: no source pool is named \"x\"".into(),
+        ),
+        (
+            "DSR port mismatch",
+            create(with(|s| s.mode = "dsr".into())),
+            Code::InvalidArgument,
+            "services[\"new\"].backends[0].port: 8080: direct server return cannot change the port".into(),
+        ),
+        (
+            "unroutable backend",
+            create(with(|s| s.backends[0].address = "10.9.9.9".into())),
+            Code::InvalidArgument,
+            "services[\"new\"].backends[0].address: no route to 10.9.9.9".into(),
+        ),
+        (
+            "port out of range",
+            create(with(|s| s.port = 70_000)),
+            Code::InvalidArgument,
+            "services[\"new\"].port: 70000 is not a port number from 1 to 65535".into(),
+        ),
+        (
+            "health check",
+            create(with(|s| s.health_check = Some(pb::HealthCheck { interval_ms: 1000, timeout_ms: 500, port: 8080 }))),
+            Code::Unimplemented,
+            "services[\"new\"].health_check: per-service health checks are not supported".into(),
+        ),
+        (
+            "flow timeouts",
+            create(with(|s| s.flow_timeouts = Some(pb::FlowTimeouts { tcp_established_s: 5, udp_s: 5 }))),
+            Code::Unimplemented,
+            "services[\"new\"].flow_timeouts".into(),
+        ),
+        (
+            "oversized backends",
+            create(service("big", 9, many_backends)),
+            Code::InvalidArgument,
+            "services[\"big\"].backends: 10001 backends; at most 10000".into(),
+        ),
+        (
+            "oversized apply",
+            call(|mut c: Client| async move {
+                let services = (0..10_001).map(|i| service(&format!("s{i}"), 9, vec![])).collect();
+                c.apply(pb::ApplyRequest { expected_version: 2, services, source_pools: vec![] }).await
+            }),
+            Code::InvalidArgument,
+            "services: 10001 services in one request; at most 10000".into(),
+        ),
+        (
+            "version mismatch",
+            call(|mut c: Client| async move {
+                c.apply(pb::ApplyRequest { expected_version: 1, services: vec![], source_pools: vec![] }).await
+            }),
+            Code::FailedPrecondition,
+            "expected_version 1 is not the current version 2".into(),
+        ),
+        (
+            "blind overwrite",
+            call(|mut c: Client| async move {
+                c.apply(pb::ApplyRequest { expected_version: 0, services: vec![], source_pools: vec![] }).await
+            }),
+            Code::FailedPrecondition,
+            "expected_version 0 is not the current version 2".into(),
+        ),
+        (
+            "changing a static service",
+            call(|mut c: Client| async move {
+                c.add_backend(pb::AddBackendRequest { service: "web".into(), backend: Some(backend(70, 8080, 1)) })
+                    .await
+            }),
+            Code::FailedPrecondition,
+            format!("service \"web\" is defined in {file}; change it there and reload"),
+        ),
+        (
+            "deleting a static service",
+            call(
+                |mut c: Client| async move { c.delete_service(pb::DeleteServiceRequest { name: "web".into() }).await },
+            ),
+            Code::FailedPrecondition,
+            format!("service \"web\" is defined in {file}; change it there and reload"),
+        ),
+        (
+            "deleting a static pool",
+            call(|mut c: Client| async move {
+                c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "static-pool".into() }).await
+            }),
+            Code::FailedPrecondition,
+            format!("source pool \"static-pool\" is defined in {file}; change it there and reload"),
+        ),
+        (
+            "pool in use",
+            call(|mut c: Client| async move {
+                c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "snat".into() }).await
+            }),
+            Code::FailedPrecondition,
+            "source pool \"snat\" is used by service \"api\"".into(),
+        ),
+        (
+            "pool address taken",
+            call(|mut c: Client| async move {
+                c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("p", 100)) }).await
+            }),
+            Code::InvalidArgument,
+            "source_pools[\"p\"].addresses[0]: 198.18.1.100 is already in static source pool \"static-pool\"".into(),
+        ),
+        (
+            "unknown backend",
+            call(|mut c: Client| async move {
+                c.remove_backend(pb::RemoveBackendRequest {
+                    service: "api".into(),
+                    address: "198.18.1.99".into(),
+                    port: 8080,
+                })
+                .await
+            }),
+            Code::NotFound,
+            "service \"api\" has no backend 198.18.1.99:8080".into(),
+        ),
+        (
+            "duplicate backend",
+            call(|mut c: Client| async move {
+                c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(20, 8080, 1)) })
+                    .await
+            }),
+            Code::AlreadyExists,
+            "service \"api\" already has backend 198.18.1.20:8080".into(),
+        ),
+        (
+            "bad weight on update",
+            call(|mut c: Client| async move {
+                c.update_backend(pb::UpdateBackendRequest {
+                    service: "api".into(),
+                    address: "198.18.1.20".into(),
+                    port: 8080,
+                    weight: Some(65_536),
+                    admin_state: 0,
+                })
+                .await
+            }),
+            Code::InvalidArgument,
+            "services[\"api\"].backends[198.18.1.20:8080].weight: 65536 is not from 0 to 65535".into(),
+        ),
+    ];
+    assert!(cases.len() >= 15);
+    let before = state(&mut c).await;
+    assert_eq!(before.version, 2);
+    for (what, f, code, want) in cases {
+        let e = f(c.clone()).await;
+        println!("{what}: {:?}: {}", e.code(), e.message());
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+        assert!(e.message().contains(&want), "{what}: wanted {want:?} in {:?}", e.message());
+        assert_eq!(state(&mut c).await, before, "{what}: the state changed");
+    }
+    let text = std::fs::read_to_string(d.state_file()).unwrap();
+    assert!(text.contains("\"version\": 2"), "{text}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn restart_restores_the_same_version_and_content_and_serves_it() {
+    let mut d = Daemon::new("restore");
+    let mut c = d.start().await;
+    version(c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await, "pool");
+    let mut full = service("full", 3, vec![backend(30, 8080, 2)]);
+    full.mode = "fullnat".into();
+    full.source_pool = "snat".into();
+    version(c.create_service(pb::CreateServiceRequest { service: Some(full) }).await, "full");
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "api",
+    );
+    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 7)) }).await;
+    version(r, "add");
+    let r = c
+        .update_backend(pb::UpdateBackendRequest {
+            service: "api".into(),
+            address: "198.18.1.20".into(),
+            port: 8080,
+            weight: None,
+            admin_state: pb::AdminState::Disabled.into(),
+        })
+        .await;
+    let v = version(r, "disable");
+    let before = state(&mut c).await;
+    assert_eq!(before.version, v);
+    drop(c);
+    d.stop().await;
+
+    let mut c = d.start().await;
+    let after = state(&mut c).await;
+    assert_eq!(after, before);
+    let log = d.log_text();
+    assert!(
+        log.contains(&format!(
+            "dynamic state restored path={} version={v} services=2 source_pools=1",
+            d.state_file().display()
+        )),
+        "{log}"
+    );
+    // The dataplane serves them: the disabled backend is left out.
+    assert!(log.contains("service=api vip=198.18.100.2 port=80 protocol=\"tcp\" backends=1"), "{log}");
+    assert!(log.contains("service=full vip=198.18.100.3 port=80 protocol=\"tcp\" backends=1"), "{log}");
+    assert!(log.contains("service=web vip=198.18.100.1"), "{log}");
+    println!(
+        "{}",
+        log.lines().filter(|l| l.contains("service=") || l.contains("restored")).collect::<Vec<_>>().join("\n")
+    );
+    d.stop().await;
+}
+
+/// What the client knows about the stream of changes it sends.
+#[derive(Default)]
+struct Progress {
+    /// The version each acknowledged call returned, and the dynamic
+    /// services it produced.
+    acked: BTreeMap<u64, Vec<pb::Service>>,
+    /// The call in flight: the version it will produce and its services.
+    pending: Option<(u64, Vec<pb::Service>)>,
+}
+
+/// The `i`th change of the stream: "api" with 1 to 4 backends, weights
+/// following `i`.
+fn nth_service(i: u64) -> pb::Service {
+    let n = 1 + (i % 4) as u8;
+    service("api", 2, (0..n).map(|j| backend(20 + j, 8080, ((i * 7 + u64::from(j)) % 1000) as u32)).collect())
+}
+
+#[tokio::test]
+async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
+    let mut d = Daemon::new("kill");
+    let mut c = d.start().await;
+    let v = version(c.create_service(pb::CreateServiceRequest { service: Some(nth_service(0)) }).await, "create");
+    let mut current = (v, vec![nth_service(0)]);
+    let started = Instant::now();
+    let mut seed = u64::from(std::process::id()) ^ started.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    for round in 0..5 {
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let writer = {
+            let progress = Arc::clone(&progress);
+            let mut c = c.clone();
+            let (mut v, _) = current.clone();
+            tokio::spawn(async move {
+                for i in 1..=300u64 {
+                    let s = nth_service(v + i);
+                    progress.lock().unwrap().pending = Some((v + 1, vec![s.clone()]));
+                    match c.update_service(pb::UpdateServiceRequest { service: Some(s.clone()) }).await {
+                        Ok(r) => {
+                            let got = r.into_inner().version;
+                            assert_eq!(got, v + 1, "versions go up by one");
+                            v = got;
+                            let mut p = progress.lock().unwrap();
+                            p.acked.insert(got, vec![s]);
+                            p.pending = None;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        // xorshift: a kill at a random moment, 20 to 400 ms in.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(20 + seed % 380);
+        tokio::time::sleep(delay).await;
+        d.kill9();
+        if let Err(e) = writer.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        let (last_acked, pending) = {
+            let p = progress.lock().unwrap();
+            let last = p.acked.last_key_value().map(|(v, s)| (*v, s.clone())).unwrap_or(current.clone());
+            (last, p.pending.clone())
+        };
+        c = d.start().await;
+        let restored = state(&mut c).await;
+        let services = dynamic_services(&restored);
+        let ok = if restored.version == last_acked.0 {
+            services == last_acked.1
+        } else if let Some((pv, ps)) = &pending {
+            restored.version == *pv && services == *ps
+        } else {
+            false
+        };
+        println!(
+            "round {round}: killed after {delay:?}, last acknowledged version {}, in flight {:?}, restored version {}",
+            last_acked.0,
+            pending.as_ref().map(|p| p.0),
+            restored.version
+        );
+        assert!(
+            ok,
+            "restored version {} ({services:?}) is neither the last acknowledged {} nor the one in flight {:?}",
+            restored.version,
+            last_acked.0,
+            pending.map(|p| p.0)
+        );
+        current = (restored.version, services);
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn watch_sends_the_state_then_each_change_in_order_including_a_reload() {
+    let mut d = Daemon::new("watch");
+    let mut c = d.start().await;
+    let mut stream = c.watch(pb::WatchRequest {}).await.expect("Watch").into_inner();
+    let first = stream.message().await.unwrap().expect("the initial state");
+    let Some(pb::watch_event::Event::Snapshot(s)) = &first.event else {
+        panic!("first event is not the state: {first:?}")
+    };
+    assert_eq!((first.version, s.version, s.services.len()), (0, 0, 1));
+
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "create",
+    );
+    version(
+        c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) }).await,
+        "add",
+    );
+    version(c.delete_service(pb::DeleteServiceRequest { name: "api".into() }).await, "delete");
+    let text = std::fs::read_to_string(d.config_path()).unwrap()
+        + "\n[[services]]\nname = \"dns\"\nvip = \"198.18.100.9\"\nport = 53\nprotocol = \"udp\"\nbackends = [ { address = \"198.18.1.12\", port = 53 } ]\n";
+    let line = d.reload(&text).await;
+    assert!(line.contains("(state version 4)"), "{line}");
+    let want = [
+        (1, "CreateService", vec!["api"], vec![]),
+        (2, "AddBackend", vec!["api"], vec![]),
+        (3, "DeleteService", vec![], vec!["api"]),
+        (4, "reload", vec!["dns"], vec![]),
+    ];
+    for (v, cause, changed, deleted) in want {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        println!("event: version {} {:?}", e.version, e.event);
+        let Some(pb::watch_event::Event::Change(ch)) = e.event else { panic!("not a change: {e:?}") };
+        assert_eq!((e.version, ch.cause.as_str()), (v, cause));
+        assert_eq!(ch.services_changed, changed);
+        assert_eq!(ch.services_deleted, deleted);
+    }
+    let s = state(&mut c).await;
+    assert_eq!(s.version, 4);
+    assert_eq!(find(&s, "dns").origin, i32::from(pb::Origin::Static));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_conflicts_with_a_dynamic_service_is_refused() {
+    let mut d = Daemon::new("conflict");
+    let mut c = d.start().await;
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "create",
+    );
+    let text = std::fs::read_to_string(d.config_path()).unwrap()
+        + "\n[[services]]\nname = \"other\"\nvip = \"198.18.100.2\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ { address = \"198.18.1.12\", port = 80 } ]\n";
+    std::fs::write(d.config_path(), text).unwrap();
+    d.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let log = d.log_text();
+        if let Some(l) = log.lines().find(|l| l.contains("reload refused")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("{line}");
+    assert!(
+        line.contains("services[\"api\"].port: 198.18.100.2:80/tcp is already served by static service \"other\""),
+        "{line}"
+    );
+    assert_eq!(state(&mut c).await.version, 1);
+    d.stop().await;
+}
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_naming_it() {
+    let mut d = Daemon::new("corrupt");
+    std::fs::create_dir_all(d.state_file().parent().unwrap()).unwrap();
+    std::fs::write(d.state_file(), "{\"format\": 1, \"state\": {\"version\": 3, \"servi").unwrap();
+    d.spawn();
+    let status = d.child.take().unwrap().wait().unwrap();
+    let log = d.log_text();
+    println!("{}", log.lines().last().unwrap_or_default());
+    assert_eq!(status.code(), Some(1), "{log}");
+    let want = format!("vipgated: state file {}: not valid JSON", d.state_file().display());
+    assert!(log.contains(&want), "wanted {want:?} in {log}");
+    assert!(!log.contains("initialising EAL"), "EAL started: {log}");
+    // The file is left as it was, for the operator.
+    assert!(std::fs::read_to_string(d.state_file()).unwrap().ends_with("\"servi"));
+}
+
+#[tokio::test]
+async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() {
+    let mut d = Daemon::new("nodisk");
+    let mut c = d.start().await;
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "create",
+    );
+    let before = state(&mut c).await;
+    // A directory where vipgated writes its temporary file: the write fails
+    // (as root, permissions would not stop it).
+    let pid = d.child.as_ref().unwrap().id();
+    let tmp = d.state_file().with_file_name(format!(".state.json.{pid}.tmp"));
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::write(tmp.join("x"), "x").unwrap();
+    let e = c
+        .add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) })
+        .await
+        .expect_err("a change that cannot be written is refused");
+    println!("{:?}: {}", e.code(), e.message());
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains(&d.state_file().display().to_string()) && e.message().contains("nothing was changed"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(state(&mut c).await, before);
+    // Fixed, the same call goes through with the next version.
+    std::fs::remove_dir_all(&tmp).unwrap();
+    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) }).await;
+    assert_eq!(version(r, "add"), before.version + 1);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_that_conflicts_with_the_persisted_state_stops_the_start_before_eal() {
+    let mut d = Daemon::new("startconflict");
+    let mut c = d.start().await;
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
+            .await,
+        "create",
+    );
+    drop(c);
+    d.stop().await;
+    let text = std::fs::read_to_string(d.config_path()).unwrap()
+        + "\n[[services]]\nname = \"api\"\nvip = \"198.18.100.7\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ { address = \"198.18.1.12\", port = 80 } ]\n";
+    std::fs::write(d.config_path(), text).unwrap();
+    d.spawn();
+    let status = d.child.take().unwrap().wait().unwrap();
+    let log = d.log_text();
+    println!("{}", log.lines().last().unwrap_or_default());
+    assert_eq!(status.code(), Some(1), "{log}");
+    let want = format!(
+        "the dynamic state in {} does not fit the configuration: services[\"api\"].name: a static service named \"api\" is defined in {}",
+        d.state_file().display(),
+        d.config_path().display()
+    );
+    assert!(log.contains(&want), "wanted {want:?} in {log}");
+    assert!(!log.contains("initialising EAL"), "EAL started: {log}");
+}
