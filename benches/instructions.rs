@@ -33,7 +33,8 @@ fn main() {
     }
     let bursts: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
     let fullnat = || ForwardingMode::FullNat { pool: "snat".into() };
-    let dsr = || ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: u32::from_be_bytes([198, 18, 3, 0]), len: 24 }) };
+    let dsr =
+        || ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: u32::from_be_bytes([198, 18, 3, 0]), len: 24 }) };
     let snap = match workload.as_str() {
         "forward-fullnat" | "reverse-fullnat" => snapshot_with(fullnat()),
         "forward-dsr" => snapshot_with(dsr()),
@@ -50,7 +51,9 @@ fn main() {
             (foreign_burst(), 0)
         }
         other => {
-            eprintln!("unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr or handoff");
+            eprintln!(
+                "unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr or handoff"
+            );
             std::process::exit(2);
         }
     };

@@ -119,12 +119,19 @@ fn daemon_refuses_a_bad_config_before_eal_starts() {
 }
 
 /// Spawns vipgated on a fresh config; returns (child, socket, dir, prefix).
-fn spawn(tag: &str, socket_override: Option<&Path>) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
+fn spawn(
+    tag: &str,
+    socket_override: Option<&Path>,
+) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
     spawn_logging(tag, socket_override, Stdio::piped())
 }
 
 /// [`spawn`], with vipgated's stderr (its log) sent to `log`.
-fn spawn_logging(tag: &str, socket_override: Option<&Path>, log: Stdio) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
+fn spawn_logging(
+    tag: &str,
+    socket_override: Option<&Path>,
+    log: Stdio,
+) -> (std::process::Child, std::path::PathBuf, std::path::PathBuf, String) {
     let huge = use_hugepages();
     let prefix = format!("vg{tag}{}", std::process::id());
     let dir = std::env::temp_dir().join(&prefix);
@@ -229,7 +236,11 @@ impl Reloading {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !d.health() {
             assert!(Instant::now() < deadline, "vipgated API did not come up:\n{}", d.log_text());
-            assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none(), "vipgated exited early:\n{}", d.log_text());
+            assert!(
+                d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+                "vipgated exited early:\n{}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         d
@@ -240,7 +251,14 @@ impl Reloading {
     }
 
     fn health(&self) -> bool {
-        Command::new(workspace_bin("vipgatectl")).arg("--socket").arg(&self.socket).arg("health").output().unwrap().status.success()
+        Command::new(workspace_bin("vipgatectl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("health")
+            .output()
+            .unwrap()
+            .status
+            .success()
     }
 
     /// The configuration file as it was written at start.
@@ -327,7 +345,10 @@ fn sighup_applies_a_changed_service_set() {
     assert!(line.contains("configuration reloaded: generation 3, 1 services in "), "{line}");
     let log = d.stop();
     assert!(!log.contains("reload refused"), "{log}");
-    println!("{}", log.lines().filter(|l| l.contains("reload") || l.contains("service")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        log.lines().filter(|l| l.contains("reload") || l.contains("service")).collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]
@@ -340,8 +361,12 @@ fn sighup_with_an_invalid_file_is_refused_and_the_daemon_keeps_running() {
     let check = Command::new(workspace_bin("vipgated")).arg("--config").arg(&d.config).arg("--check").output().unwrap();
     assert_eq!(check.status.code(), Some(2));
     let check_err = String::from_utf8_lossy(&check.stderr);
-    let reason = check_err.trim().strip_prefix("vipgated: configuration error: ").expect("--check's error text").to_owned();
-    assert_eq!(reason, format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", d.config.display()));
+    let reason =
+        check_err.trim().strip_prefix("vipgated: configuration error: ").expect("--check's error text").to_owned();
+    assert_eq!(
+        reason,
+        format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", d.config.display())
+    );
 
     let line = d.reload(&bad, 1);
     assert!(line.contains(&format!("reload refused: {reason}; the running configuration is kept")), "{line}");
@@ -361,11 +386,15 @@ fn sighup_with_a_changed_port_device_is_refused_naming_the_field() {
     let to = format!("net_null{}c,no-rx=1", d.prefix);
     assert!(original.contains(&from));
     let line = d.reload(&original.replace(&from, &to), 1);
-    let want = format!("reload refused: ports[0].device changed from \"{from}\" to \"{to}\"; restart vipgated to change it");
+    let want =
+        format!("reload refused: ports[0].device changed from \"{from}\" to \"{to}\"; restart vipgated to change it");
     assert!(line.contains(&want), "wanted {want:?} in {line:?}");
     // A service change together with a fixed one is refused as a whole.
     let line = d.reload(&(original.replace("idle_sleep_us = 50", "idle_sleep_us = 10") + DNS_SERVICE), 2);
-    assert!(line.contains("reload refused: dataplane.idle_sleep_us changed from 50 to 10; restart vipgated to change it"), "{line}");
+    assert!(
+        line.contains("reload refused: dataplane.idle_sleep_us changed from 50 to 10; restart vipgated to change it"),
+        "{line}"
+    );
     assert!(d.health());
     let log = d.stop();
     assert!(!log.contains("configuration reloaded"), "{log}");

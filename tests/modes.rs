@@ -9,9 +9,11 @@
 //! Needs root and hugepages (or VIPGATE_HUGEPAGES=0); the dsr tests need
 //! the kernel's IPIP or VIPGATE_DSR_DECAP=userspace (see tests/support).
 
-use std::time::{Duration, Instant};
-use vipgate::{CLIENT_ADDR, CLIENT_LAN_IF, Mode, Rig, RigOptions, SOURCE_POOL_ADDR, SOURCE_POOL_PORTS, UDP_PORT, VIP, Whoami};
 use std::process::Command;
+use std::time::{Duration, Instant};
+use vipgate::{
+    CLIENT_ADDR, CLIENT_LAN_IF, Mode, Rig, RigOptions, SOURCE_POOL_ADDR, SOURCE_POOL_PORTS, UDP_PORT, VIP, Whoami,
+};
 
 const REQUESTS: u16 = 40;
 /// Fixed client source ports, so that every run has the same flows.

@@ -678,7 +678,10 @@ impl Validator<'_> {
                         return self.err(
                             m.span(),
                             f("mtu"),
-                            format!("{} is not from {MIN_MTU} to {MAX_MTU} (a frame must fit one 2048-byte mbuf)", m.get_ref()),
+                            format!(
+                                "{} is not from {MIN_MTU} to {MAX_MTU} (a frame must fit one 2048-byte mbuf)",
+                                m.get_ref()
+                            ),
                         );
                     }
                 },
@@ -840,7 +843,9 @@ impl Validator<'_> {
             }
             let table_size = match &s.table_size {
                 None => DEFAULT_TABLE_SIZE,
-                Some(t) => check_table_size(*t.get_ref()).or_else(|reason| self.err(t.span(), f("table_size"), reason))?,
+                Some(t) => {
+                    check_table_size(*t.get_ref()).or_else(|reason| self.err(t.span(), f("table_size"), reason))?
+                }
             };
             let mode = match s.mode.as_ref().map(|m| m.get_ref().as_str()) {
                 None | Some("nat") => ForwardingMode::Nat,
@@ -1212,7 +1217,10 @@ fn fixed_settings(
         ("eal.lcores".to_owned(), format!("{:?}", lcores.join(","))),
         ("eal.hugepages".to_owned(), eal.hugepages.to_string()),
         ("eal.huge_unlink".to_owned(), eal.huge_unlink.to_string()),
-        ("eal.memory_mb".to_owned(), eal.memory_mb.as_ref().map_or_else(|| "(not set)".to_owned(), |m| m.get_ref().to_string())),
+        (
+            "eal.memory_mb".to_owned(),
+            eal.memory_mb.as_ref().map_or_else(|| "(not set)".to_owned(), |m| m.get_ref().to_string()),
+        ),
         ("eal.file_prefix".to_owned(), format!("{:?}", eal.file_prefix.get_ref())),
         ("eal.extra_args".to_owned(), format!("{:?}", eal.extra_args)),
         ("dataplane.mbufs".to_owned(), dp.mbufs.get_ref().to_string()),
@@ -1233,7 +1241,8 @@ fn fixed_settings(
             Device::Virtual { args, .. } => args,
             Device::Pci { address } => address,
         };
-        let addresses: Vec<String> = p.addresses.iter().map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).collect();
+        let addresses: Vec<String> =
+            p.addresses.iter().map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).collect();
         fixed.push((format!("ports[{i}].name"), format!("{:?}", p.name)));
         fixed.push((format!("ports[{i}].device"), format!("{device:?}")));
         fixed.push((format!("ports[{i}].addresses"), format!("{addresses:?}")));

@@ -127,18 +127,18 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         info!(port = %p.name, id = p.id, mac = %p.mac, "port started");
     }
     let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
-    let snapshot = state::compile(config, &macs, &dynamic)
-        .map_err(|source| DaemonError::State { path: store.path(), source })?;
+    let snapshot =
+        state::compile(config, &macs, &dynamic).map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
-    let view = Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let view =
+        Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
     let Signals { stop, mut hup } = signals;
     let running = Arc::new(config.clone());
-    let (handle, mut requests) =
-        StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
+    let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
     let mut reloader = Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone() };
     let served = rt
         .block_on(async {
@@ -238,9 +238,11 @@ impl Listeners {
         };
         let tcp = async {
             match self.tcp {
-                Some(t) => api::serve_tcp(t, Arc::clone(&view) as Arc<dyn GatewayView>, Some(state), std::future::pending())
-                    .await
-                    .map_err(DaemonError::from),
+                Some(t) => {
+                    api::serve_tcp(t, Arc::clone(&view) as Arc<dyn GatewayView>, Some(state), std::future::pending())
+                        .await
+                        .map_err(DaemonError::from)
+                }
                 None => std::future::pending().await,
             }
         };

@@ -284,7 +284,9 @@ async fn a_burst_over_the_rate_limit_is_refused_with_resource_exhausted() {
             }
             // Streams past MAX_CONCURRENT_STREAMS that the client opened
             // before it saw the server's SETTINGS: HTTP/2 REFUSED_STREAM.
-            Err(s) if s.code() == tonic::Code::Unavailable && format!("{s:?}").contains("REFUSED_STREAM") => streams += 1,
+            Err(s) if s.code() == tonic::Code::Unavailable && format!("{s:?}").contains("REFUSED_STREAM") => {
+                streams += 1
+            }
             Err(s) => panic!("unexpected status {s:?}"),
         }
     }

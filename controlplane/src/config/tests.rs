@@ -484,7 +484,10 @@ fn restart_required(edited: &str) -> Option<String> {
 fn services_routes_and_neighbours_may_change_without_a_restart() {
     assert_eq!(restart_required(GOOD), None);
     let edited = GOOD
-        .replace("{ address = \"198.18.1.12\", port = 8080, weight = 3 },", "{ address = \"198.18.1.13\", port = 8081, weight = 0 },")
+        .replace(
+            "{ address = \"198.18.1.12\", port = 8080, weight = 3 },",
+            "{ address = \"198.18.1.13\", port = 8081, weight = 0 },",
+        )
         .replace("prefix = \"198.19.0.0/16\"", "prefix = \"198.20.0.0/16\"")
         .replace("mac = \"02:00:00:00:01:0b\"", "mac = \"02:00:00:00:01:0c\"")
         .replace("table_size = 251", "table_size = 257")
@@ -492,7 +495,9 @@ fn services_routes_and_neighbours_may_change_without_a_restart() {
     assert_eq!(parse(&edited).unwrap().services().len(), 3);
     assert_eq!(restart_required(&edited), None);
     // Writing out a default, or the same lcores another way, is no change.
-    let spelled_out = GOOD.replace("idle_sleep_us = 20", "idle_sleep_us = 20\nmbufs = 16383\nmbuf_cache = 256").replace("\"0,1\"", "\"0-1\"");
+    let spelled_out = GOOD
+        .replace("idle_sleep_us = 20", "idle_sleep_us = 20\nmbufs = 16383\nmbuf_cache = 256")
+        .replace("\"0,1\"", "\"0-1\"");
     assert_eq!(restart_required(&spelled_out), None);
 }
 
@@ -501,21 +506,38 @@ fn eal_dataplane_api_and_ports_need_a_restart_and_the_first_change_is_named() {
     for (from, to, want) in [
         ("lcores = \"0,1\"", "lcores = \"0,2\"", "eal.lcores changed from \"0,1\" to \"0,2\""),
         ("hugepages = false", "hugepages = true", "eal.hugepages changed from false to true"),
-        ("file_prefix = \"vgtest\"", "file_prefix = \"vgtest2\"\nmemory_mb = 512", "eal.memory_mb changed from (not set) to 512"),
+        (
+            "file_prefix = \"vgtest\"",
+            "file_prefix = \"vgtest2\"\nmemory_mb = 512",
+            "eal.memory_mb changed from (not set) to 512",
+        ),
         ("flow_capacity = 65536", "flow_capacity = 131072", "dataplane.flow_capacity changed from 65536 to 131072"),
         ("udp = 60", "udp = 61", "dataplane.timeouts.udp changed from 60 to 61"),
         ("idle_sleep_us = 20", "idle_sleep_us = 0", "dataplane.idle_sleep_us changed from 20 to 0"),
-        ("test.sock", "other.sock", "api.socket changed from \"/run/vipgate/test.sock\" to \"/run/vipgate/other.sock\""),
+        (
+            "test.sock",
+            "other.sock",
+            "api.socket changed from \"/run/vipgate/test.sock\" to \"/run/vipgate/other.sock\"",
+        ),
         ("name = \"client\"", "name = \"clients\"", "ports[0].name changed from \"client\" to \"clients\""),
-        ("iface=vgt-c", "iface=vgt-x", "ports[0].device changed from \"net_tap0,iface=vgt-c\" to \"net_tap0,iface=vgt-x\""),
+        (
+            "iface=vgt-c",
+            "iface=vgt-x",
+            "ports[0].device changed from \"net_tap0,iface=vgt-c\" to \"net_tap0,iface=vgt-x\"",
+        ),
         ("\"0000:03:00.1\"", "\"03:00.0\"", "ports[1].device changed from \"0000:03:00.1\" to \"0000:03:00.0\""),
-        ("[\"198.18.1.1/24\"]", "[\"198.18.1.1/24\", \"198.18.2.1/24\"]", "ports[1].addresses changed from [\"198.18.1.1/24\"] to [\"198.18.1.1/24\", \"198.18.2.1/24\"]"),
+        (
+            "[\"198.18.1.1/24\"]",
+            "[\"198.18.1.1/24\", \"198.18.2.1/24\"]",
+            "ports[1].addresses changed from [\"198.18.1.1/24\"] to [\"198.18.1.1/24\", \"198.18.2.1/24\"]",
+        ),
     ] {
         assert!(GOOD.contains(from), "{from}");
         let edited = GOOD.replacen(from, to, 1);
         assert_eq!(restart_required(&edited).as_deref(), Some(want), "editing {from:?} into {to:?}");
     }
-    let third = GOOD.to_owned() + "\n[[ports]]\nname = \"third\"\ndevice = \"net_null0\"\naddresses = [\"198.18.9.1/24\"]\n";
+    let third =
+        GOOD.to_owned() + "\n[[ports]]\nname = \"third\"\ndevice = \"net_null0\"\naddresses = [\"198.18.9.1/24\"]\n";
     assert_eq!(restart_required(&third).as_deref(), Some("ports changed from 2 ports to 3 ports"));
     // Several changes: the first in file order is named.
     let both = GOOD.replace("iface=vgt-c", "iface=vgt-x").replace("flow_capacity = 65536", "flow_capacity = 131072");
@@ -527,12 +549,17 @@ fn port_mtu_defaults_to_1500_and_is_bounded() {
     let c = parse(GOOD).unwrap();
     assert!(c.ports().iter().all(|p| p.mtu == 1500));
     assert_eq!(c.dataplane.ports[1].mtu, 1500);
-    let with = |mtu: &str| GOOD.replacen("addresses = [\"198.18.1.1/24\"]", &format!("addresses = [\"198.18.1.1/24\"]\nmtu = {mtu}"), 1);
+    let with = |mtu: &str| {
+        GOOD.replacen("addresses = [\"198.18.1.1/24\"]", &format!("addresses = [\"198.18.1.1/24\"]\nmtu = {mtu}"), 1)
+    };
     let c = parse(&with("1520")).unwrap();
     assert_eq!((c.ports()[1].mtu, c.dataplane.ports[1].mtu), (1520, 1520));
     for bad in ["575", "2001", "-1"] {
         let err = parse(&with(bad)).unwrap_err().to_string();
-        assert!(err.starts_with("/etc/vipgate/test.toml:26: ports[1].mtu: ") && err.contains("not from 576 to 2000"), "{err}");
+        assert!(
+            err.starts_with("/etc/vipgate/test.toml:26: ports[1].mtu: ") && err.contains("not from 576 to 2000"),
+            "{err}"
+        );
     }
     // The MTU is set on the device at start: changing it needs a restart.
     assert_eq!(restart_required(&with("1600")).as_deref(), Some("ports[1].mtu changed from 1500 to 1600"));

@@ -737,11 +737,7 @@ impl Pipeline {
     ) -> Verdict {
         let Tuple { src, dst, sport, dport, proto, ttl, tcp_flags } = t;
         if self.workers > 1 && !self.handed_over {
-            match snap
-                .source_pools()
-                .get(usize::from(pool))
-                .and_then(|p| snat::owner_of(p, dport, self.workers))
-            {
+            match snap.source_pools().get(usize::from(pool)).and_then(|p| snat::owner_of(p, dport, self.workers)) {
                 Some(w) if w != self.worker => return Verdict::Handoff(w),
                 Some(_) => {}
                 None => return Verdict::Drop(DropReason::NoFlow),
@@ -1093,7 +1089,11 @@ fn dsr_encapsulate(
         }
         let hl = ip.header_len();
         let in_port = p.port;
-        let Some(from) = snap.ports().get(usize::from(in_port)).and_then(|q| q.address_for(t.src).or_else(|| q.addresses.first().map(|c| c.addr))) else {
+        let Some(from) = snap
+            .ports()
+            .get(usize::from(in_port))
+            .and_then(|q| q.address_for(t.src).or_else(|| q.addresses.first().map(|c| c.addr)))
+        else {
             return Err(Verdict::Drop(DropReason::TooBig));
         };
         frag_needed_in_place(p, snap, in_port, hl, port.mtu - OUTER as u16, from);

@@ -91,8 +91,18 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
     };
     let spec = SnapshotSpec {
         ports: vec![
-            PortSpec { name: "in".into(), mac: macs[0], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }], mtu: 1500 },
-            PortSpec { name: "out".into(), mac: macs[1], addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }], mtu: 1500 },
+            PortSpec {
+                name: "in".into(),
+                mac: macs[0],
+                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
+                mtu: 1500,
+            },
+            PortSpec {
+                name: "out".into(),
+                mac: macs[1],
+                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
+                mtu: 1500,
+            },
         ],
         routes: vec![],
         neighbours: backends

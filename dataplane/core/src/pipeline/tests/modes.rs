@@ -382,7 +382,9 @@ fn dsr_packets_too_big_once_encapsulated_get_icmp_fragmentation_needed() {
     let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!("not ICMP: {:?}", s.transport) };
     assert_eq!(icmp.header().checksum, icmp.icmp_type().calc_checksum(icmp.payload()), "ICMP checksum");
     match icmp.icmp_type() {
-        etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu }) => {
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+        ) => {
             assert_eq!(next_hop_mtu, 1480)
         }
         other => panic!("not fragmentation needed: {other:?}"),
