@@ -9,6 +9,10 @@
 #      something is missing);
 #   2. checks the Rust toolchain (cargo must be there; it installs
 #      cargo-nextest from crates.io when missing);
+#   2b. creates the Python venv the gRPC client test uses (tests/python_client.rs):
+#      $VIPGATE_PYTHON_VENV with pinned grpcio, grpcio-tools, protobuf from
+#      PyPI: Debian's python3-grpc-tools 1.14 bundles protoc 3.6, which
+#      rejects the proto3 'optional' fields of proto/vipgate/v1/services.proto;
 #   3. checks /dev/net/tun and network namespaces (the test rig needs both);
 #   4. mounts hugetlbfs on /dev/hugepages and reserves 2 MiB hugepages;
 #   5. writes its hugepage decision to /run/vipgate/hugepages.env:
@@ -21,6 +25,8 @@
 #   VIPGATE_HUGEPAGES_TARGET=512        2 MiB pages to have reserved in total
 #   VIPGATE_HUGEPAGES_MIN_FREE=256      free pages needed to decide "1"
 #   VIPGATE_SKIP_PACKAGES=1             do not check or install packages
+#                                       (Debian packages and the Python venv)
+#   VIPGATE_PYTHON_VENV=/opt/vipgate/python  the venv of the Python gRPC client
 set -euo pipefail
 
 VG_TAG=setup
@@ -35,9 +41,17 @@ PACKAGES=(
 	build-essential clang libclang-dev pkg-config protobuf-compiler ca-certificates
 	# The rig and the demo: ip/netns, setsid/mount, curl, socat, backends.
 	iproute2 util-linux procps curl socat python3
+	# The Python gRPC client test: the venv setup.sh creates (pip from PyPI).
+	python3-venv
 	# Benchmarks: callgrind instruction counts and the report's plot.
 	valgrind python3-matplotlib
 )
+
+# The Python gRPC client test's toolchain, pinned (pip, into PY_VENV).
+# Debian bookworm's python3-grpc-tools 1.14.1 cannot compile services.proto
+# (its protoc 3.6 predates proto3 'optional'), hence PyPI.
+PY_VENV=${VIPGATE_PYTHON_VENV:-/opt/vipgate/python}
+PY_REQUIREMENTS=(grpcio==1.68.1 grpcio-tools==1.68.1 protobuf==5.29.6)
 
 HP_TARGET=${VIPGATE_HUGEPAGES_TARGET:-512}
 HP_MIN_FREE=${VIPGATE_HUGEPAGES_MIN_FREE:-256}
@@ -98,6 +112,36 @@ check_rust() {
 		say "installing: cargo-nextest (cargo install cargo-nextest --locked)"
 		cargo install cargo-nextest --locked </dev/null || die "cargo install cargo-nextest failed"
 	fi
+}
+
+# --- 2b. Python venv for the gRPC client test -------------------------------
+python_venv_ok() {
+	local want have
+	[[ -x $PY_VENV/bin/python3 ]] || return 1
+	for want in "${PY_REQUIREMENTS[@]}"; do
+		have=$("$PY_VENV/bin/python3" -m pip show --disable-pip-version-check "${want%%==*}" 2>/dev/null | sed -n 's/^Version: //p')
+		[[ $have = "${want#*==}" ]] || return 1
+	done
+	"$PY_VENV/bin/python3" -c 'import grpc, grpc_tools.protoc, google.protobuf' 2>/dev/null
+}
+
+setup_python_venv() {
+	if [[ ${VIPGATE_SKIP_PACKAGES:-0} = 1 ]]; then
+		say "python venv: skipped (VIPGATE_SKIP_PACKAGES=1)"
+		return
+	fi
+	if python_venv_ok; then
+		say "python venv: $PY_VENV has ${PY_REQUIREMENTS[*]}"
+		return
+	fi
+	if [[ ! -x $PY_VENV/bin/python3 ]]; then
+		say "python venv: creating $PY_VENV (/usr/bin/python3 -m venv)"
+		/usr/bin/python3 -m venv "$PY_VENV" || die "cannot create the venv $PY_VENV (is python3-venv installed?)"
+	fi
+	say "installing (pip, into $PY_VENV): ${PY_REQUIREMENTS[*]}"
+	"$PY_VENV/bin/python3" -m pip install -q --disable-pip-version-check "${PY_REQUIREMENTS[@]}" </dev/null ||
+		die "pip install failed for: ${PY_REQUIREMENTS[*]} (into $PY_VENV)"
+	python_venv_ok || die "$PY_VENV still lacks a working ${PY_REQUIREMENTS[*]}"
 }
 
 # --- 3. Kernel features the rig needs ---------------------------------------
@@ -197,6 +241,7 @@ EOF
 
 install_packages
 check_rust
+setup_python_venv
 check_kernel
 setup_hugepages
 write_env
