@@ -22,7 +22,8 @@ use vipgate_controlplane::api::{self, ApiError, pb};
 /// takes longer means a hung daemon, and a script must not hang with it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Query a running vipgated: its health and its traffic counters.
+/// Query a running vipgated (its health and traffic counters) and change its
+/// desired state: services, backends and source pools.
 #[derive(Debug, Parser)]
 #[command(name = "vipgatectl", version)]
 struct Cli {
@@ -66,6 +67,164 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Every service with its backends, and the source pools, at the
+    /// current state version (like `ipvsadm -Ln`).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Create, replace or delete a dynamic service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Add, change or remove a backend of a dynamic service.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Drain a backend: it takes no new flows, open flows continue (same as
+    /// `backend update SERVICE ADDR:PORT --state draining`).
+    Drain {
+        /// The service's name.
+        service: String,
+        /// The backend, e.g. 198.18.1.11:8080.
+        #[arg(value_name = "ADDR:PORT")]
+        backend: String,
+    },
+    /// Create or delete a dynamic FullNAT source pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Replace the whole dynamic state (services and source pools) with the
+    /// contents of a JSON file (see docs/operations.md for its format).
+    ///
+    /// Without --expected-version this reads the current version first
+    /// (GetState) and sends it: a read-then-write that still fails with
+    /// FAILED_PRECONDITION if another writer changed the state in between.
+    Apply {
+        /// The JSON file: {"services": [...], "source_pools": [...]}.
+        file: PathBuf,
+        /// Apply only if the state is still at this version; otherwise the
+        /// call fails with FAILED_PRECONDITION and nothing changes.
+        #[arg(long, value_name = "N")]
+        expected_version: Option<u64>,
+    },
+    /// Print the state's version, then one line per change until
+    /// interrupted (with --json: one JSON object per line).
+    Watch,
+}
+
+/// `vipgatectl service ...`.
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Create a dynamic service; fails with ALREADY_EXISTS if the name is
+    /// taken.
+    Create {
+        /// The service's name: letters, digits, '.', '-' and '_'.
+        name: String,
+        #[command(flatten)]
+        spec: ServiceSpec,
+    },
+    /// Replace a dynamic service, backends included, with this definition.
+    Update {
+        /// The service's name.
+        name: String,
+        #[command(flatten)]
+        spec: ServiceSpec,
+    },
+    /// Delete a dynamic service.
+    Delete {
+        /// The service's name.
+        name: String,
+    },
+}
+
+/// A service's definition on the command line.
+#[derive(Debug, clap::Args)]
+struct ServiceSpec {
+    /// The virtual IPv4 address.
+    #[arg(long, value_name = "ADDR")]
+    vip: String,
+    /// The virtual port, 1 to 65535.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// The protocol.
+    #[arg(long, value_parser = ["tcp", "udp"])]
+    protocol: String,
+    /// How backends are reached (default nat).
+    #[arg(long, value_parser = ["nat", "fullnat", "dsr"])]
+    mode: Option<String>,
+    /// fullnat: the source pool's name.
+    #[arg(long, value_name = "NAME")]
+    source_pool: Option<String>,
+    /// dsr: the tunnel source prefix, e.g. 198.18.3.0/24.
+    #[arg(long, value_name = "CIDR")]
+    tunnel_source: Option<String>,
+    /// The lookup table's size, a prime from 3 to 16777213 (default 65537).
+    #[arg(long, value_name = "N")]
+    table_size: Option<u32>,
+    /// What happens to a removed backend's flows (default rehash).
+    #[arg(long, value_parser = ["rehash", "reset"])]
+    on_backend_removal: Option<String>,
+    /// A backend, weight 1 unless given; repeat for more.
+    #[arg(long = "backend", value_name = "ADDR:PORT[:WEIGHT]")]
+    backends: Vec<String>,
+}
+
+/// `vipgatectl backend ...`.
+#[derive(Debug, Subcommand)]
+enum BackendCommand {
+    /// Add a backend to a dynamic service.
+    Add {
+        /// The service's name.
+        service: String,
+        /// The backend, e.g. 198.18.1.11:8080.
+        #[arg(value_name = "ADDR:PORT")]
+        backend: String,
+        /// Its weight, 0 to 65535 (default 1).
+        #[arg(long, value_name = "W")]
+        weight: Option<u32>,
+    },
+    /// Change a backend's weight and/or admin state.
+    #[command(group = clap::ArgGroup::new("change").required(true).multiple(true).args(["weight", "state"]))]
+    Update {
+        /// The service's name.
+        service: String,
+        /// The backend, e.g. 198.18.1.11:8080.
+        #[arg(value_name = "ADDR:PORT")]
+        backend: String,
+        /// The new weight, 0 to 65535.
+        #[arg(long, value_name = "W")]
+        weight: Option<u32>,
+        /// The new admin state: draining takes no new flows, disabled also
+        /// leaves the forwarding state.
+        #[arg(long, value_parser = ["enabled", "draining", "disabled"])]
+        state: Option<String>,
+    },
+    /// Remove a backend from a dynamic service.
+    Remove {
+        /// The service's name.
+        service: String,
+        /// The backend, e.g. 198.18.1.11:8080.
+        #[arg(value_name = "ADDR:PORT")]
+        backend: String,
+    },
+}
+
+/// `vipgatectl pool ...`.
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Create a dynamic FullNAT source pool.
+    Create {
+        /// The pool's name.
+        name: String,
+        /// A source IPv4 address; repeat for more.
+        #[arg(long = "address", value_name = "ADDR", required = true)]
+        addresses: Vec<String>,
+        /// The source ports (default 1024-65535).
+        #[arg(long, value_name = "FIRST-LAST")]
+        ports: Option<String>,
+    },
+    /// Delete a dynamic source pool; fails with FAILED_PRECONDITION while a
+    /// service uses it.
+    Delete {
+        /// The pool's name.
+        name: String,
+    },
 }
 
 /// Why a command failed.
@@ -80,6 +239,24 @@ enum CtlError {
     /// Encoding the JSON document failed.
     #[error("cannot encode the JSON output: {0}")]
     Json(#[from] serde_json::Error),
+    /// A desired-state call failed: the status code's name and the server's
+    /// reason.
+    #[error("{}: {}", code_name(.0.code()), status_message(.0))]
+    Status(tonic::Status),
+    /// Connecting over TCP with TLS failed.
+    #[error("cannot connect to vipgated at {endpoint}: {reason}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file for `apply` could not be read or parsed.
+    #[error("{0}")]
+    File(String),
+    /// The command line is wrong in a way clap cannot see (exit 2).
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn main() -> ExitCode {
@@ -97,7 +274,7 @@ fn main() -> ExitCode {
         Ok(output) => output,
         Err(e) => {
             eprintln!("vipgatectl: {e}{}", tls_hint(&cli, &e));
-            return ExitCode::FAILURE;
+            return if matches!(e, CtlError::Usage(_)) { ExitCode::from(2) } else { ExitCode::FAILURE };
         }
     };
     match std::io::stdout().lock().write_all(output.as_bytes()) {
@@ -116,7 +293,7 @@ fn main() -> ExitCode {
 /// as a first call on a closed connection: say what that most likely means.
 fn tls_hint(cli: &Cli, e: &CtlError) -> &'static str {
     match e {
-        CtlError::Api(ApiError::Call { status, .. })
+        CtlError::Api(ApiError::Call { status, .. }) | CtlError::Status(status)
             if cli.endpoint.is_some()
                 && matches!(
                     status.code(),
@@ -131,6 +308,9 @@ fn tls_hint(cli: &Cli, e: &CtlError) -> &'static str {
 
 /// Runs the command and returns what to print.
 async fn run(cli: &Cli) -> Result<String, CtlError> {
+    if !matches!(cli.command, Command::Health | Command::Stats { .. }) {
+        return state::run(cli).await;
+    }
     let mut client = match (&cli.endpoint, &cli.cert, &cli.key, &cli.ca) {
         (Some(endpoint), Some(cert), Some(key), Some(ca)) => {
             let files = api::TlsClientFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() };
@@ -158,6 +338,7 @@ async fn run(cli: &Cli) -> Result<String, CtlError> {
             let stats = StatsJson::from(counters);
             if cli.json { json(&stats) } else { Ok(stats_tables(&stats, all)) }
         }
+        _ => unreachable!("desired-state commands run in state::run"),
     }
 }
 
@@ -520,4 +701,630 @@ fn table(header: Option<&[&str]>, rows: &[Vec<String>], text_columns: usize) -> 
         out.push('\n');
     }
     out
+}
+
+/// The gRPC name of a status code, as in `INVALID_ARGUMENT`.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The server's reason, or the code's meaning when it gave none.
+fn status_message(status: &tonic::Status) -> String {
+    if status.message().is_empty() { status.code().description().to_owned() } else { status.message().to_owned() }
+}
+
+/// The desired-state commands: list, service, backend, drain, pool, apply
+/// and watch, on `ServiceManager`.
+mod state {
+    use std::io::Write as _;
+    use std::net::Ipv4Addr;
+    use std::path::Path;
+
+    use serde::{Deserialize, Serialize};
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+    use vipgate_controlplane::api::{self, pb, pb::service_manager_client::ServiceManagerClient};
+
+    use super::{BackendCommand, Cli, Command, CtlError, PoolCommand, ServiceCommand, ServiceSpec, json, request};
+
+    type Client = ServiceManagerClient<Channel>;
+
+    /// Runs a desired-state command and returns what to print (`watch`
+    /// prints as it goes and returns nothing).
+    pub(super) async fn run(cli: &Cli) -> Result<String, CtlError> {
+        // Check the command line before connecting: a usage error is one
+        // whether or not vipgated runs.
+        let op = Op::parse(&cli.command)?;
+        let mut client = connect(cli).await?;
+        let version = match op {
+            Op::List => {
+                let state = get_state(&mut client).await?;
+                let state = StateJson::from(state);
+                return if cli.json { json(&state) } else { Ok(list_text(&state)) };
+            }
+            Op::Watch => return watch(&mut client, cli.json).await,
+            Op::CreateService(service) => {
+                client.create_service(request(pb::CreateServiceRequest { service: Some(service) })).await
+            }
+            Op::UpdateService(service) => {
+                client.update_service(request(pb::UpdateServiceRequest { service: Some(service) })).await
+            }
+            Op::DeleteService(name) => client.delete_service(request(pb::DeleteServiceRequest { name })).await,
+            Op::AddBackend(r) => client.add_backend(request(r)).await,
+            Op::UpdateBackend(r) => client.update_backend(request(r)).await,
+            Op::RemoveBackend(r) => client.remove_backend(request(r)).await,
+            Op::CreatePool(pool) => {
+                client.create_source_pool(request(pb::CreateSourcePoolRequest { pool: Some(pool) })).await
+            }
+            Op::DeletePool(name) => client.delete_source_pool(request(pb::DeleteSourcePoolRequest { name })).await,
+            Op::Apply(mut r, expected) => {
+                r.expected_version = match expected {
+                    Some(v) => v,
+                    None => get_state(&mut client).await?.version,
+                };
+                client.apply(request(r)).await
+            }
+        }
+        .map_err(CtlError::Status)?
+        .into_inner()
+        .version;
+        if cli.json { json(&MutationJson { version }) } else { Ok(format!("applied: version {version}\n")) }
+    }
+
+    async fn get_state(client: &mut Client) -> Result<pb::GetStateResponse, CtlError> {
+        Ok(client.get_state(request(pb::GetStateRequest {})).await.map_err(CtlError::Status)?.into_inner())
+    }
+
+    /// Dials the socket, or with --endpoint TCP with mutual TLS.
+    async fn connect(cli: &Cli) -> Result<Client, CtlError> {
+        let (Some(endpoint), Some(cert), Some(key), Some(ca)) = (&cli.endpoint, &cli.cert, &cli.key, &cli.ca) else {
+            return Ok(api::connect_unix_services(&cli.socket).await?);
+        };
+        let fail = |reason: String| CtlError::Connect { endpoint: endpoint.clone(), reason };
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).map_err(|e| fail(format!("cannot read the {what} {}: {e}", path.display())))
+        };
+        let tls = ClientTlsConfig::new()
+            .identity(Identity::from_pem(read(cert, "client certificate")?, read(key, "client key")?))
+            .ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| fail(format!("not a URL like https://198.18.0.1:50051: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tls_config(tls)
+            .map_err(|e| fail(root_cause(&e)))?
+            .connect()
+            .await
+            .map_err(|e| fail(root_cause(&e)))?;
+        Ok(ServiceManagerClient::new(channel))
+    }
+
+    fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+        let mut cause = err;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        cause.to_string()
+    }
+
+    /// One call, its request checked and built from the command line.
+    enum Op {
+        List,
+        Watch,
+        CreateService(pb::Service),
+        UpdateService(pb::Service),
+        DeleteService(String),
+        AddBackend(pb::AddBackendRequest),
+        UpdateBackend(pb::UpdateBackendRequest),
+        RemoveBackend(pb::RemoveBackendRequest),
+        CreatePool(pb::SourcePool),
+        DeletePool(String),
+        Apply(pb::ApplyRequest, Option<u64>),
+    }
+
+    impl Op {
+        fn parse(command: &Command) -> Result<Op, CtlError> {
+            Ok(match command {
+                Command::Health | Command::Stats { .. } => unreachable!("served by the Gateway client"),
+                Command::List => Op::List,
+                Command::Watch => Op::Watch,
+                Command::Service(ServiceCommand::Create { name, spec }) => Op::CreateService(service(name, spec)?),
+                Command::Service(ServiceCommand::Update { name, spec }) => Op::UpdateService(service(name, spec)?),
+                Command::Service(ServiceCommand::Delete { name }) => Op::DeleteService(name.clone()),
+                Command::Backend(BackendCommand::Add { service, backend, weight }) => {
+                    let (address, port, _) = parse_backend(backend, "ADDR:PORT", false)?;
+                    Op::AddBackend(pb::AddBackendRequest {
+                        service: service.clone(),
+                        backend: Some(pb::Backend {
+                            address,
+                            port,
+                            weight: *weight,
+                            admin_state: pb::AdminState::Enabled.into(),
+                        }),
+                    })
+                }
+                Command::Backend(BackendCommand::Update { service, backend, weight, state }) => {
+                    let (address, port, _) = parse_backend(backend, "ADDR:PORT", false)?;
+                    let admin_state = match state.as_deref() {
+                        None => pb::AdminState::Unspecified,
+                        Some(s) => admin_state(s).expect("clap checked the value"),
+                    };
+                    Op::UpdateBackend(pb::UpdateBackendRequest {
+                        service: service.clone(),
+                        address,
+                        port,
+                        weight: *weight,
+                        admin_state: admin_state.into(),
+                    })
+                }
+                Command::Drain { service, backend } => {
+                    let (address, port, _) = parse_backend(backend, "ADDR:PORT", false)?;
+                    Op::UpdateBackend(pb::UpdateBackendRequest {
+                        service: service.clone(),
+                        address,
+                        port,
+                        weight: None,
+                        admin_state: pb::AdminState::Draining.into(),
+                    })
+                }
+                Command::Backend(BackendCommand::Remove { service, backend }) => {
+                    let (address, port, _) = parse_backend(backend, "ADDR:PORT", false)?;
+                    Op::RemoveBackend(pb::RemoveBackendRequest { service: service.clone(), address, port })
+                }
+                Command::Pool(PoolCommand::Create { name, addresses, ports }) => {
+                    for a in addresses {
+                        parse_ipv4(a).map_err(|e| CtlError::Usage(format!("--address {a}: {e}")))?;
+                    }
+                    let (first_port, last_port) = match ports {
+                        None => (0, 0),
+                        Some(p) => parse_ports(p).map_err(|e| CtlError::Usage(format!("--ports {p}: {e}")))?,
+                    };
+                    Op::CreatePool(pb::SourcePool {
+                        name: name.clone(),
+                        addresses: addresses.clone(),
+                        first_port,
+                        last_port,
+                        origin: 0,
+                    })
+                }
+                Command::Pool(PoolCommand::Delete { name }) => Op::DeletePool(name.clone()),
+                Command::Apply { file, expected_version } => Op::Apply(read_apply_file(file)?, *expected_version),
+            })
+        }
+    }
+
+    fn service(name: &str, spec: &ServiceSpec) -> Result<pb::Service, CtlError> {
+        parse_ipv4(&spec.vip).map_err(|e| CtlError::Usage(format!("--vip {}: {e}", spec.vip)))?;
+        let backends = spec
+            .backends
+            .iter()
+            .map(|b| {
+                let (address, port, weight) = parse_backend(b, "--backend", true)?;
+                Ok(pb::Backend { address, port, weight: Some(weight), admin_state: pb::AdminState::Enabled.into() })
+            })
+            .collect::<Result<Vec<_>, CtlError>>()?;
+        Ok(pb::Service {
+            name: name.to_owned(),
+            vip: spec.vip.clone(),
+            port: spec.port.into(),
+            protocol: spec.protocol.clone(),
+            mode: spec.mode.clone().unwrap_or_default(),
+            source_pool: spec.source_pool.clone().unwrap_or_default(),
+            tunnel_source: spec.tunnel_source.clone().unwrap_or_default(),
+            table_size: spec.table_size.unwrap_or(0),
+            on_backend_removal: spec.on_backend_removal.clone().unwrap_or_default(),
+            backends,
+            ..pb::Service::default()
+        })
+    }
+
+    fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
+        s.parse::<Ipv4Addr>().map_err(|_| format!("{s:?} is not an IPv4 address"))
+    }
+
+    /// `ADDR:PORT`, or with `weight` also `ADDR:PORT:WEIGHT` (weight 1 when
+    /// absent). The weight's range is the server's to check, so that its
+    /// error names the field.
+    fn parse_backend(s: &str, what: &str, weight: bool) -> Result<(String, u32, u32), CtlError> {
+        let usage = |reason: String| CtlError::Usage(format!("{what} {s}: {reason}"));
+        let form = if weight { "ADDR:PORT[:WEIGHT]" } else { "ADDR:PORT" };
+        let parts: Vec<&str> = s.split(':').collect();
+        let (addr, port, w) = match (parts.as_slice(), weight) {
+            ([a, p], _) => (*a, *p, None),
+            ([a, p, w], true) => (*a, *p, Some(*w)),
+            _ => return Err(usage(format!("not {form}, e.g. 198.18.1.11:8080"))),
+        };
+        parse_ipv4(addr).map_err(usage)?;
+        let port = match port.parse::<u16>() {
+            Ok(p) if p != 0 => u32::from(p),
+            _ => return Err(usage(format!("port {port:?} is not from 1 to 65535"))),
+        };
+        let w = match w {
+            None => 1,
+            Some(w) => w.parse::<u32>().map_err(|_| usage(format!("weight {w:?} is not a number")))?,
+        };
+        Ok((addr.to_owned(), port, w))
+    }
+
+    /// `FIRST-LAST`.
+    fn parse_ports(s: &str) -> Result<(u32, u32), String> {
+        let (first, last) = s.split_once('-').ok_or_else(|| "not FIRST-LAST, e.g. 1024-65535".to_owned())?;
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(n) if n != 0 => Ok(u32::from(n)),
+            _ => Err(format!("port {p:?} is not from 1 to 65535")),
+        };
+        let (first, last) = (port(first)?, port(last)?);
+        if first > last {
+            return Err(format!("first port {first} is above last port {last}"));
+        }
+        Ok((first, last))
+    }
+
+    fn admin_state(s: &str) -> Option<pb::AdminState> {
+        match s {
+            "enabled" => Some(pb::AdminState::Enabled),
+            "draining" => Some(pb::AdminState::Draining),
+            "disabled" => Some(pb::AdminState::Disabled),
+            _ => None,
+        }
+    }
+
+    fn admin_state_name(state: i32) -> &'static str {
+        match pb::AdminState::try_from(state) {
+            Ok(pb::AdminState::Draining) => "draining",
+            Ok(pb::AdminState::Disabled) => "disabled",
+            Ok(pb::AdminState::Enabled | pb::AdminState::Unspecified) => "enabled",
+            Err(_) => "unknown",
+        }
+    }
+
+    fn origin_name(origin: i32) -> &'static str {
+        match pb::Origin::try_from(origin) {
+            Ok(pb::Origin::Static) => "static",
+            Ok(pb::Origin::Dynamic) => "dynamic",
+            _ => "unspecified",
+        }
+    }
+
+    // The JSON documents: `list --json` prints them, and `apply` reads the
+    // same shapes (without `origin`, or with origin "dynamic"). Their field
+    // names are an interface: fields are only ever added.
+
+    /// `vipgatectl list --json`.
+    #[derive(Debug, Serialize)]
+    struct StateJson {
+        version: u64,
+        config_file: String,
+        services: Vec<ServiceJson>,
+        source_pools: Vec<PoolJson>,
+    }
+
+    /// The file `vipgatectl apply` reads.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ApplyFile {
+        #[serde(default)]
+        services: Vec<ServiceJson>,
+        #[serde(default)]
+        source_pools: Vec<PoolJson>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ServiceJson {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
+        protocol: String,
+        vip: String,
+        port: u32,
+        #[serde(default)]
+        mode: String,
+        #[serde(default)]
+        source_pool: String,
+        #[serde(default)]
+        tunnel_source: String,
+        #[serde(default)]
+        table_size: u32,
+        #[serde(default)]
+        on_backend_removal: String,
+        #[serde(default)]
+        backends: Vec<BackendJson>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct BackendJson {
+        address: String,
+        port: u32,
+        /// Unset in a file means 1.
+        #[serde(default)]
+        weight: Option<u32>,
+        /// "enabled", "draining" or "disabled".
+        #[serde(default = "enabled")]
+        state: String,
+    }
+
+    fn enabled() -> String {
+        "enabled".to_owned()
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PoolJson {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
+        addresses: Vec<String>,
+        #[serde(default)]
+        first_port: u32,
+        #[serde(default)]
+        last_port: u32,
+    }
+
+    /// What a mutating command prints with --json.
+    #[derive(Debug, Serialize)]
+    struct MutationJson {
+        version: u64,
+    }
+
+    impl From<pb::GetStateResponse> for StateJson {
+        fn from(s: pb::GetStateResponse) -> Self {
+            StateJson {
+                version: s.version,
+                config_file: s.config_file,
+                services: s.services.into_iter().map(ServiceJson::from).collect(),
+                source_pools: s.source_pools.into_iter().map(PoolJson::from).collect(),
+            }
+        }
+    }
+
+    impl From<pb::Service> for ServiceJson {
+        fn from(s: pb::Service) -> Self {
+            ServiceJson {
+                origin: Some(origin_name(s.origin).to_owned()),
+                name: s.name,
+                protocol: s.protocol,
+                vip: s.vip,
+                port: s.port,
+                mode: s.mode,
+                source_pool: s.source_pool,
+                tunnel_source: s.tunnel_source,
+                table_size: s.table_size,
+                on_backend_removal: s.on_backend_removal,
+                backends: s
+                    .backends
+                    .into_iter()
+                    .map(|b| BackendJson {
+                        state: admin_state_name(b.admin_state).to_owned(),
+                        address: b.address,
+                        port: b.port,
+                        weight: Some(b.weight.unwrap_or(1)),
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    impl From<pb::SourcePool> for PoolJson {
+        fn from(p: pb::SourcePool) -> Self {
+            PoolJson {
+                origin: Some(origin_name(p.origin).to_owned()),
+                name: p.name,
+                addresses: p.addresses,
+                first_port: p.first_port,
+                last_port: p.last_port,
+            }
+        }
+    }
+
+    fn read_apply_file(path: &Path) -> Result<pb::ApplyRequest, CtlError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CtlError::File(format!("cannot read {}: {e}", path.display())))?;
+        let file: ApplyFile = serde_json::from_str(&text)
+            .map_err(|e| CtlError::File(format!("{}: not a valid apply file: {e}", path.display())))?;
+        let bad = |what: String| CtlError::File(format!("{}: {what}", path.display()));
+        let dynamic = |origin: &Option<String>, what: String| match origin.as_deref() {
+            None | Some("dynamic") => Ok(()),
+            Some(o) => Err(bad(format!("{what}.origin: {o:?}: apply takes dynamic objects only"))),
+        };
+        let mut services = Vec::with_capacity(file.services.len());
+        for (i, s) in file.services.into_iter().enumerate() {
+            dynamic(&s.origin, format!("services[{i}]"))?;
+            let mut backends = Vec::with_capacity(s.backends.len());
+            for (j, b) in s.backends.into_iter().enumerate() {
+                let state = admin_state(&b.state).ok_or_else(|| {
+                    bad(format!(
+                        "services[{i}].backends[{j}].state: {:?} is not enabled, draining or disabled",
+                        b.state
+                    ))
+                })?;
+                backends.push(pb::Backend {
+                    address: b.address,
+                    port: b.port,
+                    weight: b.weight,
+                    admin_state: state.into(),
+                });
+            }
+            services.push(pb::Service {
+                name: s.name,
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol,
+                mode: s.mode,
+                source_pool: s.source_pool,
+                tunnel_source: s.tunnel_source,
+                table_size: s.table_size,
+                on_backend_removal: s.on_backend_removal,
+                backends,
+                ..pb::Service::default()
+            });
+        }
+        let mut source_pools = Vec::with_capacity(file.source_pools.len());
+        for (i, p) in file.source_pools.into_iter().enumerate() {
+            dynamic(&p.origin, format!("source_pools[{i}]"))?;
+            source_pools.push(pb::SourcePool {
+                name: p.name,
+                addresses: p.addresses,
+                first_port: p.first_port,
+                last_port: p.last_port,
+                origin: 0,
+            });
+        }
+        Ok(pb::ApplyRequest { expected_version: 0, services, source_pools })
+    }
+
+    /// The `ipvsadm -Ln`-like listing.
+    fn list_text(s: &StateJson) -> String {
+        let mut out = format!("version {}  (config {})\n", s.version, s.config_file);
+        let mut services: Vec<&ServiceJson> = s.services.iter().collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        if services.is_empty() {
+            out.push_str("no services\n");
+        }
+        for svc in services {
+            let mut line = format!("{:<4} {}:{} mode {}", svc.protocol.to_uppercase(), svc.vip, svc.port, svc.mode);
+            if !svc.source_pool.is_empty() {
+                line.push_str(&format!(" source-pool {}", svc.source_pool));
+            }
+            if !svc.tunnel_source.is_empty() {
+                line.push_str(&format!(" tunnel-source {}", svc.tunnel_source));
+            }
+            line.push_str(&format!(
+                " table {} on-removal {} {}  {}\n",
+                svc.table_size,
+                svc.on_backend_removal,
+                svc.origin.as_deref().unwrap_or(""),
+                svc.name
+            ));
+            out.push_str(&line);
+            let mut backends: Vec<&BackendJson> = svc.backends.iter().collect();
+            backends.sort_by_key(|b| (b.address.parse::<Ipv4Addr>().ok(), b.port));
+            for b in backends {
+                out.push_str(&format!(
+                    "  -> {}:{}  weight {}  {}\n",
+                    b.address,
+                    b.port,
+                    b.weight.unwrap_or(1),
+                    b.state
+                ));
+            }
+        }
+        if !s.source_pools.is_empty() {
+            out.push_str("source pools:\n");
+        }
+        let mut pools: Vec<&PoolJson> = s.source_pools.iter().collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        for p in pools {
+            out.push_str(&format!(
+                "  {}  {}  ports {}-{}  {}\n",
+                p.name,
+                p.addresses.join(","),
+                p.first_port,
+                p.last_port,
+                p.origin.as_deref().unwrap_or("")
+            ));
+        }
+        out
+    }
+
+    /// One Watch message with --json.
+    #[derive(Debug, Serialize)]
+    struct WatchJson {
+        version: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snapshot: Option<StateJson>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        change: Option<ChangeJson>,
+    }
+
+    #[derive(Debug, Serialize)]
+    struct ChangeJson {
+        cause: String,
+        services_changed: Vec<String>,
+        services_deleted: Vec<String>,
+        pools_changed: Vec<String>,
+        pools_deleted: Vec<String>,
+    }
+
+    /// Prints each Watch message as one line, flushed at once, until the
+    /// stream ends (an error) or the reader goes away.
+    async fn watch(client: &mut Client, as_json: bool) -> Result<String, CtlError> {
+        // No deadline: the stream lasts until interrupted.
+        let mut stream = client.watch(pb::WatchRequest {}).await.map_err(CtlError::Status)?.into_inner();
+        let mut stdout = std::io::stdout();
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    return Err(CtlError::Status(tonic::Status::unavailable("vipgated ended the watch stream")));
+                }
+                Err(status) => return Err(CtlError::Status(status)),
+            };
+            let version = event.version;
+            let line = match event.event {
+                Some(pb::watch_event::Event::Snapshot(s)) => {
+                    let s = StateJson::from(s);
+                    if as_json {
+                        serde_json::to_string(&WatchJson { version, snapshot: Some(s), change: None })?
+                    } else {
+                        format!(
+                            "version {version}: state with {} services, {} source pools",
+                            s.services.len(),
+                            s.source_pools.len()
+                        )
+                    }
+                }
+                Some(pb::watch_event::Event::Change(c)) => {
+                    let c = ChangeJson {
+                        cause: c.cause,
+                        services_changed: c.services_changed,
+                        services_deleted: c.services_deleted,
+                        pools_changed: c.pools_changed,
+                        pools_deleted: c.pools_deleted,
+                    };
+                    if as_json {
+                        serde_json::to_string(&WatchJson { version, snapshot: None, change: Some(c) })?
+                    } else {
+                        let mut line = format!("version {version}: {}", c.cause);
+                        for (what, names) in [
+                            ("services changed", &c.services_changed),
+                            ("services deleted", &c.services_deleted),
+                            ("pools changed", &c.pools_changed),
+                            ("pools deleted", &c.pools_deleted),
+                        ] {
+                            if !names.is_empty() {
+                                line.push_str(&format!("; {what}: {}", names.join(", ")));
+                            }
+                        }
+                        line
+                    }
+                }
+                None => format!("version {version}: (an event this vipgatectl does not know)"),
+            };
+            let written = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+            match written {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(String::new()),
+                Err(e) => return Err(CtlError::Output(e)),
+            }
+        }
+    }
 }

@@ -1,0 +1,420 @@
+//! `vipgatectl`'s desired-state commands (list, service, backend, drain,
+//! pool, apply, watch) against a running vipgated on net_null ports: the
+//! real binary, its text and JSON output, its exit codes (1 for a refused
+//! call naming the gRPC code, 2 for bad usage). Needs root and hugepages (or
+//! VIPGATE_HUGEPAGES=0) and fails loudly without.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vipgate::{require_root, use_hugepages, workspace_bin};
+
+/// One static service "web" and one static pool, as in tests/api_state.rs.
+fn config(prefix: &str, dir: &Path, huge: bool) -> String {
+    format!(
+        r#"[eal]
+lcores = "0,1"
+hugepages = {huge}
+file_prefix = "{prefix}"
+
+[dataplane]
+idle_sleep_us = 50
+mbufs = 4095
+
+[api]
+socket = "{socket}"
+
+[state]
+dir = "{state}"
+
+[[ports]]
+name = "a"
+device = "net_null{prefix}a,no-rx=1"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "b"
+device = "net_null{prefix}b,no-rx=1"
+addresses = ["198.18.1.1/24"]
+
+[[source_pools]]
+name = "static-pool"
+addresses = ["198.18.1.100"]
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
+"#,
+        socket = dir.join("api.sock").display(),
+        state = dir.join("state").display(),
+    )
+}
+
+/// A vipgated under test; dropping it kills it and removes its files.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        require_root();
+        let huge = use_hugepages();
+        let prefix = format!("vgctl{}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vipgated.toml"), config(&prefix, &dir, huge)).unwrap();
+        let log = std::fs::File::create(dir.join("vipgated.log")).unwrap();
+        let child = Command::new(workspace_bin("vipgated"))
+            .arg("--config")
+            .arg(dir.join("vipgated.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child: Some(child), dir, prefix };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if d.ctl(&["list"]).status.success() {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", d.log());
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vipgated exited early ({status}):\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vipgated.log")).unwrap_or_default()
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(workspace_bin("vipgatectl"));
+        c.arg("--socket").arg(self.dir.join("api.sock")).env_remove("VIPGATE_ENDPOINT").stdin(Stdio::null());
+        c
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "vipgatectl {args:?}: {:?}\nstdout: {stdout}\nstderr: {stderr}", out.status);
+        assert!(stderr.is_empty(), "vipgatectl {args:?}: stderr: {stderr}");
+        println!("$ vipgatectl {}\n{stdout}", args.join(" "));
+        stdout
+    }
+
+    /// Runs a command that must fail with `code` and returns its stderr.
+    fn fails(&self, code: i32, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(code), "vipgatectl {args:?}\nstdout: {stdout}\nstderr: {stderr}");
+        assert!(stdout.is_empty(), "vipgatectl {args:?}: stdout: {stdout}");
+        println!("$ vipgatectl {}   (exit {code})\n{stderr}", args.join(" "));
+        stderr
+    }
+
+    /// Spawns `vipgatectl watch` and a thread that forwards its lines.
+    fn watch(&self, json: bool) -> (Child, mpsc::Receiver<String>) {
+        let mut c = self.command();
+        if json {
+            c.arg("--json");
+        }
+        let mut child = c.arg("watch").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
+
+    /// SIGTERM and a clean exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vipgated did not stop within 20 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit {status:?}:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
+        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
+            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Reads lines from a watcher until `n` have arrived, within 10 s.
+fn lines(rx: &mpsc::Receiver<String>, n: usize, what: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => got.push(line),
+            Err(e) => panic!("{what}: {e:?} after {got:?}"),
+        }
+    }
+    got
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn vipgatectl_manages_the_desired_state() {
+    let mut d = Daemon::start();
+
+    // The start: only the static objects, version 0.
+    let list = d.ok(&["list"]);
+    assert!(list.starts_with("version 0  (config "), "{list}");
+    assert!(list.contains("TCP  198.18.100.1:80 mode nat table "), "{list}");
+    assert!(list.contains(" static  web\n  -> 198.18.1.11:8080  weight 1  enabled\n"), "{list}");
+    assert!(list.contains("source pools:\n  static-pool  198.18.1.100  ports 1024-65535  static\n"), "{list}");
+
+    // Pool, fullnat service with two backends, and each backend command;
+    // each prints the version it produced.
+    assert_eq!(
+        d.ok(&["pool", "create", "snat", "--address", "198.18.1.101", "--ports", "1024-65535"]),
+        "applied: version 1\n"
+    );
+    let out = d.ok(&["pool", "create", "snat2", "--address", "198.18.1.102", "--address", "198.18.1.103"]);
+    assert_eq!(out, "applied: version 2\n");
+    let out = d.ok(&[
+        "service",
+        "create",
+        "api",
+        "--vip",
+        "198.18.100.2",
+        "--port",
+        "80",
+        "--protocol",
+        "tcp",
+        "--mode",
+        "fullnat",
+        "--source-pool",
+        "snat",
+        "--table-size",
+        "251",
+        "--backend",
+        "198.18.1.20:8080",
+        "--backend",
+        "198.18.1.21:8080:5",
+    ]);
+    assert_eq!(out, "applied: version 3\n");
+    assert_eq!(d.ok(&["backend", "add", "api", "198.18.1.22:8080", "--weight", "3"]), "applied: version 4\n");
+    assert_eq!(
+        d.ok(&["--json", "backend", "update", "api", "198.18.1.22:8080", "--weight", "9"]),
+        "{\n  \"version\": 5\n}\n"
+    );
+    assert_eq!(d.ok(&["drain", "api", "198.18.1.21:8080"]), "applied: version 6\n");
+    assert_eq!(d.ok(&["backend", "update", "api", "198.18.1.20:8080", "--state", "disabled"]), "applied: version 7\n");
+    assert_eq!(d.ok(&["backend", "remove", "api", "198.18.1.20:8080"]), "applied: version 8\n");
+
+    let list = d.ok(&["ls"]);
+    assert!(list.starts_with("version 8  (config "), "{list}");
+    assert!(
+        list.contains(
+            "TCP  198.18.100.2:80 mode fullnat source-pool snat table 251 on-removal rehash dynamic  api\n  \
+             -> 198.18.1.21:8080  weight 5  draining\n  -> 198.18.1.22:8080  weight 9  enabled\n"
+        ),
+        "{list}"
+    );
+    assert!(!list.contains("198.18.1.20:"), "{list}");
+    assert!(list.contains("  snat  198.18.1.101  ports 1024-65535  dynamic\n"), "{list}");
+    assert!(list.contains("  snat2  198.18.1.102,198.18.1.103  ports 1024-65535  dynamic\n"), "{list}");
+
+    let state = json(&d.ok(&["--json", "list"]));
+    assert_eq!(state["version"], 8);
+    let api = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "api").expect("api listed");
+    assert_eq!(api["origin"], "dynamic");
+    assert_eq!(api["mode"], "fullnat");
+    assert_eq!(api["source_pool"], "snat");
+    assert_eq!(api["table_size"], 251);
+    assert_eq!(
+        api["backends"],
+        serde_json::json!([
+            {"address": "198.18.1.21", "port": 8080, "weight": 5, "state": "draining"},
+            {"address": "198.18.1.22", "port": 8080, "weight": 9, "state": "enabled"},
+        ])
+    );
+    let web = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").expect("web listed");
+    assert_eq!(web["origin"], "static");
+
+    // Apply with the expected version, then again with the stale one.
+    let file = d.dir.join("apply.json");
+    std::fs::write(
+        &file,
+        r#"{
+  "services": [
+    {"name": "api", "protocol": "tcp", "vip": "198.18.100.2", "port": 80, "mode": "fullnat",
+     "source_pool": "snat", "table_size": 251,
+     "backends": [{"address": "198.18.1.30", "port": 8080, "weight": 2},
+                  {"address": "198.18.1.31", "port": 8080, "state": "draining"}]},
+    {"name": "dns", "protocol": "udp", "vip": "198.18.100.3", "port": 53,
+     "backends": [{"address": "198.18.1.40", "port": 53}]}
+  ],
+  "source_pools": [{"name": "snat", "addresses": ["198.18.1.101"]}]
+}
+"#,
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    assert_eq!(d.ok(&["apply", file, "--expected-version", "8"]), "applied: version 9\n");
+    let stderr = d.fails(1, &["apply", file, "--expected-version", "8"]);
+    assert!(stderr.starts_with("vipgatectl: FAILED_PRECONDITION: "), "{stderr}");
+    // Without --expected-version: read-then-write.
+    assert_eq!(d.ok(&["apply", file]), "applied: version 10\n");
+    let list = d.ok(&["list"]);
+    assert!(list.contains("UDP  198.18.100.3:53 mode nat table "), "{list}");
+    assert!(list.contains("  -> 198.18.1.31:8080  weight 1  draining\n"), "{list}");
+    assert!(!list.contains("snat2"), "apply replaced the dynamic pools: {list}");
+
+    // Refused by the server: exit 1, the code's name and the field path.
+    let stderr = d.fails(
+        1,
+        &[
+            "service",
+            "create",
+            "bad",
+            "--vip",
+            "198.18.100.9",
+            "--port",
+            "80",
+            "--protocol",
+            "tcp",
+            "--backend",
+            "198.18.1.11:80",
+            "--backend",
+            "198.18.1.12:80:70000",
+        ],
+    );
+    assert!(stderr.starts_with("vipgatectl: INVALID_ARGUMENT: "), "{stderr}");
+    assert!(stderr.contains("backends[1].weight") && stderr.contains("70000"), "{stderr}");
+    let stderr = d.fails(1, &["backend", "remove", "nope", "198.18.1.11:80"]);
+    assert!(stderr.starts_with("vipgatectl: NOT_FOUND: "), "{stderr}");
+    let stderr = d.fails(1, &["--json", "pool", "delete", "snat"]);
+    assert!(stderr.starts_with("vipgatectl: FAILED_PRECONDITION: "), "{stderr}");
+
+    // Usage errors: exit 2, nothing sent.
+    let stderr = d.fails(
+        2,
+        &[
+            "service",
+            "create",
+            "x",
+            "--vip",
+            "198.18.100.9",
+            "--port",
+            "80",
+            "--protocol",
+            "tcp",
+            "--backend",
+            "198.18.1.11:80:x",
+        ],
+    );
+    assert_eq!(stderr, "vipgatectl: --backend 198.18.1.11:80:x: weight \"x\" is not a number\n");
+    let stderr = d.fails(2, &["drain", "api", "198.18.1.300:80"]);
+    assert_eq!(stderr, "vipgatectl: ADDR:PORT 198.18.1.300:80: \"198.18.1.300\" is not an IPv4 address\n");
+    let stderr = d.fails(2, &["pool", "create", "p", "--address", "198.18.1.1", "--ports", "2000-1000"]);
+    assert!(stderr.contains("--ports 2000-1000: first port 2000 is above last port 1000"), "{stderr}");
+    let stderr = d.fails(2, &["backend", "update", "api", "198.18.1.30:8080"]);
+    assert!(stderr.contains("<--weight <W>|--state <STATE>>"), "{stderr}");
+    d.fails(2, &["service", "create", "x", "--vip", "198.18.100.9", "--port", "80", "--protocol", "sctp"]);
+    d.fails(2, &["frobnicate"]);
+    assert!(d.ok(&["list"]).starts_with("version 10 "), "usage errors changed nothing");
+
+    // Watch, text and JSON: the state, then the changes made meanwhile.
+    let (mut text_watch, text_rx) = d.watch(false);
+    let (mut json_watch, json_rx) = d.watch(true);
+    assert_eq!(lines(&text_rx, 1, "text watch")[0], "version 10: state with 3 services, 2 source pools");
+    let first = lines(&json_rx, 1, "json watch").remove(0);
+    println!("watch --json, first line:\n{first}");
+    let first = json(&first);
+    assert_eq!(first["version"], 10);
+    assert_eq!(first["snapshot"]["services"].as_array().unwrap().len(), 3);
+    assert_eq!(d.ok(&["pool", "create", "p3", "--address", "198.18.1.104"]), "applied: version 11\n");
+    assert_eq!(d.ok(&["service", "delete", "dns"]), "applied: version 12\n");
+    let changes = lines(&text_rx, 2, "text watch");
+    println!("watch:\n{}", changes.join("\n"));
+    assert_eq!(
+        changes,
+        ["version 11: CreateSourcePool; pools changed: p3", "version 12: DeleteService; services deleted: dns"]
+    );
+    let changes = lines(&json_rx, 2, "json watch");
+    println!("watch --json:\n{}", changes.join("\n"));
+    let changes: Vec<serde_json::Value> = changes.iter().map(|l| json(l)).collect();
+    assert_eq!(changes[0]["version"], 11);
+    assert_eq!(changes[0]["change"]["cause"], "CreateSourcePool");
+    assert_eq!(changes[0]["change"]["pools_changed"], serde_json::json!(["p3"]));
+    assert_eq!(changes[1]["version"], 12);
+    assert_eq!(changes[1]["change"]["services_deleted"], serde_json::json!(["dns"]));
+    assert!(text_watch.try_wait().unwrap().is_none(), "watch exited early");
+    json_watch.kill().unwrap();
+    json_watch.wait().unwrap();
+
+    // Delete everything dynamic: only the static objects remain.
+    assert_eq!(d.ok(&["service", "delete", "api"]), "applied: version 13\n");
+    assert_eq!(d.ok(&["pool", "delete", "snat"]), "applied: version 14\n");
+    assert_eq!(d.ok(&["pool", "delete", "p3"]), "applied: version 15\n");
+    let state = json(&d.ok(&["--json", "list"]));
+    assert_eq!(state["version"], 15);
+    assert!(state["services"].as_array().unwrap().iter().all(|s| s["origin"] == "static"), "{state}");
+    assert!(state["source_pools"].as_array().unwrap().iter().all(|p| p["origin"] == "static"), "{state}");
+    d.stop();
+
+    // The text watcher was still running: vipgated going away ends it with
+    // exit 1 and a reason.
+    let out = text_watch.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    println!("watch after vipgated stopped: {:?}: {stderr}", out.status);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("vipgatectl: "), "{stderr}");
+}
