@@ -6,206 +6,78 @@
 //! loudly without.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tonic::Code;
 use tonic::transport::Channel;
-use vipgate::{require_root, use_hugepages, workspace_bin};
+use vipgate::{NULL_GATEWAY_READY_TIMEOUT, NULL_GATEWAY_STOP_TIMEOUT, NullGateway};
 use vipgate_controlplane::api::connect_unix_services;
 use vipgate_controlplane::api::pb;
 use vipgate_controlplane::api::pb::service_manager_client::ServiceManagerClient;
 
 type Client = ServiceManagerClient<Channel>;
 
-/// The configuration: one static service "web" and one static pool.
-fn config(prefix: &str, dir: &Path, huge: bool, extra: &str) -> String {
-    format!(
-        r#"[eal]
-lcores = "0,1"
-hugepages = {huge}
-file_prefix = "{prefix}"
+/// What the tests add to [`NullGateway`]'s configuration (one static
+/// service "web"): one static pool.
+const STATIC_POOL: &str = "\n[[source_pools]]\nname = \"static-pool\"\naddresses = [\"198.18.1.100\"]\n";
 
-[dataplane]
-idle_sleep_us = 50
-mbufs = 4095
-
-[api]
-socket = "{socket}"
-
-[state]
-dir = "{state}"
-
-[[ports]]
-name = "a"
-device = "net_null{prefix}a,no-rx=1"
-addresses = ["198.18.0.1/24"]
-
-[[ports]]
-name = "b"
-device = "net_null{prefix}b,no-rx=1"
-addresses = ["198.18.1.1/24"]
-
-[[source_pools]]
-name = "static-pool"
-addresses = ["198.18.1.100"]
-
-[[services]]
-name = "web"
-vip = "198.18.100.1"
-port = 80
-protocol = "tcp"
-backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
-{extra}"#,
-        socket = dir.join("api.sock").display(),
-        state = dir.join("state").display(),
-    )
+/// A vipgated under test, not started yet, restartable on the same
+/// directory (and so the same state). Dropping it kills the daemon and
+/// removes its files.
+fn daemon(tag: &str) -> NullGateway {
+    NullGateway::builder(&format!("s{tag}")).extra_config(STATIC_POOL).build()
 }
 
-/// A vipgated under test, restartable on the same directory (and so the
-/// same state). Dropping it kills the daemon and removes its files.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-    prefix: String,
-    starts: usize,
-}
-
-impl Daemon {
-    fn new(tag: &str) -> Daemon {
-        require_root();
-        let huge = use_hugepages();
-        let prefix = format!("vgs{tag}{}", std::process::id());
-        let dir = std::env::temp_dir().join(&prefix);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("vipgated.toml"), config(&prefix, &dir, huge, "")).unwrap();
-        Daemon { child: None, dir, prefix, starts: 0 }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.join("vipgated.toml")
-    }
-
-    fn state_file(&self) -> PathBuf {
-        self.dir.join("state").join("state.json")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.join(format!("vipgated.{}.log", self.starts))
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn spawn(&mut self) {
-        self.starts += 1;
-        let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(workspace_bin("vipgated"))
-            .arg("--config")
-            .arg(self.config_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// Starts vipgated and waits until the desired-state API answers.
-    async fn start(&mut self) -> Client {
-        self.spawn();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(mut c) = connect_unix_services(&self.socket()).await
-                && c.get_state(pb::GetStateRequest {}).await.is_ok()
-            {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", self.log_text());
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("vipgated exited early ({status}):\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Starts vipgated and waits until the desired-state API answers.
+async fn start(d: &mut NullGateway) -> Client {
+    d.spawn();
+    let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
+    loop {
+        if let Ok(mut c) = connect_unix_services(&d.socket()).await
+            && c.get_state(pb::GetStateRequest {}).await.is_ok()
+        {
+            return c;
         }
-    }
-
-    fn signal(&self, signal: i32) {
-        let pid = self.child.as_ref().expect("running").id();
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
-    }
-
-    /// SIGTERM and a clean exit within 20 s. Waits on the runtime, so that
-    /// the test's open connections (and Watch streams) can see the server
-    /// go away.
-    async fn stop(&mut self) -> String {
-        self.signal(libc::SIGTERM);
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("vipgated did not stop within 20 s of SIGTERM:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let log = self.log_text();
-        assert!(status.success(), "exit {status:?}:\n{log}");
-        assert!(log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"), "{log}");
-        log
-    }
-
-    /// SIGKILL, then waits for the process to be gone.
-    fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
-        let _ = self.child.take().unwrap().wait();
-    }
-
-    /// Replaces the configuration file, sends SIGHUP and waits for the
-    /// reload's outcome line.
-    async fn reload(&self, text: &str) -> String {
-        let before = self.log_text().matches("configuration reloaded").count();
-        std::fs::write(self.config_path(), text).unwrap();
-        self.signal(libc::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log_text();
-            if let Some(line) = log.lines().filter(|l| l.contains("configuration reloaded")).nth(before) {
-                return line.to_owned();
-            }
-            assert!(!log.contains("reload refused"), "{log}");
-            assert!(Instant::now() < deadline, "no reload outcome:\n{log}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", d.log_text());
+        d.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+/// SIGTERM and a clean exit within 20 s. Waits on the runtime, so that the
+/// test's open connections (and Watch streams) can see the server go away.
+async fn stop(d: &mut NullGateway) -> String {
+    d.signal(libc::SIGTERM);
+    let deadline = Instant::now() + NULL_GATEWAY_STOP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = d.try_wait() {
+            break status;
         }
-        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
-        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
-            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
-                let _ = std::fs::remove_file(f.path());
-            }
+        d.assert_stop_deadline(deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let log = d.log_text();
+    assert!(status.success(), "exit {status:?}:\n{log}");
+    assert!(log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"), "{log}");
+    log
+}
+
+/// Replaces the configuration file, sends SIGHUP and waits for the reload's
+/// outcome line.
+async fn reload(d: &NullGateway, text: &str) -> String {
+    let before = d.log_text().matches("configuration reloaded").count();
+    std::fs::write(d.config_path(), text).unwrap();
+    d.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = d.log_text();
+        if let Some(line) = log.lines().filter(|l| l.contains("configuration reloaded")).nth(before) {
+            return line.to_owned();
         }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        assert!(!log.contains("reload refused"), "{log}");
+        assert!(Instant::now() < deadline, "no reload outcome:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -275,8 +147,8 @@ fn version(r: Result<tonic::Response<pb::MutationResponse>, tonic::Status>, what
 
 #[tokio::test]
 async fn every_call_succeeds_and_increments_the_version() {
-    let mut d = Daemon::new("ok");
-    let mut c = d.start().await;
+    let mut d = daemon("ok");
+    let mut c = start(&mut d).await;
     let s0 = state(&mut c).await;
     assert_eq!(s0.version, 0);
     assert_eq!(s0.services.len(), 1);
@@ -354,7 +226,7 @@ async fn every_call_succeeds_and_increments_the_version() {
     let r = c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "p2".into() }).await;
     let s = check(&mut c, &mut expect, version(r, "DeleteSourcePool"), "DeleteSourcePool").await;
     assert!(!s.source_pools.iter().any(|p| p.name == "p2"));
-    let log = d.stop().await;
+    let log = stop(&mut d).await;
     assert!(log.contains("state changed"), "{log}");
 }
 
@@ -377,8 +249,8 @@ where
 
 #[tokio::test]
 async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
-    let mut d = Daemon::new("bad");
-    let mut c = d.start().await;
+    let mut d = daemon("bad");
+    let mut c = start(&mut d).await;
     // Something dynamic to conflict with and to fail to change.
     let mut api = service("api", 2, vec![backend(20, 8080, 1), backend(21, 8080, 1)]);
     api.mode = "fullnat".to_owned();
@@ -616,13 +488,13 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
     }
     let text = std::fs::read_to_string(d.state_file()).unwrap();
     assert!(text.contains("\"version\": 2"), "{text}");
-    d.stop().await;
+    stop(&mut d).await;
 }
 
 #[tokio::test]
 async fn restart_restores_the_same_version_and_content_and_serves_it() {
-    let mut d = Daemon::new("restore");
-    let mut c = d.start().await;
+    let mut d = daemon("restore");
+    let mut c = start(&mut d).await;
     version(c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await, "pool");
     let mut full = service("full", 3, vec![backend(30, 8080, 2)]);
     full.mode = "fullnat".into();
@@ -648,9 +520,9 @@ async fn restart_restores_the_same_version_and_content_and_serves_it() {
     let before = state(&mut c).await;
     assert_eq!(before.version, v);
     drop(c);
-    d.stop().await;
+    stop(&mut d).await;
 
-    let mut c = d.start().await;
+    let mut c = start(&mut d).await;
     let after = state(&mut c).await;
     assert_eq!(after, before);
     let log = d.log_text();
@@ -669,7 +541,7 @@ async fn restart_restores_the_same_version_and_content_and_serves_it() {
         "{}",
         log.lines().filter(|l| l.contains("service=") || l.contains("restored")).collect::<Vec<_>>().join("\n")
     );
-    d.stop().await;
+    stop(&mut d).await;
 }
 
 /// What the client knows about the stream of changes it sends.
@@ -691,8 +563,8 @@ fn nth_service(i: u64) -> pb::Service {
 
 #[tokio::test]
 async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
-    let mut d = Daemon::new("kill");
-    let mut c = d.start().await;
+    let mut d = daemon("kill");
+    let mut c = start(&mut d).await;
     let v = version(c.create_service(pb::CreateServiceRequest { service: Some(nth_service(0)) }).await, "create");
     let mut current = (v, vec![nth_service(0)]);
     let started = Instant::now();
@@ -738,7 +610,7 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
             let last = p.acked.last_key_value().map(|(v, s)| (*v, s.clone())).unwrap_or(current.clone());
             (last, p.pending.clone())
         };
-        c = d.start().await;
+        c = start(&mut d).await;
         let restored = state(&mut c).await;
         let services = dynamic_services(&restored);
         let ok = if restored.version == last_acked.0 {
@@ -764,13 +636,13 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
         current = (restored.version, services);
     }
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
-    d.stop().await;
+    stop(&mut d).await;
 }
 
 #[tokio::test]
 async fn watch_sends_the_state_then_each_change_in_order_including_a_reload() {
-    let mut d = Daemon::new("watch");
-    let mut c = d.start().await;
+    let mut d = daemon("watch");
+    let mut c = start(&mut d).await;
     let mut stream = c.watch(pb::WatchRequest {}).await.expect("Watch").into_inner();
     let first = stream.message().await.unwrap().expect("the initial state");
     let Some(pb::watch_event::Event::Snapshot(s)) = &first.event else {
@@ -790,7 +662,7 @@ async fn watch_sends_the_state_then_each_change_in_order_including_a_reload() {
     version(c.delete_service(pb::DeleteServiceRequest { name: "api".into() }).await, "delete");
     let text = std::fs::read_to_string(d.config_path()).unwrap()
         + "\n[[services]]\nname = \"dns\"\nvip = \"198.18.100.9\"\nport = 53\nprotocol = \"udp\"\nbackends = [ { address = \"198.18.1.12\", port = 53 } ]\n";
-    let line = d.reload(&text).await;
+    let line = reload(&d, &text).await;
     assert!(line.contains("(state version 4)"), "{line}");
     let want = [
         (1, "CreateService", vec!["api"], vec![]),
@@ -813,13 +685,13 @@ async fn watch_sends_the_state_then_each_change_in_order_including_a_reload() {
     let s = state(&mut c).await;
     assert_eq!(s.version, 4);
     assert_eq!(find(&s, "dns").origin, i32::from(pb::Origin::Static));
-    d.stop().await;
+    stop(&mut d).await;
 }
 
 #[tokio::test]
 async fn a_reload_that_conflicts_with_a_dynamic_service_is_refused() {
-    let mut d = Daemon::new("conflict");
-    let mut c = d.start().await;
+    let mut d = daemon("conflict");
+    let mut c = start(&mut d).await;
     version(
         c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
             .await,
@@ -844,16 +716,16 @@ async fn a_reload_that_conflicts_with_a_dynamic_service_is_refused() {
         "{line}"
     );
     assert_eq!(state(&mut c).await.version, 1);
-    d.stop().await;
+    stop(&mut d).await;
 }
 
 #[test]
 fn a_corrupt_state_file_stops_the_start_naming_it() {
-    let mut d = Daemon::new("corrupt");
+    let mut d = daemon("corrupt");
     std::fs::create_dir_all(d.state_file().parent().unwrap()).unwrap();
     std::fs::write(d.state_file(), "{\"format\": 1, \"state\": {\"version\": 3, \"servi").unwrap();
     d.spawn();
-    let status = d.child.take().unwrap().wait().unwrap();
+    let status = d.wait();
     let log = d.log_text();
     println!("{}", log.lines().last().unwrap_or_default());
     assert_eq!(status.code(), Some(1), "{log}");
@@ -866,8 +738,8 @@ fn a_corrupt_state_file_stops_the_start_naming_it() {
 
 #[tokio::test]
 async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() {
-    let mut d = Daemon::new("nodisk");
-    let mut c = d.start().await;
+    let mut d = daemon("nodisk");
+    let mut c = start(&mut d).await;
     version(
         c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
             .await,
@@ -876,7 +748,7 @@ async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() 
     let before = state(&mut c).await;
     // A directory where vipgated writes its temporary file: the write fails
     // (as root, permissions would not stop it).
-    let pid = d.child.as_ref().unwrap().id();
+    let pid = d.pid();
     let tmp = d.state_file().with_file_name(format!(".state.json.{pid}.tmp"));
     std::fs::create_dir(&tmp).unwrap();
     std::fs::write(tmp.join("x"), "x").unwrap();
@@ -896,25 +768,25 @@ async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() 
     std::fs::remove_dir_all(&tmp).unwrap();
     let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) }).await;
     assert_eq!(version(r, "add"), before.version + 1);
-    d.stop().await;
+    stop(&mut d).await;
 }
 
 #[tokio::test]
 async fn a_file_that_conflicts_with_the_persisted_state_stops_the_start_before_eal() {
-    let mut d = Daemon::new("startconflict");
-    let mut c = d.start().await;
+    let mut d = daemon("startconflict");
+    let mut c = start(&mut d).await;
     version(
         c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
             .await,
         "create",
     );
     drop(c);
-    d.stop().await;
+    stop(&mut d).await;
     let text = std::fs::read_to_string(d.config_path()).unwrap()
         + "\n[[services]]\nname = \"api\"\nvip = \"198.18.100.7\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ { address = \"198.18.1.12\", port = 80 } ]\n";
     std::fs::write(d.config_path(), text).unwrap();
     d.spawn();
-    let status = d.child.take().unwrap().wait().unwrap();
+    let status = d.wait();
     let log = d.log_text();
     println!("{}", log.lines().last().unwrap_or_default());
     assert_eq!(status.code(), Some(1), "{log}");

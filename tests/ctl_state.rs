@@ -5,108 +5,38 @@
 //! VIPGATE_HUGEPAGES=0) and fails loudly without.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use vipgate::{require_root, use_hugepages, workspace_bin};
+use vipgate::{NullGateway, workspace_bin};
 
-/// One static service "web" and one static pool, as in tests/api_state.rs.
-fn config(prefix: &str, dir: &Path, huge: bool) -> String {
-    format!(
-        r#"[eal]
-lcores = "0,1"
-hugepages = {huge}
-file_prefix = "{prefix}"
-
-[dataplane]
-idle_sleep_us = 50
-mbufs = 4095
-
-[api]
-socket = "{socket}"
-
-[state]
-dir = "{state}"
-
-[[ports]]
-name = "a"
-device = "net_null{prefix}a,no-rx=1"
-addresses = ["198.18.0.1/24"]
-
-[[ports]]
-name = "b"
-device = "net_null{prefix}b,no-rx=1"
-addresses = ["198.18.1.1/24"]
-
-[[source_pools]]
-name = "static-pool"
-addresses = ["198.18.1.100"]
-
-[[services]]
-name = "web"
-vip = "198.18.100.1"
-port = 80
-protocol = "tcp"
-backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
-"#,
-        socket = dir.join("api.sock").display(),
-        state = dir.join("state").display(),
-    )
+/// A vipgated under test with one static service "web" (as every
+/// [`NullGateway`] has) and one static pool, as in tests/api_state.rs;
+/// dropping it kills it and removes its files.
+struct Daemon {
+    gw: NullGateway,
 }
 
-/// A vipgated under test; dropping it kills it and removes its files.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-    prefix: String,
+/// `vipgatectl` on the gateway's socket.
+fn vipgatectl(gw: &NullGateway) -> Command {
+    let mut c = Command::new(workspace_bin("vipgatectl"));
+    c.arg("--socket").arg(gw.socket()).env_remove("VIPGATE_ENDPOINT").stdin(Stdio::null());
+    c
 }
 
 impl Daemon {
     fn start() -> Daemon {
-        require_root();
-        let huge = use_hugepages();
-        let prefix = format!("vgctl{}", std::process::id());
-        let dir = std::env::temp_dir().join(&prefix);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("vipgated.toml"), config(&prefix, &dir, huge)).unwrap();
-        let log = std::fs::File::create(dir.join("vipgated.log")).unwrap();
-        let child = Command::new(workspace_bin("vipgated"))
-            .arg("--config")
-            .arg(dir.join("vipgated.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let mut d = Daemon { child: Some(child), dir, prefix };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if d.ctl(&["list"]).status.success() {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", d.log());
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("vipgated exited early ({status}):\n{}", d.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("vipgated.log")).unwrap_or_default()
-    }
-
-    fn command(&self) -> Command {
-        let mut c = Command::new(workspace_bin("vipgatectl"));
-        c.arg("--socket").arg(self.dir.join("api.sock")).env_remove("VIPGATE_ENDPOINT").stdin(Stdio::null());
-        c
+        let mut gw = NullGateway::builder("ctl")
+            .extra_config("\n[[source_pools]]\nname = \"static-pool\"\naddresses = [\"198.18.1.100\"]\n")
+            .build();
+        gw.spawn();
+        gw.wait_ready(|gw| vipgatectl(gw).arg("list").output().unwrap().status.success());
+        Daemon { gw }
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        self.command().args(args).output().unwrap()
+        vipgatectl(&self.gw).args(args).output().unwrap()
     }
 
     /// Runs a command that must succeed and returns its stdout.
@@ -131,7 +61,7 @@ impl Daemon {
 
     /// Spawns `vipgatectl watch` and a thread that forwards its lines.
     fn watch(&self, json: bool) -> (Child, mpsc::Receiver<String>) {
-        let mut c = self.command();
+        let mut c = vipgatectl(&self.gw);
         if json {
             c.arg("--json");
         }
@@ -150,39 +80,8 @@ impl Daemon {
 
     /// SIGTERM and a clean exit.
     fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("vipgated did not stop within 20 s of SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(status.success(), "exit {status:?}:\n{}", self.log());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
-        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
-            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
-                let _ = std::fs::remove_file(f.path());
-            }
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        let status = self.gw.stop();
+        assert!(status.success(), "exit {status:?}:\n{}", self.gw.log_text());
     }
 }
 
@@ -289,7 +188,7 @@ fn vipgatectl_manages_the_desired_state() {
     assert_eq!(web["origin"], "static");
 
     // Apply with the expected version, then again with the stale one.
-    let file = d.dir.join("apply.json");
+    let file = d.gw.dir().join("apply.json");
     std::fs::write(
         &file,
         r#"{

@@ -10,10 +10,10 @@
 //! by VIPGATE_PYTHON); fails loudly, never skips, without them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
-use vipgate::{repo_root, require_root, use_hugepages, workspace_bin};
+use vipgate::{NullGateway, repo_root, require_root};
 
 /// The venv scripts/setup.sh creates (its VIPGATE_PYTHON_VENV default).
 const DEFAULT_VENV: &str = "/opt/vipgate/python";
@@ -33,136 +33,24 @@ fn install_hint() -> String {
     )
 }
 
-fn config(prefix: &str, dir: &Path, huge: bool) -> String {
-    format!(
-        r#"[eal]
-lcores = "0,1"
-hugepages = {huge}
-file_prefix = "{prefix}"
-
-[dataplane]
-idle_sleep_us = 50
-mbufs = 4095
-
-[api]
-socket = "{socket}"
-
-[state]
-dir = "{state}"
-
-[metrics]
-listen = ""
-
-[[ports]]
-name = "a"
-device = "net_null{prefix}a,no-rx=1"
-addresses = ["198.18.0.1/24"]
-
-[[ports]]
-name = "b"
-device = "net_null{prefix}b,no-rx=1"
-addresses = ["198.18.1.1/24"]
-
-[[services]]
-name = "web"
-vip = "198.18.100.1"
-port = 80
-protocol = "tcp"
-backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
-"#,
-        socket = dir.join("api.sock").display(),
-        state = dir.join("state").display(),
-    )
+/// vipgated in a temporary directory, its API up, with `[metrics] listen =
+/// ""` besides [`NullGateway`]'s base configuration (one static service
+/// "web"); dropping it kills the daemon and removes its files (kept after a
+/// failure, for the log).
+fn start_daemon() -> NullGateway {
+    let mut d = NullGateway::builder("py").extra_config("\n[metrics]\nlisten = \"\"\n").build();
+    d.spawn();
+    d.wait_ready(|d| d.socket().exists());
+    d
 }
 
-/// vipgated in a temporary directory; dropping it kills the daemon and
-/// removes its files (kept after a failure, for the log).
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-    prefix: String,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let huge = use_hugepages();
-        let prefix = format!("vgpy{}", std::process::id());
-        let dir = std::env::temp_dir().join(&prefix);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config_path = dir.join("vipgated.toml");
-        std::fs::write(&config_path, config(&prefix, &dir, huge)).unwrap();
-        let log = std::fs::File::create(dir.join("vipgated.log")).unwrap();
-        let child = Command::new(workspace_bin("vipgated"))
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let mut d = Daemon { child: Some(child), dir, prefix };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.socket().exists() {
-            assert!(Instant::now() < deadline, "vipgated's API socket never appeared:\n{}", d.log_text());
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("vipgated exited early ({status}):\n{}", d.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.join("vipgated.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM, a clean exit within 20 s and every mbuf back in the pool.
-    fn stop(&mut self) -> String {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("vipgated did not stop within 20 s of SIGTERM:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let log = self.log_text();
-        assert!(status.success(), "vipgated exited with {status}:\n{log}");
-        assert!(log.contains("mbuf pool at shutdown: 0 in use"), "mbufs leaked:\n{log}");
-        log
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
-        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
-            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
-                let _ = std::fs::remove_file(f.path());
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!("vipgated's files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+/// SIGTERM, a clean exit within 20 s and every mbuf back in the pool.
+fn stop(d: &mut NullGateway) -> String {
+    let status = d.stop();
+    let log = d.log_text();
+    assert!(status.success(), "vipgated exited with {status}:\n{log}");
+    assert!(log.contains("mbuf pool at shutdown: 0 in use"), "mbufs leaked:\n{log}");
+    log
 }
 
 /// A temporary directory removed on drop.
@@ -228,7 +116,7 @@ fn a_python_client_generated_by_grpcio_tools_drives_vipgated() {
     std::fs::create_dir_all(&gen_dir.0).unwrap();
     generate(&py, &gen_dir.0);
 
-    let mut d = Daemon::start();
+    let mut d = start_daemon();
     let script = repo_root().join("tests/python/vipgate_client.py");
     let mut cmd = Command::new(&py);
     cmd.arg(&script)
@@ -258,7 +146,7 @@ fn a_python_client_generated_by_grpcio_tools_drives_vipgated() {
     );
     assert!(stdout.lines().any(|l| l.starts_with("ok all:")), "the script did not finish:\n{stdout}");
 
-    let log = d.stop();
+    let log = stop(&mut d);
     let line = log.lines().find_map(|l| l.find("mbuf pool at shutdown").map(|i| &l[i..])).unwrap_or_default();
     println!("vipgated stopped: {line}");
     println!("elapsed: {:.1} s", started.elapsed().as_secs_f64());

@@ -15,11 +15,15 @@
 //! [`Rig::reload`] applies it (SIGHUP) and waits for the outcome;
 //! [`Rig::start_download`] runs a long download in the background and tells
 //! which backend serves it while it runs.
+//!
+//! Tests of the API and the desired state, which need no traffic, use a
+//! [`NullGateway`] instead: vipgated alone on net_null ports, in a temporary
+//! directory, restartable on the same state.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -109,6 +113,263 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(p.exists(), "{} not found; build it first (cargo build -p vipgate-controlplane) or set {env}", p.display());
     p
+}
+
+/// How long [`NullGateway::wait_ready`] waits for vipgated's API.
+pub const NULL_GATEWAY_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`NullGateway::stop`] waits for vipgated to exit after SIGTERM.
+pub const NULL_GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A vipgated on two net_null ports, in a temporary directory of its own
+/// (configuration, API socket, `[state]` directory, logs): for the tests of
+/// its API, its desired state and its clients, which need no traffic.
+///
+/// The configuration ([`NullGateway::builder`]) is a base common to those
+/// tests: `[eal]` on lcores 0,1 with hugepages as [`use_hugepages`] says and
+/// the gateway's own file prefix, `[dataplane]` `idle_sleep_us = 50` and
+/// `mbufs = 4095`, `[api] socket`, `[state] dir`, the ports `a`
+/// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`, and
+/// the static tcp service "web" (198.18.100.1:80 to 198.18.1.11:8080); what
+/// a test needs beyond it (a static source pool, `[metrics] listen = ""`)
+/// it appends with [`NullGatewayBuilder::extra_config`].
+///
+/// vipgated can be stopped and spawned again on the same directory, and so
+/// with the same configuration and state; each start writes its stderr to a
+/// log of its own ([`NullGateway::log_path`]). Dropping the gateway kills
+/// vipgated and removes its EAL runtime directory and hugepage files, and
+/// its temporary directory unless the thread is panicking: that is kept,
+/// for the logs, and its path printed.
+pub struct NullGateway {
+    dir: PathBuf,
+    prefix: String,
+    child: Option<Child>,
+    starts: usize,
+}
+
+/// Makes a [`NullGateway`]; see [`NullGateway::builder`].
+#[must_use]
+pub struct NullGatewayBuilder {
+    tag: String,
+    extra: String,
+}
+
+impl NullGatewayBuilder {
+    /// Appends TOML to the base configuration, after the service "web".
+    pub fn extra_config(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
+    }
+
+    /// Checks for root ([`require_root`]) and hugepages ([`use_hugepages`]),
+    /// makes the temporary directory afresh and writes the configuration.
+    /// vipgated does not run yet: see [`NullGateway::spawn`].
+    pub fn build(self) -> NullGateway {
+        require_root();
+        let huge = use_hugepages();
+        let prefix = format!("vg{}{}", self.tag, std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the gateway's temporary directory");
+        let gw = NullGateway { dir, prefix, child: None, starts: 0 };
+        let config = format!(
+            r#"[eal]
+lcores = "0,1"
+hugepages = {huge}
+file_prefix = "{prefix}"
+
+[dataplane]
+idle_sleep_us = 50
+mbufs = 4095
+
+[api]
+socket = "{socket}"
+
+[state]
+dir = "{state}"
+
+[[ports]]
+name = "a"
+device = "net_null{prefix}a,no-rx=1"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "b"
+device = "net_null{prefix}b,no-rx=1"
+addresses = ["198.18.1.1/24"]
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
+{extra}"#,
+            prefix = gw.prefix,
+            socket = gw.socket().display(),
+            state = gw.dir.join("state").display(),
+            extra = self.extra,
+        );
+        std::fs::write(gw.config_path(), config).expect("write the gateway's configuration");
+        gw
+    }
+}
+
+impl NullGateway {
+    /// A gateway whose file prefix (EAL's, its hugepage files', its
+    /// net_null devices') and temporary directory are `vg{tag}{pid}`: the
+    /// tag tells the gateways of one test binary apart, and should be short.
+    pub fn builder(tag: &str) -> NullGatewayBuilder {
+        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new() }
+    }
+
+    /// The temporary directory, for a test's own files too.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("vipgated.toml")
+    }
+
+    /// The state file in the `[state]` directory.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state").join("state.json")
+    }
+
+    /// The log (stderr) of the latest start: `vipgated.N.log`, N counting
+    /// [`NullGateway::spawn`]s from 1.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("vipgated.{}.log", self.starts))
+    }
+
+    /// The latest start's log so far (empty if there is none).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts vipgated on the configuration file, with a new log, and
+    /// returns at once; see [`NullGateway::wait_ready`].
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "vipgated is already running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("create vipgated's log");
+        let child = Command::new(workspace_bin("vipgated"))
+            .arg("--config")
+            .arg(self.config_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn vipgated");
+        self.child = Some(child);
+    }
+
+    /// Polls `ready` every 50 ms until it is true; panics, with the log, if
+    /// vipgated exits first or [`NULL_GATEWAY_READY_TIMEOUT`] passes.
+    pub fn wait_ready(&mut self, mut ready: impl FnMut(&NullGateway) -> bool) {
+        let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
+        while !ready(self) {
+            assert!(
+                Instant::now() < deadline,
+                "vipgated's API did not come up within {NULL_GATEWAY_READY_TIMEOUT:?}:\n{}",
+                self.log_text()
+            );
+            self.assert_running();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics, with the log, if vipgated has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_wait() {
+            panic!("vipgated exited early ({status}):\n{}", self.log_text());
+        }
+    }
+
+    /// vipgated's pid. Panics unless it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("vipgated is running").id()
+    }
+
+    /// Sends `signal` to vipgated. Panics unless it runs.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid();
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// SIGKILL, then waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.take().expect("vipgated is running").wait();
+    }
+
+    /// vipgated's exit status once it has exited (it is then no longer
+    /// running: [`NullGateway::spawn`] may start it again); `None` while it
+    /// runs.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut().expect("vipgated was spawned").try_wait().expect("try_wait on vipgated");
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// Waits, without a deadline, for vipgated to exit: for a start that
+    /// must fail.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.take().expect("vipgated was spawned").wait().expect("wait for vipgated")
+    }
+
+    /// SIGTERM, then waits (polling every 20 ms) for vipgated to exit and
+    /// returns its status; panics, with the log, if it has not exited within
+    /// [`NULL_GATEWAY_STOP_TIMEOUT`] (and `Drop` kills it).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + NULL_GATEWAY_STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            self.assert_stop_deadline(deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panics, with the log, once `deadline` (of a stop) has passed.
+    pub fn assert_stop_deadline(&self, deadline: Instant) {
+        assert!(
+            Instant::now() < deadline,
+            "vipgated did not stop within {NULL_GATEWAY_STOP_TIMEOUT:?} of SIGTERM:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for NullGateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
+        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
+            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("vipgated's files kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// How the rig's two services reach their backends (the services' `mode`,
