@@ -11,17 +11,16 @@
 
 mod common;
 
-use common::{Cleanup, core_list, ip, pcap};
+use common::{Cleanup, backend_neighbours, client_frames, eal_args, ip, pcap_to_null, port_specs, write_capture};
 use std::sync::Arc;
 use std::time::Duration;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
-    SourcePoolSpec,
+    BackendSpec, ForwardingMode, Protocol, ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
-use vipgate_dpdk::{Dataplane, DataplaneConfig, Eal, PortConfig};
+use vipgate_dpdk::{Dataplane, Eal};
 
 #[test]
 fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
@@ -31,50 +30,12 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
     let _cleanup = Cleanup(prefix.clone());
 
     // 256 client flows to a FullNAT service and 256 to a nat service.
-    let mut frames = Vec::new();
-    for i in 0..512u16 {
-        let dport = if i % 2 == 0 { 80 } else { 443 };
-        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-            .ipv4([198, 18, 0, 2], [198, 18, 100, 1], 64)
-            .tcp(30000 + i, dport, 1, 65535)
-            .ack(1);
-        let mut f = Vec::new();
-        b.write(&mut f, &[0u8; 6]).unwrap();
-        frames.push(f);
-    }
-    let pcap_path = format!("/tmp/{prefix}.pcap");
-    std::fs::write(&pcap_path, pcap(&frames)).unwrap();
+    let frames = client_frames(512, |i| if i % 2 == 0 { 80 } else { 443 });
+    let capture = write_capture(&prefix, &frames);
 
-    let cpus = core_list();
-    let lcores = format!("0@{},1@{},2@{}", cpus[0], cpus[cpus.len() - 1], cpus[cpus.len() - 1]);
-    let args = [
-        "--lcores".to_owned(),
-        lcores,
-        "--no-huge".to_owned(),
-        "-m".to_owned(),
-        "256".to_owned(),
-        "--no-pci".to_owned(),
-        "--file-prefix".to_owned(),
-        prefix.clone(),
-        "--vdev".to_owned(),
-        // Two rx queues replaying the same capture.
-        format!("net_pcap0,rx_pcap={pcap_path},rx_pcap={pcap_path},infinite_rx=1"),
-        "--vdev".to_owned(),
-        "net_null0,no-rx=1".to_owned(),
-        "--log-level".to_owned(),
-        "*:warning".to_owned(),
-    ];
-    let eal = Eal::init(&args).expect("EAL init");
-    let config = DataplaneConfig {
-        ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
-            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
-        ],
-        mbufs: 8191,
-        mbuf_cache: 128,
-        idle_sleep_us: 0,
-        pipeline: PipelineConfig { flow_capacity: 1 << 16, ..PipelineConfig::default() },
-    };
+    // Two workers, and two rx queues replaying the same capture.
+    let eal = Eal::init(&eal_args(&prefix, 2, 2, &capture)).expect("EAL init");
+    let config = pcap_to_null(8191, PipelineConfig { flow_capacity: 1 << 16, ..PipelineConfig::default() });
     let mut dp = Dataplane::open(eal, &config).expect("open ports");
     assert_eq!(dp.workers().len(), 2);
     let macs: Vec<EthernetAddress> = dp.ports().iter().map(|p| p.mac).collect();
@@ -90,25 +51,9 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
         mode,
     };
     let spec = SnapshotSpec {
-        ports: vec![
-            PortSpec {
-                name: "in".into(),
-                mac: macs[0],
-                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
-                mtu: 1500,
-            },
-            PortSpec {
-                name: "out".into(),
-                mac: macs[1],
-                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
-                mtu: 1500,
-            },
-        ],
+        ports: port_specs(&macs),
         routes: vec![],
-        neighbours: backends
-            .iter()
-            .map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) })
-            .collect(),
+        neighbours: backend_neighbours(11..=13),
         services: vec![
             service("web", 80, ForwardingMode::FullNat { pool: "snat".into() }),
             service("tls", 443, ForwardingMode::Nat),

@@ -12,16 +12,14 @@
 
 mod common;
 
-use common::{Cleanup, core_list, ip, pcap};
+use common::{Cleanup, backend_neighbours, client_frames, eal_args, ip, pcap_to_null, port_specs, write_capture};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::pipeline::PipelineConfig;
-use vipgate_dataplane::snapshot::{
-    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
-};
+use vipgate_dataplane::snapshot::{BackendSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec};
 use vipgate_dataplane::wire::EthernetAddress;
-use vipgate_dpdk::{Dataplane, DataplaneConfig, Eal, PortConfig};
+use vipgate_dpdk::{Dataplane, Eal};
 
 /// Snapshots published while traffic runs.
 const PUBLICATIONS: usize = 1_000;
@@ -54,48 +52,11 @@ fn a_thousand_publications_under_traffic_lose_no_packet() {
 
     // 64 TCP flows to port 80 and 64 to port 81, which only one of the two
     // service sets serves.
-    let mut frames = Vec::new();
-    for i in 0..128u16 {
-        let dport = if i % 2 == 0 { 80 } else { 81 };
-        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-            .ipv4([198, 18, 0, 2], [198, 18, 100, 1], 64)
-            .tcp(30000 + i, dport, 1, 65535)
-            .ack(1);
-        let mut f = Vec::new();
-        b.write(&mut f, &[0u8; 6]).unwrap();
-        frames.push(f);
-    }
-    let pcap_path = format!("/tmp/{prefix}.pcap");
-    std::fs::write(&pcap_path, pcap(&frames)).unwrap();
+    let frames = client_frames(128, |i| if i % 2 == 0 { 80 } else { 81 });
+    let capture = write_capture(&prefix, &frames);
 
-    let cpus = core_list();
-    let args = [
-        "--lcores".to_owned(),
-        format!("0@{},1@{}", cpus[0], cpus[cpus.len() - 1]),
-        "--no-huge".to_owned(),
-        "-m".to_owned(),
-        "256".to_owned(),
-        "--no-pci".to_owned(),
-        "--file-prefix".to_owned(),
-        prefix.clone(),
-        "--vdev".to_owned(),
-        format!("net_pcap0,rx_pcap={pcap_path},infinite_rx=1"),
-        "--vdev".to_owned(),
-        "net_null0,no-rx=1".to_owned(),
-        "--log-level".to_owned(),
-        "*:warning".to_owned(),
-    ];
-    let eal = Eal::init(&args).expect("EAL init");
-    let config = DataplaneConfig {
-        ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
-            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
-        ],
-        mbufs: 4095,
-        mbuf_cache: 128,
-        idle_sleep_us: 0,
-        pipeline: PipelineConfig::default(),
-    };
+    let eal = Eal::init(&eal_args(&prefix, 1, 1, &capture)).expect("EAL init");
+    let config = pcap_to_null(4095, PipelineConfig::default());
     let mut dp = Dataplane::open(eal, &config).expect("open ports");
     assert_eq!(dp.workers().len(), 1);
     assert!(dp.snapshot().is_none(), "no snapshot before launch");
@@ -103,24 +64,9 @@ fn a_thousand_publications_under_traffic_lose_no_packet() {
     // Every backend of either set is a permanent neighbour, so no packet
     // waits for ARP.
     let spec = |services: Vec<ServiceSpec>| SnapshotSpec {
-        ports: vec![
-            PortSpec {
-                name: "in".into(),
-                mac: macs[0],
-                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
-                mtu: 1500,
-            },
-            PortSpec {
-                name: "out".into(),
-                mac: macs[1],
-                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
-                mtu: 1500,
-            },
-        ],
+        ports: port_specs(&macs),
         routes: vec![],
-        neighbours: (11..=14)
-            .map(|h| NeighbourSpec { addr: ip(198, 18, 1, h), mac: EthernetAddress([2, 0xbb, 0, 0, 0, h]) })
-            .collect(),
+        neighbours: backend_neighbours(11..=14),
         services,
         source_pools: vec![],
     };

@@ -9,16 +9,14 @@
 
 mod common;
 
-use common::{Cleanup, core_list, ip, pcap};
+use common::{Cleanup, backend_neighbours, client_frames, eal_args, ip, pcap_to_null, port_specs, write_capture};
 use std::sync::Arc;
 use std::time::Duration;
 use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::pipeline::PipelineConfig;
-use vipgate_dataplane::snapshot::{
-    BackendSpec, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
-};
+use vipgate_dataplane::snapshot::{BackendSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec};
 use vipgate_dataplane::wire::EthernetAddress;
-use vipgate_dpdk::{Dataplane, DataplaneConfig, Eal, PortConfig};
+use vipgate_dpdk::{Dataplane, Eal};
 
 #[test]
 fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
@@ -28,78 +26,19 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
     let _cleanup = Cleanup(prefix.clone());
 
     // 64 TCP flows and 64 packets that no rule takes (an unconfigured port).
-    // net_null runs with no-rx=1: by default its rx side would fabricate
-    // packets from recycled mbufs.
-    let mut frames = Vec::new();
-    for i in 0..128u16 {
-        let dport = if i % 2 == 0 { 80 } else { 81 };
-        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-            .ipv4([198, 18, 0, 2], [198, 18, 100, 1], 64)
-            .tcp(30000 + i, dport, 1, 65535)
-            .ack(1);
-        let mut f = Vec::new();
-        b.write(&mut f, &[0u8; 6]).unwrap();
-        frames.push(f);
-    }
-    let pcap_path = format!("/tmp/{prefix}.pcap");
-    std::fs::write(&pcap_path, pcap(&frames)).unwrap();
+    let frames = client_frames(128, |i| if i % 2 == 0 { 80 } else { 81 });
+    let capture = write_capture(&prefix, &frames);
 
-    let lcores = {
-        // Two lcores mapped onto whatever CPUs this process may use.
-        let cpus = core_list();
-        format!("0@{},1@{}", cpus[0], cpus[cpus.len() - 1])
-    };
-    let args = [
-        "--lcores".to_owned(),
-        lcores,
-        "--no-huge".to_owned(),
-        "-m".to_owned(),
-        "256".to_owned(),
-        "--no-pci".to_owned(),
-        "--file-prefix".to_owned(),
-        prefix.clone(),
-        "--vdev".to_owned(),
-        format!("net_pcap0,rx_pcap={pcap_path},infinite_rx=1"),
-        "--vdev".to_owned(),
-        "net_null0,no-rx=1".to_owned(),
-        "--log-level".to_owned(),
-        "*:warning".to_owned(),
-    ];
-    let eal = Eal::init(&args).expect("EAL init");
-    let config = DataplaneConfig {
-        ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
-            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
-        ],
-        mbufs: 4095,
-        mbuf_cache: 128,
-        idle_sleep_us: 0,
-        pipeline: PipelineConfig::default(),
-    };
+    let eal = Eal::init(&eal_args(&prefix, 1, 1, &capture)).expect("EAL init");
+    let config = pcap_to_null(4095, PipelineConfig::default());
     let mut dp = Dataplane::open(eal, &config).expect("open ports");
     assert_eq!(dp.workers().len(), 1);
     let macs: Vec<EthernetAddress> = dp.ports().iter().map(|p| p.mac).collect();
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let spec = SnapshotSpec {
-        ports: vec![
-            PortSpec {
-                name: "in".into(),
-                mac: macs[0],
-                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
-                mtu: 1500,
-            },
-            PortSpec {
-                name: "out".into(),
-                mac: macs[1],
-                addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
-                mtu: 1500,
-            },
-        ],
+        ports: port_specs(&macs),
         routes: vec![],
-        neighbours: backends
-            .iter()
-            .map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) })
-            .collect(),
+        neighbours: backend_neighbours(11..=13),
         services: vec![ServiceSpec {
             name: "web".into(),
             vip: ip(198, 18, 100, 1),

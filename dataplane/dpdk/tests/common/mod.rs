@@ -49,3 +49,105 @@ pub fn core_list() -> Vec<usize> {
     }
     cpus
 }
+
+/// `n` client TCP segments (ACK, 6 bytes of payload) from 198.18.0.2 to the
+/// VIP 198.18.100.1, from source ports 30000 on, to port `dport(i)`.
+pub fn client_frames(n: u16, dport: impl Fn(u16) -> u16) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+                .ipv4([198, 18, 0, 2], [198, 18, 100, 1], 64)
+                .tcp(30000 + i, dport(i), 1, 65535)
+                .ack(1);
+            let mut f = Vec::new();
+            b.write(&mut f, &[0u8; 6]).unwrap();
+            f
+        })
+        .collect()
+}
+
+/// Writes `frames` as the capture `/tmp/<prefix>.pcap` ([`Cleanup`] removes
+/// it) and returns its path.
+pub fn write_capture(prefix: &str, frames: &[Vec<u8>]) -> String {
+    let path = format!("/tmp/{prefix}.pcap");
+    std::fs::write(&path, pcap(frames)).unwrap();
+    path
+}
+
+/// EAL arguments for a driver test: the main lcore on the first CPU this
+/// process may use and `workers` worker lcores on the last, no hugepages,
+/// port 0 a net_pcap replaying `capture` forever into `rx_queues` rx queues,
+/// port 1 a net_null that receives nothing (by default its rx side would
+/// fabricate packets from recycled mbufs).
+pub fn eal_args(prefix: &str, workers: usize, rx_queues: usize, capture: &str) -> Vec<String> {
+    let cpus = core_list();
+    let last = cpus[cpus.len() - 1];
+    let lcores: Vec<String> =
+        std::iter::once(format!("0@{}", cpus[0])).chain((1..=workers).map(|l| format!("{l}@{last}"))).collect();
+    let rx: String = (0..rx_queues).map(|_| format!("rx_pcap={capture},")).collect();
+    [
+        "--lcores",
+        &lcores.join(","),
+        "--no-huge",
+        "-m",
+        "256",
+        "--no-pci",
+        "--file-prefix",
+        prefix,
+        "--vdev",
+        &format!("net_pcap0,{rx}infinite_rx=1"),
+        "--vdev",
+        "net_null0,no-rx=1",
+        "--log-level",
+        "*:warning",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// The dataplane over the ports of [`eal_args`]: "in" (net_pcap0) and
+/// "out" (net_null0).
+pub fn pcap_to_null(
+    mbufs: u32,
+    pipeline: vipgate_dataplane::pipeline::PipelineConfig,
+) -> vipgate_dpdk::DataplaneConfig {
+    use vipgate_dpdk::PortConfig;
+    vipgate_dpdk::DataplaneConfig {
+        ports: vec![
+            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
+            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
+        ],
+        mbufs,
+        mbuf_cache: 128,
+        idle_sleep_us: 0,
+        pipeline,
+    }
+}
+
+/// The snapshot's view of those ports, with their real MACs: "in" on
+/// 198.18.0.1/24, "out" on 198.18.1.1/24.
+pub fn port_specs(macs: &[vipgate_dataplane::wire::EthernetAddress]) -> Vec<vipgate_dataplane::snapshot::PortSpec> {
+    use vipgate_dataplane::snapshot::{Ipv4Cidr, PortSpec};
+    [("in", 0), ("out", 1)]
+        .iter()
+        .map(|&(name, i)| PortSpec {
+            name: name.into(),
+            mac: macs[i],
+            addresses: vec![Ipv4Cidr { addr: ip(198, 18, i as u8, 1), len: 24 }],
+            mtu: 1500,
+        })
+        .collect()
+}
+
+/// Permanent neighbours for the backends 198.18.1.`h`, so no packet waits
+/// for ARP.
+pub fn backend_neighbours(hosts: impl IntoIterator<Item = u8>) -> Vec<vipgate_dataplane::snapshot::NeighbourSpec> {
+    hosts
+        .into_iter()
+        .map(|h| vipgate_dataplane::snapshot::NeighbourSpec {
+            addr: ip(198, 18, 1, h),
+            mac: vipgate_dataplane::wire::EthernetAddress([2, 0xbb, 0, 0, 0, h]),
+        })
+        .collect()
+}
