@@ -75,9 +75,9 @@ struct FreePorts {
 }
 
 impl FreePorts {
-    fn all(first: u16, len: u16) -> FreePorts {
-        let ports: Box<[u16]> = (0..len).map(|i| first + i).collect();
-        FreePorts { head: 0, len: ports.len(), ports }
+    /// An empty list with room for `capacity` ports.
+    fn with_capacity(capacity: u16) -> FreePorts {
+        FreePorts { ports: vec![0; usize::from(capacity)].into_boxed_slice(), head: 0, len: 0 }
     }
 
     #[inline]
@@ -194,8 +194,7 @@ impl SnatTable {
         for pool in &mut self.pools {
             pool.free = (0..pool.spec.addresses.len())
                 .map(|ai| {
-                    let mut free = FreePorts::all(pool.first, pool.len);
-                    free.len = 0;
+                    let mut free = FreePorts::with_capacity(pool.len);
                     for off in 0..pool.len {
                         if !pool.bindings[ai * usize::from(pool.len) + usize::from(off)].live {
                             free.push(pool.first + off);
