@@ -161,6 +161,19 @@ fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
     Ok(PoolState { name, addresses, first_port, last_port })
 }
 
+/// The field path of backend `address:port` of `service`, as errors name it.
+fn backend_key_field(service: &str, address: &str, port: u32, field: &str) -> String {
+    format!("services[{service:?}].backends[{address}:{port}].{field}")
+}
+
+/// The backend a request names by address and port, checked.
+fn backend_key(service: &str, address: &str, port: u32) -> Result<(std::net::Ipv4Addr, u16), Status> {
+    let f = |k: &str| backend_key_field(service, address, port, k);
+    let address = state::parse_ipv4(address).map_err(|e| invalid(f("address"), e))?;
+    let port = state::parse_port(port).map_err(|e| invalid(f("port"), e))?;
+    Ok((address, port))
+}
+
 fn required<T>(v: Option<T>, field: &str) -> Result<T, Status> {
     v.ok_or_else(|| invalid(field, "is required"))
 }
@@ -359,9 +372,8 @@ impl ServiceManager for ServiceManagerService {
     ) -> Result<Response<pb::MutationResponse>, Status> {
         let r = request.into_inner();
         let service = r.service;
-        let f = |k: &str| format!("services[{service:?}].backends[{}:{}].{k}", r.address, r.port);
-        let address = state::parse_ipv4(&r.address).map_err(|e| invalid(f("address"), e))?;
-        let port = state::parse_port(r.port).map_err(|e| invalid(f("port"), e))?;
+        let f = |k: &str| backend_key_field(&service, &r.address, r.port, k);
+        let (address, port) = backend_key(&service, &r.address, r.port)?;
         let weight = r.weight.map(|w| state::parse_weight(Some(w)).map_err(|e| invalid(f("weight"), e))).transpose()?;
         let admin = admin_state(r.admin_state, &f("admin_state"))?;
         if weight.is_none() && admin.is_none() {
@@ -376,9 +388,7 @@ impl ServiceManager for ServiceManagerService {
     ) -> Result<Response<pb::MutationResponse>, Status> {
         let r = request.into_inner();
         let service = r.service;
-        let f = |k: &str| format!("services[{service:?}].backends[{}:{}].{k}", r.address, r.port);
-        let address = state::parse_ipv4(&r.address).map_err(|e| invalid(f("address"), e))?;
-        let port = state::parse_port(r.port).map_err(|e| invalid(f("port"), e))?;
+        let (address, port) = backend_key(&service, &r.address, r.port)?;
         self.mutate(Box::new(move |c, st| ops::remove_backend(c, st, &service, address, port))).await
     }
 
