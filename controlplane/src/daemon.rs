@@ -12,7 +12,7 @@ use crate::store::{Store, StoreError};
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{error, info, warn};
-use vipgate_dataplane::snapshot::{Snapshot, SnapshotError};
+use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DpdkError, Eal, Mempool, ShutdownReport};
 
@@ -23,9 +23,6 @@ pub enum DaemonError {
     /// DPDK refused something.
     #[error(transparent)]
     Dpdk(#[from] DpdkError),
-    /// The forwarding state could not be compiled.
-    #[error("cannot compile the forwarding state: {0}")]
-    Snapshot(#[from] SnapshotError),
     /// The control-plane runtime could not start.
     #[error("cannot start the control-plane runtime: {0}")]
     Runtime(std::io::Error),
