@@ -798,3 +798,54 @@ async fn a_file_that_conflicts_with_the_persisted_state_stops_the_start_before_e
     assert!(log.contains(&want), "wanted {want:?} in {log}");
     assert!(!log.contains("initialising EAL"), "EAL started: {log}");
 }
+
+#[tokio::test]
+async fn the_backend_capacity_is_enforced_and_a_removed_backends_slot_is_reused() {
+    let mut d = NullGateway::builder("scap").dataplane_config("max_backends = 16\n").extra_config(STATIC_POOL).build();
+    let mut c = start(&mut d).await;
+    let mut gw = vipgate_controlplane::api::connect_unix(&d.socket()).await.expect("Gateway client");
+    // The static service "web" has 1 backend: 15 slots are left.
+    let fifteen = service("fifteen", 10, (0..15).map(|i| backend(20 + i, 8080, 1)).collect());
+    version(c.create_service(pb::CreateServiceRequest { service: Some(fifteen) }).await, "15 backends");
+    let before = state(&mut c).await;
+
+    let one_more = service("one-more", 11, vec![backend(60, 8080, 1)]);
+    let refused = c
+        .create_service(pb::CreateServiceRequest { service: Some(one_more.clone()) })
+        .await
+        .expect_err("a 17th backend is over [dataplane] max_backends = 16");
+    println!("{:?}: {}", refused.code(), refused.message());
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("max_backends = 16"), "{}", refused.message());
+    let after = state(&mut c).await;
+    assert_eq!((after.version, after.services.len()), (before.version, before.services.len()), "nothing changed");
+
+    // Deleting the 15 frees their slots (no flow counts in them).
+    version(c.delete_service(pb::DeleteServiceRequest { name: "fifteen".to_owned() }).await, "delete");
+    version(c.create_service(pb::CreateServiceRequest { service: Some(one_more) }).await, "now it fits");
+
+    let stats = gw
+        .get_service_stats(pb::GetServiceStatsRequest { service: "one-more".to_owned() })
+        .await
+        .expect("GetServiceStats")
+        .into_inner();
+    assert_eq!(stats.services.len(), 1);
+    let s = &stats.services[0];
+    assert_eq!(
+        (s.vip.as_str(), s.port, s.protocol.as_str(), s.mode.as_str(), s.table_size),
+        ("198.18.100.11", 80, "tcp", "nat", 251)
+    );
+    assert_eq!(s.backends.len(), 1);
+    assert_eq!((s.backends[0].address.as_str(), s.backends[0].port, s.backends[0].weight), ("198.18.1.60", 8080, 1));
+    assert_eq!(s.backends[0].stats, Some(pb::TrafficStats::default()), "a reused slot starts from zero");
+    let all = gw.get_service_stats(pb::GetServiceStatsRequest::default()).await.expect("all").into_inner();
+    let names: Vec<&str> = all.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["web", "one-more"], "file first, then the API's");
+    let missing = gw
+        .get_service_stats(pb::GetServiceStatsRequest { service: "nope".to_owned() })
+        .await
+        .expect_err("no such service");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("\"nope\""), "{}", missing.message());
+    stop(&mut d).await;
+}

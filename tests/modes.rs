@@ -113,6 +113,11 @@ fn run(mode: Mode, lcores: &str) {
 
     // 1. HTTP.
     let answers: Vec<Result<Whoami, String>> = (0..REQUESTS).map(|i| rig.whoami(FIRST_SOURCE_PORT + i)).collect();
+    // Per-backend statistics right after: each request was one new flow,
+    // now closed (inactive until it expires).
+    let listed = rig.ctl(&["--json", "list"]);
+    let listed_text = rig.ctl(&["list"]);
+    let listed_traffic = rig.ctl(&["list", "--stats"]);
 
     // 2. A download; in dsr mode, the client's leg in the backend LAN must
     //    carry it.
@@ -157,6 +162,7 @@ fn run(mode: Mode, lcores: &str) {
     let spread: Vec<(&str, usize)> = names.chunk_by(|a, b| a == b).map(|c| (c[0], c.len())).collect();
     println!("{} {workers} worker(s): {REQUESTS} requests answered by {spread:?}", mode.name());
     assert!(spread.len() > 1, "every request went to {spread:?}");
+    check_backend_stats(mode, &listed, &listed_text, &listed_traffic, &spread);
 
     let (sha, size, code) = downloaded.unwrap_or_else(|e| panic!("the download failed: {e}\n{stats}\n{}", left.log));
     println!(
@@ -230,6 +236,57 @@ fn run(mode: Mode, lcores: &str) {
         assert!(out > 0, "with {workers} workers no packet crossed to its flow's owner: {stats}");
     }
     left.assert_clean();
+}
+
+/// `vipgatectl list` right after the HTTP requests: per backend of "web",
+/// as many connections as requests it answered, every flow closed
+/// (inactive, not active), packets in (and, except in dsr mode, out); the
+/// text listings show the same figures.
+fn check_backend_stats(
+    mode: Mode,
+    json: &std::process::Output,
+    text: &std::process::Output,
+    traffic: &std::process::Output,
+    spread: &[(&str, usize)],
+) {
+    assert!(json.status.success(), "vipgatectl --json list: {}", String::from_utf8_lossy(&json.stderr));
+    let state: serde_json::Value = serde_json::from_slice(&json.stdout).expect("list --json prints JSON");
+    let web = state["services"].as_array().expect("services").iter().find(|s| s["name"] == "web").expect("web");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    let traffic = String::from_utf8_lossy(&traffic.stdout).into_owned();
+    println!("{text}{traffic}");
+    assert!(text.contains("ActiveConn") && text.contains("InActConn"), "{text}");
+    let mut connections = 0;
+    for b in web["backends"].as_array().expect("backends") {
+        let addr = b["address"].as_str().expect("address");
+        let i: usize = addr.rsplit('.').next().and_then(|l| l.parse().ok()).map(|l: usize| l - 10).expect("198.18.1.x");
+        let name = format!("backend-{i}");
+        let answered = spread.iter().find(|(n, _)| *n == name).map_or(0, |(_, c)| *c) as u64;
+        let st = &b["stats"];
+        let get = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("no stats.{k} for {addr}: {web}"));
+        assert_eq!(get("connections"), answered, "{name} answered {answered} requests: {web}");
+        assert_eq!(get("active_flows"), 0, "{name}: every connection is closed: {web}");
+        assert_eq!(get("inactive_flows"), answered, "{name}: closed flows stay tracked until they expire: {web}");
+        if answered > 0 {
+            assert!(get("in_packets") >= 3 * answered && get("in_bytes") > 0, "{name}: {web}");
+            if mode == Mode::Dsr {
+                assert_eq!(get("out_packets"), 0, "{name}: DSR replies bypass the gateway: {web}");
+            } else {
+                assert!(get("out_packets") >= 2 * answered && get("out_bytes") > 0, "{name}: {web}");
+            }
+        }
+        let port = b["port"].as_u64().expect("port");
+        let row =
+            text.lines().find(|l| l.trim_start().starts_with(&format!("-> {addr}:{port} "))).expect("backend row");
+        assert!(
+            row.split_whitespace().collect::<Vec<_>>().ends_with(&["0", &answered.to_string(), "enabled"]),
+            "{row:?} should end with ActiveConn 0, InActConn {answered}, enabled"
+        );
+        assert!(traffic.contains(&format!("-> {addr}:{port} ")), "{traffic}");
+        connections += get("connections");
+    }
+    assert_eq!(connections, u64::from(REQUESTS), "{web}");
+    assert_eq!(web["stats"]["connections"].as_u64(), Some(u64::from(REQUESTS)), "service total: {web}");
 }
 
 #[test]

@@ -63,7 +63,11 @@ pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
             port: 80,
             protocol: Protocol::Tcp,
             table_size: 65537,
-            backends: backends.iter().map(|&addr| BackendSpec { addr, port, weight: 1 }).collect(),
+            backends: backends
+                .iter()
+                .zip(0..)
+                .map(|(&addr, stats_slot)| BackendSpec { addr, port, weight: 1, stats_slot })
+                .collect(),
             on_backend_removal: Default::default(),
             mode,
         }],

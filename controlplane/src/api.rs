@@ -15,7 +15,7 @@ mod services;
 mod tcp;
 mod view;
 
-pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_services};
+pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_channel, connect_unix_services};
 pub use error::ApiError;
 pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_bound_with_state, serve_unix};
 pub use services::ServiceManagerService;

@@ -160,6 +160,8 @@ struct RawDataplane {
     neighbour_capacity: Spanned<u32>,
     #[serde(default = "default_flow_capacity")]
     flow_capacity: Spanned<u64>,
+    #[serde(default = "default_max_backends")]
+    max_backends: Spanned<u64>,
     #[serde(default)]
     timeouts: RawTimeouts,
 }
@@ -215,6 +217,10 @@ fn default_flow_capacity() -> Spanned<u64> {
     Spanned::new(0..0, DEFAULT_FLOW_CAPACITY as u64)
 }
 
+fn default_max_backends() -> Spanned<u64> {
+    Spanned::new(0..0, vipgate_dataplane::stats::DEFAULT_SLOTS as u64)
+}
+
 fn default_mbufs() -> Spanned<u32> {
     Spanned::new(0..0, 16_383)
 }
@@ -233,6 +239,7 @@ impl Default for RawDataplane {
             idle_sleep_us: 0,
             neighbour_capacity: default_neighbours(),
             flow_capacity: default_flow_capacity(),
+            max_backends: default_max_backends(),
             timeouts: RawTimeouts::default(),
         }
     }
@@ -573,6 +580,18 @@ impl Validator<'_> {
                 format!(
                     "{flows} is not from 1024 to {MAX_FLOW_CAPACITY} (each slot takes {} bytes per worker)",
                     vipgate_dataplane::flow::BYTES_PER_SLOT
+                ),
+            );
+        }
+        let max_backends = *dp.max_backends.get_ref();
+        let slots_limit = u64::from(vipgate_dataplane::stats::MAX_SLOTS);
+        if !(16..=slots_limit).contains(&max_backends) {
+            return self.err(
+                dp.max_backends.span(),
+                "dataplane.max_backends",
+                format!(
+                    "{max_backends} is not from 16 to {slots_limit} (each backend takes {} bytes of statistics per worker)",
+                    size_of::<vipgate_dataplane::stats::SlotCounters>()
                 ),
             );
         }
@@ -961,7 +980,7 @@ impl Validator<'_> {
                     None => 1,
                     Some(w) => check_weight(*w.get_ref()).or_else(|reason| self.err(w.span(), bf("weight"), reason))?,
                 };
-                backends.push(BackendSpec { addr, port: bport, weight });
+                backends.push(BackendSpec { addr, port: bport, weight, stats_slot: vipgate_dataplane::stats::NO_SLOT });
             }
             if backends.len() > usize::try_from(table_size).unwrap_or(usize::MAX) {
                 return self.err(
@@ -1034,6 +1053,7 @@ impl Validator<'_> {
                 neighbour_timers: PipelineConfig::default().neighbour_timers,
                 flow_capacity: flows as usize,
                 flow_timeouts,
+                backend_slots: max_backends as usize,
             },
         };
         let (api_tcp, api_max_request_bytes) = self.api_tcp(&raw.api)?;
@@ -1228,6 +1248,7 @@ fn fixed_settings(
         ("dataplane.idle_sleep_us".to_owned(), dp.idle_sleep_us.to_string()),
         ("dataplane.neighbour_capacity".to_owned(), dp.neighbour_capacity.get_ref().to_string()),
         ("dataplane.flow_capacity".to_owned(), dp.flow_capacity.get_ref().to_string()),
+        ("dataplane.max_backends".to_owned(), dp.max_backends.get_ref().to_string()),
         ("dataplane.timeouts.tcp_syn".to_owned(), t.tcp_syn.get_ref().to_string()),
         ("dataplane.timeouts.tcp_established".to_owned(), t.tcp_established.get_ref().to_string()),
         ("dataplane.timeouts.tcp_closing".to_owned(), t.tcp_closing.get_ref().to_string()),

@@ -8,6 +8,7 @@
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
 use crate::state::{self, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView};
+use crate::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
 use crate::store::{Store, StoreError};
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,6 +53,7 @@ struct DaemonView {
     workers: Vec<vipgate_dpdk::WorkerView>,
     ports: Vec<vipgate_dpdk::PortView>,
     pool: Arc<Mempool>,
+    stats: StatsReader,
 }
 
 impl GatewayView for DaemonView {
@@ -76,6 +78,10 @@ impl GatewayView for DaemonView {
 
     fn serving(&self) -> bool {
         self.workers.iter().all(vipgate_dpdk::WorkerView::running)
+    }
+
+    fn service_stats(&self, only: Option<&str>) -> Vec<ServiceFigures> {
+        self.stats.read(only)
     }
 }
 
@@ -124,19 +130,28 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         info!(port = %p.name, id = p.id, mac = %p.mac, "port started");
     }
     let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
-    let snapshot =
-        state::compile(config, &macs, &dynamic).map_err(|source| DaemonError::State { path: store.path(), source })?;
+    let mut slots = StatsSlots::new(
+        config.dataplane.pipeline.backend_slots,
+        dataplane.workers().iter().map(|w| Arc::clone(&w.stats)).collect(),
+    );
+    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &slots)
+        .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
+    slots.apply(plan);
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
-    let view =
-        Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let view = Arc::new(DaemonView {
+        workers: dataplane.workers().to_vec(),
+        ports,
+        pool: Arc::clone(dataplane.pool()),
+        stats: slots.reader(),
+    });
     let Signals { stop, mut hup } = signals;
     let running = Arc::new(config.clone());
     let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
-    let mut reloader = Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone() };
+    let mut reloader = Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone(), slots };
     let served = rt
         .block_on(async {
             // Two futures on one thread: the API, which ends on SIGINT or
@@ -290,6 +305,8 @@ struct Reloader {
     store: Store,
     /// Where readers and watchers see it.
     handle: StateHandle,
+    /// Every backend's stats slot.
+    slots: StatsSlots,
 }
 
 impl Reloader {
@@ -316,7 +333,7 @@ impl Reloader {
         }
         // The file against the dynamic state: a conflict (a name or a
         // VIP:port/protocol both use) refuses the reload.
-        let snapshot = match state::compile(&new, &self.macs, &self.dynamic) {
+        let (snapshot, plan) = match state::compile_with_slots(&new, &self.macs, &self.dynamic, &self.slots) {
             Ok(s) => s,
             Err(e) => {
                 error!("reload refused: {e}; the running configuration is kept");
@@ -359,7 +376,7 @@ impl Reloader {
         let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         log_services(&snapshot);
         let services = snapshot.services().len();
-        if let Err(e) = self.commit(Arc::new(new), dynamic, snapshot, change, dataplane).await {
+        if let Err(e) = self.commit(Arc::new(new), dynamic, (snapshot, plan), change, dataplane).await {
             error!("reload refused: {e}; the running configuration is kept");
             return;
         }
@@ -381,8 +398,8 @@ impl Reloader {
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
             new.version = self.dynamic.version + 1;
-            let snapshot = state::compile(&self.running, &self.macs, &new)?;
-            self.commit(Arc::clone(&self.running), new, snapshot, change, dataplane).await?;
+            let compiled = state::compile_with_slots(&self.running, &self.macs, &new, &self.slots)?;
+            self.commit(Arc::clone(&self.running), new, compiled, change, dataplane).await?;
             Ok(self.dynamic.version)
         }
         .await;
@@ -401,7 +418,7 @@ impl Reloader {
         &mut self,
         config: Arc<Config>,
         dynamic: DesiredState,
-        snapshot: Snapshot,
+        (snapshot, plan): (Snapshot, SlotPlan),
         change: Change,
         dataplane: &Dataplane,
     ) -> Result<(), StateError> {
@@ -422,6 +439,7 @@ impl Reloader {
         if let Err(e) = published {
             warn!("state version {}: published, but {e}", dynamic.version);
         }
+        self.slots.apply(plan);
         info!(
             version = dynamic.version,
             cause = %change.cause,

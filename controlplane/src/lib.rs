@@ -7,4 +7,5 @@ pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod state;
+pub mod stats;
 pub mod store;

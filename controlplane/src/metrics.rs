@@ -28,6 +28,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
+use vipgate_dataplane::stats::SlotTotals;
 
 use crate::api::{GatewayView, PortView};
 
@@ -310,6 +311,120 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     Ok(())
 }
 
+/// A per-service or per-backend counter: name (without `_total`), help, and
+/// how to read it.
+type TrafficField = (&'static str, &'static str, fn(&SlotTotals) -> u64);
+
+const TRAFFIC_COUNTERS: [TrafficField; 5] = [
+    ("connections", "Flows created towards", |t| t.connections),
+    ("incoming_packets", "Packets from clients to", |t| t.in_packets),
+    ("incoming_bytes", "IPv4 bytes from clients to", |t| t.in_bytes),
+    ("outgoing_packets", "Packets back to clients from (none in DSR mode)", |t| t.out_packets),
+    ("outgoing_bytes", "IPv4 bytes back to clients from (none in DSR mode)", |t| t.out_bytes),
+];
+
+impl GatewayCollector {
+    /// Per-service and per-backend families: node_exporter's ipvs backend
+    /// gauges (same names and labels) and vipgate's counters.
+    fn encode_services(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let services = self.view.service_stats(None);
+        struct Row {
+            service: String,
+            vip: String,
+            port: String,
+            proto: &'static str,
+            address: String,
+            bport: String,
+        }
+        let mut rows = Vec::new();
+        let mut values = Vec::new();
+        for s in &services {
+            let proto = if s.service.protocol == "udp" { "UDP" } else { "TCP" };
+            for b in &s.backends {
+                rows.push(Row {
+                    service: s.service.name.clone(),
+                    vip: std::net::Ipv4Addr::from(s.service.vip).to_string(),
+                    port: s.service.port.to_string(),
+                    proto,
+                    address: b.addr.to_string(),
+                    bport: b.port.to_string(),
+                });
+                values.push((b.weight, b.totals));
+            }
+        }
+        let ipvs_labels: Vec<[(&str, &str); 6]> = rows
+            .iter()
+            .map(|r| {
+                [
+                    ("local_address", r.vip.as_str()),
+                    ("local_port", r.port.as_str()),
+                    ("local_mark", ""),
+                    ("proto", r.proto),
+                    ("remote_address", r.address.as_str()),
+                    ("remote_port", r.bport.as_str()),
+                ]
+            })
+            .collect();
+        let ipvs = |read: &dyn Fn(&(u32, SlotTotals)) -> u64| -> Vec<(&[(&str, &str)], u64)> {
+            ipvs_labels.iter().zip(&values).map(|(l, v)| (&l[..], read(v))).collect()
+        };
+        gauge(
+            e,
+            "node_ipvs_backend_connections_active",
+            "Tracked TCP flows in the established state, per backend.",
+            &ipvs(&|v| v.1.active),
+        )?;
+        gauge(
+            e,
+            "node_ipvs_backend_connections_inactive",
+            "Other tracked flows (TCP handshakes and closes, UDP), per backend.",
+            &ipvs(&|v| v.1.inactive),
+        )?;
+        gauge(
+            e,
+            "node_ipvs_backend_weight",
+            "The backend's weight in force (0 while draining).",
+            &ipvs(&|v| u64::from(v.0)),
+        )?;
+
+        let backend_labels: Vec<[(&str, &str); 3]> = rows
+            .iter()
+            .map(|r| [("service", r.service.as_str()), ("address", r.address.as_str()), ("port", r.bport.as_str())])
+            .collect();
+        let service_labels: Vec<[(&str, &str); 1]> =
+            services.iter().map(|s| [("service", s.service.name.as_str())]).collect();
+        for (name, help, read) in TRAFFIC_COUNTERS {
+            let per_backend: Vec<(&[(&str, &str)], u64)> =
+                backend_labels.iter().zip(&values).map(|(l, v)| (&l[..], read(&v.1))).collect();
+            counter(e, &format!("vipgate_backend_{name}"), &format!("{help} the backend."), &per_backend)?;
+            let per_service: Vec<(&[(&str, &str)], u64)> =
+                service_labels.iter().zip(&services).map(|(l, s)| (&l[..], read(&s.totals))).collect();
+            counter(
+                e,
+                &format!("vipgate_service_{name}"),
+                &format!("{help} the service's backends (removed backends included)."),
+                &per_service,
+            )?;
+        }
+        let service_gauge = |read: fn(&SlotTotals) -> u64| -> Vec<(&[(&str, &str)], u64)> {
+            service_labels.iter().zip(&services).map(|(l, s)| (&l[..], read(&s.totals))).collect()
+        };
+        gauge(
+            e,
+            "vipgate_service_flows_active",
+            "Tracked TCP flows in the established state.",
+            &service_gauge(|t| t.active),
+        )?;
+        gauge(
+            e,
+            "vipgate_service_flows_inactive",
+            "Other tracked flows (TCP handshakes and closes, UDP).",
+            &service_gauge(|t| t.inactive),
+        )?;
+        Ok(())
+    }
+}
+
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let e = &mut encoder;
@@ -400,6 +515,8 @@ impl Collector for GatewayCollector {
             "Bytes sent by all workers (vipgate_worker_tx_bytes summed).",
             &[(none, sum(|v| v.tx_bytes))],
         )?;
+
+        self.encode_services(e)?;
 
         let ports: Vec<PortView> = self.view.ports();
         let port_labels: Vec<[(&str, &str); 1]> = ports.iter().map(|p| [("port", p.name.as_str())]).collect();

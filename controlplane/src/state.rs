@@ -196,6 +196,8 @@ pub enum ErrorKind {
     Unimplemented,
     /// The state could not be persisted, or the daemon is stopping.
     Unavailable,
+    /// A fixed capacity (`[dataplane] max_backends`) would be exceeded.
+    ResourceExhausted,
 }
 
 /// Why a request was refused. Nothing was changed.
@@ -300,6 +302,7 @@ impl ServiceState {
                 addr: u32::from(b.address),
                 port: b.port,
                 weight: if b.admin_state == AdminState::Draining { 0 } else { b.weight },
+                stats_slot: vipgate_dataplane::stats::NO_SLOT,
             })
             .collect();
         Ok(ServiceSpec {
@@ -532,6 +535,20 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
 pub fn compile(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<Snapshot, StateError> {
     let spec = validate(config, macs, dynamic)?;
     Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
+}
+
+/// [`compile`], giving every backend its stats slot from `slots` on the
+/// way: the snapshot and the slot plan to apply once it is committed.
+pub fn compile_with_slots(
+    config: &Config,
+    macs: &[EthernetAddress],
+    dynamic: &DesiredState,
+    slots: &crate::stats::StatsSlots,
+) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
+    let mut spec = validate(config, macs, dynamic)?;
+    let plan = slots.plan(&mut spec).map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
+    let snapshot = Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
+    Ok((snapshot, plan))
 }
 
 /// What a change did, for the Watch stream and the log.

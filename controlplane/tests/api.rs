@@ -439,6 +439,13 @@ impl pb::gateway_server::Gateway for FailingGateway {
     ) -> Result<tonic::Response<pb::GetCountersResponse>, tonic::Status> {
         Err(tonic::Status::unavailable("the dataplane is restarting"))
     }
+
+    async fn get_service_stats(
+        &self,
+        _: tonic::Request<pb::GetServiceStatsRequest>,
+    ) -> Result<tonic::Response<pb::GetServiceStatsResponse>, tonic::Status> {
+        Err(tonic::Status::unavailable("the dataplane is restarting"))
+    }
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use vipgate_controlplane::api::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
 use vipgate_controlplane::metrics;
+use vipgate_controlplane::stats::{BackendFigures, ServiceFigures, ServiceSlots};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
+use vipgate_dataplane::stats::SlotTotals;
 
 struct Fake {
     workers: Vec<WorkerView>,
@@ -37,6 +39,39 @@ impl GatewayView for Fake {
     }
     fn serving(&self) -> bool {
         true
+    }
+    fn service_stats(&self, only: Option<&str>) -> Vec<ServiceFigures> {
+        let t = |connections, active, inactive| SlotTotals {
+            connections,
+            in_packets: connections * 10,
+            in_bytes: connections * 1000,
+            out_packets: connections * 8,
+            out_bytes: connections * 4000,
+            active,
+            inactive,
+        };
+        let backend = |last: u8, weight, totals| BackendFigures {
+            addr: std::net::Ipv4Addr::new(198, 18, 1, last),
+            port: 8080,
+            weight,
+            totals,
+        };
+        let service = Arc::new(ServiceSlots {
+            name: "web".to_owned(),
+            vip: u32::from(std::net::Ipv4Addr::new(198, 18, 100, 1)),
+            port: 80,
+            protocol: "tcp",
+            mode: "nat",
+            table_size: 251,
+            backends: vec![],
+        });
+        let figures = ServiceFigures {
+            service,
+            // Includes 1 connection of a removed backend.
+            totals: t(8, 5, 1),
+            backends: vec![backend(11, 2, t(4, 3, 1)), backend(12, 0, t(3, 2, 0))],
+        };
+        if only.is_some_and(|n| n != "web") { vec![] } else { vec![figures] }
     }
 }
 
@@ -102,6 +137,18 @@ fn exposition_of_a_fake_gateway() {
         "vipgate_port_rx_nombuf_total{port=\"uplink\"} 5",
         "vipgate_mempool_size_mbufs{pool=\"vipgate_mbufs\"} 16383",
         "vipgate_mempool_in_use_mbufs{pool=\"vipgate_mbufs\"} 2046",
+        // node_exporter's ipvs backend families, its labels.
+        "# TYPE node_ipvs_backend_connections_active gauge",
+        "node_ipvs_backend_connections_active{local_address=\"198.18.100.1\",local_port=\"80\",local_mark=\"\",proto=\"TCP\",remote_address=\"198.18.1.11\",remote_port=\"8080\"} 3",
+        "node_ipvs_backend_connections_inactive{local_address=\"198.18.100.1\",local_port=\"80\",local_mark=\"\",proto=\"TCP\",remote_address=\"198.18.1.11\",remote_port=\"8080\"} 1",
+        "node_ipvs_backend_weight{local_address=\"198.18.100.1\",local_port=\"80\",local_mark=\"\",proto=\"TCP\",remote_address=\"198.18.1.12\",remote_port=\"8080\"} 0",
+        "vipgate_backend_connections_total{service=\"web\",address=\"198.18.1.12\",port=\"8080\"} 3",
+        "vipgate_backend_incoming_packets_total{service=\"web\",address=\"198.18.1.11\",port=\"8080\"} 40",
+        "vipgate_backend_outgoing_bytes_total{service=\"web\",address=\"198.18.1.11\",port=\"8080\"} 16000",
+        "vipgate_service_connections_total{service=\"web\"} 8",
+        "vipgate_service_incoming_bytes_total{service=\"web\"} 8000",
+        "vipgate_service_flows_active{service=\"web\"} 5",
+        "vipgate_service_flows_inactive{service=\"web\"} 1",
     ] {
         assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
     }
@@ -120,5 +167,5 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 31);
+    assert_eq!(seen.len(), 46);
 }

@@ -151,12 +151,19 @@ pub struct NullGateway {
 pub struct NullGatewayBuilder {
     tag: String,
     extra: String,
+    dataplane: String,
 }
 
 impl NullGatewayBuilder {
     /// Appends TOML to the base configuration, after the service "web".
     pub fn extra_config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
+        self
+    }
+
+    /// Adds TOML lines to the `[dataplane]` section.
+    pub fn dataplane_config(mut self, toml: &str) -> Self {
+        self.dataplane.push_str(toml);
         self
     }
 
@@ -180,6 +187,7 @@ file_prefix = "{prefix}"
 [dataplane]
 idle_sleep_us = 50
 mbufs = 4095
+{dataplane}
 
 [api]
 socket = "{socket}"
@@ -208,6 +216,7 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
             socket = gw.socket().display(),
             state = gw.dir.join("state").display(),
             extra = self.extra,
+            dataplane = self.dataplane,
         );
         std::fs::write(gw.config_path(), config).expect("write the gateway's configuration");
         gw
@@ -219,7 +228,7 @@ impl NullGateway {
     /// net_null devices') and temporary directory are `vg{tag}{pid}`: the
     /// tag tells the gateways of one test binary apart, and should be short.
     pub fn builder(tag: &str) -> NullGatewayBuilder {
-        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new() }
+        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new(), dataplane: String::new() }
     }
 
     /// The temporary directory, for a test's own files too.

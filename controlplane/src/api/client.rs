@@ -32,6 +32,12 @@ pub async fn connect_unix_services(path: &Path) -> Result<ServiceManagerClient<C
     Ok(ServiceManagerClient::new(channel_unix(path).await?))
 }
 
+/// A channel to vipgated's Unix socket `path`, for clients of several of
+/// its services on one connection; same rules as [`connect_unix`].
+pub async fn connect_unix_channel(path: &Path) -> Result<Channel, ApiError> {
+    channel_unix(path).await
+}
+
 async fn channel_unix(path: &Path) -> Result<Channel, ApiError> {
     let socket: PathBuf = path.to_owned();
     // The URI only fills HTTP/2's :authority; the connector ignores it and

@@ -66,16 +66,76 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::GetCountersResponse>, Status> {
         Ok(Response::new(counters_response(self.view.as_ref())))
     }
+
+    async fn get_service_stats(
+        &self,
+        request: Request<pb::GetServiceStatsRequest>,
+    ) -> Result<Response<pb::GetServiceStatsResponse>, Status> {
+        let name = request.into_inner().service;
+        let only = (!name.is_empty()).then_some(name.as_str());
+        let services: Vec<pb::ServiceStats> = self.view.service_stats(only).into_iter().map(service_stats).collect();
+        if services.is_empty()
+            && let Some(name) = only
+        {
+            return Err(Status::not_found(format!("service {name:?} does not exist")));
+        }
+        Ok(Response::new(pb::GetServiceStatsResponse { services }))
+    }
+}
+
+fn traffic(t: &vipgate_dataplane::stats::SlotTotals) -> pb::TrafficStats {
+    pb::TrafficStats {
+        connections: t.connections,
+        in_packets: t.in_packets,
+        in_bytes: t.in_bytes,
+        out_packets: t.out_packets,
+        out_bytes: t.out_bytes,
+        active_flows: t.active,
+        inactive_flows: t.inactive,
+    }
+}
+
+fn service_stats(f: crate::stats::ServiceFigures) -> pb::ServiceStats {
+    let s = &f.service;
+    pb::ServiceStats {
+        name: s.name.clone(),
+        vip: std::net::Ipv4Addr::from(s.vip).to_string(),
+        port: u32::from(s.port),
+        protocol: s.protocol.to_owned(),
+        mode: s.mode.to_owned(),
+        table_size: s.table_size,
+        stats: Some(traffic(&f.totals)),
+        backends: f
+            .backends
+            .iter()
+            .map(|b| pb::BackendStats {
+                address: b.addr.to_string(),
+                port: u32::from(b.port),
+                weight: b.weight,
+                stats: Some(traffic(&b.totals)),
+            })
+            .collect(),
+    }
 }
 
 /// Reads every counter once. The total is summed from the values put in the
 /// response, so it always equals the sum of the rows even while workers keep
 /// counting.
 fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
+    let pool = view.mempool();
     let workers: Vec<pb::WorkerCounters> = view
         .workers()
         .iter()
-        .map(|w| pb::WorkerCounters { lcore: w.lcore, counters: Some(packet_counters(&w.counters)) })
+        .map(|w| {
+            let c = &w.counters;
+            let packets = c.rx_packets.get() + c.handoff_in.get();
+            pb::WorkerCounters {
+                lcore: w.lcore,
+                counters: Some(packet_counters(c)),
+                mempool_in_use: pool.in_use,
+                busy_cycles_per_packet: if packets == 0 { 0.0 } else { c.busy_cycles.get() as f64 / packets as f64 },
+            }
+        })
         .collect();
     let mut total = zero_counters();
     for w in &workers {
@@ -83,7 +143,7 @@ fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
             add_counters(&mut total, c);
         }
     }
-    let MempoolView { name, size, in_use } = view.mempool();
+    let MempoolView { name, size, in_use } = pool;
     pb::GetCountersResponse {
         workers,
         total: Some(total),

@@ -23,6 +23,12 @@ pub trait GatewayView: Send + Sync + 'static {
     fn mempool(&self) -> MempoolView;
     /// Whether the gateway forwards traffic now.
     fn serving(&self) -> bool;
+    /// Per-service and per-backend traffic and flows, of every service or
+    /// only of the one named. None by default (a view without services).
+    fn service_stats(&self, only: Option<&str>) -> Vec<crate::stats::ServiceFigures> {
+        let _ = only;
+        Vec::new()
+    }
 }
 
 /// One dataplane worker.

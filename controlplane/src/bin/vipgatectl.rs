@@ -67,10 +67,16 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Every service with its backends, and the source pools, at the
-    /// current state version (like `ipvsadm -Ln`).
+    /// Every service with its backends (weight, state, active and
+    /// inactive flows), and the source pools, at the current state version
+    /// (like `ipvsadm -Ln`).
     #[command(visible_alias = "ls")]
-    List,
+    List {
+        /// Traffic columns instead (connections, packets and bytes in and
+        /// out), like `ipvsadm -Ln --stats`.
+        #[arg(long)]
+        stats: bool,
+    },
     /// Create, replace or delete a dynamic service.
     #[command(subcommand)]
     Service(ServiceCommand),
@@ -741,7 +747,9 @@ mod state {
 
     use serde::{Deserialize, Serialize};
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-    use vipgate_controlplane::api::{self, pb, pb::service_manager_client::ServiceManagerClient};
+    use vipgate_controlplane::api::{
+        self, pb, pb::gateway_client::GatewayClient, pb::service_manager_client::ServiceManagerClient,
+    };
 
     use super::{BackendCommand, Cli, Command, CtlError, PoolCommand, ServiceCommand, ServiceSpec, json, request};
 
@@ -753,12 +761,19 @@ mod state {
         // Check the command line before connecting: a usage error is one
         // whether or not vipgated runs.
         let op = Op::parse(&cli.command)?;
-        let mut client = connect(cli).await?;
+        let channel = connect(cli).await?;
+        let mut client = Client::new(channel.clone());
         let version = match op {
-            Op::List => {
+            Op::List(traffic) => {
                 let state = get_state(&mut client).await?;
-                let state = StateJson::from(state);
-                return if cli.json { json(&state) } else { Ok(list_text(&state)) };
+                let stats = GatewayClient::new(channel)
+                    .get_service_stats(request(pb::GetServiceStatsRequest { service: String::new() }))
+                    .await
+                    .map_err(CtlError::Status)?
+                    .into_inner();
+                let mut state = StateJson::from(state);
+                state.join(stats);
+                return if cli.json { json(&state) } else { Ok(list_text(&state, traffic)) };
             }
             Op::Watch => return watch(&mut client, cli.json).await,
             Op::CreateService(service) => {
@@ -794,9 +809,9 @@ mod state {
     }
 
     /// Dials the socket, or with --endpoint TCP with mutual TLS.
-    async fn connect(cli: &Cli) -> Result<Client, CtlError> {
+    async fn connect(cli: &Cli) -> Result<Channel, CtlError> {
         let (Some(endpoint), Some(cert), Some(key), Some(ca)) = (&cli.endpoint, &cli.cert, &cli.key, &cli.ca) else {
-            return Ok(api::connect_unix_services(&cli.socket).await?);
+            return Ok(api::connect_unix_channel(&cli.socket).await?);
         };
         let fail = |reason: String| CtlError::Connect { endpoint: endpoint.clone(), reason };
         let read = |path: &Path, what: &str| {
@@ -813,7 +828,7 @@ mod state {
             .connect()
             .await
             .map_err(|e| fail(root_cause(&e)))?;
-        Ok(ServiceManagerClient::new(channel))
+        Ok(channel)
     }
 
     fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
@@ -826,7 +841,7 @@ mod state {
 
     /// One call, its request checked and built from the command line.
     enum Op {
-        List,
+        List(bool),
         Watch,
         CreateService(pb::Service),
         UpdateService(pb::Service),
@@ -843,7 +858,7 @@ mod state {
         fn parse(command: &Command) -> Result<Op, CtlError> {
             Ok(match command {
                 Command::Health | Command::Stats { .. } => unreachable!("served by the Gateway client"),
-                Command::List => Op::List,
+                Command::List { stats } => Op::List(*stats),
                 Command::Watch => Op::Watch,
                 Command::Service(ServiceCommand::Create { name, spec }) => Op::CreateService(service(name, spec)?),
                 Command::Service(ServiceCommand::Update { name, spec }) => Op::UpdateService(service(name, spec)?),
@@ -1047,6 +1062,55 @@ mod state {
         on_backend_removal: String,
         #[serde(default)]
         backends: Vec<BackendJson>,
+        /// Output only (`list --json`); `apply` ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stats: Option<TrafficJson>,
+    }
+
+    /// Traffic and flows (`GetServiceStats`), as `list --json` prints them.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct TrafficJson {
+        connections: u64,
+        in_packets: u64,
+        in_bytes: u64,
+        out_packets: u64,
+        out_bytes: u64,
+        active_flows: u64,
+        inactive_flows: u64,
+    }
+
+    impl From<pb::TrafficStats> for TrafficJson {
+        fn from(t: pb::TrafficStats) -> Self {
+            TrafficJson {
+                connections: t.connections,
+                in_packets: t.in_packets,
+                in_bytes: t.in_bytes,
+                out_packets: t.out_packets,
+                out_bytes: t.out_bytes,
+                active_flows: t.active_flows,
+                inactive_flows: t.inactive_flows,
+            }
+        }
+    }
+
+    impl StateJson {
+        /// Adds each service's and backend's figures (a disabled backend is
+        /// not in the forwarding state and gets none).
+        fn join(&mut self, stats: pb::GetServiceStatsResponse) {
+            let mut by_name: std::collections::HashMap<String, pb::ServiceStats> =
+                stats.services.into_iter().map(|s| (s.name.clone(), s)).collect();
+            for svc in &mut self.services {
+                let Some(s) = by_name.remove(&svc.name) else { continue };
+                svc.stats = s.stats.map(TrafficJson::from);
+                let mut backends: std::collections::HashMap<(String, u32), pb::BackendStats> =
+                    s.backends.into_iter().map(|b| ((b.address.clone(), b.port), b)).collect();
+                for b in &mut svc.backends {
+                    b.stats =
+                        backends.remove(&(b.address.clone(), b.port)).and_then(|b| b.stats).map(TrafficJson::from);
+                }
+            }
+        }
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -1060,6 +1124,9 @@ mod state {
         /// "enabled", "draining" or "disabled".
         #[serde(default = "enabled")]
         state: String,
+        /// Output only (`list --json`); `apply` ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stats: Option<TrafficJson>,
     }
 
     fn enabled() -> String {
@@ -1117,8 +1184,10 @@ mod state {
                         address: b.address,
                         port: b.port,
                         weight: Some(b.weight.unwrap_or(1)),
+                        stats: None,
                     })
                     .collect(),
+                stats: None,
             }
         }
     }
@@ -1192,41 +1261,98 @@ mod state {
     }
 
     /// The `ipvsadm -Ln`-like listing.
-    fn list_text(s: &StateJson) -> String {
-        let mut out = format!("version {}  (config {})\n", s.version, s.config_file);
+    /// `ipvsadm -Ln` (or with `traffic`, `ipvsadm -Ln --stats`) in
+    /// vipgate's terms: forwarding "Masq" is nat, "FullNat" fullnat and
+    /// "Tunnel" dsr (IPIP).
+    fn list_text(s: &StateJson, traffic: bool) -> String {
+        let mut out = format!("vipgate state version {} (config {})\n", s.version, s.config_file);
         let mut services: Vec<&ServiceJson> = s.services.iter().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         if services.is_empty() {
             out.push_str("no services\n");
         }
+        let forward = |mode: &str| match mode {
+            "fullnat" => "FullNat",
+            "dsr" => "Tunnel",
+            _ => "Masq",
+        };
+        let n =
+            |v: Option<&TrafficJson>, read: fn(&TrafficJson) -> u64| v.map_or("-".to_owned(), |t| read(t).to_string());
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        if traffic {
+            rows.push(
+                ["Prot LocalAddress:Port", "", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes", "Service"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            );
+            rows.push(["  -> RemoteAddress:Port", "", "", "", "", "", "", ""].map(str::to_owned).to_vec());
+        } else {
+            rows.push(["Prot LocalAddress:Port", "Mode", "Table", "", "", "Service"].map(str::to_owned).to_vec());
+            rows.push(
+                ["  -> RemoteAddress:Port", "Forward", "Weight", "ActiveConn", "InActConn", "State"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            );
+        }
         for svc in services {
-            let mut line = format!("{:<4} {}:{} mode {}", svc.protocol.to_uppercase(), svc.vip, svc.port, svc.mode);
+            let mut name = format!("{} ({}", svc.name, svc.origin.as_deref().unwrap_or(""));
             if !svc.source_pool.is_empty() {
-                line.push_str(&format!(" source-pool {}", svc.source_pool));
+                name.push_str(&format!(", source-pool {}", svc.source_pool));
             }
             if !svc.tunnel_source.is_empty() {
-                line.push_str(&format!(" tunnel-source {}", svc.tunnel_source));
+                name.push_str(&format!(", tunnel-source {}", svc.tunnel_source));
             }
-            line.push_str(&format!(
-                " table {} on-removal {} {}  {}\n",
-                svc.table_size,
-                svc.on_backend_removal,
-                svc.origin.as_deref().unwrap_or(""),
-                svc.name
-            ));
-            out.push_str(&line);
+            name.push_str(&format!(", on-removal {})", svc.on_backend_removal));
+            let local = format!("{:<4} {}:{}", svc.protocol.to_uppercase(), svc.vip, svc.port);
+            let st = svc.stats.as_ref();
+            rows.push(if traffic {
+                vec![
+                    local,
+                    String::new(),
+                    n(st, |t| t.connections),
+                    n(st, |t| t.in_packets),
+                    n(st, |t| t.out_packets),
+                    n(st, |t| t.in_bytes),
+                    n(st, |t| t.out_bytes),
+                    name,
+                ]
+            } else {
+                vec![local, svc.mode.clone(), svc.table_size.to_string(), String::new(), String::new(), name]
+            });
             let mut backends: Vec<&BackendJson> = svc.backends.iter().collect();
             backends.sort_by_key(|b| (b.address.parse::<Ipv4Addr>().ok(), b.port));
             for b in backends {
-                out.push_str(&format!(
-                    "  -> {}:{}  weight {}  {}\n",
-                    b.address,
-                    b.port,
-                    b.weight.unwrap_or(1),
-                    b.state
-                ));
+                let remote = format!("  -> {}:{}", b.address, b.port);
+                let bt = b.stats.as_ref();
+                rows.push(if traffic {
+                    vec![
+                        remote,
+                        String::new(),
+                        n(bt, |t| t.connections),
+                        n(bt, |t| t.in_packets),
+                        n(bt, |t| t.out_packets),
+                        n(bt, |t| t.in_bytes),
+                        n(bt, |t| t.out_bytes),
+                        String::new(),
+                    ]
+                } else {
+                    vec![
+                        remote,
+                        forward(&svc.mode).to_owned(),
+                        b.weight.unwrap_or(1).to_string(),
+                        n(bt, |t| t.active_flows),
+                        n(bt, |t| t.inactive_flows),
+                        b.state.clone(),
+                    ]
+                });
             }
         }
+        let right: &[bool] = if traffic {
+            &[false, false, true, true, true, true, true, false]
+        } else {
+            &[false, false, true, true, true, false]
+        };
+        out.push_str(&aligned(&rows, right));
         if !s.source_pools.is_empty() {
             out.push_str("source pools:\n");
         }
@@ -1241,6 +1367,27 @@ mod state {
                 p.last_port,
                 p.origin.as_deref().unwrap_or("")
             ));
+        }
+        out
+    }
+
+    /// Rows in columns, numbers (`right`) aligned right, the rest left.
+    fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
+        let widths: Vec<usize> = (0..right.len())
+            .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                let w = widths[c];
+                if c > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(&if right[c] { format!("{cell:>w$}") } else { format!("{cell:<w$}") });
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
         out
     }

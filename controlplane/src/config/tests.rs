@@ -84,6 +84,7 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
     assert_eq!(c.dataplane.ports[1].device, "0000:03:00.1");
     assert_eq!(c.dataplane.idle_sleep_us, 20);
     assert_eq!(c.dataplane.pipeline.flow_capacity, 65536);
+    assert_eq!(c.dataplane.pipeline.backend_slots, vipgate_dataplane::stats::DEFAULT_SLOTS, "max_backends' default");
     assert_eq!(c.dataplane.pipeline.flow_timeouts.udp_ns, 60_000_000_000);
     assert_eq!(c.dataplane.pipeline.flow_timeouts.tcp_established_ns, FlowTimeouts::default().tcp_established_ns);
     assert_eq!(c.api_socket, PathBuf::from("/run/vipgate/test.sock"));
@@ -121,6 +122,13 @@ fn every_bad_input_names_line_field_and_reason() {
     let cases: &[(&str, &str, usize, &str, &str)] = &[
         ("lcores = \"0,1\"", "lcores = \"0\"", 3, "eal.lcores", "at least two lcores"),
         ("flow_capacity = 65536", "flow_capacity = 10", 9, "dataplane.flow_capacity", "is not from 1024"),
+        (
+            "flow_capacity = 65536",
+            "flow_capacity = 65536\nmax_backends = 8",
+            10,
+            "dataplane.max_backends",
+            "8 is not from 16 to 16777215 (each backend takes 64 bytes of statistics per worker)",
+        ),
         ("udp = 60", "udp = 0", 12, "dataplane.timeouts.udp", "not from 1 to"),
         ("udp = 60", "udp = 99999999", 12, "dataplane.timeouts.udp", "not from 1 to"),
         ("lcores = \"0,1\"", "lcores = \"0,x\"", 3, "eal.lcores", "not an lcore number"),
@@ -512,6 +520,11 @@ fn eal_dataplane_api_and_ports_need_a_restart_and_the_first_change_is_named() {
             "eal.memory_mb changed from (not set) to 512",
         ),
         ("flow_capacity = 65536", "flow_capacity = 131072", "dataplane.flow_capacity changed from 65536 to 131072"),
+        (
+            "flow_capacity = 65536",
+            "flow_capacity = 65536\nmax_backends = 1000",
+            "dataplane.max_backends changed from 131072 to 1000",
+        ),
         ("udp = 60", "udp = 61", "dataplane.timeouts.udp changed from 60 to 61"),
         ("idle_sleep_us = 20", "idle_sleep_us = 0", "dataplane.idle_sleep_us changed from 20 to 0"),
         (

@@ -250,8 +250,8 @@ pub struct FlowEntry {
     /// `backend_port`, so after a configuration change the pipeline finds
     /// the backend with one comparison while it has not moved.
     pub backend_index: u16,
-    /// Unused; keeps the layout explicit.
-    pub reserved: u16,
+    /// Low 16 bits of the flow's stats slot ([`FlowEntry::stats_slot`]).
+    stats_lo: u16,
     src_port: u16,
     dst_port: u16,
     /// Port the flow is translated to (the backend's).
@@ -264,6 +264,8 @@ pub struct FlowEntry {
     /// `FIN_FROM_CLIENT`, `FIN_FROM_BACKEND` and `RESET`, set by
     /// [`FlowTable::on_tcp_flags`].
     pub flags: u8,
+    /// High 8 bits of the flow's stats slot.
+    stats_hi: u8,
 }
 
 impl FlowEntry {
@@ -287,7 +289,7 @@ impl FlowEntry {
             backend_addr: 0,
             snat_addr: 0,
             backend_index: 0,
-            reserved: 0,
+            stats_lo: (crate::stats::NO_SLOT & 0xffff) as u16,
             src_port: key.src_port,
             dst_port: key.dst_port,
             backend_port: 0,
@@ -295,7 +297,31 @@ impl FlowEntry {
             protocol: key.protocol,
             state,
             flags: 0,
+            stats_hi: (crate::stats::NO_SLOT >> 16) as u8,
         }
+    }
+
+    /// The stats slot the flow is counted under ([`crate::stats`]), 24 bits;
+    /// [`crate::stats::NO_SLOT`] when it is not counted.
+    #[inline(always)]
+    #[must_use]
+    pub const fn stats_slot(&self) -> u32 {
+        ((self.stats_hi as u32) << 16) | self.stats_lo as u32
+    }
+
+    /// Sets the stats slot (only its low 24 bits are kept).
+    #[inline(always)]
+    pub const fn set_stats_slot(&mut self, slot: u32) {
+        self.stats_lo = slot as u16;
+        self.stats_hi = (slot >> 16) as u8;
+    }
+
+    /// Whether the flow counts as active (a TCP flow past its handshake and
+    /// before any FIN or RST) rather than inactive, as IPVS counts them.
+    #[inline(always)]
+    #[must_use]
+    pub fn is_established(&self) -> bool {
+        self.state == FlowState::TcpEstablished
     }
 
     /// The flow's key: for a forward flow, source = client and destination =

@@ -18,4 +18,5 @@ pub mod pipeline;
 pub mod route;
 pub mod snapshot;
 pub mod snat;
+pub mod stats;
 pub mod wire;

@@ -36,6 +36,7 @@ use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
 use crate::snapshot::{Backend, Mode, OnBackendRemoval, Service, Snapshot};
 use crate::snat::{self, Binding, SnatTable};
+use crate::stats::BackendStats;
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
 use arrayvec::ArrayVec;
 use crossbeam::queue::ArrayQueue;
@@ -163,6 +164,9 @@ pub struct PipelineConfig {
     pub flow_capacity: usize,
     /// Connection-tracking timeouts.
     pub flow_timeouts: FlowTimeouts,
+    /// Per-backend stats slots ([`crate::stats`]) of a pipeline made with
+    /// [`Pipeline::new`].
+    pub backend_slots: usize,
 }
 
 impl Default for PipelineConfig {
@@ -172,6 +176,7 @@ impl Default for PipelineConfig {
             neighbour_timers: NeighbourTimers::default(),
             flow_capacity: crate::flow::DEFAULT_CAPACITY,
             flow_timeouts: FlowTimeouts::default(),
+            backend_slots: crate::stats::DEFAULT_SLOTS,
         }
     }
 }
@@ -245,11 +250,21 @@ pub struct Pipeline {
     handed_over: bool,
     /// FullNAT source pairs of this worker.
     snat: SnatTable,
+    /// Per-backend traffic and flow counts of this worker.
+    stats: Arc<BackendStats>,
 }
 
 impl Pipeline {
-    /// A pipeline counting into `counters`.
+    /// A pipeline counting into `counters`, with its own per-backend stats
+    /// of `config.backend_slots` slots.
     pub fn new(config: PipelineConfig, counters: Arc<WorkerCounters>) -> Self {
+        let stats = Arc::new(BackendStats::new(config.backend_slots));
+        Self::with_stats(config, counters, stats)
+    }
+
+    /// A pipeline counting into `counters` and, per backend, into `stats`
+    /// (which only this pipeline may write).
+    pub fn with_stats(config: PipelineConfig, counters: Arc<WorkerCounters>, stats: Arc<BackendStats>) -> Self {
         Pipeline {
             neighbours: NeighbourTable::new(config.neighbour_capacity, config.neighbour_timers),
             flows: FlowTable::new(config.flow_capacity, config.flow_timeouts),
@@ -264,6 +279,7 @@ impl Pipeline {
             workers: 1,
             handed_over: false,
             snat: SnatTable::new(0, 1),
+            stats,
         }
     }
 
@@ -297,6 +313,11 @@ impl Pipeline {
     /// The counters this pipeline writes.
     pub fn counters(&self) -> &Arc<WorkerCounters> {
         &self.counters
+    }
+
+    /// The per-backend stats this pipeline writes.
+    pub fn backend_stats(&self) -> &Arc<BackendStats> {
+        &self.stats
     }
 
     /// The neighbour table.
@@ -425,11 +446,12 @@ impl Pipeline {
         }
         self.neighbours.expire(now);
         let budget = self.flows.capacity().div_ceil(SWEEP_PASSES);
-        let snat = &mut self.snat;
+        let (snat, stats) = (&mut self.snat, &self.stats);
         self.flows.expire_some(now, budget, |e| {
             if e.snat_addr != 0 {
                 snat.release(e.snat_addr, e.snat_port);
             }
+            stats.flow_out(e.stats_slot(), e.is_established());
         });
         self.counters.flows_active.set(self.flows.occupied() as u64);
         // Permanent entries are re-asserted every pass, so they never age out.
@@ -500,7 +522,7 @@ impl Pipeline {
     #[inline(never)]
     fn rebuild_snat(&mut self, snap: &Snapshot) {
         let pools = snap.source_pools();
-        let snat = &self.snat;
+        let (snat, stats) = (&self.snat, &self.stats);
         let mut claims = Vec::new();
         self.flows.retain(|e| {
             if e.snat_addr == 0 {
@@ -508,9 +530,16 @@ impl Pipeline {
             }
             let keep = snat.would_own(pools, e.snat_addr, e.snat_port);
             if keep {
-                let binding =
-                    Binding { key: e.key(), backend_addr: e.backend_addr, backend_port: e.backend_port, live: true };
+                let binding = Binding {
+                    key: e.key(),
+                    backend_addr: e.backend_addr,
+                    backend_port: e.backend_port,
+                    stats: e.stats_slot(),
+                    live: true,
+                };
                 claims.push((e.snat_addr, e.snat_port, binding));
+            } else {
+                stats.flow_out(e.stats_slot(), e.is_established());
             }
             keep
         });
@@ -644,6 +673,7 @@ impl Pipeline {
                         }
                     }
                     self.counters.nat_forward.inc();
+                    self.stats.count_in(backend.stats, total);
                     return Verdict::Transmit(out);
                 }
 
@@ -672,7 +702,7 @@ impl Pipeline {
                             protocol: proto,
                         };
                         if let Some(flow) = self.flows.lookup(&key, now) {
-                            self.flows.on_tcp_flags(flow, false, tcp_flags, now);
+                            self.on_tcp_flags(flow, false, tcp_flags, now);
                         }
                     }
                     let Some(nh) = snap.routes().next_hop(dst) else {
@@ -687,6 +717,7 @@ impl Pipeline {
                     ip.set_ttl(ttl - 1);
                     set_macs(eth, snap, nh.port, mac);
                     self.counters.nat_reverse.inc();
+                    self.stats.count_out(rev.stats, total);
                     return Verdict::Transmit(nh.port);
                 }
                 Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
@@ -755,7 +786,7 @@ impl Pipeline {
         if proto == ipv4::protocol::TCP
             && let Some(flow) = self.flows.lookup(&b.key, now)
         {
-            self.flows.on_tcp_flags(flow, false, tcp_flags, now);
+            self.on_tcp_flags(flow, false, tcp_flags, now);
         }
         let client = b.key.src_addr;
         let Some(nh) = snap.routes().next_hop(client) else {
@@ -772,6 +803,7 @@ impl Pipeline {
         ip.set_ttl(ttl - 1);
         set_macs(eth, snap, nh.port, mac);
         self.counters.nat_reverse.inc();
+        self.stats.count_out(b.stats, hdr.len() + l4.len());
         Verdict::Transmit(nh.port)
     }
 
@@ -826,14 +858,20 @@ impl Pipeline {
                     if moved {
                         self.counters.flows_rehashed.inc();
                         if fullnat {
-                            self.snat.rebind(e.snat_addr, e.snat_port, b.addr, b.port);
+                            self.snat.rebind(e.snat_addr, e.snat_port, b.addr, b.port, b.stats);
                         }
                     }
                     i as u16
                 }
             };
+            // The flow is counted under its backend's current slot: it
+            // moves with a rehash, or when its backend's slot changed.
+            let slot = svc.backends[usize::from(index)].stats;
+            if slot != e.stats_slot() {
+                self.move_stats(flow, &e, slot, fullnat);
+            }
             if key.protocol == ipv4::protocol::TCP {
-                self.flows.on_tcp_flags(flow, true, tcp_flags, now);
+                self.on_tcp_flags(flow, true, tcp_flags, now);
             }
             return Choice::Backend(Chosen { index, snat_port: e.snat_port, snat_addr: e.snat_addr });
         }
@@ -851,8 +889,9 @@ impl Pipeline {
         entry.backend_addr = b.addr;
         entry.backend_port = b.port;
         entry.backend_index = i;
+        entry.set_stats_slot(b.stats);
         if let Mode::FullNat { pool } = svc.mode {
-            let binding = Binding { key: *key, backend_addr: b.addr, backend_port: b.port, live: true };
+            let binding = Binding { key: *key, backend_addr: b.addr, backend_port: b.port, stats: b.stats, live: true };
             // The other half of the hash than Maglev's slot choice.
             let Some((addr, port)) = self.snat.allocate(pool, spread.rotate_left(16), binding) else {
                 return Choice::Exhausted;
@@ -862,23 +901,54 @@ impl Pipeline {
         }
         let (_, outcome) = self.flows.insert_hashed(entry, hash, now);
         self.counters.flows_created.inc();
+        self.stats.flow_in(b.stats, entry.is_established(), true);
         if outcome.is_eviction() {
             self.counters.flows_evicted.inc();
         }
-        if let Some(old) = outcome.displaced()
-            && old.snat_addr != 0
-        {
-            self.snat.release(old.snat_addr, old.snat_port);
+        if let Some(old) = outcome.displaced() {
+            if old.snat_addr != 0 {
+                self.snat.release(old.snat_addr, old.snat_port);
+            }
+            self.stats.flow_out(old.stats_slot(), old.is_established());
         }
         Choice::Backend(Chosen { index: i, snat_port: entry.snat_port, snat_addr: entry.snat_addr })
     }
 
-    /// Removes a flow and frees its source pair.
+    /// Removes a flow, frees its source pair and stops counting it.
     fn forget(&mut self, flow: crate::flow::FlowRef) {
-        if let Some(e) = self.flows.remove(flow)
-            && e.snat_addr != 0
-        {
-            self.snat.release(e.snat_addr, e.snat_port);
+        if let Some(e) = self.flows.remove(flow) {
+            if e.snat_addr != 0 {
+                self.snat.release(e.snat_addr, e.snat_port);
+            }
+            self.stats.flow_out(e.stats_slot(), e.is_established());
+        }
+    }
+
+    /// Moves a flow's count (entry `e`) to stats slot `slot`; a FullNAT
+    /// flow's source pair follows, so replies are counted there too. Runs
+    /// after a configuration change, never for the packets of a steady flow.
+    #[cold]
+    #[inline(never)]
+    fn move_stats(&mut self, flow: crate::flow::FlowRef, e: &FlowEntry, slot: u32, fullnat: bool) {
+        let established = self.flows.get(flow).is_established();
+        self.stats.flow_out(e.stats_slot(), established);
+        self.stats.flow_in(slot, established, false);
+        let entry = self.flows.get_mut(flow);
+        entry.set_stats_slot(slot);
+        if fullnat {
+            self.snat.rebind(e.snat_addr, e.snat_port, entry.backend_addr, entry.backend_port, slot);
+        }
+    }
+
+    /// Feeds a TCP segment's flags to the flow's state machine and keeps
+    /// its backend's active/inactive gauges in step.
+    #[inline(always)]
+    fn on_tcp_flags(&mut self, flow: crate::flow::FlowRef, from_client: bool, flags: u16, now: u64) {
+        let before = self.flows.get(flow).is_established();
+        self.flows.on_tcp_flags(flow, from_client, flags, now);
+        let e = self.flows.get(flow);
+        if e.is_established() != before {
+            self.stats.flow_changed(e.stats_slot(), before, !before);
         }
     }
 

@@ -151,6 +151,10 @@ pub struct BackendSpec {
     pub port: u16,
     /// Maglev weight (0: no new flows).
     pub weight: u32,
+    /// Where the workers count its traffic ([`crate::stats`]): chosen by
+    /// the control plane, unique among the snapshot's backends;
+    /// [`crate::stats::NO_SLOT`] to leave it uncounted.
+    pub stats_slot: u32,
 }
 
 /// A service: VIP, port and protocol, and its backends.
@@ -324,6 +328,8 @@ pub struct Backend {
     /// DSR: the outer source address (the base of the tunnel source prefix,
     /// or the egress port's address); 0 in other modes.
     pub tunnel_src: u32,
+    /// Its stats slot ([`BackendSpec::stats_slot`]).
+    pub stats: u32,
 }
 
 /// A service's forwarding mode, compiled.
@@ -402,6 +408,8 @@ pub struct ReverseNat {
     pub vip: u32,
     /// Virtual port.
     pub port: u16,
+    /// The backend's stats slot, to count the reply under.
+    pub stats: u32,
 }
 
 /// Packs (address, port, protocol) into one hashable word.
@@ -571,13 +579,13 @@ impl Snapshot {
                                 .unwrap_or(0)
                         }
                     };
-                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src });
+                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
                     continue;
                 }
                 if !matches!(s.mode, ForwardingMode::Nat) {
                     // FullNAT replies are found by their source-pool
                     // destination, not by the backend's address.
-                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src });
+                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
                     continue;
                 }
                 if let Some(&owner) = reverse_owner.get(&rkey) {
@@ -590,8 +598,8 @@ impl Snapshot {
                     });
                 }
                 reverse_owner.insert(rkey, si);
-                reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port });
-                backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src });
+                reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port, stats: b.stats_slot });
+                backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
             }
             // Stable Maglev keys: "a.b.c.d:port", independent of list order.
             let keys: Vec<String> = s.backends.iter().map(|b| format!("{}:{}", ip4(b.addr), b.port)).collect();

@@ -62,6 +62,8 @@ pub struct Binding {
     pub backend_addr: u32,
     /// The backend's port.
     pub backend_port: u16,
+    /// The backend's stats slot, to count replies under.
+    pub stats: u32,
     /// False when the pair is free.
     pub live: bool,
 }
@@ -253,7 +255,7 @@ impl SnatTable {
     }
 
     /// Points a bound pair at another backend (its flow was moved).
-    pub fn rebind(&mut self, addr: u32, port: u16, backend_addr: u32, backend_port: u16) {
+    pub fn rebind(&mut self, addr: u32, port: u16, backend_addr: u32, backend_port: u16, stats: u32) {
         let Some(&(pi, ai)) = self.addresses.get(&addr) else { return };
         let pool = &mut self.pools[usize::from(pi)];
         if let Some(i) = pool.index(ai, port)
@@ -261,6 +263,7 @@ impl SnatTable {
         {
             pool.bindings[i].backend_addr = backend_addr;
             pool.bindings[i].backend_port = backend_port;
+            pool.bindings[i].stats = stats;
         }
     }
 
@@ -284,6 +287,7 @@ mod tests {
             key: FlowKey { src_addr: 1, dst_addr: 2, src_port: i, dst_port: 80, protocol: 6 },
             backend_addr: 3,
             backend_port: 8080,
+            stats: 0,
             live: false,
         }
     }
@@ -334,8 +338,8 @@ mod tests {
         t.rebuild(std::slice::from_ref(&p), &[]);
         let (a, port) = t.allocate(0, 0, binding(5)).unwrap();
         assert_eq!(t.binding(0, 0, port).map(|b| b.key.src_port), Some(5));
-        t.rebind(a, port, 9, 9090);
-        assert_eq!(t.binding(0, 0, port).map(|b| (b.backend_addr, b.backend_port)), Some((9, 9090)));
+        t.rebind(a, port, 9, 9090, 7);
+        assert_eq!(t.binding(0, 0, port).map(|b| (b.backend_addr, b.backend_port, b.stats)), Some((9, 9090, 7)));
         t.release(a, port);
         assert_eq!(t.binding(0, 0, port), None);
         assert_eq!(t.binding(0, 0, 2999), None, "outside the slice");

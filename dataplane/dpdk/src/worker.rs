@@ -45,6 +45,7 @@ pub(crate) struct WorkerSetup {
     pub(crate) port_ids: Vec<u16>,
     pub(crate) pipeline: PipelineConfig,
     pub(crate) counters: Arc<WorkerCounters>,
+    pub(crate) stats: Arc<vipgate_dataplane::stats::BackendStats>,
     pub(crate) inboxes: Vec<Inbox>,
     /// This worker's reader of the published snapshot (offline until the
     /// loop starts).
@@ -69,7 +70,7 @@ impl WorkerSetup {
     /// The worker, and apart from it the snapshot reader its loop passes
     /// around (a reference from the reader must not borrow the worker).
     fn build(self) -> (Worker, Reader<Snapshot>) {
-        let mut pipeline = Pipeline::new(self.pipeline, self.counters);
+        let mut pipeline = Pipeline::with_stats(self.pipeline, self.counters, self.stats);
         pipeline.share_neighbours(&self.inboxes, self.index);
         pipeline.set_worker(self.index, self.workers);
         // DPDK port id -> dense index, for packets handed over by another

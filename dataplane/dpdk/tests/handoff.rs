@@ -46,7 +46,11 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
         port,
         protocol: Protocol::Tcp,
         table_size: 65537,
-        backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080 + port, weight: 1 }).collect(),
+        backends: backends
+            .iter()
+            .zip(0..)
+            .map(|(&addr, stats_slot)| BackendSpec { addr, port: 8080 + port, weight: 1, stats_slot })
+            .collect(),
         on_backend_removal: Default::default(),
         mode,
     };

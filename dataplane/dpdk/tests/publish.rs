@@ -36,7 +36,7 @@ fn service(name: &str, port: u16, backends: &[u8], backend_port: u16) -> Service
         table_size: 1021,
         backends: backends
             .iter()
-            .map(|&h| BackendSpec { addr: ip(198, 18, 1, h), port: backend_port, weight: 1 })
+            .map(|&h| BackendSpec { addr: ip(198, 18, 1, h), port: backend_port, weight: 1, stats_slot: u32::from(h) })
             .collect(),
         on_backend_removal: Default::default(),
         mode: Default::default(),

@@ -45,7 +45,11 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
             port: 80,
             protocol: Protocol::Tcp,
             table_size: 65537,
-            backends: backends.iter().map(|&addr| BackendSpec { addr, port: 8080, weight: 1 }).collect(),
+            backends: backends
+                .iter()
+                .zip(0..)
+                .map(|(&addr, stats_slot)| BackendSpec { addr, port: 8080, weight: 1, stats_slot })
+                .collect(),
             on_backend_removal: Default::default(),
             mode: Default::default(),
         }],

@@ -24,8 +24,16 @@ const BACKENDS: [u32; 3] = [ip(198, 18, 1, 11), ip(198, 18, 1, 12), ip(198, 18, 
 const REMOTE: u32 = ip(198, 19, 5, 5);
 const ROUTER: u32 = ip(198, 18, 0, 254);
 
+/// A stats slot per (backend address, port), unique among the tests'
+/// backends and within the default capacity.
+fn slot_of(addr: u32, port: u16) -> u32 {
+    (addr & 0xff) | (u32::from(port % 256) << 8)
+}
+
 fn spec() -> SnapshotSpec {
-    let backends = |port| BACKENDS.iter().map(|&addr| BackendSpec { addr, port, weight: 1 }).collect();
+    let backends = |port| {
+        BACKENDS.iter().map(|&addr| BackendSpec { addr, port, weight: 1, stats_slot: slot_of(addr, port) }).collect()
+    };
     SnapshotSpec {
         ports: vec![
             PortSpec {
@@ -417,8 +425,9 @@ fn workers_share_what_they_learn_from_arp() {
 fn many_unresolved_next_hops_are_all_solicited_over_successive_passes() {
     // 100 backends, none answering: more than one pass can ask for.
     let mut s = spec();
-    s.services[0].backends =
-        (0..100u32).map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1 }).collect();
+    s.services[0].backends = (0..100u32)
+        .map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1, stats_slot: i })
+        .collect();
     let snap = Snapshot::build(&s).unwrap();
     let mut pipe = Pipeline::new(test_config(), Arc::new(WorkerCounters::default()));
     let mut asked = std::collections::HashSet::new();
@@ -581,7 +590,10 @@ proptest! {
 /// The web service with these (address, weight) backends on port 8080.
 fn spec_with(backends: &[(u32, u32)]) -> SnapshotSpec {
     let mut s = spec();
-    s.services[0].backends = backends.iter().map(|&(addr, weight)| BackendSpec { addr, port: 8080, weight }).collect();
+    s.services[0].backends = backends
+        .iter()
+        .map(|&(addr, weight)| BackendSpec { addr, port: 8080, weight, stats_slot: slot_of(addr, 8080) })
+        .collect();
     s
 }
 
@@ -690,7 +702,7 @@ fn udp_flows_expire_and_then_follow_maglev_again() {
     };
     let before: Vec<u32> = (0..200u16).map(|p| udp(&mut r, 30000 + p)).collect();
     let mut grown = spec();
-    grown.services[1].backends.push(BackendSpec { addr: B4, port: 5353, weight: 1 });
+    grown.services[1].backends.push(BackendSpec { addr: B4, port: 5353, weight: 1, stats_slot: slot_of(B4, 5353) });
     r.snap = Snapshot::build(&grown).unwrap();
     // Within the UDP timeout the flows stay put.
     r.now += 60 * 1_000_000_000;
@@ -790,3 +802,4 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
 }
 
 mod modes;
+mod stats;

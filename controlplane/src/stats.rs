@@ -1,0 +1,497 @@
+//! Per-service and per-backend statistics: which stats slot each backend
+//! counts into, and the sums the API and the metrics report.
+//!
+//! The dataplane counts per *slot* ([`vipgate_dataplane::stats`]); this
+//! module gives every backend of every compiled service a slot, keeps it for
+//! as long as the backend stays in its service (whatever else changes), and
+//! reuses a slot only once nothing can count into it any more:
+//!
+//! 1. The backend left the snapshot, and that snapshot was published (the
+//!    writer commits one change at a time and waits for the workers before
+//!    the next, so a slot retired by one change is safe from the next on).
+//! 2. Its flow gauges are 0 on every worker: no tracked flow refers to it.
+//!    Flows move to their backend's new slot with their next packet, or
+//!    leave the table when they expire.
+//!
+//! Counters are never reset (workers are their only writers): a slot keeps
+//! the values it had when it was (re)assigned as its *baseline*, and a
+//! backend's figures are the slot's values since then. What a removed
+//! backend counted stays in its service's totals.
+//!
+//! Planning is separate from applying, so a change that is refused later
+//! (it cannot be persisted, say) leaves the assignment as it was.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use vipgate_dataplane::snapshot::{ForwardingMode, SnapshotSpec};
+use vipgate_dataplane::stats::{BackendStats, SlotTotals};
+
+/// A backend's slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSlot {
+    /// Address.
+    pub addr: u32,
+    /// Port.
+    pub port: u16,
+    /// The weight compiled into the snapshot (0: takes no new flows).
+    pub weight: u32,
+    /// The slot.
+    pub slot: u32,
+    /// The slot's values (summed over the workers) when it was assigned.
+    pub baseline: SlotTotals,
+}
+
+/// A compiled service and its backends' slots, as the readers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSlots {
+    /// Name.
+    pub name: String,
+    /// VIP.
+    pub vip: u32,
+    /// Port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+    /// `nat`, `fullnat` or `dsr`.
+    pub mode: &'static str,
+    /// Maglev table size.
+    pub table_size: u32,
+    /// Backends, in configuration order.
+    pub backends: Vec<BackendSlot>,
+}
+
+/// The assignment in force: what readers join the workers' slots with.
+#[derive(Clone, Debug, Default)]
+pub struct StatsLayout {
+    /// Services in snapshot order.
+    pub services: Vec<Arc<ServiceSlots>>,
+    /// Per service, what its removed backends counted (their final values).
+    pub retired: HashMap<String, SlotTotals>,
+}
+
+/// Why a change cannot get slots.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the change needs stats slots for {needed} more backends but only {free} are free ([dataplane] max_backends = {capacity}, counting backends removed less than a flow timeout ago)"
+)]
+pub struct SlotsExhausted {
+    /// Slots the change needed.
+    pub needed: usize,
+    /// Slots free.
+    pub free: usize,
+    /// `[dataplane] max_backends`.
+    pub capacity: u32,
+}
+
+/// A slot retired with its backend, waiting until no flow refers to it.
+#[derive(Clone, Debug)]
+struct Retiring {
+    service: String,
+    slot: u32,
+    baseline: SlotTotals,
+}
+
+/// The slot assignment; owned by the control plane's single writer.
+#[derive(Debug)]
+pub struct StatsSlots {
+    capacity: u32,
+    services: HashMap<String, Arc<ServiceSlots>>,
+    /// Free slots, oldest first.
+    free: std::collections::VecDeque<u32>,
+    /// Slots `[next_unused, capacity)` were never used.
+    next_unused: u32,
+    retiring: Vec<Retiring>,
+    retired: HashMap<String, SlotTotals>,
+    /// The workers' slot arrays, to read baselines and gauges.
+    workers: Vec<Arc<BackendStats>>,
+    /// What readers see; replaced on every applied change.
+    published: Arc<Mutex<Arc<StatsLayout>>>,
+}
+
+/// A planned assignment: apply it once the change it belongs to is
+/// committed, or drop it.
+#[derive(Debug)]
+pub struct SlotPlan {
+    services: HashMap<String, Arc<ServiceSlots>>,
+    order: Vec<String>,
+    /// Free slots taken (from the front of the free list).
+    from_free: usize,
+    /// Unused slots taken.
+    from_unused: u32,
+    retired: Vec<Retiring>,
+    /// Retiring slots found idle: free them with this plan.
+    reclaimed: Vec<usize>,
+}
+
+/// The totals of `slot` over `workers`.
+fn read(workers: &[Arc<BackendStats>], slot: u32) -> SlotTotals {
+    let mut t = SlotTotals::default();
+    for w in workers {
+        t.add(&w.read(slot));
+    }
+    t
+}
+
+fn mode_name(m: &ForwardingMode) -> &'static str {
+    match m {
+        ForwardingMode::Nat => "nat",
+        ForwardingMode::FullNat { .. } => "fullnat",
+        ForwardingMode::Dsr { .. } => "dsr",
+    }
+}
+
+impl StatsSlots {
+    /// No slot assigned yet; `workers` are the dataplane's per-worker slot
+    /// arrays (all of `capacity` slots).
+    pub fn new(capacity: usize, workers: Vec<Arc<BackendStats>>) -> StatsSlots {
+        StatsSlots {
+            capacity: capacity.min(vipgate_dataplane::stats::MAX_SLOTS as usize) as u32,
+            services: HashMap::new(),
+            free: std::collections::VecDeque::new(),
+            next_unused: 0,
+            retiring: Vec::new(),
+            retired: HashMap::new(),
+            workers,
+            published: Arc::default(),
+        }
+    }
+
+    /// Where readers find the layout in force.
+    pub fn reader(&self) -> StatsReader {
+        StatsReader { layout: Arc::clone(&self.published), workers: self.workers.clone() }
+    }
+
+    /// Gives every backend of `spec` its slot (written into the spec): the
+    /// one it has if it stays in its service, else a free one. Changes
+    /// nothing here until [`StatsSlots::apply`].
+    pub fn plan(&self, spec: &mut SnapshotSpec) -> Result<SlotPlan, SlotsExhausted> {
+        // Retiring slots no flow refers to any more can be reused now.
+        let reclaimed: Vec<usize> = self
+            .retiring
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                let t = read(&self.workers, r.slot);
+                t.active == 0 && t.inactive == 0
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let mut available = self.free.iter().copied().chain(reclaimed.iter().map(|&i| self.retiring[i].slot));
+        let mut from_free = 0;
+        let mut from_unused = 0u32;
+        let mut services = HashMap::with_capacity(spec.services.len());
+        let mut order = Vec::with_capacity(spec.services.len());
+        let mut retired = Vec::new();
+        let mut needed = 0usize;
+        let mut exhausted = false;
+        let free_at_start = self.free.len() + reclaimed.len() + (self.capacity - self.next_unused) as usize;
+        for s in &mut spec.services {
+            let old = self.services.get(&s.name);
+            let (protocol, mode) = (s.protocol.name(), mode_name(&s.mode));
+            // Unchanged backends (the common case): the same slots.
+            if let Some(old) = old
+                && old.backends.len() == s.backends.len()
+                && old.backends.iter().zip(&s.backends).all(|(o, b)| o.addr == b.addr && o.port == b.port)
+            {
+                for (b, o) in s.backends.iter_mut().zip(&old.backends) {
+                    b.stats_slot = o.slot;
+                }
+                let same = old.vip == s.vip
+                    && old.port == s.port
+                    && old.protocol == protocol
+                    && old.mode == mode
+                    && old.table_size == s.table_size
+                    && old.backends.iter().zip(&s.backends).all(|(o, b)| o.weight == b.weight);
+                let slots = if same {
+                    Arc::clone(old)
+                } else {
+                    let backends = old
+                        .backends
+                        .iter()
+                        .zip(&s.backends)
+                        .map(|(o, b)| BackendSlot { weight: b.weight, ..o.clone() })
+                        .collect();
+                    Arc::new(ServiceSlots {
+                        name: s.name.clone(),
+                        vip: s.vip,
+                        port: s.port,
+                        protocol,
+                        mode,
+                        table_size: s.table_size,
+                        backends,
+                    })
+                };
+                order.push(s.name.clone());
+                services.insert(s.name.clone(), slots);
+                continue;
+            }
+            let kept: HashMap<(u32, u16), &BackendSlot> =
+                old.map(|o| o.backends.iter().map(|b| ((b.addr, b.port), b)).collect()).unwrap_or_default();
+            let mut backends = Vec::with_capacity(s.backends.len());
+            for b in &mut s.backends {
+                let slot = match kept.get(&(b.addr, b.port)) {
+                    Some(o) => BackendSlot { weight: b.weight, ..(*o).clone() },
+                    None => {
+                        needed += 1;
+                        let slot = match available.next() {
+                            Some(slot) => {
+                                from_free += 1;
+                                slot
+                            }
+                            None if self.next_unused + from_unused < self.capacity => {
+                                from_unused += 1;
+                                self.next_unused + from_unused - 1
+                            }
+                            None => {
+                                exhausted = true;
+                                vipgate_dataplane::stats::NO_SLOT
+                            }
+                        };
+                        BackendSlot {
+                            addr: b.addr,
+                            port: b.port,
+                            weight: b.weight,
+                            slot,
+                            baseline: read(&self.workers, slot),
+                        }
+                    }
+                };
+                b.stats_slot = slot.slot;
+                backends.push(slot);
+            }
+            if let Some(old) = old {
+                let now: std::collections::HashSet<(u32, u16)> = backends.iter().map(|b| (b.addr, b.port)).collect();
+                retired.extend(old.backends.iter().filter(|b| !now.contains(&(b.addr, b.port))).map(|b| Retiring {
+                    service: s.name.clone(),
+                    slot: b.slot,
+                    baseline: b.baseline,
+                }));
+            }
+            order.push(s.name.clone());
+            services.insert(
+                s.name.clone(),
+                Arc::new(ServiceSlots {
+                    name: s.name.clone(),
+                    vip: s.vip,
+                    port: s.port,
+                    protocol,
+                    mode,
+                    table_size: s.table_size,
+                    backends,
+                }),
+            );
+        }
+        if exhausted {
+            return Err(SlotsExhausted { needed, free: free_at_start, capacity: self.capacity });
+        }
+        // Services gone: all their backends retire.
+        for (name, old) in &self.services {
+            if !services.contains_key(name) {
+                retired.extend(old.backends.iter().map(|b| Retiring {
+                    service: name.clone(),
+                    slot: b.slot,
+                    baseline: b.baseline,
+                }));
+            }
+        }
+        Ok(SlotPlan { services, order, from_free, from_unused, retired, reclaimed })
+    }
+
+    /// Makes `plan` the assignment in force and shows it to readers. Call
+    /// once its snapshot is published.
+    pub fn apply(&mut self, plan: SlotPlan) {
+        let SlotPlan { services, order, from_free, from_unused, retired, reclaimed } = plan;
+        // The free list first, then the reclaimed slots, in the order
+        // `plan` handed them out; reclaimed ones not taken join the list.
+        let mut reclaimed_slots = Vec::with_capacity(reclaimed.len());
+        for &i in reclaimed.iter().rev() {
+            let r = self.retiring.swap_remove(i);
+            let final_values = read(&self.workers, r.slot).since(&r.baseline);
+            if services.contains_key(&r.service) {
+                self.retired.entry(r.service.clone()).or_default().add(&SlotTotals {
+                    active: 0,
+                    inactive: 0,
+                    ..final_values
+                });
+            }
+            reclaimed_slots.push(r.slot);
+        }
+        reclaimed_slots.reverse();
+        self.free.extend(reclaimed_slots);
+        self.free.drain(..from_free);
+        self.next_unused += from_unused;
+        self.retiring.extend(retired);
+        self.retired.retain(|name, _| services.contains_key(name));
+        self.services = services;
+        let layout = StatsLayout {
+            services: order.iter().map(|n| Arc::clone(&self.services[n])).collect(),
+            retired: self.retired.clone(),
+        };
+        *self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(layout);
+    }
+
+    /// Slots in use or retiring, for diagnostics and tests.
+    pub fn used(&self) -> usize {
+        self.next_unused as usize - self.free.len()
+    }
+}
+
+/// What the API and the metrics read: the layout in force and the workers'
+/// slots. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StatsReader {
+    layout: Arc<Mutex<Arc<StatsLayout>>>,
+    workers: Vec<Arc<BackendStats>>,
+}
+
+/// One backend's figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendFigures {
+    /// Address.
+    pub addr: Ipv4Addr,
+    /// Port.
+    pub port: u16,
+    /// Compiled weight.
+    pub weight: u32,
+    /// Since the backend joined its service (gauges: now).
+    pub totals: SlotTotals,
+}
+
+/// One service's figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFigures {
+    /// The service and its slots.
+    pub service: Arc<ServiceSlots>,
+    /// Its backends' figures plus what removed backends counted.
+    pub totals: SlotTotals,
+    /// Per backend, in configuration order.
+    pub backends: Vec<BackendFigures>,
+}
+
+impl StatsReader {
+    /// A reader of nothing, for an API without a dataplane.
+    pub fn empty() -> StatsReader {
+        StatsReader { layout: Arc::default(), workers: Vec::new() }
+    }
+
+    /// Every service's figures, or only `only`'s.
+    pub fn read(&self, only: Option<&str>) -> Vec<ServiceFigures> {
+        let layout = Arc::clone(&self.layout.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        layout
+            .services
+            .iter()
+            .filter(|s| only.is_none_or(|n| n == s.name))
+            .map(|s| {
+                let mut totals = layout.retired.get(&s.name).copied().unwrap_or_default();
+                let backends: Vec<BackendFigures> = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let t = read(&self.workers, b.slot).since(&b.baseline);
+                        totals.add(&t);
+                        BackendFigures { addr: Ipv4Addr::from(b.addr), port: b.port, weight: b.weight, totals: t }
+                    })
+                    .collect();
+                ServiceFigures { service: Arc::clone(s), totals, backends }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vipgate_dataplane::snapshot::{BackendSpec, Protocol, ServiceSpec};
+    use vipgate_dataplane::stats::NO_SLOT;
+
+    fn service(name: &str, backends: &[(u32, u16)]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            vip: 0xC612_6401,
+            port: 80,
+            protocol: Protocol::Tcp,
+            table_size: 251,
+            backends: backends
+                .iter()
+                .map(|&(addr, port)| BackendSpec { addr, port, weight: 1, stats_slot: NO_SLOT })
+                .collect(),
+            on_backend_removal: Default::default(),
+            mode: Default::default(),
+        }
+    }
+
+    fn spec(services: Vec<ServiceSpec>) -> SnapshotSpec {
+        SnapshotSpec { services, ..SnapshotSpec::default() }
+    }
+
+    fn slots(s: &SnapshotSpec) -> Vec<Vec<u32>> {
+        s.services.iter().map(|s| s.backends.iter().map(|b| b.stats_slot).collect()).collect()
+    }
+
+    #[test]
+    fn backends_keep_their_slot_and_new_ones_get_unique_free_ones() {
+        let workers = vec![Arc::new(BackendStats::new(8)), Arc::new(BackendStats::new(8))];
+        let mut st = StatsSlots::new(8, workers);
+        let mut s = spec(vec![service("a", &[(1, 80), (2, 80)]), service("b", &[(3, 80)])]);
+        let p = st.plan(&mut s).unwrap();
+        st.apply(p);
+        assert_eq!(slots(&s), vec![vec![0, 1], vec![2]]);
+
+        // A backend added to a, one removed from b: the others keep theirs.
+        let mut s2 = spec(vec![service("a", &[(9, 80), (1, 80), (2, 80)]), service("b", &[])]);
+        let p = st.plan(&mut s2).unwrap();
+        st.apply(p);
+        assert_eq!(slots(&s2), vec![vec![3, 0, 1], vec![]]);
+        assert_eq!(st.used(), 4, "slot 2 retires, it is not free yet");
+    }
+
+    #[test]
+    fn a_retired_slot_is_reused_only_once_no_flow_counts_in_it_and_its_figures_stay_with_the_service() {
+        let workers = vec![Arc::new(BackendStats::new(4)), Arc::new(BackendStats::new(4))];
+        let mut st = StatsSlots::new(3, workers.clone());
+        let reader = st.reader();
+        let mut s = spec(vec![service("a", &[(1, 80), (2, 80), (3, 80)])]);
+        let p = st.plan(&mut s).unwrap();
+        st.apply(p);
+        // Backend 2 (slot 1) has an open flow on worker 1 and counted traffic.
+        workers[1].flow_in(1, true, true);
+        workers[1].count_in(1, 100);
+        let mut s2 = spec(vec![service("a", &[(1, 80), (3, 80)])]);
+        let p = st.plan(&mut s2).unwrap();
+        st.apply(p);
+        // Full: the retiring slot still has a flow.
+        let mut s3 = spec(vec![service("a", &[(1, 80), (3, 80), (4, 80)])]);
+        assert_eq!(st.plan(&mut s3).unwrap_err(), SlotsExhausted { needed: 1, free: 0, capacity: 3 });
+        let mut s4 = spec(vec![service("a", &[(1, 80), (3, 80), (4, 80), (5, 80)])]);
+        assert_eq!(
+            st.plan(&mut s4).unwrap_err().to_string(),
+            "the change needs stats slots for 2 more backends but only 0 are free ([dataplane] max_backends = 3, counting backends removed less than a flow timeout ago)"
+        );
+        // The flow leaves: the slot is reused, with a baseline, and what
+        // the removed backend counted stays in the service's totals.
+        workers[1].flow_out(1, true);
+        let p = st.plan(&mut s3).unwrap();
+        st.apply(p);
+        assert_eq!(slots(&s3), vec![vec![0, 2, 1]]);
+        let f = reader.read(Some("a"));
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].backends[2].totals, SlotTotals::default(), "the new backend starts from zero");
+        assert_eq!((f[0].totals.connections, f[0].totals.in_bytes, f[0].totals.active), (1, 100, 0));
+    }
+
+    #[test]
+    fn a_plan_that_is_not_applied_changes_nothing() {
+        let mut st = StatsSlots::new(8, vec![Arc::new(BackendStats::new(8))]);
+        let mut s = spec(vec![service("a", &[(1, 80)])]);
+        let p = st.plan(&mut s).unwrap();
+        st.apply(p);
+        let mut refused = spec(vec![service("a", &[(5, 80), (6, 80)]), service("c", &[(7, 80)])]);
+        let _ = st.plan(&mut refused).unwrap();
+        let mut again = spec(vec![service("a", &[(1, 80), (5, 80)])]);
+        let p = st.plan(&mut again).unwrap();
+        st.apply(p);
+        assert_eq!(slots(&again), vec![vec![0, 1]]);
+    }
+}
