@@ -849,3 +849,23 @@ async fn the_backend_capacity_is_enforced_and_a_removed_backends_slot_is_reused(
     assert!(missing.message().contains("\"nope\""), "{}", missing.message());
     stop(&mut d).await;
 }
+
+#[tokio::test]
+async fn an_oversized_request_on_the_socket_is_refused_with_out_of_range_and_changes_nothing() {
+    let mut d = daemon("big");
+    let mut c = start(&mut d).await;
+    let before = state(&mut c).await;
+    // 5 MiB of services, over the default [api] max_request_bytes (4 MiB).
+    let services: Vec<pb::Service> = (0..20_000u32)
+        .map(|i| pb::Service { name: format!("s{i:0>250}"), ..service("x", 50, vec![backend(20, 8080, 1)]) })
+        .collect();
+    let r = c
+        .apply(pb::ApplyRequest { expected_version: before.version, services, source_pools: vec![] })
+        .await
+        .expect_err("over the limit");
+    println!("{:?}: {}", r.code(), r.message());
+    assert_eq!(r.code(), Code::OutOfRange, "{}", r.message());
+    assert!(r.message().contains("message length too large"), "{}", r.message());
+    assert_eq!(state(&mut c).await.version, before.version);
+    stop(&mut d).await;
+}

@@ -102,7 +102,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // touch DPDK.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
-    let socket = rt.block_on(api::bind_unix(&config.api_socket))?;
+    let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
     let listeners = Listeners::bind(config)?;
     // The dynamic state before EAL: a state file that cannot be read stops
     // the start here, and is never replaced by an empty state.

@@ -268,6 +268,9 @@ pub async fn serve_unix(
     serve_bound(bind_unix(path).await?, view, shutdown).await
 }
 
+/// tonic's default limit on a request message.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
 /// A published API socket that is not served yet. Connections wait in the
 /// kernel's backlog until [`serve_bound`] runs; dropping it removes the
 /// socket file.
@@ -275,6 +278,17 @@ pub async fn serve_unix(
 pub struct BoundSocket {
     listener: UnixListener,
     socket: SocketFile,
+    max_request_bytes: usize,
+}
+
+impl BoundSocket {
+    /// Refuses request messages larger than `bytes` (`OUT_OF_RANGE`); 4 MiB
+    /// unless set.
+    #[must_use]
+    pub fn with_max_request_bytes(mut self, bytes: usize) -> BoundSocket {
+        self.max_request_bytes = bytes;
+        self
+    }
 }
 
 /// Publishes the API socket at `path` (see [`serve_unix`] for the rules)
@@ -282,7 +296,7 @@ pub struct BoundSocket {
 /// if another daemon holds it, before it starts anything else.
 pub async fn bind_unix(path: &Path) -> Result<BoundSocket, ApiError> {
     let (listener, socket) = listen(path).await?;
-    Ok(BoundSocket { listener, socket })
+    Ok(BoundSocket { listener, socket, max_request_bytes: DEFAULT_MAX_REQUEST_BYTES })
 }
 
 /// Serves the `Gateway` service on a socket from [`bind_unix`] until
@@ -303,12 +317,23 @@ pub async fn serve_bound_with_state(
     state: Option<StateHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
-    let BoundSocket { listener, socket } = bound;
+    let BoundSocket { listener, socket, max_request_bytes } = bound;
     let path = socket.path.clone();
     tracing::info!(socket = %path.display(), "API listening");
+    // The TCP listener's limits on memory and time, without its rate limit:
+    // the socket is root's only, and the writer applies changes one at a
+    // time whatever the rate.
     let result = tonic::transport::Server::builder()
-        .add_service(GatewayService::new(view).into_server())
-        .add_optional_service(state.map(|s| ServiceManagerService::new(s).into_server()))
+        .concurrency_limit_per_connection(super::tcp::CONCURRENCY_PER_CONNECTION)
+        .load_shed(true)
+        .max_concurrent_streams(super::tcp::MAX_CONCURRENT_STREAMS)
+        .timeout(super::tcp::REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(super::tcp::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(super::tcp::KEEPALIVE_TIMEOUT))
+        .add_service(GatewayService::new(view).into_server().max_decoding_message_size(max_request_bytes))
+        .add_optional_service(
+            state.map(|s| ServiceManagerService::new(s).into_server().max_decoding_message_size(max_request_bytes)),
+        )
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     drop(socket);
