@@ -269,7 +269,7 @@ pub async fn serve_unix(
 }
 
 /// tonic's default limit on a request message.
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+pub(super) const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// A published API socket that is not served yet. Connections wait in the
 /// kernel's backlog until [`serve_bound`] runs; dropping it removes the
