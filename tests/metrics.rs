@@ -276,6 +276,16 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         "vipgate_port_rx_errors",
         "vipgate_port_tx_errors",
         "vipgate_port_rx_nombuf",
+        "vipgate_backend_connections",
+        "vipgate_backend_incoming_packets",
+        "vipgate_backend_incoming_bytes",
+        "vipgate_backend_outgoing_packets",
+        "vipgate_backend_outgoing_bytes",
+        "vipgate_service_connections",
+        "vipgate_service_incoming_packets",
+        "vipgate_service_incoming_bytes",
+        "vipgate_service_outgoing_packets",
+        "vipgate_service_outgoing_bytes",
     ];
     let gauges = [
         "vipgate_build_info",
@@ -283,6 +293,11 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         "vipgate_worker_busy_cycles_per_packet",
         "vipgate_mempool_size_mbufs",
         "vipgate_mempool_in_use_mbufs",
+        "node_ipvs_backend_connections_active",
+        "node_ipvs_backend_connections_inactive",
+        "node_ipvs_backend_weight",
+        "vipgate_service_flows_active",
+        "vipgate_service_flows_inactive",
     ];
     for name in counters {
         assert_eq!(m.types.get(name).map(String::as_str), Some("counter"), "# TYPE of {name}");
@@ -297,6 +312,24 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
     assert_eq!(families.len(), counters.len() + gauges.len(), "unexpected families: {families:?}");
 
     assert_eq!(m.get("vipgate_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
+
+    // The static service "web" and its one backend, with node_exporter's
+    // ipvs labels.
+    let ipvs = [
+        ("local_address", "198.18.100.1"),
+        ("local_port", "80"),
+        ("local_mark", ""),
+        ("proto", "TCP"),
+        ("remote_address", "198.18.1.11"),
+        ("remote_port", "8080"),
+    ];
+    assert_eq!(m.get("node_ipvs_backend_weight", &ipvs), 1.0);
+    assert_eq!(m.get("node_ipvs_backend_connections_active", &ipvs), 0.0);
+    assert_eq!(
+        m.get("vipgate_backend_connections_total", &[("service", "web"), ("address", "198.18.1.11"), ("port", "8080")]),
+        0.0
+    );
+    assert_eq!(m.get("vipgate_service_flows_inactive", &[("service", "web")]), 0.0);
 
     // Workers: one label value per lcore the API lists.
     let lcores: BTreeSet<String> =
