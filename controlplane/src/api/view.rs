@@ -23,6 +23,11 @@ pub trait GatewayView: Send + Sync + 'static {
     fn mempool(&self) -> MempoolView;
     /// Whether the gateway forwards traffic now.
     fn serving(&self) -> bool;
+    /// The checked backends' health and probe counts; `None` (the default)
+    /// when the gateway runs no health checker.
+    fn health(&self) -> Option<Arc<crate::health::HealthStatus>> {
+        None
+    }
 }
 
 /// One dataplane worker.

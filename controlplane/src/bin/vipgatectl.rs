@@ -857,6 +857,7 @@ mod state {
                             port,
                             weight: *weight,
                             admin_state: pb::AdminState::Enabled.into(),
+                            ..pb::Backend::default()
                         }),
                     })
                 }
@@ -917,7 +918,13 @@ mod state {
             .iter()
             .map(|b| {
                 let (address, port, weight) = parse_backend(b, "--backend", true)?;
-                Ok(pb::Backend { address, port, weight: Some(weight), admin_state: pb::AdminState::Enabled.into() })
+                Ok(pb::Backend {
+                    address,
+                    port,
+                    weight: Some(weight),
+                    admin_state: pb::AdminState::Enabled.into(),
+                    ..pb::Backend::default()
+                })
             })
             .collect::<Result<Vec<_>, CtlError>>()?;
         Ok(pb::Service {
@@ -1047,6 +1054,102 @@ mod state {
         on_backend_removal: String,
         #[serde(default)]
         backends: Vec<BackendJson>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_check: Option<HealthCheckJson>,
+    }
+
+    /// A service's health check. Zero and empty fields take vipgated's
+    /// defaults; `list` shows every field in force. UDP bytes are written
+    /// in hexadecimal.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct HealthCheckJson {
+        kind: String,
+        #[serde(default)]
+        interval_ms: u32,
+        #[serde(default)]
+        timeout_ms: u32,
+        #[serde(default)]
+        rise: u32,
+        #[serde(default)]
+        fall: u32,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        port: u32,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        path: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        host: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        expect_status: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        payload_hex: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        expect_reply_hex: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        source: String,
+    }
+
+    fn is_zero(v: &u32) -> bool {
+        *v == 0
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    impl From<pb::HealthCheck> for HealthCheckJson {
+        fn from(h: pb::HealthCheck) -> Self {
+            HealthCheckJson {
+                kind: h.kind,
+                interval_ms: h.interval_ms,
+                timeout_ms: h.timeout_ms,
+                rise: h.rise,
+                fall: h.fall,
+                port: h.port,
+                path: h.path,
+                host: h.host,
+                expect_status: h.expect_status,
+                payload_hex: hex(&h.payload),
+                expect_reply_hex: hex(&h.expect_reply),
+                source: h.source,
+            }
+        }
+    }
+
+    impl HealthCheckJson {
+        fn into_proto(self, field: &str) -> Result<pb::HealthCheck, String> {
+            let bytes = |s: &str, name: &str| {
+                vipgate_controlplane::health::spec::parse_hex(s).map_err(|e| format!("{field}.{name}: {e}"))
+            };
+            Ok(pb::HealthCheck {
+                payload: bytes(&self.payload_hex, "payload_hex")?,
+                expect_reply: bytes(&self.expect_reply_hex, "expect_reply_hex")?,
+                kind: self.kind,
+                interval_ms: self.interval_ms,
+                timeout_ms: self.timeout_ms,
+                rise: self.rise,
+                fall: self.fall,
+                port: self.port,
+                path: self.path,
+                host: self.host,
+                expect_status: self.expect_status,
+                source: self.source,
+            })
+        }
+
+        /// `http GET /healthz every 5000 ms (timeout 2000, rise 2, fall 3)`.
+        fn summary(&self) -> String {
+            let what = match self.kind.as_str() {
+                "http" | "https" => format!("{} GET {} expect {}", self.kind, self.path, self.expect_status),
+                "udp" => format!("udp payload {} bytes", self.payload_hex.len() / 2),
+                k => k.to_owned(),
+            };
+            let port = if self.port == 0 { String::new() } else { format!(" port {}", self.port) };
+            format!(
+                "{what}{port} every {} ms (timeout {}, rise {}, fall {})",
+                self.interval_ms, self.timeout_ms, self.rise, self.fall
+            )
+        }
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -1060,6 +1163,21 @@ mod state {
         /// "enabled", "draining" or "disabled".
         #[serde(default = "enabled")]
         state: String,
+        /// Output only: "unchecked", "up" or "down" (ignored by apply).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        health: String,
+        /// Output only: why it is down.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        health_reason: String,
+    }
+
+    fn health_name(h: i32) -> &'static str {
+        match pb::HealthState::try_from(h) {
+            Ok(pb::HealthState::Unchecked) => "unchecked",
+            Ok(pb::HealthState::Up) => "up",
+            Ok(pb::HealthState::Down) => "down",
+            _ => "",
+        }
     }
 
     fn enabled() -> String {
@@ -1117,8 +1235,11 @@ mod state {
                         address: b.address,
                         port: b.port,
                         weight: Some(b.weight.unwrap_or(1)),
+                        health: health_name(b.health).to_owned(),
+                        health_reason: b.health_reason,
                     })
                     .collect(),
+                health_check: s.health_check.map(HealthCheckJson::from),
             }
         }
     }
@@ -1161,6 +1282,7 @@ mod state {
                     port: b.port,
                     weight: b.weight,
                     admin_state: state.into(),
+                    ..pb::Backend::default()
                 });
             }
             services.push(pb::Service {
@@ -1174,6 +1296,11 @@ mod state {
                 table_size: s.table_size,
                 on_backend_removal: s.on_backend_removal,
                 backends,
+                health_check: s
+                    .health_check
+                    .map(|h| h.into_proto(&format!("services[{i}].health_check")))
+                    .transpose()
+                    .map_err(bad)?,
                 ..pb::Service::default()
             });
         }
@@ -1215,11 +1342,19 @@ mod state {
                 svc.name
             ));
             out.push_str(&line);
+            if let Some(h) = &svc.health_check {
+                out.push_str(&format!("  health check: {}\n", h.summary()));
+            }
             let mut backends: Vec<&BackendJson> = svc.backends.iter().collect();
             backends.sort_by_key(|b| (b.address.parse::<Ipv4Addr>().ok(), b.port));
             for b in backends {
+                let health = match b.health.as_str() {
+                    "" | "unchecked" => String::new(),
+                    "down" if !b.health_reason.is_empty() => format!("  health down ({})", b.health_reason),
+                    h => format!("  health {h}"),
+                };
                 out.push_str(&format!(
-                    "  -> {}:{}  weight {}  {}\n",
+                    "  -> {}:{}  weight {}  {}{health}\n",
                     b.address,
                     b.port,
                     b.weight.unwrap_or(1),
@@ -1253,6 +1388,18 @@ mod state {
         snapshot: Option<StateJson>,
         #[serde(skip_serializing_if = "Option::is_none")]
         change: Option<ChangeJson>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        health: Option<HealthChangeJson>,
+    }
+
+    /// A backend that went up or down.
+    #[derive(Debug, Serialize)]
+    struct HealthChangeJson {
+        service: String,
+        address: String,
+        port: u32,
+        health: String,
+        reason: String,
     }
 
     #[derive(Debug, Serialize)]
@@ -1283,7 +1430,7 @@ mod state {
                 Some(pb::watch_event::Event::Snapshot(s)) => {
                     let s = StateJson::from(s);
                     if as_json {
-                        serde_json::to_string(&WatchJson { version, snapshot: Some(s), change: None })?
+                        serde_json::to_string(&WatchJson { version, snapshot: Some(s), change: None, health: None })?
                     } else {
                         format!(
                             "version {version}: state with {} services, {} source pools",
@@ -1301,7 +1448,7 @@ mod state {
                         pools_deleted: c.pools_deleted,
                     };
                     if as_json {
-                        serde_json::to_string(&WatchJson { version, snapshot: None, change: Some(c) })?
+                        serde_json::to_string(&WatchJson { version, snapshot: None, change: Some(c), health: None })?
                     } else {
                         let mut line = format!("version {version}: {}", c.cause);
                         for (what, names) in [
@@ -1315,6 +1462,23 @@ mod state {
                             }
                         }
                         line
+                    }
+                }
+                Some(pb::watch_event::Event::Health(h)) => {
+                    let h = HealthChangeJson {
+                        service: h.service,
+                        address: h.address,
+                        port: h.port,
+                        health: health_name(h.health).to_owned(),
+                        reason: h.reason,
+                    };
+                    if as_json {
+                        serde_json::to_string(&WatchJson { version, snapshot: None, change: None, health: Some(h) })?
+                    } else {
+                        format!(
+                            "version {version}: health {} {}:{} {}: {}",
+                            h.service, h.address, h.port, h.health, h.reason
+                        )
                     }
                 }
                 None => format!("version {version}: (an event this vipgatectl does not know)"),

@@ -54,6 +54,7 @@ fn service(name: &str, vip_last: u8) -> ServiceState {
         table_size: 251,
         on_backend_removal: RemovalState::Rehash,
         backends: vec![backend(20, 8080, 1), backend(21, 8080, 2)],
+        health_check: None,
     }
 }
 
