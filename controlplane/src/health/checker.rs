@@ -300,6 +300,7 @@ impl Checker {
             return None;
         }
         let success = report.outcome.is_ok();
+        let first = running.state.provisional;
         let changed = running.state.record(success, running.check.rise, running.check.fall);
         let up = running.state.is_up();
         let rise = running.check.rise;
@@ -322,6 +323,7 @@ impl Checker {
         changed.then(|| Transition {
             reason: match &report.outcome {
                 Err(e) => e.clone(),
+                Ok(()) if first => "the first probe passed".to_owned(),
                 Ok(()) if rise == 1 => "1 successful probe".to_owned(),
                 Ok(()) => format!("{rise} successful probes in a row"),
             },
@@ -367,5 +369,68 @@ async fn run(key: TargetKey, generation: u64, check: HealthCheck, reports: mpsc:
         }
         n += 1;
         tokio::time::sleep_until(start + jittered(interval, random((&key, generation, n)))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Feeds `outcomes` ('+' success, '-' failure) and returns the up/down
+    /// after each, as a string of 'U' and 'D'.
+    fn run(mut s: HealthState, rise: u32, fall: u32, outcomes: &str) -> String {
+        outcomes
+            .chars()
+            .map(|c| {
+                s.record(c == '+', rise, fall);
+                if s.is_up() { 'U' } else { 'D' }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rise_and_fall_count_outcomes_in_a_row() {
+        let up = HealthState::confirmed(true);
+        let down = HealthState::confirmed(false);
+        // fall 3: two failures are not enough; a success in between resets.
+        assert_eq!(run(up, 2, 3, "--+--+---"), "UUUUUUUUD");
+        // rise 2 after a fall; a failure in between resets.
+        assert_eq!(run(down, 2, 3, "+-+-++"), "DDDDDU");
+        assert_eq!(run(up, 1, 1, "-+-+"), "DUDU");
+        // Up stays up on successes; down stays down on failures.
+        assert_eq!(run(up, 2, 2, "+++"), "UUU");
+        assert_eq!(run(down, 2, 2, "---"), "DDD");
+    }
+
+    #[test]
+    fn a_provisional_state_is_decided_by_the_first_outcome() {
+        assert_eq!(run(HealthState::provisional(true), 3, 3, "-+++"), "DDDU");
+        assert_eq!(run(HealthState::provisional(true), 3, 3, "+--"), "UUU");
+        assert_eq!(run(HealthState::provisional(false), 3, 3, "+--"), "UUU");
+        assert_eq!(run(HealthState::provisional(false), 3, 3, "-++"), "DDD");
+    }
+
+    #[test]
+    fn record_says_when_it_changed() {
+        let mut s = HealthState::confirmed(true);
+        assert!(!s.record(false, 2, 2));
+        assert!(s.record(false, 2, 2));
+        assert!(!s.record(false, 2, 2));
+        assert!(!s.record(true, 2, 2));
+        assert!(s.record(true, 2, 2));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_tenth_below_the_interval_and_first_probes_spread() {
+        use super::super::probe::{first_delay, jittered};
+        let i = Duration::from_millis(1000);
+        for r in [0, 1, 499_999, 1_000_000, u64::MAX] {
+            let j = jittered(i, r);
+            assert!(j <= i && j >= Duration::from_millis(900), "{r}: {j:?}");
+            assert!(first_delay(i, r) < i);
+        }
+        let firsts: HashSet<u128> = (0..100u64).map(|n| first_delay(i, random(n)).as_millis() / 100).collect();
+        assert!(firsts.len() >= 8, "100 first delays fall in {} of 10 tenths of the interval", firsts.len());
     }
 }

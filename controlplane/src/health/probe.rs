@@ -71,16 +71,27 @@ where
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::new())
         .map_err(|e| format!("HTTP request: {e}"))?;
-    let conn = std::pin::pin!(conn);
+    let mut conn = std::pin::pin!(conn);
+    let mut send = std::pin::pin!(sender.send_request(request));
     // The connection is driven until the response's head has arrived; the
-    // body is not read, and dropping both closes the socket.
+    // body is not read, and dropping both closes the socket. With
+    // `Connection: close` the connection may finish first, with the
+    // response already delivered.
     let response = tokio::select! {
-        r = sender.send_request(request) => r.map_err(|e| format!("HTTP: {}", root(&e)))?,
-        c = conn => return Err(match c {
-            Ok(()) => "HTTP: the connection closed before a response".to_owned(),
-            Err(e) => format!("HTTP: {}", root(&e)),
-        }),
-    };
+        biased;
+        r = &mut send => r,
+        c = &mut conn => match c {
+            Ok(()) => send.await,
+            Err(e) => return Err(format!("HTTP: {}", root(&e))),
+        },
+    }
+    .map_err(|e| {
+        if e.is_canceled() || e.is_incomplete_message() {
+            "HTTP: the connection closed before a response".to_owned()
+        } else {
+            format!("HTTP: {}", root(&e))
+        }
+    })?;
     let status = response.status().as_u16();
     if h.expect_status.contains(status) {
         Ok(())
