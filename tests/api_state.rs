@@ -87,6 +87,9 @@ fn backend(last: u8, port: u32, weight: u32) -> pb::Backend {
         port,
         weight: Some(weight),
         admin_state: pb::AdminState::Enabled.into(),
+        // Output only: ignored in requests, shown by GetState.
+        health: pb::HealthState::Unchecked.into(),
+        health_reason: String::new(),
     }
 }
 
@@ -355,10 +358,56 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
             "services[\"new\"].port: 70000 is not a port number from 1 to 65535".into(),
         ),
         (
-            "health check",
-            create(with(|s| s.health_check = Some(pb::HealthCheck { interval_ms: 1000, timeout_ms: 500, port: 8080 }))),
-            Code::Unimplemented,
-            "services[\"new\"].health_check: per-service health checks are not supported".into(),
+            "health check without a kind",
+            create(with(|s| {
+                s.health_check = Some(pb::HealthCheck { interval_ms: 1000, timeout_ms: 500, ..Default::default() })
+            })),
+            Code::InvalidArgument,
+            "services[\"new\"].health_check.kind: is required: \"tcp\", \"http\", \"https\" or \"udp\"".into(),
+        ),
+        (
+            "health check timeout not below the interval",
+            create(with(|s| {
+                s.health_check = Some(pb::HealthCheck {
+                    kind: "tcp".into(),
+                    interval_ms: 1000,
+                    timeout_ms: 1000,
+                    ..Default::default()
+                })
+            })),
+            Code::InvalidArgument,
+            "services[\"new\"].health_check.timeout_ms: 1000 must be less than interval_ms (1000)".into(),
+        ),
+        (
+            "health check status list",
+            create(with(|s| {
+                s.health_check =
+                    Some(pb::HealthCheck { kind: "http".into(), expect_status: "2xx".into(), ..Default::default() })
+            })),
+            Code::InvalidArgument,
+            "services[\"new\"].health_check.expect_status: \"2xx\" in \"2xx\" is not an HTTP status code".into(),
+        ),
+        (
+            "udp health check without a payload",
+            create(with(|s| s.health_check = Some(pb::HealthCheck { kind: "udp".into(), ..Default::default() }))),
+            Code::InvalidArgument,
+            "services[\"new\"].health_check.payload: a udp check needs a payload to send".into(),
+        ),
+        (
+            "health check field of another kind",
+            create(with(|s| {
+                s.health_check = Some(pb::HealthCheck { kind: "tcp".into(), path: "/".into(), ..Default::default() })
+            })),
+            Code::InvalidArgument,
+            "services[\"new\"].health_check.path: is only used with kind \"http\" or \"https\", not \"tcp\"".into(),
+        ),
+        (
+            "health check rise",
+            create(with(|s| {
+                s.health_check = Some(pb::HealthCheck { kind: "tcp".into(), rise: 101, ..Default::default() })
+            })),
+            Code::InvalidArgument,
+            "services[\"new\"].health_check.rise: 101 is not from 1 to 100".into(),
         ),
         (
             "flow timeouts",

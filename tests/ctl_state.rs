@@ -180,8 +180,8 @@ fn vipgatectl_manages_the_desired_state() {
     assert_eq!(
         api["backends"],
         serde_json::json!([
-            {"address": "198.18.1.21", "port": 8080, "weight": 5, "state": "draining"},
-            {"address": "198.18.1.22", "port": 8080, "weight": 9, "state": "enabled"},
+            {"address": "198.18.1.21", "port": 8080, "weight": 5, "state": "draining", "health": "unchecked"},
+            {"address": "198.18.1.22", "port": 8080, "weight": 9, "state": "enabled", "health": "unchecked"},
         ])
     );
     let web = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").expect("web listed");
