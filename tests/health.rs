@@ -1,0 +1,231 @@
+//! Health checks end to end: a real vipgated between namespaces, three
+//! real HTTP backends, probes from the host's kernel over the rig's interim
+//! probe path (see `RigOptions::probe_path`), continuous HTTP traffic
+//! through the VIP with curl.
+//!
+//! Stopping one backend takes it out of new-flow selection within fall x
+//! interval (plus the timeout and some slack); after that no request fails
+//! and none reaches it; bringing it back restores its share. Watch reports
+//! both changes, and health never bumps the desired-state version.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use vipgate::{Rig, RigOptions, backend_addr, workspace_bin};
+
+const INTERVAL_MS: u64 = 200;
+const TIMEOUT_MS: u64 = 100;
+const RISE: u64 = 2;
+const FALL: u64 = 2;
+/// Scheduling, the watch stream and the publication to the workers.
+const SLACK: Duration = Duration::from_millis(500);
+
+/// `vipgatectl --json watch` in the background: each line, parsed, with
+/// when it arrived. Killed on drop.
+struct Watch {
+    child: Child,
+    lines: mpsc::Receiver<(Instant, serde_json::Value)>,
+}
+
+impl Watch {
+    fn start(rig: &Rig) -> Watch {
+        let mut child = Command::new(workspace_bin("vipgatectl"))
+            .arg("--socket")
+            .arg(&rig.socket)
+            .args(["--json", "watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vipgatectl watch");
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("vipgatectl --json watch prints JSON");
+                if tx.send((Instant::now(), v)).is_err() {
+                    return;
+                }
+            }
+        });
+        Watch { child, lines }
+    }
+
+    /// The first message matching `want` within `within`, with its arrival.
+    fn wait_for(&self, within: Duration, want: impl Fn(&serde_json::Value) -> bool) -> (Instant, serde_json::Value) {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, v)) if want(&v) => return (at, v),
+                Ok((_, v)) => seen.push(v),
+                Err(_) => panic!("no such watch message within {within:?}; saw {seen:#?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A health event of web's backend `i` going `state` ("up" or "down").
+fn health_event(i: usize, state: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |v| {
+        let h = &v["health"];
+        h["service"] == "web" && h["address"] == backend_addr(i).as_str() && h["port"] == 8080 && h["health"] == state
+    }
+}
+
+/// The health of web's backends in GetState, by address order.
+fn web_health(rig: &Rig) -> (u64, Vec<String>) {
+    let out = rig.ctl(&["--json", "list"]);
+    assert!(out.status.success(), "vipgatectl list: {}", String::from_utf8_lossy(&out.stderr));
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let web = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").expect("web is listed");
+    let health = web["backends"].as_array().unwrap().iter().map(|b| b["health"].as_str().unwrap().to_owned()).collect();
+    (state["version"].as_u64().unwrap(), health)
+}
+
+/// One request through the VIP: when it started, and who answered or why
+/// it failed.
+type Outcome = (Instant, Result<String, String>);
+
+fn request(rig: &Rig, sport: &AtomicU16) -> Outcome {
+    let started = Instant::now();
+    // A new source port each time: no request reuses a tracked flow.
+    let port = sport.fetch_add(1, Ordering::SeqCst);
+    (started, rig.whoami(port).map(|w| w.backend))
+}
+
+fn shares(outcomes: &[Outcome]) -> [usize; 3] {
+    let mut n = [0; 3];
+    for (_, r) in outcomes {
+        if let Ok(b) = r {
+            let i: usize = b.strip_prefix("backend-").and_then(|i| i.parse().ok()).expect("backend-N");
+            n[i - 1] += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_stopped_backend_leaves_new_flows_within_fall_intervals_and_returns_after_rise() {
+    let rig = Rig::start(RigOptions {
+        web_health_check: Some(format!(
+            "kind = \"http\"\npath = \"/health\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}"
+        )),
+        probe_path: true,
+        ..RigOptions::default()
+    });
+    // Probes started with the daemon, before the probe path was up; they
+    // pass once it is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (version, _) = loop {
+        let (version, health) = web_health(&rig);
+        if health == ["up", "up", "up"] {
+            break (version, health);
+        }
+        assert!(Instant::now() < deadline, "web's backends are not all up: {health:?}\n{}", rig.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let watch = Watch::start(&rig);
+    watch.wait_for(Duration::from_secs(5), |v| v["snapshot"].is_object());
+    let sport = AtomicU16::new(20_000);
+
+    let before: Vec<Outcome> = (0..30).map(|_| request(&rig, &sport)).collect();
+    assert!(before.iter().all(|(_, r)| r.is_ok()), "all up, every request passes: {before:?}");
+    assert!(shares(&before).iter().all(|&n| n > 0), "every backend answers: {:?}", shares(&before));
+
+    // Continuous traffic while backend-2 stops.
+    let outcomes = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let (stopped_at, down_at, down) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                let o = request(&rig, &sport);
+                outcomes.lock().unwrap().push(o);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped_at = Instant::now();
+        rig.stop_backend(2);
+        let (down_at, down) = watch.wait_for(Duration::from_secs(5), health_event(2, "down"));
+        // Traffic goes on for a while after the change.
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        (stopped_at, down_at, down)
+    });
+    let took = down_at - stopped_at;
+    let bound = Duration::from_millis(FALL * INTERVAL_MS + TIMEOUT_MS) + SLACK;
+    println!("backend-2 down {took:?} after it stopped (bound {bound:?}): {down}");
+    assert!(took <= bound, "down after {took:?}, more than fall x interval + timeout + slack ({bound:?})");
+    assert_eq!(down["version"], version, "a health change takes no version: {down}");
+    let reason = down["health"]["reason"].as_str().unwrap();
+    assert!(reason.contains("refused"), "the reason is the probe's failure: {reason}");
+
+    let outcomes = outcomes.into_inner().unwrap();
+    let after: Vec<&Outcome> = outcomes.iter().filter(|(t, _)| *t >= down_at).collect();
+    assert!(after.len() >= 10, "traffic after the change: {} requests", after.len());
+    for (_, r) in &after {
+        match r {
+            Ok(b) => assert_ne!(b, "backend-2", "a new flow reached the stopped backend after it was marked down"),
+            Err(e) => panic!("a request failed after backend-2 was marked down: {e}"),
+        }
+    }
+    let failed_before = outcomes.iter().filter(|(t, r)| *t < down_at && r.is_err()).count();
+    println!(
+        "{} requests while it stopped ({failed_before} failed before it was marked down), {} after, all passed",
+        outcomes.len() - after.len(),
+        after.len()
+    );
+    let (v, health) = web_health(&rig);
+    assert_eq!((v, health), (version, vec!["up".to_owned(), "down".to_owned(), "up".to_owned()]));
+
+    // Back: rig.sh restarts it and returns once it answers; the checker
+    // brings it up after `rise` probes, which may pass before rig.sh has
+    // finished its own checks.
+    let restarting = Instant::now();
+    rig.repair();
+    let answering = Instant::now();
+    let (up_at, up) = watch.wait_for(Duration::from_secs(5), health_event(2, "up"));
+    let bound = Duration::from_millis(RISE * INTERVAL_MS + TIMEOUT_MS) + SLACK;
+    println!(
+        "backend-2 up {:?} after its restart began, {:?} after rig.sh saw it answer (bound {bound:?}): {up}",
+        up_at - restarting,
+        up_at.saturating_duration_since(answering)
+    );
+    assert!(up_at > restarting, "up only once it was restarted");
+    assert!(
+        up_at.saturating_duration_since(answering) <= bound,
+        "up {:?} after it answers, more than rise x interval + timeout + slack ({bound:?})",
+        up_at.saturating_duration_since(answering)
+    );
+    assert_eq!(up["version"], version);
+    assert_eq!(up["health"]["reason"], format!("{RISE} successful probes in a row"));
+
+    let back: Vec<Outcome> = (0..60).map(|_| request(&rig, &sport)).collect();
+    assert!(back.iter().all(|(_, r)| r.is_ok()), "{back:?}");
+    let n = shares(&back);
+    println!("shares after the return: {n:?}");
+    assert!(n[1] >= 6, "backend-2 takes its share again: {n:?}");
+    assert_eq!(web_health(&rig), (version, vec!["up".to_owned(), "up".to_owned(), "up".to_owned()]));
+
+    let log = rig.log_text();
+    assert!(log.contains("backend down: takes no new flows"), "{log}");
+    assert!(log.contains("backend up: takes new flows"), "{log}");
+    drop(watch);
+    let (prefix, source) = (rig.prefix.clone(), rig.probe_source.expect("a probe path"));
+    rig.teardown().assert_clean();
+    // The probe path is gone with the rig: its root end and its rule.
+    let link = Command::new("ip").args(["link", "show", "dev", &format!("{prefix}p")]).output().unwrap();
+    assert!(!link.status.success(), "{prefix}p is still there");
+    let rules = Command::new("ip").args(["rule", "show", "from", &source.to_string()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&rules.stdout).trim().is_empty(), "{}", String::from_utf8_lossy(&rules.stdout));
+}
