@@ -362,3 +362,76 @@ async fn targets_follow_the_desired_state_and_keep_their_health() {
     }
     drop(alive_listener);
 }
+
+/// A gateway with no worker and no port, and a health checker.
+struct HealthOnly(Arc<HealthStatus>);
+
+impl vipgate_controlplane::api::GatewayView for HealthOnly {
+    fn workers(&self) -> Vec<vipgate_controlplane::api::WorkerView> {
+        vec![]
+    }
+    fn ports(&self) -> Vec<vipgate_controlplane::api::PortView> {
+        vec![]
+    }
+    fn mempool(&self) -> vipgate_controlplane::api::MempoolView {
+        vipgate_controlplane::api::MempoolView::default()
+    }
+    fn serving(&self) -> bool {
+        true
+    }
+    fn health(&self) -> Option<Arc<HealthStatus>> {
+        Some(Arc::clone(&self.0))
+    }
+}
+
+#[tokio::test]
+async fn metrics_show_each_checked_backends_health_and_probe_counts() {
+    let listener = std::net::TcpListener::bind((LOCAL, 0)).unwrap();
+    let alive = match listener.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    let dead = {
+        let l = std::net::TcpListener::bind((LOCAL, 0)).unwrap();
+        match l.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        }
+    };
+    let c = check("tcp", |i| {
+        i.interval_ms = Some(100);
+        i.timeout_ms = Some(50);
+    });
+    let status = Arc::new(HealthStatus::default());
+    let (mut checker, mut reports) = Checker::new(Arc::clone(&status));
+    let (a, d) = (key("web", alive), key("web", dead));
+    checker.apply(checker.plan(vec![
+        Target { key: a.clone(), check: Some(c.clone()) },
+        Target { key: d.clone(), check: Some(c.clone()) },
+    ]));
+    // Exactly two reports of each are counted.
+    let (mut ok, mut failed) = (0, 0);
+    while ok < 2 || failed < 2 {
+        let r = tokio::time::timeout(Duration::from_secs(2), reports.recv()).await.unwrap().unwrap();
+        let counted = if r.key == a { &mut ok } else { &mut failed };
+        if *counted < 2 {
+            *counted += 1;
+            checker.report(r);
+        }
+    }
+    let text = vipgate_controlplane::metrics::render(Arc::new(HealthOnly(Arc::clone(&status))));
+    let (al, dl) = (format!("backend=\"{alive}\""), format!("backend=\"{dead}\""));
+    for want in [
+        "# TYPE vipgate_backend_health gauge".to_owned(),
+        format!("vipgate_backend_health{{service=\"web\",{al},check=\"tcp\"}} 1"),
+        format!("vipgate_backend_health{{service=\"web\",{dl},check=\"tcp\"}} 0"),
+        "# TYPE vipgate_health_probes counter".to_owned(),
+        format!("vipgate_health_probes_total{{service=\"web\",{al},check=\"tcp\",result=\"success\"}} 2"),
+        format!("vipgate_health_probes_total{{service=\"web\",{al},check=\"tcp\",result=\"failure\"}} 0"),
+        format!("vipgate_health_probes_total{{service=\"web\",{dl},check=\"tcp\",result=\"success\"}} 0"),
+        format!("vipgate_health_probes_total{{service=\"web\",{dl},check=\"tcp\",result=\"failure\"}} 2"),
+    ] {
+        assert!(text.lines().any(|l| l == want), "no line {want:?} in\n{text}");
+    }
+    drop(listener);
+}
