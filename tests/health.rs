@@ -229,3 +229,60 @@ fn a_stopped_backend_leaves_new_flows_within_fall_intervals_and_returns_after_ri
     let rules = Command::new("ip").args(["rule", "show", "from", &source.to_string()]).output().unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).trim().is_empty(), "{}", String::from_utf8_lossy(&rules.stdout));
 }
+
+#[test]
+fn backends_added_by_a_reload_take_no_flows_until_their_first_probe_passes() {
+    let rig = Rig::start(RigOptions {
+        backends: 4,
+        configured_backends: Some(3),
+        web_health_check: Some(format!(
+            "kind = \"http\"\npath = \"/health\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nrise = {RISE}\nfall = {FALL}"
+        )),
+        probe_path: true,
+        ..RigOptions::default()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while web_health(&rig).1 != ["up", "up", "up"] {
+        assert!(Instant::now() < deadline, "web's backends are not all up: {:?}", web_health(&rig));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let watch = Watch::start(&rig);
+    watch.wait_for(Duration::from_secs(5), |v| v["snapshot"].is_object());
+
+    // backend-4 runs; backend-99 (198.18.1.99) does not exist: its probes
+    // time out. Both join web with the reload.
+    let mut text = rig.config_with_web_backends(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+    text = text.replace(
+        &format!("  {{ address = \"{}\", port = 8080, weight = 1 }},", backend_addr(4)),
+        &format!(
+            "  {{ address = \"{}\", port = 8080, weight = 1 }},\n  {{ address = \"198.18.1.99\", port = 8080, weight = 1 }},",
+            backend_addr(4)
+        ),
+    );
+    assert!(text.contains("198.18.1.99"), "{text}");
+    let sport = AtomicU16::new(30_000);
+    rig.reload(&text);
+    let reloaded = Instant::now();
+    // From the reload's own snapshot on, the new backends are down: no
+    // request fails, although one of them does not exist.
+    let first: Vec<Outcome> = (0..20).map(|_| request(&rig, &sport)).collect();
+    assert!(first.iter().all(|(_, r)| r.is_ok()), "{first:?}");
+    let (up_at, up) = watch.wait_for(Duration::from_secs(5), health_event(4, "up"));
+    println!("backend-4 up {:?} after the reload: {up}", up_at.saturating_duration_since(reloaded));
+    assert_eq!(up["health"]["reason"], "the first probe passed");
+    assert!(up_at.saturating_duration_since(reloaded) <= Duration::from_millis(INTERVAL_MS + TIMEOUT_MS) + SLACK);
+
+    let after: Vec<Outcome> = (0..80).map(|_| request(&rig, &sport)).collect();
+    assert!(after.iter().all(|(_, r)| r.is_ok()), "the missing backend takes no flows: {after:?}");
+    let mut n = [0usize; 4];
+    for (_, r) in &after {
+        let b = r.as_ref().unwrap();
+        n[b.strip_prefix("backend-").and_then(|i| i.parse::<usize>().ok()).unwrap() - 1] += 1;
+    }
+    println!("shares after backend-4 came up: {n:?}");
+    assert!(n[3] >= 5, "backend-4 takes a share once up: {n:?}");
+    let (_, health) = web_health(&rig);
+    assert_eq!(health, ["up", "up", "up", "up", "down"], "in the service's order");
+    drop(watch);
+    rig.teardown().assert_clean();
+}
