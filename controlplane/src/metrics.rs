@@ -193,7 +193,8 @@ fn register(registry: &mut Registry, view: Arc<dyn GatewayView>) {
 }
 
 /// Reads the health checker's status on each scrape: one health gauge and
-/// two probe counters per checked backend.
+/// two probe counters per checked backend; nothing while no backend is
+/// checked.
 #[derive(Debug)]
 struct HealthCollector {
     health: Arc<crate::health::HealthStatus>,
@@ -203,6 +204,10 @@ impl Collector for HealthCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let e = &mut encoder;
         let status = self.health.snapshot();
+        // No checked backend, no health families (rather than empty ones).
+        if status.is_empty() {
+            return Ok(());
+        }
         let backends: Vec<String> = status.keys().map(|k| format!("{}:{}", k.address, k.port)).collect();
         let labels: Vec<[(&str, &str); 3]> = status
             .iter()

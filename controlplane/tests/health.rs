@@ -177,6 +177,9 @@ async fn a_listener_that_never_answers_times_out() {
     assert_eq!(e, "no answer within 150 ms");
     assert!(took >= Duration::from_millis(150) && took < Duration::from_millis(1000), "{took:?}");
     drop(listener);
+    // No checked backend: no health families at all.
+    let none = vipgate_controlplane::metrics::render(Arc::new(HealthOnly(Arc::new(HealthStatus::default()))));
+    assert!(!none.contains("vipgate_backend_health") && !none.contains("vipgate_health_probes"), "{none}");
 }
 
 /// A UDP server that answers each datagram with `reply` (or echoes it when
@@ -434,4 +437,7 @@ async fn metrics_show_each_checked_backends_health_and_probe_counts() {
         assert!(text.lines().any(|l| l == want), "no line {want:?} in\n{text}");
     }
     drop(listener);
+    // No checked backend: no health families at all.
+    let none = vipgate_controlplane::metrics::render(Arc::new(HealthOnly(Arc::new(HealthStatus::default()))));
+    assert!(!none.contains("vipgate_backend_health") && !none.contains("vipgate_health_probes"), "{none}");
 }

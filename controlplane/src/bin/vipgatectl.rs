@@ -163,6 +163,43 @@ struct ServiceSpec {
     /// A backend, weight 1 unless given; repeat for more.
     #[arg(long = "backend", value_name = "ADDR:PORT[:WEIGHT]")]
     backends: Vec<String>,
+    /// Health-check the backends this way (default: no check). The
+    /// --check-* options left out take vipgated's defaults.
+    #[arg(long, value_parser = ["tcp", "http", "https", "udp"])]
+    check: Option<String>,
+    /// Time between two probes of a backend (default 5000).
+    #[arg(long, value_name = "MS", requires = "check")]
+    check_interval_ms: Option<u32>,
+    /// Time a probe may take, less than the interval (default 2000, or half the interval).
+    #[arg(long, value_name = "MS", requires = "check")]
+    check_timeout_ms: Option<u32>,
+    /// Passes in a row that bring a down backend up (default 2).
+    #[arg(long, value_name = "N", requires = "check")]
+    check_rise: Option<u32>,
+    /// Failures in a row that take an up backend down (default 3).
+    #[arg(long, value_name = "N", requires = "check")]
+    check_fall: Option<u32>,
+    /// The port probed (default: each backend's own).
+    #[arg(long, value_name = "PORT", requires = "check")]
+    check_port: Option<u16>,
+    /// http, https: the path (default /).
+    #[arg(long, value_name = "PATH", requires = "check")]
+    check_path: Option<String>,
+    /// http, https: the Host header (default: the probed address:port).
+    #[arg(long, value_name = "HOST", requires = "check")]
+    check_host: Option<String>,
+    /// http, https: the status codes that pass, e.g. 200-299,301 (default 200-399).
+    #[arg(long, value_name = "CODES", requires = "check")]
+    check_expect_status: Option<String>,
+    /// udp: the datagram sent, in hexadecimal.
+    #[arg(long, value_name = "HEX", requires = "check")]
+    check_payload_hex: Option<String>,
+    /// udp: the reply's expected first bytes, in hexadecimal (default: any reply).
+    #[arg(long, value_name = "HEX", requires = "check")]
+    check_expect_reply_hex: Option<String>,
+    /// The address probes are sent from (default: the kernel's choice).
+    #[arg(long, value_name = "ADDR", requires = "check")]
+    check_source: Option<String>,
 }
 
 /// `vipgatectl backend ...`.
@@ -938,6 +975,33 @@ mod state {
             table_size: spec.table_size.unwrap_or(0),
             on_backend_removal: spec.on_backend_removal.clone().unwrap_or_default(),
             backends,
+            health_check: spec
+                .check
+                .as_ref()
+                .map(|kind| {
+                    HealthCheckJson {
+                        kind: kind.clone(),
+                        interval_ms: spec.check_interval_ms.unwrap_or(0),
+                        timeout_ms: spec.check_timeout_ms.unwrap_or(0),
+                        rise: spec.check_rise.unwrap_or(0),
+                        fall: spec.check_fall.unwrap_or(0),
+                        port: spec.check_port.map_or(0, u32::from),
+                        path: spec.check_path.clone().unwrap_or_default(),
+                        host: spec.check_host.clone().unwrap_or_default(),
+                        expect_status: spec.check_expect_status.clone().unwrap_or_default(),
+                        payload_hex: spec.check_payload_hex.clone().unwrap_or_default(),
+                        expect_reply_hex: spec.check_expect_reply_hex.clone().unwrap_or_default(),
+                        source: spec.check_source.clone().unwrap_or_default(),
+                    }
+                    .into_proto("--check")
+                })
+                .transpose()
+                .map_err(|e| {
+                    CtlError::Usage(
+                        e.replace("--check.payload_hex", "--check-payload-hex")
+                            .replace("--check.expect_reply_hex", "--check-expect-reply-hex"),
+                    )
+                })?,
             ..pb::Service::default()
         })
     }
