@@ -55,6 +55,9 @@ struct Cli {
 }
 
 /// vipgatectl's commands.
+// Parsed once per run: the size of the service variants (their many
+// options) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Whether the gateway forwards traffic, its version and uptime.
