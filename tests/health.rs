@@ -28,6 +28,7 @@ const SLACK: Duration = Duration::from_millis(500);
 struct Watch {
     child: Child,
     lines: mpsc::Receiver<(Instant, serde_json::Value)>,
+    backlog: std::cell::RefCell<Vec<(Instant, serde_json::Value)>>,
 }
 
 impl Watch {
@@ -50,19 +51,23 @@ impl Watch {
                 }
             }
         });
-        Watch { child, lines }
+        Watch { child, lines, backlog: std::cell::RefCell::default() }
     }
 
-    /// The first message matching `want` within `within`, with its arrival.
+    /// The first message matching `want` within `within`, with its arrival:
+    /// among those that earlier calls passed over first, then new ones.
     fn wait_for(&self, within: Duration, want: impl Fn(&serde_json::Value) -> bool) -> (Instant, serde_json::Value) {
+        let mut backlog = self.backlog.borrow_mut();
+        if let Some(i) = backlog.iter().position(|(_, v)| want(v)) {
+            return backlog.remove(i);
+        }
         let deadline = Instant::now() + within;
-        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok((at, v)) if want(&v) => return (at, v),
-                Ok((_, v)) => seen.push(v),
-                Err(_) => panic!("no such watch message within {within:?}; saw {seen:#?}"),
+                Ok(other) => backlog.push(other),
+                Err(_) => panic!("no such watch message within {within:?}; passed over {:#?}", *backlog),
             }
         }
     }
@@ -283,6 +288,128 @@ fn backends_added_by_a_reload_take_no_flows_until_their_first_probe_passes() {
     assert!(n[3] >= 5, "backend-4 takes a share once up: {n:?}");
     let (_, health) = web_health(&rig);
     assert_eq!(health, ["up", "up", "up", "up", "down"], "in the service's order");
+    drop(watch);
+    rig.teardown().assert_clean();
+}
+
+/// Sends one datagram to `vip:port` from each of `n` fresh sockets in the
+/// client namespace and returns each reply's first word (the backend's
+/// name), or "timeout".
+fn udp_round(rig: &Rig, vip: &str, port: u16, n: usize) -> Vec<String> {
+    const SCRIPT: &str = r#"
+import socket, sys
+vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1)
+    s.connect((vip, port))
+    s.send(b"ping")
+    try:
+        print(s.recv(2048).decode().split()[0])
+    except OSError:
+        print("timeout")
+    s.close()
+"#;
+    let out = rig.client(&["python3", "-c", SCRIPT, vip, &port.to_string(), &n.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn an_api_service_with_a_udp_check_reports_health_through_get_state_and_watch() {
+    // echo (static) keeps backend-1; the API's service gets 2 and 3.
+    let rig = Rig::start(RigOptions { configured_backends: Some(1), probe_path: true, ..RigOptions::default() });
+    let source = rig.probe_source.expect("a probe path").to_string();
+    let watch = Watch::start(&rig);
+    watch.wait_for(Duration::from_secs(5), |v| v["snapshot"].is_object());
+    let out = rig.ctl(&[
+        "service",
+        "create",
+        "dns",
+        "--vip",
+        "198.18.100.2",
+        "--port",
+        "5353",
+        "--protocol",
+        "udp",
+        "--backend",
+        &format!("{}:5353", backend_addr(2)),
+        "--backend",
+        &format!("{}:5353", backend_addr(3)),
+        "--check",
+        "udp",
+        "--check-payload-hex",
+        "70696e67",
+        "--check-expect-reply-hex",
+        "6261636b656e642d",
+        "--check-interval-ms",
+        "200",
+        "--check-fall",
+        "2",
+        "--check-source",
+        &source,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // New backends: down until their first probe passes.
+    let udp_event = |i: usize, state: &'static str| {
+        move |v: &serde_json::Value| {
+            let h = &v["health"];
+            h["service"] == "dns" && h["address"] == backend_addr(i).as_str() && h["health"] == state
+        }
+    };
+    for i in [2, 3] {
+        let (_, up) = watch.wait_for(Duration::from_secs(3), udp_event(i, "up"));
+        assert_eq!(up["health"]["reason"], "the first probe passed", "{up}");
+        assert_eq!(up["version"], 1, "the version of the CreateService: {up}");
+    }
+    let state: serde_json::Value = serde_json::from_slice(&rig.ctl(&["--json", "list"]).stdout).expect("JSON");
+    let dns = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "dns").expect("dns");
+    assert_eq!(
+        dns["health_check"],
+        serde_json::json!({"kind": "udp", "interval_ms": 200, "timeout_ms": 100, "rise": 2, "fall": 2,
+            "payload_hex": "70696e67", "expect_reply_hex": "6261636b656e642d", "source": source}),
+        "every field in force, defaults filled in"
+    );
+    let replies = udp_round(&rig, "198.18.100.2", 5353, 20);
+    assert!(replies.iter().all(|r| r == "backend-2" || r == "backend-3"), "{replies:?}");
+    assert!(replies.iter().any(|r| r == "backend-2") && replies.iter().any(|r| r == "backend-3"), "{replies:?}");
+
+    // backend-3 stops: its kernel answers the probes with port unreachable.
+    rig.stop_backend(3);
+    let (_, down) = watch.wait_for(Duration::from_secs(3), udp_event(3, "down"));
+    assert_eq!(down["health"]["reason"], "UDP: port unreachable (ICMP)", "{down}");
+    let replies = udp_round(&rig, "198.18.100.2", 5353, 20);
+    assert!(replies.iter().all(|r| r == "backend-2"), "only backend-2 takes new flows: {replies:?}");
+    let list = String::from_utf8_lossy(&rig.ctl(&["list"]).stdout).into_owned();
+    assert!(
+        list.contains(&format!(
+            "-> {}:5353  weight 1  enabled  health down (UDP: port unreachable (ICMP))",
+            backend_addr(3)
+        )),
+        "{list}"
+    );
+    assert!(list.contains(&format!("-> {}:5353  weight 1  enabled  health up", backend_addr(2))), "{list}");
+    assert!(list.contains("  health check: udp payload 4 bytes every 200 ms (timeout 100, rise 2, fall 2)"), "{list}");
+
+    // The health check removed: every backend unchecked (and so in use).
+    let out = rig.ctl(&[
+        "service",
+        "update",
+        "dns",
+        "--vip",
+        "198.18.100.2",
+        "--port",
+        "5353",
+        "--protocol",
+        "udp",
+        "--backend",
+        &format!("{}:5353", backend_addr(2)),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let state: serde_json::Value = serde_json::from_slice(&rig.ctl(&["--json", "list"]).stdout).expect("JSON");
+    let dns = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "dns").expect("dns");
+    assert!(dns.get("health_check").is_none(), "{dns}");
+    assert_eq!(dns["backends"][0]["health"], "unchecked");
     drop(watch);
     rig.teardown().assert_clean();
 }
