@@ -264,7 +264,8 @@ configure_probe_path() {
 remove_probe_path() {
 	local host_if
 	host_if=$(probe_if)
-	if [[ -n $PROBE_PATH ]] && probe_path_parse; then
+	[[ -n $PROBE_PATH ]] || return 0
+	if probe_path_parse; then
 		while ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | grep -q .; do
 			say "removing the probe path's rule: from $PROBE_PATH lookup $PROBE_TABLE"
 			ip rule del from "$PROBE_PATH/32" table "$PROBE_TABLE" 2>/dev/null || break
@@ -737,6 +738,12 @@ cmd_status() {
 		ip -n "$ns" route show | sed 's/^/    route /'
 	done < <(rig_namespaces)
 	((found)) || say "no namespace of rig '$PREFIX'"
+	if [[ -f $STATE/rig.env ]]; then
+		PROBE_PATH=$(sed -n 's/^PROBE_PATH=//p' "$STATE/rig.env")
+		if [[ -n $PROBE_PATH ]] && probe_path_parse; then
+			say "probe path: $(probe_if) $PROBE_PATH/30 -> $PROBE_PEER; rule: $(ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | tr '\n' ' ')"
+		fi
+	fi
 	if [[ -f $STATE/backends ]]; then
 		while read -r name addr hp up ns; do
 			pid=$(cat "$STATE/$name.pid" 2>/dev/null || true)

@@ -143,6 +143,15 @@ fn a_stopped_backend_leaves_new_flows_within_fall_intervals_and_returns_after_ri
     let watch = Watch::start(&rig);
     watch.wait_for(Duration::from_secs(5), |v| v["snapshot"].is_object());
     let sport = AtomicU16::new(20_000);
+    // GetState shows the static service's check with every field in force.
+    let state: serde_json::Value = serde_json::from_slice(&rig.ctl(&["--json", "list"]).stdout).expect("JSON");
+    let web = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").expect("web");
+    assert_eq!(
+        web["health_check"],
+        serde_json::json!({"kind": "http", "interval_ms": INTERVAL_MS, "timeout_ms": TIMEOUT_MS, "rise": RISE,
+            "fall": FALL, "path": "/health", "expect_status": "200-399",
+            "source": rig.probe_source.unwrap().to_string()})
+    );
 
     let before: Vec<Outcome> = (0..30).map(|_| request(&rig, &sport)).collect();
     assert!(before.iter().all(|(_, r)| r.is_ok()), "all up, every request passes: {before:?}");
