@@ -5,6 +5,7 @@
 #   rig.sh up     --prefix P --client-if IF --backend-if IF
 #                 [--mode nat|fullnat|dsr] [--dsr-decap kernel|userspace]
 #                 [--backends N] [--wait SECONDS] [--http-port PORT] [--udp-port PORT]
+#                 [--probe-path HOST_ADDR]
 #   rig.sh down   --prefix P
 #   rig.sh exec   --prefix P client|backend|b<i> -- CMD [ARGS...]
 #   rig.sh status --prefix P
@@ -54,6 +55,19 @@
 #     client packet still fits on the LAN once the gateway has added its
 #     20-byte IPIP header (whether the gateway can send it is up to the MTU
 #     of the gateway's own port).
+#
+#   --probe-path HOST_ADDR (nat and fullnat; the INTERIM probe path of the
+#   gateway's health checks, until they leave through the gateway's own
+#   exception path): a veth pair from the root namespace, ${P}p with
+#   HOST_ADDR/30, to ${P}backend, ${P}q with the next address of the /30
+#   (HOST_ADDR must be the first host address of a /30 in 198.19.0.0/16,
+#   free on this host). Only packets from HOST_ADDR use it: a policy rule
+#   "from HOST_ADDR lookup T" (T = 1000 + the /30's index in 198.19.0.0/16)
+#   to a table T that routes $VG_BACKEND_NET_PREFIX.0/24 through the veth, so
+#   that probes sent from HOST_ADDR (the health check's `source`) reach the
+#   backends, and rigs of tests running in parallel, whose backends have the
+#   same addresses, never see each other's probes. Nothing else in the root
+#   namespace routes through it.
 #
 #   then starts N backends (scripts/backend.py, named backend-1..backend-N,
 #   HTTP on 8080, UDP on 5353), waits until every one answers HTTP and UDP
@@ -108,6 +122,7 @@ HTTP_PORT=$VG_HTTP_PORT
 UDP_PORT=$VG_UDP_PORT
 MODE=nat
 DSR_DECAP=""
+PROBE_PATH=""
 ROLE=""
 CMD=()
 
@@ -122,6 +137,7 @@ set_opt() {
 	--udp-port) UDP_PORT=$2 ;;
 	--mode) MODE=$2 ;;
 	--dsr-decap) DSR_DECAP=$2 ;;
+	--probe-path) PROBE_PATH=$2 ;;
 	esac
 }
 
@@ -130,12 +146,12 @@ parse_args() {
 	shift
 	while (($#)); do
 		case $1 in
-		--prefix | --client-if | --backend-if | --backends | --wait | --http-port | --udp-port | --mode | --dsr-decap)
+		--prefix | --client-if | --backend-if | --backends | --wait | --http-port | --udp-port | --mode | --dsr-decap | --probe-path)
 			(($# >= 2)) || usage_error "$1 needs a value"
 			set_opt "$1" "$2"
 			shift 2
 			;;
-		--prefix=* | --client-if=* | --backend-if=* | --backends=* | --wait=* | --http-port=* | --udp-port=* | --mode=* | --dsr-decap=*)
+		--prefix=* | --client-if=* | --backend-if=* | --backends=* | --wait=* | --http-port=* | --udp-port=* | --mode=* | --dsr-decap=* | --probe-path=*)
 			set_opt "${1%%=*}" "${1#*=}"
 			shift
 			;;
@@ -184,6 +200,11 @@ parse_args() {
 		elif [[ -n $DSR_DECAP ]]; then
 			usage_error "--dsr-decap is only used with --mode dsr"
 		fi
+		if [[ -n $PROBE_PATH ]]; then
+			[[ $MODE != dsr ]] || usage_error "--probe-path needs --mode nat or fullnat (the backends share \${P}backend)"
+			((${#PREFIX} <= 14)) || usage_error "--probe-path needs a --prefix of at most 14 characters (interface names)"
+			probe_path_parse || usage_error "--probe-path must be the first host address of a /30 in 198.19.0.0/16 (198.19.X.Y, Y % 4 = 1): '$PROBE_PATH'"
+		fi
 		;;
 	exec)
 		[[ -n $ROLE ]] || usage_error "exec needs 'client', 'backend' or 'b<i>'"
@@ -201,6 +222,61 @@ ns_of() {
 	esac
 }
 backend_addr() { echo "$VG_BACKEND_NET_PREFIX.$((10 + $1))"; }
+
+# --probe-path: sets PROBE_PEER (the backend side's address) and PROBE_TABLE
+# from PROBE_PATH; fails if it is not 198.19.X.Y with Y % 4 = 1.
+probe_path_parse() {
+	[[ $PROBE_PATH =~ ^198\.19\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
+	local x=${BASH_REMATCH[1]} y=${BASH_REMATCH[2]}
+	((x <= 255 && y <= 254 && y % 4 == 1)) || return 1
+	PROBE_PEER=198.19.$x.$((y + 1))
+	PROBE_TABLE=$((1000 + x * 64 + y / 4))
+}
+
+# The root namespace's end of the probe path and its peer in ${P}backend.
+probe_if() { echo "${PREFIX}p"; }
+probe_peer_if() { echo "${PREFIX}q"; }
+
+configure_probe_path() {
+	local host_if peer_if
+	host_if=$(probe_if)
+	peer_if=$(probe_peer_if)
+	if ! ip link show dev "$host_if" >/dev/null 2>&1; then
+		if [[ -n $(ip -o addr show to "$PROBE_PATH/32") ]]; then
+			die "--probe-path $PROBE_PATH is already an address of this host: $(ip -o addr show to "$PROBE_PATH/32" | head -n 1)"
+		fi
+		say "probe path: veth $host_if ($PROBE_PATH/30, root namespace) <-> $peer_if ($PROBE_PEER/30, $BACKEND_NS)"
+		ip link add "$host_if" type veth peer name "$peer_if" netns "$BACKEND_NS"
+	fi
+	ip addr replace "$PROBE_PATH/30" dev "$host_if"
+	ip link set "$host_if" up
+	ip -n "$BACKEND_NS" addr replace "$PROBE_PEER/30" dev "$peer_if"
+	ip -n "$BACKEND_NS" link set "$peer_if" up
+	say "probe path: from $PROBE_PATH lookup table $PROBE_TABLE: $VG_BACKEND_NET_PREFIX.0/24 via $PROBE_PEER"
+	ip route replace "$VG_BACKEND_NET_PREFIX.0/24" via "$PROBE_PEER" dev "$host_if" table "$PROBE_TABLE"
+	if ! ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | grep -q .; then
+		ip rule add from "$PROBE_PATH/32" table "$PROBE_TABLE" pref 1000
+	fi
+}
+
+# Removes the probe path's rule and root end (the peer goes with the
+# namespace; deleting either end deletes the pair). Never fails.
+remove_probe_path() {
+	local host_if
+	host_if=$(probe_if)
+	[[ -n $PROBE_PATH ]] || return 0
+	if probe_path_parse; then
+		while ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | grep -q .; do
+			say "removing the probe path's rule: from $PROBE_PATH lookup $PROBE_TABLE"
+			ip rule del from "$PROBE_PATH/32" table "$PROBE_TABLE" 2>/dev/null || break
+		done
+		ip route flush table "$PROBE_TABLE" 2>/dev/null || true
+	fi
+	if ip link show dev "$host_if" >/dev/null 2>&1; then
+		say "deleting the probe path $host_if"
+		ip link del "$host_if" 2>/dev/null || warn "could not delete $host_if"
+	fi
+}
 # The namespace backend i runs in.
 backend_ns() { if [[ $MODE = dsr ]]; then echo "${PREFIX}b$1"; else echo "$BACKEND_NS"; fi; }
 
@@ -554,6 +630,7 @@ cmd_up() {
 	want=$(printf 'PREFIX=%s\nCLIENT_IF=%s\nBACKEND_IF=%s\nBACKENDS=%s\nHTTP_PORT=%s\nUDP_PORT=%s\nMODE=%s\n' \
 		"$PREFIX" "$CLIENT_IF" "$BACKEND_IF" "$BACKENDS" "$HTTP_PORT" "$UDP_PORT" "$MODE")
 	if [[ $MODE = dsr ]]; then want+=$'\n'"DSR_DECAP=$DSR_DECAP"; fi
+	if [[ -n $PROBE_PATH ]]; then want+=$'\n'"PROBE_PATH=$PROBE_PATH"; fi
 	if [[ -f $STATE/rig.env ]]; then
 		if [[ $(<"$STATE/rig.env") != "$want" ]]; then
 			die "rig '$PREFIX' is already up with other settings (it has: $(grep -vxFf <(printf '%s\n' "$want") "$STATE/rig.env" | tr '\n' ' '); asked for: $(grep -vxFf "$STATE/rig.env" <(printf '%s\n' "$want") | tr '\n' ' ')); run: $0 down --prefix $PREFIX"
@@ -587,6 +664,9 @@ cmd_up() {
 	else
 		configure_backend
 	fi
+	if [[ -n $PROBE_PATH ]]; then
+		configure_probe_path
+	fi
 	start_backends
 	wait_backends
 	announce_backends
@@ -619,6 +699,10 @@ cmd_down() {
 		done
 	done
 	stop_pids 5 "${pids[@]}"
+	if [[ -z $PROBE_PATH && -f $STATE/rig.env ]]; then
+		PROBE_PATH=$(sed -n 's/^PROBE_PATH=//p' "$STATE/rig.env")
+	fi
+	remove_probe_path
 	# The veths, the bridge and the taps go with their namespaces.
 	for ns in "${namespaces[@]}"; do
 		ns_exists "$ns" || continue
@@ -654,6 +738,12 @@ cmd_status() {
 		ip -n "$ns" route show | sed 's/^/    route /'
 	done < <(rig_namespaces)
 	((found)) || say "no namespace of rig '$PREFIX'"
+	if [[ -f $STATE/rig.env ]]; then
+		PROBE_PATH=$(sed -n 's/^PROBE_PATH=//p' "$STATE/rig.env")
+		if [[ -n $PROBE_PATH ]] && probe_path_parse; then
+			say "probe path: $(probe_if) $PROBE_PATH/30 -> $PROBE_PEER; rule: $(ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | tr '\n' ' ')"
+		fi
+	fi
 	if [[ -f $STATE/backends ]]; then
 		while read -r name addr hp up ns; do
 			pid=$(cat "$STATE/$name.pid" 2>/dev/null || true)

@@ -215,8 +215,8 @@ fn vipgatectl_manages_the_desired_state() {
     assert_eq!(
         api["backends"],
         serde_json::json!([
-            {"address": "198.18.1.21", "port": 8080, "weight": 5, "state": "draining", "stats": zero},
-            {"address": "198.18.1.22", "port": 8080, "weight": 9, "state": "enabled", "stats": zero},
+            {"address": "198.18.1.21", "port": 8080, "weight": 5, "state": "draining", "health": "unchecked", "stats": zero},
+            {"address": "198.18.1.22", "port": 8080, "weight": 9, "state": "enabled", "health": "unchecked", "stats": zero},
         ])
     );
     assert_eq!(api["stats"], zero);
@@ -358,4 +358,58 @@ fn vipgatectl_manages_the_desired_state() {
     println!("watch after vipgated stopped: {:?}: {stderr}", out.status);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.starts_with("vipgatectl: "), "{stderr}");
+}
+
+/// The `--check*` options of `service create`: what vipgatectl refuses
+/// itself (exit 2) and what vipgated refuses naming the field (exit 1).
+/// Only refused checks here: an accepted one would start probing the
+/// backends from this host, and these tests' backends exist nowhere.
+#[test]
+fn vipgatectl_service_health_check_options_are_checked() {
+    let mut d = Daemon::start();
+    let create = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "service",
+            "create",
+            "hc",
+            "--vip",
+            "198.18.100.9",
+            "--port",
+            "80",
+            "--protocol",
+            "tcp",
+            "--backend",
+            "198.18.1.40:8080",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let run = |code: i32, extra: &[&str]| {
+        let args = create(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        d.fails(code, &refs)
+    };
+    let e = run(2, &["--check-interval-ms", "1000"]);
+    assert!(e.contains("--check"), "{e}");
+    let e = run(2, &["--check", "icmp"]);
+    assert!(e.contains("invalid value 'icmp'"), "{e}");
+    let e = run(2, &["--check", "udp", "--check-payload-hex", "zz"]);
+    assert!(e.contains("--check-payload-hex: \"zz\" is not hexadecimal bytes"), "{e}");
+    let e = run(1, &["--check", "tcp", "--check-interval-ms", "1000", "--check-timeout-ms", "1000"]);
+    assert!(
+        e.contains(
+            "INVALID_ARGUMENT: services[\"hc\"].health_check.timeout_ms: 1000 must be less than interval_ms (1000)"
+        ),
+        "{e}"
+    );
+    let e = run(1, &["--check", "http", "--check-expect-status", "600"]);
+    assert!(e.contains("services[\"hc\"].health_check.expect_status: \"600\" in \"600\" is not an HTTP status"), "{e}");
+    let e = run(1, &["--check", "udp"]);
+    assert!(e.contains("services[\"hc\"].health_check.payload: a udp check needs a payload to send"), "{e}");
+    // Nothing was created.
+    assert!(!d.ok(&["list"]).contains(" hc\n"));
+    d.stop();
 }

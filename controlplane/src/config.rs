@@ -329,6 +329,27 @@ struct RawService {
     tunnel_source: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
+    health_check: Option<Spanned<RawHealthCheck>>,
+}
+
+/// `[services.health_check]`: see [`crate::health::spec`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    kind: Option<Spanned<String>>,
+    interval_ms: Option<Spanned<i64>>,
+    timeout_ms: Option<Spanned<i64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+    port: Option<Spanned<i64>>,
+    path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    expect_status: Option<Spanned<String>>,
+    payload: Option<Spanned<String>>,
+    payload_hex: Option<Spanned<String>>,
+    expect_reply: Option<Spanned<String>>,
+    expect_reply_hex: Option<Spanned<String>>,
+    source: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,6 +418,8 @@ pub struct Config {
     /// Every setting a reload may not change, as (field, value) in file
     /// order: `[eal]`, `[dataplane]`, `[api]`, then `[[ports]]`.
     fixed: Vec<(String, String)>,
+    /// The static services' health checks, by service name.
+    health_checks: std::collections::BTreeMap<String, crate::health::HealthCheck>,
 }
 
 /// The API's TCP listener: its address and the PEM files it uses, read and
@@ -455,6 +478,11 @@ impl Config {
     /// Services, as configured.
     pub fn services(&self) -> &[ServiceSpec] {
         &self.spec.services
+    }
+
+    /// The health check of static service `name`, if it has one.
+    pub fn health_check(&self, name: &str) -> Option<&crate::health::HealthCheck> {
+        self.health_checks.get(name)
     }
 
     /// Ports, as configured (MACs are zero here).
@@ -532,6 +560,67 @@ impl Validator<'_> {
 
     fn port_number(&self, v: &Spanned<i64>, field: &str) -> Result<u16, ConfigError> {
         check_port_number(*v.get_ref()).or_else(|reason| self.err(v.span(), field, reason))
+    }
+
+    /// A service's `health_check` table; an error names the field inside it
+    /// (`services[0].health_check.timeout_ms`) on its own line, or the
+    /// table's line for a missing one.
+    fn health_check(
+        &self,
+        raw: &Spanned<RawHealthCheck>,
+        field: &str,
+    ) -> Result<crate::health::HealthCheck, ConfigError> {
+        use crate::health::spec::parse_hex;
+        let h = raw.get_ref();
+        let span_of = |name: &str| -> std::ops::Range<usize> {
+            let s = match name {
+                "kind" => h.kind.as_ref().map(Spanned::span),
+                "interval_ms" => h.interval_ms.as_ref().map(Spanned::span),
+                "timeout_ms" => h.timeout_ms.as_ref().map(Spanned::span),
+                "rise" => h.rise.as_ref().map(Spanned::span),
+                "fall" => h.fall.as_ref().map(Spanned::span),
+                "port" => h.port.as_ref().map(Spanned::span),
+                "path" => h.path.as_ref().map(Spanned::span),
+                "host" => h.host.as_ref().map(Spanned::span),
+                "expect_status" => h.expect_status.as_ref().map(Spanned::span),
+                "payload" => h.payload.as_ref().or(h.payload_hex.as_ref()).map(Spanned::span),
+                "expect_reply" => h.expect_reply.as_ref().or(h.expect_reply_hex.as_ref()).map(Spanned::span),
+                "source" => h.source.as_ref().map(Spanned::span),
+                _ => None,
+            };
+            s.unwrap_or_else(|| raw.span())
+        };
+        // Text or hexadecimal bytes, not both.
+        let bytes = |text: &Option<Spanned<String>>,
+                     hex: &Option<Spanned<String>>,
+                     name: &str|
+         -> Result<Option<Vec<u8>>, ConfigError> {
+            match (text, hex) {
+                (Some(_), Some(x)) => {
+                    self.err(x.span(), format!("{field}.{name}_hex"), format!("set {name} or {name}_hex, not both"))
+                }
+                (Some(t), None) => Ok(Some(t.get_ref().as_bytes().to_vec())),
+                (None, Some(x)) => {
+                    parse_hex(x.get_ref()).map(Some).or_else(|r| self.err(x.span(), format!("{field}.{name}_hex"), r))
+                }
+                (None, None) => Ok(None),
+            }
+        };
+        let input = crate::health::HealthCheckInput {
+            kind: h.kind.as_ref().map(|v| v.get_ref().clone()),
+            interval_ms: h.interval_ms.as_ref().map(|v| *v.get_ref()),
+            timeout_ms: h.timeout_ms.as_ref().map(|v| *v.get_ref()),
+            rise: h.rise.as_ref().map(|v| *v.get_ref()),
+            fall: h.fall.as_ref().map(|v| *v.get_ref()),
+            port: h.port.as_ref().map(|v| *v.get_ref()),
+            path: h.path.as_ref().map(|v| v.get_ref().clone()),
+            host: h.host.as_ref().map(|v| v.get_ref().clone()),
+            expect_status: h.expect_status.as_ref().map(|v| v.get_ref().clone()),
+            payload: bytes(&h.payload, &h.payload_hex, "payload")?,
+            expect_reply: bytes(&h.expect_reply, &h.expect_reply_hex, "expect_reply")?,
+            source: h.source.as_ref().map(|v| v.get_ref().clone()),
+        };
+        input.validate().or_else(|e| self.err(span_of(e.field), format!("{field}.{}", e.field), e.reason))
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -817,6 +906,7 @@ impl Validator<'_> {
         }
 
         let mut services = Vec::new();
+        let mut health_checks = std::collections::BTreeMap::new();
         let mut service_names = HashSet::new();
         let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
         let mut backend_owner: HashMap<(u32, u16, Protocol), String> = HashMap::new();
@@ -1003,6 +1093,9 @@ impl Validator<'_> {
                     }
                 },
             };
+            if let Some(hc) = &s.health_check {
+                health_checks.insert(name.clone(), self.health_check(hc, &f("health_check"))?);
+            }
             services.push(ServiceSpec { name, vip, port, protocol, table_size, backends, on_backend_removal, mode });
         }
 
@@ -1077,6 +1170,7 @@ impl Validator<'_> {
             state_dir: raw.state.dir,
             spec,
             fixed,
+            health_checks,
         })
     }
 

@@ -7,6 +7,7 @@
 
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
+use crate::health::{self, Checker, HealthStatus, ProbeReport, Transition};
 use crate::state::{self, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView};
 use crate::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
 use crate::store::{Store, StoreError};
@@ -54,6 +55,8 @@ struct DaemonView {
     ports: Vec<vipgate_dpdk::PortView>,
     pool: Arc<Mempool>,
     stats: StatsReader,
+    /// The checked backends' health, for the metrics.
+    health: Option<Arc<HealthStatus>>,
 }
 
 impl GatewayView for DaemonView {
@@ -82,6 +85,10 @@ impl GatewayView for DaemonView {
 
     fn service_stats(&self, only: Option<&str>) -> Vec<ServiceFigures> {
         self.stats.read(only)
+    }
+
+    fn health(&self) -> Option<Arc<HealthStatus>> {
+        self.health.clone()
     }
 }
 
@@ -134,7 +141,8 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         config.dataplane.pipeline.backend_slots,
         dataplane.workers().iter().map(|w| Arc::clone(&w.stats)).collect(),
     );
-    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &slots)
+    // Every backend starts up: its first probe decides.
+    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &Default::default(), &slots)
         .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
@@ -142,18 +150,24 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
+    let Signals { stop, mut hup } = signals;
+    let running = Arc::new(config.clone());
+    let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
+    let (checker, mut probe_reports) = Checker::new(Arc::clone(handle.health()));
     let view = Arc::new(DaemonView {
         workers: dataplane.workers().to_vec(),
         ports,
         pool: Arc::clone(dataplane.pool()),
         stats: slots.reader(),
+        health: Some(Arc::clone(handle.health())),
     });
-    let Signals { stop, mut hup } = signals;
-    let running = Arc::new(config.clone());
-    let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
-    let mut reloader = Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone(), slots };
+    let mut reloader =
+        Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone(), checker, slots };
     let served = rt
         .block_on(async {
+            // Every backend starts up (the snapshot above has them all);
+            // the first probe of each decides (see health::checker).
+            reloader.start_health();
             // Two futures on one thread: the API, which ends on SIGINT or
             // SIGTERM, and the changes (reloads and API mutations, one at a
             // time, in arrival order), which never end. `select!` polls
@@ -164,6 +178,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
                     tokio::select! {
                         Some(()) = hup.recv() => reloader.reload(&dataplane).await,
                         Some(request) = requests.recv() => reloader.mutate(request, &dataplane).await,
+                        Some(report) = probe_reports.recv() => reloader.health(report, &mut probe_reports, &dataplane).await,
                         else => break,
                     }
                 }
@@ -307,6 +322,9 @@ struct Reloader {
     handle: StateHandle,
     /// Every backend's stats slot.
     slots: StatsSlots,
+    /// The health checks; the backends they find down are compiled with
+    /// weight 0.
+    checker: Checker,
 }
 
 impl Reloader {
@@ -333,13 +351,15 @@ impl Reloader {
         }
         // The file against the dynamic state: a conflict (a name or a
         // VIP:port/protocol both use) refuses the reload.
-        let (snapshot, plan) = match state::compile_with_slots(&new, &self.macs, &self.dynamic, &self.slots) {
-            Ok(s) => s,
-            Err(e) => {
-                error!("reload refused: {e}; the running configuration is kept");
-                return;
-            }
-        };
+        let health = self.checker.plan(health::targets(&new, &self.dynamic));
+        let (snapshot, plan) =
+            match state::compile_with_slots(&new, &self.macs, &self.dynamic, health.down(), &self.slots) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!("reload refused: {e}; the running configuration is kept");
+                    return;
+                }
+            };
         let change = Change {
             cause: "reload".to_owned(),
             services_changed: new
@@ -347,6 +367,7 @@ impl Reloader {
                 .iter()
                 .filter(|s| {
                     !self.running.services().iter().any(|o| o.name == s.name && format!("{o:?}") == format!("{s:?}"))
+                        || self.running.health_check(&s.name) != new.health_check(&s.name)
                 })
                 .map(|s| s.name.clone())
                 .collect(),
@@ -380,6 +401,7 @@ impl Reloader {
             error!("reload refused: {e}; the running configuration is kept");
             return;
         }
+        self.checker.apply(health);
         self.generation += 1;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         info!(
@@ -398,8 +420,10 @@ impl Reloader {
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
             new.version = self.dynamic.version + 1;
-            let compiled = state::compile_with_slots(&self.running, &self.macs, &new, &self.slots)?;
+            let health = self.checker.plan(health::targets(&self.running, &new));
+            let compiled = state::compile_with_slots(&self.running, &self.macs, &new, health.down(), &self.slots)?;
             self.commit(Arc::clone(&self.running), new, compiled, change, dataplane).await?;
+            self.checker.apply(health);
             Ok(self.dynamic.version)
         }
         .await;
@@ -408,6 +432,63 @@ impl Reloader {
         }
         // The caller may have gone; the change stands.
         let _ = reply.send(outcome);
+    }
+
+    /// Starts probing the backends of the state in force, every one of
+    /// them up until its first probe says otherwise. Runs once, on the
+    /// runtime, before anything else changes the state.
+    fn start_health(&mut self) {
+        let plan = self.checker.plan(health::targets(&self.running, &self.dynamic));
+        debug_assert!(plan.down().is_empty(), "every backend starts up");
+        self.checker.apply(plan);
+        if !self.checker.is_empty() {
+            info!(targets = self.checker.len(), "health checks started");
+        }
+    }
+
+    /// Counts `first` and every other probe report already waiting; if
+    /// backends went up or down, compiles the state in force with the new
+    /// health and publishes it, then tells watchers. A health change is no
+    /// desired-state change: no version, nothing persisted.
+    async fn health(
+        &mut self,
+        first: ProbeReport,
+        more: &mut tokio::sync::mpsc::UnboundedReceiver<ProbeReport>,
+        dataplane: &Dataplane,
+    ) {
+        let mut transitions: Vec<Transition> = self.checker.report(first).into_iter().collect();
+        // A burst of reports (a rack going dark) becomes one publication.
+        while let Ok(report) = more.try_recv() {
+            transitions.extend(self.checker.report(report));
+        }
+        if transitions.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let down = self.checker.down();
+        let (snapshot, plan) =
+            match state::compile_with_slots(&self.running, &self.macs, &self.dynamic, &down, &self.slots) {
+                Ok(s) => s,
+                Err(e) => {
+                    // The state in force compiled before; weights of 0 cannot
+                    // make it invalid. Kept as it is if it ever does.
+                    error!("health change not applied: {e}");
+                    return;
+                }
+            };
+        if let Err(e) = dataplane.publish_async(snapshot).await {
+            warn!("health change: published, but {e}");
+        }
+        self.slots.apply(plan);
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        for t in transitions {
+            if t.up {
+                info!(service = %t.key.service, backend = %format!("{}:{}", t.key.address, t.key.port), reason = %t.reason, "backend up: takes new flows ({ms:.1} ms)");
+            } else {
+                warn!(service = %t.key.service, backend = %format!("{}:{}", t.key.address, t.key.port), reason = %t.reason, "backend down: takes no new flows ({ms:.1} ms)");
+            }
+            self.handle.publish_health(t);
+        }
     }
 
     /// The one way a change takes effect, in this order: persist the

@@ -103,7 +103,7 @@ pub async fn serve(bound: BoundMetrics, view: Arc<dyn GatewayView>) -> Result<()
     let listener = TcpListener::from_std(listener).map_err(|source| MetricsError::Accept { addr, source })?;
     tracing::info!(%addr, "metrics listening on http://{addr}/metrics");
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(GatewayCollector { view }));
+    register(&mut registry, view);
     let registry = Arc::new(registry);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -181,8 +181,61 @@ fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
 /// tests and tools that want the text without HTTP).
 pub fn render(view: Arc<dyn GatewayView>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(GatewayCollector { view }));
+    register(&mut registry, view);
     encode(&registry).unwrap_or_default()
+}
+
+/// The gateway's collector, and the health checker's when it runs one.
+fn register(registry: &mut Registry, view: Arc<dyn GatewayView>) {
+    if let Some(health) = view.health() {
+        registry.register_collector(Box::new(HealthCollector { health }));
+    }
+    registry.register_collector(Box::new(GatewayCollector { view }));
+}
+
+/// Reads the health checker's status on each scrape: one health gauge and
+/// two probe counters per checked backend; nothing while no backend is
+/// checked.
+#[derive(Debug)]
+struct HealthCollector {
+    health: Arc<crate::health::HealthStatus>,
+}
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        let status = self.health.snapshot();
+        // No checked backend, no health families (rather than empty ones).
+        if status.is_empty() {
+            return Ok(());
+        }
+        let backends: Vec<String> = status.keys().map(|k| format!("{}:{}", k.address, k.port)).collect();
+        let labels: Vec<[(&str, &str); 3]> = status
+            .iter()
+            .zip(&backends)
+            .map(|((k, s), b)| [("service", k.service.as_str()), ("backend", b.as_str()), ("check", s.kind)])
+            .collect();
+        let up: Vec<(&[(&str, &str)], i64)> =
+            status.values().zip(&labels).map(|(s, l)| (&l[..], i64::from(s.up))).collect();
+        gauge(
+            e,
+            "vipgate_backend_health",
+            "1 while the backend passes its service's health check (takes new flows), 0 while it fails it.",
+            &up,
+        )?;
+        let result_labels: Vec<[(&str, &str); 4]> = labels
+            .iter()
+            .flat_map(|l| [[l[0], l[1], l[2], ("result", "success")], [l[0], l[1], l[2], ("result", "failure")]])
+            .collect();
+        let probes: Vec<(&[(&str, &str)], u64)> = status
+            .values()
+            .flat_map(|s| [s.probes_ok, s.probes_failed])
+            .zip(&result_labels)
+            .map(|(v, l)| (&l[..], v))
+            .collect();
+        counter(e, "vipgate_health_probes", "Health-check probes of the backend, by result.", &probes)?;
+        Ok(())
+    }
 }
 
 /// Reads the gateway on each scrape.

@@ -69,6 +69,10 @@ pub struct ServiceState {
     pub on_backend_removal: RemovalState,
     /// Backends, in the order they were added.
     pub backends: Vec<BackendState>,
+    /// How the backends are health-checked; `None`: they are not, and
+    /// always count as healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 /// A service's protocol.
@@ -533,22 +537,54 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
 /// [`validate`], then the dataplane's own compiler as the last word: a
 /// snapshot it refuses is INVALID_ARGUMENT with its message.
 pub fn compile(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<Snapshot, StateError> {
-    let spec = validate(config, macs, dynamic)?;
+    compile_with_health(config, macs, dynamic, &HashSet::new())
+}
+
+/// [`compile`] with the backends in `down` (unhealthy, per the health
+/// checker) given weight 0: they take no new flows, and their open flows
+/// continue, as when draining.
+pub fn compile_with_health(
+    config: &Config,
+    macs: &[EthernetAddress],
+    dynamic: &DesiredState,
+    down: &HashSet<crate::health::TargetKey>,
+) -> Result<Snapshot, StateError> {
+    let mut spec = validate(config, macs, dynamic)?;
+    apply_health(&mut spec, down);
     Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
 }
 
-/// [`compile`], giving every backend its stats slot from `slots` on the
-/// way: the snapshot and the slot plan to apply once it is committed.
+/// [`compile_with_health`], giving every backend its stats slot from
+/// `slots` on the way: the snapshot and the slot plan to apply once it is
+/// published.
 pub fn compile_with_slots(
     config: &Config,
     macs: &[EthernetAddress],
     dynamic: &DesiredState,
+    down: &HashSet<crate::health::TargetKey>,
     slots: &crate::stats::StatsSlots,
 ) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
     let mut spec = validate(config, macs, dynamic)?;
+    apply_health(&mut spec, down);
     let plan = slots.plan(&mut spec).map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
     let snapshot = Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     Ok((snapshot, plan))
+}
+
+/// Gives every backend in `down` weight 0.
+pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<crate::health::TargetKey>) {
+    if down.is_empty() {
+        return;
+    }
+    for s in &mut spec.services {
+        for b in &mut s.backends {
+            let key =
+                crate::health::TargetKey { service: s.name.clone(), address: Ipv4Addr::from(b.addr), port: b.port };
+            if down.contains(&key) {
+                b.weight = 0;
+            }
+        }
+    }
 }
 
 /// What a change did, for the Watch stream and the log.
@@ -842,13 +878,23 @@ pub struct StateView {
     pub dynamic: DesiredState,
 }
 
-/// One applied change.
+/// One event of the Watch stream.
 #[derive(Clone, Debug)]
 pub struct StateEvent {
-    /// The version it produced.
+    /// The version it produced (a change) or the version in force (a
+    /// health transition, which takes none).
     pub version: u64,
-    /// What changed.
-    pub change: Change,
+    /// What happened.
+    pub kind: StateEventKind,
+}
+
+/// What a [`StateEvent`] reports.
+#[derive(Clone, Debug)]
+pub enum StateEventKind {
+    /// An applied change of the desired state.
+    Change(Change),
+    /// A backend went up or down.
+    Health(crate::health::Transition),
 }
 
 /// How many events a slow Watch subscriber may fall behind before it is
@@ -860,6 +906,10 @@ struct Shared {
     events: broadcast::Sender<Arc<StateEvent>>,
 }
 
+/// The health of the checked backends, which the checker writes and the
+/// API reads.
+pub type SharedHealth = Arc<crate::health::HealthStatus>;
+
 /// The API's side of the state: reads the current view without waiting,
 /// sends mutations to the daemon (one writer, in order) and subscribes to
 /// changes. Cheap to clone.
@@ -870,6 +920,8 @@ pub struct StateHandle {
     /// True once the daemon stops: Watch streams end, so that the server's
     /// graceful shutdown does not wait for them forever.
     closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The checked backends' health.
+    health: SharedHealth,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -886,7 +938,8 @@ impl StateHandle {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let (closing, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Mutex::new(Shared { current: Arc::new(view), events }));
-        (StateHandle { requests, shared, closing: Arc::new(closing) }, rx)
+        let health = SharedHealth::default();
+        (StateHandle { requests, shared, closing: Arc::new(closing), health }, rx)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -902,6 +955,21 @@ impl StateHandle {
     pub fn subscribe(&self) -> (Arc<StateView>, broadcast::Receiver<Arc<StateEvent>>) {
         let shared = self.lock();
         (Arc::clone(&shared.current), shared.events.subscribe())
+    }
+
+    /// The checked backends' health, which the daemon's checker writes.
+    pub fn health(&self) -> &SharedHealth {
+        &self.health
+    }
+
+    /// Tells subscribers that a backend went up or down. The daemon calls
+    /// it once the snapshot with that health is published; the version is
+    /// the one in force (health takes none).
+    pub fn publish_health(&self, transition: crate::health::Transition) {
+        let shared = self.lock();
+        let version = shared.current.dynamic.version;
+        // No subscriber is no error.
+        let _ = shared.events.send(Arc::new(StateEvent { version, kind: StateEventKind::Health(transition) }));
     }
 
     /// Ends every Watch stream, now and later: the daemon is stopping.
@@ -932,7 +1000,7 @@ impl StateHandle {
         let version = view.dynamic.version;
         shared.current = Arc::new(view);
         // No subscriber is no error.
-        let _ = shared.events.send(Arc::new(StateEvent { version, change }));
+        let _ = shared.events.send(Arc::new(StateEvent { version, kind: StateEventKind::Change(change) }));
     }
 }
 

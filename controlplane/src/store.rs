@@ -169,6 +169,17 @@ mod tests {
                     weight: 3,
                     admin_state: AdminState::Draining,
                 }],
+                health_check: Some(
+                    crate::health::HealthCheckInput {
+                        kind: Some("udp".into()),
+                        payload: Some(vec![0, 1, 0xff]),
+                        expect_reply: Some(b"ok".to_vec()),
+                        interval_ms: Some(1000),
+                        ..Default::default()
+                    }
+                    .validate()
+                    .unwrap(),
+                ),
             },
         );
         s

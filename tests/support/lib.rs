@@ -432,6 +432,17 @@ pub struct RigOptions {
     pub lcores: String,
     /// The mode of both services, and how the rig is wired for it.
     pub mode: Mode,
+    /// The web service's `[services.health_check]` lines (TOML, without
+    /// the header); `None`: no check. With [`RigOptions::probe_path`], the
+    /// rig adds `source = "<its probe address>"`.
+    pub web_health_check: Option<String>,
+    /// The INTERIM probe path (rig.sh `--probe-path`): a veth from the root
+    /// namespace to the backend namespace, used only by packets from an
+    /// address of its own ([`Rig::probe_source`]), so that vipgated's health
+    /// checks (sent by the host's kernel) reach the backends. Once probes
+    /// leave through the gateway's exception path, tests set this to false
+    /// and nothing else changes.
+    pub probe_path: bool,
 }
 
 impl Default for RigOptions {
@@ -442,6 +453,8 @@ impl Default for RigOptions {
             extra_config: String::new(),
             lcores: "0,1".to_owned(),
             mode: Mode::Nat,
+            web_health_check: None,
+            probe_path: false,
         }
     }
 }
@@ -470,6 +483,11 @@ pub struct Rig {
     pub mode: Mode,
     /// The web service's port on the VIP (see [`Mode::http_port`]).
     pub http_port: u16,
+    /// The source address of health probes on the probe path, when
+    /// [`RigOptions::probe_path`] is set.
+    pub probe_source: Option<std::net::Ipv4Addr>,
+    /// rig.sh up's arguments, for [`Rig::repair`].
+    up_args: Vec<String>,
     dir: PathBuf,
     config_path: PathBuf,
     config: ConfigTemplate,
@@ -489,6 +507,8 @@ struct ConfigTemplate {
     http_port: u16,
     /// The echo (UDP) service's backends, 1-based.
     udp_backends: Vec<usize>,
+    /// The web service's health check section, complete with its header.
+    web_health_check: String,
     extra: String,
 }
 
@@ -517,7 +537,7 @@ protocol = "tcp"
 {service_mode}backends = [
 {web}
 ]
-
+{web_health_check}
 [[services]]
 name = "echo"
 vip = "{VIP}"
@@ -533,6 +553,7 @@ protocol = "udp"
             service_mode = self.service_mode,
             web = web.join("\n"),
             udp = udp.join("\n"),
+            web_health_check = self.web_health_check,
             extra = self.extra,
         )
     }
@@ -622,11 +643,23 @@ addresses = ["198.18.1.1/24"]
             state_dir = dir.join("state").display(),
             lcores = opts.lcores,
         );
+        // A /30 of 198.19.0.0/16 of this rig's own for the probe path; its
+        // first address is the probes' source.
+        let probe_source = opts.probe_path.then(|| {
+            let k = (std::process::id().wrapping_mul(7).wrapping_add(n * 131)) % 16_384;
+            std::net::Ipv4Addr::new(198, 19, (k / 64) as u8, ((k % 64) * 4 + 1) as u8)
+        });
+        let web_health_check = match (&opts.web_health_check, probe_source) {
+            (None, _) => String::new(),
+            (Some(lines), None) => format!("\n[services.health_check]\n{lines}\n"),
+            (Some(lines), Some(src)) => format!("\n[services.health_check]\n{lines}\nsource = \"{src}\"\n"),
+        };
         let template = ConfigTemplate {
             head,
             service_mode,
             http_port,
             udp_backends: (1..=configured).collect(),
+            web_health_check,
             extra: opts.extra_config.clone(),
         };
         let config = template.render(&(1..=configured).map(|i| (i, 1)).collect::<Vec<_>>());
@@ -643,21 +676,7 @@ addresses = ["198.18.1.1/24"]
             .stderr(logfile)
             .spawn()
             .expect("spawn vipgated");
-        let mut rig = Rig {
-            prefix: prefix.clone(),
-            socket,
-            log,
-            mode: opts.mode,
-            http_port,
-            dir,
-            config_path,
-            config: template,
-            child: Some(child),
-            torn_down: false,
-        };
-
-        let mut up = Command::new(repo_root().join("scripts/rig.sh"));
-        up.args([
+        let mut up_args: Vec<String> = [
             "up",
             "--prefix",
             &prefix,
@@ -665,12 +684,38 @@ addresses = ["198.18.1.1/24"]
             &format!("{prefix}c"),
             "--backend-if",
             &format!("{prefix}b"),
-        ])
-        .args(["--backends", &opts.backends.to_string(), "--wait", "30", "--mode", opts.mode.name()]);
+            "--backends",
+            &opts.backends.to_string(),
+            "--wait",
+            "30",
+            "--mode",
+            opts.mode.name(),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
         if opts.mode == Mode::Dsr {
-            up.args(["--dsr-decap", dsr_decap()]);
+            up_args.extend(["--dsr-decap".to_owned(), dsr_decap().to_owned()]);
         }
-        let up = up.output().expect("run scripts/rig.sh");
+        if let Some(src) = probe_source {
+            up_args.extend(["--probe-path".to_owned(), src.to_string()]);
+        }
+        let mut rig = Rig {
+            prefix: prefix.clone(),
+            socket,
+            log,
+            mode: opts.mode,
+            http_port,
+            probe_source,
+            up_args: up_args.clone(),
+            dir,
+            config_path,
+            config: template,
+            child: Some(child),
+            torn_down: false,
+        };
+
+        let up = Command::new(repo_root().join("scripts/rig.sh")).args(&up_args).output().expect("run scripts/rig.sh");
         if !up.status.success() {
             let hint = if opts.mode == Mode::Dsr {
                 format!("(rig.sh got --dsr-decap {} from VIPGATE_DSR_DECAP=kernel|userspace)\n", dsr_decap())
@@ -701,6 +746,45 @@ addresses = ["198.18.1.1/24"]
             }
             assert!(Instant::now() < deadline, "vipgated API did not come up within 20 s:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `rig.sh up` again with the same settings: it restarts the
+    /// backends that are not running (see [`Rig::stop_backend`]) and
+    /// repairs what else is missing. Panics with rig.sh's output if it
+    /// fails.
+    pub fn repair(&self) {
+        let up = Command::new(repo_root().join("scripts/rig.sh")).args(&self.up_args).output().expect("run rig.sh up");
+        assert!(
+            up.status.success(),
+            "rig.sh up (repair) failed:\n{}{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+    }
+
+    /// Stops backend `i` (1-based; `backend-i`) with SIGKILL and waits until
+    /// its process is gone: its address stays, so its kernel refuses new
+    /// connections.
+    pub fn stop_backend(&self, i: usize) {
+        let pidfile = Path::new("/run/vipgate-rig").join(&self.prefix).join(format!("backend-{i}.pid"));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
+            .trim()
+            .parse()
+            .expect("a pid");
+        // SAFETY: kill(2) on the backend's pid, which rig.sh wrote.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill backend-{i} (pid {pid})");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            // Reaped by its parent (`ip netns exec`, itself rig.sh's
+            // orphan); a zombie counts as gone.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if state.split_whitespace().nth(2) == Some("Z") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "backend-{i} (pid {pid}) did not exit");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

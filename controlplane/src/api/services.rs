@@ -15,9 +15,11 @@ use vipgate_dataplane::snapshot::{ForwardingMode, OnBackendRemoval, ServiceSpec,
 use super::pb;
 use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
 use crate::config::DEFAULT_POOL_PORTS;
+use crate::health::{CheckKind, HealthCheck, HealthCheckInput, HealthStatus, TargetKey};
 use crate::state::{
     self, AdminState, BackendState, ErrorKind, MAX_BACKENDS, MAX_POOLS, MAX_SERVICES, ModeState, PoolState,
-    ProtocolState, RemovalState, ServiceState, StateError, StateHandle, StateView, backend_field, ops, service_field,
+    ProtocolState, RemovalState, ServiceState, StateError, StateEventKind, StateHandle, StateView, backend_field, ops,
+    service_field,
 };
 
 /// The `ServiceManager` gRPC service over the daemon's [`StateHandle`].
@@ -81,19 +83,75 @@ fn backend_from(b: &pb::Backend, service: &str, index: usize) -> Result<BackendS
     })
 }
 
-/// A service from a request, each field checked; `health_check` and
-/// `flow_timeouts` are UNIMPLEMENTED (never stored, since the dataplane
-/// cannot apply them).
+/// A health check from a request: zero and empty fields take their
+/// defaults; an error names `services["web"].health_check.<field>`.
+fn health_check_from(h: &pb::HealthCheck, service: &str) -> Result<HealthCheck, Status> {
+    let num = |v: u32| (v != 0).then_some(i64::from(v));
+    let text = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    let bytes = |v: &[u8]| (!v.is_empty()).then(|| v.to_vec());
+    let input = HealthCheckInput {
+        kind: text(&h.kind),
+        interval_ms: num(h.interval_ms),
+        timeout_ms: num(h.timeout_ms),
+        rise: num(h.rise),
+        fall: num(h.fall),
+        port: num(h.port),
+        path: text(&h.path),
+        host: text(&h.host),
+        expect_status: text(&h.expect_status),
+        payload: bytes(&h.payload),
+        expect_reply: bytes(&h.expect_reply),
+        source: text(&h.source),
+    };
+    input.validate().map_err(|e| invalid(service_field(service, &format!("health_check.{}", e.field)), e.reason))
+}
+
+/// A health check as the API shows it: every field with the value in
+/// force.
+fn health_check_to(h: &HealthCheck) -> pb::HealthCheck {
+    let (path, host, expect_status, payload, expect_reply) = match &h.kind {
+        CheckKind::Http(c) | CheckKind::Https(c) => {
+            (c.path.clone(), c.host.clone().unwrap_or_default(), c.expect_status.to_string(), vec![], vec![])
+        }
+        CheckKind::Udp(u) => {
+            (String::new(), String::new(), String::new(), u.payload.clone(), u.expect_reply.clone().unwrap_or_default())
+        }
+        CheckKind::Tcp => Default::default(),
+    };
+    pb::HealthCheck {
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        port: h.port.map_or(0, u32::from),
+        kind: h.kind.name().to_owned(),
+        rise: h.rise,
+        fall: h.fall,
+        path,
+        host,
+        expect_status,
+        payload,
+        expect_reply,
+        source: h.source.map(|a| a.to_string()).unwrap_or_default(),
+    }
+}
+
+/// A backend's health as the API shows it, and the reason it is down.
+fn backend_health(health: &HealthStatus, service: &str, address: Ipv4Addr, port: u16) -> (i32, String) {
+    let key = TargetKey { service: service.to_owned(), address, port };
+    match health.get(&key) {
+        None => (pb::HealthState::Unchecked.into(), String::new()),
+        Some(t) if t.up => (pb::HealthState::Up.into(), String::new()),
+        Some(t) => (pb::HealthState::Down.into(), t.last_failure),
+    }
+}
+
+/// A service from a request, each field checked; `flow_timeouts` is
+/// UNIMPLEMENTED (never stored, since the dataplane cannot apply it).
+/// Backends' `health` and `health_reason` are output only and ignored.
 fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
     let name = s.name.trim().to_owned();
     let f = |k: &str| service_field(&name, k);
     state::check_name(&name).map_err(|r| invalid(f("name"), r))?;
-    if s.health_check.is_some() {
-        return Err(Status::unimplemented(format!(
-            "{}: per-service health checks are not supported by the dataplane yet",
-            f("health_check")
-        )));
-    }
+    let health_check = s.health_check.as_ref().map(|h| health_check_from(h, &name)).transpose()?;
     if s.flow_timeouts.is_some() {
         return Err(Status::unimplemented(format!(
             "{}: per-service flow timeouts are not supported by the dataplane yet; set [dataplane.timeouts]",
@@ -135,6 +193,7 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
         table_size: state::parse_table_size(s.table_size).map_err(|r| invalid(f("table_size"), r))?,
         on_backend_removal,
         backends: s.backends.iter().enumerate().map(|(j, b)| backend_from(b, &name, j)).collect::<Result<_, _>>()?,
+        health_check,
         name,
     })
 }
@@ -183,7 +242,7 @@ fn origin(is_static: bool) -> i32 {
     if is_static { pb::Origin::Static } else { pb::Origin::Dynamic }.into()
 }
 
-fn static_service(s: &ServiceSpec) -> pb::Service {
+fn static_service(s: &ServiceSpec, view: &StateView, health: &HealthStatus) -> pb::Service {
     let (mode, source_pool, tunnel_source) = match &s.mode {
         ForwardingMode::Nat => ("nat", String::new(), String::new()),
         ForwardingMode::FullNat { pool } => ("fullnat", pool.clone(), String::new()),
@@ -210,20 +269,25 @@ fn static_service(s: &ServiceSpec) -> pb::Service {
         backends: s
             .backends
             .iter()
-            .map(|b| pb::Backend {
-                address: Ipv4Addr::from(b.addr).to_string(),
-                port: b.port.into(),
-                weight: Some(b.weight),
-                admin_state: pb::AdminState::Enabled.into(),
+            .map(|b| {
+                let (health, health_reason) = backend_health(health, &s.name, Ipv4Addr::from(b.addr), b.port);
+                pb::Backend {
+                    address: Ipv4Addr::from(b.addr).to_string(),
+                    port: b.port.into(),
+                    weight: Some(b.weight),
+                    admin_state: pb::AdminState::Enabled.into(),
+                    health,
+                    health_reason,
+                }
             })
             .collect(),
         origin: origin(true),
-        health_check: None,
+        health_check: view.config.health_check(&s.name).map(health_check_to),
         flow_timeouts: None,
     }
 }
 
-fn dynamic_service(s: &ServiceState) -> pb::Service {
+fn dynamic_service(s: &ServiceState, health: &HealthStatus) -> pb::Service {
     let (mode, source_pool, tunnel_source) = match &s.mode {
         ModeState::Nat => ("nat", String::new(), String::new()),
         ModeState::Fullnat { source_pool } => ("fullnat", source_pool.clone(), String::new()),
@@ -246,20 +310,25 @@ fn dynamic_service(s: &ServiceState) -> pb::Service {
         backends: s
             .backends
             .iter()
-            .map(|b| pb::Backend {
-                address: b.address.to_string(),
-                port: b.port.into(),
-                weight: Some(b.weight),
-                admin_state: match b.admin_state {
-                    AdminState::Enabled => pb::AdminState::Enabled,
-                    AdminState::Draining => pb::AdminState::Draining,
-                    AdminState::Disabled => pb::AdminState::Disabled,
+            .map(|b| {
+                let (health, health_reason) = backend_health(health, &s.name, b.address, b.port);
+                pb::Backend {
+                    address: b.address.to_string(),
+                    port: b.port.into(),
+                    weight: Some(b.weight),
+                    admin_state: match b.admin_state {
+                        AdminState::Enabled => pb::AdminState::Enabled,
+                        AdminState::Draining => pb::AdminState::Draining,
+                        AdminState::Disabled => pb::AdminState::Disabled,
+                    }
+                    .into(),
+                    health,
+                    health_reason,
                 }
-                .into(),
             })
             .collect(),
         origin: origin(false),
-        health_check: None,
+        health_check: s.health_check.as_ref().map(health_check_to),
         flow_timeouts: None,
     }
 }
@@ -285,10 +354,11 @@ fn dynamic_pool(p: &PoolState) -> pb::SourcePool {
 }
 
 /// The whole state as the API shows it: static and dynamic objects sorted
-/// by name.
-pub(crate) fn state_response(view: &StateView) -> pb::GetStateResponse {
-    let mut services: Vec<pb::Service> = view.config.services().iter().map(static_service).collect();
-    services.extend(view.dynamic.services.values().map(dynamic_service));
+/// by name, each backend with its health now.
+pub(crate) fn state_response(view: &StateView, health: &HealthStatus) -> pb::GetStateResponse {
+    let mut services: Vec<pb::Service> =
+        view.config.services().iter().map(|s| static_service(s, view, health)).collect();
+    services.extend(view.dynamic.services.values().map(|s| dynamic_service(s, health)));
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let mut source_pools: Vec<pb::SourcePool> = view.config.source_pools().iter().map(static_pool).collect();
     source_pools.extend(view.dynamic.source_pools.values().map(dynamic_pool));
@@ -309,7 +379,7 @@ impl ServiceManager for ServiceManagerService {
         &self,
         _request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
-        Ok(Response::new(state_response(&self.state.current())))
+        Ok(Response::new(state_response(&self.state.current(), self.state.health())))
     }
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::MutationResponse>, Status> {
@@ -415,7 +485,7 @@ impl ServiceManager for ServiceManagerService {
         let (view, mut events) = self.state.subscribe();
         let first = pb::WatchEvent {
             version: view.dynamic.version,
-            event: Some(pb::watch_event::Event::Snapshot(state_response(&view))),
+            event: Some(pb::watch_event::Event::Snapshot(state_response(&view, self.state.health()))),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let state = self.state.clone();
@@ -432,13 +502,22 @@ impl ServiceManager for ServiceManagerService {
                 let item = match event {
                     Ok(e) => Ok(pb::WatchEvent {
                         version: e.version,
-                        event: Some(pb::watch_event::Event::Change(pb::Change {
-                            cause: e.change.cause.clone(),
-                            services_changed: e.change.services_changed.clone(),
-                            services_deleted: e.change.services_deleted.clone(),
-                            pools_changed: e.change.pools_changed.clone(),
-                            pools_deleted: e.change.pools_deleted.clone(),
-                        })),
+                        event: Some(match &e.kind {
+                            StateEventKind::Change(c) => pb::watch_event::Event::Change(pb::Change {
+                                cause: c.cause.clone(),
+                                services_changed: c.services_changed.clone(),
+                                services_deleted: c.services_deleted.clone(),
+                                pools_changed: c.pools_changed.clone(),
+                                pools_deleted: c.pools_deleted.clone(),
+                            }),
+                            StateEventKind::Health(t) => pb::watch_event::Event::Health(pb::HealthChange {
+                                service: t.key.service.clone(),
+                                address: t.key.address.to_string(),
+                                port: t.key.port.into(),
+                                health: if t.up { pb::HealthState::Up } else { pb::HealthState::Down }.into(),
+                                reason: t.reason.clone(),
+                            }),
+                        }),
                     }),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         Err(Status::aborted(format!("the watcher fell {n} changes behind; watch again")))

@@ -29,6 +29,12 @@ pub trait GatewayView: Send + Sync + 'static {
         let _ = only;
         Vec::new()
     }
+
+    /// The checked backends' health and probe counts; `None` (the default)
+    /// when the gateway runs no health checker.
+    fn health(&self) -> Option<Arc<crate::health::HealthStatus>> {
+        None
+    }
 }
 
 /// One dataplane worker.

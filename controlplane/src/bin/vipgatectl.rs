@@ -55,6 +55,9 @@ struct Cli {
 }
 
 /// vipgatectl's commands.
+// Parsed once per run: the size of the service variants (their many
+// options) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Whether the gateway forwards traffic, its version and uptime.
@@ -169,6 +172,43 @@ struct ServiceSpec {
     /// A backend, weight 1 unless given; repeat for more.
     #[arg(long = "backend", value_name = "ADDR:PORT[:WEIGHT]")]
     backends: Vec<String>,
+    /// Health-check the backends this way (default: no check). The
+    /// --check-* options left out take vipgated's defaults.
+    #[arg(long, value_parser = ["tcp", "http", "https", "udp"])]
+    check: Option<String>,
+    /// Time between two probes of a backend (default 5000).
+    #[arg(long, value_name = "MS", requires = "check")]
+    check_interval_ms: Option<u32>,
+    /// Time a probe may take, less than the interval (default 2000, or half the interval).
+    #[arg(long, value_name = "MS", requires = "check")]
+    check_timeout_ms: Option<u32>,
+    /// Passes in a row that bring a down backend up (default 2).
+    #[arg(long, value_name = "N", requires = "check")]
+    check_rise: Option<u32>,
+    /// Failures in a row that take an up backend down (default 3).
+    #[arg(long, value_name = "N", requires = "check")]
+    check_fall: Option<u32>,
+    /// The port probed (default: each backend's own).
+    #[arg(long, value_name = "PORT", requires = "check")]
+    check_port: Option<u16>,
+    /// http, https: the path (default /).
+    #[arg(long, value_name = "PATH", requires = "check")]
+    check_path: Option<String>,
+    /// http, https: the Host header (default: the probed address:port).
+    #[arg(long, value_name = "HOST", requires = "check")]
+    check_host: Option<String>,
+    /// http, https: the status codes that pass, e.g. 200-299,301 (default 200-399).
+    #[arg(long, value_name = "CODES", requires = "check")]
+    check_expect_status: Option<String>,
+    /// udp: the datagram sent, in hexadecimal.
+    #[arg(long, value_name = "HEX", requires = "check")]
+    check_payload_hex: Option<String>,
+    /// udp: the reply's expected first bytes, in hexadecimal (default: any reply).
+    #[arg(long, value_name = "HEX", requires = "check")]
+    check_expect_reply_hex: Option<String>,
+    /// The address probes are sent from (default: the kernel's choice).
+    #[arg(long, value_name = "ADDR", requires = "check")]
+    check_source: Option<String>,
 }
 
 /// `vipgatectl backend ...`.
@@ -872,6 +912,7 @@ mod state {
                             port,
                             weight: *weight,
                             admin_state: pb::AdminState::Enabled.into(),
+                            ..pb::Backend::default()
                         }),
                     })
                 }
@@ -932,7 +973,13 @@ mod state {
             .iter()
             .map(|b| {
                 let (address, port, weight) = parse_backend(b, "--backend", true)?;
-                Ok(pb::Backend { address, port, weight: Some(weight), admin_state: pb::AdminState::Enabled.into() })
+                Ok(pb::Backend {
+                    address,
+                    port,
+                    weight: Some(weight),
+                    admin_state: pb::AdminState::Enabled.into(),
+                    ..pb::Backend::default()
+                })
             })
             .collect::<Result<Vec<_>, CtlError>>()?;
         Ok(pb::Service {
@@ -946,6 +993,33 @@ mod state {
             table_size: spec.table_size.unwrap_or(0),
             on_backend_removal: spec.on_backend_removal.clone().unwrap_or_default(),
             backends,
+            health_check: spec
+                .check
+                .as_ref()
+                .map(|kind| {
+                    HealthCheckJson {
+                        kind: kind.clone(),
+                        interval_ms: spec.check_interval_ms.unwrap_or(0),
+                        timeout_ms: spec.check_timeout_ms.unwrap_or(0),
+                        rise: spec.check_rise.unwrap_or(0),
+                        fall: spec.check_fall.unwrap_or(0),
+                        port: spec.check_port.map_or(0, u32::from),
+                        path: spec.check_path.clone().unwrap_or_default(),
+                        host: spec.check_host.clone().unwrap_or_default(),
+                        expect_status: spec.check_expect_status.clone().unwrap_or_default(),
+                        payload_hex: spec.check_payload_hex.clone().unwrap_or_default(),
+                        expect_reply_hex: spec.check_expect_reply_hex.clone().unwrap_or_default(),
+                        source: spec.check_source.clone().unwrap_or_default(),
+                    }
+                    .into_proto("--check")
+                })
+                .transpose()
+                .map_err(|e| {
+                    CtlError::Usage(
+                        e.replace("--check.payload_hex", "--check-payload-hex")
+                            .replace("--check.expect_reply_hex", "--check-expect-reply-hex"),
+                    )
+                })?,
             ..pb::Service::default()
         })
     }
@@ -1065,6 +1139,8 @@ mod state {
         /// Output only (`list --json`); `apply` ignores it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stats: Option<TrafficJson>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_check: Option<HealthCheckJson>,
     }
 
     /// Traffic and flows (`GetServiceStats`), as `list --json` prints them.
@@ -1094,6 +1170,64 @@ mod state {
         }
     }
 
+    /// A service's health check. Zero and empty fields take vipgated's
+    /// defaults; `list` shows every field in force. UDP bytes are written
+    /// in hexadecimal.
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct HealthCheckJson {
+        kind: String,
+        #[serde(default)]
+        interval_ms: u32,
+        #[serde(default)]
+        timeout_ms: u32,
+        #[serde(default)]
+        rise: u32,
+        #[serde(default)]
+        fall: u32,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        port: u32,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        path: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        host: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        expect_status: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        payload_hex: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        expect_reply_hex: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        source: String,
+    }
+
+    fn is_zero(v: &u32) -> bool {
+        *v == 0
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    impl From<pb::HealthCheck> for HealthCheckJson {
+        fn from(h: pb::HealthCheck) -> Self {
+            HealthCheckJson {
+                kind: h.kind,
+                interval_ms: h.interval_ms,
+                timeout_ms: h.timeout_ms,
+                rise: h.rise,
+                fall: h.fall,
+                port: h.port,
+                path: h.path,
+                host: h.host,
+                expect_status: h.expect_status,
+                payload_hex: hex(&h.payload),
+                expect_reply_hex: hex(&h.expect_reply),
+                source: h.source,
+            }
+        }
+    }
+
     impl StateJson {
         /// Adds each service's and backend's figures (a disabled backend is
         /// not in the forwarding state and gets none).
@@ -1113,6 +1247,42 @@ mod state {
         }
     }
 
+    impl HealthCheckJson {
+        fn into_proto(self, field: &str) -> Result<pb::HealthCheck, String> {
+            let bytes = |s: &str, name: &str| {
+                vipgate_controlplane::health::spec::parse_hex(s).map_err(|e| format!("{field}.{name}: {e}"))
+            };
+            Ok(pb::HealthCheck {
+                payload: bytes(&self.payload_hex, "payload_hex")?,
+                expect_reply: bytes(&self.expect_reply_hex, "expect_reply_hex")?,
+                kind: self.kind,
+                interval_ms: self.interval_ms,
+                timeout_ms: self.timeout_ms,
+                rise: self.rise,
+                fall: self.fall,
+                port: self.port,
+                path: self.path,
+                host: self.host,
+                expect_status: self.expect_status,
+                source: self.source,
+            })
+        }
+
+        /// `http GET /healthz every 5000 ms (timeout 2000, rise 2, fall 3)`.
+        fn summary(&self) -> String {
+            let what = match self.kind.as_str() {
+                "http" | "https" => format!("{} GET {} expect {}", self.kind, self.path, self.expect_status),
+                "udp" => format!("udp payload {} bytes", self.payload_hex.len() / 2),
+                k => k.to_owned(),
+            };
+            let port = if self.port == 0 { String::new() } else { format!(" port {}", self.port) };
+            format!(
+                "{what}{port} every {} ms (timeout {}, rise {}, fall {})",
+                self.interval_ms, self.timeout_ms, self.rise, self.fall
+            )
+        }
+    }
+
     #[derive(Debug, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct BackendJson {
@@ -1127,6 +1297,21 @@ mod state {
         /// Output only (`list --json`); `apply` ignores it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stats: Option<TrafficJson>,
+        /// Output only: "unchecked", "up" or "down" (ignored by apply).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        health: String,
+        /// Output only: why it is down.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        health_reason: String,
+    }
+
+    fn health_name(h: i32) -> &'static str {
+        match pb::HealthState::try_from(h) {
+            Ok(pb::HealthState::Unchecked) => "unchecked",
+            Ok(pb::HealthState::Up) => "up",
+            Ok(pb::HealthState::Down) => "down",
+            _ => "",
+        }
     }
 
     fn enabled() -> String {
@@ -1185,9 +1370,12 @@ mod state {
                         port: b.port,
                         weight: Some(b.weight.unwrap_or(1)),
                         stats: None,
+                        health: health_name(b.health).to_owned(),
+                        health_reason: b.health_reason,
                     })
                     .collect(),
                 stats: None,
+                health_check: s.health_check.map(HealthCheckJson::from),
             }
         }
     }
@@ -1230,6 +1418,7 @@ mod state {
                     port: b.port,
                     weight: b.weight,
                     admin_state: state.into(),
+                    ..pb::Backend::default()
                 });
             }
             services.push(pb::Service {
@@ -1243,6 +1432,11 @@ mod state {
                 table_size: s.table_size,
                 on_backend_removal: s.on_backend_removal,
                 backends,
+                health_check: s
+                    .health_check
+                    .map(|h| h.into_proto(&format!("services[{i}].health_check")))
+                    .transpose()
+                    .map_err(bad)?,
                 ..pb::Service::default()
             });
         }
@@ -1302,7 +1496,11 @@ mod state {
             if !svc.tunnel_source.is_empty() {
                 name.push_str(&format!(", tunnel-source {}", svc.tunnel_source));
             }
-            name.push_str(&format!(", on-removal {})", svc.on_backend_removal));
+            name.push_str(&format!(", on-removal {}", svc.on_backend_removal));
+            if let Some(h) = &svc.health_check {
+                name.push_str(&format!(", check {}", h.summary()));
+            }
+            name.push(')');
             let local = format!("{:<4} {}:{}", svc.protocol.to_uppercase(), svc.vip, svc.port);
             let st = svc.stats.as_ref();
             rows.push(if traffic {
@@ -1342,7 +1540,13 @@ mod state {
                         b.weight.unwrap_or(1).to_string(),
                         n(bt, |t| t.active_flows),
                         n(bt, |t| t.inactive_flows),
-                        b.state.clone(),
+                        match b.health.as_str() {
+                            "" | "unchecked" => b.state.clone(),
+                            "down" if !b.health_reason.is_empty() => {
+                                format!("{}, down ({})", b.state, b.health_reason)
+                            }
+                            h => format!("{}, {h}", b.state),
+                        },
                     ]
                 });
             }
@@ -1400,6 +1604,18 @@ mod state {
         snapshot: Option<StateJson>,
         #[serde(skip_serializing_if = "Option::is_none")]
         change: Option<ChangeJson>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        health: Option<HealthChangeJson>,
+    }
+
+    /// A backend that went up or down.
+    #[derive(Debug, Serialize)]
+    struct HealthChangeJson {
+        service: String,
+        address: String,
+        port: u32,
+        health: String,
+        reason: String,
     }
 
     #[derive(Debug, Serialize)]
@@ -1430,7 +1646,7 @@ mod state {
                 Some(pb::watch_event::Event::Snapshot(s)) => {
                     let s = StateJson::from(s);
                     if as_json {
-                        serde_json::to_string(&WatchJson { version, snapshot: Some(s), change: None })?
+                        serde_json::to_string(&WatchJson { version, snapshot: Some(s), change: None, health: None })?
                     } else {
                         format!(
                             "version {version}: state with {} services, {} source pools",
@@ -1448,7 +1664,7 @@ mod state {
                         pools_deleted: c.pools_deleted,
                     };
                     if as_json {
-                        serde_json::to_string(&WatchJson { version, snapshot: None, change: Some(c) })?
+                        serde_json::to_string(&WatchJson { version, snapshot: None, change: Some(c), health: None })?
                     } else {
                         let mut line = format!("version {version}: {}", c.cause);
                         for (what, names) in [
@@ -1462,6 +1678,23 @@ mod state {
                             }
                         }
                         line
+                    }
+                }
+                Some(pb::watch_event::Event::Health(h)) => {
+                    let h = HealthChangeJson {
+                        service: h.service,
+                        address: h.address,
+                        port: h.port,
+                        health: health_name(h.health).to_owned(),
+                        reason: h.reason,
+                    };
+                    if as_json {
+                        serde_json::to_string(&WatchJson { version, snapshot: None, change: None, health: Some(h) })?
+                    } else {
+                        format!(
+                            "version {version}: health {} {}:{} {}: {}",
+                            h.service, h.address, h.port, h.health, h.reason
+                        )
                     }
                 }
                 None => format!("version {version}: (an event this vipgatectl does not know)"),

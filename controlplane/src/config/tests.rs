@@ -769,3 +769,119 @@ fn the_state_directory_defaults_and_needs_a_restart() {
     let unknown = GOOD.replacen("[[ports]]", "[state]\ndirectory = \"/x\"\n\n[[ports]]", 1);
     assert!(parse(&unknown).unwrap_err().to_string().contains("unknown field `directory`"));
 }
+
+const HEALTH: &str = r#"
+[eal]
+lcores = "0,1"
+hugepages = false
+
+[[ports]]
+name = "backend"
+device = "net_null0"
+addresses = ["198.18.1.1/24"]
+
+[[services]]
+name = "web"
+vip = "198.18.100.1"
+port = 80
+protocol = "tcp"
+backends = [ { address = "198.18.1.11", port = 8080 } ]
+
+[services.health_check]
+kind = "http"
+interval_ms = 200
+timeout_ms = 100
+rise = 2
+fall = 2
+path = "/healthz"
+expect_status = "200-299,301"
+
+[[services]]
+name = "dns"
+vip = "198.18.100.1"
+port = 53
+protocol = "udp"
+backends = [ { address = "198.18.1.11", port = 53 } ]
+
+[services.health_check]
+kind = "udp"
+payload_hex = "00 01"
+expect_reply = "ok"
+"#;
+
+#[test]
+fn health_checks_parse_with_their_defaults() {
+    use crate::health::{CheckKind, HealthCheck};
+    let c = parse(HEALTH).unwrap();
+    let web: &HealthCheck = c.health_check("web").unwrap();
+    assert_eq!((web.interval_ms, web.timeout_ms, web.rise, web.fall, web.port), (200, 100, 2, 2, None));
+    let CheckKind::Http(h) = &web.kind else { panic!("{web:?}") };
+    assert_eq!((h.path.as_str(), h.expect_status.to_string()), ("/healthz", "200-299,301".to_owned()));
+    let dns = c.health_check("dns").unwrap();
+    assert_eq!((dns.interval_ms, dns.timeout_ms, dns.rise, dns.fall), (5000, 2000, 2, 3));
+    let CheckKind::Udp(u) = &dns.kind else { panic!("{dns:?}") };
+    assert_eq!((u.payload.as_slice(), u.expect_reply.as_deref()), (&[0u8, 1][..], Some(&b"ok"[..])));
+    // No check: none.
+    let plain = parse(
+        &HEALTH
+            .replace("[services.health_check]\nkind = \"udp\"\npayload_hex = \"00 01\"\nexpect_reply = \"ok\"\n", ""),
+    )
+    .unwrap();
+    assert!(plain.health_check("dns").is_none());
+}
+
+#[test]
+fn bad_health_checks_name_line_field_and_reason() {
+    let cases: &[(&str, &str, usize, &str, &str)] = &[
+        ("kind = \"http\"", "kind = \"icmp\"", 19, "services[0].health_check.kind", "not \"tcp\", \"http\""),
+        ("kind = \"http\"\n", "", 18, "services[0].health_check.kind", "is required"),
+        ("interval_ms = 200", "interval_ms = 10", 20, "services[0].health_check.interval_ms", "not from 100"),
+        ("timeout_ms = 100", "timeout_ms = 300", 21, "services[0].health_check.timeout_ms", "less than interval_ms"),
+        ("rise = 2", "rise = 0", 22, "services[0].health_check.rise", "not from 1 to 100"),
+        ("fall = 2", "fall = 1000", 23, "services[0].health_check.fall", "not from 1 to 100"),
+        ("path = \"/healthz\"", "path = \"healthz\"", 24, "services[0].health_check.path", "start with '/'"),
+        (
+            "expect_status = \"200-299,301\"",
+            "expect_status = \"200-700\"",
+            25,
+            "services[0].health_check.expect_status",
+            "from 100 to 599",
+        ),
+        ("rise = 2", "rise = 2\nport = 0", 23, "services[0].health_check.port", "not a port number"),
+        ("rise = 2", "rise = 2\nsource = \"nope\"", 23, "services[0].health_check.source", "not an IPv4"),
+        (
+            "rise = 2",
+            "rise = 2\npayload = \"x\"",
+            23,
+            "services[0].health_check.payload",
+            "only used with kind \"udp\"",
+        ),
+        ("rise = 2", "rise = 2\ncolour = 1", 18, "", "unknown field `colour`"),
+        ("payload_hex = \"00 01\"", "payload_hex = \"0g\"", 36, "services[1].health_check.payload_hex", "hexadecimal"),
+        (
+            "payload_hex = \"00 01\"",
+            "payload_hex = \"00\"\npayload = \"x\"",
+            36,
+            "services[1].health_check.payload_hex",
+            "not both",
+        ),
+        ("payload_hex = \"00 01\"\n", "", 34, "services[1].health_check.payload", "needs a payload"),
+        ("expect_reply = \"ok\"", "path = \"/\"", 37, "services[1].health_check.path", "only used with kind \"http\""),
+    ];
+    for (from, to, line, field, reason) in cases {
+        assert!(HEALTH.contains(from), "fixture lacks {from:?}");
+        let text = HEALTH.replacen(from, to, 1);
+        let err = parse(&text).expect_err(to);
+        let msg = err.to_string();
+        match &err {
+            ConfigError::Invalid { line: l, field: f, reason: r, .. } => {
+                assert_eq!((l, f.as_str()), (line, *field), "{to:?}: {msg}");
+                assert!(r.contains(reason), "{to:?}: {msg}");
+            }
+            ConfigError::Parse { message, .. } if field.is_empty() => {
+                assert!(message.contains(reason), "{to:?}: {msg}");
+            }
+            other => panic!("{to:?}: expected Invalid, got {other:?}"),
+        }
+    }
+}

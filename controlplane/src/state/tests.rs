@@ -54,6 +54,7 @@ fn service(name: &str, vip_last: u8) -> ServiceState {
         table_size: 251,
         on_backend_removal: RemovalState::Rehash,
         backends: vec![backend(20, 8080, 1), backend(21, 8080, 2)],
+        health_check: None,
     }
 }
 
@@ -291,4 +292,31 @@ fn parsers_name_ipv6_and_ranges() {
     assert_eq!(parse_table_size(0).unwrap(), DEFAULT_TABLE_SIZE);
     assert_eq!(parse_weight(None).unwrap(), 1);
     assert!(parse_weight(Some(65_536)).is_err());
+}
+
+#[test]
+fn unhealthy_backends_compile_with_no_slots_and_stay_in_their_service() {
+    use crate::health::TargetKey;
+    let state = with(vec![service("api", 2)], vec![]);
+    let key = |service: &str, last: u8| TargetKey {
+        service: service.to_owned(),
+        address: Ipv4Addr::new(198, 18, 1, last),
+        port: 8080,
+    };
+    // The static web's only backend and the dynamic api's first one.
+    let down = HashSet::from([key("web", 11), key("api", 20), key("nosuch", 20)]);
+    let snapshot = compile_with_health(&config(), &macs(), &state, &down).unwrap();
+    let slots = |name: &str| {
+        let s = snapshot.services().iter().find(|s| s.name == name).unwrap();
+        (s.backends.len(), s.maglev.slot_counts())
+    };
+    let (n, web) = slots("web");
+    assert_eq!((n, web), (1, vec![0]), "kept, with no slot: its flows continue, new ones are dropped");
+    let (n, api) = slots("api");
+    assert_eq!(n, 2);
+    assert_eq!((api[0], api[1]), (0, 251), "the healthy backend takes every slot");
+    // With nothing down, compile_with_health is compile.
+    let all = compile_with_health(&config(), &macs(), &state, &HashSet::new()).unwrap();
+    let api = all.services().iter().find(|s| s.name == "api").unwrap().maglev.slot_counts();
+    assert!(api[0] > 0 && api[1] > 0, "{api:?}");
 }
