@@ -33,12 +33,11 @@ fn install_hint() -> String {
     )
 }
 
-/// vipgated in a temporary directory, its API up, with `[metrics] listen =
-/// ""` besides [`NullGateway`]'s base configuration (one static service
-/// "web"); dropping it kills the daemon and removes its files (kept after a
+/// vipgated in a temporary directory, its API up, with [`NullGateway`]'s
+/// base configuration (one static service "web"); dropping it kills the daemon and removes its files (kept after a
 /// failure, for the log).
 fn start_daemon() -> NullGateway {
-    let mut d = NullGateway::builder("py").extra_config("\n[metrics]\nlisten = \"\"\n").build();
+    let mut d = NullGateway::builder("py").build();
     d.spawn();
     d.wait_ready(|d| d.socket().exists());
     d

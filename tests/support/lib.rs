@@ -129,9 +129,9 @@ pub const NULL_GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// the gateway's own file prefix, `[dataplane]` `idle_sleep_us = 50` and
 /// `mbufs = 4095`, `[api] socket`, `[state] dir`, the ports `a`
 /// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`, and
-/// the static tcp service "web" (198.18.100.1:80 to 198.18.1.11:8080); what
-/// a test needs beyond it (a static source pool, `[metrics] listen = ""`)
-/// it appends with [`NullGatewayBuilder::extra_config`].
+/// the static tcp service "web" (198.18.100.1:80 to 198.18.1.11:8080), and
+/// `[metrics] listen = ""` (off); what a test needs beyond it (a static
+/// source pool) it appends with [`NullGatewayBuilder::extra_config`].
 ///
 /// vipgated can be stopped and spawned again on the same directory, and so
 /// with the same configuration and state; each start writes its stderr to a
@@ -194,6 +194,11 @@ socket = "{socket}"
 
 [state]
 dir = "{state}"
+
+# Off: a NullGateway never holds the default metrics port (tests/metrics.rs
+# covers the endpoint).
+[metrics]
+listen = ""
 
 [[ports]]
 name = "a"
