@@ -5,6 +5,7 @@
 //! The main lcore (the thread that initialised EAL) runs a current-thread
 //! tokio runtime for the control plane; workers run on the other lcores.
 
+use crate::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
 use crate::state::{self, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView};
@@ -43,6 +44,9 @@ pub enum DaemonError {
         /// Why.
         source: StateError,
     },
+    /// The route announcer's interface cannot be managed.
+    #[error(transparent)]
+    Announce(#[from] announce::AnnounceError),
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -52,6 +56,7 @@ struct DaemonView {
     workers: Vec<vipgate_dpdk::WorkerView>,
     ports: Vec<vipgate_dpdk::PortView>,
     pool: Arc<Mempool>,
+    announce: SharedAnnounceStatus,
 }
 
 impl GatewayView for DaemonView {
@@ -77,6 +82,10 @@ impl GatewayView for DaemonView {
     fn serving(&self) -> bool {
         self.workers.iter().all(vipgate_dpdk::WorkerView::running)
     }
+
+    fn announce(&self) -> Option<announce::AnnounceStatus> {
+        Some(self.announce.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts it down and checks
@@ -98,6 +107,10 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?;
     let listeners = Listeners::bind(config)?;
+    // The announcement interface before EAL too: a name taken by another
+    // kind of interface, or no CAP_NET_ADMIN, stops the start here. It is
+    // emptied: nothing is announced before the workers forward.
+    let mut announcer = rt.block_on(Announcer::start(&config.announce))?;
     // The dynamic state before EAL: a state file that cannot be read stops
     // the start here, and is never replaced by an empty state.
     let store = Store::new(&config.state_dir);
@@ -131,12 +144,23 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
-    let view =
-        Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let view = Arc::new(DaemonView {
+        workers: dataplane.workers().to_vec(),
+        ports,
+        pool: Arc::clone(dataplane.pool()),
+        announce: announcer.status(),
+    });
+    // The workers forward: the eligible VIPs may be announced.
+    let (announce_tx, mut announce_rx) = tokio::sync::watch::channel(AnnounceInput {
+        settings: config.announce.clone(),
+        eligibility: announce::eligibility(config, &dynamic),
+    });
+    announce_rx.mark_changed();
     let Signals { stop, mut hup } = signals;
     let running = Arc::new(config.clone());
     let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
-    let mut reloader = Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone() };
+    let mut reloader =
+        Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone(), announce: announce_tx };
     let served = rt
         .block_on(async {
             // Two futures on one thread: the API, which ends on SIGINT or
@@ -162,8 +186,12 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
                 }) => served.map_err(DaemonError::from),
                 failed = listeners.serve(view, handle.clone()) => Err(failed),
                 () = changes => unreachable!("the change loop never ends"),
+                () = announcer.run(&mut announce_rx) => unreachable!("the announcer never ends"),
             }
         });
+    // Withdraw every VIP first, so the routers move traffic to the other
+    // gateways while this one still forwards.
+    rt.block_on(announcer.shutdown());
     drop(rt);
     if let Err(e) = &served {
         error!("{e}; shutting down");
@@ -290,6 +318,8 @@ struct Reloader {
     store: Store,
     /// Where readers and watchers see it.
     handle: StateHandle,
+    /// Where the route announcer learns of each published state.
+    announce: tokio::sync::watch::Sender<AnnounceInput>,
 }
 
 impl Reloader {
@@ -432,6 +462,12 @@ impl Reloader {
             "state changed in {:.1} ms",
             start.elapsed().as_secs_f64() * 1e3
         );
+        // The one place VIP eligibility is computed: from the state just
+        // published, whatever changed it (reload, API).
+        self.announce.send_replace(AnnounceInput {
+            settings: config.announce.clone(),
+            eligibility: announce::eligibility(&config, &dynamic),
+        });
         self.running = Arc::clone(&config);
         self.dynamic = dynamic.clone();
         self.handle.publish(StateView { config, dynamic }, change);

@@ -23,6 +23,11 @@ pub trait GatewayView: Send + Sync + 'static {
     fn mempool(&self) -> MempoolView;
     /// Whether the gateway forwards traffic now.
     fn serving(&self) -> bool;
+    /// The route announcer's state (`None` where there is none, as in
+    /// tests of the API alone).
+    fn announce(&self) -> Option<crate::announce::AnnounceStatus> {
+        None
+    }
 }
 
 /// One dataplane worker.
