@@ -304,6 +304,10 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     rows: &[(&[(&str, &str)], V)],
 ) -> std::fmt::Result {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    // As for counters: a single series without labels has no `{}`.
+    if let &[(&[], value)] = rows {
+        return ConstGauge::new(value).encode(family);
+    }
     for (labels, value) in rows {
         ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
     }

@@ -144,6 +144,7 @@ pub struct NullGateway {
     prefix: String,
     child: Option<Child>,
     starts: usize,
+    netns: Option<String>,
 }
 
 /// Makes a [`NullGateway`]; see [`NullGateway::builder`].
@@ -151,12 +152,22 @@ pub struct NullGateway {
 pub struct NullGatewayBuilder {
     tag: String,
     extra: String,
+    netns: Option<String>,
 }
 
 impl NullGatewayBuilder {
     /// Appends TOML to the base configuration, after the service "web".
     pub fn extra_config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
+        self
+    }
+
+    /// Runs vipgated inside the network namespace `name` (`ip netns exec`,
+    /// which execs it: the pid and signals are vipgated's own). The test
+    /// owns the namespace; the API socket and the files stay in the
+    /// temporary directory, reachable from outside.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -170,7 +181,7 @@ impl NullGatewayBuilder {
         let dir = std::env::temp_dir().join(&prefix);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the gateway's temporary directory");
-        let gw = NullGateway { dir, prefix, child: None, starts: 0 };
+        let gw = NullGateway { dir, prefix, child: None, starts: 0, netns: self.netns };
         let config = format!(
             r#"[eal]
 lcores = "0,1"
@@ -219,7 +230,7 @@ impl NullGateway {
     /// net_null devices') and temporary directory are `vg{tag}{pid}`: the
     /// tag tells the gateways of one test binary apart, and should be short.
     pub fn builder(tag: &str) -> NullGatewayBuilder {
-        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new() }
+        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new(), netns: None }
     }
 
     /// The temporary directory, for a test's own files too.
@@ -259,7 +270,15 @@ impl NullGateway {
         assert!(self.child.is_none(), "vipgated is already running");
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("create vipgated's log");
-        let child = Command::new(workspace_bin("vipgated"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(workspace_bin("vipgated"));
+                c
+            }
+            None => Command::new(workspace_bin("vipgated")),
+        };
+        let child = command
             .arg("--config")
             .arg(self.config_path())
             .stdin(Stdio::null())
