@@ -84,14 +84,16 @@ impl GatewayView for DaemonView {
     }
 
     fn announce(&self) -> Option<announce::AnnounceStatus> {
-        Some(self.announce.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+        // The announcement metrics exist only while it is on.
+        let status = self.announce.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        status.enabled.then(|| status.clone())
     }
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts it down and checks
 /// that every mbuf came back. Each SIGHUP meanwhile reloads the
-/// configuration file: services, routes and neighbours may change, nothing
-/// else (see [`Config::restart_required`]).
+/// configuration file: services, routes, neighbours and `[announce]` may
+/// change, nothing else (see [`Config::restart_required`]).
 ///
 /// Order: the control-plane runtime, the signal handlers and the API socket
 /// come first, so a second daemon on the same socket fails before touching
@@ -300,7 +302,8 @@ fn log_services(snapshot: &Snapshot) {
 ///
 /// Only services (and their backends), source pools, routes and neighbours
 /// may change at runtime: they make up the snapshot, which is published to
-/// the running workers. Anything else (`[eal]`, `[dataplane]`, `[api]`,
+/// the running workers; and `[announce]`, which the route announcer follows.
+/// Anything else (`[eal]`, `[dataplane]`, `[api]`,
 /// `[state]`, `[[ports]]`) is fixed when the daemon starts; a file that
 /// changes it, that is not valid, or that conflicts with the dynamic state,
 /// is refused and the running configuration is kept.
