@@ -616,6 +616,16 @@ fn announce_refuses_another_kind_of_interface_clears_stale_addresses_and_follows
     });
     assert!(gw.log_text().contains("removed addresses left on the interface"), "{}", gw.log_text());
 
+    // Hand edits are repaired at the next resync (every 10 s): a VIP
+    // removed comes back, an address added goes.
+    ok(&["ip", "-n", &t.gw.name, "addr", "del", &host(STATIC_VIP), "dev", "vipgate0"]);
+    ok(&["ip", "-n", &t.gw.name, "addr", "add", "198.18.101.98/32", "dev", "vipgate0"]);
+    let t0 = Instant::now();
+    wait_for("the resync to repair vipgate0", Duration::from_secs(15), || {
+        t.gw.addresses("vipgate0") == Some([host(STATIC_VIP)].into())
+    });
+    println!("vipgate0 repaired {:.1} s after a hand edit", t0.elapsed().as_secs_f64());
+
     // Reloads: another interface name moves the VIPs; off removes it.
     let config = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(gw.config_path(), config.replace("enabled = true", "enabled = true\ninterface = \"vips1\""))

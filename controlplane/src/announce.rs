@@ -140,33 +140,70 @@ pub fn check_interface_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether a backend can take new flows. The one definition the
-/// announcement uses: administratively enabled, with a weight above 0.
-/// Health-check results belong here too once they exist, so that every
-/// consumer sees the same answer.
+/// One service's view for eligibility: its VIP and how many of its
+/// backends can take new flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceBackends {
+    /// The service's name.
+    pub service: String,
+    /// Its VIP.
+    pub vip: Ipv4Addr,
+    /// Its backends able to take new flows, as (address, port).
+    pub taking_new_flows: Vec<(Ipv4Addr, u16)>,
+}
+
+/// Whether a backend can take new flows: administratively enabled, with a
+/// weight above 0.
 fn takes_new_flows(admin_state: AdminState, weight: u32) -> bool {
     admin_state == AdminState::Enabled && weight > 0
 }
 
-/// Every VIP of the desired state (static services of `config` and dynamic
-/// ones of `dynamic`), and whether it may be announced: while at least one
-/// of its services (several may share a VIP on different ports or
-/// protocols) has at least one backend that can take new flows.
-///
-/// Computed after every publication of the desired state
-/// (`daemon::Reloader::commit`), from the state just published.
-pub fn eligibility(config: &Config, dynamic: &DesiredState) -> BTreeMap<Ipv4Addr, bool> {
+/// The one place that says which backends can take new flows, for every
+/// service of the desired state (static services of `config`, whose
+/// backends have no administrative state, and dynamic ones of `dynamic`).
+/// Health-check results are to be folded in here (an unhealthy backend
+/// takes no new flows), so that every consumer sees the same answer.
+pub fn backends_taking_new_flows(config: &Config, dynamic: &DesiredState) -> Vec<ServiceBackends> {
+    let statics = config.services().iter().map(|s| ServiceBackends {
+        service: s.name.clone(),
+        vip: Ipv4Addr::from(s.vip),
+        taking_new_flows: s
+            .backends
+            .iter()
+            .filter(|b| takes_new_flows(AdminState::Enabled, b.weight))
+            .map(|b| (Ipv4Addr::from(b.addr), b.port))
+            .collect(),
+    });
+    let dynamics = dynamic.services.values().map(|s| ServiceBackends {
+        service: s.name.clone(),
+        vip: s.vip,
+        taking_new_flows: s
+            .backends
+            .iter()
+            .filter(|b| takes_new_flows(b.admin_state, b.weight))
+            .map(|b| (b.address, b.port))
+            .collect(),
+    });
+    statics.chain(dynamics).collect()
+}
+
+/// Every VIP, and whether it may be announced: while at least one of its
+/// services (several may share a VIP on different ports or protocols) has
+/// at least one backend that can take new flows. A plain function of
+/// [`backends_taking_new_flows`].
+pub fn vip_eligibility(services: &[ServiceBackends]) -> BTreeMap<Ipv4Addr, bool> {
     let mut vips: BTreeMap<Ipv4Addr, bool> = BTreeMap::new();
-    for s in config.services() {
-        // Static backends have no administrative state: always enabled.
-        let live = s.backends.iter().any(|b| takes_new_flows(AdminState::Enabled, b.weight));
-        *vips.entry(Ipv4Addr::from(s.vip)).or_default() |= live;
-    }
-    for s in dynamic.services.values() {
-        let live = s.backends.iter().any(|b| takes_new_flows(b.admin_state, b.weight));
-        *vips.entry(s.vip).or_default() |= live;
+    for s in services {
+        *vips.entry(s.vip).or_default() |= !s.taking_new_flows.is_empty();
     }
     vips
+}
+
+/// [`vip_eligibility`] of [`backends_taking_new_flows`]: what the daemon
+/// computes after every publication of the desired state
+/// (`daemon::Reloader::commit`), from the state just published.
+pub fn eligibility(config: &Config, dynamic: &DesiredState) -> BTreeMap<Ipv4Addr, bool> {
+    vip_eligibility(&backends_taking_new_flows(config, dynamic))
 }
 
 /// The addresses to keep on the interface, with the hold-down applied.

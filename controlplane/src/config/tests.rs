@@ -845,6 +845,11 @@ fn vip_eligibility_needs_one_backend_that_takes_new_flows_in_any_service_of_the_
     let expected: std::collections::BTreeMap<Ipv4Addr, bool> =
         [(Ipv4Addr::new(198, 18, 100, 1), true), (a, true), (b, false), (c, false)].into_iter().collect();
     assert_eq!(e, expected);
+    let live = crate::announce::backends_taking_new_flows(&config, &dynamic);
+    let a_web = live.iter().find(|s| s.service == "a-web").unwrap();
+    assert!(a_web.taking_new_flows.is_empty(), "weight 0 and draining take no new flows");
+    let web = live.iter().find(|s| s.service == "web").unwrap();
+    assert_eq!(web.taking_new_flows.len(), 2, "static backends, weights 1 and 3");
     dynamic.services.remove("a-alt");
     assert!(!crate::announce::eligibility(&config, &dynamic)[&a]);
 }
