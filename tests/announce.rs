@@ -589,12 +589,49 @@ fn announce_refuses_another_kind_of_interface_clears_stale_addresses_and_follows
     let status = gw.wait();
     assert!(!status.success(), "vipgated started on a veth named vipgate0");
     let log = gw.log_text();
+    println!("veth named vipgate0: {}", log.lines().last().unwrap_or_default());
     assert!(
-        log.contains(&format!("interface \"vipgate0\" exists and is a veth interface, not a {kind} interface")),
+        log.contains(&format!(
+            "interface \"vipgate0\" exists and is a veth interface, not of the configured kind \"{kind}\""
+        )),
         "{log}"
     );
     assert!(t.gw.addresses("vipgate0p").is_some(), "the veth is left alone");
     ok(&["ip", "-n", &t.gw.name, "link", "del", "vipgate0"]);
+
+    // Without CAP_NET_ADMIN (dropped from the bounding set, so the exec'd
+    // vipgated lacks it although it runs as root): refused, saying so.
+    let out = t.gw.exec(&[
+        "setpriv",
+        "--bounding-set=-net_admin",
+        "--",
+        workspace_bin("vipgated").to_str().unwrap(),
+        "--config",
+        gw.config_path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "vipgated started without CAP_NET_ADMIN: {stderr}");
+    println!("without CAP_NET_ADMIN: {}", stderr.lines().last().unwrap_or_default());
+    assert!(
+        stderr.contains("cannot create interface \"vipgate0\": permission denied (vipgated needs CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+
+    // A kernel without the dummy driver: the error says so and what to do.
+    if kind == "ifb" {
+        let config = std::fs::read_to_string(gw.config_path()).unwrap();
+        std::fs::write(gw.config_path(), config.replace("kind = \"ifb\"", "kind = \"dummy\"")).unwrap();
+        let out =
+            t.gw.exec(&[workspace_bin("vipgated").to_str().unwrap(), "--config", gw.config_path().to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "vipgated started with kind = \"dummy\" on a kernel without it");
+        assert!(stderr.contains("this kernel has no dummy driver"), "{stderr}");
+        println!("kind = \"dummy\" here: {}", stderr.lines().last().unwrap_or_default());
+        assert!(stderr.contains("[announce] kind = \"ifb\""), "{stderr}");
+        std::fs::write(gw.config_path(), config).unwrap();
+    } else {
+        println!("the kernel has the dummy driver: the no-driver error is not reachable here");
+    }
 
     // Left over from a crash: the interface with addresses nobody wants.
     ok(&["ip", "-n", &t.gw.name, "link", "add", "vipgate0", "type", kind]);

@@ -273,7 +273,7 @@ pub enum AnnounceError {
     },
     /// The name is taken by an interface of another kind.
     #[error(
-        "[announce]: interface {interface:?} exists and is {found}, not a {wanted} interface: vipgated only manages an interface of its own kind (remove or rename that interface, or set [announce] interface to another name)"
+        "[announce]: interface {interface:?} exists and is {found}, not of the configured kind {wanted:?}: vipgated only manages an interface of its own kind (remove or rename that interface, or set [announce] interface to another name)"
     )]
     WrongKind {
         /// The interface.
@@ -654,6 +654,9 @@ impl Announcer {
             if self.eligibility.get(vip) != Some(eligible) {
                 info!(%vip, eligible, "announce: VIP {}", if *eligible { "eligible" } else { "not eligible (no backend can take new flows)" });
             }
+        }
+        for vip in self.eligibility.keys().filter(|v| !new.eligibility.contains_key(v)) {
+            info!(%vip, "announce: VIP no longer in the desired state (its last service was deleted)");
         }
         self.eligibility = new.eligibility;
         self.announcements.update(now, &self.eligibility, self.settings.hold_down);
