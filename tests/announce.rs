@@ -257,6 +257,19 @@ impl Frr {
         v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
     }
 
+    /// The BGP session, BFD and bgpd's log, for a failure message (a
+    /// session reset, by BFD on an overloaded machine say, shows there).
+    fn diagnostics(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        format!(
+            "{}\n{}\nbgpd.log:\n{}",
+            self.vtysh("show bgp summary"),
+            self.vtysh("show bfd peers brief"),
+            tail.join("\n")
+        )
+    }
+
     /// BFD peers whose session is up.
     fn bfd_up(&self) -> BTreeSet<String> {
         let v: serde_json::Value = serde_json::from_str(&self.vtysh("show bfd peers json")).expect("vtysh json");
@@ -430,7 +443,8 @@ fn create_services(gw: &NullGateway) {
 /// removed), measures how long the router keeps the route, and checks it is
 /// within [HOLD_DOWN, HOLD_DOWN + BGP_UPDATE]. Then restores a backend and
 /// checks the route returns within BGP_UPDATE.
-fn withdraw_and_restore(gw: &NullGateway, routes: impl Fn() -> BTreeSet<String>) {
+fn withdraw_and_restore(gw: &NullGateway, router: &Frr) {
+    let routes = || router.bgp_routes();
     ctl(gw, &["backend", "update", "api", "198.18.1.21:8080", "--weight", "0"]);
     assert!(routes().contains(&host(API_VIP)), "one backend left: still announced");
     let t0 = Instant::now();
@@ -445,9 +459,13 @@ fn withdraw_and_restore(gw: &NullGateway, routes: impl Fn() -> BTreeSet<String>)
         HOLD_DOWN.as_secs_f64(),
         withdrawn.as_secs_f64() - HOLD_DOWN.as_secs_f64()
     );
-    assert!(withdrawn >= HOLD_DOWN, "withdrawn after {withdrawn:?}, before the hold-down of {HOLD_DOWN:?}");
+    assert!(
+        withdrawn >= HOLD_DOWN,
+        "withdrawn after {withdrawn:?}, before the hold-down of {HOLD_DOWN:?}\n{}",
+        router.diagnostics()
+    );
     assert!(withdrawn <= HOLD_DOWN + BGP_UPDATE, "withdrawn after {withdrawn:?}");
-    assert!(routes().contains(&host(STATIC_VIP)), "the other VIP stays");
+    assert!(routes().contains(&host(STATIC_VIP)), "the other VIP stays\n{}", router.diagnostics());
 
     let t0 = Instant::now();
     ctl(gw, &["backend", "update", "api", "198.18.1.21:8080", "--weight", "1"]);
@@ -499,7 +517,7 @@ fn frr_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hold
     assert!(m.contains(&format!("vipgate_vip_announced{{vip=\"{API_VIP}\"}} 1")), "{m}");
     assert!(m.contains("vipgate_announce_vips 3"), "{m}");
 
-    withdraw_and_restore(&gw, routes);
+    withdraw_and_restore(&gw, &router);
 
     // A flap shorter than the hold-down is not seen by the router.
     ctl(&gw, &["backend", "update", "api", "198.18.1.21:8080", "--state", "draining"]);
@@ -507,7 +525,11 @@ fn frr_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hold
     std::thread::sleep(HOLD_DOWN / 4);
     ctl(&gw, &["backend", "update", "api", "198.18.1.21:8080", "--state", "enabled"]);
     while flap.elapsed() < HOLD_DOWN + Duration::from_secs(1) {
-        assert!(routes().contains(&host(API_VIP)), "withdrawn during a flap shorter than the hold-down");
+        assert!(
+            routes().contains(&host(API_VIP)),
+            "withdrawn during a flap shorter than the hold-down\n{}",
+            router.diagnostics()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let m = metrics(&t.gw);
@@ -561,7 +583,7 @@ fn bird_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hol
     }
     println!("{}", bird.birdc("show bfd sessions"));
 
-    withdraw_and_restore(&gw, routes);
+    withdraw_and_restore(&gw, &router);
 
     let status = gw.stop();
     assert!(status.success(), "vipgated: {status}\n{}", gw.log_text());
