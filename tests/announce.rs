@@ -675,15 +675,23 @@ fn announce_refuses_another_kind_of_interface_clears_stale_addresses_and_follows
     });
     assert!(gw.log_text().contains("removed addresses left on the interface"), "{}", gw.log_text());
 
-    // Hand edits are repaired at the next resync (every 10 s): a VIP
-    // removed comes back, an address added goes.
+    // Hand edits are repaired at once (address notifications), well before
+    // the 10 s resync: a VIP removed comes back, an address added goes.
     ok(&["ip", "-n", &t.gw.name, "addr", "del", &host(STATIC_VIP), "dev", "vipgate0"]);
     ok(&["ip", "-n", &t.gw.name, "addr", "add", "198.18.101.98/32", "dev", "vipgate0"]);
     let t0 = Instant::now();
-    wait_for("the resync to repair vipgate0", Duration::from_secs(15), || {
+    wait_for("vipgated to repair vipgate0", Duration::from_secs(3), || {
         t.gw.addresses("vipgate0") == Some([host(STATIC_VIP)].into())
     });
-    println!("vipgate0 repaired {:.1} s after a hand edit", t0.elapsed().as_secs_f64());
+    println!("vipgate0 repaired {:.3} s after a hand edit", t0.elapsed().as_secs_f64());
+
+    // The interface deleted by hand: created again with the VIP.
+    ok(&["ip", "-n", &t.gw.name, "link", "del", "vipgate0"]);
+    let t0 = Instant::now();
+    wait_for("vipgated to create vipgate0 again", Duration::from_secs(3), || {
+        t.gw.addresses("vipgate0") == Some([host(STATIC_VIP)].into())
+    });
+    println!("vipgate0 back {:.3} s after it was deleted by hand", t0.elapsed().as_secs_f64());
 
     // Reloads: another interface name moves the VIPs; off removes it.
     let config = std::fs::read_to_string(gw.config_path()).unwrap();

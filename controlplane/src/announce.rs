@@ -19,9 +19,9 @@
 //! Timing: a VIP that becomes eligible is added at once; one that stops
 //! being eligible stays until it has been ineligible for the whole
 //! `hold_down`, so a flapping backend does not make the routers churn. The
-//! interface is compared with the wanted set after every change and every
-//! [`RESYNC_INTERVAL`], so an address removed by hand, or a failed netlink
-//! call, is repaired.
+//! interface is compared with the wanted set after every change, on every
+//! kernel notification about it or its addresses (a hand edit is repaired
+//! at once) and every [`RESYNC_INTERVAL`] (which retries failed calls).
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,10 +29,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::stream::TryStreamExt;
+use futures_channel::mpsc::UnboundedReceiver;
+use futures_util::stream::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, MulticastGroup};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -47,7 +50,9 @@ pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(10);
 /// Largest `[announce] hold_down`.
 pub const MAX_HOLD_DOWN: Duration = Duration::from_secs(3600);
 /// How often the interface is compared with the wanted set even when
-/// nothing changed (repairs hand edits and failed calls).
+/// nothing changed (a fallback: link and address notifications trigger a
+/// comparison at once; this catches what they miss and retries failed
+/// calls).
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_INTERFACE_NAME: usize = 15;
@@ -327,12 +332,33 @@ mod libc_errno {
     pub(super) const EOPNOTSUPP: i32 = 95;
 }
 
-/// Opens an rtnetlink connection in the calling thread's network namespace;
-/// its I/O runs as a task on the current tokio runtime.
-fn connect() -> Result<Handle, AnnounceError> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(AnnounceError::Socket)?;
+/// Kernel notifications: link and IPv4 address changes in the namespace.
+type Events = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, rtnetlink::sys::SocketAddr)>;
+
+/// Opens an rtnetlink connection in the calling thread's network namespace,
+/// subscribed to link and IPv4 address notifications; its I/O runs as a
+/// task on the current tokio runtime.
+fn connect() -> Result<(Handle, Events), AnnounceError> {
+    let (connection, handle, events) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+            .map_err(AnnounceError::Socket)?;
     tokio::spawn(connection);
-    Ok(handle)
+    Ok((handle, events))
+}
+
+/// Whether a notification concerns the interface `index`: one of its
+/// addresses, or the link itself, changed (possibly by someone else).
+fn concerns(message: &NetlinkMessage<RouteNetlinkMessage>, index: Option<u32>, name: &str) -> bool {
+    match &message.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a)) => {
+            Some(a.header.index) == index
+        }
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l)) => {
+            Some(l.header.index) == index
+                || l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
+        }
+        _ => false,
+    }
 }
 
 /// The managed interface, found or created.
@@ -541,6 +567,7 @@ pub type SharedAnnounceStatus = Arc<Mutex<AnnounceStatus>>;
 /// [`Announcements::wanted`].
 pub struct Announcer {
     handle: Handle,
+    events: Events,
     settings: AnnounceSettings,
     interface: Option<Interface>,
     announcements: Announcements,
@@ -563,9 +590,10 @@ impl Announcer {
     /// Must run inside the tokio runtime. Fails, naming the problem, when
     /// the interface cannot be managed.
     pub async fn start(settings: &AnnounceSettings) -> Result<Announcer, AnnounceError> {
-        let handle = connect()?;
+        let (handle, events) = connect()?;
         let mut announcer = Announcer {
             handle,
+            events,
             settings: settings.clone(),
             interface: None,
             announcements: Announcements::default(),
@@ -611,6 +639,15 @@ impl Announcer {
                     }
                     let new = input.borrow_and_update().clone();
                     self.apply(new).await;
+                }
+                Some((event, _)) = self.events.next() => {
+                    let index = self.interface.as_ref().map(|i| i.index);
+                    if self.settings.enabled && concerns(&event, index, &self.settings.interface) {
+                        if self.interface.is_none() {
+                            self.reopen().await;
+                        }
+                        self.sync().await;
+                    }
                 }
                 () = tokio::time::sleep_until(wake) => {
                     let now = Instant::now();
