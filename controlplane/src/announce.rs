@@ -642,7 +642,14 @@ impl Announcer {
                 }
                 Some((event, _)) = self.events.next() => {
                     let index = self.interface.as_ref().map(|i| i.index);
-                    if self.settings.enabled && concerns(&event, index, &self.settings.interface) {
+                    let name = self.settings.interface.as_str();
+                    let mut relevant = concerns(&event, index, name);
+                    // Whatever else is queued (our own changes notify too:
+                    // one address each) costs one comparison, not one each.
+                    while let Ok((event, _)) = self.events.try_recv() {
+                        relevant |= concerns(&event, index, name);
+                    }
+                    if self.settings.enabled && relevant {
                         if self.interface.is_none() {
                             self.reopen().await;
                         }
