@@ -43,6 +43,10 @@ PACKAGES=(
 	iproute2 util-linux procps curl socat python3
 	# The Python gRPC client test: the venv setup.sh creates (pip from PyPI).
 	python3-venv
+	# Route announcement tests (tests/announce.rs): the routing daemons, which
+	# the tests run in their own namespaces with their own sockets, on
+	# docs/examples' configurations (a system instance does not interfere).
+	frr bird2
 	# Benchmarks: callgrind instruction counts and the report's plot.
 	valgrind python3-matplotlib
 )

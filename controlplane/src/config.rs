@@ -98,6 +98,8 @@ struct RawConfig {
     #[serde(default)]
     state: RawState,
     #[serde(default)]
+    announce: RawAnnounce,
+    #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
@@ -263,6 +265,16 @@ struct RawMetrics {
     listen: Option<Spanned<String>>,
 }
 
+/// `[announce]`: VIPs on a local interface for the routing daemon.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnnounce {
+    enabled: Option<Spanned<bool>>,
+    interface: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
+    hold_down: Option<Spanned<f64>>,
+}
+
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
 }
@@ -412,6 +424,9 @@ pub struct Config {
     /// Where the dynamic state (services and pools created through the API)
     /// is persisted.
     pub state_dir: PathBuf,
+    /// `[announce]`: route announcement of the VIPs (a reload may change
+    /// it).
+    pub announce: crate::announce::AnnounceSettings,
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
@@ -1151,6 +1166,7 @@ impl Validator<'_> {
         };
         let (api_tcp, api_max_request_bytes) = self.api_tcp(&raw.api)?;
         let metrics_listen = self.metrics(&raw.metrics)?;
+        let announce = self.announce(&raw.announce)?;
         let mut fixed = fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices);
         // In file order: after `api.socket`, before `ports`.
         let at = fixed.iter().position(|(f, _)| f == "ports").unwrap_or(fixed.len());
@@ -1168,6 +1184,7 @@ impl Validator<'_> {
             api_max_request_bytes,
             metrics_listen,
             state_dir: raw.state.dir,
+            announce,
             spec,
             fixed,
             health_checks,
@@ -1238,6 +1255,35 @@ impl Validator<'_> {
         }
         let [cert_pem, key_pem, client_ca_pem]: [Vec<u8>; 3] = pems.try_into().unwrap_or_else(|_| unreachable!());
         Ok((Some(ApiTcp { addr, cert_pem, key_pem, client_ca_pem }), max))
+    }
+
+    /// `[announce]`: every key optional; see `crate::announce`.
+    fn announce(&self, a: &RawAnnounce) -> Result<crate::announce::AnnounceSettings, ConfigError> {
+        use crate::announce::{AnnounceSettings, InterfaceKind, MAX_HOLD_DOWN, check_interface_name};
+        let mut settings = AnnounceSettings::default();
+        if let Some(v) = &a.enabled {
+            settings.enabled = *v.get_ref();
+        }
+        if let Some(v) = &a.interface {
+            check_interface_name(v.get_ref()).or_else(|reason| self.err(v.span(), "announce.interface", reason))?;
+            settings.interface = v.get_ref().clone();
+        }
+        if let Some(v) = &a.kind {
+            settings.kind =
+                InterfaceKind::parse(v.get_ref()).or_else(|reason| self.err(v.span(), "announce.kind", reason))?;
+        }
+        if let Some(v) = &a.hold_down {
+            let secs = *v.get_ref();
+            if !(secs.is_finite() && (0.0..=MAX_HOLD_DOWN.as_secs_f64()).contains(&secs)) {
+                return self.err(
+                    v.span(),
+                    "announce.hold_down",
+                    format!("{secs} is not from 0 to {} seconds", MAX_HOLD_DOWN.as_secs()),
+                );
+            }
+            settings.hold_down = std::time::Duration::from_secs_f64(secs);
+        }
+        Ok(settings)
     }
 
     /// `[metrics] listen`: an address and port, or `""` for off.

@@ -5,6 +5,7 @@
 //! The main lcore (the thread that initialised EAL) runs a current-thread
 //! tokio runtime for the control plane; workers run on the other lcores.
 
+use crate::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
 use crate::health::{self, Checker, HealthStatus, ProbeReport, Transition};
@@ -45,6 +46,9 @@ pub enum DaemonError {
         /// Why.
         source: StateError,
     },
+    /// The route announcer's interface cannot be managed.
+    #[error(transparent)]
+    Announce(#[from] announce::AnnounceError),
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -57,6 +61,7 @@ struct DaemonView {
     stats: StatsReader,
     /// The checked backends' health, for the metrics.
     health: Option<Arc<HealthStatus>>,
+    announce: SharedAnnounceStatus,
 }
 
 impl GatewayView for DaemonView {
@@ -90,12 +95,18 @@ impl GatewayView for DaemonView {
     fn health(&self) -> Option<Arc<HealthStatus>> {
         self.health.clone()
     }
+
+    fn announce(&self) -> Option<announce::AnnounceStatus> {
+        // The announcement metrics exist only while it is on.
+        let status = self.announce.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        status.enabled.then(|| status.clone())
+    }
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then shuts it down and checks
 /// that every mbuf came back. Each SIGHUP meanwhile reloads the
-/// configuration file: services, routes and neighbours may change, nothing
-/// else (see [`Config::restart_required`]).
+/// configuration file: services, routes, neighbours and `[announce]` may
+/// change, nothing else (see [`Config::restart_required`]).
 ///
 /// Order: the control-plane runtime, the signal handlers and the API socket
 /// come first, so a second daemon on the same socket fails before touching
@@ -111,6 +122,10 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
     let listeners = Listeners::bind(config)?;
+    // The announcement interface before EAL too: a name taken by another
+    // kind of interface, or no CAP_NET_ADMIN, stops the start here. It is
+    // emptied: nothing is announced before the workers forward.
+    let mut announcer = rt.block_on(Announcer::start(&config.announce))?;
     // The dynamic state before EAL: a state file that cannot be read stops
     // the start here, and is never replaced by an empty state.
     let store = Store::new(&config.state_dir);
@@ -160,9 +175,26 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         pool: Arc::clone(dataplane.pool()),
         stats: slots.reader(),
         health: Some(Arc::clone(handle.health())),
+        announce: announcer.status(),
     });
-    let mut reloader =
-        Reloader { running, macs, generation: 1, dynamic, store, handle: handle.clone(), checker, slots };
+    // The workers forward: the eligible VIPs may be announced (every
+    // backend starts up).
+    let (announce_tx, mut announce_rx) = tokio::sync::watch::channel(AnnounceInput {
+        settings: config.announce.clone(),
+        eligibility: announce::eligibility(config, &dynamic, &Default::default()),
+    });
+    announce_rx.mark_changed();
+    let mut reloader = Reloader {
+        running,
+        macs,
+        generation: 1,
+        dynamic,
+        store,
+        handle: handle.clone(),
+        checker,
+        slots,
+        announce: announce_tx,
+    };
     let served = rt
         .block_on(async {
             // Every backend starts up (the snapshot above has them all);
@@ -192,8 +224,12 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
                 }) => served.map_err(DaemonError::from),
                 failed = listeners.serve(view, handle.clone()) => Err(failed),
                 () = changes => unreachable!("the change loop never ends"),
+                () = announcer.run(&mut announce_rx) => unreachable!("the announcer never ends"),
             }
         });
+    // Withdraw every VIP first, so the routers move traffic to the other
+    // gateways while this one still forwards.
+    rt.block_on(announcer.shutdown());
     drop(rt);
     if let Err(e) = &served {
         error!("{e}; shutting down");
@@ -302,7 +338,8 @@ fn log_services(snapshot: &Snapshot) {
 ///
 /// Only services (and their backends), source pools, routes and neighbours
 /// may change at runtime: they make up the snapshot, which is published to
-/// the running workers. Anything else (`[eal]`, `[dataplane]`, `[api]`,
+/// the running workers; and `[announce]`, which the route announcer follows.
+/// Anything else (`[eal]`, `[dataplane]`, `[api]`,
 /// `[state]`, `[[ports]]`) is fixed when the daemon starts; a file that
 /// changes it, that is not valid, or that conflicts with the dynamic state,
 /// is refused and the running configuration is kept.
@@ -325,6 +362,8 @@ struct Reloader {
     /// The health checks; the backends they find down are compiled with
     /// weight 0.
     checker: Checker,
+    /// Where the route announcer learns of each published state.
+    announce: tokio::sync::watch::Sender<AnnounceInput>,
 }
 
 impl Reloader {
@@ -402,6 +441,7 @@ impl Reloader {
             return;
         }
         self.checker.apply(health);
+        self.announce_state();
         self.generation += 1;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         info!(
@@ -424,6 +464,7 @@ impl Reloader {
             let compiled = state::compile_with_slots(&self.running, &self.macs, &new, health.down(), &self.slots)?;
             self.commit(Arc::clone(&self.running), new, compiled, change, dataplane).await?;
             self.checker.apply(health);
+            self.announce_state();
             Ok(self.dynamic.version)
         }
         .await;
@@ -480,6 +521,7 @@ impl Reloader {
             warn!("health change: published, but {e}");
         }
         self.slots.apply(plan);
+        self.announce_state();
         let ms = start.elapsed().as_secs_f64() * 1e3;
         for t in transitions {
             if t.up {
@@ -531,10 +573,23 @@ impl Reloader {
             "state changed in {:.1} ms",
             start.elapsed().as_secs_f64() * 1e3
         );
+        // The one place VIP eligibility is computed: from the state just
+        // published, whatever changed it (reload, API).
         self.running = Arc::clone(&config);
         self.dynamic = dynamic.clone();
         self.handle.publish(StateView { config, dynamic }, change);
         Ok(())
+    }
+
+    /// Tells the route announcer what the state in force makes eligible:
+    /// after every publication, once the health checker's state matches
+    /// it (a backend that is down takes no new flows, so it does not make
+    /// its VIP eligible).
+    fn announce_state(&self) {
+        self.announce.send_replace(AnnounceInput {
+            settings: self.running.announce.clone(),
+            eligibility: announce::eligibility(&self.running, &self.dynamic, &self.checker.down()),
+        });
     }
 }
 

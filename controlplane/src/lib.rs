@@ -2,6 +2,7 @@
 //! `vipgatectl`.
 #![forbid(unsafe_code)]
 
+pub mod announce;
 pub mod api;
 pub mod config;
 pub mod daemon;

@@ -358,6 +358,10 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     rows: &[(&[(&str, &str)], V)],
 ) -> std::fmt::Result {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    // As for counters: a single series without labels has no `{}`.
+    if let &[(&[], value)] = rows {
+        return ConstGauge::new(value).encode(family);
+    }
     for (labels, value) in rows {
         ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
     }
@@ -592,6 +596,40 @@ impl Collector for GatewayCollector {
             let rows: Vec<(&[(&str, &str)], u64)> =
                 ports.iter().zip(&port_labels).map(|(p, l)| (&l[..], read(p))).collect();
             counter(e, name, help, &rows)?;
+        }
+
+        if let Some(a) = self.view.announce() {
+            let announced = a.vips.values().filter(|v| v.announced).count() as i64;
+            gauge(
+                e,
+                "vipgate_announce_vips",
+                "VIPs on the announcement interface ([announce] interface), held-down ones included.",
+                &[(none, announced)],
+            )?;
+            let vips: Vec<String> = a.vips.keys().map(ToString::to_string).collect();
+            let labels: Vec<[(&str, &str); 1]> = vips.iter().map(|v| [("vip", v.as_str())]).collect();
+            let announced_rows: Vec<(&[(&str, &str)], i64)> =
+                labels.iter().zip(a.vips.values()).map(|(l, v)| (&l[..], i64::from(v.announced))).collect();
+            gauge(
+                e,
+                "vipgate_vip_announced",
+                "1 while the VIP is on the announcement interface (eligible, or within its hold-down), else 0.",
+                &announced_rows,
+            )?;
+            let eligible_rows: Vec<(&[(&str, &str)], i64)> =
+                labels.iter().zip(a.vips.values()).map(|(l, v)| (&l[..], i64::from(v.eligible))).collect();
+            gauge(
+                e,
+                "vipgate_vip_eligible",
+                "1 while at least one backend of one of the VIP's services can take new flows, else 0.",
+                &eligible_rows,
+            )?;
+            counter(
+                e,
+                "vipgate_announce_errors",
+                "Failed attempts to bring the announcement interface to the wanted state (each is retried).",
+                &[(none, a.errors)],
+            )?;
         }
 
         let pool = self.view.mempool();

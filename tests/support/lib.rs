@@ -144,6 +144,7 @@ pub struct NullGateway {
     prefix: String,
     child: Option<Child>,
     starts: usize,
+    netns: Option<String>,
 }
 
 /// Makes a [`NullGateway`]; see [`NullGateway::builder`].
@@ -152,6 +153,8 @@ pub struct NullGatewayBuilder {
     tag: String,
     extra: String,
     dataplane: String,
+    netns: Option<String>,
+    metrics: String,
 }
 
 impl NullGatewayBuilder {
@@ -161,9 +164,24 @@ impl NullGatewayBuilder {
         self
     }
 
+    /// Serves metrics on `addr` (`[metrics] listen`; off by default).
+    pub fn metrics_listen(mut self, addr: &str) -> Self {
+        addr.clone_into(&mut self.metrics);
+        self
+    }
+
     /// Adds TOML lines to the `[dataplane]` section.
     pub fn dataplane_config(mut self, toml: &str) -> Self {
         self.dataplane.push_str(toml);
+        self
+    }
+
+    /// Runs vipgated inside the network namespace `name` (`ip netns exec`,
+    /// which execs it: the pid and signals are vipgated's own). The test
+    /// owns the namespace; the API socket and the files stay in the
+    /// temporary directory, reachable from outside.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -177,7 +195,7 @@ impl NullGatewayBuilder {
         let dir = std::env::temp_dir().join(&prefix);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the gateway's temporary directory");
-        let gw = NullGateway { dir, prefix, child: None, starts: 0 };
+        let gw = NullGateway { dir, prefix, child: None, starts: 0, netns: self.netns };
         let config = format!(
             r#"[eal]
 lcores = "0,1"
@@ -195,10 +213,10 @@ socket = "{socket}"
 [state]
 dir = "{state}"
 
-# Off: a NullGateway never holds the default metrics port (tests/metrics.rs
-# covers the endpoint).
+# Off unless asked for: a NullGateway never holds the default metrics port
+# by surprise (tests/metrics.rs covers the endpoint).
 [metrics]
-listen = ""
+listen = "{metrics}"
 
 [[ports]]
 name = "a"
@@ -222,6 +240,7 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
             state = gw.dir.join("state").display(),
             extra = self.extra,
             dataplane = self.dataplane,
+            metrics = self.metrics,
         );
         std::fs::write(gw.config_path(), config).expect("write the gateway's configuration");
         gw
@@ -233,7 +252,13 @@ impl NullGateway {
     /// net_null devices') and temporary directory are `vg{tag}{pid}`: the
     /// tag tells the gateways of one test binary apart, and should be short.
     pub fn builder(tag: &str) -> NullGatewayBuilder {
-        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new(), dataplane: String::new() }
+        NullGatewayBuilder {
+            tag: tag.to_owned(),
+            extra: String::new(),
+            dataplane: String::new(),
+            netns: None,
+            metrics: String::new(),
+        }
     }
 
     /// The temporary directory, for a test's own files too.
@@ -273,7 +298,15 @@ impl NullGateway {
         assert!(self.child.is_none(), "vipgated is already running");
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("create vipgated's log");
-        let child = Command::new(workspace_bin("vipgated"))
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(workspace_bin("vipgated"));
+                c
+            }
+            None => Command::new(workspace_bin("vipgated")),
+        };
+        let child = command
             .arg("--config")
             .arg(self.config_path())
             .stdin(Stdio::null())

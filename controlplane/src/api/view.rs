@@ -35,6 +35,12 @@ pub trait GatewayView: Send + Sync + 'static {
     fn health(&self) -> Option<Arc<crate::health::HealthStatus>> {
         None
     }
+
+    /// The route announcer's state (`None` where there is none, as in
+    /// tests of the API alone).
+    fn announce(&self) -> Option<crate::announce::AnnounceStatus> {
+        None
+    }
 }
 
 /// One dataplane worker.

@@ -885,3 +885,110 @@ fn bad_health_checks_name_line_field_and_reason() {
         }
     }
 }
+
+#[test]
+fn announce_defaults_keys_and_bad_values() {
+    use crate::announce::{AnnounceSettings, DEFAULT_HOLD_DOWN, InterfaceKind};
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.announce, AnnounceSettings::default());
+    assert!(!c.announce.enabled, "off unless asked for");
+    assert_eq!((c.announce.interface.as_str(), c.announce.hold_down), ("vipgate0", DEFAULT_HOLD_DOWN));
+
+    let text = format!("{GOOD}\n[announce]\nenabled = true\ninterface = \"vips\"\nkind = \"ifb\"\nhold_down = 2.5\n");
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.announce,
+        AnnounceSettings {
+            enabled: true,
+            interface: "vips".to_owned(),
+            kind: InterfaceKind::Ifb,
+            hold_down: std::time::Duration::from_millis(2500)
+        }
+    );
+    let c = parse(&format!("{GOOD}\n[announce]\nhold_down = 0\n")).unwrap();
+    assert_eq!(c.announce.hold_down, std::time::Duration::ZERO);
+
+    let line = GOOD.lines().count() + 3;
+    for (body, field, reason) in [
+        ("interface = \"\"", "announce.interface", "must not be empty"),
+        ("interface = \"a-very-long-name0\"", "announce.interface", "longer than 15 bytes"),
+        ("interface = \"a/b\"", "announce.interface", "not a valid interface name"),
+        ("kind = \"veth\"", "announce.kind", "not an interface kind"),
+        ("hold_down = -1", "announce.hold_down", "not from 0 to 3600 seconds"),
+        ("hold_down = 3601", "announce.hold_down", "not from 0 to 3600 seconds"),
+        ("hold_down = nan", "announce.hold_down", "not from 0 to 3600 seconds"),
+    ] {
+        let err = parse(&format!("{GOOD}\n[announce]\n{body}\n")).expect_err(body);
+        match &err {
+            ConfigError::Invalid { line: l, field: f, reason: r, .. } => {
+                assert_eq!((*l, f.as_str()), (line, field), "{body}: {err}");
+                assert!(r.contains(reason), "{body}: {err}");
+            }
+            other => panic!("{body}: expected Invalid, got {other:?}"),
+        }
+    }
+    let err = parse(&format!("{GOOD}\n[announce]\nhold_down_s = 3\n")).unwrap_err().to_string();
+    assert!(err.contains("unknown field `hold_down_s`"), "{err}");
+}
+
+#[test]
+fn announce_can_change_on_reload() {
+    let old = parse(GOOD).unwrap();
+    let new = parse(&format!("{GOOD}\n[announce]\nenabled = true\nhold_down = 1\n")).unwrap();
+    assert_eq!(old.restart_required(&new), None);
+}
+
+#[test]
+fn vip_eligibility_needs_one_backend_that_takes_new_flows_in_any_service_of_the_vip() {
+    use crate::state::{AdminState, BackendState, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState};
+    use std::net::Ipv4Addr;
+    let config = parse(GOOD).unwrap();
+    let backend = |last: u8, weight: u32, admin_state: AdminState| BackendState {
+        address: Ipv4Addr::new(198, 18, 1, last),
+        port: 8080,
+        weight,
+        admin_state,
+    };
+    let service = |name: &str, vip: Ipv4Addr, port: u16, backends: Vec<BackendState>| ServiceState {
+        name: name.to_owned(),
+        vip,
+        port,
+        protocol: ProtocolState::Tcp,
+        mode: ModeState::Nat,
+        table_size: 251,
+        on_backend_removal: RemovalState::Rehash,
+        backends,
+        health_check: None,
+    };
+    let none = std::collections::HashSet::new();
+    let (a, b, c) = (Ipv4Addr::new(198, 18, 101, 1), Ipv4Addr::new(198, 18, 101, 2), Ipv4Addr::new(198, 18, 101, 3));
+    let mut dynamic = DesiredState::default();
+    for s in [
+        // Two services share VIP a: one without a live backend is enough.
+        service("a-web", a, 80, vec![backend(20, 0, AdminState::Enabled), backend(21, 5, AdminState::Draining)]),
+        service("a-alt", a, 81, vec![backend(22, 1, AdminState::Enabled)]),
+        service("b-web", b, 80, vec![backend(23, 1, AdminState::Disabled), backend(24, 1, AdminState::Draining)]),
+        service("c-web", c, 80, vec![]),
+    ] {
+        dynamic.services.insert(s.name.clone(), s);
+    }
+    let e = crate::announce::eligibility(&config, &dynamic, &none);
+    let expected: std::collections::BTreeMap<Ipv4Addr, bool> =
+        [(Ipv4Addr::new(198, 18, 100, 1), true), (a, true), (b, false), (c, false)].into_iter().collect();
+    assert_eq!(e, expected);
+    let live = crate::announce::backends_taking_new_flows(&config, &dynamic, &none);
+    let a_web = live.iter().find(|s| s.service == "a-web").unwrap();
+    assert!(a_web.taking_new_flows.is_empty(), "weight 0 and draining take no new flows");
+    let web = live.iter().find(|s| s.service == "web").unwrap();
+    assert_eq!(web.taking_new_flows.len(), 2, "static backends, weights 1 and 3");
+    // The only live backend of VIP a fails its health check: a goes.
+    let down = std::collections::HashSet::from([crate::health::TargetKey {
+        service: "a-alt".to_owned(),
+        address: Ipv4Addr::new(198, 18, 1, 22),
+        port: 8080,
+    }]);
+    assert!(!crate::announce::eligibility(&config, &dynamic, &down)[&a], "down takes no new flows");
+    assert!(crate::announce::eligibility(&config, &dynamic, &down)[&Ipv4Addr::new(198, 18, 100, 1)]);
+    dynamic.services.remove("a-alt");
+    assert!(!crate::announce::eligibility(&config, &dynamic, &none)[&a]);
+}
