@@ -24,6 +24,10 @@
 //!
 //! A tracked TCP flow also follows the reply's FIN and RST.
 //!
+//! What the fast path does not handle and that is for the gateway itself
+//! (see [`Verdict::Punt`]) goes to the kernel interface of the ingress port,
+//! when it has one: the exception path.
+//!
 //! With several workers, each flow has one owner, computed from the client's
 //! address and port (or, for a FullNAT reply, from its destination port), so
 //! both directions meet the same state. A packet that arrives at another
@@ -116,6 +120,17 @@ pub enum Verdict {
     /// to that worker (index among the pipelines), which processes it with
     /// [`Pipeline::process_handed_over`].
     Handoff(u16),
+    /// For the gateway's kernel (the exception path): pass the frame,
+    /// unchanged, to the kernel interface of this port (the ingress port).
+    /// Given only on ports [`Pipeline::set_kernel_ports`] names. Punted:
+    /// TCP, UDP and other IP protocols to a port address (BGP, BFD, SSH,
+    /// replies to the kernel's own connections and health probes), ICMP to
+    /// a port address other than the echo requests the fast path answers,
+    /// IPv4 multicast and broadcast, every IPv6 frame (there is no IPv6 fast
+    /// path: neighbour discovery, link-local, BGP over IPv6), and ARP replies
+    /// to a port address (after the fast path learned from them: the kernel
+    /// resolves its own neighbours with its own requests).
+    Punt(u16),
 }
 
 /// An ARP request the driver should build and send.
@@ -245,6 +260,9 @@ pub struct Pipeline {
     handed_over: bool,
     /// FullNAT source pairs of this worker.
     snat: SnatTable,
+    /// By dense port index: whether the port has a kernel interface that
+    /// takes what the fast path does not handle ([`Verdict::Punt`]).
+    kernel_ports: Vec<bool>,
 }
 
 impl Pipeline {
@@ -264,7 +282,25 @@ impl Pipeline {
             workers: 1,
             handed_over: false,
             snat: SnatTable::new(0, 1),
+            kernel_ports: Vec::new(),
         }
+    }
+
+    /// Names the ports (by dense index) that have a kernel interface: what
+    /// the fast path does not handle and is for the gateway is punted to it
+    /// ([`Verdict::Punt`]). On other ports such packets are dropped (as
+    /// `local`, or `unsupported` for IPv6) and ARP replies for the gateway
+    /// are consumed, as without an exception path. Call before processing.
+    pub fn set_kernel_ports(&mut self, ports: &[bool]) {
+        self.kernel_ports.clear();
+        self.kernel_ports.extend_from_slice(ports);
+    }
+
+    /// Whether packets for the gateway that arrive on `port` go to its
+    /// kernel interface.
+    #[inline(always)]
+    fn punts(&self, port: u16) -> bool {
+        self.kernel_ports.get(usize::from(port)).copied().unwrap_or(false)
     }
 
     /// Makes this pipeline worker `worker` of `workers`: it then owns the
@@ -405,7 +441,7 @@ impl Pipeline {
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
-                Verdict::Transmit(_) | Verdict::Handoff(_) => {}
+                Verdict::Transmit(_) | Verdict::Handoff(_) | Verdict::Punt(_) => {}
             }
             *v = verdict;
         }
@@ -540,6 +576,7 @@ impl Pipeline {
                 let port = p.port;
                 self.arp(snap, now, port, p.frame_mut())
             }
+            EtherType::IPV6 if self.punts(p.port) => Verdict::Punt(p.port),
             _ => Verdict::Drop(DropReason::Unsupported),
         }
     }
@@ -563,9 +600,17 @@ impl Pipeline {
         let fragment = ip.is_fragment();
         let (hdr, l4) = rest.split_at_mut(hl);
         let l4 = &mut l4[..total - hl];
+        // For the gateway's kernel: addressed to a port address, or
+        // multicast or broadcast. A VIP or a pool address is never a port
+        // address (validation), so no service traffic goes this way.
+        let local = snap.local_port(dst).is_some();
+        let to_kernel = self.punts(in_port) && (local || Self::is_group(snap, in_port, dst));
 
         match proto {
             ipv4::protocol::TCP | ipv4::protocol::UDP => {
+                if to_kernel {
+                    return Verdict::Punt(in_port);
+                }
                 if fragment {
                     return Verdict::Drop(DropReason::Fragment);
                 }
@@ -652,6 +697,12 @@ impl Pipeline {
                     return self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
                 }
 
+                if local {
+                    // Not a reply to translate: a client is never the
+                    // gateway (and without a kernel interface nobody here
+                    // takes it).
+                    return Verdict::Drop(DropReason::Local);
+                }
                 if let Some(rev) = snap.reverse(src, sport, proto) {
                     if let Some(w) = self.foreign_owner(dst, dport, proto) {
                         return Verdict::Handoff(w);
@@ -692,7 +743,13 @@ impl Pipeline {
                 Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
             }
             ipv4::protocol::ICMP => {
-                if !snap.is_vip(dst) && snap.local_port(dst).is_none() {
+                // The fast path answers echo requests to the gateway's
+                // addresses itself; the kernel gets every other message (its
+                // own pings' replies, errors about its own connections).
+                if to_kernel && !(local && !fragment && is_echo_request(l4)) {
+                    return Verdict::Punt(in_port);
+                }
+                if !snap.is_vip(dst) && !local {
                     return Verdict::Drop(DropReason::NoMatch);
                 }
                 if fragment {
@@ -715,6 +772,7 @@ impl Pipeline {
                 self.counters.icmp_echo_replies.inc();
                 Verdict::Transmit(in_port)
             }
+            _ if to_kernel => Verdict::Punt(in_port),
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
     }
@@ -895,6 +953,19 @@ impl Pipeline {
         }
     }
 
+    /// True if `dst` is a multicast, limited broadcast or subnet broadcast
+    /// address of port `port` (what routing protocols, DHCP and the like
+    /// send, and only the kernel takes).
+    #[inline]
+    fn is_group(snap: &Snapshot, port: u16, dst: u32) -> bool {
+        if dst >> 28 == 0xe || dst == u32::MAX {
+            return true;
+        }
+        snap.ports().get(usize::from(port)).is_some_and(|p| {
+            p.addresses.iter().any(|c| c.len < 31 && dst == c.addr | !crate::route::Route::mask(c.len))
+        })
+    }
+
     fn arp(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8]) -> Verdict {
         let Some(port) = snap.ports().get(usize::from(in_port)) else {
             return Verdict::Drop(DropReason::NoMatch);
@@ -937,6 +1008,11 @@ impl Pipeline {
                 eth.set_src_addr(port.mac);
                 self.counters.arp_replies.inc();
                 Verdict::Transmit(in_port)
+            }
+            // Learned from above; the kernel gets the replies to its own
+            // requests (for a port address) too.
+            arp::Operation::Reply if self.punts(in_port) && snap.local_port(tpa) == Some(in_port) => {
+                Verdict::Punt(in_port)
             }
             arp::Operation::Reply if ours => Verdict::Consumed,
             arp::Operation::Request | arp::Operation::Reply => Verdict::Drop(DropReason::ArpNotOurs),
@@ -1003,6 +1079,13 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
         dst_port: u16::from_be_bytes([l4[2], l4[3]]),
         protocol,
     })
+}
+
+/// True if `l4` starts with an ICMP echo request (type 8, code 0), the one
+/// message the fast path answers for the gateway's addresses.
+#[inline]
+fn is_echo_request(l4: &[u8]) -> bool {
+    l4.len() >= icmp::HEADER_LEN && l4[0] == icmp::message::ECHO_REQUEST && l4[1] == 0
 }
 
 /// The header fields of a TCP or UDP packet the pipeline decides on.
