@@ -27,11 +27,13 @@ socket = "{socket}"
 name = "a"
 device = "net_null{prefix}a,no-rx=1"
 addresses = ["198.18.0.1/24"]
+kernel_interface = ""
 
 [[ports]]
 name = "b"
 device = "net_null{prefix}b,no-rx=1"
 addresses = ["198.18.1.1/24"]
+kernel_interface = ""
 
 [[services]]
 name = "web"

@@ -43,6 +43,9 @@ pub enum DaemonError {
         /// Why.
         source: StateError,
     },
+    /// The kernel interfaces (exception path) could not be configured.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -121,13 +124,18 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let mut dataplane = Dataplane::open(eal, &config.dataplane)?;
     let ports = dataplane.ports();
     for p in &ports {
-        info!(port = %p.name, id = p.id, mac = %p.mac, "port started");
+        info!(port = %p.name, id = p.id, mac = %p.mac, kernel_interface = p.kernel_interface.as_deref().unwrap_or(""), "port started");
     }
     let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
     let snapshot =
         state::compile(config, &macs, &dynamic).map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
+    // The kernel side of the exception path, once packets flow both ways.
+    let commands = crate::kernel::configure(config)?;
+    if !commands.is_empty() {
+        info!(commands = %commands.trim_end().replace('\n', "; "), "kernel interfaces configured");
+    }
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
@@ -359,9 +367,20 @@ impl Reloader {
         let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         log_services(&snapshot);
         let services = snapshot.services().len();
-        if let Err(e) = self.commit(Arc::new(new), dynamic, snapshot, change, dataplane).await {
+        let old = Arc::clone(&self.running);
+        let new = Arc::new(new);
+        if let Err(e) = self.commit(Arc::clone(&new), dynamic, snapshot, change, dataplane).await {
             error!("reload refused: {e}; the running configuration is kept");
             return;
+        }
+        // The kernel follows the new static routes (the fast path already
+        // does).
+        match crate::kernel::sync_routes(&old, &new) {
+            Ok(commands) if !commands.is_empty() => {
+                info!(commands = %commands.trim_end().replace('\n', "; "), "kernel routes updated");
+            }
+            Ok(_) => {}
+            Err(e) => error!("the fast path uses the reloaded routes, but the kernel's could not follow: {e}"),
         }
         self.generation += 1;
         let ms = start.elapsed().as_secs_f64() * 1e3;

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod kernel;
 pub mod metrics;
 pub mod state;
 pub mod store;

@@ -211,6 +211,10 @@ struct Values {
     tx_bytes: u64,
     handoff_out: u64,
     handoff_in: u64,
+    to_kernel: u64,
+    to_kernel_bytes: u64,
+    from_kernel: u64,
+    from_kernel_bytes: u64,
     flows_created: u64,
     flows_evicted: u64,
     flows_rehashed: u64,
@@ -234,6 +238,10 @@ impl Values {
             tx_bytes: c.tx_bytes.get(),
             handoff_out: c.handoff_out.get(),
             handoff_in: c.handoff_in.get(),
+            to_kernel: c.to_kernel.get(),
+            to_kernel_bytes: c.to_kernel_bytes.get(),
+            from_kernel: c.from_kernel.get(),
+            from_kernel_bytes: c.from_kernel_bytes.get(),
             flows_created: c.flows_created.get(),
             flows_evicted: c.flows_evicted.get(),
             flows_rehashed: c.flows_rehashed.get(),
@@ -263,6 +271,18 @@ const WORKER_COUNTERS: &[WorkerField] = &[
     ("vipgate_worker_handoff_in_packets", "Packets the worker took from other workers' hand-off rings.", |v| {
         v.handoff_in
     }),
+    (
+        "vipgate_worker_to_kernel_packets",
+        "Packets the worker punted to a port's kernel interface (the exception path).",
+        |v| v.to_kernel,
+    ),
+    ("vipgate_worker_to_kernel_bytes", "Bytes of vipgate_worker_to_kernel_packets.", |v| v.to_kernel_bytes),
+    (
+        "vipgate_worker_from_kernel_packets",
+        "Frames the kernel sent out of a port's kernel interface that the worker took to transmit.",
+        |v| v.from_kernel,
+    ),
+    ("vipgate_worker_from_kernel_bytes", "Bytes of vipgate_worker_from_kernel_packets.", |v| v.from_kernel_bytes),
     ("vipgate_worker_flows_created", "Flows added to the worker's connection-tracking table.", |v| v.flows_created),
     ("vipgate_worker_flows_evicted", "Live flows pushed out of a full connection-tracking table.", |v| v.flows_evicted),
     ("vipgate_worker_flows_rehashed", "Flows moved to another backend after theirs left its service.", |v| {

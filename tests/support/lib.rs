@@ -16,6 +16,13 @@
 //! [`Rig::start_download`] runs a long download in the background and tells
 //! which backend serves it while it runs.
 //!
+//! The gateway's exception path (a kernel interface per port) is off in a
+//! rig unless [`RigOptions::exception`] turns it on: then vipgated runs in
+//! a namespace of its own, `${prefix}gw`, where its kernel interfaces
+//! (`vg-client`, `vg-backend`, with the ports' addresses) are apart from the
+//! host's and from every other rig's; [`Rig::gateway`] runs a command there,
+//! as the gateway's own kernel.
+//!
 //! Tests of the API and the desired state, which need no traffic, use a
 //! [`NullGateway`] instead: vipgated alone on net_null ports, in a temporary
 //! directory, restartable on the same state.
@@ -191,11 +198,13 @@ dir = "{state}"
 name = "a"
 device = "net_null{prefix}a,no-rx=1"
 addresses = ["198.18.0.1/24"]
+kernel_interface = ""
 
 [[ports]]
 name = "b"
 device = "net_null{prefix}b,no-rx=1"
 addresses = ["198.18.1.1/24"]
+kernel_interface = ""
 
 [[services]]
 name = "web"
@@ -423,6 +432,9 @@ pub struct RigOptions {
     pub lcores: String,
     /// The mode of both services, and how the rig is wired for it.
     pub mode: Mode,
+    /// Whether the ports have kernel interfaces (the exception path); if so
+    /// vipgated runs in the namespace `${prefix}gw`.
+    pub exception: bool,
 }
 
 impl Default for RigOptions {
@@ -433,6 +445,7 @@ impl Default for RigOptions {
             extra_config: String::new(),
             lcores: "0,1".to_owned(),
             mode: Mode::Nat,
+            exception: false,
         }
     }
 }
@@ -461,6 +474,8 @@ pub struct Rig {
     pub mode: Mode,
     /// The web service's port on the VIP (see [`Mode::http_port`]).
     pub http_port: u16,
+    /// Whether the exception path is on ([`RigOptions::exception`]).
+    pub exception: bool,
     dir: PathBuf,
     config_path: PathBuf,
     config: ConfigTemplate,
@@ -602,16 +617,19 @@ dir = "{state_dir}"
 name = "client"
 device = "net_tap{n}0,iface={prefix}c"
 addresses = ["198.18.0.1/24"]
-
+{kernel}
 [[ports]]
 name = "backend"
 device = "net_tap{n}1,iface={prefix}b"
 addresses = ["198.18.1.1/24"]
-
+{kernel}
 {pools}"#,
             socket = socket.display(),
             state_dir = dir.join("state").display(),
             lcores = opts.lcores,
+            // Default names (vg-client, vg-backend) in the rig's own
+            // gateway namespace; none at all without the exception path.
+            kernel = if opts.exception { "" } else { "kernel_interface = \"\"\n" },
         );
         let template = ConfigTemplate {
             head,
@@ -624,8 +642,25 @@ addresses = ["198.18.1.1/24"]
         let config_path = dir.join("vipgated.toml");
         std::fs::write(&config_path, config).expect("write config");
 
+        let gateway_ns = format!("{prefix}gw");
+        let mut command = if opts.exception {
+            // The namespace goes with the rig (rig.sh down deletes it, also
+            // when this test fails before rig.sh up).
+            for args in
+                [vec!["netns", "add", gateway_ns.as_str()], vec!["-n", gateway_ns.as_str(), "link", "set", "lo", "up"]]
+            {
+                let out = Command::new("ip").args(&args).output().expect("run ip");
+                assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            // `ip netns exec` execs vipgated: the child is vipgated itself.
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &gateway_ns]).arg(workspace_bin("vipgated"));
+            c
+        } else {
+            Command::new(workspace_bin("vipgated"))
+        };
         let logfile = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(workspace_bin("vipgated"))
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .env("VIPGATE_LOG", "info")
@@ -640,6 +675,7 @@ addresses = ["198.18.1.1/24"]
             log,
             mode: opts.mode,
             http_port,
+            exception: opts.exception,
             dir,
             config_path,
             config: template,
@@ -660,6 +696,9 @@ addresses = ["198.18.1.1/24"]
         .args(["--backends", &opts.backends.to_string(), "--wait", "30", "--mode", opts.mode.name()]);
         if opts.mode == Mode::Dsr {
             up.args(["--dsr-decap", dsr_decap()]);
+        }
+        if opts.exception {
+            up.arg("--gateway-ns");
         }
         let up = up.output().expect("run scripts/rig.sh");
         if !up.status.success() {
@@ -856,6 +895,13 @@ addresses = ["198.18.1.1/24"]
     /// [`Rig::in_namespace`].
     pub fn backend(&self, cmd: &[&str]) -> Output {
         self.in_namespace("backend", cmd)
+    }
+
+    /// Runs a command in the gateway's namespace, as its own kernel would
+    /// (only with [`RigOptions::exception`]).
+    pub fn gateway(&self, cmd: &[&str]) -> Output {
+        assert!(self.exception, "the gateway has a namespace of its own only with RigOptions::exception");
+        self.in_namespace("gw", cmd)
     }
 
     /// Runs a command in this rig's namespace `${prefix}{suffix}` (client,

@@ -429,6 +429,10 @@ struct CountersJson {
     handoff_out: u64,
     handoff_in: u64,
     icmp_frag_needed: u64,
+    to_kernel: u64,
+    to_kernel_bytes: u64,
+    from_kernel: u64,
+    from_kernel_bytes: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -524,6 +528,10 @@ impl From<pb::PacketCounters> for CountersJson {
             handoff_out: c.handoff_out,
             handoff_in: c.handoff_in,
             icmp_frag_needed: c.icmp_frag_needed,
+            to_kernel: c.to_kernel,
+            to_kernel_bytes: c.to_kernel_bytes,
+            from_kernel: c.from_kernel,
+            from_kernel_bytes: c.from_kernel_bytes,
         }
     }
 }
@@ -591,6 +599,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
         "NEW_FLOWS",
         "HANDOFF_OUT",
         "HANDOFF_IN",
+        "TO_KERNEL",
+        "FROM_KERNEL",
         "BUSY_POLLS",
         "BUSY_CYCLES",
     ];
@@ -611,6 +621,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
             c.flows_created,
             c.handoff_out,
             c.handoff_in,
+            c.to_kernel,
+            c.from_kernel,
             c.busy_polls,
             c.busy_cycles,
         ];

@@ -789,5 +789,5 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
     }
 }
 
-mod modes;
 mod exception;
+mod modes;

@@ -59,9 +59,7 @@ fn punts_traffic_for_the_gateway_that_the_fast_path_does_not_handle() {
     // ICMP other than echo requests: the kernel's own pings' replies, errors.
     let reply = etherparse::Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 1, seq: 2 });
     run_punted(&mut r, 0, icmp_frame(CLIENT, GW_C_IP, reply), "echo reply");
-    let unreachable = etherparse::Icmpv4Type::DestinationUnreachable(
-        etherparse::icmpv4::DestUnreachableHeader::Port,
-    );
+    let unreachable = etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port);
     run_punted(&mut r, 0, icmp_frame(CLIENT, GW_C_IP, unreachable), "port unreachable");
     // Other IP protocols (OSPF, GRE) to the gateway.
     run_punted(&mut r, 0, with_protocol(tcp_frame((CLIENT, 1), (GW_C_IP, 2), 64, b""), 89), "ospf");
