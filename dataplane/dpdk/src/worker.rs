@@ -306,7 +306,7 @@ impl Worker {
             }
             // What the kernel sent: one burst at most per iteration, so the
             // kernel can never take the fast path's time.
-            received += self.from_kernel(&mut rx, &mut tx, &counters);
+            received += self.transmit_from_kernel(&mut rx, &mut tx, &counters);
             if received > 0 {
                 counters.busy_polls.inc();
                 counters.busy_cycles.add(rdtsc().wrapping_sub(start));
@@ -482,7 +482,7 @@ impl Worker {
     /// transmits each on its port (the exception thread set `mbuf.port`).
     /// Returns how many it took.
     #[inline]
-    fn from_kernel(
+    fn transmit_from_kernel(
         &self,
         rx: &mut [*mut rte_mbuf; BURST],
         tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
