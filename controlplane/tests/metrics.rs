@@ -120,5 +120,5 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 31);
+    assert_eq!(seen.len(), 35);
 }
