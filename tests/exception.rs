@@ -120,7 +120,7 @@ fn a_tcp_service_on_the_gateway_kernel_address_works_while_the_fast_path_carries
     // The kernel interfaces: the ports' MACs and addresses, up.
     let stats = rig.stats();
     let ports = stats["ports"].as_array().expect("ports");
-    for (port, iface, addr) in [("client", "vg-client", "198.18.0.1/24"), ("backend", "vg-backend", "198.18.1.1/24")] {
+    for (port, iface, addr) in [("client", "client", "198.18.0.1/24"), ("backend", "backend", "198.18.1.1/24")] {
         let mac = ports.iter().find(|p| p["name"] == port).expect("port in stats")["mac"]
             .as_str()
             .expect("mac")
@@ -214,7 +214,7 @@ fn the_gateway_kernel_reaches_backends_and_clients_through_the_exception_path() 
 
     // The static route is the kernel's too, and follows a reload.
     let routes = ok(&rig.gateway(&["ip", "route", "show", "198.19.0.0/16"]), "ip route");
-    assert!(routes.contains("via 198.18.1.11 dev vg-backend"), "the kernel should have the static route: {routes:?}");
+    assert!(routes.contains("via 198.18.1.11 dev backend"), "the kernel should have the static route: {routes:?}");
     let without = rig.config_text().replace(route.trim_start_matches('\n'), "");
     assert!(!without.contains("[[routes]]"), "the route should be gone from:\n{without}");
     rig.reload(&without);
@@ -375,22 +375,22 @@ fn a_taken_kernel_interface_name_stops_the_start_and_a_crash_leaves_no_interface
     let mut gw = Lone::new();
 
     // The default name of port "a" is taken by another interface.
-    ok(&gw.ip(&["tuntap", "add", "dev", "vg-a", "mode", "tap"]), "ip tuntap add");
+    ok(&gw.ip(&["tuntap", "add", "dev", "a", "mode", "tap"]), "ip tuntap add");
     gw.spawn();
     let status = gw.wait_exit(Duration::from_secs(30));
     assert!(!status.success(), "vipgated should refuse to start:\n{}", gw.log());
     let log = gw.log();
     assert!(
-        log.contains(r#"port "a": kernel interface "vg-a" already exists"#),
+        log.contains(r#"port "a": kernel interface "a" already exists"#),
         "the error should name the port and the interface:\n{log}"
     );
     assert!(!gw.interface_exists("gwb"), "a failed start leaves no kernel interface behind:\n{log}");
-    ok(&gw.ip(&["tuntap", "del", "dev", "vg-a", "mode", "tap"]), "ip tuntap del");
+    ok(&gw.ip(&["tuntap", "del", "dev", "a", "mode", "tap"]), "ip tuntap del");
 
     // Now it starts, with both kernel interfaces.
     gw.spawn();
     gw.wait_ready();
-    assert!(gw.interface_exists("vg-a") && gw.interface_exists("gwb"), "kernel interfaces:\n{}", gw.log());
+    assert!(gw.interface_exists("a") && gw.interface_exists("gwb"), "kernel interfaces:\n{}", gw.log());
     let a = String::from_utf8_lossy(&gw.ip(&["-br", "-4", "addr", "show", "dev", "gwb"]).stdout).into_owned();
     assert!(a.contains("198.18.1.1/24"), "gwb should hold port b's address: {a}");
 
@@ -398,7 +398,7 @@ fn a_taken_kernel_interface_name_stops_the_start_and_a_crash_leaves_no_interface
     gw.signal(libc::SIGKILL);
     gw.wait_exit(Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.interface_exists("vg-a") || gw.interface_exists("gwb") {
+    while gw.interface_exists("a") || gw.interface_exists("gwb") {
         assert!(Instant::now() < deadline, "kernel interfaces left after SIGKILL");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -407,9 +407,9 @@ fn a_taken_kernel_interface_name_stops_the_start_and_a_crash_leaves_no_interface
     let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", gw.prefix));
     gw.spawn();
     gw.wait_ready();
-    assert!(gw.interface_exists("vg-a"), "restart after a crash:\n{}", gw.log());
+    assert!(gw.interface_exists("a"), "restart after a crash:\n{}", gw.log());
     gw.signal(libc::SIGTERM);
     let status = gw.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "clean stop:\n{}", gw.log());
-    assert!(!gw.interface_exists("vg-a") && !gw.interface_exists("gwb"), "kernel interfaces left after a clean stop");
+    assert!(!gw.interface_exists("a") && !gw.interface_exists("gwb"), "kernel interfaces left after a clean stop");
 }

@@ -690,13 +690,15 @@ impl Validator<'_> {
             };
             let kernel = match &p.kernel_interface {
                 None => {
-                    let derived = format!("{KERNEL_INTERFACE_PREFIX}{name}");
+                    // The port as Linux sees it: `ip address show uplink`,
+                    // `tcpdump -i uplink`.
+                    let derived = name.to_owned();
                     check_interface_name(&derived).or_else(|reason| {
                         self.err(
                             p.name.span(),
                             f("kernel_interface"),
                             format!(
-                                "the default kernel interface name {derived:?} (from the port's name) is not usable: {reason}; set kernel_interface to a name of your own, or to \"\" for none"
+                                "the default kernel interface name is the port's name, which is not usable: {reason}; set kernel_interface to a name of your own, or to \"\" for none"
                             ),
                         )
                     })?;
@@ -722,6 +724,24 @@ impl Validator<'_> {
             kernel_interfaces.push(kernel);
             ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses, mtu });
             devices.push(device);
+        }
+
+        // A net_tap port's own interface and a kernel interface cannot share
+        // a name: both live in the kernel.
+        for (i, (p, device)) in raw.ports.iter().zip(&devices).enumerate() {
+            let Device::Virtual { args, .. } = device else { continue };
+            let Some(tap) = args.split(',').find_map(|a| a.trim().strip_prefix("iface=")) else { continue };
+            if let Some(j) = kernel_interfaces.iter().position(|k| k.as_deref() == Some(tap)) {
+                let p = p.get_ref();
+                let at = raw.ports[j].get_ref().kernel_interface.as_ref().map_or(p.device.span(), Spanned::span);
+                return self.err(
+                    at,
+                    format!("ports[{j}].kernel_interface"),
+                    format!(
+                        "{tap:?} is the interface of ports[{i}]'s device; name the kernel interface otherwise, or \"\" for none"
+                    ),
+                );
+            }
         }
 
         let mut routes = Vec::new();
@@ -1421,10 +1441,6 @@ fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
     }
     Ok(mac)
 }
-
-/// What a port's default kernel interface name starts with (then the
-/// port's name).
-pub const KERNEL_INTERFACE_PREFIX: &str = "vg-";
 
 /// A Linux network interface name: 1 to 15 bytes (IFNAMSIZ less the NUL) of
 /// letters, digits, `-`, `_` and `.`, and not `.` or `..`.

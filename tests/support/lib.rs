@@ -19,7 +19,7 @@
 //! The gateway's exception path (a kernel interface per port) is off in a
 //! rig unless [`RigOptions::exception`] turns it on: then vipgated runs in
 //! a namespace of its own, `${prefix}gw`, where its kernel interfaces
-//! (`vg-client`, `vg-backend`, with the ports' addresses) are apart from the
+//! (`client`, `backend`, named after the ports, with their addresses) are apart from the
 //! host's and from every other rig's; [`Rig::gateway`] runs a command there,
 //! as the gateway's own kernel.
 //!
@@ -627,7 +627,7 @@ addresses = ["198.18.1.1/24"]
             socket = socket.display(),
             state_dir = dir.join("state").display(),
             lcores = opts.lcores,
-            // Default names (vg-client, vg-backend) in the rig's own
+            // Default names (the ports' names) in the rig's own
             // gateway namespace; none at all without the exception path.
             kernel = if opts.exception { "" } else { "kernel_interface = \"\"\n" },
         );
