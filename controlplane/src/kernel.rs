@@ -41,7 +41,7 @@ pub enum KernelError {
 
 /// The kernel interface a route's next hop is reached through: that of the
 /// port whose subnet holds `via`, if the port has one.
-fn interface_for<'a>(config: &'a Config, via: u32) -> Option<&'a str> {
+fn interface_for(config: &Config, via: u32) -> Option<&str> {
     config.ports().iter().zip(&config.dataplane.ports).find_map(|(spec, port)| {
         let on_link = spec.addresses.iter().any(|c| {
             let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - u32::from(c.len)) };
