@@ -600,18 +600,14 @@ impl Pipeline {
         let fragment = ip.is_fragment();
         let (hdr, l4) = rest.split_at_mut(hl);
         let l4 = &mut l4[..total - hl];
-        // For the gateway's kernel: addressed to a port address, or
-        // multicast or broadcast. A VIP or a pool address is never a port
-        // address (validation), so no service traffic goes this way.
-        let local = snap.local_port(dst).is_some();
-        let to_kernel = self.punts(in_port) && (local || Self::is_group(snap, in_port, dst));
-
         match proto {
             ipv4::protocol::TCP | ipv4::protocol::UDP => {
-                if to_kernel {
-                    return Verdict::Punt(in_port);
-                }
+                // Whether it is for the gateway's kernel is asked only once
+                // it is no service's: the fast path pays nothing for it.
                 if fragment {
+                    if self.for_kernel(snap, in_port, dst) {
+                        return Verdict::Punt(in_port);
+                    }
                     return Verdict::Drop(DropReason::Fragment);
                 }
                 let ports = if proto == ipv4::protocol::TCP {
@@ -697,13 +693,17 @@ impl Pipeline {
                     return self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
                 }
 
-                if local {
-                    // Not a reply to translate: a client is never the
-                    // gateway (and without a kernel interface nobody here
-                    // takes it).
-                    return Verdict::Drop(DropReason::Local);
-                }
                 if let Some(rev) = snap.reverse(src, sport, proto) {
+                    if snap.local_port(dst).is_some() || dst >> 28 == 0xe || dst == u32::MAX {
+                        // From a backend's address and port, but to the
+                        // gateway: a reply to the kernel's own connection (a
+                        // health probe), not one to translate (a client is
+                        // never the gateway).
+                        if self.punts(in_port) {
+                            return Verdict::Punt(in_port);
+                        }
+                        return Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService));
+                    }
                     if let Some(w) = self.foreign_owner(dst, dport, proto) {
                         return Verdict::Handoff(w);
                     }
@@ -740,9 +740,14 @@ impl Pipeline {
                     self.counters.nat_reverse.inc();
                     return Verdict::Transmit(nh.port);
                 }
+                if self.for_kernel(snap, in_port, dst) {
+                    return Verdict::Punt(in_port);
+                }
                 Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
             }
             ipv4::protocol::ICMP => {
+                let local = snap.local_port(dst).is_some();
+                let to_kernel = self.punts(in_port) && (local || Self::is_group(snap, in_port, dst));
                 // The fast path answers echo requests to the gateway's
                 // addresses itself; the kernel gets every other message (its
                 // own pings' replies, errors about its own connections).
@@ -772,7 +777,7 @@ impl Pipeline {
                 self.counters.icmp_echo_replies.inc();
                 Verdict::Transmit(in_port)
             }
-            _ if to_kernel => Verdict::Punt(in_port),
+            _ if self.for_kernel(snap, in_port, dst) => Verdict::Punt(in_port),
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
     }
@@ -951,6 +956,16 @@ impl Pipeline {
         } else {
             DropReason::NoMatch
         }
+    }
+
+    /// True if a packet to `dst` that arrived on `port` goes to the port's
+    /// kernel interface: the port has one, and `dst` is a port address
+    /// (of any port: Linux owns its addresses on every interface), or a
+    /// multicast or broadcast address. Never for a VIP or a pool address,
+    /// which validation keeps apart from port addresses.
+    #[inline]
+    fn for_kernel(&self, snap: &Snapshot, port: u16, dst: u32) -> bool {
+        self.punts(port) && (snap.local_port(dst).is_some() || Self::is_group(snap, port, dst))
     }
 
     /// True if `dst` is a multicast, limited broadcast or subnet broadcast
