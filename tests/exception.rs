@@ -106,16 +106,41 @@ fn settled_stats(rig: &Rig) -> serde_json::Value {
     }
 }
 
+/// The accounting identity, per worker (with hand-offs) and in total.
 fn assert_accounting(stats: &serde_json::Value) {
-    let drops: u64 = stats["total"]["drops"].as_object().expect("drops").values().map(|v| v.as_u64().unwrap()).sum();
-    let inflow = total(stats, "rx_packets") + total(stats, "arp_requests") + total(stats, "from_kernel");
-    let outflow = total(stats, "tx_packets") + drops + total(stats, "consumed") + total(stats, "to_kernel");
+    let get = |c: &serde_json::Value, name: &str| c[name].as_u64().unwrap_or_else(|| panic!("no {name} in {c}"));
+    let drops = |c: &serde_json::Value| -> u64 {
+        c["drops"].as_object().expect("drops").values().map(|v| v.as_u64().unwrap()).sum()
+    };
+    for w in stats["workers"].as_array().expect("workers") {
+        let inflow = get(w, "rx_packets") + get(w, "arp_requests") + get(w, "handoff_in") + get(w, "from_kernel");
+        let outflow =
+            get(w, "tx_packets") + drops(w) + get(w, "consumed") + get(w, "handoff_out") + get(w, "to_kernel");
+        assert_eq!(
+            inflow, outflow,
+            "worker: rx + arp_requests + handoff_in + from_kernel != tx + drops + consumed + handoff_out + to_kernel: {w}"
+        );
+    }
+    let t = &stats["total"];
+    let inflow = get(t, "rx_packets") + get(t, "arp_requests") + get(t, "from_kernel");
+    let outflow = get(t, "tx_packets") + drops(t) + get(t, "consumed") + get(t, "to_kernel");
     assert_eq!(inflow, outflow, "rx + arp_requests + from_kernel != tx + drops + consumed + to_kernel: {stats}");
 }
 
 #[test]
 fn a_tcp_service_on_the_gateway_kernel_address_works_while_the_fast_path_carries_a_download() {
-    let rig = Rig::start(RigOptions { exception: true, ..RigOptions::default() });
+    tcp_service_during_a_download("0,1");
+}
+
+/// The same with two workers (on one CPU): punts come from both, and the
+/// kernel's frames go out through the worker its interface is assigned to.
+#[test]
+fn a_tcp_service_on_the_gateway_kernel_address_works_with_two_workers() {
+    tcp_service_during_a_download("0@0,1@1,2@1");
+}
+
+fn tcp_service_during_a_download(lcores: &str) {
+    let rig = Rig::start(RigOptions { exception: true, lcores: lcores.to_owned(), ..RigOptions::default() });
 
     // The kernel interfaces: the ports' MACs and addresses, up.
     let stats = rig.stats();
