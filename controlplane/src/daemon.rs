@@ -55,6 +55,7 @@ struct DaemonView {
     workers: Vec<vipgate_dpdk::WorkerView>,
     ports: Vec<vipgate_dpdk::PortView>,
     pool: Arc<Mempool>,
+    exception: Option<Arc<vipgate_dpdk::ExceptionCounters>>,
 }
 
 impl GatewayView for DaemonView {
@@ -79,6 +80,15 @@ impl GatewayView for DaemonView {
 
     fn serving(&self) -> bool {
         self.workers.iter().all(vipgate_dpdk::WorkerView::running)
+    }
+
+    fn exception(&self) -> Option<api::ExceptionView> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.exception.as_ref().map(|c| api::ExceptionView {
+            kernel_tx: c.kernel_tx.load(Relaxed),
+            kernel_tx_failed: c.kernel_tx_failed.load(Relaxed),
+            kernel_rx: c.kernel_rx.load(Relaxed),
+        })
     }
 }
 
@@ -139,8 +149,12 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
-    let view =
-        Arc::new(DaemonView { workers: dataplane.workers().to_vec(), ports, pool: Arc::clone(dataplane.pool()) });
+    let view = Arc::new(DaemonView {
+        workers: dataplane.workers().to_vec(),
+        ports,
+        pool: Arc::clone(dataplane.pool()),
+        exception: dataplane.exception_counters(),
+    });
     let Signals { stop, mut hup } = signals;
     let running = Arc::new(config.clone());
     let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });

@@ -453,6 +453,29 @@ impl Collector for GatewayCollector {
             "Mbufs taken from the packet buffer pool (per-lcore caches count as free).",
             &[(&pool_labels[..], pool.in_use)],
         )?;
+
+        // Only when some port has a kernel interface.
+        if let Some(x) = self.view.exception() {
+            let none: &[(&str, &str)] = &[];
+            counter(
+                e,
+                "vipgate_exception_kernel_tx_packets",
+                "Packets the exception thread wrote to the ports' kernel interfaces.",
+                &[(none, x.kernel_tx)],
+            )?;
+            counter(
+                e,
+                "vipgate_exception_kernel_tx_failed_packets",
+                "Packets a kernel interface refused (freed).",
+                &[(none, x.kernel_tx_failed)],
+            )?;
+            counter(
+                e,
+                "vipgate_exception_kernel_rx_packets",
+                "Packets the exception thread read from the kernel interfaces and gave to a worker.",
+                &[(none, x.kernel_rx)],
+            )?;
+        }
         Ok(())
     }
 }
