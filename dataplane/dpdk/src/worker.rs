@@ -7,10 +7,10 @@
 //! one tx burst per egress port; one enqueue per hand-off ring for packets
 //! whose flow another worker owns; one enqueue on the ring to the kernel
 //! interfaces for packets the pipeline punts (the exception path, see
-//! `exception.rs`); send any ARP requests the pipeline asked
-//! for; then one burst at most from the ring of frames the kernel sent,
-//! transmitted on their ports; declare a quiescent state, after which the control plane may free a
-//! snapshot it replaced. Nothing here
+//! `exception.rs`); send any ARP requests the pipeline asked for; then one
+//! burst at most from the ring of frames the kernel sent, transmitted on
+//! their ports; declare a quiescent state, after which the control plane
+//! may free a snapshot it replaced. Nothing here
 //! allocates, locks, logs or makes a system call while packets flow (an
 //! optional idle sleep happens only after many empty polls). DPDK is
 //! crossed once per burst (rx, free, tx), never per packet: prefetch hints
