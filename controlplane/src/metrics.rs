@@ -213,6 +213,7 @@ struct Values {
     handoff_in: u64,
     to_kernel: u64,
     to_kernel_bytes: u64,
+    to_kernel_control: u64,
     from_kernel: u64,
     from_kernel_bytes: u64,
     flows_created: u64,
@@ -240,6 +241,7 @@ impl Values {
             handoff_in: c.handoff_in.get(),
             to_kernel: c.to_kernel.get(),
             to_kernel_bytes: c.to_kernel_bytes.get(),
+            to_kernel_control: c.to_kernel_control.get(),
             from_kernel: c.from_kernel.get(),
             from_kernel_bytes: c.from_kernel_bytes.get(),
             flows_created: c.flows_created.get(),
@@ -277,6 +279,11 @@ const WORKER_COUNTERS: &[WorkerField] = &[
         |v| v.to_kernel,
     ),
     ("vipgate_worker_to_kernel_bytes", "Bytes of vipgate_worker_to_kernel_packets.", |v| v.to_kernel_bytes),
+    (
+        "vipgate_worker_to_kernel_control_packets",
+        "The part of vipgate_worker_to_kernel_packets that were control protocols (ARP, BGP, BFD, OSPF, VRRP, IPv6 ND).",
+        |v| v.to_kernel_control,
+    ),
     (
         "vipgate_worker_from_kernel_packets",
         "Frames the kernel sent out of a port's kernel interface that the worker took to transmit.",

@@ -125,7 +125,7 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 35);
+    assert_eq!(seen.len(), 36);
 }
 
 #[test]
@@ -135,6 +135,7 @@ fn the_exception_thread_counters_appear_only_with_kernel_interfaces() {
     let c = WorkerCounters::default();
     c.to_kernel.add(7);
     c.to_kernel_bytes.add(700);
+    c.to_kernel_control.add(2);
     c.from_kernel.add(5);
     c.from_kernel_bytes.add(500);
     let gw = Arc::new(Fake {
@@ -146,6 +147,7 @@ fn the_exception_thread_counters_appear_only_with_kernel_interfaces() {
     for want in [
         "vipgate_worker_to_kernel_packets_total{worker=\"1\"} 7",
         "vipgate_worker_to_kernel_bytes_total{worker=\"1\"} 700",
+        "vipgate_worker_to_kernel_control_packets_total{worker=\"1\"} 2",
         "vipgate_worker_from_kernel_packets_total{worker=\"1\"} 5",
         "vipgate_worker_from_kernel_bytes_total{worker=\"1\"} 500",
         "# TYPE vipgate_exception_kernel_tx_packets counter",

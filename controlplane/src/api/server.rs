@@ -123,6 +123,7 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
         to_kernel_bytes: c.to_kernel_bytes.get(),
         from_kernel: c.from_kernel.get(),
         from_kernel_bytes: c.from_kernel_bytes.get(),
+        to_kernel_control: c.to_kernel_control.get(),
     }
 }
 
@@ -159,6 +160,7 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.to_kernel_bytes, c.to_kernel_bytes),
         (&mut total.from_kernel, c.from_kernel),
         (&mut total.from_kernel_bytes, c.from_kernel_bytes),
+        (&mut total.to_kernel_control, c.to_kernel_control),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);

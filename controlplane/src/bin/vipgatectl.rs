@@ -433,6 +433,7 @@ struct CountersJson {
     to_kernel_bytes: u64,
     from_kernel: u64,
     from_kernel_bytes: u64,
+    to_kernel_control: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -532,6 +533,7 @@ impl From<pb::PacketCounters> for CountersJson {
             to_kernel_bytes: c.to_kernel_bytes,
             from_kernel: c.from_kernel,
             from_kernel_bytes: c.from_kernel_bytes,
+            to_kernel_control: c.to_kernel_control,
         }
     }
 }

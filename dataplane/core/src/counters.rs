@@ -184,6 +184,10 @@ pub struct WorkerCounters {
     pub to_kernel: Counter,
     /// Bytes of `to_kernel`.
     pub to_kernel_bytes: Counter,
+    /// The part of `to_kernel` that were control protocols (ARP, BGP, BFD,
+    /// OSPF, VRRP, IPv6 neighbour discovery), passed on a ring of their own
+    /// so that other punted traffic cannot crowd them out.
+    pub to_kernel_control: Counter,
     /// Packets the kernel sent out of a port's kernel interface that this
     /// worker took from its ring, to transmit on the port (each then counts
     /// in `tx_packets` or as a `tx_full` drop).

@@ -131,6 +131,12 @@ pub enum Verdict {
     /// to a port address (after the fast path learned from them: the kernel
     /// resolves its own neighbours with its own requests).
     Punt(u16),
+    /// [`Verdict::Punt`] for a control protocol the gateway's kernel must
+    /// never miss under a flood of other punted traffic: ARP, BGP (TCP port
+    /// 179), BFD (UDP 3784, 3785, 4784), OSPF, VRRP, IPv6 neighbour
+    /// discovery. The driver keeps these apart from the rest on their way to
+    /// the kernel.
+    PuntControl(u16),
 }
 
 /// An ARP request the driver should build and send.
@@ -437,11 +443,14 @@ impl Pipeline {
         }
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
             let ahead = self.ahead.get(i).copied().unwrap_or(Ahead::Unknown);
-            let verdict = self.process_one(snap, now, p, ahead);
+            let mut verdict = self.process_one(snap, now, p, ahead);
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
-                Verdict::Transmit(_) | Verdict::Handoff(_) | Verdict::Punt(_) => {}
+                // Only punted frames are classified: the fast path pays
+                // nothing for it.
+                Verdict::Punt(port) if is_control_protocol(p.frame()) => verdict = Verdict::PuntControl(port),
+                Verdict::Transmit(_) | Verdict::Handoff(_) | Verdict::Punt(_) | Verdict::PuntControl(_) => {}
             }
             *v = verdict;
         }
@@ -1094,6 +1103,44 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
         dst_port: u16::from_be_bytes([l4[2], l4[3]]),
         protocol,
     })
+}
+
+/// True if a frame for the gateway's kernel carries a control protocol that
+/// must get through a flood of other punted traffic: ARP; over IPv4 or IPv6
+/// (without extension headers), BGP (TCP port 179 either way), BFD (UDP to
+/// 3784 single hop, 3785 echo, 4784 multihop), OSPF (89), VRRP (112); IPv6
+/// neighbour discovery (ICMPv6 133 to 137). Every read is bounds-checked;
+/// a truncated frame is not control traffic.
+fn is_control_protocol(frame: &[u8]) -> bool {
+    const BGP: u16 = 179;
+    const BFD: [u16; 3] = [3784, 3785, 4784];
+    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let l4 = |proto: u8, at: usize| match proto {
+        ipv4::protocol::TCP => be16(at) == Some(BGP) || be16(at + 2) == Some(BGP),
+        ipv4::protocol::UDP => be16(at + 2).is_some_and(|p| BFD.contains(&p)),
+        89 | 112 => true,
+        _ => false,
+    };
+    const ETH: usize = ethernet::HEADER_LEN;
+    match be16(12) {
+        Some(EtherType::ARP) => true,
+        Some(EtherType::IPV4) => {
+            let Some(&vihl) = frame.get(ETH) else { return false };
+            let Some(&proto) = frame.get(ETH + 9) else { return false };
+            // A later fragment has no L4 header.
+            let offset = be16(ETH + 6).map_or(0, |f| f & 0x1fff);
+            offset == 0 && l4(proto, ETH + usize::from(vihl & 0x0f) * 4)
+        }
+        Some(EtherType::IPV6) => {
+            const IPV6_HEADER: usize = 40;
+            match frame.get(ETH + 6) {
+                Some(58) => frame.get(ETH + IPV6_HEADER).is_some_and(|t| (133..=137).contains(t)),
+                Some(&next) => l4(next, ETH + IPV6_HEADER),
+                None => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 /// True if `l4` starts with an ICMP echo request (type 8, code 0), the one

@@ -54,6 +54,21 @@ const IDLE_POLLS_BEFORE_SLEEP: u32 = 64;
 /// first packet of a quiet period gets on its way to or from the kernel.
 const IDLE_SLEEP: Duration = Duration::from_micros(100);
 
+/// One worker's rings with the exception thread.
+#[derive(Debug, Clone)]
+pub(crate) struct KernelRings {
+    /// Punted packets, to the kernel.
+    pub(crate) to_kernel: Arc<Ring>,
+    /// Punted control protocols, to the kernel: served first.
+    pub(crate) control: Arc<Ring>,
+    /// What the kernel sent, for the worker to transmit.
+    pub(crate) from_kernel: Arc<Ring>,
+}
+
+/// Most bursts taken from one worker's control ring per pass of the
+/// exception thread (bounded, but far more than control traffic needs).
+const CONTROL_BURSTS: usize = 4;
+
 /// Counters of the exception thread (it is their only writer).
 #[derive(Debug, Default)]
 pub struct ExceptionCounters {
@@ -171,6 +186,8 @@ pub(crate) struct Exception {
     kernel: Vec<KernelPort>,
     /// Per worker: its punts, to the kernel.
     to_kernel: Vec<Arc<Ring>>,
+    /// Per worker: its punted control protocols, to the kernel.
+    control: Vec<Arc<Ring>>,
     /// Per worker: what the kernel sends, for the worker to transmit.
     from_kernel: Vec<Arc<Ring>>,
     counters: Arc<ExceptionCounters>,
@@ -185,6 +202,7 @@ struct Shuttle {
     /// Tap port id by physical port id (`u16::MAX`: none).
     kernel_of: Vec<u16>,
     to_kernel: Vec<Arc<Ring>>,
+    control: Vec<Arc<Ring>>,
     from_kernel: Vec<Arc<Ring>>,
     counters: Arc<ExceptionCounters>,
     stop: Arc<AtomicBool>,
@@ -195,14 +213,17 @@ impl Exception {
     /// creates the rings; the thread starts with [`Exception::start`].
     pub(crate) fn create(kernel: Vec<KernelPort>, workers: usize) -> Result<Exception, DpdkError> {
         let mut to_kernel = Vec::with_capacity(workers);
+        let mut control = Vec::with_capacity(workers);
         let mut from_kernel = Vec::with_capacity(workers);
         for w in 0..workers {
             to_kernel.push(Arc::new(Ring::create(&format!("vg_to_kernel_{w}"), EXCEPTION_RING_SIZE)?));
+            control.push(Arc::new(Ring::create(&format!("vg_kernel_ctl_{w}"), EXCEPTION_RING_SIZE)?));
             from_kernel.push(Arc::new(Ring::create(&format!("vg_from_kernel_{w}"), EXCEPTION_RING_SIZE)?));
         }
         Ok(Exception {
             kernel,
             to_kernel,
+            control,
             from_kernel,
             counters: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
@@ -215,9 +236,13 @@ impl Exception {
         &self.kernel
     }
 
-    /// Worker `w`'s rings: (to the kernel, from the kernel).
-    pub(crate) fn rings(&self, w: usize) -> (Arc<Ring>, Arc<Ring>) {
-        (Arc::clone(&self.to_kernel[w]), Arc::clone(&self.from_kernel[w]))
+    /// Worker `w`'s rings.
+    pub(crate) fn rings(&self, w: usize) -> KernelRings {
+        KernelRings {
+            to_kernel: Arc::clone(&self.to_kernel[w]),
+            control: Arc::clone(&self.control[w]),
+            from_kernel: Arc::clone(&self.from_kernel[w]),
+        }
     }
 
     /// The exception thread's counters.
@@ -236,6 +261,7 @@ impl Exception {
             kernel: self.kernel.iter().map(|k| (k.id(), k.phys_id)).collect(),
             kernel_of,
             to_kernel: self.to_kernel.clone(),
+            control: self.control.clone(),
             from_kernel: self.from_kernel.clone(),
             counters: Arc::clone(&self.counters),
             stop: Arc::clone(&self.stop),
@@ -260,7 +286,7 @@ impl Exception {
             let _ = t.join();
         }
         let mut buf = [null_mut::<rte_mbuf>(); BURST];
-        for ring in self.to_kernel.iter().chain(&self.from_kernel) {
+        for ring in self.to_kernel.iter().chain(&self.control).chain(&self.from_kernel) {
             loop {
                 let n = ring.dequeue(&mut buf);
                 if n == 0 {
@@ -292,9 +318,14 @@ impl Shuttle {
         let mut idle = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
             let mut work = 0usize;
-            // Worker -> kernel.
-            for ring in &self.to_kernel {
+            // Worker -> kernel: every worker's control protocols first (a
+            // few bursts each), then one burst of the rest from each.
+            let control = self.control.iter().flat_map(|r| std::iter::repeat_n(r, CONTROL_BURSTS));
+            for ring in control.chain(&self.to_kernel) {
                 let n = ring.dequeue(&mut buf);
+                if n == 0 {
+                    continue;
+                }
                 work += n;
                 for &m in &buf[..n] {
                     // SAFETY: a valid mbuf the worker passed on; its `port`

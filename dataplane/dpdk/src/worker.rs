@@ -17,6 +17,7 @@
 //! and TSC reads are CPU intrinsics, not calls into DPDK's C wrappers.
 
 use crate::BURST;
+use crate::exception::KernelRings;
 use crate::handoff::Ring;
 use crate::rcu::Reader;
 use arrayvec::ArrayVec;
@@ -66,7 +67,7 @@ pub(crate) struct WorkerSetup {
     pub(crate) kernel_ports: Vec<bool>,
     /// The exception path's rings (to the kernel, from the kernel), when
     /// any port has a kernel interface.
-    pub(crate) exception: Option<(Arc<Ring>, Arc<Ring>)>,
+    pub(crate) exception: Option<KernelRings>,
 }
 
 // SAFETY: the set-up is handed to exactly one lcore; the mempool pointer
@@ -148,11 +149,14 @@ pub(crate) struct Worker {
     /// Dense port index by DPDK port id (`u16::MAX`: not ours).
     dense_of: Vec<u16>,
     /// Rings to and from the exception thread.
-    exception: Option<(Arc<Ring>, Arc<Ring>)>,
+    exception: Option<KernelRings>,
 }
 
 /// Per-destination batches of packets to hand to other workers.
 type HandoffBatches = Vec<ArrayVec<*mut rte_mbuf, BURST>>;
+
+/// Packets for the kernel: (others, control protocols).
+type PuntBatches = (ArrayVec<*mut rte_mbuf, BURST>, ArrayVec<*mut rte_mbuf, BURST>);
 
 /// Converts TSC ticks to nanoseconds with a multiply and a shift.
 struct Clock {
@@ -245,7 +249,7 @@ impl Worker {
         let mut rx: [*mut rte_mbuf; BURST] = [null_mut(); BURST];
         let mut tx: Vec<ArrayVec<*mut rte_mbuf, BURST>> = vec![ArrayVec::new(); nports];
         let mut handoff: HandoffBatches = vec![ArrayVec::new(); self.outbound.len()];
-        let mut punt: ArrayVec<*mut rte_mbuf, BURST> = ArrayVec::new();
+        let mut punt: PuntBatches = (ArrayVec::new(), ArrayVec::new());
         let mut verdicts = [Verdict::Consumed; BURST];
         let clock = Clock::new(self.tsc_hz);
         let housekeeping_every = (self.tsc_hz / HOUSEKEEPING_HZ).max(1);
@@ -343,7 +347,7 @@ impl Worker {
         verdicts: &mut [Verdict; BURST],
         tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
         handoff: &mut HandoffBatches,
-        punt: &mut ArrayVec<*mut rte_mbuf, BURST>,
+        punt: &mut PuntBatches,
         counters: &WorkerCounters,
     ) {
         let n = mbufs.len();
@@ -412,13 +416,15 @@ impl Worker {
                 Verdict::Handoff(w) if self.outbound.get(usize::from(w)).is_some_and(Option::is_some) => {
                     handoff[usize::from(w)].push(m);
                 }
-                Verdict::Punt(p) if self.exception.is_some() && usize::from(p) < self.port_ids.len() => {
+                Verdict::Punt(p) | Verdict::PuntControl(p)
+                    if self.exception.is_some() && usize::from(p) < self.port_ids.len() =>
+                {
                     // SAFETY: `m` is ours; the exception thread writes it to
                     // the kernel interface of the port it names.
                     unsafe { (*m).port = self.port_ids[usize::from(p)] };
-                    punt.push(m);
+                    if matches!(*v, Verdict::PuntControl(_)) { punt.1.push(m) } else { punt.0.push(m) }
                 }
-                Verdict::Punt(_) => {
+                Verdict::Punt(_) | Verdict::PuntControl(_) => {
                     // No exception path: never expected (the pipeline punts
                     // only on ports the driver named).
                     counters.count_drop(DropReason::PuntFull);
@@ -453,23 +459,30 @@ impl Worker {
                 self.hand_off(w, batch, counters);
             }
         }
-        if !punt.is_empty() {
-            self.punt(punt, counters);
+        if !punt.1.is_empty() {
+            self.punt(&mut punt.1, true, counters);
+        }
+        if !punt.0.is_empty() {
+            self.punt(&mut punt.0, false, counters);
         }
         self.send_solicitations(counters);
     }
 
-    /// Passes punted packets to the exception thread; frees and counts what
-    /// its ring refuses (`punt_full`): the fast path never waits for the
-    /// kernel.
+    /// Passes punted packets to the exception thread, on the control ring
+    /// when `control`; frees and counts what the ring refuses
+    /// (`punt_full`): the fast path never waits for the kernel.
     #[inline]
-    fn punt(&self, batch: &mut ArrayVec<*mut rte_mbuf, BURST>, counters: &WorkerCounters) {
-        let Some((ring, _)) = &self.exception else { return };
+    fn punt(&self, batch: &mut ArrayVec<*mut rte_mbuf, BURST>, control: bool, counters: &WorkerCounters) {
+        let Some(rings) = &self.exception else { return };
+        let ring = if control { &rings.control } else { &rings.to_kernel };
         // SAFETY: valid mbufs owned by this worker until enqueued.
         let lens: ArrayVec<u32, BURST> = batch.iter().map(|&m| unsafe { (*m).pkt_len }).collect();
         let sent = ring.enqueue(batch);
         counters.to_kernel.add(sent as u64);
         counters.to_kernel_bytes.add(lens[..sent].iter().map(|&l| u64::from(l)).sum());
+        if control {
+            counters.to_kernel_control.add(sent as u64);
+        }
         if sent < batch.len() {
             // SAFETY: the mbufs the ring refused are still ours.
             unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(batch.as_mut_ptr().add(sent), (batch.len() - sent) as u32) };
@@ -488,8 +501,8 @@ impl Worker {
         tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
         counters: &WorkerCounters,
     ) -> usize {
-        let Some((_, ring)) = &self.exception else { return 0 };
-        let n = ring.dequeue(rx);
+        let Some(rings) = &self.exception else { return 0 };
+        let n = rings.from_kernel.dequeue(rx);
         if n == 0 {
             return 0;
         }
