@@ -407,8 +407,9 @@ fn a_taken_kernel_interface_name_stops_the_start_and_a_crash_leaves_no_interface
     let log = gw.log();
     assert!(
         log.contains(r#"port "a": kernel interface "a" already exists"#),
-        "the error should name the port and the interface:\n{log}"
+        "the error should name the port and the interface (vipgated ended with {status}):\n{log}"
     );
+    assert_eq!(status.code(), Some(1), "a start-up error exits with status 1:\n{log}");
     assert!(!gw.interface_exists("gwb"), "a failed start leaves no kernel interface behind:\n{log}");
     ok(&gw.ip(&["tuntap", "del", "dev", "a", "mode", "tap"]), "ip tuntap del");
 
