@@ -254,11 +254,13 @@ socket = "$SOCKET"
 name = "client"
 device = "net_tap0,iface=$CLIENT_IF"
 addresses = ["$VG_CLIENT_GW/24"]
+kernel_interface = ""  # the exception path is off in the demo
 
 [[ports]]
 name = "backend"
 device = "net_tap1,iface=$BACKEND_IF"
 addresses = ["$VG_BACKEND_GW/24"]
+kernel_interface = ""
 
 [[services]]
 name = "web"

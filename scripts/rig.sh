@@ -5,16 +5,23 @@
 #   rig.sh up     --prefix P --client-if IF --backend-if IF
 #                 [--mode nat|fullnat|dsr] [--dsr-decap kernel|userspace]
 #                 [--backends N] [--wait SECONDS] [--http-port PORT] [--udp-port PORT]
-#                 [--probe-path HOST_ADDR]
+#                 [--probe-path HOST_ADDR] [--gateway-ns]
 #   rig.sh down   --prefix P
-#   rig.sh exec   --prefix P client|backend|b<i> -- CMD [ARGS...]
+#   rig.sh exec   --prefix P client|backend|b<i>|gateway -- CMD [ARGS...]
 #   rig.sh status --prefix P
 #
 # up: creates the namespaces ${P}client and ${P}backend; waits (at most
 #   --wait seconds, default 20) for the two interfaces to appear in the root
 #   namespace and be up (the gateway creates them and brings them up when it
 #   starts its ports), moves them in and configures them for --mode (the
-#   gateway's services must use the same mode; default nat):
+#   gateway's services must use the same mode; default nat).
+#   --gateway-ns: the gateway runs in the namespace ${P}gw instead (the
+#   caller created it and started the gateway inside, e.g. with `ip netns
+#   exec ${P}gw vipgated ...`), so its own kernel side (the kernel
+#   interfaces of its exception path, with the ports' addresses) is apart
+#   from the host's and from other rigs'; the interfaces are awaited and
+#   taken from there, and `down` deletes ${P}gw too (after stopping what
+#   still runs in it).
 #
 #   nat, fullnat:
 #     ${P}client   lo up; CLIENT_IF 198.18.0.2/24;
@@ -83,7 +90,8 @@
 #   namespaces, deletes the namespaces (with them the bridge, the veths and
 #   the taps) and the state. Never fails when things are already gone.
 # exec: runs CMD inside ${P}client, ${P}backend (in dsr mode: the LAN, with
-#   no address of its own) or ${P}b<i> (dsr mode: backend-i).
+#   no address of its own), ${P}b<i> (dsr mode: backend-i) or ${P}gw
+#   (gateway: the gateway's kernel side, with --gateway-ns).
 # status: prints the namespaces, addresses, routes and backends.
 #
 # State: /run/vipgate-rig/${P}/ (rig.env, backends, backend-i.pid,
@@ -123,6 +131,7 @@ UDP_PORT=$VG_UDP_PORT
 MODE=nat
 DSR_DECAP=""
 PROBE_PATH=""
+GATEWAY_IN_NS=0
 ROLE=""
 CMD=()
 
@@ -160,6 +169,14 @@ parse_args() {
 			[[ $1 =~ ^(client|backend|b[1-9][0-9]*)$ ]] || usage_error "exec: '$1' is not client, backend or b<i> (i from 1)"
 			ROLE=$1 && shift
 			;;
+		--gateway-ns)
+			[[ $sub = up ]] || usage_error "--gateway-ns is an option of up"
+			GATEWAY_IN_NS=1 && shift
+			;;
+		gateway)
+			[[ $sub = exec && -z $ROLE ]] || usage_error "unexpected argument: $1"
+			ROLE=$1 && shift
+			;;
 		--)
 			[[ $sub = exec ]] || usage_error "unexpected argument: --"
 			shift
@@ -175,6 +192,7 @@ parse_args() {
 		usage_error "--prefix must be 1-31 characters of [A-Za-z0-9_.-]: '$PREFIX'"
 	CLIENT_NS=${PREFIX}client
 	BACKEND_NS=${PREFIX}backend
+	GATEWAY_NS=${PREFIX}gw
 	STATE=$VG_RIG_STATE_ROOT/$PREFIX
 	case $sub in
 	up)
@@ -207,7 +225,7 @@ parse_args() {
 		fi
 		;;
 	exec)
-		[[ -n $ROLE ]] || usage_error "exec needs 'client', 'backend' or 'b<i>'"
+		[[ -n $ROLE ]] || usage_error "exec needs 'client', 'backend', 'b<i>' or 'gateway'"
 		((${#CMD[@]})) || usage_error "exec needs -- CMD [ARGS...]"
 		;;
 	esac
@@ -218,6 +236,7 @@ ns_of() {
 	case $1 in
 	client) echo "$CLIENT_NS" ;;
 	backend) echo "$BACKEND_NS" ;;
+	gateway) echo "$GATEWAY_NS" ;;
 	*) echo "$PREFIX$1" ;; # b<i>
 	esac
 }
@@ -291,10 +310,17 @@ rig_namespaces() {
 		rest=${n#"$PREFIX"b}
 		[[ $rest =~ ^[1-9][0-9]*$ ]] && echo "$n"
 	done
-	for n in "$BACKEND_NS" "$CLIENT_NS"; do
+	# The gateway's last: what runs in it stops with the others, and it
+	# is deleted once the interfaces it lent are gone with theirs.
+	for n in "$BACKEND_NS" "$CLIENT_NS" "$GATEWAY_NS"; do
 		ns_exists "$n" && echo "$n"
 	done
 	return 0
+}
+
+# `ip` in the namespace the gateway runs in (the root one by default).
+gw_ip() {
+	if ((GATEWAY_IN_NS)); then ip -n "$GATEWAY_NS" "$@"; else ip "$@"; fi
 }
 
 # ns_sysctl NS KEY=VALUE...: sets sysctls inside NS.
@@ -320,7 +346,7 @@ if_state() {
 	local ifname=$1 ns=$2 flags
 	if ip -n "$ns" link show dev "$ifname" >/dev/null 2>&1; then
 		echo ns
-	elif flags=$(ip -o link show dev "$ifname" 2>/dev/null); then
+	elif flags=$(gw_ip -o link show dev "$ifname" 2>/dev/null); then
 		# "2: vgd-c: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu ..."
 		if [[ $flags =~ \<([A-Z_,]*)\> && ,${BASH_REMATCH[1]}, = *,UP,* ]]; then
 			echo root-up
@@ -366,7 +392,7 @@ move_if() {
 		say "$ifname is already in $ns"
 	else
 		say "moving $ifname into $ns"
-		ip link set dev "$ifname" netns "$ns"
+		gw_ip link set dev "$ifname" netns "$ns"
 	fi
 }
 
@@ -631,6 +657,10 @@ cmd_up() {
 		"$PREFIX" "$CLIENT_IF" "$BACKEND_IF" "$BACKENDS" "$HTTP_PORT" "$UDP_PORT" "$MODE")
 	if [[ $MODE = dsr ]]; then want+=$'\n'"DSR_DECAP=$DSR_DECAP"; fi
 	if [[ -n $PROBE_PATH ]]; then want+=$'\n'"PROBE_PATH=$PROBE_PATH"; fi
+	if ((GATEWAY_IN_NS)); then
+		want+=$'\n'"GATEWAY_NS=$GATEWAY_NS"
+		ns_exists "$GATEWAY_NS" || die "--gateway-ns: namespace $GATEWAY_NS does not exist; create it and start the gateway in it first"
+	fi
 	if [[ -f $STATE/rig.env ]]; then
 		if [[ $(<"$STATE/rig.env") != "$want" ]]; then
 			die "rig '$PREFIX' is already up with other settings (it has: $(grep -vxFf <(printf '%s\n' "$want") "$STATE/rig.env" | tr '\n' ' '); asked for: $(grep -vxFf "$STATE/rig.env" <(printf '%s\n' "$want") | tr '\n' ' ')); run: $0 down --prefix $PREFIX"

@@ -41,6 +41,8 @@ PACKAGES=(
 	build-essential clang libclang-dev pkg-config protobuf-compiler ca-certificates
 	# The rig and the demo: ip/netns, setsid/mount, curl, socat, backends.
 	iproute2 util-linux procps curl socat python3
+	# The exception-path tests: the gateway's kernel pings through it.
+	iputils-ping
 	# The Python gRPC client test: the venv setup.sh creates (pip from PyPI).
 	python3-venv
 	# Route announcement tests (tests/announce.rs): the routing daemons, which

@@ -87,6 +87,7 @@ listen = ""
 name = "a"
 device = "net_null{prefix}a,no-rx=1"
 addresses = ["198.18.0.1/24"]
+kernel_interface = ""
 "#,
             huge = use_hugepages()
         );

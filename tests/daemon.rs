@@ -27,11 +27,13 @@ socket = "{socket}"
 name = "a"
 device = "net_null{prefix}a,no-rx=1"
 addresses = ["198.18.0.1/24"]
+kernel_interface = ""
 
 [[ports]]
 name = "b"
 device = "net_null{prefix}b,no-rx=1"
 addresses = ["198.18.1.1/24"]
+kernel_interface = ""
 
 [[services]]
 name = "web"
@@ -109,7 +111,7 @@ fn daemon_refuses_a_bad_config_before_eal_starts() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(2), "{err}");
     let want =
-        format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", path.display());
+        format!("{}:30: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", path.display());
     assert!(err.contains(&want), "wanted {want:?} in {err:?}");
     assert!(!err.contains("EAL"), "EAL started: {err}");
     assert!(!Path::new("/var/run/dpdk").join(&prefix).exists(), "EAL created its runtime directory");
@@ -365,7 +367,7 @@ fn sighup_with_an_invalid_file_is_refused_and_the_daemon_keeps_running() {
         check_err.trim().strip_prefix("vipgated: configuration error: ").expect("--check's error text").to_owned();
     assert_eq!(
         reason,
-        format!("{}:28: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", d.config.display())
+        format!("{}:30: services[0].backends[0].port: 80800 is not a port number from 1 to 65535", d.config.display())
     );
 
     let line = d.reload(&bad, 1);

@@ -34,11 +34,13 @@ listen = "{metrics}"
 name = "a"
 device = "net_null{prefix}a{rx}"
 addresses = ["198.18.0.1/24"]
+kernel_interface = ""
 
 [[ports]]
 name = "b"
 device = "net_null{prefix}b,no-rx=1"
 addresses = ["198.18.1.1/24"]
+kernel_interface = ""
 
 [[services]]
 name = "web"
@@ -256,6 +258,11 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         "vipgate_worker_tx_bytes",
         "vipgate_worker_handoff_out_packets",
         "vipgate_worker_handoff_in_packets",
+        "vipgate_worker_to_kernel_packets",
+        "vipgate_worker_to_kernel_bytes",
+        "vipgate_worker_to_kernel_control_packets",
+        "vipgate_worker_from_kernel_packets",
+        "vipgate_worker_from_kernel_bytes",
         "vipgate_worker_flows_created",
         "vipgate_worker_flows_evicted",
         "vipgate_worker_flows_rehashed",
@@ -351,6 +358,11 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
             ("vipgate_worker_tx_bytes_total", "tx_bytes"),
             ("vipgate_worker_handoff_out_packets_total", "handoff_out"),
             ("vipgate_worker_handoff_in_packets_total", "handoff_in"),
+            ("vipgate_worker_to_kernel_packets_total", "to_kernel"),
+            ("vipgate_worker_to_kernel_bytes_total", "to_kernel_bytes"),
+            ("vipgate_worker_to_kernel_control_packets_total", "to_kernel_control"),
+            ("vipgate_worker_from_kernel_packets_total", "from_kernel"),
+            ("vipgate_worker_from_kernel_bytes_total", "from_kernel_bytes"),
             ("vipgate_worker_flows_created_total", "flows_created"),
             ("vipgate_worker_flows_evicted_total", "flows_evicted"),
             ("vipgate_worker_flows_rehashed_total", "flows_rehashed"),
@@ -370,7 +382,7 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
             .map(|s| s.labels["reason"].clone())
             .collect();
         assert_eq!(listed, reasons);
-        assert_eq!(reasons.len(), 17);
+        assert_eq!(reasons.len(), vipgate_dataplane::counters::DropReason::COUNT);
         for reason in &reasons {
             between(
                 reason,

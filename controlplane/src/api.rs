@@ -23,7 +23,7 @@ pub use tcp::{
     BoundTcp, CONCURRENCY_PER_CONNECTION, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
     MAX_CONCURRENT_STREAMS, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, REQUEST_TIMEOUT, TcpSettings, bind_tcp, serve_tcp,
 };
-pub use view::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
+pub use view::{ExceptionView, GatewayView, MempoolView, PortStats, PortView, WorkerView};
 
 /// The generated protobuf messages and the tonic client and server of
 /// package `vipgate.v1`.

@@ -318,6 +318,7 @@ struct RawPort {
     #[serde(default)]
     addresses: Vec<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
+    kernel_interface: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -734,6 +735,7 @@ impl Validator<'_> {
         let mut port_names = HashSet::new();
         let mut probed = HashSet::new();
         let mut subnets: Vec<(Ipv4Cidr, String)> = Vec::new();
+        let mut kernel_interfaces: Vec<Option<String>> = Vec::new();
         for (i, p) in raw.ports.iter().enumerate() {
             let p = p.get_ref();
             let f = |k: &str| format!("ports[{i}].{k}");
@@ -809,8 +811,60 @@ impl Validator<'_> {
                     }
                 },
             };
+            let kernel = match &p.kernel_interface {
+                None => {
+                    // The port as Linux sees it: `ip address show uplink`,
+                    // `tcpdump -i uplink`.
+                    let derived = name.to_owned();
+                    check_interface_name(&derived).or_else(|reason| {
+                        self.err(
+                            p.name.span(),
+                            f("kernel_interface"),
+                            format!(
+                                "the default kernel interface name is the port's name, which is not usable: {reason}; set kernel_interface to a name of your own, or to \"\" for none"
+                            ),
+                        )
+                    })?;
+                    Some(derived)
+                }
+                Some(k) if k.get_ref().is_empty() => None,
+                Some(k) => {
+                    check_interface_name(k.get_ref())
+                        .or_else(|reason| self.err(k.span(), f("kernel_interface"), reason))?;
+                    Some(k.get_ref().clone())
+                }
+            };
+            if let Some(k) = &kernel
+                && let Some(j) = kernel_interfaces.iter().position(|o| o.as_ref() == Some(k))
+            {
+                let at = p.kernel_interface.as_ref().map_or(p.name.span(), Spanned::span);
+                return self.err(
+                    at,
+                    f("kernel_interface"),
+                    format!("{k:?} is already the kernel interface of ports[{j}]"),
+                );
+            }
+            kernel_interfaces.push(kernel);
             ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses, mtu });
             devices.push(device);
+        }
+
+        // A net_tap port's own interface and a kernel interface cannot share
+        // a name: both live in the kernel.
+        for (i, (p, device)) in raw.ports.iter().zip(&devices).enumerate() {
+            let Device::Virtual { args, .. } = device else { continue };
+            let Some(tap) = args.split(',').find_map(|a| a.trim().strip_prefix("iface=")) else { continue };
+            if let Some(j) = kernel_interfaces.iter().position(|k| k.as_deref() == Some(tap)) {
+                let p = p.get_ref();
+                let at = raw.ports[j].get_ref().kernel_interface.as_ref().map_or(p.device.span(), Spanned::span);
+                return self.err(
+                    at,
+                    format!("ports[{j}].kernel_interface"),
+                    format!(
+                        "{tap:?} is the interface of ports[{i}]'s device; name the kernel interface otherwise, or \"\" for none"
+                    ),
+                );
+            }
         }
 
         let mut routes = Vec::new();
@@ -1151,7 +1205,13 @@ impl Validator<'_> {
                 .ports
                 .iter()
                 .zip(&devices)
-                .map(|(p, d)| PortConfig { name: p.name.clone(), device: d.probed_name().to_owned(), mtu: p.mtu })
+                .zip(&kernel_interfaces)
+                .map(|((p, d), k)| PortConfig {
+                    name: p.name.clone(),
+                    device: d.probed_name().to_owned(),
+                    mtu: p.mtu,
+                    kernel_interface: k.clone(),
+                })
                 .collect(),
             mbufs: *dp.mbufs.get_ref(),
             mbuf_cache: *dp.mbuf_cache.get_ref(),
@@ -1167,7 +1227,8 @@ impl Validator<'_> {
         let (api_tcp, api_max_request_bytes) = self.api_tcp(&raw.api)?;
         let metrics_listen = self.metrics(&raw.metrics)?;
         let announce = self.announce(&raw.announce)?;
-        let mut fixed = fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices);
+        let mut fixed =
+            fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices, &kernel_interfaces);
         // In file order: after `api.socket`, before `ports`.
         let at = fixed.iter().position(|(f, _)| f == "ports").unwrap_or(fixed.len());
         let mut extra = listener_settings(&raw.api, api_max_request_bytes, metrics_listen);
@@ -1361,6 +1422,7 @@ fn listener_settings(
 
 /// The settings only a restart can change, as (field, value) in file order,
 /// values written as in TOML. See [`Config::restart_required`].
+#[allow(clippy::too_many_arguments)]
 fn fixed_settings(
     eal: &RawEal,
     lcores: &[u32],
@@ -1369,6 +1431,7 @@ fn fixed_settings(
     socket: &Path,
     ports: &[PortSpec],
     devices: &[Device],
+    kernel_interfaces: &[Option<String>],
 ) -> Vec<(String, String)> {
     let lcores: Vec<String> =
         lcores.iter().zip(cpus).map(|(l, c)| c.map_or_else(|| l.to_string(), |c| format!("{l}@{c}"))).collect();
@@ -1397,7 +1460,7 @@ fn fixed_settings(
         ("api.socket".to_owned(), format!("{:?}", socket.display().to_string())),
         ("ports".to_owned(), format!("{} port{}", ports.len(), if ports.len() == 1 { "" } else { "s" })),
     ];
-    for (i, (p, d)) in ports.iter().zip(devices).enumerate() {
+    for (i, ((p, d), k)) in ports.iter().zip(devices).zip(kernel_interfaces).enumerate() {
         let device = match d {
             Device::Virtual { args, .. } => args,
             Device::Pci { address } => address,
@@ -1408,6 +1471,7 @@ fn fixed_settings(
         fixed.push((format!("ports[{i}].device"), format!("{device:?}")));
         fixed.push((format!("ports[{i}].addresses"), format!("{addresses:?}")));
         fixed.push((format!("ports[{i}].mtu"), p.mtu.to_string()));
+        fixed.push((format!("ports[{i}].kernel_interface"), format!("{:?}", k.as_deref().unwrap_or(""))));
     }
     fixed
 }
@@ -1537,6 +1601,21 @@ fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
         return Err(format!("{s:?} is not a unicast MAC address"));
     }
     Ok(mac)
+}
+
+/// A Linux network interface name: 1 to 15 bytes (IFNAMSIZ less the NUL) of
+/// letters, digits, `-`, `_` and `.`, and not `.` or `..`.
+pub(crate) fn check_interface_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 15 {
+        return Err(format!("{s:?} is not 1 to 15 bytes long (Linux interface names are at most 15)"));
+    }
+    if s == "." || s == ".." {
+        return Err(format!("{s:?} is not a usable interface name"));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("{s:?} contains {c:?}; use letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
 }
 
 /// Classifies a device string: a vdev (`net_...`) or a PCI address.

@@ -49,6 +49,9 @@ pub enum DaemonError {
     /// The route announcer's interface cannot be managed.
     #[error(transparent)]
     Announce(#[from] announce::AnnounceError),
+    /// The kernel interfaces (exception path) could not be configured.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -62,6 +65,7 @@ struct DaemonView {
     /// The checked backends' health, for the metrics.
     health: Option<Arc<HealthStatus>>,
     announce: SharedAnnounceStatus,
+    exception: Option<Arc<vipgate_dpdk::ExceptionCounters>>,
 }
 
 impl GatewayView for DaemonView {
@@ -100,6 +104,15 @@ impl GatewayView for DaemonView {
         // The announcement metrics exist only while it is on.
         let status = self.announce.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         status.enabled.then(|| status.clone())
+    }
+
+    fn exception(&self) -> Option<api::ExceptionView> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.exception.as_ref().map(|c| api::ExceptionView {
+            kernel_tx: c.kernel_tx.load(Relaxed),
+            kernel_tx_failed: c.kernel_tx_failed.load(Relaxed),
+            kernel_rx: c.kernel_rx.load(Relaxed),
+        })
     }
 }
 
@@ -149,7 +162,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let mut dataplane = Dataplane::open(eal, &config.dataplane)?;
     let ports = dataplane.ports();
     for p in &ports {
-        info!(port = %p.name, id = p.id, mac = %p.mac, "port started");
+        info!(port = %p.name, id = p.id, mac = %p.mac, kernel_interface = p.kernel_interface.as_deref().unwrap_or(""), "port started");
     }
     let macs: Vec<_> = ports.iter().map(|p| p.mac).collect();
     let mut slots = StatsSlots::new(
@@ -162,6 +175,11 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
     slots.apply(plan);
+    // The kernel side of the exception path, once packets flow both ways.
+    let commands = crate::kernel::configure(config)?;
+    if !commands.is_empty() {
+        info!(commands = %commands.trim_end().replace('\n', "; "), "kernel interfaces configured");
+    }
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
@@ -176,6 +194,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         stats: slots.reader(),
         health: Some(Arc::clone(handle.health())),
         announce: announcer.status(),
+        exception: dataplane.exception_counters(),
     });
     // The workers forward: the eligible VIPs may be announced (every
     // backend starts up).
@@ -436,12 +455,23 @@ impl Reloader {
         let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         log_services(&snapshot);
         let services = snapshot.services().len();
-        if let Err(e) = self.commit(Arc::new(new), dynamic, (snapshot, plan), change, dataplane).await {
+        let old = Arc::clone(&self.running);
+        let new = Arc::new(new);
+        if let Err(e) = self.commit(Arc::clone(&new), dynamic, (snapshot, plan), change, dataplane).await {
             error!("reload refused: {e}; the running configuration is kept");
             return;
         }
         self.checker.apply(health);
         self.announce_state();
+        // The kernel follows the new static routes (the fast path already
+        // does).
+        match crate::kernel::sync_routes(&old, &new) {
+            Ok(commands) if !commands.is_empty() => {
+                info!(commands = %commands.trim_end().replace('\n', "; "), "kernel routes updated");
+            }
+            Ok(_) => {}
+            Err(e) => error!("the fast path uses the reloaded routes, but the kernel's could not follow: {e}"),
+        }
         self.generation += 1;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         info!(

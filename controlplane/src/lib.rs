@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod health;
+pub mod kernel;
 pub mod metrics;
 pub mod state;
 pub mod stats;

@@ -265,6 +265,11 @@ struct Values {
     tx_bytes: u64,
     handoff_out: u64,
     handoff_in: u64,
+    to_kernel: u64,
+    to_kernel_bytes: u64,
+    to_kernel_control: u64,
+    from_kernel: u64,
+    from_kernel_bytes: u64,
     flows_created: u64,
     flows_evicted: u64,
     flows_rehashed: u64,
@@ -288,6 +293,11 @@ impl Values {
             tx_bytes: c.tx_bytes.get(),
             handoff_out: c.handoff_out.get(),
             handoff_in: c.handoff_in.get(),
+            to_kernel: c.to_kernel.get(),
+            to_kernel_bytes: c.to_kernel_bytes.get(),
+            to_kernel_control: c.to_kernel_control.get(),
+            from_kernel: c.from_kernel.get(),
+            from_kernel_bytes: c.from_kernel_bytes.get(),
             flows_created: c.flows_created.get(),
             flows_evicted: c.flows_evicted.get(),
             flows_rehashed: c.flows_rehashed.get(),
@@ -317,6 +327,23 @@ const WORKER_COUNTERS: &[WorkerField] = &[
     ("vipgate_worker_handoff_in_packets", "Packets the worker took from other workers' hand-off rings.", |v| {
         v.handoff_in
     }),
+    (
+        "vipgate_worker_to_kernel_packets",
+        "Packets the worker punted to a port's kernel interface (the exception path).",
+        |v| v.to_kernel,
+    ),
+    ("vipgate_worker_to_kernel_bytes", "Bytes of vipgate_worker_to_kernel_packets.", |v| v.to_kernel_bytes),
+    (
+        "vipgate_worker_to_kernel_control_packets",
+        "The part of vipgate_worker_to_kernel_packets that were control protocols (ARP, BGP, BFD, OSPF, VRRP, IPv6 ND).",
+        |v| v.to_kernel_control,
+    ),
+    (
+        "vipgate_worker_from_kernel_packets",
+        "Frames the kernel sent out of a port's kernel interface that the worker took to transmit.",
+        |v| v.from_kernel,
+    ),
+    ("vipgate_worker_from_kernel_bytes", "Bytes of vipgate_worker_from_kernel_packets.", |v| v.from_kernel_bytes),
     ("vipgate_worker_flows_created", "Flows added to the worker's connection-tracking table.", |v| v.flows_created),
     ("vipgate_worker_flows_evicted", "Live flows pushed out of a full connection-tracking table.", |v| v.flows_evicted),
     ("vipgate_worker_flows_rehashed", "Flows moved to another backend after theirs left its service.", |v| {
@@ -641,6 +668,29 @@ impl Collector for GatewayCollector {
             "Mbufs taken from the packet buffer pool (per-lcore caches count as free).",
             &[(&pool_labels[..], pool.in_use)],
         )?;
+
+        // Only when some port has a kernel interface.
+        if let Some(x) = self.view.exception() {
+            let none: &[(&str, &str)] = &[];
+            counter(
+                e,
+                "vipgate_exception_kernel_tx_packets",
+                "Packets the exception thread wrote to the ports' kernel interfaces.",
+                &[(none, x.kernel_tx)],
+            )?;
+            counter(
+                e,
+                "vipgate_exception_kernel_tx_failed_packets",
+                "Packets a kernel interface refused (freed).",
+                &[(none, x.kernel_tx_failed)],
+            )?;
+            counter(
+                e,
+                "vipgate_exception_kernel_rx_packets",
+                "Packets the exception thread read from the kernel interfaces and gave to a worker.",
+                &[(none, x.kernel_rx)],
+            )?;
+        }
         Ok(())
     }
 }

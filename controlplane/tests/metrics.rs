@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use vipgate_controlplane::api::{GatewayView, MempoolView, PortStats, PortView, WorkerView};
+use vipgate_controlplane::api::{ExceptionView, GatewayView, MempoolView, PortStats, PortView, WorkerView};
 use vipgate_controlplane::metrics;
 use vipgate_controlplane::stats::{BackendFigures, ServiceFigures, ServiceSlots};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
@@ -11,6 +11,7 @@ use vipgate_dataplane::stats::SlotTotals;
 
 struct Fake {
     workers: Vec<WorkerView>,
+    exception: Option<ExceptionView>,
 }
 
 impl GatewayView for Fake {
@@ -36,6 +37,9 @@ impl GatewayView for Fake {
     }
     fn mempool(&self) -> MempoolView {
         MempoolView { name: "vipgate_mbufs".to_owned(), size: 16_383, in_use: 2_046 }
+    }
+    fn exception(&self) -> Option<ExceptionView> {
+        self.exception
     }
     fn serving(&self) -> bool {
         true
@@ -95,6 +99,7 @@ fn fake() -> Arc<Fake> {
     b.count_drop(DropReason::TxFull);
     Arc::new(Fake {
         workers: vec![WorkerView { lcore: 1, counters: Arc::new(a) }, WorkerView { lcore: 3, counters: Arc::new(b) }],
+        exception: None,
     })
 }
 
@@ -167,5 +172,36 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 46);
+    assert_eq!(seen.len(), 51);
+}
+
+#[test]
+fn the_exception_thread_counters_appear_only_with_kernel_interfaces() {
+    let text = metrics::render(fake());
+    assert!(!text.contains("vipgate_exception_"), "no kernel interface, no exception families:\n{text}");
+    let c = WorkerCounters::default();
+    c.to_kernel.add(7);
+    c.to_kernel_bytes.add(700);
+    c.to_kernel_control.add(2);
+    c.from_kernel.add(5);
+    c.from_kernel_bytes.add(500);
+    let gw = Arc::new(Fake {
+        workers: vec![WorkerView { lcore: 1, counters: Arc::new(c) }],
+        exception: Some(ExceptionView { kernel_tx: 6, kernel_tx_failed: 1, kernel_rx: 5 }),
+    });
+    let text = metrics::render(gw);
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "vipgate_worker_to_kernel_packets_total{worker=\"1\"} 7",
+        "vipgate_worker_to_kernel_bytes_total{worker=\"1\"} 700",
+        "vipgate_worker_to_kernel_control_packets_total{worker=\"1\"} 2",
+        "vipgate_worker_from_kernel_packets_total{worker=\"1\"} 5",
+        "vipgate_worker_from_kernel_bytes_total{worker=\"1\"} 500",
+        "# TYPE vipgate_exception_kernel_tx_packets counter",
+        "vipgate_exception_kernel_tx_packets_total 6",
+        "vipgate_exception_kernel_tx_failed_packets_total 1",
+        "vipgate_exception_kernel_rx_packets_total 5",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
+    }
 }

@@ -436,11 +436,14 @@ def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int
         'name = "in"',
         f'device = "{pcap_device(summary["files"])}"',
         f'addresses = ["{PORT_IN_ADDR}"]',
+        "# No exception path: the benchmark measures the fast path alone.",
+        'kernel_interface = ""',
         "",
         "[[ports]]",
         'name = "out"',
         'device = "net_null0,no-rx=1"',
         f'addresses = ["{PORT_OUT_ADDR}"]',
+        'kernel_interface = ""',
         "",
     ]
     backends = ", ".join(f'{{ address = "{b}", port = {{port}} }}' for b in BACKENDS)

@@ -16,6 +16,13 @@
 //! [`Rig::start_download`] runs a long download in the background and tells
 //! which backend serves it while it runs.
 //!
+//! The gateway's exception path (a kernel interface per port) is off in a
+//! rig unless [`RigOptions::exception`] turns it on: then vipgated runs in
+//! a namespace of its own, `${prefix}gw`, where its kernel interfaces
+//! (`client`, `backend`, named after the ports, with their addresses) are apart from the
+//! host's and from every other rig's; [`Rig::gateway`] runs a command there,
+//! as the gateway's own kernel.
+//!
 //! Tests of the API and the desired state, which need no traffic, use a
 //! [`NullGateway`] instead: vipgated alone on net_null ports, in a temporary
 //! directory, restartable on the same state.
@@ -222,11 +229,13 @@ listen = "{metrics}"
 name = "a"
 device = "net_null{prefix}a,no-rx=1"
 addresses = ["198.18.0.1/24"]
+kernel_interface = ""
 
 [[ports]]
 name = "b"
 device = "net_null{prefix}b,no-rx=1"
 addresses = ["198.18.1.1/24"]
+kernel_interface = ""
 
 [[services]]
 name = "web"
@@ -481,6 +490,9 @@ pub struct RigOptions {
     /// leave through the gateway's exception path, tests set this to false
     /// and nothing else changes.
     pub probe_path: bool,
+    /// Whether the ports have kernel interfaces (the exception path); if so
+    /// vipgated runs in the namespace `${prefix}gw`.
+    pub exception: bool,
 }
 
 impl Default for RigOptions {
@@ -493,6 +505,7 @@ impl Default for RigOptions {
             mode: Mode::Nat,
             web_health_check: None,
             probe_path: false,
+            exception: false,
         }
     }
 }
@@ -526,6 +539,8 @@ pub struct Rig {
     pub probe_source: Option<std::net::Ipv4Addr>,
     /// rig.sh up's arguments, for [`Rig::repair`].
     up_args: Vec<String>,
+    /// Whether the exception path is on ([`RigOptions::exception`]).
+    pub exception: bool,
     dir: PathBuf,
     config_path: PathBuf,
     config: ConfigTemplate,
@@ -670,16 +685,19 @@ dir = "{state_dir}"
 name = "client"
 device = "net_tap{n}0,iface={prefix}c"
 addresses = ["198.18.0.1/24"]
-
+{kernel}
 [[ports]]
 name = "backend"
 device = "net_tap{n}1,iface={prefix}b"
 addresses = ["198.18.1.1/24"]
-
+{kernel}
 {pools}"#,
             socket = socket.display(),
             state_dir = dir.join("state").display(),
             lcores = opts.lcores,
+            // Default names (the ports' names) in the rig's own
+            // gateway namespace; none at all without the exception path.
+            kernel = if opts.exception { "" } else { "kernel_interface = \"\"\n" },
         );
         // A /30 of 198.19.0.0/16 of this rig's own for the probe path; its
         // first address is the probes' source.
@@ -704,8 +722,25 @@ addresses = ["198.18.1.1/24"]
         let config_path = dir.join("vipgated.toml");
         std::fs::write(&config_path, config).expect("write config");
 
+        let gateway_ns = format!("{prefix}gw");
+        let mut command = if opts.exception {
+            // The namespace goes with the rig (rig.sh down deletes it, also
+            // when this test fails before rig.sh up).
+            for args in
+                [vec!["netns", "add", gateway_ns.as_str()], vec!["-n", gateway_ns.as_str(), "link", "set", "lo", "up"]]
+            {
+                let out = Command::new("ip").args(&args).output().expect("run ip");
+                assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            // `ip netns exec` execs vipgated: the child is vipgated itself.
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &gateway_ns]).arg(workspace_bin("vipgated"));
+            c
+        } else {
+            Command::new(workspace_bin("vipgated"))
+        };
         let logfile = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(workspace_bin("vipgated"))
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .env("VIPGATE_LOG", "info")
@@ -738,6 +773,9 @@ addresses = ["198.18.1.1/24"]
         if let Some(src) = probe_source {
             up_args.extend(["--probe-path".to_owned(), src.to_string()]);
         }
+        if opts.exception {
+            up_args.push("--gateway-ns".to_owned());
+        }
         let mut rig = Rig {
             prefix: prefix.clone(),
             socket,
@@ -746,6 +784,7 @@ addresses = ["198.18.1.1/24"]
             http_port,
             probe_source,
             up_args: up_args.clone(),
+            exception: opts.exception,
             dir,
             config_path,
             config: template,
@@ -987,6 +1026,13 @@ addresses = ["198.18.1.1/24"]
     /// [`Rig::in_namespace`].
     pub fn backend(&self, cmd: &[&str]) -> Output {
         self.in_namespace("backend", cmd)
+    }
+
+    /// Runs a command in the gateway's namespace, as its own kernel would
+    /// (only with [`RigOptions::exception`]).
+    pub fn gateway(&self, cmd: &[&str]) -> Output {
+        assert!(self.exception, "the gateway has a namespace of its own only with RigOptions::exception");
+        self.in_namespace("gw", cmd)
     }
 
     /// Runs a command in this rig's namespace `${prefix}{suffix}` (client,

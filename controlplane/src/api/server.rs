@@ -179,6 +179,11 @@ fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
         handoff_out: c.handoff_out.get(),
         handoff_in: c.handoff_in.get(),
         icmp_frag_needed: c.icmp_frag_needed.get(),
+        to_kernel: c.to_kernel.get(),
+        to_kernel_bytes: c.to_kernel_bytes.get(),
+        from_kernel: c.from_kernel.get(),
+        from_kernel_bytes: c.from_kernel_bytes.get(),
+        to_kernel_control: c.to_kernel_control.get(),
     }
 }
 
@@ -211,6 +216,11 @@ fn add_counters(total: &mut pb::PacketCounters, c: &pb::PacketCounters) {
         (&mut total.handoff_out, c.handoff_out),
         (&mut total.handoff_in, c.handoff_in),
         (&mut total.icmp_frag_needed, c.icmp_frag_needed),
+        (&mut total.to_kernel, c.to_kernel),
+        (&mut total.to_kernel_bytes, c.to_kernel_bytes),
+        (&mut total.from_kernel, c.from_kernel),
+        (&mut total.from_kernel_bytes, c.from_kernel_bytes),
+        (&mut total.to_kernel_control, c.to_kernel_control),
     ];
     for (sum, value) in pairs {
         *sum = sum.wrapping_add(value);

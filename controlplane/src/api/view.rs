@@ -41,6 +41,24 @@ pub trait GatewayView: Send + Sync + 'static {
     fn announce(&self) -> Option<crate::announce::AnnounceStatus> {
         None
     }
+
+    /// The exception thread's counters, when any port has a kernel
+    /// interface.
+    fn exception(&self) -> Option<ExceptionView> {
+        None
+    }
+}
+
+/// The exception thread's counters: what it moved between the workers and
+/// the ports' kernel interfaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExceptionView {
+    /// Packets written to the kernel interfaces.
+    pub kernel_tx: u64,
+    /// Packets a kernel interface refused (the tap write failed).
+    pub kernel_tx_failed: u64,
+    /// Packets read from the kernel interfaces and given to a worker.
+    pub kernel_rx: u64,
 }
 
 /// One dataplane worker.

@@ -475,6 +475,11 @@ struct CountersJson {
     handoff_out: u64,
     handoff_in: u64,
     icmp_frag_needed: u64,
+    to_kernel: u64,
+    to_kernel_bytes: u64,
+    from_kernel: u64,
+    from_kernel_bytes: u64,
+    to_kernel_control: u64,
 }
 
 /// Drops by reason, as a JSON object in the server's reason order (a map
@@ -570,6 +575,11 @@ impl From<pb::PacketCounters> for CountersJson {
             handoff_out: c.handoff_out,
             handoff_in: c.handoff_in,
             icmp_frag_needed: c.icmp_frag_needed,
+            to_kernel: c.to_kernel,
+            to_kernel_bytes: c.to_kernel_bytes,
+            from_kernel: c.from_kernel,
+            from_kernel_bytes: c.from_kernel_bytes,
+            to_kernel_control: c.to_kernel_control,
         }
     }
 }
@@ -637,6 +647,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
         "NEW_FLOWS",
         "HANDOFF_OUT",
         "HANDOFF_IN",
+        "TO_KERNEL",
+        "FROM_KERNEL",
         "BUSY_POLLS",
         "BUSY_CYCLES",
     ];
@@ -657,6 +669,8 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
             c.flows_created,
             c.handoff_out,
             c.handoff_in,
+            c.to_kernel,
+            c.from_kernel,
             c.busy_polls,
             c.busy_cycles,
         ];

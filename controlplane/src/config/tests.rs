@@ -992,3 +992,47 @@ fn vip_eligibility_needs_one_backend_that_takes_new_flows_in_any_service_of_the_
     dynamic.services.remove("a-alt");
     assert!(!crate::announce::eligibility(&config, &dynamic, &none)[&a]);
 }
+
+#[test]
+fn kernel_interfaces_default_to_the_port_name_and_can_be_named_or_turned_off() {
+    let c = parse(GOOD).unwrap();
+    let names: Vec<Option<&str>> = c.dataplane.ports.iter().map(|p| p.kernel_interface.as_deref()).collect();
+    assert_eq!(names, [Some("client"), Some("backend")]);
+    let with = |k: &str| {
+        GOOD.replacen(
+            "addresses = [\"198.18.1.1/24\"]",
+            &format!("addresses = [\"198.18.1.1/24\"]\nkernel_interface = {k}"),
+            1,
+        )
+    };
+    let c = parse(&with("\"uplink.0\"")).unwrap();
+    assert_eq!(c.dataplane.ports[1].kernel_interface.as_deref(), Some("uplink.0"));
+    let c = parse(&with("\"\"")).unwrap();
+    assert_eq!(c.dataplane.ports[1].kernel_interface, None);
+    for (bad, reason) in [
+        ("\"sixteen-bytes-xx\"", "not 1 to 15 bytes"),
+        ("\"a b\"", "contains ' '"),
+        ("\"a/b\"", "contains '/'"),
+        ("\"..\"", "not a usable interface name"),
+        ("\"client\"", "already the kernel interface of ports[0]"),
+        ("\"vgt-c\"", "is the interface of ports[0]'s device"),
+    ] {
+        let err = parse(&with(bad)).unwrap_err().to_string();
+        assert!(err.starts_with("/etc/vipgate/test.toml:26: ports[1].kernel_interface: "), "{bad}: {err}");
+        assert!(err.contains(reason), "{bad}: {err}");
+    }
+    // A port name too long for the default name: the error says what to do.
+    let long = GOOD.replacen("name = \"backend\"", "name = \"backend-uplink-22\"", 1);
+    let err = parse(&long).unwrap_err().to_string();
+    assert!(
+        err.contains("ports[1].kernel_interface: the default kernel interface name is the port's name, which is not usable: \"backend-uplink-22\" is not 1 to 15 bytes")
+            && err.contains("set kernel_interface to a name of your own, or to \"\" for none"),
+        "{err}"
+    );
+    // Fixed at start, like the rest of a port.
+    let edited = with("\"other\"");
+    assert_eq!(
+        restart_required(&edited).as_deref(),
+        Some("ports[1].kernel_interface changed from \"backend\" to \"other\"")
+    );
+}

@@ -28,8 +28,9 @@ pub enum DropReason {
     NoBackend,
     /// Neither for a VIP, nor for the gateway, nor a reply from a backend.
     NoMatch,
-    /// Addressed to the gateway itself, and not something the fast path
-    /// answers (the exception path to the kernel takes these later).
+    /// Addressed to the gateway itself, not something the fast path
+    /// answers, and the ingress port has no kernel interface to punt it to
+    /// (`kernel_interface = ""`).
     Local,
     /// No route to the destination.
     NoRoute,
@@ -56,11 +57,15 @@ pub enum DropReason {
     /// encapsulated (DSR; vipgate does not fragment). With DF set the
     /// client gets ICMP "fragmentation needed" instead (`icmp_frag_needed`).
     TooBig,
+    /// A packet for the kernel (the exception path) found the worker's ring
+    /// to the kernel interfaces full: the kernel side is not keeping up, and
+    /// the fast path does not wait for it.
+    PuntFull,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -80,6 +85,7 @@ impl DropReason {
         DropReason::Handoff,
         DropReason::NoHeadroom,
         DropReason::TooBig,
+        DropReason::PuntFull,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -102,6 +108,7 @@ impl DropReason {
             DropReason::Handoff => "handoff",
             DropReason::NoHeadroom => "no_headroom",
             DropReason::TooBig => "too_big",
+            DropReason::PuntFull => "punt_full",
         }
     }
 }
@@ -164,12 +171,29 @@ pub struct WorkerCounters {
     /// ICMP "fragmentation needed" sent to clients whose DSR packet (DF
     /// set) would exceed the egress MTU once encapsulated (RFC 1191).
     pub icmp_frag_needed: Counter,
-    /// Packets absorbed without forwarding or dropping (ARP replies for us).
-    /// Every packet is accounted for: rx + arp_requests + handoff_in = tx +
-    /// drops + consumed + handoff_out per worker, where arp_requests are the
-    /// packets the worker itself originates; summed over the workers the
-    /// hand-offs cancel out.
+    /// Packets absorbed without forwarding or dropping (ARP replies for us
+    /// on a port without a kernel interface).
+    /// Every packet is accounted for: rx + arp_requests + handoff_in +
+    /// from_kernel = tx + drops + consumed + handoff_out + to_kernel per
+    /// worker, where arp_requests are the packets the worker itself
+    /// originates and from_kernel those the kernel sends through it; summed
+    /// over the workers the hand-offs cancel out.
     pub consumed: Counter,
+    /// Packets punted to the kernel (the exception path): accepted by the
+    /// worker's ring to the kernel interfaces.
+    pub to_kernel: Counter,
+    /// Bytes of `to_kernel`.
+    pub to_kernel_bytes: Counter,
+    /// The part of `to_kernel` that were control protocols (ARP, BGP, BFD,
+    /// OSPF, VRRP, IPv6 neighbour discovery), passed on a ring of their own
+    /// so that other punted traffic cannot crowd them out.
+    pub to_kernel_control: Counter,
+    /// Packets the kernel sent out of a port's kernel interface that this
+    /// worker took from its ring, to transmit on the port (each then counts
+    /// in `tx_packets` or as a `tx_full` drop).
+    pub from_kernel: Counter,
+    /// Bytes of `from_kernel`.
+    pub from_kernel_bytes: Counter,
     /// Packets received here whose flow another worker owns, handed to it
     /// on its hand-off ring.
     pub handoff_out: Counter,

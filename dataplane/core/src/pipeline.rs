@@ -24,6 +24,10 @@
 //!
 //! A tracked TCP flow also follows the reply's FIN and RST.
 //!
+//! What the fast path does not handle and that is for the gateway itself
+//! (see [`Verdict::Punt`]) goes to the kernel interface of the ingress port,
+//! when it has one: the exception path.
+//!
 //! With several workers, each flow has one owner, computed from the client's
 //! address and port (or, for a FullNAT reply, from its destination port), so
 //! both directions meet the same state. A packet that arrives at another
@@ -117,6 +121,23 @@ pub enum Verdict {
     /// to that worker (index among the pipelines), which processes it with
     /// [`Pipeline::process_handed_over`].
     Handoff(u16),
+    /// For the gateway's kernel (the exception path): pass the frame,
+    /// unchanged, to the kernel interface of this port (the ingress port).
+    /// Given only on ports [`Pipeline::set_kernel_ports`] names. Punted:
+    /// TCP, UDP and other IP protocols to a port address (BGP, BFD, SSH,
+    /// replies to the kernel's own connections and health probes), ICMP to
+    /// a port address other than the echo requests the fast path answers,
+    /// IPv4 multicast and broadcast, every IPv6 frame (there is no IPv6 fast
+    /// path: neighbour discovery, link-local, BGP over IPv6), and ARP replies
+    /// to a port address (after the fast path learned from them: the kernel
+    /// resolves its own neighbours with its own requests).
+    Punt(u16),
+    /// [`Verdict::Punt`] for a control protocol the gateway's kernel must
+    /// never miss under a flood of other punted traffic: ARP, BGP (TCP port
+    /// 179), BFD (UDP 3784, 3785, 4784), OSPF, VRRP, IPv6 neighbour
+    /// discovery. The driver keeps these apart from the rest on their way to
+    /// the kernel.
+    PuntControl(u16),
 }
 
 /// An ARP request the driver should build and send.
@@ -252,6 +273,9 @@ pub struct Pipeline {
     snat: SnatTable,
     /// Per-backend traffic and flow counts of this worker.
     stats: Arc<BackendStats>,
+    /// By dense port index: whether the port has a kernel interface that
+    /// takes what the fast path does not handle ([`Verdict::Punt`]).
+    kernel_ports: Vec<bool>,
 }
 
 impl Pipeline {
@@ -280,7 +304,25 @@ impl Pipeline {
             handed_over: false,
             snat: SnatTable::new(0, 1),
             stats,
+            kernel_ports: Vec::new(),
         }
+    }
+
+    /// Names the ports (by dense index) that have a kernel interface: what
+    /// the fast path does not handle and is for the gateway is punted to it
+    /// ([`Verdict::Punt`]). On other ports such packets are dropped (as
+    /// `local`, or `unsupported` for IPv6) and ARP replies for the gateway
+    /// are consumed, as without an exception path. Call before processing.
+    pub fn set_kernel_ports(&mut self, ports: &[bool]) {
+        self.kernel_ports.clear();
+        self.kernel_ports.extend_from_slice(ports);
+    }
+
+    /// Whether packets for the gateway that arrive on `port` go to its
+    /// kernel interface.
+    #[inline(always)]
+    fn punts(&self, port: u16) -> bool {
+        self.kernel_ports.get(usize::from(port)).copied().unwrap_or(false)
     }
 
     /// Makes this pipeline worker `worker` of `workers`: it then owns the
@@ -422,11 +464,14 @@ impl Pipeline {
         }
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
             let ahead = self.ahead.get(i).copied().unwrap_or(Ahead::Unknown);
-            let verdict = self.process_one(snap, now, p, ahead);
+            let mut verdict = self.process_one(snap, now, p, ahead);
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
-                Verdict::Transmit(_) | Verdict::Handoff(_) => {}
+                // Only punted frames are classified: the fast path pays
+                // nothing for it.
+                Verdict::Punt(port) if is_control_protocol(p.frame()) => verdict = Verdict::PuntControl(port),
+                Verdict::Transmit(_) | Verdict::Handoff(_) | Verdict::Punt(_) | Verdict::PuntControl(_) => {}
             }
             *v = verdict;
         }
@@ -569,6 +614,7 @@ impl Pipeline {
                 let port = p.port;
                 self.arp(snap, now, port, p.frame_mut())
             }
+            EtherType::IPV6 if self.punts(p.port) => Verdict::Punt(p.port),
             _ => Verdict::Drop(DropReason::Unsupported),
         }
     }
@@ -592,10 +638,14 @@ impl Pipeline {
         let fragment = ip.is_fragment();
         let (hdr, l4) = rest.split_at_mut(hl);
         let l4 = &mut l4[..total - hl];
-
         match proto {
             ipv4::protocol::TCP | ipv4::protocol::UDP => {
+                // Whether it is for the gateway's kernel is asked only once
+                // it is no service's: the fast path pays nothing for it.
                 if fragment {
+                    if self.for_kernel(snap, in_port, dst) {
+                        return Verdict::Punt(in_port);
+                    }
                     return Verdict::Drop(DropReason::Fragment);
                 }
                 let ports = if proto == ipv4::protocol::TCP {
@@ -683,6 +733,16 @@ impl Pipeline {
                 }
 
                 if let Some(rev) = snap.reverse(src, sport, proto) {
+                    if snap.local_port(dst).is_some() || dst >> 28 == 0xe || dst == u32::MAX {
+                        // From a backend's address and port, but to the
+                        // gateway: a reply to the kernel's own connection (a
+                        // health probe), not one to translate (a client is
+                        // never the gateway).
+                        if self.punts(in_port) {
+                            return Verdict::Punt(in_port);
+                        }
+                        return Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService));
+                    }
                     if let Some(w) = self.foreign_owner(dst, dport, proto) {
                         return Verdict::Handoff(w);
                     }
@@ -720,10 +780,21 @@ impl Pipeline {
                     self.stats.count_out(rev.stats, total);
                     return Verdict::Transmit(nh.port);
                 }
+                if self.for_kernel(snap, in_port, dst) {
+                    return Verdict::Punt(in_port);
+                }
                 Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
             }
             ipv4::protocol::ICMP => {
-                if !snap.is_vip(dst) && snap.local_port(dst).is_none() {
+                let local = snap.local_port(dst).is_some();
+                let to_kernel = self.punts(in_port) && (local || Self::is_group(snap, in_port, dst));
+                // The fast path answers echo requests to the gateway's
+                // addresses itself; the kernel gets every other message (its
+                // own pings' replies, errors about its own connections).
+                if to_kernel && !(local && !fragment && is_echo_request(l4)) {
+                    return Verdict::Punt(in_port);
+                }
+                if !snap.is_vip(dst) && !local {
                     return Verdict::Drop(DropReason::NoMatch);
                 }
                 if fragment {
@@ -746,6 +817,7 @@ impl Pipeline {
                 self.counters.icmp_echo_replies.inc();
                 Verdict::Transmit(in_port)
             }
+            _ if self.for_kernel(snap, in_port, dst) => Verdict::Punt(in_port),
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
     }
@@ -965,6 +1037,29 @@ impl Pipeline {
         }
     }
 
+    /// True if a packet to `dst` that arrived on `port` goes to the port's
+    /// kernel interface: the port has one, and `dst` is a port address
+    /// (of any port: Linux owns its addresses on every interface), or a
+    /// multicast or broadcast address. Never for a VIP or a pool address,
+    /// which validation keeps apart from port addresses.
+    #[inline]
+    fn for_kernel(&self, snap: &Snapshot, port: u16, dst: u32) -> bool {
+        self.punts(port) && (snap.local_port(dst).is_some() || Self::is_group(snap, port, dst))
+    }
+
+    /// True if `dst` is a multicast, limited broadcast or subnet broadcast
+    /// address of port `port` (what routing protocols, DHCP and the like
+    /// send, and only the kernel takes).
+    #[inline]
+    fn is_group(snap: &Snapshot, port: u16, dst: u32) -> bool {
+        if dst >> 28 == 0xe || dst == u32::MAX {
+            return true;
+        }
+        snap.ports().get(usize::from(port)).is_some_and(|p| {
+            p.addresses.iter().any(|c| c.len < 31 && dst == c.addr | !crate::route::Route::mask(c.len))
+        })
+    }
+
     fn arp(&mut self, snap: &Snapshot, now: u64, in_port: u16, frame: &mut [u8]) -> Verdict {
         let Some(port) = snap.ports().get(usize::from(in_port)) else {
             return Verdict::Drop(DropReason::NoMatch);
@@ -1007,6 +1102,11 @@ impl Pipeline {
                 eth.set_src_addr(port.mac);
                 self.counters.arp_replies.inc();
                 Verdict::Transmit(in_port)
+            }
+            // Learned from above; the kernel gets the replies to its own
+            // requests (for a port address) too.
+            arp::Operation::Reply if self.punts(in_port) && snap.local_port(tpa) == Some(in_port) => {
+                Verdict::Punt(in_port)
             }
             arp::Operation::Reply if ours => Verdict::Consumed,
             arp::Operation::Request | arp::Operation::Reply => Verdict::Drop(DropReason::ArpNotOurs),
@@ -1073,6 +1173,51 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
         dst_port: u16::from_be_bytes([l4[2], l4[3]]),
         protocol,
     })
+}
+
+/// True if a frame for the gateway's kernel carries a control protocol that
+/// must get through a flood of other punted traffic: ARP; over IPv4 or IPv6
+/// (without extension headers), BGP (TCP port 179 either way), BFD (UDP to
+/// 3784 single hop, 3785 echo, 4784 multihop), OSPF (89), VRRP (112); IPv6
+/// neighbour discovery (ICMPv6 133 to 137). Every read is bounds-checked;
+/// a truncated frame is not control traffic.
+fn is_control_protocol(frame: &[u8]) -> bool {
+    const BGP: u16 = 179;
+    const BFD: [u16; 3] = [3784, 3785, 4784];
+    let be16 = |at: usize| frame.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let l4 = |proto: u8, at: usize| match proto {
+        ipv4::protocol::TCP => be16(at) == Some(BGP) || be16(at + 2) == Some(BGP),
+        ipv4::protocol::UDP => be16(at + 2).is_some_and(|p| BFD.contains(&p)),
+        89 | 112 => true,
+        _ => false,
+    };
+    const ETH: usize = ethernet::HEADER_LEN;
+    match be16(12) {
+        Some(EtherType::ARP) => true,
+        Some(EtherType::IPV4) => {
+            let Some(&vihl) = frame.get(ETH) else { return false };
+            let Some(&proto) = frame.get(ETH + 9) else { return false };
+            // A later fragment has no L4 header.
+            let offset = be16(ETH + 6).map_or(0, |f| f & 0x1fff);
+            offset == 0 && l4(proto, ETH + usize::from(vihl & 0x0f) * 4)
+        }
+        Some(EtherType::IPV6) => {
+            const IPV6_HEADER: usize = 40;
+            match frame.get(ETH + 6) {
+                Some(58) => frame.get(ETH + IPV6_HEADER).is_some_and(|t| (133..=137).contains(t)),
+                Some(&next) => l4(next, ETH + IPV6_HEADER),
+                None => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// True if `l4` starts with an ICMP echo request (type 8, code 0), the one
+/// message the fast path answers for the gateway's addresses.
+#[inline]
+fn is_echo_request(l4: &[u8]) -> bool {
+    l4.len() >= icmp::HEADER_LEN && l4[0] == icmp::message::ECHO_REQUEST && l4[1] == 0
 }
 
 /// The header fields of a TCP or UDP packet the pipeline decides on.

@@ -3,6 +3,7 @@
 
 use crate::eal::Eal;
 use crate::error::{DpdkError, strerror};
+use crate::exception::{Exception, ExceptionCounters, KernelPort};
 use crate::handoff::Handoff;
 use crate::mempool::Mempool;
 use crate::port::{Port, PortStats};
@@ -28,6 +29,9 @@ pub struct PortConfig {
     pub device: String,
     /// The port's MTU (set on the device at start).
     pub mtu: u16,
+    /// The name of the port's kernel interface (the exception path), or
+    /// `None` for none.
+    pub kernel_interface: Option<String>,
 }
 
 /// How to build the dataplane.
@@ -54,6 +58,8 @@ pub struct PortView {
     pub id: u16,
     /// MAC address.
     pub mac: EthernetAddress,
+    /// The name of its kernel interface, if it has one.
+    pub kernel_interface: Option<String>,
 }
 
 impl PortView {
@@ -110,6 +116,9 @@ pub struct Dataplane {
     pool: Option<Arc<Mempool>>,
     /// Rings between workers; drained after they stop, before the pool goes.
     handoff: Option<Handoff>,
+    /// The kernel interfaces and the exception thread, when any port has a
+    /// kernel interface; stopped after the workers, before the ports close.
+    exception: Option<Exception>,
     /// The workers' snapshot, from launch on. Workers hold its readers; it
     /// outlives them (workers stop in `stop_workers`, before fields drop),
     /// so every snapshot is dropped on the control plane's thread.
@@ -151,6 +160,7 @@ impl Dataplane {
             ports: Vec::with_capacity(config.ports.len()),
             pool: Some(pool),
             handoff: Some(Handoff::create(lcores.len())?),
+            exception: None,
             snapshots: None,
             stop: Arc::new(AtomicBool::new(false)),
             launched: false,
@@ -165,12 +175,36 @@ impl Dataplane {
             let port = Port::start(&p.name, &p.device, queues, p.mtu, pool)?;
             dp.ports.push(port);
         }
+        let mut kernel = Vec::new();
+        for (dense, (p, port)) in config.ports.iter().zip(&dp.ports).enumerate() {
+            if let Some(iface) = &p.kernel_interface {
+                let pool = dp.pool.as_ref().expect("pool exists until shutdown");
+                kernel.push(KernelPort::create(&p.name, dense, port.id(), iface, port.mac(), p.mtu, pool)?);
+            }
+        }
+        if !kernel.is_empty() {
+            dp.exception = Some(Exception::create(kernel, lcores.len())?);
+        }
         Ok(dp)
+    }
+
+    /// The exception thread's counters (`None` when no port has a kernel
+    /// interface).
+    pub fn exception_counters(&self) -> Option<Arc<ExceptionCounters>> {
+        self.exception.as_ref().map(|e| Arc::clone(e.counters()))
     }
 
     /// The ports, in dense index order.
     pub fn ports(&self) -> Vec<PortView> {
-        self.ports.iter().map(|p| PortView { name: p.name().to_owned(), id: p.id(), mac: p.mac() }).collect()
+        let kernel = |id: u16| {
+            self.exception
+                .as_ref()
+                .and_then(|e| e.kernel_ports().iter().find(|k| k.phys_id == id).map(|k| k.iface.clone()))
+        };
+        self.ports
+            .iter()
+            .map(|p| PortView { name: p.name().to_owned(), id: p.id(), mac: p.mac(), kernel_interface: kernel(p.id()) })
+            .collect()
     }
 
     /// The workers.
@@ -203,6 +237,11 @@ impl Dataplane {
         let inboxes = neighbour_inboxes(lcores.len());
         let workers = lcores.len();
         let handoff = self.handoff.as_ref().expect("rings exist until shutdown");
+        let kernel_ports: Vec<bool> = self
+            .ports
+            .iter()
+            .map(|p| self.exception.as_ref().is_some_and(|e| e.kernel_ports().iter().any(|k| k.phys_id == p.id())))
+            .collect();
         let (publisher, readers) = Publisher::new(snapshot, lcores.len());
         self.snapshots = Some(publisher);
         for ((i, (lcore, counters, stats)), reader) in lcores.into_iter().enumerate().zip(readers) {
@@ -222,6 +261,8 @@ impl Dataplane {
                 workers,
                 outbound: handoff.outbound(i),
                 inbound: handoff.inbound(i),
+                kernel_ports: kernel_ports.clone(),
+                exception: self.exception.as_ref().map(|e| e.rings(i)),
             });
             let arg = Box::into_raw(worker) as *mut c_void;
             // SAFETY: `worker_main` takes ownership of `arg` exactly once; the
@@ -234,6 +275,12 @@ impl Dataplane {
                 return Err(DpdkError::Launch { lcore, reason: strerror(rc) });
             }
             self.launched = true;
+        }
+        if let Some(e) = self.exception.as_mut()
+            && let Err(err) = e.start()
+        {
+            self.stop_workers();
+            return Err(err);
         }
         Ok(())
     }
@@ -282,6 +329,11 @@ impl Dataplane {
             // launched above to return.
             unsafe { vipgate_ffi::rte_eal_mp_wait_lcore() };
             self.launched = false;
+        }
+        // Then the exception thread; its rings are drained and the kernel
+        // interfaces closed (they disappear from the kernel).
+        if let Some(mut e) = self.exception.take() {
+            e.stop();
         }
         // The workers' ring handles are gone with them; what is left in the
         // rings goes back to the pool.

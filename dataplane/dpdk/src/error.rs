@@ -61,6 +61,27 @@ pub enum DpdkError {
         /// DPDK's error text.
         reason: String,
     },
+    /// A port's kernel interface (the exception path) cannot be created
+    /// because a network interface of that name exists.
+    #[error(
+        "port {port:?}: kernel interface {iface:?} already exists in this network namespace (another vipgated, or a host interface of that name); set ports.kernel_interface to another name, or to \"\" for none"
+    )]
+    KernelInterfaceExists {
+        /// Port name.
+        port: String,
+        /// Interface name.
+        iface: String,
+    },
+    /// A port's kernel interface (the exception path) could not be created.
+    #[error("port {port:?}: cannot create kernel interface {iface:?}: {reason}")]
+    KernelInterface {
+        /// Port name.
+        port: String,
+        /// Interface name.
+        iface: String,
+        /// DPDK's error text.
+        reason: String,
+    },
     /// The packet-capture framework could not start.
     #[error("cannot initialise packet capture: {0}")]
     PacketCapture(String),

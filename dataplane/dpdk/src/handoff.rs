@@ -34,7 +34,7 @@ unsafe impl Send for Ring {}
 unsafe impl Sync for Ring {}
 
 impl Ring {
-    fn create(name: &str, size: u32) -> Result<Ring, DpdkError> {
+    pub(crate) fn create(name: &str, size: u32) -> Result<Ring, DpdkError> {
         let cname = CString::new(name).map_err(|_| DpdkError::NulInArgument(name.to_owned()))?;
         // SAFETY: EAL is initialised (the dataplane holds it); the name is a
         // valid C string; SOCKET_ID_ANY lets DPDK choose the NUMA node.
@@ -66,6 +66,14 @@ impl Ring {
                 std::ptr::null_mut(),
             ) as usize
         }
+    }
+
+    /// Entries that can be enqueued now. Exact for the single producer:
+    /// only the consumer changes it meanwhile, and only upwards.
+    #[inline]
+    pub(crate) fn free_count(&self) -> usize {
+        // SAFETY: the ring is alive; reading its indexes has no side effect.
+        unsafe { vipgate_ffi::rte_ring_free_count(self.ptr.as_ptr()) as usize }
     }
 
     /// Dequeues up to `out.len()` mbufs; returns how many. Consumer only.

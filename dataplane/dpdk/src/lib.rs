@@ -12,6 +12,7 @@
 mod dataplane;
 mod eal;
 mod error;
+mod exception;
 mod handoff;
 mod mempool;
 mod port;
@@ -21,6 +22,7 @@ mod worker;
 pub use dataplane::{Dataplane, DataplaneConfig, PortConfig, PortView, ShutdownReport, WorkerView};
 pub use eal::Eal;
 pub use error::DpdkError;
+pub use exception::ExceptionCounters;
 pub use mempool::Mempool;
 pub use port::{Port, PortStats};
 

@@ -5,10 +5,10 @@ use crate::mempool::Mempool;
 use std::ffi::CString;
 use vipgate_dataplane::wire::EthernetAddress;
 
-/// Descriptors per rx queue.
-const RX_DESC: u16 = 1024;
-/// Descriptors per tx queue.
-const TX_DESC: u16 = 1024;
+/// Descriptors per rx queue of a port.
+pub(crate) const RX_DESC: u16 = 1024;
+/// Descriptors per tx queue of a port.
+pub(crate) const TX_DESC: u16 = 1024;
 
 /// Counters kept by the port's driver (hardware or PMD).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,6 +73,19 @@ impl Port {
     /// device's differs), sets the queues up with `pool` and starts the
     /// port.
     pub fn start(name: &str, device_name: &str, queues: u16, mtu: u16, pool: &Mempool) -> Result<Port, DpdkError> {
+        Port::start_with(name, device_name, queues, mtu, pool, (RX_DESC, TX_DESC))
+    }
+
+    /// [`Port::start`] with `(rx, tx)` descriptors per queue (before the
+    /// device adjusts them).
+    pub(crate) fn start_with(
+        name: &str,
+        device_name: &str,
+        queues: u16,
+        mtu: u16,
+        pool: &Mempool,
+        descriptors: (u16, u16),
+    ) -> Result<Port, DpdkError> {
         let err = |op, rc: i32| DpdkError::Port { name: name.to_owned(), op, reason: strerror(rc) };
         let cdev = CString::new(device_name).map_err(|_| DpdkError::NulInArgument(device_name.to_owned()))?;
         let mut id: u16 = 0;
@@ -127,7 +140,7 @@ impl Port {
                 });
             }
         }
-        let (mut rxd, mut txd) = (RX_DESC, TX_DESC);
+        let (mut rxd, mut txd) = descriptors;
         // SAFETY: valid port and in/out pointers.
         let rc = unsafe { vipgate_ffi::rte_eth_dev_adjust_nb_rx_tx_desc(id, &mut rxd, &mut txd) };
         if rc != 0 {

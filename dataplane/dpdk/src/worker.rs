@@ -5,15 +5,19 @@
 //! (packets other workers received for flows this worker owns); prefetch
 //! the frames; hand the burst to the pipeline; free dropped mbufs in bulk;
 //! one tx burst per egress port; one enqueue per hand-off ring for packets
-//! whose flow another worker owns; send any ARP requests the pipeline asked
-//! for; declare a quiescent state, after which the control plane may free a
-//! snapshot it replaced. Nothing here
+//! whose flow another worker owns; one enqueue on the ring to the kernel
+//! interfaces for packets the pipeline punts (the exception path, see
+//! `exception.rs`); send any ARP requests the pipeline asked for; then one
+//! burst at most from the ring of frames the kernel sent, transmitted on
+//! their ports; declare a quiescent state, after which the control plane
+//! may free a snapshot it replaced. Nothing here
 //! allocates, locks, logs or makes a system call while packets flow (an
 //! optional idle sleep happens only after many empty polls). DPDK is
 //! crossed once per burst (rx, free, tx), never per packet: prefetch hints
 //! and TSC reads are CPU intrinsics, not calls into DPDK's C wrappers.
 
 use crate::BURST;
+use crate::exception::KernelRings;
 use crate::handoff::Ring;
 use crate::rcu::Reader;
 use arrayvec::ArrayVec;
@@ -60,6 +64,11 @@ pub(crate) struct WorkerSetup {
     pub(crate) outbound: Vec<Option<Arc<Ring>>>,
     /// Rings from the other workers.
     pub(crate) inbound: Vec<Arc<Ring>>,
+    /// By dense port index: whether the port has a kernel interface.
+    pub(crate) kernel_ports: Vec<bool>,
+    /// The exception path's rings (to the kernel, from the kernel), when
+    /// any port has a kernel interface.
+    pub(crate) exception: Option<KernelRings>,
 }
 
 // SAFETY: the set-up is handed to exactly one lcore; the mempool pointer
@@ -73,6 +82,9 @@ impl WorkerSetup {
         let mut pipeline = Pipeline::with_stats(self.pipeline, self.counters, self.stats);
         pipeline.share_neighbours(&self.inboxes, self.index);
         pipeline.set_worker(self.index, self.workers);
+        if self.exception.is_some() {
+            pipeline.set_kernel_ports(&self.kernel_ports);
+        }
         // DPDK port id -> dense index, for packets handed over by another
         // worker (they carry the port they arrived on in `mbuf.port`).
         let max_id = self.port_ids.iter().copied().max().map_or(0, usize::from);
@@ -94,6 +106,7 @@ impl WorkerSetup {
             outbound: self.outbound,
             inbound: self.inbound,
             dense_of,
+            exception: self.exception,
         };
         (worker, self.snapshot)
     }
@@ -136,10 +149,15 @@ pub(crate) struct Worker {
     inbound: Vec<Arc<Ring>>,
     /// Dense port index by DPDK port id (`u16::MAX`: not ours).
     dense_of: Vec<u16>,
+    /// Rings to and from the exception thread.
+    exception: Option<KernelRings>,
 }
 
 /// Per-destination batches of packets to hand to other workers.
 type HandoffBatches = Vec<ArrayVec<*mut rte_mbuf, BURST>>;
+
+/// Packets for the kernel: (others, control protocols).
+type PuntBatches = (ArrayVec<*mut rte_mbuf, BURST>, ArrayVec<*mut rte_mbuf, BURST>);
 
 /// Converts TSC ticks to nanoseconds with a multiply and a shift.
 struct Clock {
@@ -232,6 +250,7 @@ impl Worker {
         let mut rx: [*mut rte_mbuf; BURST] = [null_mut(); BURST];
         let mut tx: Vec<ArrayVec<*mut rte_mbuf, BURST>> = vec![ArrayVec::new(); nports];
         let mut handoff: HandoffBatches = vec![ArrayVec::new(); self.outbound.len()];
+        let mut punt: PuntBatches = (ArrayVec::new(), ArrayVec::new());
         let mut verdicts = [Verdict::Consumed; BURST];
         let clock = Clock::new(self.tsc_hz);
         let housekeeping_every = (self.tsc_hz / HOUSEKEEPING_HZ).max(1);
@@ -268,6 +287,7 @@ impl Worker {
                     &mut verdicts,
                     &mut tx,
                     &mut handoff,
+                    &mut punt,
                     &counters,
                 );
             }
@@ -277,8 +297,21 @@ impl Worker {
                     continue;
                 }
                 received += n;
-                self.burst(snap, None, &rx[..n], clock.ns(start), &mut verdicts, &mut tx, &mut handoff, &counters);
+                self.burst(
+                    snap,
+                    None,
+                    &rx[..n],
+                    clock.ns(start),
+                    &mut verdicts,
+                    &mut tx,
+                    &mut handoff,
+                    &mut punt,
+                    &counters,
+                );
             }
+            // What the kernel sent: one burst at most per iteration, so the
+            // kernel can never take the fast path's time.
+            received += self.transmit_from_kernel(&mut rx, &mut tx, &counters);
             if received > 0 {
                 counters.busy_polls.inc();
                 counters.busy_cycles.add(rdtsc().wrapping_sub(start));
@@ -315,6 +348,7 @@ impl Worker {
         verdicts: &mut [Verdict; BURST],
         tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
         handoff: &mut HandoffBatches,
+        punt: &mut PuntBatches,
         counters: &WorkerCounters,
     ) {
         let n = mbufs.len();
@@ -383,6 +417,20 @@ impl Worker {
                 Verdict::Handoff(w) if self.outbound.get(usize::from(w)).is_some_and(Option::is_some) => {
                     handoff[usize::from(w)].push(m);
                 }
+                Verdict::Punt(p) | Verdict::PuntControl(p)
+                    if self.exception.is_some() && usize::from(p) < self.port_ids.len() =>
+                {
+                    // SAFETY: `m` is ours; the exception thread writes it to
+                    // the kernel interface of the port it names.
+                    unsafe { (*m).port = self.port_ids[usize::from(p)] };
+                    if matches!(*v, Verdict::PuntControl(_)) { punt.1.push(m) } else { punt.0.push(m) }
+                }
+                Verdict::Punt(_) | Verdict::PuntControl(_) => {
+                    // No exception path: never expected (the pipeline punts
+                    // only on ports the driver named).
+                    counters.count_drop(DropReason::PuntFull);
+                    free.push(m);
+                }
                 Verdict::Handoff(_) => {
                     // An owner that does not exist: never expected.
                     counters.count_drop(DropReason::Handoff);
@@ -412,7 +460,79 @@ impl Worker {
                 self.hand_off(w, batch, counters);
             }
         }
+        if !punt.1.is_empty() {
+            self.punt(&mut punt.1, true, counters);
+        }
+        if !punt.0.is_empty() {
+            self.punt(&mut punt.0, false, counters);
+        }
         self.send_solicitations(counters);
+    }
+
+    /// Passes punted packets to the exception thread, on the control ring
+    /// when `control`; frees and counts what the ring refuses
+    /// (`punt_full`): the fast path never waits for the kernel.
+    #[inline]
+    fn punt(&self, batch: &mut ArrayVec<*mut rte_mbuf, BURST>, control: bool, counters: &WorkerCounters) {
+        let Some(rings) = &self.exception else { return };
+        let ring = if control { &rings.control } else { &rings.to_kernel };
+        // SAFETY: valid mbufs owned by this worker until enqueued.
+        let lens: ArrayVec<u32, BURST> = batch.iter().map(|&m| unsafe { (*m).pkt_len }).collect();
+        let sent = ring.enqueue(batch);
+        counters.to_kernel.add(sent as u64);
+        counters.to_kernel_bytes.add(lens[..sent].iter().map(|&l| u64::from(l)).sum());
+        if control {
+            counters.to_kernel_control.add(sent as u64);
+        }
+        if sent < batch.len() {
+            // SAFETY: the mbufs the ring refused are still ours.
+            unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(batch.as_mut_ptr().add(sent), (batch.len() - sent) as u32) };
+            counters.drops[DropReason::PuntFull as usize].add((batch.len() - sent) as u64);
+        }
+        batch.clear();
+    }
+
+    /// Takes one burst of frames the kernel sent out of its interfaces and
+    /// transmits each on its port (the exception thread set `mbuf.port`).
+    /// Returns how many it took.
+    #[inline]
+    fn transmit_from_kernel(
+        &self,
+        rx: &mut [*mut rte_mbuf; BURST],
+        tx: &mut [ArrayVec<*mut rte_mbuf, BURST>],
+        counters: &WorkerCounters,
+    ) -> usize {
+        let Some(rings) = &self.exception else { return 0 };
+        let n = rings.from_kernel.dequeue(rx);
+        if n == 0 {
+            return 0;
+        }
+        let mut bytes = 0u64;
+        let mut free: ArrayVec<*mut rte_mbuf, BURST> = ArrayVec::new();
+        for &m in &rx[..n] {
+            // SAFETY: a valid mbuf the exception thread passed on, ours now.
+            let (port, len) = unsafe { ((*m).port, (*m).pkt_len) };
+            bytes += u64::from(len);
+            match self.dense_of.get(usize::from(port)).copied().filter(|&d| usize::from(d) < tx.len()) {
+                Some(dense) => tx[usize::from(dense)].push(m),
+                None => {
+                    counters.count_drop(DropReason::NoRoute);
+                    free.push(m);
+                }
+            }
+        }
+        counters.from_kernel.add(n as u64);
+        counters.from_kernel_bytes.add(bytes);
+        if !free.is_empty() {
+            // SAFETY: ours, referenced nowhere else.
+            unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(free.as_mut_ptr(), free.len() as u32) };
+        }
+        for (dense, queue) in tx.iter_mut().enumerate() {
+            if !queue.is_empty() {
+                self.flush(dense, queue, counters);
+            }
+        }
+        n
     }
 
     /// Passes a batch to worker `w`'s ring; frees and counts what does not

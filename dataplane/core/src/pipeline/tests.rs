@@ -801,5 +801,6 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
     }
 }
 
+mod exception;
 mod modes;
 mod stats;

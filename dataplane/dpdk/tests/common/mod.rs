@@ -115,8 +115,8 @@ pub fn pcap_to_null(
     use vipgate_dpdk::PortConfig;
     vipgate_dpdk::DataplaneConfig {
         ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500 },
-            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500 },
+            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500, kernel_interface: None },
+            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500, kernel_interface: None },
         ],
         mbufs,
         mbuf_cache: 128,
