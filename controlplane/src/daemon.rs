@@ -56,7 +56,14 @@ struct DaemonView {
 
 impl GatewayView for DaemonView {
     fn workers(&self) -> Vec<WorkerView> {
-        self.workers.iter().map(|w| WorkerView { lcore: w.lcore, counters: Arc::clone(&w.counters) }).collect()
+        self.workers
+            .iter()
+            .map(|w| WorkerView {
+                lcore: w.lcore,
+                counters: Arc::clone(&w.counters),
+                snapshot: Arc::clone(&w.snapshot),
+            })
+            .collect()
     }
 
     fn ports(&self) -> Vec<PortView> {
@@ -314,9 +321,14 @@ impl Reloader {
             error!("reload refused: {change}; restart vipgated to change it");
             return;
         }
+        // A reload is a change like any other: it takes the next version,
+        // persisted before it is applied.
+        let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         // The file against the dynamic state: a conflict (a name or a
         // VIP:port/protocol both use) refuses the reload.
-        let snapshot = match state::compile(&new, &self.macs, &self.dynamic) {
+        let compiling = Instant::now();
+        let previous = dataplane.snapshot();
+        let snapshot = match state::compile_incremental(&new, &self.macs, &dynamic, previous.as_deref()) {
             Ok(s) => s,
             Err(e) => {
                 error!("reload refused: {e}; the running configuration is kept");
@@ -354,12 +366,11 @@ impl Reloader {
                 .map(|o| o.name.clone())
                 .collect(),
         };
-        // A reload is a change like any other: it takes the next version,
-        // persisted before it is applied.
-        let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
+        drop(previous);
+        let compiled = compiling.elapsed();
         log_services(&snapshot);
         let services = snapshot.services().len();
-        if let Err(e) = self.commit(Arc::new(new), dynamic, snapshot, change, dataplane).await {
+        if let Err(e) = self.commit(Arc::new(new), dynamic, snapshot, compiled, change, dataplane).await {
             error!("reload refused: {e}; the running configuration is kept");
             return;
         }
@@ -378,11 +389,17 @@ impl Reloader {
     async fn mutate(&mut self, request: MutationRequest, dataplane: &Dataplane) {
         let MutationRequest { mutation, reply } = request;
         let outcome: Result<u64, StateError> = async {
+            let compiling = Instant::now();
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
             new.version = self.dynamic.version + 1;
-            let snapshot = state::compile(&self.running, &self.macs, &new)?;
-            self.commit(Arc::clone(&self.running), new, snapshot, change, dataplane).await?;
+            // Only what the mutation changed is compiled again; the rest is
+            // shared with the snapshot the workers read now.
+            let previous = dataplane.snapshot();
+            let snapshot = state::compile_incremental(&self.running, &self.macs, &new, previous.as_deref())?;
+            drop(previous);
+            let compiled = compiling.elapsed();
+            self.commit(Arc::clone(&self.running), new, snapshot, compiled, change, dataplane).await?;
             Ok(self.dynamic.version)
         }
         .await;
@@ -396,16 +413,19 @@ impl Reloader {
     /// The one way a change takes effect, in this order: persist the
     /// dynamic state (atomically, fsynced), publish the snapshot to the
     /// workers, then make it the state readers and watchers see. If
-    /// persisting fails nothing has changed.
+    /// persisting fails nothing has changed. `compiled` is how long
+    /// validating and compiling took, for the log.
     async fn commit(
         &mut self,
         config: Arc<Config>,
         dynamic: DesiredState,
         snapshot: Snapshot,
+        compiled: std::time::Duration,
         change: Change,
         dataplane: &Dataplane,
     ) -> Result<(), StateError> {
         let start = Instant::now();
+        let stats = snapshot.build_stats();
         let store = self.store.clone();
         let copy = dynamic.clone();
         // On the blocking pool: the runtime's thread keeps answering reads
@@ -417,7 +437,9 @@ impl Reloader {
             error!("{e}; the change is refused");
             return Err(StateError::new(ErrorKind::Unavailable, format!("{e}; nothing was changed")));
         }
+        let persisted = start.elapsed();
         let published = dataplane.publish_async(snapshot).await;
+        let publish = start.elapsed() - persisted;
         // Published even if a worker stalled: the new state is in force.
         if let Err(e) = published {
             warn!("state version {}: published, but {e}", dynamic.version);
@@ -429,14 +451,26 @@ impl Reloader {
             services_deleted = ?change.services_deleted,
             pools_changed = ?change.pools_changed,
             pools_deleted = ?change.pools_deleted,
+            services_reused = stats.services_reused,
+            tables_reused = stats.tables_reused,
+            tables_built = stats.tables_built,
+            compile_ms = ms(compiled),
+            persist_ms = ms(persisted),
+            publish_ms = ms(publish),
+            total_ms = ms(compiled + start.elapsed()),
             "state changed in {:.1} ms",
-            start.elapsed().as_secs_f64() * 1e3
+            (compiled + start.elapsed()).as_secs_f64() * 1e3
         );
         self.running = Arc::clone(&config);
         self.dynamic = dynamic.clone();
         self.handle.publish(StateView { config, dynamic }, change);
         Ok(())
     }
+}
+
+/// A duration in milliseconds, rounded to microseconds, for the log.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// The signal handlers: SIGINT and SIGTERM stop the daemon, SIGHUP reloads

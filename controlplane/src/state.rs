@@ -528,10 +528,25 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
 }
 
 /// [`validate`], then the dataplane's own compiler as the last word: a
-/// snapshot it refuses is INVALID_ARGUMENT with its message.
+/// snapshot it refuses is INVALID_ARGUMENT with its message. Compiles from
+/// scratch; see [`compile_incremental`].
 pub fn compile(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<Snapshot, StateError> {
+    compile_incremental(config, macs, dynamic, None)
+}
+
+/// [`compile`], reusing from `previous` (the snapshot the workers read now)
+/// every compiled service, and every Maglev table, that would come out the
+/// same: a change to one service rebuilds that service only. The snapshot
+/// carries `dynamic.version`, which the workers report once they use it.
+pub fn compile_incremental(
+    config: &Config,
+    macs: &[EthernetAddress],
+    dynamic: &DesiredState,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, StateError> {
     let spec = validate(config, macs, dynamic)?;
-    Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
+    Snapshot::build_incremental(&spec, previous, dynamic.version)
+        .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
 }
 
 /// What a change did, for the Watch stream and the log.

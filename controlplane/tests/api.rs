@@ -47,8 +47,8 @@ impl FakeGateway {
         w2.count_drop(DropReason::TxFull);
         Arc::new(FakeGateway {
             workers: vec![
-                WorkerView { lcore: 1, counters: Arc::new(w1) },
-                WorkerView { lcore: 2, counters: Arc::new(w2) },
+                WorkerView { lcore: 1, counters: Arc::new(w1), snapshot: Arc::default() },
+                WorkerView { lcore: 2, counters: Arc::new(w2), snapshot: Arc::default() },
             ],
             serving: AtomicBool::new(true),
         })

@@ -59,7 +59,10 @@ fn fake() -> Arc<Fake> {
     b.flows_created.add(3);
     b.count_drop(DropReason::TxFull);
     Arc::new(Fake {
-        workers: vec![WorkerView { lcore: 1, counters: Arc::new(a) }, WorkerView { lcore: 3, counters: Arc::new(b) }],
+        workers: vec![
+            WorkerView { lcore: 1, counters: Arc::new(a), snapshot: Arc::default() },
+            WorkerView { lcore: 3, counters: Arc::new(b), snapshot: Arc::default() },
+        ],
     })
 }
 

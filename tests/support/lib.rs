@@ -125,10 +125,11 @@ pub const NULL_GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// its API, its desired state and its clients, which need no traffic.
 ///
 /// The configuration ([`NullGateway::builder`]) is a base common to those
-/// tests: `[eal]` on lcores 0,1 with hugepages as [`use_hugepages`] says and
+/// tests: `[eal]` on lcores 0,1 (unless [`NullGatewayBuilder::lcores`]) with hugepages as [`use_hugepages`] says and
 /// the gateway's own file prefix, `[dataplane]` `idle_sleep_us = 50` and
 /// `mbufs = 4095`, `[api] socket`, `[state] dir`, the ports `a`
-/// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`, and
+/// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`
+/// (unless [`NullGatewayBuilder::receiving`]), and
 /// the static tcp service "web" (198.18.100.1:80 to 198.18.1.11:8080); what
 /// a test needs beyond it (a static source pool, `[metrics] listen = ""`)
 /// it appends with [`NullGatewayBuilder::extra_config`].
@@ -151,12 +152,29 @@ pub struct NullGateway {
 pub struct NullGatewayBuilder {
     tag: String,
     extra: String,
+    lcores: String,
+    receiving: bool,
 }
 
 impl NullGatewayBuilder {
     /// Appends TOML to the base configuration, after the service "web".
     pub fn extra_config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
+        self
+    }
+
+    /// Runs vipgated on `lcores` (`[eal] lcores`, such as `0@0,1@1,2@1` for
+    /// two workers sharing CPU 1) instead of `0,1` (one worker).
+    pub fn lcores(mut self, lcores: &str) -> Self {
+        self.lcores = lcores.to_owned();
+        self
+    }
+
+    /// Lets the net_null ports receive: each rx burst returns a full burst
+    /// of (malformed, dropped) packets, so the workers never idle, as on a
+    /// loaded gateway. By default they receive nothing (`no-rx=1`).
+    pub fn receiving(mut self) -> Self {
+        self.receiving = true;
         self
     }
 
@@ -173,7 +191,7 @@ impl NullGatewayBuilder {
         let gw = NullGateway { dir, prefix, child: None, starts: 0 };
         let config = format!(
             r#"[eal]
-lcores = "0,1"
+lcores = "{lcores}"
 hugepages = {huge}
 file_prefix = "{prefix}"
 
@@ -189,12 +207,12 @@ dir = "{state}"
 
 [[ports]]
 name = "a"
-device = "net_null{prefix}a,no-rx=1"
+device = "net_null{prefix}a{rx}"
 addresses = ["198.18.0.1/24"]
 
 [[ports]]
 name = "b"
-device = "net_null{prefix}b,no-rx=1"
+device = "net_null{prefix}b{rx}"
 addresses = ["198.18.1.1/24"]
 
 [[services]]
@@ -208,6 +226,8 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
             socket = gw.socket().display(),
             state = gw.dir.join("state").display(),
             extra = self.extra,
+            lcores = self.lcores,
+            rx = if self.receiving { "" } else { ",no-rx=1" },
         );
         std::fs::write(gw.config_path(), config).expect("write the gateway's configuration");
         gw
@@ -219,7 +239,7 @@ impl NullGateway {
     /// net_null devices') and temporary directory are `vg{tag}{pid}`: the
     /// tag tells the gateways of one test binary apart, and should be short.
     pub fn builder(tag: &str) -> NullGatewayBuilder {
-        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new() }
+        NullGatewayBuilder { tag: tag.to_owned(), extra: String::new(), lcores: "0,1".to_owned(), receiving: false }
     }
 
     /// The temporary directory, for a test's own files too.

@@ -75,7 +75,11 @@ fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
     let workers: Vec<pb::WorkerCounters> = view
         .workers()
         .iter()
-        .map(|w| pb::WorkerCounters { lcore: w.lcore, counters: Some(packet_counters(&w.counters)) })
+        .map(|w| pb::WorkerCounters {
+            lcore: w.lcore,
+            counters: Some(packet_counters(&w.counters)),
+            snapshot: Some(worker_snapshot(w.snapshot.read())),
+        })
         .collect();
     let mut total = zero_counters();
     for w in &workers {
@@ -93,6 +97,10 @@ fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
 }
 
 /// A snapshot of one worker's counters, with every drop reason listed.
+fn worker_snapshot(s: vipgate_dataplane::loaded::LoadedSnapshotState) -> pb::WorkerSnapshot {
+    pb::WorkerSnapshot { version: s.version, generation: s.generation, idle: s.idle }
+}
+
 fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
     pb::PacketCounters {
         rx_packets: c.rx_packets.get(),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use vipgate_dataplane::counters::WorkerCounters;
+use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{PipelineConfig, neighbour_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::EthernetAddress;
@@ -69,6 +70,8 @@ pub struct WorkerView {
     pub lcore: u32,
     /// Its counters.
     pub counters: Arc<WorkerCounters>,
+    /// The snapshot it last loaded, which it updates when that changes.
+    pub snapshot: Arc<LoadedSnapshot>,
 }
 
 impl WorkerView {
@@ -137,7 +140,10 @@ impl Dataplane {
         let pool = Arc::new(Mempool::create("vipgate_mbufs", config.mbufs, config.mbuf_cache)?);
         let in_use_at_start = pool.in_use();
         let mut dp = Dataplane {
-            workers: lcores.iter().map(|&lcore| WorkerView { lcore, counters: Arc::default() }).collect(),
+            workers: lcores
+                .iter()
+                .map(|&lcore| WorkerView { lcore, counters: Arc::default(), snapshot: Arc::default() })
+                .collect(),
             ports: Vec::with_capacity(config.ports.len()),
             pool: Some(pool),
             handoff: Some(Handoff::create(lcores.len())?),
@@ -188,14 +194,14 @@ impl Dataplane {
         let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
-        let lcores: Vec<(u32, Arc<WorkerCounters>)> =
-            self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters))).collect();
+        let lcores: Vec<(u32, Arc<WorkerCounters>, Arc<LoadedSnapshot>)> =
+            self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters), Arc::clone(&w.snapshot))).collect();
         let inboxes = neighbour_inboxes(lcores.len());
         let workers = lcores.len();
         let handoff = self.handoff.as_ref().expect("rings exist until shutdown");
         let (publisher, readers) = Publisher::new(snapshot, lcores.len());
         self.snapshots = Some(publisher);
-        for ((i, (lcore, counters)), reader) in lcores.into_iter().enumerate().zip(readers) {
+        for ((i, (lcore, counters, loaded)), reader) in lcores.into_iter().enumerate().zip(readers) {
             let worker = Box::new(WorkerSetup {
                 index: i,
                 queue: i as u16,
@@ -204,6 +210,7 @@ impl Dataplane {
                 counters,
                 inboxes: inboxes.clone(),
                 snapshot: reader,
+                loaded,
                 stop: Arc::clone(&self.stop),
                 pool,
                 idle_sleep_us: self.idle_sleep_us,
