@@ -358,13 +358,15 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             static_backends.insert(b.addr, format!("a backend of static service {:?} (defined in {file})", s.name));
         }
     }
-    let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
-    let mut backend_owner: HashMap<(u32, u16, Protocol), String> = HashMap::new();
+    // Owners by name, described only when a conflict is reported: a state of
+    // 100,000 backends must not cost 100,000 formatted strings per change.
+    let mut listeners: HashMap<(u32, u16, Protocol), Owner<'_>> = HashMap::new();
+    let mut backend_owner: HashMap<(u32, u16, Protocol), Owner<'_>> = HashMap::new();
     for s in config.services() {
-        listeners.insert((s.vip, s.port, s.protocol), format!("static service {:?} (defined in {file})", s.name));
+        listeners.insert((s.vip, s.port, s.protocol), Owner::Static(&s.name));
         if matches!(s.mode, ForwardingMode::Nat) {
             for b in &s.backends {
-                backend_owner.insert((b.addr, b.port, s.protocol), format!("static service {:?}", s.name));
+                backend_owner.insert((b.addr, b.port, s.protocol), Owner::Static(&s.name));
             }
         }
     }
@@ -446,7 +448,8 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         }
         let port = check_port_number(i64::from(s.port)).map_err(|r| StateError::invalid(f("port"), r))?;
         let protocol = s.protocol.to_spec();
-        if let Some(other) = listeners.insert((vip, port, protocol), format!("service {:?}", s.name)) {
+        if let Some(other) = listeners.insert((vip, port, protocol), Owner::Dynamic(&s.name)) {
+            let other = other.describe(Some(&file));
             return Err(StateError::invalid(
                 f("port"),
                 format!("{}:{port}/{} is already served by {other}", s.vip, protocol.name()),
@@ -503,8 +506,9 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             }
             if matches!(s.mode, ModeState::Nat)
                 && b.admin_state != AdminState::Disabled
-                && let Some(other) = backend_owner.insert((addr, bport, protocol), format!("service {:?}", s.name))
+                && let Some(other) = backend_owner.insert((addr, bport, protocol), Owner::Dynamic(&s.name))
             {
+                let other = other.describe(None);
                 return Err(StateError::invalid(
                     bf("address"),
                     format!(
@@ -525,6 +529,28 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         spec.services.push(s.to_spec()?);
     }
     Ok(spec)
+}
+
+/// The service that holds a VIP:port/protocol or a backend, while
+/// [`validate`] looks for conflicts.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    /// A static service, by name.
+    Static(&'a str),
+    /// A dynamic service, by name.
+    Dynamic(&'a str),
+}
+
+impl Owner<'_> {
+    /// `static service "web" (defined in FILE)` (the file when given) or
+    /// `service "api"`.
+    fn describe(self, file: Option<&dyn std::fmt::Display>) -> String {
+        match (self, file) {
+            (Owner::Static(n), Some(file)) => format!("static service {n:?} (defined in {file})"),
+            (Owner::Static(n), None) => format!("static service {n:?}"),
+            (Owner::Dynamic(n), _) => format!("service {n:?}"),
+        }
+    }
 }
 
 /// [`validate`], then the dataplane's own compiler as the last word: a

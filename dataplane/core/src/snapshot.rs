@@ -511,9 +511,24 @@ pub struct Snapshot {
 /// table depends on the backends themselves, not on their order in any list
 /// but the service's own, and every gateway builds the same one.
 fn build_maglev(s: &ServiceSpec) -> Result<MaglevTable, SnapshotError> {
-    let keys: Vec<String> = s.backends.iter().map(|b| format!("{}:{}", ip4(b.addr), b.port)).collect();
-    let mb: Vec<MaglevBackend<'_>> =
-        keys.iter().zip(&s.backends).map(|(k, b)| MaglevBackend { key: k.as_bytes(), weight: b.weight }).collect();
+    use std::fmt::Write;
+    // All keys in one buffer: one allocation per service, not per backend.
+    let mut keys = String::with_capacity(s.backends.len() * 21);
+    let mut ends = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        // Writing to a String cannot fail.
+        let _ = write!(keys, "{}:{}", ip4(b.addr), b.port);
+        ends.push(keys.len());
+    }
+    let mb: Vec<MaglevBackend<'_>> = s
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| MaglevBackend {
+            key: &keys.as_bytes()[if i == 0 { 0 } else { ends[i - 1] }..ends[i]],
+            weight: b.weight,
+        })
+        .collect();
     MaglevTable::build(&mb, s.table_size).map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })
 }
 
