@@ -354,6 +354,8 @@ async fn vipgatectl_json_output() {
     assert_eq!(stats["workers"][0]["drops"]["no_service"], 3);
     assert_eq!(stats["workers"][0]["drops"]["malformed"], 0);
     assert_eq!(stats["workers"][1]["lcore"], 2);
+    assert_eq!(stats["workers"][0]["snapshot"], serde_json::json!({"version": 7, "generation": 3, "idle": false}));
+    assert_eq!(stats["workers"][1]["snapshot"]["idle"], true);
     assert_eq!(stats["total"]["rx_packets"], 300);
     assert_eq!(stats["total"]["drops"]["no_service"], 4);
     assert_eq!(stats["total"]["drops"]["tx_full"], 1);
