@@ -6,7 +6,8 @@
 # Steps: setup.sh (packages, toolchain, hugepages); cargo build of every
 # target in the workspace (the e2e tests run target/debug/vipgated);
 # cargo nextest run --workspace --no-fail-fast; a smoke run of the
-# packet-rate benchmark (scripts/bench-dataplane.sh --smoke); cargo test
+# packet-rate benchmark (scripts/bench-dataplane.sh --smoke) and of the
+# publication benchmark (benches/publish.rs --smoke); cargo test
 # --doc (when the workspace has doc tests); then a sweep for anything the
 # tests left behind.
 #
@@ -198,6 +199,10 @@ if step build cargo build --workspace --all-targets; then
 	# The packet-rate benchmark is a benchmark, not a test: CI only proves
 	# it still runs (a few seconds, debug build, nothing written to docs/).
 	step bench-smoke "$VG_SCRIPTS_DIR/bench-dataplane.sh" --smoke || true
+	# The publication benchmark, small (200 services, 50 calls of each
+	# kind), debug build, against the vipgated just built: proves it runs
+	# and that every change becomes visible to every worker.
+	step publish-smoke cargo bench --profile dev -p vipgate --bench publish -- --smoke || true
 	# Doc tests: nextest does not run them.
 	if grep -rqE '^[[:space:]]*//[/!][[:space:]]*```' --include='*.rs' \
 		ffi dataplane controlplane tests/support 2>/dev/null; then
@@ -208,6 +213,7 @@ if step build cargo build --workspace --all-targets; then
 else
 	record nextest SKIP "build failed"
 	record bench-smoke SKIP "build failed"
+	record publish-smoke SKIP "build failed"
 	record doctests SKIP "build failed"
 fi
 

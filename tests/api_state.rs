@@ -536,7 +536,7 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         assert_eq!(state(&mut c).await, before, "{what}: the state changed");
     }
     let text = std::fs::read_to_string(d.state_file()).unwrap();
-    assert!(text.contains("\"version\": 2"), "{text}");
+    assert!(text.contains("\"version\":2,"), "{text}");
     stop(&mut d).await;
 }
 

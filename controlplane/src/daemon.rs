@@ -70,7 +70,14 @@ struct DaemonView {
 
 impl GatewayView for DaemonView {
     fn workers(&self) -> Vec<WorkerView> {
-        self.workers.iter().map(|w| WorkerView { lcore: w.lcore, counters: Arc::clone(&w.counters) }).collect()
+        self.workers
+            .iter()
+            .map(|w| WorkerView {
+                lcore: w.lcore,
+                counters: Arc::clone(&w.counters),
+                snapshot: Arc::clone(&w.snapshot),
+            })
+            .collect()
     }
 
     fn ports(&self) -> Vec<PortView> {
@@ -170,7 +177,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         dataplane.workers().iter().map(|w| Arc::clone(&w.stats)).collect(),
     );
     // Every backend starts up: its first probe decides.
-    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &Default::default(), &slots)
+    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &Default::default(), &slots, None)
         .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
@@ -407,17 +414,24 @@ impl Reloader {
             error!("reload refused: {change}; restart vipgated to change it");
             return;
         }
+        // A reload is a change like any other: it takes the next version,
+        // persisted before it is applied.
+        let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         // The file against the dynamic state: a conflict (a name or a
         // VIP:port/protocol both use) refuses the reload.
-        let health = self.checker.plan(health::targets(&new, &self.dynamic));
-        let (snapshot, plan) =
-            match state::compile_with_slots(&new, &self.macs, &self.dynamic, health.down(), &self.slots) {
-                Ok(s) => s,
-                Err(e) => {
-                    error!("reload refused: {e}; the running configuration is kept");
-                    return;
-                }
-            };
+        let health = self.checker.plan(health::targets(&new, &dynamic));
+        let compiling = Instant::now();
+        let previous = dataplane.snapshot();
+        let outcome =
+            state::compile_with_slots(&new, &self.macs, &dynamic, health.down(), &self.slots, previous.as_deref());
+        drop(previous);
+        let (snapshot, plan) = match outcome {
+            Ok(s) => s,
+            Err(e) => {
+                error!("reload refused: {e}; the running configuration is kept");
+                return;
+            }
+        };
         let change = Change {
             cause: "reload".to_owned(),
             services_changed: new
@@ -450,14 +464,12 @@ impl Reloader {
                 .map(|o| o.name.clone())
                 .collect(),
         };
-        // A reload is a change like any other: it takes the next version,
-        // persisted before it is applied.
-        let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
+        let compiled = compiling.elapsed();
         log_services(&snapshot);
         let services = snapshot.services().len();
         let old = Arc::clone(&self.running);
         let new = Arc::new(new);
-        if let Err(e) = self.commit(Arc::clone(&new), dynamic, (snapshot, plan), change, dataplane).await {
+        if let Err(e) = self.commit(Arc::clone(&new), dynamic, (snapshot, plan), compiled, change, dataplane).await {
             error!("reload refused: {e}; the running configuration is kept");
             return;
         }
@@ -487,12 +499,25 @@ impl Reloader {
     async fn mutate(&mut self, request: MutationRequest, dataplane: &Dataplane) {
         let MutationRequest { mutation, reply } = request;
         let outcome: Result<u64, StateError> = async {
+            let compiling = Instant::now();
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
             new.version = self.dynamic.version + 1;
             let health = self.checker.plan(health::targets(&self.running, &new));
-            let compiled = state::compile_with_slots(&self.running, &self.macs, &new, health.down(), &self.slots)?;
-            self.commit(Arc::clone(&self.running), new, compiled, change, dataplane).await?;
+            // Only what the mutation changed is compiled again; the rest is
+            // shared with the snapshot the workers read now.
+            let previous = dataplane.snapshot();
+            let snapshot = state::compile_with_slots(
+                &self.running,
+                &self.macs,
+                &new,
+                health.down(),
+                &self.slots,
+                previous.as_deref(),
+            )?;
+            drop(previous);
+            let compiled = compiling.elapsed();
+            self.commit(Arc::clone(&self.running), new, snapshot, compiled, change, dataplane).await?;
             self.checker.apply(health);
             self.announce_state();
             Ok(self.dynamic.version)
@@ -537,16 +562,26 @@ impl Reloader {
         }
         let start = Instant::now();
         let down = self.checker.down();
-        let (snapshot, plan) =
-            match state::compile_with_slots(&self.running, &self.macs, &self.dynamic, &down, &self.slots) {
-                Ok(s) => s,
-                Err(e) => {
-                    // The state in force compiled before; weights of 0 cannot
-                    // make it invalid. Kept as it is if it ever does.
-                    error!("health change not applied: {e}");
-                    return;
-                }
-            };
+        // Only the services whose backends changed health are rebuilt.
+        let previous = dataplane.snapshot();
+        let outcome = state::compile_with_slots(
+            &self.running,
+            &self.macs,
+            &self.dynamic,
+            &down,
+            &self.slots,
+            previous.as_deref(),
+        );
+        drop(previous);
+        let (snapshot, plan) = match outcome {
+            Ok(s) => s,
+            Err(e) => {
+                // The state in force compiled before; weights of 0 cannot
+                // make it invalid. Kept as it is if it ever does.
+                error!("health change not applied: {e}");
+                return;
+            }
+        };
         if let Err(e) = dataplane.publish_async(snapshot).await {
             warn!("health change: published, but {e}");
         }
@@ -566,16 +601,19 @@ impl Reloader {
     /// The one way a change takes effect, in this order: persist the
     /// dynamic state (atomically, fsynced), publish the snapshot to the
     /// workers, then make it the state readers and watchers see. If
-    /// persisting fails nothing has changed.
+    /// persisting fails nothing has changed. `compiled` is how long
+    /// validating and compiling took, for the log.
     async fn commit(
         &mut self,
         config: Arc<Config>,
         dynamic: DesiredState,
         (snapshot, plan): (Snapshot, SlotPlan),
+        compiled: std::time::Duration,
         change: Change,
         dataplane: &Dataplane,
     ) -> Result<(), StateError> {
         let start = Instant::now();
+        let stats = snapshot.build_stats();
         let store = self.store.clone();
         let copy = dynamic.clone();
         // On the blocking pool: the runtime's thread keeps answering reads
@@ -587,7 +625,9 @@ impl Reloader {
             error!("{e}; the change is refused");
             return Err(StateError::new(ErrorKind::Unavailable, format!("{e}; nothing was changed")));
         }
+        let persisted = start.elapsed();
         let published = dataplane.publish_async(snapshot).await;
+        let publish = start.elapsed() - persisted;
         // Published even if a worker stalled: the new state is in force.
         if let Err(e) = published {
             warn!("state version {}: published, but {e}", dynamic.version);
@@ -600,11 +640,16 @@ impl Reloader {
             services_deleted = ?change.services_deleted,
             pools_changed = ?change.pools_changed,
             pools_deleted = ?change.pools_deleted,
+            services_reused = stats.services_reused,
+            tables_reused = stats.tables_reused,
+            tables_built = stats.tables_built,
+            compile_ms = ms(compiled),
+            persist_ms = ms(persisted),
+            publish_ms = ms(publish),
+            total_ms = ms(compiled + start.elapsed()),
             "state changed in {:.1} ms",
-            start.elapsed().as_secs_f64() * 1e3
+            (compiled + start.elapsed()).as_secs_f64() * 1e3
         );
-        // The one place VIP eligibility is computed: from the state just
-        // published, whatever changed it (reload, API).
         self.running = Arc::clone(&config);
         self.dynamic = dynamic.clone();
         self.handle.publish(StateView { config, dynamic }, change);
@@ -621,6 +666,11 @@ impl Reloader {
             eligibility: announce::eligibility(&self.running, &self.dynamic, &self.checker.down()),
         });
     }
+}
+
+/// A duration in milliseconds, rounded to microseconds, for the log.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// The signal handlers: SIGINT and SIGTERM stop the daemon, SIGHUP reloads

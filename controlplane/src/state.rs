@@ -365,13 +365,15 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             static_backends.insert(b.addr, format!("a backend of static service {:?} (defined in {file})", s.name));
         }
     }
-    let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
-    let mut backend_owner: HashMap<(u32, u16, Protocol), String> = HashMap::new();
+    // Owners by name, described only when a conflict is reported: a state of
+    // 100,000 backends must not cost 100,000 formatted strings per change.
+    let mut listeners: HashMap<(u32, u16, Protocol), Owner<'_>> = HashMap::new();
+    let mut backend_owner: HashMap<(u32, u16, Protocol), Owner<'_>> = HashMap::new();
     for s in config.services() {
-        listeners.insert((s.vip, s.port, s.protocol), format!("static service {:?} (defined in {file})", s.name));
+        listeners.insert((s.vip, s.port, s.protocol), Owner::Static(&s.name));
         if matches!(s.mode, ForwardingMode::Nat) {
             for b in &s.backends {
-                backend_owner.insert((b.addr, b.port, s.protocol), format!("static service {:?}", s.name));
+                backend_owner.insert((b.addr, b.port, s.protocol), Owner::Static(&s.name));
             }
         }
     }
@@ -453,7 +455,8 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         }
         let port = check_port_number(i64::from(s.port)).map_err(|r| StateError::invalid(f("port"), r))?;
         let protocol = s.protocol.to_spec();
-        if let Some(other) = listeners.insert((vip, port, protocol), format!("service {:?}", s.name)) {
+        if let Some(other) = listeners.insert((vip, port, protocol), Owner::Dynamic(&s.name)) {
+            let other = other.describe(Some(&file));
             return Err(StateError::invalid(
                 f("port"),
                 format!("{}:{port}/{} is already served by {other}", s.vip, protocol.name()),
@@ -510,8 +513,9 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             }
             if matches!(s.mode, ModeState::Nat)
                 && b.admin_state != AdminState::Disabled
-                && let Some(other) = backend_owner.insert((addr, bport, protocol), format!("service {:?}", s.name))
+                && let Some(other) = backend_owner.insert((addr, bport, protocol), Owner::Dynamic(&s.name))
             {
+                let other = other.describe(None);
                 return Err(StateError::invalid(
                     bf("address"),
                     format!(
@@ -534,8 +538,31 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
     Ok(spec)
 }
 
+/// The service that holds a VIP:port/protocol or a backend, while
+/// [`validate`] looks for conflicts.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    /// A static service, by name.
+    Static(&'a str),
+    /// A dynamic service, by name.
+    Dynamic(&'a str),
+}
+
+impl Owner<'_> {
+    /// `static service "web" (defined in FILE)` (the file when given) or
+    /// `service "api"`.
+    fn describe(self, file: Option<&dyn std::fmt::Display>) -> String {
+        match (self, file) {
+            (Owner::Static(n), Some(file)) => format!("static service {n:?} (defined in {file})"),
+            (Owner::Static(n), None) => format!("static service {n:?}"),
+            (Owner::Dynamic(n), _) => format!("service {n:?}"),
+        }
+    }
+}
+
 /// [`validate`], then the dataplane's own compiler as the last word: a
-/// snapshot it refuses is INVALID_ARGUMENT with its message.
+/// snapshot it refuses is INVALID_ARGUMENT with its message. Compiles from
+/// scratch; see [`compile_incremental`].
 pub fn compile(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<Snapshot, StateError> {
     compile_with_health(config, macs, dynamic, &HashSet::new())
 }
@@ -551,23 +578,44 @@ pub fn compile_with_health(
 ) -> Result<Snapshot, StateError> {
     let mut spec = validate(config, macs, dynamic)?;
     apply_health(&mut spec, down);
-    Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
+    Snapshot::build_incremental(&spec, None, dynamic.version)
+        .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
 }
 
-/// [`compile_with_health`], giving every backend its stats slot from
-/// `slots` on the way: the snapshot and the slot plan to apply once it is
-/// published.
+/// [`compile`], reusing from `previous` (the snapshot the workers read now)
+/// every compiled service, and every Maglev table, that would come out the
+/// same: a change to one service rebuilds that service only. The snapshot
+/// carries `dynamic.version`, which the workers report once they use it.
+pub fn compile_incremental(
+    config: &Config,
+    macs: &[EthernetAddress],
+    dynamic: &DesiredState,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, StateError> {
+    let spec = validate(config, macs, dynamic)?;
+    Snapshot::build_incremental(&spec, previous, dynamic.version)
+        .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))
+}
+
+/// What the single writer compiles for every change: [`validate`], the
+/// backends in `down` given weight 0 (see [`compile_with_health`]), every
+/// backend given its stats slot from `slots`, and the snapshot built
+/// reusing from `previous` what comes out the same (see
+/// [`compile_incremental`]). Returns the snapshot and the slot plan to
+/// apply once it is published.
 pub fn compile_with_slots(
     config: &Config,
     macs: &[EthernetAddress],
     dynamic: &DesiredState,
     down: &HashSet<crate::health::TargetKey>,
     slots: &crate::stats::StatsSlots,
+    previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
     let mut spec = validate(config, macs, dynamic)?;
     apply_health(&mut spec, down);
     let plan = slots.plan(&mut spec).map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
-    let snapshot = Snapshot::build(&spec).map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
+    let snapshot = Snapshot::build_incremental(&spec, previous, dynamic.version)
+        .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     Ok((snapshot, plan))
 }
 

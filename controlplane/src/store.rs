@@ -59,11 +59,20 @@ pub enum StoreError {
     },
 }
 
-#[derive(Serialize, Deserialize)]
+/// The file as read; `format` was checked before the rest is parsed.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateFile {
+    #[allow(dead_code)]
     format: u32,
     state: DesiredState,
+}
+
+/// [`StateFile`] borrowing the state, for writing it without a copy.
+#[derive(Serialize)]
+struct StateFileRef<'a> {
+    format: u32,
+    state: &'a DesiredState,
 }
 
 /// The state directory.
@@ -123,7 +132,10 @@ impl Store {
         };
         std::fs::create_dir_all(&self.dir).map_err(write_err(&self.dir))?;
         let tmp = self.dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
-        let text = serde_json::to_vec_pretty(&StateFile { format: FORMAT, state: state.clone() })
+        // Compact: at 10,000 services of 10 backends the pretty form is
+        // twice the size (18 MB against 9), and the whole file is written
+        // and fsynced on every change.
+        let text = serde_json::to_vec(&StateFileRef { format: FORMAT, state })
             .map_err(|e| StoreError::Write { path: path.clone(), source: std::io::Error::other(e) })?;
         let written = (|| {
             let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
@@ -201,7 +213,7 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)]);
         let text = std::fs::read_to_string(store.path()).unwrap();
-        assert!(text.contains("\"format\": 1"), "{text}");
+        assert!(text.starts_with("{\"format\":1,"), "{text}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

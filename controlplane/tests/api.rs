@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use vipgate_controlplane::api::{self, ApiError, GatewayView, MempoolView, PortStats, PortView, WorkerView, pb};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
+use vipgate_dataplane::loaded::LoadedSnapshot;
 
 /// A gateway with two workers, one port and fixed counters.
 struct FakeGateway {
@@ -45,10 +46,16 @@ impl FakeGateway {
         w2.tx_packets.add(195);
         w2.count_drop(DropReason::NoService);
         w2.count_drop(DropReason::TxFull);
+        // Worker 1 forwards with version 7 (generation 3); worker 2 sleeps.
+        let s1 = LoadedSnapshot::default();
+        s1.record(7, 3);
+        let s2 = LoadedSnapshot::default();
+        s2.record(6, 2);
+        s2.set_idle(true);
         Arc::new(FakeGateway {
             workers: vec![
-                WorkerView { lcore: 1, counters: Arc::new(w1) },
-                WorkerView { lcore: 2, counters: Arc::new(w2) },
+                WorkerView { lcore: 1, counters: Arc::new(w1), snapshot: Arc::new(s1) },
+                WorkerView { lcore: 2, counters: Arc::new(w2), snapshot: Arc::new(s2) },
             ],
             serving: AtomicBool::new(true),
         })
@@ -206,6 +213,14 @@ async fn health_and_counters_over_the_socket() {
     let counters = client.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner();
     let lcores: Vec<u32> = counters.workers.iter().map(|w| w.lcore).collect();
     assert_eq!(lcores, [1, 2]);
+    let snapshots: Vec<Option<pb::WorkerSnapshot>> = counters.workers.iter().map(|w| w.snapshot).collect();
+    assert_eq!(
+        snapshots,
+        [
+            Some(pb::WorkerSnapshot { version: 7, generation: 3, idle: false }),
+            Some(pb::WorkerSnapshot { version: 6, generation: 2, idle: true }),
+        ]
+    );
     let w1 = counters.workers[0].counters.as_ref().expect("worker 1 counters");
     let expected = (100, 6_400, 90, 5_760, 60, 30, 2, 1, 4, 10, 12_345);
     let got = (
@@ -339,6 +354,8 @@ async fn vipgatectl_json_output() {
     assert_eq!(stats["workers"][0]["drops"]["no_service"], 3);
     assert_eq!(stats["workers"][0]["drops"]["malformed"], 0);
     assert_eq!(stats["workers"][1]["lcore"], 2);
+    assert_eq!(stats["workers"][0]["snapshot"], serde_json::json!({"version": 7, "generation": 3, "idle": false}));
+    assert_eq!(stats["workers"][1]["snapshot"]["idle"], true);
     assert_eq!(stats["total"]["rx_packets"], 300);
     assert_eq!(stats["total"]["drops"]["no_service"], 4);
     assert_eq!(stats["total"]["drops"]["tx_full"], 1);

@@ -98,7 +98,10 @@ fn fake() -> Arc<Fake> {
     b.flows_created.add(3);
     b.count_drop(DropReason::TxFull);
     Arc::new(Fake {
-        workers: vec![WorkerView { lcore: 1, counters: Arc::new(a) }, WorkerView { lcore: 3, counters: Arc::new(b) }],
+        workers: vec![
+            WorkerView { lcore: 1, counters: Arc::new(a), snapshot: Arc::default() },
+            WorkerView { lcore: 3, counters: Arc::new(b), snapshot: Arc::default() },
+        ],
         exception: None,
     })
 }
@@ -186,7 +189,7 @@ fn the_exception_thread_counters_appear_only_with_kernel_interfaces() {
     c.from_kernel.add(5);
     c.from_kernel_bytes.add(500);
     let gw = Arc::new(Fake {
-        workers: vec![WorkerView { lcore: 1, counters: Arc::new(c) }],
+        workers: vec![WorkerView { lcore: 1, counters: Arc::new(c), snapshot: Arc::default() }],
         exception: Some(ExceptionView { kernel_tx: 6, kernel_tx_failed: 1, kernel_rx: 5 }),
     });
     let text = metrics::render(gw);

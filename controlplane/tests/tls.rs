@@ -18,7 +18,7 @@ struct OneWorker;
 
 impl GatewayView for OneWorker {
     fn workers(&self) -> Vec<WorkerView> {
-        vec![WorkerView { lcore: 1, counters: Arc::new(WorkerCounters::default()) }]
+        vec![WorkerView { lcore: 1, counters: Arc::new(WorkerCounters::default()), snapshot: Arc::default() }]
     }
     fn ports(&self) -> Vec<PortView> {
         Vec::new()

@@ -132,13 +132,14 @@ pub const NULL_GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// its API, its desired state and its clients, which need no traffic.
 ///
 /// The configuration ([`NullGateway::builder`]) is a base common to those
-/// tests: `[eal]` on lcores 0,1 with hugepages as [`use_hugepages`] says and
+/// tests: `[eal]` on lcores 0,1 (unless [`NullGatewayBuilder::lcores`]) with hugepages as [`use_hugepages`] says and
 /// the gateway's own file prefix, `[dataplane]` `idle_sleep_us = 50` and
 /// `mbufs = 4095`, `[api] socket`, `[state] dir`, the ports `a`
-/// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`, and
-/// the static tcp service "web" (198.18.100.1:80 to 198.18.1.11:8080), and
-/// `[metrics] listen = ""` (off); what a test needs beyond it (a static
-/// source pool) it appends with [`NullGatewayBuilder::extra_config`].
+/// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`
+/// (unless [`NullGatewayBuilder::receiving`]), the static tcp service
+/// "web" (198.18.100.1:80 to 198.18.1.11:8080), and `[metrics] listen = ""`
+/// (off); what a test needs beyond it (a static source pool) it appends
+/// with [`NullGatewayBuilder::extra_config`].
 ///
 /// vipgated can be stopped and spawned again on the same directory, and so
 /// with the same configuration and state; each start writes its stderr to a
@@ -162,6 +163,8 @@ pub struct NullGatewayBuilder {
     dataplane: String,
     netns: Option<String>,
     metrics: String,
+    lcores: String,
+    receiving: bool,
 }
 
 impl NullGatewayBuilder {
@@ -192,6 +195,21 @@ impl NullGatewayBuilder {
         self
     }
 
+    /// Runs vipgated on `lcores` (`[eal] lcores`, such as `0@0,1@1,2@1` for
+    /// two workers sharing CPU 1) instead of `0,1` (one worker).
+    pub fn lcores(mut self, lcores: &str) -> Self {
+        self.lcores = lcores.to_owned();
+        self
+    }
+
+    /// Lets the net_null ports receive: each rx burst returns a full burst
+    /// of (malformed, dropped) packets, so the workers never idle, as on a
+    /// loaded gateway. By default they receive nothing (`no-rx=1`).
+    pub fn receiving(mut self) -> Self {
+        self.receiving = true;
+        self
+    }
+
     /// Checks for root ([`require_root`]) and hugepages ([`use_hugepages`]),
     /// makes the temporary directory afresh and writes the configuration.
     /// vipgated does not run yet: see [`NullGateway::spawn`].
@@ -205,7 +223,7 @@ impl NullGatewayBuilder {
         let gw = NullGateway { dir, prefix, child: None, starts: 0, netns: self.netns };
         let config = format!(
             r#"[eal]
-lcores = "0,1"
+lcores = "{lcores}"
 hugepages = {huge}
 file_prefix = "{prefix}"
 
@@ -227,13 +245,13 @@ listen = "{metrics}"
 
 [[ports]]
 name = "a"
-device = "net_null{prefix}a,no-rx=1"
+device = "net_null{prefix}a{rx}"
 addresses = ["198.18.0.1/24"]
 kernel_interface = ""
 
 [[ports]]
 name = "b"
-device = "net_null{prefix}b,no-rx=1"
+device = "net_null{prefix}b{rx}"
 addresses = ["198.18.1.1/24"]
 kernel_interface = ""
 
@@ -250,6 +268,8 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
             extra = self.extra,
             dataplane = self.dataplane,
             metrics = self.metrics,
+            lcores = self.lcores,
+            rx = if self.receiving { "" } else { ",no-rx=1" },
         );
         std::fs::write(gw.config_path(), config).expect("write the gateway's configuration");
         gw
@@ -267,6 +287,8 @@ impl NullGateway {
             dataplane: String::new(),
             netns: None,
             metrics: String::new(),
+            lcores: "0,1".to_owned(),
+            receiving: false,
         }
     }
 

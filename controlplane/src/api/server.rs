@@ -132,6 +132,7 @@ fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
             pb::WorkerCounters {
                 lcore: w.lcore,
                 counters: Some(packet_counters(c)),
+                snapshot: Some(worker_snapshot(w.snapshot.read())),
                 mempool_in_use: pool.in_use,
                 busy_cycles_per_packet: if packets == 0 { 0.0 } else { c.busy_cycles.get() as f64 / packets as f64 },
             }
@@ -153,6 +154,10 @@ fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
 }
 
 /// A snapshot of one worker's counters, with every drop reason listed.
+fn worker_snapshot(s: vipgate_dataplane::loaded::LoadedSnapshotState) -> pb::WorkerSnapshot {
+    pb::WorkerSnapshot { version: s.version, generation: s.generation, idle: s.idle }
+}
+
 fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {
     pb::PacketCounters {
         rx_packets: c.rx_packets.get(),

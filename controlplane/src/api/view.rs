@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use vipgate_dataplane::counters::WorkerCounters;
+use vipgate_dataplane::loaded::LoadedSnapshot;
 
 /// The gateway as the API sees it.
 ///
@@ -68,6 +69,9 @@ pub struct WorkerView {
     pub lcore: u32,
     /// The worker's live counters; the worker writes them, the API reads them.
     pub counters: Arc<WorkerCounters>,
+    /// The snapshot the worker last loaded; the worker writes it, the API
+    /// reads it.
+    pub snapshot: Arc<LoadedSnapshot>,
 }
 
 /// One port and its driver's statistics.

@@ -444,12 +444,24 @@ struct StatsJson {
     mempool: MempoolJson,
 }
 
-/// One worker: its lcore next to its counters.
+/// One worker: its lcore next to its counters, and the snapshot it
+/// forwards with.
 #[derive(Debug, Serialize)]
 struct WorkerJson {
     lcore: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapshotJson>,
     #[serde(flatten)]
     counters: CountersJson,
+}
+
+/// `WorkerCounters.snapshot`: the version and generation of the snapshot a
+/// worker last loaded, and whether it sleeps idle.
+#[derive(Debug, Serialize)]
+struct SnapshotJson {
+    version: u64,
+    generation: u64,
+    idle: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -538,6 +550,11 @@ impl From<pb::GetCountersResponse> for StatsJson {
                 .into_iter()
                 .map(|w| WorkerJson {
                     lcore: w.lcore,
+                    snapshot: w.snapshot.map(|s| SnapshotJson {
+                        version: s.version,
+                        generation: s.generation,
+                        idle: s.idle,
+                    }),
                     counters: w.counters.map(CountersJson::from).unwrap_or_default(),
                 })
                 .collect(),

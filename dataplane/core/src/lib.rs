@@ -12,6 +12,7 @@ pub mod checksum;
 pub mod counters;
 pub mod flow;
 pub mod hash;
+pub mod loaded;
 pub mod maglev;
 pub mod neighbour;
 pub mod pipeline;

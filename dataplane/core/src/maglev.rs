@@ -27,6 +27,7 @@
 //! backend), never materialised as an N x M matrix.
 
 use crate::hash::stable_hash;
+use std::sync::Arc;
 
 /// Default lookup-table size (prime).
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
@@ -62,8 +63,11 @@ pub struct MaglevBackend<'a> {
 /// slots, and every lookup in it returns `None`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MaglevTable {
-    /// Backend index per slot; empty when no backend has a weight.
-    slots: Box<[u16]>,
+    /// Backend index per slot; empty when no backend has a weight. Shared:
+    /// a snapshot compiled from a previous one reuses the tables of the
+    /// services whose backends did not change (cloning a table is cheap),
+    /// and a lookup reads through it exactly as through a `Box`.
+    slots: Arc<[u16]>,
     /// The prime `M` the table was built with, even when `slots` is empty.
     size: u32,
     /// How many backends were given to `build`, weighted or not.
@@ -168,7 +172,7 @@ impl MaglevTable {
         let divisor = backends.iter().fold(0, |g, b| gcd(g, b.weight));
         if divisor == 0 {
             // No backend has a weight: nothing can be served.
-            return Ok(MaglevTable { slots: Box::default(), size, backends: backends.len() });
+            return Ok(MaglevTable { slots: Arc::default(), size, backends: backends.len() });
         }
 
         let modulus = u64::from(size);
@@ -198,7 +202,7 @@ impl MaglevTable {
                 }
             }
         }
-        Ok(MaglevTable { slots, size, backends: backends.len() })
+        Ok(MaglevTable { slots: slots.into(), size, backends: backends.len() })
     }
 
     /// The backend (index into the slice given to [`MaglevTable::build`]) for
@@ -233,6 +237,12 @@ impl MaglevTable {
     /// Whether no backend has a weight, so every lookup returns `None`.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+
+    /// True if both tables share one slot array: one is a clone of the
+    /// other (a snapshot compiler reused it) rather than a separate build.
+    pub fn shares_slots(&self, other: &MaglevTable) -> bool {
+        Arc::ptr_eq(&self.slots, &other.slots)
     }
 
     /// How many backends were given to [`MaglevTable::build`], weighted or

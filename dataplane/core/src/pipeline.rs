@@ -255,7 +255,9 @@ pub struct Pipeline {
     /// an array instead of the neighbour table. Refreshed by housekeeping and
     /// whenever ARP teaches a known next hop's MAC.
     next_hop_macs: Vec<Option<EthernetAddress>>,
-    /// The snapshot `next_hop_macs` belongs to.
+    /// The [`Snapshot::cache_generation`] `next_hop_macs` (and the source
+    /// pairs) belong to: a publication that keeps the next hops, permanent
+    /// neighbours and pools keeps it, and costs the worker no rebuild.
     next_hop_generation: u64,
     /// Neighbours other workers learned, for this one (lock-free, bounded).
     inbox: Option<Arc<ArrayQueue<NeighbourUpdate>>>,
@@ -426,7 +428,7 @@ impl Pipeline {
         verdicts: &mut [Verdict],
         prefetch: &P,
     ) {
-        if snap.generation() != self.next_hop_generation {
+        if snap.cache_generation() != self.next_hop_generation {
             self.adopt(snap, now);
         }
         self.drain_inbox(snap, now);
@@ -486,7 +488,7 @@ impl Pipeline {
     /// every known next hop that is unresolved or stale, so the first packet
     /// of a flow rarely waits for ARP.
     pub fn housekeeping(&mut self, snap: &Snapshot, now: u64) {
-        if snap.generation() != self.next_hop_generation {
+        if snap.cache_generation() != self.next_hop_generation {
             self.adopt(snap, now);
         }
         self.neighbours.expire(now);
@@ -556,7 +558,7 @@ impl Pipeline {
         if !self.snat.built_for(snap.source_pools()) {
             self.rebuild_snat(snap);
         }
-        self.next_hop_generation = snap.generation();
+        self.next_hop_generation = snap.cache_generation();
     }
 
     /// Rebuilds the FullNAT source pairs for the snapshot's pools, keeping
@@ -660,7 +662,7 @@ impl Pipeline {
 
                 // The pass ahead read the same bytes, so its answer stands.
                 let (svc, hash) = match ahead {
-                    Ahead::Service(i, hash) => (snap.services().get(i as usize), Some(hash)),
+                    Ahead::Service(i, hash) => (snap.services().get(i as usize).map(|s| &**s), Some(hash)),
                     Ahead::NoService => (None, None),
                     Ahead::Unknown | Ahead::Handoff(_) => (snap.service(dst, dport, proto), None),
                 };

@@ -5,12 +5,21 @@
 //! next hops per backend). Everything a worker needs per packet is
 //! precomputed here, off the worker cores. Must not parse configuration files
 //! or touch packets.
+//!
+//! Compilation is incremental: [`Snapshot::build_incremental`] takes the
+//! previously published snapshot and shares (`Arc`) every compiled service
+//! whose specification and dependencies (next hops through routes and
+//! ports, slots, source pool index, tunnel source) came out the same, and
+//! reuses the Maglev table of a service whose backends and weights did not
+//! change even if something else about it did. The result is the snapshot a
+//! build from scratch makes; only the work differs.
 
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
 use crate::route::{NO_SLOT, NextHop, Route, RouteTable};
 use crate::wire::EthernetAddress;
 use ahash::RandomState;
 use hashbrown::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Transport protocol of a service.
@@ -143,7 +152,7 @@ pub struct RouteSpec {
 }
 
 /// A backend of a service.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     /// Address.
     pub addr: u32,
@@ -157,8 +166,10 @@ pub struct BackendSpec {
     pub stats_slot: u32,
 }
 
-/// A service: VIP, port and protocol, and its backends.
-#[derive(Clone, Debug)]
+/// A service: VIP, port and protocol, and its backends. Compared as a whole
+/// (`==`) by the incremental compiler: a service whose specification is
+/// unchanged may be reused from the previous snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     /// Operator-facing name.
     pub name: String,
@@ -370,9 +381,17 @@ pub struct Service {
     pub on_backend_removal: OnBackendRemoval,
     /// How packets reach the backends.
     pub mode: Mode,
+    /// What it was compiled from: the incremental compiler compares it with
+    /// the next specification of the service.
+    spec: ServiceSpec,
 }
 
 impl Service {
+    /// The specification this service was compiled from.
+    pub fn spec(&self) -> &ServiceSpec {
+        &self.spec
+    }
+
     /// Where the backend `addr:port` stands in `backends`. A scan: called
     /// only when a flow's cached position no longer matches (after a
     /// configuration change), never for the packets of a steady flow.
@@ -422,25 +441,67 @@ pub(crate) fn l4_key(addr: u32, port: u16, protocol: u8) -> u64 {
 /// its own.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
-/// The slot of the next hop `(port, addr)` among `known`, added if new.
-fn known_slot(known: &mut Vec<NextHop>, port: u16, addr: u32) -> u32 {
-    if let Some(i) = known.iter().position(|n| n.port == port && n.addr == addr) {
-        return i as u32;
+/// The distinct next hops of a snapshot being built, in first-use order:
+/// slot `i` is entry `i`. Indexed, so that 100,000 backends cost 100,000
+/// hash lookups rather than a scan each.
+#[derive(Default)]
+struct KnownHops {
+    list: Vec<NextHop>,
+    index: std::collections::HashMap<(u16, u32), u32>,
+}
+
+impl KnownHops {
+    /// The slot of the next hop `(port, addr)`, added if new.
+    fn slot(&mut self, port: u16, addr: u32) -> u32 {
+        let list = &mut self.list;
+        *self.index.entry((port, addr)).or_insert_with(|| {
+            let slot = list.len() as u32;
+            list.push(NextHop { port, addr, slot });
+            slot
+        })
     }
-    let slot = known.len() as u32;
-    known.push(NextHop { port, addr, slot });
-    slot
+}
+
+/// True if a Maglev table built for `a` is the one `b` would get: same size,
+/// same backends (address and port make the stable key) in the same order,
+/// same weights. Nothing else a backend may carry affects the table.
+fn same_maglev_inputs(a: &ServiceSpec, b: &ServiceSpec) -> bool {
+    a.table_size == b.table_size
+        && a.backends.len() == b.backends.len()
+        && a.backends.iter().zip(&b.backends).all(|(x, y)| x.addr == y.addr && x.port == y.port && x.weight == y.weight)
+}
+
+/// What a build took over from the previous snapshot and what it compiled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildStats {
+    /// Compiled services shared whole with the previous snapshot.
+    pub services_reused: usize,
+    /// Services compiled again around the previous snapshot's Maglev table
+    /// (their backends' weights were unchanged, but something else, such as
+    /// a next hop, the mode or the slot numbering, was not).
+    pub tables_reused: usize,
+    /// Maglev tables built.
+    pub tables_built: usize,
 }
 
 /// The immutable forwarding state.
 #[derive(Debug)]
 pub struct Snapshot {
     generation: u64,
+    /// Equal to the previous snapshot's when the next hops, permanent
+    /// neighbours and source pools are: what a worker's per-snapshot caches
+    /// are built from.
+    cache_generation: u64,
+    /// The desired-state version this was compiled from (0: not given).
+    version: u64,
+    build_stats: BuildStats,
     ports: Vec<Port>,
     local: HashMap<u32, u16, RandomState>,
     vips: HashSet<u32, RandomState>,
     services: HashMap<u64, u32, RandomState>,
-    service_list: Vec<Service>,
+    /// Shared with the snapshots compiled before and after this one while
+    /// the service does not change.
+    service_list: Vec<Arc<Service>>,
     reverse: HashMap<u64, ReverseNat, RandomState>,
     routes: RouteTable,
     next_hops: Vec<NextHop>,
@@ -454,6 +515,31 @@ pub struct Snapshot {
     pool_filter: [u64; 4],
 }
 
+/// Builds the Maglev table of `s`. The keys are "a.b.c.d:port", so the
+/// table depends on the backends themselves, not on their order in any list
+/// but the service's own, and every gateway builds the same one.
+fn build_maglev(s: &ServiceSpec) -> Result<MaglevTable, SnapshotError> {
+    use std::fmt::Write;
+    // All keys in one buffer: one allocation per service, not per backend.
+    let mut keys = String::with_capacity(s.backends.len() * 21);
+    let mut ends = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        // Writing to a String cannot fail.
+        let _ = write!(keys, "{}:{}", ip4(b.addr), b.port);
+        ends.push(keys.len());
+    }
+    let mb: Vec<MaglevBackend<'_>> = s
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| MaglevBackend {
+            key: &keys.as_bytes()[if i == 0 { 0 } else { ends[i - 1] }..ends[i]],
+            weight: b.weight,
+        })
+        .collect();
+    MaglevTable::build(&mb, s.table_size).map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })
+}
+
 /// The bit of `addr` in a 256-bit address filter.
 #[inline(always)]
 fn filter_bit(addr: u32) -> usize {
@@ -465,9 +551,24 @@ fn ip4(a: u32) -> std::net::Ipv4Addr {
 }
 
 impl Snapshot {
-    /// Compiles a snapshot. Fails, naming the culprit, on anything the fast
-    /// path could not serve correctly.
+    /// Compiles a snapshot from scratch. Fails, naming the culprit, on
+    /// anything the fast path could not serve correctly.
     pub fn build(spec: &SnapshotSpec) -> Result<Snapshot, SnapshotError> {
+        Snapshot::build_incremental(spec, None, 0)
+    }
+
+    /// Compiles a snapshot, reusing from `previous` (normally the snapshot
+    /// the workers read now) every compiled service that comes out the
+    /// same, and every Maglev table whose backends and weights are the same.
+    /// `version` is the desired-state version the specification describes,
+    /// carried for the workers to report. The result equals
+    /// [`Snapshot::build`]'s (apart from `version` and the generations);
+    /// the same errors are reported.
+    pub fn build_incremental(
+        spec: &SnapshotSpec,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Result<Snapshot, SnapshotError> {
         if spec.ports.len() > usize::from(u16::MAX) {
             return Err(SnapshotError::TooManyPorts(spec.ports.len()));
         }
@@ -479,7 +580,7 @@ impl Snapshot {
 
         let mut local = HashMap::with_hasher(RandomState::new());
         let mut routes = Vec::new();
-        let mut next_hops = Vec::new();
+        let mut next_hops = KnownHops::default();
         for (i, p) in ports.iter().enumerate() {
             for c in &p.addresses {
                 local.insert(c.addr, i as u16);
@@ -495,7 +596,7 @@ impl Snapshot {
                     via: ip4(r.via),
                 });
             };
-            let slot = known_slot(&mut next_hops, hop.port, r.via);
+            let slot = next_hops.slot(hop.port, r.via);
             routes.push(Route { prefix: r.prefix.addr, len: r.prefix.len, port: hop.port, via: Some(r.via), slot });
         }
         let routes = RouteTable::new(routes);
@@ -529,11 +630,14 @@ impl Snapshot {
                 }
             }
         }
-        let mut vips = HashSet::with_hasher(RandomState::new());
-        let mut services = HashMap::with_hasher(RandomState::new());
-        let mut reverse: HashMap<u64, ReverseNat, RandomState> = HashMap::with_hasher(RandomState::new());
-        let mut reverse_owner: HashMap<u64, usize> = HashMap::new();
+        let total_backends: usize = spec.services.iter().map(|s| s.backends.len()).sum();
+        let mut vips = HashSet::with_capacity_and_hasher(spec.services.len(), RandomState::new());
+        let mut services = HashMap::with_capacity_and_hasher(spec.services.len(), RandomState::new());
+        let mut reverse: HashMap<u64, ReverseNat, RandomState> =
+            HashMap::with_capacity_and_hasher(total_backends, RandomState::new());
+        let mut reverse_owner: HashMap<u64, usize> = HashMap::with_capacity(total_backends);
         let mut service_list = Vec::with_capacity(spec.services.len());
+        let mut stats = BuildStats::default();
         for (si, s) in spec.services.iter().enumerate() {
             if let Some(&port) = local.get(&s.vip) {
                 return Err(SnapshotError::VipIsLocal {
@@ -558,7 +662,7 @@ impl Snapshot {
                 let mut next_hop = routes
                     .next_hop(b.addr)
                     .ok_or_else(|| SnapshotError::BackendUnreachable { service: s.name.clone(), addr: ip4(b.addr) })?;
-                next_hop.slot = known_slot(&mut next_hops, next_hop.port, next_hop.addr);
+                next_hop.slot = next_hops.slot(next_hop.port, next_hop.addr);
                 let rkey = l4_key(b.addr, b.port, proto);
                 let mut tunnel_src = 0;
                 if let ForwardingMode::Dsr { tunnel_source } = &s.mode {
@@ -601,15 +705,6 @@ impl Snapshot {
                 reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port, stats: b.stats_slot });
                 backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
             }
-            // Stable Maglev keys: "a.b.c.d:port", independent of list order.
-            let keys: Vec<String> = s.backends.iter().map(|b| format!("{}:{}", ip4(b.addr), b.port)).collect();
-            let mb: Vec<MaglevBackend<'_>> = keys
-                .iter()
-                .zip(&s.backends)
-                .map(|(k, b)| MaglevBackend { key: k.as_bytes(), weight: b.weight })
-                .collect();
-            let maglev = MaglevTable::build(&mb, s.table_size)
-                .map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })?;
             let mode = match &s.mode {
                 ForwardingMode::Nat => Mode::Nat,
                 ForwardingMode::FullNat { pool } => match spec.source_pools.iter().position(|p| &p.name == pool) {
@@ -622,7 +717,28 @@ impl Snapshot {
             };
             vips.insert(s.vip);
             services.insert(key, si as u32);
-            service_list.push(Service {
+            // The same service at the same VIP:port/protocol last time.
+            let old = previous.and_then(|p| p.service_index(s.vip, s.port, proto).map(|i| &p.service_list[i as usize]));
+            if let Some(old) = old
+                && old.spec == *s
+                && old.backends == backends
+                && old.mode == mode
+            {
+                stats.services_reused += 1;
+                service_list.push(Arc::clone(old));
+                continue;
+            }
+            let maglev = match old {
+                Some(old) if same_maglev_inputs(&old.spec, s) => {
+                    stats.tables_reused += 1;
+                    old.maglev.clone()
+                }
+                _ => {
+                    stats.tables_built += 1;
+                    build_maglev(s)?
+                }
+            };
+            service_list.push(Arc::new(Service {
                 name: s.name.clone(),
                 vip: s.vip,
                 port: s.port,
@@ -631,11 +747,27 @@ impl Snapshot {
                 backends,
                 on_backend_removal: s.on_backend_removal,
                 mode,
-            });
+                spec: s.clone(),
+            }));
         }
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let next_hops = next_hops.list;
+        let source_pools = spec.source_pools.clone();
+        let cache_generation = match previous {
+            Some(p)
+                if p.next_hops == next_hops
+                    && p.static_neighbours == static_neighbours
+                    && p.source_pools == source_pools =>
+            {
+                p.cache_generation
+            }
+            _ => generation,
+        };
         Ok(Snapshot {
             generation,
+            cache_generation,
+            version,
+            build_stats: stats,
             ports,
             local,
             vips,
@@ -645,7 +777,7 @@ impl Snapshot {
             routes,
             next_hops,
             static_neighbours,
-            source_pools: spec.source_pools.clone(),
+            source_pools,
             pool_filter: pool_addresses.keys().fold([0u64; 4], |mut f, &a| {
                 f[filter_bit(a) / 64] |= 1 << (filter_bit(a) % 64);
                 f
@@ -654,10 +786,29 @@ impl Snapshot {
         })
     }
 
-    /// Identifies this snapshot among all built in the process; a worker
-    /// rebuilds per-snapshot caches when it changes.
+    /// Identifies this snapshot among all built in the process.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Identifies what a worker's per-snapshot caches are built from (the
+    /// next hops and their slots, the permanent neighbours, the source
+    /// pools): a snapshot compiled incrementally keeps its predecessor's
+    /// value when all three are unchanged, so a worker rebuilds those
+    /// caches only when it changes.
+    pub fn cache_generation(&self) -> u64 {
+        self.cache_generation
+    }
+
+    /// The desired-state version this snapshot was compiled from (0 when
+    /// built without one).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// What the build reused from the previous snapshot.
+    pub fn build_stats(&self) -> BuildStats {
+        self.build_stats
     }
 
     /// Ports in dense index order.
@@ -665,8 +816,9 @@ impl Snapshot {
         &self.ports
     }
 
-    /// Services in configuration order.
-    pub fn services(&self) -> &[Service] {
+    /// Services in configuration order. Each is shared with the snapshots
+    /// before and after this one that compiled it the same.
+    pub fn services(&self) -> &[Arc<Service>] {
         &self.service_list
     }
 
@@ -695,7 +847,7 @@ impl Snapshot {
     /// The service listening on `vip:port/protocol`.
     #[inline]
     pub fn service(&self, vip: u32, port: u16, protocol: u8) -> Option<&Service> {
-        self.services.get(&l4_key(vip, port, protocol)).map(|&i| &self.service_list[i as usize])
+        self.services.get(&l4_key(vip, port, protocol)).map(|&i| &*self.service_list[i as usize])
     }
 
     /// The index (into [`Snapshot::services`]) of the service listening on
@@ -745,3 +897,6 @@ impl Snapshot {
         self.local.get(&addr).copied()
     }
 }
+
+#[cfg(test)]
+mod tests;

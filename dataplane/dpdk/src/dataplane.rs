@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use vipgate_dataplane::counters::WorkerCounters;
+use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{PipelineConfig, neighbour_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::stats::BackendStats;
@@ -78,6 +79,8 @@ pub struct WorkerView {
     pub counters: Arc<WorkerCounters>,
     /// Its per-backend stats ([`vipgate_dataplane::stats`]).
     pub stats: Arc<BackendStats>,
+    /// The snapshot it last loaded, which it updates when that changes.
+    pub snapshot: Arc<LoadedSnapshot>,
 }
 
 impl WorkerView {
@@ -155,6 +158,7 @@ impl Dataplane {
                     lcore,
                     counters: Arc::default(),
                     stats: Arc::new(BackendStats::new(config.pipeline.backend_slots)),
+                    snapshot: Arc::default(),
                 })
                 .collect(),
             ports: Vec::with_capacity(config.ports.len()),
@@ -232,8 +236,12 @@ impl Dataplane {
         let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
-        let lcores: Vec<(u32, Arc<WorkerCounters>, Arc<BackendStats>)> =
-            self.workers.iter().map(|w| (w.lcore, Arc::clone(&w.counters), Arc::clone(&w.stats))).collect();
+        type PerWorker = (u32, Arc<WorkerCounters>, Arc<BackendStats>, Arc<LoadedSnapshot>);
+        let lcores: Vec<PerWorker> = self
+            .workers
+            .iter()
+            .map(|w| (w.lcore, Arc::clone(&w.counters), Arc::clone(&w.stats), Arc::clone(&w.snapshot)))
+            .collect();
         let inboxes = neighbour_inboxes(lcores.len());
         let workers = lcores.len();
         let handoff = self.handoff.as_ref().expect("rings exist until shutdown");
@@ -244,7 +252,7 @@ impl Dataplane {
             .collect();
         let (publisher, readers) = Publisher::new(snapshot, lcores.len());
         self.snapshots = Some(publisher);
-        for ((i, (lcore, counters, stats)), reader) in lcores.into_iter().enumerate().zip(readers) {
+        for ((i, (lcore, counters, stats, loaded)), reader) in lcores.into_iter().enumerate().zip(readers) {
             let worker = Box::new(WorkerSetup {
                 index: i,
                 queue: i as u16,
@@ -254,6 +262,7 @@ impl Dataplane {
                 stats,
                 inboxes: inboxes.clone(),
                 snapshot: reader,
+                loaded,
                 stop: Arc::clone(&self.stop),
                 pool,
                 idle_sleep_us: self.idle_sleep_us,

@@ -26,6 +26,7 @@ use std::ptr::null_mut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
+use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, Prefetch, RxPacket, Solicitation, Verdict};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::arp;
@@ -54,6 +55,8 @@ pub(crate) struct WorkerSetup {
     /// This worker's reader of the published snapshot (offline until the
     /// loop starts).
     pub(crate) snapshot: Reader<Snapshot>,
+    /// Where this worker says which snapshot it last loaded.
+    pub(crate) loaded: Arc<LoadedSnapshot>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
@@ -99,6 +102,7 @@ impl WorkerSetup {
             queue: self.queue,
             port_ids: self.port_ids,
             pipeline,
+            loaded: self.loaded,
             stop: self.stop,
             pool: self.pool,
             idle_sleep_us: self.idle_sleep_us,
@@ -141,6 +145,7 @@ pub(crate) struct Worker {
     /// DPDK port ids, indexed by dense port index.
     pub(crate) port_ids: Vec<u16>,
     pipeline: Pipeline,
+    loaded: Arc<LoadedSnapshot>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
@@ -257,12 +262,20 @@ impl Worker {
         let mut next_housekeeping = 0u64;
         let mut idle_polls = 0u32;
         let counters = Arc::clone(self.pipeline.counters());
+        let mut loaded_generation = 0;
 
         snapshot.online();
+        self.loaded.set_idle(false);
         while !self.stop.load(Ordering::Relaxed) {
             let start = rdtsc();
             // Valid until `quiescent` below; the borrow checker holds us to it.
             let snap = snapshot.load();
+            if snap.generation() != loaded_generation {
+                // Once per publication: the control plane polls this to
+                // know the change is in force here.
+                loaded_generation = snap.generation();
+                self.loaded.record(snap.version(), loaded_generation);
+            }
             if start >= next_housekeeping {
                 self.pipeline.housekeeping(snap, clock.ns(start));
                 self.send_solicitations(&counters);
@@ -322,7 +335,9 @@ impl Worker {
                     // Asleep, the worker holds no snapshot: publications
                     // do not wait for it.
                     snapshot.offline();
+                    self.loaded.set_idle(true);
                     std::thread::sleep(std::time::Duration::from_micros(u64::from(self.idle_sleep_us)));
+                    self.loaded.set_idle(false);
                     snapshot.online();
                 } else {
                     std::hint::spin_loop();
@@ -331,6 +346,7 @@ impl Worker {
             snapshot.quiescent();
         }
         snapshot.offline();
+        self.loaded.set_idle(true);
     }
 
     /// Processes one burst: from the rx queue of port `ingress`, or (`None`)

@@ -1,0 +1,162 @@
+//! Where the time of one change goes in the control plane, without a
+//! daemon: for a dynamic state of `N` services with `B` backends each
+//! (defaults 10,000 and 10, Maglev tables of 1021 slots), the wall time of
+//! each step a change takes in vipgated, median of `R` runs (default 5).
+//!
+//! ```text
+//! cargo bench -p vipgate --bench compile -- [--services N] [--backends B] [--table-size M] [--runs R]
+//! ```
+//!
+//! Steps: cloning the dynamic state (a mutation works on a copy),
+//! validation (`state::validate`), a snapshot from scratch
+//! (`Snapshot::build`), an incremental snapshot after one backend's weight
+//! changed (`Snapshot::build_incremental` against the previous one), the
+//! same with nothing changed, and persisting the state file
+//! (`Store::save`: JSON, write, fsync, rename, fsync of the directory; in a
+//! temporary directory).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vipgate_controlplane::config::Config;
+use vipgate_controlplane::state::{
+    AdminState, BackendState, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState, validate,
+};
+use vipgate_controlplane::stats::StatsSlots;
+use vipgate_controlplane::store::Store;
+use vipgate_dataplane::snapshot::Snapshot;
+use vipgate_dataplane::wire::EthernetAddress;
+
+const CONFIG: &str = r#"
+[eal]
+lcores = "0,1"
+hugepages = false
+
+[[ports]]
+name = "a"
+device = "net_null0"
+addresses = ["198.18.0.1/24"]
+
+[[ports]]
+name = "b"
+device = "net_null1"
+addresses = ["198.18.1.1/24"]
+
+[[routes]]
+prefix = "198.19.0.0/16"
+via = "198.18.1.254"
+"#;
+
+fn state(services: u32, backends: u32, table_size: u32) -> DesiredState {
+    let mut s = DesiredState { version: 1, ..DesiredState::default() };
+    for i in 0..services {
+        let name = format!("svc-{i:05}");
+        s.services.insert(
+            name.clone(),
+            ServiceState {
+                name,
+                vip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i),
+                port: 80,
+                protocol: ProtocolState::Tcp,
+                mode: ModeState::Nat,
+                table_size,
+                on_backend_removal: RemovalState::Rehash,
+                backends: (0..backends)
+                    .map(|j| BackendState {
+                        address: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i),
+                        port: 8000 + j as u16,
+                        weight: 1,
+                        admin_state: AdminState::Enabled,
+                    })
+                    .collect(),
+                health_check: None,
+            },
+        );
+    }
+    s
+}
+
+fn median(mut d: Vec<Duration>) -> f64 {
+    d.sort();
+    d[d.len() / 2].as_secs_f64() * 1e3
+}
+
+fn time<T>(runs: u32, mut f: impl FnMut() -> T) -> f64 {
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn main() {
+    let (mut services, mut backends, mut table_size, mut runs) = (10_000u32, 10u32, 1021u32, 5u32);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut number = || -> u32 { args.next().and_then(|v| v.parse().ok()).expect("a number") };
+        match a.as_str() {
+            "--services" => services = number(),
+            "--backends" => backends = number(),
+            "--table-size" => table_size = number(),
+            "--runs" => runs = number(),
+            "--bench" => {}
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    let config = Config::parse(Path::new("/etc/vipgate/vipgated.toml"), CONFIG).expect("configuration");
+    let macs = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
+    let dynamic = state(services, backends, table_size);
+    println!("{services} services x {backends} backends, Maglev tables of {table_size} slots; median of {runs} runs");
+
+    let clone = time(runs, || dynamic.clone());
+    let validated = time(runs, || validate(&config, &macs, &dynamic).expect("valid"));
+    let spec = validate(&config, &macs, &dynamic).expect("valid");
+    let scratch = time(runs, || Snapshot::build(&spec).expect("builds"));
+    let first = Snapshot::build(&spec).expect("builds");
+    let mut changed = spec.clone();
+    let target = &mut changed.services[services as usize / 2].backends[0];
+    target.weight = 2;
+    let one = time(runs, || Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds"));
+    let stats = Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds").build_stats();
+    let none = time(runs, || Snapshot::build_incremental(&spec, Some(&first), 2).expect("builds"));
+    // The stats slots every change plans (controlplane/src/stats.rs): from
+    // scratch for the first state, then against the assignment in force.
+    let slot_arrays =
+        vec![std::sync::Arc::new(vipgate_dataplane::stats::BackendStats::new(vipgate_dataplane::stats::DEFAULT_SLOTS))];
+    let mut slots = StatsSlots::new(vipgate_dataplane::stats::DEFAULT_SLOTS, slot_arrays);
+    let plan_first = time(runs, || slots.plan(&mut spec.clone()).expect("slots"));
+    let plan = slots.plan(&mut spec.clone()).expect("slots");
+    slots.apply(plan);
+    let plan_one = time(runs, || slots.plan(&mut changed.clone()).expect("slots"));
+    let spec_clone = time(runs, || changed.clone());
+    let free = time(runs, || drop(Snapshot::build(&spec).expect("builds")));
+
+    let dir = std::env::temp_dir().join(format!("vipgate-bench-compile-{}", std::process::id()));
+    let store = Store::new(&dir);
+    let persist = time(runs, || store.save(&dynamic).expect("saved"));
+    let bytes = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let row = |what: &str, ms: f64| println!("{what:<58} {ms:>10.2} ms");
+    row("clone the dynamic state", clone);
+    row("state::validate (static + dynamic -> SnapshotSpec)", validated);
+    row("Snapshot::build from scratch", scratch);
+    row("  (build + free, from scratch)", free);
+    row(
+        &format!(
+            "build_incremental, one weight changed ({} reused, {} built)",
+            stats.services_reused, stats.tables_built
+        ),
+        one,
+    );
+    row("build_incremental, nothing changed", none);
+    row("StatsSlots::plan, first state (+ a clone of the spec)", plan_first);
+    row("StatsSlots::plan, one weight changed (+ a clone of the spec)", plan_one);
+    row("  (the clone of the spec alone)", spec_clone);
+    row(&format!("Store::save ({:.1} MB state file)", bytes as f64 / 1e6), persist);
+}

@@ -1,0 +1,371 @@
+//! Publication benchmark: a real vipgated on two net_null ports (which
+//! receive packets continuously, so the workers are busy), two workers,
+//! driven over its API as an operator would.
+//!
+//! ```text
+//! cargo bench -p vipgate --bench publish -- [--services N] [--backends B]
+//!     [--table-size M] [--updates U] [--creates C] [--lcores LIST] [--smoke]
+//! ```
+//!
+//! Phases, in order:
+//! 1. `C` CreateService calls, one service each, from an empty state
+//!    (default 1,000): the latency of each call.
+//! 2. One Apply of `N` services with `B` backends each and Maglev tables of
+//!    `M` slots (defaults 10,000, 10, 1021), replacing what phase 1 made:
+//!    the call's duration, and when every worker reports its version.
+//! 3. `U` UpdateBackend calls (default 1,000), each changing the weight of
+//!    one backend of one service: the call's latency, and the time from
+//!    the call's return until every worker reports (GetCounters) a snapshot
+//!    of the new version or is idle (holding none). The poll's own round
+//!    trip is included, so this is an upper bound.
+//!
+//! The gateway's log says, per change, how long validation, compilation,
+//! persistence and publication took; the benchmark summarises those too.
+//! It reports; it does not fail on a missed target. It does fail (non-zero)
+//! if the gateway misbehaves: a refused call, a worker that never reports
+//! the version, a daemon that dies. `--smoke` runs a small instance (for
+//! CI: 200 services of 4 backends, 50 creates, 50 updates).
+//!
+//! Needs root and hugepages (or VIPGATE_HUGEPAGES=0), like the tests.
+
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use vipgate::{NULL_GATEWAY_READY_TIMEOUT, NullGateway};
+use vipgate_controlplane::api::pb;
+use vipgate_controlplane::api::pb::gateway_client::GatewayClient;
+use vipgate_controlplane::api::pb::service_manager_client::ServiceManagerClient;
+use vipgate_controlplane::api::{connect_unix, connect_unix_services};
+
+/// How long a worker may take to report a version before the run fails.
+const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Options {
+    services: u32,
+    backends: u32,
+    table_size: u32,
+    updates: u32,
+    creates: u32,
+    lcores: String,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut o = Options {
+            services: 10_000,
+            backends: 10,
+            table_size: 1021,
+            updates: 1000,
+            creates: 1000,
+            // One worker per CPU of a 2-CPU machine; the control plane
+            // shares CPU 0 with the first. Two workers on one CPU would
+            // preempt each other inside the mempool's multi-producer ring
+            // operations, which DPDK does not support (workers then stall
+            // for whole seconds).
+            lcores: "0@0,1@0,2@1".to_owned(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            let mut value = |name: &str| -> String { args.next().unwrap_or_else(|| panic!("{name} needs a value")) };
+            let mut number = |name: &str| -> u32 {
+                let v = value(name);
+                v.parse().unwrap_or_else(|_| panic!("{name}: {v:?} is not a number"))
+            };
+            match a.as_str() {
+                "--services" => o.services = number("--services"),
+                "--backends" => o.backends = number("--backends"),
+                "--table-size" => o.table_size = number("--table-size"),
+                "--updates" => o.updates = number("--updates"),
+                "--creates" => o.creates = number("--creates"),
+                "--lcores" => o.lcores = value("--lcores"),
+                "--smoke" => {
+                    o.services = 200;
+                    o.backends = 4;
+                    o.table_size = 1021;
+                    o.updates = 50;
+                    o.creates = 50;
+                }
+                // cargo bench passes --bench to every bench binary.
+                "--bench" => {}
+                other => panic!(
+                    "unknown argument {other:?}; usage: publish [--services N] [--backends B] [--table-size M] [--updates U] [--creates C] [--lcores LIST] [--smoke]"
+                ),
+            }
+        }
+        assert!(o.services >= 1 && o.services <= 10_000, "--services: 1 to 10,000");
+        assert!(o.backends >= 1 && o.backends <= 100, "--backends: 1 to 100");
+        assert!(o.creates <= o.services, "--creates: at most --services");
+        o
+    }
+}
+
+/// VIP of service `i`: 198.18.128.0 + i (198.18.128.0/17 holds 32,768).
+fn vip(i: u32) -> String {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 128, 0)) + i).to_string()
+}
+
+/// Backends of service `i`: 198.19.0.1 + i, ports 8000 + j, behind the
+/// static route to 198.19.0.0/16, so every backend's next hop is the one
+/// router and each (address, port) belongs to one service.
+fn backend_addr(i: u32) -> String {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 1)) + i).to_string()
+}
+
+fn service(o: &Options, i: u32) -> pb::Service {
+    pb::Service {
+        name: format!("svc-{i:05}"),
+        vip: vip(i),
+        port: 80,
+        protocol: "tcp".to_owned(),
+        mode: "nat".to_owned(),
+        table_size: o.table_size,
+        backends: (0..o.backends)
+            .map(|j| pb::Backend {
+                address: backend_addr(i),
+                port: 8000 + j,
+                weight: Some(1),
+                admin_state: pb::AdminState::Enabled.into(),
+                ..pb::Backend::default()
+            })
+            .collect(),
+        ..pb::Service::default()
+    }
+}
+
+/// Percentiles of a sample, in milliseconds.
+struct Summary {
+    n: usize,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+    mean: f64,
+}
+
+impl Summary {
+    fn of(samples: &[Duration]) -> Summary {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() as f64 * q).ceil() as usize).clamp(1, ms.len()) - 1];
+        Summary {
+            n: ms.len(),
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: *ms.last().unwrap_or(&0.0),
+            mean: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+        }
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "{what:<44} n={:<6} p50 {:>8.3} ms  p90 {:>8.3} ms  p99 {:>8.3} ms  max {:>8.3} ms  mean {:>8.3} ms",
+            self.n, self.p50, self.p90, self.p99, self.max, self.mean
+        );
+    }
+}
+
+/// Polls GetCounters until every worker reports a snapshot of `version` or
+/// later, or is idle. Returns how many polls it took.
+async fn wait_visible(gw: &mut GatewayClient<Channel>, version: u64) -> u32 {
+    let start = Instant::now();
+    let mut polls = 0;
+    loop {
+        polls += 1;
+        let r = gw.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner();
+        assert!(!r.workers.is_empty(), "GetCounters lists no worker");
+        let visible = r.workers.iter().all(|w| {
+            let s = w.snapshot.as_ref().expect("WorkerCounters.snapshot is set by vipgated");
+            s.version >= version || s.idle
+        });
+        if visible {
+            return polls;
+        }
+        assert!(
+            start.elapsed() < VISIBILITY_TIMEOUT,
+            "version {version} not visible to every worker after {VISIBILITY_TIMEOUT:?}: {:?}",
+            r.workers.iter().map(|w| w.snapshot).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The durations vipgated logged for the changes in `log` after the first
+/// `skip` changes: (validate+compile, persist, publish, total) in ms.
+fn logged_phases(log: &str, skip: usize) -> Vec<[f64; 4]> {
+    let field = |line: &str, name: &str| -> Option<f64> {
+        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        line[at..].split([' ', ',']).next()?.trim_end_matches("ms").parse().ok()
+    };
+    log.lines()
+        .filter(|l| l.contains("state changed"))
+        .skip(skip)
+        .filter_map(|l| {
+            Some([field(l, "compile_ms")?, field(l, "persist_ms")?, field(l, "publish_ms")?, field(l, "total_ms")?])
+        })
+        .collect()
+}
+
+fn print_phases(what: &str, phases: &[[f64; 4]]) {
+    if phases.is_empty() {
+        println!("{what}: the gateway logged no phase durations");
+        return;
+    }
+    let names = ["validate+compile", "persist (JSON, fsync, rename)", "publish (RCU grace)", "total in vipgated"];
+    for (k, name) in names.iter().enumerate() {
+        let d: Vec<Duration> = phases.iter().map(|p| Duration::from_secs_f64(p[k] / 1e3)).collect();
+        Summary::of(&d).print(&format!("  {what}: {name}"));
+    }
+}
+
+fn main() {
+    let o = Options::parse();
+    let route = "\n[[routes]]\nprefix = \"198.19.0.0/16\"\nvia = \"198.18.1.254\"\n";
+    let mut gw = NullGateway::builder("pub").lcores(&o.lcores).receiving().extra_config(route).build();
+    gw.spawn();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
+        let (mut sm, mut gc) = loop {
+            if let (Ok(mut sm), Ok(gc)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
+                && sm.get_state(pb::GetStateRequest {}).await.is_ok()
+            {
+                break (sm, gc);
+            }
+            assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", gw.log_text());
+            gw.assert_running();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let workers = gc.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner().workers;
+        println!(
+            "vipgated on net_null (receiving), lcores {}: {} workers; {} services x {} backends, Maglev tables of {} slots",
+            o.lcores,
+            workers.len(),
+            o.services,
+            o.backends,
+            o.table_size
+        );
+        run(&o, &mut gw, &mut sm, &mut gc).await;
+    });
+    // The clients' connections live on the runtime: closed with it, so that
+    // vipgated's graceful shutdown does not wait for them.
+    drop(rt);
+    let status = gw.stop();
+    assert!(status.success(), "vipgated exited with {status}:\n{}", gw.log_text());
+}
+
+async fn run(
+    o: &Options,
+    gw: &mut NullGateway,
+    sm: &mut ServiceManagerClient<Channel>,
+    gc: &mut GatewayClient<Channel>,
+) {
+    // How busy the workers are: packets and busy polls over one second.
+    let counters = |r: &pb::GetCountersResponse| -> Vec<(u32, u64, u64)> {
+        r.workers
+            .iter()
+            .map(|w| {
+                let c = w.counters.clone().unwrap_or_default();
+                (w.lcore, c.rx_packets, c.busy_polls)
+            })
+            .collect()
+    };
+    let before = counters(&gc.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = counters(&gc.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner());
+    for ((lcore, rx0, busy0), (_, rx1, busy1)) in before.iter().zip(&after) {
+        println!(
+            "worker on lcore {lcore}: {:.2} Mpps received, {} busy polls in 1 s",
+            (rx1 - rx0) as f64 / 1e6,
+            busy1 - busy0
+        );
+    }
+
+    // The poll's own round trip, for reading the visibility figures.
+    let mut rtt = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        gc.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters");
+        rtt.push(t.elapsed());
+    }
+    Summary::of(&rtt).print("GetCounters round trip (the poll)");
+
+    // Phase 1: CreateService, one at a time, from an empty state.
+    let changes_before = gw.log_text().matches("state changed").count();
+    let mut create = Vec::new();
+    for i in 0..o.creates {
+        let t = Instant::now();
+        sm.create_service(pb::CreateServiceRequest { service: Some(service(o, i)) })
+            .await
+            .unwrap_or_else(|e| panic!("CreateService {i}: {e}"));
+        create.push(t.elapsed());
+    }
+    if !create.is_empty() {
+        Summary::of(&create).print(&format!("CreateService x{} (state growing 0..{})", o.creates, o.creates));
+        print_phases("CreateService", &logged_phases(&gw.log_text(), changes_before));
+    }
+
+    // Phase 2: one Apply of everything.
+    let version = sm.get_state(pb::GetStateRequest {}).await.expect("GetState").into_inner().version;
+    let request = pb::ApplyRequest {
+        expected_version: version,
+        services: (0..o.services).map(|i| service(o, i)).collect(),
+        source_pools: vec![],
+    };
+    let bytes = prost::Message::encoded_len(&request);
+    let changes_before = gw.log_text().matches("state changed").count();
+    let t = Instant::now();
+    let applied = sm.apply(request).await.unwrap_or_else(|e| panic!("Apply: {e}")).into_inner().version;
+    let apply = t.elapsed();
+    let returned = Instant::now();
+    let apply_polls = wait_visible(gc, applied).await;
+    let apply_visible = returned.elapsed();
+    let state_bytes = std::fs::metadata(gw.state_file()).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "Apply of {} services x {} backends ({:.1} MB request): {:.1} ms; visible to every worker {:.3} ms after it returned ({apply_polls} polls); state file {:.1} MB",
+        o.services,
+        o.backends,
+        bytes as f64 / 1e6,
+        apply.as_secs_f64() * 1e3,
+        apply_visible.as_secs_f64() * 1e3,
+        state_bytes as f64 / 1e6
+    );
+    print_phases("Apply", &logged_phases(&gw.log_text(), changes_before));
+
+    // Phase 3: single-backend changes.
+    let mut weights = vec![1u32; (o.services * o.backends) as usize];
+    let mut calls = Vec::new();
+    let mut visible = Vec::new();
+    let mut polls = Vec::new();
+    let changes_before = gw.log_text().matches("state changed").count();
+    for k in 0..o.updates {
+        let i = (u64::from(k) * 7919 % u64::from(o.services)) as u32;
+        let j = k % o.backends;
+        let w = &mut weights[(i * o.backends + j) as usize];
+        *w = if *w == 1 { 2 } else { 1 };
+        let t = Instant::now();
+        let version = sm
+            .update_backend(pb::UpdateBackendRequest {
+                service: format!("svc-{i:05}"),
+                address: backend_addr(i),
+                port: 8000 + j,
+                weight: Some(*w),
+                admin_state: pb::AdminState::Unspecified.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("UpdateBackend {k}: {e}"))
+            .into_inner()
+            .version;
+        let returned = Instant::now();
+        calls.push(returned - t);
+        polls.push(wait_visible(gc, version).await);
+        visible.push(returned.elapsed());
+    }
+    if !calls.is_empty() {
+        Summary::of(&calls).print(&format!("UpdateBackend x{} call latency", o.updates));
+        Summary::of(&visible).print("  visible to every worker after return (bound)");
+        let one_poll = polls.iter().filter(|&&p| p == 1).count();
+        println!("  visible at the first poll after the call returned: {one_poll} of {}", polls.len());
+        print_phases("UpdateBackend", &logged_phases(&gw.log_text(), changes_before));
+    }
+    gw.assert_running();
+}
