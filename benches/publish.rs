@@ -165,6 +165,36 @@ impl Summary {
     }
 }
 
+/// The host's CLOCK_MONOTONIC in nanoseconds, the clock the workers stamp
+/// their snapshot loads with.
+fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// How long after `returned_ns` (CLOCK_MONOTONIC) the last busy worker
+/// loaded a snapshot of `version` or later, by the workers' own stamps; 0
+/// when every worker had loaded it before the call returned (publication
+/// waits for the workers before the call answers). Idle workers hold no
+/// snapshot and are left out.
+async fn loaded_after_return(gw: &mut GatewayClient<Channel>, version: u64, returned_ns: i64) -> Duration {
+    let r = gw.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner();
+    let latest = r
+        .workers
+        .iter()
+        .filter_map(|w| w.snapshot.as_ref())
+        .filter(|s| !s.idle)
+        .map(|s| {
+            assert!(s.version >= version, "a busy worker still has version {} < {version}", s.version);
+            s.loaded_at_monotonic_ns as i64
+        })
+        .max()
+        .unwrap_or(0);
+    Duration::from_nanos((latest - returned_ns).max(0) as u64)
+}
+
 /// Polls GetCounters until every worker reports a snapshot of `version` or
 /// later, or is idle. Returns how many polls it took.
 async fn wait_visible(gw: &mut GatewayClient<Channel>, version: u64) -> u32 {
@@ -335,6 +365,7 @@ async fn run(
     let mut weights = vec![1u32; (o.services * o.backends) as usize];
     let mut calls = Vec::new();
     let mut visible = Vec::new();
+    let mut loaded = Vec::new();
     let mut polls = Vec::new();
     let changes_before = gw.log_text().matches("state changed").count();
     for k in 0..o.updates {
@@ -356,13 +387,18 @@ async fn run(
             .into_inner()
             .version;
         let returned = Instant::now();
+        let returned_ns = monotonic_ns();
         calls.push(returned - t);
         polls.push(wait_visible(gc, version).await);
         visible.push(returned.elapsed());
+        loaded.push(loaded_after_return(gc, version, returned_ns).await);
     }
     if !calls.is_empty() {
         Summary::of(&calls).print(&format!("UpdateBackend x{} call latency", o.updates));
         Summary::of(&visible).print("  visible to every worker after return (bound)");
+        Summary::of(&loaded).print("  loaded by the last worker after return");
+        let before = loaded.iter().filter(|d| d.is_zero()).count();
+        println!("  loaded by every worker before the call returned: {before} of {}", loaded.len());
         let one_poll = polls.iter().filter(|&&p| p == 1).count();
         println!("  visible at the first poll after the call returned: {one_poll} of {}", polls.len());
         print_phases("UpdateBackend", &logged_phases(&gw.log_text(), changes_before));

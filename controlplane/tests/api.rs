@@ -48,9 +48,9 @@ impl FakeGateway {
         w2.count_drop(DropReason::TxFull);
         // Worker 1 forwards with version 7 (generation 3); worker 2 sleeps.
         let s1 = LoadedSnapshot::default();
-        s1.record(7, 3);
+        s1.record(7, 3, 1_000);
         let s2 = LoadedSnapshot::default();
-        s2.record(6, 2);
+        s2.record(6, 2, 2_000);
         s2.set_idle(true);
         Arc::new(FakeGateway {
             workers: vec![
@@ -217,8 +217,8 @@ async fn health_and_counters_over_the_socket() {
     assert_eq!(
         snapshots,
         [
-            Some(pb::WorkerSnapshot { version: 7, generation: 3, idle: false }),
-            Some(pb::WorkerSnapshot { version: 6, generation: 2, idle: true }),
+            Some(pb::WorkerSnapshot { version: 7, generation: 3, idle: false, loaded_at_monotonic_ns: 1_000 }),
+            Some(pb::WorkerSnapshot { version: 6, generation: 2, idle: true, loaded_at_monotonic_ns: 2_000 }),
         ]
     );
     let w1 = counters.workers[0].counters.as_ref().expect("worker 1 counters");

@@ -155,7 +155,12 @@ fn counters_response(view: &dyn GatewayView) -> pb::GetCountersResponse {
 
 /// A snapshot of one worker's counters, with every drop reason listed.
 fn worker_snapshot(s: vipgate_dataplane::loaded::LoadedSnapshotState) -> pb::WorkerSnapshot {
-    pb::WorkerSnapshot { version: s.version, generation: s.generation, idle: s.idle }
+    pb::WorkerSnapshot {
+        version: s.version,
+        generation: s.generation,
+        idle: s.idle,
+        loaded_at_monotonic_ns: s.loaded_at_ns,
+    }
 }
 
 fn packet_counters(c: &WorkerCounters) -> pb::PacketCounters {

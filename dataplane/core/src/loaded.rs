@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct LoadedSnapshot {
     version: AtomicU64,
     generation: AtomicU64,
+    loaded_at_ns: AtomicU64,
     idle: AtomicBool,
 }
 
@@ -32,6 +33,11 @@ pub struct LoadedSnapshotState {
     /// The snapshot's [`generation`](crate::snapshot::Snapshot::generation);
     /// 0 before the worker loaded any.
     pub generation: u64,
+    /// When the worker loaded it: the host's monotonic clock
+    /// (`CLOCK_MONOTONIC`) in nanoseconds, so another process on the host
+    /// can tell how long after an event of its own the snapshot was in use;
+    /// 0 before the worker loaded any.
+    pub loaded_at_ns: u64,
     /// True while the worker sleeps after many empty polls (or has stopped):
     /// it holds no snapshot then, and loads the current one when it wakes,
     /// so a publication is visible to it whatever `version` says.
@@ -40,13 +46,14 @@ pub struct LoadedSnapshotState {
 
 impl LoadedSnapshot {
     /// Records that the worker loaded the snapshot `generation`, compiled
-    /// from `version`. Call only when the generation differs from the last
-    /// one recorded.
+    /// from `version`, at `loaded_at_ns` (`CLOCK_MONOTONIC`). Call only when
+    /// the generation differs from the last one recorded.
     #[inline]
-    pub fn record(&self, version: u64, generation: u64) {
-        // The version first: a reader that sees the new generation (Acquire)
-        // sees this version or a later one.
+    pub fn record(&self, version: u64, generation: u64, loaded_at_ns: u64) {
+        // The version and time first: a reader that sees the new generation
+        // (Acquire) sees them or later ones.
         self.version.store(version, Ordering::Relaxed);
+        self.loaded_at_ns.store(loaded_at_ns, Ordering::Relaxed);
         self.generation.store(generation, Ordering::Release);
     }
 
@@ -62,6 +69,7 @@ impl LoadedSnapshot {
         LoadedSnapshotState {
             version: self.version.load(Ordering::Relaxed),
             generation,
+            loaded_at_ns: self.loaded_at_ns.load(Ordering::Relaxed),
             idle: self.idle.load(Ordering::Acquire),
         }
     }
@@ -75,12 +83,12 @@ mod tests {
     fn records_what_the_worker_wrote_last() {
         let l = LoadedSnapshot::default();
         assert_eq!(l.read(), LoadedSnapshotState::default());
-        l.record(7, 3);
+        l.record(7, 3, 100);
         l.set_idle(true);
-        assert_eq!(l.read(), LoadedSnapshotState { version: 7, generation: 3, idle: true });
+        assert_eq!(l.read(), LoadedSnapshotState { version: 7, generation: 3, loaded_at_ns: 100, idle: true });
         l.set_idle(false);
-        l.record(8, 5);
-        assert_eq!(l.read(), LoadedSnapshotState { version: 8, generation: 5, idle: false });
+        l.record(8, 5, 200);
+        assert_eq!(l.read(), LoadedSnapshotState { version: 8, generation: 5, loaded_at_ns: 200, idle: false });
     }
 
     #[test]

@@ -274,7 +274,7 @@ impl Worker {
                 // Once per publication: the control plane polls this to
                 // know the change is in force here.
                 loaded_generation = snap.generation();
-                self.loaded.record(snap.version(), loaded_generation);
+                self.loaded.record(snap.version(), loaded_generation, monotonic_ns());
             }
             if start >= next_housekeeping {
                 self.pipeline.housekeeping(snap, clock.ns(start));
@@ -642,4 +642,14 @@ fn send_arp_request(
         unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
         counters.count_drop(DropReason::TxFull);
     }
+}
+
+/// The host's `CLOCK_MONOTONIC` in nanoseconds. Read once per publication
+/// (never per packet): the vDSO answers it without entering the kernel.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
 }
