@@ -209,13 +209,17 @@ impl Frr {
     /// The BGP session, BFD and bgpd's log, for a failure message (a
     /// session reset, by BFD on an overloaded machine say, shows there).
     pub fn diagnostics(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail = |name: &str| {
+            let log = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            lines.join("\n")
+        };
         format!(
-            "{}\n{}\nbgpd.log:\n{}",
+            "{}\n{}\nbgpd.log:\n{}\nbfdd.log:\n{}",
             self.vtysh("show bgp summary"),
-            self.vtysh("show bfd peers brief"),
-            tail.join("\n")
+            self.vtysh("show bfd peers"),
+            tail("bgpd.log"),
+            tail("bfdd.log")
         )
     }
 
