@@ -5,9 +5,10 @@
 #
 #   scripts/rig-selftest.sh
 #
-# Checks: up; up again (no-op); repair of a killed backend; HTTP, /bytes and
-# UDP on every backend; a frame path client <-> testpmd <-> backend; down
-# kills strays inside the namespaces; down twice; a second up/down cycle.
+# Checks: up; up again (no-op); repair of a killed backend, and of one of
+# two with --only-backend; HTTP, /bytes and UDP on every backend; a frame
+# path client <-> testpmd <-> backend; down kills strays inside the
+# namespaces; down twice; a second up/down cycle, with --no-vip-route.
 # Then --mode fullnat (the backends have no route to the clients) and
 # --mode dsr: every backend in its own namespace answers on its address and
 # on the VIP; the client's leg in the backend LAN reaches them directly; a
@@ -153,6 +154,16 @@ sleep 0.3
 check "up restarts the dead backend" "$RIG" up --prefix "$P" --client-if "$CIF" --backend-if "$BIF"
 check "backend-2 answers again" backend_ok backend-2 198.18.1.12
 
+say "killing backend-1 and backend-3, then up --only-backend 3 restarts backend-3 alone"
+kill -KILL "$(cat "$VG_RIG_STATE_ROOT/$P/backend-1.pid")" "$(cat "$VG_RIG_STATE_ROOT/$P/backend-3.pid")"
+sleep 0.3
+check "up --only-backend 3" "$RIG" up --prefix "$P" --client-if "$CIF" --backend-if "$BIF" --only-backend 3
+check "backend-3 answers again" backend_ok backend-3 198.18.1.13
+check "backend-1 is still down" bash -c "! ip netns exec ${P}backend curl -s --max-time 1 http://198.18.1.11:8080/"
+check "--only-backend beyond --backends is refused" bash -c "! '$RIG' up --prefix '$P' --client-if '$CIF' --backend-if '$BIF' --only-backend 4"
+check "up repairs backend-1" "$RIG" up --prefix "$P" --client-if "$CIF" --backend-if "$BIF"
+check "backend-1 answers again" backend_ok backend-1 198.18.1.11
+
 say "a stray process inside the client namespace"
 setsid ip netns exec "${P}client" sleep 600 </dev/null >/dev/null 2>&1 &
 sleep 0.3
@@ -165,8 +176,10 @@ stop_testpmd
 
 say "second cycle (down deletes the taps with the namespaces: restart the stand-in)"
 start_testpmd
-check "second up" "$RIG" up --prefix "$P" --client-if "$CIF" --backend-if "$BIF" --backends 2
+check "second up, --no-vip-route" "$RIG" up --prefix "$P" --client-if "$CIF" --backend-if "$BIF" --backends 2 --no-vip-route
 check "backend-2 answers" backend_ok backend-2 198.18.1.12
+check "--no-vip-route: the client has no route to the VIPs" bash -c "! ip -n ${P}client route get $VG_VIP"
+check "up without --no-vip-route is refused" bash -c "! '$RIG' up --prefix '$P' --client-if '$CIF' --backend-if '$BIF' --backends 2"
 check "second down" "$RIG" down --prefix "$P"
 check "nothing left" nothing_left
 stop_testpmd

@@ -5,7 +5,7 @@
 #   rig.sh up     --prefix P --client-if IF --backend-if IF
 #                 [--mode nat|fullnat|dsr] [--dsr-decap kernel|userspace]
 #                 [--backends N] [--wait SECONDS] [--http-port PORT] [--udp-port PORT]
-#                 [--probe-path HOST_ADDR] [--gateway-ns]
+#                 [--gateway-ns] [--no-vip-route] [--only-backend I]
 #   rig.sh down   --prefix P
 #   rig.sh exec   --prefix P client|backend|b<i>|gateway -- CMD [ARGS...]
 #   rig.sh status --prefix P
@@ -25,7 +25,8 @@
 #
 #   nat, fullnat:
 #     ${P}client   lo up; CLIENT_IF 198.18.0.2/24;
-#                  route 198.18.100.0/24 via 198.18.0.1 (the gateway, VIPs)
+#                  route 198.18.100.0/24 via 198.18.0.1 (the gateway, VIPs;
+#                  none with --no-vip-route)
 #     ${P}backend  lo up; BACKEND_IF 198.18.1.11/24 ... 198.18.1.(10+N)/24;
 #                  nat: route 198.18.0.0/24 via 198.18.1.1 (replies to the
 #                  real client address go back through the gateway);
@@ -63,18 +64,10 @@
 #     20-byte IPIP header (whether the gateway can send it is up to the MTU
 #     of the gateway's own port).
 #
-#   --probe-path HOST_ADDR (nat and fullnat; the INTERIM probe path of the
-#   gateway's health checks, until they leave through the gateway's own
-#   exception path): a veth pair from the root namespace, ${P}p with
-#   HOST_ADDR/30, to ${P}backend, ${P}q with the next address of the /30
-#   (HOST_ADDR must be the first host address of a /30 in 198.19.0.0/16,
-#   free on this host). Only packets from HOST_ADDR use it: a policy rule
-#   "from HOST_ADDR lookup T" (T = 1000 + the /30's index in 198.19.0.0/16)
-#   to a table T that routes $VG_BACKEND_NET_PREFIX.0/24 through the veth, so
-#   that probes sent from HOST_ADDR (the health check's `source`) reach the
-#   backends, and rigs of tests running in parallel, whose backends have the
-#   same addresses, never see each other's probes. Nothing else in the root
-#   namespace routes through it.
+#   --no-vip-route: the client gets no route to $VG_VIP_NET (only its
+#   connected 198.18.0.0/24), so that it reaches a VIP only through a route
+#   it learns, say over BGP from the gateway's routing daemon through the
+#   exception path (tests/routing.rs).
 #
 #   then starts N backends (scripts/backend.py, named backend-1..backend-N,
 #   HTTP on 8080, UDP on 5353), waits until every one answers HTTP and UDP
@@ -85,7 +78,9 @@
 #   it, and a gateway that drops while it resolves would lose it).
 #   Running it again on a rig that is up only repairs what is missing (dead
 #   backends, lost addresses); a second up with other settings (mode
-#   included) is refused.
+#   included) is refused. With --only-backend I, such a repair restarts
+#   backend-I alone (if it is not running) and waits for it only; the
+#   other backends stay as they are, running or not.
 # down: stops the backends and every other process inside the rig's
 #   namespaces, deletes the namespaces (with them the bridge, the veths and
 #   the taps) and the state. Never fails when things are already gone.
@@ -130,7 +125,8 @@ HTTP_PORT=$VG_HTTP_PORT
 UDP_PORT=$VG_UDP_PORT
 MODE=nat
 DSR_DECAP=""
-PROBE_PATH=""
+VIP_ROUTE=1
+ONLY_BACKEND=""
 GATEWAY_IN_NS=0
 ROLE=""
 CMD=()
@@ -146,7 +142,7 @@ set_opt() {
 	--udp-port) UDP_PORT=$2 ;;
 	--mode) MODE=$2 ;;
 	--dsr-decap) DSR_DECAP=$2 ;;
-	--probe-path) PROBE_PATH=$2 ;;
+	--only-backend) ONLY_BACKEND=$2 ;;
 	esac
 }
 
@@ -155,12 +151,12 @@ parse_args() {
 	shift
 	while (($#)); do
 		case $1 in
-		--prefix | --client-if | --backend-if | --backends | --wait | --http-port | --udp-port | --mode | --dsr-decap | --probe-path)
+		--prefix | --client-if | --backend-if | --backends | --wait | --http-port | --udp-port | --mode | --dsr-decap | --only-backend)
 			(($# >= 2)) || usage_error "$1 needs a value"
 			set_opt "$1" "$2"
 			shift 2
 			;;
-		--prefix=* | --client-if=* | --backend-if=* | --backends=* | --wait=* | --http-port=* | --udp-port=* | --mode=* | --dsr-decap=* | --probe-path=*)
+		--prefix=* | --client-if=* | --backend-if=* | --backends=* | --wait=* | --http-port=* | --udp-port=* | --mode=* | --dsr-decap=* | --only-backend=*)
 			set_opt "${1%%=*}" "${1#*=}"
 			shift
 			;;
@@ -172,6 +168,10 @@ parse_args() {
 		--gateway-ns)
 			[[ $sub = up ]] || usage_error "--gateway-ns is an option of up"
 			GATEWAY_IN_NS=1 && shift
+			;;
+		--no-vip-route)
+			[[ $sub = up ]] || usage_error "--no-vip-route is an option of up"
+			VIP_ROUTE=0 && shift
 			;;
 		gateway)
 			[[ $sub = exec && -z $ROLE ]] || usage_error "unexpected argument: $1"
@@ -206,6 +206,9 @@ parse_args() {
 			usage_error "--backends must be 1..200"
 		fi
 		[[ $WAIT_S =~ ^[0-9]+$ ]] || usage_error "--wait must be a whole number of seconds"
+		if [[ -n $ONLY_BACKEND ]] && { ! [[ $ONLY_BACKEND =~ ^[1-9][0-9]*$ ]] || ((ONLY_BACKEND > BACKENDS)); }; then
+			usage_error "--only-backend must be from 1 to --backends ($BACKENDS): '$ONLY_BACKEND'"
+		fi
 		[[ $HTTP_PORT =~ ^[0-9]+$ && $UDP_PORT =~ ^[0-9]+$ ]] || usage_error "ports must be numbers"
 		case $MODE in
 		nat | fullnat | dsr) ;;
@@ -217,11 +220,6 @@ parse_args() {
 				usage_error "--dsr-decap must be kernel or userspace: '$DSR_DECAP'"
 		elif [[ -n $DSR_DECAP ]]; then
 			usage_error "--dsr-decap is only used with --mode dsr"
-		fi
-		if [[ -n $PROBE_PATH ]]; then
-			[[ $MODE != dsr ]] || usage_error "--probe-path needs --mode nat or fullnat (the backends share \${P}backend)"
-			((${#PREFIX} <= 14)) || usage_error "--probe-path needs a --prefix of at most 14 characters (interface names)"
-			probe_path_parse || usage_error "--probe-path must be the first host address of a /30 in 198.19.0.0/16 (198.19.X.Y, Y % 4 = 1): '$PROBE_PATH'"
 		fi
 		;;
 	exec)
@@ -242,60 +240,6 @@ ns_of() {
 }
 backend_addr() { echo "$VG_BACKEND_NET_PREFIX.$((10 + $1))"; }
 
-# --probe-path: sets PROBE_PEER (the backend side's address) and PROBE_TABLE
-# from PROBE_PATH; fails if it is not 198.19.X.Y with Y % 4 = 1.
-probe_path_parse() {
-	[[ $PROBE_PATH =~ ^198\.19\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || return 1
-	local x=${BASH_REMATCH[1]} y=${BASH_REMATCH[2]}
-	((x <= 255 && y <= 254 && y % 4 == 1)) || return 1
-	PROBE_PEER=198.19.$x.$((y + 1))
-	PROBE_TABLE=$((1000 + x * 64 + y / 4))
-}
-
-# The root namespace's end of the probe path and its peer in ${P}backend.
-probe_if() { echo "${PREFIX}p"; }
-probe_peer_if() { echo "${PREFIX}q"; }
-
-configure_probe_path() {
-	local host_if peer_if
-	host_if=$(probe_if)
-	peer_if=$(probe_peer_if)
-	if ! ip link show dev "$host_if" >/dev/null 2>&1; then
-		if [[ -n $(ip -o addr show to "$PROBE_PATH/32") ]]; then
-			die "--probe-path $PROBE_PATH is already an address of this host: $(ip -o addr show to "$PROBE_PATH/32" | head -n 1)"
-		fi
-		say "probe path: veth $host_if ($PROBE_PATH/30, root namespace) <-> $peer_if ($PROBE_PEER/30, $BACKEND_NS)"
-		ip link add "$host_if" type veth peer name "$peer_if" netns "$BACKEND_NS"
-	fi
-	ip addr replace "$PROBE_PATH/30" dev "$host_if"
-	ip link set "$host_if" up
-	ip -n "$BACKEND_NS" addr replace "$PROBE_PEER/30" dev "$peer_if"
-	ip -n "$BACKEND_NS" link set "$peer_if" up
-	say "probe path: from $PROBE_PATH lookup table $PROBE_TABLE: $VG_BACKEND_NET_PREFIX.0/24 via $PROBE_PEER"
-	ip route replace "$VG_BACKEND_NET_PREFIX.0/24" via "$PROBE_PEER" dev "$host_if" table "$PROBE_TABLE"
-	if ! ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | grep -q .; then
-		ip rule add from "$PROBE_PATH/32" table "$PROBE_TABLE" pref 1000
-	fi
-}
-
-# Removes the probe path's rule and root end (the peer goes with the
-# namespace; deleting either end deletes the pair). Never fails.
-remove_probe_path() {
-	local host_if
-	host_if=$(probe_if)
-	[[ -n $PROBE_PATH ]] || return 0
-	if probe_path_parse; then
-		while ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | grep -q .; do
-			say "removing the probe path's rule: from $PROBE_PATH lookup $PROBE_TABLE"
-			ip rule del from "$PROBE_PATH/32" table "$PROBE_TABLE" 2>/dev/null || break
-		done
-		ip route flush table "$PROBE_TABLE" 2>/dev/null || true
-	fi
-	if ip link show dev "$host_if" >/dev/null 2>&1; then
-		say "deleting the probe path $host_if"
-		ip link del "$host_if" 2>/dev/null || warn "could not delete $host_if"
-	fi
-}
 # The namespace backend i runs in.
 backend_ns() { if [[ $MODE = dsr ]]; then echo "${PREFIX}b$1"; else echo "$BACKEND_NS"; fi; }
 
@@ -397,10 +341,14 @@ move_if() {
 }
 
 configure_client() {
-	say "$CLIENT_NS: $CLIENT_IF $VG_CLIENT_ADDR/24, route $VG_VIP_NET via $VG_CLIENT_GW"
 	ip -n "$CLIENT_NS" addr replace "$VG_CLIENT_ADDR/24" dev "$CLIENT_IF"
 	ip -n "$CLIENT_NS" link set "$CLIENT_IF" up
-	ip -n "$CLIENT_NS" route replace "$VG_VIP_NET" via "$VG_CLIENT_GW" dev "$CLIENT_IF"
+	if ((VIP_ROUTE)); then
+		say "$CLIENT_NS: $CLIENT_IF $VG_CLIENT_ADDR/24, route $VG_VIP_NET via $VG_CLIENT_GW"
+		ip -n "$CLIENT_NS" route replace "$VG_VIP_NET" via "$VG_CLIENT_GW" dev "$CLIENT_IF"
+	else
+		say "$CLIENT_NS: $CLIENT_IF $VG_CLIENT_ADDR/24, no route to $VG_VIP_NET (--no-vip-route: it is to be learned)"
+	fi
 }
 
 configure_backend() {
@@ -539,6 +487,9 @@ start_backends() {
 		ns=$(backend_ns "$i")
 		pidf=$STATE/$name.pid
 		printf '%s %s %s %s %s\n' "$name" "$addr" "$HTTP_PORT" "$UDP_PORT" "$ns" >>"$STATE/backends.tmp"
+		if [[ -n $ONLY_BACKEND && $i != "$ONLY_BACKEND" ]]; then
+			continue
+		fi
 		pid=$(cat "$pidf" 2>/dev/null || true)
 		if [[ -n $pid ]] && is_backend_pid "$pid"; then
 			say "$name already running (pid $pid) on $addr in $ns"
@@ -616,10 +567,11 @@ sys.stdout.write(s.recv(65535).decode())
 wait_backends() {
 	local deadline name addr hp up ns pending i
 	deadline=$(($(date +%s) + WAIT_S))
-	say "waiting for $BACKENDS backend(s) to answer HTTP and UDP"
+	say "waiting for ${ONLY_BACKEND:+backend-$ONLY_BACKEND of }$BACKENDS backend(s) to answer HTTP and UDP"
 	while :; do
 		pending=()
 		while read -r name addr hp up ns; do
+			[[ -z $ONLY_BACKEND || $name = "backend-$ONLY_BACKEND" ]] || continue
 			if ! backend_answers "$ns" "$name" "$addr" "$hp" "$up"; then
 				pending+=("$name")
 			elif [[ $MODE = dsr ]] && ! backend_answers "$ns" "$name" "$VG_VIP" "$hp" "$up"; then
@@ -656,7 +608,7 @@ cmd_up() {
 	want=$(printf 'PREFIX=%s\nCLIENT_IF=%s\nBACKEND_IF=%s\nBACKENDS=%s\nHTTP_PORT=%s\nUDP_PORT=%s\nMODE=%s\n' \
 		"$PREFIX" "$CLIENT_IF" "$BACKEND_IF" "$BACKENDS" "$HTTP_PORT" "$UDP_PORT" "$MODE")
 	if [[ $MODE = dsr ]]; then want+=$'\n'"DSR_DECAP=$DSR_DECAP"; fi
-	if [[ -n $PROBE_PATH ]]; then want+=$'\n'"PROBE_PATH=$PROBE_PATH"; fi
+	if ((!VIP_ROUTE)); then want+=$'\n'"VIP_ROUTE=0"; fi
 	if ((GATEWAY_IN_NS)); then
 		want+=$'\n'"GATEWAY_NS=$GATEWAY_NS"
 		ns_exists "$GATEWAY_NS" || die "--gateway-ns: namespace $GATEWAY_NS does not exist; create it and start the gateway in it first"
@@ -694,9 +646,6 @@ cmd_up() {
 	else
 		configure_backend
 	fi
-	if [[ -n $PROBE_PATH ]]; then
-		configure_probe_path
-	fi
 	start_backends
 	wait_backends
 	announce_backends
@@ -729,10 +678,6 @@ cmd_down() {
 		done
 	done
 	stop_pids 5 "${pids[@]}"
-	if [[ -z $PROBE_PATH && -f $STATE/rig.env ]]; then
-		PROBE_PATH=$(sed -n 's/^PROBE_PATH=//p' "$STATE/rig.env")
-	fi
-	remove_probe_path
 	# The veths, the bridge and the taps go with their namespaces.
 	for ns in "${namespaces[@]}"; do
 		ns_exists "$ns" || continue
@@ -768,12 +713,6 @@ cmd_status() {
 		ip -n "$ns" route show | sed 's/^/    route /'
 	done < <(rig_namespaces)
 	((found)) || say "no namespace of rig '$PREFIX'"
-	if [[ -f $STATE/rig.env ]]; then
-		PROBE_PATH=$(sed -n 's/^PROBE_PATH=//p' "$STATE/rig.env")
-		if [[ -n $PROBE_PATH ]] && probe_path_parse; then
-			say "probe path: $(probe_if) $PROBE_PATH/30 -> $PROBE_PEER; rule: $(ip rule show from "$PROBE_PATH/32" table "$PROBE_TABLE" | tr '\n' ' ')"
-		fi
-	fi
 	if [[ -f $STATE/backends ]]; then
 		while read -r name addr hp up ns; do
 			pid=$(cat "$STATE/$name.pid" 2>/dev/null || true)

@@ -13,12 +13,12 @@
 //! (`[announce] kind = "ifb"`), which the routing daemons see the same way;
 //! the test says which it uses.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vipgate::{NullGateway, repo_root, require_root, workspace_bin};
+use vipgate::routing::{Bird, Frr, Netns, example, ok, run, wait_for};
+use vipgate::{NullGateway, require_root, workspace_bin};
 
 /// The hold-down the tests configure.
 const HOLD_DOWN: Duration = Duration::from_secs(2);
@@ -42,67 +42,6 @@ const STATIC_VIP: &str = "198.18.100.1";
 const API_VIP: &str = "198.18.101.1";
 /// A VIP outside VIP_RANGE: on the interface, never exported.
 const OUTSIDE_VIP: &str = "198.18.110.1";
-
-fn run(cmd: &[&str]) -> Output {
-    Command::new(cmd[0]).args(&cmd[1..]).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn ok(cmd: &[&str]) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace, deleted on drop (with what is left in it).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        let _ = run(&["ip", "netns", "del", &name]);
-        ok(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ok(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn exec(&self, cmd: &[&str]) -> Output {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(cmd);
-        run(&full)
-    }
-
-    /// The IPv4 addresses on `dev` (`a.b.c.d/len`), or `None` if there is
-    /// no such interface.
-    fn addresses(&self, dev: &str) -> Option<BTreeSet<String>> {
-        let out = run(&["ip", "-n", &self.name, "-j", "-4", "addr", "show", "dev", dev]);
-        if !out.status.success() {
-            return None;
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-        Some(
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-                .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or("?"), a["prefixlen"]))
-                .collect(),
-        )
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = run(&["ip", "netns", "del", &self.name]);
-    }
-}
 
 /// The gateway's and the router's namespaces, joined by a veth:
 /// 198.18.200.1/24 (gateway) and 198.18.200.2/24 (router). Names carry the
@@ -138,197 +77,6 @@ fn interface_kind(ns: &Netns) -> &'static str {
             "this kernel has no dummy driver: the announcement interface is an ifb one ([announce] kind = \"ifb\")"
         );
         "ifb"
-    }
-}
-
-/// Reads an example from docs/examples and replaces its placeholders;
-/// panics if one is left (the example and the test disagree).
-fn example(name: &str, values: &[(&str, &str)]) -> String {
-    let path = repo_root().join("docs/examples").join(name);
-    let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    for (k, v) in values {
-        assert!(text.contains(k), "{name} has no placeholder {k}");
-        text = text.replace(k, v);
-    }
-    let left: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with(['!', '#']) && l.contains('@')).collect();
-    assert!(left.is_empty(), "{name}: placeholders left: {left:?}");
-    text
-}
-
-/// A child process killed (and reaped) on drop.
-struct Daemon {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// zebra, bgpd and bfdd in a namespace, with their own vty sockets, zserv
-/// socket, pid files and logs in `dir` (so they collide with nothing), as
-/// the `frr` user Debian's package creates; configured with `vtysh -f`.
-struct Frr {
-    dir: PathBuf,
-    daemons: Vec<Daemon>,
-}
-
-impl Frr {
-    fn start(ns: &Netns, dir: PathBuf, config: &str) -> Frr {
-        for d in ["zebra", "bgpd", "bfdd"] {
-            assert!(
-                Path::new("/usr/lib/frr").join(d).exists(),
-                "/usr/lib/frr/{d} is missing: install FRR (scripts/setup.sh installs the frr package)"
-            );
-        }
-        std::fs::create_dir_all(&dir).unwrap();
-        ok(&["chown", "frr:frr", dir.to_str().unwrap()]);
-        let conf = dir.join("frr.conf");
-        std::fs::write(&conf, config).unwrap();
-        let mut frr = Frr { dir: dir.clone(), daemons: Vec::new() };
-        // In frrinit's order, each waited for: zebra and its zserv socket
-        // first (a client that finds no zebra retries only after seconds,
-        // and bgpd does not register its BFD sessions again), then bfdd,
-        // then bgpd.
-        for d in ["zebra", "bfdd", "bgpd"] {
-            let p = |f: &str| dir.join(f).to_str().unwrap().to_owned();
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.name])
-                .arg(format!("/usr/lib/frr/{d}"))
-                .args(["--vty_socket", &p("")])
-                .args(["-z", &p("zserv.api")])
-                .args(["-i", &p(&format!("{d}.pid"))])
-                .args(["-f", "/dev/null", "-P", "0"])
-                .arg(format!("--log=file:{}", p(&format!("{d}.log"))));
-            if d == "bfdd" {
-                c.args(["--bfdctl", &p("bfdd.sock")]);
-            }
-            if d == "bgpd" {
-                // Listen on the namespace's addresses only (the default).
-                c.args(["-p", "179"]);
-            }
-            let out = std::fs::File::create(dir.join(format!("{d}.out"))).unwrap();
-            let child = c
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {d}: {e}"));
-            frr.daemons.push(Daemon { name: d.to_owned(), child });
-            for sock in [format!("{d}.vty")].into_iter().chain((d == "zebra").then(|| "zserv.api".to_owned())) {
-                let sock = dir.join(sock);
-                wait_for(&format!("{d}'s socket {}", sock.display()), Duration::from_secs(20), || {
-                    frr.assert_running();
-                    sock.exists()
-                });
-            }
-        }
-        ok(&["vtysh", "--vty_socket", dir.to_str().unwrap(), "-f", conf.to_str().unwrap()]);
-        frr
-    }
-
-    fn assert_running(&mut self) {
-        for d in &mut self.daemons {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                let out = std::fs::read_to_string(self.dir.join(format!("{}.out", d.name))).unwrap_or_default();
-                panic!("FRR's {} exited ({status}): {out}", d.name);
-            }
-        }
-    }
-
-    fn vtysh(&self, command: &str) -> String {
-        ok(&["vtysh", "--vty_socket", self.dir.to_str().unwrap(), "-c", command])
-    }
-
-    /// The BGP routes in the routing table.
-    fn bgp_routes(&self) -> BTreeSet<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.vtysh("show ip route bgp json")).expect("vtysh json");
-        v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
-    }
-
-    /// The BGP session, BFD and bgpd's log, for a failure message (a
-    /// session reset, by BFD on an overloaded machine say, shows there).
-    fn diagnostics(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("bgpd.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-        format!(
-            "{}\n{}\nbgpd.log:\n{}",
-            self.vtysh("show bgp summary"),
-            self.vtysh("show bfd peers brief"),
-            tail.join("\n")
-        )
-    }
-
-    /// BFD peers whose session is up.
-    fn bfd_up(&self) -> BTreeSet<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.vtysh("show bfd peers json")).expect("vtysh json");
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["status"] == "up")
-            .filter_map(|p| p["peer"].as_str().map(str::to_owned))
-            .collect()
-    }
-}
-
-/// BIRD 2 in a namespace, with its own control socket and pid file.
-struct Bird {
-    socket: PathBuf,
-    _daemon: Daemon,
-}
-
-impl Bird {
-    fn start(ns: &Netns, dir: PathBuf, config: &str) -> Bird {
-        assert!(
-            Command::new("bird").arg("--version").output().is_ok(),
-            "bird is missing: install BIRD 2 (scripts/setup.sh installs the bird2 package)"
-        );
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("bird.conf");
-        std::fs::write(&conf, config).unwrap();
-        let socket = dir.join("bird.ctl");
-        let out = std::fs::File::create(dir.join("bird.out")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
-            .arg(&conf)
-            .arg("-s")
-            .arg(&socket)
-            .arg("-P")
-            .arg(dir.join("bird.pid"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn bird");
-        let mut daemon = Daemon { name: "bird".to_owned(), child };
-        wait_for("BIRD's control socket", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("bird exited ({status}): {}", std::fs::read_to_string(dir.join("bird.out")).unwrap_or_default());
-            }
-            socket.exists()
-        });
-        Bird { socket, _daemon: daemon }
-    }
-
-    fn birdc(&self, command: &str) -> String {
-        let mut cmd = vec!["birdc", "-s", self.socket.to_str().unwrap()];
-        cmd.extend(command.split(' '));
-        ok(&cmd)
-    }
-
-    fn bfd_up(&self, peer: &str) -> bool {
-        self.birdc("show bfd sessions").lines().any(|l| l.starts_with(peer) && l.contains(" Up "))
     }
 }
 
@@ -394,7 +142,7 @@ fn router(t: &Topology, dir: PathBuf) -> Frr {
             ("@VIP_RANGE@", VIP_RANGE),
         ],
     );
-    Frr::start(&t.router, dir, &config)
+    Frr::start(&t.router.name, dir, &config)
 }
 
 fn host(vip: &str) -> String {
@@ -492,7 +240,7 @@ fn frr_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hold
             ("@VIP_RANGE@", VIP_RANGE),
         ],
     );
-    let gw_frr = Frr::start(&t.gw, gw.dir().join("frr-gateway"), &gw_config);
+    let gw_frr = Frr::start(&t.gw.name, gw.dir().join("frr-gateway"), &gw_config);
 
     create_services(&gw);
     let routes = || router.bgp_routes();
@@ -563,7 +311,7 @@ fn bird_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hol
             ("@VIP_RANGE@", VIP_RANGE),
         ],
     );
-    let bird = Bird::start(&t.gw, gw.dir().join("bird"), &gw_config);
+    let bird = Bird::start(&t.gw.name, gw.dir().join("bird"), &gw_config);
 
     create_services(&gw);
     let routes = || router.bgp_routes();

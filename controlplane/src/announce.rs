@@ -663,6 +663,15 @@ impl Announcer {
                             self.reopen().await;
                         }
                         self.sync().await;
+                        // The interface vanished under that sync (deleted
+                        // by hand, its link notification drained in the
+                        // same batch as its addresses'): no further event
+                        // will come, so create it again now rather than at
+                        // the next resync.
+                        if self.interface.is_none() {
+                            self.reopen().await;
+                            self.sync().await;
+                        }
                     }
                 }
                 () = tokio::time::sleep_until(wake) => {

@@ -27,6 +27,8 @@
 //! [`NullGateway`] instead: vipgated alone on net_null ports, in a temporary
 //! directory, restartable on the same state.
 
+pub mod routing;
+
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -502,19 +504,20 @@ pub struct RigOptions {
     /// The mode of both services, and how the rig is wired for it.
     pub mode: Mode,
     /// The web service's `[services.health_check]` lines (TOML, without
-    /// the header); `None`: no check. With [`RigOptions::probe_path`], the
-    /// rig adds `source = "<its probe address>"`.
+    /// the header); `None`: no check. Its probes leave from the gateway's
+    /// kernel, so they reach the backends only with
+    /// [`RigOptions::exception`].
     pub web_health_check: Option<String>,
-    /// The INTERIM probe path (rig.sh `--probe-path`): a veth from the root
-    /// namespace to the backend namespace, used only by packets from an
-    /// address of its own ([`Rig::probe_source`]), so that vipgated's health
-    /// checks (sent by the host's kernel) reach the backends. Once probes
-    /// leave through the gateway's exception path, tests set this to false
-    /// and nothing else changes.
-    pub probe_path: bool,
+    /// The same for the UDP service "echo" (on the same VIP).
+    pub echo_health_check: Option<String>,
     /// Whether the ports have kernel interfaces (the exception path); if so
     /// vipgated runs in the namespace `${prefix}gw`.
     pub exception: bool,
+    /// Whether the client namespace gets a static route to the VIPs
+    /// (198.18.100.0/24 via the gateway, 198.18.0.1); without it (rig.sh
+    /// `--no-vip-route`) the client reaches a VIP only through a route it
+    /// learns, from BGP say.
+    pub client_vip_route: bool,
 }
 
 impl Default for RigOptions {
@@ -526,8 +529,9 @@ impl Default for RigOptions {
             lcores: "0,1".to_owned(),
             mode: Mode::Nat,
             web_health_check: None,
-            probe_path: false,
+            echo_health_check: None,
             exception: false,
+            client_vip_route: true,
         }
     }
 }
@@ -556,9 +560,6 @@ pub struct Rig {
     pub mode: Mode,
     /// The web service's port on the VIP (see [`Mode::http_port`]).
     pub http_port: u16,
-    /// The source address of health probes on the probe path, when
-    /// [`RigOptions::probe_path`] is set.
-    pub probe_source: Option<std::net::Ipv4Addr>,
     /// rig.sh up's arguments, for [`Rig::repair`].
     up_args: Vec<String>,
     /// Whether the exception path is on ([`RigOptions::exception`]).
@@ -584,6 +585,8 @@ struct ConfigTemplate {
     udp_backends: Vec<usize>,
     /// The web service's health check section, complete with its header.
     web_health_check: String,
+    /// The same for the echo service.
+    echo_health_check: String,
     extra: String,
 }
 
@@ -621,6 +624,7 @@ protocol = "udp"
 {service_mode}backends = [
 {udp}
 ]
+{echo_health_check}
 {extra}
 "#,
             head = self.head,
@@ -629,6 +633,7 @@ protocol = "udp"
             web = web.join("\n"),
             udp = udp.join("\n"),
             web_health_check = self.web_health_check,
+            echo_health_check = self.echo_health_check,
             extra = self.extra,
         )
     }
@@ -721,23 +726,19 @@ addresses = ["198.18.1.1/24"]
             // gateway namespace; none at all without the exception path.
             kernel = if opts.exception { "" } else { "kernel_interface = \"\"\n" },
         );
-        // A /30 of 198.19.0.0/16 of this rig's own for the probe path; its
-        // first address is the probes' source.
-        let probe_source = opts.probe_path.then(|| {
-            let k = (std::process::id().wrapping_mul(7).wrapping_add(n * 131)) % 16_384;
-            std::net::Ipv4Addr::new(198, 19, (k / 64) as u8, ((k % 64) * 4 + 1) as u8)
-        });
-        let web_health_check = match (&opts.web_health_check, probe_source) {
-            (None, _) => String::new(),
-            (Some(lines), None) => format!("\n[services.health_check]\n{lines}\n"),
-            (Some(lines), Some(src)) => format!("\n[services.health_check]\n{lines}\nsource = \"{src}\"\n"),
+        let health_check = |lines: &Option<String>| match lines {
+            None => String::new(),
+            Some(lines) => format!("\n[services.health_check]\n{lines}\n"),
         };
+        let (web_health_check, echo_health_check) =
+            (health_check(&opts.web_health_check), health_check(&opts.echo_health_check));
         let template = ConfigTemplate {
             head,
             service_mode,
             http_port,
             udp_backends: (1..=configured).collect(),
             web_health_check,
+            echo_health_check,
             extra: opts.extra_config.clone(),
         };
         let config = template.render(&(1..=configured).map(|i| (i, 1)).collect::<Vec<_>>());
@@ -792,8 +793,8 @@ addresses = ["198.18.1.1/24"]
         if opts.mode == Mode::Dsr {
             up_args.extend(["--dsr-decap".to_owned(), dsr_decap().to_owned()]);
         }
-        if let Some(src) = probe_source {
-            up_args.extend(["--probe-path".to_owned(), src.to_string()]);
+        if !opts.client_vip_route {
+            up_args.push("--no-vip-route".to_owned());
         }
         if opts.exception {
             up_args.push("--gateway-ns".to_owned());
@@ -804,7 +805,6 @@ addresses = ["198.18.1.1/24"]
             log,
             mode: opts.mode,
             http_port,
-            probe_source,
             up_args: up_args.clone(),
             exception: opts.exception,
             dir,
@@ -857,6 +857,24 @@ addresses = ["198.18.1.1/24"]
         assert!(
             up.status.success(),
             "rig.sh up (repair) failed:\n{}{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+    }
+
+    /// Runs `rig.sh up --only-backend i` with the same settings: restarts
+    /// backend `i` (1-based) alone if it is not running, and returns once
+    /// it answers; the other backends stay as they are. Panics with
+    /// rig.sh's output if it fails.
+    pub fn restart_backend(&self, i: usize) {
+        let up = Command::new(repo_root().join("scripts/rig.sh"))
+            .args(&self.up_args)
+            .args(["--only-backend", &i.to_string()])
+            .output()
+            .expect("run rig.sh up --only-backend");
+        assert!(
+            up.status.success(),
+            "rig.sh up --only-backend {i} failed:\n{}{}",
             String::from_utf8_lossy(&up.stdout),
             String::from_utf8_lossy(&up.stderr)
         );
@@ -1035,6 +1053,12 @@ addresses = ["198.18.1.1/24"]
             .spawn()
             .expect("start the download");
         Download { child: Some(child), headers, n, started: Instant::now() }
+    }
+
+    /// The rig's temporary directory (configuration, log, state), removed
+    /// at teardown: for a test's own files, such as its routing daemons'.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Runs a command in the client namespace.
