@@ -354,7 +354,16 @@ async fn vipgatectl_json_output() {
     assert_eq!(stats["workers"][0]["drops"]["no_service"], 3);
     assert_eq!(stats["workers"][0]["drops"]["malformed"], 0);
     assert_eq!(stats["workers"][1]["lcore"], 2);
-    assert_eq!(stats["workers"][0]["snapshot"], serde_json::json!({"version": 7, "generation": 3, "idle": false}));
+    assert_eq!(
+        stats["workers"][0]["snapshot"],
+        serde_json::json!({"version": 7, "generation": 3, "idle": false, "loaded_at_monotonic_ns": 1000})
+    );
+    // busy_cycles / (rx_packets + handoff_in), and the pool's figure.
+    let per_packet = stats["workers"][0]["busy_cycles_per_packet"].as_f64().expect("a number");
+    let (rx, handoff_in) =
+        (stats["workers"][0]["rx_packets"].as_f64().unwrap(), stats["workers"][0]["handoff_in"].as_f64().unwrap());
+    assert!((per_packet - 12_345.0 / (rx + handoff_in)).abs() < 1e-9, "{per_packet}");
+    assert_eq!(stats["workers"][1]["mempool_in_use"], 1024);
     assert_eq!(stats["workers"][1]["snapshot"]["idle"], true);
     assert_eq!(stats["total"]["rx_packets"], 300);
     assert_eq!(stats["total"]["drops"]["no_service"], 4);

@@ -451,6 +451,10 @@ struct WorkerJson {
     lcore: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshot: Option<SnapshotJson>,
+    /// TSC cycles per packet in busy iterations since start.
+    busy_cycles_per_packet: f64,
+    /// Mbufs in use in the pool this worker receives into.
+    mempool_in_use: u64,
     #[serde(flatten)]
     counters: CountersJson,
 }
@@ -462,6 +466,8 @@ struct SnapshotJson {
     version: u64,
     generation: u64,
     idle: bool,
+    /// When the worker loaded it (the gateway host's CLOCK_MONOTONIC, ns).
+    loaded_at_monotonic_ns: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -554,7 +560,10 @@ impl From<pb::GetCountersResponse> for StatsJson {
                         version: s.version,
                         generation: s.generation,
                         idle: s.idle,
+                        loaded_at_monotonic_ns: s.loaded_at_monotonic_ns,
                     }),
+                    busy_cycles_per_packet: w.busy_cycles_per_packet,
+                    mempool_in_use: w.mempool_in_use,
                     counters: w.counters.map(CountersJson::from).unwrap_or_default(),
                 })
                 .collect(),
