@@ -994,18 +994,26 @@ async fn health_checks_are_persisted_and_a_restart_starts_every_backend_up() {
     let Some(pb::watch_event::Event::Snapshot(s)) = first.event else { panic!("{first:?}") };
     assert_eq!(s.version, v);
     assert_eq!(health(&s, "slow"), (pb::HealthState::Up, String::new()), "a restart black-holes nothing");
-    let event = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let e = watch.message().await.unwrap().expect("an event");
-            if let Some(pb::watch_event::Event::Health(h)) = e.event {
-                return (e.version, h);
+    // fast's probes fail at once (fall 3 x 200 ms): on a loaded machine it
+    // may be down before this watch began, and the state it sent says so;
+    // otherwise the watch delivers the transition.
+    if health(&s, "fast").0 == pb::HealthState::Down {
+        assert!(!health(&s, "fast").1.is_empty(), "down with the probe's reason: {s:?}");
+    } else {
+        assert_eq!(health(&s, "fast").0, pb::HealthState::Up, "restored up until its probes decide");
+        let event = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let e = watch.message().await.unwrap().expect("an event");
+                if let Some(pb::watch_event::Event::Health(h)) = e.event {
+                    return (e.version, h);
+                }
             }
-        }
-    })
-    .await
-    .expect("fast goes down on its first probe");
-    assert_eq!((event.0, event.1.service.as_str()), (v, "fast"));
-    assert_eq!(pb::HealthState::try_from(event.1.health).unwrap(), pb::HealthState::Down);
+        })
+        .await
+        .expect("fast goes down once its probes fail");
+        assert_eq!((event.0, event.1.service.as_str()), (v, "fast"));
+        assert_eq!(pb::HealthState::try_from(event.1.health).unwrap(), pb::HealthState::Down);
+    }
     assert_eq!(health(&state(&mut c).await, "slow").0, pb::HealthState::Up);
     drop(watch);
     drop(c);
