@@ -477,33 +477,31 @@ impl GatewayCollector {
             .collect();
         let service_labels: Vec<[(&str, &str); 1]> =
             services.iter().map(|s| [("service", s.service.name.as_str())]).collect();
+        let per_service = |read: fn(&SlotTotals) -> u64| -> Vec<(&[(&str, &str)], u64)> {
+            service_labels.iter().zip(&services).map(|(l, s)| (&l[..], read(&s.totals))).collect()
+        };
         for (name, help, read) in TRAFFIC_COUNTERS {
             let per_backend: Vec<(&[(&str, &str)], u64)> =
                 backend_labels.iter().zip(&values).map(|(l, v)| (&l[..], read(&v.1))).collect();
             counter(e, &format!("vipgate_backend_{name}"), &format!("{help} the backend."), &per_backend)?;
-            let per_service: Vec<(&[(&str, &str)], u64)> =
-                service_labels.iter().zip(&services).map(|(l, s)| (&l[..], read(&s.totals))).collect();
             counter(
                 e,
                 &format!("vipgate_service_{name}"),
                 &format!("{help} the service's backends (removed backends included)."),
-                &per_service,
+                &per_service(read),
             )?;
         }
-        let service_gauge = |read: fn(&SlotTotals) -> u64| -> Vec<(&[(&str, &str)], u64)> {
-            service_labels.iter().zip(&services).map(|(l, s)| (&l[..], read(&s.totals))).collect()
-        };
         gauge(
             e,
             "vipgate_service_flows_active",
             "Tracked TCP flows in the established state.",
-            &service_gauge(|t| t.active),
+            &per_service(|t| t.active),
         )?;
         gauge(
             e,
             "vipgate_service_flows_inactive",
             "Other tracked flows (TCP handshakes and closes, UDP).",
-            &service_gauge(|t| t.inactive),
+            &per_service(|t| t.inactive),
         )?;
         Ok(())
     }

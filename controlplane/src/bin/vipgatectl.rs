@@ -769,19 +769,25 @@ fn stats_tables(stats: &StatsJson, all: bool) -> String {
 fn table(header: Option<&[&str]>, rows: &[Vec<String>], text_columns: usize) -> String {
     let header: Option<Vec<String>> = header.map(|h| h.iter().map(|s| (*s).to_owned()).collect());
     let all_rows: Vec<&Vec<String>> = header.iter().chain(rows).collect();
-    let columns = all_rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| all_rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+    columns(&all_rows, |c| c >= text_columns)
+}
+
+/// Rows in columns two spaces apart, each as wide as its widest cell: the
+/// columns `right` says to the right, the others to the left.
+fn columns(rows: &[&Vec<String>], right: impl Fn(usize) -> bool) -> String {
+    let count = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..count)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in all_rows {
+    for row in rows {
         let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {
             if c > 0 {
                 line.push_str("  ");
             }
             let width = widths[c];
-            let _ = if c < text_columns { write!(line, "{cell:<width$}") } else { write!(line, "{cell:>width$}") };
+            let _ = if right(c) { write!(line, "{cell:>width$}") } else { write!(line, "{cell:<width$}") };
         }
         out.push_str(line.trim_end());
         out.push('\n');
@@ -1596,7 +1602,8 @@ mod state {
         } else {
             &[false, false, true, true, true, false]
         };
-        out.push_str(&aligned(&rows, right));
+        let rows: Vec<&Vec<String>> = rows.iter().collect();
+        out.push_str(&super::columns(&rows, |c| right[c]));
         if !s.source_pools.is_empty() {
             out.push_str("source pools:\n");
         }
@@ -1611,27 +1618,6 @@ mod state {
                 p.last_port,
                 p.origin.as_deref().unwrap_or("")
             ));
-        }
-        out
-    }
-
-    /// Rows in columns, numbers (`right`) aligned right, the rest left.
-    fn aligned(rows: &[Vec<String>], right: &[bool]) -> String {
-        let widths: Vec<usize> = (0..right.len())
-            .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for row in rows {
-            let mut line = String::new();
-            for (c, cell) in row.iter().enumerate() {
-                let w = widths[c];
-                if c > 0 {
-                    line.push_str("  ");
-                }
-                line.push_str(&if right[c] { format!("{cell:>w$}") } else { format!("{cell:<w$}") });
-            }
-            out.push_str(line.trim_end());
-            out.push('\n');
         }
         out
     }

@@ -1004,7 +1004,8 @@ impl Pipeline {
     #[cold]
     #[inline(never)]
     fn move_stats(&mut self, flow: crate::flow::FlowRef, e: &FlowEntry, slot: u32, fullnat: bool) {
-        let established = self.flows.get(flow).is_established();
+        // `e` is the entry as looked up; the TCP state changes only after.
+        let established = e.is_established();
         self.stats.flow_out(e.stats_slot(), established);
         self.stats.flow_in(slot, established, false);
         let entry = self.flows.get_mut(flow);
