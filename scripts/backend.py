@@ -15,6 +15,11 @@ HTTP (HTTP/1.1, keep-alive, one thread per connection):
                     (the client address as the backend sees it: in NAT mode
                     it is the real client's)
   GET  /bytes?n=N   200, N bytes of the deterministic pattern below, streamed
+                    (&rate=R: at most R bytes per second, R a whole number
+                    with an optional K, M or G suffix, powers of 1024, as
+                    curl's --limit-rate takes it; a client's own limit only
+                    slows its reading, which socket buffers hide for
+                    megabytes)
   POST /sha256      200 "<sha256 hex of the request body> <length>\\n"
   GET  /health      200 "ok\\n"
 Every response carries X-Backend: NAME and X-Client: IP:PORT.
@@ -49,6 +54,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import urllib.parse
 
 PATTERN_MODULUS = 251
@@ -121,15 +127,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             self._text(400, f"n must be an integer in 0..{MAX_BYTES}\n")
             return
+        rate = query.get("rate", [""])[0]
+        if rate:
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(rate[-1:].upper(), 1)
+            digits = rate[:-1] if scale > 1 else rate
+            if not digits.isdigit() or int(digits) == 0:
+                self._text(400, "rate must be a positive whole number of bytes per second, with an optional K, M or G\n")
+                return
+            rate = int(digits) * scale
         self._head(200, n, "application/octet-stream")
         if self.command == "HEAD":
             return
         view = memoryview(CHUNK)
-        left = n
-        while left > 0:
-            take = min(left, len(CHUNK))
+        # Paced in pieces of a tenth of a second (at most a chunk).
+        piece = len(CHUNK) if not rate else max(1, min(len(CHUNK), rate // 10))
+        start = time.monotonic()
+        sent = 0
+        while sent < n:
+            take = min(n - sent, piece)
             self.wfile.write(view[:take])
-            left -= take
+            sent += take
+            if rate:
+                ahead = sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
 
     def do_POST(self):
         url = urllib.parse.urlsplit(self.path)

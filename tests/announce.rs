@@ -238,6 +238,8 @@ fn frr_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hold
             ("@UPSTREAM_AS@", ROUTER_AS),
             ("@UPSTREAM@", ROUTER_ADDR),
             ("@VIP_RANGE@", VIP_RANGE),
+            // No backend peers with this gateway here.
+            ("@BACKEND_NET@", "198.18.1.0/24"),
         ],
     );
     let gw_frr = Frr::start(&t.gw.name, gw.dir().join("frr-gateway"), &gw_config);

@@ -200,6 +200,8 @@ fn announce_over_the_exception_path(with_bird: bool) {
                     ("@UPSTREAM_AS@", ROUTER_AS),
                     ("@UPSTREAM@", ROUTER_ADDR),
                     ("@VIP_RANGE@", VIP_RANGE),
+                    // No backend peers with this gateway here.
+                    ("@BACKEND_NET@", "198.18.1.0/24"),
                 ],
             ),
         ))

@@ -27,6 +27,7 @@
 //! [`NullGateway`] instead: vipgated alone on net_null ports, in a temporary
 //! directory, restartable on the same state.
 
+pub mod ha;
 pub mod routing;
 
 use std::io::{Read, Write};
@@ -167,6 +168,8 @@ pub struct NullGatewayBuilder {
     metrics: String,
     lcores: String,
     receiving: bool,
+    ports: Option<String>,
+    services: Option<String>,
 }
 
 impl NullGatewayBuilder {
@@ -212,6 +215,21 @@ impl NullGatewayBuilder {
         self
     }
 
+    /// Replaces the two net_null ports with `toml` (`[[ports]]` sections):
+    /// for a gateway on other ports, net_tap ones say ({prefix} in it is
+    /// replaced by the gateway's file prefix, unique to it).
+    pub fn ports(mut self, toml: &str) -> Self {
+        self.ports = Some(toml.to_owned());
+        self
+    }
+
+    /// Replaces the static service "web" with `toml` (`[[services]]`
+    /// sections, or nothing).
+    pub fn services(mut self, toml: &str) -> Self {
+        self.services = Some(toml.to_owned());
+        self
+    }
+
     /// Checks for root ([`require_root`]) and hugepages ([`use_hugepages`]),
     /// makes the temporary directory afresh and writes the configuration.
     /// vipgated does not run yet: see [`NullGateway::spawn`].
@@ -245,24 +263,8 @@ dir = "{state}"
 [metrics]
 listen = "{metrics}"
 
-[[ports]]
-name = "a"
-device = "net_null{prefix}a{rx}"
-addresses = ["198.18.0.1/24"]
-kernel_interface = ""
-
-[[ports]]
-name = "b"
-device = "net_null{prefix}b{rx}"
-addresses = ["198.18.1.1/24"]
-kernel_interface = ""
-
-[[services]]
-name = "web"
-vip = "198.18.100.1"
-port = 80
-protocol = "tcp"
-backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
+{ports}
+{services}
 {extra}"#,
             prefix = gw.prefix,
             socket = gw.socket().display(),
@@ -271,7 +273,22 @@ backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
             dataplane = self.dataplane,
             metrics = self.metrics,
             lcores = self.lcores,
-            rx = if self.receiving { "" } else { ",no-rx=1" },
+            ports = self.ports.map_or_else(
+                || {
+                    let rx = if self.receiving { "" } else { ",no-rx=1" };
+                    format!(
+                        "[[ports]]\nname = \"a\"\ndevice = \"net_null{prefix}a{rx}\"\naddresses = [\"198.18.0.1/24\"]\nkernel_interface = \"\"\n\n\
+                         [[ports]]\nname = \"b\"\ndevice = \"net_null{prefix}b{rx}\"\naddresses = [\"198.18.1.1/24\"]\nkernel_interface = \"\"\n",
+                        prefix = gw.prefix
+                    )
+                },
+                |p| p.replace("{prefix}", &gw.prefix)
+            ),
+            services = self.services.unwrap_or_else(|| {
+                "[[services]]\nname = \"web\"\nvip = \"198.18.100.1\"\nport = 80\nprotocol = \"tcp\"\n\
+                 backends = [ { address = \"198.18.1.11\", port = 8080 } ]\n"
+                    .to_owned()
+            }),
         );
         std::fs::write(gw.config_path(), config).expect("write the gateway's configuration");
         gw
@@ -291,6 +308,8 @@ impl NullGateway {
             metrics: String::new(),
             lcores: "0,1".to_owned(),
             receiving: false,
+            ports: None,
+            services: None,
         }
     }
 
@@ -370,6 +389,18 @@ impl NullGateway {
         if let Some(status) = self.try_wait() {
             panic!("vipgated exited early ({status}):\n{}", self.log_text());
         }
+    }
+
+    /// Runs vipgatectl on the API socket with `args`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(workspace_bin("vipgatectl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .env_remove("VIPGATE_ENDPOINT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vipgatectl")
     }
 
     /// vipgated's pid. Panics unless it runs.
@@ -994,65 +1025,15 @@ addresses = ["198.18.1.1/24"]
     }
 
     /// `GET /whoami` through the VIP on a new connection from client source
-    /// port `sport` (curl, 5 s at most): who answered, and the peer and
-    /// local addresses the backend saw.
+    /// port `sport`: see [`whoami`].
     pub fn whoami(&self, sport: u16) -> Result<Whoami, String> {
-        let out = self.client(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "--local-port",
-            &sport.to_string(),
-            "-H",
-            "Connection: close",
-            &format!("http://{VIP}:{}/whoami", self.http_port),
-        ]);
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            return Err(format!(
-                "port {sport}: {} {body:?} {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        // "backend NAME\nclient IP:PORT\nlocal IP:PORT\n"
-        let field = |key: &str| {
-            body.lines()
-                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
-                .map(str::to_owned)
-                .ok_or_else(|| format!("port {sport}: no {key:?} line in {body:?}"))
-        };
-        Ok(Whoami { sport, backend: field("backend")?, peer: field("client")?, local: field("local")? })
+        whoami(&format!("{}client", self.prefix), self.http_port, sport)
     }
 
     /// Starts downloading `n` bytes of `/bytes` through the VIP in the
-    /// background: curl in the client namespace from source port `sport`,
-    /// at most `rate` (curl's `--limit-rate`, e.g. `8M`), its body piped
-    /// into sha256sum and its response headers written to a file as they
-    /// arrive, so that [`Download::backend`] can tell who serves it while
-    /// the body still flows.
+    /// background from the client namespace: see [`start_download`].
     pub fn start_download(&self, n: u64, rate: &str, sport: u16) -> Download {
-        let headers = self.dir.join(format!("download-{sport}.headers"));
-        let _ = std::fs::remove_file(&headers);
-        let script = format!(
-            "set -o pipefail; curl -sS --max-time 120 --limit-rate {rate} --local-port {sport} -H 'Connection: close' \
-             -D '{headers}' -w '%{{stderr}}size=%{{size_download}} code=%{{http_code}}\\n' \
-             'http://{VIP}:{port}/bytes?n={n}' | sha256sum",
-            headers = headers.display(),
-            port = self.http_port,
-        );
-        let child = Command::new("ip")
-            .args(["netns", "exec", &format!("{}client", self.prefix), "bash", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group, so that Drop can stop curl and
-            // sha256sum along with the shell.
-            .process_group(0)
-            .spawn()
-            .expect("start the download");
-        Download { child: Some(child), headers, n, started: Instant::now() }
+        start_download(&format!("{}client", self.prefix), &self.dir, self.http_port, n, rate, sport)
     }
 
     /// The rig's temporary directory (configuration, log, state), removed
@@ -1154,6 +1135,59 @@ addresses = ["198.18.1.1/24"]
         }
         Leftovers { exit, namespaces, hugepage_files, processes, runtime_dir_left, log }
     }
+}
+
+/// `GET /whoami` on the VIP's port `http_port`, on a new connection from
+/// source port `sport`, with curl (5 s at most) in the namespace `ns`: who
+/// answered, and the peer and local addresses the backend saw.
+pub fn whoami(ns: &str, http_port: u16, sport: u16) -> Result<Whoami, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-sS", "--max-time", "5", "--local-port", &sport.to_string()])
+        .args(["-H", "Connection: close", &format!("http://{VIP}:{http_port}/whoami")])
+        .output()
+        .expect("ip netns exec curl");
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("port {sport}: {} {body:?} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    // "backend NAME\nclient IP:PORT\nlocal IP:PORT\n"
+    let field = |key: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("port {sport}: no {key:?} line in {body:?}"))
+    };
+    Ok(Whoami { sport, backend: field("backend")?, peer: field("client")?, local: field("local")? })
+}
+
+/// Starts downloading `n` bytes of `/bytes` from the VIP's port `http_port`
+/// in the background: curl in the namespace `ns` from source port `sport`,
+/// at most `rate` (e.g. `8M`: curl's `--limit-rate`, and the backend's own
+/// pace, `&rate=`, since curl's limit alone is hidden by the socket
+/// buffers for megabytes), its body piped into
+/// sha256sum and its response headers written to a file in `dir` as they
+/// arrive, so that [`Download::backend`] can tell who serves it while the
+/// body still flows.
+pub fn start_download(ns: &str, dir: &Path, http_port: u16, n: u64, rate: &str, sport: u16) -> Download {
+    let headers = dir.join(format!("download-{sport}.headers"));
+    let _ = std::fs::remove_file(&headers);
+    let script = format!(
+        "set -o pipefail; curl -sS --max-time 120 --limit-rate {rate} --local-port {sport} -H 'Connection: close' \
+         -D '{headers}' -w '%{{stderr}}size=%{{size_download}} code=%{{http_code}}\\n' \
+         'http://{VIP}:{http_port}/bytes?n={n}&rate={rate}' | sha256sum",
+        headers = headers.display(),
+    );
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that Drop can stop curl and sha256sum
+        // along with the shell.
+        .process_group(0)
+        .spawn()
+        .expect("start the download");
+    Download { child: Some(child), headers, n, started: Instant::now() }
 }
 
 /// One `/whoami` answer (see [`Rig::whoami`]).

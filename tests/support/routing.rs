@@ -87,8 +87,26 @@ impl Drop for Netns {
 /// Reads an example from docs/examples and replaces its placeholders;
 /// panics if one is left (the example and the test disagree).
 pub fn example(name: &str, values: &[(&str, &str)]) -> String {
+    example_repeating(name, values, ("", &[]))
+}
+
+/// [`example`], where each line holding the placeholder `repeat.0` comes
+/// once per value of `repeat.1`, with the placeholder replaced by it (a
+/// line per peer, say).
+pub fn example_repeating(name: &str, values: &[(&str, &str)], repeat: (&str, &[&str])) -> String {
     let path = repo_root().join("docs/examples").join(name);
     let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if !repeat.0.is_empty() {
+        assert!(text.contains(repeat.0), "{name} has no placeholder {}", repeat.0);
+        text = text
+            .lines()
+            .flat_map(|l| match l.contains(repeat.0) {
+                true => repeat.1.iter().map(|v| l.replace(repeat.0, v)).collect::<Vec<_>>(),
+                false => vec![l.to_owned()],
+            })
+            .map(|l| l + "\n")
+            .collect();
+    }
     for (k, v) in values {
         assert!(text.contains(k), "{name} has no placeholder {k}");
         text = text.replace(k, v);
@@ -102,6 +120,28 @@ pub fn example(name: &str, values: &[(&str, &str)]) -> String {
 pub struct Daemon {
     name: String,
     child: Child,
+}
+
+impl Daemon {
+    /// Spawns `command` with stdin from /dev/null and stdout and stderr to
+    /// the file `out`; `name` is for messages.
+    pub fn spawn(name: &str, command: &mut Command, out: &Path) -> Daemon {
+        let out = std::fs::File::create(out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Daemon { name: name.to_owned(), child }
+    }
+
+    /// Panics, with `out`'s text, if the process has exited.
+    pub fn assert_running(&mut self, out: &Path) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited ({status}): {}", self.name, std::fs::read_to_string(out).unwrap_or_default());
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -165,14 +205,7 @@ impl Frr {
                 // Listen on the namespace's addresses only (the default).
                 c.args(["-p", "179"]);
             }
-            let out = std::fs::File::create(dir.join(format!("{d}.out"))).unwrap();
-            let child = c
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {d}: {e}"));
-            frr.daemons.push(Daemon { name: d.to_owned(), child });
+            frr.daemons.push(Daemon::spawn(d, &mut c, &dir.join(format!("{d}.out"))));
             for sock in [format!("{d}.vty")].into_iter().chain((d == "zebra").then(|| "zserv.api".to_owned())) {
                 let sock = dir.join(sock);
                 wait_for(&format!("{d}'s socket {}", sock.display()), Duration::from_secs(20), || {
@@ -188,10 +221,8 @@ impl Frr {
     /// Panics, with its output, if one of the daemons has exited.
     pub fn assert_running(&mut self) {
         for d in &mut self.daemons {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                let out = std::fs::read_to_string(self.dir.join(format!("{}.out", d.name))).unwrap_or_default();
-                panic!("FRR's {} exited ({status}): {out}", d.name);
-            }
+            let out = self.dir.join(format!("{}.out", d.name));
+            d.assert_running(&out);
         }
     }
 
@@ -252,24 +283,20 @@ impl Bird {
         let conf = dir.join("bird.conf");
         std::fs::write(&conf, config).unwrap();
         let socket = dir.join("bird.ctl");
-        let out = std::fs::File::create(dir.join("bird.out")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "bird", "-f", "-c"])
-            .arg(&conf)
-            .arg("-s")
-            .arg(&socket)
-            .arg("-P")
-            .arg(dir.join("bird.pid"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn bird");
-        let mut daemon = Daemon { name: "bird".to_owned(), child };
+        let out = dir.join("bird.out");
+        let mut daemon = Daemon::spawn(
+            "bird",
+            Command::new("ip")
+                .args(["netns", "exec", ns, "bird", "-f", "-c"])
+                .arg(&conf)
+                .arg("-s")
+                .arg(&socket)
+                .arg("-P")
+                .arg(dir.join("bird.pid")),
+            &out,
+        );
         wait_for("BIRD's control socket", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("bird exited ({status}): {}", std::fs::read_to_string(dir.join("bird.out")).unwrap_or_default());
-            }
+            daemon.assert_running(&out);
             socket.exists()
         });
         Bird { socket, _daemon: daemon }
