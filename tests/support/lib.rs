@@ -142,7 +142,10 @@ pub const NULL_GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// (unless [`NullGatewayBuilder::receiving`]), the static tcp service
 /// "web" (198.18.100.1:80 to 198.18.1.11:8080), and `[metrics] listen = ""`
 /// (off); what a test needs beyond it (a static source pool) it appends
-/// with [`NullGatewayBuilder::extra_config`].
+/// with [`NullGatewayBuilder::extra_config`]. The ports and the services
+/// can be replaced ([`NullGatewayBuilder::ports`],
+/// [`NullGatewayBuilder::services`]): the gateways of an HA pair
+/// ([`ha::HaPair`]) run on net_tap ports.
 ///
 /// vipgated can be stopped and spawned again on the same directory, and so
 /// with the same configuration and state; each start writes its stderr to a
