@@ -8,7 +8,8 @@
 #   1. installs the missing Debian packages (apt-get update once, only if
 #      something is missing);
 #   2. checks the Rust toolchain (cargo must be there; it installs
-#      cargo-nextest from crates.io when missing);
+#      cargo-nextest from crates.io when missing, and rustfmt and clippy
+#      with rustup);
 #   2b. creates the Python venv the gRPC client test uses (tests/python_client.rs):
 #      $VIPGATE_PYTHON_VENV with pinned grpcio, grpcio-tools, protobuf from
 #      PyPI: Debian's python3-grpc-tools 1.14 bundles protoc 3.6, which
@@ -118,6 +119,18 @@ check_rust() {
 		say "installing: cargo-nextest (cargo install cargo-nextest --locked)"
 		cargo install cargo-nextest --locked </dev/null || die "cargo install cargo-nextest failed"
 	fi
+	# scripts/test.sh checks formatting and lints.
+	local component
+	for component in rustfmt clippy; do
+		if cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+			say "rust: $(cargo "${component/rustfmt/fmt}" --version 2>/dev/null | head -n1)"
+		elif command -v rustup >/dev/null 2>&1; then
+			say "installing: $component (rustup component add $component)"
+			rustup component add "$component" </dev/null || die "rustup component add $component failed"
+		else
+			die "cargo ${component/rustfmt/fmt} is missing and there is no rustup to add it: install the $component component of the toolchain"
+		fi
+	done
 }
 
 # --- 2b. Python venv for the gRPC client test -------------------------------

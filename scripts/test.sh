@@ -5,7 +5,7 @@
 #
 # Steps: setup.sh (packages, toolchain, hugepages); cargo build of every
 # target in the workspace (the e2e tests run target/debug/vipgated);
-# cargo nextest run --workspace --no-fail-fast; a smoke run of the
+# cargo fmt --check and cargo clippy -D warnings; cargo nextest run --workspace --no-fail-fast; a smoke run of the
 # packet-rate benchmark (scripts/bench-dataplane.sh --smoke) and of the
 # publication benchmark (benches/publish.rs --smoke); cargo test
 # --doc (when the workspace has doc tests); then a sweep for anything the
@@ -195,6 +195,10 @@ export VIPGATE_DSR_DECAP
 say "DSR backends decapsulate with: $VIPGATE_DSR_DECAP (VIPGATE_DSR_DECAP)"
 
 if step build cargo build --workspace --all-targets; then
+	# The code as rustfmt.toml formats it, and clippy with every warning
+	# an error: lints fail the run like tests do.
+	step fmt cargo fmt --all --check || true
+	step clippy cargo clippy --workspace --all-targets -- -D warnings || true
 	step nextest cargo nextest run --workspace --no-fail-fast "${NEXTEST_ARGS[@]}" || true
 	# The packet-rate benchmark is a benchmark, not a test: CI only proves
 	# it still runs (a few seconds, debug build, nothing written to docs/).
@@ -211,6 +215,8 @@ if step build cargo build --workspace --all-targets; then
 		record doctests SKIP "no doc tests in the workspace"
 	fi
 else
+	record fmt SKIP "build failed"
+	record clippy SKIP "build failed"
 	record nextest SKIP "build failed"
 	record bench-smoke SKIP "build failed"
 	record publish-smoke SKIP "build failed"
