@@ -4,143 +4,44 @@
 //! start-up before EAL.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
-use vipgate::{require_root, use_hugepages, workspace_bin};
-
-/// Port `a` receives null frames (64 zero bytes, dropped as unsupported) as
-/// fast as the worker polls when `traffic` is set, so that the counters
-/// move between reads; port `b` never receives.
-fn config(prefix: &str, socket: &Path, huge: bool, metrics: &str, traffic: bool) -> String {
-    let rx = if traffic { "" } else { ",no-rx=1" };
-    format!(
-        r#"[eal]
-lcores = "0,1"
-hugepages = {huge}
-file_prefix = "{prefix}"
-
-[dataplane]
-idle_sleep_us = 50
-mbufs = 4095
-
-[api]
-socket = "{socket}"
-
-[metrics]
-listen = "{metrics}"
-
-[[ports]]
-name = "a"
-device = "net_null{prefix}a{rx}"
-addresses = ["198.18.0.1/24"]
-kernel_interface = ""
-
-[[ports]]
-name = "b"
-device = "net_null{prefix}b,no-rx=1"
-addresses = ["198.18.1.1/24"]
-kernel_interface = ""
-
-[[services]]
-name = "web"
-vip = "198.18.100.1"
-port = 80
-protocol = "tcp"
-backends = [ {{ address = "198.18.1.11", port = 8080 }} ]
-"#,
-        socket = socket.display()
-    )
-}
+use vipgate::{NullGateway, require_root};
 
 /// A loopback port nothing listens on right now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A running vipgated; dropping it kills it and removes its files.
-struct Daemon {
-    child: Option<Child>,
-    dir: PathBuf,
-    prefix: String,
-    socket: PathBuf,
-    log: PathBuf,
+/// A vipgated on net_null ports (a [`NullGateway`]) serving metrics on
+/// `metrics` (`""`: off), spawned. With `traffic`, its ports receive null
+/// frames (64 zero bytes, dropped as unsupported) as fast as the worker
+/// polls, so that the counters move between reads.
+fn start(tag: &str, metrics: &str, traffic: bool) -> NullGateway {
+    let builder = NullGateway::builder(tag).metrics_listen(metrics);
+    let mut gw = if traffic { builder.receiving() } else { builder }.build();
+    gw.spawn();
+    gw
 }
 
-impl Daemon {
-    fn start(tag: &str, metrics: &str, traffic: bool) -> Daemon {
-        let prefix = format!("vg{tag}{}", std::process::id());
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("api.sock");
-        let path = dir.join("vipgated.toml");
-        std::fs::write(&path, config(&prefix, &socket, use_hugepages(), metrics, traffic)).unwrap();
-        let log = dir.join("vipgated.log");
-        let child = Command::new(workspace_bin("vipgated"))
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Daemon { child: Some(child), dir, prefix, socket, log }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(workspace_bin("vipgatectl")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.ctl(&["health"]).status.success() {
-            assert!(Instant::now() < deadline, "vipgated API did not come up:\n{}", self.log_text());
-            assert!(
-                self.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-                "vipgated exited early:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        let out = self.ctl(&["--json", "stats"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// SIGTERM and a clean exit.
-    fn stop(mut self) -> String {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        let log = self.log_text();
-        assert!(status.success(), "exit {status:?}:\n{log}");
-        assert!(log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"), "{log}");
-        log
-    }
+fn wait_ready(gw: &mut NullGateway) {
+    gw.wait_ready(|g| g.ctl(&["health"]).status.success());
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&self.prefix));
-        if let Ok(d) = std::fs::read_dir("/dev/hugepages") {
-            for f in d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&self.prefix)) {
-                let _ = std::fs::remove_file(f.path());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn stats(gw: &NullGateway) -> serde_json::Value {
+    let out = gw.ctl(&["--json", "stats"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// SIGTERM and a clean exit with every mbuf back; the log.
+fn stop(gw: &mut NullGateway) -> String {
+    let status = gw.stop();
+    let log = gw.log_text();
+    assert!(status.success(), "exit {status:?}:\n{log}");
+    assert!(log.contains("mbuf pool at shutdown: 0 in use (at start: 0)"), "{log}");
+    log
 }
 
 /// One sample of the exposition.
@@ -230,17 +131,17 @@ fn between(what: &str, v: f64, a: u64, b: u64) {
 fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
     require_root();
     let port = free_port();
-    let mut d = Daemon::start("prom", &format!("127.0.0.1:{port}"), true);
-    d.wait_ready();
+    let mut d = start("prom", &format!("127.0.0.1:{port}"), true);
+    wait_ready(&mut d);
     // The worker's first packets, so that the counters move while we read.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while d.stats()["total"]["rx_packets"].as_u64().unwrap() == 0 {
+    while stats(&d)["total"]["rx_packets"].as_u64().unwrap() == 0 {
         assert!(Instant::now() < deadline, "no packets from port a within 10 s");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let before = d.stats();
+    let before = stats(&d);
     let (head, body) = curl(&format!("http://127.0.0.1:{port}/metrics"));
-    let after = d.stats();
+    let after = stats(&d);
     println!("{}", body.lines().take(40).collect::<Vec<_>>().join("\n"));
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
@@ -447,7 +348,7 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
     let (head, _) = curl(&format!("http://127.0.0.1:{port}/"));
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
-    let log = d.stop();
+    let log = stop(&mut d);
     assert!(log.contains(&format!("metrics listening on http://127.0.0.1:{port}/metrics")), "{log}");
 }
 
@@ -455,23 +356,23 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
 fn a_metrics_port_in_use_stops_start_up_before_eal() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let mut d = Daemon::start("promuse", &format!("127.0.0.1:{port}"), false);
-    let status = d.child.take().unwrap().wait().unwrap();
+    let mut d = start("promuse", &format!("127.0.0.1:{port}"), false);
+    let status = d.wait();
     let log = d.log_text();
     println!("{log}");
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains(&format!("cannot listen for metrics on 127.0.0.1:{port}: Address already in use")), "{log}");
     assert!(!log.contains("initialising EAL"), "EAL started: {log}");
-    assert!(!Path::new("/var/run/dpdk").join(&d.prefix).exists(), "EAL created its runtime directory");
-    assert!(!d.socket.exists(), "the API socket was left behind");
+    assert!(!Path::new("/var/run/dpdk").join(d.file_prefix()).exists(), "EAL created its runtime directory");
+    assert!(!d.socket().exists(), "the API socket was left behind");
 }
 
 #[test]
 fn metrics_can_be_turned_off() {
     require_root();
-    let mut d = Daemon::start("promoff", "", false);
-    d.wait_ready();
-    let log = d.stop();
+    let mut d = start("promoff", "", false);
+    wait_ready(&mut d);
+    let log = stop(&mut d);
     assert!(log.contains("metrics endpoint off"), "{log}");
     assert!(!log.contains("metrics listening"), "{log}");
 }
@@ -480,14 +381,13 @@ fn metrics_can_be_turned_off() {
 fn sighup_that_moves_the_metrics_endpoint_is_refused_naming_the_field() {
     require_root();
     let port = free_port();
-    let mut d = Daemon::start("promhup", &format!("127.0.0.1:{port}"), false);
-    d.wait_ready();
-    let path = d.dir.join("vipgated.toml");
+    let mut d = start("promhup", &format!("127.0.0.1:{port}"), false);
+    wait_ready(&mut d);
+    let path = d.config_path();
     let text = std::fs::read_to_string(&path).unwrap();
     let other = free_port();
     std::fs::write(&path, text.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{other}"))).unwrap();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(d.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    d.signal(libc::SIGHUP);
     let want = format!(
         "reload refused: metrics.listen changed from \"127.0.0.1:{port}\" to \"127.0.0.1:{other}\"; restart vipgated to change it"
     );
@@ -499,6 +399,6 @@ fn sighup_that_moves_the_metrics_endpoint_is_refused_naming_the_field() {
     // Still served where it was.
     let (head, _) = curl(&format!("http://127.0.0.1:{port}/metrics"));
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let log = d.stop();
+    let log = stop(&mut d);
     println!("{}", log.lines().filter(|l| l.contains("reload")).collect::<Vec<_>>().join("\n"));
 }

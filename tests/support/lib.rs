@@ -316,6 +316,12 @@ impl NullGateway {
         }
     }
 
+    /// The file prefix: EAL's (its runtime directory and hugepage files)
+    /// and the temporary directory's name.
+    pub fn file_prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The temporary directory, for a test's own files too.
     pub fn dir(&self) -> &Path {
         &self.dir
