@@ -43,7 +43,7 @@ use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
-use crate::snapshot::{Backend, Mode, OnBackendRemoval, Service, Snapshot};
+use crate::snapshot::{Backend, MAC_WORD_MASK, Mode, OnBackendRemoval, Service, Snapshot};
 use crate::snat::{self, Binding, SnatTable};
 use crate::stats::BackendStats;
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
@@ -1488,12 +1488,15 @@ fn rewrite_l4(proto: u8, l4: &mut [u8], end: Endpoint, old_addr: u32, new_addr: 
 /// only because the segment flooded it, as a bridge does with a destination
 /// it has not learned; like a Linux host (`PACKET_OTHERHOST`) the gateway
 /// takes no part in it. A port the snapshot does not know has no MAC of its
-/// own, so only group frames pass. Six bytes compared: the header is in
-/// cache, about to be read anyway.
+/// own, so only group frames pass. The destination is read as one word (the
+/// header is in cache, about to be read anyway) and compared with the
+/// port's MAC word from the snapshot; the I/G bit is the lowest bit of the
+/// first byte, so of the little-endian word.
 #[inline(always)]
 fn addressed_to_port(snap: &Snapshot, port: u16, frame: &[u8]) -> bool {
-    let Some(dst) = frame.first_chunk::<6>() else { return false };
-    snap.ports().get(usize::from(port)).is_some_and(|p| p.mac.0 == *dst) || dst[0] & 1 != 0
+    let Some(head) = frame.first_chunk::<8>() else { return false };
+    let dst = u64::from_le_bytes(*head) & MAC_WORD_MASK;
+    snap.port_mac_word(port) == Some(dst) || dst & 1 != 0
 }
 
 /// Sets the Ethernet addresses for transmission on `port` to `dst`.
