@@ -20,6 +20,7 @@ mod common;
 
 use common::*;
 use std::hint::black_box;
+use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::pipeline::Verdict;
 use vipgate_dataplane::snapshot::{ForwardingMode, Ipv4Cidr};
 
@@ -74,6 +75,10 @@ fn main() {
     }
     let expected = if workload == "drop" { 0 } else { (bursts * BURST) as u64 };
     assert_eq!(transmitted + handed, expected, "{workload}: every packet must be forwarded or handed off (drop: none)");
+    let drops = pipe.counters().total_drops();
+    let no_service = pipe.counters().drops(DropReason::NoService);
+    assert_eq!(drops, if workload == "drop" { (bursts * BURST) as u64 } else { 0 }, "{workload}: drops");
+    assert_eq!(no_service, drops, "{workload}: every drop is no_service");
     println!("{workload}: {bursts} bursts, {transmitted} transmitted, {handed} handed off");
 }
 

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
+use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::hash::{FlowKey, flow_hash};
 use vipgate_dataplane::maglev::{MaglevBackend, MaglevTable};
 use vipgate_dataplane::pipeline::Verdict;
@@ -23,6 +24,15 @@ fn bursts(c: &mut Criterion) {
     ] {
         let mut pipe = pipeline(&snap);
         let mut verdicts = [Verdict::Consumed; BURST];
+        // What is timed must be what the name says: forwarded, or dropped
+        // for no service (not, say, for a frame addressed to another MAC).
+        run_burst(&mut pipe, &snap, 1, &mut frames.clone(), &mut verdicts, ingress);
+        let want = if name == "drop_no_service" {
+            Verdict::Drop(DropReason::NoService)
+        } else {
+            Verdict::Transmit(1 - ingress)
+        };
+        assert!(verdicts.iter().all(|v| *v == want), "{name}: {verdicts:?}");
         g.bench_function(name, |b| {
             b.iter_batched_ref(
                 || frames.clone(),

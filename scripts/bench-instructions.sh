@@ -18,6 +18,7 @@
 # --scale-bursts N and 2N bursts (default 500). Frames are prepared per
 # packet; the `prepare` workload, which only prepares them, is subtracted.
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 
 bursts=2000
@@ -47,9 +48,20 @@ for l in sys.stdin:
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-count() { # WORKLOAD BURSTS -> total instructions
-	valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" "$1" "$2" >/dev/null 2>"$tmp/vg.log"
+# A workload whose checks fail (a packet not forwarded, a drop of the wrong
+# reason) stops the script: its instruction count would measure something
+# else.
+run_counted() { # ARGS... -> total instructions
+	if ! valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" "$@" >"$tmp/out.log" 2>"$tmp/vg.log"; then
+		echo "==> bench-instructions: workload $* failed:" >&2
+		tail -n 20 "$tmp/vg.log" >&2
+		exit 1
+	fi
 	sed -n 's/^summary: //p' "$tmp/cg.out"
+}
+
+count() { # WORKLOAD BURSTS -> total instructions
+	run_counted "$1" "$2"
 }
 
 printf '%-16s %14s %14s %12s\n' workload "Ir(${bursts})" "Ir($((2 * bursts)))" "Ir/packet"
@@ -61,8 +73,7 @@ for w in forward reverse drop forward-fullnat reverse-fullnat forward-dsr handof
 done
 
 count3() { # WORKLOAD FLOWS BURSTS -> total instructions
-	valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" "$1" "$2" "$3" >/dev/null 2>"$tmp/vg.log"
-	sed -n 's/^summary: //p' "$tmp/cg.out"
+	run_counted "$1" "$2" "$3"
 }
 
 per_packet() { # WORKLOAD FLOWS -> instructions per packet

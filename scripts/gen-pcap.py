@@ -33,6 +33,9 @@ What the capture holds
     198.18.0.254 with source ports 1024-65535 (16.3 M distinct tuples), VIP
     198.18.100.1. IPv6: clients 2001:db8:0:1::2 to ::fe, VIP 2001:db8:0:100::1.
     Destination port 80 for TCP, 53 for UDP, unless --dport says otherwise.
+  * Every frame is addressed to the receiving port's MAC (--dst-mac; by
+    default 02:70:63:61:70:00, the MAC DPDK's net_pcap gives the first
+    device of a process): vipgate drops unicast frames for other MACs.
 
 --shards K splits the capture by flow (flow i goes to shard i mod K) into K
 files, OUT without .pcap plus .s0ofK.pcap to .s<K-1>ofK.pcap, so K queues
@@ -51,10 +54,14 @@ import sys
 
 MASK64 = (1 << 64) - 1
 
-# The Ethernet addresses: the gateway's port (vipgate does not check it) and
-# the upstream router every client packet comes through. Both are locally
-# administered unicast addresses.
-DST_MAC = bytes.fromhex("027667000001")
+# The Ethernet addresses. The destination is the receiving port's MAC: the
+# gateway drops unicast frames for any other MAC (`other_host`). By default
+# the MAC DPDK's net_pcap gives the first device a process creates,
+# 02:70:63:61:70:00 ("pcap", then the device index), which is the port the
+# benchmark replays into; --dst-mac sets another. The source is the
+# upstream router every client packet comes through (locally administered
+# unicast).
+NET_PCAP_FIRST_MAC = "02:70:63:61:70:00"
 SRC_MAC = bytes.fromhex("0276670000fe")
 
 IMIX = (64,) * 7 + (570,) * 4 + (1518,)
@@ -129,6 +136,16 @@ def parse_share(s: str) -> float:
     return v
 
 
+def parse_mac(s: str) -> bytes:
+    parts = s.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a MAC address (six hex pairs separated by ':')")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise argparse.ArgumentTypeError(f"{s} is a group address; the destination must be the port's unicast MAC")
+    return mac
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -142,6 +159,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--vip", help="VIP (default 198.18.100.1 or 2001:db8:0:100::1)")
     ap.add_argument("--dport", type=int, help="VIP port (default 80 for tcp, 53 for udp)")
     ap.add_argument("--shards", type=int, default=1, help="split by flow into this many files (default 1)")
+    ap.add_argument("--dst-mac", type=parse_mac, default=parse_mac(NET_PCAP_FIRST_MAC),
+                    help=f"destination MAC: the receiving port's (default {NET_PCAP_FIRST_MAC}, net_pcap's first device)")
     ap.add_argument("--out", required=True, help="output file (.pcap)")
     a = ap.parse_args(argv)
 
@@ -194,7 +213,7 @@ def main(argv: list[str]) -> int:
     payload_pattern = bytes(rng.next() & 0xFF for _ in range(MAX_FRAME))
 
     eth_type = 0x0800 if a.ipv == 4 else 0x86DD
-    eth = DST_MAC + SRC_MAC + struct.pack("!H", eth_type)
+    eth = a.dst_mac + SRC_MAC + struct.pack("!H", eth_type)
     ip_hlen = 20 if a.ipv == 4 else 40
     l4_proto = 6 if a.proto == "tcp" else 17
     vip_bytes = vip.packed
@@ -311,6 +330,7 @@ def main(argv: list[str]) -> int:
         "proto": a.proto,
         "ipv": a.ipv,
         "seed": a.seed,
+        "dst_mac": ":".join(f"{b:02x}" for b in a.dst_mac),
         "vip": str(vip),
         "dport": dport,
         "frame_bytes_without_fcs": total_bytes,

@@ -20,6 +20,11 @@ const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
 }
 
 pub const VIP: u32 = ip(198, 18, 100, 1);
+
+/// The MACs of the gateway's ports ("client", "backend"): frames arriving
+/// on a port are addressed to its MAC, or the pipeline drops them as
+/// another host's.
+pub const PORT_MACS: [EthernetAddress; 2] = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
 pub const CLIENT_NET: u32 = ip(198, 18, 0, 0);
 
 pub fn snapshot() -> Snapshot {
@@ -44,13 +49,13 @@ pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
         ports: vec![
             PortSpec {
                 name: "client".into(),
-                mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+                mac: PORT_MACS[0],
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
                 mtu: 1500,
             },
             PortSpec {
                 name: "backend".into(),
-                mac: EthernetAddress([2, 0, 0, 0, 0, 2]),
+                mac: PORT_MACS[1],
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
                 mtu: 1500,
             },
@@ -89,11 +94,12 @@ pub fn pipeline(snap: &Snapshot) -> Pipeline {
     p
 }
 
-/// A 64-byte TCP frame (60 bytes without FCS) from `src:sport` to `dst:dport`.
-pub fn tcp_frame(src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
+/// A 64-byte TCP frame (60 bytes without FCS) from `src:sport` to
+/// `dst:dport`, addressed to the MAC of port `ingress`.
+pub fn tcp_frame(ingress: u16, src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
     let mut f = vec![0u8; 60];
     let mut eth = ethernet::Frame::new_unchecked(&mut f[..]);
-    eth.set_dst_addr(EthernetAddress([2, 0, 0, 0, 0, 1]));
+    eth.set_dst_addr(PORT_MACS[usize::from(ingress)]);
     eth.set_src_addr(EthernetAddress([2, 0xcc, 0, 0, 0, 2]));
     eth.set_ethertype(0x0800);
     let ipb = &mut f[14..54];
@@ -113,18 +119,20 @@ pub fn tcp_frame(src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
 /// `BURST` client->VIP frames of distinct flows.
 pub fn forward_burst(seed: u16) -> Vec<Vec<u8>> {
     (0..BURST as u16)
-        .map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + seed.wrapping_mul(BURST as u16) + i, VIP, 80))
+        .map(|i| tcp_frame(0, CLIENT_NET | 2, 10_000 + seed.wrapping_mul(BURST as u16) + i, VIP, 80))
         .collect()
 }
 
 /// `BURST` backend->client reply frames.
 pub fn reverse_burst() -> Vec<Vec<u8>> {
-    (0..BURST as u16).map(|i| tcp_frame(ip(198, 18, 1, 11 + (i % 3) as u8), 8080, CLIENT_NET | 2, 10_000 + i)).collect()
+    (0..BURST as u16)
+        .map(|i| tcp_frame(1, ip(198, 18, 1, 11 + (i % 3) as u8), 8080, CLIENT_NET | 2, 10_000 + i))
+        .collect()
 }
 
 /// `BURST` frames for a port of the VIP that no service listens on.
 pub fn no_service_burst() -> Vec<Vec<u8>> {
-    (0..BURST as u16).map(|i| tcp_frame(CLIENT_NET | 2, 10_000 + i, VIP, 81)).collect()
+    (0..BURST as u16).map(|i| tcp_frame(0, CLIENT_NET | 2, 10_000 + i, VIP, 81)).collect()
 }
 
 /// Bytes of headroom in front of each frame of [`run_burst_headroom`], as
@@ -172,7 +180,7 @@ pub fn fullnat_reply_burst(pipe: &mut Pipeline, snap: &Snapshot, forward: &[Vec<
         .map(|f| {
             let be32 = |o: usize| u32::from_be_bytes([f[o], f[o + 1], f[o + 2], f[o + 3]]);
             let be16 = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
-            tcp_frame(be32(30), be16(36), be32(26), be16(34))
+            tcp_frame(1, be32(30), be16(36), be32(26), be16(34))
         })
         .collect()
 }
@@ -182,7 +190,7 @@ pub fn foreign_burst() -> Vec<Vec<u8>> {
     (10_000u16..)
         .filter(|&p| vipgate_dataplane::pipeline::client_owner(CLIENT_NET | 2, p, 6, 2) == 1)
         .take(BURST)
-        .map(|p| tcp_frame(CLIENT_NET | 2, p, VIP, 80))
+        .map(|p| tcp_frame(0, CLIENT_NET | 2, p, VIP, 80))
         .collect()
 }
 
@@ -229,7 +237,7 @@ pub fn prepare_frame(template: &[u8], out: &mut [u8], id: u32) {
 /// A template frame for `prepare_frame` (flow 0).
 pub fn flow_template() -> Vec<u8> {
     let (addr, port) = flow_client(0);
-    tcp_frame(addr, port, VIP, 80)
+    tcp_frame(0, addr, port, VIP, 80)
 }
 
 /// Runs `flows` flows once through the pipeline, so they are established.

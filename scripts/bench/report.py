@@ -190,7 +190,10 @@ def render_section(results: dict, png_name: str | None) -> str:
     parts.append(
         "One capture per workload (`scripts/gen-pcap.py`, deterministic from its seed) is replayed endlessly by "
         "DPDK's `net_pcap` PMD (`rx_pcap=...,infinite_rx=1`) into port \"in\"; port \"out\" is `net_null` "
-        "(`no-rx=1`), a sink that frees what it is given. Three forwarders run one after the other on the same "
+        "(`no-rx=1`), a sink that frees what it is given. Every frame is addressed to port \"in\"'s MAC, "
+        "02:70:63:61:70:00, the one `net_pcap` gives the first device of a process (it cannot be set; each run "
+        "checks that \"in\" has it), since vipgate drops frames for other MACs as `other_host`. Three forwarders "
+        "run one after the other on the same "
         f"capture, the same lcores ({lcores_text}) and the same pool size:\n\n"
         "- **vipgate**: `vipgated` with a DNAT service on the VIP (Maglev over 8 backends, permanent neighbours), "
         "forwarding every packet from \"in\" to \"out\". Rate and cycles come from its own counters "

@@ -73,6 +73,11 @@ BASE_MEMORY_MB = 160
 KEEP_FREE_PAGES = 256
 
 # Test networks only (198.18.0.0/15).
+# The MAC of port "in": net_pcap gives its first device 02:70:63:61:70:00
+# and has no way to set another (no mac_addr_set), so the captures are
+# addressed to it and each run checks that "in" has it (vipgate drops
+# frames for other MACs as other_host).
+PORT_IN_MAC = "02:70:63:61:70:00"
 PORT_IN_ADDR = "198.18.0.1/24"
 PORT_OUT_ADDR = "198.18.1.1/24"
 VIP = "198.18.100.1"
@@ -262,7 +267,7 @@ def capture(wl: Workload, shards: int, seed: int, pcap_dir: Path, python: str) -
     pcap_dir.mkdir(parents=True, exist_ok=True)
     out = pcap_dir / f"{wl.name}-seed{seed}{'' if shards == 1 else f'-{shards}q'}.pcap"
     args = ["--flows", str(wl.flows), "--size", str(wl.size), "--new-share", str(wl.new_share), "--proto", wl.proto,
-            "--ipv", "4", "--seed", str(seed), "--shards", str(shards), "--out", str(out)]
+            "--ipv", "4", "--seed", str(seed), "--shards", str(shards), "--dst-mac", PORT_IN_MAC, "--out", str(out)]
     meta_path = out.with_suffix(".json")
     key = {"args": args, "generator_sha256": file_sha256(GEN_PCAP)}
     if meta_path.exists():
@@ -489,6 +494,10 @@ def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int
                 raise BenchError(f"vipgated not serving after {ctx['start_timeout']}s; last lines of {logf}:\n{tail(logf)}")
             time.sleep(0.2)
         result["startup_seconds"] = round(time.monotonic() - t_start, 1)
+        in_mac = next((q.get("mac") for q in ctl("stats").get("ports", []) if q.get("name") == "in"), None)
+        if in_mac is None or in_mac.lower() != PORT_IN_MAC:
+            raise BenchError(f'port "in" has MAC {in_mac}, but the capture is addressed to {PORT_IN_MAC}: '
+                             "vipgate would drop every frame as other_host")
         time.sleep(ctx["warmup"])
 
         def sample() -> tuple[dict, float]:

@@ -528,6 +528,11 @@ impl Mode {
 /// The port the backends serve HTTP on.
 const BACKEND_HTTP_PORT: u16 = 8080;
 
+/// The name of a rig's client tap interface (rig.sh's `--client-if`).
+fn client_if(prefix: &str) -> String {
+    format!("{prefix}c")
+}
+
 /// What a rig is configured with beyond the defaults.
 #[derive(Clone, Debug)]
 pub struct RigOptions {
@@ -728,6 +733,7 @@ impl Rig {
             ),
             Mode::Dsr => (String::new(), format!("mode = \"dsr\"\ntunnel_source = \"{TUNNEL_SOURCE}\"\n")),
         };
+        let client_if = client_if(&prefix);
         let head = format!(
             r#"[eal]
 lcores = "{lcores}"
@@ -750,7 +756,7 @@ dir = "{state_dir}"
 
 [[ports]]
 name = "client"
-device = "net_tap{n}0,iface={prefix}c"
+device = "net_tap{n}0,iface={client_if}"
 addresses = ["198.18.0.1/24"]
 {kernel}
 [[ports]]
@@ -817,7 +823,7 @@ addresses = ["198.18.1.1/24"]
             "--prefix",
             &prefix,
             "--client-if",
-            &format!("{prefix}c"),
+            &client_if,
             "--backend-if",
             &format!("{prefix}b"),
             "--backends",
@@ -1049,6 +1055,12 @@ addresses = ["198.18.1.1/24"]
     /// at teardown: for a test's own files, such as its routing daemons'.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The client's interface in the client namespace: the gateway's
+    /// "client" port's tap, moved there.
+    pub fn client_if(&self) -> String {
+        client_if(&self.prefix)
     }
 
     /// Runs a command in the client namespace.

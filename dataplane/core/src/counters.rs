@@ -61,11 +61,16 @@ pub enum DropReason {
     /// to the kernel interfaces full: the kernel side is not keeping up, and
     /// the fast path does not wait for it.
     PuntFull,
+    /// A unicast frame addressed to another host's MAC, not the ingress
+    /// port's: a switch or bridge flooded it here (after forgetting where
+    /// that MAC is, or acting as a hub). Dropped before anything else looks
+    /// at it: not forwarded, not answered, not punted.
+    OtherHost,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -86,6 +91,7 @@ impl DropReason {
         DropReason::NoHeadroom,
         DropReason::TooBig,
         DropReason::PuntFull,
+        DropReason::OtherHost,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -109,6 +115,7 @@ impl DropReason {
             DropReason::NoHeadroom => "no_headroom",
             DropReason::TooBig => "too_big",
             DropReason::PuntFull => "punt_full",
+            DropReason::OtherHost => "other_host",
         }
     }
 }

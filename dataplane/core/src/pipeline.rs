@@ -7,6 +7,11 @@
 //! clock: time comes in as `now` (nanoseconds, monotonic). Must not touch
 //! mbufs, ports or queues: the driver does that with the verdicts.
 //!
+//! A frame is this port's business only if its destination MAC is the
+//! port's own or a group address; a unicast frame for any other MAC (which
+//! a bridge floods to every port while it does not know where that MAC is)
+//! is dropped as [`DropReason::OtherHost`] before anything else.
+//!
 //! A client packet to a service goes to the flow's backend: the one its
 //! tracked flow already has, or for a new flow the one Maglev picks on the
 //! stable flow hash. How it gets there is the service's mode:
@@ -38,7 +43,7 @@ use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
-use crate::snapshot::{Backend, Mode, OnBackendRemoval, Service, Snapshot};
+use crate::snapshot::{Backend, MAC_WORD_MASK, Mode, OnBackendRemoval, Service, Snapshot};
 use crate::snat::{self, Binding, SnatTable};
 use crate::stats::BackendStats;
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
@@ -610,6 +615,17 @@ impl Pipeline {
             Ok(eth) => eth.ethertype(),
             Err(_) => return Verdict::Drop(DropReason::Malformed),
         };
+        // The destination MAC filter sits here, and not in the pass ahead:
+        // every received packet reaches this point exactly once on the
+        // worker that received it (the pass ahead sees only the first
+        // HASH_AHEAD of a call), before it is forwarded, answered, punted or
+        // handed over. A packet another worker handed over passed it there
+        // and arrives unchanged, so it is not checked twice. The pass ahead
+        // may hash and prefetch for a frame dropped here; such frames are
+        // rare, and checking there too would tax every other packet.
+        if !self.handed_over && !addressed_to_port(snap, p.port, p.frame()) {
+            return Verdict::Drop(DropReason::OtherHost);
+        }
         match ethertype {
             EtherType::IPV4 => self.ipv4(snap, now, p, ahead),
             EtherType::ARP => {
@@ -1464,6 +1480,23 @@ fn rewrite_l4(proto: u8, l4: &mut [u8], end: Endpoint, old_addr: u32, new_addr: 
             Endpoint::Dst => u.set_dst_port(new_port),
         }
     }
+}
+
+/// Whether `frame` (at least an Ethernet header long) is for `port`: its
+/// destination MAC is the port's own, or a group address (the I/G bit set:
+/// broadcast, multicast). A unicast frame for another MAC reached this port
+/// only because the segment flooded it, as a bridge does with a destination
+/// it has not learned; like a Linux host (`PACKET_OTHERHOST`) the gateway
+/// takes no part in it. A port the snapshot does not know has no MAC of its
+/// own, so only group frames pass. The destination is read as one word (the
+/// header is in cache, about to be read anyway) and compared with the
+/// port's MAC word from the snapshot; the I/G bit is the lowest bit of the
+/// first byte, so of the little-endian word.
+#[inline(always)]
+fn addressed_to_port(snap: &Snapshot, port: u16, frame: &[u8]) -> bool {
+    let Some(head) = frame.first_chunk::<8>() else { return false };
+    let dst = u64::from_le_bytes(*head) & MAC_WORD_MASK;
+    snap.port_mac_word(port) == Some(dst) || dst & 1 != 0
 }
 
 /// Sets the Ethernet addresses for transmission on `port` to `dst`.

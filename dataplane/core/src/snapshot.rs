@@ -496,6 +496,9 @@ pub struct Snapshot {
     version: u64,
     build_stats: BuildStats,
     ports: Vec<Port>,
+    /// Each port's MAC as [`mac_word`] makes it, by dense index: the
+    /// destination MAC filter compares one word per packet.
+    port_macs: Vec<u64>,
     local: HashMap<u32, u16, RandomState>,
     vips: HashSet<u32, RandomState>,
     services: HashMap<u64, u32, RandomState>,
@@ -514,6 +517,18 @@ pub struct Snapshot {
     /// without a hash lookup.
     pool_filter: [u64; 4],
 }
+
+/// A MAC address as the low six bytes of a little-endian `u64` (the top two
+/// bytes zero): the same word a frame's first eight bytes give under
+/// [`MAC_WORD_MASK`], so a destination MAC compares in one instruction.
+pub fn mac_word(mac: [u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(&mac);
+    u64::from_le_bytes(b)
+}
+
+/// The bits of a little-endian `u64` that hold its first six bytes.
+pub const MAC_WORD_MASK: u64 = 0x0000_ffff_ffff_ffff;
 
 /// Builds the Maglev table of `s`. The keys are "a.b.c.d:port", so the
 /// table depends on the backends themselves, not on their order in any list
@@ -768,6 +783,7 @@ impl Snapshot {
             cache_generation,
             version,
             build_stats: stats,
+            port_macs: ports.iter().map(|p| mac_word(p.mac.0)).collect(),
             ports,
             local,
             vips,
@@ -814,6 +830,13 @@ impl Snapshot {
     /// Ports in dense index order.
     pub fn ports(&self) -> &[Port] {
         &self.ports
+    }
+
+    /// Port `port`'s MAC as [`mac_word`] makes it; `None` for a port the
+    /// snapshot does not have.
+    #[inline(always)]
+    pub fn port_mac_word(&self, port: u16) -> Option<u64> {
+        self.port_macs.get(usize::from(port)).copied()
     }
 
     /// Services in configuration order. Each is shared with the snapshots

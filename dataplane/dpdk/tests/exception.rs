@@ -17,7 +17,9 @@
 
 mod common;
 
-use common::{Cleanup, backend_neighbours, client_frames, eal_args, ip, pcap_to_null, port_specs, write_capture};
+use common::{
+    Cleanup, PCAP_PORT_MAC, backend_neighbours, client_frames, eal_args, ip, pcap_to_null, port_specs, write_capture,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use vipgate_dataplane::counters::DropReason;
@@ -99,7 +101,7 @@ fn a_flood_towards_the_kernel_is_dropped_and_counted_without_stalling_the_fast_p
         frames.push(f);
         for j in 0..15u16 {
             let dport = if i == 0 && j == 0 { 3784 } else { 9 };
-            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], PCAP_PORT_MAC)
                 .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
                 .udp(40000 + i as u16 * 16 + j, dport);
             let mut p = Vec::new();

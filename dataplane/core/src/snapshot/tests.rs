@@ -386,3 +386,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_ports_mac_word_is_the_masked_first_eight_bytes_of_a_frame_to_it() {
+    let snap = Snapshot::build(&spec()).unwrap();
+    for (i, p) in snap.ports().iter().enumerate() {
+        let mut frame = [0xa5u8; 14];
+        frame[..6].copy_from_slice(&p.mac.0);
+        let head = u64::from_le_bytes(frame[..8].try_into().unwrap());
+        assert_eq!(snap.port_mac_word(i as u16), Some(head & MAC_WORD_MASK), "port {}", p.name);
+        assert_eq!(mac_word(p.mac.0) & 1, u64::from(p.mac.0[0] & 1), "the I/G bit is the word's lowest");
+    }
+    assert_eq!(snap.port_mac_word(snap.ports().len() as u16), None);
+    assert_eq!(mac_word([0xff; 6]), MAC_WORD_MASK);
+}

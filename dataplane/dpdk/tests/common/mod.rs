@@ -8,6 +8,12 @@ pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
     u32::from_be_bytes([a, b, c, d])
 }
 
+/// The MAC net_pcap gives the first device a process creates
+/// (02:70:63:61:70 is "pcap", then the device's index): the captures are
+/// written before EAL starts, so their frames are addressed to it, and
+/// [`port_specs`] checks that port "in" really has it.
+pub const PCAP_PORT_MAC: [u8; 6] = [0x02, 0x70, 0x63, 0x61, 0x70, 0x00];
+
 /// A classic libpcap file (Ethernet link type) of `frames`.
 pub fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -55,7 +61,7 @@ pub fn core_list() -> Vec<usize> {
 pub fn client_frames(n: u16, dport: impl Fn(u16) -> u16) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
-            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], PCAP_PORT_MAC)
                 .ipv4([198, 18, 0, 2], [198, 18, 100, 1], 64)
                 .tcp(30000 + i, dport(i), 1, 65535)
                 .ack(1);
@@ -127,8 +133,13 @@ pub fn pcap_to_null(
 
 /// The snapshot's view of those ports, with their real MACs: "in" on
 /// 198.18.0.1/24, "out" on 198.18.1.1/24.
+///
+/// # Panics
+/// If "in" does not have [`PCAP_PORT_MAC`], the MAC the captures' frames
+/// are addressed to (the pipeline would drop them all as another host's).
 pub fn port_specs(macs: &[vipgate_dataplane::wire::EthernetAddress]) -> Vec<vipgate_dataplane::snapshot::PortSpec> {
     use vipgate_dataplane::snapshot::{Ipv4Cidr, PortSpec};
+    assert_eq!(macs[0].0, PCAP_PORT_MAC, "port \"in\" (net_pcap0) has another MAC than its captures' frames are for");
     [("in", 0), ("out", 1)]
         .iter()
         .map(|&(name, i)| PortSpec {

@@ -12,7 +12,8 @@ fn punting() -> Rig {
 }
 
 fn icmp_frame(src: u32, dst: u32, icmp_type: etherparse::Icmpv4Type) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C).ipv4(src.to_be_bytes(), dst.to_be_bytes(), 64).icmpv4(icmp_type);
+    let (smac, dmac) = macs_from(src);
+    let b = PacketBuilder::ethernet2(smac, dmac).ipv4(src.to_be_bytes(), dst.to_be_bytes(), 64).icmpv4(icmp_type);
     let mut f = Vec::new();
     b.write(&mut f, b"payload").unwrap();
     f
@@ -75,7 +76,7 @@ fn punts_traffic_for_the_gateway_that_the_fast_path_does_not_handle() {
     run_punted(&mut r, 0, icmp_frame(CLIENT, GW_C_IP, unreachable), "port unreachable");
     // Other IP protocols (OSPF, GRE) to the gateway.
     run_punted_control(&mut r, 0, with_protocol(tcp_frame((CLIENT, 1), (GW_C_IP, 2), 64, b""), 89), "ospf");
-    run_punted(&mut r, 1, with_protocol(tcp_frame((CLIENT, 1), (GW_B_IP, 2), 64, b""), 47), "gre");
+    run_punted(&mut r, 1, to_port(1, with_protocol(tcp_frame((CLIENT, 1), (GW_B_IP, 2), 64, b""), 47)), "gre");
     // Fragments of the kernel's own traffic: it reassembles them.
     let mut frag = tcp_frame((CLIENT, 40000), (GW_C_IP, 2222), 64, b"0123456789");
     frag[14 + 6] |= 0x20;
@@ -153,7 +154,7 @@ fn without_a_kernel_interface_gateway_traffic_is_dropped_as_before() {
     let reply = etherparse::Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 1, seq: 2 });
     let mut f = icmp_frame(BACKENDS[0], GW_B_IP, reply);
     assert_eq!(r.run(1, &mut f), Verdict::Drop(DropReason::Local));
-    let mut f = ipv6_frame();
+    let mut f = to_port(1, ipv6_frame());
     assert_eq!(r.run(1, &mut f), Verdict::Drop(DropReason::Unsupported));
     let mut f = udp_frame((BACKENDS[0], 520), (ip(224, 0, 0, 9), 520), 1, b"rip");
     assert_eq!(r.run(1, &mut f), Verdict::Drop(DropReason::NoMatch));

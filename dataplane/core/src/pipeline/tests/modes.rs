@@ -434,9 +434,11 @@ proptest! {
             _ => Vec::new(),
         };
         f.append(&mut tail);
+        // Backends' frames arrive on the backend port, addressed to it.
+        let port = if matches!(kind, 2 | 3) { 1 } else { 0 };
         let mut buf = vec![0u8; headroom];
         buf.extend_from_slice(&f);
-        let mut pkts = [RxPacket::with_headroom(0, &mut buf, headroom)];
+        let mut pkts = [RxPacket::with_headroom(port, &mut buf, headroom)];
         let mut v = [Verdict::Consumed];
         if handed {
             r.pipe.process_handed_over(&r.snap, r.now, &mut pkts, &mut v, &NoPrefetch);

@@ -8,7 +8,8 @@ use crate::wire::tcp::flags::{ACK, FIN, RST, SYN};
 
 /// A TCP segment with exactly `flags`.
 fn segment(src: (u32, u16), dst: (u32, u16), flags: u16, payload: &[u8]) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, GW_C)
+    let (smac, dmac) = macs_from(src.0);
+    let mut b = PacketBuilder::ethernet2(smac, dmac)
         .ipv4(src.0.to_be_bytes(), dst.0.to_be_bytes(), 64)
         .tcp(src.1, dst.1, 1000, 64240);
     if flags & SYN != 0 {
