@@ -16,8 +16,10 @@
 //!    confirm it);
 //! 3. a's vipgated is killed (SIGKILL) in the middle of it;
 //! 4. BFD takes a out of the router's route (and the backends', in nat
-//!    mode); b picks the flow up, on the same backend, and the download
-//!    completes, every byte checked;
+//!    mode); meanwhile the bridges flood to b what is still sent to a's
+//!    MAC, and b drops it (`other_host`): it takes over only what the
+//!    routes give it; then b picks the flow up, on the same backend, and
+//!    the download completes, every byte checked;
 //! 5. new connections keep succeeding, all through b.
 //!
 //! Needs root, hugepages (or VIPGATE_HUGEPAGES=0), FRR and BIRD 2
@@ -50,6 +52,12 @@ fn per_backend(pair: &HaPair, g: usize) -> Vec<(String, u64, u64)> {
         .iter()
         .map(|b| (b["address"].as_str().unwrap_or("?").to_owned(), stat(b, "in_packets"), stat(b, "out_packets")))
         .collect()
+}
+
+/// Gateway `g`'s `other_host` drops: frames for another host's MAC.
+fn other_host(pair: &HaPair, g: usize) -> u64 {
+    let stats = pair.ctl_json(g, &["stats"]);
+    stats["total"]["drops"]["other_host"].as_u64().unwrap_or_else(|| panic!("no other_host drops in {stats}"))
 }
 
 fn wait_until(what: &str, timeout: Duration, pair: &HaPair, mut done: impl FnMut() -> bool) -> Instant {
@@ -114,6 +122,7 @@ fn a_transfer_survives_the_death_of_its_gateway(mode: Mode) {
     }
 
     // 3. Gateway a dies.
+    let b_other_host = other_host(&pair, b);
     let b_before = per_backend(&pair, b);
     let killed = Instant::now();
     pair.kill(a);
@@ -143,6 +152,14 @@ fn a_transfer_survives_the_death_of_its_gateway(mode: Mode) {
         per_backend(&pair, b).iter().zip(&b_before).any(|(x, y)| x.0 == backend_addr && x.1 > y.1)
     });
     let picked_up = killed.elapsed();
+    // Until the routes moved, the bridges flooded what was still sent to
+    // a's MAC (a's tap is gone) to b as well: b dropped it, it does not
+    // take over traffic the routers have not given it.
+    let flooded = other_host(&pair, b) - b_other_host;
+    println!(
+        "{name}: gateway b dropped {flooded} frames addressed to gateway a's MAC (other_host) while the routes moved"
+    );
+    assert!(flooded > 0, "frames for a's MAC reach b while the routes move, and b drops them");
 
     // 5. New connections, all through b, all answered.
     let mut answered = 0;
