@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vipgate::routing::{Bird, Frr, Netns, example, ok, run, wait_for};
+use vipgate::routing::{Bird, Frr, Netns, gateway_bird_conf, gateway_frr_conf, ok, router_frr_conf, run, wait_for};
 use vipgate::{NullGateway, require_root, workspace_bin};
 
 /// The hold-down the tests configure.
@@ -32,15 +32,11 @@ const SESSION_UP: Duration = Duration::from_secs(60);
 
 const GW_ADDR: &str = "198.18.200.1";
 const ROUTER_ADDR: &str = "198.18.200.2";
-const GW_AS: &str = "65001";
-const ROUTER_AS: &str = "65000";
-/// The VIP ranges the examples' prefix lists allow.
-const VIP_RANGE: &str = "198.18.100.0/22";
 /// The static service "web" of every NullGateway.
 const STATIC_VIP: &str = "198.18.100.1";
 /// The VIP the tests create through the API.
 const API_VIP: &str = "198.18.101.1";
-/// A VIP outside VIP_RANGE: on the interface, never exported.
+/// A VIP outside `routing::VIP_RANGE`: on the interface, never exported.
 const OUTSIDE_VIP: &str = "198.18.110.1";
 
 /// The gateway's and the router's namespaces, joined by a veth:
@@ -131,17 +127,7 @@ fn gateway(tag: &str, t: &Topology, kind: &str) -> NullGateway {
 }
 
 fn router(t: &Topology, dir: PathBuf) -> Frr {
-    let config = example(
-        "upstream-frr.conf",
-        &[
-            ("@HOSTNAME@", "router"),
-            ("@ROUTER_ID@", ROUTER_ADDR),
-            ("@LOCAL_AS@", ROUTER_AS),
-            ("@GATEWAY_AS@", GW_AS),
-            ("@GATEWAY@", GW_ADDR),
-            ("@VIP_RANGE@", VIP_RANGE),
-        ],
-    );
+    let config = router_frr_conf(ROUTER_ADDR, &[GW_ADDR]);
     Frr::start(&t.router.name, dir, &config)
 }
 
@@ -229,19 +215,7 @@ fn frr_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hold
     let kind = interface_kind(&t.gw);
     let mut gw = gateway("annf", &t, kind);
     let router = router(&t, gw.dir().join("frr-router"));
-    let gw_config = example(
-        "frr.conf",
-        &[
-            ("@HOSTNAME@", "gateway"),
-            ("@ROUTER_ID@", GW_ADDR),
-            ("@LOCAL_AS@", GW_AS),
-            ("@UPSTREAM_AS@", ROUTER_AS),
-            ("@UPSTREAM@", ROUTER_ADDR),
-            ("@VIP_RANGE@", VIP_RANGE),
-            // No backend peers with this gateway here.
-            ("@BACKEND_NET@", "198.18.1.0/24"),
-        ],
-    );
+    let gw_config = gateway_frr_conf("gateway", GW_ADDR, ROUTER_ADDR, "198.18.1.0/24");
     let gw_frr = Frr::start(&t.gw.name, gw.dir().join("frr-gateway"), &gw_config);
 
     create_services(&gw);
@@ -303,16 +277,7 @@ fn bird_gateway_announces_vips_to_an_frr_router_and_withdraws_them_after_the_hol
     let kind = interface_kind(&t.gw);
     let mut gw = gateway("annb", &t, kind);
     let router = router(&t, gw.dir().join("frr-router"));
-    let gw_config = example(
-        "bird.conf",
-        &[
-            ("@ROUTER_ID@", GW_ADDR),
-            ("@LOCAL_AS@", GW_AS),
-            ("@UPSTREAM_AS@", ROUTER_AS),
-            ("@UPSTREAM@", ROUTER_ADDR),
-            ("@VIP_RANGE@", VIP_RANGE),
-        ],
-    );
+    let gw_config = gateway_bird_conf(GW_ADDR, ROUTER_ADDR);
     let bird = Bird::start(&t.gw.name, gw.dir().join("bird"), &gw_config);
 
     create_services(&gw);

@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use vipgate::routing::{Bird, Frr, example};
+use vipgate::routing::{Bird, Frr, gateway_bird_conf, gateway_frr_conf, router_frr_conf};
 use vipgate::{CLIENT_ADDR, Rig, RigOptions, VIP};
 
 /// The hold-down the tests configure.
@@ -51,9 +51,6 @@ const SLACK: Duration = Duration::from_millis(1000);
 const GW_ADDR: &str = "198.18.0.1";
 /// The router: the client namespace.
 const ROUTER_ADDR: &str = CLIENT_ADDR;
-const GW_AS: &str = "65001";
-const ROUTER_AS: &str = "65000";
-const VIP_RANGE: &str = "198.18.100.0/22";
 const BACKENDS: usize = 3;
 
 /// The gateway's routing daemon.
@@ -157,53 +154,14 @@ fn announce_over_the_exception_path(with_bird: bool) {
     assert!(!get.status.success(), "the client reaches the VIP without BGP: {}", String::from_utf8_lossy(&get.stdout));
     let before = rig.stats();
 
-    let router = Frr::start(
-        &client_ns,
-        rig.dir().join("frr-router"),
-        &example(
-            "upstream-frr.conf",
-            &[
-                ("@HOSTNAME@", "router"),
-                ("@ROUTER_ID@", ROUTER_ADDR),
-                ("@LOCAL_AS@", ROUTER_AS),
-                ("@GATEWAY_AS@", GW_AS),
-                ("@GATEWAY@", GW_ADDR),
-                ("@VIP_RANGE@", VIP_RANGE),
-            ],
-        ),
-    );
+    let router = Frr::start(&client_ns, rig.dir().join("frr-router"), &router_frr_conf(ROUTER_ADDR, &[GW_ADDR]));
     let gateway = if with_bird {
-        GatewayDaemon::Bird(Bird::start(
-            &gw_ns,
-            rig.dir().join("bird"),
-            &example(
-                "bird.conf",
-                &[
-                    ("@ROUTER_ID@", GW_ADDR),
-                    ("@LOCAL_AS@", GW_AS),
-                    ("@UPSTREAM_AS@", ROUTER_AS),
-                    ("@UPSTREAM@", ROUTER_ADDR),
-                    ("@VIP_RANGE@", VIP_RANGE),
-                ],
-            ),
-        ))
+        GatewayDaemon::Bird(Bird::start(&gw_ns, rig.dir().join("bird"), &gateway_bird_conf(GW_ADDR, ROUTER_ADDR)))
     } else {
         GatewayDaemon::Frr(Frr::start(
             &gw_ns,
             rig.dir().join("frr-gateway"),
-            &example(
-                "frr.conf",
-                &[
-                    ("@HOSTNAME@", "gateway"),
-                    ("@ROUTER_ID@", GW_ADDR),
-                    ("@LOCAL_AS@", GW_AS),
-                    ("@UPSTREAM_AS@", ROUTER_AS),
-                    ("@UPSTREAM@", ROUTER_ADDR),
-                    ("@VIP_RANGE@", VIP_RANGE),
-                    // No backend peers with this gateway here.
-                    ("@BACKEND_NET@", "198.18.1.0/24"),
-                ],
-            ),
+            &gateway_frr_conf("gateway", GW_ADDR, ROUTER_ADDR, "198.18.1.0/24"),
         ))
     };
     let diag = || format!("router:\n{}\ngateway:\n{}", router.diagnostics(), gateway.diagnostics());

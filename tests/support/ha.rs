@@ -47,18 +47,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::routing::{Bird, Daemon, Frr, Netns, example, example_repeating, ok, wait_for};
+use crate::routing::{
+    Bird, Daemon, Frr, GATEWAY_AS, Netns, example_repeating, gateway_frr_conf, ok, router_frr_conf, wait_for,
+};
 use crate::{Download, Mode, NullGateway, UDP_PORT, VIP, Whoami, backend_addr, repo_root};
 
 /// The router's (and the client's) address on the upstream LAN.
 pub const ROUTER_ADDR: &str = "198.18.0.2";
 /// The router's leg in the backend LAN (dsr mode), where replies arrive.
 pub const ROUTER_LEG_ADDR: &str = "198.18.1.200";
-/// The gateways' AS (both), the router's and the backends'.
-pub const GATEWAY_AS: &str = "65001";
-pub const ROUTER_AS: &str = "65000";
+/// The backends' AS (the gateways' and the router's are
+/// [`crate::routing`]'s).
 pub const BACKEND_AS: &str = "65100";
-const VIP_RANGE: &str = "198.18.100.0/22";
 const BACKEND_NET: &str = "198.18.1.0/24";
 const CLIENT_NET: &str = "198.18.0.0/24";
 /// How many backends the pair has.
@@ -203,33 +203,12 @@ impl HaPair {
         // Routing: the gateways' FRR, the router's, the backends' BIRD.
         for g in 0..2 {
             let gw = &pair.gateways[g];
-            let config = example(
-                "frr.conf",
-                &[
-                    ("@HOSTNAME@", &format!("gateway-{}", gw.name)),
-                    ("@ROUTER_ID@", gw.client_addr),
-                    ("@LOCAL_AS@", GATEWAY_AS),
-                    ("@UPSTREAM_AS@", ROUTER_AS),
-                    ("@UPSTREAM@", ROUTER_ADDR),
-                    ("@VIP_RANGE@", VIP_RANGE),
-                    ("@BACKEND_NET@", BACKEND_NET),
-                ],
-            );
+            let config = gateway_frr_conf(&format!("gateway-{}", gw.name), gw.client_addr, ROUTER_ADDR, BACKEND_NET);
             let frr = Frr::start(&gw.ns, pair.dir.join(format!("frr-{}", gw.name)), &config);
             pair.gateways[g].frr = Some(frr);
         }
         let gateway_addrs: Vec<&str> = pair.gateways.iter().map(|g| g.client_addr).collect();
-        let config = example_repeating(
-            "upstream-frr.conf",
-            &[
-                ("@HOSTNAME@", "router"),
-                ("@ROUTER_ID@", ROUTER_ADDR),
-                ("@LOCAL_AS@", ROUTER_AS),
-                ("@GATEWAY_AS@", GATEWAY_AS),
-                ("@VIP_RANGE@", VIP_RANGE),
-            ],
-            ("@GATEWAY@", &gateway_addrs),
-        );
+        let config = router_frr_conf(ROUTER_ADDR, &gateway_addrs);
         pair.router = Some(Frr::start(&r, pair.dir.join("frr-router"), &config));
         if mode == Mode::Nat {
             let gateways: Vec<&str> = pair.gateways.iter().map(|g| g.backend_addr).collect();

@@ -116,6 +116,61 @@ pub fn example_repeating(name: &str, values: &[(&str, &str)], repeat: (&str, &[&
     text
 }
 
+/// The gateways' AS, the routers' AS and the prefix the VIPs come from,
+/// in every test that runs the examples.
+pub const GATEWAY_AS: &str = "65001";
+pub const ROUTER_AS: &str = "65000";
+pub const VIP_RANGE: &str = "198.18.100.0/22";
+
+/// docs/examples/frr.conf for the gateway `hostname` with router id
+/// `router_id`, peering with the router `upstream`; its BACKENDS peer group
+/// listens on `backend_net`.
+pub fn gateway_frr_conf(hostname: &str, router_id: &str, upstream: &str, backend_net: &str) -> String {
+    example(
+        "frr.conf",
+        &[
+            ("@HOSTNAME@", hostname),
+            ("@ROUTER_ID@", router_id),
+            ("@LOCAL_AS@", GATEWAY_AS),
+            ("@UPSTREAM_AS@", ROUTER_AS),
+            ("@UPSTREAM@", upstream),
+            ("@VIP_RANGE@", VIP_RANGE),
+            ("@BACKEND_NET@", backend_net),
+        ],
+    )
+}
+
+/// docs/examples/bird.conf for the gateway with router id `router_id`,
+/// peering with the router `upstream`.
+pub fn gateway_bird_conf(router_id: &str, upstream: &str) -> String {
+    example(
+        "bird.conf",
+        &[
+            ("@ROUTER_ID@", router_id),
+            ("@LOCAL_AS@", GATEWAY_AS),
+            ("@UPSTREAM_AS@", ROUTER_AS),
+            ("@UPSTREAM@", upstream),
+            ("@VIP_RANGE@", VIP_RANGE),
+        ],
+    )
+}
+
+/// docs/examples/upstream-frr.conf for the router `router_id`, with a
+/// `neighbor` line per gateway of `gateways`.
+pub fn router_frr_conf(router_id: &str, gateways: &[&str]) -> String {
+    example_repeating(
+        "upstream-frr.conf",
+        &[
+            ("@HOSTNAME@", "router"),
+            ("@ROUTER_ID@", router_id),
+            ("@LOCAL_AS@", ROUTER_AS),
+            ("@GATEWAY_AS@", GATEWAY_AS),
+            ("@VIP_RANGE@", VIP_RANGE),
+        ],
+        ("@GATEWAY@", gateways),
+    )
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Daemon {
     name: String,
