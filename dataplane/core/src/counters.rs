@@ -66,11 +66,23 @@ pub enum DropReason {
     /// that MAC is, or acting as a hub). Dropped before anything else looks
     /// at it: not forwarded, not answered, not punted.
     OtherHost,
+    /// A source address no real client can have (RFC 1812, 5.3.7): 0/8,
+    /// 127/8, multicast, class E, the limited broadcast, a directed
+    /// broadcast of a port's subnet, a gateway address or a VIP. Dropped
+    /// before any flow is created.
+    MartianSource,
+    /// A TCP segment whose flags no connection can carry (SYN+FIN, SYN+RST,
+    /// no flags at all, FIN without ACK). Dropped before any flow is
+    /// created.
+    BadTcpFlags,
+    /// A new flow over its service's limit of new flows per client source
+    /// (`new_flow_limit`).
+    RateLimited,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 22;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -92,6 +104,9 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::PuntFull,
         DropReason::OtherHost,
+        DropReason::MartianSource,
+        DropReason::BadTcpFlags,
+        DropReason::RateLimited,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -116,6 +131,9 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::PuntFull => "punt_full",
             DropReason::OtherHost => "other_host",
+            DropReason::MartianSource => "martian_source",
+            DropReason::BadTcpFlags => "bad_tcp_flags",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }
