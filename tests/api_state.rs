@@ -270,7 +270,7 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         f(&mut s);
         s
     };
-    let many_backends: Vec<pb::Backend> = (0..10_001).map(|i| backend(60, 1 + i, 1)).collect();
+    let many_backends: Vec<pb::Backend> = (0..65_536).map(|i| backend(60, 1 + i, 1)).collect();
     let cases: Vec<(&str, Call, Code, String)> = vec![
         (
             "unknown service",
@@ -419,7 +419,7 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
             "oversized backends",
             create(service("big", 9, many_backends)),
             Code::InvalidArgument,
-            "services[\"big\"].backends: 10001 backends; at most 10000".into(),
+            "services[\"big\"].backends: 65536 backends; at most 65535 per service".into(),
         ),
         (
             "oversized apply",

@@ -26,13 +26,16 @@ use vipgate_dataplane::snapshot::{
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{DataplaneConfig, PortConfig};
 
+use crate::state::check_name;
+
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";
 /// Default directory of the persisted dynamic state (`[state] dir`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate";
 /// Largest Maglev table size accepted (the largest prime below 2^24).
 pub const MAX_TABLE_SIZE: u32 = 16_777_213;
-/// Largest backend weight.
+/// Largest backend weight: weights are relative, and a ratio finer than
+/// 1 in 65,535 is lost in any table size.
 pub const MAX_WEIGHT: u32 = 65_535;
 /// Smallest port MTU (RFC 791's minimum datagram every host accepts).
 pub const MIN_MTU: u16 = 576;
@@ -49,6 +52,37 @@ pub const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
 /// Source ports of a pool when `ports` is not given.
 pub const DEFAULT_POOL_PORTS: (u16, u16) = (1024, 65535);
+
+/// Smallest `[eal] memory_mb`: the mbuf pool, rings and tables need this much.
+pub const MIN_MEMORY_MB: u32 = 64;
+/// Largest `[eal] memory_mb`: 1 TiB, more than any host runs this gateway on.
+pub const MAX_MEMORY_MB: u32 = 1 << 20;
+/// Smallest `[dataplane] mbufs`: the receive and transmit rings need this many.
+pub const MIN_MBUFS: u32 = 1024;
+/// Largest `[dataplane] mbufs`: 2^20 - 1 (about 2.3 GiB of buffers), more
+/// than the rings and lcore caches of any port count can hold.
+pub const MAX_MBUFS: u32 = (1 << 20) - 1;
+/// Largest `[dataplane] mbuf_cache`: DPDK's RTE_MEMPOOL_CACHE_MAX_SIZE.
+pub const MAX_MBUF_CACHE: u32 = 512;
+/// Largest `[dataplane] idle_sleep_us`: 1 ms; at 1 Mpps a 1024-descriptor
+/// receive ring fills in about 1 ms, so a longer sleep drops packets.
+pub const MAX_IDLE_SLEEP_US: u32 = 1000;
+/// Smallest `[dataplane] neighbour_capacity`: a few next hops and backends.
+pub const MIN_NEIGHBOURS: u32 = 16;
+/// Largest `[dataplane] neighbour_capacity`: 2^20 entries per worker, the
+/// hosts of a /12; more only costs memory no subnet of a port can use.
+pub const MAX_NEIGHBOURS: u32 = 1 << 20;
+/// Largest `[dataplane.timeouts]` `tcp_established` and `udp`: 26 days, as
+/// the flow table keeps expiry in a 32-bit clock of about 1 ms units.
+pub const MAX_FLOW_TIMEOUT_S: u64 = 26 * 24 * 3600;
+/// Largest `tcp_syn`, `tcp_closing` and `tcp_reset`: 1 hour; a half-open or
+/// closing flow held longer only keeps a slot that a SYN flood can fill.
+pub const MAX_TRANSIENT_TIMEOUT_S: u64 = 3600;
+/// Most backends per service: the Maglev table holds 16-bit backend
+/// indices, one value of which marks a free slot.
+pub const MAX_BACKENDS: usize = vipgate_dataplane::maglev::MAX_BACKENDS;
+/// Most addresses in one source pool: the snapshot indexes them in 16 bits.
+pub const MAX_POOL_ADDRESSES: usize = u16::MAX as usize;
 
 /// A configuration error. Its text names the file and, where it has one,
 /// the line and the field.
@@ -156,8 +190,8 @@ struct RawDataplane {
     mbufs: Spanned<u32>,
     #[serde(default = "default_mbuf_cache")]
     mbuf_cache: Spanned<u32>,
-    #[serde(default)]
-    idle_sleep_us: u32,
+    #[serde(default = "default_idle_sleep")]
+    idle_sleep_us: Spanned<u32>,
     #[serde(default = "default_neighbours")]
     neighbour_capacity: Spanned<u32>,
     #[serde(default = "default_flow_capacity")]
@@ -229,6 +263,9 @@ fn default_mbufs() -> Spanned<u32> {
 fn default_mbuf_cache() -> Spanned<u32> {
     Spanned::new(0..0, 256)
 }
+fn default_idle_sleep() -> Spanned<u32> {
+    Spanned::new(0..0, 0)
+}
 fn default_neighbours() -> Spanned<u32> {
     Spanned::new(0..0, 4096)
 }
@@ -238,7 +275,7 @@ impl Default for RawDataplane {
         RawDataplane {
             mbufs: default_mbufs(),
             mbuf_cache: default_mbuf_cache(),
-            idle_sleep_us: 0,
+            idle_sleep_us: default_idle_sleep(),
             neighbour_capacity: default_neighbours(),
             flow_capacity: default_flow_capacity(),
             max_backends: default_max_backends(),
@@ -398,6 +435,15 @@ impl Device {
             Device::Pci { address } => address,
         }
     }
+
+    /// The kernel interface a virtual device works on, its `iface=`
+    /// argument (net_tap, net_tun, net_af_packet).
+    pub fn interface(&self) -> Option<&str> {
+        match self {
+            Device::Virtual { args, .. } => args.split(',').find_map(|a| a.trim().strip_prefix("iface=")),
+            Device::Pci { .. } => None,
+        }
+    }
 }
 
 /// A validated configuration.
@@ -477,8 +523,16 @@ impl Config {
 
     /// Validates configuration text; `path` is used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match misplaced_sub_table(text) {
+            // The parser's own message ("duplicate key") does not say why.
+            Some((line, header)) => ConfigError::Invalid {
+                file: path.to_owned(),
+                line,
+                field: header,
+                reason: "must follow the [[services]] entry it belongs to (it applies to the service above it); it comes before any [[services]]".to_owned(),
+            },
+            None => ConfigError::Parse { file: path.to_owned(), message: e.to_string().trim_end().to_owned() },
+        })?;
         Validator { file: path, text }.validate(raw)
     }
 
@@ -578,13 +632,27 @@ impl Validator<'_> {
         check_port_number(*v.get_ref()).or_else(|reason| self.err(v.span(), field, reason))
     }
 
-    /// A service's `health_check` table; an error names the field inside it
-    /// (`services[0].health_check.timeout_ms`) on its own line, or the
-    /// table's line for a missing one.
+    /// A number from `min` to `max`; see [`check_bounds`].
+    fn bounded<T: PartialOrd + Copy + std::fmt::Display>(
+        &self,
+        v: &Spanned<T>,
+        field: &str,
+        min: T,
+        max: T,
+        max_means: &str,
+    ) -> Result<T, ConfigError> {
+        check_bounds(*v.get_ref(), min, max, max_means).or_else(|reason| self.err(v.span(), field, reason))
+    }
+
+    /// The `health_check` table of `service`, a service of `protocol`; an
+    /// error names the field inside it (`services[0].health_check.timeout_ms`)
+    /// on its own line, or the table's line for a missing one.
     fn health_check(
         &self,
         raw: &Spanned<RawHealthCheck>,
         field: &str,
+        service: &str,
+        protocol: Protocol,
     ) -> Result<crate::health::HealthCheck, ConfigError> {
         use crate::health::spec::parse_hex;
         let h = raw.get_ref();
@@ -636,7 +704,10 @@ impl Validator<'_> {
             expect_reply: bytes(&h.expect_reply, &h.expect_reply_hex, "expect_reply")?,
             source: h.source.as_ref().map(|v| v.get_ref().clone()),
         };
-        input.validate().or_else(|e| self.err(span_of(e.field), format!("{field}.{}", e.field), e.reason))
+        input
+            .validate()
+            .and_then(|check| check.check_service_protocol(service, protocol).map(|()| check))
+            .or_else(|e| self.err(span_of(e.field), format!("{field}.{}", e.field), e.reason))
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -654,29 +725,31 @@ impl Validator<'_> {
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return self.err(eal.file_prefix.span(), "eal.file_prefix", "use letters, digits, '-' and '_' only");
         }
-        if let Some(m) = &eal.memory_mb
-            && *m.get_ref() < 64
-        {
-            return self.err(m.span(), "eal.memory_mb", "at least 64 MiB are needed");
+        if let Some(m) = &eal.memory_mb {
+            self.bounded(m, "eal.memory_mb", MIN_MEMORY_MB, MAX_MEMORY_MB, "1 TiB")?;
         }
         let dp = &raw.dataplane;
-        if *dp.mbufs.get_ref() < 1024 {
-            return self.err(dp.mbufs.span(), "dataplane.mbufs", "at least 1024 mbufs are needed");
-        }
-        if *dp.mbuf_cache.get_ref() > 512 || *dp.mbuf_cache.get_ref() > *dp.mbufs.get_ref() / 4 {
+        self.bounded(&dp.mbufs, "dataplane.mbufs", MIN_MBUFS, MAX_MBUFS, "about 2.3 GiB of buffers")?;
+        self.bounded(&dp.mbuf_cache, "dataplane.mbuf_cache", 0, MAX_MBUF_CACHE, "DPDK's per-lcore cache limit")?;
+        if *dp.mbuf_cache.get_ref() > *dp.mbufs.get_ref() / 4 {
             return self.err(
                 dp.mbuf_cache.span(),
                 "dataplane.mbuf_cache",
-                "at most 512 and at most a quarter of dataplane.mbufs",
+                format!(
+                    "{} is above a quarter of dataplane.mbufs ({}): the caches would hold the pool",
+                    dp.mbuf_cache.get_ref(),
+                    dp.mbufs.get_ref() / 4
+                ),
             );
         }
-        if *dp.neighbour_capacity.get_ref() < 16 {
-            return self.err(
-                dp.neighbour_capacity.span(),
-                "dataplane.neighbour_capacity",
-                "at least 16 entries are needed",
-            );
-        }
+        self.bounded(&dp.idle_sleep_us, "dataplane.idle_sleep_us", 0, MAX_IDLE_SLEEP_US, "1 ms")?;
+        self.bounded(
+            &dp.neighbour_capacity,
+            "dataplane.neighbour_capacity",
+            MIN_NEIGHBOURS,
+            MAX_NEIGHBOURS,
+            "2^20 entries per worker",
+        )?;
         let flows = *dp.flow_capacity.get_ref();
         if !(1024..=MAX_FLOW_CAPACITY as u64).contains(&flows) {
             return self.err(
@@ -700,24 +773,15 @@ impl Validator<'_> {
                 ),
             );
         }
-        // The flow table keeps expiry in a clock of about 1 ms units in 32
-        // bits; timeouts beyond 26 days are capped there, so refuse them.
-        const MAX_TIMEOUT_S: u64 = 26 * 24 * 3600;
         let t = &dp.timeouts;
-        for (name, v) in [
-            ("tcp_syn", &t.tcp_syn),
-            ("tcp_established", &t.tcp_established),
-            ("tcp_closing", &t.tcp_closing),
-            ("tcp_reset", &t.tcp_reset),
-            ("udp", &t.udp),
+        for (name, v, max, note) in [
+            ("tcp_syn", &t.tcp_syn, MAX_TRANSIENT_TIMEOUT_S, "1 hour"),
+            ("tcp_established", &t.tcp_established, MAX_FLOW_TIMEOUT_S, "26 days"),
+            ("tcp_closing", &t.tcp_closing, MAX_TRANSIENT_TIMEOUT_S, "1 hour"),
+            ("tcp_reset", &t.tcp_reset, MAX_TRANSIENT_TIMEOUT_S, "1 hour"),
+            ("udp", &t.udp, MAX_FLOW_TIMEOUT_S, "26 days"),
         ] {
-            if !(1..=MAX_TIMEOUT_S).contains(v.get_ref()) {
-                return self.err(
-                    v.span(),
-                    format!("dataplane.timeouts.{name}"),
-                    format!("{} is not from 1 to {MAX_TIMEOUT_S} seconds", v.get_ref()),
-                );
-            }
+            self.bounded(v, &format!("dataplane.timeouts.{name}"), 1, max, note)?;
         }
         let flow_timeouts = FlowTimeouts {
             tcp_syn_ns: *t.tcp_syn.get_ref() * 1_000_000_000,
@@ -730,10 +794,13 @@ impl Validator<'_> {
         if raw.ports.is_empty() {
             return self.err(raw.eal.span(), "ports", "no [[ports]] configured; the gateway needs at least one");
         }
-        let mut ports = Vec::new();
+        let mut ports: Vec<PortSpec> = Vec::new();
         let mut devices = Vec::new();
         let mut port_names = HashSet::new();
-        let mut probed = HashSet::new();
+        // Port index by probed device, and by the kernel interface a vdev
+        // works on (`iface=` of net_tap, net_tun, net_af_packet).
+        let mut probed: HashMap<String, usize> = HashMap::new();
+        let mut vdev_ifaces: HashMap<String, usize> = HashMap::new();
         let mut subnets: Vec<(Ipv4Cidr, String)> = Vec::new();
         let mut kernel_interfaces: Vec<Option<String>> = Vec::new();
         for (i, p) in raw.ports.iter().enumerate() {
@@ -748,11 +815,27 @@ impl Validator<'_> {
             }
             let device =
                 parse_device(p.device.get_ref()).or_else(|reason| self.err(p.device.span(), f("device"), reason))?;
-            if !probed.insert(device.probed_name().to_owned()) {
+            if let Some(j) = probed.insert(device.probed_name().to_owned(), i) {
                 return self.err(
                     p.device.span(),
                     f("device"),
-                    format!("device {:?} is used by another port", device.probed_name()),
+                    format!(
+                        "device {:?} is used by another port, ports[{j}] ({:?}); port {name:?} needs a device of its own",
+                        device.probed_name(),
+                        ports[j].name
+                    ),
+                );
+            }
+            if let Some(iface) = device.interface()
+                && let Some(j) = vdev_ifaces.insert(iface.to_owned(), i)
+            {
+                return self.err(
+                    p.device.span(),
+                    f("device"),
+                    format!(
+                        "interface {iface:?} of port {name:?} is already the interface of ports[{j}] ({:?}); two ports on one interface would run as two queues of one device",
+                        ports[j].name
+                    ),
                 );
             }
             if p.addresses.is_empty() {
@@ -852,8 +935,7 @@ impl Validator<'_> {
         // A net_tap port's own interface and a kernel interface cannot share
         // a name: both live in the kernel.
         for (i, (p, device)) in raw.ports.iter().zip(&devices).enumerate() {
-            let Device::Virtual { args, .. } = device else { continue };
-            let Some(tap) = args.split(',').find_map(|a| a.trim().strip_prefix("iface=")) else { continue };
+            let Some(tap) = device.interface() else { continue };
             if let Some(j) = kernel_interfaces.iter().position(|k| k.as_deref() == Some(tap)) {
                 let p = p.get_ref();
                 let at = raw.ports[j].get_ref().kernel_interface.as_ref().map_or(p.device.span(), Spanned::span);
@@ -921,15 +1003,15 @@ impl Validator<'_> {
             let p = p.get_ref();
             let f = |k: &str| format!("source_pools[{i}].{k}");
             let name = p.name.get_ref().trim().to_owned();
-            if name.is_empty() {
-                return self.err(p.name.span(), f("name"), "must not be empty");
-            }
+            check_name(&name).or_else(|reason| self.err(p.name.span(), f("name"), reason))?;
             if source_pools.iter().any(|o| o.name == name) {
                 return self.err(p.name.span(), f("name"), format!("another source pool is already named {name:?}"));
             }
             if p.addresses.get_ref().is_empty() {
                 return self.err(p.addresses.span(), f("addresses"), "a source pool needs at least one address");
             }
+            check_pool_size(p.addresses.get_ref().len())
+                .or_else(|reason| self.err(p.addresses.span(), f("addresses"), reason))?;
             let mut addresses = Vec::new();
             for (j, a) in p.addresses.get_ref().iter().enumerate() {
                 let field = format!("source_pools[{i}].addresses[{j}]");
@@ -937,6 +1019,7 @@ impl Validator<'_> {
                 if !is_unicast(addr) {
                     return self.err(a.span(), field, format!("{} is not a unicast address", Ipv4Addr::from(addr)));
                 }
+                check_not_subnet_edge(addr, &ports).or_else(|reason| self.err(a.span(), &field, reason))?;
                 if let Some(owner) = local.get(&addr) {
                     return self.err(
                         a.span(),
@@ -983,9 +1066,7 @@ impl Validator<'_> {
             let s = s.get_ref();
             let f = |k: &str| format!("services[{i}].{k}");
             let name = s.name.get_ref().trim().to_owned();
-            if name.is_empty() {
-                return self.err(s.name.span(), f("name"), "must not be empty");
-            }
+            check_name(&name).or_else(|reason| self.err(s.name.span(), f("name"), reason))?;
             if !service_names.insert(name.clone()) {
                 return self.err(s.name.span(), f("name"), format!("another service is already named {name:?}"));
             }
@@ -993,6 +1074,7 @@ impl Validator<'_> {
             if !is_unicast(vip) {
                 return self.err(s.vip.span(), f("vip"), format!("{} is not a unicast address", Ipv4Addr::from(vip)));
             }
+            check_not_subnet_edge(vip, &ports).or_else(|reason| self.err(s.vip.span(), f("vip"), reason))?;
             if let Some(owner) = local.get(&vip) {
                 return self.err(
                     s.vip.span(),
@@ -1013,7 +1095,7 @@ impl Validator<'_> {
                     s.port.span(),
                     f("port"),
                     format!(
-                        "{}:{port}/{} is already served by service {other:?}",
+                        "{}:{port}/{} of service {name:?} is already served by service {other:?}",
                         Ipv4Addr::from(vip),
                         protocol.name()
                     ),
@@ -1071,6 +1153,10 @@ impl Validator<'_> {
             {
                 return self.err(t.span(), f("tunnel_source"), "is only used with mode = \"dsr\"");
             }
+            if let Err(reason) = check_backend_count(s.backends.len()) {
+                let at = s.backends.get(MAX_BACKENDS).map_or(s.name.span(), Spanned::span);
+                return self.err(at, f("backends"), reason);
+            }
             let mut backends = Vec::new();
             let mut seen = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
@@ -1091,6 +1177,8 @@ impl Validator<'_> {
                         format!("{} is not a unicast address", Ipv4Addr::from(addr)),
                     );
                 }
+                check_not_subnet_edge(addr, &ports)
+                    .or_else(|reason| self.err(b.address.span(), bf("address"), reason))?;
                 if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0)
                     && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
                 {
@@ -1163,7 +1251,7 @@ impl Validator<'_> {
                 },
             };
             if let Some(hc) = &s.health_check {
-                health_checks.insert(name.clone(), self.health_check(hc, &f("health_check"))?);
+                health_checks.insert(name.clone(), self.health_check(hc, &f("health_check"), &name, protocol)?);
             }
             services.push(ServiceSpec { name, vip, port, protocol, table_size, backends, on_backend_removal, mode });
         }
@@ -1215,7 +1303,7 @@ impl Validator<'_> {
                 .collect(),
             mbufs: *dp.mbufs.get_ref(),
             mbuf_cache: *dp.mbuf_cache.get_ref(),
-            idle_sleep_us: dp.idle_sleep_us,
+            idle_sleep_us: *dp.idle_sleep_us.get_ref(),
             pipeline: PipelineConfig {
                 neighbour_capacity: *dp.neighbour_capacity.get_ref() as usize,
                 neighbour_timers: PipelineConfig::default().neighbour_timers,
@@ -1448,7 +1536,7 @@ fn fixed_settings(
         ("eal.extra_args".to_owned(), format!("{:?}", eal.extra_args)),
         ("dataplane.mbufs".to_owned(), dp.mbufs.get_ref().to_string()),
         ("dataplane.mbuf_cache".to_owned(), dp.mbuf_cache.get_ref().to_string()),
-        ("dataplane.idle_sleep_us".to_owned(), dp.idle_sleep_us.to_string()),
+        ("dataplane.idle_sleep_us".to_owned(), dp.idle_sleep_us.get_ref().to_string()),
         ("dataplane.neighbour_capacity".to_owned(), dp.neighbour_capacity.get_ref().to_string()),
         ("dataplane.flow_capacity".to_owned(), dp.flow_capacity.get_ref().to_string()),
         ("dataplane.max_backends".to_owned(), dp.max_backends.get_ref().to_string()),
@@ -1474,6 +1562,27 @@ fn fixed_settings(
         fixed.push((format!("ports[{i}].kernel_interface"), format!("{:?}", k.as_deref().unwrap_or(""))));
     }
     fixed
+}
+
+/// The first `[services.…]` or `[[services.…]]` header (such as
+/// `[services.health_check]`) that comes before any `[[services]]`, with
+/// its 1-based line: TOML then makes `services` a table, not the array of
+/// services.
+fn misplaced_sub_table(text: &str) -> Option<(usize, String)> {
+    for (i, line) in text.lines().enumerate() {
+        let header = line.split('#').next().unwrap_or("").trim();
+        if !header.starts_with('[') {
+            continue;
+        }
+        let key: String = header.chars().filter(|c| !matches!(c, '[' | ']') && !c.is_whitespace()).collect();
+        if key == "services" && header.starts_with("[[") {
+            return None;
+        }
+        if key.starts_with("services.") {
+            return Some((i + 1, header.to_owned()));
+        }
+    }
+    None
 }
 
 /// Parses an EAL lcore list such as `0,1`, `0-3` or `0,2-3`, where an
@@ -1515,6 +1624,23 @@ fn parse_lcores(s: &str) -> Result<(Vec<u32>, Vec<Option<u32>>), String> {
 // Checks shared by the configuration file and the API (`crate::state`):
 // each returns the value or the reason, and the caller names the field.
 
+/// `v` from `min` to `max`, or why not, naming the bound crossed and, for
+/// the maximum, what it means (`max_means`, such as "1 ms").
+pub(crate) fn check_bounds<T: PartialOrd + std::fmt::Display>(
+    v: T,
+    min: T,
+    max: T,
+    max_means: &str,
+) -> Result<T, String> {
+    if v < min {
+        Err(format!("{v} is below the minimum {min}"))
+    } else if v > max {
+        Err(format!("{v} is above the maximum {max} ({max_means})"))
+    } else {
+        Ok(v)
+    }
+}
+
 /// A TCP or UDP port number, 1 to 65535.
 pub(crate) fn check_port_number(v: i64) -> Result<u16, String> {
     match u16::try_from(v) {
@@ -1537,6 +1663,49 @@ pub(crate) fn check_weight(v: i64) -> Result<u32, String> {
         Ok(w) if w <= MAX_WEIGHT => Ok(w),
         _ => Err(format!("{v} is not from 0 to {MAX_WEIGHT}")),
     }
+}
+
+/// A service's number of backends: at most [`MAX_BACKENDS`].
+pub(crate) fn check_backend_count(n: usize) -> Result<(), String> {
+    if n > MAX_BACKENDS { Err(format!("{n} backends; at most {MAX_BACKENDS} per service")) } else { Ok(()) }
+}
+
+/// A source pool's number of addresses: at most [`MAX_POOL_ADDRESSES`].
+pub(crate) fn check_pool_size(n: usize) -> Result<(), String> {
+    if n > MAX_POOL_ADDRESSES {
+        Err(format!("{n} addresses; at most {MAX_POOL_ADDRESSES} per source pool"))
+    } else {
+        Ok(())
+    }
+}
+
+/// An address a VIP, backend or pool may have: not the network or
+/// broadcast address of a port's subnet (a /31 or /32 has neither), where
+/// no host can be.
+pub(crate) fn check_not_subnet_edge(addr: u32, ports: &[PortSpec]) -> Result<(), String> {
+    for p in ports {
+        for c in p.addresses.iter().filter(|c| c.len < 31) {
+            let mask = Route::mask(c.len);
+            if (addr ^ c.addr) & mask != 0 {
+                continue;
+            }
+            let what = if addr & !mask == 0 {
+                "network"
+            } else if addr | mask == u32::MAX {
+                "broadcast"
+            } else {
+                continue;
+            };
+            return Err(format!(
+                "{} is the {what} address of {}/{} on port {:?}",
+                Ipv4Addr::from(addr),
+                Ipv4Addr::from(addr & mask),
+                c.len,
+                p.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A source pool's port range must give each worker a slice of its own.

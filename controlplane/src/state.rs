@@ -13,7 +13,8 @@
 //! is their union; names and VIP:port/protocol are unique across both.
 
 use crate::config::{
-    Config, check_pool_ports, check_port_number, check_table_size, check_weight, is_unicast, parse_cidr,
+    Config, check_backend_count, check_not_subnet_edge, check_pool_ports, check_port_number, check_table_size,
+    check_weight, is_unicast, parse_cidr,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,8 +30,8 @@ use vipgate_dataplane::wire::EthernetAddress;
 
 /// At most this many services in one request (and in the dynamic state).
 pub const MAX_SERVICES: usize = 10_000;
-/// At most this many backends per service.
-pub const MAX_BACKENDS: usize = 10_000;
+/// At most this many backends per service (the file's limit too).
+pub use crate::config::MAX_BACKENDS;
 /// At most this many source pools.
 pub const MAX_POOLS: usize = 10_000;
 /// Longest service or pool name.
@@ -240,13 +241,18 @@ fn pool_field(name: &str, field: &str) -> String {
     format!("source_pools[{name:?}].{field}")
 }
 
-/// Checks a service or pool name: 1 to 253 letters, digits, `.`, `-`, `_`.
+/// Checks a service or pool name: 1 to 253 letters, digits, `.`, `-`, `_`,
+/// and not `.` or `..` (a name may become a path or a label). The one rule
+/// of the configuration file and the API.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".to_owned());
     }
     if name.len() > MAX_NAME_LEN {
         return Err(format!("is {} characters long; at most {MAX_NAME_LEN}", name.len()));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a usable name"));
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
         return Err(format!("{name:?}: use letters, digits, '.', '-' and '_' only"));
@@ -399,6 +405,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             if !is_unicast(addr) {
                 return Err(StateError::invalid(field, format!("{a} is not a unicast address")));
             }
+            check_not_subnet_edge(addr, &spec.ports).map_err(|r| StateError::invalid(&field, r))?;
             if let Some(owner) = local.get(&addr) {
                 return Err(StateError::invalid(
                     field,
@@ -441,6 +448,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         if !is_unicast(vip) {
             return Err(StateError::invalid(f("vip"), format!("{} is not a unicast address", s.vip)));
         }
+        check_not_subnet_edge(vip, &spec.ports).map_err(|r| StateError::invalid(f("vip"), r))?;
         if let Some(owner) = local.get(&vip) {
             return Err(StateError::invalid(
                 f("vip"),
@@ -456,11 +464,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         let port = check_port_number(i64::from(s.port)).map_err(|r| StateError::invalid(f("port"), r))?;
         let protocol = s.protocol.to_spec();
         if let Some(other) = listeners.insert((vip, port, protocol), Owner::Dynamic(&s.name)) {
-            let other = other.describe(Some(&file));
-            return Err(StateError::invalid(
-                f("port"),
-                format!("{}:{port}/{} is already served by {other}", s.vip, protocol.name()),
-            ));
+            return Err(StateError::invalid(f("port"), listener_taken(s.vip, port, protocol, other, &file)));
         }
         check_table_size(i64::from(s.table_size)).map_err(|r| StateError::invalid(f("table_size"), r))?;
         if let ModeState::Fullnat { source_pool } = &s.mode
@@ -469,12 +473,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
         {
             return Err(StateError::invalid(f("source_pool"), format!("no source pool is named {source_pool:?}")));
         }
-        if s.backends.len() > MAX_BACKENDS {
-            return Err(StateError::invalid(
-                f("backends"),
-                format!("{} backends; at most {MAX_BACKENDS}", s.backends.len()),
-            ));
-        }
+        check_backend_count(s.backends.len()).map_err(|r| StateError::invalid(f("backends"), r))?;
         let mut seen = HashSet::new();
         for (j, b) in s.backends.iter().enumerate() {
             let bf = |k: &str| backend_field(key, j, k);
@@ -488,6 +487,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             if !is_unicast(addr) {
                 return Err(StateError::invalid(bf("address"), format!("{} is not a unicast address", b.address)));
             }
+            check_not_subnet_edge(addr, &spec.ports).map_err(|r| StateError::invalid(bf("address"), r))?;
             if !subnets.iter().any(|c| (c.addr ^ addr) & Route::mask(c.len) == 0)
                 && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
             {
@@ -515,15 +515,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
                 && b.admin_state != AdminState::Disabled
                 && let Some(other) = backend_owner.insert((addr, bport, protocol), Owner::Dynamic(&s.name))
             {
-                let other = other.describe(None);
-                return Err(StateError::invalid(
-                    bf("address"),
-                    format!(
-                        "{}:{bport}/{} already serves {other}; replies could not be translated back to one VIP",
-                        b.address,
-                        protocol.name()
-                    ),
-                ));
+                return Err(StateError::invalid(bf("address"), backend_taken(b.address, bport, protocol, other)));
             }
             check_weight(i64::from(b.weight)).map_err(|r| StateError::invalid(bf("weight"), r))?;
         }
@@ -557,6 +549,106 @@ impl Owner<'_> {
             (Owner::Static(n), None) => format!("static service {n:?}"),
             (Owner::Dynamic(n), _) => format!("service {n:?}"),
         }
+    }
+}
+
+/// Why a VIP:port/protocol that `other` serves cannot be taken.
+fn listener_taken(
+    vip: Ipv4Addr,
+    port: u16,
+    protocol: Protocol,
+    other: Owner<'_>,
+    file: &dyn std::fmt::Display,
+) -> String {
+    format!("{vip}:{port}/{} is already served by {}", protocol.name(), other.describe(Some(file)))
+}
+
+/// Why a nat backend that `other` (a nat service) has cannot be taken.
+fn backend_taken(address: Ipv4Addr, port: u16, protocol: Protocol, other: Owner<'_>) -> String {
+    format!(
+        "{address}:{port}/{} already serves {}; replies could not be translated back to one VIP",
+        protocol.name(),
+        other.describe(None)
+    )
+}
+
+/// The conflicts of `s`, a dynamic service as a request makes it, with
+/// every other service (static, or dynamic in `state`): its VIP:port/protocol
+/// when `listener`, and `backends` (index in `s`, backend) when `s` is nat.
+/// [`validate`] finds the same conflicts over the whole state, but in name
+/// order; this names the service in the request, whichever name sorts
+/// first. One pass over the services and backends, allocating for the
+/// request's backends only.
+fn check_conflicts<'b>(
+    config: &Config,
+    state: &DesiredState,
+    s: &ServiceState,
+    listener: bool,
+    backends: impl Iterator<Item = (usize, &'b BackendState)>,
+) -> Result<(), StateError> {
+    let protocol = s.protocol.to_spec();
+    let others = state.services.values().filter(|o| o.name != s.name);
+    if listener {
+        let key = (u32::from(s.vip), s.port, protocol);
+        let other = config
+            .services()
+            .iter()
+            .find(|o| (o.vip, o.port, o.protocol) == key)
+            .map(|o| Owner::Static(&o.name))
+            .or_else(|| {
+                others
+                    .clone()
+                    .find(|o| (u32::from(o.vip), o.port, o.protocol.to_spec()) == key)
+                    .map(|o| Owner::Dynamic(&o.name))
+            });
+        if let Some(other) = other {
+            let file = config.path.display();
+            return Err(StateError::invalid(
+                service_field(&s.name, "port"),
+                listener_taken(s.vip, s.port, protocol, other, &file),
+            ));
+        }
+    }
+    if !matches!(s.mode, ModeState::Nat) {
+        return Ok(());
+    }
+    // Sorted for a binary search: no hashing per backend of the state, and
+    // one comparison when a request adds one backend.
+    let mut mine: Vec<((u32, u16), usize)> = backends
+        .filter(|(_, b)| b.admin_state != AdminState::Disabled)
+        .map(|(j, b)| ((u32::from(b.address), b.port), j))
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    mine.sort_unstable();
+    // The first backend of `s` that another service has, as `validate`
+    // would name it.
+    let statics = config
+        .services()
+        .iter()
+        .filter(|o| o.protocol == protocol && matches!(o.mode, ForwardingMode::Nat))
+        .flat_map(|o| o.backends.iter().map(|b| ((b.addr, b.port), Owner::Static(&o.name))));
+    let dynamics =
+        others.filter(|o| o.protocol.to_spec() == protocol && matches!(o.mode, ModeState::Nat)).flat_map(|o| {
+            o.backends
+                .iter()
+                .filter(|b| b.admin_state != AdminState::Disabled)
+                .map(|b| ((u32::from(b.address), b.port), Owner::Dynamic(&o.name)))
+        });
+    let first = statics
+        .chain(dynamics)
+        .filter_map(|(key, owner)| {
+            let i = mine.binary_search_by_key(&key, |(k, _)| *k).ok()?;
+            Some((mine[i].1, key, owner))
+        })
+        .min_by_key(|(j, _, _)| *j);
+    match first {
+        None => Ok(()),
+        Some((j, (addr, port), other)) => Err(StateError::invalid(
+            backend_field(&s.name, j, "address"),
+            backend_taken(Ipv4Addr::from(addr), port, protocol, other),
+        )),
     }
 }
 
@@ -766,6 +858,7 @@ pub mod ops {
         if state.services.contains_key(&s.name) {
             return Err(StateError::new(ErrorKind::AlreadyExists, format!("service {:?} already exists", s.name)));
         }
+        check_conflicts(config, state, &s, true, s.backends.iter().enumerate())?;
         let mut c = Change::new("CreateService");
         c.services_changed.push(s.name.clone());
         state.services.insert(s.name.clone(), s);
@@ -774,6 +867,8 @@ pub mod ops {
 
     /// Replaces a service, backends included.
     pub fn update_service(config: &Config, state: &mut DesiredState, s: ServiceState) -> Result<Change, StateError> {
+        dynamic_service(config, state, &s.name)?;
+        check_conflicts(config, state, &s, true, s.backends.iter().enumerate())?;
         let slot = dynamic_service(config, state, &s.name)?;
         let mut c = Change::new("UpdateService");
         c.services_changed.push(s.name.clone());
@@ -804,13 +899,11 @@ pub mod ops {
                 format!("service {service:?} already has backend {}:{}", b.address, b.port),
             ));
         }
-        if s.backends.len() >= MAX_BACKENDS {
-            return Err(StateError::invalid(
-                service_field(service, "backends"),
-                format!("{} backends already; at most {MAX_BACKENDS}", s.backends.len()),
-            ));
-        }
-        s.backends.push(b);
+        check_backend_count(s.backends.len() + 1)
+            .map_err(|r| StateError::invalid(service_field(service, "backends"), r))?;
+        let j = s.backends.len();
+        check_conflicts(config, state, &state.services[service], false, std::iter::once((j, &b)))?;
+        dynamic_service(config, state, service)?.backends.push(b);
         let mut c = Change::new("AddBackend");
         c.services_changed.push(service.to_owned());
         Ok(c)
@@ -834,6 +927,12 @@ pub mod ops {
     ) -> Result<Change, StateError> {
         let s = dynamic_service(config, state, service)?;
         let i = backend_index(s, service, address, port)?;
+        if let Some(a) = admin_state {
+            // Enabled again, it may take a backend another service took.
+            let b = BackendState { admin_state: a, ..s.backends[i].clone() };
+            check_conflicts(config, state, &state.services[service], false, std::iter::once((i, &b)))?;
+        }
+        let s = dynamic_service(config, state, service)?;
         if let Some(w) = weight {
             s.backends[i].weight = w;
         }

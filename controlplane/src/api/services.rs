@@ -17,9 +17,8 @@ use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
 use crate::config::DEFAULT_POOL_PORTS;
 use crate::health::{CheckKind, HealthCheck, HealthCheckInput, HealthStatus, TargetKey};
 use crate::state::{
-    self, AdminState, BackendState, ErrorKind, MAX_BACKENDS, MAX_POOLS, MAX_SERVICES, ModeState, PoolState,
-    ProtocolState, RemovalState, ServiceState, StateError, StateEventKind, StateHandle, StateView, backend_field, ops,
-    service_field,
+    self, AdminState, BackendState, ErrorKind, MAX_POOLS, MAX_SERVICES, ModeState, PoolState, ProtocolState,
+    RemovalState, ServiceState, StateError, StateEventKind, StateHandle, StateView, backend_field, ops, service_field,
 };
 
 /// The `ServiceManager` gRPC service over the daemon's [`StateHandle`].
@@ -158,9 +157,7 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
             f("flow_timeouts")
         )));
     }
-    if s.backends.len() > MAX_BACKENDS {
-        return Err(invalid(f("backends"), format!("{} backends; at most {MAX_BACKENDS}", s.backends.len())));
-    }
+    crate::config::check_backend_count(s.backends.len()).map_err(|r| invalid(f("backends"), r))?;
     let mode = match s.mode.as_str() {
         "" | "nat" => ModeState::Nat,
         "fullnat" => {
@@ -185,10 +182,15 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
     } else {
         RemovalState::parse(&s.on_backend_removal).map_err(|r| invalid(f("on_backend_removal"), r))?
     };
+    let protocol = ProtocolState::parse(&s.protocol).map_err(|r| invalid(f("protocol"), r))?;
+    if let Some(h) = &health_check {
+        h.check_service_protocol(&name, protocol.to_spec())
+            .map_err(|e| invalid(f(&format!("health_check.{}", e.field)), e.reason))?;
+    }
     Ok(ServiceState {
         vip: state::parse_ipv4(&s.vip).map_err(|r| invalid(f("vip"), r))?,
         port: state::parse_port(s.port).map_err(|r| invalid(f("port"), r))?,
-        protocol: ProtocolState::parse(&s.protocol).map_err(|r| invalid(f("protocol"), r))?,
+        protocol,
         mode,
         table_size: state::parse_table_size(s.table_size).map_err(|r| invalid(f("table_size"), r))?,
         on_backend_removal,
@@ -202,9 +204,7 @@ fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
     let name = p.name.trim().to_owned();
     let f = |k: &str| format!("source_pools[{name:?}].{k}");
     state::check_name(&name).map_err(|r| invalid(f("name"), r))?;
-    if p.addresses.len() > 65_536 {
-        return Err(invalid(f("addresses"), format!("{} addresses; at most 65536", p.addresses.len())));
-    }
+    crate::config::check_pool_size(p.addresses.len()).map_err(|r| invalid(f("addresses"), r))?;
     let addresses = p
         .addresses
         .iter()
@@ -531,5 +531,65 @@ impl ServiceManager for ServiceManagerService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(protocol: &str, check: pb::HealthCheck) -> pb::Service {
+        pb::Service {
+            name: "svc".to_owned(),
+            vip: "198.18.100.1".to_owned(),
+            port: 53,
+            protocol: protocol.to_owned(),
+            health_check: Some(check),
+            ..pb::Service::default()
+        }
+    }
+
+    #[test]
+    fn a_health_check_of_the_other_protocol_needs_a_port() {
+        for kind in ["tcp", "http", "https"] {
+            let check = pb::HealthCheck { kind: kind.to_owned(), ..pb::HealthCheck::default() };
+            let e = service_from(&service("udp", check.clone())).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(
+                e.message().starts_with(&format!(
+                    "services[\"svc\"].health_check.kind: \"{kind}\" probes over TCP, but service \"svc\" is udp"
+                )) && e.message().contains("kind = \"udp\" with a payload"),
+                "{e:?}"
+            );
+            service_from(&service("tcp", check.clone())).unwrap();
+            service_from(&service("udp", pb::HealthCheck { port: 8053, ..check })).unwrap();
+        }
+        let udp = pb::HealthCheck { kind: "udp".to_owned(), payload: b"ping".to_vec(), ..pb::HealthCheck::default() };
+        let e = service_from(&service("tcp", udp.clone())).unwrap_err();
+        assert!(
+            e.message().starts_with(
+                "services[\"svc\"].health_check.kind: \"udp\" probes over UDP, but service \"svc\" is tcp"
+            ),
+            "{e:?}"
+        );
+        service_from(&service("udp", udp.clone())).unwrap();
+        service_from(&service("tcp", pb::HealthCheck { port: 7, ..udp })).unwrap();
+    }
+
+    #[test]
+    fn names_follow_the_one_rule() {
+        for bad in [".", "..", "a\0b", "wéb 😀"] {
+            let e = service_from(&pb::Service { name: bad.to_owned(), ..service("tcp", pb::HealthCheck::default()) })
+                .unwrap_err();
+            assert!(e.message().starts_with(&format!("services[{bad:?}].name: ")), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn at_most_65535_backends_per_service() {
+        let b = pb::Backend { address: "198.18.1.11".to_owned(), port: 80, ..pb::Backend::default() };
+        let s = pb::Service { backends: vec![b; 65_536], health_check: None, ..service("tcp", Default::default()) };
+        let e = service_from(&s).unwrap_err();
+        assert_eq!(e.message(), "services[\"svc\"].backends: 65536 backends; at most 65535 per service");
     }
 }

@@ -129,8 +129,8 @@ fn every_bad_input_names_line_field_and_reason() {
             "dataplane.max_backends",
             "8 is not from 16 to 16777215 (each backend takes 64 bytes of statistics per worker)",
         ),
-        ("udp = 60", "udp = 0", 12, "dataplane.timeouts.udp", "not from 1 to"),
-        ("udp = 60", "udp = 99999999", 12, "dataplane.timeouts.udp", "not from 1 to"),
+        ("udp = 60", "udp = 0", 12, "dataplane.timeouts.udp", "0 is below the minimum 1"),
+        ("udp = 60", "udp = 99999999", 12, "dataplane.timeouts.udp", "is above the maximum 2246400 (26 days)"),
         ("lcores = \"0,1\"", "lcores = \"0,x\"", 3, "eal.lcores", "not an lcore number"),
         ("lcores = \"0,1\"", "lcores = \"0,0\"", 3, "eal.lcores", "listed twice"),
         ("file_prefix = \"vgtest\"", "file_prefix = \"a b\"", 5, "eal.file_prefix", "letters, digits"),
@@ -1035,4 +1035,215 @@ fn kernel_interfaces_default_to_the_port_name_and_can_be_named_or_turned_off() {
         restart_required(&edited).as_deref(),
         Some("ports[1].kernel_interface changed from \"backend\" to \"other\"")
     );
+}
+
+/// The line, field and reason of a file refused as invalid.
+fn refused(text: &str) -> (usize, String, String) {
+    match parse(text) {
+        Err(ConfigError::Invalid { line, field, reason, .. }) => (line, field, reason),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_duration_and_size_is_bounded_and_the_error_gives_the_bound() {
+    let dp = |keys: &str| GOOD.replacen("idle_sleep_us = 20", keys, 1);
+    let timeouts = |keys: &str| GOOD.replacen("udp = 60", keys, 1);
+    let eal = |keys: &str| GOOD.replacen("hugepages = false", &format!("hugepages = false\n{keys}"), 1);
+    let cases: Vec<(String, usize, &str, &str)> = vec![
+        (dp("idle_sleep_us = 4294967295"), 8, "dataplane.idle_sleep_us", "4294967295 is above the maximum 1000 (1 ms)"),
+        (dp("idle_sleep_us = 1001"), 8, "dataplane.idle_sleep_us", "1001 is above the maximum 1000"),
+        (dp("mbufs = 4294967295"), 8, "dataplane.mbufs", "4294967295 is above the maximum 1048575"),
+        (dp("mbufs = 1000"), 8, "dataplane.mbufs", "1000 is below the minimum 1024"),
+        (dp("mbuf_cache = 513"), 8, "dataplane.mbuf_cache", "513 is above the maximum 512"),
+        (dp("neighbour_capacity = 4294967295"), 8, "dataplane.neighbour_capacity", "is above the maximum 1048576"),
+        (dp("neighbour_capacity = 8"), 8, "dataplane.neighbour_capacity", "8 is below the minimum 16"),
+        (eal("memory_mb = 4294967295"), 5, "eal.memory_mb", "4294967295 is above the maximum 1048576 (1 TiB)"),
+        (eal("memory_mb = 63"), 5, "eal.memory_mb", "63 is below the minimum 64"),
+        (timeouts("udp = 0"), 12, "dataplane.timeouts.udp", "0 is below the minimum 1"),
+        (timeouts("udp = 2246401"), 12, "dataplane.timeouts.udp", "2246401 is above the maximum 2246400 (26 days)"),
+        (timeouts("tcp_syn = 3601"), 12, "dataplane.timeouts.tcp_syn", "3601 is above the maximum 3600 (1 hour)"),
+        (timeouts("tcp_closing = 86400"), 12, "dataplane.timeouts.tcp_closing", "is above the maximum 3600"),
+        (timeouts("tcp_reset = 86400"), 12, "dataplane.timeouts.tcp_reset", "is above the maximum 3600"),
+    ];
+    for (text, line, field, reason) in &cases {
+        let (l, f, r) = refused(text);
+        assert_eq!((l, f.as_str()), (*line, *field), "{r}");
+        assert!(r.contains(reason), "wanted {reason:?} in {r:?}");
+    }
+    // Each maximum itself is accepted.
+    let c = parse(&dp("idle_sleep_us = 1000\nmbufs = 1048575\nneighbour_capacity = 1048576")).unwrap();
+    assert_eq!((c.dataplane.idle_sleep_us, c.dataplane.mbufs), (1000, 1_048_575));
+    parse(&timeouts("udp = 2246400\ntcp_syn = 3600\ntcp_closing = 3600\ntcp_reset = 3600\ntcp_established = 2246400"))
+        .unwrap();
+    parse(&eal("memory_mb = 1048576")).unwrap();
+    // The command line shows the same message.
+    let msg = parse(&dp("idle_sleep_us = 4294967295")).unwrap_err().to_string();
+    assert_eq!(msg, "/etc/vipgate/test.toml:8: dataplane.idle_sleep_us: 4294967295 is above the maximum 1000 (1 ms)");
+}
+
+#[test]
+fn two_ports_on_one_tap_interface_are_refused_naming_both() {
+    let text = GOOD.replacen("device = \"0000:03:00.1\"", "device = \"net_tap1,iface=vgt-c\"", 1);
+    let (line, field, reason) = refused(&text);
+    assert_eq!((line, field.as_str()), (24, "ports[1].device"), "{reason}");
+    assert!(
+        reason.contains("port \"backend\"") && reason.contains("ports[0] (\"client\")") && reason.contains("\"vgt-c\""),
+        "{reason}"
+    );
+    // The same device twice names both ports too.
+    let text = GOOD.replacen("device = \"0000:03:00.1\"", "device = \"net_tap0,iface=other\"", 1);
+    let (_, field, reason) = refused(&text);
+    assert_eq!(field, "ports[1].device");
+    assert!(reason.contains("ports[0] (\"client\")"), "{reason}");
+    // A PCI address written twice, once short: one device.
+    let text = GOOD.replacen("device = \"net_tap0,iface=vgt-c\"", "device = \"03:00.1\"", 1);
+    let (_, field, reason) = refused(&text);
+    assert_eq!(field, "ports[1].device");
+    assert!(reason.contains("ports[0] (\"client\")"), "{reason}");
+    // Taps on interfaces of their own are fine.
+    parse(&GOOD.replacen("device = \"0000:03:00.1\"", "device = \"net_tap1,iface=vgt-b\"", 1)).unwrap();
+}
+
+#[test]
+fn a_conflict_names_the_later_service_by_its_field_and_the_earlier_by_name() {
+    // The file's order decides, not the names' order.
+    let text = GOOD
+        .replacen("name = \"web\"", "name = \"zz-existing\"", 1)
+        .replacen("name = \"dns\"", "name = \"aa-new\"", 1)
+        .replacen("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 1);
+    let msg = parse(&text).unwrap_err().to_string();
+    assert!(
+        msg.contains(
+            "services[1].port: 198.18.100.1:80/tcp of service \"aa-new\" is already served by service \"zz-existing\""
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_health_check_of_the_other_protocol_needs_a_port() {
+    // dns is UDP: a tcp, http or https check of its own port can only fail.
+    for kind in ["tcp", "http", "https"] {
+        let text = HEALTH.replacen(
+            "kind = \"udp\"\npayload_hex = \"00 01\"\nexpect_reply = \"ok\"",
+            &format!("kind = \"{kind}\""),
+            1,
+        );
+        let (line, field, reason) = refused(&text);
+        assert_eq!((line, field.as_str()), (35, "services[1].health_check.kind"), "{reason}");
+        assert!(
+            reason.contains(&format!("\"{kind}\" probes over TCP, but service \"dns\" is udp"))
+                && reason.contains("kind = \"udp\" with a payload")
+                && reason.contains("set port"),
+            "{reason}"
+        );
+        // With a port of its own (a TCP port the backends listen on), it is
+        // a check of that port.
+        let with_port = HEALTH.replacen(
+            "kind = \"udp\"\npayload_hex = \"00 01\"\nexpect_reply = \"ok\"",
+            &format!("kind = \"{kind}\"\nport = 8053"),
+            1,
+        );
+        parse(&with_port).unwrap();
+    }
+    // web is TCP: a udp check of its port can only fail.
+    let text = HEALTH.replacen(
+        "kind = \"http\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\npath = \"/healthz\"\nexpect_status = \"200-299,301\"",
+        "kind = \"udp\"\npayload = \"ping\"",
+        1,
+    );
+    let (line, field, reason) = refused(&text);
+    assert_eq!((line, field.as_str()), (19, "services[0].health_check.kind"), "{reason}");
+    assert!(reason.contains("\"udp\" probes over UDP, but service \"web\" is tcp"), "{reason}");
+    assert!(reason.contains("kind = \"tcp\", \"http\" or \"https\""), "{reason}");
+    parse(&text.replacen("payload = \"ping\"", "payload = \"ping\"\nport = 7", 1)).unwrap();
+}
+
+#[test]
+fn service_and_pool_names_follow_the_api_rule() {
+    for (bad, reason) in [
+        ("\"wéb 😀\"", "use letters, digits"),
+        ("\"a\\u0000b\"", "use letters, digits"),
+        ("\"a\\nb\"", "use letters, digits"),
+        ("\".\"", "\".\" is not a usable name"),
+        ("\"..\"", "\"..\" is not a usable name"),
+        (&format!("\"{}\"", "a".repeat(254)), "at most 253"),
+    ] {
+        let text = GOOD.replacen("name = \"web\"", &format!("name = {bad}"), 1);
+        let (line, field, r) = refused(&text);
+        assert_eq!((line, field.as_str()), (32, "services[0].name"), "{bad}: {r}");
+        assert!(r.contains(reason), "{bad}: {r}");
+    }
+    let (line, field, r) = refused(&MODES.replacen("name = \"snat\"", "name = \"..\"", 1));
+    assert_eq!((line, field.as_str()), (17, "source_pools[0].name"), "{r}");
+    assert!(r.contains("not a usable name"), "{r}");
+}
+
+#[test]
+fn a_sub_table_of_services_before_any_service_says_where_it_belongs() {
+    let text = GOOD.replacen(
+        "[[services]]\nname = \"web\"",
+        "[services.health_check]\nkind = \"tcp\"\n\n[[services]]\nname = \"web\"",
+        1,
+    );
+    let msg = parse(&text).unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        "/etc/vipgate/test.toml:31: [services.health_check]: must follow the [[services]] entry it belongs to (it applies to the service above it); it comes before any [[services]]"
+    );
+    // No service at all: the same.
+    let text = format!("{}\n[services.health_check]\nkind = \"tcp\"\n", GOOD.split("[[services]]").next().unwrap());
+    let msg = parse(&text).unwrap_err().to_string();
+    assert!(msg.starts_with("/etc/vipgate/test.toml:32: [services.health_check]: must follow"), "{msg}");
+}
+
+#[test]
+fn at_most_65535_backends_per_service() {
+    let backends = |n: usize| {
+        (0..n)
+            .map(|i| format!("{{ address = \"198.19.{}.{}\", port = {} }}", i / 500, 1 + i / 2 % 250, 80 + i % 2))
+            .collect::<Vec<_>>()
+    };
+    let text = |n: usize| {
+        GOOD.replacen("table_size = 251", "table_size = 655373", 1).replacen(
+            "backends = [ { address = \"198.18.1.11\", port = 53 } ]",
+            &format!("backends = [\n{}\n]", backends(n).join(",\n")),
+            1,
+        )
+    };
+    // Named at the first backend beyond the limit, on line 49 + 65535.
+    let (line, field, reason) = refused(&text(65_536));
+    assert_eq!((line, field.as_str()), (65_584, "services[1].backends"), "{reason}");
+    assert_eq!(reason, "65536 backends; at most 65535 per service");
+    parse(&text(65_535)).unwrap();
+}
+
+#[test]
+fn a_vip_or_backend_on_a_subnets_network_or_broadcast_address_is_refused() {
+    let cases = [
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"198.18.1.255\"\nport = 80", 33, "services[0].vip"),
+        ("vip = \"198.18.100.1\"\nport = 80", "vip = \"198.18.1.0\"\nport = 80", 33, "services[0].vip"),
+        (
+            "{ address = \"198.18.1.11\", port = 8080 }",
+            "{ address = \"198.18.1.255\", port = 8080 }",
+            37,
+            "services[0].backends[0].address",
+        ),
+        (
+            "{ address = \"198.18.1.11\", port = 8080 }",
+            "{ address = \"198.18.1.0\", port = 8080 }",
+            37,
+            "services[0].backends[0].address",
+        ),
+    ];
+    for (from, to, line, field) in cases {
+        let (l, f, r) = refused(&GOOD.replacen(from, to, 1));
+        assert_eq!((l, f.as_str()), (line, field), "{to}: {r}");
+        assert!(
+            r.contains("the network address of 198.18.1.0/24 on port \"backend\"")
+                || r.contains("the broadcast address of 198.18.1.0/24 on port \"backend\""),
+            "{to}: {r}"
+        );
+    }
 }

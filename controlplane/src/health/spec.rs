@@ -11,23 +11,24 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::Duration;
+use vipgate_dataplane::snapshot::Protocol;
 
 /// Default time between two probes of one backend.
 pub const DEFAULT_INTERVAL_MS: u32 = 5_000;
 /// Default time a probe may take, when the interval allows it (see
 /// [`default_timeout_ms`]).
 pub const DEFAULT_TIMEOUT_MS: u32 = 2_000;
-/// Shortest interval.
+/// Shortest interval: 10 probes a second per backend is already a load.
 pub const MIN_INTERVAL_MS: u32 = 100;
 /// Longest interval: one hour.
 pub const MAX_INTERVAL_MS: u32 = 3_600_000;
-/// Shortest timeout.
+/// Shortest timeout: a shorter one fails on an ordinary round trip to a busy host.
 pub const MIN_TIMEOUT_MS: u32 = 10;
 /// Default number of successes in a row that bring a down backend up.
 pub const DEFAULT_RISE: u32 = 2;
 /// Default number of failures in a row that take an up backend down.
 pub const DEFAULT_FALL: u32 = 3;
-/// Largest rise and fall.
+/// Largest rise and fall: at the longest interval, 100 hours.
 pub const MAX_THRESHOLD: u32 = 100;
 /// Default HTTP path.
 pub const DEFAULT_PATH: &str = "/";
@@ -81,6 +82,33 @@ impl HealthCheck {
     /// The timeout as a duration.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.into())
+    }
+
+    /// Whether this check can probe the backends of `service`, a service
+    /// of `protocol`: a check of the other protocol needs a `port` of its
+    /// own, since on the service's port it can only fail and would take
+    /// every backend out. The file and the API both call it.
+    pub fn check_service_protocol(&self, service: &str, protocol: Protocol) -> Result<(), HealthCheckError> {
+        let probes_udp = matches!(self.kind, CheckKind::Udp(_));
+        if self.port.is_some() || probes_udp == (protocol == Protocol::Udp) {
+            return Ok(());
+        }
+        let kind = self.kind.name();
+        if probes_udp {
+            err(
+                "kind",
+                format!(
+                    "{kind:?} probes over UDP, but service {service:?} is tcp: on the service's port it can only fail; use kind = \"tcp\", \"http\" or \"https\", or set port to a UDP port the backends answer on"
+                ),
+            )
+        } else {
+            err(
+                "kind",
+                format!(
+                    "{kind:?} probes over TCP, but service {service:?} is udp: on the service's port it can only fail; use kind = \"udp\" with a payload, or set port to a TCP port the backends listen on"
+                ),
+            )
+        }
     }
 }
 

@@ -320,3 +320,142 @@ fn unhealthy_backends_compile_with_no_slots_and_stay_in_their_service() {
     let api = all.services().iter().find(|s| s.name == "api").unwrap().maglev.slot_counts();
     assert!(api[0] > 0 && api[1] > 0, "{api:?}");
 }
+
+/// A mutation as the daemon applies it: the change, then the whole state
+/// validated.
+fn mutate(
+    state: &mut DesiredState,
+    op: impl FnOnce(&Config, &mut DesiredState) -> Result<Change, StateError>,
+) -> Result<(), StateError> {
+    let c = config();
+    let mut new = state.clone();
+    op(&c, &mut new)?;
+    validate(&c, &macs(), &new)?;
+    *state = new;
+    Ok(())
+}
+
+#[test]
+fn a_conflict_is_named_at_the_service_in_the_request_whatever_the_names_order() {
+    let existing = |s: &mut DesiredState| {
+        s.services.insert("zz-existing".to_owned(), ServiceState { name: "zz-existing".to_owned(), ..service("x", 2) });
+    };
+    let mut state = with(vec![], vec![]);
+    existing(&mut state);
+    // The same VIP:port/protocol.
+    let new = ServiceState { name: "aa-new".to_owned(), backends: vec![backend(30, 8080, 1)], ..service("x", 2) };
+    let e = mutate(&mut state, |c, s| ops::create_service(c, s, new.clone())).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert_eq!(
+        e.message,
+        "services[\"aa-new\"].port: 198.18.100.2:80/tcp is already served by service \"zz-existing\""
+    );
+    let e = mutate(&mut state, |c, s| {
+        ops::create_service(c, s, ServiceState { vip: Ipv4Addr::new(198, 18, 100, 9), ..new.clone() })?;
+        ops::update_service(c, s, new.clone())
+    })
+    .unwrap_err();
+    assert!(e.message.starts_with("services[\"aa-new\"].port: "), "{e}");
+    // A nat backend of the other service.
+    let shared = ServiceState { vip: Ipv4Addr::new(198, 18, 100, 3), ..service("aa-new", 3) };
+    let e = mutate(&mut state, |c, s| ops::create_service(c, s, shared.clone())).unwrap_err();
+    assert_eq!(
+        e.message,
+        "services[\"aa-new\"].backends[0].address: 198.18.1.20:8080/tcp already serves service \"zz-existing\"; replies could not be translated back to one VIP"
+    );
+    // Added one at a time, or enabled after being disabled.
+    let mine = ServiceState { backends: vec![backend(30, 8080, 1)], ..shared.clone() };
+    mutate(&mut state, |c, s| ops::create_service(c, s, mine.clone())).unwrap();
+    let e = mutate(&mut state, |c, s| ops::add_backend(c, s, "aa-new", backend(21, 8080, 1))).unwrap_err();
+    assert!(
+        e.message.starts_with(
+            "services[\"aa-new\"].backends[1].address: 198.18.1.21:8080/tcp already serves service \"zz-existing\""
+        ),
+        "{e}"
+    );
+    let off = BackendState { admin_state: AdminState::Disabled, ..backend(21, 8080, 1) };
+    mutate(&mut state, |c, s| ops::add_backend(c, s, "aa-new", off.clone())).unwrap();
+    let e = mutate(&mut state, |c, s| {
+        ops::update_backend(c, s, "aa-new", Ipv4Addr::new(198, 18, 1, 21), 8080, None, Some(AdminState::Enabled))
+    })
+    .unwrap_err();
+    assert!(
+        e.message.starts_with(
+            "services[\"aa-new\"].backends[1].address: 198.18.1.21:8080/tcp already serves service \"zz-existing\""
+        ),
+        "{e}"
+    );
+    // Against a static service, the same.
+    let e = mutate(&mut state, |c, s| ops::add_backend(c, s, "aa-new", backend(11, 8080, 1))).unwrap_err();
+    assert!(
+        e.message.starts_with(
+            "services[\"aa-new\"].backends[2].address: 198.18.1.11:8080/tcp already serves static service \"web\""
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn names_dot_dotdot_and_control_characters_are_refused() {
+    for bad in [".", "..", "a\0b", "a\nb", "tab\there", "wéb 😀", "a\u{7f}"] {
+        assert!(check_name(bad).is_err(), "{bad:?} accepted");
+    }
+    assert_eq!(check_name(".").unwrap_err(), "\".\" is not a usable name");
+    assert_eq!(check_name("..").unwrap_err(), "\"..\" is not a usable name");
+    for good in ["web", "a.b", "...", "web-1_x", ".hidden"] {
+        check_name(good).unwrap();
+    }
+}
+
+#[test]
+fn at_most_65535_backends_per_service_in_one_check() {
+    assert_eq!(MAX_BACKENDS, 65_535);
+    assert_eq!(check_backend_count(65_535), Ok(()));
+    assert_eq!(check_backend_count(65_536).unwrap_err(), "65536 backends; at most 65535 per service");
+    let mut big = service("api", 2);
+    big.table_size = 655_373;
+    big.backends = (0..65_536u32)
+        .map(|i| BackendState {
+            address: Ipv4Addr::new(198, 19, (i / 500) as u8, (1 + i / 2 % 250) as u8),
+            port: 80 + (i % 2) as u16,
+            weight: 1,
+            admin_state: AdminState::Enabled,
+        })
+        .collect();
+    let e = validate(&config(), &macs(), &with(vec![big.clone()], vec![])).unwrap_err();
+    assert_eq!(e.message, "services[\"api\"].backends: 65536 backends; at most 65535 per service");
+    let last = big.backends.pop().unwrap();
+    let mut state = with(vec![big], vec![]);
+    validate(&config(), &macs(), &state).unwrap();
+    let e = ops::add_backend(&config(), &mut state, "api", last).unwrap_err();
+    assert_eq!(e.message, "services[\"api\"].backends: 65536 backends; at most 65535 per service");
+}
+
+#[test]
+fn a_vip_or_backend_on_a_port_subnets_network_or_broadcast_address_is_refused() {
+    type Case = (fn(&mut ServiceState), &'static str);
+    let cases: &[Case] = &[
+        (
+            |s| s.vip = Ipv4Addr::new(198, 18, 1, 255),
+            "services[\"api\"].vip: 198.18.1.255 is the broadcast address of 198.18.1.0/24 on port \"b\"",
+        ),
+        (
+            |s| s.vip = Ipv4Addr::new(198, 18, 0, 0),
+            "services[\"api\"].vip: 198.18.0.0 is the network address of 198.18.0.0/24 on port \"a\"",
+        ),
+        (
+            |s| s.backends[1].address = Ipv4Addr::new(198, 18, 1, 0),
+            "services[\"api\"].backends[1].address: 198.18.1.0 is the network address of 198.18.1.0/24 on port \"b\"",
+        ),
+        (
+            |s| s.backends[0].address = Ipv4Addr::new(198, 18, 1, 255),
+            "services[\"api\"].backends[0].address: 198.18.1.255 is the broadcast address of 198.18.1.0/24 on port \"b\"",
+        ),
+    ];
+    for (change, want) in cases {
+        let mut s = service("api", 2);
+        change(&mut s);
+        let e = validate(&config(), &macs(), &with(vec![s], vec![])).unwrap_err();
+        assert_eq!(e.message, *want);
+    }
+}
