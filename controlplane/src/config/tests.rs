@@ -1247,3 +1247,19 @@ fn a_vip_or_backend_on_a_subnets_network_or_broadcast_address_is_refused() {
         );
     }
 }
+
+#[test]
+fn at_most_65535_addresses_per_source_pool() {
+    let pool = |n: u32| {
+        let addresses: Vec<String> = (0..n).map(|i| format!("\"{}\"", Ipv4Addr::from(0xC613_0001 + i))).collect();
+        MODES.replacen(
+            "addresses = [\"198.18.1.100\", \"198.18.1.101\"]",
+            &format!("addresses = [{}]", addresses.join(", ")),
+            1,
+        )
+    };
+    let (line, field, reason) = refused(&pool(65_536));
+    assert_eq!((line, field.as_str()), (18, "source_pools[0].addresses"), "{reason}");
+    assert_eq!(reason, "65536 addresses; at most 65535 per source pool");
+    parse(&pool(65_535)).unwrap();
+}
