@@ -76,6 +76,7 @@ impl GatewayView for DaemonView {
                 lcore: w.lcore,
                 counters: Arc::clone(&w.counters),
                 snapshot: Arc::clone(&w.snapshot),
+                since_last_loop: w.since_last_loop(),
             })
             .collect()
     }
