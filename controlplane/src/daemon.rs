@@ -129,9 +129,9 @@ impl GatewayView for DaemonView {
 /// configuration file: services, routes, neighbours and `[announce]` may
 /// change, nothing else (see [`Config::restart_required`]).
 ///
-/// Order: the control-plane runtime, the signal handlers and the API socket
-/// come first, so a second daemon on the same socket fails before touching
-/// DPDK, and a signal during start-up stops (or, SIGHUP, reloads) the daemon
+/// Order: the control-plane runtime, the signal handlers, the API socket and
+/// the state directory's lock come first, so a second daemon on the same
+/// socket or state directory fails before touching DPDK, and a signal during start-up stops (or, SIGHUP, reloads) the daemon
 /// as soon as it is up. Then EAL, ports and workers; then the API is served,
 /// and reloads run beside it on the same runtime.
 pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
@@ -142,6 +142,15 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
+    // The state directory is this daemon's until it exits: a second one on
+    // it stops here, before it touches anything the first one uses (the
+    // announcement interface, EAL). Only then are the temporary files of an
+    // interrupted write (a kill -9 inside a save) safe to remove.
+    let store = Store::new(&config.state_dir);
+    let _state_lock = store.lock()?;
+    for path in store.remove_leftovers(&_state_lock)? {
+        info!(path = %path.display(), "removed a temporary state file an interrupted write left");
+    }
     let listeners = Listeners::bind(config)?;
     // The announcement interface before EAL too: a name taken by another
     // kind of interface, or no CAP_NET_ADMIN, stops the start here. It is
@@ -149,7 +158,6 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let mut announcer = rt.block_on(Announcer::start(&config.announce))?;
     // The dynamic state before EAL: a state file that cannot be read stops
     // the start here, and is never replaced by an empty state.
-    let store = Store::new(&config.state_dir);
     let dynamic = store.load()?;
     info!(
         path = %store.path().display(),
