@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod codec;
 mod error;
 mod server;
 mod services;

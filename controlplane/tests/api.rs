@@ -564,3 +564,77 @@ fn vipgatectl_usage_errors_exit_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_vipgatectl")).arg("frobnicate").output().expect("run vipgatectl");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Sends request bodies as given, bytes that need not be valid protobuf.
+struct RawCodec;
+
+struct RawEncoder;
+
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn an_undecodable_request_is_invalid_argument_with_the_decoders_message() {
+    let dir = TestDir::new("undecodable");
+    let path = dir.socket();
+    let server = Server::start(&path, FakeGateway::new()).await;
+    let channel = api::connect_unix_channel(&path).await.expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let method = tonic::codegen::http::uri::PathAndQuery::from_static("/vipgate.v1.Gateway/GetServiceStats");
+    for (body, want) in [
+        // Field 1 (`service`, a string) holding bytes that are not UTF-8.
+        (vec![0x0a, 0x02, 0xff, 0xfe], "GetServiceStatsRequest.service: invalid string value: data is not UTF-8"),
+        // Field 1 with wire type 7, which does not exist.
+        (vec![0x0f, 0x00], "invalid wire type value: 7"),
+        // A length that runs past the end of the message.
+        (vec![0x0a, 0x09, b'w'], "buffer underflow"),
+    ] {
+        grpc.ready().await.expect("ready");
+        let status = grpc
+            .unary(tonic::Request::new(body.clone()), method.clone(), RawCodec)
+            .await
+            .expect_err("an undecodable request is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{body:02x?}: {status:?}");
+        assert!(status.message().contains(want), "{body:02x?}: wanted {want:?} in {:?}", status.message());
+    }
+    // A valid body still works on the same connection.
+    grpc.ready().await.expect("ready");
+    let ok = grpc.unary(tonic::Request::new(Vec::new()), method, RawCodec).await.expect("an empty request is valid");
+    assert!(ok.into_inner().is_empty(), "the fake gateway has no services");
+    drop(grpc);
+    server.stop().await.expect("clean shutdown");
+}
