@@ -104,8 +104,14 @@ kernel_interface = ""
             .unwrap();
         let mut daemon = Daemon { child: Some(child), dir, prefix, log, endpoint: format!("https://127.0.0.1:{port}") };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !daemon.ctl("client", &["health"]).status.success() {
-            assert!(Instant::now() < deadline, "the TCP API did not come up:\n{}", daemon.log_text());
+        // Up once it serves: until its worker polls (it builds its tables
+        // first) the gateway answers NOT_SERVING.
+        let serving = |d: &Daemon| {
+            let out = d.ctl("client", &["--json", "health"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|h| h["status"] == "SERVING")
+        };
+        while !serving(&daemon) {
+            assert!(Instant::now() < deadline, "the TCP API did not come up serving:\n{}", daemon.log_text());
             let exited = daemon.child.as_mut().unwrap().try_wait().unwrap();
             assert!(exited.is_none(), "vipgated exited early:\n{}", daemon.log_text());
             std::thread::sleep(Duration::from_millis(100));

@@ -199,6 +199,7 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         "vipgate_build_info",
         "vipgate_worker_flows_active",
         "vipgate_worker_busy_cycles_per_packet",
+        "vipgate_worker_loop_age_seconds",
         "vipgate_mempool_size_mbufs",
         "vipgate_mempool_in_use_mbufs",
         "node_ipvs_backend_connections_active",
@@ -248,6 +249,10 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
     };
     assert_eq!(labels_of("vipgate_worker_rx_packets_total", "worker"), lcores);
     assert_eq!(labels_of("vipgate_worker_flows_active", "worker"), lcores);
+    assert_eq!(labels_of("vipgate_worker_loop_age_seconds", "worker"), lcores);
+    for s in m.all("vipgate_worker_loop_age_seconds") {
+        assert!(s.value < 1.0, "a running worker's loop is {} s old", s.value);
+    }
     for (i, w) in after["workers"].as_array().unwrap().iter().enumerate() {
         let lcore = w["lcore"].as_u64().unwrap().to_string();
         let b = &before["workers"][i];

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod codec;
 mod error;
 mod server;
 mod services;
@@ -17,7 +18,9 @@ mod view;
 
 pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_channel, connect_unix_services};
 pub use error::ApiError;
-pub use server::{BoundSocket, GatewayService, bind_unix, serve_bound, serve_bound_with_state, serve_unix};
+pub use server::{
+    BoundSocket, GatewayService, WORKER_STALL_LIMIT, bind_unix, serve_bound, serve_bound_with_state, serve_unix,
+};
 pub use services::ServiceManagerService;
 pub use tcp::{
     BoundTcp, CONCURRENCY_PER_CONNECTION, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,

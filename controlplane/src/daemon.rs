@@ -76,6 +76,7 @@ impl GatewayView for DaemonView {
                 lcore: w.lcore,
                 counters: Arc::clone(&w.counters),
                 snapshot: Arc::clone(&w.snapshot),
+                since_last_loop: w.since_last_loop(),
             })
             .collect()
     }
@@ -128,9 +129,9 @@ impl GatewayView for DaemonView {
 /// configuration file: services, routes, neighbours and `[announce]` may
 /// change, nothing else (see [`Config::restart_required`]).
 ///
-/// Order: the control-plane runtime, the signal handlers and the API socket
-/// come first, so a second daemon on the same socket fails before touching
-/// DPDK, and a signal during start-up stops (or, SIGHUP, reloads) the daemon
+/// Order: the control-plane runtime, the signal handlers, the API socket and
+/// the state directory's lock come first, so a second daemon on the same
+/// socket or state directory fails before touching DPDK, and a signal during start-up stops (or, SIGHUP, reloads) the daemon
 /// as soon as it is up. Then EAL, ports and workers; then the API is served,
 /// and reloads run beside it on the same runtime.
 pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
@@ -141,6 +142,15 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
+    // The state directory is this daemon's until it exits: a second one on
+    // it stops here, before it touches anything the first one uses (the
+    // announcement interface, EAL). Only then are the temporary files of an
+    // interrupted write (a kill -9 inside a save) safe to remove.
+    let store = Store::new(&config.state_dir);
+    let _state_lock = store.lock()?;
+    for path in store.remove_leftovers(&_state_lock)? {
+        info!(path = %path.display(), "removed a temporary state file an interrupted write left");
+    }
     let listeners = Listeners::bind(config)?;
     // The announcement interface before EAL too: a name taken by another
     // kind of interface, or no CAP_NET_ADMIN, stops the start here. It is
@@ -148,7 +158,6 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let mut announcer = rt.block_on(Announcer::start(&config.announce))?;
     // The dynamic state before EAL: a state file that cannot be read stops
     // the start here, and is never replaced by an empty state.
-    let store = Store::new(&config.state_dir);
     let dynamic = store.load()?;
     info!(
         path = %store.path().display(),
@@ -185,7 +194,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // The kernel side of the exception path, once packets flow both ways.
     let commands = crate::kernel::configure(config)?;
     if !commands.is_empty() {
-        info!(commands = %commands.trim_end().replace('\n', "; "), "kernel interfaces configured");
+        info!(commands = %some_commands(&commands), "kernel interfaces configured");
     }
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
@@ -479,7 +488,7 @@ impl Reloader {
         // does).
         match crate::kernel::sync_routes(&old, &new) {
             Ok(commands) if !commands.is_empty() => {
-                info!(commands = %commands.trim_end().replace('\n', "; "), "kernel routes updated");
+                info!(commands = %some_commands(&commands), "kernel routes updated");
             }
             Ok(_) => {}
             Err(e) => error!("the fast path uses the reloaded routes, but the kernel's could not follow: {e}"),
@@ -633,13 +642,32 @@ impl Reloader {
             warn!("state version {}: published, but {e}", dynamic.version);
         }
         self.slots.apply(plan);
+        // Counts and a few names: the line stays short however many
+        // services the change touches (the watchers get every name).
+        let (created, changed): (Vec<&str>, Vec<&str>) =
+            change.services_changed.iter().map(String::as_str).partition(|name| {
+                !self.dynamic.services.contains_key(*name) && !self.running.services().iter().any(|s| s.name == *name)
+            });
+        fn names(list: &[String]) -> Vec<&str> {
+            list.iter().map(String::as_str).collect()
+        }
+        let (deleted, pools_changed, pools_deleted) =
+            (names(&change.services_deleted), names(&change.pools_changed), names(&change.pools_deleted));
         info!(
             version = dynamic.version,
             cause = %change.cause,
-            services_changed = ?change.services_changed,
-            services_deleted = ?change.services_deleted,
-            pools_changed = ?change.pools_changed,
-            pools_deleted = ?change.pools_deleted,
+            services_created = created.len(),
+            services_changed = changed.len(),
+            services_deleted = deleted.len(),
+            pools_changed = pools_changed.len(),
+            pools_deleted = pools_deleted.len(),
+            names = %some_names(&[
+                ("created", &created),
+                ("changed", &changed),
+                ("deleted", &deleted),
+                ("pools changed", &pools_changed),
+                ("pools deleted", &pools_deleted),
+            ]),
             services_reused = stats.services_reused,
             tables_reused = stats.tables_reused,
             tables_built = stats.tables_built,
@@ -666,6 +694,36 @@ impl Reloader {
             eligibility: announce::eligibility(&self.running, &self.dynamic, &self.checker.down()),
         });
     }
+}
+
+/// How many names of each list a change's log line shows.
+const LOGGED_NAMES: usize = 3;
+
+/// The first [`LOGGED_NAMES`] names of each non-empty list, after its label,
+/// then how many more it has: `created a, b, c and 2997 more; deleted d`.
+/// At most a few hundred bytes per list, whatever their lengths.
+fn some_names(lists: &[(&str, &[&str])]) -> String {
+    let mut parts = Vec::new();
+    for (label, names) in lists.iter().filter(|(_, names)| !names.is_empty()) {
+        parts.push(format!("{label} {}", first_few(names, ", ")));
+    }
+    parts.join("; ")
+}
+
+/// The first [`LOGGED_NAMES`] items joined with `separator`, then how many
+/// more there are.
+fn first_few(items: &[&str], separator: &str) -> String {
+    let mut text = items[..items.len().min(LOGGED_NAMES)].join(separator);
+    if items.len() > LOGGED_NAMES {
+        text.push_str(&format!(" and {} more", items.len() - LOGGED_NAMES));
+    }
+    text
+}
+
+/// `ip` commands (one a line) for the log: how many, and the first few.
+fn some_commands(commands: &str) -> String {
+    let lines: Vec<&str> = commands.lines().collect();
+    format!("{}: {}", lines.len(), first_few(&lines, "; "))
 }
 
 /// A duration in milliseconds, rounded to microseconds, for the log.
@@ -709,5 +767,37 @@ impl StopSignals {
             _ = self.term.recv() => "SIGTERM",
         };
         info!(signal = name, "shutting down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_logs_a_few_names_of_each_list_and_how_many_more() {
+        let many: Vec<String> = (0..3000).map(|i| format!("svc-{i:05}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let line = some_names(&[("created", &many), ("changed", &[]), ("deleted", &["old"])]);
+        assert_eq!(line, "created svc-00000, svc-00001, svc-00002 and 2997 more; deleted old");
+        assert_eq!(some_names(&[("created", &many[..3]), ("deleted", &[])]), "created svc-00000, svc-00001, svc-00002");
+        assert_eq!(some_names(&[("created", &[]), ("pools deleted", &[])]), "");
+        // The longest names the state allows, in the largest lists: bounded.
+        let long = "n".repeat(crate::state::MAX_NAME_LEN);
+        let longs = vec![long.as_str(); 100_000];
+        let lists = [("created", &longs[..]), ("changed", &longs[..]), ("deleted", &longs[..])];
+        assert!(some_names(&lists).len() < 3 * (LOGGED_NAMES * (crate::state::MAX_NAME_LEN + 2) + 40));
+    }
+
+    #[test]
+    fn kernel_commands_log_their_count_and_the_first_few() {
+        let routes: String =
+            (0..2000).map(|i| format!("ip route replace 198.18.{}.{}/32 via 198.18.0.2\n", i / 256, i % 256)).collect();
+        assert_eq!(
+            some_commands(&routes),
+            "2000: ip route replace 198.18.0.0/32 via 198.18.0.2; ip route replace 198.18.0.1/32 via 198.18.0.2; \
+             ip route replace 198.18.0.2/32 via 198.18.0.2 and 1997 more"
+        );
+        assert_eq!(some_commands("ip link set vg0 up\n"), "1: ip link set vg0 up");
     }
 }

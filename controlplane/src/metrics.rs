@@ -253,6 +253,8 @@ impl std::fmt::Debug for GatewayCollector {
 struct WorkerSample {
     worker: String,
     c: Values,
+    /// How long ago the worker last completed a loop iteration.
+    since_last_loop: Option<std::time::Duration>,
 }
 
 /// The values of [`WorkerCounters`], loaded once per scrape so every family
@@ -521,7 +523,11 @@ impl Collector for GatewayCollector {
             .view
             .workers()
             .iter()
-            .map(|w| WorkerSample { worker: w.lcore.to_string(), c: Values::read(&w.counters) })
+            .map(|w| WorkerSample {
+                worker: w.lcore.to_string(),
+                c: Values::read(&w.counters),
+                since_last_loop: w.since_last_loop,
+            })
             .collect();
         let labels: Vec<[(&str, &str); 1]> = samples.iter().map(|s| [("worker", s.worker.as_str())]).collect();
         let per_worker = |read: fn(&Values) -> u64| -> Vec<(&[(&str, &str)], u64)> {
@@ -549,6 +555,15 @@ impl Collector for GatewayCollector {
             "vipgate_worker_busy_cycles_per_packet",
             "vipgate_worker_busy_cycles divided by vipgate_worker_rx_packets since start (0 before the first packet).",
             &per_packet,
+        )?;
+
+        let loop_age: Vec<(&[(&str, &str)], f64)> =
+            samples.iter().zip(&labels).filter_map(|(s, l)| Some((&l[..], s.since_last_loop?.as_secs_f64()))).collect();
+        gauge(
+            e,
+            "vipgate_worker_loop_age_seconds",
+            "Time since the worker last completed an iteration of its loop (a few microseconds busy, up to 10 ms asleep idle; 1 s or more makes the gateway NOT_SERVING).",
+            &loop_age,
         )?;
 
         let drop_labels: Vec<[(&str, &str); 2]> = samples

@@ -1,10 +1,14 @@
 //! Persistence of the dynamic desired state: `state.json` in the state
 //! directory (`[state] dir`).
 //!
-//! Owns: the file's format and its atomic replacement. A write goes to a
-//! temporary file in the same directory, which is fsynced, renamed over
-//! `state.json`, and then the directory is fsynced: after a crash the file
-//! holds either the previous state or the new one, never a mix. Must not
+//! Owns: the file's format, its atomic replacement, and the directory's
+//! lock. A write goes to a temporary file in the same directory, which is
+//! fsynced, renamed over `state.json`, and then the directory is fsynced:
+//! after a crash the file holds either the previous state or the new one,
+//! never a mix; the temporary file a crash leaves is removed at the next
+//! start ([`Store::remove_leftovers`]). One vipgated at a time uses a
+//! directory: it holds an exclusive `flock` on `vipgated.lock` in it for
+//! its whole life ([`Store::lock`]), and the file names its pid. Must not
 //! validate the state (that is [`crate::state`]'s job).
 //!
 //! The file is JSON:
@@ -17,14 +21,18 @@
 //! only and refuses any other rather than guess.
 
 use crate::state::DesiredState;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// The file format this vipgated writes and reads.
 pub const FORMAT: u32 = 1;
 /// The state file's name in the state directory.
 pub const FILE_NAME: &str = "state.json";
+/// The lock file's name in the state directory.
+pub const LOCK_FILE_NAME: &str = "vipgated.lock";
 
 /// Why the state could not be read or written. Each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +56,35 @@ pub enum StoreError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// Another process holds the directory's lock: another vipgated uses
+    /// it.
+    #[error(
+        "state directory {}: in use by another vipgated ({}, holding {LOCK_FILE_NAME}); stop it, or give this one another [state] dir",
+        dir.display(),
+        holder.map_or_else(|| "pid unknown".to_owned(), |pid| format!("pid {pid}"))
+    )]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+        /// The pid the lock file names, if it names one.
+        holder: Option<u32>,
+    },
+    /// The lock file could not be created, locked or written.
+    #[error("state directory lock {}: {source}", path.display())]
+    Lock {
+        /// The lock file (or the directory).
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A temporary file an interrupted write left could not be removed.
+    #[error("state directory {}: cannot remove the leftover temporary file: {source}", path.display())]
+    Leftover {
+        /// The file (or the directory, if it could not be listed).
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
     },
     /// Writing the new state failed; the previous one is still in place.
     #[error("state file {}: cannot write: {source}", path.display())]
@@ -81,6 +118,21 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// The state directory's lock, held until this is dropped (for vipgated,
+/// until it exits: the kernel releases it then, however the process ends).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: Flock<std::fs::File>,
+}
+
+/// Whether `name` is the name of a temporary file [`Store::save`] writes:
+/// `.state.json.<pid>.tmp`.
+fn is_temporary(name: &str) -> bool {
+    name.strip_prefix(&format!(".{FILE_NAME}."))
+        .and_then(|rest| rest.strip_suffix(".tmp"))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl Store {
     /// The store in `dir` (created on the first write).
     pub fn new(dir: &Path) -> Store {
@@ -90,6 +142,69 @@ impl Store {
     /// Path of the state file.
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE_NAME)
+    }
+
+    /// Takes the directory for this process (creating it if missing): an
+    /// exclusive, non-blocking `flock` on its `vipgated.lock`, into which it
+    /// then writes this process's pid. Another process holding it is
+    /// [`StoreError::Locked`], with the pid it wrote.
+    pub fn lock(&self) -> Result<StoreLock, StoreError> {
+        let path = self.dir.join(LOCK_FILE_NAME);
+        let lock_err = |p: &Path| {
+            let p = p.to_owned();
+            move |source| StoreError::Lock { path: p, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(lock_err(&self.dir))?;
+        // Not truncated on open: until the lock is ours the pid in it is
+        // the holder's.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(lock_err(&path))?;
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => f,
+            Err((mut file, Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                // The holder may not have written its pid yet.
+                let _ = file.read_to_string(&mut text);
+                return Err(StoreError::Locked { dir: self.dir.clone(), holder: text.trim().parse().ok() });
+            }
+            Err((_, errno)) => return Err(StoreError::Lock { path, source: errno.into() }),
+        };
+        file.set_len(0)
+            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .map_err(lock_err(&path))?;
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Removes the temporary files of writes that never finished (a
+    /// process killed inside [`Store::save`]), which nothing else would
+    /// ever remove, and returns their paths. Only under the directory's
+    /// lock, which `_lock` proves: no other process is writing one now.
+    pub fn remove_leftovers(&self, _lock: &StoreLock) -> Result<Vec<PathBuf>, StoreError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StoreError::Leftover { path: self.dir.clone(), source }),
+        };
+        let mut removed = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| StoreError::Leftover { path: self.dir.clone(), source })?;
+            if !entry.file_name().to_str().is_some_and(is_temporary) {
+                continue;
+            }
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Leftover { path, source }),
+            }
+        }
+        removed.sort();
+        Ok(removed)
     }
 
     /// Reads the persisted state; a missing file is the empty state
@@ -228,6 +343,66 @@ mod tests {
         std::fs::write(tmp.join("x"), "x").unwrap();
         assert!(matches!(store.save(&sample(2)), Err(StoreError::Write { .. })));
         assert_eq!(store.load().unwrap(), sample(1));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_locked_directory_is_refused_with_the_holders_pid_until_released() {
+        let d = dir("lock");
+        let first = Store::new(&d).lock().expect("the first lock");
+        let pid = std::process::id();
+        assert_eq!(std::fs::read_to_string(d.join(LOCK_FILE_NAME)).unwrap(), format!("{pid}\n"));
+        // flock locks belong to an open file: a second open in this process
+        // is refused like another process's.
+        let e = Store::new(&d).lock().unwrap_err();
+        assert!(matches!(e, StoreError::Locked { holder: Some(p), .. } if p == pid), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&d.display().to_string()), "{text}");
+        assert!(text.contains(&format!("in use by another vipgated (pid {pid}, holding vipgated.lock)")), "{text}");
+        // The refused attempt left the holder's pid in place.
+        assert_eq!(std::fs::read_to_string(d.join(LOCK_FILE_NAME)).unwrap(), format!("{pid}\n"));
+        drop(first);
+        let again = Store::new(&d).lock().expect("free again once released");
+        drop(again);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_holder_that_wrote_no_pid_is_named_unknown() {
+        let d = dir("nopid");
+        std::fs::create_dir_all(&d).unwrap();
+        let file = std::fs::File::create(d.join(LOCK_FILE_NAME)).unwrap();
+        let held = Flock::lock(file, FlockArg::LockExclusiveNonblock).unwrap();
+        let e = Store::new(&d).lock().unwrap_err();
+        assert!(e.to_string().contains("(pid unknown, holding vipgated.lock)"), "{e}");
+        drop(held);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_removed_and_nothing_else() {
+        let d = dir("leftovers");
+        let store = Store::new(&d);
+        store.save(&sample(2)).unwrap();
+        for name in [".state.json.4242.tmp", ".state.json.17.tmp"] {
+            std::fs::write(d.join(name), "{\"format\": 1, \"sta").unwrap();
+        }
+        let kept = ["notes.tmp", ".state.json.tmp", ".state.json.x1.tmp", "state.json.5.tmp", ".vipgated.5.tmp"];
+        for name in kept {
+            std::fs::write(d.join(name), "x").unwrap();
+        }
+        let lock = store.lock().unwrap();
+        let removed = store.remove_leftovers(&lock).unwrap();
+        assert_eq!(removed, vec![d.join(".state.json.17.tmp"), d.join(".state.json.4242.tmp")]);
+        let mut names: Vec<String> =
+            std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        let mut want: Vec<String> = kept.iter().chain(&[FILE_NAME, LOCK_FILE_NAME]).map(|s| (*s).to_owned()).collect();
+        want.sort();
+        assert_eq!(names, want);
+        assert_eq!(store.load().unwrap(), sample(2));
+        assert!(store.remove_leftovers(&lock).unwrap().is_empty());
+        drop(lock);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -22,6 +22,8 @@ use vipgate_dataplane::loaded::LoadedSnapshot;
 struct FakeGateway {
     workers: Vec<WorkerView>,
     serving: AtomicBool,
+    /// How long ago each worker last completed a loop iteration.
+    since_last_loop: std::sync::Mutex<[Option<Duration>; 2]>,
 }
 
 impl FakeGateway {
@@ -54,17 +56,19 @@ impl FakeGateway {
         s2.set_idle(true);
         Arc::new(FakeGateway {
             workers: vec![
-                WorkerView { lcore: 1, counters: Arc::new(w1), snapshot: Arc::new(s1) },
-                WorkerView { lcore: 2, counters: Arc::new(w2), snapshot: Arc::new(s2) },
+                WorkerView { lcore: 1, counters: Arc::new(w1), snapshot: Arc::new(s1), since_last_loop: None },
+                WorkerView { lcore: 2, counters: Arc::new(w2), snapshot: Arc::new(s2), since_last_loop: None },
             ],
             serving: AtomicBool::new(true),
+            since_last_loop: std::sync::Mutex::new([Some(Duration::from_micros(3)), Some(Duration::from_millis(10))]),
         })
     }
 }
 
 impl GatewayView for FakeGateway {
     fn workers(&self) -> Vec<WorkerView> {
-        self.workers.clone()
+        let ages = *self.since_last_loop.lock().unwrap();
+        self.workers.iter().zip(ages).map(|(w, age)| WorkerView { since_last_loop: age, ..w.clone() }).collect()
     }
 
     fn ports(&self) -> Vec<PortView> {
@@ -206,9 +210,12 @@ async fn health_and_counters_over_the_socket() {
     assert!(health.uptime_seconds < 60, "uptime {}", health.uptime_seconds);
     assert_eq!((health.workers, health.ports), (2, 1));
 
+    assert_eq!(health.reason, "");
+
     gateway.serving.store(false, Ordering::Relaxed);
     let health = client.get_health(pb::GetHealthRequest {}).await.expect("GetHealth").into_inner();
     assert_eq!(health.status(), pb::ServingStatus::NotServing);
+    assert_eq!(health.reason, "the dataplane workers are not running");
 
     let counters = client.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner();
     let lcores: Vec<u32> = counters.workers.iter().map(|w| w.lcore).collect();
@@ -259,6 +266,39 @@ async fn health_and_counters_over_the_socket() {
     drop(client);
     server.stop().await.expect("clean shutdown");
     assert!(!path.exists(), "the socket file is removed after shutdown");
+}
+
+#[tokio::test]
+async fn a_worker_without_a_loop_for_a_second_makes_the_gateway_not_serving() {
+    let dir = TestDir::new("stall");
+    let path = dir.socket();
+    let gateway = FakeGateway::new();
+    let server = Server::start(&path, gateway.clone()).await;
+    let mut client = api::connect_unix(&path).await.expect("connect");
+    let mut health = async |ages: [Option<Duration>; 2]| {
+        *gateway.since_last_loop.lock().unwrap() = ages;
+        let h = client.get_health(pb::GetHealthRequest {}).await.expect("GetHealth").into_inner();
+        (h.status(), h.reason)
+    };
+    let ms = Duration::from_millis;
+    let serving = (pb::ServingStatus::Serving, String::new());
+    // Busy, asleep idle, just under the limit, or not telling: serving.
+    assert_eq!(health([Some(ms(0)), Some(ms(10))]).await, serving);
+    assert_eq!(health([Some(ms(999)), Some(ms(999))]).await, serving);
+    assert_eq!(health([None, None]).await, serving);
+    // One worker without a loop for a second or more: not serving, and
+    // which one says why.
+    assert_eq!(
+        health([Some(ms(1)), Some(ms(1_000))]).await,
+        (pb::ServingStatus::NotServing, "worker loop stalled: lcore 2 for 1.0 s".to_owned())
+    );
+    assert_eq!(
+        health([Some(ms(4_300)), Some(ms(71 * 60_000))]).await,
+        (pb::ServingStatus::NotServing, "worker loop stalled: lcore 1 for 4.3 s, lcore 2 for 4260.0 s".to_owned())
+    );
+    // Running again.
+    assert_eq!(health([Some(ms(1)), Some(ms(2))]).await, serving);
+    server.stop().await.expect("clean shutdown");
 }
 
 #[tokio::test]
@@ -523,4 +563,78 @@ fn vipgatectl_reports_a_missing_daemon() {
 fn vipgatectl_usage_errors_exit_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_vipgatectl")).arg("frobnicate").output().expect("run vipgatectl");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Sends request bodies as given, bytes that need not be valid protobuf.
+struct RawCodec;
+
+struct RawEncoder;
+
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn an_undecodable_request_is_invalid_argument_with_the_decoders_message() {
+    let dir = TestDir::new("undecodable");
+    let path = dir.socket();
+    let server = Server::start(&path, FakeGateway::new()).await;
+    let channel = api::connect_unix_channel(&path).await.expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let method = tonic::codegen::http::uri::PathAndQuery::from_static("/vipgate.v1.Gateway/GetServiceStats");
+    for (body, want) in [
+        // Field 1 (`service`, a string) holding bytes that are not UTF-8.
+        (vec![0x0a, 0x02, 0xff, 0xfe], "GetServiceStatsRequest.service: invalid string value: data is not UTF-8"),
+        // Field 1 with wire type 7, which does not exist.
+        (vec![0x0f, 0x00], "invalid wire type value: 7"),
+        // A length that runs past the end of the message.
+        (vec![0x0a, 0x09, b'w'], "buffer underflow"),
+    ] {
+        grpc.ready().await.expect("ready");
+        let status = grpc
+            .unary(tonic::Request::new(body.clone()), method.clone(), RawCodec)
+            .await
+            .expect_err("an undecodable request is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{body:02x?}: {status:?}");
+        assert!(status.message().contains(want), "{body:02x?}: wanted {want:?} in {:?}", status.message());
+    }
+    // A valid body still works on the same connection.
+    grpc.ready().await.expect("ready");
+    let ok = grpc.unary(tonic::Request::new(Vec::new()), method, RawCodec).await.expect("an empty request is valid");
+    assert!(ok.into_inner().is_empty(), "the fake gateway has no services");
+    drop(grpc);
+    server.stop().await.expect("clean shutdown");
 }

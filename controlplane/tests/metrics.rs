@@ -99,8 +99,13 @@ fn fake() -> Arc<Fake> {
     b.count_drop(DropReason::TxFull);
     Arc::new(Fake {
         workers: vec![
-            WorkerView { lcore: 1, counters: Arc::new(a), snapshot: Arc::default() },
-            WorkerView { lcore: 3, counters: Arc::new(b), snapshot: Arc::default() },
+            WorkerView {
+                lcore: 1,
+                counters: Arc::new(a),
+                snapshot: Arc::default(),
+                since_last_loop: Some(std::time::Duration::from_millis(5)),
+            },
+            WorkerView { lcore: 3, counters: Arc::new(b), snapshot: Arc::default(), since_last_loop: None },
         ],
         exception: None,
     })
@@ -127,6 +132,8 @@ fn exposition_of_a_fake_gateway() {
         "vipgate_worker_busy_cycles_total{worker=\"1\"} 25000",
         "vipgate_worker_busy_cycles_per_packet{worker=\"1\"} 250.0",
         "vipgate_worker_busy_cycles_per_packet{worker=\"3\"} 0.0",
+        "# TYPE vipgate_worker_loop_age_seconds gauge",
+        "vipgate_worker_loop_age_seconds{worker=\"1\"} 0.005",
         "vipgate_worker_dropped_packets_total{worker=\"1\",reason=\"no_service\"} 2",
         "vipgate_worker_dropped_packets_total{worker=\"3\",reason=\"tx_full\"} 1",
         "vipgate_worker_dropped_packets_total{worker=\"3\",reason=\"no_service\"} 0",
@@ -160,6 +167,8 @@ fn exposition_of_a_fake_gateway() {
     ] {
         assert!(lines.contains(&want), "missing {want:?} in:\n{text}");
     }
+    // A worker whose loop age is unknown has no sample.
+    assert!(!text.contains("vipgate_worker_loop_age_seconds{worker=\"3\"}"), "{text}");
     // Every reason for every worker.
     let drops = lines.iter().filter(|l| l.starts_with("vipgate_worker_dropped_packets_total{")).count();
     assert_eq!(drops, 2 * DropReason::COUNT);
@@ -175,7 +184,7 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 51);
+    assert_eq!(seen.len(), 52);
 }
 
 #[test]
@@ -189,7 +198,7 @@ fn the_exception_thread_counters_appear_only_with_kernel_interfaces() {
     c.from_kernel.add(5);
     c.from_kernel_bytes.add(500);
     let gw = Arc::new(Fake {
-        workers: vec![WorkerView { lcore: 1, counters: Arc::new(c), snapshot: Arc::default() }],
+        workers: vec![WorkerView { lcore: 1, counters: Arc::new(c), snapshot: Arc::default(), since_last_loop: None }],
         exception: Some(ExceptionView { kernel_tx: 6, kernel_tx_failed: 1, kernel_rx: 5 }),
     });
     let text = metrics::render(gw);

@@ -18,7 +18,12 @@ struct OneWorker;
 
 impl GatewayView for OneWorker {
     fn workers(&self) -> Vec<WorkerView> {
-        vec![WorkerView { lcore: 1, counters: Arc::new(WorkerCounters::default()), snapshot: Arc::default() }]
+        vec![WorkerView {
+            lcore: 1,
+            counters: Arc::new(WorkerCounters::default()),
+            snapshot: Arc::default(),
+            since_last_loop: None,
+        }]
     }
     fn ports(&self) -> Vec<PortView> {
         Vec::new()

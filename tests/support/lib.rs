@@ -136,7 +136,7 @@ pub const NULL_GATEWAY_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 ///
 /// The configuration ([`NullGateway::builder`]) is a base common to those
 /// tests: `[eal]` on lcores 0,1 (unless [`NullGatewayBuilder::lcores`]) with hugepages as [`use_hugepages`] says and
-/// the gateway's own file prefix, `[dataplane]` `idle_sleep_us = 50` and
+/// the gateway's own file prefix, `[dataplane]` `idle_sleep_us = 50` (unless [`NullGatewayBuilder::idle_sleep_us`]) and
 /// `mbufs = 4095`, `[api] socket`, `[state] dir`, the ports `a`
 /// (198.18.0.1/24) and `b` (198.18.1.1/24) on net_null with `no-rx=1`
 /// (unless [`NullGatewayBuilder::receiving`]), the static tcp service
@@ -173,6 +173,7 @@ pub struct NullGatewayBuilder {
     receiving: bool,
     ports: Option<String>,
     services: Option<String>,
+    idle_sleep_us: u32,
 }
 
 impl NullGatewayBuilder {
@@ -185,6 +186,12 @@ impl NullGatewayBuilder {
     /// Serves metrics on `addr` (`[metrics] listen`; off by default).
     pub fn metrics_listen(mut self, addr: &str) -> Self {
         addr.clone_into(&mut self.metrics);
+        self
+    }
+
+    /// Sets `[dataplane] idle_sleep_us` (50 unless set).
+    pub fn idle_sleep_us(mut self, us: u32) -> Self {
+        self.idle_sleep_us = us;
         self
     }
 
@@ -251,7 +258,7 @@ hugepages = {huge}
 file_prefix = "{prefix}"
 
 [dataplane]
-idle_sleep_us = 50
+idle_sleep_us = {idle_sleep_us}
 mbufs = 4095
 {dataplane}
 
@@ -274,6 +281,7 @@ listen = "{metrics}"
             state = gw.dir.join("state").display(),
             extra = self.extra,
             dataplane = self.dataplane,
+            idle_sleep_us = self.idle_sleep_us,
             metrics = self.metrics,
             lcores = self.lcores,
             ports = self.ports.map_or_else(
@@ -313,6 +321,7 @@ impl NullGateway {
             receiving: false,
             ports: None,
             services: None,
+            idle_sleep_us: 50,
         }
     }
 

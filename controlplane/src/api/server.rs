@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -22,6 +22,30 @@ use crate::state::StateHandle;
 /// Only the daemon's user may talk to it: the API will change the gateway's
 /// configuration, so the socket is as private as the configuration file.
 const SOCKET_MODE: u32 = 0o600;
+
+/// A worker that has not completed an iteration of its loop for this long
+/// is stuck, and the gateway is not serving. A worker completes one every
+/// few microseconds while it polls and at least every 10 ms while it sleeps
+/// idle, so an idle gateway stays far below it.
+pub const WORKER_STALL_LIMIT: Duration = Duration::from_secs(1);
+
+/// Whether `view` serves, and why not if it does not: its workers must run,
+/// and each must have completed a loop iteration within
+/// [`WORKER_STALL_LIMIT`].
+fn serving_status(view: &dyn GatewayView) -> Result<(), String> {
+    if !view.serving() {
+        return Err("the dataplane workers are not running".to_owned());
+    }
+    let stuck: Vec<String> = view
+        .workers()
+        .iter()
+        .filter_map(|w| {
+            let age = w.since_last_loop?;
+            (age >= WORKER_STALL_LIMIT).then(|| format!("lcore {} for {:.1} s", w.lcore, age.as_secs_f64()))
+        })
+        .collect();
+    if stuck.is_empty() { Ok(()) } else { Err(format!("worker loop stalled: {}", stuck.join(", "))) }
+}
 
 /// The `Gateway` gRPC service over a [`GatewayView`].
 ///
@@ -50,9 +74,13 @@ impl Gateway for GatewayService {
         &self,
         _request: Request<pb::GetHealthRequest>,
     ) -> Result<Response<pb::GetHealthResponse>, Status> {
-        let status = if self.view.serving() { pb::ServingStatus::Serving } else { pb::ServingStatus::NotServing };
+        let (status, reason) = match serving_status(self.view.as_ref()) {
+            Ok(()) => (pb::ServingStatus::Serving, String::new()),
+            Err(reason) => (pb::ServingStatus::NotServing, reason),
+        };
         Ok(Response::new(pb::GetHealthResponse {
             status: status.into(),
+            reason,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.started.elapsed().as_secs(),
             workers: count(self.view.workers().len()),

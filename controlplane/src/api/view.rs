@@ -22,7 +22,8 @@ pub trait GatewayView: Send + Sync + 'static {
     fn ports(&self) -> Vec<PortView>;
     /// The packet buffer pool and its current occupancy.
     fn mempool(&self) -> MempoolView;
-    /// Whether the gateway forwards traffic now.
+    /// Whether the gateway's workers run (whether they make progress is
+    /// read from [`WorkerView::since_last_loop`]).
     fn serving(&self) -> bool;
     /// Per-service and per-backend traffic and flows, of every service or
     /// only of the one named. None by default (a view without services).
@@ -72,6 +73,12 @@ pub struct WorkerView {
     /// The snapshot the worker last loaded; the worker writes it, the API
     /// reads it.
     pub snapshot: Arc<LoadedSnapshot>,
+    /// How long ago, when the view was taken, the worker last completed an
+    /// iteration of its loop; `None` if it has not completed one yet or the
+    /// view cannot tell. A worker whose loop is older than
+    /// [`WORKER_STALL_LIMIT`](super::WORKER_STALL_LIMIT) makes the gateway
+    /// not serving.
+    pub since_last_loop: Option<std::time::Duration>,
 }
 
 /// One port and its driver's statistics.

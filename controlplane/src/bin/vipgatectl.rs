@@ -414,6 +414,8 @@ struct HealthJson {
     uptime_seconds: u64,
     workers: u32,
     ports: u32,
+    /// Why it is not serving; empty while it serves.
+    reason: String,
 }
 
 impl From<pb::GetHealthResponse> for HealthJson {
@@ -431,6 +433,7 @@ impl From<pb::GetHealthResponse> for HealthJson {
             uptime_seconds: h.uptime_seconds,
             workers: h.workers,
             ports: h.ports,
+            reason: h.reason,
         }
     }
 }
@@ -638,6 +641,10 @@ fn health_table(h: &HealthJson) -> String {
         vec!["workers".to_owned(), h.workers.to_string()],
         vec!["ports".to_owned(), h.ports.to_string()],
     ];
+    let mut rows = rows.to_vec();
+    if !h.reason.is_empty() {
+        rows.insert(1, vec!["reason".to_owned(), h.reason.clone()]);
+    }
     table(None, &rows, 2)
 }
 

@@ -8,7 +8,7 @@ use crate::handoff::Handoff;
 use crate::mempool::Mempool;
 use crate::port::{Port, PortStats};
 use crate::rcu::{Publisher, Stalled};
-use crate::worker::{WorkerSetup, worker_main};
+use crate::worker::{Heartbeat, WorkerSetup, rdtsc, worker_main};
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,9 +81,24 @@ pub struct WorkerView {
     pub stats: Arc<BackendStats>,
     /// The snapshot it last loaded, which it updates when that changes.
     pub snapshot: Arc<LoadedSnapshot>,
+    /// When it last completed a loop iteration.
+    heartbeat: Arc<Heartbeat>,
+    /// TSC ticks a second, to read the heartbeat.
+    tsc_hz: u64,
 }
 
 impl WorkerView {
+    /// How long ago the worker last completed an iteration of its loop
+    /// (before its first: how long ago it was launched); `None` before it
+    /// is launched. A worker that polls, busy or idle,
+    /// completes one every few microseconds, one that sleeps idle at least
+    /// every [`MAX_IDLE_SLEEP`](crate::MAX_IDLE_SLEEP); anything near a
+    /// second means it is stuck. Two loads and a TSC read: cheap enough for
+    /// every health request and metrics scrape.
+    pub fn since_last_loop(&self) -> Option<Duration> {
+        self.heartbeat.age(rdtsc(), self.tsc_hz)
+    }
+
     /// True while the worker's loop runs on its lcore.
     pub fn running(&self) -> bool {
         // SAFETY: reading an lcore's state is a plain read of EAL's lcore
@@ -149,6 +164,14 @@ impl Dataplane {
         if lcores.is_empty() {
             return Err(DpdkError::NoWorkerLcore);
         }
+        if Duration::from_micros(u64::from(config.idle_sleep_us)) > crate::MAX_IDLE_SLEEP {
+            tracing::warn!(
+                idle_sleep_us = config.idle_sleep_us,
+                "idle workers sleep {:?} at most at once, not {} us",
+                crate::MAX_IDLE_SLEEP,
+                config.idle_sleep_us
+            );
+        }
         let pool = Arc::new(Mempool::create("vipgate_mbufs", config.mbufs, config.mbuf_cache)?);
         let in_use_at_start = pool.in_use();
         let mut dp = Dataplane {
@@ -159,6 +182,8 @@ impl Dataplane {
                     counters: Arc::default(),
                     stats: Arc::new(BackendStats::new(config.pipeline.backend_slots)),
                     snapshot: Arc::default(),
+                    heartbeat: Arc::default(),
+                    tsc_hz: eal.tsc_hz(),
                 })
                 .collect(),
             ports: Vec::with_capacity(config.ports.len()),
@@ -236,11 +261,19 @@ impl Dataplane {
         let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
-        type PerWorker = (u32, Arc<WorkerCounters>, Arc<BackendStats>, Arc<LoadedSnapshot>);
+        type PerWorker = (u32, Arc<WorkerCounters>, Arc<BackendStats>, Arc<LoadedSnapshot>, Arc<Heartbeat>);
         let lcores: Vec<PerWorker> = self
             .workers
             .iter()
-            .map(|w| (w.lcore, Arc::clone(&w.counters), Arc::clone(&w.stats), Arc::clone(&w.snapshot)))
+            .map(|w| {
+                (
+                    w.lcore,
+                    Arc::clone(&w.counters),
+                    Arc::clone(&w.stats),
+                    Arc::clone(&w.snapshot),
+                    Arc::clone(&w.heartbeat),
+                )
+            })
             .collect();
         let inboxes = neighbour_inboxes(lcores.len());
         let workers = lcores.len();
@@ -252,7 +285,9 @@ impl Dataplane {
             .collect();
         let (publisher, readers) = Publisher::new(snapshot, lcores.len());
         self.snapshots = Some(publisher);
-        for ((i, (lcore, counters, stats, loaded)), reader) in lcores.into_iter().enumerate().zip(readers) {
+        for ((i, (lcore, counters, stats, loaded, heartbeat)), reader) in lcores.into_iter().enumerate().zip(readers) {
+            // Its first iteration is awaited from now.
+            heartbeat.beat(rdtsc());
             let worker = Box::new(WorkerSetup {
                 index: i,
                 queue: i as u16,
@@ -263,6 +298,7 @@ impl Dataplane {
                 inboxes: inboxes.clone(),
                 snapshot: reader,
                 loaded,
+                heartbeat,
                 stop: Arc::clone(&self.stop),
                 pool,
                 idle_sleep_us: self.idle_sleep_us,

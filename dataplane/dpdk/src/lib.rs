@@ -25,6 +25,7 @@ pub use error::DpdkError;
 pub use exception::ExceptionCounters;
 pub use mempool::Mempool;
 pub use port::{Port, PortStats};
+pub use worker::MAX_IDLE_SLEEP;
 
 /// Packets per rx/tx burst.
 pub const BURST: usize = 32;

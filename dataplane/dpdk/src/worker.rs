@@ -10,9 +10,13 @@
 //! `exception.rs`); send any ARP requests the pipeline asked for; then one
 //! burst at most from the ring of frames the kernel sent, transmitted on
 //! their ports; declare a quiescent state, after which the control plane
-//! may free a snapshot it replaced. Nothing here
+//! may free a snapshot it replaced; and beat its [`Heartbeat`] (one
+//! store), which the control plane reads to tell a live worker from a stuck
+//! one. Nothing here
 //! allocates, locks, logs or makes a system call while packets flow (an
-//! optional idle sleep happens only after many empty polls). DPDK is
+//! optional idle sleep happens only after many empty polls, and never lasts
+//! longer than [`MAX_IDLE_SLEEP`], so the heartbeat advances and a stop is
+//! seen at once even when idle). DPDK is
 //! crossed once per burst (rx, free, tx), never per packet: prefetch hints
 //! and TSC reads are CPU intrinsics, not calls into DPDK's C wrappers.
 
@@ -24,7 +28,8 @@ use arrayvec::ArrayVec;
 use std::ffi::c_void;
 use std::ptr::null_mut;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, Prefetch, RxPacket, Solicitation, Verdict};
@@ -34,6 +39,12 @@ use vipgate_ffi::rte_mbuf;
 
 /// Empty polls in a row before an idle worker sleeps (when configured).
 const IDLE_POLLS_BEFORE_SLEEP: u32 = 1024;
+
+/// The longest an idle worker sleeps at once, whatever `idle_sleep_us`
+/// says: a sleeping worker must still beat its heartbeat well within the
+/// control plane's one-second staleness limit, see the stop flag soon after
+/// it is set, and pick up traffic before its rx ring overflows.
+pub const MAX_IDLE_SLEEP: Duration = Duration::from_millis(10);
 
 /// Housekeeping (neighbour expiry and refresh) runs this many times a second.
 const HOUSEKEEPING_HZ: u64 = 10;
@@ -57,6 +68,8 @@ pub(crate) struct WorkerSetup {
     pub(crate) snapshot: Reader<Snapshot>,
     /// Where this worker says which snapshot it last loaded.
     pub(crate) loaded: Arc<LoadedSnapshot>,
+    /// Where this worker says it completed another loop iteration.
+    pub(crate) heartbeat: Arc<Heartbeat>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
     pub(crate) idle_sleep_us: u32,
@@ -103,9 +116,10 @@ impl WorkerSetup {
             port_ids: self.port_ids,
             pipeline,
             loaded: self.loaded,
+            heartbeat: self.heartbeat,
             stop: self.stop,
             pool: self.pool,
-            idle_sleep_us: self.idle_sleep_us,
+            idle_sleep: Duration::from_micros(u64::from(self.idle_sleep_us)).min(MAX_IDLE_SLEEP),
             tsc_hz: self.tsc_hz,
             outbound: self.outbound,
             inbound: self.inbound,
@@ -146,9 +160,12 @@ pub(crate) struct Worker {
     pub(crate) port_ids: Vec<u16>,
     pipeline: Pipeline,
     loaded: Arc<LoadedSnapshot>,
+    heartbeat: Arc<Heartbeat>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) pool: *mut vipgate_ffi::rte_mempool,
-    pub(crate) idle_sleep_us: u32,
+    /// How long to sleep after an empty poll once idle (zero: never);
+    /// `idle_sleep_us` capped at [`MAX_IDLE_SLEEP`].
+    idle_sleep: Duration,
     pub(crate) tsc_hz: u64,
     outbound: Vec<Option<Arc<Ring>>>,
     inbound: Vec<Arc<Ring>>,
@@ -156,6 +173,43 @@ pub(crate) struct Worker {
     dense_of: Vec<u16>,
     /// Rings to and from the exception thread.
     exception: Option<KernelRings>,
+}
+
+/// When a worker last completed an iteration of its loop, as the TSC read
+/// at that iteration's start; before its first, when it was launched (0:
+/// not launched). A worker that takes over a second to build its tables
+/// and start polling is thus as late as one stuck in its loop. Written by its worker only, once
+/// per iteration, busy or idle; read by the control plane, which calls a
+/// worker whose heartbeat is older than a second stuck. On a cache line of
+/// its own, so that the store does not share a line the control plane reads
+/// with the counters the worker updates per burst.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct Heartbeat(AtomicU64);
+
+impl Heartbeat {
+    /// Records an iteration that started at TSC `tsc` (or, at launch, the
+    /// time from which the worker's first iteration is awaited).
+    #[inline(always)]
+    pub(crate) fn beat(&self, tsc: u64) {
+        self.0.store(tsc, Ordering::Relaxed);
+    }
+
+    /// How long before TSC `now` the last recorded iteration started, at
+    /// `hz` TSC ticks a second; `None` if the worker never completed one.
+    /// A beat that reads as later than `now` (another core's TSC a few
+    /// ticks ahead) is no time ago.
+    pub(crate) fn age(&self, now: u64, hz: u64) -> Option<Duration> {
+        let last = self.0.load(Ordering::Relaxed);
+        (last != 0).then(|| ticks(now.saturating_sub(last), hz))
+    }
+}
+
+/// `ticks` TSC ticks at `hz` ticks a second.
+fn ticks(ticks: u64, hz: u64) -> Duration {
+    let hz = hz.max(1);
+    let nanos = u128::from(ticks % hz) * 1_000_000_000 / u128::from(hz);
+    Duration::new(ticks / hz, nanos as u32)
 }
 
 /// Per-destination batches of packets to hand to other workers.
@@ -183,7 +237,7 @@ impl Clock {
 }
 
 #[inline(always)]
-fn rdtsc() -> u64 {
+pub(crate) fn rdtsc() -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: RDTSC exists on every x86-64 CPU and has no preconditions.
@@ -331,12 +385,12 @@ impl Worker {
                 idle_polls = 0;
             } else {
                 idle_polls = idle_polls.saturating_add(1);
-                if self.idle_sleep_us > 0 && idle_polls >= IDLE_POLLS_BEFORE_SLEEP {
+                if !self.idle_sleep.is_zero() && idle_polls >= IDLE_POLLS_BEFORE_SLEEP {
                     // Asleep, the worker holds no snapshot: publications
                     // do not wait for it.
                     snapshot.offline();
                     self.loaded.set_idle(true);
-                    std::thread::sleep(std::time::Duration::from_micros(u64::from(self.idle_sleep_us)));
+                    std::thread::sleep(self.idle_sleep);
                     self.loaded.set_idle(false);
                     snapshot.online();
                 } else {
@@ -344,6 +398,9 @@ impl Worker {
                 }
             }
             snapshot.quiescent();
+            // Once per iteration, busy or asleep: the control plane's sign
+            // of life.
+            self.heartbeat.beat(start);
         }
         snapshot.offline();
         self.loaded.set_idle(true);
@@ -652,4 +709,28 @@ fn monotonic_ns() -> u64 {
     // exists on Linux, so the call cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_ages_with_the_tsc() {
+        let hz = 2_000_000_000;
+        let h = Heartbeat::default();
+        assert_eq!(h.age(5 * hz, hz), None, "no iteration completed yet");
+        h.beat(3 * hz);
+        assert_eq!(h.age(3 * hz, hz), Some(Duration::ZERO));
+        assert_eq!(h.age(3 * hz + hz / 2, hz), Some(Duration::from_millis(500)));
+        assert_eq!(h.age(3 * hz + 2 * hz, hz), Some(Duration::from_secs(2)));
+        // Another core's TSC slightly behind the worker's.
+        assert_eq!(h.age(3 * hz - 10, hz), Some(Duration::ZERO));
+        assert_eq!(h.age(u64::MAX, 1), Some(Duration::from_secs(u64::MAX - 3 * hz)));
+    }
+
+    #[test]
+    fn a_heartbeat_has_a_cache_line_of_its_own() {
+        assert_eq!(std::mem::align_of::<Heartbeat>(), 64);
+    }
 }
