@@ -1399,6 +1399,48 @@ mod tests {
     }
 
     #[test]
+    fn half_open_inserts_evict_only_half_open_flows() {
+        let mut t = table(8);
+        let half = |t: &mut FlowTable, i: u32, now: u64| {
+            let k = key(i);
+            let h = t.hash_key(&k);
+            t.insert_half_open_hashed(entry(&k, FlowState::TcpSynSent, i), h, now)
+        };
+        // Idle established flows (10 s from expiry at 890 s) and a closing
+        // one; half-open flows (20 s and more from it) take the free slots.
+        let _ = t.insert(entry(&key(10), FlowState::TcpEstablished, 10), 0);
+        let _ = t.insert(entry(&key(11), FlowState::TcpEstablished, 11), 0);
+        let _ = t.insert(entry(&key(12), FlowState::TcpEstablished, 12), 0);
+        for i in 0..4 {
+            let (_, outcome) = half(&mut t, i, (880 + u64::from(i)) * S).expect("a free slot");
+            assert_eq!(outcome, InsertOutcome::Vacant);
+        }
+        let _ = t.insert(entry(&key(13), FlowState::TcpClosing, 13), 885 * S);
+        // The half-open flow closest to expiry makes way, not the others.
+        let now = 890 * S;
+        let (r, outcome) = half(&mut t, 100, now).expect("a half-open victim");
+        assert!(outcome.is_eviction());
+        assert_eq!(outcome.displaced().map(|e| e.backend_addr), Some(0), "the oldest half-open flow");
+        assert_eq!(t.get(r).backend_addr, 100);
+        for i in 10..14 {
+            assert!(t.find(&key(i), now).is_some(), "flow {i}");
+        }
+        // Only flows past their handshake left: refused, nothing changed.
+        let mut t = table(8);
+        for i in 0..8 {
+            let _ = t.insert(entry(&key(i), FlowState::TcpEstablished, i), 0);
+        }
+        assert_eq!(half(&mut t, 100, 890 * S), None);
+        assert_eq!(t.find(&key(100), 890 * S), None);
+        for i in 0..8 {
+            assert!(t.find(&key(i), 890 * S).is_some(), "flow {i}");
+        }
+        // The same insert for an established flow evicts the oldest.
+        let (_, outcome) = t.insert(entry(&key(100), FlowState::TcpEstablished, 100), 890 * S);
+        assert!(outcome.is_eviction());
+    }
+
+    #[test]
     fn full_candidates_reuse_an_expired_slot_before_evicting() {
         let mut t = table(8);
         let _ = t.insert(entry(&key(0), FlowState::TcpSynSent, 0), 0); // expires after 30 s
