@@ -135,34 +135,31 @@ fn a_syn_on_a_closed_flow_gets_a_fresh_choice() {
 
 #[test]
 fn a_syn_on_a_drained_backends_flow_gets_a_fresh_choice_and_established_flows_stay() {
-    for weight_down in [0u32] {
-        let mut r = Rig::resolved();
-        let before: Vec<u32> = (0..300u16).map(|p| connect(&mut r, 20000 + p).0).collect();
-        let on_b0: Vec<u16> = (0..300u16).filter(|&p| before[usize::from(p)] == BACKENDS[0]).collect();
-        assert!(on_b0.len() > 50);
-        // Drained (or down, or disabled: all compile to weight 0).
-        r.snap =
-            Snapshot::build(&spec_with(&[(BACKENDS[0], weight_down), (BACKENDS[1], 1), (BACKENDS[2], 1)])).unwrap();
-        let (reused, going_on) = on_b0.split_at(on_b0.len() / 2);
-        // Established flows on the drained backend keep it for their data.
-        for &p in going_on {
-            assert_eq!(forward(&mut r, CLIENT, 20000 + p, ACK).0, BACKENDS[0], "flow {p} left its backend");
-        }
-        // A SYN reusing such a tuple is a new connection.
-        for &p in reused {
-            let to = forward(&mut r, CLIENT, 20000 + p, SYN).0;
-            assert_ne!(to, BACKENDS[0], "flow {p}: a new connection reached the drained backend");
-            assert_eq!(to, maglev_pick(&r.snap, 20000 + p));
-            assert_eq!(forward(&mut r, CLIENT, 20000 + p, ACK).0, to, "and its ACK follows");
-        }
-        for &p in going_on {
-            assert_eq!(forward(&mut r, CLIENT, 20000 + p, ACK).0, BACKENDS[0]);
-        }
-        let b0 = r.pipe.backend_stats().read(slot_of(BACKENDS[0], 8080));
-        assert_eq!(b0.active, going_on.len() as u64, "the drained backend keeps only its going flows");
-        assert_eq!(r.pipe.flows().occupied(), 300);
-        assert_gauges_add_up(&r);
+    let mut r = Rig::resolved();
+    let before: Vec<u32> = (0..300u16).map(|p| connect(&mut r, 20000 + p).0).collect();
+    let on_b0: Vec<u16> = (0..300u16).filter(|&p| before[usize::from(p)] == BACKENDS[0]).collect();
+    assert!(on_b0.len() > 50);
+    // Drained (or down, or disabled: all compile to weight 0).
+    r.snap = Snapshot::build(&spec_with(&[(BACKENDS[0], 0), (BACKENDS[1], 1), (BACKENDS[2], 1)])).unwrap();
+    let (reused, going_on) = on_b0.split_at(on_b0.len() / 2);
+    // Established flows on the drained backend keep it for their data.
+    for &p in going_on {
+        assert_eq!(forward(&mut r, CLIENT, 20000 + p, ACK).0, BACKENDS[0], "flow {p} left its backend");
     }
+    // A SYN reusing such a tuple is a new connection.
+    for &p in reused {
+        let to = forward(&mut r, CLIENT, 20000 + p, SYN).0;
+        assert_ne!(to, BACKENDS[0], "flow {p}: a new connection reached the drained backend");
+        assert_eq!(to, maglev_pick(&r.snap, 20000 + p));
+        assert_eq!(forward(&mut r, CLIENT, 20000 + p, ACK).0, to, "and its ACK follows");
+    }
+    for &p in going_on {
+        assert_eq!(forward(&mut r, CLIENT, 20000 + p, ACK).0, BACKENDS[0]);
+    }
+    let b0 = r.pipe.backend_stats().read(slot_of(BACKENDS[0], 8080));
+    assert_eq!(b0.active, going_on.len() as u64, "the drained backend keeps only its going flows");
+    assert_eq!(r.pipe.flows().occupied(), 300);
+    assert_gauges_add_up(&r);
 }
 
 #[test]
