@@ -37,6 +37,16 @@ What the capture holds
     default 02:70:63:61:70:00, the MAC DPDK's net_pcap gives the first
     device of a process): vipgate drops unicast frames for other MACs.
 
+--flood-share S with --flood-flows M mixes a SYN flood into established
+traffic: that share of the packets (spread evenly, as SYNs are above) are
+SYNs from M distinct spoofed sources (198.19.0.0/16, source ports
+1024-65535, so never a tuple of the established flows), each tuple once
+per M flood packets, to --flood-dport (default: --dport); the other packets
+are PSH+ACK segments of the --flows N established flows, flow i at every
+N-th of them. The capture then holds max(ceil(M / S), ceil(N / (1 - S)),
+--min-packets) packets, so every flood tuple and every established flow
+appear at least once per pass. Needs TCP over IPv4 and --new-share 0.
+
 --shards K splits the capture by flow (flow i goes to shard i mod K) into K
 files, OUT without .pcap plus .s0ofK.pcap to .s<K-1>ofK.pcap, so K queues
 each replay their own share of the flows. A JSON summary of what was written
@@ -78,6 +88,12 @@ PORT_COUNT = 65536 - PORT_FIRST
 TUPLE_SPACE = CLIENT_HOSTS * PORT_COUNT
 
 TCP_SYN, TCP_PSH, TCP_ACK = 0x02, 0x08, 0x10
+
+# Spoofed SYN sources (--flood-share): 198.19.0.0/16, the upper half of the
+# benchmark network, where no established client lives.
+FLOOD_V4_BASE = int(ipaddress.IPv4Address("198.19.0.0"))
+FLOOD_HOSTS = 65536
+FLOOD_SPACE = FLOOD_HOSTS * PORT_COUNT
 
 
 class SplitMix64:
@@ -161,6 +177,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--shards", type=int, default=1, help="split by flow into this many files (default 1)")
     ap.add_argument("--dst-mac", type=parse_mac, default=parse_mac(NET_PCAP_FIRST_MAC),
                     help=f"destination MAC: the receiving port's (default {NET_PCAP_FIRST_MAC}, net_pcap's first device)")
+    ap.add_argument("--flood-share", type=parse_share, default=0.0,
+                    help="share of packets that are spoofed SYNs, 0..1 exclusive of 1 (default 0: no flood)")
+    ap.add_argument("--flood-flows", type=int, default=0, help="distinct spoofed SYN tuples (with --flood-share)")
+    ap.add_argument("--flood-dport", type=int, help="port the spoofed SYNs go to (default: --dport)")
     ap.add_argument("--out", required=True, help="output file (.pcap)")
     a = ap.parse_args(argv)
 
@@ -175,6 +195,19 @@ def main(argv: list[str]) -> int:
     dport = a.dport if a.dport is not None else (80 if a.proto == "tcp" else 53)
     if not 1 <= dport <= 65535:
         ap.error("--dport must be from 1 to 65535")
+    flood = a.flood_share > 0
+    flood_dport = a.flood_dport if a.flood_dport is not None else dport
+    if flood or a.flood_flows or a.flood_dport is not None:
+        if not 0.0 < a.flood_share < 1.0:
+            ap.error("--flood-share must be above 0 and below 1 (some packets must be established traffic)")
+        if not 1 <= a.flood_flows <= FLOOD_SPACE:
+            ap.error(f"--flood-flows must be from 1 to {FLOOD_SPACE} with --flood-share")
+        if a.proto != "tcp" or a.ipv != 4:
+            ap.error("--flood-share needs --proto tcp and --ipv 4 (the flood is of TCP SYNs from 198.19.0.0/16)")
+        if a.new_share != 0.0:
+            ap.error("--flood-share needs --new-share 0 (the established flows send PSH+ACK only)")
+        if not 1 <= flood_dport <= 65535:
+            ap.error("--flood-dport must be from 1 to 65535")
     vip = ipaddress.ip_address(a.vip) if a.vip else ipaddress.ip_address("198.18.100.1" if a.ipv == 4 else "2001:db8:0:100::1")
     if vip.version != a.ipv:
         ap.error(f"--vip {vip} is not an IPv{a.ipv} address")
@@ -186,6 +219,9 @@ def main(argv: list[str]) -> int:
 
     # Packets: at least one per flow, at least --min-packets, whole IMIX blocks.
     packets = max(a.flows, a.min_packets)
+    if flood:
+        packets = max(packets, math.ceil(a.flood_flows / a.flood_share - 1e-9),
+                      math.ceil(a.flows / (1.0 - a.flood_share) - 1e-9))
     if a.size == "imix":
         packets = math.ceil(packets / len(IMIX)) * len(IMIX)
 
@@ -197,6 +233,9 @@ def main(argv: list[str]) -> int:
         if math.gcd(mult, TUPLE_SPACE) == 1:
             break
     add = rng.below(TUPLE_SPACE)
+    # The same for the flood's tuples, drawn after everything else so that
+    # a capture without a flood keeps its bytes.
+    flood_mult = flood_add = 0
 
     # Per-flow TCP sequence numbers (initial) from the seed.
     isn = [rng.next() & 0xFFFFFFFF for _ in range(a.flows)] if a.proto == "tcp" else None
@@ -211,6 +250,12 @@ def main(argv: list[str]) -> int:
         sizes = None
         fixed = a.size - FCS
     payload_pattern = bytes(rng.next() & 0xFF for _ in range(MAX_FRAME))
+    if flood:
+        while True:
+            flood_mult = rng.below(FLOOD_SPACE - 2) + 2
+            if math.gcd(flood_mult, FLOOD_SPACE) == 1:
+                break
+        flood_add = rng.below(FLOOD_SPACE)
 
     eth_type = 0x0800 if a.ipv == 4 else 0x86DD
     eth = a.dst_mac + SRC_MAC + struct.pack("!H", eth_type)
@@ -254,23 +299,38 @@ def main(argv: list[str]) -> int:
     seq_pos = [0] * a.flows if a.proto == "tcp" else None
     share = a.new_share
     base_ts = 1_700_000_000
+    flood_count = established = 0
     for k in range(packets):
-        f = k % a.flows
-        j = (mult * f + add) % TUPLE_SPACE
-        host = CLIENT_FIRST_HOST + j % CLIENT_HOSTS
-        sport = PORT_FIRST + j // CLIENT_HOSTS
-        src = (client_base + host).to_bytes(addr_len, "big")
         frame_len = sizes[k] if sizes else fixed
         l4_len = frame_len - 14 - ip_hlen
-        # Evenly spread SYNs: packet k is a SYN when floor((k+1)s) > floor(ks).
-        syn = share > 0 and math.floor((k + 1) * share + 1e-9) > math.floor(k * share + 1e-9)
+        # Evenly spread: packet k is a flood SYN when floor((k+1)s) > floor(ks).
+        spoofed = flood and math.floor((k + 1) * a.flood_share + 1e-9) > math.floor(k * a.flood_share + 1e-9)
+        if spoofed:
+            fi = flood_count % a.flood_flows
+            flood_count += 1
+            j = (flood_mult * fi + flood_add) % FLOOD_SPACE
+            src = (FLOOD_V4_BASE + j % FLOOD_HOSTS).to_bytes(4, "big")
+            sport = PORT_FIRST + j // FLOOD_HOSTS
+            f = fi  # for the shard
+            syn = True
+            l4_dport = flood_dport
+        else:
+            f = established % a.flows
+            established += 1
+            j = (mult * f + add) % TUPLE_SPACE
+            host = CLIENT_FIRST_HOST + j % CLIENT_HOSTS
+            sport = PORT_FIRST + j // CLIENT_HOSTS
+            src = (client_base + host).to_bytes(addr_len, "big")
+            # Evenly spread SYNs: packet k is a SYN when floor((k+1)s) > floor(ks).
+            syn = share > 0 and math.floor((k + 1) * share + 1e-9) > math.floor(k * share + 1e-9)
+            l4_dport = dport
 
         if a.proto == "tcp":
             if syn:
                 syn_count += 1
                 hdr_len = 24
                 flags = TCP_SYN
-                seq = isn[f]
+                seq = ((fi * 0x9E3779B1) ^ 0x5EED) & 0xFFFFFFFF if spoofed else isn[f]
                 ack = 0
                 opts = struct.pack("!BBH", 2, 4, 1460)
             else:
@@ -282,7 +342,7 @@ def main(argv: list[str]) -> int:
             data, dsum = payload(l4_len - hdr_len)
             if not syn:
                 seq_pos[f] += len(data)
-            l4 = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, (hdr_len // 4) << 4, flags, 64240, 0, 0) + opts
+            l4 = struct.pack("!HHIIBBHHH", sport, l4_dport, seq, ack, (hdr_len // 4) << 4, flags, 64240, 0, 0) + opts
         else:
             data, dsum = payload(l4_len - 8)
             l4 = struct.pack("!HHHH", sport, dport, l4_len, 0)
@@ -327,6 +387,11 @@ def main(argv: list[str]) -> int:
         "size": a.size,
         "new_share": a.new_share,
         "syn_packets": syn_count,
+        "flood_share": a.flood_share,
+        "flood_packets": flood_count,
+        "flood_tuples": min(flood_count, a.flood_flows),
+        "flood_dport": flood_dport if flood else None,
+        "established_packets": established,
         "proto": a.proto,
         "ipv": a.ipv,
         "seed": a.seed,

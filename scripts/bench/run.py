@@ -94,11 +94,25 @@ class Workload:
     size: object  # 64 or "imix"
     flows: int
     new_share: float
+    # A SYN flood mixed in (gen-pcap.py --flood-share): that share of the
+    # packets are SYNs from flood_flows spoofed tuples to FLOOD_PORT.
+    flood_share: float = 0.0
+    flood_flows: int = 0
+    # [dataplane] flow_capacity; 0 leaves vipgated's default.
+    flow_capacity: int = 0
 
     @property
     def label(self) -> str:
         size = "IMIX" if self.size == "imix" else f"{self.size} B"
+        if self.flood_share:
+            return (f"{size} {self.proto.upper()}, {self.flood_share:.0%} SYN flood from {human_count(self.flood_flows)} "
+                    f"spoofed tuples, {human_count(self.flows)} established flows")
         return f"{size} {self.proto.upper()}, {human_count(self.flows)} flow{'s' if self.flows != 1 else ''}, {self.new_share:.0%} new"
+
+    @property
+    def forwarders(self) -> tuple[str, ...]:
+        # testpmd has no flows nor backends: the flood's measure is vipgate's alone.
+        return ("vipgate",) if self.flood_share else FORWARDERS
 
 
 FULL = [
@@ -113,6 +127,20 @@ FULL = [
     Workload("udp-64-10k", "udp", 64, 10_000, 0.0),
 ]
 SMOKE = [Workload("smoke-tcp-64-1k-new50", "tcp", 64, 1_000, 0.5)]
+# Run on its own (--workloads flood), never in the full run: it measures
+# whether established flows keep their backend under a SYN flood, not a
+# packet rate beside testpmd. More spoofed tuples than the flow table has
+# slots, so a table that tracks half-open flows fills up.
+FLOOD = [Workload("flood", "tcp", 64, 10_000, 0.0, flood_share=0.9, flood_flows=200_000, flow_capacity=65_536)]
+# The flood's SYNs go to a service of their own on the VIP, so that the
+# established flows' service counts only established packets.
+FLOOD_PORT = 81
+# The share of established-flow packets that must reach their original
+# backend during the flood.
+FLOOD_KEPT_MIN = 0.99
+# The backends the established flows' service moves to during the flood
+# (the first ones drain): a flow that lost its entry lands on one of these.
+FLOOD_NEW_BACKENDS = [f"198.18.1.{21 + i}" for i in range(8)]
 
 
 def human_count(n: int) -> str:
@@ -268,6 +296,8 @@ def capture(wl: Workload, shards: int, seed: int, pcap_dir: Path, python: str) -
     out = pcap_dir / f"{wl.name}-seed{seed}{'' if shards == 1 else f'-{shards}q'}.pcap"
     args = ["--flows", str(wl.flows), "--size", str(wl.size), "--new-share", str(wl.new_share), "--proto", wl.proto,
             "--ipv", "4", "--seed", str(seed), "--shards", str(shards), "--dst-mac", PORT_IN_MAC, "--out", str(out)]
+    if wl.flood_share:
+        args += ["--flood-share", str(wl.flood_share), "--flood-flows", str(wl.flood_flows), "--flood-dport", str(FLOOD_PORT)]
     meta_path = out.with_suffix(".json")
     key = {"args": args, "generator_sha256": file_sha256(GEN_PCAP)}
     if meta_path.exists():
@@ -413,10 +443,9 @@ def steal_share(before: dict, after: dict) -> float | None:
     return round(steal / total, 4) if total else None
 
 
-def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int, prefix: str, rundir: Path) -> dict:
-    state: State = ctx["state"]
-    socket = rundir / "vipgated.sock"
-    conf = rundir / "vipgated.toml"
+def vipgate_config(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int, prefix: str, socket: Path,
+                   web: list[tuple[str, int]]) -> str:
+    """vipgated's configuration; `web` is the TCP service's backends (address, weight)."""
     hp = plan["pages"] == "2 MiB"
     lines = [
         "# vipgate dataplane benchmark configuration, written by scripts/bench/run.py.",
@@ -433,6 +462,10 @@ def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int
         f"mbufs = {plan['mbufs']}",
         "mbuf_cache = 256",
         "idle_sleep_us = 0",
+    ]
+    if wl.flow_capacity:
+        lines.append(f"flow_capacity = {wl.flow_capacity}")
+    lines += [
         "",
         "[api]",
         f'socket = "{socket}"',
@@ -451,13 +484,29 @@ def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int
         'kernel_interface = ""',
         "",
     ]
-    backends = ", ".join(f'{{ address = "{b}", port = {{port}} }}' for b in BACKENDS)
-    for name, proto, port, bport in (("web", "tcp", 80, 8080), ("dns", "udp", 53, 5353)):
+
+    def backend_list(backends: list[tuple[str, int]], port: int) -> str:
+        return "backends = [" + ", ".join(f'{{ address = "{b}", port = {port}, weight = {w} }}' for b, w in backends) + "]"
+
+    services = [("web", "tcp", 80, 8080, web)]
+    if wl.flood_share:
+        services.append(("syn", "tcp", FLOOD_PORT, 8081, [(b, 1) for b in BACKENDS]))
+    else:
+        services.append(("dns", "udp", 53, 5353, [(b, 1) for b in BACKENDS]))
+    for name, proto, port, bport, backends in services:
         lines += ["[[services]]", f'name = "{name}"', f'vip = "{VIP}"', f"port = {port}", f'protocol = "{proto}"',
-                  "backends = [" + backends.replace("{port}", str(bport)) + "]", ""]
-    for i, b in enumerate(BACKENDS):
-        lines += ["[[neighbours]]", f'address = "{b}"', f'mac = "{BACKEND_MAC.format(11 + i)}"', ""]
-    conf.write_text("\n".join(lines))
+                  backend_list(backends, bport), ""]
+    neighbours = BACKENDS + (FLOOD_NEW_BACKENDS if wl.flood_share else [])
+    for b in neighbours:
+        lines += ["[[neighbours]]", f'address = "{b}"', f'mac = "{BACKEND_MAC.format(int(b.rsplit(".", 1)[1]))}"', ""]
+    return "\n".join(lines)
+
+
+def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int, prefix: str, rundir: Path) -> dict:
+    state: State = ctx["state"]
+    socket = rundir / "vipgated.sock"
+    conf = rundir / "vipgated.toml"
+    conf.write_text(vipgate_config(ctx, wl, summary, plan, workers, prefix, socket, [(b, 1) for b in BACKENDS]))
 
     vipgated, vipgatectl = ctx["vipgated"], ctx["vipgatectl"]
     r = subprocess.run([vipgated, "--config", str(conf), "--check"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -511,8 +560,18 @@ def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int
         c0 = cpu_times(cpus)
         q0 = sched_times(p.pid, tids)
         s0, t0 = sample()
+        if wl.flood_share:
+            l0 = ctl("list")
+            # The established flows' service moves to new backends (the old
+            # ones drain): a flow that keeps its entry stays on its backend,
+            # one that lost it is chosen anew, among the new backends only.
+            conf.write_text(vipgate_config(ctx, wl, summary, plan, workers, prefix, socket,
+                                           [(b, 0) for b in BACKENDS] + [(b, 1) for b in FLOOD_NEW_BACKENDS]))
+            result["reload_seconds"] = reload(p, logf)
         time.sleep(max(0.0, ctx["duration"] - (time.monotonic() - t0)))
         s1, t1 = sample()
+        if wl.flood_share:
+            l1 = ctl("list")
         q1 = sched_times(p.pid, tids)
         c1 = cpu_times(cpus)
     finally:
@@ -554,7 +613,63 @@ def run_vipgate(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: int
         "cleanup_problems": problems,
         "mempool": s1.get("mempool", {}),
     })
+    if wl.flood_share:
+        result["flood"] = flood_figures(s0, s1, l0, l1)
     return result
+
+
+def reload(p: subprocess.Popen, logf: Path, timeout: float = 30.0) -> float:
+    """SIGHUP to vipgated (its configuration file rewritten); waits for the
+    log to report one more applied reload; returns how long that took."""
+    def count(what: str) -> int:
+        return logf.read_text(errors="replace").count(what)
+
+    before = count("configuration reloaded")
+    t = time.monotonic()
+    p.send_signal(signal.SIGHUP)
+    while count("configuration reloaded") == before:
+        if count("reload refused"):
+            raise BenchError(f"vipgated refused the reload; see {logf}")
+        if time.monotonic() - t > timeout:
+            raise BenchError(f"no reload within {timeout:.0f}s of SIGHUP; see {logf}")
+        time.sleep(0.05)
+    return round(time.monotonic() - t, 3)
+
+
+def flood_figures(s0: dict, s1: dict, l0: dict, l1: dict) -> dict:
+    """What the flood workload measures, from two reads of the counters
+    (stats) and of the services (list), before the established flows'
+    backends changed and at the end of the window.
+
+    Every packet of service "web" is an established-flow packet (the flood
+    goes to "syn"). Before the change every backend choice was the
+    original one (Maglev picks the same backend again for a flow that lost
+    its entry while the backends were unchanged); after it, a flow that
+    lost its entry is chosen anew among the new backends only, since the
+    original ones drain. So the new backends' packets are exactly the
+    established packets not forwarded to their original backend."""
+    def service(listing: dict, name: str) -> dict:
+        return next((x for x in listing["services"] if x["name"] == name), {"backends": []})
+
+    def backend_packets(listing: dict, addresses: list[str] | None = None) -> int:
+        return sum(b["stats"]["in_packets"] for b in service(listing, "web")["backends"]
+                   if addresses is None or b["address"] in addresses)
+
+    established = backend_packets(l1) - backend_packets(l0)
+    moved = backend_packets(l1, FLOOD_NEW_BACKENDS)
+    syn = service(l1, "syn").get("stats", {}).get("in_packets", 0) - service(l0, "syn").get("stats", {}).get("in_packets", 0)
+    tot0, tot1 = s0["total"], s1["total"]
+    return {
+        "established_packets": established,
+        "established_elsewhere": moved,
+        "established_to_original_share": round(1 - moved / established, 6) if established else None,
+        "flood_packets": syn,
+        "flows_active_before": tot0["flows_active"],
+        "flows_active_after": tot1["flows_active"],
+        "flows_created": tot1["flows_created"] - tot0["flows_created"],
+        "flows_evicted": tot1["flows_evicted"] - tot0["flows_evicted"],
+        "flows_rehashed": tot1["flows_rehashed"] - tot0["flows_rehashed"],
+    }
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -720,6 +835,14 @@ def sanity(name: str, runs: dict) -> list[str]:
             bad.append(f"{name}: vipgate sent {v['tx_packets']} of {v['rx_packets']} packets received")
         if v["exit_code"] != 0:
             bad.append(f"{name}: vipgated exited with {v['exit_code']} (see {v['log']})")
+        fl = v.get("flood")
+        if fl is not None:
+            if fl["established_packets"] <= 0 or fl["flood_packets"] <= 0:
+                bad.append(f"{name}: the window saw {fl['established_packets']} established and {fl['flood_packets']} flood packets")
+            elif fl["established_to_original_share"] < FLOOD_KEPT_MIN:
+                bad.append(f"{name}: {fl['established_to_original_share']:.2%} of the established-flow packets went to their "
+                           f"original backend, under the {FLOOD_KEPT_MIN:.0%} required "
+                           f"({fl['established_elsewhere']} of {fl['established_packets']} went elsewhere)")
         bad += [f"{name}: vipgate: {p}" for p in v["cleanup_problems"]]
     for fw in ("testpmd-io", "testpmd-5tswap"):
         t = runs.get(fw)
@@ -797,11 +920,11 @@ def main(argv: list[str]) -> int:
 
     catalogue = SMOKE if a.smoke else FULL
     if a.list:
-        for w in FULL + SMOKE:
+        for w in FULL + SMOKE + FLOOD:
             print(f"{w.name:24} {w.label}")
         return 0
     if a.workloads:
-        by_name = {w.name: w for w in FULL + SMOKE}
+        by_name = {w.name: w for w in FULL + SMOKE + FLOOD}
         unknown = [n for n in a.workloads.split(",") if n not in by_name]
         if unknown:
             ap.error(f"unknown workload(s): {', '.join(unknown)} (see --list)")
@@ -886,7 +1009,7 @@ def main(argv: list[str]) -> int:
                 rundir = out / "runs" / f"{wl.name}-w{workers}"
                 rundir.mkdir(parents=True, exist_ok=True)
                 try:
-                    for fw in FORWARDERS:
+                    for fw in wl.forwarders:
                         prefix = f"vgbench{os.getpid()}{fw.replace('testpmd-', 't')}"
                         try:
                             if fw == "vipgate":

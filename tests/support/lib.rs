@@ -433,6 +433,13 @@ impl NullGateway {
         assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal}) failed");
     }
 
+    /// Replaces the configuration file with `new_text`, sends SIGHUP and
+    /// waits for the outcome, as [`Rig::reload`] does; returns the log's
+    /// `configuration reloaded` line.
+    pub fn reload(&self, new_text: &str) -> String {
+        reload_config(&self.config_path(), self.pid(), || self.log_text(), new_text)
+    }
+
     /// SIGKILL, then waits for the process to be gone.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
@@ -478,6 +485,47 @@ impl NullGateway {
             "vipgated did not stop within {NULL_GATEWAY_STOP_TIMEOUT:?} of SIGTERM:\n{}",
             self.log_text()
         );
+    }
+}
+
+/// Replaces the configuration file `config` (a temporary file renamed over
+/// it), sends SIGHUP to vipgated (`pid`) and waits, at most 10 s, until its
+/// log (`log` reads it) has one more `configuration reloaded` line than
+/// before; returns that line. Panics, with the log, if a `reload refused`
+/// line appears instead or the deadline passes.
+fn reload_config(config: &Path, pid: u32, log_text: impl Fn() -> String, new_text: &str) -> String {
+    const RELOADED: &str = "configuration reloaded";
+    const REFUSED: &str = "reload refused";
+    // Only whole lines: vipgated may be writing the last one.
+    let lines = |log: &str, what: &str| -> Vec<String> {
+        let whole = log.rfind('\n').map_or("", |end| &log[..end]);
+        whole.lines().filter(|l| l.contains(what)).map(str::to_owned).collect()
+    };
+    let before = log_text();
+    let (reloaded, refused) = (lines(&before, RELOADED).len(), lines(&before, REFUSED).len());
+
+    let tmp = config.with_extension("toml.tmp");
+    std::fs::write(&tmp, new_text).expect("write the new configuration");
+    std::fs::rename(&tmp, config).expect("rename the new configuration into place");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0, "SIGHUP to vipgated failed");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = log_text();
+        if let Some(line) = lines(&log, REFUSED).get(refused) {
+            panic!(
+                "vipgated refused the reload: {line}\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
+            );
+        }
+        if let Some(line) = lines(&log, RELOADED).get(reloaded) {
+            return line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload outcome within 10 s of SIGHUP\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1012,40 +1060,8 @@ addresses = ["198.18.1.1/24"]
     /// line. Panics, with the log, if a `reload refused` line appears
     /// instead or the deadline passes.
     pub fn reload(&self, new_text: &str) -> String {
-        const RELOADED: &str = "configuration reloaded";
-        const REFUSED: &str = "reload refused";
-        // Only whole lines: vipgated may be writing the last one.
-        let lines = |log: &str, what: &str| -> Vec<String> {
-            let whole = log.rfind('\n').map_or("", |end| &log[..end]);
-            whole.lines().filter(|l| l.contains(what)).map(str::to_owned).collect()
-        };
-        let before = self.log_text();
-        let (reloaded, refused) = (lines(&before, RELOADED).len(), lines(&before, REFUSED).len());
-
-        let tmp = self.config_path.with_extension("toml.tmp");
-        std::fs::write(&tmp, new_text).expect("write the new configuration");
-        std::fs::rename(&tmp, &self.config_path).expect("rename the new configuration into place");
         let pid = self.child.as_ref().expect("vipgated is running").id();
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0, "SIGHUP to vipgated failed");
-
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log_text();
-            if let Some(line) = lines(&log, REFUSED).get(refused) {
-                panic!(
-                    "vipgated refused the reload: {line}\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
-                );
-            }
-            if let Some(line) = lines(&log, RELOADED).get(reloaded) {
-                return line.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no reload outcome within 10 s of SIGHUP\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        reload_config(&self.config_path, pid, || self.log_text(), new_text)
     }
 
     /// `GET /whoami` through the VIP on a new connection from client source
