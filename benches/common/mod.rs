@@ -75,6 +75,7 @@ pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
                 .collect(),
             on_backend_removal: Default::default(),
             mode,
+            new_flow_limit: None,
         }],
         source_pools: vec![SourcePoolSpec {
             name: "snat".into(),

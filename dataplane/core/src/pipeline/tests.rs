@@ -61,6 +61,7 @@ fn spec() -> SnapshotSpec {
                 backends: backends(8080),
                 on_backend_removal: Default::default(),
                 mode: Default::default(),
+                new_flow_limit: None,
             },
             ServiceSpec {
                 name: "dns".into(),
@@ -71,6 +72,7 @@ fn spec() -> SnapshotSpec {
                 backends: backends(5353),
                 on_backend_removal: Default::default(),
                 mode: Default::default(),
+                new_flow_limit: None,
             },
         ],
         source_pools: vec![],
@@ -830,4 +832,5 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
 mod exception;
 mod modes;
 mod other_host;
+mod ratelimit;
 mod stats;
