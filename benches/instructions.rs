@@ -102,13 +102,14 @@ fn at_scale(workload: &str, flows: u32, bursts: u32) {
     warm(&mut pipe, &snap, &flow_template(), flows);
     let syn = matches!(workload, "new-syn" | "new-limited" | "refused");
     let template = if syn { syn_template() } else { flow_template() };
+    let cycle = matches!(workload, "established" | "prepare");
     let mut frames = vec![vec![0u8; template.len()]; BURST];
     let mut verdicts = [Verdict::Consumed; BURST];
     let mut transmitted = 0u64;
     for b in 0..bursts {
         for (j, f) in frames.iter_mut().enumerate() {
             let n = b * BURST as u32 + j as u32;
-            let id = if workload == "established" || workload == "prepare" { n % flows.max(1) } else { flows + n };
+            let id = if cycle { n % flows.max(1) } else { flows + n };
             prepare_frame(&template, f, id);
         }
         if workload == "prepare" {
