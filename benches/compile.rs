@@ -71,6 +71,7 @@ fn state(services: u32, backends: u32, table_size: u32) -> DesiredState {
                     })
                     .collect(),
                 health_check: None,
+                new_flow_limit: None,
             },
         );
     }

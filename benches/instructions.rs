@@ -10,7 +10,10 @@
 //! flows, cycling (`established`), or of flows never seen (`new`, each
 //! packet a new flow inserted into a table holding `flows`). Frames are
 //! prepared per packet; `prepare` does only that, so its count can be
-//! subtracted.
+//! subtracted. `new-syn`, `new-limited` and `refused` are `new` with SYNs
+//! instead of ACKs: to a service without a limit, with a limit every SYN
+//! stays within, and with a limit (1 a second) all but each source's first
+//! exceed.
 //! `scripts/bench-instructions.sh` runs it under `valgrind --tool=callgrind`
 //! at two burst counts and divides the difference in instructions by the
 //! difference in packets, so set-up and process start cancel out. Counts are
@@ -20,6 +23,7 @@ mod common;
 
 use common::*;
 use std::hint::black_box;
+use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::pipeline::Verdict;
 use vipgate_dataplane::snapshot::{ForwardingMode, Ipv4Cidr};
@@ -27,7 +31,7 @@ use vipgate_dataplane::snapshot::{ForwardingMode, Ipv4Cidr};
 fn main() {
     let mut args = std::env::args().skip(1);
     let workload = args.next().unwrap_or_else(|| "forward".into());
-    if matches!(workload.as_str(), "established" | "new" | "prepare") {
+    if matches!(workload.as_str(), "established" | "new" | "prepare" | "new-syn" | "new-limited" | "refused") {
         let flows: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
         let bursts: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
         return at_scale(&workload, flows, bursts);
@@ -84,17 +88,28 @@ fn main() {
 
 /// The connection-tracking workloads at scale (see the module comment).
 fn at_scale(workload: &str, flows: u32, bursts: u32) {
-    let snap = snapshot();
+    // new-limited: every SYN is checked against a limit it stays within;
+    // refused: all but each source's first are over it.
+    let limit = match workload {
+        "new-limited" => Some(NewFlowLimit { per_second: 1_000_000, burst: 1_000_000, prefix_len: 32 }),
+        "refused" => Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 32 }),
+        _ => None,
+    };
+    let snap = snapshot_limited(ForwardingMode::Nat, limit);
     let mut pipe = pipeline(&snap);
-    let template = flow_template();
-    warm(&mut pipe, &snap, &template, flows);
+    // The flows set up first are established (ACKs, never limited); the
+    // measured packets of the SYN workloads open connections.
+    warm(&mut pipe, &snap, &flow_template(), flows);
+    let syn = matches!(workload, "new-syn" | "new-limited" | "refused");
+    let template = if syn { syn_template() } else { flow_template() };
+    let cycle = matches!(workload, "established" | "prepare");
     let mut frames = vec![vec![0u8; template.len()]; BURST];
     let mut verdicts = [Verdict::Consumed; BURST];
     let mut transmitted = 0u64;
     for b in 0..bursts {
         for (j, f) in frames.iter_mut().enumerate() {
             let n = b * BURST as u32 + j as u32;
-            let id = if workload == "new" { flows + n } else { n % flows.max(1) };
+            let id = if cycle { n % flows.max(1) } else { flows + n };
             prepare_frame(&template, f, id);
         }
         if workload == "prepare" {
@@ -106,8 +121,18 @@ fn at_scale(workload: &str, flows: u32, bursts: u32) {
         pipe.process(&snap, 1, black_box(&mut pkts), &mut verdicts);
         transmitted += verdicts.iter().filter(|v| matches!(v, Verdict::Transmit(_))).count() as u64;
     }
+    let packets = u64::from(bursts) * BURST as u64;
+    let limited = pipe.counters().drops(DropReason::RateLimited);
+    match workload {
+        "prepare" => {}
+        // At most one admitted SYN per client address (20 of them).
+        "refused" => {
+            assert!(limited + 20 >= packets && transmitted + limited == packets, "{workload}: {limited} limited")
+        }
+        _ => assert_eq!((transmitted, limited), (packets, 0), "{workload}: every packet forwarded"),
+    }
     println!(
-        "{workload} {flows}: {bursts} bursts, {transmitted} transmitted, {} flows created",
+        "{workload} {flows}: {bursts} bursts, {transmitted} transmitted, {limited} rate-limited, {} flows created",
         pipe.counters().flows_created.get()
     );
 }

@@ -17,6 +17,11 @@
 # flow never seen, inserted into a table already holding that many), with
 # --scale-bursts N and 2N bursts (default 500). Frames are prepared per
 # packet; the `prepare` workload, which only prepares them, is subtracted.
+#
+# A third table measures new connections (SYNs, each of a flow never seen,
+# into a table of 10k flows) to a service without a new-flow limit, with a
+# limit every SYN stays within, and with one all but each source's first
+# exceed (dropped as rate_limited); `prepare` is subtracted as above.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
@@ -91,3 +96,11 @@ for flows in 1 10000 1000000; do
 	new=$(per_packet new "$flows")
 	python3 -c "print(f'{$flows:<10} {$est - $prep:16.1f} {$new - $prep:16.1f} {$prep:14.1f}')"
 done
+
+echo
+printf '%-10s %16s %16s %16s\n' flows "SYN no limit" "SYN within limit" "SYN over limit"
+prep=$(per_packet prepare 10000)
+syn=$(per_packet new-syn 10000)
+within=$(per_packet new-limited 10000)
+over=$(per_packet refused 10000)
+python3 -c "print(f'{10000:<10} {$syn - $prep:16.1f} {$within - $prep:16.1f} {$over - $prep:16.1f}')"

@@ -1019,3 +1019,106 @@ async fn health_checks_are_persisted_and_a_restart_starts_every_backend_up() {
     drop(c);
     stop(&mut d).await;
 }
+
+/// `vipgatectl` on the daemon's socket; must succeed.
+fn ctl(d: &NullGateway, args: &[&str]) -> String {
+    let out = std::process::Command::new(vipgate::workspace_bin("vipgatectl"))
+        .arg("--socket")
+        .arg(d.socket())
+        .args(args)
+        .env_remove("VIPGATE_ENDPOINT")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "vipgatectl {args:?}: {}\n{stdout}{stderr}", out.status);
+    stdout.into_owned()
+}
+
+#[tokio::test]
+async fn a_new_flow_limit_is_set_shown_persisted_and_refused_out_of_bounds() {
+    // The static service has one, from the configuration file.
+    let mut d = NullGateway::builder("slimit")
+        .extra_config(STATIC_POOL)
+        .services(
+            "[[services]]\nname = \"web\"\nvip = \"198.18.100.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             new_flow_limit = { per_second = 9, prefix_len = 20 }\n\
+             backends = [ { address = \"198.18.1.11\", port = 8080 } ]\n",
+        )
+        .build();
+    let mut c = start(&mut d).await;
+    let limit = |per_second, burst, prefix_len| Some(pb::NewFlowLimit { per_second, burst, prefix_len });
+    let s = state(&mut c).await;
+    assert_eq!(find(&s, "web").new_flow_limit, limit(9, 9, Some(20)), "the file's, every field in force");
+
+    let mut svc = service("limited", 2, vec![backend(20, 8080, 1)]);
+    svc.new_flow_limit = limit(100, 0, None);
+    let created = version(c.create_service(pb::CreateServiceRequest { service: Some(svc.clone()) }).await, "create");
+    assert_eq!(find(&state(&mut c).await, "limited").new_flow_limit, limit(100, 100, Some(32)));
+    svc.new_flow_limit = limit(5, 10, Some(24));
+    let v = version(c.update_service(pb::UpdateServiceRequest { service: Some(svc.clone()) }).await, "update");
+    assert_eq!(v, created + 1, "a change of the limit alone is a change");
+    assert_eq!(find(&state(&mut c).await, "limited").new_flow_limit, limit(5, 10, Some(24)));
+
+    for (bad, message) in [
+        (limit(0, 0, None), "services[\"limited\"].new_flow_limit.per_second: 0 is not from 1 to 1000000"),
+        (
+            limit(2_000_000, 0, None),
+            "services[\"limited\"].new_flow_limit.per_second: 2000000 is not from 1 to 1000000",
+        ),
+        (limit(5, 1_000_001, None), "services[\"limited\"].new_flow_limit.burst: 1000001 is not from 1 to 1000000"),
+        (
+            limit(5, 0, Some(33)),
+            "services[\"limited\"].new_flow_limit.prefix_len: 33 is not a prefix length from 0 to 32",
+        ),
+    ] {
+        let mut s = svc.clone();
+        s.new_flow_limit = bad;
+        let e = c.update_service(pb::UpdateServiceRequest { service: Some(s) }).await.expect_err(message);
+        assert_eq!((e.code(), e.message()), (Code::InvalidArgument, message));
+    }
+    let s = state(&mut c).await;
+    assert_eq!(s.version, v, "refused requests change nothing");
+    assert_eq!(find(&s, "limited").new_flow_limit, limit(5, 10, Some(24)));
+
+    // vipgatectl sets it with flags and shows it in the listing and JSON.
+    ctl(
+        &d,
+        &[
+            "service",
+            "create",
+            "ctl",
+            "--vip",
+            "198.18.100.3",
+            "--port",
+            "80",
+            "--protocol",
+            "tcp",
+            "--backend",
+            "198.18.1.30:8080",
+            "--new-flows-per-second",
+            "7",
+            "--new-flow-prefix-len",
+            "16",
+        ],
+    );
+    let listing = ctl(&d, &["list"]);
+    assert!(listing.contains("new-flows 7/s burst 7 per /16"), "{listing}");
+    assert!(listing.contains("new-flows 9/s burst 9 per /20"), "{listing}");
+    let json: serde_json::Value = serde_json::from_str(&ctl(&d, &["--json", "list"])).unwrap();
+    let of = |name: &str| json["services"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone();
+    assert_eq!(of("ctl")["new_flow_limit"], serde_json::json!({ "per_second": 7, "burst": 7, "prefix_len": 16 }));
+    assert_eq!(of("limited")["new_flow_limit"], serde_json::json!({ "per_second": 5, "burst": 10, "prefix_len": 24 }));
+    let v = state(&mut c).await.version;
+
+    // Persisted: a restart restores it.
+    drop(c);
+    stop(&mut d).await;
+    let mut c = start(&mut d).await;
+    let s = state(&mut c).await;
+    assert_eq!(s.version, v);
+    assert_eq!(find(&s, "limited").new_flow_limit, limit(5, 10, Some(24)));
+    assert_eq!(find(&s, "ctl").new_flow_limit, limit(7, 7, Some(16)));
+    drop(c);
+    stop(&mut d).await;
+}

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Verdict};
 use vipgate_dataplane::snapshot::{
@@ -38,6 +39,12 @@ pub const POOL_ADDR: u32 = ip(198, 18, 1, 100);
 /// one-address pool; DSR backends on the service port, tunnel sources
 /// from 198.18.3.0/24).
 pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
+    snapshot_limited(mode, None)
+}
+
+/// [`snapshot_with`], the service limiting new flows per client source
+/// with `limit`.
+pub fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>) -> Snapshot {
     let port = if matches!(mode, ForwardingMode::Dsr { .. }) { 80 } else { 8080 };
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let mut neighbours: Vec<NeighbourSpec> = backends
@@ -75,6 +82,7 @@ pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
                 .collect(),
             on_backend_removal: Default::default(),
             mode,
+            new_flow_limit: limit,
         }],
         source_pools: vec![SourcePoolSpec {
             name: "snat".into(),
@@ -238,6 +246,16 @@ pub fn prepare_frame(template: &[u8], out: &mut [u8], id: u32) {
 pub fn flow_template() -> Vec<u8> {
     let (addr, port) = flow_client(0);
     tcp_frame(0, addr, port, VIP, 80)
+}
+
+/// [`flow_template`] as a SYN (the first packet of a connection) instead of
+/// an ACK.
+pub fn syn_template() -> Vec<u8> {
+    let mut f = flow_template();
+    f[14 + 20 + 13] = 0x02;
+    let (src, _) = flow_client(0);
+    tcp::Packet::new_unchecked(&mut f[14 + 20..14 + 40]).fill_checksum(src, VIP);
+    f
 }
 
 /// Runs `flows` flows once through the pipeline, so they are established.

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
+use vipgate_dataplane::admission::{NewFlowLimit, NewFlowLimitError};
 use vipgate_dataplane::flow::{
     DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY,
 };
@@ -380,6 +381,17 @@ struct RawService {
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     health_check: Option<Spanned<RawHealthCheck>>,
+    new_flow_limit: Option<Spanned<RawNewFlowLimit>>,
+}
+
+/// `new_flow_limit = { per_second, burst, prefix_len }` of a service: see
+/// [`vipgate_dataplane::admission`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNewFlowLimit {
+    per_second: Spanned<i64>,
+    burst: Option<Spanned<i64>>,
+    prefix_len: Option<Spanned<i64>>,
 }
 
 /// `[services.health_check]`: see [`crate::health::spec`].
@@ -1253,7 +1265,36 @@ impl Validator<'_> {
             if let Some(hc) = &s.health_check {
                 health_checks.insert(name.clone(), self.health_check(hc, &f("health_check"), &name, protocol)?);
             }
-            services.push(ServiceSpec { name, vip, port, protocol, table_size, backends, on_backend_removal, mode });
+            let new_flow_limit = match &s.new_flow_limit {
+                None => None,
+                Some(l) => {
+                    let l = l.get_ref();
+                    let value = |v: &Option<Spanned<i64>>| v.as_ref().map(|v| *v.get_ref());
+                    match NewFlowLimit::checked(*l.per_second.get_ref(), value(&l.burst), value(&l.prefix_len)) {
+                        Ok(limit) => Some(limit),
+                        Err(e) => {
+                            let span = match e {
+                                NewFlowLimitError::PerSecond(_) => Some(l.per_second.span()),
+                                NewFlowLimitError::Burst(_) => l.burst.as_ref().map(Spanned::span),
+                                NewFlowLimitError::PrefixLen(_) => l.prefix_len.as_ref().map(Spanned::span),
+                            };
+                            let field = f(&format!("new_flow_limit.{}", e.field()));
+                            return self.err(span.unwrap_or_else(|| l.per_second.span()), field, e.to_string());
+                        }
+                    }
+                }
+            };
+            services.push(ServiceSpec {
+                name,
+                vip,
+                port,
+                protocol,
+                table_size,
+                backends,
+                on_backend_removal,
+                mode,
+                new_flow_limit,
+            });
         }
 
         let mut neighbours = Vec::new();

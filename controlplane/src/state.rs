@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::maglev::DEFAULT_TABLE_SIZE;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
@@ -74,6 +75,40 @@ pub struct ServiceState {
     /// always count as healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<crate::health::HealthCheck>,
+    /// The limit on new flows per client source; `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_limit: Option<NewFlowLimitState>,
+}
+
+/// A service's limit on new flows per client source (see
+/// [`vipgate_dataplane::admission`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewFlowLimitState {
+    /// Sustained new flows a second per source.
+    pub per_second: u32,
+    /// New flows a source may open at once.
+    pub burst: u32,
+    /// Clients sharing this many leading address bits are one source.
+    pub prefix_len: u8,
+}
+
+impl NewFlowLimitState {
+    /// The dataplane's limit, checked; an error names
+    /// `services["web"].new_flow_limit.<field>`.
+    pub fn to_spec(self, service: &str) -> Result<NewFlowLimit, StateError> {
+        let limit = NewFlowLimit { per_second: self.per_second, burst: self.burst, prefix_len: self.prefix_len };
+        limit
+            .validate()
+            .map_err(|e| StateError::invalid(service_field(service, &format!("new_flow_limit.{}", e.field())), e))?;
+        Ok(limit)
+    }
+}
+
+impl From<NewFlowLimit> for NewFlowLimitState {
+    fn from(l: NewFlowLimit) -> Self {
+        NewFlowLimitState { per_second: l.per_second, burst: l.burst, prefix_len: l.prefix_len }
+    }
 }
 
 /// A service's protocol.
@@ -327,6 +362,7 @@ impl ServiceState {
                 RemovalState::Reset => OnBackendRemoval::Reset,
             },
             mode,
+            new_flow_limit: self.new_flow_limit.map(|l| l.to_spec(&self.name)).transpose()?,
         })
     }
 }

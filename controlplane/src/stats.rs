@@ -419,6 +419,7 @@ mod tests {
                 .collect(),
             on_backend_removal: Default::default(),
             mode: Default::default(),
+            new_flow_limit: None,
         }
     }
 

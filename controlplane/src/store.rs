@@ -270,7 +270,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AdminState, BackendState, ModeState, ProtocolState, RemovalState, ServiceState};
+    use crate::state::{
+        AdminState, BackendState, ModeState, NewFlowLimitState, ProtocolState, RemovalState, ServiceState,
+    };
 
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vipgate-store-{tag}-{}", std::process::id()));
@@ -307,6 +309,7 @@ mod tests {
                     .validate()
                     .unwrap(),
                 ),
+                new_flow_limit: Some(NewFlowLimitState { per_second: 50, burst: 80, prefix_len: 28 }),
             },
         );
         s

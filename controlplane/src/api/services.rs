@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
+use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::snapshot::{ForwardingMode, OnBackendRemoval, ServiceSpec, SourcePoolSpec};
 
 use super::pb;
@@ -17,8 +18,9 @@ use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
 use crate::config::DEFAULT_POOL_PORTS;
 use crate::health::{CheckKind, HealthCheck, HealthCheckInput, HealthStatus, TargetKey};
 use crate::state::{
-    self, AdminState, BackendState, ErrorKind, MAX_POOLS, MAX_SERVICES, ModeState, PoolState, ProtocolState,
-    RemovalState, ServiceState, StateError, StateEventKind, StateHandle, StateView, backend_field, ops, service_field,
+    self, AdminState, BackendState, ErrorKind, MAX_POOLS, MAX_SERVICES, ModeState, NewFlowLimitState, PoolState,
+    ProtocolState, RemovalState, ServiceState, StateError, StateEventKind, StateHandle, StateView, backend_field, ops,
+    service_field,
 };
 
 /// The `ServiceManager` gRPC service over the daemon's [`StateHandle`].
@@ -196,8 +198,24 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
         on_backend_removal,
         backends: s.backends.iter().enumerate().map(|(j, b)| backend_from(b, &name, j)).collect::<Result<_, _>>()?,
         health_check,
+        new_flow_limit: s.new_flow_limit.as_ref().map(|l| new_flow_limit_from(l, &name)).transpose()?,
         name,
     })
+}
+
+/// A new-flow limit from a request: `burst` 0 is `per_second`, an unset
+/// `prefix_len` is 32; an error names `services["web"].new_flow_limit.<field>`.
+fn new_flow_limit_from(l: &pb::NewFlowLimit, service: &str) -> Result<NewFlowLimitState, Status> {
+    let burst = (l.burst != 0).then_some(i64::from(l.burst));
+    NewFlowLimit::checked(i64::from(l.per_second), burst, l.prefix_len.map(i64::from))
+        .map(NewFlowLimitState::from)
+        .map_err(|e| invalid(service_field(service, &format!("new_flow_limit.{}", e.field())), e))
+}
+
+/// A new-flow limit as the API shows it: every field with the value in
+/// force.
+fn new_flow_limit_to(l: NewFlowLimitState) -> pb::NewFlowLimit {
+    pb::NewFlowLimit { per_second: l.per_second, burst: l.burst, prefix_len: Some(l.prefix_len.into()) }
 }
 
 fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
@@ -284,6 +302,7 @@ fn static_service(s: &ServiceSpec, view: &StateView, health: &HealthStatus) -> p
         origin: origin(true),
         health_check: view.config.health_check(&s.name).map(health_check_to),
         flow_timeouts: None,
+        new_flow_limit: s.new_flow_limit.map(|l| new_flow_limit_to(l.into())),
     }
 }
 
@@ -330,6 +349,7 @@ fn dynamic_service(s: &ServiceState, health: &HealthStatus) -> pb::Service {
         origin: origin(false),
         health_check: s.health_check.as_ref().map(health_check_to),
         flow_timeouts: None,
+        new_flow_limit: s.new_flow_limit.map(new_flow_limit_to),
     }
 }
 

@@ -209,6 +209,16 @@ struct ServiceSpec {
     /// The address probes are sent from (default: the kernel's choice).
     #[arg(long, value_name = "ADDR", requires = "check")]
     check_source: Option<String>,
+    /// Limit the new flows each client source opens to this many a second
+    /// (default: no limit); over it, SYNs and new UDP flows are dropped.
+    #[arg(long, value_name = "N")]
+    new_flows_per_second: Option<u32>,
+    /// New flows a source may open at once (default: the rate).
+    #[arg(long, value_name = "N", requires = "new_flows_per_second")]
+    new_flow_burst: Option<u32>,
+    /// Clients sharing this prefix length are one source, 0 to 32 (default 32).
+    #[arg(long, value_name = "LEN", requires = "new_flows_per_second")]
+    new_flow_prefix_len: Option<u32>,
 }
 
 /// `vipgatectl backend ...`.
@@ -1073,6 +1083,11 @@ mod state {
                             .replace("--check.expect_reply_hex", "--check-expect-reply-hex"),
                     )
                 })?,
+            new_flow_limit: spec.new_flows_per_second.map(|per_second| pb::NewFlowLimit {
+                per_second,
+                burst: spec.new_flow_burst.unwrap_or(0),
+                prefix_len: spec.new_flow_prefix_len,
+            }),
             ..pb::Service::default()
         })
     }
@@ -1194,6 +1209,37 @@ mod state {
         stats: Option<TrafficJson>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health_check: Option<HealthCheckJson>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        new_flow_limit: Option<NewFlowLimitJson>,
+    }
+
+    /// A service's limit on new flows per client source. In `apply`,
+    /// `burst` 0 or absent is the rate, and `prefix_len` absent is 32.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewFlowLimitJson {
+        per_second: u32,
+        #[serde(default)]
+        burst: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix_len: Option<u32>,
+    }
+
+    impl From<pb::NewFlowLimit> for NewFlowLimitJson {
+        fn from(l: pb::NewFlowLimit) -> Self {
+            NewFlowLimitJson { per_second: l.per_second, burst: l.burst, prefix_len: l.prefix_len }
+        }
+    }
+
+    impl NewFlowLimitJson {
+        fn into_proto(self) -> pb::NewFlowLimit {
+            pb::NewFlowLimit { per_second: self.per_second, burst: self.burst, prefix_len: self.prefix_len }
+        }
+
+        /// For the listing, e.g. "new-flows 100/s burst 200 per /24".
+        fn summary(&self) -> String {
+            format!("new-flows {}/s burst {} per /{}", self.per_second, self.burst, self.prefix_len.unwrap_or(32))
+        }
     }
 
     /// Traffic and flows (`GetServiceStats`), as `list --json` prints them.
@@ -1429,6 +1475,7 @@ mod state {
                     .collect(),
                 stats: None,
                 health_check: s.health_check.map(HealthCheckJson::from),
+                new_flow_limit: s.new_flow_limit.map(NewFlowLimitJson::from),
             }
         }
     }
@@ -1490,6 +1537,7 @@ mod state {
                     .map(|h| h.into_proto(&format!("services[{i}].health_check")))
                     .transpose()
                     .map_err(bad)?,
+                new_flow_limit: s.new_flow_limit.map(NewFlowLimitJson::into_proto),
                 ..pb::Service::default()
             });
         }
@@ -1552,6 +1600,9 @@ mod state {
             name.push_str(&format!(", on-removal {}", svc.on_backend_removal));
             if let Some(h) = &svc.health_check {
                 name.push_str(&format!(", check {}", h.summary()));
+            }
+            if let Some(l) = &svc.new_flow_limit {
+                name.push_str(&format!(", {}", l.summary()));
             }
             name.push(')');
             let local = format!("{:<4} {}:{}", svc.protocol.to_uppercase(), svc.vip, svc.port);

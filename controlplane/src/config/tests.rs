@@ -959,6 +959,7 @@ fn vip_eligibility_needs_one_backend_that_takes_new_flows_in_any_service_of_the_
         on_backend_removal: RemovalState::Rehash,
         backends,
         health_check: None,
+        new_flow_limit: None,
     };
     let none = std::collections::HashSet::new();
     let (a, b, c) = (Ipv4Addr::new(198, 18, 101, 1), Ipv4Addr::new(198, 18, 101, 2), Ipv4Addr::new(198, 18, 101, 3));
@@ -1262,4 +1263,59 @@ fn at_most_65535_addresses_per_source_pool() {
     assert_eq!((line, field.as_str()), (18, "source_pools[0].addresses"), "{reason}");
     assert_eq!(reason, "65536 addresses; at most 65535 per source pool");
     parse(&pool(65_535)).unwrap();
+}
+
+#[test]
+fn a_new_flow_limit_compiles_with_its_defaults() {
+    use vipgate_dataplane::admission::NewFlowLimit;
+    let limited = |limit: &str| GOOD.replacen("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{limit}"), 1);
+    let c = parse(&limited("new_flow_limit = { per_second = 100, burst = 200, prefix_len = 24 }")).unwrap();
+    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 100, burst: 200, prefix_len: 24 }));
+    assert_eq!(c.services()[1].new_flow_limit, None);
+    // burst defaults to a second's worth, prefix_len to 32.
+    let c = parse(&limited("new_flow_limit = { per_second = 50 }")).unwrap();
+    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 50, burst: 50, prefix_len: 32 }));
+    // As a table of its own, and /0: all clients together.
+    let c = parse(&GOOD.replacen(
+        "[[services]]\nname = \"dns\"",
+        "[services.new_flow_limit]\nper_second = 1000000\nburst = 1\nprefix_len = 0\n\n[[services]]\nname = \"dns\"",
+        1,
+    ))
+    .unwrap();
+    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 1_000_000, burst: 1, prefix_len: 0 }));
+    // A change of the limit is a change of the service: a reload applies it.
+    let old = parse(GOOD).unwrap();
+    assert!(old.restart_required(&c).is_none());
+}
+
+#[test]
+fn a_bad_new_flow_limit_names_line_field_and_reason() {
+    let cases = [
+        ("{ per_second = 0 }", "new_flow_limit.per_second", "0 is not from 1 to 1000000"),
+        ("{ per_second = 1000001 }", "new_flow_limit.per_second", "1000001 is not from 1 to 1000000"),
+        ("{ per_second = -5 }", "new_flow_limit.per_second", "-5 is not from 1 to 1000000"),
+        ("{ per_second = 10, burst = 0 }", "new_flow_limit.burst", "0 is not from 1 to 1000000"),
+        ("{ per_second = 10, burst = 5000000000 }", "new_flow_limit.burst", "5000000000 is not from 1 to 1000000"),
+        ("{ per_second = 10, prefix_len = 33 }", "new_flow_limit.prefix_len", "33 is not a prefix length from 0 to 32"),
+        ("{ per_second = 10, prefix_len = -1 }", "new_flow_limit.prefix_len", "-1 is not a prefix length"),
+    ];
+    for (value, field, reason) in cases {
+        let text = GOOD.replacen("protocol = \"tcp\"", &format!("protocol = \"tcp\"\nnew_flow_limit = {value}"), 1);
+        let line = text[..text.find("new_flow_limit").unwrap()].lines().count() + 1;
+        let msg = parse(&text).expect_err(value).to_string();
+        assert!(
+            msg.starts_with(&format!("/etc/vipgate/test.toml:{line}: services[0].{field}: {reason}")),
+            "{value}: {msg}"
+        );
+    }
+    // Unknown and missing keys are schema errors, with the line.
+    for (value, what) in
+        [("{ per_second = 10, rate = 3 }", "unknown field `rate`"), ("{ burst = 3 }", "missing field `per_second`")]
+    {
+        let text = GOOD.replacen("protocol = \"tcp\"", &format!("protocol = \"tcp\"\nnew_flow_limit = {value}"), 1);
+        let line = text[..text.find("new_flow_limit").unwrap()].lines().count() + 1;
+        let msg = parse(&text).expect_err(value).to_string();
+        assert!(msg.starts_with("/etc/vipgate/test.toml: ") && msg.contains(&format!("line {line}")), "{msg}");
+        assert!(msg.contains(what), "{msg}");
+    }
 }

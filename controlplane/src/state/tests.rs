@@ -55,6 +55,7 @@ fn service(name: &str, vip_last: u8) -> ServiceState {
         on_backend_removal: RemovalState::Rehash,
         backends: vec![backend(20, 8080, 1), backend(21, 8080, 2)],
         health_check: None,
+        new_flow_limit: None,
     }
 }
 
@@ -458,4 +459,33 @@ fn a_vip_or_backend_on_a_port_subnets_network_or_broadcast_address_is_refused() 
         let e = validate(&config(), &macs(), &with(vec![s], vec![])).unwrap_err();
         assert_eq!(e.message, *want);
     }
+}
+
+#[test]
+fn a_new_flow_limit_compiles_is_checked_and_is_optional_in_the_state_file() {
+    use vipgate_dataplane::admission::NewFlowLimit;
+    let mut api = service("api", 2);
+    api.new_flow_limit = Some(NewFlowLimitState { per_second: 100, burst: 200, prefix_len: 24 });
+    let spec = validate(&config(), &macs(), &with(vec![api.clone()], vec![])).unwrap();
+    let compiled = spec.services.iter().find(|s| s.name == "api").unwrap();
+    assert_eq!(compiled.new_flow_limit, Some(NewFlowLimit { per_second: 100, burst: 200, prefix_len: 24 }));
+    assert_eq!(spec.services.iter().find(|s| s.name == "web").unwrap().new_flow_limit, None);
+    for (limit, msg) in [
+        ((0, 1, 32), "services[\"api\"].new_flow_limit.per_second: 0 is not from 1 to 1000000"),
+        ((1, 0, 32), "services[\"api\"].new_flow_limit.burst: 0 is not from 1 to 1000000"),
+        ((1, 1, 40), "services[\"api\"].new_flow_limit.prefix_len: 40 is not a prefix length from 0 to 32"),
+    ] {
+        let mut bad = api.clone();
+        bad.new_flow_limit = Some(NewFlowLimitState { per_second: limit.0, burst: limit.1, prefix_len: limit.2 });
+        let e = validate(&config(), &macs(), &with(vec![bad], vec![])).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::InvalidArgument, msg));
+    }
+    // Persisted with the limit, and read back without one (a file written
+    // before limits existed).
+    let text = serde_json::to_string(&api).unwrap();
+    assert!(text.contains("\"new_flow_limit\":{\"per_second\":100,\"burst\":200,\"prefix_len\":24}"), "{text}");
+    assert_eq!(serde_json::from_str::<ServiceState>(&text).unwrap(), api);
+    let old = serde_json::to_string(&service("api", 2)).unwrap();
+    assert!(!old.contains("new_flow_limit"));
+    assert_eq!(serde_json::from_str::<ServiceState>(&old).unwrap().new_flow_limit, None);
 }

@@ -52,6 +52,11 @@
 //!
 //! A tracked TCP flow also follows the reply's FIN and RST.
 //!
+//! A service may limit the new flows each client source opens (see
+//! [`crate::admission`]): a packet that would start a flow over that limit
+//! is dropped as [`DropReason::RateLimited`]; packets of tracked flows are
+//! never limited.
+//!
 //! What the fast path does not handle and that is for the gateway itself
 //! (see [`Verdict::Punt`]) goes to the kernel interface of the ingress port,
 //! when it has one: the exception path.
@@ -61,6 +66,7 @@
 //! both directions meet the same state. A packet that arrives at another
 //! worker gets [`Verdict::Handoff`] and the driver passes it to the owner.
 
+use crate::admission::{self, NewFlowLimiter};
 use crate::counters::{DropReason, WorkerCounters};
 use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
@@ -306,6 +312,8 @@ pub struct Pipeline {
     /// By dense port index: whether the port has a kernel interface that
     /// takes what the fast path does not handle ([`Verdict::Punt`]).
     kernel_ports: Vec<bool>,
+    /// Recent new flows per client source, for services that limit them.
+    admission: NewFlowLimiter,
 }
 
 impl Pipeline {
@@ -335,6 +343,7 @@ impl Pipeline {
             snat: SnatTable::new(0, 1),
             stats,
             kernel_ports: Vec::new(),
+            admission: NewFlowLimiter::new(admission::DEFAULT_WIDTH),
         }
     }
 
@@ -737,6 +746,7 @@ impl Pipeline {
                         Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
                         Choice::None => return Verdict::Drop(DropReason::NoBackend),
                         Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
+                        Choice::Limited => return Verdict::Drop(DropReason::RateLimited),
                         Choice::Reset => {
                             if proto != ipv4::protocol::TCP {
                                 return Verdict::Drop(DropReason::NoBackend);
@@ -1009,6 +1019,11 @@ impl Pipeline {
                 self.on_tcp_flags(flow, true, tcp_flags, now);
             }
             return Choice::Backend(Chosen { index, snat_port: e.snat_port, snat_addr: e.snat_addr });
+        }
+        if let Some(limit) = &svc.new_flow_limit
+            && !self.admission.admit(limit, key, tcp_flags, self.workers, now)
+        {
+            return Choice::Limited;
         }
         self.new_flow(svc, key, hash, tcp_flags, now)
     }
@@ -1390,6 +1405,8 @@ enum Choice {
     None,
     /// A new FullNAT flow found no free source pair.
     Exhausted,
+    /// A new flow over its service's limit for the client's source.
+    Limited,
     /// The flow's backend left a service whose policy is to reset such
     /// flows; the flow is already forgotten.
     Reset,

@@ -14,6 +14,7 @@
 //! change even if something else about it did. The result is the snapshot a
 //! build from scratch makes; only the work differs.
 
+use crate::admission::{NewFlowLimit, NewFlowLimitError, SourceLimit};
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
 use crate::route::{NO_SLOT, NextHop, Route, RouteTable};
 use crate::wire::EthernetAddress;
@@ -187,6 +188,8 @@ pub struct ServiceSpec {
     pub on_backend_removal: OnBackendRemoval,
     /// How packets reach the backends.
     pub mode: ForwardingMode,
+    /// The limit on new flows per client source, if any.
+    pub new_flow_limit: Option<NewFlowLimit>,
 }
 
 /// A permanent neighbour entry (like `ip neigh add ... nud permanent`).
@@ -293,6 +296,14 @@ pub enum SnapshotError {
     /// More ports than the dataplane supports.
     #[error("{0} ports configured; at most {max} are supported", max = u16::MAX)]
     TooManyPorts(usize),
+    /// A service's limit on new flows is out of bounds.
+    #[error("service {service:?}: new_flow_limit.{}: {source}", source.field())]
+    NewFlowLimit {
+        /// Service.
+        service: String,
+        /// Cause.
+        source: NewFlowLimitError,
+    },
     /// A FullNAT service names a source pool that does not exist.
     #[error("service {service:?}: source pool {pool:?} does not exist")]
     UnknownPool {
@@ -386,6 +397,8 @@ pub struct Service {
     pub on_backend_removal: OnBackendRemoval,
     /// How packets reach the backends.
     pub mode: Mode,
+    /// The limit on new flows per client source, if any.
+    pub new_flow_limit: Option<SourceLimit>,
     /// What it was compiled from: the incremental compiler compares it with
     /// the next specification of the service.
     spec: ServiceSpec,
@@ -781,6 +794,13 @@ impl Snapshot {
                     Mode::Dsr { source_mask: tunnel_source.map_or(0, |c| !Route::mask(c.len)) }
                 }
             };
+            let new_flow_limit = match &s.new_flow_limit {
+                None => None,
+                Some(l) => {
+                    l.validate().map_err(|source| SnapshotError::NewFlowLimit { service: s.name.clone(), source })?;
+                    Some(SourceLimit::new(l))
+                }
+            };
             vips.insert(s.vip);
             services.insert(key, si as u32);
             // The same service at the same VIP:port/protocol last time.
@@ -813,6 +833,7 @@ impl Snapshot {
                 backends,
                 on_backend_removal: s.on_backend_removal,
                 mode,
+                new_flow_limit,
                 spec: s.clone(),
             }));
         }

@@ -137,6 +137,7 @@ fn a_flood_towards_the_kernel_is_dropped_and_counted_without_stalling_the_fast_p
                 .collect(),
             on_backend_removal: Default::default(),
             mode: Default::default(),
+            new_flow_limit: None,
         }],
         source_pools: vec![],
     };

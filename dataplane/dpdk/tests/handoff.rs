@@ -53,6 +53,7 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
             .collect(),
         on_backend_removal: Default::default(),
         mode,
+        new_flow_limit: None,
     };
     let spec = SnapshotSpec {
         ports: port_specs(&macs),

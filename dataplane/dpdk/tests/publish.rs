@@ -40,6 +40,7 @@ fn service(name: &str, port: u16, backends: &[u8], backend_port: u16) -> Service
             .collect(),
         on_backend_removal: Default::default(),
         mode: Default::default(),
+        new_flow_limit: None,
     }
 }
 

@@ -52,6 +52,7 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
                 .collect(),
             on_backend_removal: Default::default(),
             mode: Default::default(),
+            new_flow_limit: None,
         }],
         source_pools: vec![],
     };

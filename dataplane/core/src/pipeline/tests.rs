@@ -61,6 +61,7 @@ fn spec() -> SnapshotSpec {
                 backends: backends(8080),
                 on_backend_removal: Default::default(),
                 mode: Default::default(),
+                new_flow_limit: None,
             },
             ServiceSpec {
                 name: "dns".into(),
@@ -71,6 +72,7 @@ fn spec() -> SnapshotSpec {
                 backends: backends(5353),
                 on_backend_removal: Default::default(),
                 mode: Default::default(),
+                new_flow_limit: None,
             },
         ],
         source_pools: vec![],
@@ -848,4 +850,5 @@ mod flows;
 mod martians;
 mod modes;
 mod other_host;
+mod ratelimit;
 mod stats;

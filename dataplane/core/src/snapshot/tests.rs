@@ -37,6 +37,7 @@ fn service(i: u8) -> ServiceSpec {
             .collect(),
         on_backend_removal: OnBackendRemoval::Rehash,
         mode: ForwardingMode::Nat,
+        new_flow_limit: None,
     }
 }
 
@@ -399,4 +400,38 @@ fn a_ports_mac_word_is_the_masked_first_eight_bytes_of_a_frame_to_it() {
     }
     assert_eq!(snap.port_mac_word(snap.ports().len() as u16), None);
     assert_eq!(mac_word([0xff; 6]), MAC_WORD_MASK);
+}
+
+#[test]
+fn a_changed_new_flow_limit_recompiles_the_service_around_its_table() {
+    use crate::admission::{NewFlowLimit, SourceLimit};
+    let mut sp = spec();
+    let first = Snapshot::build(&sp).unwrap();
+    assert_eq!(by_name(&first, "s2").new_flow_limit, None);
+    let limit = NewFlowLimit { per_second: 100, burst: 200, prefix_len: 24 };
+    sp.services[1].new_flow_limit = Some(limit);
+    let second = Snapshot::build_incremental(&sp, Some(&first), 2).unwrap();
+    assert_eq!(second.build_stats(), BuildStats { services_reused: 3, tables_reused: 1, tables_built: 0 });
+    let s2 = by_name(&second, "s2");
+    assert_eq!(s2.new_flow_limit, Some(SourceLimit::new(&limit)));
+    assert_eq!(s2.new_flow_limit.unwrap().mask, 0xffff_ff00);
+    assert_eq!(s2.new_flow_limit.unwrap().interval_ns, 10_000_000);
+    assert_eq!(s2.spec().new_flow_limit, Some(limit));
+    // Removing it is a change too.
+    sp.services[1].new_flow_limit = None;
+    let third = Snapshot::build_incremental(&sp, Some(&second), 3).unwrap();
+    assert_eq!(by_name(&third, "s2").new_flow_limit, None);
+    assert!(!Arc::ptr_eq(by_name(&second, "s2"), by_name(&third, "s2")));
+}
+
+#[test]
+fn a_new_flow_limit_out_of_bounds_is_refused() {
+    use crate::admission::NewFlowLimit;
+    let mut sp = spec();
+    sp.services[2].new_flow_limit = Some(NewFlowLimit { per_second: 0, burst: 1, prefix_len: 32 });
+    let e = Snapshot::build(&sp).unwrap_err();
+    assert_eq!(e.to_string(), "service \"s3\": new_flow_limit.per_second: 0 is not from 1 to 1000000");
+    sp.services[2].new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 33 });
+    let e = Snapshot::build(&sp).unwrap_err();
+    assert_eq!(e.to_string(), "service \"s3\": new_flow_limit.prefix_len: 33 is not a prefix length from 0 to 32");
 }
