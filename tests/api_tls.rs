@@ -1,7 +1,8 @@
 //! vipgated's API over TCP with mutual TLS, end to end: a daemon on
 //! net_null ports with `[api] listen_tcp` on a free loopback port, a
 //! throwaway CA and certificates made by rcgen at test time (never
-//! committed), vipgatectl `--endpoint` and curl as the clients.
+//! committed), vipgatectl `--endpoint` and curl as the clients, and a
+//! client that never reads its answer, which SIGTERM must cut.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -54,9 +55,10 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(max_request_bytes: usize) -> Daemon {
+    /// `tag` tells the daemons of this file's tests apart.
+    fn start(tag: &str, max_request_bytes: usize) -> Daemon {
         require_root();
-        let prefix = format!("vgtls{}", std::process::id());
+        let prefix = format!("vgtls{tag}{}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir).unwrap();
         make_pki(&dir);
@@ -82,6 +84,11 @@ max_request_bytes = {max_request_bytes}
 
 [metrics]
 listen = ""
+
+# Its own, so the daemons of this file's tests run side by side and never
+# use the host's default state directory.
+[state]
+dir = "{d}/state"
 
 [[ports]]
 name = "a"
@@ -196,7 +203,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn api_over_tcp_needs_a_client_certificate_from_the_ca_and_bounds_request_size() {
     let limit = 65_536;
-    let d = Daemon::start(limit);
+    let d = Daemon::start("", limit);
 
     // The CA's client: health and stats.
     let out = d.ctl("client", &["--json", "health"]);
@@ -247,4 +254,51 @@ fn api_over_tcp_needs_a_client_certificate_from_the_ca_and_bounds_request_size()
 
     let log = d.stop();
     assert!(log.contains("API listening on TCP with mutual TLS"), "{log}");
+}
+
+/// A client over TCP that holds a call open and never reads the answer (a
+/// stream window of 0) is cut after the API's grace period, as on the
+/// socket (tests/api_shutdown.rs), and vipgated stops.
+#[tokio::test]
+async fn sigterm_cuts_a_tcp_call_whose_answer_is_never_read() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use vipgate_controlplane::api::pb;
+
+    let mut d = Daemon::start("cut", 4 * 1024 * 1024);
+    let read = |name: &str| std::fs::read(d.file(name)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+        .domain_name("127.0.0.1");
+    let channel = Endpoint::from_shared(d.endpoint.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .initial_stream_window_size(0)
+        .connect()
+        .await
+        .expect("connect over TLS with a window of 0");
+    let stuck = tokio::spawn(async move {
+        pb::gateway_client::GatewayClient::new(channel).get_counters(pb::GetCountersRequest {}).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stuck.is_finished(), "the call with a window of 0 ended by itself: {:?}", stuck.await);
+
+    let child = d.child.as_mut().unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "vipgated did not stop within 10 s of SIGTERM:\n{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    d.child = None;
+    let log = d.log_text();
+    assert!(status.success(), "exit {status:?}:\n{log}");
+    assert!(log.contains("API grace period ran out: closing 1 connection"), "no warning about the cut:\n{log}");
+    let call = tokio::time::timeout(Duration::from_secs(5), stuck).await.expect("the held call ended").unwrap();
+    assert!(call.is_err(), "the held call got an answer: {call:?}");
 }

@@ -10,6 +10,7 @@
 
 mod client;
 mod codec;
+mod cutoff;
 mod error;
 mod server;
 mod services;
@@ -17,6 +18,7 @@ mod tcp;
 mod view;
 
 pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_channel, connect_unix_services};
+pub use cutoff::Connections;
 pub use error::ApiError;
 pub use server::{
     BoundSocket, GatewayService, WORKER_STALL_LIMIT, bind_unix, serve_bound, serve_bound_with_state, serve_unix,

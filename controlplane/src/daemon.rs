@@ -2,6 +2,10 @@
 //! reloads on SIGHUP, and an orderly shutdown on SIGINT or SIGTERM.
 //!
 //! Owns: the order of start-up and shutdown, and what a reload may change.
+//! Shutdown: the API (socket and TCP) stops accepting and gets
+//! [`API_STOP_GRACE`] to finish its calls, then its remaining connections
+//! are cut; every VIP is withdrawn; the workers stop, then the ports; the
+//! mbufs are counted.
 //! The main lcore (the thread that initialised EAL) runs a current-thread
 //! tokio runtime for the control plane; workers run on the other lcores.
 
@@ -12,12 +16,22 @@ use crate::health::{self, Checker, HealthStatus, ProbeReport, Transition};
 use crate::state::{self, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView};
 use crate::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
 use crate::store::{Store, StoreError};
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DpdkError, Eal, Mempool, ShutdownReport};
+
+/// How long the API (the socket and TCP) may take to finish its calls after
+/// SIGINT or SIGTERM; then every connection still open is cut. A client that
+/// holds a call open and never reads the answer would otherwise keep the
+/// daemon, its workers and its announced VIPs up for as long as it likes:
+/// a stop must always stop. Unary calls take milliseconds, and Watch
+/// streams end at the signal.
+const API_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -251,13 +265,41 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
                 }
                 std::future::pending::<()>().await
             };
+            // Both API listeners stop together: at the signal they accept
+            // nothing more and let their calls finish; after
+            // API_STOP_GRACE, the connections still open are cut.
+            let connections = api::Connections::new();
+            let stopping = CancellationToken::new();
+            let api = async {
+                let socket = socket.with_connections(connections.clone());
+                let unix = api::serve_bound_with_state(
+                    socket,
+                    Arc::clone(&view) as Arc<dyn GatewayView>,
+                    Some(handle.clone()),
+                    stopping.cancelled(),
+                );
+                let unix = async { unix.await.map_err(DaemonError::from) };
+                let others = listeners.serve(view, handle.clone(), connections.clone(), stopping.cancelled());
+                tokio::try_join!(unix, others).map(|((), ())| ())
+            };
+            let stop_then_cut = async {
+                stop.wait().await;
+                // Watch streams never end by themselves.
+                handle.close();
+                stopping.cancel();
+                tokio::time::sleep(API_STOP_GRACE).await;
+                let open = connections.open();
+                warn!(
+                    connections = open,
+                    grace_ms = API_STOP_GRACE.as_millis() as u64,
+                    "API grace period ran out: closing {open} connection(s) still open"
+                );
+                connections.cut();
+                std::future::pending::<()>().await
+            };
             tokio::select! {
-                served = api::serve_bound_with_state(socket, Arc::clone(&view) as Arc<dyn GatewayView>, Some(handle.clone()), async {
-                    stop.wait().await;
-                    // Watch streams never end by themselves.
-                    handle.close();
-                }) => served.map_err(DaemonError::from),
-                failed = listeners.serve(view, handle.clone()) => Err(failed),
+                served = api => served,
+                () = stop_then_cut => unreachable!("ends only with the API"),
                 () = changes => unreachable!("the change loop never ends"),
                 () = announcer.run(&mut announce_rx) => unreachable!("the announcer never ends"),
             }
@@ -323,9 +365,16 @@ impl Listeners {
         Ok(Listeners { metrics, tcp })
     }
 
-    /// Serves both until one fails; never returns otherwise. Dropping the
-    /// future (when the API socket's server ends) closes them.
-    async fn serve(self, view: Arc<DaemonView>, state: StateHandle) -> DaemonError {
+    /// Serves both until `shutdown`, then the API until its connections
+    /// are closed (see [`API_STOP_GRACE`]), or until one fails. The metrics
+    /// endpoint is closed at `shutdown`.
+    async fn serve(
+        self,
+        view: Arc<DaemonView>,
+        state: StateHandle,
+        connections: api::Connections,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
         let metrics = async {
             match self.metrics {
                 Some(m) => {
@@ -336,17 +385,23 @@ impl Listeners {
         };
         let tcp = async {
             match self.tcp {
-                Some(t) => {
-                    api::serve_tcp(t, Arc::clone(&view) as Arc<dyn GatewayView>, Some(state), std::future::pending())
-                        .await
-                        .map_err(DaemonError::from)
+                Some(t) => api::serve_tcp(
+                    t.with_connections(connections),
+                    Arc::clone(&view) as Arc<dyn GatewayView>,
+                    Some(state),
+                    shutdown,
+                )
+                .await
+                .map_err(DaemonError::from),
+                None => {
+                    shutdown.await;
+                    Ok(())
                 }
-                None => std::future::pending().await,
             }
         };
-        match tokio::try_join!(metrics, tcp) {
-            Err(e) => e,
-            Ok(((), ())) => unreachable!("the listeners only return on errors"),
+        tokio::select! {
+            served = tcp => served,
+            Err(e) = metrics => Err(e),
         }
     }
 }

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 
+use super::cutoff::Connections;
 use super::error::ApiError;
 use super::pb;
 use super::pb::gateway_server::{Gateway, GatewayServer};
@@ -327,6 +329,7 @@ pub struct BoundSocket {
     listener: UnixListener,
     socket: SocketFile,
     max_request_bytes: usize,
+    connections: Connections,
 }
 
 impl BoundSocket {
@@ -337,6 +340,14 @@ impl BoundSocket {
         self.max_request_bytes = bytes;
         self
     }
+
+    /// Counts its connections in `connections`, and ends them when that is
+    /// cut; a set of its own, never cut, unless given.
+    #[must_use]
+    pub fn with_connections(mut self, connections: Connections) -> BoundSocket {
+        self.connections = connections;
+        self
+    }
 }
 
 /// Publishes the API socket at `path` (see [`serve_unix`] for the rules)
@@ -344,7 +355,7 @@ impl BoundSocket {
 /// if another daemon holds it, before it starts anything else.
 pub async fn bind_unix(path: &Path) -> Result<BoundSocket, ApiError> {
     let (listener, socket) = listen(path).await?;
-    Ok(BoundSocket { listener, socket, max_request_bytes: DEFAULT_MAX_REQUEST_BYTES })
+    Ok(BoundSocket { listener, socket, max_request_bytes: DEFAULT_MAX_REQUEST_BYTES, connections: Connections::new() })
 }
 
 /// Serves the `Gateway` service on a socket from [`bind_unix`] until
@@ -365,7 +376,8 @@ pub async fn serve_bound_with_state(
     state: Option<StateHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
-    let BoundSocket { listener, socket, max_request_bytes } = bound;
+    let BoundSocket { listener, socket, max_request_bytes, connections } = bound;
+    let incoming = UnixListenerStream::new(listener).map(move |accepted| accepted.map(|io| connections.track(io)));
     let path = socket.path.clone();
     tracing::info!(socket = %path.display(), "API listening");
     // The TCP listener's limits on memory and time, without its rate limit:
@@ -382,7 +394,7 @@ pub async fn serve_bound_with_state(
         .add_optional_service(
             state.map(|s| ServiceManagerService::new(s).into_server().max_decoding_message_size(max_request_bytes)),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     drop(socket);
     tracing::info!(socket = %path.display(), "API stopped");

@@ -11,9 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use super::cutoff::Connections;
 use super::error::ApiError;
 use super::server::GatewayService;
 use super::view::GatewayView;
@@ -66,12 +68,21 @@ pub struct BoundTcp {
     listener: std::net::TcpListener,
     addr: SocketAddr,
     settings: TcpSettings,
+    connections: Connections,
 }
 
 impl BoundTcp {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Counts its connections in `connections`, and ends them when that is
+    /// cut; a set of its own, never cut, unless given.
+    #[must_use]
+    pub fn with_connections(mut self, connections: Connections) -> BoundTcp {
+        self.connections = connections;
+        self
     }
 }
 
@@ -83,7 +94,7 @@ pub fn bind_tcp(settings: TcpSettings) -> Result<BoundTcp, ApiError> {
     let listener = std::net::TcpListener::bind(addr).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     let addr = listener.local_addr().map_err(err)?;
-    Ok(BoundTcp { listener, addr, settings })
+    Ok(BoundTcp { listener, addr, settings, connections: Connections::new() })
 }
 
 /// Serves the `Gateway` service on `bound` with mutual TLS until `shutdown`
@@ -95,7 +106,7 @@ pub async fn serve_tcp(
     state: Option<crate::state::StateHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
-    let BoundTcp { listener, addr, settings } = bound;
+    let BoundTcp { listener, addr, settings, connections } = bound;
     let serve_err = |source| ApiError::ServeTcp { addr, source };
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|source| ApiError::ListenTcp { addr, source })?;
@@ -127,7 +138,10 @@ pub async fn serve_tcp(
         .add_optional_service(state.map(|s| {
             super::ServiceManagerService::new(s).into_server().max_decoding_message_size(settings.max_request_bytes)
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener).map(move |accepted| accepted.map(|io| connections.track(io))),
+            shutdown,
+        )
         .await;
     tracing::info!(%addr, "API on TCP stopped");
     result.map_err(serve_err)
