@@ -250,6 +250,9 @@ idle_sleep_us = 20        # worker backs off when idle (good on small shared mac
 [api]
 socket = "$SOCKET"
 
+[state]
+dir = "$STATE/state"   # the demo's own, removed with it
+
 [[ports]]
 name = "client"
 device = "net_tap0,iface=$CLIENT_IF"
