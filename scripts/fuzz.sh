@@ -24,7 +24,9 @@
 # that reruns it, goes on with the other targets, and exits 1. Exits 0 only
 # if every target ran its time without a crash.
 #
-# Environment: VIPGATE_FUZZ_NICE=N runs the fuzzers under nice -n N.
+# Environment: VIPGATE_FUZZ_NICE=N runs the builds and fuzzers under nice
+# -n N; VIPGATE_FUZZ_TOOLCHAIN=stable uses the stable toolchain (with
+# RUSTC_BOOTSTRAP=1) even when there is a nightly.
 set -euo pipefail
 
 VG_TAG="fuzz"
@@ -84,12 +86,13 @@ say "$(cargo fuzz --version)"
 
 # cargo fuzz passes -Z flags (sanitizer coverage options) to rustc.
 TOOLCHAIN=()
-if command -v rustup >/dev/null && rustup toolchain list | grep -q '^nightly'; then
+if [[ ${VIPGATE_FUZZ_TOOLCHAIN:-} != stable ]] && command -v rustup >/dev/null &&
+	rustup toolchain list | grep -q '^nightly'; then
 	TOOLCHAIN=(+nightly)
 	say "toolchain: nightly ($(rustc +nightly --version))"
 else
 	export RUSTC_BOOTSTRAP=1
-	say "toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1 (no nightly toolchain)"
+	say "toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1"
 fi
 
 NICE=()
@@ -127,11 +130,13 @@ for t in "${TARGETS[@]}"; do
 	grep -E '^#[0-9]+' "$log" | tail -n1 || true
 	grep -E '^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)' "$log" || true
 	if ((rc != 0)); then
-		tail -n 60 "$log" >&2
+		# The assertion or panic, then libFuzzer's report.
+		grep -m1 -A2 'panicked at' "$log" >&2 || true
+		grep -E '^(==[0-9]+== ERROR|SUMMARY|MS: )' "$log" >&2 || tail -n 40 "$log" >&2
 		crash=$(grep -oE 'Test unit written to [^ ]+' "$log" | tail -n1 | sed 's/^Test unit written to //')
 		if [[ -n $crash ]]; then
 			warn "$t: crash, reproducer: $crash"
-			warn "rerun: ${RUSTC_BOOTSTRAP:+RUSTC_BOOTSTRAP=1 }cargo ${TOOLCHAIN[*]} fuzz run --fuzz-dir $FUZZ_DIR --sanitizer $SANITIZER --debug-assertions $t $crash"
+			warn "rerun: ${RUSTC_BOOTSTRAP:+RUSTC_BOOTSTRAP=1 }cargo ${TOOLCHAIN[*]:+${TOOLCHAIN[*]} }fuzz run --fuzz-dir $FUZZ_DIR --sanitizer $SANITIZER --debug-assertions $t $crash"
 		else
 			warn "$t: the fuzzer exited with status $rc and wrote no reproducer (output above)"
 		fi
