@@ -78,10 +78,15 @@
 //!
 //! When a new flow finds no free slot (empty or expired) in its two buckets
 //! and no room can be made, the live candidate closest to expiry is evicted
-//! and handed back; the new flow is always inserted. Within one state this
-//! is the least recently seen flow; across states it prefers half-open and
-//! closing flows (short timeouts) over established ones, which is what a
-//! SYN flood against a full table should meet.
+//! and handed back; [`FlowTable::insert`] always inserts the new flow.
+//! Within one state this is the least recently seen flow; across states it
+//! prefers half-open and closing flows (short timeouts) over established
+//! ones. But an idle established flow can be closer to its expiry than a
+//! fresh half-open one, so a flood of spoofed SYNs must not go through
+//! that rule: [`FlowTable::insert_half_open_hashed`] evicts only half-open
+//! flows ([`FlowState::TcpSynSent`]) and refuses when its candidates hold
+//! none. (The pipeline does not track a SYN at all where it can: see
+//! `pipeline`.)
 //!
 //! # Hash
 //!
@@ -98,8 +103,8 @@
 //! # Handles
 //!
 //! A [`FlowRef`] is a slot index. It stays valid until the next call that
-//! changes which flow is in which slot: [`FlowTable::insert`] (which may
-//! move or evict entries), [`FlowTable::remove`] and
+//! changes which flow is in which slot: [`FlowTable::insert`] and its
+//! variants (which may move or evict entries), [`FlowTable::remove`] and
 //! [`FlowTable::expire_some`]. Lookups, [`FlowTable::touch`] and
 //! [`FlowTable::on_tcp_flags`] keep every handle valid.
 
@@ -177,9 +182,9 @@ impl Default for FlowTimeouts {
     /// From IPVS's defaults (established 15 min, FIN_WAIT and TIME_WAIT
     /// 2 min, CLOSE 10 s, UDP 5 min), except that a half-open flow gets
     /// 30 s instead of IPVS's 1 min for SYN_RECV: it is the flow a SYN flood
-    /// creates by the million, and the cheapest to lose (the client
-    /// retransmits its SYN and goes to the same backend anyway while the
-    /// snapshot is unchanged).
+    /// at a FullNAT service creates (nat and dsr do not track SYNs), and the
+    /// cheapest to lose (the client retransmits its SYN and goes to the
+    /// same backend anyway while the snapshot is unchanged).
     fn default() -> Self {
         const SECOND: u64 = 1_000_000_000;
         FlowTimeouts {
@@ -809,6 +814,37 @@ impl FlowTable {
     /// [`FlowTable::hash_key`] for this entry's key on this table.
     #[must_use = "an entry that left the table may hold a source port to release"]
     pub fn insert_hashed(&mut self, entry: FlowEntry, hash: FlowHash, now: u64) -> (FlowRef, InsertOutcome) {
+        match self.insert_with(entry, hash, now, false) {
+            Some(done) => done,
+            None => unreachable!("an insert that may evict any flow always finds a slot"),
+        }
+    }
+
+    /// [`FlowTable::insert_hashed`] for a half-open flow (a connection not
+    /// proved yet, whose source may be spoofed): it takes a free slot, or
+    /// one made free by moving other flows, or evicts the half-open
+    /// candidate ([`FlowState::TcpSynSent`]) closest to expiry; it never
+    /// evicts a flow in any other state. `None`, with nothing changed, when
+    /// both candidate buckets hold only such flows: half-open flows can
+    /// fill free slots and take each other's, never an established flow's.
+    #[must_use = "an entry that left the table may hold a source port to release"]
+    pub fn insert_half_open_hashed(
+        &mut self,
+        entry: FlowEntry,
+        hash: FlowHash,
+        now: u64,
+    ) -> Option<(FlowRef, InsertOutcome)> {
+        self.insert_with(entry, hash, now, true)
+    }
+
+    #[inline]
+    fn insert_with(
+        &mut self,
+        entry: FlowEntry,
+        hash: FlowHash,
+        now: u64,
+        half_open: bool,
+    ) -> Option<(FlowRef, InsertOutcome)> {
         let now = coarse(now);
         let expiry = now.wrapping_add(self.lifetimes.of(entry.state, entry.flags));
         let (first, tag) = self.home(hash);
@@ -818,7 +854,7 @@ impl FlowTable {
         if let Some(slot) = self.find_in(first, tag, &key, now).or_else(|| self.find_in(second, tag, &key, now)) {
             let old = std::mem::replace(&mut self.entries[slot], entry);
             self.set_expiry(slot, expiry);
-            return (FlowRef(slot as u32), InsertOutcome::Replaced(old));
+            return Some((FlowRef(slot as u32), InsertOutcome::Replaced(old)));
         }
 
         let full = (1u32 << SLOTS_PER_BUCKET) - 1;
@@ -834,14 +870,18 @@ impl FlowTable {
         } else if let Some(made) = self.make_room(first, second, now) {
             made
         } else {
-            let slot = self.closest_to_expiry(first, second, now);
+            let slot = if half_open {
+                self.closest_half_open(first, second, now)?
+            } else {
+                self.closest_to_expiry(first, second, now)
+            };
             (slot, InsertOutcome::Evicted(self.entries[slot]))
         };
         self.entries[slot] = entry;
         let b = &mut self.buckets[slot / SLOTS_PER_BUCKET];
         b.tags[slot % SLOTS_PER_BUCKET] = tag;
         b.expiry[slot % SLOTS_PER_BUCKET] = expiry;
-        (FlowRef(slot as u32), outcome)
+        Some((FlowRef(slot as u32), outcome))
     }
 
     /// Takes a free slot (empty or expired) for a new occupant: what was
@@ -927,6 +967,24 @@ impl FlowTable {
             }
         }
         best.1
+    }
+
+    /// The slot of `first` or `second` (both full of live flows) whose
+    /// half-open entry expires first, if any holds one. Reads the entries:
+    /// only when a half-open flow finds no free slot.
+    #[cold]
+    fn closest_half_open(&self, first: usize, second: usize, now: u32) -> Option<usize> {
+        let mut best: Option<(u32, usize)> = None;
+        for bucket in [first, second] {
+            for (i, &expiry) in self.buckets[bucket].expiry.iter().enumerate() {
+                let slot = bucket * SLOTS_PER_BUCKET + i;
+                let remaining = expiry.wrapping_sub(now);
+                if self.entries[slot].state == FlowState::TcpSynSent && best.is_none_or(|(r, _)| remaining < r) {
+                    best = Some((remaining, slot));
+                }
+            }
+        }
+        best.map(|(_, slot)| slot)
     }
 
     /// Removes a flow and hands its entry back; `None` if the slot holds no

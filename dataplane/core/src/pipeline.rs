@@ -12,9 +12,32 @@
 //! a bridge floods to every port while it does not know where that MAC is)
 //! is dropped as [`DropReason::OtherHost`] before anything else.
 //!
+//! An IPv4 packet from a martian source (RFC 1812 5.3.7, see
+//! [`Snapshot::is_martian_source`]) is dropped as
+//! [`DropReason::MartianSource`] right after its IPv4 header is validated:
+//! every rule that forwards, translates back, answers (echo reply, RST,
+//! ICMP "fragmentation needed"), tracks or punts comes after that check,
+//! so nothing the fast path emits carries or answers such a packet. (A
+//! packet handed to another worker is checked there, before any of them.)
+//! The kernel keeps the one martian it needs: from 0.0.0.0, an unconfigured
+//! host (DHCP discovery, IGMP reports), to a multicast or broadcast address
+//! on a port with a kernel interface, punted as before. A TCP segment with
+//! flags no connection can carry (SYN+FIN, SYN+RST, FIN without ACK, none)
+//! is dropped as [`DropReason::BadTcpFlags`] as soon as its header is
+//! read, whichever way it goes, before any flow is created or changed.
+//!
 //! A client packet to a service goes to the flow's backend: the one its
 //! tracked flow already has, or for a new flow the one Maglev picks on the
-//! stable flow hash. How it gets there is the service's mode:
+//! stable flow hash, decided in one place (`Pipeline::new_flow`). Not
+//! every packet starts a flow: with nat and dsr a client's SYN is forwarded
+//! but not tracked (its source may be spoofed, and a flood must not take
+//! the table), and the client's first ACK, or any later segment, starts the
+//! flow on the same choice; FullNAT needs the flow (and its source pair)
+//! from the SYN and tracks it half-open, in a slot that never evicts an
+//! established flow. A SYN on a tracked flow that is over (FIN or RST
+//! seen) or whose backend takes no new flows opens a new connection on a
+//! reused client port: the old flow is forgotten and the SYN decided anew.
+//! How a packet gets to its backend is the service's mode:
 //!
 //! - nat: the destination becomes the backend. Replies from a backend
 //!   address:port are translated back to the VIP:port found in the
@@ -652,6 +675,14 @@ impl Pipeline {
             return Verdict::Drop(DropReason::Malformed);
         }
         let (src, dst, proto, ttl) = (ip.src_addr(), ip.dst_addr(), ip.protocol(), ip.ttl());
+        // Before anything can answer, forward, track or punt the packet:
+        // see the module documentation on martian sources.
+        if snap.is_martian_source(src) {
+            if src == 0 && self.punts(in_port) && Self::is_group(snap, in_port, dst) {
+                return Verdict::Punt(in_port);
+            }
+            return Verdict::Drop(DropReason::MartianSource);
+        }
         let (hl, total) = (ip.header_len(), usize::from(ip.total_len()));
         let fragment = ip.is_fragment();
         let (hdr, l4) = rest.split_at_mut(hl);
@@ -674,7 +705,16 @@ impl Pipeline {
                 let Ok((sport, dport)) = ports else {
                     return Verdict::Drop(DropReason::Malformed);
                 };
-                let tcp_flags = if proto == ipv4::protocol::TCP { tcp::Packet::new_unchecked(&*l4).flags() } else { 0 };
+                let tcp_flags = if proto == ipv4::protocol::TCP {
+                    let flags = tcp::Packet::new_unchecked(&*l4).flags();
+                    // Either way, before any flow is created or changed.
+                    if is_bad_tcp_flags(flags) {
+                        return Verdict::Drop(DropReason::BadTcpFlags);
+                    }
+                    flags
+                } else {
+                    0
+                };
 
                 // The pass ahead read the same bytes, so its answer stands.
                 let (svc, hash) = match ahead {
@@ -898,10 +938,14 @@ impl Pipeline {
     }
 
     /// The backend of a client packet's flow: the one its tracked flow has,
-    /// or for a new flow the one Maglev picks (then tracked). A flow keeps
-    /// its backend when backends are added, removed or reweighted (weight 0
-    /// drains: Maglev stops picking the backend, its flows go on); a flow
-    /// whose backend left the service is moved to the backend Maglev picks.
+    /// or for a new flow the one Maglev picks ([`Pipeline::new_flow`]). A
+    /// flow keeps its backend when backends are added, removed or
+    /// reweighted (weight 0 drains: Maglev stops picking the backend, its
+    /// flows go on); a flow whose backend left the service is moved to the
+    /// backend Maglev picks. A SYN (without ACK) on a tracked flow whose
+    /// connection is over (FIN or RST seen), or whose backend takes no new
+    /// flows, opens a new connection on a reused client port: the old flow
+    /// is forgotten and the new one decided afresh.
     #[inline]
     fn backend_for(
         &mut self,
@@ -917,8 +961,9 @@ impl Pipeline {
         let fullnat = matches!(svc.mode, Mode::FullNat { .. });
         if let Some(flow) = self.flows.lookup_hashed(key, hash, now) {
             let e = *self.flows.get(flow);
-            if fullnat != (e.snat_addr != 0) {
-                // The service changed mode under this flow: start afresh.
+            if fullnat != (e.snat_addr != 0) || (is_opening(key.protocol, tcp_flags) && !Self::reusable(svc, &e)) {
+                // The service changed mode under this flow, or a new
+                // connection reuses its tuple: start afresh.
                 self.forget(flow);
                 return self.new_flow(svc, key, hash, tcp_flags, now);
             }
@@ -968,19 +1013,52 @@ impl Pipeline {
         self.new_flow(svc, key, hash, tcp_flags, now)
     }
 
-    /// Tracks a new flow: Maglev picks the backend; a FullNAT flow also
-    /// takes a source pair from this worker's slice of the pool.
+    /// Whether a client's SYN on tracked flow `e` belongs to the flow (a
+    /// retransmission while the handshake or connection goes on, to a
+    /// backend that still takes new flows) rather than opening a new
+    /// connection on the same client port. Runs for SYNs only.
+    #[cold]
+    #[inline(never)]
+    fn reusable(svc: &Service, e: &FlowEntry) -> bool {
+        if e.state == FlowState::TcpClosing {
+            return false;
+        }
+        let same = |b: &&Backend| b.addr == e.backend_addr && b.port == e.backend_port;
+        let backend = svc.backends.get(usize::from(e.backend_index)).filter(same);
+        let backend = backend.or_else(|| svc.backends.iter().find(same));
+        backend.is_some_and(|b| b.takes_new_flows)
+    }
+
+    /// The new-flow decision: every client packet that no tracked flow
+    /// takes comes here, once, and nowhere else. Maglev picks the backend.
+    ///
+    /// - A TCP SYN opens a connection that is not proved yet (its source
+    ///   may be spoofed): with nat and dsr it is forwarded on Maglev's
+    ///   choice but not tracked, and the client's first ACK (or any later
+    ///   segment) creates the flow on the same choice. With fullnat the
+    ///   backend's SYN-ACK needs a source pair, so the flow is tracked from
+    ///   the SYN, half-open, in a slot that never evicts a flow past its
+    ///   handshake ([`FlowTable::insert_half_open_hashed`]); no such slot is
+    ///   a drop as `snat_exhausted` (the client retransmits).
+    /// - Anything else is tracked at once; a FullNAT flow also takes a
+    ///   source pair from this worker's slice of the pool.
+    ///
+    /// A check on new flows (a limit per service) belongs here, after
+    /// Maglev's choice. Note that a nat or dsr connection comes here twice,
+    /// with its SYN (`opening`, untracked) and with its first ACK (tracked),
+    /// so a count of connections should count only one of the two.
     #[inline]
     fn new_flow(&mut self, svc: &Service, key: &FlowKey, hash: FlowHash, tcp_flags: u16, now: u64) -> Choice {
         let spread = flow_hash(key);
         let Some(i) = svc.maglev.lookup(spread) else { return Choice::None };
         let b = svc.backends[usize::from(i)];
+        let opening = is_opening(key.protocol, tcp_flags);
         let mut entry = FlowEntry::new(key, FlowState::of_first_packet(key.protocol, tcp_flags));
         entry.backend_addr = b.addr;
         entry.backend_port = b.port;
         entry.backend_index = i;
         entry.set_stats_slot(b.stats);
-        if let Mode::FullNat { pool } = svc.mode {
+        let outcome = if let Mode::FullNat { pool } = svc.mode {
             let binding = Binding { key: *key, backend_addr: b.addr, backend_port: b.port, stats: b.stats, live: true };
             // The other half of the hash than Maglev's slot choice.
             let Some((addr, port)) = self.snat.allocate(pool, spread.rotate_left(16), binding) else {
@@ -988,8 +1066,20 @@ impl Pipeline {
             };
             entry.snat_addr = addr;
             entry.snat_port = port;
-        }
-        let (_, outcome) = self.flows.insert_hashed(entry, hash, now);
+            if opening {
+                let Some((_, outcome)) = self.flows.insert_half_open_hashed(entry, hash, now) else {
+                    self.snat.release(addr, port);
+                    return Choice::Exhausted;
+                };
+                outcome
+            } else {
+                self.flows.insert_hashed(entry, hash, now).1
+            }
+        } else if opening {
+            return Choice::Backend(Chosen { index: i, snat_port: 0, snat_addr: 0 });
+        } else {
+            self.flows.insert_hashed(entry, hash, now).1
+        };
         self.counters.flows_created.inc();
         self.stats.flow_in(b.stats, entry.is_established(), true);
         if outcome.is_eviction() {
@@ -1230,6 +1320,37 @@ fn is_control_protocol(frame: &[u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// Bit `f` is set for each combination `f` of the six classic TCP flags
+/// (FIN, SYN, RST, PSH, ACK, URG: the low bits of the flags word) that no
+/// connection can carry: SYN with FIN or RST, FIN without ACK, and none of
+/// the six at all (ECE, CWR and NS alone count as none).
+const BAD_TCP_FLAGS: u64 = {
+    let (fin, syn, rst, ack) = (tcp::flags::FIN, tcp::flags::SYN, tcp::flags::RST, tcp::flags::ACK);
+    let mut mask = 0u64;
+    let mut f = 0u16;
+    while f < 64 {
+        let bad = (f & syn != 0 && f & (fin | rst) != 0) || (f & fin != 0 && f & ack == 0) || f == 0;
+        if bad {
+            mask |= 1 << f;
+        }
+        f += 1;
+    }
+    mask
+};
+
+/// True if a TCP segment with `flags` is impossible ([`BAD_TCP_FLAGS`]):
+/// one shift and one test.
+#[inline(always)]
+fn is_bad_tcp_flags(flags: u16) -> bool {
+    (BAD_TCP_FLAGS >> (flags & 0x3f)) & 1 != 0
+}
+
+/// True if a client's segment opens a TCP connection: SYN without ACK.
+#[inline(always)]
+fn is_opening(protocol: u8, tcp_flags: u16) -> bool {
+    protocol == ipv4::protocol::TCP && tcp_flags & (tcp::flags::SYN | tcp::flags::ACK) == tcp::flags::SYN
 }
 
 /// True if `l4` starts with an ICMP echo request (type 8, code 0), the one

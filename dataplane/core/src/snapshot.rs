@@ -341,6 +341,11 @@ pub struct Backend {
     pub tunnel_src: u32,
     /// Its stats slot ([`BackendSpec::stats_slot`]).
     pub stats: u32,
+    /// Whether it takes new flows (weight above 0). A drained, disabled or
+    /// failed backend is compiled with weight 0: Maglev never picks it, and
+    /// a new connection (a SYN) on a flow still tracked to it is given a
+    /// fresh choice instead of reusing the old flow's backend.
+    pub takes_new_flows: bool,
 }
 
 /// A service's forwarding mode, compiled.
@@ -516,6 +521,12 @@ pub struct Snapshot {
     /// are not for a pool address are told so by one load and a mask,
     /// without a hash lookup.
     pool_filter: [u64; 4],
+    /// The exact addresses no packet may come from (port addresses, the
+    /// directed broadcasts of port subnets, VIPs, pool addresses) and
+    /// their [`filter_bit`]s, as for `pool_filter`: see
+    /// [`Snapshot::is_martian_source`].
+    martians: HashSet<u32, RandomState>,
+    martian_filter: [u64; 4],
 }
 
 /// A MAC address as the low six bytes of a little-endian `u64` (the top two
@@ -559,6 +570,25 @@ fn build_maglev(s: &ServiceSpec) -> Result<MaglevTable, SnapshotError> {
 #[inline(always)]
 fn filter_bit(addr: u32) -> usize {
     (addr.wrapping_mul(0x9E37_79B1) >> 24) as usize
+}
+
+/// The 256-bit filter of `addrs`: bit [`filter_bit`] of each is set.
+fn address_filter<'a>(addrs: impl Iterator<Item = &'a u32>) -> [u64; 4] {
+    addrs.fold([0u64; 4], |mut f, &a| {
+        f[filter_bit(a) / 64] |= 1 << (filter_bit(a) % 64);
+        f
+    })
+}
+
+/// True if `addr` is in a prefix no packet may come from (RFC 1812 5.3.7,
+/// RFC 1122 3.2.1.3): 0.0.0.0/8 ("this network"), 127.0.0.0/8 (loopback),
+/// 224.0.0.0/4 (multicast) and 240.0.0.0/4 (class E, with the limited
+/// broadcast 255.255.255.255). One shift and two compares.
+#[inline(always)]
+#[must_use]
+pub fn is_martian_prefix(addr: u32) -> bool {
+    let octet = addr >> 24;
+    octet == 0 || octet == 127 || octet >= 224
 }
 
 fn ip4(a: u32) -> std::net::Ipv4Addr {
@@ -698,13 +728,27 @@ impl Snapshot {
                                 .unwrap_or(0)
                         }
                     };
-                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
+                    backends.push(Backend {
+                        addr: b.addr,
+                        port: b.port,
+                        next_hop,
+                        tunnel_src,
+                        stats: b.stats_slot,
+                        takes_new_flows: b.weight > 0,
+                    });
                     continue;
                 }
                 if !matches!(s.mode, ForwardingMode::Nat) {
                     // FullNAT replies are found by their source-pool
                     // destination, not by the backend's address.
-                    backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
+                    backends.push(Backend {
+                        addr: b.addr,
+                        port: b.port,
+                        next_hop,
+                        tunnel_src,
+                        stats: b.stats_slot,
+                        takes_new_flows: b.weight > 0,
+                    });
                     continue;
                 }
                 if let Some(&owner) = reverse_owner.get(&rkey) {
@@ -718,7 +762,14 @@ impl Snapshot {
                 }
                 reverse_owner.insert(rkey, si);
                 reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port, stats: b.stats_slot });
-                backends.push(Backend { addr: b.addr, port: b.port, next_hop, tunnel_src, stats: b.stats_slot });
+                backends.push(Backend {
+                    addr: b.addr,
+                    port: b.port,
+                    next_hop,
+                    tunnel_src,
+                    stats: b.stats_slot,
+                    takes_new_flows: b.weight > 0,
+                });
             }
             let mode = match &s.mode {
                 ForwardingMode::Nat => Mode::Nat,
@@ -765,6 +816,18 @@ impl Snapshot {
                 spec: s.clone(),
             }));
         }
+        let mut martians: HashSet<u32, RandomState> = HashSet::with_hasher(RandomState::new());
+        for p in &ports {
+            for c in &p.addresses {
+                martians.insert(c.addr);
+                // /31 and /32 have no broadcast address (RFC 3021).
+                if c.len < 31 {
+                    martians.insert(c.addr | !Route::mask(c.len));
+                }
+            }
+        }
+        martians.extend(vips.iter().copied());
+        martians.extend(pool_addresses.keys().copied());
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let next_hops = next_hops.list;
         let source_pools = spec.source_pools.clone();
@@ -794,10 +857,9 @@ impl Snapshot {
             next_hops,
             static_neighbours,
             source_pools,
-            pool_filter: pool_addresses.keys().fold([0u64; 4], |mut f, &a| {
-                f[filter_bit(a) / 64] |= 1 << (filter_bit(a) % 64);
-                f
-            }),
+            pool_filter: address_filter(pool_addresses.keys()),
+            martian_filter: address_filter(martians.iter()),
+            martians,
             pool_addresses,
         })
     }
@@ -912,6 +974,21 @@ impl Snapshot {
     #[inline]
     pub fn is_vip(&self, addr: u32) -> bool {
         self.vips.contains(&addr)
+    }
+
+    /// True if no packet may arrive from `addr` (a "martian" source, RFC
+    /// 1812 5.3.7): a fixed prefix ([`is_martian_prefix`]), a port
+    /// address, the directed broadcast of a port's subnet, a VIP or a
+    /// source pool address. Nearly every source is told apart by the first
+    /// octet and one filter word; only the few whose filter bit is set pay
+    /// a hash lookup.
+    #[inline(always)]
+    pub fn is_martian_source(&self, addr: u32) -> bool {
+        if is_martian_prefix(addr) {
+            return true;
+        }
+        let bit = filter_bit(addr);
+        self.martian_filter[bit / 64] & (1 << (bit % 64)) != 0 && self.martians.contains(&addr)
     }
 
     /// The port owning gateway address `addr`.

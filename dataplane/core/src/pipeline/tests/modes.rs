@@ -3,13 +3,13 @@
 use super::*;
 use crate::snapshot::{ForwardingMode, SourcePoolSpec};
 
-const POOL_ADDR: u32 = ip(198, 18, 1, 100);
-const POOL_ADDR2: u32 = ip(198, 18, 1, 101);
+pub(super) const POOL_ADDR: u32 = ip(198, 18, 1, 100);
+pub(super) const POOL_ADDR2: u32 = ip(198, 18, 1, 101);
 const TUNNEL: Ipv4Cidr = Ipv4Cidr { addr: ip(198, 18, 3, 0), len: 24 };
 
 /// The base spec with both services in `mode` (a pool `p` of `ports` for
 /// FullNAT; DSR backends listen on the service port).
-fn spec_mode(mode: &ForwardingMode, ports: (u16, u16)) -> SnapshotSpec {
+pub(super) fn spec_mode(mode: &ForwardingMode, ports: (u16, u16)) -> SnapshotSpec {
     let mut s = spec();
     s.source_pools = vec![SourcePoolSpec {
         name: "p".into(),
@@ -28,16 +28,16 @@ fn spec_mode(mode: &ForwardingMode, ports: (u16, u16)) -> SnapshotSpec {
     s
 }
 
-fn fullnat() -> ForwardingMode {
+pub(super) fn fullnat() -> ForwardingMode {
     ForwardingMode::FullNat { pool: "p".into() }
 }
 
-fn dsr() -> ForwardingMode {
+pub(super) fn dsr() -> ForwardingMode {
     ForwardingMode::Dsr { tunnel_source: Some(TUNNEL) }
 }
 
 impl Rig {
-    fn with_spec(spec: &SnapshotSpec) -> Rig {
+    pub(super) fn with_spec(spec: &SnapshotSpec) -> Rig {
         let mut r = Rig::resolved();
         r.snap = Snapshot::build(spec).unwrap();
         r
@@ -45,7 +45,7 @@ impl Rig {
 
     /// Runs one frame with `headroom` free bytes before it; returns the
     /// verdict and the frame as it leaves (from its possibly new start).
-    fn run_with_headroom(&mut self, port: u16, frame: &[u8], headroom: usize) -> (Verdict, Vec<u8>) {
+    pub(super) fn run_with_headroom(&mut self, port: u16, frame: &[u8], headroom: usize) -> (Verdict, Vec<u8>) {
         let mut buf = vec![0u8; headroom];
         buf.extend_from_slice(frame);
         let mut pkts = [RxPacket::with_headroom(port, &mut buf, headroom)];
@@ -59,7 +59,7 @@ impl Rig {
 /// Splits an IPIP frame into its outer header fields (checked with
 /// etherparse) and the inner packet as a frame of its own, for `inspect`.
 /// Returns (eth src, eth dst, outer src, outer dst, outer ttl, inner frame).
-fn decapsulate(frame: &[u8]) -> ([u8; 6], [u8; 6], u32, u32, u8, Vec<u8>) {
+pub(super) fn decapsulate(frame: &[u8]) -> ([u8; 6], [u8; 6], u32, u32, u8, Vec<u8>) {
     let eth = etherparse::Ethernet2HeaderSlice::from_slice(frame).expect("ethernet");
     assert_eq!(eth.ether_type(), etherparse::EtherType::IPV4);
     let outer = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).expect("outer IPv4").to_header();
@@ -250,7 +250,7 @@ fn dsr_backends_must_listen_on_the_service_port() {
 }
 
 /// Two pipelines, workers 0 and 1 of 2, with every neighbour resolved.
-fn two_workers(spec: &SnapshotSpec) -> (Snapshot, [Rig; 2]) {
+pub(super) fn two_workers(spec: &SnapshotSpec) -> (Snapshot, [Rig; 2]) {
     let snap = Snapshot::build(spec).unwrap();
     let mk = |w| {
         let mut r = Rig::with_spec(spec);
@@ -263,7 +263,7 @@ fn two_workers(spec: &SnapshotSpec) -> (Snapshot, [Rig; 2]) {
 /// Processes `frame` as RSS would deliver it to worker `first`, following a
 /// hand-off to the owner. Returns the verdict, the worker that decided, the
 /// frame as it leaves, and whether it was handed off.
-fn deliver(rigs: &mut [Rig; 2], first: usize, port: u16, frame: &[u8]) -> (Verdict, usize, Vec<u8>, bool) {
+pub(super) fn deliver(rigs: &mut [Rig; 2], first: usize, port: u16, frame: &[u8]) -> (Verdict, usize, Vec<u8>, bool) {
     let (v, out) = rigs[first].run_with_headroom(port, frame, 64);
     let Verdict::Handoff(w) = v else { return (v, first, out, false) };
     let w = usize::from(w);
@@ -287,7 +287,8 @@ fn with_two_workers_both_directions_of_every_flow_meet_one_owner_in_every_mode()
         for sport in 1000..1400u16 {
             // RSS is free to deliver either direction to either worker.
             let first = usize::from(sport % 3 == 0);
-            let f = tcp_frame((CLIENT, sport), (VIP, 80), 64, b"");
+            // Past the handshake: a segment that is tracked in every mode.
+            let f = with_flags(tcp_frame((CLIENT, sport), (VIP, 80), 64, b""), 0x10);
             let (v, owner, out, h) = deliver(&mut rigs, first, 0, &f);
             handed += usize::from(h);
             assert_eq!(v, Verdict::Transmit(1), "{} flow {sport}", mode.name());
