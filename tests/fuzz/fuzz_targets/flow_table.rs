@@ -17,7 +17,10 @@
 //! - `Evicted` hands back a live entry only when both candidate buckets of
 //!   the new key are full of live entries after the insert (the table was
 //!   full in that region), and the evicted entry expired no later than any
-//!   other entry left in them;
+//!   other entry left in them; the half-open insert evicts only half-open
+//!   entries (the closest to expiry among them), and refuses, changing
+//!   nothing, only when the buckets are full of live entries none of which
+//!   is half-open;
 //! - `occupied` is the number of entries held, `count_live` the live ones,
 //!   and a sweep over every slot leaves no expired entry behind;
 //! - the TCP state machine follows the documented rules.
@@ -128,13 +131,30 @@ impl Rig {
         got
     }
 
-    fn insert(&mut self, key: FlowKey, state: FlowState) {
+    fn insert(&mut self, key: FlowKey, state: FlowState, half_open: bool) {
         let id = self.next_id;
         self.next_id += 1;
         let was_live = self.live_id(&key);
         let mut e = FlowEntry::new(&key, state);
         e.backend_addr = id;
-        let (r, outcome) = self.table.insert(e, self.now);
+        let (r, outcome) = if half_open {
+            let before = (self.table.occupied(), self.table.count_live(self.now));
+            match self.table.insert_half_open_hashed(e, self.table.hash_key(&key), self.now) {
+                Some(done) => done,
+                None => {
+                    assert!(was_live.is_none(), "a half-open insert refused a key it holds");
+                    assert_eq!(
+                        before,
+                        (self.table.occupied(), self.table.count_live(self.now)),
+                        "a refusal changed the table"
+                    );
+                    self.check_full_region(&key, None, true);
+                    return;
+                }
+            }
+        } else {
+            self.table.insert(e, self.now)
+        };
         assert_eq!(self.table.get(r).backend_addr, id, "insert's handle");
         match outcome {
             InsertOutcome::Replaced(old) => {
@@ -151,7 +171,15 @@ impl Rig {
                     InsertOutcome::Evicted(old) => {
                         let m = self.handed_back(&old, "evicted");
                         assert!(self.live(&m), "an expired entry was reported evicted");
-                        self.check_eviction(&key, &m);
+                        if half_open {
+                            assert_eq!(
+                                m.state,
+                                FlowState::TcpSynSent,
+                                "a half-open insert evicted a {:?} flow",
+                                m.state
+                            );
+                        }
+                        self.check_full_region(&key, Some(&m), half_open);
                     }
                     InsertOutcome::Vacant | InsertOutcome::Replaced(_) => {}
                 }
@@ -161,27 +189,37 @@ impl Rig {
         self.held.insert(id, Model { key, state, flags: 0, expiry });
     }
 
-    /// An eviction is allowed only when the new key's two buckets hold
-    /// live entries in every slot, and it took the one closest to expiry.
-    fn check_eviction(&self, key: &FlowKey, evicted: &Model) {
+    /// An eviction (`evicted`) or a refusal (`None`) is allowed only when
+    /// the key's two buckets hold live entries in every slot; an eviction
+    /// takes the one closest to expiry (among the half-open ones for a
+    /// half-open insert), and a half-open insert is refused only when none
+    /// of them is half-open.
+    fn check_full_region(&self, key: &FlowKey, evicted: Option<&Model>, half_open: bool) {
         let [a, b] = self.table.candidate_buckets(self.table.hash_key(key));
         let slots = if a == b { SLOTS_PER_BUCKET } else { 2 * SLOTS_PER_BUCKET };
         let mut in_region = 0;
-        for m in self.held.values().filter(|m| self.live(m)) {
+        for m in self.held.values().filter(|m| self.live(m) && m.key != *key) {
             let r = self.table.find(&m.key, self.now).expect("a live model entry is in the table");
             let bucket = r.slot() / SLOTS_PER_BUCKET;
-            if bucket == a || bucket == b {
-                in_region += 1;
-                assert!(
-                    evicted.expiry <= m.expiry || m.key == *key,
+            if bucket != a && bucket != b {
+                continue;
+            }
+            in_region += 1;
+            let candidate = !half_open || m.state == FlowState::TcpSynSent;
+            match evicted {
+                Some(e) => assert!(
+                    !candidate || e.expiry <= m.expiry,
                     "evicted an entry expiring at {} while one expiring at {} stayed",
-                    evicted.expiry,
+                    e.expiry,
                     m.expiry
-                );
+                ),
+                None => assert!(!candidate, "a half-open insert was refused while a half-open entry could go"),
             }
         }
-        // The new entry is not in the model yet.
-        assert_eq!(in_region + 1, slots, "evicted while the key's buckets had a free slot");
+        // After an eviction the new entry (not in the model yet) holds the
+        // evicted one's slot.
+        let expected = if evicted.is_some() { slots - 1 } else { slots };
+        assert_eq!(in_region, expected, "evicted or refused while the key's buckets had a free slot");
     }
 
     fn check_counts(&self) {
@@ -220,12 +258,16 @@ fuzz_target!(|data: &[u8]| {
         match input.u8() % 10 {
             0..=2 => {
                 let k = key(input.u8());
-                let state = if k.protocol == UDP {
-                    FlowState::Udp
+                let (state, half_open) = if k.protocol == UDP {
+                    (FlowState::Udp, false)
                 } else {
-                    FlowState::of_first_packet(TCP, u16::from(input.u8()))
+                    let flags = input.u8();
+                    // The half-open insert is for SYN-only flows, as the
+                    // pipeline uses it.
+                    let state = FlowState::of_first_packet(TCP, u16::from(flags & 0x7f));
+                    (state, flags & 0x80 != 0 && state == FlowState::TcpSynSent)
                 };
-                rig.insert(k, state);
+                rig.insert(k, state, half_open);
             }
             3 => {
                 rig.check_lookup(&key(input.u8()), true);
