@@ -7,7 +7,8 @@
 # target in the workspace (the e2e tests run target/debug/vipgated);
 # cargo fmt --check and cargo clippy -D warnings; cargo nextest run --workspace --no-fail-fast; a smoke run of the
 # packet-rate benchmark (scripts/bench-dataplane.sh --smoke) and of the
-# publication benchmark (benches/publish.rs --smoke); cargo test
+# publication benchmark (benches/publish.rs --smoke); each fuzz target
+# for 20 s (scripts/fuzz.sh --time 20; a crash fails the run); cargo test
 # --doc (when the workspace has doc tests); then a sweep for anything the
 # tests left behind.
 #
@@ -207,6 +208,9 @@ if step build cargo build --workspace --all-targets; then
 	# kind), debug build, against the vipgated just built: proves it runs
 	# and that every change becomes visible to every worker.
 	step publish-smoke cargo bench --profile dev -p vipgate --bench publish -- --smoke || true
+	# The fuzz targets, briefly: an instrumented build, then 20 s each from
+	# the seed corpora (the long runs are in docs/fuzzing.md).
+	step fuzz "$VG_SCRIPTS_DIR/fuzz.sh" --time 20 || true
 	# Doc tests: nextest does not run them.
 	if grep -rqE '^[[:space:]]*//[/!][[:space:]]*```' --include='*.rs' \
 		ffi dataplane controlplane tests/support 2>/dev/null; then
@@ -220,6 +224,7 @@ else
 	record nextest SKIP "build failed"
 	record bench-smoke SKIP "build failed"
 	record publish-smoke SKIP "build failed"
+	record fuzz SKIP "build failed"
 	record doctests SKIP "build failed"
 fi
 

@@ -24,6 +24,9 @@ pub use server::{
     BoundSocket, GatewayService, WORKER_STALL_LIMIT, bind_unix, serve_bound, serve_bound_with_state, serve_unix,
 };
 pub use services::ServiceManagerService;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use services::fuzzing;
 pub use tcp::{
     BoundTcp, CONCURRENCY_PER_CONNECTION, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
     MAX_CONCURRENT_STREAMS, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, REQUEST_TIMEOUT, TcpSettings, bind_tcp, serve_tcp,

@@ -1432,11 +1432,9 @@ impl Validator<'_> {
                 );
             };
             let path = Path::new(v.get_ref());
-            let text = match std::fs::read(path) {
+            let text = match read_pem_file(path) {
                 Ok(t) => t,
-                Err(e) => {
-                    return self.err(v.span(), format!("api.{key}"), format!("cannot read {}: {e}", path.display()));
-                }
+                Err(reason) => return self.err(v.span(), format!("api.{key}"), reason),
             };
             if let Err(reason) = kind.check(&text) {
                 return self.err(v.span(), format!("api.{key}"), format!("{}: {reason}", path.display()));
@@ -1683,6 +1681,27 @@ pub(crate) fn check_bounds<T: PartialOrd + std::fmt::Display>(
 }
 
 /// A TCP or UDP port number, 1 to 65535.
+/// The largest TLS file `[api]` reads: a certificate chain or a CA bundle
+/// is a few kilobytes.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Reads a PEM file of at most [`MAX_PEM_BYTES`]. Anything but a regular
+/// file is refused before it is opened: a device such as /dev/zero never
+/// ends, and opening a FIFO blocks.
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(path).and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut text)).map_err(cannot)?;
+    if text.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!("{} is larger than {MAX_PEM_BYTES} bytes", path.display()));
+    }
+    Ok(text)
+}
+
 pub(crate) fn check_port_number(v: i64) -> Result<u16, String> {
     match u16::try_from(v) {
         Ok(p) if p != 0 => Ok(p),

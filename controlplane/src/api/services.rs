@@ -613,3 +613,38 @@ mod tests {
         assert_eq!(e.message(), "services[\"svc\"].backends: 65536 backends; at most 65535 per service");
     }
 }
+
+/// The request conversions, public for the fuzz targets (`tests/fuzz`)
+/// only: the feature `fuzzing` is off in every build of the gateway.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// A service from a request, as `CreateService` and `Apply` convert it.
+    pub fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
+        super::service_from(s)
+    }
+
+    /// A source pool from a request, as `CreateSourcePool` and `Apply`
+    /// convert it.
+    pub fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
+        super::pool_from(p)
+    }
+
+    /// A backend from an `AddBackend` request (`index`: its place in the
+    /// service, for error paths).
+    pub fn backend_from(b: &pb::Backend, service: &str, index: usize) -> Result<BackendState, Status> {
+        super::backend_from(b, service, index)
+    }
+
+    /// A dynamic service as `GetState` shows it (no health known).
+    pub fn service_to(s: &ServiceState) -> pb::Service {
+        dynamic_service(s, &HealthStatus::default())
+    }
+
+    /// A dynamic source pool as `GetState` shows it.
+    pub fn pool_to(p: &PoolState) -> pb::SourcePool {
+        dynamic_pool(p)
+    }
+}

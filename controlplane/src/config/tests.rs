@@ -732,6 +732,22 @@ fn api_tls_errors_name_line_field_and_file() {
 }
 
 #[test]
+fn api_tls_files_must_be_regular_files_of_at_most_a_mebibyte() {
+    let f = TlsFiles::new("size");
+    let full = f.full();
+    // A PEM file is a few kilobytes: a larger one is refused, not read whole.
+    std::fs::write(f.dir.join("huge.pem"), vec![b'x'; (1 << 20) + 1]).unwrap();
+    let err = parse(&f.config(&full.replace("cert.pem", "huge.pem"))).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("/etc/vipgate/test.toml:17: api.tls_cert: {} is larger than 1048576 bytes", f.path("huge.pem"))
+    );
+    // A device never ends (or blocks, like a FIFO): it is not read at all.
+    let err = parse(&f.config(&full.replace(&f.path("key.pem"), "/dev/zero"))).unwrap_err().to_string();
+    assert_eq!(err, "/etc/vipgate/test.toml:18: api.tls_key: /dev/zero is not a regular file");
+}
+
+#[test]
 fn api_tcp_settings_need_a_restart() {
     let f = TlsFiles::new("restart");
     let running = parse(&f.config(&f.full())).unwrap();
