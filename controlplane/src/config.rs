@@ -1351,6 +1351,7 @@ impl Validator<'_> {
                 flow_capacity: flows as usize,
                 flow_timeouts,
                 backend_slots: max_backends as usize,
+                ..PipelineConfig::default()
             },
         };
         let (api_tcp, api_max_request_bytes) = self.api_tcp(&raw.api)?;

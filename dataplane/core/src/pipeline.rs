@@ -222,6 +222,12 @@ pub struct PipelineConfig {
     /// Per-backend stats slots ([`crate::stats`]) of a pipeline made with
     /// [`Pipeline::new`].
     pub backend_slots: usize,
+    /// Cells per row of the new-flow limiter's sketch ([`crate::admission`]).
+    pub new_flow_sketch_width: usize,
+    /// Fixed seeds for the flow table's and the limiter's keyed hashes, so
+    /// that a run replays exactly (tests, fuzzing, benchmarks). `None`, as
+    /// a gateway runs: random seeds an attacker cannot predict.
+    pub seed: Option<u64>,
 }
 
 impl Default for PipelineConfig {
@@ -232,6 +238,8 @@ impl Default for PipelineConfig {
             flow_capacity: crate::flow::DEFAULT_CAPACITY,
             flow_timeouts: FlowTimeouts::default(),
             backend_slots: crate::stats::DEFAULT_SLOTS,
+            new_flow_sketch_width: admission::DEFAULT_WIDTH,
+            seed: None,
         }
     }
 }
@@ -329,7 +337,10 @@ impl Pipeline {
     pub fn with_stats(config: PipelineConfig, counters: Arc<WorkerCounters>, stats: Arc<BackendStats>) -> Self {
         Pipeline {
             neighbours: NeighbourTable::new(config.neighbour_capacity, config.neighbour_timers),
-            flows: FlowTable::new(config.flow_capacity, config.flow_timeouts),
+            flows: match config.seed {
+                Some(seed) => FlowTable::with_seed(config.flow_capacity, config.flow_timeouts, seed),
+                None => FlowTable::new(config.flow_capacity, config.flow_timeouts),
+            },
             counters,
             solicitations: ArrayVec::new(),
             next_hop_macs: Vec::new(),
@@ -343,7 +354,10 @@ impl Pipeline {
             snat: SnatTable::new(0, 1),
             stats,
             kernel_ports: Vec::new(),
-            admission: NewFlowLimiter::new(admission::DEFAULT_WIDTH),
+            admission: match config.seed {
+                Some(seed) => NewFlowLimiter::with_seed(config.new_flow_sketch_width, seed),
+                None => NewFlowLimiter::new(config.new_flow_sketch_width),
+            },
         }
     }
 

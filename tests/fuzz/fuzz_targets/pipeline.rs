@@ -33,6 +33,7 @@ use std::sync::{Arc, OnceLock};
 
 use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
 use libfuzzer_sys::fuzz_target;
+use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::pipeline::{NoPrefetch, Pipeline, PipelineConfig, RxPacket, Verdict, neighbour_inboxes};
 use vipgate_dataplane::snapshot::{
@@ -136,6 +137,7 @@ fn service(name: &str, vip: u32, port: u16, protocol: Protocol, b: Vec<BackendSp
         backends: b,
         on_backend_removal: OnBackendRemoval::Rehash,
         mode: ForwardingMode::Nat,
+        new_flow_limit: None,
     }
 }
 
@@ -157,11 +159,15 @@ fn spec(variant: u8) -> SnapshotSpec {
     let mut web = service("web", VIP1, 80, Protocol::Tcp, backends(&WEB, web_w));
     let mut dns = service("dns", VIP1, 53, Protocol::Udp, backends(&DNS, dns_w));
     dns.on_backend_removal = OnBackendRemoval::Reset;
+    // A few new flows a second per /24, so that sources run over it.
+    let limit = NewFlowLimit { per_second: 5, burst: 3, prefix_len: 24 };
+    dns.new_flow_limit = Some(limit);
     if variant == 2 {
         web.on_backend_removal = OnBackendRemoval::Reset;
     }
     let mut fnat = service("fnat", VIP2, 443, Protocol::Tcp, backends(&FNAT, fnat_w));
     fnat.mode = ForwardingMode::FullNat { pool: "pool".into() };
+    fnat.new_flow_limit = Some(NewFlowLimit { prefix_len: 32, ..limit });
     let mut fnat_udp = service("fnat-udp", VIP2, 53, Protocol::Udp, backends(&FNAT, &[1, 1]));
     fnat_udp.mode = ForwardingMode::FullNat { pool: "pool".into() };
     let mut dsr = service("dsr", VIP3, 80, Protocol::Tcp, backends(&DSR, dsr_w));
@@ -282,8 +288,17 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         let inboxes = neighbour_inboxes(WORKERS);
-        let config =
-            PipelineConfig { flow_capacity: 256, neighbour_capacity: 64, backend_slots: 64, ..Default::default() };
+        // Small tables, so that evictions and a full pool are reached and
+        // each run builds its rig quickly; fixed seeds, so that a crash
+        // replays exactly.
+        let config = PipelineConfig {
+            flow_capacity: 256,
+            neighbour_capacity: 64,
+            backend_slots: 64,
+            new_flow_sketch_width: 64,
+            seed: Some(0x5eed),
+            ..Default::default()
+        };
         let workers = (0..WORKERS)
             .map(|w| {
                 let counters = Arc::new(WorkerCounters::default());
