@@ -161,6 +161,15 @@ fn service(input: &mut Input<'_>) -> pb::Service {
         origin: number(input, &[0, 1, 2, 9]) as i32,
         health_check: input.u8().is_multiple_of(4).then(|| health_check(input)),
         flow_timeouts: (input.u8() == 255).then_some(pb::FlowTimeouts { tcp_established_s: 1, udp_s: 1 }),
+        new_flow_limit: input.u8().is_multiple_of(4).then(|| pb::NewFlowLimit {
+            per_second: number(input, &[100, 0, 1, 1_000_000, 1_000_001]),
+            burst: number(input, &[0, 200, 1, 1_000_001]),
+            prefix_len: match input.u8() % 3 {
+                0 => None,
+                1 => Some(24),
+                _ => Some(number(input, &[0, 32, 33, 255])),
+            },
+        }),
     }
 }
 
