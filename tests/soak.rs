@@ -318,7 +318,16 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
     }
     let present: Vec<usize> = slot.backends.keys().copied().collect();
     let pick = present[rng.below(present.len())];
-    let (kind, result) = match rng.below(20) {
+    // What to do: 0 deletes the service, 1-6 set a weight, 7-10 drain or
+    // undrain, 11-15 add a backend when one is free, the rest remove one
+    // while more than one is left; what cannot be done sets a weight.
+    let roll = match rng.below(20) {
+        11..=15 if present.len() < POOL_BACKENDS => 11,
+        11.. if present.len() > 1 => 16,
+        11.. => 1,
+        r => r,
+    };
+    let (kind, result) = match roll {
         0 => {
             slot.exists = false;
             slot.backends.clear();
@@ -349,29 +358,17 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
             };
             (if draining { "drain" } else { "undrain" }, api.update_backend(r).await.map(drop))
         }
-        11..=15 if present.len() < POOL_BACKENDS => {
+        11 => {
             let new = (0..POOL_BACKENDS).find(|i| !slot.backends.contains_key(&((pick + 1 + i) % POOL_BACKENDS)));
             let new = (pick + 1 + new.expect("a free backend")) % POOL_BACKENDS;
             slot.backends.insert(new, (1, false));
             let r = pb::AddBackendRequest { service: name.clone(), backend: Some(backend(new, d, 1)) };
             ("add backend", api.add_backend(r).await.map(drop))
         }
-        _ if present.len() > 1 => {
+        _ => {
             slot.backends.remove(&pick);
             let r = pb::RemoveBackendRequest { service: name.clone(), address: pool_backend(pick), port: dyn_port(d) };
             ("remove backend", api.remove_backend(r).await.map(drop))
-        }
-        _ => {
-            let weight = 1 + rng.below(5) as u32;
-            slot.backends.insert(pick, (weight, false));
-            let r = pb::UpdateBackendRequest {
-                service: name.clone(),
-                address: pool_backend(pick),
-                port: dyn_port(d),
-                weight: Some(weight),
-                admin_state: pb::AdminState::Enabled as i32,
-            };
-            ("set weight", api.update_backend(r).await.map(drop))
         }
     };
     result.unwrap_or_else(|e| panic!("{kind} on {name}: {e}"));

@@ -741,40 +741,23 @@ impl Snapshot {
                                 .unwrap_or(0)
                         }
                     };
-                    backends.push(Backend {
-                        addr: b.addr,
-                        port: b.port,
-                        next_hop,
-                        tunnel_src,
-                        stats: b.stats_slot,
-                        takes_new_flows: b.weight > 0,
-                    });
-                    continue;
                 }
-                if !matches!(s.mode, ForwardingMode::Nat) {
-                    // FullNAT replies are found by their source-pool
-                    // destination, not by the backend's address.
-                    backends.push(Backend {
-                        addr: b.addr,
-                        port: b.port,
-                        next_hop,
-                        tunnel_src,
-                        stats: b.stats_slot,
-                        takes_new_flows: b.weight > 0,
-                    });
-                    continue;
+                // Replies of nat flows are found by the backend's address;
+                // FullNAT replies by their source-pool destination, and dsr
+                // replies never pass the gateway.
+                if matches!(s.mode, ForwardingMode::Nat) {
+                    if let Some(&owner) = reverse_owner.get(&rkey) {
+                        return Err(SnapshotError::SharedBackend {
+                            addr: ip4(b.addr),
+                            port: b.port,
+                            protocol: s.protocol.name(),
+                            first: spec.services[owner].name.clone(),
+                            second: s.name.clone(),
+                        });
+                    }
+                    reverse_owner.insert(rkey, si);
+                    reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port, stats: b.stats_slot });
                 }
-                if let Some(&owner) = reverse_owner.get(&rkey) {
-                    return Err(SnapshotError::SharedBackend {
-                        addr: ip4(b.addr),
-                        port: b.port,
-                        protocol: s.protocol.name(),
-                        first: spec.services[owner].name.clone(),
-                        second: s.name.clone(),
-                    });
-                }
-                reverse_owner.insert(rkey, si);
-                reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port, stats: b.stats_slot });
                 backends.push(Backend {
                     addr: b.addr,
                     port: b.port,
