@@ -1034,11 +1034,6 @@ impl Pipeline {
             }
             return Choice::Backend(Chosen { index, snat_port: e.snat_port, snat_addr: e.snat_addr });
         }
-        if let Some(limit) = &svc.new_flow_limit
-            && !self.admission.admit(limit, key, tcp_flags, self.workers, now)
-        {
-            return Choice::Limited;
-        }
         self.new_flow(svc, key, hash, tcp_flags, now)
     }
 
@@ -1072,12 +1067,18 @@ impl Pipeline {
     /// - Anything else is tracked at once; a FullNAT flow also takes a
     ///   source pair from this worker's slice of the pool.
     ///
-    /// A check on new flows (a limit per service) belongs here, after
-    /// Maglev's choice. Note that a nat or dsr connection comes here twice,
-    /// with its SYN (`opening`, untracked) and with its first ACK (tracked),
-    /// so a count of connections should count only one of the two.
+    /// The service's new-flow limit is checked here, first: a nat or dsr
+    /// connection comes here twice, with its SYN (`opening`, untracked) and
+    /// with its first ACK (tracked), and the limiter counts only the SYN.
     #[inline]
     fn new_flow(&mut self, svc: &Service, key: &FlowKey, hash: FlowHash, tcp_flags: u16, now: u64) -> Choice {
+        // The service's limit on new flows per source, before Maglev: every
+        // new connection comes here, a SYN reusing a closed flow's tuple too.
+        if let Some(limit) = &svc.new_flow_limit
+            && !self.admission.admit(limit, key, tcp_flags, self.workers, now)
+        {
+            return Choice::Limited;
+        }
         let spread = flow_hash(key);
         let Some(i) = svc.maglev.lookup(spread) else { return Choice::None };
         let b = svc.backends[usize::from(i)];

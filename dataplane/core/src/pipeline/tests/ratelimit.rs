@@ -144,3 +144,17 @@ fn each_worker_takes_its_share_of_the_rate() {
     r.now += 1;
     assert_eq!(run(&mut r, mine[2]), Verdict::Transmit(1));
 }
+
+#[test]
+fn a_new_connection_on_a_closed_flows_tuple_counts_against_the_limit() {
+    let mut r = limited(0, 1, 1, 32);
+    // One connection, admitted, then closed by the client's RST.
+    assert_eq!(syn(&mut r, CLIENT, 30000), Verdict::Transmit(1));
+    assert_eq!(r.run(0, &mut segment(CLIENT, 30000, ACK)), Verdict::Transmit(1));
+    assert_eq!(r.run(0, &mut segment(CLIENT, 30000, 0x04)), Verdict::Transmit(1));
+    // A SYN reusing the closed flow's tuple is a new connection (a fresh
+    // Maglev choice): within the same second it is over the limit, as on
+    // any other tuple.
+    assert_eq!(syn(&mut r, CLIENT, 30000), Verdict::Drop(DropReason::RateLimited));
+    assert_eq!(syn(&mut r, CLIENT, 30001), Verdict::Drop(DropReason::RateLimited));
+}
