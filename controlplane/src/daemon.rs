@@ -13,7 +13,9 @@ use crate::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
 use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use crate::config::Config;
 use crate::health::{self, Checker, HealthStatus, ProbeReport, Transition};
-use crate::state::{self, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView};
+use crate::state::{
+    self, Applied, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView,
+};
 use crate::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
 use crate::store::{Store, StoreError};
 use std::future::Future;
@@ -527,6 +529,8 @@ impl Reloader {
                 .filter(|o| !new.source_pools().iter().any(|p| p.name == o.name))
                 .map(|o| o.name.clone())
                 .collect(),
+            // Static objects have no owner.
+            ..Change::default()
         };
         let compiled = compiling.elapsed();
         log_services(&snapshot);
@@ -562,11 +566,11 @@ impl Reloader {
     /// mutation changes nothing.
     async fn mutate(&mut self, request: MutationRequest, dataplane: &Dataplane) {
         let MutationRequest { mutation, reply } = request;
-        let outcome: Result<u64, StateError> = async {
+        let outcome: Result<Applied, StateError> = async {
             let compiling = Instant::now();
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
-            new.version = self.dynamic.version + 1;
+            new.advance(&change);
             let health = self.checker.plan(health::targets(&self.running, &new));
             // Only what the mutation changed is compiled again; the rest is
             // shared with the snapshot the workers read now.
@@ -584,7 +588,7 @@ impl Reloader {
             self.commit(Arc::clone(&self.running), new, snapshot, compiled, change, dataplane).await?;
             self.checker.apply(health);
             self.announce_state();
-            Ok(self.dynamic.version)
+            Ok(Applied { version: self.dynamic.version, generations: self.dynamic.generations.clone() })
         }
         .await;
         if let Err(e) = &outcome {

@@ -17,7 +17,7 @@ use crate::config::{
     check_weight, is_unicast, parse_cidr,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -37,6 +37,13 @@ pub use crate::config::MAX_BACKENDS;
 pub const MAX_POOLS: usize = 10_000;
 /// Longest service or pool name.
 pub const MAX_NAME_LEN: usize = 253;
+/// The owner of a dynamic object created without one: a person with
+/// vipgatectl.
+pub const DEFAULT_OWNER: &str = "cli";
+/// Longest owner.
+pub const MAX_OWNER_LEN: usize = 128;
+/// At most this many operations in one batch.
+pub const MAX_BATCH: usize = 10_000;
 
 /// The dynamic desired state: everything created through the API.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +56,31 @@ pub struct DesiredState {
     pub services: BTreeMap<String, ServiceState>,
     /// Dynamic source pools by name.
     pub source_pools: BTreeMap<String, PoolState>,
+    /// Each owner's generation: plus one per change to its objects. An
+    /// owner stays listed once it had an object, so that its generation
+    /// never goes back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub generations: BTreeMap<String, u64>,
+}
+
+impl DesiredState {
+    /// `owner`'s generation: 0 for one that never had an object.
+    pub fn generation(&self, owner: &str) -> u64 {
+        self.generations.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Makes this the state after `change`: the next version, and the next
+    /// generation of every owner whose objects it touched.
+    pub fn advance(&mut self, change: &Change) {
+        self.version += 1;
+        for owner in &change.owners {
+            *self.generations.entry(owner.clone()).or_insert(0) += 1;
+        }
+    }
+}
+
+fn default_owner() -> String {
+    DEFAULT_OWNER.to_owned()
 }
 
 /// A dynamic service.
@@ -78,6 +110,10 @@ pub struct ServiceState {
     /// The limit on new flows per client source; `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_flow_limit: Option<NewFlowLimitState>,
+    /// Who manages it ([`check_owner`]); objects saved before owners
+    /// existed are [`DEFAULT_OWNER`]'s.
+    #[serde(default = "default_owner")]
+    pub owner: String,
 }
 
 /// A service's limit on new flows per client source (see
@@ -219,6 +255,9 @@ pub struct PoolState {
     pub first_port: u16,
     /// Last source port (inclusive).
     pub last_port: u16,
+    /// Who manages it ([`check_owner`]).
+    #[serde(default = "default_owner")]
+    pub owner: String,
 }
 
 /// Which gRPC status an error maps to.
@@ -291,6 +330,21 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
         return Err(format!("{name:?}: use letters, digits, '.', '-' and '_' only"));
+    }
+    Ok(())
+}
+
+/// Checks an owner: 1 to 128 letters, digits, `-`, `_`, `.`, `/` and `:`,
+/// such as `cli` or `k8s/prod-cluster`.
+pub fn check_owner(owner: &str) -> Result<(), String> {
+    if owner.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if owner.len() > MAX_OWNER_LEN {
+        return Err(format!("is {} characters long; at most {MAX_OWNER_LEN}", owner.len()));
+    }
+    if !owner.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':')) {
+        return Err(format!("{owner:?}: use letters, digits, '-', '_', '.', '/' and ':' only"));
     }
     Ok(())
 }
@@ -426,6 +480,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             return Err(StateError::invalid(f("name"), format!("{:?} differs from its key", p.name)));
         }
         check_name(&p.name).map_err(|r| StateError::invalid(f("name"), r))?;
+        check_owner(&p.owner).map_err(|r| StateError::invalid(f("owner"), r))?;
         if static_pools.contains(p.name.as_str()) {
             return Err(StateError::invalid(
                 f("name"),
@@ -474,6 +529,7 @@ pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredStat
             return Err(StateError::invalid(f("name"), format!("{:?} differs from its key", s.name)));
         }
         check_name(&s.name).map_err(|r| StateError::invalid(f("name"), r))?;
+        check_owner(&s.owner).map_err(|r| StateError::invalid(f("owner"), r))?;
         if static_services.contains(s.name.as_str()) {
             return Err(StateError::invalid(
                 f("name"),
@@ -776,6 +832,14 @@ pub struct Change {
     pub pools_changed: Vec<String>,
     /// Pools deleted.
     pub pools_deleted: Vec<String>,
+    /// The owners whose objects it created, changed or deleted (before and
+    /// after: an object given to another owner counts for both).
+    pub owners: BTreeSet<String>,
+    /// The owner of each service it names (after the change; a deleted
+    /// one's last owner).
+    pub service_owners: BTreeMap<String, String>,
+    /// The owner of each pool it names, likewise.
+    pub pool_owners: BTreeMap<String, String>,
 }
 
 impl Change {
@@ -787,18 +851,70 @@ impl Change {
     pub fn between(cause: &str, old: &DesiredState, new: &DesiredState) -> Change {
         let mut c = Change::new(cause);
         for (k, v) in &new.services {
-            if old.services.get(k) != Some(v) {
+            let before = old.services.get(k);
+            if before != Some(v) {
                 c.services_changed.push(k.clone());
+                c.owners.extend(before.map(|b| b.owner.clone()));
+                c.owners.insert(v.owner.clone());
+                c.service_owners.insert(k.clone(), v.owner.clone());
             }
         }
-        c.services_deleted = old.services.keys().filter(|k| !new.services.contains_key(*k)).cloned().collect();
+        for (k, v) in &old.services {
+            if !new.services.contains_key(k) {
+                c.services_deleted.push(k.clone());
+                c.owners.insert(v.owner.clone());
+                c.service_owners.insert(k.clone(), v.owner.clone());
+            }
+        }
         for (k, v) in &new.source_pools {
-            if old.source_pools.get(k) != Some(v) {
+            let before = old.source_pools.get(k);
+            if before != Some(v) {
                 c.pools_changed.push(k.clone());
+                c.owners.extend(before.map(|b| b.owner.clone()));
+                c.owners.insert(v.owner.clone());
+                c.pool_owners.insert(k.clone(), v.owner.clone());
             }
         }
-        c.pools_deleted = old.source_pools.keys().filter(|k| !new.source_pools.contains_key(*k)).cloned().collect();
+        for (k, v) in &old.source_pools {
+            if !new.source_pools.contains_key(k) {
+                c.pools_deleted.push(k.clone());
+                c.owners.insert(v.owner.clone());
+                c.pool_owners.insert(k.clone(), v.owner.clone());
+            }
+        }
         c
+    }
+
+    /// Whether it touched an object of `owner`.
+    pub fn touches(&self, owner: &str) -> bool {
+        self.owners.contains(owner)
+    }
+
+    /// What it did to `owner`'s objects only.
+    pub fn of_owner(&self, owner: &str) -> Change {
+        let mine = |names: &[String], owners: &BTreeMap<String, String>| -> Vec<String> {
+            names.iter().filter(|n| owners.get(*n).is_some_and(|o| o == owner)).cloned().collect()
+        };
+        Change {
+            cause: self.cause.clone(),
+            services_changed: mine(&self.services_changed, &self.service_owners),
+            services_deleted: mine(&self.services_deleted, &self.service_owners),
+            pools_changed: mine(&self.pools_changed, &self.pool_owners),
+            pools_deleted: mine(&self.pools_deleted, &self.pool_owners),
+            owners: self.owners.iter().filter(|o| *o == owner).cloned().collect(),
+            service_owners: self
+                .service_owners
+                .iter()
+                .filter(|(_, o)| *o == owner)
+                .map(|(n, o)| (n.clone(), o.clone()))
+                .collect(),
+            pool_owners: self
+                .pool_owners
+                .iter()
+                .filter(|(_, o)| *o == owner)
+                .map(|(n, o)| (n.clone(), o.clone()))
+                .collect(),
+        }
     }
 }
 
@@ -824,28 +940,487 @@ fn is_static_pool(config: &Config, name: &str) -> bool {
     config.source_pools().iter().any(|p| p.name == name)
 }
 
-/// The dynamic service `name`, or why it cannot be changed.
-fn dynamic_service<'a>(
-    config: &Config,
-    state: &'a mut DesiredState,
-    name: &str,
-) -> Result<&'a mut ServiceState, StateError> {
-    if is_static_service(config, name) {
-        return Err(static_service_error(config, name));
-    }
-    state
-        .services
-        .get_mut(name)
-        .ok_or_else(|| StateError::new(ErrorKind::NotFound, format!("no service is named {name:?}")))
+/// Why `owner` may not change an object `holder` owns.
+fn other_owner_error(kind: &str, name: &str, holder: &str, owner: &str) -> StateError {
+    StateError::new(
+        ErrorKind::FailedPrecondition,
+        format!(
+            "{kind} {name:?} is owned by {holder:?}; a request as owner {owner:?} cannot change it (send it as owner {holder:?} to change it anyway)"
+        ),
+    )
 }
 
-/// The mutations. Each changes `state` in memory only; the daemon validates
-/// the result as a whole ([`compile`]) before anything is persisted or
-/// published, and assigns the version.
+/// The mutations. Each works on the dynamic state in memory only, through a
+/// [`Tx`] that records what it touched; the daemon validates the result
+/// ([`compile`]) before anything is persisted or published, and assigns
+/// the version and the owners' generations ([`DesiredState::advance`]).
 pub mod ops {
     use super::*;
 
-    /// Replaces the whole dynamic state if its version is `expected`.
+    /// One mutation in progress: the state it changes, and the prior value
+    /// of every object it touched, from which [`Tx::finish`] makes the
+    /// [`Change`] (names and owners) in time proportional to what was
+    /// touched.
+    pub struct Tx<'a> {
+        config: &'a Config,
+        state: &'a mut DesiredState,
+        /// Who asks: the owner of what it creates, and the only owner whose
+        /// objects it may change.
+        owner: String,
+        services: BTreeMap<String, Option<ServiceState>>,
+        pools: BTreeMap<String, Option<PoolState>>,
+    }
+
+    impl<'a> Tx<'a> {
+        /// A mutation of `state` by `owner` (checked with [`check_owner`]
+        /// by the caller; empty is [`DEFAULT_OWNER`]).
+        pub fn new(config: &'a Config, state: &'a mut DesiredState, owner: &str) -> Tx<'a> {
+            let owner = if owner.is_empty() { DEFAULT_OWNER } else { owner };
+            Tx { config, state, owner: owner.to_owned(), services: BTreeMap::new(), pools: BTreeMap::new() }
+        }
+
+        /// The state as changed so far.
+        pub fn state(&self) -> &DesiredState {
+            self.state
+        }
+
+        fn touch_service(&mut self, name: &str) {
+            if !self.services.contains_key(name) {
+                self.services.insert(name.to_owned(), self.state.services.get(name).cloned());
+            }
+        }
+
+        fn touch_pool(&mut self, name: &str) {
+            if !self.pools.contains_key(name) {
+                self.pools.insert(name.to_owned(), self.state.source_pools.get(name).cloned());
+            }
+        }
+
+        /// The change: every touched object whose value differs from its
+        /// prior one, and the owners of those objects (before and after).
+        pub fn finish(self, cause: &str) -> Change {
+            let mut c = Change::new(cause);
+            for (name, prior) in self.services {
+                let now = self.state.services.get(&name);
+                if now == prior.as_ref() {
+                    continue;
+                }
+                let owner = match (now, &prior) {
+                    (Some(n), _) => n.owner.clone(),
+                    (None, Some(p)) => p.owner.clone(),
+                    (None, None) => continue,
+                };
+                if let Some(p) = &prior {
+                    c.owners.insert(p.owner.clone());
+                }
+                c.owners.insert(owner.clone());
+                if now.is_some() {
+                    c.services_changed.push(name.clone());
+                } else {
+                    c.services_deleted.push(name.clone());
+                }
+                c.service_owners.insert(name, owner);
+            }
+            for (name, prior) in self.pools {
+                let now = self.state.source_pools.get(&name);
+                if now == prior.as_ref() {
+                    continue;
+                }
+                let owner = match (now, &prior) {
+                    (Some(n), _) => n.owner.clone(),
+                    (None, Some(p)) => p.owner.clone(),
+                    (None, None) => continue,
+                };
+                if let Some(p) = &prior {
+                    c.owners.insert(p.owner.clone());
+                }
+                c.owners.insert(owner.clone());
+                if now.is_some() {
+                    c.pools_changed.push(name.clone());
+                } else {
+                    c.pools_deleted.push(name.clone());
+                }
+                c.pool_owners.insert(name, owner);
+            }
+            c
+        }
+
+        /// Refuses unless the owner's generation is `expected`.
+        pub fn expect_generation(&self, expected: u64) -> Result<(), StateError> {
+            let current = self.state.generation(&self.owner);
+            if expected != current {
+                return Err(StateError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "expected_generation {expected} is not owner {:?}'s current generation {current}; read the state again",
+                        self.owner
+                    ),
+                ));
+            }
+            Ok(())
+        }
+
+        /// The dynamic service `name` if this owner may change it.
+        fn own_service(&self, name: &str) -> Result<&ServiceState, StateError> {
+            if is_static_service(self.config, name) {
+                return Err(static_service_error(self.config, name));
+            }
+            let s = self
+                .state
+                .services
+                .get(name)
+                .ok_or_else(|| StateError::new(ErrorKind::NotFound, format!("no service is named {name:?}")))?;
+            if s.owner != self.owner {
+                return Err(other_owner_error("service", name, &s.owner, &self.owner));
+            }
+            Ok(s)
+        }
+
+        /// Stamps `owner` on an object of a request: empty is this owner,
+        /// another is refused.
+        fn owned(&self, kind: &str, name: &str, owner: &mut String) -> Result<(), StateError> {
+            if owner.is_empty() {
+                owner.clone_from(&self.owner);
+            } else if *owner != self.owner {
+                return Err(StateError::invalid(
+                    format!("{kind}[{name:?}].owner"),
+                    format!("{owner:?} is not the request's owner {:?}", self.owner),
+                ));
+            }
+            Ok(())
+        }
+
+        /// Adds a service.
+        pub fn create_service(&mut self, mut s: ServiceState) -> Result<(), StateError> {
+            self.owned("services", &s.name, &mut s.owner)?;
+            if is_static_service(self.config, &s.name) {
+                return Err(StateError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("service {:?} already exists (defined in {})", s.name, self.config.path.display()),
+                ));
+            }
+            if let Some(o) = self.state.services.get(&s.name) {
+                let by = if o.owner == self.owner { String::new() } else { format!(", owned by {:?}", o.owner) };
+                return Err(StateError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("service {:?} already exists{by}", s.name),
+                ));
+            }
+            check_conflicts(self.config, self.state, &s, true, s.backends.iter().enumerate())?;
+            self.touch_service(&s.name);
+            self.state.services.insert(s.name.clone(), s);
+            Ok(())
+        }
+
+        /// Replaces a service, backends included.
+        pub fn update_service(&mut self, mut s: ServiceState) -> Result<(), StateError> {
+            self.own_service(&s.name)?;
+            self.owned("services", &s.name, &mut s.owner)?;
+            check_conflicts(self.config, self.state, &s, true, s.backends.iter().enumerate())?;
+            self.touch_service(&s.name);
+            self.state.services.insert(s.name.clone(), s);
+            Ok(())
+        }
+
+        /// Deletes a service.
+        pub fn delete_service(&mut self, name: &str) -> Result<(), StateError> {
+            self.own_service(name)?;
+            self.touch_service(name);
+            self.state.services.remove(name);
+            Ok(())
+        }
+
+        /// Adds a backend to a service.
+        pub fn add_backend(&mut self, service: &str, b: BackendState) -> Result<(), StateError> {
+            let s = self.own_service(service)?;
+            if s.backends.iter().any(|o| o.address == b.address && o.port == b.port) {
+                return Err(StateError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("service {service:?} already has backend {}:{}", b.address, b.port),
+                ));
+            }
+            check_backend_count(s.backends.len() + 1)
+                .map_err(|r| StateError::invalid(service_field(service, "backends"), r))?;
+            let j = s.backends.len();
+            check_conflicts(self.config, self.state, s, false, std::iter::once((j, &b)))?;
+            self.touch_service(service);
+            if let Some(s) = self.state.services.get_mut(service) {
+                s.backends.push(b);
+            }
+            Ok(())
+        }
+
+        fn backend_index(&self, service: &str, address: Ipv4Addr, port: u16) -> Result<usize, StateError> {
+            let s = self.own_service(service)?;
+            s.backends.iter().position(|b| b.address == address && b.port == port).ok_or_else(|| {
+                StateError::new(ErrorKind::NotFound, format!("service {service:?} has no backend {address}:{port}"))
+            })
+        }
+
+        /// Changes a backend's weight and/or admin state.
+        pub fn update_backend(
+            &mut self,
+            service: &str,
+            address: Ipv4Addr,
+            port: u16,
+            weight: Option<u32>,
+            admin_state: Option<AdminState>,
+        ) -> Result<(), StateError> {
+            let i = self.backend_index(service, address, port)?;
+            if let Some(a) = admin_state {
+                // Enabled again, it may take a backend another service took.
+                let s = &self.state.services[service];
+                let b = BackendState { admin_state: a, ..s.backends[i].clone() };
+                check_conflicts(self.config, self.state, s, false, std::iter::once((i, &b)))?;
+            }
+            self.touch_service(service);
+            if let Some(s) = self.state.services.get_mut(service) {
+                if let Some(w) = weight {
+                    s.backends[i].weight = w;
+                }
+                if let Some(a) = admin_state {
+                    s.backends[i].admin_state = a;
+                }
+            }
+            Ok(())
+        }
+
+        /// Removes a backend.
+        pub fn remove_backend(&mut self, service: &str, address: Ipv4Addr, port: u16) -> Result<(), StateError> {
+            let i = self.backend_index(service, address, port)?;
+            self.touch_service(service);
+            if let Some(s) = self.state.services.get_mut(service) {
+                s.backends.remove(i);
+            }
+            Ok(())
+        }
+
+        /// Adds a source pool.
+        pub fn create_pool(&mut self, mut p: PoolState) -> Result<(), StateError> {
+            self.owned("source_pools", &p.name, &mut p.owner)?;
+            if is_static_pool(self.config, &p.name) {
+                return Err(StateError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("source pool {:?} already exists (defined in {})", p.name, self.config.path.display()),
+                ));
+            }
+            if let Some(o) = self.state.source_pools.get(&p.name) {
+                let by = if o.owner == self.owner { String::new() } else { format!(", owned by {:?}", o.owner) };
+                return Err(StateError::new(
+                    ErrorKind::AlreadyExists,
+                    format!("source pool {:?} already exists{by}", p.name),
+                ));
+            }
+            self.touch_pool(&p.name);
+            self.state.source_pools.insert(p.name.clone(), p);
+            Ok(())
+        }
+
+        /// Deletes a source pool no service uses.
+        pub fn delete_pool(&mut self, name: &str) -> Result<(), StateError> {
+            if is_static_pool(self.config, name) {
+                return Err(static_pool_error(self.config, name));
+            }
+            let p = self
+                .state
+                .source_pools
+                .get(name)
+                .ok_or_else(|| StateError::new(ErrorKind::NotFound, format!("no source pool is named {name:?}")))?;
+            if p.owner != self.owner {
+                return Err(other_owner_error("source pool", name, &p.owner, &self.owner));
+            }
+            if let Some(user) = pool_user(self.state, name) {
+                return Err(StateError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("source pool {name:?} is used by service {user:?}"),
+                ));
+            }
+            self.touch_pool(name);
+            self.state.source_pools.remove(name);
+            Ok(())
+        }
+
+        /// Replaces this owner's objects with `services` and `pools` (each
+        /// owned by this owner, or by none), leaving other owners' alone.
+        pub fn replace_owned(&mut self, services: Vec<ServiceState>, pools: Vec<PoolState>) -> Result<(), StateError> {
+            let mut listed_services = HashSet::new();
+            for s in &services {
+                if !listed_services.insert(s.name.as_str()) {
+                    return Err(StateError::invalid(service_field(&s.name, "name"), "is listed twice"));
+                }
+            }
+            let mut listed_pools = HashSet::new();
+            for p in &pools {
+                if !listed_pools.insert(p.name.as_str()) {
+                    return Err(StateError::invalid(pool_field(&p.name, "name"), "is listed twice"));
+                }
+            }
+            let gone: Vec<String> = self
+                .state
+                .services
+                .values()
+                .filter(|s| s.owner == self.owner && !listed_services.contains(s.name.as_str()))
+                .map(|s| s.name.clone())
+                .collect();
+            for name in gone {
+                self.touch_service(&name);
+                self.state.services.remove(&name);
+            }
+            for mut s in services {
+                self.owned("services", &s.name, &mut s.owner)?;
+                if is_static_service(self.config, &s.name) {
+                    return Err(static_service_error(self.config, &s.name));
+                }
+                if let Some(o) = self.state.services.get(&s.name) {
+                    if o.owner != self.owner {
+                        return Err(other_owner_error("service", &s.name, &o.owner, &self.owner));
+                    }
+                    if *o == s {
+                        continue;
+                    }
+                }
+                self.touch_service(&s.name);
+                self.state.services.insert(s.name.clone(), s);
+            }
+            let gone: Vec<String> = self
+                .state
+                .source_pools
+                .values()
+                .filter(|p| p.owner == self.owner && !listed_pools.contains(p.name.as_str()))
+                .map(|p| p.name.clone())
+                .collect();
+            for name in gone {
+                if let Some(user) = pool_user(self.state, &name) {
+                    return Err(StateError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("source pool {name:?} is used by service {user:?}, so it cannot be left out"),
+                    ));
+                }
+                self.touch_pool(&name);
+                self.state.source_pools.remove(&name);
+            }
+            for mut p in pools {
+                self.owned("source_pools", &p.name, &mut p.owner)?;
+                if is_static_pool(self.config, &p.name) {
+                    return Err(static_pool_error(self.config, &p.name));
+                }
+                if let Some(o) = self.state.source_pools.get(&p.name) {
+                    if o.owner != self.owner {
+                        return Err(other_owner_error("source pool", &p.name, &o.owner, &self.owner));
+                    }
+                    if *o == p {
+                        continue;
+                    }
+                }
+                self.touch_pool(&p.name);
+                self.state.source_pools.insert(p.name.clone(), p);
+            }
+            Ok(())
+        }
+
+        /// Runs one operation of a batch.
+        pub fn run(&mut self, op: BatchOp) -> Result<(), StateError> {
+            match op {
+                BatchOp::CreateService(s) => self.create_service(s),
+                BatchOp::UpdateService(s) => self.update_service(s),
+                BatchOp::DeleteService(name) => self.delete_service(&name),
+                BatchOp::AddBackend { service, backend } => self.add_backend(&service, backend),
+                BatchOp::UpdateBackend { service, address, port, weight, admin_state } => {
+                    self.update_backend(&service, address, port, weight, admin_state)
+                }
+                BatchOp::RemoveBackend { service, address, port } => self.remove_backend(&service, address, port),
+                BatchOp::CreatePool(p) => self.create_pool(p),
+                BatchOp::DeletePool(name) => self.delete_pool(&name),
+            }
+        }
+    }
+
+    /// A service that uses pool `name`.
+    fn pool_user(state: &DesiredState, name: &str) -> Option<String> {
+        state
+            .services
+            .values()
+            .find(|s| matches!(&s.mode, ModeState::Fullnat { source_pool } if source_pool == name))
+            .map(|s| s.name.clone())
+    }
+
+    /// One operation of a [`batch`].
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum BatchOp {
+        /// [`Tx::create_service`].
+        CreateService(ServiceState),
+        /// [`Tx::update_service`].
+        UpdateService(ServiceState),
+        /// [`Tx::delete_service`].
+        DeleteService(String),
+        /// [`Tx::add_backend`].
+        AddBackend {
+            /// The service.
+            service: String,
+            /// The new backend.
+            backend: BackendState,
+        },
+        /// [`Tx::update_backend`].
+        UpdateBackend {
+            /// The service.
+            service: String,
+            /// The backend's address.
+            address: Ipv4Addr,
+            /// The backend's port.
+            port: u16,
+            /// The new weight, if any.
+            weight: Option<u32>,
+            /// The new admin state, if any.
+            admin_state: Option<AdminState>,
+        },
+        /// [`Tx::remove_backend`].
+        RemoveBackend {
+            /// The service.
+            service: String,
+            /// The backend's address.
+            address: Ipv4Addr,
+            /// The backend's port.
+            port: u16,
+        },
+        /// [`Tx::create_pool`].
+        CreatePool(PoolState),
+        /// [`Tx::delete_pool`].
+        DeletePool(String),
+    }
+
+    /// Runs `ops` in order as `owner`, all or none (the caller drops the
+    /// state on an error), after checking the owner's generation when
+    /// `expected_generation` is given. An error names the operation:
+    /// `operations[3]: ...`.
+    pub fn batch(
+        config: &Config,
+        state: &mut DesiredState,
+        owner: &str,
+        expected_generation: Option<u64>,
+        ops: Vec<BatchOp>,
+    ) -> Result<Change, StateError> {
+        if ops.is_empty() {
+            return Err(StateError::invalid("operations", "a batch needs at least one operation"));
+        }
+        if ops.len() > MAX_BATCH {
+            return Err(StateError::invalid(
+                "operations",
+                format!("{} operations in one batch; at most {MAX_BATCH}", ops.len()),
+            ));
+        }
+        let mut tx = Tx::new(config, state, owner);
+        if let Some(g) = expected_generation {
+            tx.expect_generation(g)?;
+        }
+        for (i, op) in ops.into_iter().enumerate() {
+            tx.run(op).map_err(|e| StateError::new(e.kind, format!("operations[{i}]: {}", e.message)))?;
+        }
+        Ok(tx.finish("Batch"))
+    }
+
+    /// Replaces the whole dynamic state if its version is `expected`. Each
+    /// object keeps the owner it names ([`DEFAULT_OWNER`] when it names
+    /// none).
     pub fn apply(
         config: &Config,
         state: &mut DesiredState,
@@ -859,8 +1434,12 @@ pub mod ops {
                 format!("expected_version {expected} is not the current version {}", state.version),
             ));
         }
-        let mut new = DesiredState { version: state.version, ..DesiredState::default() };
-        for s in services {
+        let mut new =
+            DesiredState { version: state.version, generations: state.generations.clone(), ..DesiredState::default() };
+        for mut s in services {
+            if s.owner.is_empty() {
+                DEFAULT_OWNER.clone_into(&mut s.owner);
+            }
             if is_static_service(config, &s.name) {
                 return Err(static_service_error(config, &s.name));
             }
@@ -869,7 +1448,10 @@ pub mod ops {
             }
             new.services.insert(s.name.clone(), s);
         }
-        for p in pools {
+        for mut p in pools {
+            if p.owner.is_empty() {
+                DEFAULT_OWNER.clone_into(&mut p.owner);
+            }
             if is_static_pool(config, &p.name) {
                 return Err(static_pool_error(config, &p.name));
             }
@@ -883,75 +1465,72 @@ pub mod ops {
         Ok(change)
     }
 
-    /// Adds a service.
-    pub fn create_service(config: &Config, state: &mut DesiredState, s: ServiceState) -> Result<Change, StateError> {
-        if is_static_service(config, &s.name) {
+    /// Replaces `owner`'s objects if its generation is `expected_generation`
+    /// (and the version is `expected_version`, unless that is 0); other
+    /// owners' objects stay as they are.
+    pub fn apply_owned(
+        config: &Config,
+        state: &mut DesiredState,
+        owner: &str,
+        expected_generation: u64,
+        expected_version: u64,
+        services: Vec<ServiceState>,
+        pools: Vec<PoolState>,
+    ) -> Result<Change, StateError> {
+        if expected_version != 0 && expected_version != state.version {
             return Err(StateError::new(
-                ErrorKind::AlreadyExists,
-                format!("service {:?} already exists (defined in {})", s.name, config.path.display()),
+                ErrorKind::FailedPrecondition,
+                format!("expected_version {expected_version} is not the current version {}", state.version),
             ));
         }
-        if state.services.contains_key(&s.name) {
-            return Err(StateError::new(ErrorKind::AlreadyExists, format!("service {:?} already exists", s.name)));
-        }
-        check_conflicts(config, state, &s, true, s.backends.iter().enumerate())?;
-        let mut c = Change::new("CreateService");
-        c.services_changed.push(s.name.clone());
-        state.services.insert(s.name.clone(), s);
-        Ok(c)
+        let mut tx = Tx::new(config, state, owner);
+        tx.expect_generation(expected_generation)?;
+        tx.replace_owned(services, pools)?;
+        Ok(tx.finish("Apply"))
     }
 
-    /// Replaces a service, backends included.
+    /// Runs one operation as `owner`: the single-object RPCs.
+    pub fn one(
+        config: &Config,
+        state: &mut DesiredState,
+        owner: &str,
+        cause: &str,
+        op: BatchOp,
+    ) -> Result<Change, StateError> {
+        let mut tx = Tx::new(config, state, owner);
+        tx.run(op)?;
+        Ok(tx.finish(cause))
+    }
+
+    /// Adds a service (as [`DEFAULT_OWNER`] unless it names its owner).
+    pub fn create_service(config: &Config, state: &mut DesiredState, s: ServiceState) -> Result<Change, StateError> {
+        let owner = s.owner.clone();
+        one(config, state, &owner, "CreateService", BatchOp::CreateService(s))
+    }
+
+    /// Replaces a service, backends included, as the owner it names.
     pub fn update_service(config: &Config, state: &mut DesiredState, s: ServiceState) -> Result<Change, StateError> {
-        dynamic_service(config, state, &s.name)?;
-        check_conflicts(config, state, &s, true, s.backends.iter().enumerate())?;
-        let slot = dynamic_service(config, state, &s.name)?;
-        let mut c = Change::new("UpdateService");
-        c.services_changed.push(s.name.clone());
-        *slot = s;
-        Ok(c)
+        let owner = s.owner.clone();
+        one(config, state, &owner, "UpdateService", BatchOp::UpdateService(s))
     }
 
-    /// Deletes a service.
+    /// Deletes a service of [`DEFAULT_OWNER`].
     pub fn delete_service(config: &Config, state: &mut DesiredState, name: &str) -> Result<Change, StateError> {
-        dynamic_service(config, state, name)?;
-        state.services.remove(name);
-        let mut c = Change::new("DeleteService");
-        c.services_deleted.push(name.to_owned());
-        Ok(c)
+        one(config, state, DEFAULT_OWNER, "DeleteService", BatchOp::DeleteService(name.to_owned()))
     }
 
-    /// Adds a backend to a service.
+    /// Adds a backend to a service of [`DEFAULT_OWNER`].
     pub fn add_backend(
         config: &Config,
         state: &mut DesiredState,
         service: &str,
-        b: BackendState,
+        backend: BackendState,
     ) -> Result<Change, StateError> {
-        let s = dynamic_service(config, state, service)?;
-        if s.backends.iter().any(|o| o.address == b.address && o.port == b.port) {
-            return Err(StateError::new(
-                ErrorKind::AlreadyExists,
-                format!("service {service:?} already has backend {}:{}", b.address, b.port),
-            ));
-        }
-        check_backend_count(s.backends.len() + 1)
-            .map_err(|r| StateError::invalid(service_field(service, "backends"), r))?;
-        let j = s.backends.len();
-        check_conflicts(config, state, &state.services[service], false, std::iter::once((j, &b)))?;
-        dynamic_service(config, state, service)?.backends.push(b);
-        let mut c = Change::new("AddBackend");
-        c.services_changed.push(service.to_owned());
-        Ok(c)
+        let op = BatchOp::AddBackend { service: service.to_owned(), backend };
+        one(config, state, DEFAULT_OWNER, "AddBackend", op)
     }
 
-    fn backend_index(s: &ServiceState, service: &str, address: Ipv4Addr, port: u16) -> Result<usize, StateError> {
-        s.backends.iter().position(|b| b.address == address && b.port == port).ok_or_else(|| {
-            StateError::new(ErrorKind::NotFound, format!("service {service:?} has no backend {address}:{port}"))
-        })
-    }
-
-    /// Changes a backend's weight and/or admin state.
+    /// Changes a backend of a service of [`DEFAULT_OWNER`].
     pub fn update_backend(
         config: &Config,
         state: &mut DesiredState,
@@ -961,26 +1540,11 @@ pub mod ops {
         weight: Option<u32>,
         admin_state: Option<AdminState>,
     ) -> Result<Change, StateError> {
-        let s = dynamic_service(config, state, service)?;
-        let i = backend_index(s, service, address, port)?;
-        if let Some(a) = admin_state {
-            // Enabled again, it may take a backend another service took.
-            let b = BackendState { admin_state: a, ..s.backends[i].clone() };
-            check_conflicts(config, state, &state.services[service], false, std::iter::once((i, &b)))?;
-        }
-        let s = dynamic_service(config, state, service)?;
-        if let Some(w) = weight {
-            s.backends[i].weight = w;
-        }
-        if let Some(a) = admin_state {
-            s.backends[i].admin_state = a;
-        }
-        let mut c = Change::new("UpdateBackend");
-        c.services_changed.push(service.to_owned());
-        Ok(c)
+        let op = BatchOp::UpdateBackend { service: service.to_owned(), address, port, weight, admin_state };
+        one(config, state, DEFAULT_OWNER, "UpdateBackend", op)
     }
 
-    /// Removes a backend.
+    /// Removes a backend of a service of [`DEFAULT_OWNER`].
     pub fn remove_backend(
         config: &Config,
         state: &mut DesiredState,
@@ -988,54 +1552,19 @@ pub mod ops {
         address: Ipv4Addr,
         port: u16,
     ) -> Result<Change, StateError> {
-        let s = dynamic_service(config, state, service)?;
-        let i = backend_index(s, service, address, port)?;
-        s.backends.remove(i);
-        let mut c = Change::new("RemoveBackend");
-        c.services_changed.push(service.to_owned());
-        Ok(c)
+        let op = BatchOp::RemoveBackend { service: service.to_owned(), address, port };
+        one(config, state, DEFAULT_OWNER, "RemoveBackend", op)
     }
 
-    /// Adds a source pool.
+    /// Adds a source pool (as [`DEFAULT_OWNER`] unless it names its owner).
     pub fn create_pool(config: &Config, state: &mut DesiredState, p: PoolState) -> Result<Change, StateError> {
-        if is_static_pool(config, &p.name) {
-            return Err(StateError::new(
-                ErrorKind::AlreadyExists,
-                format!("source pool {:?} already exists (defined in {})", p.name, config.path.display()),
-            ));
-        }
-        if state.source_pools.contains_key(&p.name) {
-            return Err(StateError::new(ErrorKind::AlreadyExists, format!("source pool {:?} already exists", p.name)));
-        }
-        let mut c = Change::new("CreateSourcePool");
-        c.pools_changed.push(p.name.clone());
-        state.source_pools.insert(p.name.clone(), p);
-        Ok(c)
+        let owner = p.owner.clone();
+        one(config, state, &owner, "CreateSourcePool", BatchOp::CreatePool(p))
     }
 
-    /// Deletes a source pool no service uses.
+    /// Deletes a source pool of [`DEFAULT_OWNER`] that no service uses.
     pub fn delete_pool(config: &Config, state: &mut DesiredState, name: &str) -> Result<Change, StateError> {
-        if is_static_pool(config, name) {
-            return Err(static_pool_error(config, name));
-        }
-        if !state.source_pools.contains_key(name) {
-            return Err(StateError::new(ErrorKind::NotFound, format!("no source pool is named {name:?}")));
-        }
-        let user = state
-            .services
-            .values()
-            .find(|s| matches!(&s.mode, ModeState::Fullnat { source_pool } if source_pool == name))
-            .map(|s| s.name.clone());
-        if let Some(user) = user {
-            return Err(StateError::new(
-                ErrorKind::FailedPrecondition,
-                format!("source pool {name:?} is used by service {user:?}"),
-            ));
-        }
-        state.source_pools.remove(name);
-        let mut c = Change::new("DeleteSourcePool");
-        c.pools_deleted.push(name.to_owned());
-        Ok(c)
+        one(config, state, DEFAULT_OWNER, "DeleteSourcePool", BatchOp::DeletePool(name.to_owned()))
     }
 }
 
@@ -1048,7 +1577,16 @@ pub struct MutationRequest {
     /// The change.
     pub mutation: Mutation,
     /// The new version, or why nothing changed.
-    pub reply: oneshot::Sender<Result<u64, StateError>>,
+    pub reply: oneshot::Sender<Result<Applied, StateError>>,
+}
+
+/// What an applied mutation produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The new version.
+    pub version: u64,
+    /// Every owner's generation after it.
+    pub generations: BTreeMap<String, u64>,
 }
 
 /// What readers see: the configuration in force (the static objects) and
@@ -1168,8 +1706,8 @@ impl StateHandle {
     }
 
     /// Asks the daemon to apply `mutation`; answers once it is durable and
-    /// published, with the new version.
-    pub async fn mutate(&self, mutation: Mutation) -> Result<u64, StateError> {
+    /// published, with the new version and generations.
+    pub async fn mutate(&self, mutation: Mutation) -> Result<Applied, StateError> {
         let (reply, answer) = oneshot::channel();
         let gone = || StateError::new(ErrorKind::Unavailable, "vipgated is stopping; try again");
         self.requests.send(MutationRequest { mutation, reply }).await.map_err(|_| gone())?;

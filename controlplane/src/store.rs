@@ -310,6 +310,7 @@ mod tests {
                     .unwrap(),
                 ),
                 new_flow_limit: Some(NewFlowLimitState { per_second: 50, burst: 80, prefix_len: 28 }),
+                owner: "k8s/prod".to_owned(),
             },
         );
         s

@@ -18,9 +18,9 @@ use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
 use crate::config::DEFAULT_POOL_PORTS;
 use crate::health::{CheckKind, HealthCheck, HealthCheckInput, HealthStatus, TargetKey};
 use crate::state::{
-    self, AdminState, BackendState, ErrorKind, MAX_POOLS, MAX_SERVICES, ModeState, NewFlowLimitState, PoolState,
-    ProtocolState, RemovalState, ServiceState, StateError, StateEventKind, StateHandle, StateView, backend_field, ops,
-    service_field,
+    self, AdminState, BackendState, DEFAULT_OWNER, ErrorKind, MAX_BATCH, MAX_POOLS, MAX_SERVICES, ModeState,
+    NewFlowLimitState, PoolState, ProtocolState, RemovalState, ServiceState, StateError, StateEventKind, StateHandle,
+    StateView, backend_field, ops, ops::BatchOp, service_field,
 };
 
 /// The `ServiceManager` gRPC service over the daemon's [`StateHandle`].
@@ -40,10 +40,44 @@ impl ServiceManagerService {
         ServiceManagerServer::new(self)
     }
 
-    async fn mutate(&self, mutation: state::Mutation) -> Result<Response<pb::MutationResponse>, Status> {
-        let version = self.state.mutate(mutation).await.map_err(status)?;
-        Ok(Response::new(pb::MutationResponse { version }))
+    /// Applies `mutation`, answering with the new version and `owner`'s
+    /// generation.
+    async fn mutate(&self, owner: &str, mutation: state::Mutation) -> Result<Response<pb::MutationResponse>, Status> {
+        let applied = self.state.mutate(mutation).await.map_err(status)?;
+        let generation = applied.generations.get(owner).copied().unwrap_or(0);
+        Ok(Response::new(pb::MutationResponse { version: applied.version, generation }))
     }
+
+    /// Runs one operation as `owner` (the single-object RPCs).
+    async fn one(
+        &self,
+        owner: String,
+        cause: &'static str,
+        op: BatchOp,
+    ) -> Result<Response<pb::MutationResponse>, Status> {
+        let o = owner.clone();
+        self.mutate(&owner, Box::new(move |c, st| ops::one(c, st, &o, cause, op))).await
+    }
+}
+
+/// A request's owner: empty is [`DEFAULT_OWNER`].
+fn request_owner(owner: &str) -> Result<String, Status> {
+    let owner = owner.trim();
+    if owner.is_empty() {
+        return Ok(DEFAULT_OWNER.to_owned());
+    }
+    state::check_owner(owner).map_err(|r| invalid("owner", r))?;
+    Ok(owner.to_owned())
+}
+
+/// An object's owner from a request: empty stays empty (the request's
+/// owner fills it in); an error names `<kind>["name"].owner`.
+fn object_owner(owner: &str, field: impl FnOnce() -> String) -> Result<String, Status> {
+    let owner = owner.trim();
+    if !owner.is_empty() {
+        state::check_owner(owner).map_err(|r| invalid(field(), r))?;
+    }
+    Ok(owner.to_owned())
 }
 
 /// The gRPC status of a refused request.
@@ -190,6 +224,7 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
             .map_err(|e| invalid(f(&format!("health_check.{}", e.field)), e.reason))?;
     }
     Ok(ServiceState {
+        owner: object_owner(&s.owner, || f("owner"))?,
         vip: state::parse_ipv4(&s.vip).map_err(|r| invalid(f("vip"), r))?,
         port: state::parse_port(s.port).map_err(|r| invalid(f("port"), r))?,
         protocol,
@@ -236,7 +271,8 @@ fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
             _ => return Err(invalid(f("ports"), format!("{a}-{b} is not a port range from 1 to 65535"))),
         },
     };
-    Ok(PoolState { name, addresses, first_port, last_port })
+    let owner = object_owner(&p.owner, || f("owner"))?;
+    Ok(PoolState { name, addresses, first_port, last_port, owner })
 }
 
 /// The field path of backend `address:port` of `service`, as errors name it.
@@ -300,6 +336,7 @@ fn static_service(s: &ServiceSpec, view: &StateView, health: &HealthStatus) -> p
             })
             .collect(),
         origin: origin(true),
+        owner: String::new(),
         health_check: view.config.health_check(&s.name).map(health_check_to),
         flow_timeouts: None,
         new_flow_limit: s.new_flow_limit.map(|l| new_flow_limit_to(l.into())),
@@ -347,6 +384,7 @@ fn dynamic_service(s: &ServiceState, health: &HealthStatus) -> pb::Service {
             })
             .collect(),
         origin: origin(false),
+        owner: s.owner.clone(),
         health_check: s.health_check.as_ref().map(health_check_to),
         flow_timeouts: None,
         new_flow_limit: s.new_flow_limit.map(new_flow_limit_to),
@@ -360,6 +398,7 @@ fn static_pool(p: &SourcePoolSpec) -> pb::SourcePool {
         first_port: p.first_port.into(),
         last_port: p.last_port.into(),
         origin: origin(true),
+        owner: String::new(),
     }
 }
 
@@ -370,36 +409,102 @@ fn dynamic_pool(p: &PoolState) -> pb::SourcePool {
         first_port: p.first_port.into(),
         last_port: p.last_port.into(),
         origin: origin(false),
+        owner: p.owner.clone(),
     }
 }
 
 /// The whole state as the API shows it: static and dynamic objects sorted
-/// by name, each backend with its health now.
-pub(crate) fn state_response(view: &StateView, health: &HealthStatus) -> pb::GetStateResponse {
-    let mut services: Vec<pb::Service> =
-        view.config.services().iter().map(|s| static_service(s, view, health)).collect();
-    services.extend(view.dynamic.services.values().map(|s| dynamic_service(s, health)));
+/// by name, each backend with its health now; with `owner`, only that
+/// owner's objects and generation.
+pub(crate) fn state_response(view: &StateView, health: &HealthStatus, owner: Option<&str>) -> pb::GetStateResponse {
+    let mine = |o: &str| owner.is_none_or(|owner| owner == o);
+    let mut services: Vec<pb::Service> = Vec::new();
+    let mut source_pools: Vec<pb::SourcePool> = Vec::new();
+    if owner.is_none() {
+        services.extend(view.config.services().iter().map(|s| static_service(s, view, health)));
+        source_pools.extend(view.config.source_pools().iter().map(static_pool));
+    }
+    services.extend(view.dynamic.services.values().filter(|s| mine(&s.owner)).map(|s| dynamic_service(s, health)));
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut source_pools: Vec<pb::SourcePool> = view.config.source_pools().iter().map(static_pool).collect();
-    source_pools.extend(view.dynamic.source_pools.values().map(dynamic_pool));
+    source_pools.extend(view.dynamic.source_pools.values().filter(|p| mine(&p.owner)).map(dynamic_pool));
     source_pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let generations = match owner {
+        None => view.dynamic.generations.iter().map(|(o, g)| (o.clone(), *g)).collect(),
+        Some(o) => [(o.to_owned(), view.dynamic.generation(o))].into_iter().collect(),
+    };
     pb::GetStateResponse {
         version: view.dynamic.version,
         services,
         source_pools,
         config_file: view.config.path.display().to_string(),
+        generations,
     }
+}
+
+/// An owner filter of GetState or Watch: empty is none.
+fn owner_filter(owner: &str) -> Result<Option<String>, Status> {
+    let owner = owner.trim();
+    if owner.is_empty() {
+        return Ok(None);
+    }
+    state::check_owner(owner).map_err(|r| invalid("owner", r))?;
+    Ok(Some(owner.to_owned()))
+}
+
+/// A batch's operation, each field checked; an error names
+/// `operations[i]` and the field.
+fn batch_op(op: &pb::BatchOperation, i: usize, view: &StateView) -> Result<BatchOp, Status> {
+    use pb::batch_operation::Operation;
+    let at = |e: Status| Status::new(e.code(), format!("operations[{i}]: {}", e.message()));
+    let Some(op) = &op.operation else {
+        return Err(invalid(format!("operations[{i}]"), "names no operation"));
+    };
+    let op = match op {
+        Operation::CreateService(s) => BatchOp::CreateService(service_from(s).map_err(at)?),
+        Operation::UpdateService(s) => BatchOp::UpdateService(service_from(s).map_err(at)?),
+        Operation::DeleteService(name) => BatchOp::DeleteService(name.trim().to_owned()),
+        Operation::AddBackend(r) => {
+            let index = view.dynamic.services.get(&r.service).map_or(0, |s| s.backends.len());
+            let b =
+                backend_from(&required(r.backend.clone(), "backend").map_err(at)?, &r.service, index).map_err(at)?;
+            BatchOp::AddBackend { service: r.service.clone(), backend: b }
+        }
+        Operation::UpdateBackend(r) => {
+            let (address, port, weight, admin_state) = update_backend_fields(r).map_err(at)?;
+            BatchOp::UpdateBackend { service: r.service.clone(), address, port, weight, admin_state }
+        }
+        Operation::RemoveBackend(r) => {
+            let (address, port) = backend_key(&r.service, &r.address, r.port).map_err(at)?;
+            BatchOp::RemoveBackend { service: r.service.clone(), address, port }
+        }
+        Operation::CreateSourcePool(p) => BatchOp::CreatePool(pool_from(p).map_err(at)?),
+        Operation::DeleteSourcePool(name) => BatchOp::DeletePool(name.trim().to_owned()),
+    };
+    Ok(op)
+}
+
+/// The backend, weight and admin state of an UpdateBackend request,
+/// checked; at least one of the two is set.
+fn update_backend_fields(
+    r: &pb::UpdateBackendRequest,
+) -> Result<(Ipv4Addr, u16, Option<u32>, Option<AdminState>), Status> {
+    let f = |k: &str| backend_key_field(&r.service, &r.address, r.port, k);
+    let (address, port) = backend_key(&r.service, &r.address, r.port)?;
+    let weight = r.weight.map(|w| state::parse_weight(Some(w)).map_err(|e| invalid(f("weight"), e))).transpose()?;
+    let admin = admin_state(r.admin_state, &f("admin_state"))?;
+    if weight.is_none() && admin.is_none() {
+        return Err(invalid(f("weight"), "set weight, admin_state or both"));
+    }
+    Ok((address, port, weight, admin))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ServiceManager for ServiceManagerService {
-    async fn get_state(
-        &self,
-        _request: Request<pb::GetStateRequest>,
-    ) -> Result<Response<pb::GetStateResponse>, Status> {
-        Ok(Response::new(state_response(&self.state.current(), self.state.health())))
+    async fn get_state(&self, request: Request<pb::GetStateRequest>) -> Result<Response<pb::GetStateResponse>, Status> {
+        let owner = owner_filter(&request.into_inner().owner)?;
+        Ok(Response::new(state_response(&self.state.current(), self.state.health(), owner.as_deref())))
     }
 
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::MutationResponse>, Status> {
@@ -419,31 +524,71 @@ impl ServiceManager for ServiceManagerService {
         let services = r.services.iter().map(service_from).collect::<Result<Vec<_>, _>>()?;
         let pools = r.source_pools.iter().map(pool_from).collect::<Result<Vec<_>, _>>()?;
         let expected = r.expected_version;
-        self.mutate(Box::new(move |c, s| ops::apply(c, s, expected, services, pools))).await
+        match owner_filter(&r.owner)? {
+            None => {
+                if r.expected_generation != 0 {
+                    return Err(invalid("expected_generation", "is only used with owner"));
+                }
+                self.mutate(DEFAULT_OWNER, Box::new(move |c, s| ops::apply(c, s, expected, services, pools))).await
+            }
+            Some(owner) => {
+                let (o, generation) = (owner.clone(), r.expected_generation);
+                self.mutate(
+                    &owner,
+                    Box::new(move |c, s| ops::apply_owned(c, s, &o, generation, expected, services, pools)),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::MutationResponse>, Status> {
+        let r = request.into_inner();
+        if r.operations.is_empty() {
+            return Err(invalid("operations", "a batch needs at least one operation"));
+        }
+        if r.operations.len() > MAX_BATCH {
+            return Err(invalid(
+                "operations",
+                format!("{} operations in one batch; at most {MAX_BATCH}", r.operations.len()),
+            ));
+        }
+        let owner = request_owner(&r.owner)?;
+        let view = self.state.current();
+        let ops =
+            r.operations.iter().enumerate().map(|(i, op)| batch_op(op, i, &view)).collect::<Result<Vec<_>, _>>()?;
+        drop(view);
+        let (o, generation) = (owner.clone(), r.expected_generation);
+        self.mutate(&owner, Box::new(move |c, s| ops::batch(c, s, &o, generation, ops))).await
     }
 
     async fn create_service(
         &self,
         request: Request<pb::CreateServiceRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        let s = service_from(&required(request.into_inner().service, "service")?)?;
-        self.mutate(Box::new(move |c, st| ops::create_service(c, st, s))).await
+        let r = request.into_inner();
+        let owner = request_owner(&r.owner)?;
+        let s = service_from(&required(r.service, "service")?)?;
+        self.one(owner, "CreateService", BatchOp::CreateService(s)).await
     }
 
     async fn update_service(
         &self,
         request: Request<pb::UpdateServiceRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        let s = service_from(&required(request.into_inner().service, "service")?)?;
-        self.mutate(Box::new(move |c, st| ops::update_service(c, st, s))).await
+        let r = request.into_inner();
+        let owner = request_owner(&r.owner)?;
+        let s = service_from(&required(r.service, "service")?)?;
+        self.one(owner, "UpdateService", BatchOp::UpdateService(s)).await
     }
 
     async fn delete_service(
         &self,
         request: Request<pb::DeleteServiceRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        let name = request.into_inner().name;
-        self.mutate(Box::new(move |c, st| ops::delete_service(c, st, &name))).await
+        let r = request.into_inner();
+        let owner = request_owner(&r.owner)?;
+        self.one(owner, "DeleteService", BatchOp::DeleteService(r.name)).await
     }
 
     async fn add_backend(
@@ -451,10 +596,11 @@ impl ServiceManager for ServiceManagerService {
         request: Request<pb::AddBackendRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
         let r = request.into_inner();
+        let owner = request_owner(&r.owner)?;
         let service = r.service;
         let index = self.state.current().dynamic.services.get(&service).map_or(0, |s| s.backends.len());
-        let b = backend_from(&required(r.backend, "backend")?, &service, index)?;
-        self.mutate(Box::new(move |c, st| ops::add_backend(c, st, &service, b))).await
+        let backend = backend_from(&required(r.backend, "backend")?, &service, index)?;
+        self.one(owner, "AddBackend", BatchOp::AddBackend { service, backend }).await
     }
 
     async fn update_backend(
@@ -462,15 +608,10 @@ impl ServiceManager for ServiceManagerService {
         request: Request<pb::UpdateBackendRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
         let r = request.into_inner();
-        let service = r.service;
-        let f = |k: &str| backend_key_field(&service, &r.address, r.port, k);
-        let (address, port) = backend_key(&service, &r.address, r.port)?;
-        let weight = r.weight.map(|w| state::parse_weight(Some(w)).map_err(|e| invalid(f("weight"), e))).transpose()?;
-        let admin = admin_state(r.admin_state, &f("admin_state"))?;
-        if weight.is_none() && admin.is_none() {
-            return Err(invalid(f("weight"), "set weight, admin_state or both"));
-        }
-        self.mutate(Box::new(move |c, st| ops::update_backend(c, st, &service, address, port, weight, admin))).await
+        let owner = request_owner(&r.owner)?;
+        let (address, port, weight, admin_state) = update_backend_fields(&r)?;
+        let op = BatchOp::UpdateBackend { service: r.service, address, port, weight, admin_state };
+        self.one(owner, "UpdateBackend", op).await
     }
 
     async fn remove_backend(
@@ -478,34 +619,38 @@ impl ServiceManager for ServiceManagerService {
         request: Request<pb::RemoveBackendRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
         let r = request.into_inner();
-        let service = r.service;
-        let (address, port) = backend_key(&service, &r.address, r.port)?;
-        self.mutate(Box::new(move |c, st| ops::remove_backend(c, st, &service, address, port))).await
+        let owner = request_owner(&r.owner)?;
+        let (address, port) = backend_key(&r.service, &r.address, r.port)?;
+        self.one(owner, "RemoveBackend", BatchOp::RemoveBackend { service: r.service, address, port }).await
     }
 
     async fn create_source_pool(
         &self,
         request: Request<pb::CreateSourcePoolRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        let p = pool_from(&required(request.into_inner().pool, "pool")?)?;
-        self.mutate(Box::new(move |c, st| ops::create_pool(c, st, p))).await
+        let r = request.into_inner();
+        let owner = request_owner(&r.owner)?;
+        let p = pool_from(&required(r.pool, "pool")?)?;
+        self.one(owner, "CreateSourcePool", BatchOp::CreatePool(p)).await
     }
 
     async fn delete_source_pool(
         &self,
         request: Request<pb::DeleteSourcePoolRequest>,
     ) -> Result<Response<pb::MutationResponse>, Status> {
-        let name = request.into_inner().name;
-        self.mutate(Box::new(move |c, st| ops::delete_pool(c, st, &name))).await
+        let r = request.into_inner();
+        let owner = request_owner(&r.owner)?;
+        self.one(owner, "DeleteSourcePool", BatchOp::DeletePool(r.name)).await
     }
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let owner = owner_filter(&request.into_inner().owner)?;
         let (view, mut events) = self.state.subscribe();
         let first = pb::WatchEvent {
             version: view.dynamic.version,
-            event: Some(pb::watch_event::Event::Snapshot(state_response(&view, self.state.health()))),
+            event: Some(pb::watch_event::Event::Snapshot(state_response(&view, self.state.health(), owner.as_deref()))),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let state = self.state.clone();
@@ -519,6 +664,28 @@ impl ServiceManager for ServiceManagerService {
                     () = state.closed() => return,
                     () = tx.closed() => return,
                 };
+                // With an owner: its changes only, and its services' health.
+                let event = match (event, &owner) {
+                    (Ok(e), Some(owner)) => match &e.kind {
+                        StateEventKind::Change(c) if !c.touches(owner) => continue,
+                        StateEventKind::Change(c) => Ok(std::sync::Arc::new(state::StateEvent {
+                            version: e.version,
+                            kind: StateEventKind::Change(c.of_owner(owner)),
+                        })),
+                        StateEventKind::Health(t)
+                            if state
+                                .current()
+                                .dynamic
+                                .services
+                                .get(&t.key.service)
+                                .is_none_or(|s| s.owner != *owner) =>
+                        {
+                            continue;
+                        }
+                        StateEventKind::Health(_) => Ok(e),
+                    },
+                    (event, _) => event,
+                };
                 let item = match event {
                     Ok(e) => Ok(pb::WatchEvent {
                         version: e.version,
@@ -529,6 +696,7 @@ impl ServiceManager for ServiceManagerService {
                                 services_deleted: c.services_deleted.clone(),
                                 pools_changed: c.pools_changed.clone(),
                                 pools_deleted: c.pools_deleted.clone(),
+                                owners: c.owners.iter().cloned().collect(),
                             }),
                             StateEventKind::Health(t) => pb::watch_event::Event::Health(pb::HealthChange {
                                 service: t.key.service.clone(),

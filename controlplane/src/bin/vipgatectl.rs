@@ -880,19 +880,29 @@ mod state {
             }
             Op::Watch => return watch(&mut client, cli.json).await,
             Op::CreateService(service) => {
-                client.create_service(request(pb::CreateServiceRequest { service: Some(service) })).await
+                client
+                    .create_service(request(pb::CreateServiceRequest { service: Some(service), ..Default::default() }))
+                    .await
             }
             Op::UpdateService(service) => {
-                client.update_service(request(pb::UpdateServiceRequest { service: Some(service) })).await
+                client
+                    .update_service(request(pb::UpdateServiceRequest { service: Some(service), ..Default::default() }))
+                    .await
             }
-            Op::DeleteService(name) => client.delete_service(request(pb::DeleteServiceRequest { name })).await,
+            Op::DeleteService(name) => {
+                client.delete_service(request(pb::DeleteServiceRequest { name, ..Default::default() })).await
+            }
             Op::AddBackend(r) => client.add_backend(request(r)).await,
             Op::UpdateBackend(r) => client.update_backend(request(r)).await,
             Op::RemoveBackend(r) => client.remove_backend(request(r)).await,
             Op::CreatePool(pool) => {
-                client.create_source_pool(request(pb::CreateSourcePoolRequest { pool: Some(pool) })).await
+                client
+                    .create_source_pool(request(pb::CreateSourcePoolRequest { pool: Some(pool), ..Default::default() }))
+                    .await
             }
-            Op::DeletePool(name) => client.delete_source_pool(request(pb::DeleteSourcePoolRequest { name })).await,
+            Op::DeletePool(name) => {
+                client.delete_source_pool(request(pb::DeleteSourcePoolRequest { name, ..Default::default() })).await
+            }
             Op::Apply(mut r, expected) => {
                 r.expected_version = match expected {
                     Some(v) => v,
@@ -908,7 +918,7 @@ mod state {
     }
 
     async fn get_state(client: &mut Client) -> Result<pb::GetStateResponse, CtlError> {
-        Ok(client.get_state(request(pb::GetStateRequest {})).await.map_err(CtlError::Status)?.into_inner())
+        Ok(client.get_state(request(pb::GetStateRequest::default())).await.map_err(CtlError::Status)?.into_inner())
     }
 
     /// Dials the socket, or with --endpoint TCP with mutual TLS.
@@ -977,6 +987,7 @@ mod state {
                             admin_state: pb::AdminState::Enabled.into(),
                             ..pb::Backend::default()
                         }),
+                        ..Default::default()
                     })
                 }
                 Command::Backend(BackendCommand::Update { service, backend, weight, state }) => {
@@ -991,6 +1002,7 @@ mod state {
                         port,
                         weight: *weight,
                         admin_state: admin_state.into(),
+                        ..Default::default()
                     })
                 }
                 Command::Drain { service, backend } => {
@@ -1001,11 +1013,17 @@ mod state {
                         port,
                         weight: None,
                         admin_state: pb::AdminState::Draining.into(),
+                        ..Default::default()
                     })
                 }
                 Command::Backend(BackendCommand::Remove { service, backend }) => {
                     let (address, port, _) = parse_backend(backend, "ADDR:PORT", false)?;
-                    Op::RemoveBackend(pb::RemoveBackendRequest { service: service.clone(), address, port })
+                    Op::RemoveBackend(pb::RemoveBackendRequest {
+                        service: service.clone(),
+                        address,
+                        port,
+                        ..Default::default()
+                    })
                 }
                 Command::Pool(PoolCommand::Create { name, addresses, ports }) => {
                     for a in addresses {
@@ -1021,6 +1039,7 @@ mod state {
                         first_port,
                         last_port,
                         origin: 0,
+                        owner: String::new(),
                     })
                 }
                 Command::Pool(PoolCommand::Delete { name }) => Op::DeletePool(name.clone()),
@@ -1550,9 +1569,10 @@ mod state {
                 first_port: p.first_port,
                 last_port: p.last_port,
                 origin: 0,
+                owner: String::new(),
             });
         }
-        Ok(pb::ApplyRequest { expected_version: 0, services, source_pools })
+        Ok(pb::ApplyRequest { expected_version: 0, services, source_pools, ..Default::default() })
     }
 
     /// The `ipvsadm -Ln`-like listing.
@@ -1715,7 +1735,7 @@ mod state {
     /// stream ends (an error) or the reader goes away.
     async fn watch(client: &mut Client, as_json: bool) -> Result<String, CtlError> {
         // No deadline: the stream lasts until interrupted.
-        let mut stream = client.watch(pb::WatchRequest {}).await.map_err(CtlError::Status)?.into_inner();
+        let mut stream = client.watch(pb::WatchRequest::default()).await.map_err(CtlError::Status)?.into_inner();
         let mut stdout = std::io::stdout();
         loop {
             let event = match stream.message().await {

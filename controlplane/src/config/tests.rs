@@ -976,6 +976,7 @@ fn vip_eligibility_needs_one_backend_that_takes_new_flows_in_any_service_of_the_
         backends,
         health_check: None,
         new_flow_limit: None,
+        owner: crate::state::DEFAULT_OWNER.to_owned(),
     };
     let none = std::collections::HashSet::new();
     let (a, b, c) = (Ipv4Addr::new(198, 18, 101, 1), Ipv4Addr::new(198, 18, 101, 2), Ipv4Addr::new(198, 18, 101, 3));

@@ -56,6 +56,7 @@ fn service(name: &str, vip_last: u8) -> ServiceState {
         backends: vec![backend(20, 8080, 1), backend(21, 8080, 2)],
         health_check: None,
         new_flow_limit: None,
+        owner: DEFAULT_OWNER.to_owned(),
     }
 }
 
@@ -65,6 +66,7 @@ fn pool(name: &str, last: u8) -> PoolState {
         addresses: vec![Ipv4Addr::new(198, 18, 1, last)],
         first_port: 1024,
         last_port: 65535,
+        owner: DEFAULT_OWNER.to_owned(),
     }
 }
 
@@ -73,6 +75,7 @@ fn with(services: Vec<ServiceState>, pools: Vec<PoolState>) -> DesiredState {
         version: 1,
         services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
         source_pools: pools.into_iter().map(|p| (p.name.clone(), p)).collect(),
+        generations: BTreeMap::new(),
     }
 }
 
@@ -488,4 +491,223 @@ fn a_new_flow_limit_compiles_is_checked_and_is_optional_in_the_state_file() {
     let old = serde_json::to_string(&service("api", 2)).unwrap();
     assert!(!old.contains("new_flow_limit"));
     assert_eq!(serde_json::from_str::<ServiceState>(&old).unwrap().new_flow_limit, None);
+}
+
+/// A mutation as the daemon applies it, version and generations included.
+fn run(
+    state: &mut DesiredState,
+    op: impl FnOnce(&Config, &mut DesiredState) -> Result<Change, StateError>,
+) -> Result<Change, StateError> {
+    let c = config();
+    let mut new = state.clone();
+    let change = op(&c, &mut new)?;
+    new.advance(&change);
+    validate(&c, &macs(), &new)?;
+    *state = new;
+    Ok(change)
+}
+
+fn owned(mut s: ServiceState, owner: &str) -> ServiceState {
+    owner.clone_into(&mut s.owner);
+    s
+}
+
+#[test]
+fn an_owner_scoped_apply_replaces_that_owners_objects_only_at_its_generation() {
+    let k8s = "k8s/prod";
+    let mut state = with(vec![service("cli-svc", 2)], vec![pool("cli-pool", 101)]);
+    state.version = 0;
+    // The controller's first Apply: generation 0, its objects only.
+    let mut full = owned(service("k8s-full", 3), k8s);
+    full.mode = ModeState::Fullnat { source_pool: "k8s-pool".to_owned() };
+    full.backends = vec![backend(30, 8080, 1)];
+    let k8s_pool = PoolState { owner: k8s.to_owned(), ..pool("k8s-pool", 102) };
+    let ch = run(&mut state, |c, s| {
+        let a = ServiceState { backends: vec![backend(40, 8080, 1)], ..owned(service("k8s-a", 4), "") };
+        ops::apply_owned(c, s, k8s, 0, 0, vec![a, full.clone()], vec![k8s_pool.clone()])
+    })
+    .unwrap();
+    assert_eq!(ch.services_changed, ["k8s-a", "k8s-full"]);
+    assert_eq!(ch.owners, BTreeSet::from([k8s.to_owned()]));
+    assert_eq!((state.version, state.generation(k8s), state.generation(DEFAULT_OWNER)), (1, 1, 0));
+    assert_eq!(state.services["k8s-a"].owner, k8s, "an object naming no owner takes the Apply's");
+    assert!(state.services.contains_key("cli-svc") && state.source_pools.contains_key("cli-pool"));
+
+    // A stale generation is refused and changes nothing.
+    let before = state.clone();
+    let e = run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 0, 0, vec![], vec![])).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    assert_eq!(
+        e.message,
+        "expected_generation 0 is not owner \"k8s/prod\"'s current generation 1; read the state again"
+    );
+    assert_eq!(state, before);
+
+    // The next Apply drops k8s-a and keeps the rest; the CLI's objects stay.
+    let ch =
+        run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 1, 0, vec![full.clone()], vec![k8s_pool.clone()])).unwrap();
+    assert_eq!((ch.services_changed.len(), ch.services_deleted.clone()), (0, vec!["k8s-a".to_owned()]));
+    assert_eq!((state.version, state.generation(k8s)), (2, 2));
+    assert!(state.services.contains_key("cli-svc"));
+
+    // An Apply that changes nothing takes a version but no generation.
+    run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 2, 0, vec![full.clone()], vec![k8s_pool.clone()])).unwrap();
+    assert_eq!((state.version, state.generation(k8s)), (3, 2));
+
+    // Another owner's object cannot be taken over, nor named in the list.
+    let e = run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 2, 0, vec![owned(service("cli-svc", 2), "")], vec![]))
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    assert!(e.message.starts_with("service \"cli-svc\" is owned by \"cli\"; a request as owner \"k8s/prod\""), "{e}");
+    let e = run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 2, 0, vec![owned(service("x", 9), "someone")], vec![]))
+        .unwrap_err();
+    assert_eq!(e.message, "services[\"x\"].owner: \"someone\" is not the request's owner \"k8s/prod\"");
+    // A pool one of the owner's services still uses cannot be left out.
+    let e = run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 2, 0, vec![full.clone()], vec![])).unwrap_err();
+    assert_eq!(e.message, "source pool \"k8s-pool\" is used by service \"k8s-full\", so it cannot be left out");
+    // The whole-state version guard still works when given.
+    let e = run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 2, 1, vec![], vec![])).unwrap_err();
+    assert_eq!(e.message, "expected_version 1 is not the current version 3");
+    // Leaving everything out deletes the owner's objects; its generation
+    // stays, and goes on.
+    run(&mut state, |c, s| ops::apply_owned(c, s, k8s, 2, 3, vec![], vec![])).unwrap();
+    assert_eq!(state.generation(k8s), 3);
+    assert!(state.services.values().all(|s| s.owner == DEFAULT_OWNER));
+    assert!(state.source_pools.values().all(|p| p.owner == DEFAULT_OWNER));
+}
+
+#[test]
+fn single_object_calls_change_only_their_owners_objects() {
+    let mut state = with(vec![owned(service("k8s-a", 2), "k8s/prod")], vec![]);
+    let cli = |op| move |c: &Config, s: &mut DesiredState| ops::one(c, s, "", "Test", op);
+    let before = state.clone();
+    for op in [
+        ops::BatchOp::DeleteService("k8s-a".to_owned()),
+        ops::BatchOp::UpdateService(owned(service("k8s-a", 2), "")),
+        ops::BatchOp::AddBackend { service: "k8s-a".to_owned(), backend: backend(40, 8080, 1) },
+        ops::BatchOp::RemoveBackend { service: "k8s-a".to_owned(), address: Ipv4Addr::new(198, 18, 1, 20), port: 8080 },
+        ops::BatchOp::UpdateBackend {
+            service: "k8s-a".to_owned(),
+            address: Ipv4Addr::new(198, 18, 1, 20),
+            port: 8080,
+            weight: None,
+            admin_state: Some(AdminState::Draining),
+        },
+    ] {
+        let e = run(&mut state, cli(op.clone())).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{op:?}");
+        assert_eq!(
+            e.message,
+            "service \"k8s-a\" is owned by \"k8s/prod\"; a request as owner \"cli\" cannot change it (send it as owner \"k8s/prod\" to change it anyway)"
+        );
+    }
+    let e = run(&mut state, cli(ops::BatchOp::CreateService(owned(service("k8s-a", 3), "")))).unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::AlreadyExists, "service \"k8s-a\" already exists, owned by \"k8s/prod\"")
+    );
+    assert_eq!(state, before);
+    // As its owner, the same call works, and counts the owner's generation.
+    let drain = ops::BatchOp::UpdateBackend {
+        service: "k8s-a".to_owned(),
+        address: Ipv4Addr::new(198, 18, 1, 20),
+        port: 8080,
+        weight: None,
+        admin_state: Some(AdminState::Draining),
+    };
+    let ch = run(&mut state, |c, s| ops::one(c, s, "k8s/prod", "UpdateBackend", drain)).unwrap();
+    assert_eq!((ch.services_changed.as_slice(), state.generation("k8s/prod")), (["k8s-a".to_owned()].as_slice(), 1));
+    assert_eq!(state.generation(DEFAULT_OWNER), 0);
+}
+
+#[test]
+fn a_batch_applies_all_its_operations_as_one_version_or_none() {
+    let mut state = with(vec![service("api", 2)], vec![]);
+    let before = state.clone();
+    let ops_list = vec![
+        ops::BatchOp::CreatePool(pool("p", 101)),
+        ops::BatchOp::CreateService(ServiceState {
+            mode: ModeState::Fullnat { source_pool: "p".to_owned() },
+            backends: vec![backend(30, 8080, 1)],
+            ..service("full", 3)
+        }),
+        ops::BatchOp::AddBackend { service: "api".to_owned(), backend: backend(22, 8080, 1) },
+        ops::BatchOp::UpdateBackend {
+            service: "api".to_owned(),
+            address: Ipv4Addr::new(198, 18, 1, 20),
+            port: 8080,
+            weight: Some(7),
+            admin_state: None,
+        },
+        // Created and deleted in the same batch: no trace in the change.
+        ops::BatchOp::CreateService(ServiceState { backends: vec![backend(50, 8080, 1)], ..service("tmp", 4) }),
+        ops::BatchOp::DeleteService("tmp".to_owned()),
+    ];
+    // A refused operation (here the last) leaves everything as it was.
+    let mut bad = ops_list.clone();
+    bad.push(ops::BatchOp::RemoveBackend {
+        service: "api".to_owned(),
+        address: Ipv4Addr::new(198, 18, 1, 99),
+        port: 1,
+    });
+    let e = run(&mut state, |c, s| ops::batch(c, s, "", None, bad)).unwrap_err();
+    assert_eq!(
+        (e.kind, e.message.as_str()),
+        (ErrorKind::NotFound, "operations[6]: service \"api\" has no backend 198.18.1.99:1")
+    );
+    assert_eq!(state, before);
+    // A stale generation, an empty or an oversized batch likewise.
+    let e = run(&mut state, |c, s| ops::batch(c, s, "", Some(5), ops_list.clone())).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+    let e = run(&mut state, |c, s| ops::batch(c, s, "", None, vec![])).unwrap_err();
+    assert_eq!(e.message, "operations: a batch needs at least one operation");
+    let many = vec![ops::BatchOp::DeleteService("x".to_owned()); MAX_BATCH + 1];
+    let e = run(&mut state, |c, s| ops::batch(c, s, "", None, many)).unwrap_err();
+    assert_eq!(e.message, "operations: 10001 operations in one batch; at most 10000");
+    assert_eq!(state, before);
+
+    let ch = run(&mut state, |c, s| ops::batch(c, s, "", Some(0), ops_list)).unwrap();
+    assert_eq!(ch.services_changed, ["api", "full"]);
+    assert!(ch.services_deleted.is_empty(), "{ch:?}");
+    assert_eq!(ch.pools_changed, ["p"]);
+    assert_eq!((state.version, state.generation(DEFAULT_OWNER)), (2, 1));
+    assert_eq!(state.services["api"].backends.len(), 3);
+    assert_eq!(state.services["api"].backends[0].weight, 7);
+}
+
+#[test]
+fn a_change_seen_by_one_owner_names_only_its_objects() {
+    let k8s_a = ServiceState { backends: vec![backend(40, 8080, 1)], ..owned(service("k8s-a", 3), "k8s/prod") };
+    let mut state = with(vec![service("cli-a", 2), k8s_a], vec![]);
+    let mut next = state.clone();
+    next.services.remove("cli-a");
+    next.services.get_mut("k8s-a").unwrap().backends[0].weight = 9;
+    next.services.insert("k8s-b".to_owned(), owned(service("k8s-b", 4), "k8s/prod"));
+    let ch = Change::between("Apply", &state, &next);
+    assert_eq!(ch.owners, BTreeSet::from(["cli".to_owned(), "k8s/prod".to_owned()]));
+    let k8s = ch.of_owner("k8s/prod");
+    assert_eq!((k8s.services_changed, k8s.services_deleted), (vec!["k8s-a".to_owned(), "k8s-b".to_owned()], vec![]));
+    let cli = ch.of_owner("cli");
+    assert_eq!((cli.services_changed, cli.services_deleted), (vec![], vec!["cli-a".to_owned()]));
+    assert!(!ch.touches("other") && ch.touches("cli"));
+    state.advance(&ch);
+    assert_eq!((state.generation("cli"), state.generation("k8s/prod"), state.version), (1, 1, 2));
+}
+
+#[test]
+fn owners_follow_one_rule_and_a_state_saved_before_owners_belongs_to_cli() {
+    for good in ["cli", "k8s/prod-cluster", "team_a.b:1"] {
+        check_owner(good).unwrap();
+    }
+    assert_eq!(check_owner("").unwrap_err(), "must not be empty");
+    assert_eq!(check_owner("a b").unwrap_err(), "\"a b\": use letters, digits, '-', '_', '.', '/' and ':' only");
+    assert_eq!(check_owner(&"x".repeat(129)).unwrap_err(), "is 129 characters long; at most 128");
+    let old = r#"{"version":3,"services":{"web":{"name":"web","vip":"198.18.100.5","port":80,"protocol":"tcp","mode":{"kind":"nat"},"table_size":251,"on_backend_removal":"rehash","backends":[]}},"source_pools":{"p":{"name":"p","addresses":["198.18.1.101"],"first_port":1024,"last_port":65535}}}"#;
+    let state: DesiredState = serde_json::from_str(old).unwrap();
+    assert_eq!((state.services["web"].owner.as_str(), state.source_pools["p"].owner.as_str()), ("cli", "cli"));
+    assert!(state.generations.is_empty());
+    // A stored owner that breaks the rule is named by validation.
+    let bad = with(vec![owned(service("api", 2), "a b")], vec![]);
+    let e = validate(&config(), &macs(), &bad).unwrap_err();
+    assert_eq!(e.message, "services[\"api\"].owner: \"a b\": use letters, digits, '-', '_', '.', '/' and ':' only");
 }
