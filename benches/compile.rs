@@ -72,6 +72,7 @@ fn state(services: u32, backends: u32, table_size: u32) -> DesiredState {
                     .collect(),
                 health_check: None,
                 new_flow_limit: None,
+                owner: vipgate_controlplane::state::DEFAULT_OWNER.to_owned(),
             },
         );
     }

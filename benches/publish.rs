@@ -257,7 +257,7 @@ fn main() {
         let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
         let (mut sm, mut gc) = loop {
             if let (Ok(mut sm), Ok(gc)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
-                && sm.get_state(pb::GetStateRequest {}).await.is_ok()
+                && sm.get_state(pb::GetStateRequest::default()).await.is_ok()
             {
                 break (sm, gc);
             }
@@ -324,7 +324,7 @@ async fn run(
     let mut create = Vec::new();
     for i in 0..o.creates {
         let t = Instant::now();
-        sm.create_service(pb::CreateServiceRequest { service: Some(service(o, i)) })
+        sm.create_service(pb::CreateServiceRequest { service: Some(service(o, i)), ..Default::default() })
             .await
             .unwrap_or_else(|e| panic!("CreateService {i}: {e}"));
         create.push(t.elapsed());
@@ -335,11 +335,12 @@ async fn run(
     }
 
     // Phase 2: one Apply of everything.
-    let version = sm.get_state(pb::GetStateRequest {}).await.expect("GetState").into_inner().version;
+    let version = sm.get_state(pb::GetStateRequest::default()).await.expect("GetState").into_inner().version;
     let request = pb::ApplyRequest {
         expected_version: version,
         services: (0..o.services).map(|i| service(o, i)).collect(),
         source_pools: vec![],
+        ..Default::default()
     };
     let bytes = prost::Message::encoded_len(&request);
     let changes_before = gw.log_text().matches("state changed").count();
@@ -381,6 +382,7 @@ async fn run(
                 port: 8000 + j,
                 weight: Some(*w),
                 admin_state: pb::AdminState::Unspecified.into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("UpdateBackend {k}: {e}"))

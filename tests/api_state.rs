@@ -35,7 +35,7 @@ async fn start(d: &mut NullGateway) -> Client {
     let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
     loop {
         if let Ok(mut c) = connect_unix_services(&d.socket()).await
-            && c.get_state(pb::GetStateRequest {}).await.is_ok()
+            && c.get_state(pb::GetStateRequest::default()).await.is_ok()
         {
             return c;
         }
@@ -105,6 +105,7 @@ fn service(name: &str, vip_last: u8, backends: Vec<pb::Backend>) -> pb::Service 
         on_backend_removal: "rehash".to_owned(),
         backends,
         origin: pb::Origin::Dynamic.into(),
+        owner: "cli".to_owned(),
         ..pb::Service::default()
     }
 }
@@ -116,11 +117,13 @@ fn pool(name: &str, last: u8) -> pb::SourcePool {
         first_port: 1024,
         last_port: 65535,
         origin: pb::Origin::Dynamic.into(),
+        owner: "cli".to_owned(),
+        ..Default::default()
     }
 }
 
 async fn state(c: &mut Client) -> pb::GetStateResponse {
-    c.get_state(pb::GetStateRequest {}).await.expect("GetState").into_inner()
+    c.get_state(pb::GetStateRequest::default()).await.expect("GetState").into_inner()
 }
 
 fn dynamic_services(s: &pb::GetStateResponse) -> Vec<pb::Service> {
@@ -162,7 +165,7 @@ async fn every_call_succeeds_and_increments_the_version() {
     let mut expect = 0;
 
     let v = version(
-        c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await,
+        c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)), ..Default::default() }).await,
         "CreateSourcePool",
     );
     let s = check(&mut c, &mut expect, v, "CreateSourcePool").await;
@@ -171,11 +174,20 @@ async fn every_call_succeeds_and_increments_the_version() {
     let mut api = service("api", 2, vec![backend(20, 8080, 1)]);
     api.mode = "fullnat".to_owned();
     api.source_pool = "snat".to_owned();
-    let v = version(c.create_service(pb::CreateServiceRequest { service: Some(api.clone()) }).await, "CreateService");
+    let v = version(
+        c.create_service(pb::CreateServiceRequest { service: Some(api.clone()), ..Default::default() }).await,
+        "CreateService",
+    );
     let s = check(&mut c, &mut expect, v, "CreateService").await;
     assert_eq!(*find(&s, "api"), api);
 
-    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 5)) }).await;
+    let r = c
+        .add_backend(pb::AddBackendRequest {
+            service: "api".into(),
+            backend: Some(backend(21, 8080, 5)),
+            ..Default::default()
+        })
+        .await;
     let s = check(&mut c, &mut expect, version(r, "AddBackend"), "AddBackend").await;
     assert_eq!(find(&s, "api").backends[1], backend(21, 8080, 5));
 
@@ -186,6 +198,7 @@ async fn every_call_succeeds_and_increments_the_version() {
             port: 8080,
             weight: Some(9),
             admin_state: pb::AdminState::Draining.into(),
+            ..Default::default()
         })
         .await;
     let s = check(&mut c, &mut expect, version(r, "UpdateBackend"), "UpdateBackend").await;
@@ -193,7 +206,12 @@ async fn every_call_succeeds_and_increments_the_version() {
     assert_eq!((b.weight, b.admin_state), (Some(9), i32::from(pb::AdminState::Draining)));
 
     let r = c
-        .remove_backend(pb::RemoveBackendRequest { service: "api".into(), address: "198.18.1.20".into(), port: 8080 })
+        .remove_backend(pb::RemoveBackendRequest {
+            service: "api".into(),
+            address: "198.18.1.20".into(),
+            port: 8080,
+            ..Default::default()
+        })
         .await;
     let s = check(&mut c, &mut expect, version(r, "RemoveBackend"), "RemoveBackend").await;
     assert_eq!(find(&s, "api").backends.len(), 1);
@@ -201,14 +219,14 @@ async fn every_call_succeeds_and_increments_the_version() {
     let mut api2 = api.clone();
     api2.backends = vec![backend(22, 8080, 3), backend(23, 8080, 4)];
     api2.on_backend_removal = "reset".to_owned();
-    let r = c.update_service(pb::UpdateServiceRequest { service: Some(api2.clone()) }).await;
+    let r = c.update_service(pb::UpdateServiceRequest { service: Some(api2.clone()), ..Default::default() }).await;
     let s = check(&mut c, &mut expect, version(r, "UpdateService"), "UpdateService").await;
     assert_eq!(*find(&s, "api"), api2);
 
     let dns = service("dns", 3, vec![backend(30, 53, 1)]);
-    let r = c.create_service(pb::CreateServiceRequest { service: Some(dns) }).await;
+    let r = c.create_service(pb::CreateServiceRequest { service: Some(dns), ..Default::default() }).await;
     check(&mut c, &mut expect, version(r, "CreateService dns"), "CreateService dns").await;
-    let r = c.delete_service(pb::DeleteServiceRequest { name: "dns".into() }).await;
+    let r = c.delete_service(pb::DeleteServiceRequest { name: "dns".into(), ..Default::default() }).await;
     let s = check(&mut c, &mut expect, version(r, "DeleteService"), "DeleteService").await;
     assert!(!s.services.iter().any(|x| x.name == "dns"));
 
@@ -218,15 +236,16 @@ async fn every_call_succeeds_and_increments_the_version() {
             expected_version: expect,
             services: applied.clone(),
             source_pools: vec![pool("p2", 102)],
+            ..Default::default()
         })
         .await;
     let s = check(&mut c, &mut expect, version(r, "Apply"), "Apply").await;
     assert_eq!(dynamic_services(&s), applied);
     assert!(s.source_pools.iter().any(|p| p.name == "p2") && !s.source_pools.iter().any(|p| p.name == "snat"));
 
-    let r = c.delete_service(pb::DeleteServiceRequest { name: "a2".into() }).await;
+    let r = c.delete_service(pb::DeleteServiceRequest { name: "a2".into(), ..Default::default() }).await;
     check(&mut c, &mut expect, version(r, "DeleteService a2"), "DeleteService a2").await;
-    let r = c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "p2".into() }).await;
+    let r = c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "p2".into(), ..Default::default() }).await;
     let s = check(&mut c, &mut expect, version(r, "DeleteSourcePool"), "DeleteSourcePool").await;
     assert!(!s.source_pools.iter().any(|p| p.name == "p2"));
     let log = stop(&mut d).await;
@@ -258,12 +277,20 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
     let mut api = service("api", 2, vec![backend(20, 8080, 1), backend(21, 8080, 1)]);
     api.mode = "fullnat".to_owned();
     api.source_pool = "snat".to_owned();
-    version(c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await, "pool");
-    version(c.create_service(pb::CreateServiceRequest { service: Some(api.clone()) }).await, "api");
+    version(
+        c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)), ..Default::default() }).await,
+        "pool",
+    );
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(api.clone()), ..Default::default() }).await,
+        "api",
+    );
     let file = d.config_path().display().to_string();
 
     let create = |s: pb::Service| {
-        call(move |mut c: Client| async move { c.create_service(pb::CreateServiceRequest { service: Some(s) }).await })
+        call(move |mut c: Client| async move {
+            c.create_service(pb::CreateServiceRequest { service: Some(s), ..Default::default() }).await
+        })
     };
     let with = |f: fn(&mut pb::Service)| {
         let mut s = service("new", 9, vec![backend(50, 8080, 1), backend(51, 8080, 1)]);
@@ -274,9 +301,9 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
     let cases: Vec<(&str, Call, Code, String)> = vec![
         (
             "unknown service",
-            call(
-                |mut c: Client| async move { c.delete_service(pb::DeleteServiceRequest { name: "nope".into() }).await },
-            ),
+            call(|mut c: Client| async move {
+                c.delete_service(pb::DeleteServiceRequest { name: "nope".into(), ..Default::default() }).await
+            }),
             Code::NotFound,
             "no service is named \"nope\"".into(),
         ),
@@ -425,7 +452,8 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
             "oversized apply",
             call(|mut c: Client| async move {
                 let services = (0..10_001).map(|i| service(&format!("s{i}"), 9, vec![])).collect();
-                c.apply(pb::ApplyRequest { expected_version: 2, services, source_pools: vec![] }).await
+                c.apply(pb::ApplyRequest { expected_version: 2, services, source_pools: vec![], ..Default::default() })
+                    .await
             }),
             Code::InvalidArgument,
             "services: 10001 services in one request; at most 10000".into(),
@@ -433,7 +461,13 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         (
             "version mismatch",
             call(|mut c: Client| async move {
-                c.apply(pb::ApplyRequest { expected_version: 1, services: vec![], source_pools: vec![] }).await
+                c.apply(pb::ApplyRequest {
+                    expected_version: 1,
+                    services: vec![],
+                    source_pools: vec![],
+                    ..Default::default()
+                })
+                .await
             }),
             Code::FailedPrecondition,
             "expected_version 1 is not the current version 2".into(),
@@ -441,7 +475,13 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         (
             "blind overwrite",
             call(|mut c: Client| async move {
-                c.apply(pb::ApplyRequest { expected_version: 0, services: vec![], source_pools: vec![] }).await
+                c.apply(pb::ApplyRequest {
+                    expected_version: 0,
+                    services: vec![],
+                    source_pools: vec![],
+                    ..Default::default()
+                })
+                .await
             }),
             Code::FailedPrecondition,
             "expected_version 0 is not the current version 2".into(),
@@ -449,24 +489,29 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         (
             "changing a static service",
             call(|mut c: Client| async move {
-                c.add_backend(pb::AddBackendRequest { service: "web".into(), backend: Some(backend(70, 8080, 1)) })
-                    .await
+                c.add_backend(pb::AddBackendRequest {
+                    service: "web".into(),
+                    backend: Some(backend(70, 8080, 1)),
+                    ..Default::default()
+                })
+                .await
             }),
             Code::FailedPrecondition,
             format!("service \"web\" is defined in {file}; change it there and reload"),
         ),
         (
             "deleting a static service",
-            call(
-                |mut c: Client| async move { c.delete_service(pb::DeleteServiceRequest { name: "web".into() }).await },
-            ),
+            call(|mut c: Client| async move {
+                c.delete_service(pb::DeleteServiceRequest { name: "web".into(), ..Default::default() }).await
+            }),
             Code::FailedPrecondition,
             format!("service \"web\" is defined in {file}; change it there and reload"),
         ),
         (
             "deleting a static pool",
             call(|mut c: Client| async move {
-                c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "static-pool".into() }).await
+                c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "static-pool".into(), ..Default::default() })
+                    .await
             }),
             Code::FailedPrecondition,
             format!("source pool \"static-pool\" is defined in {file}; change it there and reload"),
@@ -474,7 +519,7 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         (
             "pool in use",
             call(|mut c: Client| async move {
-                c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "snat".into() }).await
+                c.delete_source_pool(pb::DeleteSourcePoolRequest { name: "snat".into(), ..Default::default() }).await
             }),
             Code::FailedPrecondition,
             "source pool \"snat\" is used by service \"api\"".into(),
@@ -482,7 +527,8 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         (
             "pool address taken",
             call(|mut c: Client| async move {
-                c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("p", 100)) }).await
+                c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("p", 100)), ..Default::default() })
+                    .await
             }),
             Code::InvalidArgument,
             "source_pools[\"p\"].addresses[0]: 198.18.1.100 is already in static source pool \"static-pool\"".into(),
@@ -494,6 +540,7 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
                     service: "api".into(),
                     address: "198.18.1.99".into(),
                     port: 8080,
+                    ..Default::default()
                 })
                 .await
             }),
@@ -503,8 +550,12 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
         (
             "duplicate backend",
             call(|mut c: Client| async move {
-                c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(20, 8080, 1)) })
-                    .await
+                c.add_backend(pb::AddBackendRequest {
+                    service: "api".into(),
+                    backend: Some(backend(20, 8080, 1)),
+                    ..Default::default()
+                })
+                .await
             }),
             Code::AlreadyExists,
             "service \"api\" already has backend 198.18.1.20:8080".into(),
@@ -518,16 +569,158 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
                     port: 8080,
                     weight: Some(65_536),
                     admin_state: 0,
+                    ..Default::default()
                 })
                 .await
             }),
             Code::InvalidArgument,
             "services[\"api\"].backends[198.18.1.20:8080].weight: 65536 is not from 0 to 65535".into(),
         ),
+        (
+            "a bad owner",
+            call(|mut c: Client| async move {
+                c.delete_service(pb::DeleteServiceRequest { name: "api".into(), owner: "a b".into() }).await
+            }),
+            Code::InvalidArgument,
+            "owner: \"a b\": use letters, digits, '-', '_', '.', '/' and ':' only".into(),
+        ),
+        (
+            "another owner's service",
+            call(|mut c: Client| async move {
+                c.delete_service(pb::DeleteServiceRequest { name: "api".into(), owner: "k8s/prod".into() }).await
+            }),
+            Code::FailedPrecondition,
+            "service \"api\" is owned by \"cli\"; a request as owner \"k8s/prod\" cannot change it".into(),
+        ),
+        (
+            "an object owned by someone other than the request's owner",
+            create(with(|s| s.owner = "k8s/prod".into())),
+            Code::InvalidArgument,
+            "services[\"new\"].owner: \"k8s/prod\" is not the request's owner \"cli\"".into(),
+        ),
+        (
+            "a stale generation",
+            call(|mut c: Client| async move {
+                c.apply(pb::ApplyRequest { owner: "cli".into(), expected_generation: 1, ..Default::default() }).await
+            }),
+            Code::FailedPrecondition,
+            "expected_generation 1 is not owner \"cli\"'s current generation 2; read the state again".into(),
+        ),
+        (
+            "a generation without an owner",
+            call(|mut c: Client| async move {
+                c.apply(pb::ApplyRequest { expected_version: 2, expected_generation: 2, ..Default::default() }).await
+            }),
+            Code::InvalidArgument,
+            "expected_generation: is only used with owner".into(),
+        ),
+        (
+            "an owner-scoped Apply listing another owner's service",
+            call(|mut c: Client| async move {
+                let api = service("api", 2, vec![]);
+                c.apply(pb::ApplyRequest {
+                    owner: "k8s/prod".into(),
+                    services: vec![pb::Service { owner: String::new(), ..api }],
+                    ..Default::default()
+                })
+                .await
+            }),
+            Code::FailedPrecondition,
+            "service \"api\" is owned by \"cli\"; a request as owner \"k8s/prod\"".into(),
+        ),
+        (
+            "a name listed twice in an owner-scoped Apply",
+            call(|mut c: Client| async move {
+                let s = service("twice", 9, vec![]);
+                c.apply(pb::ApplyRequest {
+                    owner: "k8s/prod".into(),
+                    services: vec![s.clone(), s],
+                    ..Default::default()
+                })
+                .await
+            }),
+            Code::InvalidArgument,
+            "services[\"twice\"].name: is listed twice".into(),
+        ),
+        (
+            "an empty batch",
+            call(|mut c: Client| async move { c.batch(pb::BatchRequest::default()).await }),
+            Code::InvalidArgument,
+            "operations: a batch needs at least one operation".into(),
+        ),
+        (
+            "an oversized batch",
+            call(|mut c: Client| async move {
+                let op =
+                    pb::BatchOperation { operation: Some(pb::batch_operation::Operation::DeleteService("api".into())) };
+                c.batch(pb::BatchRequest { operations: vec![op; 10_001], ..Default::default() }).await
+            }),
+            Code::InvalidArgument,
+            "operations: 10001 operations in one batch; at most 10000".into(),
+        ),
+        (
+            "a batch operation naming no operation",
+            call(|mut c: Client| async move {
+                c.batch(pb::BatchRequest { operations: vec![pb::BatchOperation::default()], ..Default::default() })
+                    .await
+            }),
+            Code::InvalidArgument,
+            "operations[0]: names no operation".into(),
+        ),
+        (
+            "a batch whose second operation has a bad field",
+            call(|mut c: Client| async move {
+                use pb::batch_operation::Operation;
+                let ops = vec![
+                    Operation::CreateService(service("in-batch", 9, vec![backend(52, 8080, 1)])),
+                    Operation::AddBackend(pb::AddBackendRequest {
+                        service: "api".into(),
+                        backend: Some(pb::Backend { address: "198.18.1.300".into(), port: 8080, ..Default::default() }),
+                        ..Default::default()
+                    }),
+                ];
+                let operations = ops.into_iter().map(|o| pb::BatchOperation { operation: Some(o) }).collect();
+                c.batch(pb::BatchRequest { operations, ..Default::default() }).await
+            }),
+            Code::InvalidArgument,
+            "operations[1]: services[\"api\"].backends[2].address: \"198.18.1.300\" is not an IPv4 address".into(),
+        ),
+        (
+            "a batch whose last operation conflicts with the first",
+            call(|mut c: Client| async move {
+                use pb::batch_operation::Operation;
+                let ops = vec![
+                    Operation::CreateService(service("in-batch", 9, vec![backend(52, 8080, 1)])),
+                    Operation::DeleteService("nope".into()),
+                ];
+                let operations = ops.into_iter().map(|o| pb::BatchOperation { operation: Some(o) }).collect();
+                c.batch(pb::BatchRequest { operations, ..Default::default() }).await
+            }),
+            Code::NotFound,
+            "operations[1]: no service is named \"nope\"".into(),
+        ),
+        (
+            "a batch at a stale generation",
+            call(|mut c: Client| async move {
+                let op =
+                    pb::BatchOperation { operation: Some(pb::batch_operation::Operation::DeleteService("api".into())) };
+                c.batch(pb::BatchRequest { operations: vec![op], expected_generation: Some(7), ..Default::default() })
+                    .await
+            }),
+            Code::FailedPrecondition,
+            "expected_generation 7 is not owner \"cli\"'s current generation 2".into(),
+        ),
+        (
+            "a backend conflicting with another service's, named at the request",
+            create(with(|s| s.backends = vec![backend(11, 8080, 1)])),
+            Code::InvalidArgument,
+            "services[\"new\"].backends[0].address: 198.18.1.11:8080/tcp already serves static service \"web\"".into(),
+        ),
     ];
     assert!(cases.len() >= 15);
     let before = state(&mut c).await;
     assert_eq!(before.version, 2);
+    assert_eq!(before.generations, std::collections::HashMap::from([("cli".to_owned(), 2)]));
     for (what, f, code, want) in cases {
         let e = f(c.clone()).await;
         println!("{what}: {:?}: {}", e.code(), e.message());
@@ -544,17 +737,29 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
 async fn restart_restores_the_same_version_and_content_and_serves_it() {
     let mut d = daemon("restore");
     let mut c = start(&mut d).await;
-    version(c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)) }).await, "pool");
+    version(
+        c.create_source_pool(pb::CreateSourcePoolRequest { pool: Some(pool("snat", 101)), ..Default::default() }).await,
+        "pool",
+    );
     let mut full = service("full", 3, vec![backend(30, 8080, 2)]);
     full.mode = "fullnat".into();
     full.source_pool = "snat".into();
-    version(c.create_service(pb::CreateServiceRequest { service: Some(full) }).await, "full");
+    version(c.create_service(pb::CreateServiceRequest { service: Some(full), ..Default::default() }).await, "full");
     version(
-        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
-            .await,
+        c.create_service(pb::CreateServiceRequest {
+            service: Some(service("api", 2, vec![backend(20, 8080, 1)])),
+            ..Default::default()
+        })
+        .await,
         "api",
     );
-    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 7)) }).await;
+    let r = c
+        .add_backend(pb::AddBackendRequest {
+            service: "api".into(),
+            backend: Some(backend(21, 8080, 7)),
+            ..Default::default()
+        })
+        .await;
     version(r, "add");
     let r = c
         .update_backend(pb::UpdateBackendRequest {
@@ -563,6 +768,7 @@ async fn restart_restores_the_same_version_and_content_and_serves_it() {
             port: 8080,
             weight: None,
             admin_state: pb::AdminState::Disabled.into(),
+            ..Default::default()
         })
         .await;
     let v = version(r, "disable");
@@ -614,7 +820,10 @@ fn nth_service(i: u64) -> pb::Service {
 async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
     let mut d = daemon("kill");
     let mut c = start(&mut d).await;
-    let v = version(c.create_service(pb::CreateServiceRequest { service: Some(nth_service(0)) }).await, "create");
+    let v = version(
+        c.create_service(pb::CreateServiceRequest { service: Some(nth_service(0)), ..Default::default() }).await,
+        "create",
+    );
     let mut current = (v, vec![nth_service(0)]);
     let started = Instant::now();
     let mut seed = u64::from(std::process::id()) ^ started.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
@@ -628,7 +837,10 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
                 for i in 1..=300u64 {
                     let s = nth_service(v + i);
                     progress.lock().unwrap().pending = Some((v + 1, vec![s.clone()]));
-                    match c.update_service(pb::UpdateServiceRequest { service: Some(s.clone()) }).await {
+                    match c
+                        .update_service(pb::UpdateServiceRequest { service: Some(s.clone()), ..Default::default() })
+                        .await
+                    {
                         Ok(r) => {
                             let got = r.into_inner().version;
                             assert_eq!(got, v + 1, "versions go up by one");
@@ -692,7 +904,7 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
 async fn watch_sends_the_state_then_each_change_in_order_including_a_reload() {
     let mut d = daemon("watch");
     let mut c = start(&mut d).await;
-    let mut stream = c.watch(pb::WatchRequest {}).await.expect("Watch").into_inner();
+    let mut stream = c.watch(pb::WatchRequest::default()).await.expect("Watch").into_inner();
     let first = stream.message().await.unwrap().expect("the initial state");
     let Some(pb::watch_event::Event::Snapshot(s)) = &first.event else {
         panic!("first event is not the state: {first:?}")
@@ -700,15 +912,23 @@ async fn watch_sends_the_state_then_each_change_in_order_including_a_reload() {
     assert_eq!((first.version, s.version, s.services.len()), (0, 0, 1));
 
     version(
-        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
-            .await,
+        c.create_service(pb::CreateServiceRequest {
+            service: Some(service("api", 2, vec![backend(20, 8080, 1)])),
+            ..Default::default()
+        })
+        .await,
         "create",
     );
     version(
-        c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) }).await,
+        c.add_backend(pb::AddBackendRequest {
+            service: "api".into(),
+            backend: Some(backend(21, 8080, 1)),
+            ..Default::default()
+        })
+        .await,
         "add",
     );
-    version(c.delete_service(pb::DeleteServiceRequest { name: "api".into() }).await, "delete");
+    version(c.delete_service(pb::DeleteServiceRequest { name: "api".into(), ..Default::default() }).await, "delete");
     let text = std::fs::read_to_string(d.config_path()).unwrap()
         + "\n[[services]]\nname = \"dns\"\nvip = \"198.18.100.9\"\nport = 53\nprotocol = \"udp\"\nbackends = [ { address = \"198.18.1.12\", port = 53 } ]\n";
     let line = reload(&d, &text).await;
@@ -742,8 +962,11 @@ async fn a_reload_that_conflicts_with_a_dynamic_service_is_refused() {
     let mut d = daemon("conflict");
     let mut c = start(&mut d).await;
     version(
-        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
-            .await,
+        c.create_service(pb::CreateServiceRequest {
+            service: Some(service("api", 2, vec![backend(20, 8080, 1)])),
+            ..Default::default()
+        })
+        .await,
         "create",
     );
     let text = std::fs::read_to_string(d.config_path()).unwrap()
@@ -790,8 +1013,11 @@ async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() 
     let mut d = daemon("nodisk");
     let mut c = start(&mut d).await;
     version(
-        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
-            .await,
+        c.create_service(pb::CreateServiceRequest {
+            service: Some(service("api", 2, vec![backend(20, 8080, 1)])),
+            ..Default::default()
+        })
+        .await,
         "create",
     );
     let before = state(&mut c).await;
@@ -802,7 +1028,11 @@ async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() 
     std::fs::create_dir(&tmp).unwrap();
     std::fs::write(tmp.join("x"), "x").unwrap();
     let e = c
-        .add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) })
+        .add_backend(pb::AddBackendRequest {
+            service: "api".into(),
+            backend: Some(backend(21, 8080, 1)),
+            ..Default::default()
+        })
         .await
         .expect_err("a change that cannot be written is refused");
     println!("{:?}: {}", e.code(), e.message());
@@ -815,7 +1045,13 @@ async fn a_change_that_cannot_be_persisted_is_unavailable_and_changes_nothing() 
     assert_eq!(state(&mut c).await, before);
     // Fixed, the same call goes through with the next version.
     std::fs::remove_dir_all(&tmp).unwrap();
-    let r = c.add_backend(pb::AddBackendRequest { service: "api".into(), backend: Some(backend(21, 8080, 1)) }).await;
+    let r = c
+        .add_backend(pb::AddBackendRequest {
+            service: "api".into(),
+            backend: Some(backend(21, 8080, 1)),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(version(r, "add"), before.version + 1);
     stop(&mut d).await;
 }
@@ -825,8 +1061,11 @@ async fn a_file_that_conflicts_with_the_persisted_state_stops_the_start_before_e
     let mut d = daemon("startconflict");
     let mut c = start(&mut d).await;
     version(
-        c.create_service(pb::CreateServiceRequest { service: Some(service("api", 2, vec![backend(20, 8080, 1)])) })
-            .await,
+        c.create_service(pb::CreateServiceRequest {
+            service: Some(service("api", 2, vec![backend(20, 8080, 1)])),
+            ..Default::default()
+        })
+        .await,
         "create",
     );
     drop(c);
@@ -855,12 +1094,15 @@ async fn the_backend_capacity_is_enforced_and_a_removed_backends_slot_is_reused(
     let mut gw = vipgate_controlplane::api::connect_unix(&d.socket()).await.expect("Gateway client");
     // The static service "web" has 1 backend: 15 slots are left.
     let fifteen = service("fifteen", 10, (0..15).map(|i| backend(20 + i, 8080, 1)).collect());
-    version(c.create_service(pb::CreateServiceRequest { service: Some(fifteen) }).await, "15 backends");
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(fifteen), ..Default::default() }).await,
+        "15 backends",
+    );
     let before = state(&mut c).await;
 
     let one_more = service("one-more", 11, vec![backend(60, 8080, 1)]);
     let refused = c
-        .create_service(pb::CreateServiceRequest { service: Some(one_more.clone()) })
+        .create_service(pb::CreateServiceRequest { service: Some(one_more.clone()), ..Default::default() })
         .await
         .expect_err("a 17th backend is over [dataplane] max_backends = 16");
     println!("{:?}: {}", refused.code(), refused.message());
@@ -870,8 +1112,14 @@ async fn the_backend_capacity_is_enforced_and_a_removed_backends_slot_is_reused(
     assert_eq!((after.version, after.services.len()), (before.version, before.services.len()), "nothing changed");
 
     // Deleting the 15 frees their slots (no flow counts in them).
-    version(c.delete_service(pb::DeleteServiceRequest { name: "fifteen".to_owned() }).await, "delete");
-    version(c.create_service(pb::CreateServiceRequest { service: Some(one_more) }).await, "now it fits");
+    version(
+        c.delete_service(pb::DeleteServiceRequest { name: "fifteen".to_owned(), ..Default::default() }).await,
+        "delete",
+    );
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(one_more), ..Default::default() }).await,
+        "now it fits",
+    );
 
     let stats = gw
         .get_service_stats(pb::GetServiceStatsRequest { service: "one-more".to_owned() })
@@ -909,7 +1157,12 @@ async fn an_oversized_request_on_the_socket_is_refused_with_out_of_range_and_cha
         .map(|i| pb::Service { name: format!("s{i:0>250}"), ..service("x", 50, vec![backend(20, 8080, 1)]) })
         .collect();
     let r = c
-        .apply(pb::ApplyRequest { expected_version: before.version, services, source_pools: vec![] })
+        .apply(pb::ApplyRequest {
+            expected_version: before.version,
+            services,
+            source_pools: vec![],
+            ..Default::default()
+        })
         .await
         .expect_err("over the limit");
     println!("{:?}: {}", r.code(), r.message());
@@ -942,8 +1195,9 @@ async fn health_checks_are_persisted_and_a_restart_starts_every_backend_up() {
     fast.health_check = Some(check(200));
     let mut slow = service("slow", 3, vec![backend(30, 8080, 1)]);
     slow.health_check = Some(check(3_600_000));
-    version(c.create_service(pb::CreateServiceRequest { service: Some(fast) }).await, "fast");
-    let v = version(c.create_service(pb::CreateServiceRequest { service: Some(slow) }).await, "slow");
+    version(c.create_service(pb::CreateServiceRequest { service: Some(fast), ..Default::default() }).await, "fast");
+    let v =
+        version(c.create_service(pb::CreateServiceRequest { service: Some(slow), ..Default::default() }).await, "slow");
 
     let health = |s: &pb::GetStateResponse, name: &str| {
         let b = &find(s, name).backends[0];
@@ -989,7 +1243,7 @@ async fn health_checks_are_persisted_and_a_restart_starts_every_backend_up() {
 
     // Restored at start: up until the first probe says otherwise.
     let mut c = start(&mut d).await;
-    let mut watch = c.watch(pb::WatchRequest {}).await.unwrap().into_inner();
+    let mut watch = c.watch(pb::WatchRequest::default()).await.unwrap().into_inner();
     let first = watch.message().await.unwrap().expect("the state");
     let Some(pb::watch_event::Event::Snapshot(s)) = first.event else { panic!("{first:?}") };
     assert_eq!(s.version, v);
@@ -1053,10 +1307,16 @@ async fn a_new_flow_limit_is_set_shown_persisted_and_refused_out_of_bounds() {
 
     let mut svc = service("limited", 2, vec![backend(20, 8080, 1)]);
     svc.new_flow_limit = limit(100, 0, None);
-    let created = version(c.create_service(pb::CreateServiceRequest { service: Some(svc.clone()) }).await, "create");
+    let created = version(
+        c.create_service(pb::CreateServiceRequest { service: Some(svc.clone()), ..Default::default() }).await,
+        "create",
+    );
     assert_eq!(find(&state(&mut c).await, "limited").new_flow_limit, limit(100, 100, Some(32)));
     svc.new_flow_limit = limit(5, 10, Some(24));
-    let v = version(c.update_service(pb::UpdateServiceRequest { service: Some(svc.clone()) }).await, "update");
+    let v = version(
+        c.update_service(pb::UpdateServiceRequest { service: Some(svc.clone()), ..Default::default() }).await,
+        "update",
+    );
     assert_eq!(v, created + 1, "a change of the limit alone is a change");
     assert_eq!(find(&state(&mut c).await, "limited").new_flow_limit, limit(5, 10, Some(24)));
 
@@ -1074,7 +1334,10 @@ async fn a_new_flow_limit_is_set_shown_persisted_and_refused_out_of_bounds() {
     ] {
         let mut s = svc.clone();
         s.new_flow_limit = bad;
-        let e = c.update_service(pb::UpdateServiceRequest { service: Some(s) }).await.expect_err(message);
+        let e = c
+            .update_service(pb::UpdateServiceRequest { service: Some(s), ..Default::default() })
+            .await
+            .expect_err(message);
         assert_eq!((e.code(), e.message()), (Code::InvalidArgument, message));
     }
     let s = state(&mut c).await;
@@ -1120,5 +1383,123 @@ async fn a_new_flow_limit_is_set_shown_persisted_and_refused_out_of_bounds() {
     assert_eq!(find(&s, "limited").new_flow_limit, limit(5, 10, Some(24)));
     assert_eq!(find(&s, "ctl").new_flow_limit, limit(7, 7, Some(16)));
     drop(c);
+    stop(&mut d).await;
+}
+
+/// A controller (owner `k8s/prod`) and a person (`cli`) share the gateway:
+/// the controller's owner-scoped Applies and batches replace and change its
+/// objects only, at its generation; GetState and Watch filtered by owner
+/// show its objects and changes only; owners and generations survive a
+/// restart.
+#[tokio::test]
+async fn owners_share_a_gateway_and_see_only_their_own_objects() {
+    use pb::batch_operation::Operation;
+    const K8S: &str = "k8s/prod";
+    let mut d = daemon("owners");
+    let mut c = start(&mut d).await;
+    version(
+        c.create_service(pb::CreateServiceRequest {
+            service: Some(service("by-hand", 2, vec![backend(20, 8080, 1)])),
+            ..Default::default()
+        })
+        .await,
+        "create by hand",
+    );
+    let mut watch = c.watch(pb::WatchRequest { owner: K8S.into() }).await.expect("Watch").into_inner();
+    let first = watch.message().await.unwrap().expect("the initial state");
+    let Some(pb::watch_event::Event::Snapshot(s)) = &first.event else { panic!("not the state: {first:?}") };
+    assert_eq!((s.services.len(), s.source_pools.len()), (0, 0), "the controller owns nothing yet: {s:?}");
+    assert_eq!(s.generations, std::collections::HashMap::from([(K8S.to_owned(), 0)]));
+
+    let owned = |name: &str, last: u8, b: u8| pb::Service {
+        owner: K8S.into(),
+        ..service(name, last, vec![backend(b, 8080, 1)])
+    };
+    let apply = |generation: u64, services: Vec<pb::Service>| pb::ApplyRequest {
+        owner: K8S.into(),
+        expected_generation: generation,
+        services,
+        ..Default::default()
+    };
+    // Listed without an owner, an object takes the Apply's.
+    let a = pb::Service { owner: String::new(), ..owned("k8s-a", 3, 30) };
+    let r = c.apply(apply(0, vec![a, owned("k8s-b", 4, 31)])).await.expect("first Apply").into_inner();
+    assert_eq!((r.version, r.generation), (2, 1));
+    // The person's change is not the controller's business.
+    version(
+        c.update_backend(pb::UpdateBackendRequest {
+            service: "by-hand".into(),
+            address: "198.18.1.20".into(),
+            port: 8080,
+            weight: Some(5),
+            ..Default::default()
+        })
+        .await,
+        "update by hand",
+    );
+    // One batch: a backend for k8s-a, k8s-b deleted, k8s-c created.
+    let operations = [
+        Operation::AddBackend(pb::AddBackendRequest {
+            service: "k8s-a".into(),
+            backend: Some(backend(32, 8080, 2)),
+            ..Default::default()
+        }),
+        Operation::DeleteService("k8s-b".into()),
+        Operation::CreateService(owned("k8s-c", 5, 33)),
+    ]
+    .into_iter()
+    .map(|o| pb::BatchOperation { operation: Some(o) })
+    .collect();
+    let r = c
+        .batch(pb::BatchRequest { operations, owner: K8S.into(), expected_generation: Some(1) })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!((r.version, r.generation), (4, 2));
+    // The next Apply from the controller's view replaces its objects only.
+    let r = c.apply(apply(2, vec![owned("k8s-c", 5, 33)])).await.expect("second Apply").into_inner();
+    assert_eq!((r.version, r.generation), (5, 3));
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        let Some(pb::watch_event::Event::Change(ch)) = e.event else { panic!("not a change: {e:?}") };
+        println!("k8s/prod watch: version {} {ch:?}", e.version);
+        seen.push((e.version, ch.cause, ch.services_changed, ch.services_deleted, ch.owners));
+    }
+    let k8s = || vec![K8S.to_owned()];
+    let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        seen,
+        [
+            (2, "Apply".to_owned(), names(&["k8s-a", "k8s-b"]), vec![], k8s()),
+            (4, "Batch".to_owned(), names(&["k8s-a", "k8s-c"]), names(&["k8s-b"]), k8s()),
+            (5, "Apply".to_owned(), vec![], names(&["k8s-a"]), k8s()),
+        ],
+        "the person's change (version 3) is not sent to the controller's watch"
+    );
+
+    let mine = c.get_state(pb::GetStateRequest { owner: K8S.into() }).await.unwrap().into_inner();
+    let names_of = |s: &pb::GetStateResponse| s.services.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names_of(&mine), ["k8s-c"]);
+    assert_eq!(mine.generations, std::collections::HashMap::from([(K8S.to_owned(), 3)]));
+    let all = state(&mut c).await;
+    assert_eq!(names_of(&all), ["by-hand", "k8s-c", "web"]);
+    assert_eq!(find(&all, "by-hand").owner, "cli");
+    assert_eq!(find(&all, "k8s-c").owner, K8S);
+    assert_eq!(find(&all, "web").owner, "", "a static service has no owner");
+    let generations = std::collections::HashMap::from([("cli".to_owned(), 2), (K8S.to_owned(), 3)]);
+    assert_eq!(all.generations, generations);
+
+    drop(watch);
+    stop(&mut d).await;
+    let mut c = start(&mut d).await;
+    let again = state(&mut c).await;
+    assert_eq!((again.version, &again.generations), (5, &generations));
+    assert_eq!(again.services, all.services, "owners survive a restart");
     stop(&mut d).await;
 }

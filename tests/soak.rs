@@ -310,7 +310,7 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
             backends: slot.backends.keys().map(|&i| backend(i, d, 1)).collect(),
             ..Default::default()
         };
-        api.create_service(pb::CreateServiceRequest { service: Some(service) })
+        api.create_service(pb::CreateServiceRequest { service: Some(service), ..Default::default() })
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e}"));
         slot.exists = true;
@@ -331,7 +331,12 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
         0 => {
             slot.exists = false;
             slot.backends.clear();
-            ("delete service", api.delete_service(pb::DeleteServiceRequest { name: name.clone() }).await.map(drop))
+            (
+                "delete service",
+                api.delete_service(pb::DeleteServiceRequest { name: name.clone(), ..Default::default() })
+                    .await
+                    .map(drop),
+            )
         }
         1..=6 => {
             let weight = 1 + rng.below(5) as u32;
@@ -342,6 +347,7 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
                 port: dyn_port(d),
                 weight: Some(weight),
                 admin_state: pb::AdminState::Enabled as i32,
+                ..Default::default()
             };
             ("set weight", api.update_backend(r).await.map(drop))
         }
@@ -355,6 +361,7 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
                 port: dyn_port(d),
                 weight: None,
                 admin_state: state as i32,
+                ..Default::default()
             };
             (if draining { "drain" } else { "undrain" }, api.update_backend(r).await.map(drop))
         }
@@ -362,12 +369,21 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
             let new = (0..POOL_BACKENDS).find(|i| !slot.backends.contains_key(&((pick + 1 + i) % POOL_BACKENDS)));
             let new = (pick + 1 + new.expect("a free backend")) % POOL_BACKENDS;
             slot.backends.insert(new, (1, false));
-            let r = pb::AddBackendRequest { service: name.clone(), backend: Some(backend(new, d, 1)) };
+            let r = pb::AddBackendRequest {
+                service: name.clone(),
+                backend: Some(backend(new, d, 1)),
+                ..Default::default()
+            };
             ("add backend", api.add_backend(r).await.map(drop))
         }
         _ => {
             slot.backends.remove(&pick);
-            let r = pb::RemoveBackendRequest { service: name.clone(), address: pool_backend(pick), port: dyn_port(d) };
+            let r = pb::RemoveBackendRequest {
+                service: name.clone(),
+                address: pool_backend(pick),
+                port: dyn_port(d),
+                ..Default::default()
+            };
             ("remove backend", api.remove_backend(r).await.map(drop))
         }
     };
@@ -429,7 +445,7 @@ fn no_packet_of_an_unchanged_service_is_dropped_under_api_changes_and_reloads() 
         let deadline = Instant::now() + vipgate::NULL_GATEWAY_READY_TIMEOUT;
         loop {
             if let (Ok(mut a), Ok(s)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
-                && a.get_state(pb::GetStateRequest {}).await.is_ok()
+                && a.get_state(pb::GetStateRequest::default()).await.is_ok()
             {
                 return (a, s);
             }

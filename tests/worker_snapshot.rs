@@ -61,7 +61,7 @@ async fn every_worker_reports_the_version_of_each_change() {
     let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
     let (mut sm, mut gw) = loop {
         if let (Ok(mut sm), Ok(gw)) = (connect_unix_services(&d.socket()).await, connect_unix(&d.socket()).await)
-            && sm.get_state(pb::GetStateRequest {}).await.is_ok()
+            && sm.get_state(pb::GetStateRequest::default()).await.is_ok()
         {
             break (sm, gw);
         }
@@ -77,7 +77,7 @@ async fn every_worker_reports_the_version_of_each_change() {
 
     let mut last_generation = first[0].generation;
     let created = sm
-        .create_service(pb::CreateServiceRequest { service: Some(service("a", 5, 1)) })
+        .create_service(pb::CreateServiceRequest { service: Some(service("a", 5, 1)), ..Default::default() })
         .await
         .expect("CreateService")
         .into_inner()
@@ -91,6 +91,7 @@ async fn every_worker_reports_the_version_of_each_change() {
                 port: 8080,
                 weight: Some(weight),
                 admin_state: pb::AdminState::Unspecified.into(),
+                ..Default::default()
             })
             .await
             .expect("UpdateBackend")

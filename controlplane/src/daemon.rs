@@ -184,7 +184,8 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     );
     // Checked against the file before EAL too (the MACs only matter to the
     // snapshot), so a conflict stops the start before anything else.
-    state::validate(config, &[], &dynamic).map_err(|source| DaemonError::State { path: store.path(), source })?;
+    state::Effective::build(config, &[], &dynamic)
+        .map_err(|source| DaemonError::State { path: store.path(), source })?;
 
     info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
     let eal = Eal::init(&config.eal_args)?;
@@ -202,7 +203,9 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         dataplane.workers().iter().map(|w| Arc::clone(&w.stats)).collect(),
     );
     // Every backend starts up: its first probe decides.
-    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &Default::default(), &slots, None)
+    let effective = state::Effective::build(config, &macs, &dynamic)
+        .map_err(|source| DaemonError::State { path: store.path(), source })?;
+    let (snapshot, plan) = state::compile_effective(&effective, dynamic.version, &Default::default(), &slots, None)
         .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
@@ -240,6 +243,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         macs,
         generation: 1,
         dynamic,
+        effective,
         store,
         handle: handle.clone(),
         checker,
@@ -445,6 +449,9 @@ struct Reloader {
     generation: u64,
     /// The dynamic state in force (persisted).
     dynamic: DesiredState,
+    /// The effective state in force (static and dynamic, validated) and
+    /// its indexes, against which a change is validated.
+    effective: state::Effective,
     /// Where it is persisted.
     store: Store,
     /// Where readers and watchers see it.
@@ -456,6 +463,14 @@ struct Reloader {
     checker: Checker,
     /// Where the route announcer learns of each published state.
     announce: tokio::sync::watch::Sender<AnnounceInput>,
+}
+
+/// The state a change would put in force: the configuration, the dynamic
+/// state and their validated union.
+struct Candidate {
+    config: Arc<Config>,
+    dynamic: DesiredState,
+    effective: state::Effective,
 }
 
 impl Reloader {
@@ -488,10 +503,13 @@ impl Reloader {
         let health = self.checker.plan(health::targets(&new, &dynamic));
         let compiling = Instant::now();
         let previous = dataplane.snapshot();
-        let outcome =
-            state::compile_with_slots(&new, &self.macs, &dynamic, health.down(), &self.slots, previous.as_deref());
+        let outcome = state::Effective::build(&new, &self.macs, &dynamic).and_then(|effective| {
+            let compiled =
+                state::compile_effective(&effective, dynamic.version, health.down(), &self.slots, previous.as_deref())?;
+            Ok((effective, compiled))
+        });
         drop(previous);
-        let (snapshot, plan) = match outcome {
+        let (effective, (snapshot, plan)) = match outcome {
             Ok(s) => s,
             Err(e) => {
                 error!("reload refused: {e}; the running configuration is kept");
@@ -537,7 +555,16 @@ impl Reloader {
         let services = snapshot.services().len();
         let old = Arc::clone(&self.running);
         let new = Arc::new(new);
-        if let Err(e) = self.commit(Arc::clone(&new), dynamic, (snapshot, plan), compiled, change, dataplane).await {
+        if let Err(e) = self
+            .commit(
+                Candidate { config: Arc::clone(&new), dynamic, effective },
+                (snapshot, plan),
+                compiled,
+                change,
+                dataplane,
+            )
+            .await
+        {
             error!("reload refused: {e}; the running configuration is kept");
             return;
         }
@@ -560,10 +587,12 @@ impl Reloader {
         );
     }
 
-    /// Applies one API mutation: on a copy of the dynamic state, validated
-    /// and compiled as a whole, then committed. Answers the caller with the
-    /// new version only once it is durable and published; a refused
-    /// mutation changes nothing.
+    /// Applies one API mutation: on a copy of the dynamic state (its maps
+    /// are persistent, so the copy shares them), with only the objects it
+    /// touched validated against the indexes of the state in force, then
+    /// compiled and committed. Answers the caller with the new version only
+    /// once it is durable and published; a refused mutation changes
+    /// nothing.
     async fn mutate(&mut self, request: MutationRequest, dataplane: &Dataplane) {
         let MutationRequest { mutation, reply } = request;
         let outcome: Result<Applied, StateError> = async {
@@ -571,21 +600,17 @@ impl Reloader {
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
             new.advance(&change);
+            let effective = self.effective.update(&self.dynamic, &new, &change)?;
             let health = self.checker.plan(health::targets(&self.running, &new));
             // Only what the mutation changed is compiled again; the rest is
             // shared with the snapshot the workers read now.
             let previous = dataplane.snapshot();
-            let snapshot = state::compile_with_slots(
-                &self.running,
-                &self.macs,
-                &new,
-                health.down(),
-                &self.slots,
-                previous.as_deref(),
-            )?;
+            let snapshot =
+                state::compile_effective(&effective, new.version, health.down(), &self.slots, previous.as_deref())?;
             drop(previous);
             let compiled = compiling.elapsed();
-            self.commit(Arc::clone(&self.running), new, snapshot, compiled, change, dataplane).await?;
+            let candidate = Candidate { config: Arc::clone(&self.running), dynamic: new, effective };
+            self.commit(candidate, snapshot, compiled, change, dataplane).await?;
             self.checker.apply(health);
             self.announce_state();
             Ok(Applied { version: self.dynamic.version, generations: self.dynamic.generations.clone() })
@@ -632,14 +657,8 @@ impl Reloader {
         let down = self.checker.down();
         // Only the services whose backends changed health are rebuilt.
         let previous = dataplane.snapshot();
-        let outcome = state::compile_with_slots(
-            &self.running,
-            &self.macs,
-            &self.dynamic,
-            &down,
-            &self.slots,
-            previous.as_deref(),
-        );
+        let outcome =
+            state::compile_effective(&self.effective, self.dynamic.version, &down, &self.slots, previous.as_deref());
         drop(previous);
         let (snapshot, plan) = match outcome {
             Ok(s) => s,
@@ -673,8 +692,7 @@ impl Reloader {
     /// validating and compiling took, for the log.
     async fn commit(
         &mut self,
-        config: Arc<Config>,
-        dynamic: DesiredState,
+        Candidate { config, dynamic, effective }: Candidate,
         (snapshot, plan): (Snapshot, SlotPlan),
         compiled: std::time::Duration,
         change: Change,
@@ -739,6 +757,7 @@ impl Reloader {
         );
         self.running = Arc::clone(&config);
         self.dynamic = dynamic.clone();
+        self.effective = effective;
         self.handle.publish(StateView { config, dynamic }, change);
         Ok(())
     }

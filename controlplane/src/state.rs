@@ -12,20 +12,16 @@
 //! [`Config`]; dynamic ones live in [`DesiredState`]. The compiled snapshot
 //! is their union; names and VIP:port/protocol are unique across both.
 
-use crate::config::{
-    Config, check_backend_count, check_not_subnet_edge, check_pool_ports, check_port_number, check_table_size,
-    check_weight, is_unicast, parse_cidr,
-};
+use crate::config::{Config, check_backend_count, check_port_number, check_table_size, check_weight, parse_cidr};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::maglev::DEFAULT_TABLE_SIZE;
-use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, ForwardingMode, OnBackendRemoval, Protocol, ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
+    BackendSpec, ForwardingMode, OnBackendRemoval, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 
@@ -52,10 +48,11 @@ pub struct DesiredState {
     /// 0 before the first change; plus one per applied change (API
     /// mutations and configuration reloads alike).
     pub version: u64,
-    /// Dynamic services by name.
-    pub services: BTreeMap<String, ServiceState>,
+    /// Dynamic services by name (a persistent map: a clone of the state
+    /// shares it).
+    pub services: imbl::OrdMap<String, ServiceState>,
     /// Dynamic source pools by name.
-    pub source_pools: BTreeMap<String, PoolState>,
+    pub source_pools: imbl::OrdMap<String, PoolState>,
     /// Each owner's generation: plus one per change to its objects. An
     /// owner stays listed once it had an object, so that its generation
     /// never goes back.
@@ -424,324 +421,10 @@ impl ServiceState {
 /// Validates `dynamic` against the static objects of `config` and returns
 /// the description of the whole snapshot (static ∪ dynamic), with the
 /// ports' real MACs. Every error names the field path and the reason; a
-/// conflict with a static object names it and the configuration file.
+/// conflict with a static object names it and the configuration file. The
+/// rules are [`Effective`]'s.
 pub fn validate(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<SnapshotSpec, StateError> {
-    let file = config.path.display();
-    if dynamic.services.len() > MAX_SERVICES {
-        return Err(StateError::invalid(
-            "services",
-            format!("{} services; at most {MAX_SERVICES}", dynamic.services.len()),
-        ));
-    }
-    if dynamic.source_pools.len() > MAX_POOLS {
-        return Err(StateError::invalid(
-            "source_pools",
-            format!("{} source pools; at most {MAX_POOLS}", dynamic.source_pools.len()),
-        ));
-    }
-    let mut spec = config.snapshot_spec(macs);
-    let local: HashMap<u32, String> =
-        spec.ports.iter().flat_map(|p| p.addresses.iter().map(move |c| (c.addr, p.name.clone()))).collect();
-    let subnets: Vec<_> = spec.ports.iter().flat_map(|p| p.addresses.iter().copied()).collect();
-    let routes = spec.routes.clone();
-    let mut all_vips: HashSet<u32> = spec.services.iter().map(|s| s.vip).collect();
-    all_vips.extend(dynamic.services.values().map(|s| u32::from(s.vip)));
-    let static_services: HashSet<&str> = config.services().iter().map(|s| s.name.as_str()).collect();
-    let static_pools: HashSet<&str> = config.source_pools().iter().map(|p| p.name.as_str()).collect();
-    let mut pool_addresses: HashMap<u32, String> = HashMap::new();
-    for p in config.source_pools() {
-        for a in &p.addresses {
-            pool_addresses.insert(*a, format!("static source pool {:?}", p.name));
-        }
-    }
-    // Static backends' addresses: no dynamic VIP or pool address may be one.
-    let mut static_backends: HashMap<u32, String> = HashMap::new();
-    for s in config.services() {
-        for b in &s.backends {
-            static_backends.insert(b.addr, format!("a backend of static service {:?} (defined in {file})", s.name));
-        }
-    }
-    // Owners by name, described only when a conflict is reported: a state of
-    // 100,000 backends must not cost 100,000 formatted strings per change.
-    let mut listeners: HashMap<(u32, u16, Protocol), Owner<'_>> = HashMap::new();
-    let mut backend_owner: HashMap<(u32, u16, Protocol), Owner<'_>> = HashMap::new();
-    for s in config.services() {
-        listeners.insert((s.vip, s.port, s.protocol), Owner::Static(&s.name));
-        if matches!(s.mode, ForwardingMode::Nat) {
-            for b in &s.backends {
-                backend_owner.insert((b.addr, b.port, s.protocol), Owner::Static(&s.name));
-            }
-        }
-    }
-
-    for (key, p) in &dynamic.source_pools {
-        let f = |k: &str| pool_field(key, k);
-        if p.name != *key {
-            return Err(StateError::invalid(f("name"), format!("{:?} differs from its key", p.name)));
-        }
-        check_name(&p.name).map_err(|r| StateError::invalid(f("name"), r))?;
-        check_owner(&p.owner).map_err(|r| StateError::invalid(f("owner"), r))?;
-        if static_pools.contains(p.name.as_str()) {
-            return Err(StateError::invalid(
-                f("name"),
-                format!("a static source pool named {:?} is defined in {file}", p.name),
-            ));
-        }
-        if p.addresses.is_empty() {
-            return Err(StateError::invalid(f("addresses"), "a source pool needs at least one address"));
-        }
-        for (j, a) in p.addresses.iter().enumerate() {
-            let field = format!("source_pools[{key:?}].addresses[{j}]");
-            let addr = u32::from(*a);
-            if !is_unicast(addr) {
-                return Err(StateError::invalid(field, format!("{a} is not a unicast address")));
-            }
-            check_not_subnet_edge(addr, &spec.ports).map_err(|r| StateError::invalid(&field, r))?;
-            if let Some(owner) = local.get(&addr) {
-                return Err(StateError::invalid(
-                    field,
-                    format!("{a} is an address of port {owner:?}; a pool needs addresses of its own"),
-                ));
-            }
-            if all_vips.contains(&addr) {
-                return Err(StateError::invalid(field, format!("{a} is a VIP; a pool needs addresses of its own")));
-            }
-            if let Some(owner) = static_backends.get(&addr) {
-                return Err(StateError::invalid(field, format!("{a} is {owner}")));
-            }
-            if let Some(owner) = pool_addresses.insert(addr, format!("source pool {:?}", p.name)) {
-                return Err(StateError::invalid(field, format!("{a} is already in {owner}")));
-            }
-        }
-        check_pool_ports(p.first_port, p.last_port, config.workers())
-            .map_err(|r| StateError::invalid(f("ports"), r))?;
-        spec.source_pools.push(SourcePoolSpec {
-            name: p.name.clone(),
-            addresses: p.addresses.iter().map(|a| u32::from(*a)).collect(),
-            first_port: p.first_port,
-            last_port: p.last_port,
-        });
-    }
-
-    for (key, s) in &dynamic.services {
-        let f = |k: &str| service_field(key, k);
-        if s.name != *key {
-            return Err(StateError::invalid(f("name"), format!("{:?} differs from its key", s.name)));
-        }
-        check_name(&s.name).map_err(|r| StateError::invalid(f("name"), r))?;
-        check_owner(&s.owner).map_err(|r| StateError::invalid(f("owner"), r))?;
-        if static_services.contains(s.name.as_str()) {
-            return Err(StateError::invalid(
-                f("name"),
-                format!("a static service named {:?} is defined in {file}", s.name),
-            ));
-        }
-        let vip = u32::from(s.vip);
-        if !is_unicast(vip) {
-            return Err(StateError::invalid(f("vip"), format!("{} is not a unicast address", s.vip)));
-        }
-        check_not_subnet_edge(vip, &spec.ports).map_err(|r| StateError::invalid(f("vip"), r))?;
-        if let Some(owner) = local.get(&vip) {
-            return Err(StateError::invalid(
-                f("vip"),
-                format!("{} is an address of port {owner:?}, not a free VIP", s.vip),
-            ));
-        }
-        if let Some(owner) = pool_addresses.get(&vip) {
-            return Err(StateError::invalid(f("vip"), format!("{} is an address of {owner}", s.vip)));
-        }
-        if let Some(owner) = static_backends.get(&vip) {
-            return Err(StateError::invalid(f("vip"), format!("{} is {owner}", s.vip)));
-        }
-        let port = check_port_number(i64::from(s.port)).map_err(|r| StateError::invalid(f("port"), r))?;
-        let protocol = s.protocol.to_spec();
-        if let Some(other) = listeners.insert((vip, port, protocol), Owner::Dynamic(&s.name)) {
-            return Err(StateError::invalid(f("port"), listener_taken(s.vip, port, protocol, other, &file)));
-        }
-        check_table_size(i64::from(s.table_size)).map_err(|r| StateError::invalid(f("table_size"), r))?;
-        if let ModeState::Fullnat { source_pool } = &s.mode
-            && !static_pools.contains(source_pool.as_str())
-            && !dynamic.source_pools.contains_key(source_pool)
-        {
-            return Err(StateError::invalid(f("source_pool"), format!("no source pool is named {source_pool:?}")));
-        }
-        check_backend_count(s.backends.len()).map_err(|r| StateError::invalid(f("backends"), r))?;
-        let mut seen = HashSet::new();
-        for (j, b) in s.backends.iter().enumerate() {
-            let bf = |k: &str| backend_field(key, j, k);
-            let addr = u32::from(b.address);
-            if local.contains_key(&addr) || all_vips.contains(&addr) {
-                return Err(StateError::invalid(
-                    bf("address"),
-                    format!("{} is an address of the gateway itself (a port address or a VIP)", b.address),
-                ));
-            }
-            if !is_unicast(addr) {
-                return Err(StateError::invalid(bf("address"), format!("{} is not a unicast address", b.address)));
-            }
-            check_not_subnet_edge(addr, &spec.ports).map_err(|r| StateError::invalid(bf("address"), r))?;
-            if !subnets.iter().any(|c| (c.addr ^ addr) & Route::mask(c.len) == 0)
-                && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
-            {
-                return Err(StateError::invalid(
-                    bf("address"),
-                    format!("no route to {}: it is on no port's subnet and no route covers it", b.address),
-                ));
-            }
-            let bport = check_port_number(i64::from(b.port)).map_err(|r| StateError::invalid(bf("port"), r))?;
-            if !seen.insert((addr, bport)) {
-                return Err(StateError::invalid(bf("address"), format!("{}:{bport} is listed twice", b.address)));
-            }
-            if matches!(s.mode, ModeState::Dsr { .. }) && bport != port {
-                return Err(StateError::invalid(
-                    bf("port"),
-                    format!(
-                        "{bport}: direct server return cannot change the port; the backend must listen on the service port {port}"
-                    ),
-                ));
-            }
-            if let Some(owner) = pool_addresses.get(&addr) {
-                return Err(StateError::invalid(bf("address"), format!("{} is an address of {owner}", b.address)));
-            }
-            if matches!(s.mode, ModeState::Nat)
-                && b.admin_state != AdminState::Disabled
-                && let Some(other) = backend_owner.insert((addr, bport, protocol), Owner::Dynamic(&s.name))
-            {
-                return Err(StateError::invalid(bf("address"), backend_taken(b.address, bport, protocol, other)));
-            }
-            check_weight(i64::from(b.weight)).map_err(|r| StateError::invalid(bf("weight"), r))?;
-        }
-        if s.backends.len() > s.table_size as usize {
-            return Err(StateError::invalid(
-                f("backends"),
-                format!("{} backends do not fit a table of {} slots", s.backends.len(), s.table_size),
-            ));
-        }
-        spec.services.push(s.to_spec()?);
-    }
-    Ok(spec)
-}
-
-/// The service that holds a VIP:port/protocol or a backend, while
-/// [`validate`] looks for conflicts.
-#[derive(Clone, Copy)]
-enum Owner<'a> {
-    /// A static service, by name.
-    Static(&'a str),
-    /// A dynamic service, by name.
-    Dynamic(&'a str),
-}
-
-impl Owner<'_> {
-    /// `static service "web" (defined in FILE)` (the file when given) or
-    /// `service "api"`.
-    fn describe(self, file: Option<&dyn std::fmt::Display>) -> String {
-        match (self, file) {
-            (Owner::Static(n), Some(file)) => format!("static service {n:?} (defined in {file})"),
-            (Owner::Static(n), None) => format!("static service {n:?}"),
-            (Owner::Dynamic(n), _) => format!("service {n:?}"),
-        }
-    }
-}
-
-/// Why a VIP:port/protocol that `other` serves cannot be taken.
-fn listener_taken(
-    vip: Ipv4Addr,
-    port: u16,
-    protocol: Protocol,
-    other: Owner<'_>,
-    file: &dyn std::fmt::Display,
-) -> String {
-    format!("{vip}:{port}/{} is already served by {}", protocol.name(), other.describe(Some(file)))
-}
-
-/// Why a nat backend that `other` (a nat service) has cannot be taken.
-fn backend_taken(address: Ipv4Addr, port: u16, protocol: Protocol, other: Owner<'_>) -> String {
-    format!(
-        "{address}:{port}/{} already serves {}; replies could not be translated back to one VIP",
-        protocol.name(),
-        other.describe(None)
-    )
-}
-
-/// The conflicts of `s`, a dynamic service as a request makes it, with
-/// every other service (static, or dynamic in `state`): its VIP:port/protocol
-/// when `listener`, and `backends` (index in `s`, backend) when `s` is nat.
-/// [`validate`] finds the same conflicts over the whole state, but in name
-/// order; this names the service in the request, whichever name sorts
-/// first. One pass over the services and backends, allocating for the
-/// request's backends only.
-fn check_conflicts<'b>(
-    config: &Config,
-    state: &DesiredState,
-    s: &ServiceState,
-    listener: bool,
-    backends: impl Iterator<Item = (usize, &'b BackendState)>,
-) -> Result<(), StateError> {
-    let protocol = s.protocol.to_spec();
-    let others = state.services.values().filter(|o| o.name != s.name);
-    if listener {
-        let key = (u32::from(s.vip), s.port, protocol);
-        let other = config
-            .services()
-            .iter()
-            .find(|o| (o.vip, o.port, o.protocol) == key)
-            .map(|o| Owner::Static(&o.name))
-            .or_else(|| {
-                others
-                    .clone()
-                    .find(|o| (u32::from(o.vip), o.port, o.protocol.to_spec()) == key)
-                    .map(|o| Owner::Dynamic(&o.name))
-            });
-        if let Some(other) = other {
-            let file = config.path.display();
-            return Err(StateError::invalid(
-                service_field(&s.name, "port"),
-                listener_taken(s.vip, s.port, protocol, other, &file),
-            ));
-        }
-    }
-    if !matches!(s.mode, ModeState::Nat) {
-        return Ok(());
-    }
-    // Sorted for a binary search: no hashing per backend of the state, and
-    // one comparison when a request adds one backend.
-    let mut mine: Vec<((u32, u16), usize)> = backends
-        .filter(|(_, b)| b.admin_state != AdminState::Disabled)
-        .map(|(j, b)| ((u32::from(b.address), b.port), j))
-        .collect();
-    if mine.is_empty() {
-        return Ok(());
-    }
-    mine.sort_unstable();
-    // The first backend of `s` that another service has, as `validate`
-    // would name it.
-    let statics = config
-        .services()
-        .iter()
-        .filter(|o| o.protocol == protocol && matches!(o.mode, ForwardingMode::Nat))
-        .flat_map(|o| o.backends.iter().map(|b| ((b.addr, b.port), Owner::Static(&o.name))));
-    let dynamics =
-        others.filter(|o| o.protocol.to_spec() == protocol && matches!(o.mode, ModeState::Nat)).flat_map(|o| {
-            o.backends
-                .iter()
-                .filter(|b| b.admin_state != AdminState::Disabled)
-                .map(|b| ((u32::from(b.address), b.port), Owner::Dynamic(&o.name)))
-        });
-    let first = statics
-        .chain(dynamics)
-        .filter_map(|(key, owner)| {
-            let i = mine.binary_search_by_key(&key, |(k, _)| *k).ok()?;
-            Some((mine[i].1, key, owner))
-        })
-        .min_by_key(|(j, _, _)| *j);
-    match first {
-        None => Ok(()),
-        Some((j, (addr, port), other)) => Err(StateError::invalid(
-            backend_field(&s.name, j, "address"),
-            backend_taken(Ipv4Addr::from(addr), port, protocol, other),
-        )),
-    }
+    Ok(Effective::build(config, macs, dynamic)?.spec())
 }
 
 /// [`validate`], then the dataplane's own compiler as the last word: a
@@ -795,10 +478,25 @@ pub fn compile_with_slots(
     slots: &crate::stats::StatsSlots,
     previous: Option<&Snapshot>,
 ) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
-    let mut spec = validate(config, macs, dynamic)?;
+    let effective = Effective::build(config, macs, dynamic)?;
+    compile_effective(&effective, dynamic.version, down, slots, previous)
+}
+
+/// [`compile_with_slots`] of a state validated already: the description
+/// of `effective`, the backends in `down` given weight 0, stats slots from
+/// `slots`, and the snapshot of `version` built reusing from `previous`
+/// what comes out the same.
+pub fn compile_effective(
+    effective: &Effective,
+    version: u64,
+    down: &HashSet<crate::health::TargetKey>,
+    slots: &crate::stats::StatsSlots,
+    previous: Option<&Snapshot>,
+) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
+    let mut spec = effective.spec();
     apply_health(&mut spec, down);
     let plan = slots.plan(&mut spec).map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
-    let snapshot = Snapshot::build_incremental(&spec, previous, dynamic.version)
+    let snapshot = Snapshot::build_incremental(&spec, previous, version)
         .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     Ok((snapshot, plan))
 }
@@ -1106,7 +804,6 @@ pub mod ops {
                     format!("service {:?} already exists{by}", s.name),
                 ));
             }
-            check_conflicts(self.config, self.state, &s, true, s.backends.iter().enumerate())?;
             self.touch_service(&s.name);
             self.state.services.insert(s.name.clone(), s);
             Ok(())
@@ -1116,7 +813,6 @@ pub mod ops {
         pub fn update_service(&mut self, mut s: ServiceState) -> Result<(), StateError> {
             self.own_service(&s.name)?;
             self.owned("services", &s.name, &mut s.owner)?;
-            check_conflicts(self.config, self.state, &s, true, s.backends.iter().enumerate())?;
             self.touch_service(&s.name);
             self.state.services.insert(s.name.clone(), s);
             Ok(())
@@ -1141,8 +837,6 @@ pub mod ops {
             }
             check_backend_count(s.backends.len() + 1)
                 .map_err(|r| StateError::invalid(service_field(service, "backends"), r))?;
-            let j = s.backends.len();
-            check_conflicts(self.config, self.state, s, false, std::iter::once((j, &b)))?;
             self.touch_service(service);
             if let Some(s) = self.state.services.get_mut(service) {
                 s.backends.push(b);
@@ -1167,12 +861,6 @@ pub mod ops {
             admin_state: Option<AdminState>,
         ) -> Result<(), StateError> {
             let i = self.backend_index(service, address, port)?;
-            if let Some(a) = admin_state {
-                // Enabled again, it may take a backend another service took.
-                let s = &self.state.services[service];
-                let b = BackendState { admin_state: a, ..s.backends[i].clone() };
-                check_conflicts(self.config, self.state, s, false, std::iter::once((i, &b)))?;
-            }
             self.touch_service(service);
             if let Some(s) = self.state.services.get_mut(service) {
                 if let Some(w) = weight {
@@ -1724,6 +1412,9 @@ impl StateHandle {
         let _ = shared.events.send(Arc::new(StateEvent { version, kind: StateEventKind::Change(change) }));
     }
 }
+
+mod effective;
+pub use effective::Effective;
 
 #[cfg(test)]
 mod tests;

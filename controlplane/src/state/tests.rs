@@ -325,18 +325,13 @@ fn unhealthy_backends_compile_with_no_slots_and_stay_in_their_service() {
     assert!(api[0] > 0 && api[1] > 0, "{api:?}");
 }
 
-/// A mutation as the daemon applies it: the change, then the whole state
-/// validated.
+/// A mutation as the daemon applies it: the change, then the objects it
+/// touched validated against the indexes of the state before it.
 fn mutate(
     state: &mut DesiredState,
     op: impl FnOnce(&Config, &mut DesiredState) -> Result<Change, StateError>,
 ) -> Result<(), StateError> {
-    let c = config();
-    let mut new = state.clone();
-    op(&c, &mut new)?;
-    validate(&c, &macs(), &new)?;
-    *state = new;
-    Ok(())
+    run(state, op).map(|_| ())
 }
 
 #[test]
@@ -493,16 +488,19 @@ fn a_new_flow_limit_compiles_is_checked_and_is_optional_in_the_state_file() {
     assert_eq!(serde_json::from_str::<ServiceState>(&old).unwrap().new_flow_limit, None);
 }
 
-/// A mutation as the daemon applies it, version and generations included.
+/// A mutation as the daemon applies it, version and generations included:
+/// the change, then the objects it touched validated against the indexes of
+/// the state before it.
 fn run(
     state: &mut DesiredState,
     op: impl FnOnce(&Config, &mut DesiredState) -> Result<Change, StateError>,
 ) -> Result<Change, StateError> {
     let c = config();
+    let effective = Effective::build(&c, &macs(), state).expect("the state before the change is valid");
     let mut new = state.clone();
     let change = op(&c, &mut new)?;
     new.advance(&change);
-    validate(&c, &macs(), &new)?;
+    effective.update(state, &new, &change)?;
     *state = new;
     Ok(change)
 }
@@ -710,4 +708,135 @@ fn owners_follow_one_rule_and_a_state_saved_before_owners_belongs_to_cli() {
     let bad = with(vec![owned(service("api", 2), "a b")], vec![]);
     let e = validate(&config(), &macs(), &bad).unwrap_err();
     assert_eq!(e.message, "services[\"api\"].owner: \"a b\": use letters, digits, '-', '_', '.', '/' and ':' only");
+}
+
+mod incremental {
+    //! A change validated incrementally (only what it touched, against the
+    //! indexes) is accepted exactly when the whole state after it is, and
+    //! compiles to the same description.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Addresses chosen so that the rules meet: backends, VIPs, pool
+    /// addresses, a static backend (198.18.1.11), a static pool address
+    /// (198.18.1.100), a port address (198.18.1.1), unroutable 198.20.0.1.
+    const ADDRS: [[u8; 4]; 9] = [
+        [198, 18, 1, 20],
+        [198, 18, 1, 21],
+        [198, 18, 1, 101],
+        [198, 18, 100, 1],
+        [198, 18, 100, 2],
+        [198, 18, 1, 11],
+        [198, 18, 1, 100],
+        [198, 18, 1, 1],
+        [198, 20, 0, 1],
+    ];
+
+    fn addr() -> impl Strategy<Value = Ipv4Addr> {
+        prop::sample::select(&ADDRS[..]).prop_map(Ipv4Addr::from)
+    }
+
+    fn backend_s() -> impl Strategy<Value = BackendState> {
+        (addr(), prop::sample::select(vec![80u16, 8080]), 0u32..3, 0u8..3).prop_map(|(address, port, weight, a)| {
+            BackendState {
+                address,
+                port,
+                weight,
+                admin_state: [AdminState::Enabled, AdminState::Draining, AdminState::Disabled][usize::from(a)],
+            }
+        })
+    }
+
+    fn service_s() -> impl Strategy<Value = ServiceState> {
+        (
+            0usize..4,
+            addr(),
+            prop::sample::select(vec![80u16, 81]),
+            any::<bool>(),
+            0u8..4,
+            prop::collection::vec(backend_s(), 0..4),
+        )
+            .prop_map(|(n, vip, port, udp, mode, backends)| ServiceState {
+                name: format!("s{n}"),
+                vip,
+                port,
+                protocol: if udp { ProtocolState::Udp } else { ProtocolState::Tcp },
+                mode: match mode {
+                    0 => ModeState::Nat,
+                    1 => ModeState::Fullnat { source_pool: "p0".to_owned() },
+                    2 => ModeState::Fullnat { source_pool: "static-pool".to_owned() },
+                    _ => ModeState::Dsr { tunnel_source: None },
+                },
+                backends,
+                ..service("x", 9)
+            })
+    }
+
+    fn pool_s() -> impl Strategy<Value = PoolState> {
+        (0usize..2, prop::collection::vec(addr(), 1..3)).prop_map(|(n, addresses)| PoolState {
+            name: format!("p{n}"),
+            addresses,
+            ..pool("x", 1)
+        })
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Put(ServiceState),
+        Delete(usize),
+        PutPool(PoolState),
+        DeletePool(usize),
+        /// Several at once, as an Apply or a batch.
+        Many(Vec<ServiceState>, Option<PoolState>),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => service_s().prop_map(Step::Put),
+            1 => (0usize..4).prop_map(Step::Delete),
+            2 => pool_s().prop_map(Step::PutPool),
+            1 => (0usize..2).prop_map(Step::DeletePool),
+            1 => (prop::collection::vec(service_s(), 1..3), prop::option::of(pool_s())).prop_map(|(s, p)| Step::Many(s, p)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn agrees_with_whole_validation(steps in prop::collection::vec(step(), 1..24)) {
+            let c = config();
+            let mut state = DesiredState::default();
+            let mut effective = Effective::build(&c, &macs(), &state).unwrap();
+            for step in steps {
+                let mut next = state.clone();
+                match step {
+                    Step::Put(s) => { next.services.insert(s.name.clone(), s); }
+                    Step::Delete(n) => { next.services.remove(&format!("s{n}")); }
+                    Step::PutPool(p) => { next.source_pools.insert(p.name.clone(), p); }
+                    Step::DeletePool(n) => { next.source_pools.remove(&format!("p{n}")); }
+                    Step::Many(services, pool) => {
+                        for s in services { next.services.insert(s.name.clone(), s); }
+                        if let Some(p) = pool { next.source_pools.insert(p.name.clone(), p); }
+                    }
+                }
+                let change = Change::between("test", &state, &next);
+                let incremental = effective.update(&state, &next, &change);
+                let whole = Effective::build(&c, &macs(), &next);
+                prop_assert_eq!(
+                    incremental.is_ok(),
+                    whole.is_ok(),
+                    "incremental {:?}, whole {:?}",
+                    incremental.as_ref().err(),
+                    whole.as_ref().err()
+                );
+                if let (Ok(i), Ok(w)) = (incremental, whole) {
+                    let (i_spec, w_spec) = (i.spec(), w.spec());
+                    prop_assert_eq!(&i_spec.services, &w_spec.services);
+                    prop_assert_eq!(&i_spec.source_pools, &w_spec.source_pools);
+                    effective = i;
+                    state = next;
+                }
+            }
+        }
+    }
 }

@@ -159,6 +159,7 @@ fn service(input: &mut Input<'_>) -> pb::Service {
         on_backend_removal: text(input, &["", "rehash", "reset", "drop"]),
         backends: (0..n).map(|_| backend(input)).collect(),
         origin: number(input, &[0, 1, 2, 9]) as i32,
+        owner: text(input, &["", "cli", "k8s/prod", " k8s/prod ", "a b", "x:y.z_1-2/3"]),
         health_check: input.u8().is_multiple_of(4).then(|| health_check(input)),
         flow_timeouts: (input.u8() == 255).then_some(pb::FlowTimeouts { tcp_established_s: 1, udp_s: 1 }),
         new_flow_limit: input.u8().is_multiple_of(4).then(|| pb::NewFlowLimit {
@@ -183,6 +184,7 @@ fn pool(input: &mut Input<'_>) -> pb::SourcePool {
         first_port: number(input, &[0, 10000, 1, 65535, 70000]),
         last_port: number(input, &[0, 10999, 1, 65535, 70000]),
         origin: 0,
+        owner: text(input, &["", "cli", "k8s/prod", "é"]),
     }
 }
 
@@ -208,6 +210,8 @@ fuzz_target!(|data: &[u8]| {
             expected_version: 0,
             services: (0..s).map(|_| service(&mut input)).collect(),
             source_pools: (0..p).map(|_| pool(&mut input)).collect(),
+            owner: text(&mut input, &["", "k8s/prod", "cli"]),
+            expected_generation: number(&mut input, &[0, 1]).into(),
         }
     };
     let mut services = Vec::new();
@@ -242,7 +246,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let mut dynamic = DesiredState::default();
-    if ops::apply(config(), &mut dynamic, request.expected_version, services, pools).is_ok() {
+    let owner = request.owner.trim();
+    let applied = if owner.is_empty() || state::check_owner(owner).is_err() {
+        ops::apply(config(), &mut dynamic, request.expected_version, services, pools)
+    } else {
+        let generation = request.expected_generation;
+        ops::apply_owned(config(), &mut dynamic, owner, generation, request.expected_version, services, pools)
+    };
+    if applied.is_ok() {
         // Ok or a clean refusal; a panic is the finding.
         let _ = state::compile(config(), &MACS, &dynamic);
     }
