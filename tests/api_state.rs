@@ -118,7 +118,6 @@ fn pool(name: &str, last: u8) -> pb::SourcePool {
         last_port: 65535,
         origin: pb::Origin::Dynamic.into(),
         owner: "cli".to_owned(),
-        ..Default::default()
     }
 }
 
