@@ -24,7 +24,7 @@
 //! at once) and every [`RESYNC_INTERVAL`] (which retries failed calls).
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,7 +42,8 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::health::TargetKey;
-use crate::state::{AdminState, DesiredState};
+use crate::state::{AdminState, DesiredState, ServiceState};
+use vipgate_dataplane::snapshot::ServiceSpec;
 
 /// Default `[announce] interface`.
 pub const DEFAULT_INTERFACE: &str = "vipgate0";
@@ -173,10 +174,17 @@ pub fn backends_taking_new_flows(
     dynamic: &DesiredState,
     down: &HashSet<TargetKey>,
 ) -> Vec<ServiceBackends> {
-    let healthy = |service: &str, address: Ipv4Addr, port: u16| {
-        down.is_empty() || !down.contains(&TargetKey { service: service.to_owned(), address, port })
-    };
-    let statics = config.services().iter().map(|s| ServiceBackends {
+    let statics = config.services().iter().map(|s| static_backends(s, down));
+    let dynamics = dynamic.services.values().map(|s| dynamic_backends(s, down));
+    statics.chain(dynamics).collect()
+}
+
+fn healthy(down: &HashSet<TargetKey>, service: &str, address: Ipv4Addr, port: u16) -> bool {
+    down.is_empty() || !down.contains(&TargetKey { service: service.to_owned(), address, port })
+}
+
+fn static_backends(s: &ServiceSpec, down: &HashSet<TargetKey>) -> ServiceBackends {
+    ServiceBackends {
         service: s.name.clone(),
         vip: Ipv4Addr::from(s.vip),
         taking_new_flows: s
@@ -184,10 +192,13 @@ pub fn backends_taking_new_flows(
             .iter()
             .filter(|b| takes_new_flows(AdminState::Enabled, b.weight))
             .map(|b| (Ipv4Addr::from(b.addr), b.port))
-            .filter(|&(a, p)| healthy(&s.name, a, p))
+            .filter(|&(a, p)| healthy(down, &s.name, a, p))
             .collect(),
-    });
-    let dynamics = dynamic.services.values().map(|s| ServiceBackends {
+    }
+}
+
+fn dynamic_backends(s: &ServiceState, down: &HashSet<TargetKey>) -> ServiceBackends {
+    ServiceBackends {
         service: s.name.clone(),
         vip: s.vip,
         taking_new_flows: s
@@ -195,10 +206,71 @@ pub fn backends_taking_new_flows(
             .iter()
             .filter(|b| takes_new_flows(b.admin_state, b.weight))
             .map(|b| (b.address, b.port))
-            .filter(|&(a, p)| healthy(&s.name, a, p))
+            .filter(|&(a, p)| healthy(down, &s.name, a, p))
             .collect(),
-    });
-    statics.chain(dynamics).collect()
+    }
+}
+
+/// [`eligibility`] kept up to date service by service, so that a change
+/// costs what it touched: each service's VIP and whether it has a backend
+/// that takes new flows, and per VIP how many of its services do.
+#[derive(Clone, Debug, Default)]
+pub struct Eligibility {
+    services: HashMap<String, (Ipv4Addr, bool)>,
+    /// Per VIP: its services, and those of them taking new flows.
+    vips: BTreeMap<Ipv4Addr, (u32, u32)>,
+}
+
+impl Eligibility {
+    /// The eligibility of the whole state.
+    pub fn build(config: &Config, dynamic: &DesiredState, down: &HashSet<TargetKey>) -> Eligibility {
+        let mut e = Eligibility::default();
+        for s in backends_taking_new_flows(config, dynamic, down) {
+            e.set(&s.service, Some((s.vip, !s.taking_new_flows.is_empty())));
+        }
+        e
+    }
+
+    /// Computes the services named `names` again (each static, dynamic, or
+    /// gone).
+    pub fn refresh<'a>(
+        &mut self,
+        config: &Config,
+        dynamic: &DesiredState,
+        down: &HashSet<TargetKey>,
+        names: impl IntoIterator<Item = &'a str>,
+    ) {
+        for name in names {
+            let entry = match dynamic.services.get(name) {
+                Some(s) => Some(dynamic_backends(s, down)),
+                None => config.services().iter().find(|s| s.name == name).map(|s| static_backends(s, down)),
+            };
+            self.set(name, entry.map(|s| (s.vip, !s.taking_new_flows.is_empty())));
+        }
+    }
+
+    fn set(&mut self, name: &str, entry: Option<(Ipv4Addr, bool)>) {
+        if let Some((vip, taking)) = self.services.remove(name)
+            && let Some(counts) = self.vips.get_mut(&vip)
+        {
+            counts.0 -= 1;
+            counts.1 -= u32::from(taking);
+            if counts.0 == 0 {
+                self.vips.remove(&vip);
+            }
+        }
+        if let Some((vip, taking)) = entry {
+            let counts = self.vips.entry(vip).or_default();
+            counts.0 += 1;
+            counts.1 += u32::from(taking);
+            self.services.insert(name.to_owned(), (vip, taking));
+        }
+    }
+
+    /// Every VIP, and whether it may be announced.
+    pub fn map(&self) -> BTreeMap<Ipv4Addr, bool> {
+        self.vips.iter().map(|(vip, (_, taking))| (*vip, *taking > 0)).collect()
+    }
 }
 
 /// Every VIP, and whether it may be announced: while at least one of its

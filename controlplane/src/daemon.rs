@@ -18,6 +18,7 @@ use crate::state::{
 };
 use crate::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
 use crate::store::{Store, StoreError};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,9 +234,10 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     });
     // The workers forward: the eligible VIPs may be announced (every
     // backend starts up).
+    let eligibility = announce::Eligibility::build(config, &dynamic, &Default::default());
     let (announce_tx, mut announce_rx) = tokio::sync::watch::channel(AnnounceInput {
         settings: config.announce.clone(),
-        eligibility: announce::eligibility(config, &dynamic, &Default::default()),
+        eligibility: eligibility.map(),
     });
     announce_rx.mark_changed();
     let mut reloader = Reloader {
@@ -244,6 +246,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         generation: 1,
         dynamic,
         effective,
+        eligibility,
         store,
         handle: handle.clone(),
         checker,
@@ -452,6 +455,8 @@ struct Reloader {
     /// The effective state in force (static and dynamic, validated) and
     /// its indexes, against which a change is validated.
     effective: state::Effective,
+    /// Which VIPs may be announced, kept up to date service by service.
+    eligibility: announce::Eligibility,
     /// Where it is persisted.
     store: Store,
     /// Where readers and watchers see it.
@@ -569,6 +574,7 @@ impl Reloader {
             return;
         }
         self.checker.apply(health);
+        self.eligibility = announce::Eligibility::build(&self.running, &self.dynamic, self.checker.down_ref());
         self.announce_state();
         // The kernel follows the new static routes (the fast path already
         // does).
@@ -601,7 +607,10 @@ impl Reloader {
             let change = mutation(&self.running, &mut new)?;
             new.advance(&change);
             let effective = self.effective.update(&self.dynamic, &new, &change)?;
-            let health = self.checker.plan(health::targets(&self.running, &new));
+            // Only the touched services' health targets are planned again.
+            let touched: HashSet<String> =
+                change.services_changed.iter().chain(&change.services_deleted).cloned().collect();
+            let health = self.checker.plan_services(health::dynamic_targets(&new, &touched), touched.clone());
             // Only what the mutation changed is compiled again; the rest is
             // shared with the snapshot the workers read now.
             let previous = dataplane.snapshot();
@@ -612,6 +621,12 @@ impl Reloader {
             let candidate = Candidate { config: Arc::clone(&self.running), dynamic: new, effective };
             self.commit(candidate, snapshot, compiled, change, dataplane).await?;
             self.checker.apply(health);
+            self.eligibility.refresh(
+                &self.running,
+                &self.dynamic,
+                self.checker.down_ref(),
+                touched.iter().map(String::as_str),
+            );
             self.announce_state();
             Ok(Applied { version: self.dynamic.version, generations: self.dynamic.generations.clone() })
         }
@@ -673,6 +688,8 @@ impl Reloader {
             warn!("health change: published, but {e}");
         }
         self.slots.apply(plan);
+        let services: HashSet<&str> = transitions.iter().map(|t| t.key.service.as_str()).collect();
+        self.eligibility.refresh(&self.running, &self.dynamic, self.checker.down_ref(), services);
         self.announce_state();
         let ms = start.elapsed().as_secs_f64() * 1e3;
         for t in transitions {
@@ -769,7 +786,7 @@ impl Reloader {
     fn announce_state(&self) {
         self.announce.send_replace(AnnounceInput {
             settings: self.running.announce.clone(),
-            eligibility: announce::eligibility(&self.running, &self.dynamic, &self.checker.down()),
+            eligibility: self.eligibility.map(),
         });
     }
 }

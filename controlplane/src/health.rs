@@ -37,12 +37,29 @@ pub fn targets(config: &Config, dynamic: &DesiredState) -> Vec<Target> {
         }
     }
     for s in dynamic.services.values() {
-        for b in s.backends.iter().filter(|b| b.admin_state != AdminState::Disabled) {
-            out.push(Target {
-                key: TargetKey { service: s.name.clone(), address: b.address, port: b.port },
-                check: s.health_check.clone(),
-            });
+        push_dynamic(&mut out, s);
+    }
+    out
+}
+
+/// The targets of the dynamic services named `names` in `dynamic` (none
+/// for a name it no longer has): what [`Checker::plan_services`] takes for
+/// a change that touched those services.
+pub fn dynamic_targets<'a>(dynamic: &DesiredState, names: impl IntoIterator<Item = &'a String>) -> Vec<Target> {
+    let mut out = Vec::new();
+    for name in names {
+        if let Some(s) = dynamic.services.get(name) {
+            push_dynamic(&mut out, s);
         }
     }
     out
+}
+
+fn push_dynamic(out: &mut Vec<Target>, s: &crate::state::ServiceState) {
+    for b in s.backends.iter().filter(|b| b.admin_state != AdminState::Disabled) {
+        out.push(Target {
+            key: TargetKey { service: s.name.clone(), address: b.address, port: b.port },
+            check: s.health_check.clone(),
+        });
+    }
 }

@@ -506,11 +506,15 @@ pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<crate::health::Targe
     if down.is_empty() {
         return;
     }
+    // By service: one lookup per service, none per backend, no copy.
+    let mut by_service: std::collections::HashMap<&str, Vec<(u32, u16)>> = std::collections::HashMap::new();
+    for k in down {
+        by_service.entry(k.service.as_str()).or_default().push((u32::from(k.address), k.port));
+    }
     for s in &mut spec.services {
+        let Some(list) = by_service.get(s.name.as_str()) else { continue };
         for b in &mut s.backends {
-            let key =
-                crate::health::TargetKey { service: s.name.clone(), address: Ipv4Addr::from(b.addr), port: b.port };
-            if down.contains(&key) {
+            if list.contains(&(b.addr, b.port)) {
                 b.weight = 0;
             }
         }

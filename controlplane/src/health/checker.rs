@@ -195,6 +195,9 @@ impl Drop for Running {
 pub struct Plan {
     targets: Vec<Target>,
     down: HashSet<TargetKey>,
+    /// `None`: `targets` are every target. Some: they are the targets of
+    /// these services, and the others' stay as they are.
+    scope: Option<HashSet<String>>,
 }
 
 impl Plan {
@@ -209,8 +212,11 @@ impl Plan {
 /// writer reads.
 pub struct Checker {
     running: HashMap<TargetKey, Running>,
-    /// Every forwarding backend of the last applied plan, checked or not.
-    known: HashSet<TargetKey>,
+    /// Every forwarding backend of the applied plans, checked or not, by
+    /// service.
+    known: HashMap<String, HashSet<TargetKey>>,
+    /// The checked targets that are down now.
+    down: HashSet<TargetKey>,
     /// False until the first plan is applied (the daemon's start).
     started: bool,
     generation: u64,
@@ -229,25 +235,50 @@ impl Checker {
     /// its probe tasks report on.
     pub fn new(status: Arc<HealthStatus>) -> (Checker, mpsc::UnboundedReceiver<ProbeReport>) {
         let (reports, rx) = mpsc::unbounded_channel();
-        let checker =
-            Checker { running: HashMap::new(), known: HashSet::new(), started: false, generation: 0, reports, status };
+        let checker = Checker {
+            running: HashMap::new(),
+            known: HashMap::new(),
+            down: HashSet::new(),
+            started: false,
+            generation: 0,
+            reports,
+            status,
+        };
         (checker, rx)
     }
 
-    /// The health `targets` would have if applied now.
+    /// The health `targets` (every target) would have if applied now.
     pub fn plan(&self, targets: Vec<Target>) -> Plan {
         let down = targets
             .iter()
             .filter(|t| t.check.is_some() && !self.initial_or_current(&t.key).is_up())
             .map(|t| t.key.clone())
             .collect();
-        Plan { targets, down }
+        Plan { targets, down, scope: None }
+    }
+
+    /// The health the services in `scope` would have with `targets` (every
+    /// target of those services, and of no other) if applied now; every
+    /// other service's targets stay as they are. Costs what `scope` holds,
+    /// and the backends that are down.
+    pub fn plan_services(&self, targets: Vec<Target>, scope: HashSet<String>) -> Plan {
+        debug_assert!(targets.iter().all(|t| scope.contains(&t.key.service)));
+        let mut down: HashSet<TargetKey> = self.down.iter().filter(|k| !scope.contains(&k.service)).cloned().collect();
+        down.extend(
+            targets
+                .iter()
+                .filter(|t| t.check.is_some() && !self.initial_or_current(&t.key).is_up())
+                .map(|t| t.key.clone()),
+        );
+        Plan { targets, down, scope: Some(scope) }
     }
 
     fn initial_or_current(&self, key: &TargetKey) -> HealthState {
         match self.running.get(key) {
             Some(r) => r.state,
-            None => HealthState::provisional(!self.started || self.known.contains(key)),
+            None => {
+                HealthState::provisional(!self.started || self.known.get(&key.service).is_some_and(|k| k.contains(key)))
+            }
         }
     }
 
@@ -286,9 +317,34 @@ impl Checker {
             entry.up = state.is_up();
             drop(previous);
         }
-        self.running.retain(|k, _| keep.contains(k));
-        self.status.lock().retain(|k, _| keep.contains(k));
-        self.known = plan.targets.into_iter().map(|t| t.key).collect();
+        // What the plan replaces: every target, or those of its services.
+        let replaced: Vec<TargetKey> = match &plan.scope {
+            None => self.known.values().flatten().cloned().collect(),
+            Some(scope) => scope.iter().filter_map(|s| self.known.get(s)).flatten().cloned().collect(),
+        };
+        {
+            let mut status = self.status.lock();
+            for k in replaced.iter().filter(|k| !keep.contains(*k)) {
+                self.running.remove(k);
+                status.remove(k);
+                self.down.remove(k);
+            }
+        }
+        match &plan.scope {
+            None => self.known.clear(),
+            Some(scope) => {
+                for s in scope {
+                    self.known.remove(s);
+                }
+            }
+        }
+        for t in plan.targets {
+            match self.running.get(&t.key) {
+                Some(r) if !r.state.is_up() => self.down.insert(t.key.clone()),
+                _ => self.down.remove(&t.key),
+            };
+            self.known.entry(t.key.service.clone()).or_default().insert(t.key);
+        }
         self.started = true;
     }
 
@@ -303,6 +359,11 @@ impl Checker {
         let first = running.state.provisional;
         let changed = running.state.record(success, running.check.rise, running.check.fall);
         let up = running.state.is_up();
+        if up {
+            self.down.remove(&report.key);
+        } else {
+            self.down.insert(report.key.clone());
+        }
         let rise = running.check.rise;
         {
             let mut status = self.status.lock();
@@ -334,7 +395,12 @@ impl Checker {
 
     /// The checked backends that are down now.
     pub fn down(&self) -> HashSet<TargetKey> {
-        self.running.iter().filter(|(_, r)| !r.state.is_up()).map(|(k, _)| k.clone()).collect()
+        self.down.clone()
+    }
+
+    /// The checked backends that are down now, without a copy.
+    pub fn down_ref(&self) -> &HashSet<TargetKey> {
+        &self.down
     }
 
     /// Whether `key` is checked and up (`None`: not checked).
@@ -432,5 +498,48 @@ mod tests {
         }
         let firsts: HashSet<u128> = (0..100u64).map(|n| first_delay(i, random(n)).as_millis() / 100).collect();
         assert!(firsts.len() >= 8, "100 first delays fall in {} of 10 tenths of the interval", firsts.len());
+    }
+
+    #[tokio::test]
+    async fn a_plan_of_some_services_replaces_their_targets_and_leaves_the_others_alone() {
+        use crate::health::HealthCheckInput;
+        use std::net::Ipv4Addr;
+        let (mut c, _reports) = Checker::new(Arc::default());
+        let check = HealthCheckInput {
+            kind: Some("tcp".into()),
+            interval_ms: Some(3_600_000),
+            fall: Some(1),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        let key =
+            |svc: &str, last: u8| TargetKey { service: svc.into(), address: Ipv4Addr::new(198, 18, 1, last), port: 80 };
+        let t =
+            |svc: &str, last: u8, checked: bool| Target { key: key(svc, last), check: checked.then(|| check.clone()) };
+        c.apply(c.plan(vec![t("a", 1, true), t("a", 2, true), t("b", 3, true), t("b", 4, true)]));
+        assert_eq!((c.len(), c.down().len()), (4, 0));
+        // b's first backend and a's first go down.
+        for k in [key("b", 3), key("a", 1)] {
+            let generation = c.running[&k].generation;
+            let t = c.report(ProbeReport { key: k.clone(), generation, outcome: Err("refused".into()) }).unwrap();
+            assert!(!t.up);
+        }
+        assert_eq!(c.down(), HashSet::from([key("b", 3), key("a", 1)]));
+        // A change to service a: 1 stays (same check: same task, still
+        // down), 2 goes, 5 comes unchecked.
+        let task = c.running[&key("a", 1)].generation;
+        let plan = c.plan_services(vec![t("a", 1, true), t("a", 5, false)], HashSet::from(["a".to_owned()]));
+        assert_eq!(plan.down(), &HashSet::from([key("b", 3), key("a", 1)]), "b's health is kept, a's planned");
+        c.apply(plan);
+        assert_eq!(c.len(), 3, "a1, b3, b4");
+        assert_eq!(c.running[&key("a", 1)].generation, task, "an unchanged target keeps its task and state");
+        assert!(!c.running.contains_key(&key("a", 2)) && c.running.contains_key(&key("b", 4)));
+        assert_eq!(c.down(), HashSet::from([key("b", 3), key("a", 1)]));
+        assert_eq!(c.known["a"], HashSet::from([key("a", 1), key("a", 5)]));
+        // Service a deleted: its targets go, b's stay.
+        c.apply(c.plan_services(vec![], HashSet::from(["a".to_owned()])));
+        assert_eq!((c.len(), c.down()), (2, HashSet::from([key("b", 3)])));
+        assert!(!c.known.contains_key("a"));
     }
 }

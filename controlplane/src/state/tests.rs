@@ -840,3 +840,54 @@ mod incremental {
         }
     }
 }
+
+#[test]
+fn announce_eligibility_kept_service_by_service_equals_the_whole_computation() {
+    use crate::announce::{Eligibility, eligibility};
+    use crate::health::TargetKey;
+    let c = config();
+    // Two services on one VIP, one on another.
+    let shared = ServiceState { port: 81, backends: vec![backend(40, 8080, 1)], ..service("shared", 2) };
+    let mut state = with(vec![service("api", 2), shared, service("other", 3)], vec![]);
+    let none = HashSet::new();
+    let mut e = Eligibility::build(&c, &state, &none);
+    assert_eq!(e.map(), eligibility(&c, &state, &none));
+    type Step = Box<dyn Fn(&mut DesiredState)>;
+    let mut steps: Vec<Step> = vec![
+        // api drains all its backends: the VIP stays eligible through shared.
+        Box::new(|s| {
+            for b in &mut s.services.get_mut("api").unwrap().backends {
+                b.admin_state = AdminState::Draining;
+            }
+        }),
+        // shared goes: the VIP is no longer eligible.
+        Box::new(|s| {
+            s.services.remove("shared");
+        }),
+        // other moves to a new VIP.
+        Box::new(|s| s.services.get_mut("other").unwrap().vip = Ipv4Addr::new(198, 18, 100, 7)),
+    ];
+    for (i, step) in steps.drain(..).enumerate() {
+        let mut next = state.clone();
+        step(&mut next);
+        let change = Change::between("test", &state, &next);
+        let names = change.services_changed.iter().chain(&change.services_deleted).map(String::as_str);
+        e.refresh(&c, &next, &none, names);
+        assert_eq!(e.map(), eligibility(&c, &next, &none), "step {i}");
+        state = next;
+    }
+    // A backend down: only its service is computed again.
+    let down =
+        HashSet::from([TargetKey { service: "other".into(), address: Ipv4Addr::new(198, 18, 1, 20), port: 8080 }]);
+    e.refresh(&c, &state, &down, ["other"]);
+    assert_eq!(e.map(), eligibility(&c, &state, &down));
+    let down2 = HashSet::from([
+        TargetKey { service: "other".into(), address: Ipv4Addr::new(198, 18, 1, 20), port: 8080 },
+        TargetKey { service: "other".into(), address: Ipv4Addr::new(198, 18, 1, 21), port: 8080 },
+    ]);
+    e.refresh(&c, &state, &down2, ["other"]);
+    let map = e.map();
+    assert_eq!(map, eligibility(&c, &state, &down2));
+    assert_eq!(map.get(&Ipv4Addr::new(198, 18, 100, 7)), Some(&false));
+    assert_eq!(map.get(&Ipv4Addr::new(198, 18, 100, 1)), Some(&true), "the static service's VIP");
+}
