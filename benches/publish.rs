@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo bench -p vipgate --bench publish -- [--services N] [--backends B]
-//!     [--table-size M] [--updates U] [--creates C] [--lcores LIST] [--smoke]
+//!     [--table-size M] [--updates U] [--creates C] [--batches K]
+//!     [--batch-size S] [--lcores LIST] [--smoke]
 //! ```
 //!
 //! Phases, in order:
@@ -18,13 +19,20 @@
 //!    the call's return until every worker reports (GetCounters) a snapshot
 //!    of the new version or is idle (holding none). The poll's own round
 //!    trip is included, so this is an upper bound.
+//! 4. `K` Batch calls (default 100), each changing the weights of `S`
+//!    backends (default 100) of as many services: the call's latency.
+//! 5. The state directory's size on disk and vipgated's resident memory;
+//!    then vipgated is stopped and started again, and the time from its
+//!    start until the API serves the same version and every worker
+//!    reports it (restart to serving).
 //!
 //! The gateway's log says, per change, how long validation, compilation,
 //! persistence and publication took; the benchmark summarises those too.
 //! It reports; it does not fail on a missed target. It does fail (non-zero)
 //! if the gateway misbehaves: a refused call, a worker that never reports
 //! the version, a daemon that dies. `--smoke` runs a small instance (for
-//! CI: 200 services of 4 backends, 50 creates, 50 updates).
+//! CI: 200 services of 4 backends, 50 creates, 50 updates, 10 batches of
+//! 20).
 //!
 //! Needs root and hugepages (or VIPGATE_HUGEPAGES=0), like the tests.
 
@@ -46,6 +54,8 @@ struct Options {
     table_size: u32,
     updates: u32,
     creates: u32,
+    batches: u32,
+    batch_size: u32,
     lcores: String,
 }
 
@@ -57,6 +67,8 @@ impl Options {
             table_size: 1021,
             updates: 1000,
             creates: 1000,
+            batches: 100,
+            batch_size: 100,
             // One worker per CPU of a 2-CPU machine; the control plane
             // shares CPU 0 with the first. Two workers on one CPU would
             // preempt each other inside the mempool's multi-producer ring
@@ -77,6 +89,8 @@ impl Options {
                 "--table-size" => o.table_size = number("--table-size"),
                 "--updates" => o.updates = number("--updates"),
                 "--creates" => o.creates = number("--creates"),
+                "--batches" => o.batches = number("--batches"),
+                "--batch-size" => o.batch_size = number("--batch-size"),
                 "--lcores" => o.lcores = value("--lcores"),
                 "--smoke" => {
                     o.services = 200;
@@ -84,17 +98,20 @@ impl Options {
                     o.table_size = 1021;
                     o.updates = 50;
                     o.creates = 50;
+                    o.batches = 10;
+                    o.batch_size = 20;
                 }
                 // cargo bench passes --bench to every bench binary.
                 "--bench" => {}
                 other => panic!(
-                    "unknown argument {other:?}; usage: publish [--services N] [--backends B] [--table-size M] [--updates U] [--creates C] [--lcores LIST] [--smoke]"
+                    "unknown argument {other:?}; usage: publish [--services N] [--backends B] [--table-size M] [--updates U] [--creates C] [--batches K] [--batch-size S] [--lcores LIST] [--smoke]"
                 ),
             }
         }
         assert!(o.services >= 1 && o.services <= 10_000, "--services: 1 to 10,000");
         assert!(o.backends >= 1 && o.backends <= 100, "--backends: 1 to 100");
         assert!(o.creates <= o.services, "--creates: at most --services");
+        assert!(o.batch_size >= 1 && o.batch_size <= 10_000, "--batch-size: 1 to 10,000");
         o
     }
 }
@@ -406,4 +423,93 @@ async fn run(
         print_phases("UpdateBackend", &logged_phases(&gw.log_text(), changes_before));
     }
     gw.assert_running();
+
+    // Phase 4: batches of changes to many backends in one call.
+    let mut batches = Vec::new();
+    let changes_before = gw.log_text().matches("state changed").count();
+    for k in 0..o.batches {
+        let operations = (0..o.batch_size)
+            .map(|n| {
+                let m = u64::from(k) * u64::from(o.batch_size) + u64::from(n);
+                let i = (m * 7919 % u64::from(o.services)) as u32;
+                let j = (m % u64::from(o.backends)) as u32;
+                let w = &mut weights[(i * o.backends + j) as usize];
+                *w = if *w == 1 { 2 } else { 1 };
+                pb::BatchOperation {
+                    operation: Some(pb::batch_operation::Operation::UpdateBackend(pb::UpdateBackendRequest {
+                        service: format!("svc-{i:05}"),
+                        address: backend_addr(i),
+                        port: 8000 + j,
+                        weight: Some(*w),
+                        ..Default::default()
+                    })),
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        sm.batch(pb::BatchRequest { operations, ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("Batch {k}: {e}"));
+        batches.push(t.elapsed());
+    }
+    if !batches.is_empty() {
+        Summary::of(&batches).print(&format!("Batch of {} backend changes x{} call latency", o.batch_size, o.batches));
+        print_phases("Batch", &logged_phases(&gw.log_text(), changes_before));
+    }
+
+    // The state on disk and the daemon's memory with the whole state.
+    let version = sm.get_state(pb::GetStateRequest::default()).await.expect("GetState").into_inner().version;
+    let state_dir = gw.state_file().parent().expect("the state directory").to_owned();
+    println!(
+        "state directory {}: {:.1} MB on disk; vipgated RSS {:.1} MB",
+        state_dir.display(),
+        disk_usage(&state_dir) as f64 / 1e6,
+        rss_bytes(gw.pid()) as f64 / 1e6
+    );
+
+    // Phase 5: restart with the state persisted, from spawn to serving:
+    // the API answers with the same version and every worker reports it.
+    let status = gw.stop();
+    assert!(status.success(), "vipgated exited with {status}:\n{}", gw.log_text());
+    let t = Instant::now();
+    gw.spawn();
+    let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
+    let (mut sm2, mut gc2) = loop {
+        if let (Ok(mut sm), Ok(gc)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
+            && sm.get_state(pb::GetStateRequest::default()).await.is_ok_and(|r| r.into_inner().version == version)
+        {
+            break (sm, gc);
+        }
+        assert!(Instant::now() < deadline, "vipgated did not come back:\n{}", gw.log_text());
+        gw.assert_running();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    wait_visible(&mut gc2, version).await;
+    let restart = t.elapsed();
+    println!(
+        "restart with {} services x {} backends persisted, spawn to serving version {version}: {:.1} ms; vipgated RSS {:.1} MB",
+        o.services,
+        o.backends,
+        restart.as_secs_f64() * 1e3,
+        rss_bytes(gw.pid()) as f64 / 1e6
+    );
+    sm2.get_state(pb::GetStateRequest::default()).await.expect("GetState after restart");
+}
+
+/// Bytes the files under `dir` take on disk (allocated blocks).
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
+        .unwrap_or(0)
+}
+
+/// A process's resident set size.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
