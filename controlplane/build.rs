@@ -7,6 +7,31 @@ use std::process::Command;
 /// The API files, relative to the proto root.
 const PROTOS: &[&str] = &["vipgate/v1/gateway.proto", "vipgate/v1/services.proto"];
 
+/// serde for the messages whose JSON form in `vipgatectl --json` (and in
+/// its apply files) is exactly their fields, with the same names in the
+/// same order: vipgatectl prints and reads these as they are
+/// (`src/bin/vipgatectl/json.rs`). The others keep a mirror there.
+const SERDE_TYPES: &[(&str, &str)] = &[
+    ("WorkerSnapshot", SERIALIZE),
+    ("MempoolStats", SERIALIZE),
+    ("PortStats", SERIALIZE),
+    ("Change", SERIALIZE),
+    ("MutationResponse", SERIALIZE),
+    // Output only; an apply file's "stats" are read and ignored.
+    ("TrafficStats", "#[derive(::serde::Serialize, ::serde::Deserialize)]\n#[serde(default, deny_unknown_fields)]"),
+    ("NewFlowLimit", "#[derive(::serde::Serialize, ::serde::Deserialize)]\n#[serde(deny_unknown_fields)]"),
+];
+
+/// The derive of a message vipgatectl only prints.
+const SERIALIZE: &str = "#[derive(::serde::Serialize)]";
+
+/// serde attributes of single fields: what an apply file may leave out,
+/// and what the output leaves out when unset.
+const SERDE_FIELDS: &[(&str, &str)] = &[
+    ("NewFlowLimit.burst", "#[serde(default)]"),
+    ("NewFlowLimit.prefix_len", "#[serde(default, skip_serializing_if = \"Option::is_none\")]"),
+];
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
     println!("cargo:rerun-if-changed={}", root.display());
@@ -15,14 +40,19 @@ fn main() {
     check_protoc();
 
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
-    if let Err(e) = tonic_prost_build::configure()
+    let mut builder = tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
         // prost's codec with INVALID_ARGUMENT for a request that does not
         // decode (src/api/codec.rs).
-        .codec_path("crate::api::codec::Codec")
-        .compile_protos(&files, std::slice::from_ref(&root))
-    {
+        .codec_path("crate::api::codec::Codec");
+    for (message, attribute) in SERDE_TYPES {
+        builder = builder.type_attribute(format!(".vipgate.v1.{message}"), attribute);
+    }
+    for (field, attribute) in SERDE_FIELDS {
+        builder = builder.field_attribute(format!(".vipgate.v1.{field}"), attribute);
+    }
+    if let Err(e) = builder.compile_protos(&files, std::slice::from_ref(&root)) {
         panic!("compiling {}: {e}", PROTOS.join(", "));
     }
 }

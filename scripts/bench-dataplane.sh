@@ -191,13 +191,13 @@ trap 'exit 143' TERM
 TARGET_DIR=$(cargo_target_dir)
 BIN_DIR=$TARGET_DIR/$PROFILE
 if ((BUILD)); then
-	build=(cargo build -p vipgate-controlplane --bins)
+	build=(cargo build -p vipgate-daemon -p vipgate-controlplane --bins)
 	[[ $PROFILE = release ]] && build+=(--release)
 	say "building: ${build[*]}"
 	run_fg "${build[@]}" || die "build failed"
 fi
 [[ -x $BIN_DIR/vipgated && -x $BIN_DIR/vipgatectl ]] ||
-	die "$BIN_DIR/vipgated or $BIN_DIR/vipgatectl is missing: build them (cargo build -p vipgate-controlplane, with --release for the release profile) or drop --no-build"
+	die "$BIN_DIR/vipgated or $BIN_DIR/vipgatectl is missing: build them (cargo build -p vipgate-daemon -p vipgate-controlplane, with --release for the release profile) or drop --no-build"
 
 # --- Run -------------------------------------------------------------------------
 say "output: $OUT; binaries: $BIN_DIR; hugepages: VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES"

@@ -215,9 +215,9 @@ load_hugepages_env
 say "hugepages: VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES${VIPGATE_HUGEPAGES_REASON:+ ($VIPGATE_HUGEPAGES_REASON)}"
 
 if ((BUILD)); then
-	say "step 2/8: building vipgated and vipgatectl (cargo build --release -p vipgate-controlplane)"
+	say "step 2/8: building vipgated and vipgatectl (cargo build --release -p vipgate-daemon -p vipgate-controlplane)"
 	add_cargo_to_path
-	run_fg cargo build --release -p vipgate-controlplane
+	run_fg cargo build --release -p vipgate-daemon -p vipgate-controlplane
 else
 	say "step 2/8: not building (--no-build): using $VIPGATED and $VIPGATECTL"
 fi

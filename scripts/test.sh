@@ -3,8 +3,11 @@
 #
 #   scripts/test.sh [NEXTEST ARGS...]     e.g. scripts/test.sh -E 'test(e2e)'
 #
-# Steps: setup.sh (packages, toolchain, hugepages); cargo build of every
-# target in the workspace (the e2e tests run target/debug/vipgated);
+# Steps: setup.sh (packages, toolchain, hugepages); client-without-dpdk (cargo
+# tree: the client's package, vipgate-controlplane, depends on neither
+# vipgate-dpdk nor vipgate-ffi, so vipgatectl builds without DPDK); cargo
+# build of every target in the workspace (the e2e tests run
+# target/debug/vipgated);
 # cargo fmt --check and cargo clippy -D warnings; cargo nextest run --workspace --no-fail-fast; a smoke run of the
 # packet-rate benchmark (scripts/bench-dataplane.sh --smoke) and of the
 # publication benchmark (benches/publish.rs --smoke); each fuzz target
@@ -77,6 +80,23 @@ step() {
 	return "$rc"
 }
 
+# Fails if vipgate-controlplane (the library and vipgatectl) depends, with
+# any feature, on the DPDK driver or its bindings: the client must build on
+# a machine without DPDK. Run by `step` in a new session, hence exported.
+client_without_dpdk() {
+	local tree found
+	printf '+ cargo tree -p vipgate-controlplane -e normal --all-features --prefix none\n'
+	tree=$(cargo tree -p vipgate-controlplane -e normal --all-features --prefix none) || return 2
+	found=$(grep -E '^vipgate-(dpdk|ffi) ' <<<"$tree" | sort -u) || true
+	if [[ -n $found ]]; then
+		printf '%s\n' "$found" >&2
+		printf 'vipgate-controlplane depends on the DPDK crates above: vipgatectl would need DPDK to build\n' >&2
+		return 1
+	fi
+	printf 'vipgate-controlplane depends on neither vipgate-dpdk nor vipgate-ffi\n'
+}
+export -f client_without_dpdk
+
 # Processes carrying this run's VIPGATE_TEST_RUN_ID. This shell itself is
 # not one: /proc/PID/environ shows the environment a process was exec'd with.
 marked_pids() {
@@ -133,7 +153,7 @@ summary() {
 	local i
 	say "summary (run $VIPGATE_TEST_RUN_ID, VIPGATE_HUGEPAGES=${VIPGATE_HUGEPAGES:-?})"
 	for i in "${!STEP_NAMES[@]}"; do
-		printf '    %-10s %-5s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_NOTES[$i]}"
+		printf '    %-19s %-5s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_NOTES[$i]}"
 	done
 }
 
@@ -194,6 +214,9 @@ if [[ -z ${VIPGATE_DSR_DECAP:-} ]]; then
 fi
 export VIPGATE_DSR_DECAP
 say "DSR backends decapsulate with: $VIPGATE_DSR_DECAP (VIPGATE_DSR_DECAP)"
+
+# Cheap, and independent of the build: the client's dependencies.
+step client-without-dpdk bash -c client_without_dpdk || true
 
 if step build cargo build --workspace --all-targets; then
 	# The code as rustfmt.toml formats it, and clippy with every warning

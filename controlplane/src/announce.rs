@@ -287,7 +287,7 @@ pub fn vip_eligibility(services: &[ServiceBackends]) -> BTreeMap<Ipv4Addr, bool>
 
 /// [`vip_eligibility`] of [`backends_taking_new_flows`]: what the daemon
 /// computes after every publication of the desired state
-/// (`daemon::Reloader::commit`), from the state just published.
+/// (`vipgate_daemon::Reloader::commit`), from the state just published.
 pub fn eligibility(config: &Config, dynamic: &DesiredState, down: &HashSet<TargetKey>) -> BTreeMap<Ipv4Addr, bool> {
     vip_eligibility(&backends_taking_new_flows(config, dynamic, down))
 }

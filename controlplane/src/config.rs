@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 use vipgate_dataplane::admission::{NewFlowLimit, NewFlowLimitError};
+use vipgate_dataplane::driver::{DataplaneConfig, PortConfig};
 use vipgate_dataplane::flow::{
     DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY,
 };
@@ -25,7 +26,6 @@ use vipgate_dataplane::snapshot::{
     ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
-use vipgate_dpdk::{DataplaneConfig, PortConfig};
 
 use crate::state::check_name;
 

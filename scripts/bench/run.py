@@ -958,7 +958,7 @@ def main(argv: list[str]) -> int:
     }
     for b in ("vipgated", "vipgatectl"):
         if not os.access(ctx[b], os.X_OK):
-            raise SystemExit(f"bench: {ctx[b]} is missing; build it first (cargo build -p vipgate-controlplane)")
+            raise SystemExit(f"bench: {ctx[b]} is missing; build it first (cargo build -p vipgate-daemon -p vipgate-controlplane)")
     hugepages = os.environ.get("VIPGATE_HUGEPAGES", "1") == "1" and HP_SYS.exists()
 
     state = State(Path(os.environ.get("VG_BENCH_STATE_DIR", out / ".state")))

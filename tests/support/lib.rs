@@ -121,7 +121,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not found; build it first (cargo build -p vipgate-controlplane) or set {env}", p.display());
+    assert!(
+        p.exists(),
+        "{} not found; build it first (cargo build -p vipgate-daemon -p vipgate-controlplane) or set {env}",
+        p.display()
+    );
     p
 }
 

@@ -96,7 +96,7 @@ pub struct PortView {
 
 /// A port's driver counters (plain numbers, DPDK's `rte_eth_stats` totals),
 /// shared with the driver so the daemon hands them over as they are.
-pub use vipgate_dpdk::PortStats;
+pub use vipgate_dataplane::driver::PortStats;
 
 /// The packet buffer pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod checksum;
 pub mod counters;
+pub mod driver;
 pub mod flow;
 pub mod hash;
 pub mod loaded;

@@ -6,7 +6,7 @@ use crate::error::{DpdkError, strerror};
 use crate::exception::{Exception, ExceptionCounters, KernelPort};
 use crate::handoff::Handoff;
 use crate::mempool::Mempool;
-use crate::port::{Port, PortStats};
+use crate::port::{Port, read_stats};
 use crate::rcu::{Publisher, Stalled};
 use crate::worker::{Heartbeat, WorkerSetup, rdtsc, worker_main};
 use std::ffi::c_void;
@@ -14,41 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use vipgate_dataplane::counters::WorkerCounters;
+use vipgate_dataplane::driver::{DataplaneConfig, PortStats};
 use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{PipelineConfig, neighbour_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::stats::BackendStats;
 use vipgate_dataplane::wire::EthernetAddress;
-
-/// One port to open.
-#[derive(Clone, Debug)]
-pub struct PortConfig {
-    /// Operator-facing name.
-    pub name: String,
-    /// The device's name after EAL probing: a vdev name such as `net_tap0`
-    /// or a PCI address such as `0000:03:00.0`.
-    pub device: String,
-    /// The port's MTU (set on the device at start).
-    pub mtu: u16,
-    /// The name of the port's kernel interface (the exception path), or
-    /// `None` for none.
-    pub kernel_interface: Option<String>,
-}
-
-/// How to build the dataplane.
-#[derive(Clone, Debug)]
-pub struct DataplaneConfig {
-    /// Ports in dense index order.
-    pub ports: Vec<PortConfig>,
-    /// Mbufs in the pool.
-    pub mbufs: u32,
-    /// Per-lcore mbuf cache.
-    pub mbuf_cache: u32,
-    /// Idle workers sleep this long after many empty polls (0: never).
-    pub idle_sleep_us: u32,
-    /// Pipeline tunables.
-    pub pipeline: PipelineConfig,
-}
 
 /// A port as the control plane sees it.
 #[derive(Clone, Debug)]
@@ -66,7 +37,7 @@ pub struct PortView {
 impl PortView {
     /// The driver's counters for this port.
     pub fn stats(&self) -> PortStats {
-        PortStats::read(self.id)
+        read_stats(self.id)
     }
 }
 

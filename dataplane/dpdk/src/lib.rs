@@ -19,12 +19,15 @@ mod port;
 pub mod rcu;
 mod worker;
 
-pub use dataplane::{Dataplane, DataplaneConfig, PortConfig, PortView, ShutdownReport, WorkerView};
+pub use dataplane::{Dataplane, PortView, ShutdownReport, WorkerView};
 pub use eal::Eal;
 pub use error::DpdkError;
 pub use exception::ExceptionCounters;
 pub use mempool::Mempool;
-pub use port::{Port, PortStats};
+pub use port::Port;
+/// The plain data the driver is built from and reports, defined in the
+/// packet core so that code without DPDK can name them too.
+pub use vipgate_dataplane::driver::{DataplaneConfig, PortConfig, PortStats};
 pub use worker::MAX_IDLE_SLEEP;
 
 /// Packets per rx/tx burst.

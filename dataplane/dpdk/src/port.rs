@@ -3,6 +3,7 @@
 use crate::error::{DpdkError, strerror};
 use crate::mempool::Mempool;
 use std::ffi::CString;
+use vipgate_dataplane::driver::PortStats;
 use vipgate_dataplane::wire::EthernetAddress;
 
 /// Descriptors per rx queue of a port.
@@ -10,49 +11,26 @@ pub(crate) const RX_DESC: u16 = 1024;
 /// Descriptors per tx queue of a port.
 pub(crate) const TX_DESC: u16 = 1024;
 
-/// Counters kept by the port's driver (hardware or PMD).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortStats {
-    /// Packets received.
-    pub ipackets: u64,
-    /// Packets sent.
-    pub opackets: u64,
-    /// Bytes received.
-    pub ibytes: u64,
-    /// Bytes sent.
-    pub obytes: u64,
-    /// Packets dropped by the hardware because rx queues were full.
-    pub imissed: u64,
-    /// Receive errors.
-    pub ierrors: u64,
-    /// Transmit errors.
-    pub oerrors: u64,
-    /// Receive mbuf allocation failures.
-    pub rx_nombuf: u64,
-}
-
-impl PortStats {
-    /// Reads port `id`'s counters from its driver; zeros if it cannot
-    /// report them.
-    pub fn read(id: u16) -> PortStats {
-        // SAFETY: all-zero is a valid rte_eth_stats.
-        let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid out-pointer; reading a port's stats is thread-safe,
-        // and an id that is not (or no longer) a port makes DPDK return an
-        // error, not fault.
-        if unsafe { vipgate_ffi::rte_eth_stats_get(id, &mut s) } != 0 {
-            return PortStats::default();
-        }
-        PortStats {
-            ipackets: s.ipackets,
-            opackets: s.opackets,
-            ibytes: s.ibytes,
-            obytes: s.obytes,
-            imissed: s.imissed,
-            ierrors: s.ierrors,
-            oerrors: s.oerrors,
-            rx_nombuf: s.rx_nombuf,
-        }
+/// Reads port `id`'s counters from its driver; zeros if it cannot report
+/// them.
+pub(crate) fn read_stats(id: u16) -> PortStats {
+    // SAFETY: all-zero is a valid rte_eth_stats.
+    let mut s: vipgate_ffi::rte_eth_stats = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer; reading a port's stats is thread-safe,
+    // and an id that is not (or no longer) a port makes DPDK return an
+    // error, not fault.
+    if unsafe { vipgate_ffi::rte_eth_stats_get(id, &mut s) } != 0 {
+        return PortStats::default();
+    }
+    PortStats {
+        ipackets: s.ipackets,
+        opackets: s.opackets,
+        ibytes: s.ibytes,
+        obytes: s.obytes,
+        imissed: s.imissed,
+        ierrors: s.ierrors,
+        oerrors: s.oerrors,
+        rx_nombuf: s.rx_nombuf,
     }
 }
 
@@ -215,7 +193,7 @@ impl Port {
 
     /// Driver counters; zeros if the driver cannot report them.
     pub fn stats(&self) -> PortStats {
-        PortStats::read(self.id)
+        read_stats(self.id)
     }
 
     /// Stops and closes the port; its queues release every mbuf they hold.

@@ -1,10 +1,11 @@
 //! vipgated: the vipgate gateway daemon.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vipgate_controlplane::config::Config;
-use vipgate_controlplane::daemon;
+use vipgate_daemon as daemon;
 
 /// vipgate gateway daemon: a DPDK Layer-4 load balancer.
 #[derive(Debug, Parser)]

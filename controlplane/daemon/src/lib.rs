@@ -8,22 +8,28 @@
 //! mbufs are counted.
 //! The main lcore (the thread that initialised EAL) runs a current-thread
 //! tokio runtime for the control plane; workers run on the other lcores.
+//!
+//! The only package of the control plane that links DPDK (through
+//! `vipgate-dpdk`): `vipgate-controlplane`, and with it `vipgatectl`, builds
+//! without it.
+#![forbid(unsafe_code)]
 
-use crate::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
-use crate::api::{self, GatewayView, MempoolView, PortView, WorkerView};
-use crate::config::Config;
-use crate::health::{self, Checker, HealthStatus, ProbeReport, Transition};
-use crate::state::{
-    self, Applied, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView,
-};
-use crate::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
-use crate::store::{Store, StoreError};
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use vipgate_controlplane::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
+use vipgate_controlplane::api::{self, GatewayView, MempoolView, PortView, WorkerView};
+use vipgate_controlplane::config::Config;
+use vipgate_controlplane::health::{self, Checker, HealthStatus, ProbeReport, Transition};
+use vipgate_controlplane::state::{
+    self, Applied, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView,
+};
+use vipgate_controlplane::stats::{ServiceFigures, SlotPlan, StatsReader, StatsSlots};
+use vipgate_controlplane::store::{Store, StoreError};
+use vipgate_controlplane::{kernel, metrics};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_dpdk::{Dataplane, DpdkError, Eal, Mempool, ShutdownReport};
@@ -51,7 +57,7 @@ pub enum DaemonError {
     Api(#[from] api::ApiError),
     /// The Prometheus endpoint failed.
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::MetricsError),
+    Metrics(#[from] metrics::MetricsError),
     /// The persisted dynamic state could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -68,7 +74,7 @@ pub enum DaemonError {
     Announce(#[from] announce::AnnounceError),
     /// The kernel interfaces (exception path) could not be configured.
     #[error(transparent)]
-    Kernel(#[from] crate::kernel::KernelError),
+    Kernel(#[from] kernel::KernelError),
     /// Mbufs were missing from the pool after shutdown.
     #[error("{} of {} mbufs were still in use after shutdown (expected {})", .0.in_use_at_end, .0.pool_size, .0.in_use_at_start)]
     MbufLeak(ShutdownReport),
@@ -212,7 +218,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     dataplane.launch(Arc::new(snapshot))?;
     slots.apply(plan);
     // The kernel side of the exception path, once packets flow both ways.
-    let commands = crate::kernel::configure(config)?;
+    let commands = kernel::configure(config)?;
     if !commands.is_empty() {
         info!(commands = %some_commands(&commands), "kernel interfaces configured");
     }
@@ -343,7 +349,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
 /// the socket, so an address in use stops the daemon before it touches
 /// DPDK; served on the control-plane runtime beside the socket.
 struct Listeners {
-    metrics: Option<crate::metrics::BoundMetrics>,
+    metrics: Option<metrics::BoundMetrics>,
     tcp: Option<api::BoundTcp>,
 }
 
@@ -354,7 +360,7 @@ impl Listeners {
                 if !addr.ip().is_loopback() {
                     warn!(%addr, "[metrics] listen is not a loopback address: anyone who can reach it can read the gateway's counters");
                 }
-                Some(crate::metrics::bind(addr)?)
+                Some(metrics::bind(addr)?)
             }
             None => {
                 info!("metrics endpoint off ([metrics] listen = \"\")");
@@ -387,7 +393,7 @@ impl Listeners {
         let metrics = async {
             match self.metrics {
                 Some(m) => {
-                    crate::metrics::serve(m, Arc::clone(&view) as Arc<dyn GatewayView>).await.map_err(DaemonError::from)
+                    metrics::serve(m, Arc::clone(&view) as Arc<dyn GatewayView>).await.map_err(DaemonError::from)
                 }
                 None => std::future::pending().await,
             }
@@ -578,7 +584,7 @@ impl Reloader {
         self.announce_state();
         // The kernel follows the new static routes (the fast path already
         // does).
-        match crate::kernel::sync_routes(&old, &new) {
+        match kernel::sync_routes(&old, &new) {
             Ok(commands) if !commands.is_empty() => {
                 info!(commands = %some_commands(&commands), "kernel routes updated");
             }
@@ -878,10 +884,10 @@ mod tests {
         assert_eq!(some_names(&[("created", &many[..3]), ("deleted", &[])]), "created svc-00000, svc-00001, svc-00002");
         assert_eq!(some_names(&[("created", &[]), ("pools deleted", &[])]), "");
         // The longest names the state allows, in the largest lists: bounded.
-        let long = "n".repeat(crate::state::MAX_NAME_LEN);
+        let long = "n".repeat(state::MAX_NAME_LEN);
         let longs = vec![long.as_str(); 100_000];
         let lists = [("created", &longs[..]), ("changed", &longs[..]), ("deleted", &longs[..])];
-        assert!(some_names(&lists).len() < 3 * (LOGGED_NAMES * (crate::state::MAX_NAME_LEN + 2) + 40));
+        assert!(some_names(&lists).len() < 3 * (LOGGED_NAMES * (state::MAX_NAME_LEN + 2) + 40));
     }
 
     #[test]

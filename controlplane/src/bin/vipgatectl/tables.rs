@@ -1,0 +1,322 @@
+//! The text for people: aligned tables and the `ipvsadm`-like listing.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use vipgate_controlplane::api::pb;
+
+use crate::json::{
+    BackendJson, CountersJson, HealthCheckJson, HealthJson, PoolJson, ServiceJson, StateJson, StatsJson,
+};
+
+/// `vipgatectl health`.
+pub(crate) fn health_table(h: &HealthJson) -> String {
+    let rows = [
+        vec!["status".to_owned(), h.status.to_owned()],
+        vec!["version".to_owned(), h.version.clone()],
+        vec!["uptime".to_owned(), format_uptime(h.uptime_seconds)],
+        vec!["workers".to_owned(), h.workers.to_string()],
+        vec!["ports".to_owned(), h.ports.to_string()],
+    ];
+    let mut rows = rows.to_vec();
+    if !h.reason.is_empty() {
+        rows.insert(1, vec!["reason".to_owned(), h.reason.clone()]);
+    }
+    table(None, &rows, 2)
+}
+
+/// `93784` -> `1d 2h 3m 4s`.
+fn format_uptime(seconds: u64) -> String {
+    let (d, h, m, s) = (seconds / 86_400, seconds / 3_600 % 24, seconds / 60 % 60, seconds % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m {s}s"),
+    }
+}
+
+/// `vipgatectl stats` (`all`: with the drop reasons that counted nothing).
+pub(crate) fn stats_tables(stats: &StatsJson, all: bool) -> String {
+    let mut out = String::new();
+
+    // Workers, one row each, then their total.
+    let header = [
+        "WORKER",
+        "RX_PKTS",
+        "RX_BYTES",
+        "TX_PKTS",
+        "TX_BYTES",
+        "NAT_FWD",
+        "NAT_REV",
+        "ARP_REPLY",
+        "ARP_REQ",
+        "ICMP_ECHO",
+        "DROPS",
+        "CONSUMED",
+        "FLOWS",
+        "NEW_FLOWS",
+        "HANDOFF_OUT",
+        "HANDOFF_IN",
+        "TO_KERNEL",
+        "FROM_KERNEL",
+        "BUSY_POLLS",
+        "BUSY_CYCLES",
+    ];
+    let counter_row = |label: String, c: &CountersJson| {
+        let values = [
+            c.rx_packets,
+            c.rx_bytes,
+            c.tx_packets,
+            c.tx_bytes,
+            c.nat_forward,
+            c.nat_reverse,
+            c.arp_replies,
+            c.arp_requests,
+            c.icmp_echo_replies,
+            c.drops.total(),
+            c.consumed,
+            c.flows_active,
+            c.flows_created,
+            c.handoff_out,
+            c.handoff_in,
+            c.to_kernel,
+            c.from_kernel,
+            c.busy_polls,
+            c.busy_cycles,
+        ];
+        std::iter::once(label).chain(values.iter().map(u64::to_string)).collect::<Vec<_>>()
+    };
+    let mut rows: Vec<Vec<String>> =
+        stats.workers.iter().map(|w| counter_row(format!("lcore {}", w.lcore), &w.counters)).collect();
+    rows.push(counter_row("total".to_owned(), &stats.total));
+    out.push_str(&table(Some(&header), &rows, 1));
+
+    // Drops by reason: the total, then each worker's share.
+    let mut header = vec!["DROP_REASON".to_owned(), "TOTAL".to_owned()];
+    header.extend(stats.workers.iter().map(|w| format!("LCORE {}", w.lcore)));
+    let rows: Vec<Vec<String>> = stats
+        .total
+        .drops
+        .0
+        .iter()
+        .filter(|(_, total)| all || *total != 0)
+        .map(|(reason, total)| {
+            let mut row = vec![reason.clone(), total.to_string()];
+            row.extend(stats.workers.iter().map(|w| w.counters.drops.get(reason).to_string()));
+            row
+        })
+        .collect();
+    out.push('\n');
+    if rows.is_empty() {
+        out.push_str("no drops\n");
+    } else {
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        out.push_str(&table(Some(&header), &rows, 1));
+    }
+
+    if !stats.ports.is_empty() {
+        let header = [
+            "PORT",
+            "NAME",
+            "MAC",
+            "IPACKETS",
+            "IBYTES",
+            "IMISSED",
+            "IERRORS",
+            "RX_NOMBUF",
+            "OPACKETS",
+            "OBYTES",
+            "OERRORS",
+        ];
+        let rows: Vec<Vec<String>> = stats
+            .ports
+            .iter()
+            .map(|p| {
+                let mut row = vec![p.port_id.to_string(), p.name.clone(), p.mac.clone()];
+                let values = [p.ipackets, p.ibytes, p.imissed, p.ierrors, p.rx_nombuf, p.opackets, p.obytes, p.oerrors];
+                row.extend(values.iter().map(u64::to_string));
+                row
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(Some(&header), &rows, 3));
+    }
+
+    let m = &stats.mempool;
+    let percent = if m.size == 0 { 0.0 } else { m.in_use as f64 * 100.0 / m.size as f64 };
+    let _ = writeln!(out, "\nmempool {}: {} of {} mbufs in use ({percent:.1}%)", m.name, m.in_use, m.size);
+    out
+}
+
+/// Aligns `rows` under `header`: the first `text_columns` columns to the
+/// left, the numbers after them to the right.
+fn table(header: Option<&[&str]>, rows: &[Vec<String>], text_columns: usize) -> String {
+    let header: Option<Vec<String>> = header.map(|h| h.iter().map(|s| (*s).to_owned()).collect());
+    let all_rows: Vec<&Vec<String>> = header.iter().chain(rows).collect();
+    columns(&all_rows, |c| c >= text_columns)
+}
+
+/// Rows in columns two spaces apart, each as wide as its widest cell: the
+/// columns `right` says to the right, the others to the left.
+fn columns(rows: &[&Vec<String>], right: impl Fn(usize) -> bool) -> String {
+    let count = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..count)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            let width = widths[c];
+            let _ = if right(c) { write!(line, "{cell:>width$}") } else { write!(line, "{cell:<width$}") };
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `ipvsadm -Ln` (or with `traffic`, `ipvsadm -Ln --stats`) in
+/// vipgate's terms: forwarding "Masq" is nat, "FullNat" fullnat and
+/// "Tunnel" dsr (IPIP).
+pub(crate) fn list_text(s: &StateJson, traffic: bool) -> String {
+    let mut out = format!("vipgate state version {} (config {})\n", s.version, s.config_file);
+    let mut services: Vec<&ServiceJson> = s.services.iter().collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    if services.is_empty() {
+        out.push_str("no services\n");
+    }
+    let forward = |mode: &str| match mode {
+        "fullnat" => "FullNat",
+        "dsr" => "Tunnel",
+        _ => "Masq",
+    };
+    let n = |v: Option<&pb::TrafficStats>, read: fn(&pb::TrafficStats) -> u64| {
+        v.map_or("-".to_owned(), |t| read(t).to_string())
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if traffic {
+        rows.push(
+            ["Prot LocalAddress:Port", "", "Conns", "InPkts", "OutPkts", "InBytes", "OutBytes", "Service"]
+                .map(str::to_owned)
+                .to_vec(),
+        );
+        rows.push(["  -> RemoteAddress:Port", "", "", "", "", "", "", ""].map(str::to_owned).to_vec());
+    } else {
+        rows.push(["Prot LocalAddress:Port", "Mode", "Table", "", "", "Service"].map(str::to_owned).to_vec());
+        rows.push(
+            ["  -> RemoteAddress:Port", "Forward", "Weight", "ActiveConn", "InActConn", "State"]
+                .map(str::to_owned)
+                .to_vec(),
+        );
+    }
+    for svc in services {
+        let mut name = format!("{} ({}", svc.name, svc.origin.as_deref().unwrap_or(""));
+        if !svc.source_pool.is_empty() {
+            name.push_str(&format!(", source-pool {}", svc.source_pool));
+        }
+        if !svc.tunnel_source.is_empty() {
+            name.push_str(&format!(", tunnel-source {}", svc.tunnel_source));
+        }
+        name.push_str(&format!(", on-removal {}", svc.on_backend_removal));
+        if let Some(h) = &svc.health_check {
+            name.push_str(&format!(", check {}", health_check_summary(h)));
+        }
+        if let Some(l) = &svc.new_flow_limit {
+            name.push_str(&format!(", {}", new_flow_limit_summary(l)));
+        }
+        name.push(')');
+        let local = format!("{:<4} {}:{}", svc.protocol.to_uppercase(), svc.vip, svc.port);
+        let st = svc.stats.as_ref();
+        rows.push(if traffic {
+            vec![
+                local,
+                String::new(),
+                n(st, |t| t.connections),
+                n(st, |t| t.in_packets),
+                n(st, |t| t.out_packets),
+                n(st, |t| t.in_bytes),
+                n(st, |t| t.out_bytes),
+                name,
+            ]
+        } else {
+            vec![local, svc.mode.clone(), svc.table_size.to_string(), String::new(), String::new(), name]
+        });
+        let mut backends: Vec<&BackendJson> = svc.backends.iter().collect();
+        backends.sort_by_key(|b| (b.address.parse::<Ipv4Addr>().ok(), b.port));
+        for b in backends {
+            let remote = format!("  -> {}:{}", b.address, b.port);
+            let bt = b.stats.as_ref();
+            rows.push(if traffic {
+                vec![
+                    remote,
+                    String::new(),
+                    n(bt, |t| t.connections),
+                    n(bt, |t| t.in_packets),
+                    n(bt, |t| t.out_packets),
+                    n(bt, |t| t.in_bytes),
+                    n(bt, |t| t.out_bytes),
+                    String::new(),
+                ]
+            } else {
+                vec![
+                    remote,
+                    forward(&svc.mode).to_owned(),
+                    b.weight.unwrap_or(1).to_string(),
+                    n(bt, |t| t.active_flows),
+                    n(bt, |t| t.inactive_flows),
+                    match b.health.as_str() {
+                        "" | "unchecked" => b.state.clone(),
+                        "down" if !b.health_reason.is_empty() => {
+                            format!("{}, down ({})", b.state, b.health_reason)
+                        }
+                        h => format!("{}, {h}", b.state),
+                    },
+                ]
+            });
+        }
+    }
+    let right: &[bool] = if traffic {
+        &[false, false, true, true, true, true, true, false]
+    } else {
+        &[false, false, true, true, true, false]
+    };
+    let rows: Vec<&Vec<String>> = rows.iter().collect();
+    out.push_str(&columns(&rows, |c| right[c]));
+    if !s.source_pools.is_empty() {
+        out.push_str("source pools:\n");
+    }
+    let mut pools: Vec<&PoolJson> = s.source_pools.iter().collect();
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in pools {
+        out.push_str(&format!(
+            "  {}  {}  ports {}-{}  {}\n",
+            p.name,
+            p.addresses.join(","),
+            p.first_port,
+            p.last_port,
+            p.origin.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// `http GET /healthz every 5000 ms (timeout 2000, rise 2, fall 3)`.
+fn health_check_summary(h: &HealthCheckJson) -> String {
+    let what = match h.kind.as_str() {
+        "http" | "https" => format!("{} GET {} expect {}", h.kind, h.path, h.expect_status),
+        "udp" => format!("udp payload {} bytes", h.payload_hex.len() / 2),
+        k => k.to_owned(),
+    };
+    let port = if h.port == 0 { String::new() } else { format!(" port {}", h.port) };
+    format!("{what}{port} every {} ms (timeout {}, rise {}, fall {})", h.interval_ms, h.timeout_ms, h.rise, h.fall)
+}
+
+/// For the listing, e.g. "new-flows 100/s burst 200 per /24".
+fn new_flow_limit_summary(l: &pb::NewFlowLimit) -> String {
+    format!("new-flows {}/s burst {} per /{}", l.per_second, l.burst, l.prefix_len.unwrap_or(32))
+}
