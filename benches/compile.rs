@@ -4,24 +4,30 @@
 //! each step a change takes in vipgated, median of `R` runs (default 5).
 //!
 //! ```text
-//! cargo bench -p vipgate --bench compile -- [--services N] [--backends B] [--table-size M] [--runs R]
+//! cargo bench -p vipgate --bench compile -- [--services N] [--backends B] [--table-size M] [--runs R] [--commits C]
 //! ```
 //!
 //! Steps: cloning the dynamic state (a mutation works on a copy),
 //! validation (`state::validate`), a snapshot from scratch
 //! (`Snapshot::build`), an incremental snapshot after one backend's weight
 //! changed (`Snapshot::build_incremental` against the previous one), the
-//! same with nothing changed, and persisting the state file
-//! (`Store::save`: JSON, write, fsync, rename, fsync of the directory; in a
-//! temporary directory).
+//! same with nothing changed, and persisting the state (in a temporary
+//! directory): the commit of one changed service to `state.redb`
+//! (`Store::commit`: its record and the meta record, one transaction, two
+//! fsyncs; median and maximum of `C` commits, default 200), a whole-state
+//! write (`Store::replace_all`), a restart's `Store::open` with and without
+//! the integrity check, the database's size, and, for comparison, the
+//! `state.json` rewrite earlier versions made at every change (JSON, write,
+//! fsync, rename, fsync of the directory).
 
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vipgate_controlplane::config::Config;
 use vipgate_controlplane::state::{
-    AdminState, BackendState, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState, validate,
+    AdminState, BackendState, Change, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState, validate,
 };
 use vipgate_controlplane::stats::StatsSlots;
 use vipgate_controlplane::store::Store;
@@ -97,7 +103,7 @@ fn time<T>(runs: u32, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn main() {
-    let (mut services, mut backends, mut table_size, mut runs) = (10_000u32, 10u32, 1021u32, 5u32);
+    let (mut services, mut backends, mut table_size, mut runs, mut commits) = (10_000u32, 10u32, 1021u32, 5u32, 200u32);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut number = || -> u32 { args.next().and_then(|v| v.parse().ok()).expect("a number") };
@@ -106,6 +112,7 @@ fn main() {
             "--backends" => backends = number(),
             "--table-size" => table_size = number(),
             "--runs" => runs = number(),
+            "--commits" => commits = number(),
             "--bench" => {}
             other => panic!("unknown argument {other:?}"),
         }
@@ -139,9 +146,20 @@ fn main() {
     let free = time(runs, || drop(Snapshot::build(&spec).expect("builds")));
 
     let dir = std::env::temp_dir().join(format!("vipgate-bench-compile-{}", std::process::id()));
-    let store = Store::new(&dir);
-    let persist = time(runs, || store.save(&dynamic).expect("saved"));
-    let bytes = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = persist(&dir, &dynamic, runs, commits);
+    // What earlier versions did at every change: the whole state as one
+    // JSON file, replaced atomically.
+    let json_path = dir.join("state.json");
+    let rewrite = time(runs, || {
+        let tmp = dir.join(".state.json.tmp");
+        let text = serde_json::to_vec(&serde_json::json!({ "format": 1, "state": &dynamic })).expect("JSON");
+        let mut f = std::fs::File::create(&tmp).expect("create");
+        f.write_all(&text).and_then(|()| f.sync_all()).expect("write");
+        std::fs::rename(&tmp, &json_path).expect("rename");
+        std::fs::File::open(&dir).and_then(|d| d.sync_all()).expect("fsync the directory");
+    });
+    let json_bytes = std::fs::metadata(&json_path).map(|m| m.len()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(&dir);
 
     let row = |what: &str, ms: f64| println!("{what:<58} {ms:>10.2} ms");
@@ -160,5 +178,78 @@ fn main() {
     row("StatsSlots::plan, first state (+ a clone of the spec)", plan_first);
     row("StatsSlots::plan, one weight changed (+ a clone of the spec)", plan_one);
     row("  (the clone of the spec alone)", spec_clone);
-    row(&format!("Store::save ({:.1} MB state file)", bytes as f64 / 1e6), persist);
+    let Persisted { commit, batch, whole, open_checked, open_unchecked, bytes } = store;
+    row(&format!("Store::commit, one service changed, median of {commits}"), commit.0);
+    row(&format!("Store::commit, one service changed, max of {commits}"), commit.1);
+    row("  (Store::batch alone: its records serialised)", batch);
+    row("Store::replace_all (the whole state)", whole);
+    row("Store::open, with the integrity check (a restart)", open_checked);
+    row("Store::open, without the integrity check", open_unchecked);
+    println!("{:<58} {:>10.1} MB", "state.redb on disk, after one whole write", bytes.0 as f64 / 1e6);
+    println!("{:<58} {:>10.1} MB", format!("  and after {} more and the commits", runs), bytes.1 as f64 / 1e6);
+    row(&format!("state.json rewrite, earlier versions ({:.1} MB)", json_bytes as f64 / 1e6), rewrite);
+}
+
+/// The store's figures: milliseconds, and the database's size in bytes.
+struct Persisted {
+    /// Median and maximum of a commit of one changed service.
+    commit: (f64, f64),
+    batch: f64,
+    whole: f64,
+    open_checked: f64,
+    open_unchecked: f64,
+    /// The database's size after the first whole write, and at the end.
+    bytes: (u64, u64),
+}
+
+fn persist(dir: &Path, dynamic: &DesiredState, runs: u32, commits: u32) -> Persisted {
+    let opened = |check: bool| {
+        let store = Store::new(dir).with_integrity_check(check);
+        let lock = store.lock().expect("lock");
+        let state = store.open(&lock).expect("open");
+        (store, lock, state)
+    };
+    let (store, lock, _) = opened(true);
+    let size = || std::fs::metadata(dir.join(vipgate_controlplane::store::FILE_NAME)).map(|m| m.len()).unwrap_or(0);
+    store.replace_all(dynamic).expect("written");
+    let first_bytes = size();
+    let whole = time(runs, || store.replace_all(dynamic).expect("written"));
+    // One backend's weight at a time, in services spread over the state,
+    // as UpdateBackend does.
+    let mut state = dynamic.clone();
+    let names: Vec<String> = state.services.keys().cloned().collect();
+    let mut times = Vec::new();
+    let mut batches = Vec::new();
+    for i in 0..commits as usize {
+        let name = &names[i * 7919 % names.len()];
+        state.version += 1;
+        state.services.get_mut(name).expect("service").backends[0].weight = 2 + i as u32;
+        let change = Change { services_changed: vec![name.clone()], ..Change::default() };
+        let t = Instant::now();
+        let batch = store.batch(&state, &change).expect("batch");
+        batches.push(t.elapsed());
+        store.write(batch).expect("written");
+        times.push(t.elapsed());
+    }
+    let max = times.iter().max().expect("commits").as_secs_f64() * 1e3;
+    let commit = (median(times), max);
+    drop((store, lock));
+    let bytes = (first_bytes, size());
+    // Timed without closing the database (a restart does not), nor
+    // comparing what was read.
+    let open = |check: bool| {
+        let times = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                let (store, lock, read) = opened(check);
+                let took = t.elapsed();
+                assert_eq!(read, state);
+                drop((store, lock));
+                took
+            })
+            .collect();
+        median(times)
+    };
+    let (open_checked, open_unchecked) = (open(true), open(false));
+    Persisted { commit, batch: median(batches), whole, open_checked, open_unchecked, bytes }
 }

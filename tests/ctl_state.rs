@@ -36,7 +36,7 @@ impl Daemon {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        vipgatectl(&self.gw).args(args).output().unwrap()
+        vipgatectl(&self.gw).args(args).env_remove("VIPGATE_OWNER").output().unwrap()
     }
 
     /// Runs a command that must succeed and returns its stdout.
@@ -181,7 +181,7 @@ fn vipgatectl_manages_the_desired_state() {
     assert_eq!(d.ok(&["backend", "add", "api", "198.18.1.22:8080", "--weight", "3"]), "applied: version 4\n");
     assert_eq!(
         d.ok(&["--json", "backend", "update", "api", "198.18.1.22:8080", "--weight", "9"]),
-        "{\n  \"version\": 5\n}\n"
+        "{\n  \"version\": 5,\n  \"generation\": 5\n}\n"
     );
     assert_eq!(d.ok(&["drain", "api", "198.18.1.21:8080"]), "applied: version 6\n");
     assert_eq!(d.ok(&["backend", "update", "api", "198.18.1.20:8080", "--state", "disabled"]), "applied: version 7\n");
@@ -412,4 +412,95 @@ fn vipgatectl_service_health_check_options_are_checked() {
     // Nothing was created.
     assert!(!d.ok(&["list"]).contains(" hc\n"));
     d.stop();
+}
+
+/// Two owners through vipgatectl: `--owner` scopes apply, list and changes;
+/// `state export` writes every owner's objects and `state import` puts
+/// them back in one change, owners included.
+#[test]
+fn owners_and_state_export_and_import() {
+    let d = Daemon::start();
+    let dir = d.gw.dir().to_owned();
+    d.ok(&[
+        "service",
+        "create",
+        "by-hand",
+        "--vip",
+        "198.18.100.2",
+        "--port",
+        "80",
+        "--protocol",
+        "tcp",
+        "--backend",
+        "198.18.1.20:8080",
+    ]);
+    let k8s_file = dir.join("k8s.json");
+    std::fs::write(
+        &k8s_file,
+        r#"{"services": [{"name": "k8s-a", "protocol": "tcp", "vip": "198.18.100.3", "port": 80,
+             "backends": [{"address": "198.18.1.30", "port": 8080}]}],
+            "source_pools": [{"name": "k8s-pool", "addresses": ["198.18.1.101"]}]}"#,
+    )
+    .unwrap();
+    let k8s_path = k8s_file.to_str().unwrap();
+    assert_eq!(
+        d.ok(&["--owner", "k8s/prod", "apply", k8s_path]),
+        "applied: version 2, owner k8s/prod at generation 1\n"
+    );
+    // Applied again at a stale generation: refused, naming it.
+    let e = d.fails(1, &["--owner", "k8s/prod", "apply", k8s_path, "--expected-generation", "0"]);
+    assert!(
+        e.contains("FAILED_PRECONDITION: expected_generation 0 is not owner \"k8s/prod\"'s current generation 1"),
+        "{e}"
+    );
+    // The person cannot change the controller's service by mistake.
+    let e = d.fails(1, &["backend", "update", "k8s-a", "198.18.1.30:8080", "--weight", "3"]);
+    assert!(
+        e.contains("service \"k8s-a\" is owned by \"k8s/prod\"; a request as owner \"cli\" cannot change it"),
+        "{e}"
+    );
+    assert_eq!(
+        d.ok(&["--owner", "k8s/prod", "backend", "update", "k8s-a", "198.18.1.30:8080", "--weight", "3"]),
+        "applied: version 3, owner k8s/prod at generation 2\n"
+    );
+    let mine: serde_json::Value = serde_json::from_str(&d.ok(&["--owner", "k8s/prod", "--json", "list"])).unwrap();
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(&mine), ["k8s-a"]);
+    assert_eq!(mine["generations"], serde_json::json!({"k8s/prod": 2}));
+    let all: serde_json::Value = serde_json::from_str(&d.ok(&["--json", "list"])).unwrap();
+    assert_eq!(names(&all), ["by-hand", "k8s-a", "web"]);
+    assert_eq!(all["generations"], serde_json::json!({"cli": 1, "k8s/prod": 2}));
+
+    // The backup.
+    let backup = dir.join("backup.json");
+    let backup_path = backup.to_str().unwrap();
+    assert_eq!(
+        d.ok(&["state", "export", backup_path]),
+        format!("exported: version 3, 2 services, 1 source pools to {backup_path}\n")
+    );
+    let e = d.fails(2, &["--owner", "k8s/prod", "state", "export", backup_path]);
+    assert!(e.contains("state export and import work on every owner's objects; leave out --owner"), "{e}");
+    // Everything dynamic is deleted, then imported back in one change.
+    let empty = dir.join("empty.json");
+    std::fs::write(&empty, "{}").unwrap();
+    assert_eq!(d.ok(&["apply", empty.to_str().unwrap()]), "applied: version 4\n");
+    assert_eq!(names(&serde_json::from_str(&d.ok(&["--json", "list"])).unwrap()), ["web"]);
+    assert_eq!(d.ok(&["state", "import", backup_path]), "applied: version 5\n");
+    let restored: serde_json::Value = serde_json::from_str(&d.ok(&["--json", "list"])).unwrap();
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        for s in v["services"].as_array_mut().unwrap() {
+            s.as_object_mut().unwrap().remove("stats");
+            for b in s["backends"].as_array_mut().unwrap() {
+                b.as_object_mut().unwrap().remove("stats");
+            }
+        }
+        (v["services"].clone(), v["source_pools"].clone())
+    };
+    assert_eq!(strip(&restored), strip(&all), "the same objects, with their owners");
+    assert_eq!(restored["services"][1]["owner"], "k8s/prod");
+    // Each owner's objects changed twice more (deleted, imported).
+    assert_eq!(restored["generations"], serde_json::json!({"cli": 3, "k8s/prod": 4}));
 }

@@ -59,17 +59,23 @@ fn temporary_state_files_left_by_a_kill_are_removed_at_the_next_start() {
     let mut gw = NullGateway::builder("sdt").build();
     let state_dir = gw.dir().join("state");
     std::fs::create_dir_all(&state_dir).unwrap();
-    // What a vipgated killed inside a save leaves, and what is not its.
-    let leftover = state_dir.join(".state.json.4242.tmp");
-    std::fs::write(&leftover, "{\"format\": 1, \"sta").unwrap();
+    // What a vipgated killed inside a write leaves (an earlier version's
+    // rewrite of state.json; this version's making of a new database), and
+    // what is not its.
+    let leftovers = [state_dir.join(".state.json.4242.tmp"), state_dir.join("state.redb.new")];
+    std::fs::write(&leftovers[0], "{\"format\": 1, \"sta").unwrap();
+    std::fs::write(&leftovers[1], "half a database").unwrap();
     let other = state_dir.join("notes.tmp");
     std::fs::write(&other, "kept").unwrap();
     gw.spawn();
     wait_ready(&mut gw);
     let log = gw.log_text();
-    assert!(!leftover.exists(), "{} is still there:\n{log}", leftover.display());
+    for leftover in &leftovers {
+        assert!(!leftover.exists(), "{} is still there:\n{log}", leftover.display());
+        let want = format!("removed a temporary state file an interrupted write left path={}", leftover.display());
+        assert!(log.contains(&want), "wanted {want:?} in:\n{log}");
+    }
     assert!(other.exists(), "a file not vipgated's was removed");
-    let want = format!("removed a temporary state file an interrupted write left path={}", leftover.display());
-    assert!(log.contains(&want), "wanted {want:?} in:\n{log}");
+    assert!(state_dir.join("state.redb").exists(), "the database was made");
     assert!(gw.stop().success(), "{}", gw.log_text());
 }

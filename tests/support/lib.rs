@@ -350,9 +350,19 @@ impl NullGateway {
         self.dir.join("vipgated.toml")
     }
 
-    /// The state file in the `[state]` directory.
+    /// The `[state]` directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The state database in the `[state]` directory.
     pub fn state_file(&self) -> PathBuf {
-        self.dir.join("state").join("state.json")
+        self.state_dir().join("state.redb")
+    }
+
+    /// The state file of earlier versions, which vipgated migrates.
+    pub fn legacy_state_file(&self) -> PathBuf {
+        self.state_dir().join("state.json")
     }
 
     /// The log (stderr) of the latest start: `vipgated.N.log`, N counting

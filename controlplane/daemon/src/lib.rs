@@ -168,12 +168,9 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // The state directory is this daemon's until it exits: a second one on
     // it stops here, before it touches anything the first one uses (the
     // announcement interface, EAL). Only then are the temporary files of an
-    // interrupted write (a kill -9 inside a save) safe to remove.
+    // interrupted write safe to remove (Store::open does).
     let store = Store::new(&config.state_dir);
     let _state_lock = store.lock()?;
-    for path in store.remove_leftovers(&_state_lock)? {
-        info!(path = %path.display(), "removed a temporary state file an interrupted write left");
-    }
     let listeners = Listeners::bind(config)?;
     // The announcement interface before EAL too: a name taken by another
     // kind of interface, or no CAP_NET_ADMIN, stops the start here. It is
@@ -181,7 +178,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let mut announcer = rt.block_on(Announcer::start(&config.announce))?;
     // The dynamic state before EAL: a state file that cannot be read stops
     // the start here, and is never replaced by an empty state.
-    let dynamic = store.load()?;
+    let dynamic = store.open(&_state_lock)?;
     info!(
         path = %store.path().display(),
         version = dynamic.version,
@@ -723,13 +720,19 @@ impl Reloader {
     ) -> Result<(), StateError> {
         let start = Instant::now();
         let stats = snapshot.build_stats();
-        let store = self.store.clone();
-        let copy = dynamic.clone();
-        // On the blocking pool: the runtime's thread keeps answering reads
-        // while the file is written and fsynced.
-        let saved = tokio::task::spawn_blocking(move || store.save(&copy))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Write { path: self.store.path(), source: std::io::Error::other(e) }));
+        // The records the change names are serialised here (a reload's
+        // names static objects, which have none: its dynamic state changed
+        // its version only); the transaction and its fsyncs run on the
+        // blocking pool, and the runtime's thread keeps answering reads.
+        let saved = match self.store.batch(&dynamic, &change) {
+            Ok(batch) => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.write(batch)).await.unwrap_or_else(|e| {
+                    Err(StoreError::Write { path: self.store.path(), source: std::io::Error::other(e) })
+                })
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = saved {
             error!("{e}; the change is refused");
             return Err(StateError::new(ErrorKind::Unavailable, format!("{e}; nothing was changed")));
