@@ -832,6 +832,85 @@ fn persisting(log: &str) -> Duration {
     Duration::from_secs_f64(ms / 1e3)
 }
 
+/// The owner of the services the kill test's owner-scoped Applies manage.
+const KILL_OWNER: &str = "k8s/kill";
+
+/// One call of the kill test's stream.
+enum StreamCall {
+    Update(pb::Service),
+    Create(pb::Service),
+    Delete(String),
+    Batch(pb::BatchRequest),
+    Apply(pb::ApplyRequest),
+}
+
+/// A service of the kill test's stream named `name` (its number `n` picks
+/// a VIP:port and backends no other live one has).
+fn numbered(name: &str, n: u64, owner: &str) -> pb::Service {
+    let port = 1000 + (n % 50_000) as u32;
+    let mut s = service(name, 3, vec![backend(40, port, 1 + (n % 7) as u32)]);
+    s.port = port;
+    owner.clone_into(&mut s.owner);
+    s
+}
+
+/// The `i`th change of the kill test's stream, mixing every kind of change,
+/// and the dynamic services after it (sorted by name, as GetState lists
+/// them): "api" replaced; a service created; the oldest created one
+/// deleted; a batch that replaces "api", creates one and deletes the
+/// oldest batch-made one; an owner-scoped Apply replacing `KILL_OWNER`'s
+/// service with another (at its generation `generation`).
+fn mixed_change(i: u64, model: &[pb::Service], generation: u64) -> (Vec<pb::Service>, StreamCall) {
+    let mut next = model.to_vec();
+    let oldest = |prefix: &str| next.iter().filter(|s| s.name.starts_with(prefix)).map(|s| s.name.clone()).min();
+    let call = match i % 5 {
+        0 => {
+            let s = numbered(&format!("x{i:08}"), i, "cli");
+            next.push(s.clone());
+            StreamCall::Create(s)
+        }
+        2 if oldest("x").is_some() => {
+            let name = oldest("x").unwrap();
+            next.retain(|s| s.name != name);
+            StreamCall::Delete(name)
+        }
+        3 => {
+            use pb::batch_operation::Operation;
+            let api = nth_service(i);
+            let created = numbered(&format!("b{i:08}"), i, "cli");
+            let mut ops = vec![Operation::UpdateService(api.clone()), Operation::CreateService(created.clone())];
+            if let Some(name) = oldest("b") {
+                next.retain(|s| s.name != name);
+                ops.push(Operation::DeleteService(name));
+            }
+            next.retain(|s| s.name != "api");
+            next.push(api);
+            next.push(created);
+            let operations = ops.into_iter().map(|o| pb::BatchOperation { operation: Some(o) }).collect();
+            StreamCall::Batch(pb::BatchRequest { operations, ..Default::default() })
+        }
+        4 => {
+            let k = numbered(&format!("k{i:08}"), i, KILL_OWNER);
+            next.retain(|s| s.owner != KILL_OWNER);
+            next.push(k.clone());
+            StreamCall::Apply(pb::ApplyRequest {
+                owner: KILL_OWNER.into(),
+                expected_generation: generation,
+                services: vec![k],
+                ..Default::default()
+            })
+        }
+        _ => {
+            let api = nth_service(i);
+            next.retain(|s| s.name != "api");
+            next.push(api.clone());
+            StreamCall::Update(api)
+        }
+    };
+    next.sort_by(|a, b| a.name.cmp(&b.name));
+    (next, call)
+}
+
 /// How many times vipgated is killed. A round (a stream of changes for 10
 /// to 200 ms, SIGKILL, restart) takes about half a second here (100 rounds
 /// in 46 s on 2 shared vCPUs).
@@ -850,29 +929,56 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
     let mut seed = u64::from(std::process::id()) ^ started.elapsed().as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     let (mut streamed, mut persisting_total, mut in_flight_kept, mut in_flight_lost) =
         (Duration::ZERO, Duration::ZERO, 0u32, 0u32);
+    let mut k8s_generation = 0;
     for round in 0..KILL_ROUNDS {
         let progress = Arc::new(Mutex::new(Progress::default()));
         let writer = {
             let progress = Arc::clone(&progress);
             let mut c = c.clone();
-            let (mut v, _) = current.clone();
+            let (mut v, mut model) = current.clone();
+            let mut generation = k8s_generation;
             tokio::spawn(async move {
-                for i in 1..=10_000u64 {
-                    let s = nth_service(v + i);
-                    progress.lock().unwrap().pending = Some((v + 1, vec![s.clone()]));
-                    match c
-                        .update_service(pb::UpdateServiceRequest { service: Some(s.clone()), ..Default::default() })
-                        .await
-                    {
-                        Ok(r) => {
-                            let got = r.into_inner().version;
-                            assert_eq!(got, v + 1, "versions go up by one");
-                            v = got;
-                            let mut p = progress.lock().unwrap();
-                            p.acked.insert(got, vec![s]);
-                            p.pending = None;
+                for _ in 0..10_000 {
+                    let (next, call) = mixed_change(v + 1, &model, generation);
+                    progress.lock().unwrap().pending = Some((v + 1, next.clone()));
+                    let scoped = matches!(call, StreamCall::Apply(_));
+                    let answer = match call {
+                        StreamCall::Update(s) => {
+                            c.update_service(pb::UpdateServiceRequest { service: Some(s), ..Default::default() }).await
                         }
-                        Err(_) => return,
+                        StreamCall::Create(s) => {
+                            c.create_service(pb::CreateServiceRequest { service: Some(s), ..Default::default() }).await
+                        }
+                        StreamCall::Delete(name) => {
+                            c.delete_service(pb::DeleteServiceRequest { name, ..Default::default() }).await
+                        }
+                        StreamCall::Batch(r) => c.batch(r).await,
+                        StreamCall::Apply(r) => c.apply(r).await,
+                    };
+                    match answer {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            assert_eq!(r.version, v + 1, "versions go up by one");
+                            v = r.version;
+                            if scoped {
+                                generation = r.generation;
+                            }
+                            let mut p = progress.lock().unwrap();
+                            p.acked.insert(v, next.clone());
+                            p.pending = None;
+                            model = next;
+                        }
+                        // The kill; anything else is a refusal the stream
+                        // must never cause.
+                        Err(e)
+                            if matches!(
+                                e.code(),
+                                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                            ) =>
+                        {
+                            return;
+                        }
+                        Err(e) => panic!("change {}: refused: {e}", v + 1),
                     }
                 }
             })
@@ -928,6 +1034,7 @@ async fn sigkill_during_a_stream_of_changes_never_loses_an_acknowledged_one() {
                 in_flight_kept += 1;
             }
         }
+        k8s_generation = restored.generations.get(KILL_OWNER).copied().unwrap_or(0);
         current = (restored.version, services);
     }
     // Where the kills landed: a change in flight was either committed
