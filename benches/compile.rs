@@ -10,18 +10,32 @@
 //! Steps: cloning the dynamic state (a mutation works on a copy),
 //! validation (`state::validate`), a snapshot from scratch
 //! (`Snapshot::build`), an incremental snapshot after one backend's weight
-//! changed (`Snapshot::build_incremental` against the previous one), the
-//! same with nothing changed, and persisting the state file
+//! changed (`Snapshot::build_incremental` against the previous one, which
+//! compares every service to find the change), the same with nothing
+//! changed, the same change named by the caller (`Snapshot::delta`, then
+//! `Snapshot::build_changed`), the stats slots planned for every service
+//! or for the named one (`StatsSlots::plan`, `StatsSlots::plan_changed`),
+//! and persisting the state file
 //! (`Store::save`: JSON, write, fsync, rename, fsync of the directory; in a
 //! temporary directory).
+//!
+//! Then every step of one `UpdateBackend` (one backend's weight) as
+//! vipgated's writer runs it, in order, each timed alone: the copy of the
+//! dynamic state, the mutation, the health plan, validation, the health
+//! weights, the stats slots, the snapshot, the slots applied, the state
+//! file, the copies the commit keeps, the health checker and the route
+//! announcer told, and the previous snapshot freed. Publication (the wait
+//! for the workers) needs a dataplane: `benches/publish.rs` measures it.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vipgate_controlplane::config::Config;
+use vipgate_controlplane::health::{self, Checker, HealthStatus, TargetKey};
 use vipgate_controlplane::state::{
-    AdminState, BackendState, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState, validate,
+    AdminState, BackendState, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState, apply_health, ops,
+    validate,
 };
 use vipgate_controlplane::stats::StatsSlots;
 use vipgate_controlplane::store::Store;
@@ -125,6 +139,10 @@ fn main() {
     let one = time(runs, || Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds"));
     let stats = Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds").build_stats();
     let none = time(runs, || Snapshot::build_incremental(&spec, Some(&first), 2).expect("builds"));
+    let name = [changed.services[services as usize / 2].name.clone()];
+    let find = time(runs, || first.delta(&changed, &name, &[]).expect("a delta"));
+    let delta = first.delta(&changed, &name, &[]).expect("a delta");
+    let named = time(runs, || Snapshot::build_changed(&changed, &first, 2, &delta).expect("builds"));
     // The stats slots every change plans (controlplane/src/stats.rs): from
     // scratch for the first state, then against the assignment in force.
     let slot_arrays =
@@ -134,6 +152,7 @@ fn main() {
     let plan = slots.plan(&mut spec.clone()).expect("slots");
     slots.apply(plan);
     let plan_one = time(runs, || slots.plan(&mut changed.clone()).expect("slots"));
+    let plan_named = time(runs, || slots.plan_changed(&mut changed.clone(), &delta).expect("slots"));
     let spec_clone = time(runs, || changed.clone());
     let free = time(runs, || drop(Snapshot::build(&spec).expect("builds")));
 
@@ -156,8 +175,109 @@ fn main() {
         one,
     );
     row("build_incremental, nothing changed", none);
+    row("Snapshot::delta (the changed service found by its name)", find);
+    row("build_changed, one weight changed, named", named);
     row("StatsSlots::plan, first state (+ a clone of the spec)", plan_first);
     row("StatsSlots::plan, one weight changed (+ a clone of the spec)", plan_one);
+    row("StatsSlots::plan_changed, the same named (+ a clone of the spec)", plan_named);
     row("  (the clone of the spec alone)", spec_clone);
     row(&format!("Store::save ({:.1} MB state file)", bytes as f64 / 1e6), persist);
+
+    one_backend_steps(&config, &macs, &dynamic, services, runs);
+}
+
+/// Every step of one `UpdateBackend` (a weight) as the daemon's writer
+/// runs it, timed one by one against the same state.
+fn one_backend_steps(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState, services: u32, runs: u32) {
+    use vipgate_dataplane::stats::{BackendStats, DEFAULT_SLOTS};
+    let name = format!("svc-{:05}", services / 2);
+    let address = dynamic.services[&name].backends[0].address;
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    let mut step = |what: &str, ms: f64| rows.push((what.to_owned(), ms));
+
+    // The state in force, compiled and its slots applied, as after the
+    // previous change.
+    let workers = vec![std::sync::Arc::new(BackendStats::new(DEFAULT_SLOTS))];
+    let mut slots = StatsSlots::new(DEFAULT_SLOTS, workers);
+    let mut spec = validate(config, macs, dynamic).expect("valid");
+    let plan = slots.plan(&mut spec).expect("slots");
+    slots.apply(plan);
+    let previous = Snapshot::build(&spec).expect("builds");
+    let (mut checker, _reports) = Checker::new(std::sync::Arc::new(HealthStatus::default()));
+    checker.apply(checker.plan(health::targets(config, dynamic)));
+
+    step("clone the dynamic state", time(runs, || dynamic.clone()));
+    let mutate = |state: &mut DesiredState| {
+        ops::update_backend(config, state, &name, address, 8000, Some(2), None).expect("mutation")
+    };
+    let mut new = dynamic.clone();
+    step("ops::update_backend (+ the copy it works on)", time(runs, || mutate(&mut new.clone())));
+    mutate(&mut new);
+    new.version += 1;
+    step("health: targets + Checker::plan", time(runs, || checker.plan(health::targets(config, &new))));
+    let health_plan = checker.plan(health::targets(config, &new));
+    step("state::validate", time(runs, || validate(config, macs, &new).expect("valid")));
+    let mut spec = validate(config, macs, &new).expect("valid");
+    step("apply_health, no backend down", time(runs, || apply_health(&mut spec, health_plan.down())));
+    let one_down: std::collections::HashSet<TargetKey> =
+        [TargetKey { service: name.clone(), address, port: 8001 }].into_iter().collect();
+    step("  (apply_health, one backend down)", time(runs, || apply_health(&mut spec.clone(), &one_down)));
+    step("  (the clone of the spec alone)", time(runs, || spec.clone()));
+    let touched = [name.clone()];
+    step(
+        "Snapshot::delta (the service, by name)",
+        time(runs, || previous.delta(&spec, &touched, &[]).expect("a delta")),
+    );
+    let delta = previous.delta(&spec, &touched, &[]).expect("a delta");
+    step(
+        "StatsSlots::plan_changed (+ a clone of the spec)",
+        time(runs, || slots.plan_changed(&mut spec.clone(), &delta).expect("slots")),
+    );
+    step(
+        "  (StatsSlots::plan, every service, + a clone of the spec)",
+        time(runs, || slots.plan(&mut spec.clone()).expect("slots")),
+    );
+    let plan = slots.plan_changed(&mut spec, &delta).expect("slots");
+    step(
+        "Snapshot::build_changed",
+        time(runs, || Snapshot::build_changed(&spec, &previous, new.version, &delta).expect("builds")),
+    );
+    // Comparing needs every service's slots: a plan of them all.
+    let mut complete = spec.clone();
+    drop(slots.plan(&mut complete).expect("slots"));
+    step(
+        "  (Snapshot::build_incremental, comparing every service)",
+        time(runs, || Snapshot::build_incremental(&complete, Some(&previous), new.version).expect("builds")),
+    );
+    let snapshot = Snapshot::build_changed(&spec, &previous, new.version, &delta).expect("builds");
+    // Plans made against the same assignment: one weight takes no slot,
+    // so applying them one after the other is the same work each time.
+    let mut plans = (0..runs)
+        .map(|_| slots.plan_changed(&mut spec.clone(), &delta).expect("slots"))
+        .collect::<Vec<_>>()
+        .into_iter();
+    step("StatsSlots::apply", time(runs, || slots.apply(plans.next().expect("a plan"))));
+    drop(plan);
+    step("commit: two copies of the new dynamic state", time(runs, || (new.clone(), new.clone())));
+    step(
+        "Checker::apply (no checks configured)",
+        time(runs, || checker.apply(checker.plan(health::targets(config, &new)))),
+    );
+    step("  (its plan alone)", time(runs, || checker.plan(health::targets(config, &new))));
+    step(
+        "announce::eligibility",
+        time(runs, || vipgate_controlplane::announce::eligibility(config, &new, &checker.down())),
+    );
+    let delta = snapshot.delta(&spec, &touched, &[]).expect("a delta");
+    let snapshots: Vec<Snapshot> =
+        (0..runs).map(|_| Snapshot::build_changed(&spec, &snapshot, new.version, &delta).expect("builds")).collect();
+    let mut snapshots = snapshots.into_iter();
+    step("free the previous snapshot", time(runs, || drop(snapshots.next())));
+    drop(previous);
+
+    println!();
+    println!("one UpdateBackend (a weight) at {services} services, step by step as vipgated's writer runs it:");
+    for (what, ms) in rows {
+        println!("{what:<58} {ms:>10.3} ms");
+    }
 }

@@ -200,7 +200,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         dataplane.workers().iter().map(|w| Arc::clone(&w.stats)).collect(),
     );
     // Every backend starts up: its first probe decides.
-    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &Default::default(), &slots, None)
+    let (snapshot, plan) = state::compile_with_slots(config, &macs, &dynamic, &Default::default(), &slots, None, None)
         .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
@@ -486,8 +486,15 @@ impl Reloader {
         let health = self.checker.plan(health::targets(&new, &dynamic));
         let compiling = Instant::now();
         let previous = dataplane.snapshot();
-        let outcome =
-            state::compile_with_slots(&new, &self.macs, &dynamic, health.down(), &self.slots, previous.as_deref());
+        let outcome = state::compile_with_slots(
+            &new,
+            &self.macs,
+            &dynamic,
+            health.down(),
+            &self.slots,
+            previous.as_deref(),
+            None,
+        );
         drop(previous);
         let (snapshot, plan) = match outcome {
             Ok(s) => s,
@@ -578,6 +585,7 @@ impl Reloader {
                 health.down(),
                 &self.slots,
                 previous.as_deref(),
+                Some(&change),
             )?;
             drop(previous);
             let compiled = compiling.elapsed();
@@ -627,6 +635,11 @@ impl Reloader {
         let start = Instant::now();
         let down = self.checker.down();
         // Only the services whose backends changed health are rebuilt.
+        let touched = Change {
+            cause: "health".to_owned(),
+            services_changed: transitions.iter().map(|t| t.key.service.clone()).collect(),
+            ..Change::default()
+        };
         let previous = dataplane.snapshot();
         let outcome = state::compile_with_slots(
             &self.running,
@@ -635,6 +648,7 @@ impl Reloader {
             &down,
             &self.slots,
             previous.as_deref(),
+            Some(&touched),
         );
         drop(previous);
         let (snapshot, plan) = match outcome {

@@ -731,6 +731,12 @@ pub fn compile_incremental(
 /// reusing from `previous` what comes out the same (see
 /// [`compile_incremental`]). Returns the snapshot and the slot plan to
 /// apply once it is published.
+///
+/// `change`, when given, names every service that differs from
+/// `previous` (created, changed, deleted, or with a backend whose health
+/// changed): only those get slots planned and are compiled, in time
+/// proportional to the change (`Snapshot::build_changed`); the others are
+/// `previous`'s as they are.
 pub fn compile_with_slots(
     config: &Config,
     macs: &[EthernetAddress],
@@ -738,12 +744,21 @@ pub fn compile_with_slots(
     down: &HashSet<crate::health::TargetKey>,
     slots: &crate::stats::StatsSlots,
     previous: Option<&Snapshot>,
+    change: Option<&Change>,
 ) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
     let mut spec = validate(config, macs, dynamic)?;
     apply_health(&mut spec, down);
-    let plan = slots.plan(&mut spec).map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
-    let snapshot = Snapshot::build_incremental(&spec, previous, dynamic.version)
-        .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
+    let delta = previous.zip(change).and_then(|(p, c)| p.delta(&spec, &c.services_changed, &c.services_deleted));
+    let planned = match &delta {
+        Some(delta) => slots.plan_changed(&mut spec, delta),
+        None => slots.plan(&mut spec),
+    };
+    let plan = planned.map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
+    let snapshot = match previous.zip(delta.as_ref()) {
+        Some((previous, delta)) => Snapshot::build_changed(&spec, previous, dynamic.version, delta),
+        None => Snapshot::build_incremental(&spec, previous, dynamic.version),
+    }
+    .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     Ok((snapshot, plan))
 }
 
