@@ -11,8 +11,11 @@
 //! whose specification and dependencies (next hops through routes and
 //! ports, slots, source pool index, tunnel source) came out the same, and
 //! reuses the Maglev table of a service whose backends and weights did not
-//! change even if something else about it did. The result is the snapshot a
-//! build from scratch makes; only the work differs.
+//! change even if something else about it did. The lookup indexes are not
+//! rebuilt for a change of a few services: they are copied from the
+//! previous snapshot and patched for those services only ([`SpecDelta`],
+//! [`Snapshot::build_changed`]). The result is the snapshot a build from
+//! scratch makes; only the work differs.
 
 use crate::admission::{NewFlowLimit, NewFlowLimitError, SourceLimit};
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
