@@ -1,7 +1,9 @@
 //! Where the time of one change goes in the control plane, without a
 //! daemon: for a dynamic state of `N` services with `B` backends each
-//! (defaults 10,000 and 10, Maglev tables of 1021 slots), the wall time of
-//! each step a change takes in vipgated, median of `R` runs (default 5).
+//! (defaults 10,000 and 10, Maglev tables of 1021 slots), the wall time and
+//! the CPU time (this thread's clock: on a shared machine, the wall time
+//! includes waiting for a CPU) of each step a change takes in vipgated,
+//! medians of `R` runs (default 5).
 //!
 //! ```text
 //! cargo bench -p vipgate --bench compile -- [--services N] [--backends B] [--table-size M] [--runs R]
@@ -22,9 +24,10 @@
 //! Then every step of one `UpdateBackend` (one backend's weight) as
 //! vipgated's writer runs it, in order, each timed alone: the copy of the
 //! dynamic state, the mutation, the health plan, validation, the health
-//! weights, the stats slots, the snapshot, the slots applied, the state
-//! file, the copies the commit keeps, the health checker and the route
-//! announcer told, and the previous snapshot freed. Publication (the wait
+//! weights, the delta of the change, the stats slots, the snapshot (each
+//! also the way a caller that names no service takes), the slots applied,
+//! the copies the commit keeps, the health checker and the route announcer
+//! told, and the previous snapshot freed (persisting is above). Publication (the wait
 //! for the workers) needs a dataplane: `benches/publish.rs` measures it.
 
 use std::net::Ipv4Addr;
