@@ -1,7 +1,9 @@
 //! Where the time of one change goes in the control plane, without a
 //! daemon: for a dynamic state of `N` services with `B` backends each
-//! (defaults 10,000 and 10, Maglev tables of 1021 slots), the wall time of
-//! each step a change takes in vipgated, median of `R` runs (default 5).
+//! (defaults 10,000 and 10, Maglev tables of 1021 slots), the wall time and
+//! the CPU time (this thread's clock: on a shared machine, the wall time
+//! includes waiting for a CPU) of each step a change takes in vipgated,
+//! medians of `R` runs (default 5).
 //!
 //! ```text
 //! cargo bench -p vipgate --bench compile -- [--services N] [--backends B] [--table-size M] [--runs R] [--commits C]
@@ -10,15 +12,30 @@
 //! Steps: cloning the dynamic state (a mutation works on a copy),
 //! validation (`state::validate`), a snapshot from scratch
 //! (`Snapshot::build`), an incremental snapshot after one backend's weight
-//! changed (`Snapshot::build_incremental` against the previous one), the
-//! same with nothing changed, and persisting the state (in a temporary
-//! directory): the commit of one changed service to `state.redb`
-//! (`Store::commit`: its record and the meta record, one transaction, two
-//! fsyncs; median and maximum of `C` commits, default 200), a whole-state
-//! write (`Store::replace_all`), a restart's `Store::open` with and without
-//! the integrity check, the database's size, and, for comparison, the
-//! `state.json` rewrite earlier versions made at every change (JSON, write,
-//! fsync, rename, fsync of the directory).
+//! changed (`Snapshot::build_incremental` against the previous one, which
+//! compares every service to find the change), the same with nothing
+//! changed, the same change named by the caller (`Snapshot::delta`, then
+//! `Snapshot::build_changed`), the stats slots planned for every service
+//! or for the named one (`StatsSlots::plan`, `StatsSlots::plan_changed`),
+//! and persisting the state (in a temporary directory): the commit of one
+//! changed service to `state.redb` (`Store::commit`: its record and the
+//! meta record, one transaction, two fsyncs; median and maximum of `C`
+//! commits, default 200), a whole-state write (`Store::replace_all`), a
+//! restart's `Store::open` with and without the integrity check, the
+//! database's size, and, for comparison, the `state.json` rewrite earlier
+//! versions made at every change (JSON, write, fsync, rename, fsync of the
+//! directory).
+//!
+//! Then every step of one `UpdateBackend` (one backend's weight) as
+//! vipgated's writer runs it, in order, each timed alone: the copy of the
+//! dynamic state, the mutation, validation of what it touched
+//! (`Effective::update`), the health plan of the touched service, the
+//! description of the snapshot, the health weights, the delta of the
+//! change, the stats slots, the snapshot, the slots applied, the health
+//! checker and the route announcer told, and the previous snapshot freed
+//! (persisting is above); with the whole-state ways they replaced in
+//! parentheses. Publication (the wait
+//! for the workers) needs a dataplane: `benches/publish.rs` measures it.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -26,8 +43,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vipgate_controlplane::config::Config;
+use vipgate_controlplane::health::{self, Checker, HealthStatus, TargetKey};
 use vipgate_controlplane::state::{
-    AdminState, BackendState, Change, DesiredState, ModeState, ProtocolState, RemovalState, ServiceState, validate,
+    AdminState, BackendState, Change, DesiredState, Effective, ModeState, ProtocolState, RemovalState, ServiceState,
+    apply_health, ops, validate,
 };
 use vipgate_controlplane::stats::StatsSlots;
 use vipgate_controlplane::store::Store;
@@ -90,16 +109,30 @@ fn median(mut d: Vec<Duration>) -> f64 {
     d[d.len() / 2].as_secs_f64() * 1e3
 }
 
-fn time<T>(runs: u32, mut f: impl FnMut() -> T) -> f64 {
-    median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(f());
-                t.elapsed()
-            })
-            .collect(),
-    )
+/// The CPU time this thread has used so far.
+fn cpu_now() -> Duration {
+    use nix::time::{ClockId, clock_gettime};
+    Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).expect("the thread's CPU clock"))
+}
+
+/// Milliseconds of one step: wall time, and CPU time of this thread (on a
+/// shared machine, the wall time includes waiting for a CPU; the CPU time
+/// does not). Medians of the runs, each taken alone.
+#[derive(Clone, Copy)]
+struct Ms {
+    wall: f64,
+    cpu: f64,
+}
+
+fn time<T>(runs: u32, mut f: impl FnMut() -> T) -> Ms {
+    let (wall, cpu): (Vec<Duration>, Vec<Duration>) = (0..runs)
+        .map(|_| {
+            let (t, c) = (Instant::now(), cpu_now());
+            std::hint::black_box(f());
+            (t.elapsed(), cpu_now() - c)
+        })
+        .unzip();
+    Ms { wall: median(wall), cpu: median(cpu) }
 }
 
 fn main() {
@@ -133,6 +166,10 @@ fn main() {
     let one = time(runs, || Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds"));
     let stats = Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds").build_stats();
     let none = time(runs, || Snapshot::build_incremental(&spec, Some(&first), 2).expect("builds"));
+    let name = [changed.services[services as usize / 2].name.clone()];
+    let find = time(runs, || first.delta(&changed, &name, &[]).expect("a delta"));
+    let delta = first.delta(&changed, &name, &[]).expect("a delta");
+    let named = time(runs, || Snapshot::build_changed(&changed, &first, 2, &delta).expect("builds"));
     // The stats slots every change plans (controlplane/src/stats.rs): from
     // scratch for the first state, then against the assignment in force.
     let slot_arrays =
@@ -142,6 +179,7 @@ fn main() {
     let plan = slots.plan(&mut spec.clone()).expect("slots");
     slots.apply(plan);
     let plan_one = time(runs, || slots.plan(&mut changed.clone()).expect("slots"));
+    let plan_named = time(runs, || slots.plan_changed(&mut changed.clone(), &delta).expect("slots"));
     let spec_clone = time(runs, || changed.clone());
     let free = time(runs, || drop(Snapshot::build(&spec).expect("builds")));
 
@@ -162,7 +200,8 @@ fn main() {
     let json_bytes = std::fs::metadata(&json_path).map(|m| m.len()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let row = |what: &str, ms: f64| println!("{what:<58} {ms:>10.2} ms");
+    println!("{:<58} {:>10} {:>13}", "", "wall", "CPU");
+    let row = |what: &str, ms: Ms| println!("{what:<58} {:>10.2} ms {:>10.2} ms", ms.wall, ms.cpu);
     row("clone the dynamic state", clone);
     row("state::validate (static + dynamic -> SnapshotSpec)", validated);
     row("Snapshot::build from scratch", scratch);
@@ -175,19 +214,25 @@ fn main() {
         one,
     );
     row("build_incremental, nothing changed", none);
+    row("Snapshot::delta (the changed service found by its name)", find);
+    row("build_changed, one weight changed, named", named);
     row("StatsSlots::plan, first state (+ a clone of the spec)", plan_first);
     row("StatsSlots::plan, one weight changed (+ a clone of the spec)", plan_one);
+    row("StatsSlots::plan_changed, the same named (+ a clone of the spec)", plan_named);
     row("  (the clone of the spec alone)", spec_clone);
     let Persisted { commit, batch, whole, open_checked, open_unchecked, bytes } = store;
-    row(&format!("Store::commit, one service changed, median of {commits}"), commit.0);
-    row(&format!("Store::commit, one service changed, max of {commits}"), commit.1);
-    row("  (Store::batch alone: its records serialised)", batch);
+    // Wall time only: the fsyncs are the disk's time, not this thread's.
+    let wall = |what: &str, ms: f64| println!("{what:<58} {ms:>10.2} ms {:>13}", "-");
+    wall(&format!("Store::commit, one service changed, median of {commits}"), commit.0);
+    wall(&format!("Store::commit, one service changed, max of {commits}"), commit.1);
+    wall("  (Store::batch alone: its records serialised)", batch);
     row("Store::replace_all (the whole state)", whole);
-    row("Store::open, with the integrity check (a restart)", open_checked);
-    row("Store::open, without the integrity check", open_unchecked);
+    wall("Store::open, with the integrity check (a restart)", open_checked);
+    wall("Store::open, without the integrity check", open_unchecked);
     println!("{:<58} {:>10.1} MB", "state.redb on disk, after one whole write", bytes.0 as f64 / 1e6);
     println!("{:<58} {:>10.1} MB", format!("  and after {} more and the commits", runs), bytes.1 as f64 / 1e6);
     row(&format!("state.json rewrite, earlier versions ({:.1} MB)", json_bytes as f64 / 1e6), rewrite);
+    one_backend_steps(&config, &macs, &dynamic, services, runs);
 }
 
 /// The store's figures: milliseconds, and the database's size in bytes.
@@ -195,7 +240,7 @@ struct Persisted {
     /// Median and maximum of a commit of one changed service.
     commit: (f64, f64),
     batch: f64,
-    whole: f64,
+    whole: Ms,
     open_checked: f64,
     open_unchecked: f64,
     /// The database's size after the first whole write, and at the end.
@@ -252,4 +297,119 @@ fn persist(dir: &Path, dynamic: &DesiredState, runs: u32, commits: u32) -> Persi
     };
     let (open_checked, open_unchecked) = (open(true), open(false));
     Persisted { commit, batch: median(batches), whole, open_checked, open_unchecked, bytes }
+}
+
+/// Every step of one `UpdateBackend` (a weight) as the daemon's writer
+/// runs it, timed one by one against the same state.
+fn one_backend_steps(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState, services: u32, runs: u32) {
+    use vipgate_dataplane::stats::{BackendStats, DEFAULT_SLOTS};
+    let name = format!("svc-{:05}", services / 2);
+    let address = dynamic.services[&name].backends[0].address;
+    let mut rows: Vec<(String, Ms)> = Vec::new();
+    let mut step = |what: &str, ms: Ms| rows.push((what.to_owned(), ms));
+
+    // The state in force, compiled and its slots applied, as after the
+    // previous change.
+    let workers = vec![std::sync::Arc::new(BackendStats::new(DEFAULT_SLOTS))];
+    let mut slots = StatsSlots::new(DEFAULT_SLOTS, workers);
+    let mut spec = validate(config, macs, dynamic).expect("valid");
+    let plan = slots.plan(&mut spec).expect("slots");
+    slots.apply(plan);
+    let previous = Snapshot::build(&spec).expect("builds");
+    let (mut checker, _reports) = Checker::new(std::sync::Arc::new(HealthStatus::default()));
+    checker.apply(checker.plan(health::targets(config, dynamic)));
+
+    let effective = Effective::build(config, macs, dynamic).expect("valid");
+    let mut eligibility = vipgate_controlplane::announce::Eligibility::build(config, dynamic, &Default::default());
+    step("clone the dynamic state (persistent maps)", time(runs, || dynamic.clone()));
+    let mutate = |state: &mut DesiredState| {
+        ops::update_backend(config, state, &name, address, 8000, Some(2), None).expect("mutation")
+    };
+    let mut new = dynamic.clone();
+    step("ops::update_backend (+ the copy it works on)", time(runs, || mutate(&mut new.clone())));
+    let change = mutate(&mut new);
+    new.advance(&change);
+    step(
+        "Effective::update (what it touched, against the indexes)",
+        time(runs, || effective.update(dynamic, &new, &change).expect("valid")),
+    );
+    step("  (state::validate, the whole state)", time(runs, || validate(config, macs, &new).expect("valid")));
+    let effective = effective.update(dynamic, &new, &change).expect("valid");
+    let touched_set: std::collections::HashSet<String> = change.services_changed.iter().cloned().collect();
+    let plan_touched = || checker.plan_services(health::dynamic_targets(&new, &touched_set), touched_set.clone());
+    step("health: the touched service's targets + Checker::plan_services", time(runs, plan_touched));
+    step("  (health: every target + Checker::plan)", time(runs, || checker.plan(health::targets(config, &new))));
+    let health_plan = plan_touched();
+    step("Effective::spec (the whole description, cloned)", time(runs, || effective.spec()));
+    let mut spec = effective.spec();
+    step("apply_health, no backend down", time(runs, || apply_health(&mut spec, health_plan.down())));
+    let one_down: std::collections::HashSet<TargetKey> =
+        [TargetKey { service: name.clone(), address, port: 8001 }].into_iter().collect();
+    step("  (apply_health, one backend down)", time(runs, || apply_health(&mut spec.clone(), &one_down)));
+    step("  (the clone of the spec alone)", time(runs, || spec.clone()));
+    let touched = [name.clone()];
+    step(
+        "Snapshot::delta (the service, by name)",
+        time(runs, || previous.delta(&spec, &touched, &[]).expect("a delta")),
+    );
+    let delta = previous.delta(&spec, &touched, &[]).expect("a delta");
+    step(
+        "StatsSlots::plan_changed (+ a clone of the spec)",
+        time(runs, || slots.plan_changed(&mut spec.clone(), &delta).expect("slots")),
+    );
+    step(
+        "  (StatsSlots::plan, every service, + a clone of the spec)",
+        time(runs, || slots.plan(&mut spec.clone()).expect("slots")),
+    );
+    let plan = slots.plan_changed(&mut spec, &delta).expect("slots");
+    step(
+        "Snapshot::build_changed",
+        time(runs, || Snapshot::build_changed(&spec, &previous, new.version, &delta).expect("builds")),
+    );
+    // Comparing needs every service's slots: a plan of them all.
+    let mut complete = spec.clone();
+    drop(slots.plan(&mut complete).expect("slots"));
+    step(
+        "  (Snapshot::build_incremental, comparing every service)",
+        time(runs, || Snapshot::build_incremental(&complete, Some(&previous), new.version).expect("builds")),
+    );
+    let snapshot = Snapshot::build_changed(&spec, &previous, new.version, &delta).expect("builds");
+    // Plans made against the same assignment: one weight takes no slot,
+    // so applying them one after the other is the same work each time.
+    let mut plans = (0..runs)
+        .map(|_| slots.plan_changed(&mut spec.clone(), &delta).expect("slots"))
+        .collect::<Vec<_>>()
+        .into_iter();
+    step("StatsSlots::apply", time(runs, || slots.apply(plans.next().expect("a plan"))));
+    drop(plan);
+    step("commit: the copies of the new state it keeps", time(runs, || (new.clone(), effective.clone())));
+    step(
+        "Checker::apply of the touched service's plan (no checks configured)",
+        time(runs, || {
+            checker.apply(checker.plan_services(health::dynamic_targets(&new, &touched_set), touched_set.clone()))
+        }),
+    );
+    step(
+        "announce::Eligibility::refresh + map (every VIP)",
+        time(runs, || {
+            eligibility.refresh(config, &new, checker.down_ref(), touched.iter().map(String::as_str));
+            eligibility.map()
+        }),
+    );
+    step(
+        "  (announce::eligibility, the whole state)",
+        time(runs, || vipgate_controlplane::announce::eligibility(config, &new, &checker.down())),
+    );
+    let delta = snapshot.delta(&spec, &touched, &[]).expect("a delta");
+    let snapshots: Vec<Snapshot> =
+        (0..runs).map(|_| Snapshot::build_changed(&spec, &snapshot, new.version, &delta).expect("builds")).collect();
+    let mut snapshots = snapshots.into_iter();
+    step("free the previous snapshot", time(runs, || drop(snapshots.next())));
+    drop(previous);
+
+    println!();
+    println!("one UpdateBackend (a weight) at {services} services, step by step as vipgated's writer runs it:");
+    for (what, ms) in rows {
+        println!("{what:<58} {:>10.3} ms {:>10.3} ms", ms.wall, ms.cpu);
+    }
 }

@@ -470,6 +470,12 @@ pub fn compile_incremental(
 /// reusing from `previous` what comes out the same (see
 /// [`compile_incremental`]). Returns the snapshot and the slot plan to
 /// apply once it is published.
+///
+/// `change`, when given, names every service that differs from
+/// `previous` (created, changed, deleted, or with a backend whose health
+/// changed): only those get slots planned and are compiled, in time
+/// proportional to the change (`Snapshot::build_changed`); the others are
+/// `previous`'s as they are.
 pub fn compile_with_slots(
     config: &Config,
     macs: &[EthernetAddress],
@@ -477,27 +483,38 @@ pub fn compile_with_slots(
     down: &HashSet<crate::health::TargetKey>,
     slots: &crate::stats::StatsSlots,
     previous: Option<&Snapshot>,
+    change: Option<&Change>,
 ) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
     let effective = Effective::build(config, macs, dynamic)?;
-    compile_effective(&effective, dynamic.version, down, slots, previous)
+    compile_effective(&effective, dynamic.version, down, slots, previous, change)
 }
 
 /// [`compile_with_slots`] of a state validated already: the description
 /// of `effective`, the backends in `down` given weight 0, stats slots from
 /// `slots`, and the snapshot of `version` built reusing from `previous`
-/// what comes out the same.
+/// what comes out the same; with `change`, only the services it names (see
+/// [`compile_with_slots`]).
 pub fn compile_effective(
     effective: &Effective,
     version: u64,
     down: &HashSet<crate::health::TargetKey>,
     slots: &crate::stats::StatsSlots,
     previous: Option<&Snapshot>,
+    change: Option<&Change>,
 ) -> Result<(Snapshot, crate::stats::SlotPlan), StateError> {
     let mut spec = effective.spec();
     apply_health(&mut spec, down);
-    let plan = slots.plan(&mut spec).map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
-    let snapshot = Snapshot::build_incremental(&spec, previous, version)
-        .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
+    let delta = previous.zip(change).and_then(|(p, c)| p.delta(&spec, &c.services_changed, &c.services_deleted));
+    let planned = match &delta {
+        Some(delta) => slots.plan_changed(&mut spec, delta),
+        None => slots.plan(&mut spec),
+    };
+    let plan = planned.map_err(|e| StateError::new(ErrorKind::ResourceExhausted, e.to_string()))?;
+    let snapshot = match previous.zip(delta.as_ref()) {
+        Some((previous, delta)) => Snapshot::build_changed(&spec, previous, version, delta),
+        None => Snapshot::build_incremental(&spec, previous, version),
+    }
+    .map_err(|e| StateError::new(ErrorKind::InvalidArgument, e.to_string()))?;
     Ok((snapshot, plan))
 }
 

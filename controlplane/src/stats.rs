@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
-use vipgate_dataplane::snapshot::{ForwardingMode, SnapshotSpec};
+use vipgate_dataplane::snapshot::{ForwardingMode, ServiceSpec, SnapshotSpec, SpecDelta};
 use vipgate_dataplane::stats::{BackendStats, SlotTotals};
 
 /// A backend's slot.
@@ -68,7 +68,8 @@ pub struct StatsLayout {
     /// Services in snapshot order.
     pub services: Vec<Arc<ServiceSlots>>,
     /// Per service, what its removed backends counted (their final values).
-    pub retired: HashMap<String, SlotTotals>,
+    /// Shared with the layouts before and after while it does not change.
+    pub retired: Arc<HashMap<String, SlotTotals>>,
 }
 
 /// Why a change cannot get slots.
@@ -103,9 +104,11 @@ pub struct StatsSlots {
     /// Slots `[next_unused, capacity)` were never used.
     next_unused: u32,
     retiring: Vec<Retiring>,
-    retired: HashMap<String, SlotTotals>,
+    retired: Arc<HashMap<String, SlotTotals>>,
     /// The workers' slot arrays, to read baselines and gauges.
     workers: Vec<Arc<BackendStats>>,
+    /// The layout in force, in the order of the snapshot in force.
+    layout: Arc<StatsLayout>,
     /// What readers see; replaced on every applied change.
     published: Arc<Mutex<Arc<StatsLayout>>>,
 }
@@ -114,8 +117,7 @@ pub struct StatsSlots {
 /// committed, or drop it.
 #[derive(Debug)]
 pub struct SlotPlan {
-    services: HashMap<String, Arc<ServiceSlots>>,
-    order: Vec<String>,
+    services: Planned,
     /// Free slots taken (from the front of the free list).
     from_free: usize,
     /// Unused slots taken.
@@ -123,6 +125,16 @@ pub struct SlotPlan {
     retired: Vec<Retiring>,
     /// Retiring slots found idle: free them with this plan.
     reclaimed: Vec<usize>,
+}
+
+/// The services of a plan: all of them, or what changed.
+#[derive(Debug)]
+enum Planned {
+    /// Every service, by name, and their order.
+    Whole { services: HashMap<String, Arc<ServiceSlots>>, order: Vec<String> },
+    /// The services `delta` names as changed, in its order; the others
+    /// keep theirs, and those it names as removed go.
+    Changed { delta: SpecDelta, services: Vec<Arc<ServiceSlots>> },
 }
 
 /// The totals of `slot` over `workers`.
@@ -142,6 +154,34 @@ fn mode_name(m: &ForwardingMode) -> &'static str {
     }
 }
 
+/// Hands out slots while a plan is made: the free list first, then the
+/// retiring slots found idle, then slots never used.
+struct Allocator<'a> {
+    available: Box<dyn Iterator<Item = u32> + 'a>,
+    from_free: usize,
+    from_unused: u32,
+    next_unused: u32,
+    capacity: u32,
+    needed: usize,
+    exhausted: bool,
+}
+
+impl Allocator<'_> {
+    fn take(&mut self) -> u32 {
+        self.needed += 1;
+        if let Some(slot) = self.available.next() {
+            self.from_free += 1;
+            return slot;
+        }
+        if self.next_unused + self.from_unused < self.capacity {
+            self.from_unused += 1;
+            return self.next_unused + self.from_unused - 1;
+        }
+        self.exhausted = true;
+        vipgate_dataplane::stats::NO_SLOT
+    }
+}
+
 impl StatsSlots {
     /// No slot assigned yet; `workers` are the dataplane's per-worker slot
     /// arrays (all of `capacity` slots).
@@ -152,8 +192,9 @@ impl StatsSlots {
             free: std::collections::VecDeque::new(),
             next_unused: 0,
             retiring: Vec::new(),
-            retired: HashMap::new(),
+            retired: Arc::default(),
             workers,
+            layout: Arc::default(),
             published: Arc::default(),
         }
     }
@@ -163,13 +204,9 @@ impl StatsSlots {
         StatsReader { layout: Arc::clone(&self.published), workers: self.workers.clone() }
     }
 
-    /// Gives every backend of `spec` its slot (written into the spec): the
-    /// one it has if it stays in its service, else a free one. Changes
-    /// nothing here until [`StatsSlots::apply`].
-    pub fn plan(&self, spec: &mut SnapshotSpec) -> Result<SlotPlan, SlotsExhausted> {
-        // Retiring slots no flow refers to any more can be reused now.
-        let reclaimed: Vec<usize> = self
-            .retiring
+    /// Retiring slots no flow refers to any more: they can be reused now.
+    fn reclaimable(&self) -> Vec<usize> {
+        self.retiring
             .iter()
             .enumerate()
             .filter(|(_, r)| {
@@ -177,114 +214,128 @@ impl StatsSlots {
                 t.active == 0 && t.inactive == 0
             })
             .map(|(i, _)| i)
-            .collect();
-        let mut available = self.free.iter().copied().chain(reclaimed.iter().map(|&i| self.retiring[i].slot));
-        let mut from_free = 0;
-        let mut from_unused = 0u32;
+            .collect()
+    }
+
+    fn allocator<'a>(&'a self, reclaimed: &'a [usize]) -> Allocator<'a> {
+        Allocator {
+            available: Box::new(self.free.iter().copied().chain(reclaimed.iter().map(|&i| self.retiring[i].slot))),
+            from_free: 0,
+            from_unused: 0,
+            next_unused: self.next_unused,
+            capacity: self.capacity,
+            needed: 0,
+            exhausted: false,
+        }
+    }
+
+    fn free_at_start(&self, reclaimed: &[usize]) -> usize {
+        self.free.len() + reclaimed.len() + (self.capacity - self.next_unused) as usize
+    }
+
+    /// The slots of `s` (written into it): the one each backend has if it
+    /// stays in its service, else one from `alloc`. The slots of backends
+    /// that left go to `retired`.
+    fn plan_service(
+        &self,
+        s: &mut ServiceSpec,
+        alloc: &mut Allocator<'_>,
+        retired: &mut Vec<Retiring>,
+    ) -> Arc<ServiceSlots> {
+        let old = self.services.get(&s.name);
+        let (protocol, mode) = (s.protocol.name(), mode_name(&s.mode));
+        // Unchanged backends (the common case): the same slots.
+        if let Some(old) = old
+            && old.backends.len() == s.backends.len()
+            && old.backends.iter().zip(&s.backends).all(|(o, b)| o.addr == b.addr && o.port == b.port)
+        {
+            for (b, o) in s.backends.iter_mut().zip(&old.backends) {
+                b.stats_slot = o.slot;
+            }
+            let same = old.vip == s.vip
+                && old.port == s.port
+                && old.protocol == protocol
+                && old.mode == mode
+                && old.table_size == s.table_size
+                && old.backends.iter().zip(&s.backends).all(|(o, b)| o.weight == b.weight);
+            if same {
+                return Arc::clone(old);
+            }
+            let backends = old
+                .backends
+                .iter()
+                .zip(&s.backends)
+                .map(|(o, b)| BackendSlot { weight: b.weight, ..o.clone() })
+                .collect();
+            return Arc::new(ServiceSlots {
+                name: s.name.clone(),
+                vip: s.vip,
+                port: s.port,
+                protocol,
+                mode,
+                table_size: s.table_size,
+                backends,
+            });
+        }
+        let kept: HashMap<(u32, u16), &BackendSlot> =
+            old.map(|o| o.backends.iter().map(|b| ((b.addr, b.port), b)).collect()).unwrap_or_default();
+        let mut backends = Vec::with_capacity(s.backends.len());
+        for b in &mut s.backends {
+            let slot = match kept.get(&(b.addr, b.port)) {
+                Some(o) => BackendSlot { weight: b.weight, ..(*o).clone() },
+                None => {
+                    let slot = alloc.take();
+                    BackendSlot {
+                        addr: b.addr,
+                        port: b.port,
+                        weight: b.weight,
+                        slot,
+                        baseline: read(&self.workers, slot),
+                    }
+                }
+            };
+            b.stats_slot = slot.slot;
+            backends.push(slot);
+        }
+        if let Some(old) = old {
+            let now: std::collections::HashSet<(u32, u16)> = backends.iter().map(|b| (b.addr, b.port)).collect();
+            retired.extend(old.backends.iter().filter(|b| !now.contains(&(b.addr, b.port))).map(|b| Retiring {
+                service: s.name.clone(),
+                slot: b.slot,
+                baseline: b.baseline,
+            }));
+        }
+        Arc::new(ServiceSlots {
+            name: s.name.clone(),
+            vip: s.vip,
+            port: s.port,
+            protocol,
+            mode,
+            table_size: s.table_size,
+            backends,
+        })
+    }
+
+    /// Gives every backend of `spec` its slot (written into the spec): the
+    /// one it has if it stays in its service, else a free one. Changes
+    /// nothing here until [`StatsSlots::apply`].
+    pub fn plan(&self, spec: &mut SnapshotSpec) -> Result<SlotPlan, SlotsExhausted> {
+        let reclaimed = self.reclaimable();
+        let mut alloc = self.allocator(&reclaimed);
         let mut services = HashMap::with_capacity(spec.services.len());
         let mut order = Vec::with_capacity(spec.services.len());
         let mut retired = Vec::new();
-        let mut needed = 0usize;
-        let mut exhausted = false;
-        let free_at_start = self.free.len() + reclaimed.len() + (self.capacity - self.next_unused) as usize;
         for s in &mut spec.services {
-            let old = self.services.get(&s.name);
-            let (protocol, mode) = (s.protocol.name(), mode_name(&s.mode));
-            // Unchanged backends (the common case): the same slots.
-            if let Some(old) = old
-                && old.backends.len() == s.backends.len()
-                && old.backends.iter().zip(&s.backends).all(|(o, b)| o.addr == b.addr && o.port == b.port)
-            {
-                for (b, o) in s.backends.iter_mut().zip(&old.backends) {
-                    b.stats_slot = o.slot;
-                }
-                let same = old.vip == s.vip
-                    && old.port == s.port
-                    && old.protocol == protocol
-                    && old.mode == mode
-                    && old.table_size == s.table_size
-                    && old.backends.iter().zip(&s.backends).all(|(o, b)| o.weight == b.weight);
-                let slots = if same {
-                    Arc::clone(old)
-                } else {
-                    let backends = old
-                        .backends
-                        .iter()
-                        .zip(&s.backends)
-                        .map(|(o, b)| BackendSlot { weight: b.weight, ..o.clone() })
-                        .collect();
-                    Arc::new(ServiceSlots {
-                        name: s.name.clone(),
-                        vip: s.vip,
-                        port: s.port,
-                        protocol,
-                        mode,
-                        table_size: s.table_size,
-                        backends,
-                    })
-                };
-                order.push(s.name.clone());
-                services.insert(s.name.clone(), slots);
-                continue;
-            }
-            let kept: HashMap<(u32, u16), &BackendSlot> =
-                old.map(|o| o.backends.iter().map(|b| ((b.addr, b.port), b)).collect()).unwrap_or_default();
-            let mut backends = Vec::with_capacity(s.backends.len());
-            for b in &mut s.backends {
-                let slot = match kept.get(&(b.addr, b.port)) {
-                    Some(o) => BackendSlot { weight: b.weight, ..(*o).clone() },
-                    None => {
-                        needed += 1;
-                        let slot = match available.next() {
-                            Some(slot) => {
-                                from_free += 1;
-                                slot
-                            }
-                            None if self.next_unused + from_unused < self.capacity => {
-                                from_unused += 1;
-                                self.next_unused + from_unused - 1
-                            }
-                            None => {
-                                exhausted = true;
-                                vipgate_dataplane::stats::NO_SLOT
-                            }
-                        };
-                        BackendSlot {
-                            addr: b.addr,
-                            port: b.port,
-                            weight: b.weight,
-                            slot,
-                            baseline: read(&self.workers, slot),
-                        }
-                    }
-                };
-                b.stats_slot = slot.slot;
-                backends.push(slot);
-            }
-            if let Some(old) = old {
-                let now: std::collections::HashSet<(u32, u16)> = backends.iter().map(|b| (b.addr, b.port)).collect();
-                retired.extend(old.backends.iter().filter(|b| !now.contains(&(b.addr, b.port))).map(|b| Retiring {
-                    service: s.name.clone(),
-                    slot: b.slot,
-                    baseline: b.baseline,
-                }));
-            }
+            let slots = self.plan_service(s, &mut alloc, &mut retired);
             order.push(s.name.clone());
-            services.insert(
-                s.name.clone(),
-                Arc::new(ServiceSlots {
-                    name: s.name.clone(),
-                    vip: s.vip,
-                    port: s.port,
-                    protocol,
-                    mode,
-                    table_size: s.table_size,
-                    backends,
-                }),
-            );
+            services.insert(s.name.clone(), slots);
         }
-        if exhausted {
-            return Err(SlotsExhausted { needed, free: free_at_start, capacity: self.capacity });
+        if alloc.exhausted {
+            return Err(SlotsExhausted {
+                needed: alloc.needed,
+                free: self.free_at_start(&reclaimed),
+                capacity: self.capacity,
+            });
         }
         // Services gone: all their backends retire.
         for (name, old) in &self.services {
@@ -296,21 +347,90 @@ impl StatsSlots {
                 }));
             }
         }
-        Ok(SlotPlan { services, order, from_free, from_unused, retired, reclaimed })
+        let (from_free, from_unused) = (alloc.from_free, alloc.from_unused);
+        drop(alloc);
+        Ok(SlotPlan { services: Planned::Whole { services, order }, from_free, from_unused, retired, reclaimed })
+    }
+
+    /// [`StatsSlots::plan`] for the services `delta` names only (changed
+    /// or new: slots written into them; removed: their slots retire); the
+    /// other services of `spec` keep theirs and are not read. The work is
+    /// in proportion to the change. `delta` must be made against the
+    /// snapshot whose slots are in force (the one the last applied plan
+    /// was made with); if the layout in force does not fit it, every
+    /// service is planned ([`StatsSlots::plan`]).
+    pub fn plan_changed(&self, spec: &mut SnapshotSpec, delta: &SpecDelta) -> Result<SlotPlan, SlotsExhausted> {
+        let layout = &self.layout.services;
+        let fits = layout.len() == delta.old_len()
+            && spec.services.len() == delta.new_len()
+            && delta.removed().all(|(p, name)| layout[p].name == name)
+            && delta.changed().all(|(i, was)| was.is_none_or(|p| layout[p].name == spec.services[i].name));
+        if !fits {
+            return self.plan(spec);
+        }
+        let reclaimed = self.reclaimable();
+        let mut alloc = self.allocator(&reclaimed);
+        let mut retired = Vec::new();
+        let services: Vec<Arc<ServiceSlots>> =
+            delta.changed().map(|(i, _)| self.plan_service(&mut spec.services[i], &mut alloc, &mut retired)).collect();
+        if alloc.exhausted {
+            return Err(SlotsExhausted {
+                needed: alloc.needed,
+                free: self.free_at_start(&reclaimed),
+                capacity: self.capacity,
+            });
+        }
+        for (p, name) in delta.removed() {
+            retired.extend(layout[p].backends.iter().map(|b| Retiring {
+                service: name.to_owned(),
+                slot: b.slot,
+                baseline: b.baseline,
+            }));
+        }
+        let (from_free, from_unused) = (alloc.from_free, alloc.from_unused);
+        drop(alloc);
+        Ok(SlotPlan {
+            services: Planned::Changed { delta: delta.clone(), services },
+            from_free,
+            from_unused,
+            retired,
+            reclaimed,
+        })
     }
 
     /// Makes `plan` the assignment in force and shows it to readers. Call
     /// once its snapshot is published.
     pub fn apply(&mut self, plan: SlotPlan) {
-        let SlotPlan { services, order, from_free, from_unused, retired, reclaimed } = plan;
+        let SlotPlan { services: planned, from_free, from_unused, retired, reclaimed } = plan;
+        let order = match planned {
+            Planned::Whole { services, order } => {
+                let gone: Vec<String> = self.services.keys().filter(|n| !services.contains_key(*n)).cloned().collect();
+                self.services = services;
+                let layout = order.iter().map(|n| Arc::clone(&self.services[n])).collect();
+                self.forget(&gone);
+                layout
+            }
+            Planned::Changed { delta, services } => {
+                let gone: Vec<String> = delta.removed().map(|(_, n)| n.to_owned()).collect();
+                for name in &gone {
+                    self.services.remove(name);
+                }
+                for s in &services {
+                    self.services.insert(s.name.clone(), Arc::clone(s));
+                }
+                let layout = delta.merge(&self.layout.services, |k| Arc::clone(&services[k]));
+                self.forget(&gone);
+                layout
+            }
+        };
         // The free list first, then the reclaimed slots, in the order
         // `plan` handed them out; reclaimed ones not taken join the list.
         let mut reclaimed_slots = Vec::with_capacity(reclaimed.len());
         for &i in reclaimed.iter().rev() {
             let r = self.retiring.swap_remove(i);
             let final_values = read(&self.workers, r.slot).since(&r.baseline);
-            if services.contains_key(&r.service) {
-                self.retired.entry(r.service.clone()).or_default().add(&SlotTotals {
+            if self.services.contains_key(&r.service) {
+                Arc::make_mut(&mut self.retired).entry(r.service.clone()).or_default().add(&SlotTotals {
                     active: 0,
                     inactive: 0,
                     ..final_values
@@ -323,13 +443,18 @@ impl StatsSlots {
         self.free.drain(..from_free);
         self.next_unused += from_unused;
         self.retiring.extend(retired);
-        self.retired.retain(|name, _| services.contains_key(name));
-        self.services = services;
-        let layout = StatsLayout {
-            services: order.iter().map(|n| Arc::clone(&self.services[n])).collect(),
-            retired: self.retired.clone(),
-        };
-        *self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(layout);
+        self.layout = Arc::new(StatsLayout { services: order, retired: Arc::clone(&self.retired) });
+        *self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&self.layout);
+    }
+
+    /// Drops what removed backends of the services `gone` counted.
+    fn forget(&mut self, gone: &[String]) {
+        if gone.iter().any(|n| self.retired.contains_key(n)) {
+            let retired = Arc::make_mut(&mut self.retired);
+            for name in gone {
+                retired.remove(name);
+            }
+        }
     }
 
     /// Slots in use or retiring, for diagnostics and tests.
@@ -480,6 +605,63 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].backends[2].totals, SlotTotals::default(), "the new backend starts from zero");
         assert_eq!((f[0].totals.connections, f[0].totals.in_bytes, f[0].totals.active), (1, 100, 0));
+    }
+
+    #[test]
+    fn a_plan_of_the_changed_services_only_is_the_plan_of_them_all() {
+        use vipgate_dataplane::snapshot::{Ipv4Cidr, PortSpec, Snapshot};
+        use vipgate_dataplane::wire::EthernetAddress;
+        const NET: u32 = 0x0a00_0000;
+        let svc = |name: &str, vip: u32, backends: &[u32]| ServiceSpec {
+            vip: 0xC612_6400 + vip,
+            ..service(name, &backends.iter().map(|&b| (NET + b, 80)).collect::<Vec<_>>())
+        };
+        let on_a_port = |services| SnapshotSpec {
+            ports: vec![PortSpec {
+                name: "p".into(),
+                mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+                addresses: vec![Ipv4Cidr { addr: NET + 254, len: 24 }],
+                mtu: 1500,
+            }],
+            ..spec(services)
+        };
+        let workers = vec![Arc::new(BackendStats::new(16))];
+        let (mut whole, mut named) = (StatsSlots::new(16, workers.clone()), StatsSlots::new(16, workers));
+        let mut first = on_a_port(vec![svc("a", 1, &[1, 2]), svc("b", 2, &[3]), svc("c", 3, &[4])]);
+        whole.apply(whole.plan(&mut first.clone()).unwrap());
+        named.apply(named.plan(&mut first).unwrap());
+        let mut snapshot = Snapshot::build(&first).unwrap();
+
+        let mut reweighted = svc("c", 3, &[4]);
+        reweighted.backends[0].weight = 3;
+        let steps = [
+            // b gets a backend and loses one; c's weight changes.
+            (vec![svc("a", 1, &[1, 2]), svc("b", 2, &[5, 6]), reweighted.clone()], vec!["b", "c"], vec![]),
+            // a goes; d comes between b and c.
+            (vec![svc("b", 2, &[5, 6]), svc("d", 4, &[1, 7]), reweighted], vec!["d"], vec!["a"]),
+        ];
+        for (services, changed, removed) in steps {
+            let next = on_a_port(services);
+            let names = |v: Vec<&str>| v.into_iter().map(str::to_owned).collect::<Vec<_>>();
+            let delta = snapshot.delta(&next, &names(changed), &names(removed)).unwrap();
+            let (mut all, mut some) = (next.clone(), next.clone());
+            let planned = whole.plan(&mut all).unwrap();
+            let planned_changed = named.plan_changed(&mut some, &delta).unwrap();
+            assert!(matches!(planned_changed.services, Planned::Changed { .. }));
+            for (i, _) in delta.changed() {
+                assert_eq!(all.services[i].backends, some.services[i].backends, "{}", all.services[i].name);
+            }
+            whole.apply(planned);
+            named.apply(planned_changed);
+            assert_eq!(whole.layout.services, named.layout.services);
+            assert_eq!(whole.services, named.services);
+            assert_eq!(whole.retired, named.retired);
+            assert_eq!(
+                (&whole.free, whole.next_unused, whole.retiring.len()),
+                (&named.free, named.next_unused, named.retiring.len())
+            );
+            snapshot = Snapshot::build(&all).unwrap();
+        }
     }
 
     #[test]

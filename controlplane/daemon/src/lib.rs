@@ -209,8 +209,9 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // Every backend starts up: its first probe decides.
     let effective = state::Effective::build(config, &macs, &dynamic)
         .map_err(|source| DaemonError::State { path: store.path(), source })?;
-    let (snapshot, plan) = state::compile_effective(&effective, dynamic.version, &Default::default(), &slots, None)
-        .map_err(|source| DaemonError::State { path: store.path(), source })?;
+    let (snapshot, plan) =
+        state::compile_effective(&effective, dynamic.version, &Default::default(), &slots, None, None)
+            .map_err(|source| DaemonError::State { path: store.path(), source })?;
     log_services(&snapshot);
     dataplane.launch(Arc::new(snapshot))?;
     slots.apply(plan);
@@ -512,8 +513,14 @@ impl Reloader {
         let compiling = Instant::now();
         let previous = dataplane.snapshot();
         let outcome = state::Effective::build(&new, &self.macs, &dynamic).and_then(|effective| {
-            let compiled =
-                state::compile_effective(&effective, dynamic.version, health.down(), &self.slots, previous.as_deref())?;
+            let compiled = state::compile_effective(
+                &effective,
+                dynamic.version,
+                health.down(),
+                &self.slots,
+                previous.as_deref(),
+                None,
+            )?;
             Ok((effective, compiled))
         });
         drop(previous);
@@ -617,8 +624,14 @@ impl Reloader {
             // Only what the mutation changed is compiled again; the rest is
             // shared with the snapshot the workers read now.
             let previous = dataplane.snapshot();
-            let snapshot =
-                state::compile_effective(&effective, new.version, health.down(), &self.slots, previous.as_deref())?;
+            let snapshot = state::compile_effective(
+                &effective,
+                new.version,
+                health.down(),
+                &self.slots,
+                previous.as_deref(),
+                Some(&change),
+            )?;
             drop(previous);
             let compiled = compiling.elapsed();
             let candidate = Candidate { config: Arc::clone(&self.running), dynamic: new, effective };
@@ -674,9 +687,20 @@ impl Reloader {
         let start = Instant::now();
         let down = self.checker.down();
         // Only the services whose backends changed health are rebuilt.
+        let touched = Change {
+            cause: "health".to_owned(),
+            services_changed: transitions.iter().map(|t| t.key.service.clone()).collect(),
+            ..Change::default()
+        };
         let previous = dataplane.snapshot();
-        let outcome =
-            state::compile_effective(&self.effective, self.dynamic.version, &down, &self.slots, previous.as_deref());
+        let outcome = state::compile_effective(
+            &self.effective,
+            self.dynamic.version,
+            &down,
+            &self.slots,
+            previous.as_deref(),
+            Some(&touched),
+        );
         drop(previous);
         let (snapshot, plan) = match outcome {
             Ok(s) => s,

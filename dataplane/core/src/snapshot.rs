@@ -11,8 +11,11 @@
 //! whose specification and dependencies (next hops through routes and
 //! ports, slots, source pool index, tunnel source) came out the same, and
 //! reuses the Maglev table of a service whose backends and weights did not
-//! change even if something else about it did. The result is the snapshot a
-//! build from scratch makes; only the work differs.
+//! change even if something else about it did. The lookup indexes are not
+//! rebuilt for a change of a few services: they are copied from the
+//! previous snapshot and patched for those services only ([`SpecDelta`],
+//! [`Snapshot::build_changed`]). The result is the snapshot a build from
+//! scratch makes; only the work differs.
 
 use crate::admission::{NewFlowLimit, NewFlowLimitError, SourceLimit};
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
@@ -126,7 +129,7 @@ pub struct Ipv4Cidr {
 }
 
 /// One port as the snapshot needs it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSpec {
     /// Operator-facing name.
     pub name: String,
@@ -144,7 +147,7 @@ pub struct PortSpec {
 pub const DEFAULT_MTU: u16 = 1500;
 
 /// A static route.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteSpec {
     /// Destination prefix.
     pub prefix: Ipv4Cidr,
@@ -193,7 +196,7 @@ pub struct ServiceSpec {
 }
 
 /// A permanent neighbour entry (like `ip neigh add ... nud permanent`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NeighbourSpec {
     /// On-link address.
     pub addr: u32,
@@ -525,7 +528,8 @@ pub struct Snapshot {
     service_list: Vec<Arc<Service>>,
     reverse: HashMap<u64, ReverseNat, RandomState>,
     routes: RouteTable,
-    next_hops: Vec<NextHop>,
+    /// Shared with the snapshots before and after that have the same.
+    next_hops: Arc<[NextHop]>,
     static_neighbours: HashMap<u32, EthernetAddress, RandomState>,
     source_pools: Vec<SourcePoolSpec>,
     /// Source pool address -> (pool index, address index in the pool).
@@ -540,6 +544,29 @@ pub struct Snapshot {
     /// [`Snapshot::is_martian_source`].
     martians: HashSet<u32, RandomState>,
     martian_filter: [u64; 4],
+    /// What the next incremental build compares and reuses; never read
+    /// by a worker (behind a pointer, so the fields a worker reads keep
+    /// their places).
+    meta: Box<BuildMeta>,
+}
+
+/// What an incremental build needs from the snapshot before it, beyond
+/// the forwarding state: the inputs it compares, and the indexes it
+/// patches (see [`Snapshot::build_changed`]).
+#[derive(Debug)]
+struct BuildMeta {
+    /// The specification's ports, routes and permanent neighbours.
+    ports: Vec<PortSpec>,
+    routes: Vec<RouteSpec>,
+    neighbours: Vec<NeighbourSpec>,
+    /// Next-hop slots `0..route_hops` are the static routes' gateways: they
+    /// stay whatever the services do.
+    route_hops: u32,
+    /// Service name -> position in the service list; `None` in the
+    /// astronomically unlikely case that two names share a hash.
+    names: Option<Arc<NameIndex>>,
+    /// VIP -> how many services use it.
+    vip_users: Arc<HashMap<u32, u32>>,
 }
 
 /// A MAC address as the low six bytes of a little-endian `u64` (the top two
@@ -577,6 +604,123 @@ fn build_maglev(s: &ServiceSpec) -> Result<MaglevTable, SnapshotError> {
         })
         .collect();
     MaglevTable::build(&mb, s.table_size).map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })
+}
+
+/// The compiled backends of `s`: each one's next hop through `routes`, its
+/// next-hop slot from `slot`, its DSR tunnel source. `nat_backend` sees
+/// each backend of a nat service, in order, once its own checks passed.
+fn compile_backends(
+    s: &ServiceSpec,
+    routes: &RouteTable,
+    ports: &[Port],
+    mut slot: impl FnMut(u16, u32) -> u32,
+    mut nat_backend: impl FnMut(&BackendSpec) -> Result<(), SnapshotError>,
+) -> Result<Vec<Backend>, SnapshotError> {
+    let mut backends = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        let mut next_hop = routes
+            .next_hop(b.addr)
+            .ok_or_else(|| SnapshotError::BackendUnreachable { service: s.name.clone(), addr: ip4(b.addr) })?;
+        next_hop.slot = slot(next_hop.port, next_hop.addr);
+        let mut tunnel_src = 0;
+        if let ForwardingMode::Dsr { tunnel_source } = &s.mode {
+            if b.port != s.port {
+                return Err(SnapshotError::DsrPort {
+                    service: s.name.clone(),
+                    addr: ip4(b.addr),
+                    port: b.port,
+                    service_port: s.port,
+                });
+            }
+            tunnel_src = match tunnel_source {
+                Some(c) => c.addr & Route::mask(c.len),
+                None => {
+                    let port = &ports[usize::from(next_hop.port)];
+                    port.address_for(next_hop.addr).or_else(|| port.addresses.first().map(|c| c.addr)).unwrap_or(0)
+                }
+            };
+        }
+        if matches!(s.mode, ForwardingMode::Nat) {
+            nat_backend(b)?;
+        }
+        backends.push(Backend {
+            addr: b.addr,
+            port: b.port,
+            next_hop,
+            tunnel_src,
+            stats: b.stats_slot,
+            takes_new_flows: b.weight > 0,
+        });
+    }
+    Ok(backends)
+}
+
+/// The compiled forwarding mode of `s` against the source pools `pools`.
+fn compile_mode(s: &ServiceSpec, pools: &[SourcePoolSpec]) -> Result<Mode, SnapshotError> {
+    Ok(match &s.mode {
+        ForwardingMode::Nat => Mode::Nat,
+        ForwardingMode::FullNat { pool } => match pools.iter().position(|p| &p.name == pool) {
+            Some(i) => Mode::FullNat { pool: i as u16 },
+            None => return Err(SnapshotError::UnknownPool { service: s.name.clone(), pool: pool.clone() }),
+        },
+        ForwardingMode::Dsr { tunnel_source } => {
+            Mode::Dsr { source_mask: tunnel_source.map_or(0, |c| !Route::mask(c.len)) }
+        }
+    })
+}
+
+/// The compiled new-flow limit of `s`, if any.
+fn compile_limit(s: &ServiceSpec) -> Result<Option<SourceLimit>, SnapshotError> {
+    match &s.new_flow_limit {
+        None => Ok(None),
+        Some(l) => {
+            l.validate().map_err(|source| SnapshotError::NewFlowLimit { service: s.name.clone(), source })?;
+            Ok(Some(SourceLimit::new(l)))
+        }
+    }
+}
+
+/// The compiled service `s` from its compiled parts: `old` itself when it
+/// came out the same, else a new one around `old`'s Maglev table when the
+/// table's inputs are unchanged, else around a new table.
+fn compile_service(
+    s: &ServiceSpec,
+    backends: Vec<Backend>,
+    mode: Mode,
+    new_flow_limit: Option<SourceLimit>,
+    old: Option<&Arc<Service>>,
+    stats: &mut BuildStats,
+) -> Result<Arc<Service>, SnapshotError> {
+    if let Some(old) = old
+        && old.spec == *s
+        && old.backends == backends
+        && old.mode == mode
+    {
+        stats.services_reused += 1;
+        return Ok(Arc::clone(old));
+    }
+    let maglev = match old {
+        Some(old) if same_maglev_inputs(&old.spec, s) => {
+            stats.tables_reused += 1;
+            old.maglev.clone()
+        }
+        _ => {
+            stats.tables_built += 1;
+            build_maglev(s)?
+        }
+    };
+    Ok(Arc::new(Service {
+        name: s.name.clone(),
+        vip: s.vip,
+        port: s.port,
+        protocol: s.protocol,
+        maglev,
+        backends,
+        on_backend_removal: s.on_backend_removal,
+        mode,
+        new_flow_limit,
+        spec: s.clone(),
+    }))
 }
 
 /// The bit of `addr` in a 256-bit address filter.
@@ -622,8 +766,30 @@ impl Snapshot {
     /// carried for the workers to report. The result equals
     /// [`Snapshot::build`]'s (apart from `version` and the generations);
     /// the same errors are reported.
+    ///
+    /// Finds what changed by comparing every service of `spec` with the
+    /// previous one at the same position ([`Snapshot::diff`]); a caller
+    /// that knows which services a change touched saves that comparison
+    /// with [`Snapshot::delta`] and [`Snapshot::build_changed`].
     pub fn build_incremental(
         spec: &SnapshotSpec,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Result<Snapshot, SnapshotError> {
+        match previous {
+            Some(p) => match p.diff(spec) {
+                Some(delta) => Snapshot::build_changed(spec, p, version, &delta),
+                None => Snapshot::build_whole(spec, &spec.services.iter().collect::<Vec<_>>(), previous, version),
+            },
+            None => Snapshot::build_whole(spec, &spec.services.iter().collect::<Vec<_>>(), None, version),
+        }
+    }
+
+    /// Compiles every service of `services` (the services of `spec`, or
+    /// stand-ins for them), reusing from `previous` what comes out the same.
+    fn build_whole(
+        spec: &SnapshotSpec,
+        services: &[&ServiceSpec],
         previous: Option<&Snapshot>,
         version: u64,
     ) -> Result<Snapshot, SnapshotError> {
@@ -657,6 +823,7 @@ impl Snapshot {
             let slot = next_hops.slot(hop.port, r.via);
             routes.push(Route { prefix: r.prefix.addr, len: r.prefix.len, port: hop.port, via: Some(r.via), slot });
         }
+        let route_hops = next_hops.list.len() as u32;
         let routes = RouteTable::new(routes);
         let mut static_neighbours = HashMap::with_hasher(RandomState::new());
         for n in &spec.neighbours {
@@ -666,7 +833,7 @@ impl Snapshot {
             static_neighbours.insert(n.addr, n.mac);
         }
 
-        let all_vips: HashSet<u32> = spec.services.iter().map(|s| s.vip).collect();
+        let all_vips: HashSet<u32> = services.iter().map(|s| s.vip).collect();
         let mut pool_addresses = HashMap::with_hasher(RandomState::new());
         for (pi, pool) in spec.source_pools.iter().enumerate() {
             let bad = |reason: String| SnapshotError::BadPool { pool: pool.name.clone(), reason };
@@ -688,15 +855,16 @@ impl Snapshot {
                 }
             }
         }
-        let total_backends: usize = spec.services.iter().map(|s| s.backends.len()).sum();
-        let mut vips = HashSet::with_capacity_and_hasher(spec.services.len(), RandomState::new());
-        let mut services = HashMap::with_capacity_and_hasher(spec.services.len(), RandomState::new());
+        let total_backends: usize = services.iter().map(|s| s.backends.len()).sum();
+        let mut vips = HashSet::with_capacity_and_hasher(services.len(), RandomState::new());
+        let mut vip_users: HashMap<u32, u32> = HashMap::with_capacity(services.len());
+        let mut service_map = HashMap::with_capacity_and_hasher(services.len(), RandomState::new());
         let mut reverse: HashMap<u64, ReverseNat, RandomState> =
             HashMap::with_capacity_and_hasher(total_backends, RandomState::new());
         let mut reverse_owner: HashMap<u64, usize> = HashMap::with_capacity(total_backends);
-        let mut service_list = Vec::with_capacity(spec.services.len());
+        let mut service_list = Vec::with_capacity(services.len());
         let mut stats = BuildStats::default();
-        for (si, s) in spec.services.iter().enumerate() {
+        for (si, &s) in services.iter().enumerate() {
             if let Some(&port) = local.get(&s.vip) {
                 return Err(SnapshotError::VipIsLocal {
                     service: s.name.clone(),
@@ -706,119 +874,47 @@ impl Snapshot {
             }
             let proto = s.protocol.number();
             let key = l4_key(s.vip, s.port, proto);
-            if let Some(&other) = services.get(&key) {
+            if let Some(&other) = service_map.get(&key) {
                 return Err(SnapshotError::DuplicateService {
-                    first: spec.services[other as usize].name.clone(),
+                    first: services[other as usize].name.clone(),
                     second: s.name.clone(),
                     vip: ip4(s.vip),
                     port: s.port,
                     protocol: s.protocol.name(),
                 });
             }
-            let mut backends = Vec::with_capacity(s.backends.len());
-            for b in &s.backends {
-                let mut next_hop = routes
-                    .next_hop(b.addr)
-                    .ok_or_else(|| SnapshotError::BackendUnreachable { service: s.name.clone(), addr: ip4(b.addr) })?;
-                next_hop.slot = next_hops.slot(next_hop.port, next_hop.addr);
-                let rkey = l4_key(b.addr, b.port, proto);
-                let mut tunnel_src = 0;
-                if let ForwardingMode::Dsr { tunnel_source } = &s.mode {
-                    if b.port != s.port {
-                        return Err(SnapshotError::DsrPort {
-                            service: s.name.clone(),
-                            addr: ip4(b.addr),
-                            port: b.port,
-                            service_port: s.port,
-                        });
-                    }
-                    tunnel_src = match tunnel_source {
-                        Some(c) => c.addr & Route::mask(c.len),
-                        None => {
-                            let port = &ports[usize::from(next_hop.port)];
-                            port.address_for(next_hop.addr)
-                                .or_else(|| port.addresses.first().map(|c| c.addr))
-                                .unwrap_or(0)
-                        }
-                    };
-                }
-                // Replies of nat flows are found by the backend's address;
-                // FullNAT replies by their source-pool destination, and dsr
-                // replies never pass the gateway.
-                if matches!(s.mode, ForwardingMode::Nat) {
+            // Replies of nat flows are found by the backend's address;
+            // FullNAT replies by their source-pool destination, and dsr
+            // replies never pass the gateway.
+            let backends = compile_backends(
+                s,
+                &routes,
+                &ports,
+                |port, addr| next_hops.slot(port, addr),
+                |b| {
+                    let rkey = l4_key(b.addr, b.port, proto);
                     if let Some(&owner) = reverse_owner.get(&rkey) {
                         return Err(SnapshotError::SharedBackend {
                             addr: ip4(b.addr),
                             port: b.port,
                             protocol: s.protocol.name(),
-                            first: spec.services[owner].name.clone(),
+                            first: services[owner].name.clone(),
                             second: s.name.clone(),
                         });
                     }
                     reverse_owner.insert(rkey, si);
                     reverse.insert(rkey, ReverseNat { vip: s.vip, port: s.port, stats: b.stats_slot });
-                }
-                backends.push(Backend {
-                    addr: b.addr,
-                    port: b.port,
-                    next_hop,
-                    tunnel_src,
-                    stats: b.stats_slot,
-                    takes_new_flows: b.weight > 0,
-                });
-            }
-            let mode = match &s.mode {
-                ForwardingMode::Nat => Mode::Nat,
-                ForwardingMode::FullNat { pool } => match spec.source_pools.iter().position(|p| &p.name == pool) {
-                    Some(i) => Mode::FullNat { pool: i as u16 },
-                    None => return Err(SnapshotError::UnknownPool { service: s.name.clone(), pool: pool.clone() }),
+                    Ok(())
                 },
-                ForwardingMode::Dsr { tunnel_source } => {
-                    Mode::Dsr { source_mask: tunnel_source.map_or(0, |c| !Route::mask(c.len)) }
-                }
-            };
-            let new_flow_limit = match &s.new_flow_limit {
-                None => None,
-                Some(l) => {
-                    l.validate().map_err(|source| SnapshotError::NewFlowLimit { service: s.name.clone(), source })?;
-                    Some(SourceLimit::new(l))
-                }
-            };
+            )?;
+            let mode = compile_mode(s, &spec.source_pools)?;
+            let new_flow_limit = compile_limit(s)?;
             vips.insert(s.vip);
-            services.insert(key, si as u32);
+            *vip_users.entry(s.vip).or_insert(0) += 1;
+            service_map.insert(key, si as u32);
             // The same service at the same VIP:port/protocol last time.
             let old = previous.and_then(|p| p.service_index(s.vip, s.port, proto).map(|i| &p.service_list[i as usize]));
-            if let Some(old) = old
-                && old.spec == *s
-                && old.backends == backends
-                && old.mode == mode
-            {
-                stats.services_reused += 1;
-                service_list.push(Arc::clone(old));
-                continue;
-            }
-            let maglev = match old {
-                Some(old) if same_maglev_inputs(&old.spec, s) => {
-                    stats.tables_reused += 1;
-                    old.maglev.clone()
-                }
-                _ => {
-                    stats.tables_built += 1;
-                    build_maglev(s)?
-                }
-            };
-            service_list.push(Arc::new(Service {
-                name: s.name.clone(),
-                vip: s.vip,
-                port: s.port,
-                protocol: s.protocol,
-                maglev,
-                backends,
-                on_backend_removal: s.on_backend_removal,
-                mode,
-                new_flow_limit,
-                spec: s.clone(),
-            }));
+            service_list.push(compile_service(s, backends, mode, new_flow_limit, old, &mut stats)?);
         }
         let mut martians: HashSet<u32, RandomState> = HashSet::with_hasher(RandomState::new());
         for p in &ports {
@@ -833,7 +929,7 @@ impl Snapshot {
         martians.extend(vips.iter().copied());
         martians.extend(pool_addresses.keys().copied());
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
-        let next_hops = next_hops.list;
+        let next_hops: Arc<[NextHop]> = next_hops.list.into();
         let source_pools = spec.source_pools.clone();
         let cache_generation = match previous {
             Some(p)
@@ -845,6 +941,7 @@ impl Snapshot {
             }
             _ => generation,
         };
+        let names = NameIndex::build(&service_list).map(Arc::new);
         Ok(Snapshot {
             generation,
             cache_generation,
@@ -854,7 +951,7 @@ impl Snapshot {
             ports,
             local,
             vips,
-            services,
+            services: service_map,
             service_list,
             reverse,
             routes,
@@ -865,6 +962,14 @@ impl Snapshot {
             martian_filter: address_filter(martians.iter()),
             martians,
             pool_addresses,
+            meta: Box::new(BuildMeta {
+                ports: spec.ports.clone(),
+                routes: spec.routes.clone(),
+                neighbours: spec.neighbours.clone(),
+                route_hops,
+                names,
+                vip_users: Arc::new(vip_users),
+            }),
         })
     }
 
@@ -1001,6 +1106,10 @@ impl Snapshot {
         self.local.get(&addr).copied()
     }
 }
+
+mod delta;
+use delta::NameIndex;
+pub use delta::SpecDelta;
 
 #[cfg(test)]
 mod tests;

@@ -81,6 +81,9 @@ fn assert_same_forwarding(a: &Snapshot, b: &Snapshot) {
     assert_eq!(a.source_pools, b.source_pools);
     assert_eq!(a.pool_addresses, b.pool_addresses);
     assert_eq!(a.pool_filter, b.pool_filter);
+    assert_eq!(a.martians, b.martians);
+    assert_eq!(a.martian_filter, b.martian_filter);
+    assert_eq!(a.port_macs, b.port_macs);
     assert_eq!(a.service_list.len(), b.service_list.len());
     for (x, y) in a.service_list.iter().zip(&b.service_list) {
         assert_eq!(x.name, y.name);
@@ -221,6 +224,101 @@ fn errors_are_the_same_as_from_scratch() {
     assert!(matches!(incremental, SnapshotError::BackendUnreachable { .. }), "{incremental}");
 }
 
+/// What a control plane that knows its change would say: the services of
+/// `new` that are new or differ from `old`'s, and those of `old` gone.
+fn touched(old: &SnapshotSpec, new: &SnapshotSpec) -> (Vec<String>, Vec<String>) {
+    let changed = new.services.iter().filter(|s| !old.services.contains(s)).map(|s| s.name.clone()).collect();
+    let removed = old
+        .services
+        .iter()
+        .filter(|o| !new.services.iter().any(|s| s.name == o.name))
+        .map(|o| o.name.clone())
+        .collect();
+    (changed, removed)
+}
+
+/// `spec` with the stats slots of every service but `changed` unset: what
+/// the control plane hands over when it assigned slots to those only.
+fn slots_of_changed_only(spec: &SnapshotSpec, changed: &[String]) -> SnapshotSpec {
+    let mut spec = spec.clone();
+    for s in spec.services.iter_mut().filter(|s| !changed.contains(&s.name)) {
+        for b in &mut s.backends {
+            b.stats_slot = crate::stats::NO_SLOT;
+        }
+    }
+    spec
+}
+
+#[test]
+fn a_weight_change_named_by_the_caller_patches_the_indexes_and_shares_the_rest() {
+    let mut sp = spec();
+    let first = Snapshot::build(&sp).unwrap();
+    // s2 is on-link: its backends are next hops of their own.
+    sp.services[1].backends[2].weight = 5;
+    let delta = first.delta(&sp, &["s2".to_owned()], &[]).unwrap();
+    assert_eq!(delta.changed().collect::<Vec<_>>(), vec![(1, Some(1))]);
+    assert!(!delta.moves());
+    let second = Snapshot::build_changed(&slots_of_changed_only(&sp, &["s2".to_owned()]), &first, 3, &delta).unwrap();
+    assert_eq!(second.build_stats(), BuildStats { services_reused: 3, tables_reused: 0, tables_built: 1 });
+    assert!(Arc::ptr_eq(&first.next_hops, &second.next_hops), "patched, not rebuilt");
+    assert!(Arc::ptr_eq(&first.meta.vip_users, &second.meta.vip_users));
+    for name in ["s1", "s3", "s4"] {
+        assert!(Arc::ptr_eq(by_name(&first, name), by_name(&second, name)), "{name} was not reused");
+    }
+    assert_eq!(second.cache_generation(), first.cache_generation());
+    assert_eq!(second.version(), 3);
+    assert_same_forwarding(&second, &Snapshot::build(&sp).unwrap());
+    // Without the names, the same by comparing every service.
+    assert_eq!(first.diff(&sp), Some(delta));
+    let third = Snapshot::build_incremental(&sp, Some(&first), 3).unwrap();
+    assert!(Arc::ptr_eq(&first.next_hops, &third.next_hops));
+    assert_same_forwarding(&third, &second);
+}
+
+#[test]
+fn services_created_and_deleted_by_name_move_the_others() {
+    let mut sp = spec();
+    let first = Snapshot::build(&sp).unwrap();
+    // s1 (behind the route) goes; s7 (behind it too) comes between s2 and s3.
+    sp.services.remove(0);
+    sp.services.insert(1, service(7));
+    let delta = first.delta(&sp, &["s7".to_owned()], &["s1".to_owned()]).unwrap();
+    assert!(delta.moves());
+    assert_eq!(delta.changed().collect::<Vec<_>>(), vec![(1, None)]);
+    assert_eq!(delta.removed().collect::<Vec<_>>(), vec![(0, "s1")]);
+    assert_eq!(delta.merge(&["a", "b", "c", "d"], |_| "new"), vec!["b", "new", "c", "d"]);
+    let second = Snapshot::build_changed(&sp, &first, 2, &delta).unwrap();
+    assert!(Arc::ptr_eq(&first.next_hops, &second.next_hops), "no next hop came or went");
+    assert_same_forwarding(&second, &Snapshot::build(&sp).unwrap());
+    assert_eq!(second.service_index(service(7).vip, 80, Protocol::Tcp.number()), Some(1));
+    assert!(!second.is_vip(service(1).vip) && !second.is_martian_source(service(1).vip));
+    // The names are found at their new places by the next change.
+    sp.services[3].backends[0].weight = 0;
+    let delta = second.delta(&sp, &["s4".to_owned()], &[]).unwrap();
+    assert_eq!(delta.changed().collect::<Vec<_>>(), vec![(3, Some(3))]);
+    let third = Snapshot::build_changed(&sp, &second, 3, &delta).unwrap();
+    assert_same_forwarding(&third, &Snapshot::build(&sp).unwrap());
+    // Names that do not fit the specification give no delta.
+    assert_eq!(third.delta(&sp, &["nope".to_owned()], &[]), None);
+    assert_eq!(third.delta(&sp, &[], &["s2".to_owned()]), None);
+}
+
+#[test]
+fn a_delta_that_needs_a_new_next_hop_compiles_everything_the_same() {
+    let mut sp = spec();
+    let first = Snapshot::build(&sp).unwrap();
+    sp.services[0].backends.push(BackendSpec { addr: ip(198, 18, 1, 99), port: 80, weight: 1, stats_slot: 99 });
+    let delta = first.delta(&sp, &["s1".to_owned()], &[]).unwrap();
+    let second = Snapshot::build_changed(&slots_of_changed_only(&sp, &["s1".to_owned()]), &first, 2, &delta).unwrap();
+    assert!(!Arc::ptr_eq(&first.next_hops, &second.next_hops));
+    assert_same_forwarding(&second, &Snapshot::build(&sp).unwrap());
+    // A conflict with a service the delta does not name is found too.
+    let mut bad = sp.clone();
+    bad.services[2].vip = bad.services[3].vip;
+    let delta = second.delta(&bad, &["s3".to_owned()], &[]).unwrap();
+    assert_eq!(Snapshot::build_changed(&bad, &second, 3, &delta).unwrap_err(), Snapshot::build(&bad).unwrap_err());
+}
+
 /// One edit of the specification; the numbers pick what it touches.
 #[derive(Clone, Debug)]
 enum Edit {
@@ -357,6 +455,24 @@ proptest! {
             let mut next = sp.clone();
             apply(&mut next, e);
             let scratch = Snapshot::build(&next);
+            // As a control plane that knows which services it touched
+            // compiles it, with slots assigned to those only; then once
+            // more naming one service too many.
+            let (changed, removed) = touched(&sp, &next);
+            let delta = current.delta(&next, &changed, &removed);
+            prop_assert!(delta.is_some(), "the names fit");
+            let named = Snapshot::build_changed(&slots_of_changed_only(&next, &changed), &current, 1, delta.as_ref().unwrap());
+            let mut more = changed.clone();
+            more.extend(next.services.first().map(|s| s.name.clone()));
+            let delta = current.delta(&next, &more, &removed).unwrap();
+            let more_named = Snapshot::build_changed(&next, &current, 1, &delta);
+            for other in [named, more_named] {
+                match (&scratch, other) {
+                    (Ok(s), Ok(i)) => assert_same_forwarding(&i, s),
+                    (Err(s), Err(i)) => prop_assert_eq!(&i, s),
+                    (s, i) => prop_assert!(false, "from scratch {:?}, named {:?}", s.as_ref().map(|_| ()), i.map(|_| ())),
+                }
+            }
             let incremental = Snapshot::build_incremental(&next, Some(&current), 1);
             match (scratch, incremental) {
                 (Ok(s), Ok(i)) => {
