@@ -144,7 +144,7 @@ pub struct PortSpec {
 pub const DEFAULT_MTU: u16 = 1500;
 
 /// A static route.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteSpec {
     /// Destination prefix.
     pub prefix: Ipv4Cidr,
