@@ -2,6 +2,7 @@
 # Runs every vipgate test, as CI does.
 #
 #   scripts/test.sh [NEXTEST ARGS...]     e.g. scripts/test.sh -E 'test(e2e)'
+#   scripts/test.sh --unit [NEXTEST ARGS...]
 #
 # Steps: setup.sh (packages, toolchain, hugepages); client-without-dpdk (cargo
 # tree: the client's package, vipgate-controlplane, depends on neither
@@ -24,22 +25,37 @@
 # SIGINT/SIGTERM. Leftovers after tests fail the run (a test must clean up
 # after itself) unless VIPGATE_ALLOW_LEFTOVERS=1.
 #
-# Non-interactive (reads nothing from stdin); must run as root. Exits 0 only
-# if every step passed.
+# --unit: the checks that need no root, for a developer's own account: cargo
+# fmt --check, client-without-dpdk, cargo clippy -D warnings, and cargo
+# nextest run of the tests that need neither root, hugepages nor EAL (step
+# unit: the packet core's, the control plane's and the daemon's; step
+# unit-dpdk: vipgate-dpdk's unit tests). No setup.sh: the packages it
+# installs (DPDK, libclang, protoc) and cargo-nextest must be there
+# already. No sweep: nothing these tests start outlives them.
+#
+# Non-interactive (reads nothing from stdin); must run as root, except with
+# --unit. Exits 0 only if every step passed.
 set -euo pipefail
 
 VG_TAG="test"
 # shellcheck source=scripts/common.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
+UNIT=0
 case ${1:-} in
 -h | --help)
 	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
 	exit 0
 	;;
+--unit)
+	UNIT=1
+	shift
+	;;
 esac
 
-require_root
+if ((!UNIT)) && [[ $(id -u) -ne 0 ]]; then
+	die "must run as root (it manages hugepages, network namespaces and DPDK); try: sudo $0, or without root: $0 --unit (formatting, lints and the tests that need no root)"
+fi
 cd "$VG_ROOT"
 exec </dev/null
 
@@ -151,7 +167,11 @@ sweep() {
 
 summary() {
 	local i
-	say "summary (run $VIPGATE_TEST_RUN_ID, VIPGATE_HUGEPAGES=${VIPGATE_HUGEPAGES:-?})"
+	if ((UNIT)); then
+		say "summary (run $VIPGATE_TEST_RUN_ID, --unit)"
+	else
+		say "summary (run $VIPGATE_TEST_RUN_ID, VIPGATE_HUGEPAGES=${VIPGATE_HUGEPAGES:-?})"
+	fi
 	for i in "${!STEP_NAMES[@]}"; do
 		printf '    %-19s %-5s %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_NOTES[$i]}"
 	done
@@ -188,6 +208,28 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# The tests that need neither root, hugepages nor EAL: every test of the
+# packet core, the control plane (its API on sockets and loopback TCP in
+# temporary directories, health probes on loopback) and the daemon; and
+# vipgate-dpdk's unit tests (--lib), a run of their own: its integration
+# tests start EAL, as do vipgate-ffi's, and the root package's need root.
+# A filter in NEXTEST ARGS narrows each run, and may leave one with no test.
+UNIT_TESTS=(-p vipgate-dataplane -p vipgate-controlplane -p vipgate-daemon --no-tests=warn)
+UNIT_DPDK_TESTS=(-p vipgate-dpdk --lib --no-tests=warn)
+
+if ((UNIT)); then
+	add_cargo_to_path
+	say "unit mode (--unit): formatting, lints and the tests that need no root, as $(id -un)"
+	step fmt cargo fmt --all --check || true
+	step client-without-dpdk bash -c client_without_dpdk || true
+	step clippy cargo clippy --workspace --all-targets -- -D warnings || true
+	step unit cargo nextest run "${UNIT_TESTS[@]}" --no-fail-fast "${NEXTEST_ARGS[@]}" || true
+	step unit-dpdk cargo nextest run "${UNIT_DPDK_TESTS[@]}" --no-fail-fast "${NEXTEST_ARGS[@]}" || true
+	# Nothing to sweep: these tests start no vipgated, rig or EAL.
+	SWEPT=1
+	exit 0
+fi
 
 if [[ ${VIPGATE_SKIP_SETUP:-0} = 1 ]]; then
 	say "setup skipped (VIPGATE_SKIP_SETUP=1)"

@@ -14,37 +14,38 @@ use vipgate_dataplane::snapshot::{
 };
 use vipgate_dataplane::wire::{EthernetAddress, ethernet, ipv4, tcp};
 
-pub const BURST: usize = 32;
+pub(crate) const BURST: usize = 32;
 
 const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
     u32::from_be_bytes([a, b, c, d])
 }
 
-pub const VIP: u32 = ip(198, 18, 100, 1);
+pub(crate) const VIP: u32 = ip(198, 18, 100, 1);
 
 /// The MACs of the gateway's ports ("client", "backend"): frames arriving
 /// on a port are addressed to its MAC, or the pipeline drops them as
 /// another host's.
-pub const PORT_MACS: [EthernetAddress; 2] = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
-pub const CLIENT_NET: u32 = ip(198, 18, 0, 0);
+pub(crate) const PORT_MACS: [EthernetAddress; 2] =
+    [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
+pub(crate) const CLIENT_NET: u32 = ip(198, 18, 0, 0);
 
-pub fn snapshot() -> Snapshot {
+pub(crate) fn snapshot() -> Snapshot {
     snapshot_with(ForwardingMode::Nat)
 }
 
 /// The FullNAT source pool address of [`snapshot_with`].
-pub const POOL_ADDR: u32 = ip(198, 18, 1, 100);
+pub(crate) const POOL_ADDR: u32 = ip(198, 18, 1, 100);
 
 /// The benchmark gateway with its service in `mode` (FullNAT from a
 /// one-address pool; DSR backends on the service port, tunnel sources
 /// from 198.18.3.0/24).
-pub fn snapshot_with(mode: ForwardingMode) -> Snapshot {
+pub(crate) fn snapshot_with(mode: ForwardingMode) -> Snapshot {
     snapshot_limited(mode, None)
 }
 
 /// [`snapshot_with`], the service limiting new flows per client source
 /// with `limit`.
-pub fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>) -> Snapshot {
+pub(crate) fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>) -> Snapshot {
     let port = if matches!(mode, ForwardingMode::Dsr { .. }) { 80 } else { 8080 };
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let mut neighbours: Vec<NeighbourSpec> = backends
@@ -95,7 +96,7 @@ pub fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>) -> Sn
 }
 
 /// A pipeline whose permanent neighbours are loaded.
-pub fn pipeline(snap: &Snapshot) -> Pipeline {
+pub(crate) fn pipeline(snap: &Snapshot) -> Pipeline {
     let mut p = Pipeline::new(PipelineConfig::default(), Arc::new(WorkerCounters::default()));
     p.housekeeping(snap, 0);
     let _ = p.take_solicitations().count();
@@ -104,7 +105,7 @@ pub fn pipeline(snap: &Snapshot) -> Pipeline {
 
 /// A 64-byte TCP frame (60 bytes without FCS) from `src:sport` to
 /// `dst:dport`, addressed to the MAC of port `ingress`.
-pub fn tcp_frame(ingress: u16, src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
+pub(crate) fn tcp_frame(ingress: u16, src: u32, sport: u16, dst: u32, dport: u16) -> Vec<u8> {
     let mut f = vec![0u8; 60];
     let mut eth = ethernet::Frame::new_unchecked(&mut f[..]);
     eth.set_dst_addr(PORT_MACS[usize::from(ingress)]);
@@ -125,32 +126,32 @@ pub fn tcp_frame(ingress: u16, src: u32, sport: u16, dst: u32, dport: u16) -> Ve
 }
 
 /// `BURST` client->VIP frames of distinct flows.
-pub fn forward_burst(seed: u16) -> Vec<Vec<u8>> {
+pub(crate) fn forward_burst(seed: u16) -> Vec<Vec<u8>> {
     (0..BURST as u16)
         .map(|i| tcp_frame(0, CLIENT_NET | 2, 10_000 + seed.wrapping_mul(BURST as u16) + i, VIP, 80))
         .collect()
 }
 
 /// `BURST` backend->client reply frames.
-pub fn reverse_burst() -> Vec<Vec<u8>> {
+pub(crate) fn reverse_burst() -> Vec<Vec<u8>> {
     (0..BURST as u16)
         .map(|i| tcp_frame(1, ip(198, 18, 1, 11 + (i % 3) as u8), 8080, CLIENT_NET | 2, 10_000 + i))
         .collect()
 }
 
 /// `BURST` frames for a port of the VIP that no service listens on.
-pub fn no_service_burst() -> Vec<Vec<u8>> {
+pub(crate) fn no_service_burst() -> Vec<Vec<u8>> {
     (0..BURST as u16).map(|i| tcp_frame(0, CLIENT_NET | 2, 10_000 + i, VIP, 81)).collect()
 }
 
 /// Bytes of headroom in front of each frame of [`run_burst_headroom`], as
 /// an mbuf has (DSR writes its outer header there).
-pub const HEADROOM: usize = 64;
+pub(crate) const HEADROOM: usize = 64;
 
 /// Runs one burst whose buffers hold [`HEADROOM`] free bytes, then the
 /// frame.
 #[inline]
-pub fn run_burst_headroom(
+pub(crate) fn run_burst_headroom(
     pipe: &mut Pipeline,
     snap: &Snapshot,
     now: u64,
@@ -164,7 +165,7 @@ pub fn run_burst_headroom(
 }
 
 /// Frames with [`HEADROOM`] zero bytes in front.
-pub fn with_headroom(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+pub(crate) fn with_headroom(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
     frames
         .iter()
         .map(|f| {
@@ -178,7 +179,7 @@ pub fn with_headroom(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
 /// The replies to a FullNAT forward burst, as its backends send them: run
 /// `forward` through `pipe` once (creating the flows and their source
 /// pairs) and answer each translated frame.
-pub fn fullnat_reply_burst(pipe: &mut Pipeline, snap: &Snapshot, forward: &[Vec<u8>]) -> Vec<Vec<u8>> {
+pub(crate) fn fullnat_reply_burst(pipe: &mut Pipeline, snap: &Snapshot, forward: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut frames = forward.to_vec();
     let mut verdicts = [Verdict::Consumed; BURST];
     run_burst(pipe, snap, 1, &mut frames, &mut verdicts, 0);
@@ -194,7 +195,7 @@ pub fn fullnat_reply_burst(pipe: &mut Pipeline, snap: &Snapshot, forward: &[Vec<
 }
 
 /// `BURST` client->VIP frames of distinct flows that worker 1 of 2 owns.
-pub fn foreign_burst() -> Vec<Vec<u8>> {
+pub(crate) fn foreign_burst() -> Vec<Vec<u8>> {
     (10_000u16..)
         .filter(|&p| vipgate_dataplane::pipeline::client_owner(CLIENT_NET | 2, p, 6, 2) == 1)
         .take(BURST)
@@ -204,7 +205,7 @@ pub fn foreign_burst() -> Vec<Vec<u8>> {
 
 /// Runs one burst through the pipeline.
 #[inline]
-pub fn run_burst(
+pub(crate) fn run_burst(
     pipe: &mut Pipeline,
     snap: &Snapshot,
     now: u64,
@@ -219,7 +220,7 @@ pub fn run_burst(
 
 /// The client address and port of flow `id` (1M distinct tuples inside
 /// 198.18.0.0/15: 20 addresses from 198.18.16.0, 50,000 ports each).
-pub fn flow_client(id: u32) -> (u32, u16) {
+pub(crate) fn flow_client(id: u32) -> (u32, u16) {
     (u32::from_be_bytes([198, 18, 16, 0]) + id / 50_000, 10_000 + (id % 50_000) as u16)
 }
 
@@ -228,7 +229,7 @@ pub fn flow_client(id: u32) -> (u32, u16) {
 /// incrementally: a few dozen instructions, the same for every packet (the
 /// `prepare` workload measures exactly this, to subtract it).
 #[inline]
-pub fn prepare_frame(template: &[u8], out: &mut [u8], id: u32) {
+pub(crate) fn prepare_frame(template: &[u8], out: &mut [u8], id: u32) {
     use vipgate_dataplane::checksum::{update16, update32};
     out.copy_from_slice(template);
     let (addr, port) = flow_client(id);
@@ -243,14 +244,14 @@ pub fn prepare_frame(template: &[u8], out: &mut [u8], id: u32) {
 }
 
 /// A template frame for `prepare_frame` (flow 0).
-pub fn flow_template() -> Vec<u8> {
+pub(crate) fn flow_template() -> Vec<u8> {
     let (addr, port) = flow_client(0);
     tcp_frame(0, addr, port, VIP, 80)
 }
 
 /// [`flow_template`] as a SYN (the first packet of a connection) instead of
 /// an ACK.
-pub fn syn_template() -> Vec<u8> {
+pub(crate) fn syn_template() -> Vec<u8> {
     let mut f = flow_template();
     f[14 + 20 + 13] = 0x02;
     let (src, _) = flow_client(0);
@@ -259,7 +260,7 @@ pub fn syn_template() -> Vec<u8> {
 }
 
 /// Runs `flows` flows once through the pipeline, so they are established.
-pub fn warm(pipe: &mut Pipeline, snap: &Snapshot, template: &[u8], flows: u32) {
+pub(crate) fn warm(pipe: &mut Pipeline, snap: &Snapshot, template: &[u8], flows: u32) {
     let mut frames = vec![vec![0u8; template.len()]; BURST];
     let mut verdicts = [Verdict::Consumed; BURST];
     let mut id = 0;

@@ -12,6 +12,8 @@ mod client;
 mod codec;
 mod cutoff;
 mod error;
+mod gateway;
+mod limits;
 mod server;
 mod services;
 mod tcp;
@@ -20,17 +22,16 @@ mod view;
 pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_channel, connect_unix_services};
 pub use cutoff::Connections;
 pub use error::ApiError;
-pub use server::{
-    BoundSocket, GatewayService, WORKER_STALL_LIMIT, bind_unix, serve_bound, serve_bound_with_state, serve_unix,
+pub use gateway::{GatewayService, WORKER_STALL_LIMIT};
+pub use limits::{
+    CONCURRENCY_PER_CONNECTION, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, REQUEST_TIMEOUT,
 };
+pub use server::{BoundSocket, bind_unix, serve_bound, serve_bound_with_state, serve_unix};
 pub use services::ServiceManagerService;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub use services::fuzzing;
-pub use tcp::{
-    BoundTcp, CONCURRENCY_PER_CONNECTION, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
-    MAX_CONCURRENT_STREAMS, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, REQUEST_TIMEOUT, TcpSettings, bind_tcp, serve_tcp,
-};
+pub use tcp::{BoundTcp, HANDSHAKE_TIMEOUT, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, TcpSettings, bind_tcp, serve_tcp};
 pub use view::{ExceptionView, GatewayView, MempoolView, PortStats, PortView, WorkerView};
 
 /// The generated protobuf messages and the tonic client and server of

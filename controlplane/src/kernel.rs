@@ -85,8 +85,7 @@ pub fn configure(config: &Config) -> Result<String, KernelError> {
 /// `new` no longer has, and installs (replaces) `new`'s. Returns the `ip`
 /// commands it ran (empty when the routes did not change).
 pub fn sync_routes(old: &Config, new: &Config) -> Result<String, KernelError> {
-    // RouteSpec has no equality of its own; its Debug form is exact.
-    if format!("{:?}", old.routes()) == format!("{:?}", new.routes()) {
+    if old.routes() == new.routes() {
         return Ok(String::new());
     }
     let mut removed = String::new();

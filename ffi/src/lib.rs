@@ -24,7 +24,12 @@
 
 use core::ffi::c_int;
 
+// The bindings as bindgen writes them: no documentation of their own (the
+// DPDK headers are the reference) and no SAFETY comments in the unsafe
+// blocks of its bitfield and union accessors.
 #[allow(
+    missing_docs,
+    clippy::undocumented_unsafe_blocks,
     dead_code,
     improper_ctypes,
     non_camel_case_types,

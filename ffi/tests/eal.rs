@@ -114,9 +114,9 @@ fn eal_mempool_ring_lcores_and_null_port() {
     let parsed = unsafe { rte_eal_init(argc, argv.as_mut_ptr()) };
     assert!(parsed >= 0, "rte_eal_init failed: {}", errno_text());
 
-    // SAFETY (all calls below): EAL is initialised and this is its main
-    // lcore; every pointer passed is either valid for the call or checked
-    // non-null first, as each comment says.
+    // SAFETY: for every call below, EAL is initialised and this is its
+    // main lcore; every pointer passed is either valid for the call or
+    // checked non-null first, as each comment says.
     unsafe {
         assert_eq!(rte_lcore_id(), 0, "main lcore id");
         let workers = if cpus.len() >= 2 { 1 } else { 0 };

@@ -116,10 +116,11 @@ pub fn example_repeating(name: &str, values: &[(&str, &str)], repeat: (&str, &[&
     text
 }
 
-/// The gateways' AS, the routers' AS and the prefix the VIPs come from,
-/// in every test that runs the examples.
+/// The gateways' AS, in every test that runs the examples.
 pub const GATEWAY_AS: &str = "65001";
+/// The routers' AS, in every test that runs the examples.
 pub const ROUTER_AS: &str = "65000";
+/// The prefix the VIPs come from, in every test that runs the examples.
 pub const VIP_RANGE: &str = "198.18.100.0/22";
 
 /// docs/examples/frr.conf for the gateway `hostname` with router id

@@ -537,7 +537,7 @@ impl Reloader {
                 .services()
                 .iter()
                 .filter(|s| {
-                    !self.running.services().iter().any(|o| o.name == s.name && format!("{o:?}") == format!("{s:?}"))
+                    !self.running.services().iter().any(|o| o == *s)
                         || self.running.health_check(&s.name) != new.health_check(&s.name)
                 })
                 .map(|s| s.name.clone())

@@ -1,5 +1,5 @@
-//! The `Gateway` service on TCP, always with mutual TLS, and the limits that
-//! keep a misbehaving client from exhausting the daemon.
+//! The API on TCP, always with mutual TLS, with a rate limit besides the
+//! limits every listener has (`limits.rs`).
 //!
 //! The Unix socket is protected by its file mode; a TCP listener is not, so
 //! every connection must present a client certificate signed by the
@@ -17,30 +17,18 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::cutoff::Connections;
 use super::error::ApiError;
-use super::server::GatewayService;
+use super::gateway::GatewayService;
+use super::limits;
+use super::services::ServiceManagerService;
 use super::view::GatewayView;
 
-/// Requests in progress at once on one connection, waiting for the rate
-/// limit included; one more fails at once with RESOURCE_EXHAUSTED ("Too
-/// many active requests for the connection").
-pub const CONCURRENCY_PER_CONNECTION: usize = 16;
-/// HTTP/2 streams a client may open at once on one connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// Requests started per second over all TCP connections; more wait their
-/// turn in a queue (up to [`REQUEST_TIMEOUT`]).
+/// turn in a queue (up to [`REQUEST_TIMEOUT`](super::REQUEST_TIMEOUT)).
 pub const RATE_LIMIT_PER_SECOND: u64 = 100;
 /// Requests waiting for the rate limit, over all connections; when it is
 /// full, a new request fails at once with RESOURCE_EXHAUSTED rather than
 /// being held in memory.
 pub const RATE_LIMIT_QUEUE: usize = 256;
-/// The longest one request may take, queueing included; then it fails with
-/// CANCELLED.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// HTTP/2 PING interval on idle connections, and how long the answer may
-/// take before the connection is closed.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// See [`KEEPALIVE_INTERVAL`].
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -115,34 +103,28 @@ pub async fn serve_tcp(
         .client_ca_root(Certificate::from_pem(&settings.client_ca_pem))
         .client_auth_optional(false)
         .timeout(HANDSHAKE_TIMEOUT);
-    let limits = tower::ServiceBuilder::new()
+    let rate = tower::ServiceBuilder::new()
         // The buffer makes the rate limiter shareable by every connection:
         // one global budget, and a bounded queue in front of it.
         .layer(tower::buffer::BufferLayer::new(RATE_LIMIT_QUEUE))
         .layer(tower::limit::RateLimitLayer::new(RATE_LIMIT_PER_SECOND, Duration::from_secs(1)));
     let service = GatewayService::new(view).into_server().max_decoding_message_size(settings.max_request_bytes);
     tracing::info!(%addr, "API listening on TCP with mutual TLS");
-    let result = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(serve_err)?
-        .concurrency_limit_per_connection(CONCURRENCY_PER_CONNECTION)
-        // Refuse rather than wait when the connection's limit or the rate
-        // limiter's queue is full.
-        .load_shed(true)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .timeout(REQUEST_TIMEOUT)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(limits)
-        .add_service(service)
-        .add_optional_service(state.map(|s| {
-            super::ServiceManagerService::new(s).into_server().max_decoding_message_size(settings.max_request_bytes)
-        }))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener).map(move |accepted| accepted.map(|io| connections.track(io))),
-            shutdown,
-        )
-        .await;
+    // The limits' load shedding also refuses, rather than queues, a request
+    // that finds the rate limiter's queue full.
+    let builder = tonic::transport::Server::builder().tls_config(tls).map_err(serve_err)?;
+    let result =
+        limits::limited(builder)
+            .layer(rate)
+            .add_service(service)
+            .add_optional_service(state.map(|s| {
+                ServiceManagerService::new(s).into_server().max_decoding_message_size(settings.max_request_bytes)
+            }))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener).map(move |accepted| accepted.map(|io| connections.track(io))),
+                shutdown,
+            )
+            .await;
     tracing::info!(%addr, "API on TCP stopped");
     result.map_err(serve_err)
 }

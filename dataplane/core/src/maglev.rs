@@ -282,7 +282,6 @@ impl std::fmt::Debug for MaglevTable {
 /// Whether `n` is prime (trial division by 6k +- 1; at most about 11,000
 /// divisions for any `u32`, so fine for validating configuration).
 #[must_use]
-#[allow(clippy::manual_is_multiple_of, reason = "u32::is_multiple_of needs Rust 1.87; the workspace supports 1.85")]
 pub const fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -290,13 +289,13 @@ pub const fn is_prime(n: u32) -> bool {
     if n < 4 {
         return true;
     }
-    if n % 2 == 0 || n % 3 == 0 {
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
         return false;
     }
     let mut d = 5u32;
     // d <= 65537 here, so neither d * d (in u64) nor d + 2 overflows.
     while (d as u64) * (d as u64) <= n as u64 {
-        if n % d == 0 || n % (d + 2) == 0 {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
             return false;
         }
         d += 6;

@@ -6,8 +6,6 @@
 //! frame bytes to [`vipgate_dataplane::pipeline::Pipeline`] and acts on the
 //! verdicts. Unsafe code lives only here and in `vipgate-ffi`; each block
 //! carries a SAFETY comment.
-#![warn(missing_docs, unreachable_pub)]
-#![deny(unsafe_op_in_unsafe_fn)]
 
 mod dataplane;
 mod eal;

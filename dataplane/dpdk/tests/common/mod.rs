@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 /// An IPv4 address from its octets, host byte order.
-pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
+pub(crate) const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
     u32::from_be_bytes([a, b, c, d])
 }
 
@@ -12,10 +12,10 @@ pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> u32 {
 /// (02:70:63:61:70 is "pcap", then the device's index): the captures are
 /// written before EAL starts, so their frames are addressed to it, and
 /// [`port_specs`] checks that port "in" really has it.
-pub const PCAP_PORT_MAC: [u8; 6] = [0x02, 0x70, 0x63, 0x61, 0x70, 0x00];
+pub(crate) const PCAP_PORT_MAC: [u8; 6] = [0x02, 0x70, 0x63, 0x61, 0x70, 0x00];
 
 /// A classic libpcap file (Ethernet link type) of `frames`.
-pub fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
+pub(crate) fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
     out.extend_from_slice(&2u16.to_le_bytes());
@@ -35,7 +35,7 @@ pub fn pcap(frames: &[Vec<u8>]) -> Vec<u8> {
 
 /// Removes a test's EAL runtime directory and its capture file when
 /// dropped, also when the test panics.
-pub struct Cleanup(pub String);
+pub(crate) struct Cleanup(pub String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -45,7 +45,7 @@ impl Drop for Cleanup {
 }
 
 /// CPUs this process may run on.
-pub fn core_list() -> Vec<usize> {
+pub(crate) fn core_list() -> Vec<usize> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
     let mut cpus = Vec::new();
@@ -58,7 +58,7 @@ pub fn core_list() -> Vec<usize> {
 
 /// `n` client TCP segments (ACK, 6 bytes of payload) from 198.18.0.2 to the
 /// VIP 198.18.100.1, from source ports 30000 on, to port `dport(i)`.
-pub fn client_frames(n: u16, dport: impl Fn(u16) -> u16) -> Vec<Vec<u8>> {
+pub(crate) fn client_frames(n: u16, dport: impl Fn(u16) -> u16) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], PCAP_PORT_MAC)
@@ -74,7 +74,7 @@ pub fn client_frames(n: u16, dport: impl Fn(u16) -> u16) -> Vec<Vec<u8>> {
 
 /// Writes `frames` as the capture `/tmp/<prefix>.pcap` ([`Cleanup`] removes
 /// it) and returns its path.
-pub fn write_capture(prefix: &str, frames: &[Vec<u8>]) -> String {
+pub(crate) fn write_capture(prefix: &str, frames: &[Vec<u8>]) -> String {
     let path = format!("/tmp/{prefix}.pcap");
     std::fs::write(&path, pcap(frames)).unwrap();
     path
@@ -85,7 +85,7 @@ pub fn write_capture(prefix: &str, frames: &[Vec<u8>]) -> String {
 /// port 0 a net_pcap replaying `capture` forever into `rx_queues` rx queues,
 /// port 1 a net_null that receives nothing (by default its rx side would
 /// fabricate packets from recycled mbufs).
-pub fn eal_args(prefix: &str, workers: usize, rx_queues: usize, capture: &str) -> Vec<String> {
+pub(crate) fn eal_args(prefix: &str, workers: usize, rx_queues: usize, capture: &str) -> Vec<String> {
     let cpus = core_list();
     let last = cpus[cpus.len() - 1];
     let lcores: Vec<String> =
@@ -114,7 +114,7 @@ pub fn eal_args(prefix: &str, workers: usize, rx_queues: usize, capture: &str) -
 
 /// The dataplane over the ports of [`eal_args`]: "in" (net_pcap0) and
 /// "out" (net_null0).
-pub fn pcap_to_null(
+pub(crate) fn pcap_to_null(
     mbufs: u32,
     pipeline: vipgate_dataplane::pipeline::PipelineConfig,
 ) -> vipgate_dpdk::DataplaneConfig {
@@ -137,7 +137,9 @@ pub fn pcap_to_null(
 /// # Panics
 /// If "in" does not have [`PCAP_PORT_MAC`], the MAC the captures' frames
 /// are addressed to (the pipeline would drop them all as another host's).
-pub fn port_specs(macs: &[vipgate_dataplane::wire::EthernetAddress]) -> Vec<vipgate_dataplane::snapshot::PortSpec> {
+pub(crate) fn port_specs(
+    macs: &[vipgate_dataplane::wire::EthernetAddress],
+) -> Vec<vipgate_dataplane::snapshot::PortSpec> {
     use vipgate_dataplane::snapshot::{Ipv4Cidr, PortSpec};
     assert_eq!(macs[0].0, PCAP_PORT_MAC, "port \"in\" (net_pcap0) has another MAC than its captures' frames are for");
     [("in", 0), ("out", 1)]
@@ -153,7 +155,9 @@ pub fn port_specs(macs: &[vipgate_dataplane::wire::EthernetAddress]) -> Vec<vipg
 
 /// Permanent neighbours for the backends 198.18.1.`h`, so no packet waits
 /// for ARP.
-pub fn backend_neighbours(hosts: impl IntoIterator<Item = u8>) -> Vec<vipgate_dataplane::snapshot::NeighbourSpec> {
+pub(crate) fn backend_neighbours(
+    hosts: impl IntoIterator<Item = u8>,
+) -> Vec<vipgate_dataplane::snapshot::NeighbourSpec> {
     hosts
         .into_iter()
         .map(|h| vipgate_dataplane::snapshot::NeighbourSpec {
