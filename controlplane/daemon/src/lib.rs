@@ -3,7 +3,7 @@
 //!
 //! Owns: the order of start-up and shutdown, and what a reload may change.
 //! Shutdown: the API (socket and TCP) stops accepting and gets
-//! [`API_STOP_GRACE`] to finish its calls, then its remaining connections
+//! `API_STOP_GRACE` (2 s) to finish its calls, then its remaining connections
 //! are cut; every VIP is withdrawn; the workers stop, then the ports; the
 //! mbufs are counted.
 //! The main lcore (the thread that initialised EAL) runs a current-thread
