@@ -809,22 +809,27 @@ pub mod ops {
             Ok(())
         }
 
+        /// Refuses a new `kind` named `name` that exists already: static
+        /// (`is_static`) or dynamic, owned by `holder`.
+        fn check_new(&self, kind: &str, name: &str, is_static: bool, holder: Option<&str>) -> Result<(), StateError> {
+            let exists = |what: String| {
+                StateError::new(ErrorKind::AlreadyExists, format!("{kind} {name:?} already exists{what}"))
+            };
+            if is_static {
+                return Err(exists(format!(" (defined in {})", self.config.path.display())));
+            }
+            match holder {
+                None => Ok(()),
+                Some(o) if o == self.owner => Err(exists(String::new())),
+                Some(o) => Err(exists(format!(", owned by {o:?}"))),
+            }
+        }
+
         /// Adds a service.
         pub fn create_service(&mut self, mut s: ServiceState) -> Result<(), StateError> {
             self.owned("services", &s.name, &mut s.owner)?;
-            if is_static_service(self.config, &s.name) {
-                return Err(StateError::new(
-                    ErrorKind::AlreadyExists,
-                    format!("service {:?} already exists (defined in {})", s.name, self.config.path.display()),
-                ));
-            }
-            if let Some(o) = self.state.services.get(&s.name) {
-                let by = if o.owner == self.owner { String::new() } else { format!(", owned by {:?}", o.owner) };
-                return Err(StateError::new(
-                    ErrorKind::AlreadyExists,
-                    format!("service {:?} already exists{by}", s.name),
-                ));
-            }
+            let holder = self.state.services.get(&s.name).map(|o| o.owner.as_str());
+            self.check_new("service", &s.name, is_static_service(self.config, &s.name), holder)?;
             self.touch_service(&s.name);
             self.state.services.insert(s.name.clone(), s);
             Ok(())
@@ -907,19 +912,8 @@ pub mod ops {
         /// Adds a source pool.
         pub fn create_pool(&mut self, mut p: PoolState) -> Result<(), StateError> {
             self.owned("source_pools", &p.name, &mut p.owner)?;
-            if is_static_pool(self.config, &p.name) {
-                return Err(StateError::new(
-                    ErrorKind::AlreadyExists,
-                    format!("source pool {:?} already exists (defined in {})", p.name, self.config.path.display()),
-                ));
-            }
-            if let Some(o) = self.state.source_pools.get(&p.name) {
-                let by = if o.owner == self.owner { String::new() } else { format!(", owned by {:?}", o.owner) };
-                return Err(StateError::new(
-                    ErrorKind::AlreadyExists,
-                    format!("source pool {:?} already exists{by}", p.name),
-                ));
-            }
+            let holder = self.state.source_pools.get(&p.name).map(|o| o.owner.as_str());
+            self.check_new("source pool", &p.name, is_static_pool(self.config, &p.name), holder)?;
             self.touch_pool(&p.name);
             self.state.source_pools.insert(p.name.clone(), p);
             Ok(())
