@@ -542,4 +542,26 @@ mod tests {
         assert_eq!((c.len(), c.down()), (2, HashSet::from([key("b", 3)])));
         assert!(!c.known.contains_key("a"));
     }
+
+    #[tokio::test]
+    async fn a_target_new_after_the_start_is_down_until_its_first_probe_passes() {
+        use crate::health::HealthCheckInput;
+        use std::net::Ipv4Addr;
+        let (mut c, _reports) = Checker::new(Arc::default());
+        let check = HealthCheckInput { kind: Some("tcp".into()), interval_ms: Some(3_600_000), ..Default::default() }
+            .validate()
+            .unwrap();
+        let key = |last: u8| TargetKey { service: "web".into(), address: Ipv4Addr::new(198, 18, 1, last), port: 80 };
+        let t = |last: u8| Target { key: key(last), check: Some(check.clone()) };
+        let first = c.plan(vec![t(1), t(2)]);
+        assert!(first.down().is_empty(), "at the start every backend is up");
+        c.apply(first);
+        let reload = c.plan(vec![t(1), t(2), t(3)]);
+        assert_eq!(reload.down(), &HashSet::from([key(3)]), "a backend added later starts down");
+        c.apply(reload);
+        assert_eq!(c.down(), HashSet::from([key(3)]));
+        let scoped = c.plan_services(vec![t(1), t(2), t(3), t(4)], HashSet::from(["web".to_owned()]));
+        assert_eq!(scoped.down(), &HashSet::from([key(3), key(4)]));
+    }
+
 }
