@@ -43,10 +43,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vipgate_controlplane::config::Config;
-use vipgate_controlplane::health::{self, Checker, HealthStatus, TargetKey};
+use vipgate_controlplane::health::{Checker, HealthStatus, TargetKey};
 use vipgate_controlplane::state::{
     AdminState, BackendState, Change, DesiredState, Effective, ModeState, ProtocolState, RemovalState, ServiceState,
-    apply_health, ops, validate,
+    apply_health, dynamic_health_targets, health_targets, ops, validate,
 };
 use vipgate_controlplane::stats::StatsSlots;
 use vipgate_controlplane::store::Store;
@@ -317,7 +317,7 @@ fn one_backend_steps(config: &Config, macs: &[EthernetAddress], dynamic: &Desire
     slots.apply(plan);
     let previous = Snapshot::build(&spec).expect("builds");
     let (mut checker, _reports) = Checker::new(std::sync::Arc::new(HealthStatus::default()));
-    checker.apply(checker.plan(health::targets(config, dynamic)));
+    checker.apply(checker.plan(health_targets(config, dynamic)));
 
     let effective = Effective::build(config, macs, dynamic).expect("valid");
     let mut eligibility = vipgate_controlplane::announce::Eligibility::build(config, dynamic, &Default::default());
@@ -336,9 +336,9 @@ fn one_backend_steps(config: &Config, macs: &[EthernetAddress], dynamic: &Desire
     step("  (state::validate, the whole state)", time(runs, || validate(config, macs, &new).expect("valid")));
     let effective = effective.update(dynamic, &new, &change).expect("valid");
     let touched_set: std::collections::HashSet<String> = change.services_changed.iter().cloned().collect();
-    let plan_touched = || checker.plan_services(health::dynamic_targets(&new, &touched_set), touched_set.clone());
+    let plan_touched = || checker.plan_services(dynamic_health_targets(&new, &touched_set), touched_set.clone());
     step("health: the touched service's targets + Checker::plan_services", time(runs, plan_touched));
-    step("  (health: every target + Checker::plan)", time(runs, || checker.plan(health::targets(config, &new))));
+    step("  (health: every target + Checker::plan)", time(runs, || checker.plan(health_targets(config, &new))));
     let health_plan = plan_touched();
     step("Effective::spec (the whole description, cloned)", time(runs, || effective.spec()));
     let mut spec = effective.spec();
@@ -386,7 +386,7 @@ fn one_backend_steps(config: &Config, macs: &[EthernetAddress], dynamic: &Desire
     step(
         "Checker::apply of the touched service's plan (no checks configured)",
         time(runs, || {
-            checker.apply(checker.plan_services(health::dynamic_targets(&new, &touched_set), touched_set.clone()))
+            checker.apply(checker.plan_services(dynamic_health_targets(&new, &touched_set), touched_set.clone()))
         }),
     );
     step(

@@ -41,110 +41,28 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::config::announce_settings::{AnnounceSettings, InterfaceKind};
 use crate::health::TargetKey;
 use crate::state::{AdminState, DesiredState, ServiceState};
 use vipgate_dataplane::snapshot::ServiceSpec;
 
-/// Default `[announce] interface`.
-pub const DEFAULT_INTERFACE: &str = "vipgate0";
-/// Default `[announce] hold_down`.
-pub const DEFAULT_HOLD_DOWN: Duration = Duration::from_secs(10);
-/// Largest `[announce] hold_down`.
-pub const MAX_HOLD_DOWN: Duration = Duration::from_secs(3600);
 /// How often the interface is compared with the wanted set even when
 /// nothing changed (a fallback: link and address notifications trigger a
 /// comparison at once; this catches what they miss and retries failed
 /// calls).
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
-/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
-pub const MAX_INTERFACE_NAME: usize = 15;
-
-/// The `[announce]` section, validated.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AnnounceSettings {
-    /// Whether vipgated manages the interface at all.
-    pub enabled: bool,
-    /// The interface's name.
-    pub interface: String,
-    /// The kind of interface created.
-    pub kind: InterfaceKind,
-    /// How long a VIP stays announced after it stopped being eligible.
-    pub hold_down: Duration,
+/// Whether going from `old` to `new` needs another interface (on, off,
+/// renamed or of another kind), rather than a new hold-down only.
+fn interface_changes(old: &AnnounceSettings, new: &AnnounceSettings) -> bool {
+    (old.enabled, &old.interface, old.kind) != (new.enabled, &new.interface, new.kind)
 }
 
-impl Default for AnnounceSettings {
-    fn default() -> Self {
-        AnnounceSettings {
-            enabled: false,
-            interface: DEFAULT_INTERFACE.to_owned(),
-            kind: InterfaceKind::Dummy,
-            hold_down: DEFAULT_HOLD_DOWN,
-        }
+/// The kernel's link kind of `kind`.
+fn info_kind(kind: InterfaceKind) -> InfoKind {
+    match kind {
+        InterfaceKind::Dummy => InfoKind::Dummy,
+        InterfaceKind::Ifb => InfoKind::Ifb,
     }
-}
-
-impl AnnounceSettings {
-    /// Whether going from `self` to `new` needs another interface (on,
-    /// off, renamed or of another kind), rather than a new hold-down only.
-    fn interface_changes(&self, new: &AnnounceSettings) -> bool {
-        (self.enabled, &self.interface, self.kind) != (new.enabled, &new.interface, new.kind)
-    }
-}
-
-/// The kind of link the VIPs are put on. Both take no traffic and are
-/// always up (carrier on), which is what the routing daemons need to treat
-/// the addresses as connected routes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InterfaceKind {
-    /// `dummy`: the usual choice.
-    Dummy,
-    /// `ifb` (intermediate functional block): for kernels built without the
-    /// dummy driver; it behaves the same for this purpose.
-    Ifb,
-}
-
-impl InterfaceKind {
-    /// The kernel's name of the kind, as `ip link` shows it.
-    pub fn name(self) -> &'static str {
-        match self {
-            InterfaceKind::Dummy => "dummy",
-            InterfaceKind::Ifb => "ifb",
-        }
-    }
-
-    /// Parses `dummy` or `ifb`.
-    pub fn parse(s: &str) -> Result<InterfaceKind, String> {
-        match s {
-            "dummy" => Ok(InterfaceKind::Dummy),
-            "ifb" => Ok(InterfaceKind::Ifb),
-            other => Err(format!(
-                "{other:?} is not an interface kind: use \"dummy\" (or \"ifb\" on kernels without the dummy driver)"
-            )),
-        }
-    }
-
-    fn info_kind(self) -> InfoKind {
-        match self {
-            InterfaceKind::Dummy => InfoKind::Dummy,
-            InterfaceKind::Ifb => InfoKind::Ifb,
-        }
-    }
-}
-
-/// Checks an interface name the way the kernel would, so a bad name is a
-/// configuration error rather than a netlink one.
-pub fn check_interface_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".to_owned());
-    }
-    if name.len() > MAX_INTERFACE_NAME {
-        return Err(format!("{name:?} is longer than {MAX_INTERFACE_NAME} bytes, the kernel's limit"));
-    }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!("{name:?} is not a valid interface name (no '/', ':', spaces; not \".\" or \"..\")"));
-    }
-    Ok(())
 }
 
 /// One service's view for eligibility: its VIP and how many of its
@@ -483,7 +401,7 @@ impl Interface {
         let link = match find_link(handle, name).await? {
             Some(link) => {
                 let (kind, found) = describe_kind(&link);
-                if kind != Some(settings.kind.info_kind()) {
+                if kind != Some(info_kind(settings.kind)) {
                     return Err(AnnounceError::WrongKind {
                         interface: name.to_owned(),
                         found,
@@ -494,7 +412,7 @@ impl Interface {
                 link
             }
             None => {
-                let message = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(settings.kind.info_kind())
+                let message = LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(info_kind(settings.kind))
                     .name(name.to_owned())
                     .build();
                 if let Err(e) = handle.link().add(message).execute().await {
@@ -592,7 +510,7 @@ async fn remove_interface(handle: &Handle, settings: &AnnounceSettings) -> Resul
     let Some(link) = find_link(handle, name).await? else {
         return Ok(None);
     };
-    if describe_kind(&link).0 != Some(settings.kind.info_kind()) {
+    if describe_kind(&link).0 != Some(info_kind(settings.kind)) {
         return Ok(None);
     }
     let iface = Interface { name: name.to_owned(), index: link.header.index };
@@ -764,7 +682,7 @@ impl Announcer {
     /// Applies new settings and eligibility.
     async fn apply(&mut self, new: AnnounceInput) {
         let now = Instant::now();
-        if self.settings.interface_changes(&new.settings) {
+        if interface_changes(&self.settings, &new.settings) {
             self.close().await;
             info!(
                 enabled = new.settings.enabled,
@@ -888,6 +806,7 @@ impl Announcer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::announce_settings::check_interface_name;
 
     fn elig(pairs: &[(&str, bool)]) -> BTreeMap<Ipv4Addr, bool> {
         pairs.iter().map(|(a, e)| (a.parse().unwrap(), *e)).collect()

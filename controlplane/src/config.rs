@@ -18,7 +18,7 @@ use vipgate_dataplane::driver::{DataplaneConfig, PortConfig};
 use vipgate_dataplane::flow::{
     DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY,
 };
-use vipgate_dataplane::maglev::{DEFAULT_TABLE_SIZE, is_prime};
+use vipgate_dataplane::maglev::DEFAULT_TABLE_SIZE;
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
@@ -27,17 +27,23 @@ use vipgate_dataplane::snapshot::{
 };
 use vipgate_dataplane::wire::EthernetAddress;
 
-use crate::state::check_name;
+pub mod announce_settings;
+pub mod health_check;
+
+use announce_settings::AnnounceSettings;
+use health_check::HealthCheck;
+
+use crate::checks::{
+    MAX_BACKENDS, check_backend_count, check_name, check_not_subnet_edge, check_pool_ports, check_pool_size,
+    check_port_number, check_table_size, check_weight, is_unicast, parse_cidr,
+};
 
 /// Default API socket.
 pub const DEFAULT_SOCKET: &str = "/run/vipgate/vipgated.sock";
+/// Default `[metrics] listen`: loopback only.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9469";
 /// Default directory of the persisted dynamic state (`[state] dir`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate";
-/// Largest Maglev table size accepted (the largest prime below 2^24).
-pub const MAX_TABLE_SIZE: u32 = 16_777_213;
-/// Largest backend weight: weights are relative, and a ratio finer than
-/// 1 in 65,535 is lost in any table size.
-pub const MAX_WEIGHT: u32 = 65_535;
 /// Smallest port MTU (RFC 791's minimum datagram every host accepts).
 pub const MIN_MTU: u16 = 576;
 /// Largest port MTU: a frame must fit one mbuf's 2048-byte data room.
@@ -79,11 +85,6 @@ pub const MAX_FLOW_TIMEOUT_S: u64 = 26 * 24 * 3600;
 /// Largest `tcp_syn`, `tcp_closing` and `tcp_reset`: 1 hour; a half-open or
 /// closing flow held longer only keeps a slot that a SYN flood can fill.
 pub const MAX_TRANSIENT_TIMEOUT_S: u64 = 3600;
-/// Most backends per service: the Maglev table holds 16-bit backend
-/// indices, one value of which marks a free slot.
-pub const MAX_BACKENDS: usize = vipgate_dataplane::maglev::MAX_BACKENDS;
-/// Most addresses in one source pool: the snapshot indexes them in 16 bits.
-pub const MAX_POOL_ADDRESSES: usize = u16::MAX as usize;
 
 /// A configuration error. Its text names the file and, where it has one,
 /// the line and the field.
@@ -394,7 +395,7 @@ struct RawNewFlowLimit {
     prefix_len: Option<Spanned<i64>>,
 }
 
-/// `[services.health_check]`: see [`crate::health::spec`].
+/// `[services.health_check]`: see [`health_check`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealthCheck {
@@ -485,7 +486,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `[announce]`: route announcement of the VIPs (a reload may change
     /// it).
-    pub announce: crate::announce::AnnounceSettings,
+    pub announce: AnnounceSettings,
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
@@ -493,7 +494,7 @@ pub struct Config {
     /// order: `[eal]`, `[dataplane]`, `[api]`, then `[[ports]]`.
     fixed: Vec<(String, String)>,
     /// The static services' health checks, by service name.
-    health_checks: std::collections::BTreeMap<String, crate::health::HealthCheck>,
+    health_checks: std::collections::BTreeMap<String, HealthCheck>,
 }
 
 /// The API's TCP listener: its address and the PEM files it uses, read and
@@ -563,7 +564,7 @@ impl Config {
     }
 
     /// The health check of static service `name`, if it has one.
-    pub fn health_check(&self, name: &str) -> Option<&crate::health::HealthCheck> {
+    pub fn health_check(&self, name: &str) -> Option<&HealthCheck> {
         self.health_checks.get(name)
     }
 
@@ -665,8 +666,8 @@ impl Validator<'_> {
         field: &str,
         service: &str,
         protocol: Protocol,
-    ) -> Result<crate::health::HealthCheck, ConfigError> {
-        use crate::health::spec::parse_hex;
+    ) -> Result<HealthCheck, ConfigError> {
+        use health_check::parse_hex;
         let h = raw.get_ref();
         let span_of = |name: &str| -> std::ops::Range<usize> {
             let s = match name {
@@ -702,7 +703,7 @@ impl Validator<'_> {
                 (None, None) => Ok(None),
             }
         };
-        let input = crate::health::HealthCheckInput {
+        let input = health_check::HealthCheckInput {
             kind: h.kind.as_ref().map(|v| v.get_ref().clone()),
             interval_ms: h.interval_ms.as_ref().map(|v| *v.get_ref()),
             timeout_ms: h.timeout_ms.as_ref().map(|v| *v.get_ref()),
@@ -1447,8 +1448,8 @@ impl Validator<'_> {
     }
 
     /// `[announce]`: every key optional; see `crate::announce`.
-    fn announce(&self, a: &RawAnnounce) -> Result<crate::announce::AnnounceSettings, ConfigError> {
-        use crate::announce::{AnnounceSettings, InterfaceKind, MAX_HOLD_DOWN, check_interface_name};
+    fn announce(&self, a: &RawAnnounce) -> Result<AnnounceSettings, ConfigError> {
+        use announce_settings::{InterfaceKind, MAX_HOLD_DOWN, check_interface_name};
         let mut settings = AnnounceSettings::default();
         if let Some(v) = &a.enabled {
             settings.enabled = *v.get_ref();
@@ -1478,7 +1479,7 @@ impl Validator<'_> {
     /// `[metrics] listen`: an address and port, or `""` for off.
     fn metrics(&self, m: &RawMetrics) -> Result<Option<std::net::SocketAddr>, ConfigError> {
         let Some(listen) = &m.listen else {
-            return Ok(Some(crate::metrics::DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!())));
+            return Ok(Some(DEFAULT_METRICS_LISTEN.parse().unwrap_or_else(|_| unreachable!())));
         };
         let text = listen.get_ref().trim();
         if text.is_empty() {
@@ -1661,9 +1662,6 @@ fn parse_lcores(s: &str) -> Result<(Vec<u32>, Vec<Option<u32>>), String> {
     Ok((out, cpus))
 }
 
-// Checks shared by the configuration file and the API (`crate::state`):
-// each returns the value or the reason, and the caller names the field.
-
 /// `v` from `min` to `max`, or why not, naming the bound crossed and, for
 /// the maximum, what it means (`max_means`, such as "1 ms").
 pub(crate) fn check_bounds<T: PartialOrd + std::fmt::Display>(
@@ -1681,7 +1679,6 @@ pub(crate) fn check_bounds<T: PartialOrd + std::fmt::Display>(
     }
 }
 
-/// A TCP or UDP port number, 1 to 65535.
 /// The largest TLS file `[api]` reads: a certificate chain or a CA bundle
 /// is a few kilobytes.
 const MAX_PEM_BYTES: u64 = 1 << 20;
@@ -1703,100 +1700,6 @@ fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
     Ok(text)
 }
 
-pub(crate) fn check_port_number(v: i64) -> Result<u16, String> {
-    match u16::try_from(v) {
-        Ok(p) if p != 0 => Ok(p),
-        _ => Err(format!("{v} is not a port number from 1 to 65535")),
-    }
-}
-
-/// A Maglev table size: a prime from 3 to [`MAX_TABLE_SIZE`].
-pub(crate) fn check_table_size(v: i64) -> Result<u32, String> {
-    match u32::try_from(v) {
-        Ok(n) if is_prime(n) && (3..=MAX_TABLE_SIZE).contains(&n) => Ok(n),
-        _ => Err(format!("{v} is not a prime from 3 to {MAX_TABLE_SIZE} (the default is {DEFAULT_TABLE_SIZE})")),
-    }
-}
-
-/// A backend weight, 0 to [`MAX_WEIGHT`].
-pub(crate) fn check_weight(v: i64) -> Result<u32, String> {
-    match u32::try_from(v) {
-        Ok(w) if w <= MAX_WEIGHT => Ok(w),
-        _ => Err(format!("{v} is not from 0 to {MAX_WEIGHT}")),
-    }
-}
-
-/// A service's number of backends: at most [`MAX_BACKENDS`].
-pub(crate) fn check_backend_count(n: usize) -> Result<(), String> {
-    if n > MAX_BACKENDS { Err(format!("{n} backends; at most {MAX_BACKENDS} per service")) } else { Ok(()) }
-}
-
-/// A source pool's number of addresses: at most [`MAX_POOL_ADDRESSES`].
-pub(crate) fn check_pool_size(n: usize) -> Result<(), String> {
-    if n > MAX_POOL_ADDRESSES {
-        Err(format!("{n} addresses; at most {MAX_POOL_ADDRESSES} per source pool"))
-    } else {
-        Ok(())
-    }
-}
-
-/// An address a VIP, backend or pool may have: not the network or
-/// broadcast address of a port's subnet (a /31 or /32 has neither), where
-/// no host can be.
-pub(crate) fn check_not_subnet_edge(addr: u32, ports: &[PortSpec]) -> Result<(), String> {
-    for p in ports {
-        for c in p.addresses.iter().filter(|c| c.len < 31) {
-            let mask = Route::mask(c.len);
-            if (addr ^ c.addr) & mask != 0 {
-                continue;
-            }
-            let what = if addr & !mask == 0 {
-                "network"
-            } else if addr | mask == u32::MAX {
-                "broadcast"
-            } else {
-                continue;
-            };
-            return Err(format!(
-                "{} is the {what} address of {}/{} on port {:?}",
-                Ipv4Addr::from(addr),
-                Ipv4Addr::from(addr & mask),
-                c.len,
-                p.name
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A source pool's port range must give each worker a slice of its own.
-pub(crate) fn check_pool_ports(first_port: u16, last_port: u16, workers: usize) -> Result<(), String> {
-    if first_port == 0 || first_port > last_port {
-        return Err(format!("{first_port}-{last_port} is not a port range from 1 to 65535 with first <= last"));
-    }
-    let span = usize::from(last_port - first_port) + 1;
-    if span < workers {
-        return Err(format!(
-            "{first_port}-{last_port} is {span} ports for {workers} workers; each worker needs a slice of its own"
-        ));
-    }
-    Ok(())
-}
-
-/// Parses an IPv4 prefix `a.b.c.d/len` with `len` from `min_len` to 32.
-pub(crate) fn parse_cidr(s: &str, min_len: u8) -> Result<Ipv4Cidr, String> {
-    let Some((a, l)) = s.trim().split_once('/') else {
-        return Err(format!("{s:?} needs a prefix length, such as 198.18.0.1/24"));
-    };
-    let Ok(addr) = a.parse::<Ipv4Addr>() else {
-        return Err(format!("{a:?} is not an IPv4 address"));
-    };
-    match l.parse::<u8>() {
-        Ok(len) if (min_len..=32).contains(&len) => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
-        _ => Err(format!("prefix length {l:?} is not a number from {min_len} to 32")),
-    }
-}
-
 /// Parses a port range `first-last` (or a single port).
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
@@ -1804,13 +1707,6 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         (Ok(a), Ok(b)) if a >= 1 && a <= b => Ok((a, b)),
         _ => Err(format!("{s:?} is not a port range like \"1024-65535\" (from 1 to 65535, first <= last)")),
     }
-}
-
-/// True for addresses a host can own: not 0.0.0.0/8, loopback, multicast,
-/// reserved or limited broadcast.
-pub(crate) fn is_unicast(addr: u32) -> bool {
-    let a = Ipv4Addr::from(addr);
-    !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240)
 }
 
 /// Parses a unicast MAC address written as six colon-separated hex bytes.

@@ -8,6 +8,7 @@
 
 pub mod announce;
 pub mod api;
+pub mod checks;
 pub mod config;
 pub mod health;
 pub mod kernel;

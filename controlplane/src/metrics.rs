@@ -32,9 +32,6 @@ use vipgate_dataplane::stats::SlotTotals;
 
 use crate::api::{GatewayView, PortView};
 
-/// Default listen address: loopback only.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9469";
-
 /// The content type of the OpenMetrics text format that `prometheus-client`
 /// writes; Prometheus negotiates and parses it.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

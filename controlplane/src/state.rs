@@ -12,7 +12,9 @@
 //! [`Config`]; dynamic ones live in [`DesiredState`]. The compiled snapshot
 //! is their union; names and VIP:port/protocol are unique across both.
 
-use crate::config::{Config, check_backend_count, check_port_number, check_table_size, check_weight, parse_cidr};
+use crate::checks::{check_backend_count, check_port_number, check_table_size, check_weight, parse_cidr};
+use crate::config::Config;
+use crate::health::{Target, TargetKey};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
@@ -28,16 +30,12 @@ use vipgate_dataplane::wire::EthernetAddress;
 /// At most this many services in one request (and in the dynamic state).
 pub const MAX_SERVICES: usize = 10_000;
 /// At most this many backends per service (the file's limit too).
-pub use crate::config::MAX_BACKENDS;
+pub use crate::checks::MAX_BACKENDS;
 /// At most this many source pools.
 pub const MAX_POOLS: usize = 10_000;
-/// Longest service or pool name.
-pub const MAX_NAME_LEN: usize = 253;
 /// The owner of a dynamic object created without one: a person with
 /// vipgatectl.
 pub const DEFAULT_OWNER: &str = "cli";
-/// Longest owner.
-pub const MAX_OWNER_LEN: usize = 128;
 /// At most this many operations in one batch.
 pub const MAX_BATCH: usize = 10_000;
 
@@ -107,8 +105,8 @@ pub struct ServiceState {
     /// The limit on new flows per client source; `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_flow_limit: Option<NewFlowLimitState>,
-    /// Who manages it ([`check_owner`]); objects saved before owners
-    /// existed are [`DEFAULT_OWNER`]'s.
+    /// Who manages it ([`check_owner`](crate::checks::check_owner));
+    /// objects saved before owners existed are [`DEFAULT_OWNER`]'s.
     #[serde(default = "default_owner")]
     pub owner: String,
 }
@@ -252,7 +250,7 @@ pub struct PoolState {
     pub first_port: u16,
     /// Last source port (inclusive).
     pub last_port: u16,
-    /// Who manages it ([`check_owner`]).
+    /// Who manages it ([`check_owner`](crate::checks::check_owner)).
     #[serde(default = "default_owner")]
     pub owner: String,
 }
@@ -310,40 +308,6 @@ pub fn backend_field(name: &str, index: usize, field: &str) -> String {
 
 fn pool_field(name: &str, field: &str) -> String {
     format!("source_pools[{name:?}].{field}")
-}
-
-/// Checks a service or pool name: 1 to 253 letters, digits, `.`, `-`, `_`,
-/// and not `.` or `..` (a name may become a path or a label). The one rule
-/// of the configuration file and the API.
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".to_owned());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!("is {} characters long; at most {MAX_NAME_LEN}", name.len()));
-    }
-    if name == "." || name == ".." {
-        return Err(format!("{name:?} is not a usable name"));
-    }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-        return Err(format!("{name:?}: use letters, digits, '.', '-' and '_' only"));
-    }
-    Ok(())
-}
-
-/// Checks an owner: 1 to 128 letters, digits, `-`, `_`, `.`, `/` and `:`,
-/// such as `cli` or `k8s/prod-cluster`.
-pub fn check_owner(owner: &str) -> Result<(), String> {
-    if owner.is_empty() {
-        return Err("must not be empty".to_owned());
-    }
-    if owner.len() > MAX_OWNER_LEN {
-        return Err(format!("is {} characters long; at most {MAX_OWNER_LEN}", owner.len()));
-    }
-    if !owner.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':')) {
-        return Err(format!("{owner:?}: use letters, digits, '-', '_', '.', '/' and ':' only"));
-    }
-    Ok(())
 }
 
 /// Parses an IPv4 address, saying so when it is an IPv6 one.
@@ -441,7 +405,7 @@ pub fn compile_with_health(
     config: &Config,
     macs: &[EthernetAddress],
     dynamic: &DesiredState,
-    down: &HashSet<crate::health::TargetKey>,
+    down: &HashSet<TargetKey>,
 ) -> Result<Snapshot, StateError> {
     let mut spec = validate(config, macs, dynamic)?;
     apply_health(&mut spec, down);
@@ -480,7 +444,7 @@ pub fn compile_with_slots(
     config: &Config,
     macs: &[EthernetAddress],
     dynamic: &DesiredState,
-    down: &HashSet<crate::health::TargetKey>,
+    down: &HashSet<TargetKey>,
     slots: &crate::stats::StatsSlots,
     previous: Option<&Snapshot>,
     change: Option<&Change>,
@@ -497,7 +461,7 @@ pub fn compile_with_slots(
 pub fn compile_effective(
     effective: &Effective,
     version: u64,
-    down: &HashSet<crate::health::TargetKey>,
+    down: &HashSet<TargetKey>,
     slots: &crate::stats::StatsSlots,
     previous: Option<&Snapshot>,
     change: Option<&Change>,
@@ -519,7 +483,7 @@ pub fn compile_effective(
 }
 
 /// Gives every backend in `down` weight 0.
-pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<crate::health::TargetKey>) {
+pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<TargetKey>) {
     if down.is_empty() {
         return;
     }
@@ -535,6 +499,49 @@ pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<crate::health::Targe
                 b.weight = 0;
             }
         }
+    }
+}
+
+/// Every forwarding backend of static ∪ dynamic services, with its
+/// service's check. Disabled backends do not forward and are not probed;
+/// draining ones are.
+pub fn health_targets(config: &Config, dynamic: &DesiredState) -> Vec<Target> {
+    let mut out = Vec::new();
+    for s in config.services() {
+        let check = config.health_check(&s.name);
+        for b in &s.backends {
+            out.push(Target {
+                key: TargetKey { service: s.name.clone(), address: Ipv4Addr::from(b.addr), port: b.port },
+                check: check.cloned(),
+            });
+        }
+    }
+    for s in dynamic.services.values() {
+        push_dynamic_targets(&mut out, s);
+    }
+    out
+}
+
+/// The targets of the dynamic services named `names` in `dynamic` (none
+/// for a name it no longer has): what
+/// [`Checker::plan_services`](crate::health::Checker::plan_services) takes
+/// for a change that touched those services.
+pub fn dynamic_health_targets<'a>(dynamic: &DesiredState, names: impl IntoIterator<Item = &'a String>) -> Vec<Target> {
+    let mut out = Vec::new();
+    for name in names {
+        if let Some(s) = dynamic.services.get(name) {
+            push_dynamic_targets(&mut out, s);
+        }
+    }
+    out
+}
+
+fn push_dynamic_targets(out: &mut Vec<Target>, s: &ServiceState) {
+    for b in s.backends.iter().filter(|b| b.admin_state != AdminState::Disabled) {
+        out.push(Target {
+            key: TargetKey { service: s.name.clone(), address: b.address, port: b.port },
+            check: s.health_check.clone(),
+        });
     }
 }
 
@@ -691,8 +698,9 @@ pub mod ops {
     }
 
     impl<'a> Tx<'a> {
-        /// A mutation of `state` by `owner` (checked with [`check_owner`]
-        /// by the caller; empty is [`DEFAULT_OWNER`]).
+        /// A mutation of `state` by `owner` (checked with
+        /// [`check_owner`](crate::checks::check_owner) by the caller; empty
+        /// is [`DEFAULT_OWNER`]).
         pub fn new(config: &'a Config, state: &'a mut DesiredState, owner: &str) -> Tx<'a> {
             let owner = if owner.is_empty() { DEFAULT_OWNER } else { owner };
             Tx { config, state, owner: owner.to_owned(), services: BTreeMap::new(), pools: BTreeMap::new() }

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use vipgate_controlplane::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
 use vipgate_controlplane::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use vipgate_controlplane::config::Config;
-use vipgate_controlplane::health::{self, Checker, HealthStatus, ProbeReport, Transition};
+use vipgate_controlplane::health::{Checker, HealthStatus, ProbeReport, Transition};
 use vipgate_controlplane::state::{
     self, Applied, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView,
 };
@@ -509,7 +509,7 @@ impl Reloader {
         let dynamic = DesiredState { version: self.dynamic.version + 1, ..self.dynamic.clone() };
         // The file against the dynamic state: a conflict (a name or a
         // VIP:port/protocol both use) refuses the reload.
-        let health = self.checker.plan(health::targets(&new, &dynamic));
+        let health = self.checker.plan(state::health_targets(&new, &dynamic));
         let compiling = Instant::now();
         let previous = dataplane.snapshot();
         let outcome = state::Effective::build(&new, &self.macs, &dynamic).and_then(|effective| {
@@ -620,7 +620,7 @@ impl Reloader {
             // Only the touched services' health targets are planned again.
             let touched: HashSet<String> =
                 change.services_changed.iter().chain(&change.services_deleted).cloned().collect();
-            let health = self.checker.plan_services(health::dynamic_targets(&new, &touched), touched.clone());
+            let health = self.checker.plan_services(state::dynamic_health_targets(&new, &touched), touched.clone());
             // Only what the mutation changed is compiled again; the rest is
             // shared with the snapshot the workers read now.
             let previous = dataplane.snapshot();
@@ -658,7 +658,7 @@ impl Reloader {
     /// them up until its first probe says otherwise. Runs once, on the
     /// runtime, before anything else changes the state.
     fn start_health(&mut self) {
-        let plan = self.checker.plan(health::targets(&self.running, &self.dynamic));
+        let plan = self.checker.plan(state::health_targets(&self.running, &self.dynamic));
         debug_assert!(plan.down().is_empty(), "every backend starts up");
         self.checker.apply(plan);
         if !self.checker.is_empty() {
@@ -901,6 +901,7 @@ impl StopSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vipgate_controlplane::checks;
 
     #[test]
     fn a_change_logs_a_few_names_of_each_list_and_how_many_more() {
@@ -911,10 +912,10 @@ mod tests {
         assert_eq!(some_names(&[("created", &many[..3]), ("deleted", &[])]), "created svc-00000, svc-00001, svc-00002");
         assert_eq!(some_names(&[("created", &[]), ("pools deleted", &[])]), "");
         // The longest names the state allows, in the largest lists: bounded.
-        let long = "n".repeat(state::MAX_NAME_LEN);
+        let long = "n".repeat(checks::MAX_NAME_LEN);
         let longs = vec![long.as_str(); 100_000];
         let lists = [("created", &longs[..]), ("changed", &longs[..]), ("deleted", &longs[..])];
-        assert!(some_names(&lists).len() < 3 * (LOGGED_NAMES * (state::MAX_NAME_LEN + 2) + 40));
+        assert!(some_names(&lists).len() < 3 * (LOGGED_NAMES * (checks::MAX_NAME_LEN + 2) + 40));
     }
 
     #[test]

@@ -66,7 +66,7 @@ fn request_owner(owner: &str) -> Result<String, Status> {
     if owner.is_empty() {
         return Ok(DEFAULT_OWNER.to_owned());
     }
-    state::check_owner(owner).map_err(|r| invalid("owner", r))?;
+    crate::checks::check_owner(owner).map_err(|r| invalid("owner", r))?;
     Ok(owner.to_owned())
 }
 
@@ -75,7 +75,7 @@ fn request_owner(owner: &str) -> Result<String, Status> {
 fn object_owner(owner: &str, field: impl FnOnce() -> String) -> Result<String, Status> {
     let owner = owner.trim();
     if !owner.is_empty() {
-        state::check_owner(owner).map_err(|r| invalid(field(), r))?;
+        crate::checks::check_owner(owner).map_err(|r| invalid(field(), r))?;
     }
     Ok(owner.to_owned())
 }
@@ -185,7 +185,7 @@ fn backend_health(health: &HealthStatus, service: &str, address: Ipv4Addr, port:
 fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
     let name = s.name.trim().to_owned();
     let f = |k: &str| service_field(&name, k);
-    state::check_name(&name).map_err(|r| invalid(f("name"), r))?;
+    crate::checks::check_name(&name).map_err(|r| invalid(f("name"), r))?;
     let health_check = s.health_check.as_ref().map(|h| health_check_from(h, &name)).transpose()?;
     if s.flow_timeouts.is_some() {
         return Err(Status::unimplemented(format!(
@@ -193,7 +193,7 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
             f("flow_timeouts")
         )));
     }
-    crate::config::check_backend_count(s.backends.len()).map_err(|r| invalid(f("backends"), r))?;
+    crate::checks::check_backend_count(s.backends.len()).map_err(|r| invalid(f("backends"), r))?;
     let mode = match s.mode.as_str() {
         "" | "nat" => ModeState::Nat,
         "fullnat" => {
@@ -256,8 +256,8 @@ fn new_flow_limit_to(l: NewFlowLimitState) -> pb::NewFlowLimit {
 fn pool_from(p: &pb::SourcePool) -> Result<PoolState, Status> {
     let name = p.name.trim().to_owned();
     let f = |k: &str| format!("source_pools[{name:?}].{k}");
-    state::check_name(&name).map_err(|r| invalid(f("name"), r))?;
-    crate::config::check_pool_size(p.addresses.len()).map_err(|r| invalid(f("addresses"), r))?;
+    crate::checks::check_name(&name).map_err(|r| invalid(f("name"), r))?;
+    crate::checks::check_pool_size(p.addresses.len()).map_err(|r| invalid(f("addresses"), r))?;
     let addresses = p
         .addresses
         .iter()
@@ -447,7 +447,7 @@ fn owner_filter(owner: &str) -> Result<Option<String>, Status> {
     if owner.is_empty() {
         return Ok(None);
     }
-    state::check_owner(owner).map_err(|r| invalid("owner", r))?;
+    crate::checks::check_owner(owner).map_err(|r| invalid("owner", r))?;
     Ok(Some(owner.to_owned()))
 }
 

@@ -904,7 +904,7 @@ fn bad_health_checks_name_line_field_and_reason() {
 
 #[test]
 fn announce_defaults_keys_and_bad_values() {
-    use crate::announce::{AnnounceSettings, DEFAULT_HOLD_DOWN, InterfaceKind};
+    use crate::config::announce_settings::{AnnounceSettings, DEFAULT_HOLD_DOWN, InterfaceKind};
     let c = parse(GOOD).unwrap();
     assert_eq!(c.announce, AnnounceSettings::default());
     assert!(!c.announce.enabled, "off unless asked for");

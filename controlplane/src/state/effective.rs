@@ -27,12 +27,13 @@ use vipgate_dataplane::wire::EthernetAddress;
 
 use super::{
     AdminState, Change, DesiredState, ErrorKind, MAX_POOLS, MAX_SERVICES, ModeState, PoolState, ServiceState,
-    StateError, backend_field, check_name, check_owner, pool_field, service_field,
+    StateError, backend_field, pool_field, service_field,
 };
-use crate::config::{
-    Config, check_backend_count, check_not_subnet_edge, check_pool_ports, check_port_number, check_table_size,
-    check_weight, is_unicast,
+use crate::checks::{
+    check_backend_count, check_name, check_not_subnet_edge, check_owner, check_pool_ports, check_port_number,
+    check_table_size, check_weight, is_unicast,
 };
+use crate::config::Config;
 
 /// Who holds an entry of an index: a static or a dynamic object, by name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::checks::{check_name, check_owner};
 use std::path::Path;
 
 const CONFIG: &str = r#"

@@ -23,6 +23,7 @@ use prost::Message;
 use tonic::Code;
 use vipgate_controlplane::api::fuzzing::{backend_from, pool_from, pool_to, service_from, service_to};
 use vipgate_controlplane::api::pb;
+use vipgate_controlplane::checks;
 use vipgate_controlplane::config::Config;
 use vipgate_controlplane::state::{self, DesiredState, ops};
 use vipgate_dataplane::wire::EthernetAddress;
@@ -247,7 +248,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut dynamic = DesiredState::default();
     let owner = request.owner.trim();
-    let applied = if owner.is_empty() || state::check_owner(owner).is_err() {
+    let applied = if owner.is_empty() || checks::check_owner(owner).is_err() {
         ops::apply(config(), &mut dynamic, request.expected_version, services, pools)
     } else {
         let generation = request.expected_generation;

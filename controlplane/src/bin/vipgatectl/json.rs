@@ -308,7 +308,7 @@ impl HealthCheckJson {
     /// `services[0].health_check`).
     pub(crate) fn into_proto(self, field: &str) -> Result<pb::HealthCheck, String> {
         let bytes = |s: &str, name: &str| {
-            vipgate_controlplane::health::spec::parse_hex(s).map_err(|e| format!("{field}.{name}: {e}"))
+            vipgate_controlplane::config::health_check::parse_hex(s).map_err(|e| format!("{field}.{name}: {e}"))
         };
         Ok(pb::HealthCheck {
             payload: bytes(&self.payload_hex, "payload_hex")?,

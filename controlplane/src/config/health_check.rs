@@ -5,7 +5,7 @@
 //! check of every field (each error names the field and the reason). The
 //! configuration file and the API only translate their own syntax into a
 //! [`HealthCheckInput`] and map the field name of an error onto their own
-//! field path. Must not probe anything: see `probe`.
+//! field path. Must not probe anything: see `crate::health::probe`.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
