@@ -563,5 +563,4 @@ mod tests {
         let scoped = c.plan_services(vec![t(1), t(2), t(3), t(4)], HashSet::from(["web".to_owned()]));
         assert_eq!(scoped.down(), &HashSet::from([key(3), key(4)]));
     }
-
 }
