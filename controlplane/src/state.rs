@@ -577,38 +577,58 @@ impl Change {
     pub fn between(cause: &str, old: &DesiredState, new: &DesiredState) -> Change {
         let mut c = Change::new(cause);
         for (k, v) in &new.services {
-            let before = old.services.get(k);
-            if before != Some(v) {
-                c.services_changed.push(k.clone());
-                c.owners.extend(before.map(|b| b.owner.clone()));
-                c.owners.insert(v.owner.clone());
-                c.service_owners.insert(k.clone(), v.owner.clone());
-            }
+            c.note_service(k.clone(), old.services.get(k), Some(v));
         }
-        for (k, v) in &old.services {
-            if !new.services.contains_key(k) {
-                c.services_deleted.push(k.clone());
-                c.owners.insert(v.owner.clone());
-                c.service_owners.insert(k.clone(), v.owner.clone());
-            }
+        for (k, v) in old.services.iter().filter(|(k, _)| !new.services.contains_key(*k)) {
+            c.note_service(k.clone(), Some(v), None);
         }
         for (k, v) in &new.source_pools {
-            let before = old.source_pools.get(k);
-            if before != Some(v) {
-                c.pools_changed.push(k.clone());
-                c.owners.extend(before.map(|b| b.owner.clone()));
-                c.owners.insert(v.owner.clone());
-                c.pool_owners.insert(k.clone(), v.owner.clone());
-            }
+            c.note_pool(k.clone(), old.source_pools.get(k), Some(v));
         }
-        for (k, v) in &old.source_pools {
-            if !new.source_pools.contains_key(k) {
-                c.pools_deleted.push(k.clone());
-                c.owners.insert(v.owner.clone());
-                c.pool_owners.insert(k.clone(), v.owner.clone());
-            }
+        for (k, v) in old.source_pools.iter().filter(|(k, _)| !new.source_pools.contains_key(*k)) {
+            c.note_pool(k.clone(), Some(v), None);
         }
         c
+    }
+
+    /// Records service `name` going from `prior` to `now`, if that is a
+    /// change.
+    fn note_service(&mut self, name: String, prior: Option<&ServiceState>, now: Option<&ServiceState>) {
+        let owners = (prior.map(|p| p.owner.as_str()), now.map(|n| n.owner.as_str()));
+        if prior != now {
+            let (changed, deleted, owner_of) =
+                (&mut self.services_changed, &mut self.services_deleted, &mut self.service_owners);
+            Self::note(&mut self.owners, changed, deleted, owner_of, name, owners);
+        }
+    }
+
+    /// Records pool `name` going from `prior` to `now`, if that is a
+    /// change.
+    fn note_pool(&mut self, name: String, prior: Option<&PoolState>, now: Option<&PoolState>) {
+        let owners = (prior.map(|p| p.owner.as_str()), now.map(|n| n.owner.as_str()));
+        if prior != now {
+            let (changed, deleted, owner_of) =
+                (&mut self.pools_changed, &mut self.pools_deleted, &mut self.pool_owners);
+            Self::note(&mut self.owners, changed, deleted, owner_of, name, owners);
+        }
+    }
+
+    /// One object that changed: listed as changed (it exists after) or
+    /// deleted, with its owner after (or its last), and both owners
+    /// counted as touched.
+    fn note(
+        touched: &mut BTreeSet<String>,
+        changed: &mut Vec<String>,
+        deleted: &mut Vec<String>,
+        owner_of: &mut BTreeMap<String, String>,
+        name: String,
+        (before, after): (Option<&str>, Option<&str>),
+    ) {
+        let Some(owner) = after.or(before) else { return };
+        touched.extend(before.map(str::to_owned));
+        touched.insert(owner.to_owned());
+        if after.is_some() { changed } else { deleted }.push(name.clone());
+        owner_of.insert(name, owner.to_owned());
     }
 
     /// Whether it touched an object of `owner`.
@@ -729,45 +749,11 @@ pub mod ops {
             let mut c = Change::new(cause);
             for (name, prior) in self.services {
                 let now = self.state.services.get(&name);
-                if now == prior.as_ref() {
-                    continue;
-                }
-                let owner = match (now, &prior) {
-                    (Some(n), _) => n.owner.clone(),
-                    (None, Some(p)) => p.owner.clone(),
-                    (None, None) => continue,
-                };
-                if let Some(p) = &prior {
-                    c.owners.insert(p.owner.clone());
-                }
-                c.owners.insert(owner.clone());
-                if now.is_some() {
-                    c.services_changed.push(name.clone());
-                } else {
-                    c.services_deleted.push(name.clone());
-                }
-                c.service_owners.insert(name, owner);
+                c.note_service(name, prior.as_ref(), now);
             }
             for (name, prior) in self.pools {
                 let now = self.state.source_pools.get(&name);
-                if now == prior.as_ref() {
-                    continue;
-                }
-                let owner = match (now, &prior) {
-                    (Some(n), _) => n.owner.clone(),
-                    (None, Some(p)) => p.owner.clone(),
-                    (None, None) => continue,
-                };
-                if let Some(p) = &prior {
-                    c.owners.insert(p.owner.clone());
-                }
-                c.owners.insert(owner.clone());
-                if now.is_some() {
-                    c.pools_changed.push(name.clone());
-                } else {
-                    c.pools_deleted.push(name.clone());
-                }
-                c.pool_owners.insert(name, owner);
+                c.note_pool(name, prior.as_ref(), now);
             }
             c
         }
