@@ -244,6 +244,8 @@ impl StatsSlots {
     ) -> Arc<ServiceSlots> {
         let old = self.services.get(&s.name);
         let (protocol, mode) = (s.protocol.name(), mode_name(&s.mode));
+        let (name, vip, port, table_size) = (s.name.clone(), s.vip, s.port, s.table_size);
+        let service = |backends| Arc::new(ServiceSlots { name, vip, port, protocol, mode, table_size, backends });
         // Unchanged backends (the common case): the same slots.
         if let Some(old) = old
             && old.backends.len() == s.backends.len()
@@ -267,15 +269,7 @@ impl StatsSlots {
                 .zip(&s.backends)
                 .map(|(o, b)| BackendSlot { weight: b.weight, ..o.clone() })
                 .collect();
-            return Arc::new(ServiceSlots {
-                name: s.name.clone(),
-                vip: s.vip,
-                port: s.port,
-                protocol,
-                mode,
-                table_size: s.table_size,
-                backends,
-            });
+            return service(backends);
         }
         let kept: HashMap<(u32, u16), &BackendSlot> =
             old.map(|o| o.backends.iter().map(|b| ((b.addr, b.port), b)).collect()).unwrap_or_default();
@@ -305,15 +299,7 @@ impl StatsSlots {
                 baseline: b.baseline,
             }));
         }
-        Arc::new(ServiceSlots {
-            name: s.name.clone(),
-            vip: s.vip,
-            port: s.port,
-            protocol,
-            mode,
-            table_size: s.table_size,
-            backends,
-        })
+        service(backends)
     }
 
     /// Gives every backend of `spec` its slot (written into the spec): the
