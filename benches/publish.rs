@@ -271,17 +271,7 @@ fn main() {
     gw.spawn();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async {
-        let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
-        let (mut sm, mut gc) = loop {
-            if let (Ok(mut sm), Ok(gc)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
-                && sm.get_state(pb::GetStateRequest::default()).await.is_ok()
-            {
-                break (sm, gc);
-            }
-            assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", gw.log_text());
-            gw.assert_running();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let (mut sm, mut gc) = serving(&mut gw, |_| true).await;
         let workers = gc.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner().workers;
         println!(
             "vipgated on net_null (receiving), lcores {}: {} workers; {} services x {} backends, Maglev tables of {} slots",
@@ -473,17 +463,7 @@ async fn run(
     assert!(status.success(), "vipgated exited with {status}:\n{}", gw.log_text());
     let t = Instant::now();
     gw.spawn();
-    let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
-    let (mut sm2, mut gc2) = loop {
-        if let (Ok(mut sm), Ok(gc)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
-            && sm.get_state(pb::GetStateRequest::default()).await.is_ok_and(|r| r.into_inner().version == version)
-        {
-            break (sm, gc);
-        }
-        assert!(Instant::now() < deadline, "vipgated did not come back:\n{}", gw.log_text());
-        gw.assert_running();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let (mut sm2, mut gc2) = serving(gw, |s| s.version == version).await;
     wait_visible(&mut gc2, version).await;
     let restart = t.elapsed();
     println!(
@@ -494,6 +474,26 @@ async fn run(
         rss_bytes(gw.pid()) as f64 / 1e6
     );
     sm2.get_state(pb::GetStateRequest::default()).await.expect("GetState after restart");
+}
+
+/// Connects both clients once vipgated's API answers GetState with a state
+/// `ready` accepts; fails if vipgated exits or takes longer than
+/// [`NULL_GATEWAY_READY_TIMEOUT`].
+async fn serving(
+    gw: &mut NullGateway,
+    ready: impl Fn(&pb::GetStateResponse) -> bool,
+) -> (ServiceManagerClient<Channel>, GatewayClient<Channel>) {
+    let deadline = Instant::now() + NULL_GATEWAY_READY_TIMEOUT;
+    loop {
+        if let (Ok(mut sm), Ok(gc)) = (connect_unix_services(&gw.socket()).await, connect_unix(&gw.socket()).await)
+            && sm.get_state(pb::GetStateRequest::default()).await.is_ok_and(|r| ready(&r.into_inner()))
+        {
+            return (sm, gc);
+        }
+        assert!(Instant::now() < deadline, "vipgated's API did not come up:\n{}", gw.log_text());
+        gw.assert_running();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Bytes the files under `dir` take on disk (allocated blocks).
