@@ -21,7 +21,8 @@
 //!   must then equal their packets among those received, exactly; every
 //!   drop reason must be zero except `no_service` and `no_backend`, which
 //!   only packets of the changed services can meet (their services come
-//!   and go, or have every backend drained); and `tx_packets` must equal
+//!   and go, or have every backend drained; each VIP keeps a service at
+//!   all times, from before the first packet, so none is `no_match`); and `tx_packets` must equal
 //!   `rx_packets` minus those drops. So every packet of the unchanged
 //!   services was translated once and handed to the sink.
 //! - Mbufs: the pool's in-use count (GetCounters, in total and per worker)
@@ -298,6 +299,7 @@ fn backend(i: usize, d: usize, weight: u32) -> pb::Backend {
 /// holds; returns its kind.
 async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: usize, rng: &mut Rng) -> &'static str {
     let name = format!("dyn-{d}");
+    let others_exist = slots.iter().enumerate().any(|(i, s)| i != d && s.exists);
     let slot = &mut slots[d];
     if !slot.exists {
         let picks: Vec<usize> = (0..2 + rng.below(2)).map(|k| (d + 3 * k + rng.below(2)) % POOL_BACKENDS).collect();
@@ -318,10 +320,14 @@ async fn change(api: &mut ServiceManagerClient<Channel>, slots: &mut [Slot], d: 
     }
     let present: Vec<usize> = slot.backends.keys().copied().collect();
     let pick = present[rng.below(present.len())];
-    // What to do: 0 deletes the service, 1-6 set a weight, 7-10 drain or
-    // undrain, 11-15 add a backend when one is free, the rest remove one
-    // while more than one is left; what cannot be done sets a weight.
+    // What to do: 0 deletes the service while another slot's exists (the
+    // VIP has a service at all times: packets to an address that is no
+    // VIP are `no_match`), 1-6 set a weight, 7-10 drain or undrain, 11-15
+    // add a backend when one is free, the rest remove one while more than
+    // one is left; what cannot be done sets a weight.
     let roll = match rng.below(20) {
+        0 if others_exist => 0,
+        0 => 1,
         11..=15 if present.len() < POOL_BACKENDS => 11,
         11.. if present.len() > 1 => 16,
         11.. => 1,
@@ -471,6 +477,16 @@ fn no_packet_of_an_unchanged_service_is_dropped_under_api_changes_and_reloads() 
             *m.entry(f.service).or_default() += ROUNDS as u64;
             m
         });
+    // Every dynamic slot's service exists before the first packet, so
+    // that the dynamic VIP is one from the start (the churn keeps one
+    // service on it at all times).
+    let mut rng = Rng(0x50A4);
+    let mut slots: Vec<Slot> = (0..DYNAMIC_SLOTS).map(|_| Slot::default()).collect();
+    rt.block_on(async {
+        for d in 0..DYNAMIC_SLOTS {
+            assert_eq!(change(&mut api, &mut slots, d, &mut rng).await, "create service");
+        }
+    });
     to_writer.send((pass(&flows, dst_mac, true), pass(&flows, dst_mac, false))).unwrap();
 
     // The churn: 1,000 API changes on this thread, a reload every 20 of
@@ -499,8 +515,6 @@ fn no_packet_of_an_unchanged_service_is_dropped_under_api_changes_and_reloads() 
         // the next one (the scope would never end).
         let _abort_on_panic = SetOnDrop(&aborted);
         rt.block_on(async {
-            let mut slots: Vec<Slot> = (0..DYNAMIC_SLOTS).map(|_| Slot::default()).collect();
-            let mut rng = Rng(0x50A4);
             for i in 0..CHANGES {
                 let d = rng.below(DYNAMIC_SLOTS);
                 let kind = change(&mut api, &mut slots, d, &mut rng).await;
