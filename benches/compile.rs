@@ -40,6 +40,7 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vipgate_controlplane::config::Config;
@@ -161,7 +162,7 @@ fn main() {
     let scratch = time(runs, || Snapshot::build(&spec).expect("builds"));
     let first = Snapshot::build(&spec).expect("builds");
     let mut changed = spec.clone();
-    let target = &mut changed.services[services as usize / 2].backends[0];
+    let target = &mut Arc::make_mut(&mut changed.services[services as usize / 2]).backends[0];
     target.weight = 2;
     let one = time(runs, || Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds"));
     let stats = Snapshot::build_incremental(&changed, Some(&first), 2).expect("builds").build_stats();

@@ -84,7 +84,10 @@ pub(crate) fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>
             on_backend_removal: Default::default(),
             mode,
             new_flow_limit: limit,
-        }],
+        }]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
         source_pools: vec![SourcePoolSpec {
             name: "snat".into(),
             addresses: vec![POOL_ADDR],

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use toml::Spanned;
 use vipgate_dataplane::admission::{NewFlowLimit, NewFlowLimitError};
 use vipgate_dataplane::driver::{DataplaneConfig, PortConfig};
@@ -559,7 +560,7 @@ impl Config {
     }
 
     /// Services, as configured.
-    pub fn services(&self) -> &[ServiceSpec] {
+    pub fn services(&self) -> &[Arc<ServiceSpec>] {
         &self.spec.services
     }
 
@@ -1285,7 +1286,7 @@ impl Validator<'_> {
                     }
                 }
             };
-            services.push(ServiceSpec {
+            services.push(Arc::new(ServiceSpec {
                 name,
                 vip,
                 port,
@@ -1295,7 +1296,7 @@ impl Validator<'_> {
                 on_backend_removal,
                 mode,
                 new_flow_limit,
-            });
+            }));
         }
 
         let mut neighbours = Vec::new();

@@ -494,7 +494,10 @@ pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<TargetKey>) {
     }
     for s in &mut spec.services {
         let Some(list) = by_service.get(s.name.as_str()) else { continue };
-        for b in &mut s.backends {
+        if !s.backends.iter().any(|b| b.weight != 0 && list.contains(&(b.addr, b.port))) {
+            continue;
+        }
+        for b in &mut std::sync::Arc::make_mut(s).backends {
             if list.contains(&(b.addr, b.port)) {
                 b.weight = 0;
             }

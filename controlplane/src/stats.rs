@@ -238,11 +238,27 @@ impl StatsSlots {
     /// that left go to `retired`.
     fn plan_service(
         &self,
-        s: &mut ServiceSpec,
+        shared: &mut Arc<ServiceSpec>,
         alloc: &mut Allocator<'_>,
         retired: &mut Vec<Retiring>,
     ) -> Arc<ServiceSlots> {
-        let old = self.services.get(&s.name);
+        // Copied only if a slot must be written: a description that
+        // carries its slots already stays shared.
+        let old = self.services.get(&shared.name);
+        if let Some(old) = old
+            && old.backends.len() == shared.backends.len()
+            && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.addr == b.addr && o.port == b.port)
+            && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.slot == b.stats_slot)
+            && old.vip == shared.vip
+            && old.port == shared.port
+            && old.protocol == shared.protocol.name()
+            && old.mode == mode_name(&shared.mode)
+            && old.table_size == shared.table_size
+            && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.weight == b.weight)
+        {
+            return Arc::clone(old);
+        }
+        let s = Arc::make_mut(shared);
         let (protocol, mode) = (s.protocol.name(), mode_name(&s.mode));
         let (name, vip, port, table_size) = (s.name.clone(), s.vip, s.port, s.table_size);
         let service = |backends| Arc::new(ServiceSlots { name, vip, port, protocol, mode, table_size, backends });
@@ -535,7 +551,7 @@ mod tests {
     }
 
     fn spec(services: Vec<ServiceSpec>) -> SnapshotSpec {
-        SnapshotSpec { services, ..SnapshotSpec::default() }
+        SnapshotSpec { services: services.into_iter().map(Arc::new).collect(), ..SnapshotSpec::default() }
     }
 
     fn slots(s: &SnapshotSpec) -> Vec<Vec<u32>> {

@@ -101,7 +101,7 @@ pub struct Effective {
     /// How many dynamic services use each pool.
     pool_users: PHashMap<String, usize>,
     /// The dynamic services and pools, compiled.
-    services: OrdMap<String, ServiceSpec>,
+    services: OrdMap<String, Arc<ServiceSpec>>,
     pools: OrdMap<String, SourcePoolSpec>,
 }
 
@@ -294,7 +294,7 @@ impl Effective {
         if let ModeState::Fullnat { source_pool } = &s.mode {
             *self.pool_users.entry(source_pool.clone()).or_insert(0) += 1;
         }
-        self.services.insert(key.to_owned(), spec);
+        self.services.insert(key.to_owned(), Arc::new(spec));
         Ok(())
     }
 

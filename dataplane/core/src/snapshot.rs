@@ -213,8 +213,11 @@ pub struct SnapshotSpec {
     pub routes: Vec<RouteSpec>,
     /// Permanent neighbours.
     pub neighbours: Vec<NeighbourSpec>,
-    /// Services.
-    pub services: Vec<ServiceSpec>,
+    /// Services, each shared (an `Arc`): the control plane keeps its
+    /// services' descriptions and hands them over without copying them, and
+    /// a compiled service keeps the one it was compiled from. Change one
+    /// with `Arc::make_mut`.
+    pub services: Vec<Arc<ServiceSpec>>,
     /// FullNAT source pools.
     pub source_pools: Vec<SourcePoolSpec>,
 }
@@ -404,7 +407,7 @@ pub struct Service {
     pub new_flow_limit: Option<SourceLimit>,
     /// What it was compiled from: the incremental compiler compares it with
     /// the next specification of the service.
-    spec: ServiceSpec,
+    spec: Arc<ServiceSpec>,
 }
 
 impl Service {
@@ -684,7 +687,7 @@ fn compile_limit(s: &ServiceSpec) -> Result<Option<SourceLimit>, SnapshotError> 
 /// came out the same, else a new one around `old`'s Maglev table when the
 /// table's inputs are unchanged, else around a new table.
 fn compile_service(
-    s: &ServiceSpec,
+    s: &Arc<ServiceSpec>,
     backends: Vec<Backend>,
     mode: Mode,
     new_flow_limit: Option<SourceLimit>,
@@ -692,7 +695,7 @@ fn compile_service(
     stats: &mut BuildStats,
 ) -> Result<Arc<Service>, SnapshotError> {
     if let Some(old) = old
-        && old.spec == *s
+        && (Arc::ptr_eq(&old.spec, s) || *old.spec == **s)
         && old.backends == backends
         && old.mode == mode
     {
@@ -719,7 +722,7 @@ fn compile_service(
         on_backend_removal: s.on_backend_removal,
         mode,
         new_flow_limit,
-        spec: s.clone(),
+        spec: Arc::clone(s),
     }))
 }
 
@@ -789,7 +792,7 @@ impl Snapshot {
     /// stand-ins for them), reusing from `previous` what comes out the same.
     fn build_whole(
         spec: &SnapshotSpec,
-        services: &[&ServiceSpec],
+        services: &[&Arc<ServiceSpec>],
         previous: Option<&Snapshot>,
         version: u64,
     ) -> Result<Snapshot, SnapshotError> {

@@ -138,7 +138,10 @@ fn a_flood_towards_the_kernel_is_dropped_and_counted_without_stalling_the_fast_p
             on_backend_removal: Default::default(),
             mode: Default::default(),
             new_flow_limit: None,
-        }],
+        }]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
         source_pools: vec![],
     };
     // The control plane's CPU (the main lcore's, where the exception thread

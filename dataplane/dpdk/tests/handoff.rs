@@ -62,7 +62,10 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
         services: vec![
             service("web", 80, ForwardingMode::FullNat { pool: "snat".into() }),
             service("tls", 443, ForwardingMode::Nat),
-        ],
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
         source_pools: vec![SourcePoolSpec {
             name: "snat".into(),
             addresses: vec![ip(198, 18, 1, 100)],

@@ -68,7 +68,7 @@ fn a_thousand_publications_under_traffic_lose_no_packet() {
         ports: port_specs(&macs),
         routes: vec![],
         neighbours: backend_neighbours(11..=14),
-        services,
+        services: services.into_iter().map(Arc::new).collect(),
         source_pools: vec![],
     };
     // A: port 80 over three backends; port 81 unserved (`no_service`).

@@ -53,7 +53,10 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
             on_backend_removal: Default::default(),
             mode: Default::default(),
             new_flow_limit: None,
-        }],
+        }]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
         source_pools: vec![],
     };
     dp.launch(Arc::new(Snapshot::build(&spec).unwrap())).expect("launch");

@@ -74,7 +74,10 @@ fn spec() -> SnapshotSpec {
                 mode: Default::default(),
                 new_flow_limit: None,
             },
-        ],
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
         source_pools: vec![],
     }
 }
@@ -448,7 +451,7 @@ fn workers_share_what_they_learn_from_arp() {
 fn many_unresolved_next_hops_are_all_solicited_over_successive_passes() {
     // 100 backends, none answering: more than one pass can ask for.
     let mut s = spec();
-    s.services[0].backends = (0..100u32)
+    Arc::make_mut(&mut s.services[0]).backends = (0..100u32)
         .map(|i| BackendSpec { addr: ip(198, 18, 1, 100) + i, port: 8080, weight: 1, stats_slot: i })
         .collect();
     let snap = Snapshot::build(&s).unwrap();
@@ -618,7 +621,7 @@ proptest! {
 /// The web service with these (address, weight) backends on port 8080.
 fn spec_with(backends: &[(u32, u32)]) -> SnapshotSpec {
     let mut s = spec();
-    s.services[0].backends = backends
+    Arc::make_mut(&mut s.services[0]).backends = backends
         .iter()
         .map(|&(addr, weight)| BackendSpec { addr, port: 8080, weight, stats_slot: slot_of(addr, 8080) })
         .collect();
@@ -751,7 +754,12 @@ fn udp_flows_expire_and_then_follow_maglev_again() {
     };
     let before: Vec<u32> = (0..200u16).map(|p| udp(&mut r, 30000 + p)).collect();
     let mut grown = spec();
-    grown.services[1].backends.push(BackendSpec { addr: B4, port: 5353, weight: 1, stats_slot: slot_of(B4, 5353) });
+    Arc::make_mut(&mut grown.services[1]).backends.push(BackendSpec {
+        addr: B4,
+        port: 5353,
+        weight: 1,
+        stats_slot: slot_of(B4, 5353),
+    });
     r.snap = Snapshot::build(&grown).unwrap();
     // Within the UDP timeout the flows stay put.
     r.now += 60 * 1_000_000_000;
@@ -794,13 +802,13 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
     use crate::snapshot::OnBackendRemoval;
     let mut r = Rig::resolved();
     let mut s = spec();
-    s.services[0].on_backend_removal = OnBackendRemoval::Reset;
+    Arc::make_mut(&mut s.services[0]).on_backend_removal = OnBackendRemoval::Reset;
     r.snap = Snapshot::build(&s).unwrap();
     let before: Vec<u32> = (0..100u16).map(|p| connect(&mut r, 20000 + p)).collect();
     let victim = before.iter().position(|&b| b == BACKENDS[0]).expect("a flow on backend 0") as u16;
 
     let mut gone = s.clone();
-    gone.services[0].backends.remove(0);
+    Arc::make_mut(&mut gone.services[0]).backends.remove(0);
     r.snap = Snapshot::build(&gone).unwrap();
 
     // An ACK segment (seq 12345, ack 777) of the victim's flow comes back as

@@ -281,7 +281,7 @@ impl Snapshot {
         {
             return Ok(s);
         }
-        let before: Vec<&ServiceSpec> = previous.service_list.iter().map(|s| &s.spec).collect();
+        let before: Vec<&Arc<ServiceSpec>> = previous.service_list.iter().map(|s| &s.spec).collect();
         let services = delta.merge(&before, |k| &spec.services[delta.changed[k].0 as usize]);
         Snapshot::build_whole(spec, &services, Some(previous), version)
     }
@@ -500,11 +500,11 @@ impl Snapshot {
 /// the changed services only, and the others keep theirs.
 #[cfg(debug_assertions)]
 fn assert_delta_names_every_change(spec: &SnapshotSpec, previous: &Snapshot, delta: &SpecDelta) {
-    let before: Vec<Option<&ServiceSpec>> = previous.service_list.iter().map(|s| Some(&s.spec)).collect();
+    let before: Vec<Option<&ServiceSpec>> = previous.service_list.iter().map(|s| Some(&*s.spec)).collect();
     for (s, old) in spec.services.iter().zip(delta.merge(&before, |_| None)) {
         let Some(old) = old else { continue };
         let same = s.backends.len() == old.backends.len() && {
-            let mut s = s.clone();
+            let mut s = (**s).clone();
             for (b, o) in s.backends.iter_mut().zip(&old.backends) {
                 b.stats_slot = o.stats_slot;
             }

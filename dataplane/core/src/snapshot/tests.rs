@@ -46,7 +46,7 @@ fn spec() -> SnapshotSpec {
         ports: vec![port("client", 1, CLIENT_PORT_IP), port("backend", 2, BACKEND_PORT_IP)],
         routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTERS[0] }],
         neighbours: vec![],
-        services: (1..=4).map(service).collect(),
+        services: (1..=4).map(|i| Arc::new(service(i))).collect(),
         source_pools: ["pa", "pb"]
             .iter()
             .enumerate()
@@ -101,7 +101,7 @@ fn unchanged_services_are_shared_and_a_changed_one_is_rebuilt() {
     let mut sp = spec();
     let first = Snapshot::build(&sp).unwrap();
     assert_eq!(first.build_stats(), BuildStats { services_reused: 0, tables_reused: 0, tables_built: 4 });
-    sp.services[1].backends[2].weight = 5;
+    Arc::make_mut(&mut sp.services[1]).backends[2].weight = 5;
     let second = Snapshot::build_incremental(&sp, Some(&first), 7).unwrap();
     assert_eq!(second.version(), 7);
     assert_eq!(second.build_stats(), BuildStats { services_reused: 3, tables_reused: 0, tables_built: 1 });
@@ -149,8 +149,9 @@ fn a_changed_route_rebuilds_the_services_behind_it_around_their_tables() {
 #[test]
 fn a_changed_port_address_rebuilds_the_dsr_services_sourced_from_it() {
     let mut sp = spec();
-    sp.services[1].mode = ForwardingMode::Dsr { tunnel_source: None };
-    sp.services[2].mode = ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: ip(198, 18, 3, 0), len: 24 }) };
+    Arc::make_mut(&mut sp.services[1]).mode = ForwardingMode::Dsr { tunnel_source: None };
+    Arc::make_mut(&mut sp.services[2]).mode =
+        ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: ip(198, 18, 3, 0), len: 24 }) };
     let first = Snapshot::build(&sp).unwrap();
     assert_eq!(by_name(&first, "s2").backends[0].tunnel_src, BACKEND_PORT_IP);
     // The backend port gets another address on the same subnet.
@@ -169,7 +170,7 @@ fn a_changed_port_address_rebuilds_the_dsr_services_sourced_from_it() {
 #[test]
 fn reordered_source_pools_rebuild_the_fullnat_services_that_name_them() {
     let mut sp = spec();
-    sp.services[0].mode = ForwardingMode::FullNat { pool: "pb".to_owned() };
+    Arc::make_mut(&mut sp.services[0]).mode = ForwardingMode::FullNat { pool: "pb".to_owned() };
     let first = Snapshot::build(&sp).unwrap();
     assert_eq!(by_name(&first, "s1").mode, Mode::FullNat { pool: 1 });
     sp.source_pools.swap(0, 1);
@@ -187,7 +188,12 @@ fn a_new_next_hop_earlier_in_the_list_renumbers_the_slots_after_it() {
     let first = Snapshot::build(&sp).unwrap();
     // A new on-link backend for s1 (the first service) takes a slot before
     // every backend of s2..s4 that is on-link.
-    sp.services[0].backends.push(BackendSpec { addr: ip(198, 18, 1, 99), port: 80, weight: 1, stats_slot: 99 });
+    Arc::make_mut(&mut sp.services[0]).backends.push(BackendSpec {
+        addr: ip(198, 18, 1, 99),
+        port: 80,
+        weight: 1,
+        stats_slot: 99,
+    });
     let second = Snapshot::build_incremental(&sp, Some(&first), 2).unwrap();
     assert!(Arc::ptr_eq(by_name(&first, "s3"), by_name(&second, "s3")), "s3 is behind the route, slot 0");
     for name in ["s2", "s4"] {
@@ -201,7 +207,7 @@ fn a_new_next_hop_earlier_in_the_list_renumbers_the_slots_after_it() {
 fn a_backend_with_another_stats_slot_rebuilds_its_service_and_keeps_its_table() {
     let mut sp = spec();
     let first = Snapshot::build(&sp).unwrap();
-    sp.services[1].backends[2].stats_slot = 777;
+    Arc::make_mut(&mut sp.services[1]).backends[2].stats_slot = 777;
     let second = Snapshot::build_incremental(&sp, Some(&first), 2).unwrap();
     let (old, new) = (by_name(&first, "s2"), by_name(&second, "s2"));
     assert!(!Arc::ptr_eq(old, new), "the workers must see the new slot");
@@ -242,7 +248,7 @@ fn touched(old: &SnapshotSpec, new: &SnapshotSpec) -> (Vec<String>, Vec<String>)
 fn slots_of_changed_only(spec: &SnapshotSpec, changed: &[String]) -> SnapshotSpec {
     let mut spec = spec.clone();
     for s in spec.services.iter_mut().filter(|s| !changed.contains(&s.name)) {
-        for b in &mut s.backends {
+        for b in &mut Arc::make_mut(s).backends {
             b.stats_slot = crate::stats::NO_SLOT;
         }
     }
@@ -254,7 +260,7 @@ fn a_weight_change_named_by_the_caller_patches_the_indexes_and_shares_the_rest()
     let mut sp = spec();
     let first = Snapshot::build(&sp).unwrap();
     // s2 is on-link: its backends are next hops of their own.
-    sp.services[1].backends[2].weight = 5;
+    Arc::make_mut(&mut sp.services[1]).backends[2].weight = 5;
     let delta = first.delta(&sp, &["s2".to_owned()], &[]).unwrap();
     assert_eq!(delta.changed().collect::<Vec<_>>(), vec![(1, Some(1))]);
     assert!(!delta.moves());
@@ -281,7 +287,7 @@ fn services_created_and_deleted_by_name_move_the_others() {
     let first = Snapshot::build(&sp).unwrap();
     // s1 (behind the route) goes; s7 (behind it too) comes between s2 and s3.
     sp.services.remove(0);
-    sp.services.insert(1, service(7));
+    sp.services.insert(1, Arc::new(service(7)));
     let delta = first.delta(&sp, &["s7".to_owned()], &["s1".to_owned()]).unwrap();
     assert!(delta.moves());
     assert_eq!(delta.changed().collect::<Vec<_>>(), vec![(1, None)]);
@@ -293,7 +299,7 @@ fn services_created_and_deleted_by_name_move_the_others() {
     assert_eq!(second.service_index(service(7).vip, 80, Protocol::Tcp.number()), Some(1));
     assert!(!second.is_vip(service(1).vip) && !second.is_martian_source(service(1).vip));
     // The names are found at their new places by the next change.
-    sp.services[3].backends[0].weight = 0;
+    Arc::make_mut(&mut sp.services[3]).backends[0].weight = 0;
     let delta = second.delta(&sp, &["s4".to_owned()], &[]).unwrap();
     assert_eq!(delta.changed().collect::<Vec<_>>(), vec![(3, Some(3))]);
     let third = Snapshot::build_changed(&sp, &second, 3, &delta).unwrap();
@@ -307,14 +313,19 @@ fn services_created_and_deleted_by_name_move_the_others() {
 fn a_delta_that_needs_a_new_next_hop_compiles_everything_the_same() {
     let mut sp = spec();
     let first = Snapshot::build(&sp).unwrap();
-    sp.services[0].backends.push(BackendSpec { addr: ip(198, 18, 1, 99), port: 80, weight: 1, stats_slot: 99 });
+    Arc::make_mut(&mut sp.services[0]).backends.push(BackendSpec {
+        addr: ip(198, 18, 1, 99),
+        port: 80,
+        weight: 1,
+        stats_slot: 99,
+    });
     let delta = first.delta(&sp, &["s1".to_owned()], &[]).unwrap();
     let second = Snapshot::build_changed(&slots_of_changed_only(&sp, &["s1".to_owned()]), &first, 2, &delta).unwrap();
     assert!(!Arc::ptr_eq(&first.next_hops, &second.next_hops));
     assert_same_forwarding(&second, &Snapshot::build(&sp).unwrap());
     // A conflict with a service the delta does not name is found too.
     let mut bad = sp.clone();
-    bad.services[2].vip = bad.services[3].vip;
+    Arc::make_mut(&mut bad.services[2]).vip = bad.services[3].vip;
     let delta = second.delta(&bad, &["s3".to_owned()], &[]).unwrap();
     assert_eq!(Snapshot::build_changed(&bad, &second, 3, &delta).unwrap_err(), Snapshot::build(&bad).unwrap_err());
 }
@@ -365,7 +376,7 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
     match *e {
         Edit::Weight(s, b, w) => {
             if let Some(s) = pick(s) {
-                let bs = &mut sp.services[s].backends;
+                let bs = &mut Arc::make_mut(&mut sp.services[s]).backends;
                 if !bs.is_empty() {
                     let l = bs.len();
                     bs[usize::from(b) % l].weight = u32::from(w);
@@ -375,7 +386,7 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
         Edit::AddBackend(s, a) => {
             if let Some(s) = pick(s) {
                 let addr = if a.is_multiple_of(2) { ip(198, 18, 1, 100 + a % 50) } else { ip(198, 19, 1, a) };
-                let svc = &mut sp.services[s];
+                let svc = Arc::make_mut(&mut sp.services[s]);
                 if !svc.backends.iter().any(|b| b.addr == addr) {
                     svc.backends.push(BackendSpec { addr, port: 80, weight: 1, stats_slot: 1000 + u32::from(a) });
                 }
@@ -383,7 +394,7 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
         }
         Edit::RemoveBackend(s, b) => {
             if let Some(s) = pick(s) {
-                let bs = &mut sp.services[s].backends;
+                let bs = &mut Arc::make_mut(&mut sp.services[s]).backends;
                 if !bs.is_empty() {
                     let l = bs.len();
                     bs.remove(usize::from(b) % l);
@@ -392,13 +403,13 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
         }
         Edit::TableSize(s) => {
             if let Some(s) = pick(s) {
-                let t = &mut sp.services[s].table_size;
+                let t = &mut Arc::make_mut(&mut sp.services[s]).table_size;
                 *t = if *t == 251 { 509 } else { 251 };
             }
         }
         Edit::Mode(s, m) => {
             if let Some(s) = pick(s) {
-                sp.services[s].mode = match m {
+                Arc::make_mut(&mut sp.services[s]).mode = match m {
                     0 => ForwardingMode::Nat,
                     1 => ForwardingMode::FullNat { pool: "pa".to_owned() },
                     2 => ForwardingMode::FullNat { pool: "pb".to_owned() },
@@ -409,7 +420,7 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
         }
         Edit::Removal(s) => {
             if let Some(s) = pick(s) {
-                let r = &mut sp.services[s].on_backend_removal;
+                let r = &mut Arc::make_mut(&mut sp.services[s]).on_backend_removal;
                 *r = if *r == OnBackendRemoval::Rehash { OnBackendRemoval::Reset } else { OnBackendRemoval::Rehash };
             }
         }
@@ -417,7 +428,7 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
             if !sp.services.iter().any(|s| s.name == format!("s{i}")) {
                 // Inserted in the middle, as a new name sorts among others.
                 let at = usize::from(i) % (n + 1);
-                sp.services.insert(at, service(i));
+                sp.services.insert(at, Arc::new(service(i)));
             }
         }
         Edit::RemoveService(s) => {
@@ -443,7 +454,7 @@ fn apply(sp: &mut SnapshotSpec, e: &Edit) {
         }
         Edit::Vip(s, v) => {
             if let Some(s) = pick(s) {
-                let svc = &mut sp.services[s];
+                let svc = Arc::make_mut(&mut sp.services[s]);
                 svc.vip = ip(198, 18, 100, v);
                 svc.port = 1000 + s as u16;
             }
@@ -547,7 +558,7 @@ fn a_changed_new_flow_limit_recompiles_the_service_around_its_table() {
     let first = Snapshot::build(&sp).unwrap();
     assert_eq!(by_name(&first, "s2").new_flow_limit, None);
     let limit = NewFlowLimit { per_second: 100, burst: 200, prefix_len: 24 };
-    sp.services[1].new_flow_limit = Some(limit);
+    Arc::make_mut(&mut sp.services[1]).new_flow_limit = Some(limit);
     let second = Snapshot::build_incremental(&sp, Some(&first), 2).unwrap();
     assert_eq!(second.build_stats(), BuildStats { services_reused: 3, tables_reused: 1, tables_built: 0 });
     let s2 = by_name(&second, "s2");
@@ -556,7 +567,7 @@ fn a_changed_new_flow_limit_recompiles_the_service_around_its_table() {
     assert_eq!(s2.new_flow_limit.unwrap().interval_ns, 10_000_000);
     assert_eq!(s2.spec().new_flow_limit, Some(limit));
     // Removing it is a change too.
-    sp.services[1].new_flow_limit = None;
+    Arc::make_mut(&mut sp.services[1]).new_flow_limit = None;
     let third = Snapshot::build_incremental(&sp, Some(&second), 3).unwrap();
     assert_eq!(by_name(&third, "s2").new_flow_limit, None);
     assert!(!Arc::ptr_eq(by_name(&second, "s2"), by_name(&third, "s2")));
@@ -566,10 +577,10 @@ fn a_changed_new_flow_limit_recompiles_the_service_around_its_table() {
 fn a_new_flow_limit_out_of_bounds_is_refused() {
     use crate::admission::NewFlowLimit;
     let mut sp = spec();
-    sp.services[2].new_flow_limit = Some(NewFlowLimit { per_second: 0, burst: 1, prefix_len: 32 });
+    Arc::make_mut(&mut sp.services[2]).new_flow_limit = Some(NewFlowLimit { per_second: 0, burst: 1, prefix_len: 32 });
     let e = Snapshot::build(&sp).unwrap_err();
     assert_eq!(e.to_string(), "service \"s3\": new_flow_limit.per_second: 0 is not from 1 to 1000000");
-    sp.services[2].new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 33 });
+    Arc::make_mut(&mut sp.services[2]).new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 33 });
     let e = Snapshot::build(&sp).unwrap_err();
     assert_eq!(e.to_string(), "service \"s3\": new_flow_limit.prefix_len: 33 is not a prefix length from 0 to 32");
 }

@@ -85,7 +85,7 @@ fn reply(r: &mut Rig, backend: u32, to: (u32, u16), flags: u8) -> Verdict {
 /// A rig in `mode` with the web service's backends at `weights`.
 fn rig_in(mode: &ForwardingMode, weights: [u32; 3], ports: (u16, u16)) -> Rig {
     let mut s = spec_mode(mode, ports);
-    for (b, w) in s.services[0].backends.iter_mut().zip(weights) {
+    for (b, w) in Arc::make_mut(&mut s.services[0]).backends.iter_mut().zip(weights) {
         b.weight = w;
     }
     Rig::with_spec(&s)
@@ -93,7 +93,7 @@ fn rig_in(mode: &ForwardingMode, weights: [u32; 3], ports: (u16, u16)) -> Rig {
 
 fn respec(r: &mut Rig, mode: &ForwardingMode, weights: [u32; 3], ports: (u16, u16)) {
     let mut s = spec_mode(mode, ports);
-    for (b, w) in s.services[0].backends.iter_mut().zip(weights) {
+    for (b, w) in Arc::make_mut(&mut s.services[0]).backends.iter_mut().zip(weights) {
         b.weight = w;
     }
     r.snap = Snapshot::build(&s).unwrap();

@@ -18,6 +18,7 @@ pub(super) fn spec_mode(mode: &ForwardingMode, ports: (u16, u16)) -> SnapshotSpe
         last_port: ports.1,
     }];
     for svc in &mut s.services {
+        let svc = Arc::make_mut(svc);
         svc.mode = mode.clone();
         if matches!(mode, ForwardingMode::Dsr { .. }) {
             for b in &mut svc.backends {
@@ -244,7 +245,7 @@ fn dsr_without_headroom_is_dropped_and_counted() {
 #[test]
 fn dsr_backends_must_listen_on_the_service_port() {
     let mut s = spec_mode(&dsr(), (1024, 65535));
-    s.services[0].backends[1].port = 8080;
+    Arc::make_mut(&mut s.services[0]).backends[1].port = 8080;
     let e = Snapshot::build(&s).unwrap_err();
     assert!(e.to_string().contains("cannot change the port"), "{e}");
 }

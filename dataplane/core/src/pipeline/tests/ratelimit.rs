@@ -11,7 +11,7 @@ const SECOND: u64 = 1_000_000_000;
 fn limited(svc: usize, per_second: u32, burst: u32, prefix_len: u8) -> Rig {
     let mut r = Rig::resolved();
     let mut s = spec();
-    s.services[svc].new_flow_limit = Some(NewFlowLimit { per_second, burst, prefix_len });
+    Arc::make_mut(&mut s.services[svc]).new_flow_limit = Some(NewFlowLimit { per_second, burst, prefix_len });
     r.snap = Snapshot::build(&s).unwrap();
     r
 }
@@ -99,8 +99,8 @@ fn a_prefix_length_counts_a_subnet_as_one_source() {
 fn each_service_has_its_own_limit() {
     let mut r = Rig::resolved();
     let mut s = spec();
-    s.services[0].new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 32 });
-    s.services[1].new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 2, prefix_len: 32 });
+    Arc::make_mut(&mut s.services[0]).new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 32 });
+    Arc::make_mut(&mut s.services[1]).new_flow_limit = Some(NewFlowLimit { per_second: 1, burst: 2, prefix_len: 32 });
     r.snap = Snapshot::build(&s).unwrap();
     assert_eq!(syn(&mut r, CLIENT, 30000), Verdict::Transmit(1));
     assert_eq!(syn(&mut r, CLIENT, 30001), Verdict::Drop(DropReason::RateLimited));

@@ -141,7 +141,7 @@ fn a_flow_moves_its_count_when_rehashed_or_when_its_backend_changes_slot() {
 
     // Backend 1 gets another slot (it was removed and added back, say).
     let mut s = spec_with(&[(BACKENDS[1], 1), (BACKENDS[2], 1)]);
-    s.services[0].backends[0].stats_slot = 9999;
+    Arc::make_mut(&mut s.services[0]).backends[0].stats_slot = 9999;
     r.snap = Snapshot::build(&s).unwrap();
     let on_b1 = slot(&r, BACKENDS[1], 8080).active;
     for p in 0..300u16 {
@@ -156,11 +156,11 @@ fn a_flow_moves_its_count_when_rehashed_or_when_its_backend_changes_slot() {
 fn a_reset_flow_leaves_its_gauge() {
     let mut r = Rig::resolved();
     let mut s = spec();
-    s.services[0].on_backend_removal = crate::snapshot::OnBackendRemoval::Reset;
+    Arc::make_mut(&mut s.services[0]).on_backend_removal = crate::snapshot::OnBackendRemoval::Reset;
     r.snap = Snapshot::build(&s).unwrap();
     let before: Vec<u32> = (0..100u16).map(|p| connect(&mut r, 20000 + p)).collect();
     let gone = before.iter().filter(|&&b| b == BACKENDS[0]).count() as u64;
-    s.services[0].backends.remove(0);
+    Arc::make_mut(&mut s.services[0]).backends.remove(0);
     r.snap = Snapshot::build(&s).unwrap();
     for p in 0..100u16 {
         let mut f = segment((CLIENT, 20000 + p), (VIP, 80), ACK, b"");
@@ -208,6 +208,7 @@ fn reconfigured(gone: u8, shift: u32, fullnat: bool) -> SnapshotSpec {
     }];
     // Small slots (the test's table has 32): 8 per shift, 4 per service.
     for (si, svc) in s.services.iter_mut().enumerate() {
+        let svc = Arc::make_mut(svc);
         for (bi, b) in svc.backends.iter_mut().enumerate() {
             b.stats_slot = shift * 8 + si as u32 * 4 + bi as u32;
         }
@@ -216,7 +217,7 @@ fn reconfigured(gone: u8, shift: u32, fullnat: bool) -> SnapshotSpec {
         }
     }
     if fullnat {
-        s.services[0].mode = ForwardingMode::FullNat { pool: "p".into() };
+        Arc::make_mut(&mut s.services[0]).mode = ForwardingMode::FullNat { pool: "p".into() };
     }
     s
 }
