@@ -338,13 +338,19 @@ kernel_interface = "gwb"
     /// Waits for vipgated to exit; its status.
     fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let child = self.child.as_mut().expect("running");
+        let pid = child.id();
         let deadline = Instant::now() + within;
         loop {
             if let Some(s) = child.try_wait().expect("wait") {
                 self.child = None;
                 return s;
             }
-            assert!(Instant::now() < deadline, "vipgated did not exit within {within:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "vipgated did not exit within {within:?}:\n{}\n{}",
+                self.log(),
+                vipgate::thread_stacks(pid)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

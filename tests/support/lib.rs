@@ -492,13 +492,34 @@ impl NullGateway {
         }
     }
 
-    /// Panics, with the log, once `deadline` (of a stop) has passed.
+    /// Panics, with the log and every thread's stack, once `deadline` (of
+    /// a stop) has passed.
     pub fn assert_stop_deadline(&self, deadline: Instant) {
         assert!(
             Instant::now() < deadline,
-            "vipgated did not stop within {NULL_GATEWAY_STOP_TIMEOUT:?} of SIGTERM:\n{}",
-            self.log_text()
+            "vipgated did not stop within {NULL_GATEWAY_STOP_TIMEOUT:?} of SIGTERM:\n{}\n{}",
+            self.log_text(),
+            thread_stacks(self.pid())
         );
+    }
+}
+
+/// Every thread's stack of process `pid`, by gdb in batch mode, for the
+/// message of a test that found the process hung; says so when gdb is
+/// missing or fails.
+pub fn thread_stacks(pid: u32) -> String {
+    let out = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let stacks: Vec<&str> = text.lines().filter(|l| l.starts_with("Thread ") || l.starts_with('#')).collect();
+            format!("--- threads of pid {pid} (gdb) ---\n{}", stacks.join("\n"))
+        }
+        Ok(o) => format!("(gdb could not read pid {pid}'s stacks: {})", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => format!("(no stacks of pid {pid}: gdb: {e})"),
     }
 }
 

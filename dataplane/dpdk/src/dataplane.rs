@@ -12,7 +12,7 @@ use crate::worker::{Heartbeat, WorkerSetup, rdtsc, worker_main};
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::driver::{DataplaneConfig, PortStats};
 use vipgate_dataplane::loaded::LoadedSnapshot;
@@ -338,11 +338,44 @@ impl Dataplane {
         DpdkError::Stalled { lcores, waited: e.waited }
     }
 
+    /// Waits for every worker's function to return (the stop flag set).
+    /// A worker returns within one loop iteration; one that has not after
+    /// [`Self::STOP_REPORT_EVERY`] is named in the log, with its lcore's
+    /// state and how long ago it last completed an iteration, and again
+    /// every so often, so that a stop that hangs says where.
+    fn wait_workers(&self) {
+        let start = Instant::now();
+        let mut report_at = Self::STOP_REPORT_EVERY;
+        loop {
+            let running: Vec<&WorkerView> = self.workers.iter().filter(|w| w.running()).collect();
+            if running.is_empty() {
+                return;
+            }
+            if start.elapsed() >= report_at {
+                for w in running {
+                    tracing::warn!(
+                        lcore = w.lcore,
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        last_loop_ms = w.since_last_loop().map(|d| d.as_millis() as u64),
+                        "stopping: a worker has not returned yet"
+                    );
+                }
+                report_at += Self::STOP_REPORT_EVERY;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// How often a stop names the workers it still waits for.
+    const STOP_REPORT_EVERY: Duration = Duration::from_secs(2);
+
     fn stop_workers(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if self.launched {
-            // SAFETY: called from the main lcore; waits for every worker
-            // launched above to return.
+            self.wait_workers();
+            // SAFETY: called from the main lcore; every worker launched
+            // above has returned (waited for just before), so this only
+            // collects their return values.
             unsafe { vipgate_ffi::rte_eal_mp_wait_lcore() };
             self.launched = false;
         }

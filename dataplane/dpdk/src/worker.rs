@@ -29,6 +29,7 @@ use std::ffi::c_void;
 use std::ptr::null_mut;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::loaded::LoadedSnapshot;
@@ -108,9 +109,11 @@ impl WorkerSetup {
         for (dense, &id) in self.port_ids.iter().enumerate() {
             dense_of[usize::from(id)] = dense as u16;
         }
-        for (addr, len) in pipeline.flow_memory() {
+        let regions: Vec<(usize, usize)> = pipeline.flow_memory().into_iter().collect();
+        for &(addr, len) in &regions {
             advise_huge_pages(addr, len);
         }
+        let collapse = start_collapse(self.index, regions, Arc::clone(&self.stop));
         let worker = Worker {
             queue: self.queue,
             port_ids: self.port_ids,
@@ -125,30 +128,84 @@ impl WorkerSetup {
             inbound: self.inbound,
             dense_of,
             exception: self.exception,
+            collapse,
         };
         (worker, self.snapshot)
     }
 }
 
-/// Asks the kernel to back `len` bytes at `addr` with transparent huge
-/// pages, and to convert the pages already there (Linux 6.1+), so that
-/// lookups spread over a large flow table do not miss the TLB on every
-/// packet. Advice only: if the kernel declines (older kernel, THP disabled)
-/// nothing changes but speed.
-fn advise_huge_pages(addr: usize, len: usize) {
-    const HUGE: usize = 2 << 20;
-    // Only whole 2 MiB pages inside the region can be huge.
+/// A transparent huge page.
+const HUGE: usize = 2 << 20;
+
+/// The whole 2 MiB pages inside `len` bytes at `addr` (only those can be
+/// huge), as a start and an end.
+fn huge_span(addr: usize, len: usize) -> Option<(usize, usize)> {
     let start = addr.next_multiple_of(HUGE);
     let end = (addr + len) / HUGE * HUGE;
-    if end <= start {
-        return;
+    (end > start).then_some((start, end))
+}
+
+/// Asks the kernel to back `len` bytes at `addr` with transparent huge
+/// pages, so that lookups spread over a large flow table do not miss the
+/// TLB on every packet. Cheap: it marks the range, and khugepaged (or
+/// [`start_collapse`]) converts the pages already there. Advice only: if
+/// the kernel declines (THP disabled) nothing changes but speed.
+fn advise_huge_pages(addr: usize, len: usize) {
+    let Some((start, end)) = huge_span(addr, len) else { return };
+    // SAFETY: [start, end) lies inside an allocation this thread owns (the
+    // flow table's boxed slices, alive for the worker's life);
+    // MADV_HUGEPAGE changes how it is backed, never its contents.
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+}
+
+/// Converts the pages already in `regions` (the worker's flow table,
+/// written when it was built) into huge pages now (`MADV_COLLAPSE`, Linux
+/// 6.1+) rather than whenever khugepaged gets to them, on a thread of its
+/// own, one 2 MiB page at a time. A collapse is synchronous and may
+/// compact memory first: on a busy host one took more than 20 s, which on
+/// the worker itself held its first poll, and its stop, that long. The
+/// thread stops between two pages once `stop` is set, and the worker joins
+/// it before its table is freed. It runs on any CPU, not the worker's.
+/// `None` if the thread could not be started (speed only is lost).
+fn start_collapse(index: usize, regions: Vec<(usize, usize)>, stop: Arc<AtomicBool>) -> Option<JoinHandle<()>> {
+    let spans: Vec<(usize, usize)> = regions.into_iter().filter_map(|(a, l)| huge_span(a, l)).collect();
+    if spans.is_empty() {
+        return None;
     }
-    for advice in [libc::MADV_HUGEPAGE, libc::MADV_COLLAPSE] {
-        // SAFETY: [start, end) lies inside an allocation this thread owns
-        // (the flow table's boxed slices, alive for the worker's life);
-        // MADV_HUGEPAGE and MADV_COLLAPSE change how it is backed, never
-        // its contents.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+    std::thread::Builder::new()
+        .name(format!("vg-thp-{index}"))
+        .spawn(move || {
+            unpin_current_thread();
+            for (start, end) in spans {
+                for page in (start..end).step_by(HUGE) {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // SAFETY: the page lies inside the worker's flow table,
+                    // which the worker frees only after joining this thread;
+                    // MADV_COLLAPSE changes how memory is backed, never its
+                    // contents, so the worker may read and write it
+                    // meanwhile.
+                    unsafe { libc::madvise(page as *mut libc::c_void, HUGE, libc::MADV_COLLAPSE) };
+                }
+            }
+        })
+        .ok()
+}
+
+/// Lets the calling thread run on every CPU: a thread a worker starts
+/// inherits its lcore's single CPU, which the worker keeps busy.
+fn unpin_current_thread() {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed; CPU_SET writes
+    // inside it (every index is below CPU_SETSIZE); sched_setaffinity(0, ..)
+    // changes only this thread's mask, and the kernel keeps the CPUs that
+    // exist and are allowed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -173,6 +230,9 @@ pub(crate) struct Worker {
     dense_of: Vec<u16>,
     /// Rings to and from the exception thread.
     exception: Option<KernelRings>,
+    /// The thread converting the flow table to huge pages
+    /// ([`start_collapse`]), joined when the loop ends.
+    collapse: Option<JoinHandle<()>>,
 }
 
 /// When a worker last completed an iteration of its loop, as the TSC read
@@ -295,6 +355,11 @@ pub(crate) unsafe extern "C" fn worker_main(arg: *mut c_void) -> i32 {
     let setup = unsafe { Box::from_raw(arg as *mut WorkerSetup) };
     let (mut worker, mut snapshot) = setup.build();
     worker.run(&mut snapshot);
+    // The collapse thread reads the flow table's addresses: it ends (within
+    // one page, the stop flag being set) before the table is freed.
+    if let Some(t) = worker.collapse.take() {
+        let _ = t.join();
+    }
     // Dropping the reader takes it offline: publications stop waiting for
     // this worker.
     0
