@@ -269,6 +269,13 @@ fn main() {
     let route = "\n[[routes]]\nprefix = \"198.19.0.0/16\"\nvia = \"198.18.1.254\"\n";
     let mut gw = NullGateway::builder("pub").lcores(&o.lcores).receiving().extra_config(route).build();
     gw.spawn();
+    // The client asks for a short scheduler slice, as vipgated's control
+    // plane does: on this machine it shares a CPU with a busy worker, where
+    // a real client (an operator's shell, a controller) would not be, and
+    // each of its wake-ups would otherwise wait out the worker's slice.
+    let slice = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE)
+        .and_then(|()| vipgate_dpdk::sched::current_slice());
+    println!("client scheduler slice: {slice:?}");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async {
         let (mut sm, mut gc) = serving(&mut gw, |_| true).await;

@@ -150,21 +150,39 @@ impl Eligibility {
     }
 
     /// Computes the services named `names` again (each static, dynamic, or
-    /// gone).
+    /// gone). True if that changed [`Eligibility::map`]: a VIP came, went,
+    /// or became eligible or not (most changes, a weight or a backend among
+    /// others, change nothing there, and the announcer need not hear of
+    /// them).
     pub fn refresh<'a>(
         &mut self,
         config: &Config,
         dynamic: &DesiredState,
         down: &HashSet<TargetKey>,
         names: impl IntoIterator<Item = &'a str>,
-    ) {
+    ) -> bool {
+        // The VIPs the named services had and have, as `map` shows them
+        // before and after.
+        let mut touched: Vec<(Ipv4Addr, Option<bool>)> = Vec::new();
         for name in names {
             let entry = match dynamic.services.get(name) {
                 Some(s) => Some(dynamic_backends(s, down)),
                 None => config.services().iter().find(|s| s.name == name).map(|s| static_backends(s, down)),
             };
-            self.set(name, entry.map(|s| (s.vip, !s.taking_new_flows.is_empty())));
+            let entry = entry.map(|s| (s.vip, !s.taking_new_flows.is_empty()));
+            for vip in self.services.get(name).map(|e| e.0).into_iter().chain(entry.map(|e| e.0)) {
+                if !touched.iter().any(|t| t.0 == vip) {
+                    touched.push((vip, self.eligible(vip)));
+                }
+            }
+            self.set(name, entry);
         }
+        touched.iter().any(|&(vip, before)| self.eligible(vip) != before)
+    }
+
+    /// What [`Eligibility::map`] says of `vip`: `None` if it is no VIP.
+    fn eligible(&self, vip: Ipv4Addr) -> Option<bool> {
+        self.vips.get(&vip).map(|&(_, taking)| taking > 0)
     }
 
     fn set(&mut self, name: &str, entry: Option<(Ipv4Addr, bool)>) {

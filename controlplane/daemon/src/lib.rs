@@ -162,7 +162,18 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // lcore below. Its only other threads are the blocking pool's, started
     // on demand to write the state file (`Reloader::commit`); they never
     // touch DPDK.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    //
+    // Every one of those threads asks for a short scheduler slice, so that
+    // it gets its CPU soon after it wakes even when a busy worker shares
+    // that CPU (see `vipgate_dpdk::sched`); the main thread asks once EAL
+    // has placed it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            let _ = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE);
+        })
+        .build()
+        .map_err(DaemonError::Runtime)?;
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
     // The state directory is this daemon's until it exits: a second one on
@@ -193,6 +204,15 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
 
     info!(version = %Eal::version(), args = %config.eal_args.join(" "), "initialising EAL");
     let eal = Eal::init(&config.eal_args)?;
+    match vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE)
+        .and_then(|()| vipgate_dpdk::sched::current_slice())
+    {
+        Ok(slice) if slice.is_zero() => {
+            info!("scheduler slice: the kernel's default (custom slices need Linux 6.12)");
+        }
+        Ok(slice) => info!(slice_us = slice.as_micros() as u64, "control plane threads: scheduler slice"),
+        Err(e) => tracing::warn!("control plane threads keep the kernel's default scheduler slice: {e}"),
+    }
     if let Err(e) = eal.init_packet_capture() {
         tracing::warn!("packet capture (dpdk-dumpcap) unavailable: {e}");
     }
@@ -637,13 +657,16 @@ impl Reloader {
             let candidate = Candidate { config: Arc::clone(&self.running), dynamic: new, effective };
             self.commit(candidate, snapshot, compiled, change, dataplane).await?;
             self.checker.apply(health);
-            self.eligibility.refresh(
+            // The announcer hears of a change only if it changes which
+            // VIPs may be announced (it compares every VIP).
+            if self.eligibility.refresh(
                 &self.running,
                 &self.dynamic,
                 self.checker.down_ref(),
                 touched.iter().map(String::as_str),
-            );
-            self.announce_state();
+            ) {
+                self.announce_state();
+            }
             Ok(Applied { version: self.dynamic.version, generations: self.dynamic.generations.clone() })
         }
         .await;
@@ -716,8 +739,9 @@ impl Reloader {
         }
         self.slots.apply(plan);
         let services: HashSet<&str> = transitions.iter().map(|t| t.key.service.as_str()).collect();
-        self.eligibility.refresh(&self.running, &self.dynamic, self.checker.down_ref(), services);
-        self.announce_state();
+        if self.eligibility.refresh(&self.running, &self.dynamic, self.checker.down_ref(), services) {
+            self.announce_state();
+        }
         let ms = start.elapsed().as_secs_f64() * 1e3;
         for t in transitions {
             if t.up {

@@ -873,20 +873,25 @@ fn announce_eligibility_kept_service_by_service_equals_the_whole_computation() {
         step(&mut next);
         let change = Change::between("test", &state, &next);
         let names = change.services_changed.iter().chain(&change.services_deleted).map(String::as_str);
-        e.refresh(&c, &next, &none, names);
+        let before = e.map();
+        let changed = e.refresh(&c, &next, &none, names);
         assert_eq!(e.map(), eligibility(&c, &next, &none), "step {i}");
+        assert_eq!(changed, e.map() != before, "step {i}: refresh says whether the map changed");
         state = next;
     }
-    // A backend down: only its service is computed again.
+    // Steps 1 and 2 change the map; step 0 (the VIP stays eligible
+    // through another service) is checked above to report no change.
+    // A backend down: only its service is computed again; one of two
+    // down changes nothing the announcer sees.
     let down =
         HashSet::from([TargetKey { service: "other".into(), address: Ipv4Addr::new(198, 18, 1, 20), port: 8080 }]);
-    e.refresh(&c, &state, &down, ["other"]);
+    assert!(!e.refresh(&c, &state, &down, ["other"]), "other still has a backend up");
     assert_eq!(e.map(), eligibility(&c, &state, &down));
     let down2 = HashSet::from([
         TargetKey { service: "other".into(), address: Ipv4Addr::new(198, 18, 1, 20), port: 8080 },
         TargetKey { service: "other".into(), address: Ipv4Addr::new(198, 18, 1, 21), port: 8080 },
     ]);
-    e.refresh(&c, &state, &down2, ["other"]);
+    assert!(e.refresh(&c, &state, &down2, ["other"]), "other's VIP is no longer eligible");
     let map = e.map();
     assert_eq!(map, eligibility(&c, &state, &down2));
     assert_eq!(map.get(&Ipv4Addr::new(198, 18, 100, 7)), Some(&false));

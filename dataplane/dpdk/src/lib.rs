@@ -15,6 +15,7 @@ mod handoff;
 mod mempool;
 mod port;
 pub mod rcu;
+pub mod sched;
 mod worker;
 
 pub use dataplane::{Dataplane, PortView, ShutdownReport, WorkerView};

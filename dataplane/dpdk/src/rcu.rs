@@ -99,6 +99,11 @@ pub const OFFLINE: u64 = u64::MAX;
 /// asynchronously, yields to the runtime) before it sleeps between polls.
 const SPINS_BEFORE_SLEEP: u32 = 64;
 
+/// How long [`Publisher::synchronize_async`] sleeps on its own thread
+/// between polls (short sleeps, which block the runtime's thread) before it
+/// sleeps on tokio's timer (a millisecond at least).
+const SHORT_SLEEPS_FOR: Duration = Duration::from_millis(2);
+
 /// Sleep between two polls of the slots, once spinning is over. Workers pass
 /// a quiescent state every few microseconds; tokio's timer rounds this up to
 /// its 1 ms resolution.
@@ -318,9 +323,14 @@ impl<T> Publisher<T> {
     }
 
     /// [`Publisher::synchronize`] for a tokio runtime, including a
-    /// current-thread one: between two polls of the slots it yields to the
-    /// runtime, then sleeps on tokio's timer, so the runtime's other tasks
-    /// keep running. Cancelling it (dropping the future) frees nothing; a
+    /// current-thread one. Between two polls of the slots it first yields
+    /// to the runtime; then, for at most [`SHORT_SLEEPS_FOR`], it sleeps
+    /// [`POLL_SLEEP`] on the thread itself, which gives the CPU to a worker
+    /// that shares it and is back as soon as that worker has passed its
+    /// quiescent state (a worker does every few microseconds; tokio's timer
+    /// would round each sleep up to a millisecond); after that, it sleeps
+    /// on tokio's timer, so the runtime's other tasks keep running while a
+    /// worker is slow. Cancelling it (dropping the future) frees nothing; a
     /// later synchronisation does.
     pub async fn synchronize_async(&self, grace: Grace, timeout: Duration) -> Result<(), Stalled> {
         let start = Instant::now();
@@ -329,6 +339,10 @@ impl<T> Publisher<T> {
             match self.poll(grace, start, timeout) {
                 Some(result) => return result,
                 None if polls < SPINS_BEFORE_SLEEP => tokio::task::yield_now().await,
+                None if start.elapsed() < SHORT_SLEEPS_FOR => {
+                    std::thread::sleep(POLL_SLEEP);
+                    tokio::task::yield_now().await;
+                }
                 None => tokio::time::sleep(POLL_SLEEP).await,
             }
             polls = polls.saturating_add(1);
