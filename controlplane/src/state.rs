@@ -39,6 +39,11 @@ pub const DEFAULT_OWNER: &str = "cli";
 /// At most this many operations in one batch.
 pub const MAX_BATCH: usize = 10_000;
 
+/// The owner of every static object (a service or pool of the
+/// configuration file): empty, which [`check_owner`](crate::checks::check_owner)
+/// refuses, so that no API owner can be it.
+pub const STATIC_OWNER: &str = "";
+
 /// The dynamic desired state: everything created through the API.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,7 +83,8 @@ fn default_owner() -> String {
     DEFAULT_OWNER.to_owned()
 }
 
-/// A dynamic service.
+/// A service: a dynamic one (of the API) or a static one (of the
+/// configuration file, owned by [`STATIC_OWNER`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceState {
@@ -126,12 +132,12 @@ pub struct NewFlowLimitState {
 
 impl NewFlowLimitState {
     /// The dataplane's limit, checked; an error names
-    /// `services["web"].new_flow_limit.<field>`.
-    pub fn to_spec(self, service: &str) -> Result<NewFlowLimit, StateError> {
+    /// `<at>.new_flow_limit.<field>`, `at` being the service's field path.
+    fn to_spec(self, at: &str) -> Result<NewFlowLimit, Refusal> {
         let limit = NewFlowLimit { per_second: self.per_second, burst: self.burst, prefix_len: self.prefix_len };
         limit
             .validate()
-            .map_err(|e| StateError::invalid(service_field(service, &format!("new_flow_limit.{}", e.field())), e))?;
+            .map_err(|e| Refusal { field: format!("{at}.new_flow_limit.{}", e.field()), reason: e.to_string() })?;
         Ok(limit)
     }
 }
@@ -238,7 +244,8 @@ pub enum AdminState {
     Disabled,
 }
 
-/// A dynamic FullNAT source pool.
+/// A FullNAT source pool: a dynamic one (of the API) or a static one (of
+/// the configuration file, owned by [`STATIC_OWNER`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolState {
@@ -253,6 +260,13 @@ pub struct PoolState {
     /// Who manages it ([`check_owner`](crate::checks::check_owner)).
     #[serde(default = "default_owner")]
     pub owner: String,
+}
+
+impl PoolState {
+    /// Whether it is a static pool, of the configuration file.
+    pub fn is_static(&self) -> bool {
+        self.owner == STATIC_OWNER
+    }
 }
 
 /// Which gRPC status an error maps to.
@@ -306,7 +320,7 @@ pub fn backend_field(name: &str, index: usize, field: &str) -> String {
     format!("services[{name:?}].backends[{index}].{field}")
 }
 
-fn pool_field(name: &str, field: &str) -> String {
+pub(crate) fn pool_field(name: &str, field: &str) -> String {
     format!("source_pools[{name:?}].{field}")
 }
 
@@ -338,9 +352,15 @@ pub fn parse_weight(v: Option<u32>) -> Result<u32, String> {
 }
 
 impl ServiceState {
+    /// Whether it is a static service, of the configuration file.
+    pub fn is_static(&self) -> bool {
+        self.owner == STATIC_OWNER
+    }
+
     /// The dataplane's service, leaving disabled backends out and giving
-    /// draining ones weight 0.
-    fn to_spec(&self) -> Result<ServiceSpec, StateError> {
+    /// draining ones weight 0; an error names the field under `at`, the
+    /// service's field path.
+    fn to_spec(&self, at: &str) -> Result<ServiceSpec, Refusal> {
         let mode = match &self.mode {
             ModeState::Nat => ForwardingMode::Nat,
             ModeState::Fullnat { source_pool } => ForwardingMode::FullNat { pool: source_pool.clone() },
@@ -348,8 +368,7 @@ impl ServiceState {
                 tunnel_source: match tunnel_source {
                     None => None,
                     Some(t) => Some(
-                        parse_cidr(t, 16)
-                            .map_err(|r| StateError::invalid(service_field(&self.name, "tunnel_source"), r))?,
+                        parse_cidr(t, 16).map_err(|reason| Refusal { field: format!("{at}.tunnel_source"), reason })?,
                     ),
                 },
             },
@@ -377,7 +396,7 @@ impl ServiceState {
                 RemovalState::Reset => OnBackendRemoval::Reset,
             },
             mode,
-            new_flow_limit: self.new_flow_limit.map(|l| l.to_spec(&self.name)).transpose()?,
+            new_flow_limit: self.new_flow_limit.map(|l| l.to_spec(at)).transpose()?,
         })
     }
 }
@@ -502,21 +521,24 @@ pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<TargetKey>) {
     }
 }
 
-/// Every forwarding backend of static ∪ dynamic services, with its
-/// service's check. Disabled backends do not forward and are not probed;
-/// draining ones are.
+/// Every service of the desired state: the static ones of `config`, in
+/// file order, then the dynamic ones of `dynamic`, in name order. One
+/// model for both; [`ServiceState::is_static`] tells them apart.
+pub fn all_services<'a>(config: &'a Config, dynamic: &'a DesiredState) -> impl Iterator<Item = &'a ServiceState> {
+    config.services().iter().chain(dynamic.services.values())
+}
+
+/// Service `name` of the desired state, static or dynamic.
+pub fn find_service<'a>(config: &'a Config, dynamic: &'a DesiredState, name: &str) -> Option<&'a ServiceState> {
+    dynamic.services.get(name).or_else(|| config.services().iter().find(|s| s.name == name))
+}
+
+/// Every forwarding backend of the desired state's services, static and
+/// dynamic, with its service's check. Disabled backends do not forward and
+/// are not probed; draining ones are.
 pub fn health_targets(config: &Config, dynamic: &DesiredState) -> Vec<Target> {
     let mut out = Vec::new();
-    for s in config.services() {
-        let check = config.health_check(&s.name);
-        for b in &s.backends {
-            out.push(Target {
-                key: TargetKey { service: s.name.clone(), address: Ipv4Addr::from(b.addr), port: b.port },
-                check: check.cloned(),
-            });
-        }
-    }
-    for s in dynamic.services.values() {
+    for s in all_services(config, dynamic) {
         push_dynamic_targets(&mut out, s);
     }
     out
@@ -1423,7 +1445,7 @@ impl StateHandle {
 }
 
 mod effective;
-pub use effective::Effective;
+pub use effective::{Effective, Refusal};
 
 #[cfg(test)]
 mod tests;
