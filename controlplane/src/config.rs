@@ -27,7 +27,7 @@ use vipgate_dataplane::snapshot::{
 use vipgate_dataplane::wire::EthernetAddress;
 
 pub mod announce_settings;
-pub mod health_check;
+pub use crate::health_check;
 
 use announce_settings::AnnounceSettings;
 use health_check::HealthCheck;
@@ -36,7 +36,7 @@ use crate::checks::{
     MAX_BACKENDS, check_backend_count, check_pool_size, check_port_number, check_table_size, check_weight, is_unicast,
     parse_cidr,
 };
-use crate::state::{
+use crate::model::{
     AdminState, BackendState, Effective, ModeState, PoolState, ProtocolState, Refusal, RemovalState, STATIC_OWNER,
     ServiceState,
 };

@@ -16,7 +16,7 @@
 pub mod checker;
 pub mod probe;
 
-pub use crate::config::health_check::{
+pub use crate::health_check::{
     CheckKind, HealthCheck, HealthCheckError, HealthCheckInput, HttpCheck, StatusRanges, UdpCheck,
 };
 pub use checker::{Checker, HealthState, HealthStatus, Plan, ProbeReport, Target, TargetKey, TargetStatus, Transition};

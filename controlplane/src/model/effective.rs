@@ -27,15 +27,11 @@ use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{Ipv4Cidr, PortSpec, Protocol, RouteSpec, ServiceSpec, SnapshotSpec, SourcePoolSpec};
 use vipgate_dataplane::wire::EthernetAddress;
 
-use super::{
-    AdminState, Change, DesiredState, ErrorKind, MAX_POOLS, MAX_SERVICES, ModeState, PoolState, ServiceState,
-    StateError,
-};
+use super::{AdminState, ModeState, PoolState, ServiceState};
 use crate::checks::{
     check_backend_count, check_name, check_not_subnet_edge, check_owner, check_pool_ports, check_port_number,
     check_table_size, check_weight, is_unicast,
 };
-use crate::config::Config;
 
 /// Who holds an entry of an index: a static or a dynamic object, by name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -81,12 +77,6 @@ pub struct Refusal {
 impl Refusal {
     fn new(field: impl Into<String>, reason: impl Into<String>) -> Refusal {
         Refusal { field: field.into(), reason: reason.into() }
-    }
-}
-
-impl From<Refusal> for StateError {
-    fn from(r: Refusal) -> StateError {
-        StateError::invalid(r.field, r.reason)
     }
 }
 
@@ -183,7 +173,7 @@ impl Effective {
             pools: OrdMap::new(),
             base: Arc::new(base),
         };
-        let none = DesiredState::default();
+        let none = OrdMap::new();
         for (i, p) in pools.iter().enumerate() {
             let spec = e.check_pool(Origin::Static(i), &p.name, p)?;
             let h = Holder::Static(p.name.as_str().into());
@@ -202,70 +192,20 @@ impl Effective {
         Ok(e)
     }
 
-    /// Validates the whole dynamic state against `config`: each pool, then
-    /// each service, in name order, through the same rules as a change,
-    /// starting from the configuration's static objects (validated when it
-    /// was loaded), with the ports' real MACs.
-    pub fn build(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<Effective, StateError> {
-        check_counts(dynamic)?;
-        let mut e = config.statics().clone();
+    /// This state with the ports' real MACs (the configuration's static
+    /// objects are validated with zero ones).
+    pub(crate) fn with_macs(mut self, macs: &[EthernetAddress]) -> Effective {
         if !macs.is_empty() {
-            for (p, mac) in Arc::make_mut(&mut e.base).ports.iter_mut().zip(macs) {
+            for (p, mac) in Arc::make_mut(&mut self.base).ports.iter_mut().zip(macs) {
                 p.mac = *mac;
             }
         }
-        for (key, p) in &dynamic.source_pools {
-            e.add_pool(key, p)?;
-        }
-        for (key, s) in &dynamic.services {
-            e.add_service(key, s, dynamic)?;
-        }
-        Ok(e)
+        self
     }
 
-    /// The effective state after `change`, which turned `prior` into
-    /// `next`: the prior versions of the objects it touched leave the
-    /// indexes, then their new versions are checked and added, pools
-    /// first. Costs what the change touched. `self` is left as it was.
-    pub fn update(&self, prior: &DesiredState, next: &DesiredState, change: &Change) -> Result<Effective, StateError> {
-        check_counts(next)?;
-        let mut e = self.clone();
-        let services = change.services_changed.iter().chain(&change.services_deleted);
-        let pools = change.pools_changed.iter().chain(&change.pools_deleted);
-        for name in services.clone() {
-            if let Some(s) = prior.services.get(name) {
-                e.remove_service(name, s);
-            }
-        }
-        for name in pools.clone() {
-            if let Some(p) = prior.source_pools.get(name) {
-                e.remove_pool(name, p);
-            }
-        }
-        for name in &change.pools_deleted {
-            if let Some(n) = e.pool_users.get(name).copied().filter(|n| *n > 0) {
-                let user = next
-                    .services
-                    .values()
-                    .find(|s| matches!(&s.mode, ModeState::Fullnat { source_pool } if source_pool == name))
-                    .map_or_else(|| format!("{n} services"), |s| format!("service {:?}", s.name));
-                return Err(StateError::new(
-                    ErrorKind::FailedPrecondition,
-                    format!("source pool {name:?} is used by {user}"),
-                ));
-            }
-        }
-        for name in &change.pools_changed {
-            if let Some(p) = next.source_pools.get(name) {
-                e.add_pool(name, p)?;
-            }
-        }
-        for name in &change.services_changed {
-            if let Some(s) = next.services.get(name) {
-                e.add_service(name, s, next)?;
-            }
-        }
-        Ok(e)
+    /// How many dynamic services use pool `name` now.
+    pub(crate) fn pool_users(&self, name: &str) -> usize {
+        self.pool_users.get(name).copied().unwrap_or(0)
     }
 
     /// The description of the whole snapshot: the static objects, then the
@@ -303,7 +243,7 @@ impl Effective {
     }
 
     /// Takes dynamic service `name` (as it was: `s`) out of the indexes.
-    fn remove_service(&mut self, name: &str, s: &ServiceState) {
+    pub(crate) fn remove_service(&mut self, name: &str, s: &ServiceState) {
         let h = Holder::Dynamic(name.into());
         let protocol = s.protocol.to_spec();
         let vip = u32::from(s.vip);
@@ -327,7 +267,7 @@ impl Effective {
     }
 
     /// Takes dynamic pool `name` (as it was: `p`) out of the indexes.
-    fn remove_pool(&mut self, name: &str, p: &PoolState) {
+    pub(crate) fn remove_pool(&mut self, name: &str, p: &PoolState) {
         let h = Holder::Dynamic(name.into());
         for a in &p.addresses {
             if self.pool_addresses.get(&u32::from(*a)) == Some(&h) {
@@ -339,7 +279,7 @@ impl Effective {
 
     /// Checks dynamic pool `p` (stored under `key`) against the rules and
     /// the indexes, and adds it.
-    fn add_pool(&mut self, key: &str, p: &PoolState) -> Result<(), StateError> {
+    pub(crate) fn add_pool(&mut self, key: &str, p: &PoolState) -> Result<(), Refusal> {
         let spec = self.check_pool(Origin::Dynamic, key, p)?;
         let h = Holder::Dynamic(key.into());
         for a in &spec.addresses {
@@ -349,10 +289,16 @@ impl Effective {
         Ok(())
     }
 
-    /// Checks dynamic service `s` (stored under `key`, in state `state`)
-    /// against the rules and the indexes, and adds it.
-    fn add_service(&mut self, key: &str, s: &ServiceState, state: &DesiredState) -> Result<(), StateError> {
-        let spec = self.check_service(Origin::Dynamic, key, s, state)?;
+    /// Checks dynamic service `s` (stored under `key`; `pools`: the
+    /// dynamic pools it may use) against the rules and the indexes, and
+    /// adds it.
+    pub(crate) fn add_service(
+        &mut self,
+        key: &str,
+        s: &ServiceState,
+        pools: &OrdMap<String, PoolState>,
+    ) -> Result<(), Refusal> {
+        let spec = self.check_service(Origin::Dynamic, key, s, pools)?;
         self.index_service(s, &Holder::Dynamic(key.into()));
         if let ModeState::Fullnat { source_pool } = &s.mode {
             *self.pool_users.entry(source_pool.clone()).or_insert(0) += 1;
@@ -445,13 +391,13 @@ impl Effective {
     }
 
     /// The rules of a service, static or dynamic (`origin`), stored under
-    /// `key`; a dynamic one may use the pools of `state`.
+    /// `key`; it may use the static pools and the dynamic `pools`.
     fn check_service(
         &self,
         origin: Origin,
         key: &str,
         s: &ServiceState,
-        state: &DesiredState,
+        pools: &OrdMap<String, PoolState>,
     ) -> Result<ServiceSpec, Refusal> {
         let at = match origin {
             Origin::Static(i) => format!("services[{i}]"),
@@ -513,7 +459,7 @@ impl Effective {
         check_table_size(i64::from(s.table_size)).map_err(|r| Refusal::new(f("table_size"), r))?;
         if let ModeState::Fullnat { source_pool } = &s.mode
             && !self.static_pools.contains(source_pool)
-            && !state.source_pools.contains_key(source_pool)
+            && !pools.contains_key(source_pool)
         {
             return Err(Refusal::new(f("source_pool"), format!("no source pool is named {source_pool:?}")));
         }
@@ -587,20 +533,4 @@ impl Effective {
 
 fn covers(c: &Ipv4Cidr, addr: u32) -> bool {
     (c.addr ^ addr) & Route::mask(c.len) == 0
-}
-
-fn check_counts(dynamic: &DesiredState) -> Result<(), StateError> {
-    if dynamic.services.len() > MAX_SERVICES {
-        return Err(StateError::invalid(
-            "services",
-            format!("{} services; at most {MAX_SERVICES}", dynamic.services.len()),
-        ));
-    }
-    if dynamic.source_pools.len() > MAX_POOLS {
-        return Err(StateError::invalid(
-            "source_pools",
-            format!("{} source pools; at most {MAX_POOLS}", dynamic.source_pools.len()),
-        ));
-    }
-    Ok(())
 }
