@@ -1,10 +1,14 @@
 //! vipgated's configuration file: parsing, validation and what it compiles to.
 //!
-//! Owns: the TOML schema, every check an operator's mistake can fail, the
-//! translation into EAL arguments, dataplane settings and a snapshot
-//! description, and which settings a reload may change. Everything is
-//! validated before EAL starts, and every error names the file, the line
-//! and the field. Must not touch DPDK.
+//! Owns: the TOML schema, every check of a single value an operator's
+//! mistake can fail, the translation into EAL arguments, dataplane
+//! settings and a snapshot description, and which settings a reload may
+//! change. `[[services]]` and `[[source_pools]]` are parsed into the one
+//! model of every service and pool ([`crate::model`]), and the rules
+//! between them are [`Effective`]'s, the API's too: a refusal's field path
+//! is turned into the line of that field. Everything is validated before
+//! EAL starts, and every error names the file, the line and the field.
+//! Must not touch DPDK.
 //!
 //! The reference for every key is `docs/configuration.md`.
 

@@ -2,15 +2,19 @@
 //! source pools, their validation against the configuration file's static
 //! objects, and their compilation into the dataplane's snapshot.
 //!
-//! Owns: the dynamic state's shape (persisted by [`crate::store`]), every
-//! check an API request can fail (each error names the field path, such as
-//! `services["web"].backends[1].weight`), what each mutation does, and the
-//! handle through which the API asks the daemon to apply a mutation. Must
-//! not touch DPDK: the daemon applies mutations and publishes snapshots.
+//! Owns: the dynamic state ([`DesiredState`], persisted by
+//! [`crate::store`]), what each mutation does and the errors it can fail
+//! with (not found, owned by another, static), whole and incremental
+//! validation ([`Effective::build`], [`Effective::update`]), and the handle
+//! through which the API asks the daemon to apply a mutation. Must not
+//! touch DPDK: the daemon applies mutations and publishes snapshots.
 //!
-//! Static objects (written in the configuration file) are read from
-//! [`Config`]; dynamic ones live in [`DesiredState`]. The compiled snapshot
-//! is their union; names and VIP:port/protocol are unique across both.
+//! Static and dynamic objects are one model ([`crate::model`]): static
+//! ones are read from [`Config`], dynamic ones live in [`DesiredState`],
+//! and [`all_services`] reads both. The rules between objects are
+//! [`Effective`]'s; each error names the field path, such as
+//! `services["web"].backends[1].weight`. The compiled snapshot is their
+//! union; names and VIP:port/protocol are unique across both.
 
 use crate::checks::{check_backend_count, check_port_number, check_table_size, check_weight};
 use crate::config::Config;
