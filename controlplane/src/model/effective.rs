@@ -14,7 +14,9 @@
 //! those and adds the dynamic objects one by one through the same rules as
 //! a change ([`Effective::update`]), which removes the prior versions of the
 //! objects it touched and adds their new ones: only they are checked,
-//! against the indexes, in time proportional to their size.
+//! against the indexes, in time proportional to their size. (`build` and
+//! `update` read the configuration and the dynamic state, so they are
+//! written in [`crate::state`], on the primitives here.)
 //!
 //! Every map is a persistent one ([`imbl`]): a clone shares its structure,
 //! so an update works on a copy that is dropped if any rule refuses it,
