@@ -43,8 +43,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::config::announce_settings::{AnnounceSettings, InterfaceKind};
 use crate::health::TargetKey;
-use crate::state::{AdminState, DesiredState, ServiceState};
-use vipgate_dataplane::snapshot::ServiceSpec;
+use crate::state::{self, AdminState, DesiredState, ServiceState};
 
 /// How often the interface is compared with the wanted set even when
 /// nothing changed (a fallback: link and address notifications trigger a
@@ -84,38 +83,22 @@ fn takes_new_flows(admin_state: AdminState, weight: u32) -> bool {
 }
 
 /// The one place that says which backends can take new flows, for every
-/// service of the desired state (static services of `config`, whose
-/// backends have no administrative state, and dynamic ones of `dynamic`):
-/// enabled, a weight above 0, and not `down` by its health check.
+/// service of the desired state (static services of `config` and dynamic
+/// ones of `dynamic`, one model): enabled, a weight above 0, and not `down`
+/// by its health check.
 pub fn backends_taking_new_flows(
     config: &Config,
     dynamic: &DesiredState,
     down: &HashSet<TargetKey>,
 ) -> Vec<ServiceBackends> {
-    let statics = config.services().iter().map(|s| static_backends(s, down));
-    let dynamics = dynamic.services.values().map(|s| dynamic_backends(s, down));
-    statics.chain(dynamics).collect()
+    state::all_services(config, dynamic).map(|s| service_backends(s, down)).collect()
 }
 
 fn healthy(down: &HashSet<TargetKey>, service: &str, address: Ipv4Addr, port: u16) -> bool {
     down.is_empty() || !down.contains(&TargetKey { service: service.to_owned(), address, port })
 }
 
-fn static_backends(s: &ServiceSpec, down: &HashSet<TargetKey>) -> ServiceBackends {
-    ServiceBackends {
-        service: s.name.clone(),
-        vip: Ipv4Addr::from(s.vip),
-        taking_new_flows: s
-            .backends
-            .iter()
-            .filter(|b| takes_new_flows(AdminState::Enabled, b.weight))
-            .map(|b| (Ipv4Addr::from(b.addr), b.port))
-            .filter(|&(a, p)| healthy(down, &s.name, a, p))
-            .collect(),
-    }
-}
-
-fn dynamic_backends(s: &ServiceState, down: &HashSet<TargetKey>) -> ServiceBackends {
+fn service_backends(s: &ServiceState, down: &HashSet<TargetKey>) -> ServiceBackends {
     ServiceBackends {
         service: s.name.clone(),
         vip: s.vip,
@@ -165,10 +148,7 @@ impl Eligibility {
         // before and after.
         let mut touched: Vec<(Ipv4Addr, Option<bool>)> = Vec::new();
         for name in names {
-            let entry = match dynamic.services.get(name) {
-                Some(s) => Some(dynamic_backends(s, down)),
-                None => config.services().iter().find(|s| s.name == name).map(|s| static_backends(s, down)),
-            };
+            let entry = state::find_service(config, dynamic, name).map(|s| service_backends(s, down));
             let entry = entry.map(|s| (s.vip, !s.taking_new_flows.is_empty()));
             for vip in self.services.get(name).map(|e| e.0).into_iter().chain(entry.map(|e| e.0)) {
                 if !touched.iter().any(|t| t.0 == vip) {

@@ -1,10 +1,14 @@
 //! vipgated's configuration file: parsing, validation and what it compiles to.
 //!
-//! Owns: the TOML schema, every check an operator's mistake can fail, the
-//! translation into EAL arguments, dataplane settings and a snapshot
-//! description, and which settings a reload may change. Everything is
-//! validated before EAL starts, and every error names the file, the line
-//! and the field. Must not touch DPDK.
+//! Owns: the TOML schema, every check of a single value an operator's
+//! mistake can fail, the translation into EAL arguments, dataplane
+//! settings and a snapshot description, and which settings a reload may
+//! change. `[[services]]` and `[[source_pools]]` are parsed into the one
+//! model of every service and pool ([`crate::model`]), and the rules
+//! between them are [`Effective`]'s, the API's too: a refusal's field path
+//! is turned into the line of that field. Everything is validated before
+//! EAL starts, and every error names the file, the line and the field.
+//! Must not touch DPDK.
 //!
 //! The reference for every key is `docs/configuration.md`.
 
@@ -12,7 +16,6 @@ use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use toml::Spanned;
 use vipgate_dataplane::admission::{NewFlowLimit, NewFlowLimitError};
 use vipgate_dataplane::driver::{DataplaneConfig, PortConfig};
@@ -23,20 +26,23 @@ use vipgate_dataplane::maglev::DEFAULT_TABLE_SIZE;
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    BackendSpec, DEFAULT_MTU, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec,
-    ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
+    DEFAULT_MTU, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, RouteSpec, Snapshot, SnapshotSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 
 pub mod announce_settings;
-pub mod health_check;
+pub use crate::health_check;
 
 use announce_settings::AnnounceSettings;
 use health_check::HealthCheck;
 
 use crate::checks::{
-    MAX_BACKENDS, check_backend_count, check_name, check_not_subnet_edge, check_pool_ports, check_pool_size,
-    check_port_number, check_table_size, check_weight, is_unicast, parse_cidr,
+    MAX_BACKENDS, check_backend_count, check_pool_size, check_port_number, check_table_size, check_weight, is_unicast,
+    parse_cidr,
+};
+use crate::model::{
+    AdminState, BackendState, Effective, ModeState, PoolState, ProtocolState, Refusal, RemovalState, STATIC_OWNER,
+    ServiceState,
 };
 
 /// Default API socket.
@@ -494,8 +500,15 @@ pub struct Config {
     /// Every setting a reload may not change, as (field, value) in file
     /// order: `[eal]`, `[dataplane]`, `[api]`, then `[[ports]]`.
     fixed: Vec<(String, String)>,
-    /// The static services' health checks, by service name.
-    health_checks: std::collections::BTreeMap<String, HealthCheck>,
+    /// `[[services]]`, in file order: the one model of a service, owned by
+    /// [`STATIC_OWNER`].
+    services: Vec<ServiceState>,
+    /// `[[source_pools]]`, in file order.
+    source_pools: Vec<PoolState>,
+    /// The static objects, validated by the rules of every service and
+    /// pool, and indexed: where every validation of the dynamic state
+    /// starts.
+    statics: Effective,
 }
 
 /// The API's TCP listener: its address and the PEM files it uses, read and
@@ -559,14 +572,15 @@ impl Config {
         spec
     }
 
-    /// Services, as configured.
-    pub fn services(&self) -> &[Arc<ServiceSpec>] {
-        &self.spec.services
+    /// The static services, in file order, in the model of every service
+    /// (owned by [`STATIC_OWNER`]).
+    pub fn services(&self) -> &[ServiceState] {
+        &self.services
     }
 
-    /// The health check of static service `name`, if it has one.
-    pub fn health_check(&self, name: &str) -> Option<&HealthCheck> {
-        self.health_checks.get(name)
+    /// The static objects, validated and indexed (with zero MACs).
+    pub(crate) fn statics(&self) -> &Effective {
+        &self.statics
     }
 
     /// Ports, as configured (MACs are zero here).
@@ -574,9 +588,9 @@ impl Config {
         &self.spec.ports
     }
 
-    /// Source pools, as configured.
-    pub fn source_pools(&self) -> &[SourcePoolSpec] {
-        &self.spec.source_pools
+    /// The static source pools, in file order (owned by [`STATIC_OWNER`]).
+    pub fn source_pools(&self) -> &[PoolState] {
+        &self.source_pools
     }
 
     /// Static routes, as configured.
@@ -636,6 +650,23 @@ impl Validator<'_> {
             Ok(a) => Ok(u32::from(a)),
             Err(_) => self.err(s.span(), field, format!("{:?} is not an IPv4 address", s.get_ref())),
         }
+    }
+
+    /// A refusal of the rules between objects ([`Effective::statics`]) as
+    /// an error on the line of its field (or, for a field `spans` lacks,
+    /// of the nearest enclosing one: a backend, a service).
+    fn refusal(&self, spans: &HashMap<String, std::ops::Range<usize>>, r: Refusal) -> ConfigError {
+        let mut key = r.field.as_str();
+        let span = loop {
+            if let Some(span) = spans.get(key) {
+                break span.clone();
+            }
+            match key.rfind('.') {
+                Some(i) => key = &key[..i],
+                None => break 0..0,
+            }
+        };
+        ConfigError::Invalid { file: self.file.to_owned(), line: self.line(&span), field: r.field, reason: r.reason }
     }
 
     fn cidr(&self, s: &Spanned<String>, field: &str, min_len: u8) -> Result<Ipv4Cidr, ConfigError> {
@@ -1000,129 +1031,63 @@ impl Validator<'_> {
             routes.push(RouteSpec { prefix, via });
         }
 
-        let local: HashMap<u32, String> =
-            ports.iter().flat_map(|p| p.addresses.iter().map(move |c| (c.addr, p.name.clone()))).collect();
-        // Every VIP, so that no backend can be one (whichever service comes
-        // first in the file); unparsable ones are reported below.
-        let all_vips: HashSet<u32> = raw
-            .services
-            .iter()
-            .filter_map(|s| s.get_ref().vip.get_ref().trim().parse::<Ipv4Addr>().ok())
-            .map(u32::from)
-            .collect();
+        let local: HashSet<u32> = ports.iter().flat_map(|p| p.addresses.iter().map(|c| c.addr)).collect();
         let workers = lcores.len() - 1;
-        let mut source_pools: Vec<SourcePoolSpec> = Vec::new();
-        let mut pool_addresses: HashMap<u32, String> = HashMap::new();
+        // The static objects are parsed into the one model of a service and
+        // a pool, with the checks of single values; the rules between
+        // objects are `Effective`'s, below. `spans` maps each field path to
+        // where it is written, to turn a refusal's field into a line.
+        let mut spans: HashMap<String, std::ops::Range<usize>> = HashMap::new();
+        let mut source_pools: Vec<PoolState> = Vec::new();
         for (i, p) in raw.source_pools.iter().enumerate() {
+            let at = format!("source_pools[{i}]");
+            let f = |k: &str| format!("{at}.{k}");
             let p = p.get_ref();
-            let f = |k: &str| format!("source_pools[{i}].{k}");
-            let name = p.name.get_ref().trim().to_owned();
-            check_name(&name).or_else(|reason| self.err(p.name.span(), f("name"), reason))?;
-            if source_pools.iter().any(|o| o.name == name) {
-                return self.err(p.name.span(), f("name"), format!("another source pool is already named {name:?}"));
-            }
-            if p.addresses.get_ref().is_empty() {
-                return self.err(p.addresses.span(), f("addresses"), "a source pool needs at least one address");
-            }
+            spans.insert(at.clone(), p.name.span());
+            spans.insert(f("name"), p.name.span());
+            spans.insert(f("addresses"), p.addresses.span());
             check_pool_size(p.addresses.get_ref().len())
                 .or_else(|reason| self.err(p.addresses.span(), f("addresses"), reason))?;
             let mut addresses = Vec::new();
             for (j, a) in p.addresses.get_ref().iter().enumerate() {
-                let field = format!("source_pools[{i}].addresses[{j}]");
-                let addr = self.ipv4(a, &field)?;
-                if !is_unicast(addr) {
-                    return self.err(a.span(), field, format!("{} is not a unicast address", Ipv4Addr::from(addr)));
-                }
-                check_not_subnet_edge(addr, &ports).or_else(|reason| self.err(a.span(), &field, reason))?;
-                if let Some(owner) = local.get(&addr) {
-                    return self.err(
-                        a.span(),
-                        field,
-                        format!(
-                            "{} is an address of port {owner:?}; a pool needs addresses of its own",
-                            Ipv4Addr::from(addr)
-                        ),
-                    );
-                }
-                if all_vips.contains(&addr) {
-                    return self.err(
-                        a.span(),
-                        field,
-                        format!("{} is a VIP; a pool needs addresses of its own", Ipv4Addr::from(addr)),
-                    );
-                }
-                if let Some(owner) = pool_addresses.insert(addr, name.clone()) {
-                    return self.err(
-                        a.span(),
-                        field,
-                        format!("{} is already in source pool {owner:?}", Ipv4Addr::from(addr)),
-                    );
-                }
-                addresses.push(addr);
+                let field = f(&format!("addresses[{j}]"));
+                addresses.push(Ipv4Addr::from(self.ipv4(a, &field)?));
+                spans.insert(field, a.span());
             }
             let (first_port, last_port) = match &p.ports {
                 None => DEFAULT_POOL_PORTS,
-                Some(r) => parse_port_range(r.get_ref()).or_else(|reason| self.err(r.span(), f("ports"), reason))?,
-            };
-            if let Err(reason) = check_pool_ports(first_port, last_port, workers) {
-                let at = p.ports.as_ref().map_or(p.name.span(), Spanned::span);
-                return self.err(at, f("ports"), reason);
-            }
-            source_pools.push(SourcePoolSpec { name, addresses, first_port, last_port });
-        }
-
-        let mut services = Vec::new();
-        let mut health_checks = std::collections::BTreeMap::new();
-        let mut service_names = HashSet::new();
-        let mut listeners: HashMap<(u32, u16, Protocol), String> = HashMap::new();
-        let mut backend_owner: HashMap<(u32, u16, Protocol), String> = HashMap::new();
-        for (i, s) in raw.services.iter().enumerate() {
-            let s = s.get_ref();
-            let f = |k: &str| format!("services[{i}].{k}");
-            let name = s.name.get_ref().trim().to_owned();
-            check_name(&name).or_else(|reason| self.err(s.name.span(), f("name"), reason))?;
-            if !service_names.insert(name.clone()) {
-                return self.err(s.name.span(), f("name"), format!("another service is already named {name:?}"));
-            }
-            let vip = self.ipv4(&s.vip, &f("vip"))?;
-            if !is_unicast(vip) {
-                return self.err(s.vip.span(), f("vip"), format!("{} is not a unicast address", Ipv4Addr::from(vip)));
-            }
-            check_not_subnet_edge(vip, &ports).or_else(|reason| self.err(s.vip.span(), f("vip"), reason))?;
-            if let Some(owner) = local.get(&vip) {
-                return self.err(
-                    s.vip.span(),
-                    f("vip"),
-                    format!("{} is an address of port {owner:?}, not a free VIP", Ipv4Addr::from(vip)),
-                );
-            }
-            let port = self.port_number(&s.port, &f("port"))?;
-            let protocol = match s.protocol.get_ref().to_ascii_lowercase().as_str() {
-                "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                other => {
-                    return self.err(s.protocol.span(), f("protocol"), format!("{other:?} is not \"tcp\" or \"udp\""));
+                Some(r) => {
+                    spans.insert(f("ports"), r.span());
+                    parse_port_range(r.get_ref()).or_else(|reason| self.err(r.span(), f("ports"), reason))?
                 }
             };
-            if let Some(other) = listeners.insert((vip, port, protocol), name.clone()) {
-                return self.err(
-                    s.port.span(),
-                    f("port"),
-                    format!(
-                        "{}:{port}/{} of service {name:?} is already served by service {other:?}",
-                        Ipv4Addr::from(vip),
-                        protocol.name()
-                    ),
-                );
-            }
+            let name = p.name.get_ref().trim().to_owned();
+            source_pools.push(PoolState { name, addresses, first_port, last_port, owner: STATIC_OWNER.to_owned() });
+        }
+
+        let mut services: Vec<ServiceState> = Vec::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            let f = |k: &str| format!("{at}.{k}");
+            let s = s.get_ref();
+            spans.insert(at.clone(), s.name.span());
+            spans.insert(f("name"), s.name.span());
+            spans.insert(f("vip"), s.vip.span());
+            spans.insert(f("port"), s.port.span());
+            let name = s.name.get_ref().trim().to_owned();
+            let vip = Ipv4Addr::from(self.ipv4(&s.vip, &f("vip"))?);
+            let port = self.port_number(&s.port, &f("port"))?;
+            let protocol = ProtocolState::parse(s.protocol.get_ref())
+                .or_else(|reason| self.err(s.protocol.span(), f("protocol"), reason))?;
             let table_size = match &s.table_size {
                 None => DEFAULT_TABLE_SIZE,
                 Some(t) => {
+                    spans.insert(f("table_size"), t.span());
                     check_table_size(*t.get_ref()).or_else(|reason| self.err(t.span(), f("table_size"), reason))?
                 }
             };
             let mode = match s.mode.as_ref().map(|m| m.get_ref().as_str()) {
-                None | Some("nat") => ForwardingMode::Nat,
+                None | Some("nat") => ModeState::Nat,
                 Some("fullnat") => match &s.source_pool {
                     None => {
                         let at = s.mode.as_ref().map_or(s.name.span(), Spanned::span);
@@ -1133,24 +1098,20 @@ impl Validator<'_> {
                         );
                     }
                     Some(pool) => {
-                        let want = pool.get_ref().trim();
-                        if !source_pools.iter().any(|p| p.name == want) {
-                            let known: Vec<&str> = source_pools.iter().map(|p| p.name.as_str()).collect();
-                            return self.err(
-                                pool.span(),
-                                f("source_pool"),
-                                format!("no source pool is named {want:?} (configured: {known:?})"),
-                            );
-                        }
-                        ForwardingMode::FullNat { pool: want.to_owned() }
+                        spans.insert(f("source_pool"), pool.span());
+                        ModeState::Fullnat { source_pool: pool.get_ref().trim().to_owned() }
                     }
                 },
                 Some("dsr") => {
                     let tunnel_source = match &s.tunnel_source {
                         None => None,
-                        Some(t) => Some(self.cidr(t, &f("tunnel_source"), 16)?),
+                        Some(t) => {
+                            spans.insert(f("tunnel_source"), t.span());
+                            self.cidr(t, &f("tunnel_source"), 16)?;
+                            Some(t.get_ref().trim().to_owned())
+                        }
                     };
-                    ForwardingMode::Dsr { tunnel_source }
+                    ModeState::Dsr { tunnel_source }
                 }
                 Some(other) => {
                     let m = s.mode.as_ref().expect("matched Some");
@@ -1158,12 +1119,12 @@ impl Validator<'_> {
                 }
             };
             if let Some(pool) = &s.source_pool
-                && !matches!(mode, ForwardingMode::FullNat { .. })
+                && !matches!(mode, ModeState::Fullnat { .. })
             {
                 return self.err(pool.span(), f("source_pool"), "is only used with mode = \"fullnat\"");
             }
             if let Some(t) = &s.tunnel_source
-                && !matches!(mode, ForwardingMode::Dsr { .. })
+                && !matches!(mode, ModeState::Dsr { .. })
             {
                 return self.err(t.span(), f("tunnel_source"), "is only used with mode = \"dsr\"");
             }
@@ -1172,108 +1133,39 @@ impl Validator<'_> {
                 return self.err(at, f("backends"), reason);
             }
             let mut backends = Vec::new();
-            let mut seen = HashSet::new();
             for (j, b) in s.backends.iter().enumerate() {
+                let bf = |k: &str| format!("{at}.backends[{j}].{k}");
+                spans.insert(format!("{at}.backends[{j}]"), b.span());
                 let b = b.get_ref();
-                let bf = |k: &str| format!("services[{i}].backends[{j}].{k}");
-                let addr = self.ipv4(&b.address, &bf("address"))?;
-                if local.contains_key(&addr) || all_vips.contains(&addr) {
-                    return self.err(
-                        b.address.span(),
-                        bf("address"),
-                        "is an address of the gateway itself (a port address or a VIP)",
-                    );
-                }
-                if !is_unicast(addr) {
-                    return self.err(
-                        b.address.span(),
-                        bf("address"),
-                        format!("{} is not a unicast address", Ipv4Addr::from(addr)),
-                    );
-                }
-                check_not_subnet_edge(addr, &ports)
-                    .or_else(|reason| self.err(b.address.span(), bf("address"), reason))?;
-                if !subnets.iter().any(|(c, _)| (c.addr ^ addr) & Route::mask(c.len) == 0)
-                    && !routes.iter().any(|r| (r.prefix.addr ^ addr) & Route::mask(r.prefix.len) == 0)
-                {
-                    return self.err(
-                        b.address.span(),
-                        bf("address"),
-                        format!(
-                            "no route to {}: it is on no port's subnet and no [[routes]] entry covers it",
-                            Ipv4Addr::from(addr)
-                        ),
-                    );
-                }
-                let bport = self.port_number(&b.port, &bf("port"))?;
-                if !seen.insert((addr, bport)) {
-                    return self.err(
-                        b.address.span(),
-                        bf("address"),
-                        format!("{}:{bport} is listed twice", Ipv4Addr::from(addr)),
-                    );
-                }
-                if matches!(mode, ForwardingMode::Dsr { .. }) && bport != port {
-                    return self.err(
-                        b.port.span(),
-                        bf("port"),
-                        format!("{bport}: direct server return cannot change the port; the backend must listen on the service port {port}"),
-                    );
-                }
-                if pool_addresses.contains_key(&addr) {
-                    return self.err(b.address.span(), bf("address"), "is a source pool address of the gateway");
-                }
-                // Only nat replies are recognised by their backend source.
-                if matches!(mode, ForwardingMode::Nat)
-                    && let Some(other) = backend_owner.insert((addr, bport, protocol), name.clone())
-                {
-                    return self.err(
-                        b.address.span(),
-                        bf("address"),
-                        format!(
-                            "{}:{bport}/{} already serves service {other:?}; replies could not be translated back to one VIP",
-                            Ipv4Addr::from(addr),
-                            protocol.name()
-                        ),
-                    );
-                }
+                spans.insert(bf("address"), b.address.span());
+                spans.insert(bf("port"), b.port.span());
+                let address = Ipv4Addr::from(self.ipv4(&b.address, &bf("address"))?);
+                let port = self.port_number(&b.port, &bf("port"))?;
                 let weight = match &b.weight {
                     None => 1,
-                    Some(w) => check_weight(*w.get_ref()).or_else(|reason| self.err(w.span(), bf("weight"), reason))?,
+                    Some(w) => {
+                        spans.insert(bf("weight"), w.span());
+                        check_weight(*w.get_ref()).or_else(|reason| self.err(w.span(), bf("weight"), reason))?
+                    }
                 };
-                backends.push(BackendSpec { addr, port: bport, weight, stats_slot: vipgate_dataplane::stats::NO_SLOT });
-            }
-            if backends.len() > usize::try_from(table_size).unwrap_or(usize::MAX) {
-                return self.err(
-                    s.name.span(),
-                    f("backends"),
-                    format!("{} backends do not fit a table of {table_size} slots", backends.len()),
-                );
+                backends.push(BackendState { address, port, weight, admin_state: AdminState::Enabled });
             }
             let on_backend_removal = match &s.on_backend_removal {
-                None => OnBackendRemoval::Rehash,
-                Some(v) => match v.get_ref().as_str() {
-                    "rehash" => OnBackendRemoval::Rehash,
-                    "reset" => OnBackendRemoval::Reset,
-                    other => {
-                        return self.err(
-                            v.span(),
-                            f("on_backend_removal"),
-                            format!("{other:?} is not \"rehash\" or \"reset\""),
-                        );
-                    }
-                },
+                None => RemovalState::Rehash,
+                Some(v) => RemovalState::parse(v.get_ref())
+                    .or_else(|reason| self.err(v.span(), f("on_backend_removal"), reason))?,
             };
-            if let Some(hc) = &s.health_check {
-                health_checks.insert(name.clone(), self.health_check(hc, &f("health_check"), &name, protocol)?);
-            }
+            let health_check = match &s.health_check {
+                None => None,
+                Some(hc) => Some(self.health_check(hc, &f("health_check"), &name, protocol.to_spec())?),
+            };
             let new_flow_limit = match &s.new_flow_limit {
                 None => None,
                 Some(l) => {
                     let l = l.get_ref();
                     let value = |v: &Option<Spanned<i64>>| v.as_ref().map(|v| *v.get_ref());
                     match NewFlowLimit::checked(*l.per_second.get_ref(), value(&l.burst), value(&l.prefix_len)) {
-                        Ok(limit) => Some(limit),
+                        Ok(limit) => Some(limit.into()),
                         Err(e) => {
                             let span = match e {
                                 NewFlowLimitError::PerSecond(_) => Some(l.per_second.span()),
@@ -1286,17 +1178,19 @@ impl Validator<'_> {
                     }
                 }
             };
-            services.push(Arc::new(ServiceSpec {
+            services.push(ServiceState {
                 name,
                 vip,
                 port,
                 protocol,
-                table_size,
-                backends,
-                on_backend_removal,
                 mode,
+                table_size,
+                on_backend_removal,
+                backends,
+                health_check,
                 new_flow_limit,
-            }));
+                owner: STATIC_OWNER.to_owned(),
+            });
         }
 
         let mut neighbours = Vec::new();
@@ -1312,7 +1206,7 @@ impl Validator<'_> {
                     format!("{} is not on any port's subnet", Ipv4Addr::from(addr)),
                 );
             }
-            if local.contains_key(&addr) {
+            if local.contains(&addr) {
                 return self.err(n.address.span(), field, "is an address of the gateway itself");
             }
             if !seen_neighbours.insert(addr) {
@@ -1323,7 +1217,12 @@ impl Validator<'_> {
             neighbours.push(NeighbourSpec { addr, mac });
         }
 
-        let spec = SnapshotSpec { ports, routes, neighbours, services, source_pools };
+        let base = SnapshotSpec { ports, routes, neighbours, services: Vec::new(), source_pools: Vec::new() };
+        // The rules between services and pools, the API's too: an error
+        // names the object's field, which `spans` places on its line.
+        let statics = Effective::statics(&self.file.display().to_string(), base, workers, &source_pools, &services)
+            .map_err(|r| self.refusal(&spans, r))?;
+        let spec = statics.spec();
         // The dataplane's own compiler is the last word: anything it would
         // refuse at start is refused now, before EAL.
         if let Err(e) = Snapshot::build(&spec) {
@@ -1380,7 +1279,9 @@ impl Validator<'_> {
             announce,
             spec,
             fixed,
-            health_checks,
+            services,
+            source_pools,
+            statics,
         })
     }
 

@@ -4,7 +4,7 @@
 //!
 //! Owns: one probe ([`probe`]), and the probe tasks with the rise/fall
 //! state machine ([`checker`]). The check's definition and validation is a
-//! setting, [`crate::config::health_check`], re-exported here; the targets
+//! setting, [`crate::health_check`], re-exported here; the targets
 //! of the desired state are [`crate::state::health_targets`]. Must not
 //! touch DPDK or publish snapshots: the daemon's single writer owns the
 //! [`Checker`], compiles unhealthy backends with weight 0 and publishes, so
@@ -16,7 +16,7 @@
 pub mod checker;
 pub mod probe;
 
-pub use crate::config::health_check::{
+pub use crate::health_check::{
     CheckKind, HealthCheck, HealthCheckError, HealthCheckInput, HttpCheck, StatusRanges, UdpCheck,
 };
 pub use checker::{Checker, HealthState, HealthStatus, Plan, ProbeReport, Target, TargetKey, TargetStatus, Transition};

@@ -2,17 +2,21 @@
 //! source pools, their validation against the configuration file's static
 //! objects, and their compilation into the dataplane's snapshot.
 //!
-//! Owns: the dynamic state's shape (persisted by [`crate::store`]), every
-//! check an API request can fail (each error names the field path, such as
-//! `services["web"].backends[1].weight`), what each mutation does, and the
-//! handle through which the API asks the daemon to apply a mutation. Must
-//! not touch DPDK: the daemon applies mutations and publishes snapshots.
+//! Owns: the dynamic state ([`DesiredState`], persisted by
+//! [`crate::store`]), what each mutation does and the errors it can fail
+//! with (not found, owned by another, static), whole and incremental
+//! validation ([`Effective::build`], [`Effective::update`]), and the handle
+//! through which the API asks the daemon to apply a mutation. Must not
+//! touch DPDK: the daemon applies mutations and publishes snapshots.
 //!
-//! Static objects (written in the configuration file) are read from
-//! [`Config`]; dynamic ones live in [`DesiredState`]. The compiled snapshot
-//! is their union; names and VIP:port/protocol are unique across both.
+//! Static and dynamic objects are one model ([`crate::model`]): static
+//! ones are read from [`Config`], dynamic ones live in [`DesiredState`],
+//! and [`all_services`] reads both. The rules between objects are
+//! [`Effective`]'s; each error names the field path, such as
+//! `services["web"].backends[1].weight`. The compiled snapshot is their
+//! union; names and VIP:port/protocol are unique across both.
 
-use crate::checks::{check_backend_count, check_port_number, check_table_size, check_weight, parse_cidr};
+use crate::checks::{check_backend_count, check_port_number, check_table_size, check_weight};
 use crate::config::Config;
 use crate::health::{Target, TargetKey};
 use serde::{Deserialize, Serialize};
@@ -20,22 +24,20 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::maglev::DEFAULT_TABLE_SIZE;
-use vipgate_dataplane::snapshot::{
-    BackendSpec, ForwardingMode, OnBackendRemoval, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
-};
+use vipgate_dataplane::snapshot::{Snapshot, SnapshotSpec};
 use vipgate_dataplane::wire::EthernetAddress;
 
 /// At most this many services in one request (and in the dynamic state).
 pub const MAX_SERVICES: usize = 10_000;
 /// At most this many backends per service (the file's limit too).
 pub use crate::checks::MAX_BACKENDS;
+pub use crate::model::{
+    AdminState, BackendState, DEFAULT_OWNER, Effective, ModeState, NewFlowLimitState, PoolState, ProtocolState,
+    Refusal, RemovalState, STATIC_OWNER, ServiceState,
+};
 /// At most this many source pools.
 pub const MAX_POOLS: usize = 10_000;
-/// The owner of a dynamic object created without one: a person with
-/// vipgatectl.
-pub const DEFAULT_OWNER: &str = "cli";
 /// At most this many operations in one batch.
 pub const MAX_BATCH: usize = 10_000;
 
@@ -72,187 +74,6 @@ impl DesiredState {
             *self.generations.entry(owner.clone()).or_insert(0) += 1;
         }
     }
-}
-
-fn default_owner() -> String {
-    DEFAULT_OWNER.to_owned()
-}
-
-/// A dynamic service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceState {
-    /// Name, unique across static and dynamic services.
-    pub name: String,
-    /// Virtual IP.
-    pub vip: Ipv4Addr,
-    /// Virtual port.
-    pub port: u16,
-    /// Protocol.
-    pub protocol: ProtocolState,
-    /// How packets reach the backends.
-    pub mode: ModeState,
-    /// Maglev table size (prime).
-    pub table_size: u32,
-    /// What happens to flows of a backend that leaves the service.
-    pub on_backend_removal: RemovalState,
-    /// Backends, in the order they were added.
-    pub backends: Vec<BackendState>,
-    /// How the backends are health-checked; `None`: they are not, and
-    /// always count as healthy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<crate::health::HealthCheck>,
-    /// The limit on new flows per client source; `None`: no limit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub new_flow_limit: Option<NewFlowLimitState>,
-    /// Who manages it ([`check_owner`](crate::checks::check_owner));
-    /// objects saved before owners existed are [`DEFAULT_OWNER`]'s.
-    #[serde(default = "default_owner")]
-    pub owner: String,
-}
-
-/// A service's limit on new flows per client source (see
-/// [`vipgate_dataplane::admission`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewFlowLimitState {
-    /// Sustained new flows a second per source.
-    pub per_second: u32,
-    /// New flows a source may open at once.
-    pub burst: u32,
-    /// Clients sharing this many leading address bits are one source.
-    pub prefix_len: u8,
-}
-
-impl NewFlowLimitState {
-    /// The dataplane's limit, checked; an error names
-    /// `services["web"].new_flow_limit.<field>`.
-    pub fn to_spec(self, service: &str) -> Result<NewFlowLimit, StateError> {
-        let limit = NewFlowLimit { per_second: self.per_second, burst: self.burst, prefix_len: self.prefix_len };
-        limit
-            .validate()
-            .map_err(|e| StateError::invalid(service_field(service, &format!("new_flow_limit.{}", e.field())), e))?;
-        Ok(limit)
-    }
-}
-
-impl From<NewFlowLimit> for NewFlowLimitState {
-    fn from(l: NewFlowLimit) -> Self {
-        NewFlowLimitState { per_second: l.per_second, burst: l.burst, prefix_len: l.prefix_len }
-    }
-}
-
-/// A service's protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProtocolState {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl ProtocolState {
-    /// The dataplane's protocol.
-    pub fn to_spec(self) -> Protocol {
-        match self {
-            ProtocolState::Tcp => Protocol::Tcp,
-            ProtocolState::Udp => Protocol::Udp,
-        }
-    }
-
-    /// Parses `tcp` or `udp`.
-    pub fn parse(s: &str) -> Result<ProtocolState, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(ProtocolState::Tcp),
-            "udp" => Ok(ProtocolState::Udp),
-            other => Err(format!("{other:?} is not \"tcp\" or \"udp\"")),
-        }
-    }
-}
-
-/// A service's forwarding mode.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ModeState {
-    /// Destination NAT.
-    Nat,
-    /// Destination and source NAT from a source pool.
-    Fullnat {
-        /// The pool's name (static or dynamic).
-        source_pool: String,
-    },
-    /// Direct server return.
-    Dsr {
-        /// Outer source prefix, such as `198.18.3.0/24`.
-        tunnel_source: Option<String>,
-    },
-}
-
-/// What happens to the flows of a backend that leaves the service.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RemovalState {
-    /// Move them to the backend Maglev picks now.
-    #[default]
-    Rehash,
-    /// Reset them.
-    Reset,
-}
-
-impl RemovalState {
-    /// Parses `rehash` or `reset`.
-    pub fn parse(s: &str) -> Result<RemovalState, String> {
-        match s {
-            "rehash" => Ok(RemovalState::Rehash),
-            "reset" => Ok(RemovalState::Reset),
-            other => Err(format!("{other:?} is not \"rehash\" or \"reset\"")),
-        }
-    }
-}
-
-/// A backend of a dynamic service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendState {
-    /// Address.
-    pub address: Ipv4Addr,
-    /// Port.
-    pub port: u16,
-    /// Maglev weight while enabled.
-    pub weight: u32,
-    /// Whether it takes new flows.
-    pub admin_state: AdminState,
-}
-
-/// A backend's administrative state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdminState {
-    /// Takes new flows by its weight.
-    #[default]
-    Enabled,
-    /// Weight 0: no new flows; open flows continue.
-    Draining,
-    /// Left out of the snapshot: its flows follow `on_backend_removal`.
-    Disabled,
-}
-
-/// A dynamic FullNAT source pool.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolState {
-    /// Name, unique across static and dynamic pools.
-    pub name: String,
-    /// Addresses.
-    pub addresses: Vec<Ipv4Addr>,
-    /// First source port.
-    pub first_port: u16,
-    /// Last source port (inclusive).
-    pub last_port: u16,
-    /// Who manages it ([`check_owner`](crate::checks::check_owner)).
-    #[serde(default = "default_owner")]
-    pub owner: String,
 }
 
 /// Which gRPC status an error maps to.
@@ -306,7 +127,7 @@ pub fn backend_field(name: &str, index: usize, field: &str) -> String {
     format!("services[{name:?}].backends[{index}].{field}")
 }
 
-fn pool_field(name: &str, field: &str) -> String {
+pub(crate) fn pool_field(name: &str, field: &str) -> String {
     format!("source_pools[{name:?}].{field}")
 }
 
@@ -335,51 +156,6 @@ pub fn parse_table_size(v: u32) -> Result<u32, String> {
 /// Parses a weight; unset is 1.
 pub fn parse_weight(v: Option<u32>) -> Result<u32, String> {
     v.map_or(Ok(1), |w| check_weight(i64::from(w)))
-}
-
-impl ServiceState {
-    /// The dataplane's service, leaving disabled backends out and giving
-    /// draining ones weight 0.
-    fn to_spec(&self) -> Result<ServiceSpec, StateError> {
-        let mode = match &self.mode {
-            ModeState::Nat => ForwardingMode::Nat,
-            ModeState::Fullnat { source_pool } => ForwardingMode::FullNat { pool: source_pool.clone() },
-            ModeState::Dsr { tunnel_source } => ForwardingMode::Dsr {
-                tunnel_source: match tunnel_source {
-                    None => None,
-                    Some(t) => Some(
-                        parse_cidr(t, 16)
-                            .map_err(|r| StateError::invalid(service_field(&self.name, "tunnel_source"), r))?,
-                    ),
-                },
-            },
-        };
-        let backends = self
-            .backends
-            .iter()
-            .filter(|b| b.admin_state != AdminState::Disabled)
-            .map(|b| BackendSpec {
-                addr: u32::from(b.address),
-                port: b.port,
-                weight: if b.admin_state == AdminState::Draining { 0 } else { b.weight },
-                stats_slot: vipgate_dataplane::stats::NO_SLOT,
-            })
-            .collect();
-        Ok(ServiceSpec {
-            name: self.name.clone(),
-            vip: u32::from(self.vip),
-            port: self.port,
-            protocol: self.protocol.to_spec(),
-            table_size: self.table_size,
-            backends,
-            on_backend_removal: match self.on_backend_removal {
-                RemovalState::Rehash => OnBackendRemoval::Rehash,
-                RemovalState::Reset => OnBackendRemoval::Reset,
-            },
-            mode,
-            new_flow_limit: self.new_flow_limit.map(|l| l.to_spec(&self.name)).transpose()?,
-        })
-    }
 }
 
 /// Validates `dynamic` against the static objects of `config` and returns
@@ -505,21 +281,24 @@ pub fn apply_health(spec: &mut SnapshotSpec, down: &HashSet<TargetKey>) {
     }
 }
 
-/// Every forwarding backend of static ∪ dynamic services, with its
-/// service's check. Disabled backends do not forward and are not probed;
-/// draining ones are.
+/// Every service of the desired state: the static ones of `config`, in
+/// file order, then the dynamic ones of `dynamic`, in name order. One
+/// model for both; [`ServiceState::is_static`] tells them apart.
+pub fn all_services<'a>(config: &'a Config, dynamic: &'a DesiredState) -> impl Iterator<Item = &'a ServiceState> {
+    config.services().iter().chain(dynamic.services.values())
+}
+
+/// Service `name` of the desired state, static or dynamic.
+pub fn find_service<'a>(config: &'a Config, dynamic: &'a DesiredState, name: &str) -> Option<&'a ServiceState> {
+    dynamic.services.get(name).or_else(|| config.services().iter().find(|s| s.name == name))
+}
+
+/// Every forwarding backend of the desired state's services, static and
+/// dynamic, with its service's check. Disabled backends do not forward and
+/// are not probed; draining ones are.
 pub fn health_targets(config: &Config, dynamic: &DesiredState) -> Vec<Target> {
     let mut out = Vec::new();
-    for s in config.services() {
-        let check = config.health_check(&s.name);
-        for b in &s.backends {
-            out.push(Target {
-                key: TargetKey { service: s.name.clone(), address: Ipv4Addr::from(b.addr), port: b.port },
-                check: check.cloned(),
-            });
-        }
-    }
-    for s in dynamic.services.values() {
+    for s in all_services(config, dynamic) {
         push_dynamic_targets(&mut out, s);
     }
     out
@@ -1425,8 +1204,93 @@ impl StateHandle {
     }
 }
 
-mod effective;
-pub use effective::Effective;
+impl From<Refusal> for StateError {
+    fn from(r: Refusal) -> StateError {
+        StateError::invalid(r.field, r.reason)
+    }
+}
+
+/// Whole and incremental validation of the dynamic state, on top of the
+/// configuration's static objects: the rules are [`Effective`]'s.
+impl Effective {
+    /// Validates the whole dynamic state against `config`: each pool, then
+    /// each service, in name order, through the same rules as a change,
+    /// starting from the configuration's static objects (validated when it
+    /// was loaded), with the ports' real MACs.
+    pub fn build(config: &Config, macs: &[EthernetAddress], dynamic: &DesiredState) -> Result<Effective, StateError> {
+        check_counts(dynamic)?;
+        let mut e = config.statics().clone().with_macs(macs);
+        for (key, p) in &dynamic.source_pools {
+            e.add_pool(key, p)?;
+        }
+        for (key, s) in &dynamic.services {
+            e.add_service(key, s, &dynamic.source_pools)?;
+        }
+        Ok(e)
+    }
+
+    /// The effective state after `change`, which turned `prior` into
+    /// `next`: the prior versions of the objects it touched leave the
+    /// indexes, then their new versions are checked and added, pools
+    /// first. Costs what the change touched. `self` is left as it was.
+    pub fn update(&self, prior: &DesiredState, next: &DesiredState, change: &Change) -> Result<Effective, StateError> {
+        check_counts(next)?;
+        let mut e = self.clone();
+        let services = change.services_changed.iter().chain(&change.services_deleted);
+        let pools = change.pools_changed.iter().chain(&change.pools_deleted);
+        for name in services.clone() {
+            if let Some(s) = prior.services.get(name) {
+                e.remove_service(name, s);
+            }
+        }
+        for name in pools.clone() {
+            if let Some(p) = prior.source_pools.get(name) {
+                e.remove_pool(name, p);
+            }
+        }
+        for name in &change.pools_deleted {
+            let n = e.pool_users(name);
+            if n > 0 {
+                let user = next
+                    .services
+                    .values()
+                    .find(|s| matches!(&s.mode, ModeState::Fullnat { source_pool } if source_pool == name))
+                    .map_or_else(|| format!("{n} services"), |s| format!("service {:?}", s.name));
+                return Err(StateError::new(
+                    ErrorKind::FailedPrecondition,
+                    format!("source pool {name:?} is used by {user}"),
+                ));
+            }
+        }
+        for name in &change.pools_changed {
+            if let Some(p) = next.source_pools.get(name) {
+                e.add_pool(name, p)?;
+            }
+        }
+        for name in &change.services_changed {
+            if let Some(s) = next.services.get(name) {
+                e.add_service(name, s, &next.source_pools)?;
+            }
+        }
+        Ok(e)
+    }
+}
+
+fn check_counts(dynamic: &DesiredState) -> Result<(), StateError> {
+    if dynamic.services.len() > MAX_SERVICES {
+        return Err(StateError::invalid(
+            "services",
+            format!("{} services; at most {MAX_SERVICES}", dynamic.services.len()),
+        ));
+    }
+    if dynamic.source_pools.len() > MAX_POOLS {
+        return Err(StateError::invalid(
+            "source_pools",
+            format!("{} source pools; at most {MAX_POOLS}", dynamic.source_pools.len()),
+        ));
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests;

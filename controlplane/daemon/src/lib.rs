@@ -556,10 +556,7 @@ impl Reloader {
             services_changed: new
                 .services()
                 .iter()
-                .filter(|s| {
-                    !self.running.services().iter().any(|o| o == *s)
-                        || self.running.health_check(&s.name) != new.health_check(&s.name)
-                })
+                .filter(|s| !self.running.services().iter().any(|o| o == *s))
                 .map(|s| s.name.clone())
                 .collect(),
             services_deleted: self

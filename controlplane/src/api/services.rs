@@ -11,7 +11,6 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 use vipgate_dataplane::admission::NewFlowLimit;
-use vipgate_dataplane::snapshot::{ForwardingMode, OnBackendRemoval, ServiceSpec, SourcePoolSpec};
 
 use super::pb;
 use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
@@ -296,54 +295,8 @@ fn origin(is_static: bool) -> i32 {
     if is_static { pb::Origin::Static } else { pb::Origin::Dynamic }.into()
 }
 
-fn static_service(s: &ServiceSpec, view: &StateView, health: &HealthStatus) -> pb::Service {
-    let (mode, source_pool, tunnel_source) = match &s.mode {
-        ForwardingMode::Nat => ("nat", String::new(), String::new()),
-        ForwardingMode::FullNat { pool } => ("fullnat", pool.clone(), String::new()),
-        ForwardingMode::Dsr { tunnel_source } => (
-            "dsr",
-            String::new(),
-            tunnel_source.map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).unwrap_or_default(),
-        ),
-    };
-    pb::Service {
-        name: s.name.clone(),
-        vip: Ipv4Addr::from(s.vip).to_string(),
-        port: s.port.into(),
-        protocol: s.protocol.name().to_owned(),
-        mode: mode.to_owned(),
-        source_pool,
-        tunnel_source,
-        table_size: s.table_size,
-        on_backend_removal: match s.on_backend_removal {
-            OnBackendRemoval::Rehash => "rehash",
-            OnBackendRemoval::Reset => "reset",
-        }
-        .to_owned(),
-        backends: s
-            .backends
-            .iter()
-            .map(|b| {
-                let (health, health_reason) = backend_health(health, &s.name, Ipv4Addr::from(b.addr), b.port);
-                pb::Backend {
-                    address: Ipv4Addr::from(b.addr).to_string(),
-                    port: b.port.into(),
-                    weight: Some(b.weight),
-                    admin_state: pb::AdminState::Enabled.into(),
-                    health,
-                    health_reason,
-                }
-            })
-            .collect(),
-        origin: origin(true),
-        owner: String::new(),
-        health_check: view.config.health_check(&s.name).map(health_check_to),
-        flow_timeouts: None,
-        new_flow_limit: s.new_flow_limit.map(|l| new_flow_limit_to(l.into())),
-    }
-}
-
-fn dynamic_service(s: &ServiceState, health: &HealthStatus) -> pb::Service {
+/// The API's view of a service, static or dynamic (one model).
+fn service_to(s: &ServiceState, health: &HealthStatus) -> pb::Service {
     let (mode, source_pool, tunnel_source) = match &s.mode {
         ModeState::Nat => ("nat", String::new(), String::new()),
         ModeState::Fullnat { source_pool } => ("fullnat", source_pool.clone(), String::new()),
@@ -383,7 +336,7 @@ fn dynamic_service(s: &ServiceState, health: &HealthStatus) -> pb::Service {
                 }
             })
             .collect(),
-        origin: origin(false),
+        origin: origin(s.is_static()),
         owner: s.owner.clone(),
         health_check: s.health_check.as_ref().map(health_check_to),
         flow_timeouts: None,
@@ -391,24 +344,14 @@ fn dynamic_service(s: &ServiceState, health: &HealthStatus) -> pb::Service {
     }
 }
 
-fn static_pool(p: &SourcePoolSpec) -> pb::SourcePool {
-    pb::SourcePool {
-        name: p.name.clone(),
-        addresses: p.addresses.iter().map(|a| Ipv4Addr::from(*a).to_string()).collect(),
-        first_port: p.first_port.into(),
-        last_port: p.last_port.into(),
-        origin: origin(true),
-        owner: String::new(),
-    }
-}
-
-fn dynamic_pool(p: &PoolState) -> pb::SourcePool {
+/// The API's view of a source pool, static or dynamic (one model).
+fn pool_to(p: &PoolState) -> pb::SourcePool {
     pb::SourcePool {
         name: p.name.clone(),
         addresses: p.addresses.iter().map(ToString::to_string).collect(),
         first_port: p.first_port.into(),
         last_port: p.last_port.into(),
-        origin: origin(false),
+        origin: origin(p.is_static()),
         owner: p.owner.clone(),
     }
 }
@@ -421,12 +364,12 @@ pub(crate) fn state_response(view: &StateView, health: &HealthStatus, owner: Opt
     let mut services: Vec<pb::Service> = Vec::new();
     let mut source_pools: Vec<pb::SourcePool> = Vec::new();
     if owner.is_none() {
-        services.extend(view.config.services().iter().map(|s| static_service(s, view, health)));
-        source_pools.extend(view.config.source_pools().iter().map(static_pool));
+        services.extend(view.config.services().iter().map(|s| service_to(s, health)));
+        source_pools.extend(view.config.source_pools().iter().map(pool_to));
     }
-    services.extend(view.dynamic.services.values().filter(|s| mine(&s.owner)).map(|s| dynamic_service(s, health)));
+    services.extend(view.dynamic.services.values().filter(|s| mine(&s.owner)).map(|s| service_to(s, health)));
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    source_pools.extend(view.dynamic.source_pools.values().filter(|p| mine(&p.owner)).map(dynamic_pool));
+    source_pools.extend(view.dynamic.source_pools.values().filter(|p| mine(&p.owner)).map(pool_to));
     source_pools.sort_by(|a, b| a.name.cmp(&b.name));
     let generations = match owner {
         None => view.dynamic.generations.iter().map(|(o, g)| (o.clone(), *g)).collect(),
@@ -808,11 +751,11 @@ pub mod fuzzing {
 
     /// A dynamic service as `GetState` shows it (no health known).
     pub fn service_to(s: &ServiceState) -> pb::Service {
-        dynamic_service(s, &HealthStatus::default())
+        super::service_to(s, &HealthStatus::default())
     }
 
     /// A dynamic source pool as `GetState` shows it.
     pub fn pool_to(p: &PoolState) -> pb::SourcePool {
-        dynamic_pool(p)
+        super::pool_to(p)
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use vipgate_dataplane::snapshot::{ForwardingMode, SourcePoolSpec};
 
 const GOOD: &str = r#"
 [eal]
@@ -91,9 +92,9 @@ fn a_good_file_compiles_to_eal_arguments_and_a_spec() {
     assert_eq!(c.services().len(), 2);
     assert_eq!(c.services()[0].table_size, DEFAULT_TABLE_SIZE);
     assert_eq!(c.services()[0].backends[1].weight, 3);
-    assert_eq!(c.services()[1].protocol, Protocol::Udp);
-    assert_eq!(c.services()[0].on_backend_removal, OnBackendRemoval::Rehash);
-    assert_eq!(c.services()[1].on_backend_removal, OnBackendRemoval::Reset);
+    assert_eq!(c.services()[1].protocol, ProtocolState::Udp);
+    assert_eq!(c.services()[0].on_backend_removal, RemovalState::Rehash);
+    assert_eq!(c.services()[1].on_backend_removal, RemovalState::Reset);
     let macs = [EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])];
     let spec = c.snapshot_spec(&macs);
     assert_eq!(spec.ports[1].mac, macs[1]);
@@ -450,7 +451,15 @@ fn bad_modes_and_pools_name_line_field_and_reason() {
             "source_pools[0].addresses[0]",
             "address of port \"backend\"",
         ),
-        ("\"198.18.1.100\", \"198.18.1.101\"", "\"198.18.100.1\"", 18, "source_pools[0].addresses[0]", "is a VIP"),
+        // A pool address that is a VIP: the pools come first, so the
+        // service's VIP is the one refused.
+        (
+            "\"198.18.1.100\", \"198.18.1.101\"",
+            "\"198.18.100.1\"",
+            23,
+            "services[0].vip",
+            "is an address of source pool \"snat\"",
+        ),
         ("\"198.18.1.100\", \"198.18.1.101\"", "\"224.1.1.1\"", 18, "source_pools[0].addresses[0]", "not a unicast"),
         (
             "addresses = [\"198.18.1.100\", \"198.18.1.101\"]",
@@ -465,7 +474,7 @@ fn bad_modes_and_pools_name_line_field_and_reason() {
             "{ address = \"198.18.1.101\", port = 8080 }",
             28,
             "services[0].backends[0].address",
-            "source pool address",
+            "is an address of source pool \"snat\"",
         ),
     ];
     for (from, to, line, field, reason) in cases {
@@ -829,11 +838,13 @@ expect_reply = "ok"
 fn health_checks_parse_with_their_defaults() {
     use crate::health::{CheckKind, HealthCheck};
     let c = parse(HEALTH).unwrap();
-    let web: &HealthCheck = c.health_check("web").unwrap();
+    let check =
+        |c: &Config, name: &str| c.services().iter().find(|s| s.name == name).and_then(|s| s.health_check.clone());
+    let web: HealthCheck = check(&c, "web").unwrap();
     assert_eq!((web.interval_ms, web.timeout_ms, web.rise, web.fall, web.port), (200, 100, 2, 2, None));
     let CheckKind::Http(h) = &web.kind else { panic!("{web:?}") };
     assert_eq!((h.path.as_str(), h.expect_status.to_string()), ("/healthz", "200-299,301".to_owned()));
-    let dns = c.health_check("dns").unwrap();
+    let dns = check(&c, "dns").unwrap();
     assert_eq!((dns.interval_ms, dns.timeout_ms, dns.rise, dns.fall), (5000, 2000, 2, 3));
     let CheckKind::Udp(u) = &dns.kind else { panic!("{dns:?}") };
     assert_eq!((u.payload.as_slice(), u.expect_reply.as_deref()), (&[0u8, 1][..], Some(&b"ok"[..])));
@@ -843,7 +854,7 @@ fn health_checks_parse_with_their_defaults() {
             .replace("[services.health_check]\nkind = \"udp\"\npayload_hex = \"00 01\"\nexpect_reply = \"ok\"\n", ""),
     )
     .unwrap();
-    assert!(plain.health_check("dns").is_none());
+    assert!(check(&plain, "dns").is_none());
 }
 
 #[test]
@@ -1132,9 +1143,7 @@ fn a_conflict_names_the_later_service_by_its_field_and_the_earlier_by_name() {
         .replacen("port = 53\nprotocol = \"UDP\"", "port = 80\nprotocol = \"tcp\"", 1);
     let msg = parse(&text).unwrap_err().to_string();
     assert!(
-        msg.contains(
-            "services[1].port: 198.18.100.1:80/tcp of service \"aa-new\" is already served by service \"zz-existing\""
-        ),
+        msg.contains("services[1].port: 198.18.100.1:80/tcp is already served by service \"zz-existing\""),
         "{msg}"
     );
 }
@@ -1287,11 +1296,14 @@ fn a_new_flow_limit_compiles_with_its_defaults() {
     use vipgate_dataplane::admission::NewFlowLimit;
     let limited = |limit: &str| GOOD.replacen("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{limit}"), 1);
     let c = parse(&limited("new_flow_limit = { per_second = 100, burst = 200, prefix_len = 24 }")).unwrap();
-    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 100, burst: 200, prefix_len: 24 }));
+    assert_eq!(
+        c.services()[0].new_flow_limit,
+        Some(NewFlowLimit { per_second: 100, burst: 200, prefix_len: 24 }.into())
+    );
     assert_eq!(c.services()[1].new_flow_limit, None);
     // burst defaults to a second's worth, prefix_len to 32.
     let c = parse(&limited("new_flow_limit = { per_second = 50 }")).unwrap();
-    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 50, burst: 50, prefix_len: 32 }));
+    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 50, burst: 50, prefix_len: 32 }.into()));
     // As a table of its own, and /0: all clients together.
     let c = parse(&GOOD.replacen(
         "[[services]]\nname = \"dns\"",
@@ -1299,7 +1311,10 @@ fn a_new_flow_limit_compiles_with_its_defaults() {
         1,
     ))
     .unwrap();
-    assert_eq!(c.services()[0].new_flow_limit, Some(NewFlowLimit { per_second: 1_000_000, burst: 1, prefix_len: 0 }));
+    assert_eq!(
+        c.services()[0].new_flow_limit,
+        Some(NewFlowLimit { per_second: 1_000_000, burst: 1, prefix_len: 0 }.into())
+    );
     // A change of the limit is a change of the service: a reload applies it.
     let old = parse(GOOD).unwrap();
     assert!(old.restart_required(&c).is_none());

@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::probe::{first_delay, jittered, probe, random};
-use crate::config::health_check::HealthCheck;
+use crate::health_check::HealthCheck;
 
 /// A backend of a service, as health knows it: the service's name and the
 /// backend's own address and port (the check may probe another port).

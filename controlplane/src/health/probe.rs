@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
-use crate::config::health_check::{CheckKind, HealthCheck, HttpCheck, UdpCheck};
+use crate::health_check::{CheckKind, HealthCheck, HttpCheck, UdpCheck};
 
 /// The User-Agent of HTTP probes, so that backends can tell them from
 /// clients in their logs.

@@ -897,3 +897,54 @@ fn announce_eligibility_kept_service_by_service_equals_the_whole_computation() {
     assert_eq!(map.get(&Ipv4Addr::new(198, 18, 100, 7)), Some(&false));
     assert_eq!(map.get(&Ipv4Addr::new(198, 18, 100, 1)), Some(&true), "the static service's VIP");
 }
+
+/// One rule, one wording: a mistake in a file's service and the same one
+/// in an API's service are refused by the same rule of `Effective`, with
+/// the same reason; the file names the line and the index, the API the
+/// key.
+#[test]
+fn a_rule_refuses_a_file_and_an_api_service_alike() {
+    use crate::config::ConfigError;
+    // The field, the mistake in an API's service, as written in a file,
+    // and a part of the reason.
+    type Case = (&'static str, fn(&mut ServiceState), &'static str, &'static str);
+    let cases: [Case; 3] = [
+        ("vip", |s| s.vip = Ipv4Addr::new(198, 18, 0, 1), "vip = \"198.18.0.1\"", "not a free VIP"),
+        (
+            "backends[1].address",
+            |s| s.backends[1].address = Ipv4Addr::new(198, 20, 0, 5),
+            "{ address = \"198.20.0.5\", port = 8080 }",
+            "no route to 198.20.0.5",
+        ),
+        (
+            "backends[1].address",
+            |s| s.backends[1] = backend(20, 8080, 2),
+            "{ address = \"198.18.1.20\", port = 8080 }",
+            "listed twice",
+        ),
+    ];
+    for (field, edit, written, reason) in cases {
+        let mut dynamic = service("x", 9);
+        edit(&mut dynamic);
+        let api = Effective::build(&config(), &macs(), &with(vec![dynamic], vec![])).expect_err(field);
+        let api_prefix = format!("services[\"x\"].{field}: ");
+        assert!(api.message.starts_with(&api_prefix), "{api}");
+        let api_reason = &api.message[api_prefix.len()..];
+        assert!(api_reason.contains(reason), "{api}");
+
+        let second =
+            if field == "vip" { "{ address = \"198.18.1.21\", port = 8080 }".to_owned() } else { written.to_owned() };
+        let vip = if field == "vip" { written.to_owned() } else { "vip = \"198.18.100.9\"".to_owned() };
+        let text = format!(
+            "{CONFIG}\n[[services]]\nname = \"x\"\n{vip}\nport = 80\nprotocol = \"tcp\"\ntable_size = 251\nbackends = [\n  {{ address = \"198.18.1.20\", port = 8080 }},\n  {second},\n]\n"
+        );
+        let line = text.lines().count() - text.lines().rev().position(|l| l.contains(written)).expect("written");
+        match Config::parse(Path::new("/etc/vipgate/vipgated.toml"), &text) {
+            Err(ConfigError::Invalid { line: l, field: f, reason: r, .. }) => {
+                assert_eq!((l, f.as_str()), (line, format!("services[1].{field}").as_str()), "{r}");
+                assert_eq!(r, api_reason, "the file and the API word {field} alike");
+            }
+            other => panic!("{field}: expected Invalid, got {other:?}"),
+        }
+    }
+}
