@@ -189,7 +189,7 @@ fn spec(variant: u8) -> SnapshotSpec {
         ],
         routes: vec![RouteSpec { prefix: Ipv4Cidr { addr: ip(198, 19, 0, 0), len: 16 }, via: ROUTER }],
         neighbours: vec![NeighbourSpec { addr: ip(198, 18, 1, 13), mac: EthernetAddress([0x02, 0xbb, 0, 0, 0, 13]) }],
-        services: vec![web, dns, fnat, fnat_udp, dsr, dsr_udp, far],
+        services: [web, dns, fnat, fnat_udp, dsr, dsr_udp, far].into_iter().map(std::sync::Arc::new).collect(),
         source_pools: vec![SourcePoolSpec {
             name: "pool".into(),
             addresses: POOL.to_vec(),
