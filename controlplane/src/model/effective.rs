@@ -320,33 +320,53 @@ impl Effective {
         }
     }
 
-    /// The rules of a source pool, static or dynamic (`origin`), stored
-    /// under `key`.
-    fn check_pool(&self, origin: Origin, key: &str, p: &PoolState) -> Result<SourcePoolSpec, Refusal> {
+    /// The rules of an object's name and owner, which a service and a
+    /// source pool share; `(list, kind)` is `("services", "service")` or
+    /// `("source_pools", "source pool")`, `statics` the static objects'
+    /// names of that kind. Returns where the object's fields are named:
+    /// `services[2]` in the file, `services["web"]` in the API.
+    fn check_identity(
+        &self,
+        origin: Origin,
+        (list, kind): (&str, &str),
+        key: &str,
+        name: &str,
+        owner: &str,
+        statics: &std::collections::HashSet<String>,
+    ) -> Result<String, Refusal> {
         let at = match origin {
-            Origin::Static(i) => format!("source_pools[{i}]"),
-            Origin::Dynamic => format!("source_pools[{key:?}]"),
+            Origin::Static(i) => format!("{list}[{i}]"),
+            Origin::Dynamic => format!("{list}[{key:?}]"),
         };
-        let f = |k: &str| format!("{at}.{k}");
-        if p.name != key {
-            return Err(Refusal::new(f("name"), format!("{:?} differs from its key", p.name)));
+        let field = |k: &str| format!("{at}.{k}");
+        if name != key {
+            return Err(Refusal::new(field("name"), format!("{name:?} differs from its key")));
         }
-        check_name(&p.name).map_err(|r| Refusal::new(f("name"), r))?;
+        check_name(name).map_err(|r| Refusal::new(field("name"), r))?;
         match origin {
-            Origin::Static(_) if self.static_pools.contains(&p.name) => {
-                return Err(Refusal::new(f("name"), format!("another source pool is already named {:?}", p.name)));
+            Origin::Static(_) if statics.contains(name) => {
+                return Err(Refusal::new(field("name"), format!("another {kind} is already named {name:?}")));
             }
             Origin::Static(_) => {}
             Origin::Dynamic => {
-                check_owner(&p.owner).map_err(|r| Refusal::new(f("owner"), r))?;
-                if self.static_pools.contains(&p.name) {
+                check_owner(owner).map_err(|r| Refusal::new(field("owner"), r))?;
+                if statics.contains(name) {
                     return Err(Refusal::new(
-                        f("name"),
-                        format!("a static source pool named {:?} is defined in {}", p.name, self.file),
+                        field("name"),
+                        format!("a static {kind} named {name:?} is defined in {}", self.file),
                     ));
                 }
             }
         }
+        Ok(at)
+    }
+
+    /// The rules of a source pool, static or dynamic (`origin`), stored
+    /// under `key`.
+    fn check_pool(&self, origin: Origin, key: &str, p: &PoolState) -> Result<SourcePoolSpec, Refusal> {
+        let at =
+            self.check_identity(origin, ("source_pools", "source pool"), key, &p.name, &p.owner, &self.static_pools)?;
+        let f = |k: &str| format!("{at}.{k}");
         if p.addresses.is_empty() {
             return Err(Refusal::new(f("addresses"), "a source pool needs at least one address"));
         }
@@ -401,30 +421,8 @@ impl Effective {
         s: &ServiceState,
         pools: &OrdMap<String, PoolState>,
     ) -> Result<ServiceSpec, Refusal> {
-        let at = match origin {
-            Origin::Static(i) => format!("services[{i}]"),
-            Origin::Dynamic => format!("services[{key:?}]"),
-        };
+        let at = self.check_identity(origin, ("services", "service"), key, &s.name, &s.owner, &self.static_services)?;
         let f = |k: &str| format!("{at}.{k}");
-        if s.name != key {
-            return Err(Refusal::new(f("name"), format!("{:?} differs from its key", s.name)));
-        }
-        check_name(&s.name).map_err(|r| Refusal::new(f("name"), r))?;
-        match origin {
-            Origin::Static(_) if self.static_services.contains(&s.name) => {
-                return Err(Refusal::new(f("name"), format!("another service is already named {:?}", s.name)));
-            }
-            Origin::Static(_) => {}
-            Origin::Dynamic => {
-                check_owner(&s.owner).map_err(|r| Refusal::new(f("owner"), r))?;
-                if self.static_services.contains(&s.name) {
-                    return Err(Refusal::new(
-                        f("name"),
-                        format!("a static service named {:?} is defined in {}", s.name, self.file),
-                    ));
-                }
-            }
-        }
         let vip = u32::from(s.vip);
         if !is_unicast(vip) {
             return Err(Refusal::new(f("vip"), format!("{} is not a unicast address", s.vip)));
