@@ -44,6 +44,8 @@ async fn channel_unix(path: &Path) -> Result<Channel, ApiError> {
     // always dials the socket.
     Endpoint::from_static("http://vipgated")
         .connect_timeout(CONNECT_TIMEOUT)
+        .initial_stream_window_size(Some(super::limits::STREAM_WINDOW))
+        .initial_connection_window_size(Some(super::limits::CONNECTION_WINDOW))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move { UnixStream::connect(socket).await.map(TokioIo::new) }
@@ -80,6 +82,8 @@ pub async fn connect_tls(endpoint: &str, files: &TlsClientFiles) -> Result<Gatew
     let channel = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| fail(format!("not a URL like https://198.18.0.1:50051: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
+        .initial_stream_window_size(Some(super::limits::STREAM_WINDOW))
+        .initial_connection_window_size(Some(super::limits::CONNECTION_WINDOW))
         .tls_config(tls)
         .map_err(|e| fail(root_cause(&e)))?
         .connect()
