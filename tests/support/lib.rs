@@ -558,7 +558,8 @@ fn reload_config(config: &Path, pid: u32, log_text: impl Fn() -> String, new_tex
         }
         assert!(
             Instant::now() < deadline,
-            "no reload outcome within 10 s of SIGHUP\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}"
+            "no reload outcome within 10 s of SIGHUP\n--- new configuration ---\n{new_text}\n--- vipgated log ---\n{log}\n{}",
+            thread_stacks(pid)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
