@@ -257,7 +257,7 @@ fn print_phases(what: &str, phases: &[[f64; 4]]) {
         println!("{what}: the gateway logged no phase durations");
         return;
     }
-    let names = ["validate+compile", "persist (JSON, fsync, rename)", "publish (RCU grace)", "total in vipgated"];
+    let names = ["validate+compile", "persist (redb commit, fsyncs)", "publish (RCU grace)", "total in vipgated"];
     for (k, name) in names.iter().enumerate() {
         let d: Vec<Duration> = phases.iter().map(|p| Duration::from_secs_f64(p[k] / 1e3)).collect();
         Summary::of(&d).print(&format!("  {what}: {name}"));
