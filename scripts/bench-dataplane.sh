@@ -56,7 +56,6 @@ VG_TAG="bench"
 # shellcheck source=scripts/common.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 CMDLINE="scripts/bench-dataplane.sh${*:+ $*}"
 SMOKE=0

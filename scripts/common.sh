@@ -30,6 +30,21 @@ VG_HTTP_PORT=8080
 VG_UDP_PORT=5353
 
 say() { printf '==> %s: %s\n' "$VG_TAG" "$*"; }
+# Prints the calling script's header comment (from its second line to its
+# `set -euo pipefail`): every script's --help.
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+# For a script that takes no arguments: `-h` or `--help` prints its usage
+# and exits; any other argument is refused.
+no_arguments() {
+	case ${1:-} in
+	-h | --help)
+		usage
+		exit 0
+		;;
+	"") ;;
+	*) die "unknown argument: $1 (usage: scripts/$(basename -- "$0"))" ;;
+	esac
+}
 warn() { printf '==> %s: WARNING: %s\n' "$VG_TAG" "$*" >&2; }
 die() {
 	printf '==> %s: ERROR: %s\n' "$VG_TAG" "$*" >&2

@@ -46,7 +46,6 @@ KEEP=0
 BUILD=1
 MODE=run
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 while (($#)); do
 	case $1 in

@@ -40,7 +40,6 @@ SANITIZER=none
 TARGETS=()
 EXTRA=()
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 while (($#)); do
 	case $1 in

@@ -36,14 +36,7 @@ VG_TAG=k8s-build
 # shellcheck source=scripts/common.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
-case ${1:-} in
--h | --help)
-	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-	exit 0
-	;;
-"") ;;
-*) die "unknown argument: $1 (usage: scripts/k8s-build.sh)" ;;
-esac
+no_arguments "$@"
 
 CACHE=${VIPGATE_CACHE:-/var/cache/vipgate}
 K8S_CACHE=$CACHE/k8s

@@ -42,7 +42,6 @@ VG_TAG=k8s-testenv
 # shellcheck source=scripts/common.sh
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 # The version k8s-build.sh builds (one place: its KUBE_VERSION line).
 KUBE_VERSION=$(sed -n 's/^KUBE_VERSION=//p' "$VG_SCRIPTS_DIR/k8s-build.sh")

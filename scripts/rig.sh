@@ -106,10 +106,6 @@ CLIENT_LAN_PEER=vclient # in ${P}backend, on the bridge
 BACKEND_LAN_IF=eth0   # in ${P}b<i>; its peer in ${P}backend is vb<i>
 DECAP_TUN=vgdecap     # in ${P}b<i> with --dsr-decap userspace
 
-usage() {
-	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-}
-
 usage_error() {
 	printf '==> rig: ERROR: %s\n' "$*" >&2
 	printf 'usage: rig.sh up|down|exec|status --prefix P ... (rig.sh --help)\n' >&2

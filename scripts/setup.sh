@@ -65,14 +65,7 @@ HP_MIN_FREE=${VIPGATE_HUGEPAGES_MIN_FREE:-256}
 HP_SYS=/sys/kernel/mm/hugepages/hugepages-2048kB
 HP_MOUNT=/dev/hugepages
 
-case ${1:-} in
--h | --help)
-	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-	exit 0
-	;;
-"") ;;
-*) die "unknown argument: $1 (usage: scripts/setup.sh)" ;;
-esac
+no_arguments "$@"
 
 require_root
 

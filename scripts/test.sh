@@ -44,7 +44,7 @@ source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 UNIT=0
 case ${1:-} in
 -h | --help)
-	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+	usage
 	exit 0
 	;;
 --unit)
