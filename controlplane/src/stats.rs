@@ -242,51 +242,47 @@ impl StatsSlots {
         alloc: &mut Allocator<'_>,
         retired: &mut Vec<Retiring>,
     ) -> Arc<ServiceSlots> {
-        // Copied only if a slot must be written: a description that
-        // carries its slots already stays shared.
         let old = self.services.get(&shared.name);
+        // Unchanged backends (the common case) keep their slots; the
+        // description is copied only if a slot must be written into it.
         if let Some(old) = old
             && old.backends.len() == shared.backends.len()
             && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.addr == b.addr && o.port == b.port)
-            && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.slot == b.stats_slot)
-            && old.vip == shared.vip
-            && old.port == shared.port
-            && old.protocol == shared.protocol.name()
-            && old.mode == mode_name(&shared.mode)
-            && old.table_size == shared.table_size
-            && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.weight == b.weight)
         {
-            return Arc::clone(old);
+            let same = old.vip == shared.vip
+                && old.port == shared.port
+                && old.protocol == shared.protocol.name()
+                && old.mode == mode_name(&shared.mode)
+                && old.table_size == shared.table_size
+                && old.backends.iter().zip(&shared.backends).all(|(o, b)| o.weight == b.weight);
+            if old.backends.iter().zip(&shared.backends).any(|(o, b)| o.slot != b.stats_slot) {
+                for (b, o) in Arc::make_mut(shared).backends.iter_mut().zip(&old.backends) {
+                    b.stats_slot = o.slot;
+                }
+            }
+            if same {
+                return Arc::clone(old);
+            }
+            let s = &**shared;
+            return Arc::new(ServiceSlots {
+                name: s.name.clone(),
+                vip: s.vip,
+                port: s.port,
+                protocol: s.protocol.name(),
+                mode: mode_name(&s.mode),
+                table_size: s.table_size,
+                backends: old
+                    .backends
+                    .iter()
+                    .zip(&s.backends)
+                    .map(|(o, b)| BackendSlot { weight: b.weight, ..o.clone() })
+                    .collect(),
+            });
         }
         let s = Arc::make_mut(shared);
         let (protocol, mode) = (s.protocol.name(), mode_name(&s.mode));
         let (name, vip, port, table_size) = (s.name.clone(), s.vip, s.port, s.table_size);
         let service = |backends| Arc::new(ServiceSlots { name, vip, port, protocol, mode, table_size, backends });
-        // Unchanged backends (the common case): the same slots.
-        if let Some(old) = old
-            && old.backends.len() == s.backends.len()
-            && old.backends.iter().zip(&s.backends).all(|(o, b)| o.addr == b.addr && o.port == b.port)
-        {
-            for (b, o) in s.backends.iter_mut().zip(&old.backends) {
-                b.stats_slot = o.slot;
-            }
-            let same = old.vip == s.vip
-                && old.port == s.port
-                && old.protocol == protocol
-                && old.mode == mode
-                && old.table_size == s.table_size
-                && old.backends.iter().zip(&s.backends).all(|(o, b)| o.weight == b.weight);
-            if same {
-                return Arc::clone(old);
-            }
-            let backends = old
-                .backends
-                .iter()
-                .zip(&s.backends)
-                .map(|(o, b)| BackendSlot { weight: b.weight, ..o.clone() })
-                .collect();
-            return service(backends);
-        }
         let kept: HashMap<(u32, u16), &BackendSlot> =
             old.map(|o| o.backends.iter().map(|b| ((b.addr, b.port), b)).collect()).unwrap_or_default();
         let mut backends = Vec::with_capacity(s.backends.len());
