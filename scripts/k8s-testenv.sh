@@ -36,6 +36,8 @@
 #   VIPGATE_K8S_START_TIMEOUT=60           seconds to wait for /readyz
 #   VIPGATE_K8S_SERVICE_RANGE=198.18.128.0/24   --service-cluster-ip-range
 #                                 (dual stack: 198.18.128.0/24,2001:db8:0:80::/112)
+#   VIPGATE_K8S_NODE_PORTS=30000-32767     --service-node-port-range (the
+#                                 tests' node namespaces serve on 8080)
 set -euo pipefail
 
 VG_TAG=k8s-testenv
@@ -50,6 +52,8 @@ APISERVER=$K8S_BIN/kube-apiserver
 ETCD=$K8S_BIN/etcd
 START_TIMEOUT=${VIPGATE_K8S_START_TIMEOUT:-60}
 SERVICE_RANGE=${VIPGATE_K8S_SERVICE_RANGE:-198.18.128.0/24}
+NODE_PORTS=${VIPGATE_K8S_NODE_PORTS:-30000-32767}
+[[ $NODE_PORTS =~ ^[0-9]+-[0-9]+$ ]] || die "VIPGATE_K8S_NODE_PORTS=$NODE_PORTS: not a range like 30000-32767"
 
 # free_ports N: N distinct TCP ports free on 127.0.0.1 (the kernel picks them;
 # they are free when this returns, as envtest does it).
@@ -230,6 +234,7 @@ cmd_start() {
 		--service-account-key-file "$pki/sa.pub" \
 		--service-account-signing-key-file "$pki/sa.key" \
 		--service-cluster-ip-range "$SERVICE_RANGE" \
+		--service-node-port-range "$NODE_PORTS" \
 		--authorization-mode RBAC \
 		--disable-admission-plugins ServiceAccount \
 		--allow-privileged=true \

@@ -19,7 +19,10 @@ mod services;
 mod tcp;
 mod view;
 
-pub use client::{TlsClientFiles, connect_tls, connect_unix, connect_unix_channel, connect_unix_services};
+pub use client::{
+    TlsClientFiles, TlsClientPem, connect_tls, connect_tls_channel, connect_unix, connect_unix_channel,
+    connect_unix_services,
+};
 pub use cutoff::Connections;
 pub use error::ApiError;
 pub use gateway::{GatewayService, WORKER_STALL_LIMIT};

@@ -413,6 +413,14 @@ impl Change {
         owner_of.insert(name, owner.to_owned());
     }
 
+    /// Whether it changed no object.
+    pub fn is_empty(&self) -> bool {
+        self.services_changed.is_empty()
+            && self.services_deleted.is_empty()
+            && self.pools_changed.is_empty()
+            && self.pools_deleted.is_empty()
+    }
+
     /// Whether it touched an object of `owner`.
     pub fn touches(&self, owner: &str) -> bool {
         self.owners.contains(owner)

@@ -28,6 +28,7 @@
 //! directory, restartable on the same state.
 
 pub mod ha;
+pub mod k8s;
 pub mod routing;
 
 use std::io::{Read, Write};

@@ -632,6 +632,12 @@ impl Reloader {
             let compiling = Instant::now();
             let mut new = self.dynamic.clone();
             let change = mutation(&self.running, &mut new)?;
+            if change.is_empty() && change.cause == "Apply" {
+                // An Apply of the state in force (a controller's periodic
+                // push, or its restart) is no change: no version, nothing
+                // written or published.
+                return Ok(Applied { version: self.dynamic.version, generations: self.dynamic.generations.clone() });
+            }
             new.advance(&change);
             let effective = self.effective.update(&self.dynamic, &new, &change)?;
             // Only the touched services' health targets are planned again.

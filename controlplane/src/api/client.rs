@@ -73,13 +73,42 @@ pub async fn connect_tls(endpoint: &str, files: &TlsClientFiles) -> Result<Gatew
     let read = |path: &Path, what: &str| {
         std::fs::read(path).map_err(|e| fail(format!("cannot read the {what} {}: {e}", path.display())))
     };
-    let cert = read(&files.cert, "client certificate")?;
-    let key = read(&files.key, "client key")?;
-    let ca = read(&files.ca, "CA certificate")?;
+    let pem = TlsClientPem {
+        cert: read(&files.cert, "client certificate")?,
+        key: read(&files.key, "client key")?,
+        ca: read(&files.ca, "CA certificate")?,
+    };
+    Ok(GatewayClient::new(connect_tls_channel(endpoint, &pem).await?))
+}
+
+/// A client's credentials for vipgated over TCP, as PEM in memory (a
+/// controller reads them from a Kubernetes Secret).
+#[derive(Clone)]
+pub struct TlsClientPem {
+    /// The client's certificate.
+    pub cert: Vec<u8>,
+    /// The client's private key.
+    pub key: Vec<u8>,
+    /// The CA that signed vipgated's server certificate.
+    pub ca: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsClientPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("TlsClientPem").finish_non_exhaustive()
+    }
+}
+
+/// A channel to vipgated's API over TCP with mutual TLS at `endpoint`
+/// (`https://host:port`), for clients of several of its services; same
+/// rules as [`connect_tls`].
+pub async fn connect_tls_channel(endpoint: &str, pem: &TlsClientPem) -> Result<Channel, ApiError> {
+    let fail = |reason: String| ApiError::ConnectTcp { endpoint: endpoint.to_owned(), reason };
     let tls = tonic::transport::ClientTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key))
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-    let channel = Endpoint::from_shared(endpoint.to_owned())
+        .identity(tonic::transport::Identity::from_pem(&pem.cert, &pem.key))
+        .ca_certificate(tonic::transport::Certificate::from_pem(&pem.ca));
+    Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| fail(format!("not a URL like https://198.18.0.1:50051: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .initial_stream_window_size(Some(super::limits::STREAM_WINDOW))
@@ -88,6 +117,5 @@ pub async fn connect_tls(endpoint: &str, files: &TlsClientFiles) -> Result<Gatew
         .map_err(|e| fail(root_cause(&e)))?
         .connect()
         .await
-        .map_err(|e| fail(root_cause(&e)))?;
-    Ok(GatewayClient::new(channel))
+        .map_err(|e| fail(root_cause(&e)))
 }
