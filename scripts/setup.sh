@@ -16,6 +16,9 @@
 #      rejects the proto3 'optional' fields of proto/vipgate/v1/services.proto;
 #   3. checks /dev/net/tun and network namespaces (the test rig needs both);
 #   4. mounts hugetlbfs on /dev/hugepages and reserves 2 MiB hugepages;
+#   4b. builds kube-apiserver and etcd for the Kubernetes tests once, into
+#      a cache outside the repository (scripts/k8s-build.sh: 12 minutes
+#      cold, then under a second);
 #   5. writes its hugepage decision to /run/vipgate/hugepages.env:
 #        VIPGATE_HUGEPAGES=1   DPDK runs on hugepages
 #        VIPGATE_HUGEPAGES=0   not enough hugepages: DPDK runs with --no-huge
@@ -27,6 +30,7 @@
 #   VIPGATE_HUGEPAGES_MIN_FREE=256      free pages needed to decide "1"
 #   VIPGATE_SKIP_PACKAGES=1             do not check or install packages
 #                                       (Debian packages and the Python venv)
+#   VIPGATE_SKIP_K8S=1                  do not build kube-apiserver and etcd
 #   VIPGATE_PYTHON_VENV=/opt/vipgate/python  the venv of the Python gRPC client
 set -euo pipefail
 
@@ -256,6 +260,11 @@ check_rust
 setup_python_venv
 check_kernel
 setup_hugepages
+if [[ ${VIPGATE_SKIP_K8S:-0} = 1 ]]; then
+	say "kubernetes test binaries: skipped (VIPGATE_SKIP_K8S=1)"
+else
+	"$VG_SCRIPTS_DIR/k8s-build.sh" || die "scripts/k8s-build.sh failed: the Kubernetes tests need kube-apiserver and etcd"
+fi
 write_env
 say "done"
 echo "VIPGATE_HUGEPAGES=$HP_DECISION"

@@ -96,20 +96,23 @@ step() {
 	return "$rc"
 }
 
-# Fails if vipgate-controlplane (the library and vipgatectl) depends, with
-# any feature, on the DPDK driver or its bindings: the client must build on
-# a machine without DPDK. Run by `step` in a new session, hence exported.
+# Fails if vipgate-controlplane (the library and vipgatectl) or vipgate-k8s
+# depends, with any feature, on the DPDK driver or its bindings: the clients
+# must build on a machine without DPDK. Run by `step` in a new session,
+# hence exported.
 client_without_dpdk() {
-	local tree found
-	printf '+ cargo tree -p vipgate-controlplane -e normal --all-features --prefix none\n'
-	tree=$(cargo tree -p vipgate-controlplane -e normal --all-features --prefix none) || return 2
-	found=$(grep -E '^vipgate-(dpdk|ffi) ' <<<"$tree" | sort -u) || true
-	if [[ -n $found ]]; then
-		printf '%s\n' "$found" >&2
-		printf 'vipgate-controlplane depends on the DPDK crates above: vipgatectl would need DPDK to build\n' >&2
-		return 1
-	fi
-	printf 'vipgate-controlplane depends on neither vipgate-dpdk nor vipgate-ffi\n'
+	local tree found crate
+	for crate in vipgate-controlplane vipgate-k8s; do
+		printf '+ cargo tree -p %s -e normal --all-features --prefix none\n' "$crate"
+		tree=$(cargo tree -p "$crate" -e normal --all-features --prefix none) || return 2
+		found=$(grep -E '^vipgate-(dpdk|ffi) ' <<<"$tree" | sort -u) || true
+		if [[ -n $found ]]; then
+			printf '%s\n' "$found" >&2
+			printf '%s depends on the DPDK crates above: it would need DPDK to build\n' "$crate" >&2
+			return 1
+		fi
+		printf '%s depends on neither vipgate-dpdk nor vipgate-ffi\n' "$crate"
+	done
 }
 export -f client_without_dpdk
 

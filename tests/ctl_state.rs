@@ -246,7 +246,15 @@ fn vipgatectl_manages_the_desired_state() {
     assert_eq!(d.ok(&["apply", file, "--expected-version", "8"]), "applied: version 9\n");
     let stderr = d.fails(1, &["apply", file, "--expected-version", "8"]);
     assert!(stderr.starts_with("vipgatectl: FAILED_PRECONDITION: "), "{stderr}");
+    // The same state again is no change: no new version.
+    assert_eq!(d.ok(&["apply", file]), "applied: version 9\n");
     // Without --expected-version: read-then-write.
+    let applied = std::fs::read_to_string(file).unwrap();
+    std::fs::write(
+        file,
+        applied.replace(r#""address": "198.18.1.40", "port": 53"#, r#""address": "198.18.1.40", "port": 5353"#),
+    )
+    .unwrap();
     assert_eq!(d.ok(&["apply", file]), "applied: version 10\n");
     let list = d.ok(&["list"]);
     has_rows(

@@ -31,7 +31,7 @@ impl Cluster {
     fn start(nodes: usize) -> Cluster {
         require_root();
         let rig = Rig::start(RigOptions { backends: nodes + 1, configured_backends: Some(1), ..Default::default() });
-        let env = K8sEnv::start(rig.dir());
+        let env = K8sEnv::start();
         env.install_crds();
         env.apply(&format!(
             "apiVersion: vipgate.io/v1alpha1\nkind: VipPool\nmetadata:\n  name: default\nspec:\n  addresses: [\"{POOL}\"]\n---\n\
@@ -49,16 +49,71 @@ impl Cluster {
         self.ctl.log_text()
     }
 
+    /// Stops the controller and the apiserver, then the rig, and checks
+    /// that the rig left nothing behind.
+    fn teardown(self) {
+        let Cluster { mut ctl, env, rig } = self;
+        ctl.assert_running();
+        drop(ctl);
+        drop(env);
+        let left = rig.teardown();
+        assert!(left.namespaces.is_empty() && left.processes.is_empty(), "left behind: {left:?}");
+    }
+
     /// `kubectl apply` of a LoadBalancer Service `name` on port 80 with
     /// nodePort 8080 and `extra` spec lines (indented 2).
     fn service(&self, name: &str, annotations: &[(&str, &str)], extra: &str) {
+        self.service_ports(name, annotations, extra, &[("http", "TCP", 80, 8080)]);
+    }
+
+    /// The same with `ports` as (name, protocol, port, nodePort).
+    fn service_ports(&self, name: &str, annotations: &[(&str, &str)], extra: &str, ports: &[(&str, &str, u16, u16)]) {
         let ann: String = annotations.iter().map(|(k, v)| format!("    {k}: \"{v}\"\n")).collect();
         let ann = if ann.is_empty() { String::new() } else { format!("  annotations:\n{ann}") };
+        let ports: String = ports
+            .iter()
+            .map(|(n, proto, port, node)| match node {
+                // 0: the apiserver picks the nodePort.
+                0 => format!("  - name: {n}\n    port: {port}\n    targetPort: 8080\n    protocol: {proto}\n"),
+                node => format!(
+                    "  - name: {n}\n    port: {port}\n    targetPort: {node}\n    nodePort: {node}\n    protocol: {proto}\n"
+                ),
+            })
+            .collect();
         self.env.apply(&format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n{ann}spec:\n  type: LoadBalancer\n  \
-             loadBalancerClass: vipgate.io/gateway\n  selector: {{ app: {name} }}\n  ports:\n  - name: http\n    port: 80\n    \
-             targetPort: 8080\n    nodePort: 8080\n    protocol: TCP\n{extra}"
+             loadBalancerClass: vipgate.io/gateway\n  selector: {{ app: {name} }}\n  ports:\n{ports}{extra}"
         ));
+    }
+
+    /// The names of the gateway's services.
+    fn gateway_names(&self) -> Vec<String> {
+        let state = self.gateway_services();
+        state["services"].as_array().unwrap().iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect()
+    }
+
+    /// vipgated's state version.
+    fn gateway_version(&self) -> u64 {
+        self.gateway_services()["version"].as_u64().expect("version in vipgatectl --json list")
+    }
+
+    /// Waits for VipGateway gw1's Synced condition to be True.
+    fn wait_gateway_synced(&self) {
+        self.env.wait_for(Duration::from_secs(30), "VipGateway gw1 Synced", &|| self.log(), || {
+            let out = self.env.kubectl(&["get", "vipgateway", "gw1", "-o", "jsonpath={.status.conditions[0].status}"]);
+            (String::from_utf8_lossy(&out.stdout) == "True").then_some(())
+        });
+    }
+
+    /// A UDP datagram to `ip`:`port` from the client namespace: the reply.
+    fn udp(&self, ip: &str, port: u16) -> Result<String, String> {
+        let out = self.rig.client(&["sh", "-c", &format!("echo ping | socat -T 3 - UDP:{ip}:{port}")]);
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if out.status.success() && !body.is_empty() {
+            Ok(body)
+        } else {
+            Err(format!("{} {}", out.status, String::from_utf8_lossy(&out.stderr)))
+        }
     }
 
     fn wait_ip(&self, name: &str, limit: Duration) -> String {
@@ -98,12 +153,9 @@ impl Cluster {
 
 #[test]
 fn a_loadbalancer_service_gets_an_address_from_the_pool_and_is_served_by_every_node() {
-    let mut c = Cluster::start(3);
+    let c = Cluster::start(3);
     // The controller is up once the gateway reports synced.
-    c.env.wait_for(Duration::from_secs(30), "VipGateway gw1 Synced", &|| c.log(), || {
-        let out = c.env.kubectl(&["get", "vipgateway", "gw1", "-o", "jsonpath={.status.conditions[0].status}"]);
-        (String::from_utf8_lossy(&out.stdout) == "True").then_some(())
-    });
+    c.wait_gateway_synced();
     let applied = Instant::now();
     c.service("web", &[], "");
     let ip = c.wait_ip("web", Duration::from_secs(2));
@@ -132,6 +184,174 @@ fn a_loadbalancer_service_gets_an_address_from_the_pool_and_is_served_by_every_n
     let state = c.gateway_services();
     let names: Vec<&str> = state["services"].as_array().unwrap().iter().filter_map(|s| s["name"].as_str()).collect();
     assert!(names.contains(&"test.default.web.http"), "the gateway has the service: {names:?}");
-    c.ctl.assert_running();
-    c.rig.teardown();
+    c.teardown();
+}
+
+#[test]
+fn an_address_goes_to_one_service_unless_they_share_a_key_and_is_freed_when_its_service_goes() {
+    let c = Cluster::start(2);
+    c.wait_gateway_synced();
+    let wanted = "198.18.100.70";
+    c.service("first", &[("vipgate.io/loadBalancerIPs", wanted)], "");
+    assert_eq!(c.wait_ip("first", Duration::from_secs(2)), wanted);
+    // The same address without a sharing key: refused, with an Event.
+    c.service_ports("second", &[("metallb.universe.tf/loadBalancerIPs", wanted)], "", &[("http", "TCP", 80, 0)]);
+    let events = c.env.wait_for(Duration::from_secs(5), "AllocationFailed on Service second", &|| c.log(), || {
+        let e = c.env.events("Service", "second");
+        e.contains("AllocationFailed").then_some(e)
+    });
+    println!("Events of Service second:\n{events}");
+    assert!(
+        events.contains(&format!("{wanted} is already used by Service default/first without a sharing key")),
+        "{events}"
+    );
+    assert_eq!(c.env.external_ip("second"), None, "the second Service has no address");
+    println!("{}", c.env.kubectl_ok(&["get", "svc"]));
+
+    // Two Services with one sharing key and distinct ports share one
+    // address, and both are served.
+    let shared = [("vipgate.io/allow-shared-ip", "team-a")];
+    c.service_ports("web", &shared, "", &[("http", "TCP", 80, 8081)]);
+    c.service_ports("dns", &shared, "", &[("dns", "UDP", 53, 5353)]);
+    let web_ip = c.wait_ip("web", Duration::from_secs(2));
+    let dns_ip = c.wait_ip("dns", Duration::from_secs(2));
+    assert_eq!(web_ip, dns_ip, "the sharing Services have one address");
+    let reply = c.env.wait_for(Duration::from_secs(3), "a UDP reply through the shared address", &|| c.log(), || {
+        c.udp(&dns_ip, 53).ok()
+    });
+    println!("UDP through {dns_ip}:53: {reply:?}");
+    assert!(reply.starts_with("backend-") && reply.ends_with("ping"), "{reply}");
+    let names = c.gateway_names();
+    assert!(
+        names.contains(&"test.default.web.http".to_owned()) && names.contains(&"test.default.dns.dns".to_owned()),
+        "{names:?}"
+    );
+
+    // The first goes: within 2 s its service leaves the gateway, and the
+    // address is free, so the Service waiting for it gets it.
+    c.env.kubectl_ok(&["delete", "svc", "first", "--wait=false"]);
+    let gone = Instant::now();
+    c.env.wait_for(Duration::from_secs(2), "first's service leaves the gateway", &|| c.log(), || {
+        (!c.gateway_names().contains(&"test.default.first.http".to_owned())).then_some(())
+    });
+    c.env.wait_for(Duration::from_secs(2), "Service first is deleted (finalizer released)", &|| c.log(), || {
+        (!c.env.kubectl(&["get", "svc", "first"]).status.success()).then_some(())
+    });
+    println!("first deleted and off the gateway in {:?}", gone.elapsed());
+    assert_eq!(
+        c.wait_ip("second", Duration::from_secs(3)),
+        wanted,
+        "the freed address goes to the Service that asked for it"
+    );
+    let pool = c.env.kubectl_ok(&["get", "vippool", "default"]);
+    println!("{pool}");
+    c.teardown();
+}
+
+#[test]
+fn a_controller_restart_moves_no_address_and_changes_nothing_on_the_gateway() {
+    let mut c = Cluster::start(2);
+    c.wait_gateway_synced();
+    for name in ["one", "two", "three"] {
+        c.service_ports(name, &[], "", &[("http", "TCP", 80, 0)]);
+    }
+    let before: Vec<String> = ["one", "two", "three"].iter().map(|n| c.wait_ip(n, Duration::from_secs(3))).collect();
+    // Let the pushes settle, then note the gateway's version.
+    std::thread::sleep(Duration::from_secs(1));
+    let version = c.gateway_version();
+    c.ctl.kill();
+    // While it is down, a new Service arrives: after the restart it must
+    // get an address none of the others had.
+    c.service_ports("four", &[], "", &[("http", "TCP", 80, 0)]);
+    c.ctl.spawn();
+    let four = c.wait_ip("four", Duration::from_secs(15));
+    let after: Vec<String> = ["one", "two", "three"].iter().map(|n| c.env.external_ip(n).unwrap_or_default()).collect();
+    println!("addresses before {before:?}, after {after:?}, the new Service's {four}");
+    assert_eq!(before, after, "no address moved");
+    assert!(!before.contains(&four), "{four} was already given");
+    // The restarted controller pushes the same state plus the new
+    // Service: one new version, not one per Service or a replace.
+    std::thread::sleep(Duration::from_secs(1));
+    let v = c.gateway_version();
+    println!("gateway version {version} before the restart, {v} after it and the new Service");
+    assert_eq!(v, version + 1, "the restart itself changed nothing on the gateway");
+    c.teardown();
+}
+
+#[test]
+fn a_terminating_endpoint_drains_its_backend_and_no_request_fails() {
+    let c = Cluster::start(3);
+    c.wait_gateway_synced();
+    c.service("pods", &[("vipgate.io/backends", "pods")], "");
+    let slice = |terminating: bool| {
+        let eps: String = (2..=4)
+            .map(|i| {
+                let t = i == 3 && terminating;
+                format!(
+                    "- addresses: [\"{}\"]\n  conditions: {{ ready: {}, serving: true, terminating: {} }}\n",
+                    backend_addr(i),
+                    !t,
+                    t
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: pods-1\n  namespace: default\n  labels:\n    \
+             kubernetes.io/service-name: pods\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n{eps}"
+        )
+    };
+    c.env.apply(&slice(false));
+    let ip = c.wait_ip("pods", Duration::from_secs(2));
+    let states = |c: &Cluster| -> BTreeMap<String, String> {
+        let state = c.gateway_services();
+        let svc = state["services"].as_array().unwrap().iter().find(|s| s["name"] == "test.default.pods.http").cloned();
+        svc.map(|s| {
+            s["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| (b["address"].as_str().unwrap_or("").to_owned(), b["state"].as_str().unwrap_or("").to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    c.env.wait_for(Duration::from_secs(2), "three enabled pod backends", &|| c.log(), || {
+        (states(&c).len() == 3).then_some(())
+    });
+    c.env.wait_for(Duration::from_secs(2), "the first request", &|| c.log(), || c.whoami(&ip).ok());
+    // Requests run on while the endpoint turns terminating.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ns, url, flag) = (format!("{}client", c.rig.prefix), format!("http://{ip}/whoami"), stop.clone());
+    let load = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "curl", "-sS", "--max-time", "5", "-H", "Connection: close", &url])
+                .output()
+                .expect("curl");
+            if out.status.success() { ok += 1 } else { failed.push(String::from_utf8_lossy(&out.stderr).into_owned()) }
+        }
+        (ok, failed)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let changed = Instant::now();
+    c.env.apply(&slice(true));
+    let drained = backend_addr(3);
+    c.env.wait_for(Duration::from_secs(1), "the terminating endpoint's backend drains", &|| c.log(), || {
+        (states(&c).get(&drained).map(String::as_str) == Some("draining")).then_some(())
+    });
+    println!("{drained} draining {:?} after the EndpointSlice update", changed.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    println!("{ok} requests during the change, {} failed", failed.len());
+    assert!(ok > 10, "requests ran: {ok}");
+    assert!(failed.is_empty(), "no request fails: {failed:?}");
+    // New connections avoid the draining backend.
+    let mut seen = BTreeMap::<String, u32>::new();
+    for _ in 0..60 {
+        *seen.entry(c.whoami(&ip).expect("request")).or_default() += 1;
+    }
+    assert!(!seen.contains_key("backend-3"), "the draining backend takes no new connections: {seen:?}");
+    c.teardown();
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use crate::{repo_root, workspace_bin};
 
 /// The node ports the apiserver hands out: the rig's backends serve HTTP
-/// on 8080, so a Service's nodePort can be theirs.
-pub const NODE_PORTS: &str = "8000-8999";
+/// on 8080 and UDP on 5353, so a Service's nodePort can be theirs.
+pub const NODE_PORTS: &str = "5000-8999";
 
 /// A running apiserver and etcd; stopped on drop.
 pub struct K8sEnv {
@@ -22,9 +22,12 @@ pub struct K8sEnv {
 }
 
 impl K8sEnv {
-    /// Starts them in a fresh directory under `parent`.
-    pub fn start(parent: &Path) -> K8sEnv {
-        let dir = parent.join("k8s");
+    /// Starts them in a fresh directory of their own (kept after a
+    /// failure, for the logs; removed otherwise).
+    pub fn start() -> K8sEnv {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("vipgate-k8s-{}x{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let out = Command::new(repo_root().join("scripts/k8s-testenv.sh"))
             .args(["start"])
@@ -176,10 +179,18 @@ impl K8sEnv {
 impl Drop for K8sEnv {
     fn drop(&mut self) {
         let out = Command::new(repo_root().join("scripts/k8s-testenv.sh")).arg("stop").arg(&self.dir).output();
-        if let Ok(out) = out
-            && !out.status.success()
-        {
-            eprintln!("k8s-testenv.sh stop: {}", String::from_utf8_lossy(&out.stderr));
+        match out {
+            Ok(out) if out.status.success() => {
+                if std::thread::panicking() {
+                    eprintln!("kube-apiserver and etcd logs kept in {}", self.dir.display());
+                } else {
+                    let _ = std::fs::remove_dir_all(&self.dir);
+                }
+            }
+            Ok(out) => {
+                eprintln!("k8s-testenv.sh stop {}: {}", self.dir.display(), String::from_utf8_lossy(&out.stderr))
+            }
+            Err(e) => eprintln!("k8s-testenv.sh stop {}: {e}", self.dir.display()),
         }
     }
 }

@@ -54,6 +54,18 @@ struct RunArgs {
     /// Where to serve /metrics and /healthz.
     #[arg(long, env = "VIPGATE_METRICS_ADDR", default_value = "127.0.0.1:9447")]
     metrics_addr: SocketAddr,
+    /// Run only while holding the Lease `--lease-name` in
+    /// `--lease-namespace` (coordination.k8s.io), so that one of several
+    /// replicas writes; the others wait. A leader that loses the Lease
+    /// exits, to start again as a follower.
+    #[arg(long, env = "VIPGATE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// The Lease's namespace (default: the Pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "vipgate-system")]
+    lease_namespace: String,
+    /// The Lease's name.
+    #[arg(long, default_value = "vipgate-k8s")]
+    lease_name: String,
 }
 
 fn check_cluster_name(name: &str) -> Result<(), String> {
@@ -152,6 +164,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let listener =
         metrics::bind(args.metrics_addr).await.map_err(|e| format!("--metrics-addr {}: {e}", args.metrics_addr))?;
     tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
+    if args.leader_elect {
+        lead(&client, &args).await?;
+    }
 
     // Everything that changes a Service's backends or addresses triggers
     // its reconcile: its EndpointSlices one Service, the rest all of them.
@@ -229,6 +244,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         sync: sync_rx.clone(),
         metrics: Arc::clone(&metrics),
         failures: Mutex::new(Default::default()),
+        retry_all: all_tx.clone(),
     });
 
     // The gateways follow the VipGateways; they push only once the gate
@@ -292,6 +308,42 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .await;
     info!("stopped");
     Ok(())
+}
+
+/// Waits until this instance holds the Lease, then watches it: losing it
+/// ends the process (its restart waits as a follower), so that two
+/// instances never write at once.
+async fn lead(client: &Client, args: &RunArgs) -> Result<(), String> {
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("{}-{}", nix_hostname(), std::process::id()));
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|e| format!("Lease {}/{}: {e}", args.lease_namespace, args.lease_name))?;
+    let (mut leader, _task) = manager.watch().await;
+    info!(lease = %format!("{}/{}", args.lease_namespace, args.lease_name), %identity, "waiting to lead");
+    while !*leader.borrow_and_update() {
+        leader.changed().await.map_err(|_| "the Lease manager stopped".to_owned())?;
+    }
+    info!(%identity, "leading");
+    tokio::spawn(async move {
+        loop {
+            if leader.changed().await.is_err() || !*leader.borrow_and_update() {
+                error!("lost the Lease: exiting, to start again as a follower");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(())
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "vipgate-k8s".into())
 }
 
 /// The desired state as the gateways see it: held back until every

@@ -82,6 +82,9 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Failures in a row per Service, for the retry backoff.
     pub failures: Mutex<HashMap<ServiceKey, u32>>,
+    /// Reconciles every Service: sent when an address is freed, so that
+    /// Services waiting for one get it.
+    pub retry_all: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 /// Allocations and the validated pools.
@@ -315,6 +318,7 @@ async fn reconcile_inner(svc: &Service, ctx: &Ctx, key: &ServiceKey) -> Result<A
             let freed = w.ipam.release(key);
             if let Some(ip) = freed {
                 info!(service = %key, %ip, "address freed");
+                let _ = ctx.retry_all.send(());
             }
             ctx.set_desired(key, None, &w)
         };
@@ -370,7 +374,9 @@ async fn reconcile_inner(svc: &Service, ctx: &Ctx, key: &ServiceKey) -> Result<A
             if set_condition(svc, &api, false, "AllocationFailed", &msg, had).await? {
                 ctx.event(svc, EventType::Warning, "AllocationFailed", msg).await;
             }
-            Ok(Action::await_change())
+            // A freed address, or a new pool, retries it at once; this is
+            // the backstop.
+            Ok(Action::requeue(Duration::from_secs(60)))
         }
         Ok((ip, pool)) => {
             let was = current_ip(svc);

@@ -195,7 +195,10 @@ pub fn intent(svc: &Service) -> Result<Intent, IntentError> {
         None | Some("nodes") => BackendSource::Nodes,
         Some("pods") => BackendSource::Pods,
         Some(other) => {
-            return Err(bad(format!("annotation {ANN_BACKENDS}"), format!("is {other:?}; it is \"nodes\" or \"pods\"")));
+            return Err(bad(
+                format!("annotation {ANN_BACKENDS}"),
+                format!("is {other:?}; it is \"nodes\" or \"pods\""),
+            ));
         }
     };
     let mut ports = Vec::new();
