@@ -355,3 +355,96 @@ fn a_terminating_endpoint_drains_its_backend_and_no_request_fails() {
     assert!(!seen.contains_key("backend-3"), "the draining backend takes no new connections: {seen:?}");
     c.teardown();
 }
+
+#[test]
+fn a_gateway_that_restarts_without_its_state_gets_it_again_within_5_s() {
+    let mut c = Cluster::start(2);
+    c.wait_gateway_synced();
+    c.service("web", &[], "");
+    let ip = c.wait_ip("web", Duration::from_secs(2));
+    c.env.wait_for(Duration::from_secs(2), "the first request", &|| c.log(), || c.whoami(&ip).ok());
+    // A restart with its state: it serves at once, nothing to push.
+    c.rig.restart_gateway(false);
+    let restarted = Instant::now();
+    c.env.wait_for(Duration::from_secs(5), "served again after a restart", &|| c.log(), || c.whoami(&ip).ok());
+    println!("served again {:?} after a restart with its state", restarted.elapsed());
+    // A restart that lost the state (a new machine): the controller sees
+    // the connection go and pushes the whole state again.
+    c.rig.restart_gateway(true);
+    let restarted = Instant::now();
+    c.env.wait_for(Duration::from_secs(5), "served again after a restart without state", &|| c.log(), || {
+        c.whoami(&ip).ok()
+    });
+    println!("served again {:?} after a restart without its state", restarted.elapsed());
+    let lost = c.log().matches("connection to the gateway lost: pushing again").count();
+    assert!(lost >= 2, "the controller saw both restarts and pushed again ({lost})");
+    // Someone edits the controller's objects behind its back: it puts
+    // them back.
+    let out = c.rig.ctl(&["--owner", "k8s/test", "service", "delete", "test.default.web.http"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let edited = Instant::now();
+    c.env.wait_for(Duration::from_secs(5), "the deleted service put back", &|| c.log(), || {
+        c.gateway_names().contains(&"test.default.web.http".to_owned()).then_some(())
+    });
+    println!("put back {:?} after someone deleted it", edited.elapsed());
+    c.teardown();
+}
+
+#[test]
+fn bad_input_gets_an_event_and_disturbs_nothing_else() {
+    let c = Cluster::start(2);
+    c.wait_gateway_synced();
+    c.service("good", &[], "");
+    let good = c.wait_ip("good", Duration::from_secs(2));
+    let wait_event = |kind: &str, name: &str, reason: &str| {
+        c.env.wait_for(Duration::from_secs(5), &format!("{reason} Event on {kind} {name}"), &|| c.log(), || {
+            let e = c.env.events(kind, name);
+            e.contains(reason).then_some(e)
+        })
+    };
+    // An address outside every pool.
+    c.service_ports("outside", &[("vipgate.io/loadBalancerIPs", "198.18.99.1")], "", &[("http", "TCP", 80, 0)]);
+    let e = wait_event("Service", "outside", "AllocationFailed");
+    println!("outside: {e}");
+    assert!(e.contains("198.18.99.1 is in no VipPool this Service may use"), "{e}");
+    // A malformed annotation.
+    c.service_ports("malformed", &[("vipgate.io/loadBalancerIPs", "198.18.100.300")], "", &[("http", "TCP", 80, 0)]);
+    let e = wait_event("Service", "malformed", "InvalidService");
+    println!("malformed: {e}");
+    assert!(e.contains("annotation vipgate.io/loadBalancerIPs: \"198.18.100.300\" is not an IPv4 address"), "{e}");
+    // A pool overlapping the first.
+    c.env.apply("apiVersion: vipgate.io/v1alpha1\nkind: VipPool\nmetadata:\n  name: overlap\nspec:\n  addresses: [\"198.18.100.72-198.18.100.90\"]\n");
+    let e = wait_event("VipPool", "overlap", "InvalidPool");
+    println!("overlap: {e}");
+    assert!(e.contains("addresses: overlap VipPool default's, which is older"), "{e}");
+    let status = c.env.kubectl_ok(&[
+        "get",
+        "vippool",
+        "overlap",
+        "-o",
+        "jsonpath={.status.conditions[0].reason}: {.status.conditions[0].message}",
+    ]);
+    assert_eq!(status, "Invalid: addresses: overlap VipPool default's, which is older");
+    // A gateway whose endpoint is down.
+    c.env.apply("apiVersion: vipgate.io/v1alpha1\nkind: VipGateway\nmetadata:\n  name: down\nspec:\n  endpoint: unix:///nonexistent/vipgated.sock\n");
+    let e = wait_event("VipGateway", "down", "PushFailed");
+    println!("down: {e}");
+    assert!(e.contains("/nonexistent/vipgated.sock"), "{e}");
+    let status = c.env.kubectl_ok(&[
+        "get",
+        "vipgateway",
+        "down",
+        "-o",
+        "jsonpath={.status.conditions[0].status} {.status.conditions[0].reason}",
+    ]);
+    assert_eq!(status, "False PushFailed");
+    // Nothing else was disturbed: the good Service keeps its address and
+    // is served, and the working gateway stays synced.
+    assert_eq!(c.env.external_ip("good").as_deref(), Some(good.as_str()));
+    c.whoami(&good).expect("the good Service is still served");
+    let gw1 = c.env.kubectl_ok(&["get", "vipgateway", "gw1", "-o", "jsonpath={.status.conditions[0].status}"]);
+    assert_eq!(gw1, "True");
+    println!("{}", c.env.kubectl_ok(&["get", "svc,vippool,vipgateway"]));
+    c.env.kubectl_ok(&["delete", "vipgateway", "down"]);
+    c.teardown();
+}

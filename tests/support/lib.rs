@@ -780,6 +780,36 @@ protocol = "udp"
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Starts a rig's vipgated on `config` (in the rig's gateway namespace
+/// with the exception path), its output to `log` (appended to, on a
+/// restart).
+fn spawn_vipgated(prefix: &str, exception: bool, config: &Path, log: &Path, append: bool) -> Child {
+    let mut command = if exception {
+        // `ip netns exec` execs vipgated: the child is vipgated itself.
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("{prefix}gw")]).arg(workspace_bin("vipgated"));
+        c
+    } else {
+        Command::new(workspace_bin("vipgated"))
+    };
+    let logfile = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(log)
+        .expect("log file");
+    command
+        .arg("--config")
+        .arg(config)
+        .env("VIPGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(logfile.try_clone().expect("log fd"))
+        .stderr(logfile)
+        .spawn()
+        .expect("spawn vipgated")
+}
+
 /// What teardown found.
 #[derive(Debug)]
 pub struct Leftovers {
@@ -885,8 +915,8 @@ addresses = ["198.18.1.1/24"]
         let config_path = dir.join("vipgated.toml");
         std::fs::write(&config_path, config).expect("write config");
 
-        let gateway_ns = format!("{prefix}gw");
-        let mut command = if opts.exception {
+        if opts.exception {
+            let gateway_ns = format!("{prefix}gw");
             // The namespace goes with the rig (rig.sh down deletes it, also
             // when this test fails before rig.sh up).
             for args in
@@ -895,23 +925,8 @@ addresses = ["198.18.1.1/24"]
                 let out = Command::new("ip").args(&args).output().expect("run ip");
                 assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
             }
-            // `ip netns exec` execs vipgated: the child is vipgated itself.
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &gateway_ns]).arg(workspace_bin("vipgated"));
-            c
-        } else {
-            Command::new(workspace_bin("vipgated"))
-        };
-        let logfile = std::fs::File::create(&log).expect("log file");
-        let child = command
-            .arg("--config")
-            .arg(&config_path)
-            .env("VIPGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(logfile.try_clone().expect("log fd"))
-            .stderr(logfile)
-            .spawn()
-            .expect("spawn vipgated");
+        }
+        let child = spawn_vipgated(&prefix, opts.exception, &config_path, &log, false);
         let mut up_args: Vec<String> = [
             "up",
             "--prefix",
@@ -970,6 +985,32 @@ addresses = ["198.18.1.1/24"]
         }
         rig.wait_for_api();
         rig
+    }
+
+    /// Stops vipgated (SIGTERM) and starts it again on the same
+    /// configuration, and the same state unless `wipe_state` (a gateway
+    /// replaced by a new machine), then repairs the rig around it (its tap
+    /// ports are new) and waits for its API: a gateway restart.
+    pub fn restart_gateway(&mut self, wipe_state: bool) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if wipe_state {
+            let _ = std::fs::remove_dir_all(self.dir.join("state"));
+        }
+        self.child = Some(spawn_vipgated(&self.prefix, self.exception, &self.config_path, &self.log, true));
+        self.repair();
+        self.wait_for_api();
     }
 
     fn wait_for_api(&mut self) {

@@ -97,11 +97,21 @@ impl GatewayTask {
 
     /// Runs until dropped (the supervisor aborts it when the VipGateway
     /// changes or goes).
+    ///
+    /// Besides the pushes, it keeps a Watch of the owner's objects open on
+    /// the gateway: its end (vipgated restarted, the connection broke) or
+    /// a change the controller did not make (someone edited its objects)
+    /// pushes the whole state again at once, so a gateway that lost or
+    /// changed the state gets it back without waiting for the resync.
     pub async fn run(mut self) {
         let mut conn: Option<ServiceManagerClient<Channel>> = None;
         let mut generation: Option<u64> = None;
         let mut pushed: Option<u64> = None;
         let mut refused: BTreeMap<ServiceKey, String> = BTreeMap::new();
+        let mut watch: Option<tonic::Streaming<pb::WatchEvent>> = None;
+        // The versions the controller's own Applies produced: a change at
+        // any other version that touches the owner was someone else's.
+        let mut own_versions: std::collections::VecDeque<u64> = Default::default();
         let mut backoff = Duration::from_millis(100);
         let mut last_push = Instant::now();
         loop {
@@ -123,6 +133,10 @@ impl GatewayTask {
                         pushed = Some(desired.seq);
                         last_push = now;
                         backoff = Duration::from_millis(100);
+                        own_versions.push_back(version);
+                        while own_versions.len() > 64 {
+                            own_versions.pop_front();
+                        }
                         let refused = refused.clone();
                         self.report(|s| {
                             *s = GatewaySync { seq: Some(desired.seq), version, services, error: None, refused }
@@ -132,16 +146,55 @@ impl GatewayTask {
                         warn!(gateway = %self.name, "push failed: {e}; next attempt in {backoff:?}");
                         self.metrics.push_error(&self.name);
                         self.report(|s| s.error = Some(e));
+                        watch = None;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
                     }
                 }
             }
+            if watch.is_none()
+                && let Some(client) = conn.as_mut()
+            {
+                match client.watch(pb::WatchRequest { owner: self.owner.clone() }).await {
+                    Ok(stream) => watch = Some(stream.into_inner()),
+                    Err(e) => warn!(gateway = %self.name, "cannot watch the gateway: {}", describe(&e)),
+                }
+            }
             let wait = RESYNC.saturating_sub(last_push.elapsed());
+            let event = async {
+                match watch.as_mut() {
+                    Some(w) => w.message().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = self.desired.changed() => if r.is_err() { return },
                 () = tokio::time::sleep(wait) => {}
+                ev = event => match ev {
+                    Ok(Some(pb::WatchEvent { version, event: Some(event) })) => {
+                        let foreign = match event {
+                            pb::watch_event::Event::Snapshot(s) => s.generations.get(&self.owner).copied() != generation,
+                            pb::watch_event::Event::Change(c) => {
+                                c.owners.contains(&self.owner) && !own_versions.contains(&version)
+                            }
+                            pb::watch_event::Event::Health(_) => false,
+                        };
+                        if foreign && pushed.is_some() {
+                            info!(gateway = %self.name, version, "the owner's objects changed on the gateway: pushing again");
+                            pushed = None;
+                            generation = None;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        info!(gateway = %self.name, "connection to the gateway lost: pushing again");
+                        watch = None;
+                        conn = None;
+                        generation = None;
+                        pushed = None;
+                    }
+                },
             }
         }
     }
@@ -149,7 +202,12 @@ impl GatewayTask {
     async fn connect(&self) -> Result<ServiceManagerClient<Channel>, String> {
         let ep = self.spec.endpoint.trim();
         let channel = if let Some(path) = ep.strip_prefix("unix://") {
-            api::connect_unix_channel(std::path::Path::new(path)).await.map_err(|e| e.to_string())?
+            api::connect_unix_channel(std::path::Path::new(path)).await.map_err(|e| match e {
+                api::ApiError::Connect { path, reason, .. } => {
+                    format!("cannot connect to vipgated's socket {}: {reason}", path.display())
+                }
+                e => e.to_string(),
+            })?
         } else if ep.starts_with("https://") {
             let r =
                 self.spec.credentials_secret.as_ref().ok_or(

@@ -284,7 +284,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
     });
     tokio::spawn(status::pools(Arc::clone(&ctx), pools.clone()));
-    tokio::spawn(status::gateways(client.clone(), sync_rx.clone(), gateways.clone()));
+    tokio::spawn(status::gateways(Arc::clone(&ctx), gateways.clone()));
     // A gateway's progress reconciles the Services whose sync state it
     // changed, which writes their conditions.
     tokio::spawn(status::sync_triggers(Arc::clone(&ctx), one_tx.clone()));

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
@@ -123,9 +123,13 @@ pub async fn pools(ctx: Arc<Ctx>, store: Store<VipPool>) {
     }
 }
 
-/// Keeps every VipGateway's status (Synced, version, services) true.
-pub async fn gateways(client: Client, mut sync: watch::Receiver<SyncMap>, store: Store<VipGateway>) {
-    let api: Api<VipGateway> = Api::all(client);
+/// Keeps every VipGateway's status (Synced, version, services) true, with
+/// a Warning Event when a push fails for a new reason and a Normal one when
+/// the gateway is synced again.
+pub async fn gateways(ctx: Arc<Ctx>, store: Store<VipGateway>) {
+    let api: Api<VipGateway> = Api::all(ctx.client.clone());
+    let mut sync: watch::Receiver<SyncMap> = ctx.sync.clone();
+    let mut reported: BTreeMap<String, Option<String>> = BTreeMap::new();
     loop {
         let map = sync.borrow_and_update().clone();
         for gw in store.state() {
@@ -168,6 +172,24 @@ pub async fn gateways(client: Client, mut sync: watch::Receiver<SyncMap>, store:
             });
             if let Err(e) = api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await {
                 warn!(gateway = %name, "cannot write the VipGateway's status: {e}");
+            }
+            let before = reported.get(&name).cloned().flatten();
+            let event = match (&s.error, s.seq.is_some()) {
+                (Some(e), _) if before.as_ref() != Some(e) => Some((EventType::Warning, "PushFailed", e.clone())),
+                (None, true) if before.is_some() || !reported.contains_key(&name) => Some((
+                    EventType::Normal,
+                    "GatewaySynced",
+                    format!("runs the desired state at version {}", s.version),
+                )),
+                _ => None,
+            };
+            if let Some((type_, reason, note)) = event {
+                let ev =
+                    Event { type_, reason: reason.into(), note: Some(note), action: "Push".into(), secondary: None };
+                if let Err(e) = ctx.recorder.publish(&ev, &gw.object_ref(&())).await {
+                    warn!(gateway = %name, "cannot publish an Event: {e}");
+                }
+                reported.insert(name.clone(), s.error.clone());
             }
         }
         if sync.changed().await.is_err() {
