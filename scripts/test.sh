@@ -268,6 +268,8 @@ if step build cargo build --workspace --all-targets; then
 	# an error: lints fail the run like tests do.
 	step fmt cargo fmt --all --check || true
 	step clippy cargo clippy --workspace --all-targets -- -D warnings || true
+	# The Helm chart lints, and the plain manifests are rendered from it.
+	step k8s-manifests "$VG_SCRIPTS_DIR/k8s-manifests.sh" --check || true
 	step nextest cargo nextest run --workspace --no-fail-fast "${NEXTEST_ARGS[@]}" || true
 	# The packet-rate benchmark is a benchmark, not a test: CI only proves
 	# it still runs (a few seconds, debug build, nothing written to docs/).
@@ -289,6 +291,7 @@ if step build cargo build --workspace --all-targets; then
 else
 	record fmt SKIP "build failed"
 	record clippy SKIP "build failed"
+	record k8s-manifests SKIP "build failed"
 	record nextest SKIP "build failed"
 	record bench-smoke SKIP "build failed"
 	record publish-smoke SKIP "build failed"

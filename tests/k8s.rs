@@ -448,3 +448,88 @@ fn bad_input_gets_an_event_and_disturbs_nothing_else() {
     c.env.kubectl_ok(&["delete", "vipgateway", "down"]);
     c.teardown();
 }
+
+#[test]
+fn both_gateways_of_an_ha_pair_receive_identical_state() {
+    require_root();
+    let env = K8sEnv::start();
+    env.install_crds();
+    let pair = vipgate::ha::HaPair::start(vipgate::Mode::Nat);
+    let mut yaml = format!(
+        "apiVersion: vipgate.io/v1alpha1\nkind: VipPool\nmetadata:\n  name: default\nspec:\n  addresses: [\"{POOL}\"]\n"
+    );
+    for g in &pair.gateways {
+        yaml.push_str(&format!(
+            "---\napiVersion: vipgate.io/v1alpha1\nkind: VipGateway\nmetadata:\n  name: gw-{}\nspec:\n  endpoint: unix://{}\n",
+            g.name,
+            g.vipgated.socket().display()
+        ));
+    }
+    env.apply(&yaml);
+    for i in 1..=3 {
+        env.node(&format!("node-{i}"), &format!("198.18.1.{}", 200 + i), true);
+    }
+    let cluster = format!("ha{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("vipgate-k8s-{cluster}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctl = K8sController::start(&env, &dir, &cluster, &[]);
+    let owner = format!("k8s/{cluster}");
+    for (name, port) in [("web", 80), ("api", 443), ("dns", 53)] {
+        let proto = if name == "dns" { "UDP" } else { "TCP" };
+        env.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: LoadBalancer\n  \
+             loadBalancerClass: vipgate.io/gateway\n  ports:\n  - name: p\n    port: {port}\n    protocol: {proto}\n"
+        ));
+    }
+    let log = || std::fs::read_to_string(&ctl.log).unwrap_or_default();
+    let owned = |g: usize| {
+        let v = pair.ctl_json(g, &["--owner", &owner, "list"]);
+        let mut services: Vec<serde_json::Value> = v["services"].as_array().cloned().unwrap_or_default();
+        for s in &mut services {
+            // Traffic counters differ between gateways; the state does not.
+            s.as_object_mut().unwrap().remove("stats");
+            for b in s["backends"].as_array_mut().into_iter().flatten() {
+                b.as_object_mut().unwrap().remove("stats");
+            }
+        }
+        services
+    };
+    let (a, b) = env.wait_for(Duration::from_secs(10), "both gateways list the three Services' services", &log, || {
+        let (a, b) = (owned(0), owned(1));
+        (a.len() == 3 && a == b).then_some((a, b))
+    });
+    println!("gateway a: {}", serde_json::to_string(&a).unwrap());
+    assert_eq!(a, b, "identical state on both gateways");
+    for s in &a {
+        assert_eq!(s["backends"].as_array().map(Vec::len), Some(3), "every node is a backend: {s}");
+    }
+    drop(ctl);
+    drop(env);
+    pair.teardown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_charts_manifests_are_accepted_by_the_apiserver() {
+    let env = K8sEnv::start();
+    env.kubectl_ok(&["create", "namespace", "vipgate-system"]);
+    let manifests = vipgate::repo_root().join("controlplane/k8s/deploy/vipgate-k8s.yaml");
+    // A server-side dry run: the CRDs, RBAC, ServiceAccount and
+    // Deployment are validated and admitted, nothing is stored.
+    let out = env.kubectl_ok(&["apply", "--dry-run=server", "-f", manifests.to_str().unwrap()]);
+    println!("{out}");
+    for kind in [
+        "customresourcedefinition",
+        "serviceaccount",
+        "clusterrole",
+        "clusterrolebinding",
+        "role",
+        "rolebinding",
+        "deployment",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(kind) && l.ends_with("created (server dry run)")),
+            "the apiserver admits a {kind}:\n{out}"
+        );
+    }
+}

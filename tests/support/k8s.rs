@@ -107,7 +107,7 @@ impl K8sEnv {
         self.kubectl_ok(&[
             "wait",
             "--for=condition=Established",
-            "--timeout=30s",
+            "--timeout=120s",
             "crd/vippools.vipgate.io",
             "crd/vipgateways.vipgate.io",
         ]);

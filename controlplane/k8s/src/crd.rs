@@ -6,7 +6,7 @@
 //! printed by `vipgate-k8s crds` are generated from these types.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use kube::CustomResource;
+use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -204,4 +204,29 @@ pub struct VipGatewayStatus {
     /// The vipgate services the cluster has on the gateway.
     #[serde(default)]
     pub services: u64,
+}
+
+/// The CRDs as `vipgate-k8s crds` prints them: YAML documents, each after
+/// a `---` line. The chart's `crds/vipgate.io.yaml` is this text.
+pub fn crds_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let mut out = String::new();
+    for crd in [VipPool::crd(), VipGateway::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_charts_crds_are_the_generated_ones() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/chart/vipgate-k8s/crds/vipgate.io.yaml");
+        let chart = std::fs::read_to_string(path).expect("the chart's CRDs");
+        assert!(
+            chart == super::crds_yaml().unwrap(),
+            "{path} differs from `vipgate-k8s crds`: regenerate it with\n  \
+             cargo run -p vipgate-k8s -- crds > controlplane/k8s/chart/vipgate-k8s/crds/vipgate.io.yaml"
+        );
+    }
 }

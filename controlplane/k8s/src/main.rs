@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Client, CustomResourceExt, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{error, info, warn};
@@ -86,18 +86,16 @@ fn check_cluster_name(name: &str) -> Result<(), String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds => {
-            for crd in [VipPool::crd(), VipGateway::crd()] {
-                match serde_yaml_ng::to_string(&crd) {
-                    Ok(y) => print!("---\n{y}"),
-                    Err(e) => {
-                        eprintln!("vipgate-k8s: cannot print the CRDs: {e}");
-                        return std::process::ExitCode::FAILURE;
-                    }
-                }
+        Command::Crds => match crd::crds_yaml() {
+            Ok(y) => {
+                print!("{y}");
+                std::process::ExitCode::SUCCESS
             }
-            std::process::ExitCode::SUCCESS
-        }
+            Err(e) => {
+                eprintln!("vipgate-k8s: cannot print the CRDs: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
