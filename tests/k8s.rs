@@ -533,3 +533,126 @@ fn the_charts_manifests_are_accepted_by_the_apiserver() {
         );
     }
 }
+
+/// Runs a command; panics with its output if it fails.
+fn run(cmd: &[&str]) {
+    let out = std::process::Command::new(cmd[0]).args(&cmd[1..]).output().expect(cmd[0]);
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, and a second CA that signed nothing, with openssl, in `dir`.
+fn make_pki(dir: &std::path::Path) {
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    for ca in ["ca", "other-ca"] {
+        let mut cmd = vec!["openssl", "req", "-x509", "-days", "2", "-subj"];
+        let subj = format!("/CN=vipgate test {ca}");
+        let (key, pem) = (p(&format!("{ca}.key")), p(&format!("{ca}.pem")));
+        cmd.push(&subj);
+        cmd.extend(ec);
+        cmd.extend(["-keyout", &key, "-out", &pem]);
+        run(&cmd);
+    }
+    for (leaf, ext) in [("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")] {
+        let (key, csr, pem) = (p(&format!("{leaf}.key")), p(&format!("{leaf}.csr")), p(&format!("{leaf}.pem")));
+        let subj = format!("/CN=vipgate test {leaf}");
+        let mut cmd = vec!["openssl", "req", "-subj", &subj, "-addext", ext];
+        cmd.extend(ec);
+        cmd.extend(["-keyout", &key, "-out", &csr]);
+        run(&cmd);
+        let (ca, ca_key) = (p("ca.pem"), p("ca.key"));
+        run(&[
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-copy_extensions",
+            "copy",
+            "-out",
+            &pem,
+        ]);
+    }
+}
+
+#[test]
+fn a_gateway_over_mutual_tls_is_synced_and_one_with_the_wrong_ca_gets_an_event() {
+    require_root();
+    let env = K8sEnv::start();
+    let dir = std::env::temp_dir().join(format!("vipgate-k8s-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    make_pki(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let d = dir.display();
+    let mut gw = vipgate::NullGateway::builder("k8stls")
+        .api_config(&format!(
+            "listen_tcp = \"127.0.0.1:{port}\"\ntls_cert = \"{d}/server.pem\"\ntls_key = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\n"
+        ))
+        .build();
+    gw.spawn();
+    gw.wait_ready(|g| g.ctl(&["health"]).status.success());
+    env.install_crds();
+    env.kubectl_ok(&["create", "namespace", "vipgate-system"]);
+    let secret = |name: &str, ca: &str| {
+        let files = [
+            format!("--from-file=tls.crt={d}/client.pem"),
+            format!("--from-file=tls.key={d}/client.key"),
+            format!("--from-file=ca.crt={d}/{ca}"),
+        ];
+        env.kubectl_ok(&["-n", "vipgate-system", "create", "secret", "generic", name, &files[0], &files[1], &files[2]]);
+    };
+    secret("gw-client", "ca.pem");
+    secret("gw-client-wrong-ca", "other-ca.pem");
+    env.apply(&format!(
+        "apiVersion: vipgate.io/v1alpha1\nkind: VipPool\nmetadata:\n  name: default\nspec:\n  addresses: [\"{POOL}\"]\n---\n\
+         apiVersion: vipgate.io/v1alpha1\nkind: VipGateway\nmetadata:\n  name: tls\nspec:\n  endpoint: https://127.0.0.1:{port}\n  \
+         credentialsSecret: {{ namespace: vipgate-system, name: gw-client }}\n---\n\
+         apiVersion: vipgate.io/v1alpha1\nkind: VipGateway\nmetadata:\n  name: wrong-ca\nspec:\n  endpoint: https://127.0.0.1:{port}\n  \
+         credentialsSecret: {{ namespace: vipgate-system, name: gw-client-wrong-ca }}\n"
+    ));
+    env.node("node-1", "198.18.1.21", true);
+    let mut ctl = K8sController::start(&env, &dir, "tls", &[]);
+    let log = || std::fs::read_to_string(dir.join("vipgate-k8s.log")).unwrap_or_default();
+    env.apply(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\nspec:\n  type: LoadBalancer\n  \
+         loadBalancerClass: vipgate.io/gateway\n  ports:\n  - name: http\n    port: 80\n",
+    );
+    env.wait_for(Duration::from_secs(10), "the Service on the gateway over mutual TLS", &log, || {
+        let out = gw.ctl(&["--json", "--owner", "k8s/tls", "list"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["services"].as_array()?.iter().any(|s| s["name"] == "tls.default.web.http")).then_some(())
+    });
+    let synced = env.wait_for(Duration::from_secs(10), "VipGateway tls Synced", &log, || {
+        let s = env.kubectl_ok(&[
+            "get",
+            "vipgateway",
+            "tls",
+            "-o",
+            "jsonpath={.status.conditions[0].status} {.status.version}",
+        ]);
+        s.starts_with("True").then_some(s)
+    });
+    println!("VipGateway tls: {synced}");
+    let e = env.wait_for(Duration::from_secs(10), "PushFailed on VipGateway wrong-ca", &log, || {
+        let e = env.events("VipGateway", "wrong-ca");
+        e.contains("PushFailed").then_some(e)
+    });
+    println!("wrong-ca: {e}");
+    assert!(e.to_lowercase().contains("certificate"), "the Event names the certificate problem: {e}");
+    println!("{}", env.kubectl_ok(&["get", "vipgateway"]));
+    ctl.assert_running();
+    drop(ctl);
+    drop(env);
+    let status = gw.stop();
+    assert!(status.success(), "vipgated exited with {status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

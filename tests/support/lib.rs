@@ -179,6 +179,7 @@ pub struct NullGatewayBuilder {
     ports: Option<String>,
     services: Option<String>,
     idle_sleep_us: u32,
+    api: String,
 }
 
 impl NullGatewayBuilder {
@@ -197,6 +198,13 @@ impl NullGatewayBuilder {
     /// Sets `[dataplane] idle_sleep_us` (50 unless set).
     pub fn idle_sleep_us(mut self, us: u32) -> Self {
         self.idle_sleep_us = us;
+        self
+    }
+
+    /// Adds TOML lines to the `[api]` section (say `listen_tcp` and its
+    /// TLS files).
+    pub fn api_config(mut self, toml: &str) -> Self {
+        self.api.push_str(toml);
         self
     }
 
@@ -269,6 +277,7 @@ mbufs = 4095
 
 [api]
 socket = "{socket}"
+{api}
 
 [state]
 dir = "{state}"
@@ -286,6 +295,7 @@ listen = "{metrics}"
             state = gw.dir.join("state").display(),
             extra = self.extra,
             dataplane = self.dataplane,
+            api = self.api,
             idle_sleep_us = self.idle_sleep_us,
             metrics = self.metrics,
             lcores = self.lcores,
@@ -327,6 +337,7 @@ impl NullGateway {
             ports: None,
             services: None,
             idle_sleep_us: 50,
+            api: String::new(),
         }
     }
 
