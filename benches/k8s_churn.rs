@@ -73,6 +73,12 @@ impl Options {
     }
 }
 
+/// The gateway's changes: version, when the Watch delivered it, and the
+/// services it names.
+type Changes = Arc<Mutex<Vec<(u64, i64, Vec<String>)>>>;
+/// Each worker's snapshots as the polls saw them: version, load stamp.
+type Loads = Arc<Mutex<BTreeMap<usize, Vec<(u64, i64)>>>>;
+
 fn monotonic_ns() -> i64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec.
@@ -195,7 +201,7 @@ fn main() {
         println!("all on the gateway {:.1} s after the last write; controller RSS {:?}", ready.elapsed().as_secs_f64(), rss(pid));
 
         // The gateway's changes, and the worker's loads.
-        let changes: Arc<Mutex<Vec<(u64, i64, Vec<String>)>>> = Arc::default();
+        let changes: Changes = Arc::default();
         let mut stream = sm.watch(pb::WatchRequest { owner: owner.clone() }).await.expect("Watch").into_inner();
         let c = Arc::clone(&changes);
         let watcher = tokio::spawn(async move {
@@ -205,7 +211,7 @@ fn main() {
                 }
             }
         });
-        let loads: Arc<Mutex<BTreeMap<usize, Vec<(u64, i64)>>>> = Arc::default();
+        let loads: Loads = Arc::default();
         let l = Arc::clone(&loads);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
@@ -236,7 +242,7 @@ fn main() {
             tokio::time::sleep_until(start + period * n as u32).await;
             let i = n % o.services;
             let round = n / o.services;
-            let t = if round % 2 == 0 { Some(round / 2 % o.endpoints) } else { None };
+            let t = if round.is_multiple_of(2) { Some(round / 2 % o.endpoints) } else { None };
             match t {
                 Some(j) => terminating.insert(i, j),
                 None => terminating.remove(&i),
