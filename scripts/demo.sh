@@ -6,6 +6,11 @@
 #   scripts/demo.sh --down       tear down what --keep left running
 #   scripts/demo.sh --requests N send N HTTP requests (default 300)
 #   scripts/demo.sh --no-build   use the binaries already built
+#   scripts/demo.sh --k8s        the same through Kubernetes: a real
+#                                kube-apiserver on loopback, vipgate-k8s, and
+#                                a Service of type LoadBalancer applied with
+#                                kubectl; the requests go to its EXTERNAL-IP,
+#                                and the Service is deleted at the end
 #
 # VIPGATED_BIN / VIPGATECTL_BIN in the environment override the binaries' paths
 # (default: the release binaries under cargo's target directory).
@@ -45,6 +50,7 @@ REQUESTS=300
 KEEP=0
 BUILD=1
 MODE=run
+K8S=0
 
 
 while (($#)); do
@@ -52,6 +58,7 @@ while (($#)); do
 	--keep) KEEP=1 && shift ;;
 	--down) MODE=down && shift ;;
 	--no-build) BUILD=0 && shift ;;
+	--k8s) K8S=1 && shift ;;
 	--requests)
 		(($# >= 2)) || die "--requests needs a number"
 		REQUESTS=$2 && shift 2
@@ -73,6 +80,8 @@ DAEMON_PID=""
 DAEMON_IS_CHILD=0
 KEEP_RUNNING=0
 TEARDOWN_PROBLEMS=0
+# shellcheck source=scripts/demo-k8s.sh
+source "$VG_SCRIPTS_DIR/demo-k8s.sh"
 
 # --- teardown ----------------------------------------------------------------
 
@@ -121,6 +130,7 @@ stop_daemon() {
 # Removes everything a demo run creates; safe to run when nothing is there.
 demo_down() {
 	local pid ifname f
+	k8s_down
 	pid=$(cat "$PIDFILE" 2>/dev/null || true)
 	if [[ -n $pid ]] && is_our_daemon "$pid"; then
 		stop_daemon "$pid"
@@ -213,14 +223,17 @@ say "step 1/8: machine setup (scripts/setup.sh)"
 load_hugepages_env
 say "hugepages: VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES${VIPGATE_HUGEPAGES_REASON:+ ($VIPGATE_HUGEPAGES_REASON)}"
 
+PACKAGES=(-p vipgate-daemon -p vipgate-controlplane)
+((K8S)) && PACKAGES+=(-p vipgate-k8s)
 if ((BUILD)); then
-	say "step 2/8: building vipgated and vipgatectl (cargo build --release -p vipgate-daemon -p vipgate-controlplane)"
+	say "step 2/8: building (cargo build --release ${PACKAGES[*]})"
 	add_cargo_to_path
-	run_fg cargo build --release -p vipgate-daemon -p vipgate-controlplane
+	run_fg cargo build --release "${PACKAGES[@]}"
 else
 	say "step 2/8: not building (--no-build): using $VIPGATED and $VIPGATECTL"
 fi
 [[ -x $VIPGATED && -x $VIPGATECTL ]] || die "build finished but $VIPGATED or $VIPGATECTL is missing"
+((K8S == 0)) || [[ -x $VIPGATE_K8S ]] || die "$VIPGATE_K8S is missing"
 
 say "step 3/8: writing the demo configuration"
 LCORES=$(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(",".join(map(str, c[:2])) if len(c) >= 2 else "")')
@@ -264,6 +277,12 @@ device = "net_tap1,iface=$BACKEND_IF"
 addresses = ["$VG_BACKEND_GW/24"]
 kernel_interface = ""
 
+EOF
+if ((K8S)); then
+	echo '# --k8s: no services here; vipgate-k8s pushes them through the API.' >>"$CONF"
+else
+	cat >>"$CONF" <<EOF
+
 [[services]]
 name = "web"
 vip = "$VG_VIP"
@@ -280,6 +299,7 @@ protocol = "udp"
 backends = [$(backend_list "$VG_UDP_PORT")
 ]
 EOF
+fi
 say "configuration: $CONF (lcores $LCORES, hugepages $HUGE)"
 sed 's/^/    /' "$CONF"
 say "checking it: vipgated --config $CONF --check"
@@ -315,6 +335,9 @@ until "$VIPGATECTL" --socket "$SOCKET" health </dev/null >/dev/null 2>&1; do
 	sleep 0.5
 done
 say "vipgated is serving"
+if ((K8S)); then
+	k8s_demo
+fi
 
 BASE_URL=http://$VG_VIP
 URL=$BASE_URL/
@@ -392,6 +415,9 @@ fi
 
 if ((DEMO_FAIL)); then
 	die "the demo found problems (see the warnings above)"
+fi
+if ((K8S)); then
+	k8s_finish
 fi
 
 if ((KEEP)); then
