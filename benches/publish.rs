@@ -13,7 +13,9 @@
 //!    (default 1,000): the latency of each call.
 //! 2. One Apply of `N` services with `B` backends each and Maglev tables of
 //!    `M` slots (defaults 10,000, 10, 1021), replacing what phase 1 made:
-//!    the call's duration, and when every worker reports its version.
+//!    the call's duration, and when every worker reports its version;
+//!    then the same Apply again, unchanged, and twice with one backend's
+//!    weight changed in 1% of the services (changed, then back).
 //! 3. `U` UpdateBackend calls (default 1,000), each changing the weight of
 //!    one backend of one service: the call's latency, and the time from
 //!    the call's return until every worker reports (GetCounters) a snapshot
@@ -375,6 +377,25 @@ async fn run(
         state_bytes as f64 / 1e6
     );
     print_phases("Apply", &logged_phases(&gw.log_text(), changes_before));
+
+    // Phase 2b: the same state applied again, as a controller re-pushes
+    // it, unchanged; then with the weight of one backend changed in 1% of
+    // the services, and back.
+    let changed = (o.services / 100).max(1);
+    for (what, weight) in [("unchanged", 1), ("1% of services changed", 2), ("1% of services changed back", 1)] {
+        let version = sm.get_state(pb::GetStateRequest::default()).await.expect("GetState").into_inner().version;
+        let mut services: Vec<pb::Service> = (0..o.services).map(|i| service(o, i)).collect();
+        for s in &mut services[..changed as usize] {
+            s.backends[0].weight = Some(weight);
+        }
+        let request = pb::ApplyRequest { expected_version: version, services, ..Default::default() };
+        let changes_before = gw.log_text().matches("state changed").count();
+        let t = Instant::now();
+        sm.apply(request).await.unwrap_or_else(|e| panic!("Apply ({what}): {e}"));
+        let apply = t.elapsed();
+        println!("Apply again, {what}: {:.1} ms", apply.as_secs_f64() * 1e3);
+        print_phases(&format!("Apply {what}"), &logged_phases(&gw.log_text(), changes_before));
+    }
 
     // Phase 3: single-backend changes.
     let mut weights = vec![1u32; (o.services * o.backends) as usize];

@@ -146,18 +146,17 @@ impl Eligibility {
     ) -> bool {
         // The VIPs the named services had and have, as `map` shows them
         // before and after.
-        let mut touched: Vec<(Ipv4Addr, Option<bool>)> = Vec::new();
+        // A map, not a list: a whole-state change names every service.
+        let mut touched: HashMap<Ipv4Addr, Option<bool>> = HashMap::new();
         for name in names {
             let entry = state::find_service(config, dynamic, name).map(|s| service_backends(s, down));
             let entry = entry.map(|s| (s.vip, !s.taking_new_flows.is_empty()));
             for vip in self.services.get(name).map(|e| e.0).into_iter().chain(entry.map(|e| e.0)) {
-                if !touched.iter().any(|t| t.0 == vip) {
-                    touched.push((vip, self.eligible(vip)));
-                }
+                touched.entry(vip).or_insert_with(|| self.eligible(vip));
             }
             self.set(name, entry);
         }
-        touched.iter().any(|&(vip, before)| self.eligible(vip) != before)
+        touched.iter().any(|(&vip, &before)| self.eligible(vip) != before)
     }
 
     /// What [`Eligibility::map`] says of `vip`: `None` if it is no VIP.

@@ -242,9 +242,9 @@ pub struct Batch {
     /// [`DesiredState`] without its maps, JSON.
     rest: Vec<u8>,
     /// Each service to write (`Some(JSON)`) or delete (`None`).
-    services: Vec<(String, Option<Vec<u8>>)>,
+    services: Records,
     /// Each pool to write or delete.
-    pools: Vec<(String, Option<Vec<u8>>)>,
+    pools: Records,
     /// Every record: the tables are emptied first.
     whole: bool,
 }
@@ -262,35 +262,15 @@ impl Batch {
             all.dedup();
             all
         };
-        let services = names(&change.services_changed, &change.services_deleted)
-            .into_iter()
-            .map(|name| {
-                let json = state.services.get(&name).map(serde_json::to_vec).transpose()?;
-                Ok((name, json))
-            })
-            .collect::<Result<_, serde_json::Error>>()?;
-        let pools = names(&change.pools_changed, &change.pools_deleted)
-            .into_iter()
-            .map(|name| {
-                let json = state.source_pools.get(&name).map(serde_json::to_vec).transpose()?;
-                Ok((name, json))
-            })
-            .collect::<Result<_, serde_json::Error>>()?;
+        let services = records(names(&change.services_changed, &change.services_deleted), &state.services)?;
+        let pools = records(names(&change.pools_changed, &change.pools_deleted), &state.source_pools)?;
         Ok(Batch { rest: rest_json(state)?, services, pools, whole: false })
     }
 
     /// Every record of `state`, replacing whatever is stored.
     pub fn whole(state: &DesiredState) -> Result<Batch, serde_json::Error> {
-        let services = state
-            .services
-            .iter()
-            .map(|(name, s)| Ok((name.clone(), Some(serde_json::to_vec(s)?))))
-            .collect::<Result<_, serde_json::Error>>()?;
-        let pools = state
-            .source_pools
-            .iter()
-            .map(|(name, p)| Ok((name.clone(), Some(serde_json::to_vec(p)?))))
-            .collect::<Result<_, serde_json::Error>>()?;
+        let services = records(state.services.keys().cloned().collect(), &state.services)?;
+        let pools = records(state.source_pools.keys().cloned().collect(), &state.source_pools)?;
         Ok(Batch { rest: rest_json(state)?, services, pools, whole: true })
     }
 
@@ -304,6 +284,32 @@ impl Batch {
         self.len() == 0
     }
 }
+
+/// From how many records a batch serialises them on rayon's pool, in
+/// parallel: a change of a few objects does it on its own thread.
+const PARALLEL_RECORDS: usize = 256;
+
+/// The record of each of `names` in `map`, in that order: its JSON, or
+/// `None` (a deletion) for a name `map` does not have. Many are
+/// serialised in parallel ([`PARALLEL_RECORDS`]).
+fn records<V>(names: Vec<String>, map: &imbl::OrdMap<String, V>) -> Result<Records, serde_json::Error>
+where
+    V: serde::Serialize + Clone + Send + Sync,
+{
+    use rayon::prelude::*;
+    let record = |name: String| {
+        let json = map.get(&name).map(serde_json::to_vec).transpose()?;
+        Ok((name, json))
+    };
+    if names.len() < PARALLEL_RECORDS {
+        names.into_iter().map(record).collect()
+    } else {
+        names.into_par_iter().map(record).collect()
+    }
+}
+
+/// Records to write (`Some(JSON)`) or delete (`None`), by name.
+type Records = Vec<(String, Option<Vec<u8>>)>;
 
 /// `state` without its `services` and `source_pools` maps, as a JSON
 /// object: every other field, whatever they are, without copying the

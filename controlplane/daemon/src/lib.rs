@@ -167,13 +167,20 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // it gets its CPU soon after it wakes even when a busy worker shares
     // that CPU (see `vipgate_dpdk::sched`); the main thread asks once EAL
     // has placed it.
+    //
+    // The blocking pool's threads start after EAL has pinned this thread to
+    // the main lcore's CPU, whose affinity they would inherit: they are
+    // let run on every CPU, so that a state write need not wait for the CPU
+    // of the worker that shares the main lcore's.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_start(|| {
+            vipgate_dpdk::sched::unpin_current_thread();
             let _ = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE);
         })
         .build()
         .map_err(DaemonError::Runtime)?;
+    start_compile_pool();
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
     // The state directory is this daemon's until it exits: a second one on
@@ -848,6 +855,31 @@ impl Reloader {
             settings: self.running.announce.clone(),
             eligibility: self.eligibility.map(),
         });
+    }
+}
+
+/// Starts rayon's global pool, on which a change of many services builds
+/// its Maglev tables (`Snapshot::build_whole`) and serialises its records:
+/// one thread per CPU this process may use, counted before EAL pins the
+/// main thread to one, each let run on every CPU and asking for the
+/// control plane's short scheduler slice (see `vipgate_dpdk::sched`), so
+/// that the work spreads over every CPU even where busy workers poll. The
+/// threads sleep between changes; they never touch DPDK. If a pool
+/// exists already (a test running the daemon in-process twice), it is
+/// kept.
+fn start_compile_pool() {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("vg-compile-{i}"))
+        .start_handler(|_| {
+            vipgate_dpdk::sched::unpin_current_thread();
+            let _ = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE);
+        })
+        .build_global();
+    match built {
+        Ok(()) => info!(threads, "compile pool started"),
+        Err(e) => tracing::debug!("compile pool: {e}"),
     }
 }
 

@@ -24,7 +24,13 @@
 
 use std::sync::Arc;
 
-use imbl::{HashMap as PHashMap, OrdMap};
+use imbl::{GenericHashMap, OrdMap};
+
+/// A persistent hash map with ahash's hasher: a whole-state change inserts
+/// and looks up hundreds of thousands of keys (addresses, VIP:port
+/// triples), which SipHash, imbl's default, made most of its validation.
+/// Its seeds are random, as SipHash's were.
+type PHashMap<K, V> = GenericHashMap<K, V, ahash::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{Ipv4Cidr, PortSpec, Protocol, RouteSpec, ServiceSpec, SnapshotSpec, SourcePoolSpec};
 use vipgate_dataplane::wire::EthernetAddress;
@@ -165,12 +171,12 @@ impl Effective {
             local: Arc::new(local),
             static_services: Arc::default(),
             static_pools: Arc::default(),
-            listeners: PHashMap::new(),
-            nat_backends: PHashMap::new(),
-            vips: PHashMap::new(),
-            backend_addresses: PHashMap::new(),
-            pool_addresses: PHashMap::new(),
-            pool_users: PHashMap::new(),
+            listeners: PHashMap::default(),
+            nat_backends: PHashMap::default(),
+            vips: PHashMap::default(),
+            backend_addresses: PHashMap::default(),
+            pool_addresses: PHashMap::default(),
+            pool_users: PHashMap::default(),
             services: OrdMap::new(),
             pools: OrdMap::new(),
             base: Arc::new(base),

@@ -609,6 +609,39 @@ fn build_maglev(s: &ServiceSpec) -> Result<MaglevTable, SnapshotError> {
     MaglevTable::build(&mb, s.table_size).map_err(|source| SnapshotError::Maglev { service: s.name.clone(), source })
 }
 
+/// From how many Maglev tables to build a compilation builds them on
+/// rayon's pool, in parallel, rather than one by one on its own thread:
+/// below it (a change of a few services) the wake-ups of the pool's
+/// threads cost more than they save.
+pub const PARALLEL_TABLES: usize = 64;
+
+/// The Maglev tables a compilation of `services` against `previous` must
+/// build (those of services with no table there to reuse: new, or with
+/// other backends, weights or size), built in parallel on rayon's pool,
+/// by position in `services`; `None` at every other position. Every
+/// entry is `None` when fewer than [`PARALLEL_TABLES`] are needed: they
+/// are built in order then, by [`compile_service`]. A table that cannot
+/// be built holds its error, which the compilation reports when it
+/// reaches that service, as if it had built it there.
+fn prebuild_tables(
+    services: &[&Arc<ServiceSpec>],
+    previous: Option<&Snapshot>,
+) -> Vec<Option<Result<MaglevTable, SnapshotError>>> {
+    use rayon::prelude::*;
+    let needed: Vec<bool> = services
+        .iter()
+        .map(|s| {
+            let old = previous
+                .and_then(|p| p.service_index(s.vip, s.port, s.protocol.number()).map(|i| &p.service_list[i as usize]));
+            !old.is_some_and(|old| same_maglev_inputs(&old.spec, s))
+        })
+        .collect();
+    if needed.iter().filter(|&&n| n).count() < PARALLEL_TABLES {
+        return Vec::new();
+    }
+    services.par_iter().zip(needed).map(|(s, needed)| needed.then(|| build_maglev(s))).collect()
+}
+
 /// The compiled backends of `s`: each one's next hop through `routes`, its
 /// next-hop slot from `slot`, its DSR tunnel source. `nat_backend` sees
 /// each backend of a nat service, in order, once its own checks passed.
@@ -686,12 +719,16 @@ fn compile_limit(s: &ServiceSpec) -> Result<Option<SourceLimit>, SnapshotError> 
 /// The compiled service `s` from its compiled parts: `old` itself when it
 /// came out the same, else a new one around `old`'s Maglev table when the
 /// table's inputs are unchanged, else around a new table.
+///
+/// `built` is `s`'s table built beforehand ([`prebuild_tables`]), if it
+/// was: used when a table is needed, instead of building it here.
 fn compile_service(
     s: &Arc<ServiceSpec>,
     backends: Vec<Backend>,
     mode: Mode,
     new_flow_limit: Option<SourceLimit>,
     old: Option<&Arc<Service>>,
+    built: Option<Result<MaglevTable, SnapshotError>>,
     stats: &mut BuildStats,
 ) -> Result<Arc<Service>, SnapshotError> {
     if let Some(old) = old
@@ -709,7 +746,10 @@ fn compile_service(
         }
         _ => {
             stats.tables_built += 1;
-            build_maglev(s)?
+            match built {
+                Some(table) => table?,
+                None => build_maglev(s)?,
+            }
         }
     };
     Ok(Arc::new(Service {
@@ -867,6 +907,7 @@ impl Snapshot {
         let mut reverse_owner: HashMap<u64, usize> = HashMap::with_capacity(total_backends);
         let mut service_list = Vec::with_capacity(services.len());
         let mut stats = BuildStats::default();
+        let mut tables = prebuild_tables(services, previous);
         for (si, &s) in services.iter().enumerate() {
             if let Some(&port) = local.get(&s.vip) {
                 return Err(SnapshotError::VipIsLocal {
@@ -917,7 +958,8 @@ impl Snapshot {
             service_map.insert(key, si as u32);
             // The same service at the same VIP:port/protocol last time.
             let old = previous.and_then(|p| p.service_index(s.vip, s.port, proto).map(|i| &p.service_list[i as usize]));
-            service_list.push(compile_service(s, backends, mode, new_flow_limit, old, &mut stats)?);
+            let built = tables.get_mut(si).and_then(Option::take);
+            service_list.push(compile_service(s, backends, mode, new_flow_limit, old, built, &mut stats)?);
         }
         let mut martians: HashSet<u32, RandomState> = HashSet::with_hasher(RandomState::new());
         for p in &ports {

@@ -53,6 +53,26 @@ pub fn request_slice(slice: Duration) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Lets the calling thread run on every CPU. A thread inherits the
+/// affinity of the one that starts it: one started by a worker, or by the
+/// main lcore once EAL has pinned it, would otherwise be confined to that
+/// lcore's single CPU, which a worker keeps busy. Best effort: the kernel
+/// keeps the CPUs that exist and the process may use, and an error leaves
+/// the mask as it was.
+pub fn unpin_current_thread() {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed; CPU_SET writes
+    // inside it (every index is below CPU_SETSIZE); sched_setaffinity(0, ..)
+    // changes only this thread's mask, and the kernel keeps the CPUs that
+    // exist and are allowed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// The calling thread's scheduler slice as the kernel reports it: the one
 /// asked for with [`request_slice`] (clamped), or 0 when none was.
 pub fn current_slice() -> std::io::Result<Duration> {

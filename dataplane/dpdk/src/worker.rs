@@ -175,7 +175,7 @@ fn start_collapse(index: usize, regions: Vec<(usize, usize)>, stop: Arc<AtomicBo
     std::thread::Builder::new()
         .name(format!("vg-thp-{index}"))
         .spawn(move || {
-            unpin_current_thread();
+            crate::sched::unpin_current_thread();
             for (start, end) in spans {
                 for page in (start..end).step_by(HUGE) {
                     if stop.load(Ordering::Relaxed) {
@@ -191,22 +191,6 @@ fn start_collapse(index: usize, regions: Vec<(usize, usize)>, stop: Arc<AtomicBo
             }
         })
         .ok()
-}
-
-/// Lets the calling thread run on every CPU: a thread a worker starts
-/// inherits its lcore's single CPU, which the worker keeps busy.
-fn unpin_current_thread() {
-    // SAFETY: cpu_set_t is plain data, valid when zeroed; CPU_SET writes
-    // inside it (every index is below CPU_SETSIZE); sched_setaffinity(0, ..)
-    // changes only this thread's mask, and the kernel keeps the CPUs that
-    // exist and are allowed.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 /// Everything one worker owns, on its lcore.

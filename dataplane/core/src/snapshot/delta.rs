@@ -402,7 +402,7 @@ impl Snapshot {
             }
             let mode = compile_mode(s, &self.source_pools).ok()?;
             let new_flow_limit = compile_limit(s).ok()?;
-            compiled.push(compile_service(s, backends, mode, new_flow_limit, old, &mut stats).ok()?);
+            compiled.push(compile_service(s, backends, mode, new_flow_limit, old, None, &mut stats).ok()?);
         }
 
         // VIPs that came or went.

@@ -584,3 +584,75 @@ fn a_new_flow_limit_out_of_bounds_is_refused() {
     let e = Snapshot::build(&sp).unwrap_err();
     assert_eq!(e.to_string(), "service \"s3\": new_flow_limit.prefix_len: 33 is not a prefix length from 0 to 32");
 }
+
+/// `spec()` with `n` services of three backends each (behind the route),
+/// named `m0000` and on.
+fn many_services(n: u32) -> SnapshotSpec {
+    let mut sp = spec();
+    sp.services = (0..n)
+        .map(|i| {
+            Arc::new(ServiceSpec {
+                name: format!("m{i:04}"),
+                vip: ip(198, 18, 100, 0) + i,
+                port: 80,
+                protocol: Protocol::Tcp,
+                table_size: 251,
+                backends: (0..3)
+                    .map(|j| BackendSpec {
+                        addr: ip(198, 19, 1, 0) + 4 * i + j,
+                        port: 80,
+                        weight: 1 + j,
+                        stats_slot: 3 * i + j,
+                    })
+                    .collect(),
+                on_backend_removal: OnBackendRemoval::Rehash,
+                mode: ForwardingMode::Nat,
+                new_flow_limit: None,
+            })
+        })
+        .collect();
+    sp
+}
+
+/// A build that needs at least `PARALLEL_TABLES` Maglev tables builds them
+/// on rayon's pool: each is the one built alone, incremental builds reuse
+/// what they reused before, and of two tables that cannot be built the
+/// error names the first, as a build in order does.
+#[test]
+fn many_tables_built_in_parallel_are_those_built_one_by_one() {
+    let n = 3 * PARALLEL_TABLES as u32;
+    let mut sp = many_services(n);
+    let first = Snapshot::build(&sp).unwrap();
+    assert_eq!(first.build_stats().tables_built, n as usize);
+    for s in &sp.services {
+        assert_eq!(by_name(&first, &s.name).maglev, build_maglev(s).unwrap(), "service {}", s.name);
+    }
+    // More than a quarter of them changed: compiled whole, the others'
+    // tables (and services) reused.
+    let changed = 2 * PARALLEL_TABLES;
+    for s in &mut sp.services[..changed] {
+        Arc::make_mut(s).backends[0].weight = 5;
+    }
+    let second = Snapshot::build_incremental(&sp, Some(&first), 2).unwrap();
+    assert_same_forwarding(&second, &Snapshot::build(&sp).unwrap());
+    let st = second.build_stats();
+    assert_eq!((st.tables_built, st.services_reused), (changed, n as usize - changed));
+    // Fewer than PARALLEL_TABLES to build: in order, the same result.
+    for s in &mut sp.services[..PARALLEL_TABLES / 2] {
+        Arc::make_mut(s).backends[1].weight = 7;
+    }
+    let third = Snapshot::build_incremental(&sp, Some(&second), 3).unwrap();
+    assert_same_forwarding(&third, &Snapshot::build(&sp).unwrap());
+    // Two tables that cannot be built (251 -> 250 is no prime): the
+    // first is reported, whichever thread built it.
+    let mut bad = many_services(n);
+    for k in [150, 70] {
+        Arc::make_mut(&mut bad.services[k]).table_size = 250;
+    }
+    for _ in 0..8 {
+        match Snapshot::build(&bad) {
+            Err(SnapshotError::Maglev { service, .. }) => assert_eq!(service, "m0070"),
+            other => panic!("expected m0070's table error, got {:?}", other.map(|_| ())),
+        }
+    }
+}
