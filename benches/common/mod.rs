@@ -84,6 +84,8 @@ pub(crate) fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>
             on_backend_removal: Default::default(),
             mode,
             new_flow_limit: limit,
+            source_ranges: Vec::new(),
+            affinity: Default::default(),
         }]
         .into_iter()
         .map(Arc::new)

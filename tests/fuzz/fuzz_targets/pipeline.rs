@@ -138,6 +138,8 @@ fn service(name: &str, vip: u32, port: u16, protocol: Protocol, b: Vec<BackendSp
         on_backend_removal: OnBackendRemoval::Rehash,
         mode: ForwardingMode::Nat,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
     }
 }
 
