@@ -1244,6 +1244,8 @@ async fn a_state_json_of_an_earlier_version_is_migrated_at_start() {
             }],
             health_check: None,
             new_flow_limit: None,
+            source_ranges: Vec::new(),
+            affinity: Default::default(),
             owner: "cli".to_owned(),
         },
     );
