@@ -98,6 +98,8 @@ fn state(services: u32, backends: u32, table_size: u32) -> DesiredState {
                     .collect(),
                 health_check: None,
                 new_flow_limit: None,
+                source_ranges: Vec::new(),
+                affinity: Default::default(),
                 owner: vipgate_controlplane::state::DEFAULT_OWNER.to_owned(),
             },
         );

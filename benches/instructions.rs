@@ -14,6 +14,12 @@
 //! instead of ACKs: to a service without a limit, with a limit every SYN
 //! stays within, and with a limit (1 a second) all but each source's first
 //! exceed.
+//! The service options at 10,000 flows: `established-src1`,
+//! `established-src16` and `established-affinity` are `established` to a
+//! service with a source list of 1 or 16 prefixes (the clients inside
+//! one) or with client-IP affinity; `new-syn-src16` and
+//! `new-syn-affinity` are `new-syn` likewise; `denied-src16` is `new-syn`
+//! from clients outside all 16 prefixes (dropped as `source_denied`).
 //! `scripts/bench-instructions.sh` runs it under `valgrind --tool=callgrind`
 //! at two burst counts and divides the difference in instructions by the
 //! difference in packets, so set-up and process start cancel out. Counts are
@@ -26,12 +32,26 @@ use std::hint::black_box;
 use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::DropReason;
 use vipgate_dataplane::pipeline::Verdict;
-use vipgate_dataplane::snapshot::{ForwardingMode, Ipv4Cidr};
+use vipgate_dataplane::snapshot::{Affinity, ForwardingMode, Ipv4Cidr};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let workload = args.next().unwrap_or_else(|| "forward".into());
-    if matches!(workload.as_str(), "established" | "new" | "prepare" | "new-syn" | "new-limited" | "refused") {
+    if matches!(
+        workload.as_str(),
+        "established"
+            | "new"
+            | "prepare"
+            | "new-syn"
+            | "new-limited"
+            | "refused"
+            | "established-src1"
+            | "established-src16"
+            | "established-affinity"
+            | "new-syn-src16"
+            | "new-syn-affinity"
+            | "denied-src16"
+    ) {
         let flows: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
         let bursts: u32 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1000);
         return at_scale(&workload, flows, bursts);
@@ -95,14 +115,32 @@ fn at_scale(workload: &str, flows: u32, bursts: u32) {
         "refused" => Some(NewFlowLimit { per_second: 1, burst: 1, prefix_len: 32 }),
         _ => None,
     };
-    let snap = snapshot_limited(ForwardingMode::Nat, limit);
+    // The clients (flow_client) are in 198.18.16.0/24: the lists hold it,
+    // or (denied) only prefixes around it.
+    let prefix = |c: u8| Ipv4Cidr { addr: u32::from_be_bytes([198, 18, c, 0]), len: 24 };
+    let sixteen = |with_clients: bool| -> Vec<Ipv4Cidr> {
+        (0..16u8).map(|i| prefix(if with_clients && i == 8 { 16 } else { 2 * i + 32 })).collect()
+    };
+    let sources = match workload {
+        "established-src1" => vec![prefix(16)],
+        "established-src16" | "new-syn-src16" => sixteen(true),
+        "denied-src16" => sixteen(false),
+        _ => Vec::new(),
+    };
+    let affinity = if workload.ends_with("-affinity") { Affinity::ClientIp } else { Affinity::None };
+    let snap = snapshot_options(ForwardingMode::Nat, limit, sources, affinity);
     let mut pipe = pipeline(&snap);
     // The flows set up first are established (ACKs, never limited); the
     // measured packets of the SYN workloads open connections.
     warm(&mut pipe, &snap, &flow_template(), flows);
-    let syn = matches!(workload, "new-syn" | "new-limited" | "refused");
+    // Only the measured packets' denials (the set-up's ACKs are denied too).
+    let denied_in_warm = pipe.counters().drops(DropReason::SourceDenied);
+    let syn = matches!(
+        workload,
+        "new-syn" | "new-limited" | "refused" | "new-syn-src16" | "new-syn-affinity" | "denied-src16"
+    );
     let template = if syn { syn_template() } else { flow_template() };
-    let cycle = matches!(workload, "established" | "prepare");
+    let cycle = workload == "prepare" || workload.starts_with("established");
     let mut frames = vec![vec![0u8; template.len()]; BURST];
     let mut verdicts = [Verdict::Consumed; BURST];
     let mut transmitted = 0u64;
@@ -123,13 +161,15 @@ fn at_scale(workload: &str, flows: u32, bursts: u32) {
     }
     let packets = u64::from(bursts) * BURST as u64;
     let limited = pipe.counters().drops(DropReason::RateLimited);
+    let denied = pipe.counters().drops(DropReason::SourceDenied) - denied_in_warm;
     match workload {
         "prepare" => {}
+        "denied-src16" => assert_eq!((transmitted, denied), (0, packets), "{workload}: every packet denied"),
         // At most one admitted SYN per client address (20 of them).
         "refused" => {
             assert!(limited + 20 >= packets && transmitted + limited == packets, "{workload}: {limited} limited")
         }
-        _ => assert_eq!((transmitted, limited), (packets, 0), "{workload}: every packet forwarded"),
+        _ => assert_eq!((transmitted, limited + denied), (packets, 0), "{workload}: every packet forwarded"),
     }
     println!(
         "{workload} {flows}: {bursts} bursts, {transmitted} transmitted, {limited} rate-limited, {} flows created",

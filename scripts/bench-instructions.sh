@@ -22,17 +22,26 @@
 # into a table of 10k flows) to a service without a new-flow limit, with a
 # limit every SYN stays within, and with one all but each source's first
 # exceed (dropped as rate_limited); `prepare` is subtracted as above.
+#
+# A fourth table measures the service options at 10k flows, each beside
+# the plain case of the same run: established packets to a service with a
+# source list of 1 and of 16 prefixes and with client-IP affinity, SYNs
+# (new connections) with 16 prefixes and with affinity, and SYNs from
+# outside the 16 prefixes (dropped as source_denied). --only-options runs
+# this table alone.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
 
 bursts=2000
 scale_bursts=500
+only_options=0
 while (($#)); do
 	case $1 in
 	--bursts) bursts=$2; shift 2 ;;
 	--scale-bursts) scale_bursts=$2; shift 2 ;;
-	*) echo "usage: $0 [--bursts N] [--scale-bursts N]" >&2; exit 2 ;;
+	--only-options) only_options=1; shift ;;
+	*) echo "usage: $0 [--bursts N] [--scale-bursts N] [--only-options]" >&2; exit 2 ;;
 	esac
 done
 
@@ -69,14 +78,6 @@ count() { # WORKLOAD BURSTS -> total instructions
 	run_counted "$1" "$2"
 }
 
-printf '%-16s %14s %14s %12s\n' workload "Ir(${bursts})" "Ir($((2 * bursts)))" "Ir/packet"
-for w in forward reverse drop forward-fullnat reverse-fullnat forward-dsr handoff; do
-	a=$(count "$w" "$bursts")
-	b=$(count "$w" $((2 * bursts)))
-	per=$(python3 -c "print(f'{($b - $a) / ($bursts * 32):.1f}')")
-	printf '%-16s %14s %14s %12s\n' "$w" "$a" "$b" "$per"
-done
-
 count3() { # WORKLOAD FLOWS BURSTS -> total instructions
 	run_counted "$1" "$2" "$3"
 }
@@ -88,19 +89,46 @@ per_packet() { # WORKLOAD FLOWS -> instructions per packet
 	python3 -c "print(($b - $a) / ($scale_bursts * 32))"
 }
 
-echo
-printf '%-10s %16s %16s %14s\n' flows "established Ir/pkt" "new-flow Ir/pkt" "prepare Ir/pkt"
-for flows in 1 10000 1000000; do
-	prep=$(per_packet prepare "$flows")
-	est=$(per_packet established "$flows")
-	new=$(per_packet new "$flows")
-	python3 -c "print(f'{$flows:<10} {$est - $prep:16.1f} {$new - $prep:16.1f} {$prep:14.1f}')"
-done
+if ((!only_options)); then
+	printf '%-16s %14s %14s %12s\n' workload "Ir(${bursts})" "Ir($((2 * bursts)))" "Ir/packet"
+	for w in forward reverse drop forward-fullnat reverse-fullnat forward-dsr handoff; do
+		a=$(count "$w" "$bursts")
+		b=$(count "$w" $((2 * bursts)))
+		per=$(python3 -c "print(f'{($b - $a) / ($bursts * 32):.1f}')")
+		printf '%-16s %14s %14s %12s\n' "$w" "$a" "$b" "$per"
+	done
 
-echo
-printf '%-10s %16s %16s %16s\n' flows "SYN no limit" "SYN within limit" "SYN over limit"
+	echo
+	printf '%-10s %16s %16s %14s\n' flows "established Ir/pkt" "new-flow Ir/pkt" "prepare Ir/pkt"
+	for flows in 1 10000 1000000; do
+		prep=$(per_packet prepare "$flows")
+		est=$(per_packet established "$flows")
+		new=$(per_packet new "$flows")
+		python3 -c "print(f'{$flows:<10} {$est - $prep:16.1f} {$new - $prep:16.1f} {$prep:14.1f}')"
+	done
+
+	echo
+	printf '%-10s %16s %16s %16s\n' flows "SYN no limit" "SYN within limit" "SYN over limit"
+	prep=$(per_packet prepare 10000)
+	syn=$(per_packet new-syn 10000)
+	within=$(per_packet new-limited 10000)
+	over=$(per_packet refused 10000)
+	python3 -c "print(f'{10000:<10} {$syn - $prep:16.1f} {$within - $prep:16.1f} {$over - $prep:16.1f}')"
+	echo
+fi
+
+# The service options, at 10k flows: each workload minus `prepare`, and
+# its difference from the plain workload of the same run.
+printf '%-22s %12s %12s\n' "workload (10k flows)" "Ir/packet" "vs plain"
 prep=$(per_packet prepare 10000)
-syn=$(per_packet new-syn 10000)
-within=$(per_packet new-limited 10000)
-over=$(per_packet refused 10000)
-python3 -c "print(f'{10000:<10} {$syn - $prep:16.1f} {$within - $prep:16.1f} {$over - $prep:16.1f}')"
+for group in "established established-src1 established-src16 established-affinity" \
+	"new-syn new-syn-src16 new-syn-affinity denied-src16"; do
+	read -r -a ws <<<"$group"
+	base=
+	for w in "${ws[@]}"; do
+		v=$(per_packet "$w" 10000)
+		v=$(python3 -c "print($v - $prep)")
+		[[ -n $base ]] || base=$v
+		python3 -c "print(f'{\"$w\":<22} {$v:12.1f} {$v - $base:+12.1f}')"
+	done
+done

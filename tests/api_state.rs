@@ -114,6 +114,7 @@ fn service(name: &str, vip_last: u8, backends: Vec<pb::Backend>) -> pb::Service 
         backends,
         origin: pb::Origin::Dynamic.into(),
         owner: "cli".to_owned(),
+        affinity: "none".to_owned(),
         ..pb::Service::default()
     }
 }
@@ -1244,6 +1245,8 @@ async fn a_state_json_of_an_earlier_version_is_migrated_at_start() {
             }],
             health_check: None,
             new_flow_limit: None,
+            source_ranges: Vec::new(),
+            affinity: Default::default(),
             owner: "cli".to_owned(),
         },
     );
@@ -1726,6 +1729,88 @@ async fn a_new_flow_limit_is_set_shown_persisted_and_refused_out_of_bounds() {
     assert_eq!(s.version, v);
     assert_eq!(find(&s, "limited").new_flow_limit, limit(5, 10, Some(24)));
     assert_eq!(find(&s, "ctl").new_flow_limit, limit(7, 7, Some(16)));
+    drop(c);
+    stop(&mut d).await;
+}
+
+#[tokio::test]
+async fn source_ranges_and_affinity_are_set_shown_persisted_and_refused_when_bad() {
+    // The static service has them, from the configuration file.
+    let mut d = NullGateway::builder("sopts")
+        .extra_config(STATIC_POOL)
+        .services(
+            "[[services]]\nname = \"web\"\nvip = \"198.18.100.1\"\nport = 80\nprotocol = \"tcp\"\n\
+             source_ranges = [\"203.0.113.0/24\"]\naffinity = \"client_ip\"\n\
+             backends = [ { address = \"198.18.1.11\", port = 8080 } ]\n",
+        )
+        .build();
+    let mut c = start(&mut d).await;
+    let s = state(&mut c).await;
+    assert_eq!(
+        (find(&s, "web").source_ranges.clone(), find(&s, "web").affinity.as_str()),
+        (vec!["203.0.113.0/24".to_owned()], "client_ip")
+    );
+
+    let mut svc = service("opts", 2, vec![backend(20, 8080, 1)]);
+    version(
+        c.create_service(pb::CreateServiceRequest { service: Some(svc.clone()), ..Default::default() }).await,
+        "create",
+    );
+    let shown = find(&state(&mut c).await, "opts").clone();
+    assert_eq!((shown.source_ranges.len(), shown.affinity.as_str()), (0, "none"), "the defaults in force");
+    svc.source_ranges = vec!["198.18.0.0/15".into(), "192.0.2.9/32".into()];
+    svc.affinity = "client_ip".into();
+    let v = version(
+        c.update_service(pb::UpdateServiceRequest { service: Some(svc.clone()), ..Default::default() }).await,
+        "update",
+    );
+    let shown = find(&state(&mut c).await, "opts").clone();
+    assert_eq!((shown.source_ranges, shown.affinity), (svc.source_ranges.clone(), svc.affinity.clone()));
+
+    for (ranges, affinity, message) in [
+        (
+            vec!["198.18.0.1/15"],
+            "",
+            "services[\"opts\"].source_ranges[0]: \"198.18.0.1/15\" has host bits set; the prefix is 198.18.0.0/15",
+        ),
+        (
+            vec!["10.0.0.0/8", "nope"],
+            "",
+            "services[\"opts\"].source_ranges[1]: \"nope\" needs a prefix length, such as 198.18.0.1/24",
+        ),
+        (vec![], "ClientIP", "services[\"opts\"].affinity: \"ClientIP\" is not \"none\" or \"client_ip\""),
+    ] {
+        let bad = pb::Service {
+            source_ranges: ranges.into_iter().map(str::to_owned).collect(),
+            affinity: affinity.to_owned(),
+            ..svc.clone()
+        };
+        let e = c
+            .update_service(pb::UpdateServiceRequest { service: Some(bad), ..Default::default() })
+            .await
+            .expect_err(message);
+        assert_eq!((e.code(), e.message()), (Code::InvalidArgument, message));
+    }
+    let many = pb::Service { source_ranges: vec!["10.0.0.0/8".to_owned(); 257], ..svc.clone() };
+    let e = c.update_service(pb::UpdateServiceRequest { service: Some(many), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.message(), "services[\"opts\"].source_ranges: 257 prefixes; at most 256 per service");
+    assert_eq!(state(&mut c).await.version, v, "refused requests change nothing");
+
+    // Persisted: a restart restores them.
+    drop(c);
+    stop(&mut d).await;
+    let stored = stored(&d);
+    assert_eq!(
+        stored.services["opts"].source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        svc.source_ranges
+    );
+    let mut c = start(&mut d).await;
+    let s = state(&mut c).await;
+    assert_eq!(s.version, v);
+    assert_eq!(
+        (find(&s, "opts").source_ranges.clone(), find(&s, "opts").affinity.clone()),
+        (svc.source_ranges, svc.affinity)
+    );
     drop(c);
     stop(&mut d).await;
 }

@@ -9,8 +9,8 @@ use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Verdict};
 use vipgate_dataplane::snapshot::{
-    BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot, SnapshotSpec,
-    SourcePoolSpec,
+    Affinity, BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot,
+    SnapshotSpec, SourcePoolSpec,
 };
 use vipgate_dataplane::wire::{EthernetAddress, ethernet, ipv4, tcp};
 
@@ -46,6 +46,17 @@ pub(crate) fn snapshot_with(mode: ForwardingMode) -> Snapshot {
 /// [`snapshot_with`], the service limiting new flows per client source
 /// with `limit`.
 pub(crate) fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>) -> Snapshot {
+    snapshot_options(mode, limit, Vec::new(), Affinity::None)
+}
+
+/// [`snapshot_limited`], the service also serving only `source_ranges`
+/// (empty: everyone) and picking backends with `affinity`.
+pub(crate) fn snapshot_options(
+    mode: ForwardingMode,
+    limit: Option<NewFlowLimit>,
+    source_ranges: Vec<Ipv4Cidr>,
+    affinity: Affinity,
+) -> Snapshot {
     let port = if matches!(mode, ForwardingMode::Dsr { .. }) { 80 } else { 8080 };
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let mut neighbours: Vec<NeighbourSpec> = backends
@@ -84,6 +95,8 @@ pub(crate) fn snapshot_limited(mode: ForwardingMode, limit: Option<NewFlowLimit>
             on_backend_removal: Default::default(),
             mode,
             new_flow_limit: limit,
+            source_ranges,
+            affinity,
         }]
         .into_iter()
         .map(Arc::new)

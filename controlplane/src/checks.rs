@@ -23,6 +23,8 @@ pub const MAX_WEIGHT: u32 = 65_535;
 pub const MAX_BACKENDS: usize = vipgate_dataplane::maglev::MAX_BACKENDS;
 /// Most addresses in one source pool: the snapshot indexes them in 16 bits.
 pub const MAX_POOL_ADDRESSES: usize = u16::MAX as usize;
+/// Most prefixes in a service's source list (`source_ranges`).
+pub const MAX_SOURCE_RANGES: usize = vipgate_dataplane::sources::MAX_SOURCE_RANGES;
 /// Longest service or pool name.
 pub const MAX_NAME_LEN: usize = 253;
 /// Longest owner.
@@ -155,6 +157,23 @@ pub(crate) fn parse_cidr(s: &str, min_len: u8) -> Result<Ipv4Cidr, String> {
         Ok(len) if (min_len..=32).contains(&len) => Ok(Ipv4Cidr { addr: u32::from(addr), len }),
         _ => Err(format!("prefix length {l:?} is not a number from {min_len} to 32")),
     }
+}
+
+/// A service's number of source prefixes: at most [`MAX_SOURCE_RANGES`].
+pub(crate) fn check_source_range_count(n: usize) -> Result<(), String> {
+    if n > MAX_SOURCE_RANGES { Err(format!("{n} prefixes; at most {MAX_SOURCE_RANGES} per service")) } else { Ok(()) }
+}
+
+/// Parses a prefix of a service's source list, `a.b.c.d/len` with `len`
+/// from 0 to 32 and no host bits set: `198.18.5.7/24` is refused, naming
+/// `198.18.5.0/24`, rather than taken to mean it.
+pub(crate) fn parse_source_range(s: &str) -> Result<Ipv4Cidr, String> {
+    let c = parse_cidr(s, 0)?;
+    let network = c.addr & Route::mask(c.len);
+    if network != c.addr {
+        return Err(format!("{:?} has host bits set; the prefix is {}/{}", s.trim(), Ipv4Addr::from(network), c.len));
+    }
+    Ok(c)
 }
 
 /// True for addresses a host can own: not 0.0.0.0/8, loopback, multicast,

@@ -37,12 +37,12 @@ use announce_settings::AnnounceSettings;
 use health_check::HealthCheck;
 
 use crate::checks::{
-    MAX_BACKENDS, check_backend_count, check_pool_size, check_port_number, check_table_size, check_weight, is_unicast,
-    parse_cidr,
+    MAX_BACKENDS, MAX_SOURCE_RANGES, check_backend_count, check_pool_size, check_port_number, check_source_range_count,
+    check_table_size, check_weight, is_unicast, parse_cidr,
 };
 use crate::model::{
-    AdminState, BackendState, Effective, ModeState, PoolState, ProtocolState, Refusal, RemovalState, STATIC_OWNER,
-    ServiceState,
+    AdminState, AffinityState, BackendState, Effective, ModeState, PoolState, ProtocolState, Refusal, RemovalState,
+    STATIC_OWNER, ServiceState, SourceRange,
 };
 
 /// Default API socket.
@@ -390,6 +390,9 @@ struct RawService {
     backends: Vec<Spanned<RawBackend>>,
     health_check: Option<Spanned<RawHealthCheck>>,
     new_flow_limit: Option<Spanned<RawNewFlowLimit>>,
+    #[serde(default)]
+    source_ranges: Vec<Spanned<String>>,
+    affinity: Option<Spanned<String>>,
 }
 
 /// `new_flow_limit = { per_second, burst, prefix_len }` of a service: see
@@ -1178,6 +1181,22 @@ impl Validator<'_> {
                     }
                 }
             };
+            if let Err(reason) = check_source_range_count(s.source_ranges.len()) {
+                return self.err(s.source_ranges[MAX_SOURCE_RANGES].span(), f("source_ranges"), reason);
+            }
+            let mut source_ranges = Vec::with_capacity(s.source_ranges.len());
+            for (j, r) in s.source_ranges.iter().enumerate() {
+                let field = format!("{at}.source_ranges[{j}]");
+                source_ranges
+                    .push(SourceRange::parse(r.get_ref()).or_else(|reason| self.err(r.span(), field, reason))?);
+            }
+            let affinity = match &s.affinity {
+                None => AffinityState::None,
+                Some(a) => {
+                    spans.insert(f("affinity"), a.span());
+                    AffinityState::parse(a.get_ref()).or_else(|reason| self.err(a.span(), f("affinity"), reason))?
+                }
+            };
             services.push(ServiceState {
                 name,
                 vip,
@@ -1189,6 +1208,8 @@ impl Validator<'_> {
                 backends,
                 health_check,
                 new_flow_limit,
+                source_ranges,
+                affinity,
                 owner: STATIC_OWNER.to_owned(),
             });
         }

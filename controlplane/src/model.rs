@@ -12,12 +12,14 @@
 //! [`crate::checks`] and [`crate::health_check`]: the configuration file
 //! and the desired state both build on it.
 
-use crate::checks::parse_cidr;
+use crate::checks::{check_source_range_count, parse_cidr, parse_source_range};
 use crate::health_check::HealthCheck;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use vipgate_dataplane::admission::NewFlowLimit;
-use vipgate_dataplane::snapshot::{BackendSpec, ForwardingMode, OnBackendRemoval, Protocol, ServiceSpec};
+use vipgate_dataplane::snapshot::{
+    Affinity, BackendSpec, ForwardingMode, Ipv4Cidr, OnBackendRemoval, Protocol, ServiceSpec,
+};
 
 pub mod effective;
 
@@ -64,6 +66,14 @@ pub struct ServiceState {
     /// The limit on new flows per client source; `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_flow_limit: Option<NewFlowLimitState>,
+    /// The client prefixes served; empty: every client. Records saved
+    /// before the field existed have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<SourceRange>,
+    /// What picks a new flow's backend; records saved before the field
+    /// existed have [`AffinityState::None`].
+    #[serde(default, skip_serializing_if = "AffinityState::is_none")]
+    pub affinity: AffinityState,
     /// Who manages it ([`check_owner`](crate::checks::check_owner));
     /// objects saved before owners existed are [`DEFAULT_OWNER`]'s.
     #[serde(default = "default_owner")]
@@ -98,6 +108,85 @@ impl NewFlowLimitState {
 impl From<NewFlowLimit> for NewFlowLimitState {
     fn from(l: NewFlowLimit) -> Self {
         NewFlowLimitState { per_second: l.per_second, burst: l.burst, prefix_len: l.prefix_len }
+    }
+}
+
+/// A prefix of a service's source list, written `a.b.c.d/len` (stored
+/// so too), without host bits ([`parse_source_range`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SourceRange {
+    /// The network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0 to 32.
+    pub len: u8,
+}
+
+impl SourceRange {
+    /// Parses `a.b.c.d/len`; the reason when it is not a prefix without
+    /// host bits.
+    pub fn parse(s: &str) -> Result<SourceRange, String> {
+        parse_source_range(s).map(|c| SourceRange { addr: Ipv4Addr::from(c.addr), len: c.len })
+    }
+}
+
+impl TryFrom<String> for SourceRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        SourceRange::parse(&s)
+    }
+}
+
+impl From<SourceRange> for String {
+    fn from(r: SourceRange) -> String {
+        r.to_string()
+    }
+}
+
+impl std::fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What picks a new flow's backend (see
+/// [`vipgate_dataplane::snapshot::Affinity`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AffinityState {
+    /// The flow's 5-tuple.
+    #[default]
+    None,
+    /// The client's address: all its connections reach one backend.
+    ClientIp,
+}
+
+impl AffinityState {
+    /// Parses `none` or `client_ip`.
+    pub fn parse(s: &str) -> Result<AffinityState, String> {
+        match s {
+            "none" => Ok(AffinityState::None),
+            "client_ip" => Ok(AffinityState::ClientIp),
+            other => Err(format!("{other:?} is not \"none\" or \"client_ip\"")),
+        }
+    }
+
+    /// The name `parse` takes.
+    pub fn name(self) -> &'static str {
+        self.to_spec().name()
+    }
+
+    /// True for the default, [`AffinityState::None`].
+    pub fn is_none(&self) -> bool {
+        *self == AffinityState::None
+    }
+
+    /// The dataplane's affinity.
+    pub fn to_spec(self) -> Affinity {
+        match self {
+            AffinityState::None => Affinity::None,
+            AffinityState::ClientIp => Affinity::ClientIp,
+        }
     }
 }
 
@@ -268,6 +357,12 @@ impl ServiceState {
             },
             mode,
             new_flow_limit: self.new_flow_limit.map(|l| l.to_spec(at)).transpose()?,
+            source_ranges: {
+                check_source_range_count(self.source_ranges.len())
+                    .map_err(|reason| Refusal { field: format!("{at}.source_ranges"), reason })?;
+                self.source_ranges.iter().map(|r| Ipv4Cidr { addr: u32::from(r.addr), len: r.len }).collect()
+            },
+            affinity: self.affinity.to_spec(),
         })
     }
 }

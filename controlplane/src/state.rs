@@ -33,8 +33,8 @@ pub const MAX_SERVICES: usize = 10_000;
 /// At most this many backends per service (the file's limit too).
 pub use crate::checks::MAX_BACKENDS;
 pub use crate::model::{
-    AdminState, BackendState, DEFAULT_OWNER, Effective, ModeState, NewFlowLimitState, PoolState, ProtocolState,
-    Refusal, RemovalState, STATIC_OWNER, ServiceState,
+    AdminState, AffinityState, BackendState, DEFAULT_OWNER, Effective, ModeState, NewFlowLimitState, PoolState,
+    ProtocolState, Refusal, RemovalState, STATIC_OWNER, ServiceState, SourceRange,
 };
 /// At most this many source pools.
 pub const MAX_POOLS: usize = 10_000;

@@ -543,6 +543,8 @@ mod tests {
             on_backend_removal: Default::default(),
             mode: Default::default(),
             new_flow_limit: None,
+            source_ranges: Vec::new(),
+            affinity: Default::default(),
         }
     }
 

@@ -17,9 +17,9 @@ use super::pb::service_manager_server::{ServiceManager, ServiceManagerServer};
 use crate::config::DEFAULT_POOL_PORTS;
 use crate::health::{CheckKind, HealthCheck, HealthCheckInput, HealthStatus, TargetKey};
 use crate::state::{
-    self, AdminState, BackendState, DEFAULT_OWNER, ErrorKind, MAX_BATCH, MAX_POOLS, MAX_SERVICES, ModeState,
-    NewFlowLimitState, PoolState, ProtocolState, RemovalState, ServiceState, StateError, StateEventKind, StateHandle,
-    StateView, backend_field, ops, ops::BatchOp, service_field,
+    self, AdminState, AffinityState, BackendState, DEFAULT_OWNER, ErrorKind, MAX_BATCH, MAX_POOLS, MAX_SERVICES,
+    ModeState, NewFlowLimitState, PoolState, ProtocolState, RemovalState, ServiceState, SourceRange, StateError,
+    StateEventKind, StateHandle, StateView, backend_field, ops, ops::BatchOp, service_field,
 };
 
 /// The `ServiceManager` gRPC service over the daemon's [`StateHandle`].
@@ -233,6 +233,11 @@ fn service_from(s: &pb::Service) -> Result<ServiceState, Status> {
         backends: s.backends.iter().enumerate().map(|(j, b)| backend_from(b, &name, j)).collect::<Result<_, _>>()?,
         health_check,
         new_flow_limit: s.new_flow_limit.as_ref().map(|l| new_flow_limit_from(l, &name)).transpose()?,
+        source_ranges: source_ranges_from(&s.source_ranges, &name)?,
+        affinity: match s.affinity.as_str() {
+            "" => AffinityState::None,
+            a => AffinityState::parse(a).map_err(|r| invalid(f("affinity"), r))?,
+        },
         name,
     })
 }
@@ -254,6 +259,20 @@ fn services_from(list: &[pb::Service]) -> Result<Vec<ServiceState>, Status> {
         .map(service_from)
         .collect::<Result<Vec<_>, _>>()
         .or_else(|_| list.iter().map(service_from).collect())
+}
+
+/// A source list from a request; an error names
+/// `services["web"].source_ranges[i]`, or the list when it is too long.
+fn source_ranges_from(ranges: &[String], service: &str) -> Result<Vec<SourceRange>, Status> {
+    crate::checks::check_source_range_count(ranges.len())
+        .map_err(|r| invalid(service_field(service, "source_ranges"), r))?;
+    ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            SourceRange::parse(r).map_err(|e| invalid(service_field(service, &format!("source_ranges[{i}]")), e))
+        })
+        .collect()
 }
 
 /// A new-flow limit from a request: `burst` 0 is `per_second`, an unset
@@ -360,6 +379,8 @@ fn service_to(s: &ServiceState, health: &HealthStatus) -> pb::Service {
         health_check: s.health_check.as_ref().map(health_check_to),
         flow_timeouts: None,
         new_flow_limit: s.new_flow_limit.map(new_flow_limit_to),
+        source_ranges: s.source_ranges.iter().map(ToString::to_string).collect(),
+        affinity: s.affinity.name().to_owned(),
     }
 }
 
@@ -741,6 +762,50 @@ mod tests {
         let s = pb::Service { backends: vec![b; 65_536], health_check: None, ..service("tcp", Default::default()) };
         let e = service_from(&s).unwrap_err();
         assert_eq!(e.message(), "services[\"svc\"].backends: 65536 backends; at most 65535 per service");
+    }
+
+    #[test]
+    fn source_ranges_and_affinity_are_checked_and_shown_as_given() {
+        let with = |ranges: &[&str], affinity: &str| pb::Service {
+            source_ranges: ranges.iter().map(|r| (*r).to_owned()).collect(),
+            affinity: affinity.to_owned(),
+            health_check: None,
+            ..service("tcp", Default::default())
+        };
+        let too_many: Vec<&str> = vec!["10.0.0.0/8"; 257];
+        let cases: [(pb::Service, &str); 7] = [
+            (
+                with(&["10.0.0.0/8", "10.1.2.3"], ""),
+                "services[\"svc\"].source_ranges[1]: \"10.1.2.3\" needs a prefix length, such as 198.18.0.1/24",
+            ),
+            (
+                with(&["10.0.0.0/33"], ""),
+                "services[\"svc\"].source_ranges[0]: prefix length \"33\" is not a number from 0 to 32",
+            ),
+            (with(&["ten/8"], ""), "services[\"svc\"].source_ranges[0]: \"ten\" is not an IPv4 address"),
+            (
+                with(&["192.0.2.0/24", "198.18.5.7/24"], ""),
+                "services[\"svc\"].source_ranges[1]: \"198.18.5.7/24\" has host bits set; the prefix is 198.18.5.0/24",
+            ),
+            (with(&too_many, ""), "services[\"svc\"].source_ranges: 257 prefixes; at most 256 per service"),
+            (with(&[], "ClientIP"), "services[\"svc\"].affinity: \"ClientIP\" is not \"none\" or \"client_ip\""),
+            (with(&[], "sticky"), "services[\"svc\"].affinity: \"sticky\" is not \"none\" or \"client_ip\""),
+        ];
+        for (s, message) in cases {
+            let e = service_from(&s).unwrap_err();
+            assert_eq!((e.code(), e.message()), (Code::InvalidArgument, message));
+        }
+        let ok = service_from(&with(&["203.0.113.0/24", "0.0.0.0/0", "192.0.2.9/32"], "client_ip")).unwrap();
+        assert_eq!(ok.affinity, AffinityState::ClientIp);
+        let shown = service_to(&ok, &HealthStatus::default());
+        assert_eq!(shown.source_ranges, ["203.0.113.0/24", "0.0.0.0/0", "192.0.2.9/32"]);
+        assert_eq!(shown.affinity, "client_ip");
+        // Empty: none, every client; GetState shows the value in force.
+        let plain = service_from(&with(&[], "")).unwrap();
+        assert_eq!((plain.affinity, plain.source_ranges.len()), (AffinityState::None, 0));
+        assert_eq!(service_to(&plain, &HealthStatus::default()).affinity, "none");
+        assert_eq!(service_from(&with(&[], "none")).unwrap(), plain);
+        assert_eq!(service_from(&with(&too_many[..256], "")).unwrap().source_ranges.len(), 256);
     }
 }
 

@@ -987,6 +987,8 @@ fn vip_eligibility_needs_one_backend_that_takes_new_flows_in_any_service_of_the_
         backends,
         health_check: None,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
         owner: crate::state::DEFAULT_OWNER.to_owned(),
     };
     let none = std::collections::HashSet::new();
@@ -1350,4 +1352,77 @@ fn a_bad_new_flow_limit_names_line_field_and_reason() {
         assert!(msg.starts_with("/etc/vipgate/test.toml: ") && msg.contains(&format!("line {line}")), "{msg}");
         assert!(msg.contains(what), "{msg}");
     }
+}
+
+#[test]
+fn source_ranges_and_affinity_compile_into_the_spec() {
+    use vipgate_dataplane::snapshot::{Affinity, Ipv4Cidr};
+    let with = |opts: &str| GOOD.replacen("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{opts}"), 1);
+    let c = parse(&with("source_ranges = [\"203.0.113.0/24\", \" 198.18.0.0/15 \", \"192.0.2.7/32\", \"0.0.0.0/0\"]\naffinity = \"client_ip\"")).unwrap();
+    let s = &c.services()[0];
+    assert_eq!(
+        s.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["203.0.113.0/24", "198.18.0.0/15", "192.0.2.7/32", "0.0.0.0/0"]
+    );
+    assert_eq!(s.affinity, AffinityState::ClientIp);
+    let spec = c.snapshot_spec(&[]);
+    let web = spec.services.iter().find(|x| x.name == s.name).unwrap();
+    assert_eq!(web.source_ranges[0], Ipv4Cidr { addr: u32::from(Ipv4Addr::new(203, 0, 113, 0)), len: 24 });
+    assert_eq!(web.affinity, Affinity::ClientIp);
+    // Left out: every client, the 5-tuple.
+    assert!(c.services()[1].source_ranges.is_empty());
+    assert_eq!(c.services()[1].affinity, AffinityState::None);
+    let c = parse(&with("affinity = \"none\"\nsource_ranges = []")).unwrap();
+    assert_eq!((c.services()[0].affinity, c.services()[0].source_ranges.len()), (AffinityState::None, 0));
+    // A change of either is a change of the service: a reload applies it.
+    assert!(parse(GOOD).unwrap().restart_required(&c).is_none());
+}
+
+#[test]
+fn bad_source_ranges_and_affinity_name_line_field_and_reason() {
+    let too_many = format!("source_ranges = [{}]", vec!["\"10.0.0.0/8\""; 257].join(",\n"));
+    let cases: [(&str, &str, &str, &str); 9] = [
+        (
+            "source_ranges = [\"10.0.0.0/8\", \"10.1.2.3\"]",
+            "10.1.2.3",
+            "source_ranges[1]",
+            "\"10.1.2.3\" needs a prefix length",
+        ),
+        (
+            "source_ranges = [\"10.0.0.0/33\"]",
+            "10.0.0.0/33",
+            "source_ranges[0]",
+            "prefix length \"33\" is not a number from 0 to 32",
+        ),
+        ("source_ranges = [\"10.0.0/8\"]", "10.0.0/8", "source_ranges[0]", "\"10.0.0\" is not an IPv4 address"),
+        ("source_ranges = [\"\"]", "source_ranges = [", "source_ranges[0]", "\"\" needs a prefix length"),
+        (
+            "source_ranges = [\"198.18.0.0/15\",\n\"198.18.5.7/24\"]",
+            "198.18.5.7/24",
+            "source_ranges[1]",
+            "\"198.18.5.7/24\" has host bits set; the prefix is 198.18.5.0/24",
+        ),
+        (&too_many, "\"10.0.0.0/8\"];", "source_ranges", "257 prefixes; at most 256 per service"),
+        ("affinity = \"ClientIP\"", "affinity", "affinity", "\"ClientIP\" is not \"none\" or \"client_ip\""),
+        ("affinity = \"\"", "affinity", "affinity", "\"\" is not \"none\" or \"client_ip\""),
+        ("affinity = \"source\"", "affinity", "affinity", "\"source\" is not \"none\" or \"client_ip\""),
+    ];
+    for (opts, at, field, reason) in cases {
+        let text = GOOD.replacen("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{opts}"), 1);
+        // The line of the offending value: the last element for a list too long.
+        let pos = if field == "source_ranges" { text.rfind("\"10.0.0.0/8\"").unwrap() } else { text.find(at).unwrap() };
+        let line = text[..pos].lines().count() + usize::from(text[..pos].ends_with('\n'));
+        let msg = parse(&text).expect_err(opts).to_string();
+        assert!(
+            msg.starts_with(&format!("/etc/vipgate/test.toml:{line}: services[0].{field}: {reason}")),
+            "{field}: {msg}"
+        );
+    }
+    // 256 is the bound, not more than it.
+    let text = GOOD.replacen(
+        "protocol = \"tcp\"",
+        &format!("protocol = \"tcp\"\nsource_ranges = [{}]", vec!["\"10.0.0.0/8\""; 256].join(", ")),
+        1,
+    );
+    assert_eq!(parse(&text).unwrap().services()[0].source_ranges.len(), 256);
 }

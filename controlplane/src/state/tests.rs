@@ -57,6 +57,8 @@ fn service(name: &str, vip_last: u8) -> ServiceState {
         backends: vec![backend(20, 8080, 1), backend(21, 8080, 2)],
         health_check: None,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
         owner: DEFAULT_OWNER.to_owned(),
     }
 }

@@ -1,6 +1,7 @@
 use super::*;
 use crate::state::{
-    AdminState, BackendState, ModeState, NewFlowLimitState, PoolState, ProtocolState, RemovalState, ServiceState,
+    AdminState, AffinityState, BackendState, ModeState, NewFlowLimitState, PoolState, ProtocolState, RemovalState,
+    ServiceState, SourceRange,
 };
 
 fn dir(tag: &str) -> PathBuf {
@@ -26,6 +27,8 @@ fn service(name: &str, last: u8, weight: u32) -> ServiceState {
         }],
         health_check: None,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
         owner: "k8s/prod".to_owned(),
     }
 }
@@ -55,6 +58,8 @@ fn sample(version: u64) -> DesiredState {
         .unwrap(),
     );
     web.new_flow_limit = Some(NewFlowLimitState { per_second: 50, burst: 80, prefix_len: 28 });
+    web.source_ranges = vec![SourceRange::parse("203.0.113.0/24").unwrap(), SourceRange::parse("0.0.0.0/0").unwrap()];
+    web.affinity = AffinityState::ClientIp;
     s.services.insert("web".to_owned(), web);
     s.services.insert("api".to_owned(), service("api", 6, 1));
     s.source_pools.insert("snat".to_owned(), pool("snat"));
@@ -532,5 +537,41 @@ fn a_change_batch_is_refused_while_the_whole_state_must_be_written() {
     assert!(e.contains("the whole state must be written first"), "{e}");
     store.replace_all(&state).unwrap();
     store.commit(&state, &Change::default()).unwrap();
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_service_record_from_before_source_ranges_and_affinity_loads_with_their_defaults() {
+    let (d, mut want) = stored("old-record", 3);
+    // A record as earlier vipgated versions wrote it: neither field.
+    let old = br#"{"name":"svc-00001","vip":"198.18.100.1","port":80,"protocol":"tcp","mode":{"kind":"nat"},
+        "table_size":251,"on_backend_removal":"rehash","backends":[{"address":"198.18.1.20","port":8080,
+        "weight":1,"admin_state":"enabled"}],"owner":"cli"}"#;
+    tamper(&d, |tx| drop(tx.open_table(SERVICES).unwrap().insert("svc-00001", old.as_slice())));
+    let (_, read) = open(&d).unwrap();
+    let svc = &read.services["svc-00001"];
+    assert!(svc.source_ranges.is_empty());
+    assert_eq!(svc.affinity, AffinityState::None);
+    assert_eq!(svc.backends[0].address, std::net::Ipv4Addr::new(198, 18, 1, 20));
+    // The other records are as written.
+    want.services.remove("svc-00001");
+    let mut rest = read.services.clone();
+    rest.remove("svc-00001");
+    assert_eq!(rest, want.services);
+    // A service without them is still written without them, so an earlier
+    // vipgated reads it back.
+    let text = serde_json::to_string(svc).unwrap();
+    assert!(!text.contains("source_ranges") && !text.contains("affinity"), "{text}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_stored_source_range_with_host_bits_is_damage() {
+    let (d, _) = stored("bad-range", 3);
+    let mut svc = service("svc-00001", 1, 1);
+    svc.source_ranges = vec![SourceRange::parse("10.0.0.0/8").unwrap()];
+    let text = serde_json::to_string(&svc).unwrap().replace("10.0.0.0/8", "10.0.0.1/8");
+    tamper(&d, |tx| drop(tx.open_table(SERVICES).unwrap().insert("svc-00001", text.as_bytes())));
+    assert_damaged(&d, "a bad source range", "\"10.0.0.1/8\" has host bits set", false);
     std::fs::remove_dir_all(&d).unwrap();
 }

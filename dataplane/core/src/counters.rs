@@ -78,11 +78,15 @@ pub enum DropReason {
     /// A new flow over its service's limit of new flows per client source
     /// (`new_flow_limit`).
     RateLimited,
+    /// A packet to a service from a client address outside the service's
+    /// source list (`source_ranges`), tracked flow or not. Dropped before
+    /// any flow is created.
+    SourceDenied,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 23;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -107,6 +111,7 @@ impl DropReason {
         DropReason::MartianSource,
         DropReason::BadTcpFlags,
         DropReason::RateLimited,
+        DropReason::SourceDenied,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -134,6 +139,7 @@ impl DropReason {
             DropReason::MartianSource => "martian_source",
             DropReason::BadTcpFlags => "bad_tcp_flags",
             DropReason::RateLimited => "rate_limited",
+            DropReason::SourceDenied => "source_denied",
         }
     }
 }

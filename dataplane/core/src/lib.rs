@@ -20,5 +20,6 @@ pub mod pipeline;
 pub mod route;
 pub mod snapshot;
 pub mod snat;
+pub mod sources;
 pub mod stats;
 pub mod wire;

@@ -57,6 +57,19 @@
 //! is dropped as [`DropReason::RateLimited`]; packets of tracked flows are
 //! never limited.
 //!
+//! A service may serve only some client prefixes (its source list, see
+//! [`crate::sources`]): every client packet to it from another source,
+//! whether or not a flow tracks it, is dropped as
+//! [`DropReason::SourceDenied`] after the TTL check and before any flow is
+//! created or changed; a flow it had is forgotten, so narrowing the list
+//! cuts the connections of the sources it no longer serves at once, as a
+//! firewall does. Replies from backends are not checked.
+//!
+//! A service with client-IP affinity hashes the client's address, not its
+//! 5-tuple, into Maglev: all of a client's new flows get the same backend
+//! (flows are still tracked per 5-tuple, and a flow keeps its backend as
+//! before).
+//!
 //! What the fast path does not handle and that is for the gateway itself
 //! (see [`Verdict::Punt`]) goes to the kernel interface of the ingress port,
 //! when it has one: the exception path.
@@ -72,7 +85,7 @@ use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
-use crate::snapshot::{Backend, MAC_WORD_MASK, Mode, OnBackendRemoval, Service, Snapshot};
+use crate::snapshot::{Affinity, Backend, MAC_WORD_MASK, Mode, OnBackendRemoval, Service, Snapshot};
 use crate::snat::{self, Binding, SnatTable};
 use crate::stats::BackendStats;
 use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
@@ -756,6 +769,12 @@ impl Pipeline {
                     }
                     let key =
                         FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
+                    // Every client packet, tracked or not, before any flow
+                    // is created or changed.
+                    if !svc.source_ranges.allows(src) {
+                        self.source_denied(&key, hash, now);
+                        return Verdict::Drop(DropReason::SourceDenied);
+                    }
                     let (backend, snat_addr, snat_port) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
                         Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
                         Choice::None => return Verdict::Drop(DropReason::NoBackend),
@@ -1004,7 +1023,7 @@ impl Pipeline {
                             self.forget(flow);
                             return Choice::Reset;
                         }
-                        None => match svc.maglev.lookup(flow_hash(key)) {
+                        None => match svc.maglev.lookup(pick_hash(svc, key, flow_hash(key))) {
                             Some(i) => (usize::from(i), true),
                             None => return Choice::None,
                         },
@@ -1080,7 +1099,7 @@ impl Pipeline {
             return Choice::Limited;
         }
         let spread = flow_hash(key);
-        let Some(i) = svc.maglev.lookup(spread) else { return Choice::None };
+        let Some(i) = svc.maglev.lookup(pick_hash(svc, key, spread)) else { return Choice::None };
         let b = svc.backends[usize::from(i)];
         let opening = is_opening(key.protocol, tcp_flags);
         let mut entry = FlowEntry::new(key, FlowState::of_first_packet(key.protocol, tcp_flags));
@@ -1122,6 +1141,19 @@ impl Pipeline {
             self.stats.flow_out(old.stats_slot(), old.is_established());
         }
         Choice::Backend(Chosen { index: i, snat_port: entry.snat_port, snat_addr: entry.snat_addr })
+    }
+
+    /// A client packet from a source its service does not serve: a flow
+    /// it has (the list narrowed since the flow began) is forgotten, so the
+    /// connection is cut at once and its FullNAT pair freed. Runs for
+    /// denied packets only.
+    #[cold]
+    #[inline(never)]
+    fn source_denied(&mut self, key: &FlowKey, ahead: Option<FlowHash>, now: u64) {
+        let hash = ahead.unwrap_or_else(|| self.flows.hash_key(key));
+        if let Some(flow) = self.flows.lookup_hashed(key, hash, now) {
+            self.forget(flow);
+        }
     }
 
     /// Removes a flow, frees its source pair and stops counting it.
@@ -1425,6 +1457,18 @@ enum Choice {
     /// The flow's backend left a service whose policy is to reset such
     /// flows; the flow is already forgotten.
     Reset,
+}
+
+/// The hash Maglev picks a new flow's backend by: `spread`, the flow hash
+/// of `key`, or with client-IP affinity the flow hash of `key` without the
+/// client's port, so that every connection of a client (to this service)
+/// gets the same choice on every worker and every gateway.
+#[inline(always)]
+fn pick_hash(svc: &Service, key: &FlowKey, spread: u32) -> u32 {
+    match svc.affinity {
+        Affinity::None => spread,
+        Affinity::ClientIp => flow_hash(&FlowKey { src_port: 0, ..*key }),
+    }
 }
 
 /// The worker of `workers` that owns the flows of client `addr:port` over

@@ -20,6 +20,7 @@
 use crate::admission::{NewFlowLimit, NewFlowLimitError, SourceLimit};
 use crate::maglev::{MaglevBackend, MaglevError, MaglevTable};
 use crate::route::{NO_SLOT, NextHop, Route, RouteTable};
+use crate::sources::{SourceRanges, SourceRangesError};
 use crate::wire::EthernetAddress;
 use ahash::RandomState;
 use hashbrown::{HashMap, HashSet};
@@ -65,6 +66,29 @@ pub enum OnBackendRemoval {
     /// forget the flow; a UDP flow is forgotten and its packet dropped, so
     /// the next one starts a new flow.
     Reset,
+}
+
+/// What Maglev hashes to pick a new flow's backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Affinity {
+    /// The flow's 5-tuple: a client's connections spread over the backends.
+    #[default]
+    None,
+    /// The client's address alone: every connection of a client goes to
+    /// the same backend while it takes new flows (Kubernetes'
+    /// `sessionAffinity: ClientIP`, without its timeout). Flows are still
+    /// tracked per 5-tuple.
+    ClientIp,
+}
+
+impl Affinity {
+    /// Lower-case name, as in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::ClientIp => "client_ip",
+        }
+    }
 }
 
 /// How a service's packets reach its backends.
@@ -193,6 +217,11 @@ pub struct ServiceSpec {
     pub mode: ForwardingMode,
     /// The limit on new flows per client source, if any.
     pub new_flow_limit: Option<NewFlowLimit>,
+    /// The client prefixes served (host bits ignored); empty: every
+    /// client. At most [`crate::sources::MAX_SOURCE_RANGES`].
+    pub source_ranges: Vec<Ipv4Cidr>,
+    /// What picks a new flow's backend.
+    pub affinity: Affinity,
 }
 
 /// A permanent neighbour entry (like `ip neigh add ... nud permanent`).
@@ -310,6 +339,14 @@ pub enum SnapshotError {
         /// Cause.
         source: NewFlowLimitError,
     },
+    /// A service's source list is out of bounds.
+    #[error("service {service:?}: source_ranges: {source}")]
+    SourceRanges {
+        /// Service.
+        service: String,
+        /// Cause.
+        source: SourceRangesError,
+    },
     /// A FullNAT service names a source pool that does not exist.
     #[error("service {service:?}: source pool {pool:?} does not exist")]
     UnknownPool {
@@ -405,6 +442,11 @@ pub struct Service {
     pub mode: Mode,
     /// The limit on new flows per client source, if any.
     pub new_flow_limit: Option<SourceLimit>,
+    /// The client addresses served: a packet from any other is dropped
+    /// (`source_denied`). Empty: every client.
+    pub source_ranges: SourceRanges,
+    /// What picks a new flow's backend.
+    pub affinity: Affinity,
     /// What it was compiled from: the incremental compiler compares it with
     /// the next specification of the service.
     spec: Arc<ServiceSpec>,
@@ -752,6 +794,8 @@ fn compile_service(
             }
         }
     };
+    let source_ranges = SourceRanges::new(&s.source_ranges)
+        .map_err(|source| SnapshotError::SourceRanges { service: s.name.clone(), source })?;
     Ok(Arc::new(Service {
         name: s.name.clone(),
         vip: s.vip,
@@ -762,6 +806,8 @@ fn compile_service(
         on_backend_removal: s.on_backend_removal,
         mode,
         new_flow_limit,
+        source_ranges,
+        affinity: s.affinity,
         spec: Arc::clone(s),
     }))
 }

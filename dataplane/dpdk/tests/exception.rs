@@ -138,6 +138,8 @@ fn a_flood_towards_the_kernel_is_dropped_and_counted_without_stalling_the_fast_p
             on_backend_removal: Default::default(),
             mode: Default::default(),
             new_flow_limit: None,
+            source_ranges: Vec::new(),
+            affinity: Default::default(),
         }]
         .into_iter()
         .map(Arc::new)

@@ -54,6 +54,8 @@ fn two_workers_hand_packets_to_the_flow_owner_and_every_mbuf_comes_back() {
         on_backend_removal: Default::default(),
         mode,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
     };
     let spec = SnapshotSpec {
         ports: port_specs(&macs),

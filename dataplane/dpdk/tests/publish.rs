@@ -41,6 +41,8 @@ fn service(name: &str, port: u16, backends: &[u8], backend_port: u16) -> Service
         on_backend_removal: Default::default(),
         mode: Default::default(),
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
     }
 }
 

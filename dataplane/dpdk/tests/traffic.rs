@@ -53,6 +53,8 @@ fn forwards_replayed_traffic_and_returns_every_mbuf_at_shutdown() {
             on_backend_removal: Default::default(),
             mode: Default::default(),
             new_flow_limit: None,
+            source_ranges: Vec::new(),
+            affinity: Default::default(),
         }]
         .into_iter()
         .map(Arc::new)

@@ -172,6 +172,10 @@ fn service(input: &mut Input<'_>) -> pb::Service {
                 _ => Some(number(input, &[0, 32, 33, 255])),
             },
         }),
+        source_ranges: (0..usize::from(input.u8() % 4))
+            .map(|_| text(input, &["198.18.0.0/15", "203.0.113.7/32", "0.0.0.0/0", "10.1.2.3/8", "10.0.0.0", ""]))
+            .collect(),
+        affinity: text(input, &["", "none", "client_ip", "ClientIP"]),
     }
 }
 

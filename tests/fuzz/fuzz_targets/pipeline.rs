@@ -6,7 +6,8 @@
 //! fragments) or taken as raw bytes, time steps, housekeeping passes and
 //! snapshot swaps. The fixture is realistic: three ports (two with a kernel
 //! interface), a static route, a permanent neighbour, nat, fullnat and dsr
-//! services over TCP and UDP, and a source pool. Hand-offs between the two
+//! services over TCP and UDP (one with a source list that narrows from
+//! snapshot to snapshot, two with client-IP affinity), and a source pool. Hand-offs between the two
 //! workers are delivered as the driver would.
 //!
 //! Oracles, after every operation:
@@ -37,8 +38,8 @@ use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::pipeline::{NoPrefetch, Pipeline, PipelineConfig, RxPacket, Verdict, neighbour_inboxes};
 use vipgate_dataplane::snapshot::{
-    BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec, ServiceSpec,
-    Snapshot, SnapshotSpec, SourcePoolSpec,
+    Affinity, BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec,
+    ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 use vipgate_fuzz::{Input, internet_checksum};
@@ -138,6 +139,8 @@ fn service(name: &str, vip: u32, port: u16, protocol: Protocol, b: Vec<BackendSp
         on_backend_removal: OnBackendRemoval::Rehash,
         mode: ForwardingMode::Nat,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
     }
 }
 
@@ -165,15 +168,24 @@ fn spec(variant: u8) -> SnapshotSpec {
     if variant == 2 {
         web.on_backend_removal = OnBackendRemoval::Reset;
     }
+    // The source list narrows from variant to variant (source_denied, and
+    // tracked flows of sources no longer served are cut).
+    web.source_ranges = match variant {
+        0 => vec![],
+        1 => vec![Ipv4Cidr { addr: ip(198, 18, 0, 0), len: 24 }, Ipv4Cidr { addr: ip(203, 0, 113, 0), len: 24 }],
+        _ => vec![Ipv4Cidr { addr: ip(198, 18, 0, 2), len: 32 }],
+    };
     let mut fnat = service("fnat", VIP2, 443, Protocol::Tcp, backends(&FNAT, fnat_w));
     fnat.mode = ForwardingMode::FullNat { pool: "pool".into() };
     fnat.new_flow_limit = Some(NewFlowLimit { prefix_len: 32, ..limit });
+    fnat.affinity = Affinity::ClientIp;
     let mut fnat_udp = service("fnat-udp", VIP2, 53, Protocol::Udp, backends(&FNAT, &[1, 1]));
     fnat_udp.mode = ForwardingMode::FullNat { pool: "pool".into() };
     let mut dsr = service("dsr", VIP3, 80, Protocol::Tcp, backends(&DSR, dsr_w));
     dsr.mode = ForwardingMode::Dsr { tunnel_source: None };
     let mut dsr_udp = service("dsr-udp", VIP3, 53, Protocol::Udp, backends(&[(DSR[0].0, 53), (DSR[1].0, 53)], &[1, 1]));
     dsr_udp.mode = ForwardingMode::Dsr { tunnel_source: Some(Ipv4Cidr { addr: ip(198, 18, 1, 64), len: 28 }) };
+    dsr_udp.affinity = Affinity::ClientIp;
     let far = service("far", VIP2, 80, Protocol::Tcp, backends(&FAR, &[1]));
     let last_port = if variant == 2 { POOL_PORTS.1 - 16 } else { POOL_PORTS.1 };
     SnapshotSpec {

@@ -74,6 +74,8 @@ pub(crate) fn read_apply_file(path: &Path) -> Result<pb::ApplyRequest, CtlError>
                 .transpose()
                 .map_err(bad)?,
             new_flow_limit: s.new_flow_limit,
+            source_ranges: s.source_ranges,
+            affinity: s.affinity,
             owner: s.owner,
             ..pb::Service::default()
         });

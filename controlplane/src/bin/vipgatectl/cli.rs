@@ -237,6 +237,16 @@ pub(crate) struct ServiceSpec {
     /// Clients sharing this prefix length are one source, 0 to 32 (default 32).
     #[arg(long, value_name = "LEN", requires = "new_flows_per_second")]
     pub(crate) new_flow_prefix_len: Option<u32>,
+    /// Serve only clients in this prefix, e.g. 203.0.113.0/24; repeat for
+    /// more (at most 256). Default: every client. Others are dropped
+    /// (source_denied), tracked connections too.
+    #[arg(long = "source-range", value_name = "CIDR")]
+    pub(crate) source_ranges: Vec<String>,
+    /// What picks a new connection's backend: none (the connection's
+    /// addresses and ports; default) or client_ip (the client's address:
+    /// all its connections reach one backend).
+    #[arg(long, value_parser = ["none", "client_ip"])]
+    pub(crate) affinity: Option<String>,
 }
 
 /// `vipgatectl backend ...`.

@@ -243,6 +243,12 @@ pub(crate) struct ServiceJson {
     /// absent is the rate, and `prefix_len` absent is 32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) new_flow_limit: Option<pb::NewFlowLimit>,
+    /// The client prefixes served; absent or empty: every client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) source_ranges: Vec<String>,
+    /// "none" or "client_ip"; absent in `apply`: "none".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) affinity: String,
 }
 
 /// A service's health check. Zero and empty fields take vipgated's
@@ -431,6 +437,8 @@ impl From<pb::Service> for ServiceJson {
             stats: None,
             health_check: s.health_check.map(HealthCheckJson::from),
             new_flow_limit: s.new_flow_limit,
+            source_ranges: s.source_ranges,
+            affinity: s.affinity,
         }
     }
 }

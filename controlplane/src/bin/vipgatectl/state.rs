@@ -322,6 +322,8 @@ fn service(name: &str, spec: &ServiceSpec) -> Result<pb::Service, CtlError> {
             burst: spec.new_flow_burst.unwrap_or(0),
             prefix_len: spec.new_flow_prefix_len,
         }),
+        source_ranges: spec.source_ranges.clone(),
+        affinity: spec.affinity.clone().unwrap_or_default(),
         ..pb::Service::default()
     })
 }

@@ -229,6 +229,12 @@ pub(crate) fn list_text(s: &StateJson, traffic: bool) -> String {
         if let Some(l) = &svc.new_flow_limit {
             name.push_str(&format!(", {}", new_flow_limit_summary(l)));
         }
+        if !svc.source_ranges.is_empty() {
+            name.push_str(&format!(", {}", source_ranges_summary(&svc.source_ranges)));
+        }
+        if !svc.affinity.is_empty() && svc.affinity != "none" {
+            name.push_str(&format!(", affinity {}", svc.affinity));
+        }
         name.push(')');
         let local = format!("{:<4} {}:{}", svc.protocol.to_uppercase(), svc.vip, svc.port);
         let st = svc.stats.as_ref();
@@ -314,6 +320,16 @@ fn health_check_summary(h: &HealthCheckJson) -> String {
     };
     let port = if h.port == 0 { String::new() } else { format!(" port {}", h.port) };
     format!("{what}{port} every {} ms (timeout {}, rise {}, fall {})", h.interval_ms, h.timeout_ms, h.rise, h.fall)
+}
+
+/// For the listing, e.g. "sources 10.0.0.0/8 192.0.2.0/24", the first
+/// three prefixes and how many more.
+fn source_ranges_summary(ranges: &[String]) -> String {
+    let mut s = format!("sources {}", ranges.iter().take(3).map(String::as_str).collect::<Vec<_>>().join(" "));
+    if ranges.len() > 3 {
+        s.push_str(&format!(" (+{} more)", ranges.len() - 3));
+    }
+    s
 }
 
 /// For the listing, e.g. "new-flows 100/s burst 200 per /24".

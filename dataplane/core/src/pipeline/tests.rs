@@ -62,6 +62,8 @@ fn spec() -> SnapshotSpec {
                 on_backend_removal: Default::default(),
                 mode: Default::default(),
                 new_flow_limit: None,
+                source_ranges: Vec::new(),
+                affinity: Default::default(),
             },
             ServiceSpec {
                 name: "dns".into(),
@@ -73,6 +75,8 @@ fn spec() -> SnapshotSpec {
                 on_backend_removal: Default::default(),
                 mode: Default::default(),
                 new_flow_limit: None,
+                source_ranges: Vec::new(),
+                affinity: Default::default(),
             },
         ]
         .into_iter()
@@ -857,6 +861,7 @@ mod exception;
 mod flows;
 mod martians;
 mod modes;
+mod options;
 mod other_host;
 mod ratelimit;
 mod stats;

@@ -38,6 +38,8 @@ fn service(i: u8) -> ServiceSpec {
         on_backend_removal: OnBackendRemoval::Rehash,
         mode: ForwardingMode::Nat,
         new_flow_limit: None,
+        source_ranges: Vec::new(),
+        affinity: Default::default(),
     }
 }
 
@@ -608,6 +610,8 @@ fn many_services(n: u32) -> SnapshotSpec {
                 on_backend_removal: OnBackendRemoval::Rehash,
                 mode: ForwardingMode::Nat,
                 new_flow_limit: None,
+                source_ranges: Vec::new(),
+                affinity: Default::default(),
             })
         })
         .collect();
@@ -655,4 +659,38 @@ fn many_tables_built_in_parallel_are_those_built_one_by_one() {
             other => panic!("expected m0070's table error, got {:?}", other.map(|_| ())),
         }
     }
+}
+
+#[test]
+fn changed_sources_or_affinity_recompile_the_service_around_its_table() {
+    let mut sp = spec();
+    let first = Snapshot::build(&sp).unwrap();
+    assert!(by_name(&first, "s2").source_ranges.is_empty());
+    assert_eq!(by_name(&first, "s2").affinity, Affinity::None);
+    let s = Arc::make_mut(&mut sp.services[1]);
+    s.source_ranges = vec![Ipv4Cidr { addr: ip(203, 0, 113, 77), len: 24 }];
+    s.affinity = Affinity::ClientIp;
+    let second = Snapshot::build_incremental(&sp, Some(&first), 2).unwrap();
+    assert_eq!(second.build_stats(), BuildStats { services_reused: 3, tables_reused: 1, tables_built: 0 });
+    let s2 = by_name(&second, "s2");
+    assert_eq!(s2.source_ranges.intervals(), [(ip(203, 0, 113, 0), ip(203, 0, 113, 255))]);
+    assert_eq!(s2.affinity, Affinity::ClientIp);
+    // Back to none: a change too.
+    let s = Arc::make_mut(&mut sp.services[1]);
+    s.source_ranges.clear();
+    let third = Snapshot::build_incremental(&sp, Some(&second), 3).unwrap();
+    assert!(by_name(&third, "s2").source_ranges.is_empty());
+    assert!(!Arc::ptr_eq(by_name(&second, "s2"), by_name(&third, "s2")));
+}
+
+#[test]
+fn a_source_list_out_of_bounds_is_refused() {
+    use crate::sources::MAX_SOURCE_RANGES;
+    let mut sp = spec();
+    Arc::make_mut(&mut sp.services[2]).source_ranges = vec![Ipv4Cidr { addr: 0, len: 8 }; MAX_SOURCE_RANGES + 1];
+    let e = Snapshot::build(&sp).unwrap_err();
+    assert_eq!(e.to_string(), "service \"s3\": source_ranges: 257 prefixes; at most 256");
+    Arc::make_mut(&mut sp.services[2]).source_ranges = vec![Ipv4Cidr { addr: 0, len: 33 }];
+    let e = Snapshot::build(&sp).unwrap_err();
+    assert_eq!(e.to_string(), "service \"s3\": source_ranges: prefix length 33 is not from 0 to 32");
 }
