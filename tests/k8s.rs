@@ -656,3 +656,57 @@ fn a_gateway_over_mutual_tls_is_synced_and_one_with_the_wrong_ca_gets_an_event()
     assert!(status.success(), "vipgated exited with {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn source_ranges_refuse_other_clients_and_client_ip_affinity_keeps_a_client_on_one_node() {
+    let c = Cluster::start(3);
+    c.wait_gateway_synced();
+    let other = "198.18.0.3";
+    let add = c.rig.client(&["ip", "addr", "add", &format!("{other}/24"), "dev", &c.rig.client_if()]);
+    assert!(add.status.success(), "ip addr add: {}", String::from_utf8_lossy(&add.stderr));
+    // Host bits, as Kubernetes allows them: the controller sends the
+    // network.
+    c.service(
+        "web",
+        &[],
+        "  loadBalancerSourceRanges: [\"198.18.0.3/32\", \"198.18.7.9/24\"]\n  sessionAffinity: ClientIP\n",
+    );
+    let ip = c.wait_ip("web", Duration::from_secs(2));
+    let from = |src: &str| -> Result<String, String> {
+        let out = c.rig.client(&[
+            "curl",
+            "-sS",
+            "--interface",
+            src,
+            "--max-time",
+            "2",
+            "-H",
+            "Connection: close",
+            &format!("http://{ip}/whoami"),
+        ]);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        body.lines().find_map(|l| l.strip_prefix("backend ")).map(str::to_owned).ok_or(body)
+    };
+    c.env.wait_for(Duration::from_secs(3), "the allowed client is served", &|| c.log(), || from(other).ok());
+    let denied_before = c.rig.drops("source_denied");
+    let refused = from(vipgate::CLIENT_ADDR);
+    let denied = c.rig.drops("source_denied") - denied_before;
+    println!("from {}: {refused:?}; source_denied +{denied}", vipgate::CLIENT_ADDR);
+    assert!(refused.is_err(), "a client outside loadBalancerSourceRanges gets no answer");
+    assert!(denied > 0, "source_denied rises");
+    let mut seen = BTreeMap::<String, u32>::new();
+    for _ in 0..50 {
+        *seen.entry(from(other).expect("the allowed client")).or_default() += 1;
+    }
+    println!("50 connections from {other} with sessionAffinity ClientIP: {seen:?}");
+    assert_eq!(seen.len(), 1, "one client's connections reach one node: {seen:?}");
+    let svc = c.gateway_services();
+    let web =
+        svc["services"].as_array().unwrap().iter().find(|s| s["name"] == "test.default.web.http").unwrap().clone();
+    println!("on the gateway: source_ranges {} affinity {}", web["source_ranges"], web["affinity"]);
+    assert_eq!(web["source_ranges"], serde_json::json!(["198.18.0.3/32", "198.18.7.0/24"]));
+    c.teardown();
+}

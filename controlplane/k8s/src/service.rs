@@ -221,12 +221,16 @@ pub fn intent(svc: &Service) -> Result<Intent, IntentError> {
         }
         let field = format!("spec.loadBalancerSourceRanges[{i}]");
         let (ip, len) = r.split_once('/').ok_or_else(|| bad(&field, format!("{r:?} is not a CIDR")))?;
-        parse_v4(&field, ip)?;
-        len.parse::<u8>()
+        let ip = parse_v4(&field, ip)?;
+        let len = len
+            .parse::<u32>()
             .ok()
             .filter(|l| *l <= 32)
             .ok_or_else(|| bad(&field, format!("{r:?}: the prefix length is 0 to 32")))?;
-        source_ranges.push(r.to_owned());
+        // Kubernetes accepts host bits ("198.18.5.7/24"); the gateway
+        // wants the network.
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        source_ranges.push(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask)));
     }
     if source_ranges.is_empty() && spec.load_balancer_source_ranges.as_ref().is_some_and(|v| !v.is_empty()) {
         return Err(bad(
@@ -440,6 +444,8 @@ fn service(
             })
             .collect(),
         health_check,
+        source_ranges: intent.source_ranges.clone(),
+        affinity: if intent.client_ip_affinity { "client_ip" } else { "" }.into(),
         ..Default::default()
     }
 }

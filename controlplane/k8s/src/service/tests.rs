@@ -206,3 +206,29 @@ fn excluded_and_deleted_nodes_are_no_backends() {
     let nodes = node_backends(&[excluded]);
     assert!(!nodes["n1"].usable);
 }
+
+#[test]
+fn source_ranges_lose_their_host_bits_and_client_ip_affinity_is_carried() {
+    let i = intent(&svc(json!({ "spec": {
+        "loadBalancerSourceRanges": ["198.18.5.7/24", "2001:db8::/32", "198.18.9.0/32"],
+        "sessionAffinity": "ClientIP"
+    } })))
+    .unwrap();
+    assert_eq!(i.source_ranges, ["198.18.5.0/24", "198.18.9.0/32"]);
+    let out =
+        translate("prod", &i, "198.18.100.64".parse().unwrap(), "p", &VipPoolSpec::default(), &[], &BTreeMap::new());
+    assert_eq!(out[0].source_ranges, ["198.18.5.0/24", "198.18.9.0/32"]);
+    assert_eq!(out[0].affinity, "client_ip");
+    let plain = intent(&svc(json!({}))).unwrap();
+    let out = translate(
+        "prod",
+        &plain,
+        "198.18.100.64".parse().unwrap(),
+        "p",
+        &VipPoolSpec::default(),
+        &[],
+        &BTreeMap::new(),
+    );
+    assert!(out[0].source_ranges.is_empty());
+    assert_eq!(out[0].affinity, "");
+}
