@@ -710,3 +710,44 @@ fn source_ranges_refuse_other_clients_and_client_ip_affinity_keeps_a_client_on_o
     assert_eq!(web["source_ranges"], serde_json::json!(["198.18.0.3/32", "198.18.7.0/24"]));
     c.teardown();
 }
+
+#[test]
+fn of_two_leader_electing_controllers_one_leads_and_the_other_takes_over_when_it_dies() {
+    let env = K8sEnv::start();
+    env.install_crds();
+    env.kubectl_ok(&["create", "namespace", "vipgate-system"]);
+    let dir = std::env::temp_dir().join(format!("vipgate-k8s-lease-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (da, db) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let args = ["--leader-elect", "--lease-namespace", "vipgate-system"];
+    let mut a = K8sController::start(&env, &da, "lease", &args);
+    let started = Instant::now();
+    let leading = |c: &K8sController| c.log_text().contains("leading");
+    env.wait_for(Duration::from_secs(20), "the first controller leads", &|| a.log_text(), || leading(&a).then_some(()));
+    let mut b = K8sController::start(&env, &db, "lease", &args);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!leading(&b), "the second waits while the first holds the Lease:\n{}", b.log_text());
+    assert!(b.log_text().contains("waiting to lead"), "{}", b.log_text());
+    let holder = env.kubectl_ok(&[
+        "-n",
+        "vipgate-system",
+        "get",
+        "lease",
+        "vipgate-k8s",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    println!("Lease held by {holder} ({:?} after the first start)", started.elapsed());
+    a.kill();
+    let killed = Instant::now();
+    env.wait_for(Duration::from_secs(40), "the second controller takes over", &|| b.log_text(), || {
+        leading(&b).then_some(())
+    });
+    println!("the second leads {:?} after the first was killed", killed.elapsed());
+    b.assert_running();
+    drop(b);
+    drop(env);
+    let _ = std::fs::remove_dir_all(&dir);
+}
