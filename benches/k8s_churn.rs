@@ -123,7 +123,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn main() {
     let o = Options::parse();
-    let env = K8sEnv::start();
+    // Cluster IPs for up to 4,094 Services, clear of the pool and the rig.
+    let env = K8sEnv::start_with_service_range("198.18.128.0/20");
     env.install_crds();
     let mut gw = NullGateway::builder("k8sb")
         .lcores("0,1")

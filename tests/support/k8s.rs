@@ -25,6 +25,12 @@ impl K8sEnv {
     /// Starts them in a fresh directory of their own (kept after a
     /// failure, for the logs; removed otherwise).
     pub fn start() -> K8sEnv {
+        Self::start_with_service_range("198.18.128.0/24")
+    }
+
+    /// The same, with the Services' cluster IPs from `range` (inside
+    /// 198.18.0.0/15): a /24 holds 254 Services.
+    pub fn start_with_service_range(range: &str) -> K8sEnv {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("vipgate-k8s-{}x{n}", std::process::id()));
@@ -33,6 +39,7 @@ impl K8sEnv {
             .args(["start"])
             .arg(&dir)
             .env("VIPGATE_K8S_NODE_PORTS", NODE_PORTS)
+            .env("VIPGATE_K8S_SERVICE_RANGE", range)
             .stdin(Stdio::null())
             .output()
             .expect("run scripts/k8s-testenv.sh");
