@@ -28,7 +28,8 @@
 # --unit: the checks that need no root, for a developer's own account: cargo
 # fmt --check, client-without-dpdk, cargo clippy -D warnings, and cargo
 # nextest run of the tests that need neither root, hugepages nor EAL (step
-# unit: the packet core's, the control plane's and the daemon's; step
+# unit: the packet core's, the control plane's, the daemon's and the
+# Kubernetes controller's; step
 # unit-dpdk: vipgate-dpdk's unit tests). No setup.sh: the packages it
 # installs (DPDK, libclang, protoc) and cargo-nextest must be there
 # already. No sweep: nothing these tests start outlives them.
@@ -218,7 +219,7 @@ trap 'exit 143' TERM
 # vipgate-dpdk's unit tests (--lib), a run of their own: its integration
 # tests start EAL, as do vipgate-ffi's, and the root package's need root.
 # A filter in NEXTEST ARGS narrows each run, and may leave one with no test.
-UNIT_TESTS=(-p vipgate-dataplane -p vipgate-controlplane -p vipgate-daemon --no-tests=warn)
+UNIT_TESTS=(-p vipgate-dataplane -p vipgate-controlplane -p vipgate-daemon -p vipgate-k8s --no-tests=warn)
 UNIT_DPDK_TESTS=(-p vipgate-dpdk --lib --no-tests=warn)
 
 if ((UNIT)); then
