@@ -596,9 +596,6 @@ fn many_services(n: u32) -> SnapshotSpec {
             Arc::new(ServiceSpec {
                 name: format!("m{i:04}"),
                 vip: ip(198, 18, 100, 0) + i,
-                port: 80,
-                protocol: Protocol::Tcp,
-                table_size: 251,
                 backends: (0..3)
                     .map(|j| BackendSpec {
                         addr: ip(198, 19, 1, 0) + 4 * i + j,
@@ -607,11 +604,9 @@ fn many_services(n: u32) -> SnapshotSpec {
                         stats_slot: 3 * i + j,
                     })
                     .collect(),
-                on_backend_removal: OnBackendRemoval::Rehash,
-                mode: ForwardingMode::Nat,
-                new_flow_limit: None,
-                source_ranges: Vec::new(),
-                affinity: Default::default(),
+                // The rest as every test service: port 80/tcp, 251 slots,
+                // nat, rehash, no options.
+                ..service(1)
             })
         })
         .collect();
