@@ -203,13 +203,13 @@ async fn run(args: RunArgs) -> Result<(), String> {
     world.refresh_pools(&pools);
     let mut unseen = BTreeSet::new();
     let mut restored: Vec<&Service> =
-        list.items.iter().filter(|s| service::is_ours(s, args.default_class) || has_finalizer(s)).collect();
+        list.items.iter().filter(|s| service::is_ours(s, args.default_class) || reconcile::has_finalizer(s)).collect();
     // The oldest keeps a disputed address.
     restored.sort_by_key(|s| s.metadata.creation_timestamp.as_ref().map(|t| t.0));
     for s in restored {
         let key = ipam::ServiceKey { namespace: s.namespace().unwrap_or_default(), name: s.name_any() };
         unseen.insert(key.clone());
-        let Some(ip) = status_ip(s) else { continue };
+        let Some(ip) = reconcile::current_ip(s) else { continue };
         let claim = service::intent(s)
             .map(|i| i.claim())
             .unwrap_or_else(|_| ipam::Claim { sharing: None, ports: Default::default() });
@@ -364,12 +364,4 @@ fn gated(mut rx: watch::Receiver<Desired>, ctx: Arc<Ctx>) -> watch::Receiver<Des
         }
     });
     out
-}
-
-fn has_finalizer(s: &Service) -> bool {
-    s.finalizers().iter().any(|f| f == reconcile::FINALIZER)
-}
-
-fn status_ip(s: &Service) -> Option<std::net::Ipv4Addr> {
-    s.status.as_ref()?.load_balancer.as_ref()?.ingress.as_ref()?.iter().find_map(|i| i.ip.as_deref()?.parse().ok())
 }

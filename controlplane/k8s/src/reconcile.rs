@@ -306,7 +306,7 @@ pub fn error_policy(svc: Arc<Service>, err: &Error, ctx: Arc<Ctx>) -> Action {
 
 async fn reconcile_inner(svc: &Service, ctx: &Ctx, key: &ServiceKey) -> Result<Action, Error> {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let has_finalizer = svc.finalizers().iter().any(|f| f == FINALIZER);
+    let has_finalizer = has_finalizer(svc);
     let ours = service::is_ours(svc, ctx.default_class);
     if svc.metadata.deletion_timestamp.is_some() || !ours {
         let held = ctx.world.lock().expect("world lock").ipam.address_of(key).is_some();
@@ -439,7 +439,8 @@ fn allocate(
     Ok((ip, pool_name))
 }
 
-fn current_ip(svc: &Service) -> Option<Ipv4Addr> {
+/// The address the Service's status shows (its first IPv4 ingress).
+pub fn current_ip(svc: &Service) -> Option<Ipv4Addr> {
     svc.status
         .as_ref()?
         .load_balancer
@@ -448,6 +449,11 @@ fn current_ip(svc: &Service) -> Option<Ipv4Addr> {
         .as_ref()?
         .iter()
         .find_map(|i| i.ip.as_deref().and_then(|ip| ip.parse().ok()))
+}
+
+/// Whether the Service carries the controller's finalizer.
+pub fn has_finalizer(svc: &Service) -> bool {
+    svc.finalizers().iter().any(|f| f == FINALIZER)
 }
 
 fn has_condition(svc: &Service) -> bool {
