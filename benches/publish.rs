@@ -5,7 +5,7 @@
 //! ```text
 //! cargo bench -p vipgate --bench publish -- [--services N] [--backends B]
 //!     [--table-size M] [--updates U] [--creates C] [--batches K]
-//!     [--batch-size S] [--lcores LIST] [--smoke]
+//!     [--batch-size S] [--lcores LIST] [--control-plane-nice N] [--smoke]
 //! ```
 //!
 //! Phases, in order:
@@ -59,6 +59,9 @@ struct Options {
     batches: u32,
     batch_size: u32,
     lcores: String,
+    /// `[eal] control_plane_nice`, when given (vipgated's default
+    /// otherwise).
+    control_plane_nice: Option<i32>,
 }
 
 impl Options {
@@ -77,6 +80,7 @@ impl Options {
             // operations, which DPDK does not support (workers then stall
             // for whole seconds).
             lcores: "0@0,1@0,2@1".to_owned(),
+            control_plane_nice: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -94,6 +98,11 @@ impl Options {
                 "--batches" => o.batches = number("--batches"),
                 "--batch-size" => o.batch_size = number("--batch-size"),
                 "--lcores" => o.lcores = value("--lcores"),
+                "--control-plane-nice" => {
+                    let v = value("--control-plane-nice");
+                    o.control_plane_nice =
+                        Some(v.parse().unwrap_or_else(|_| panic!("--control-plane-nice: {v:?} is not a number")));
+                }
                 "--smoke" => {
                     o.services = 200;
                     o.backends = 4;
@@ -106,7 +115,7 @@ impl Options {
                 // cargo bench passes --bench to every bench binary.
                 "--bench" => {}
                 other => panic!(
-                    "unknown argument {other:?}; usage: publish [--services N] [--backends B] [--table-size M] [--updates U] [--creates C] [--batches K] [--batch-size S] [--lcores LIST] [--smoke]"
+                    "unknown argument {other:?}; usage: publish [--services N] [--backends B] [--table-size M] [--updates U] [--creates C] [--batches K] [--batch-size S] [--lcores LIST] [--control-plane-nice N] [--smoke]"
                 ),
             }
         }
@@ -269,7 +278,11 @@ fn print_phases(what: &str, phases: &[[f64; 4]]) {
 fn main() {
     let o = Options::parse();
     let route = "\n[[routes]]\nprefix = \"198.19.0.0/16\"\nvia = \"198.18.1.254\"\n";
-    let mut gw = NullGateway::builder("pub").lcores(&o.lcores).receiving().extra_config(route).build();
+    let mut builder = NullGateway::builder("pub").lcores(&o.lcores).receiving().extra_config(route);
+    if let Some(n) = o.control_plane_nice {
+        builder = builder.eal(&format!("control_plane_nice = {n}"));
+    }
+    let mut gw = builder.build();
     gw.spawn();
     // The client asks for a short scheduler slice, as vipgated's control
     // plane does: on this machine it shares a CPU with a busy worker, where
@@ -283,8 +296,9 @@ fn main() {
         let (mut sm, mut gc) = serving(&mut gw, |_| true).await;
         let workers = gc.get_counters(pb::GetCountersRequest {}).await.expect("GetCounters").into_inner().workers;
         println!(
-            "vipgated on net_null (receiving), lcores {}: {} workers; {} services x {} backends, Maglev tables of {} slots",
+            "vipgated on net_null (receiving), lcores {}, control_plane_nice {}: {} workers; {} services x {} backends, Maglev tables of {} slots",
             o.lcores,
+            o.control_plane_nice.map_or_else(|| "default".to_owned(), |n| n.to_string()),
             workers.len(),
             o.services,
             o.backends,

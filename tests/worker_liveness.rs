@@ -135,3 +135,37 @@ fn a_stalled_worker_makes_the_gateway_not_serving_until_it_runs_again() {
     assert_eq!(h["reason"], "", "{h}");
     stop_within(&mut gw, Duration::from_secs(10));
 }
+
+/// The nice value of thread `tid` of process `pid` (field 19 of its
+/// `stat`, counted after the command name's closing parenthesis).
+fn nice_of(pid: u32, tid: &str) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("read a thread's stat");
+    let after = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    // Fields from 3 (state) on; nice is field 19.
+    after.split(' ').nth(19 - 3).expect("stat has a nice field").parse().expect("a number")
+}
+
+#[test]
+fn the_control_plane_threads_run_above_the_workers_priority() {
+    let mut gw = start("nice", 20);
+    let pid = gw.pid();
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("list vipgated's threads") {
+        let tid = e.expect("a thread").file_name().into_string().expect("a tid");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        seen.push((comm.trim().to_owned(), nice_of(pid, &tid)));
+    }
+    let nice =
+        |pred: &dyn Fn(&str) -> bool| -> Vec<i32> { seen.iter().filter(|(c, _)| pred(c)).map(|&(_, n)| n).collect() };
+    // The main thread (the API, validation, compilation) and the compile
+    // pool: [eal] control_plane_nice, -10 by default.
+    let main = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/comm")).unwrap();
+    assert_eq!(nice_of(pid, &pid.to_string()), -10, "main thread {main:?}; every thread: {seen:?}");
+    let pool = nice(&|c| c.starts_with("vg-compile"));
+    assert!(!pool.is_empty() && pool.iter().all(|&n| n == -10), "compile pool {pool:?}; every thread: {seen:?}");
+    // The workers keep 0.
+    let workers = nice(&|c| c.contains("worker") && !c.starts_with("tokio"));
+    assert!(!workers.is_empty() && workers.iter().all(|&n| n == 0), "workers {workers:?}; every thread: {seen:?}");
+    assert!(gw.log_text().contains("control plane threads: nice value"), "{}", gw.log_text());
+    stop_within(&mut gw, Duration::from_secs(3));
+}

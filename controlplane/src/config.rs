@@ -67,6 +67,11 @@ pub const MAX_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// Source ports of a pool when `ports` is not given.
 pub const DEFAULT_POOL_PORTS: (u16, u16) = (1024, 65535);
 
+/// `[eal] control_plane_nice` when not set: the control plane's threads get
+/// about 90 % of a CPU they share with a worker (nice 0) while they have
+/// work (see `vipgate_dpdk::sched`).
+pub const DEFAULT_CONTROL_PLANE_NICE: i32 = -10;
+
 /// Smallest `[eal] memory_mb`: the mbuf pool, rings and tables need this much.
 pub const MIN_MEMORY_MB: u32 = 64;
 /// Largest `[eal] memory_mb`: 1 TiB, more than any host runs this gateway on.
@@ -182,6 +187,12 @@ struct RawEal {
     file_prefix: Spanned<String>,
     #[serde(default)]
     extra_args: Vec<String>,
+    #[serde(default = "default_control_plane_nice")]
+    control_plane_nice: Spanned<i32>,
+}
+
+fn default_control_plane_nice() -> Spanned<i32> {
+    Spanned::new(0..0, DEFAULT_CONTROL_PLANE_NICE)
 }
 
 fn yes() -> bool {
@@ -476,6 +487,9 @@ pub struct Config {
     pub path: PathBuf,
     /// Lcores: the first is the main lcore, the rest run workers.
     pub lcores: Vec<u32>,
+    /// The nice value of the control plane's threads (-20 to 0; the
+    /// workers run at 0).
+    pub control_plane_nice: i32,
     /// Arguments for `rte_eal_init` (without the program name).
     pub eal_args: Vec<String>,
     /// Dataplane settings.
@@ -775,6 +789,16 @@ impl Validator<'_> {
         }
         if let Some(m) = &eal.memory_mb {
             self.bounded(m, "eal.memory_mb", MIN_MEMORY_MB, MAX_MEMORY_MB, "1 TiB")?;
+        }
+        let control_plane_nice = *eal.control_plane_nice.get_ref();
+        if !(-20..=0).contains(&control_plane_nice) {
+            return self.err(
+                eal.control_plane_nice.span(),
+                "eal.control_plane_nice",
+                format!(
+                    "{control_plane_nice} is outside -20 to 0: the control plane runs at the workers' priority (0) or above it"
+                ),
+            );
         }
         let dp = &raw.dataplane;
         self.bounded(&dp.mbufs, "dataplane.mbufs", MIN_MBUFS, MAX_MBUFS, "about 2.3 GiB of buffers")?;
@@ -1289,6 +1313,7 @@ impl Validator<'_> {
         Ok(Config {
             path: self.file.to_owned(),
             lcores,
+            control_plane_nice,
             eal_args,
             dataplane,
             devices,
@@ -1498,6 +1523,7 @@ fn fixed_settings(
         ),
         ("eal.file_prefix".to_owned(), format!("{:?}", eal.file_prefix.get_ref())),
         ("eal.extra_args".to_owned(), format!("{:?}", eal.extra_args)),
+        ("eal.control_plane_nice".to_owned(), eal.control_plane_nice.get_ref().to_string()),
         ("dataplane.mbufs".to_owned(), dp.mbufs.get_ref().to_string()),
         ("dataplane.mbuf_cache".to_owned(), dp.mbuf_cache.get_ref().to_string()),
         ("dataplane.idle_sleep_us".to_owned(), dp.idle_sleep_us.get_ref().to_string()),

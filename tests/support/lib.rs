@@ -180,9 +180,17 @@ pub struct NullGatewayBuilder {
     services: Option<String>,
     idle_sleep_us: u32,
     api: String,
+    eal: String,
 }
 
 impl NullGatewayBuilder {
+    /// Appends keys to `[eal]` (such as `control_plane_nice = 0`).
+    pub fn eal(mut self, toml: &str) -> Self {
+        self.eal.push_str(toml);
+        self.eal.push('\n');
+        self
+    }
+
     /// Appends TOML to the base configuration, after the service "web".
     pub fn extra_config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
@@ -269,7 +277,7 @@ impl NullGatewayBuilder {
 lcores = "{lcores}"
 hugepages = {huge}
 file_prefix = "{prefix}"
-
+{eal}
 [dataplane]
 idle_sleep_us = {idle_sleep_us}
 mbufs = 4095
@@ -294,6 +302,7 @@ listen = "{metrics}"
             socket = gw.socket().display(),
             state = gw.dir.join("state").display(),
             extra = self.extra,
+            eal = self.eal,
             dataplane = self.dataplane,
             api = self.api,
             idle_sleep_us = self.idle_sleep_us,
@@ -338,6 +347,7 @@ impl NullGateway {
             services: None,
             idle_sleep_us: 50,
             api: String::new(),
+            eal: String::new(),
         }
     }
 

@@ -165,22 +165,22 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     //
     // Every one of those threads asks for a short scheduler slice, so that
     // it gets its CPU soon after it wakes even when a busy worker shares
-    // that CPU (see `vipgate_dpdk::sched`); the main thread asks once EAL
-    // has placed it.
+    // that CPU, and for `[eal] control_plane_nice`, so that while it has
+    // work it gets most of that CPU (see `vipgate_dpdk::sched`); the main
+    // thread asks once EAL has started the workers' threads, which keep
+    // the nice value they were started with, 0.
     //
     // The blocking pool's threads start after EAL has pinned this thread to
     // the main lcore's CPU, whose affinity they would inherit: they are
     // let run on every CPU, so that a state write need not wait for the CPU
     // of the worker that shares the main lcore's.
+    let nice = config.control_plane_nice;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_start(|| {
-            vipgate_dpdk::sched::unpin_current_thread();
-            let _ = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE);
-        })
+        .on_thread_start(move || control_plane_thread(nice))
         .build()
         .map_err(DaemonError::Runtime)?;
-    start_compile_pool();
+    start_compile_pool(nice);
     let signals = rt.block_on(async { Signals::install() }).map_err(DaemonError::Runtime)?;
     let socket = rt.block_on(api::bind_unix(&config.api_socket))?.with_max_request_bytes(config.api_max_request_bytes);
     // The state directory is this daemon's until it exits: a second one on
@@ -219,6 +219,13 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         }
         Ok(slice) => info!(slice_us = slice.as_micros() as u64, "control plane threads: scheduler slice"),
         Err(e) => tracing::warn!("control plane threads keep the kernel's default scheduler slice: {e}"),
+    }
+    match vipgate_dpdk::sched::request_nice(nice).and_then(|()| vipgate_dpdk::sched::current_nice()) {
+        Ok(n) => info!(nice = n, "control plane threads: nice value (the workers': 0)"),
+        Err(e) => tracing::warn!(
+            "control plane threads keep the workers' nice value, so they get half of a CPU they share with a worker \
+             ([eal] control_plane_nice = {nice} needs CAP_SYS_NICE): {e}"
+        ),
     }
     if let Err(e) = eal.init_packet_capture() {
         tracing::warn!("packet capture (dpdk-dumpcap) unavailable: {e}");
@@ -858,6 +865,17 @@ impl Reloader {
     }
 }
 
+/// Prepares a thread the control plane starts besides the main one (the
+/// runtime's blocking pool, the compile pool): let run on every CPU, with
+/// the control plane's short slice and nice value `nice` (see
+/// `vipgate_dpdk::sched`; the main thread reports whether the kernel
+/// granted them). Best effort.
+fn control_plane_thread(nice: i32) {
+    vipgate_dpdk::sched::unpin_current_thread();
+    let _ = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE);
+    let _ = vipgate_dpdk::sched::request_nice(nice);
+}
+
 /// Starts rayon's global pool, on which a change of many services builds
 /// its Maglev tables (`Snapshot::build_whole`) and serialises its records:
 /// one thread per CPU this process may use, counted before EAL pins the
@@ -867,15 +885,12 @@ impl Reloader {
 /// threads sleep between changes; they never touch DPDK. If a pool
 /// exists already (a test running the daemon in-process twice), it is
 /// kept.
-fn start_compile_pool() {
+fn start_compile_pool(nice: i32) {
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let built = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("vg-compile-{i}"))
-        .start_handler(|_| {
-            vipgate_dpdk::sched::unpin_current_thread();
-            let _ = vipgate_dpdk::sched::request_slice(vipgate_dpdk::sched::CONTROL_PLANE_SLICE);
-        })
+        .start_handler(move |_| control_plane_thread(nice))
         .build_global();
     match built {
         Ok(()) => info!(threads, "compile pool started"),

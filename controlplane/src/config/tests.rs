@@ -528,6 +528,11 @@ fn eal_dataplane_api_and_ports_need_a_restart_and_the_first_change_is_named() {
             "file_prefix = \"vgtest2\"\nmemory_mb = 512",
             "eal.memory_mb changed from (not set) to 512",
         ),
+        (
+            "hugepages = false",
+            "hugepages = false\ncontrol_plane_nice = 0",
+            "eal.control_plane_nice changed from -10 to 0",
+        ),
         ("flow_capacity = 65536", "flow_capacity = 131072", "dataplane.flow_capacity changed from 65536 to 131072"),
         (
             "flow_capacity = 65536",
@@ -1091,6 +1096,8 @@ fn every_duration_and_size_is_bounded_and_the_error_gives_the_bound() {
         (dp("neighbour_capacity = 8"), 8, "dataplane.neighbour_capacity", "8 is below the minimum 16"),
         (eal("memory_mb = 4294967295"), 5, "eal.memory_mb", "4294967295 is above the maximum 1048576 (1 TiB)"),
         (eal("memory_mb = 63"), 5, "eal.memory_mb", "63 is below the minimum 64"),
+        (eal("control_plane_nice = -21"), 5, "eal.control_plane_nice", "-21 is outside -20 to 0"),
+        (eal("control_plane_nice = 5"), 5, "eal.control_plane_nice", "5 is outside -20 to 0: the control plane runs"),
         (timeouts("udp = 0"), 12, "dataplane.timeouts.udp", "0 is below the minimum 1"),
         (timeouts("udp = 2246401"), 12, "dataplane.timeouts.udp", "2246401 is above the maximum 2246400 (26 days)"),
         (timeouts("tcp_syn = 3601"), 12, "dataplane.timeouts.tcp_syn", "3601 is above the maximum 3600 (1 hour)"),
@@ -1108,6 +1115,10 @@ fn every_duration_and_size_is_bounded_and_the_error_gives_the_bound() {
     parse(&timeouts("udp = 2246400\ntcp_syn = 3600\ntcp_closing = 3600\ntcp_reset = 3600\ntcp_established = 2246400"))
         .unwrap();
     parse(&eal("memory_mb = 1048576")).unwrap();
+    // The control plane's nice value: -10 unless set; both ends accepted.
+    assert_eq!(parse(GOOD).unwrap().control_plane_nice, -10);
+    assert_eq!(parse(&eal("control_plane_nice = -20")).unwrap().control_plane_nice, -20);
+    assert_eq!(parse(&eal("control_plane_nice = 0")).unwrap().control_plane_nice, 0);
     // The command line shows the same message.
     let msg = parse(&dp("idle_sleep_us = 4294967295")).unwrap_err().to_string();
     assert_eq!(msg, "/etc/vipgate/test.toml:8: dataplane.idle_sleep_us: 4294967295 is above the maximum 1000 (1 ms)");

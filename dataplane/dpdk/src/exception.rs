@@ -266,13 +266,18 @@ impl Exception {
             counters: Arc::clone(&self.counters),
             stop: Arc::clone(&self.stop),
         };
-        let thread =
-            std::thread::Builder::new().name("vg-exception".to_owned()).spawn(move || shuttle.run()).map_err(|e| {
-                DpdkError::KernelInterface {
-                    port: "(all)".to_owned(),
-                    iface: "(all)".to_owned(),
-                    reason: format!("cannot start the exception thread: {e}"),
-                }
+        let thread = std::thread::Builder::new()
+            .name("vg-exception".to_owned())
+            .spawn(move || {
+                // It forwards packets, like a worker: the workers' nice
+                // value, not the control plane's it would inherit.
+                let _ = crate::sched::request_nice(0);
+                shuttle.run();
+            })
+            .map_err(|e| DpdkError::KernelInterface {
+                port: "(all)".to_owned(),
+                iface: "(all)".to_owned(),
+                reason: format!("cannot start the exception thread: {e}"),
             })?;
         self.thread = Some(thread);
         Ok(())

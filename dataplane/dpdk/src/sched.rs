@@ -9,9 +9,20 @@
 //! (3 ms by default), so a change that wakes its threads a few times took
 //! milliseconds for each wake-up. Since Linux 6.12 a task may ask for a
 //! shorter slice (`sched_setattr`, `SCHED_OTHER` with `sched_runtime`):
-//! its deadline comes sooner, so it preempts the worker when it wakes. Its
-//! share of the CPU does not change (that is its weight, its nice value),
-//! only how soon it gets its turn. Older kernels ignore the request.
+//! its deadline comes sooner, so it preempts the worker when it wakes.
+//! Older kernels ignore the request.
+//!
+//! The slice sets how soon a thread gets its turn, not its share of the
+//! CPU: that is its weight, its nice value. With equal weights a change
+//! the control plane computes on a CPU a worker polls gets half of it, and
+//! takes twice as long as its work. The control plane's threads therefore
+//! also ask for a lower nice value than the workers' ([`request_nice`],
+//! `[eal] control_plane_nice`, -10 by default: about 90 % of a shared CPU
+//! while they have work). That costs the worker no more cycles in all: a
+//! change is a fixed amount of work, which the worker loses to it either
+//! way; the priority only decides that the change, and every caller
+//! waiting for it, does not wait for the worker. Between changes the
+//! control plane sleeps and the worker has the whole CPU.
 
 use std::time::Duration;
 
@@ -73,6 +84,27 @@ pub fn unpin_current_thread() {
     }
 }
 
+/// Asks for nice value `nice` (-20 to 19; lower is a larger share of a
+/// CPU) for the calling thread alone, keeping its policy and slice. A
+/// value below the thread's current one needs `CAP_SYS_NICE` (or an
+/// `RLIMIT_NICE` that allows it): without it the error is the system
+/// call's, `EPERM`, and the thread keeps its nice value. Threads the
+/// calling one starts later inherit the value.
+pub fn request_nice(nice: i32) -> std::io::Result<()> {
+    let mut attr = current()?;
+    attr.size = size_of::<SchedAttr>() as u32;
+    attr.sched_nice = nice;
+    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads `size`
+    // bytes of `attr`, a live, initialised struct of that size.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// The calling thread's nice value.
+pub fn current_nice() -> std::io::Result<i32> {
+    Ok(current()?.sched_nice)
+}
+
 /// The calling thread's scheduler slice as the kernel reports it: the one
 /// asked for with [`request_slice`] (clamped), or 0 when none was.
 pub fn current_slice() -> std::io::Result<Duration> {
@@ -121,5 +153,34 @@ mod tests {
         })
         .join()
         .expect("the test thread");
+    }
+
+    /// Needs root (CAP_SYS_NICE) to lower a nice value, as vipgated has.
+    #[test]
+    fn a_thread_gets_the_nice_value_it_asks_for_and_keeps_its_slice() {
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            std::fs::metadata("/proc/self").expect("/proc/self").uid() == 0,
+            "this test needs root (CAP_SYS_NICE) to lower a thread's nice value; run it as root"
+        );
+        let main_nice = current_nice().expect("sched_getattr");
+        std::thread::spawn(move || {
+            request_slice(CONTROL_PLANE_SLICE).expect("sched_setattr");
+            let slice = current_slice().unwrap();
+            request_nice(-7).expect("sched_setattr");
+            assert_eq!(current_nice().unwrap(), -7);
+            assert_eq!(current_slice().unwrap(), slice, "the slice is kept");
+            assert_eq!(current().unwrap().sched_policy, libc::SCHED_OTHER as u32);
+            // A thread started now inherits it.
+            let child = std::thread::spawn(|| current_nice().unwrap()).join().unwrap();
+            assert_eq!(child, -7);
+            // Out of range: clamped by the kernel to 19, not refused.
+            request_nice(40).expect("sched_setattr");
+            assert_eq!(current_nice().unwrap(), 19);
+        })
+        .join()
+        .expect("the test thread");
+        // Only the thread that asked changed.
+        assert_eq!(current_nice().unwrap(), main_nice);
     }
 }
