@@ -8,6 +8,7 @@
 //! apiserver's binaries (scripts/k8s-build.sh, which scripts/test.sh runs).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vipgate::k8s::{K8sController, K8sEnv};
@@ -29,8 +30,28 @@ impl Cluster {
     /// pool, the rig's vipgated as a VipGateway, a Node for each backend
     /// but the first, and the controller.
     fn start(nodes: usize) -> Cluster {
+        Self::start_with(nodes, RigOptions::default())
+    }
+
+    /// The same with the exception path on (vipgated in the namespace
+    /// `${prefix}gw`, with kernel interfaces, so that its health probes
+    /// reach the nodes) and route announcement on the interface
+    /// `vipgate0` there (`ifb`: this kernel has no dummy driver), with no
+    /// hold-down.
+    fn start_announcing(nodes: usize) -> Cluster {
+        Self::start_with(
+            nodes,
+            RigOptions {
+                exception: true,
+                extra_config: "\n[announce]\nenabled = true\nkind = \"ifb\"\nhold_down = 0\n".to_owned(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn start_with(nodes: usize, opts: RigOptions) -> Cluster {
         require_root();
-        let rig = Rig::start(RigOptions { backends: nodes + 1, configured_backends: Some(1), ..Default::default() });
+        let rig = Rig::start(RigOptions { backends: nodes + 1, configured_backends: Some(1), ..opts });
         let env = K8sEnv::start();
         env.install_crds();
         env.apply(&format!(
@@ -750,4 +771,175 @@ fn of_two_leader_electing_controllers_one_leads_and_the_other_takes_over_when_it
     drop(b);
     drop(env);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The addresses on the gateway's announcement interface `vipgate0`.
+fn announced(c: &Cluster) -> Vec<String> {
+    let out = c.rig.gateway(&["ip", "-4", "-o", "addr", "show", "dev", "vipgate0"]);
+    assert!(out.status.success(), "ip addr show vipgate0: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+        .collect()
+}
+
+#[test]
+fn a_deleted_service_leaves_the_gateway_and_vipgate0_and_frees_its_address_within_2_s() {
+    let c = Cluster::start_announcing(2);
+    c.wait_gateway_synced();
+    let static_vip = "198.18.100.1";
+    let before = announced(&c);
+    assert_eq!(before, vec![static_vip.to_owned()], "only the static service's VIP at first");
+    c.service("web", &[], "");
+    let ip = c.wait_ip("web", Duration::from_secs(2));
+    c.env.wait_for(Duration::from_secs(2), "the Service's VIP on vipgate0", &|| c.log(), || {
+        announced(&c).contains(&ip).then_some(())
+    });
+    c.env.wait_for(Duration::from_secs(2), "the first request through the VIP", &|| c.log(), || c.whoami(&ip).ok());
+    println!("{ip} served and on vipgate0: {:?}", announced(&c));
+    let pool_available = || -> u64 {
+        let out = c.env.kubectl_ok(&["get", "vippool", "default", "-o", "jsonpath={.status.available}"]);
+        out.trim().parse().unwrap_or_else(|_| panic!("VipPool status.available: {out:?}"))
+    };
+    let available_with = pool_available();
+
+    c.env.kubectl_ok(&["delete", "svc", "web", "--wait=false"]);
+    let deleted = Instant::now();
+    c.env.wait_for(Duration::from_secs(2), "web's service leaves the gateway", &|| c.log(), || {
+        (!c.gateway_names().contains(&"test.default.web.http".to_owned())).then_some(())
+    });
+    c.env.wait_for(Duration::from_secs(2), "web's VIP leaves vipgate0", &|| c.log(), || {
+        (!announced(&c).contains(&ip)).then_some(())
+    });
+    c.env.wait_for(Duration::from_secs(2), "the address is free in the pool", &|| c.log(), || {
+        (pool_available() == available_with + 1).then_some(())
+    });
+    let took = deleted.elapsed();
+    println!("kubectl delete svc web: off the gateway, off vipgate0 and free in the pool {took:?} later");
+    assert!(took <= Duration::from_secs(2), "{took:?}");
+    assert_eq!(announced(&c), vec![static_vip.to_owned()], "the static VIP stays announced");
+    assert!(c.whoami(&ip).is_err(), "{ip} no longer answers");
+    println!("{}", c.env.kubectl_ok(&["get", "vippool", "default"]));
+    c.teardown();
+}
+
+/// An HTTP server in the backend namespace on `addr`:`port` answering
+/// `GET /healthz` with 200, as kube-proxy does on a node with endpoints
+/// of the Service; killed on drop.
+struct Healthz {
+    child: std::process::Child,
+    _dir: PathBuf,
+}
+
+impl Healthz {
+    fn start(c: &Cluster, addr: &str, port: u16) -> Healthz {
+        let dir = c.rig.dir().join(format!("healthz-{addr}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("healthz"), "ok\n").unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &format!("{}backend", c.rig.prefix), "python3", "-m", "http.server"])
+            .args(["--bind", addr, "--directory"])
+            .arg(&dir)
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start python3 -m http.server");
+        let h = Healthz { child, _dir: dir };
+        let url = format!("http://{addr}:{port}/healthz");
+        c.env.wait_for(Duration::from_secs(10), &format!("{url} answers"), &|| c.log(), || {
+            let out = c.rig.backend(&["curl", "-sf", "--max-time", "1", &url]);
+            out.status.success().then_some(())
+        });
+        h
+    }
+}
+
+impl Drop for Healthz {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn with_the_local_policy_only_nodes_with_endpoints_serve_each_checked_on_its_healthz() {
+    let c = Cluster::start_announcing(3);
+    c.wait_gateway_synced();
+    const HEALTH_PORT: u16 = 8099;
+    let (node1, node2, node3) = (backend_addr(2), backend_addr(3), backend_addr(4));
+    let mut healthz = vec![Healthz::start(&c, &node1, HEALTH_PORT), Healthz::start(&c, &node2, HEALTH_PORT)];
+    c.service("local", &[], &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n"));
+    // Endpoints on node-1 and node-2; none on node-3.
+    let eps: String = [("node-1", 2), ("node-2", 3)]
+        .iter()
+        .map(|(node, i)| {
+            format!(
+                "- addresses: [\"{}\"]\n  nodeName: {node}\n  conditions: {{ ready: true, serving: true, terminating: false }}\n",
+                backend_addr(*i)
+            )
+        })
+        .collect();
+    c.env.apply(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: local-1\n  namespace: default\n  labels:\n    \
+         kubernetes.io/service-name: local\naddressType: IPv4\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n{eps}"
+    ));
+    let ip = c.wait_ip("local", Duration::from_secs(2));
+    let service = |c: &Cluster| -> Option<serde_json::Value> {
+        c.gateway_services()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "test.default.local.http")
+            .cloned()
+    };
+    // The gateway's service: the two nodes with endpoints, on the nodePort,
+    // each checked over HTTP on the healthCheckNodePort at /healthz.
+    let svc = c.env.wait_for(Duration::from_secs(5), "two node backends, both up", &|| c.log(), || {
+        service(&c).filter(|s| {
+            let b = s["backends"].as_array().unwrap();
+            b.len() == 2 && b.iter().all(|b| b["health"] == "up")
+        })
+    });
+    println!("the gateway's service: {svc}");
+    let mut addrs: Vec<&str> =
+        svc["backends"].as_array().unwrap().iter().filter_map(|b| b["address"].as_str()).collect();
+    addrs.sort_unstable();
+    assert_eq!(addrs, vec![node1.as_str(), node2.as_str()], "only the nodes with endpoints: {svc}");
+    assert!(!addrs.contains(&node3.as_str()));
+    let check = &svc["health_check"];
+    assert_eq!(
+        (check["kind"].as_str(), check["port"].as_u64(), check["path"].as_str()),
+        (Some("http"), Some(u64::from(HEALTH_PORT)), Some("/healthz")),
+        "{svc}"
+    );
+    let spread = |n: usize| -> BTreeMap<String, u32> {
+        let mut by: BTreeMap<String, u32> = BTreeMap::new();
+        for _ in 0..n {
+            let b = c.whoami(&ip).unwrap_or_else(|e| panic!("a request through {ip} failed: {e}\n{}", c.log()));
+            *by.entry(b).or_default() += 1;
+        }
+        by
+    };
+    c.env.wait_for(Duration::from_secs(2), "the first request", &|| c.log(), || c.whoami(&ip).ok());
+    let both = spread(60);
+    println!("60 requests with both nodes healthy: {both:?}");
+    assert_eq!(both.len(), 2, "both nodes with endpoints serve: {both:?}");
+
+    // node-2's /healthz stops answering (its kube-proxy would say 503):
+    // the gateway's probes mark it down and it gets no new connection.
+    drop(healthz.pop());
+    let down = Instant::now();
+    c.env.wait_for(Duration::from_secs(10), "node-2 marked down by its /healthz probe", &|| c.log(), || {
+        service(&c).filter(|s| {
+            s["backends"].as_array().unwrap().iter().any(|b| b["address"] == node2.as_str() && b["health"] == "down")
+        })
+    });
+    println!("node-2 down {:?} after its /healthz stopped", down.elapsed());
+    let one = spread(30);
+    println!("30 requests with node-2's /healthz gone: {one:?}");
+    assert_eq!(one.len(), 1, "only node-1 serves: {one:?}");
+    drop(healthz);
+    c.teardown();
 }
