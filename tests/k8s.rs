@@ -433,6 +433,15 @@ fn bad_input_gets_an_event_and_disturbs_nothing_else() {
     let e = wait_event("Service", "malformed", "InvalidService");
     println!("malformed: {e}");
     assert!(e.contains("annotation vipgate.io/loadBalancerIPs: \"198.18.100.300\" is not an IPv4 address"), "{e}");
+    // An IPv6 address asked for: vipgate serves IPv4 only, and says so.
+    c.service_ports("six", &[("vipgate.io/loadBalancerIPs", "2001:db8::1")], "", &[("http", "TCP", 80, 0)]);
+    let e = wait_event("Service", "six", "InvalidService");
+    println!("six: {e}");
+    assert!(
+        e.contains("annotation vipgate.io/loadBalancerIPs: lists only IPv6 addresses; vipgate serves IPv4 only"),
+        "{e}"
+    );
+    assert_eq!(c.env.external_ip("six"), None, "no address for an IPv6-only request");
     // A pool overlapping the first.
     c.env.apply("apiVersion: vipgate.io/v1alpha1\nkind: VipPool\nmetadata:\n  name: overlap\nspec:\n  addresses: [\"198.18.100.72-198.18.100.90\"]\n");
     let e = wait_event("VipPool", "overlap", "InvalidPool");
