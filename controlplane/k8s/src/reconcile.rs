@@ -94,21 +94,24 @@ pub struct World {
     pub ipam: Allocator,
     /// The pools as last validated.
     pub pools: Pools,
-    pool_specs: Vec<(String, String)>,
+    /// Each pool's name, uid and generation when they were validated: the
+    /// apiserver moves a custom resource's generation on every change of
+    /// its spec, and only then (status writes leave it).
+    pool_specs: Vec<(String, String, i64)>,
     /// Services the first pass has not reconciled yet; the gateways get
     /// nothing until it is empty.
     pub unseen: Option<BTreeSet<ServiceKey>>,
 }
 
 impl World {
-    /// Validates the pools again if the store's changed.
+    /// Validates the pools again if a pool came, went or had its spec
+    /// changed since the last time; costs a comparison of each pool's
+    /// name, uid and generation otherwise.
     pub fn refresh_pools(&mut self, store: &Store<VipPool>) -> bool {
-        let mut specs: Vec<(String, String)> = store
+        let mut specs: Vec<(String, String, i64)> = store
             .state()
             .iter()
-            .map(|p| {
-                (p.name_any(), serde_json::to_string(&(&p.spec, &p.metadata.creation_timestamp)).unwrap_or_default())
-            })
+            .map(|p| (p.name_any(), p.metadata.uid.clone().unwrap_or_default(), p.metadata.generation.unwrap_or(0)))
             .collect();
         specs.sort();
         if specs == self.pool_specs {
@@ -498,4 +501,49 @@ async fn set_condition(
     });
     api.patch_status(&svc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
     Ok(flipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{VipPoolSpec, VipPoolStatus};
+    use kube::runtime::{reflector, watcher};
+
+    fn pool(name: &str, generation: i64, addresses: &str, assigned: u64) -> VipPool {
+        let mut p = VipPool::new(name, VipPoolSpec { addresses: vec![addresses.to_owned()], ..VipPoolSpec::default() });
+        p.metadata.uid = Some(format!("uid-{name}"));
+        p.metadata.generation = Some(generation);
+        p.status = Some(VipPoolStatus { assigned, available: 16 - assigned, conditions: vec![] });
+        p
+    }
+
+    #[test]
+    fn pools_are_validated_again_only_when_one_comes_goes_or_has_its_spec_changed() {
+        let (store, mut writer) = reflector::store::<VipPool>();
+        let mut world = World::default();
+        let mut event = |e: watcher::Event<VipPool>| writer.apply_watcher_event(&e);
+        event(watcher::Event::Apply(pool("a", 1, "198.18.100.64/28", 0)));
+        assert!(world.refresh_pools(&store), "a new pool");
+        assert_eq!(world.pools.ranges().len(), 1);
+        assert!(!world.refresh_pools(&store), "nothing changed");
+        // A status write (the controller's own) leaves the generation.
+        event(watcher::Event::Apply(pool("a", 1, "198.18.100.64/28", 3)));
+        assert!(!world.refresh_pools(&store), "only the status changed");
+        // A spec change moves it.
+        event(watcher::Event::Apply(pool("a", 2, "198.18.100.80/28", 3)));
+        assert!(world.refresh_pools(&store), "the spec changed");
+        assert!(!world.refresh_pools(&store));
+        event(watcher::Event::Apply(pool("b", 1, "198.18.101.0/28", 0)));
+        assert!(world.refresh_pools(&store), "a second pool");
+        assert_eq!(world.pools.ranges().len(), 2);
+        event(watcher::Event::Delete(pool("b", 1, "198.18.101.0/28", 0)));
+        assert!(world.refresh_pools(&store), "a pool went");
+        assert_eq!(world.pools.ranges().len(), 1);
+        // Deleted and created again under the same name: a new uid.
+        event(watcher::Event::Delete(pool("a", 2, "198.18.100.80/28", 3)));
+        let mut again = pool("a", 2, "198.18.100.64/28", 0);
+        again.metadata.uid = Some("uid-a-again".to_owned());
+        event(watcher::Event::Apply(again));
+        assert!(world.refresh_pools(&store), "a pool recreated with the same name and generation");
+    }
 }
