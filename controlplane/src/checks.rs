@@ -30,6 +30,13 @@ pub const MAX_NAME_LEN: usize = 253;
 /// Longest owner.
 pub const MAX_OWNER_LEN: usize = 128;
 
+/// The netmask of an IPv4 prefix of length `len` (`24`: `0xffff_ff00`);
+/// lengths above 32 count as 32.
+#[must_use]
+pub fn prefix_mask(len: u32) -> u32 {
+    Route::mask(u8::try_from(len.min(32)).unwrap_or(32))
+}
+
 /// Checks a service or pool name: 1 to 253 letters, digits, `.`, `-`, `_`,
 /// and not `.` or `..` (a name may become a path or a label). The one rule
 /// of the configuration file and the API.
@@ -181,4 +188,20 @@ pub(crate) fn parse_source_range(s: &str) -> Result<Ipv4Cidr, String> {
 pub(crate) fn is_unicast(addr: u32) -> bool {
     let a = Ipv4Addr::from(addr);
     !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_masks() {
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(1), 0x8000_0000);
+        assert_eq!(prefix_mask(24), 0xffff_ff00);
+        assert_eq!(prefix_mask(31), 0xffff_fffe);
+        assert_eq!(prefix_mask(32), u32::MAX);
+        assert_eq!(prefix_mask(33), u32::MAX, "above 32 counts as 32");
+        assert_eq!(prefix_mask(u32::MAX), u32::MAX);
+    }
 }

@@ -43,10 +43,7 @@ pub enum KernelError {
 /// port whose subnet holds `via`, if the port has one.
 fn interface_for(config: &Config, via: u32) -> Option<&str> {
     config.ports().iter().zip(&config.dataplane.ports).find_map(|(spec, port)| {
-        let on_link = spec.addresses.iter().any(|c| {
-            let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - u32::from(c.len)) };
-            (c.addr ^ via) & mask == 0
-        });
+        let on_link = spec.addresses.iter().any(|c| (c.addr ^ via) & vipgate_dataplane::route::Route::mask(c.len) == 0);
         if on_link { port.kernel_interface.as_deref() } else { None }
     })
 }

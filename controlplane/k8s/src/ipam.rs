@@ -147,7 +147,7 @@ fn parse_range(e: &str) -> Result<(u32, u32), String> {
             .ok()
             .filter(|&l| l <= 32)
             .ok_or_else(|| format!("{len:?} is not a prefix length from 0 to 32"))?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        let mask = vipgate_controlplane::checks::prefix_mask(len);
         if base & !mask != 0 {
             return Err(format!("has host bits set: the network is {}/{len}", Ipv4Addr::from(base & mask)));
         }

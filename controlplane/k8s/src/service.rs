@@ -229,7 +229,7 @@ pub fn intent(svc: &Service) -> Result<Intent, IntentError> {
             .ok_or_else(|| bad(&field, format!("{r:?}: the prefix length is 0 to 32")))?;
         // Kubernetes accepts host bits ("198.18.5.7/24"); the gateway
         // wants the network.
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        let mask = vipgate_controlplane::checks::prefix_mask(len);
         source_ranges.push(format!("{}/{len}", Ipv4Addr::from(u32::from(ip) & mask)));
     }
     if source_ranges.is_empty() && spec.load_balancer_source_ranges.as_ref().is_some_and(|v| !v.is_empty()) {

@@ -170,7 +170,7 @@ pub struct SourceLimit {
 impl SourceLimit {
     /// The compiled form of a valid `limit`.
     pub fn new(limit: &NewFlowLimit) -> Self {
-        let mask = if limit.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(limit.prefix_len.min(32))) };
+        let mask = crate::route::Route::mask(limit.prefix_len);
         SourceLimit {
             mask,
             // Rounded up: never more than the configured rate.
