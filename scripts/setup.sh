@@ -48,6 +48,8 @@ PACKAGES=(
 	iproute2 util-linux procps curl socat python3
 	# The exception-path tests: the gateway's kernel pings through it.
 	iputils-ping
+	# traceroute through the gateway (tests/e2e.rs): TCP SYN probes (-T).
+	traceroute
 	# The Python gRPC client test: the venv setup.sh creates (pip from PyPI).
 	python3-venv
 	# Route announcement tests (tests/announce.rs): the routing daemons, which

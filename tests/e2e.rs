@@ -210,3 +210,27 @@ fn e2e_two_workers_forward_http_and_udp() {
     );
     left.assert_clean();
 }
+
+#[test]
+fn e2e_traceroute_from_the_client_shows_the_gateway_then_the_vip() {
+    let rig = Rig::start(RigOptions::default());
+    let counters = |rig: &Rig| rig.stats()["total"]["icmp_time_exceeded"].as_u64().expect("icmp_time_exceeded");
+    let before = counters(&rig);
+    // TCP SYN probes to the service's port, numeric, one per hop: hop 1
+    // expires at the gateway, which answers time exceeded from its port
+    // address; hop 2 reaches a backend through the VIP, whose SYN-ACK comes
+    // back from the VIP.
+    let out = rig.client(&["traceroute", "-n", "-T", "-p", "80", "-q", "1", "-w", "2", "-m", "5", VIP]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = counters(&rig);
+    let hops: Vec<Vec<String>> =
+        text.lines().skip(1).map(|l| l.split_whitespace().map(str::to_owned).collect()).collect();
+    let left = rig.teardown();
+    println!("{text}");
+    assert!(out.status.success(), "traceroute: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(hops.len(), 2, "two hops, the gateway and the VIP:\n{text}");
+    assert_eq!((hops[0][0].as_str(), hops[0][1].as_str()), ("1", "198.18.0.1"), "hop 1 is the gateway's port:\n{text}");
+    assert_eq!((hops[1][0].as_str(), hops[1][1].as_str()), ("2", VIP), "hop 2 is the VIP:\n{text}");
+    assert_eq!(after - before, 1, "one time exceeded sent, for hop 1");
+    left.assert_clean();
+}

@@ -20,7 +20,8 @@ pub enum DropReason {
     Unsupported,
     /// An IPv4 fragment (L4 ports are not in every fragment).
     Fragment,
-    /// TTL would reach zero.
+    /// TTL would reach zero, and the packet got no ICMP time exceeded (over
+    /// the worker's rate of ICMP errors, or no headroom for it).
     TtlExceeded,
     /// Addressed to a VIP on a port and protocol no service listens on.
     NoService,
@@ -202,6 +203,11 @@ pub struct WorkerCounters {
     /// ICMP "fragmentation needed" sent to clients whose DSR packet (DF
     /// set) would exceed the egress MTU once encapsulated (RFC 1191).
     pub icmp_frag_needed: Counter,
+    /// ICMP "time exceeded" sent from a port address to the sender of a
+    /// packet to translate whose TTL would reach 0 (traceroute through
+    /// the gateway); within the worker's rate, the others are dropped as
+    /// `ttl_exceeded`.
+    pub icmp_time_exceeded: Counter,
     /// Packets absorbed without forwarding or dropping (ARP replies for us
     /// on a port without a kernel interface).
     /// Every packet is accounted for: rx + arp_requests + handoff_in +

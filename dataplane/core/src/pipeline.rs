@@ -335,6 +335,51 @@ pub struct Pipeline {
     kernel_ports: Vec<bool>,
     /// Recent new flows per client source, for services that limit them.
     admission: NewFlowLimiter,
+    /// What is left of this worker's rate of ICMP errors.
+    icmp_errors: IcmpErrorBudget,
+}
+
+/// Most ICMP errors (time exceeded) one worker sends per second, and in
+/// one burst: Linux's defaults for a whole host (`icmp_msgs_per_sec`,
+/// `icmp_msgs_burst`). A flood of expiring packets gets this many answers
+/// a second and the rest are dropped as `ttl_exceeded`, so the gateway
+/// cannot be turned into a reflector.
+pub const ICMP_ERRORS_PER_SEC: u64 = 1000;
+/// See [`ICMP_ERRORS_PER_SEC`].
+pub const ICMP_ERRORS_BURST: u32 = 50;
+
+/// A token bucket of ICMP errors: [`ICMP_ERRORS_BURST`] tokens, one more
+/// every 1/[`ICMP_ERRORS_PER_SEC`] s.
+#[derive(Debug)]
+struct IcmpErrorBudget {
+    tokens: u32,
+    /// When the tokens were last counted (ns, the pipeline's clock).
+    counted: u64,
+}
+
+impl IcmpErrorBudget {
+    const NS_PER_TOKEN: u64 = 1_000_000_000 / ICMP_ERRORS_PER_SEC;
+
+    fn new() -> Self {
+        IcmpErrorBudget { tokens: ICMP_ERRORS_BURST, counted: 0 }
+    }
+
+    /// Takes a token if there is one at `now`.
+    fn take(&mut self, now: u64) -> bool {
+        let earned = now.saturating_sub(self.counted) / Self::NS_PER_TOKEN;
+        if earned > 0 {
+            let tokens = (u64::from(self.tokens) + earned).min(u64::from(ICMP_ERRORS_BURST));
+            self.tokens = tokens as u32;
+            // A full bucket earns nothing while it waits.
+            self.counted =
+                if self.tokens == ICMP_ERRORS_BURST { now } else { self.counted + earned * Self::NS_PER_TOKEN };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 impl Pipeline {
@@ -371,6 +416,7 @@ impl Pipeline {
                 Some(seed) => NewFlowLimiter::with_seed(config.new_flow_sketch_width, seed),
                 None => NewFlowLimiter::new(config.new_flow_sketch_width),
             },
+            icmp_errors: IcmpErrorBudget::new(),
         }
     }
 
@@ -765,7 +811,7 @@ impl Pipeline {
                         return Verdict::Handoff(w);
                     }
                     if ttl <= 1 {
-                        return Verdict::Drop(DropReason::TtlExceeded);
+                        return self.time_exceeded(p, snap, now, src, hl);
                     }
                     let key =
                         FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
@@ -830,7 +876,12 @@ impl Pipeline {
 
                 if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
                     let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                    return self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
+                    let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
+                    if v == Verdict::Drop(DropReason::TtlExceeded) {
+                        // Not counted yet: answered, or counted, here.
+                        return self.time_exceeded(p, snap, now, src, hl);
+                    }
+                    return v;
                 }
 
                 if let Some(rev) = snap.reverse(src, sport, proto) {
@@ -848,7 +899,7 @@ impl Pipeline {
                         return Verdict::Handoff(w);
                     }
                     if ttl <= 1 {
-                        return Verdict::Drop(DropReason::TtlExceeded);
+                        return self.time_exceeded(p, snap, now, src, hl);
                     }
                     // The reply's flow, as the client sees it. The
                     // translation comes from configuration, so a reply is
@@ -923,6 +974,30 @@ impl Pipeline {
         }
     }
 
+    /// A TCP or UDP packet from `src` (IP header `hl` bytes long) whose TTL
+    /// would reach 0 here: answered with ICMP time exceeded from the
+    /// ingress port's address (traceroute shows the gateway), within this
+    /// worker's budget of ICMP errors ([`ICMP_ERRORS_PER_SEC`]); otherwise,
+    /// or without the headroom the answer needs, dropped as
+    /// `ttl_exceeded`. Out of line: the fast path never gets here.
+    #[inline(never)]
+    fn time_exceeded(&mut self, p: &mut RxPacket<'_>, snap: &Snapshot, now: u64, src: u32, hl: usize) -> Verdict {
+        let in_port = p.port;
+        let from = snap
+            .ports()
+            .get(usize::from(in_port))
+            .and_then(|q| q.address_for(src).or_else(|| q.addresses.first().map(|c| c.addr)));
+        let Some(from) = from else {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        };
+        if p.start < ICMP_ERROR_GROWTH || !self.icmp_errors.take(now) {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        time_exceeded_in_place(p, snap, in_port, hl, from);
+        self.counters.icmp_time_exceeded.inc();
+        Verdict::Transmit(in_port)
+    }
+
     /// A reply to a FullNAT source pair: its binding names the client's
     /// flow, and only the pair's owner has it. Out of line, so that the nat
     /// path stays compact.
@@ -954,6 +1029,7 @@ impl Pipeline {
             return Verdict::Drop(DropReason::NoFlow);
         }
         if ttl <= 1 {
+            // The caller answers it (it holds the whole frame).
             return Verdict::Drop(DropReason::TtlExceeded);
         }
         if proto == ipv4::protocol::TCP
@@ -1589,6 +1665,52 @@ fn frag_needed_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, hl:
     set_macs(eth, snap, in_port, sender);
     // At least Ethernet's minimum frame (60 bytes without FCS).
     p.truncate((icmp_at + icmp_len).max(60));
+}
+
+/// How much longer than its quoted part an ICMP error is: its IPv4 and
+/// ICMP headers.
+const ICMP_ERROR_GROWTH: usize = ipv4::MIN_HEADER_LEN + 8;
+
+/// Turns the packet into ICMP time exceeded in transit (type 11, code 0)
+/// from `from` back to its sender on the ingress port, quoting its IP
+/// header (`hl` bytes) and the first 8 bytes of its payload (RFC 792). The
+/// quoted bytes stay where they are: the new Ethernet, IPv4 and ICMP
+/// headers are written in front of them, over the old Ethernet header and
+/// [`ICMP_ERROR_GROWTH`] bytes of headroom, which the caller has checked,
+/// and the frame ends after the quote. The packet carries at least 8 bytes
+/// after its IP header (a TCP or UDP header, checked).
+fn time_exceeded_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, hl: usize, from: u32) {
+    const ICMP_HEADER: usize = 8;
+    let quoted = hl + 8;
+    let ip_at = p.start + ethernet::HEADER_LEN;
+    debug_assert!(p.start >= ICMP_ERROR_GROWTH && ip_at + quoted <= p.end);
+    let sender = ethernet::Frame::new_unchecked(&p.buf[p.start..ip_at]).src_addr();
+    let client = ipv4::Packet::new_unchecked(&p.buf[ip_at..p.end]).src_addr();
+    let start = p.start - ICMP_ERROR_GROWTH;
+    let icmp_at = ip_at - ICMP_HEADER;
+    let icmp_len = ICMP_HEADER + quoted;
+    {
+        let m = &mut p.buf[icmp_at..icmp_at + icmp_len];
+        m[..ICMP_HEADER].copy_from_slice(&[11, 0, 0, 0, 0, 0, 0, 0]);
+        let c = crate::checksum::checksum(m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    let new_ip_at = start + ethernet::HEADER_LEN;
+    ipv4::Header {
+        tos: 0,
+        total_len: (ipv4::MIN_HEADER_LEN + icmp_len) as u16,
+        dont_frag: false,
+        ttl: ORIGIN_TTL,
+        protocol: ipv4::protocol::ICMP,
+        src: from,
+        dst: client,
+    }
+    .emit(&mut p.buf[new_ip_at..icmp_at]);
+    let eth = &mut p.buf[start..new_ip_at];
+    ethernet::Frame::new_unchecked(&mut *eth).set_ethertype(EtherType::IPV4);
+    set_macs(eth, snap, in_port, sender);
+    p.start = start;
+    p.end = icmp_at + icmp_len;
 }
 
 /// Prepends an Ethernet header and the outer IPv4 header `outer` in front of

@@ -312,6 +312,7 @@ fn replies_to_remote_clients_go_through_the_static_route() {
     assert_eq!((edst, src, sport, dst), ([0x02, 0xee, 0, 0, 0, 1], VIP, 80, REMOTE));
 }
 
+/// Without headroom for an ICMP answer (tests/ttl.rs has the answers).
 #[test]
 fn ttl_expiry_is_dropped() {
     let mut r = Rig::resolved();
@@ -865,3 +866,4 @@ mod options;
 mod other_host;
 mod ratelimit;
 mod stats;
+mod ttl;
