@@ -2,7 +2,7 @@
 //! ingress port's address, within the worker's rate, in every direction
 //! the gateway translates.
 
-use super::modes::{POOL_ADDR, POOL_ADDR2, fullnat, spec_mode};
+use super::modes::{POOL_ADDR, POOL_ADDR2, dsr, fullnat, spec_mode};
 use super::*;
 
 /// Checks `out` is ICMP time exceeded in transit from `from` (MAC `gw`) to
@@ -47,6 +47,18 @@ fn a_client_packet_that_would_expire_gets_time_exceeded_from_the_ingress_port() 
     let mut r = Rig::resolved();
     let (v, out) = r.run_with_headroom(0, &tcp_frame((CLIENT, 40000), (VIP, 80), 2, b""), 64);
     assert_eq!((v, inspect(&out).4), (Verdict::Transmit(1), 1));
+}
+
+#[test]
+fn every_mode_answers_a_client_packet_that_would_expire() {
+    for mode in [fullnat(), dsr()] {
+        let mut r = Rig::with_spec(&spec_mode(&mode, (20000, 20999)));
+        let f = tcp_frame((CLIENT, 40000), (VIP, 80), 1, b"");
+        let (v, out) = r.run_with_headroom(0, &f, 64);
+        assert_eq!(v, Verdict::Transmit(0), "{mode:?}");
+        assert_time_exceeded(&out, &f, GW_C_IP, GW_C, CLIENT, CLIENT_MAC);
+        assert_eq!(r.pipe.flows().occupied(), 0, "{mode:?}: no flow, no source pair taken");
+    }
 }
 
 #[test]
