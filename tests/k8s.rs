@@ -830,7 +830,39 @@ fn a_deleted_service_leaves_the_gateway_and_vipgate0_and_frees_its_address_withi
     assert_eq!(announced(&c), vec![static_vip.to_owned()], "the static VIP stays announced");
     assert!(c.whoami(&ip).is_err(), "{ip} no longer answers");
     println!("{}", c.env.kubectl_ok(&["get", "vippool", "default"]));
+    // The controller's metrics tell the same story.
+    let metrics = controller_metrics(&c);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in the controller's metrics:\n{metrics}"))
+    };
+    println!(
+        "controller metrics: reconciles {}, sync_seconds count {}, pool available {}",
+        value("vipgate_k8s_reconciles_total "),
+        value("vipgate_k8s_sync_seconds_count{gateway=\"gw1\"} "),
+        value("vipgate_k8s_pool_available_addresses{pool=\"default\"} ")
+    );
+    assert!(value("vipgate_k8s_reconciles_total ") >= 2.0, "web's creation and deletion were reconciled");
+    assert_eq!(value("vipgate_k8s_reconcile_errors_total "), 0.0);
+    assert!(value("vipgate_k8s_sync_seconds_count{gateway=\"gw1\"} ") >= 2.0, "both changes synced to gw1");
+    assert_eq!(value("vipgate_k8s_pool_available_addresses{pool=\"default\"} "), 16.0);
+    assert_eq!(value("vipgate_k8s_pool_assigned_addresses{pool=\"default\"} "), 0.0);
     c.teardown();
+}
+
+/// `GET /metrics` of the controller, at the address it logged.
+fn controller_metrics(c: &Cluster) -> String {
+    let log = c.log();
+    let url = log
+        .lines()
+        .find_map(|l| l.split("serving /metrics and /healthz on ").nth(1))
+        .map(|u| format!("{}/metrics", u.trim()))
+        .unwrap_or_else(|| panic!("the controller logged no metrics address:\n{log}"));
+    let out = std::process::Command::new("curl").args(["-sS", "--max-time", "5", &url]).output().expect("curl");
+    assert!(out.status.success(), "curl {url}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An HTTP server in the backend namespace on `addr`:`port` answering

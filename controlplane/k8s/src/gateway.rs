@@ -50,6 +50,10 @@ pub struct Desired {
     /// When each Service's entry last changed, by the `seq` that changed
     /// it, for the sync-latency metric.
     pub changed: imbl::OrdMap<ServiceKey, (u64, Instant)>,
+    /// The same for Services whose entry was removed (deleted, or no longer
+    /// of type LoadBalancer), kept for [`RESYNC`]: by then every gateway
+    /// that answers has applied the removal.
+    pub removed: imbl::OrdMap<ServiceKey, (u64, Instant)>,
 }
 
 /// What one gateway runs, as far as the controller knows.
@@ -124,6 +128,11 @@ impl GatewayTask {
                         let now = Instant::now();
                         for (k, (seq, at)) in desired.changed.iter() {
                             if pushed.is_none_or(|p| *seq > p) && !refused.contains_key(k) {
+                                self.metrics.observe_sync(&self.name, now - *at);
+                            }
+                        }
+                        for (seq, at) in desired.removed.values() {
+                            if pushed.is_some_and(|p| *seq > p) {
                                 self.metrics.observe_sync(&self.name, now - *at);
                             }
                         }

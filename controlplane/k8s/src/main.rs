@@ -161,6 +161,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let metrics = Arc::new(metrics::Metrics::default());
     let listener =
         metrics::bind(args.metrics_addr).await.map_err(|e| format!("--metrics-addr {}: {e}", args.metrics_addr))?;
+    match listener.local_addr() {
+        Ok(addr) => info!("serving /metrics and /healthz on http://{addr}"),
+        Err(e) => warn!("the metrics endpoint's address: {e}"),
+    }
     tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
     if args.leader_elect {
         lead(&client, &args).await?;

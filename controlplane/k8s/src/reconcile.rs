@@ -150,14 +150,26 @@ impl Ctx {
                 return false;
             }
             d.seq += 1;
+            let now = Instant::now();
+            // Removals are timed for a while too (see Desired::removed).
+            if d.removed.values().any(|(_, at)| now.duration_since(*at) >= crate::gateway::RESYNC) {
+                d.removed = d
+                    .removed
+                    .iter()
+                    .filter(|(_, (_, at))| now.duration_since(*at) < crate::gateway::RESYNC)
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+            }
             match services {
                 Some(s) => {
                     d.services.insert(key.clone(), Arc::new(s));
-                    d.changed.insert(key.clone(), (d.seq, Instant::now()));
+                    d.changed.insert(key.clone(), (d.seq, now));
+                    d.removed.remove(key);
                 }
                 None => {
                     d.services.remove(key);
                     d.changed.remove(key);
+                    d.removed.insert(key.clone(), (d.seq, now));
                 }
             }
             d.source_pools = source_pools(&self.cluster, d, world);
