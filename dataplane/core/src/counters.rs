@@ -83,11 +83,15 @@ pub enum DropReason {
     /// source list (`source_ranges`), tracked flow or not. Dropped before
     /// any flow is created.
     SourceDenied,
+    /// An ICMP destination unreachable or time exceeded, not for the
+    /// gateway itself, that quotes no flow the gateway translated (or no
+    /// TCP or UDP packet with its ports).
+    IcmpNoFlow,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 23;
+    pub const COUNT: usize = 24;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -113,6 +117,7 @@ impl DropReason {
         DropReason::BadTcpFlags,
         DropReason::RateLimited,
         DropReason::SourceDenied,
+        DropReason::IcmpNoFlow,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -141,6 +146,7 @@ impl DropReason {
             DropReason::BadTcpFlags => "bad_tcp_flags",
             DropReason::RateLimited => "rate_limited",
             DropReason::SourceDenied => "source_denied",
+            DropReason::IcmpNoFlow => "icmp_no_flow",
         }
     }
 }
@@ -208,6 +214,10 @@ pub struct WorkerCounters {
     /// the gateway); within the worker's rate, the others are dropped as
     /// `ttl_exceeded`.
     pub icmp_time_exceeded: Counter,
+    /// ICMP errors (destination unreachable, time exceeded) quoting a flow
+    /// the gateway translated, translated and sent to the flow's other end
+    /// (to the backend: path MTU discovery through nat and fullnat).
+    pub icmp_errors_forwarded: Counter,
     /// Packets absorbed without forwarding or dropping (ARP replies for us
     /// on a port without a kernel interface).
     /// Every packet is accounted for: rx + arp_requests + handoff_in +

@@ -946,6 +946,12 @@ impl Pipeline {
                 if to_kernel && !(local && !fragment && is_echo_request(l4)) {
                     return Verdict::Punt(in_port);
                 }
+                // An error about a flow the gateway translated goes to the
+                // flow's other end (see `icmp_errors`); every other ICMP
+                // error not for the gateway itself is no flow's.
+                if !local && !fragment && icmp_errors::is_icmp_error(l4) {
+                    return self.icmp_error(snap, now, p, dst, hl, ttl, total);
+                }
                 if !snap.is_vip(dst) && !local {
                     return Verdict::Drop(DropReason::NoMatch);
                 }
@@ -1827,6 +1833,8 @@ fn set_macs(eth: &mut [u8], snap: &Snapshot, port: u16, dst: EthernetAddress) {
         f.set_src_addr(p.mac);
     }
 }
+
+mod icmp_errors;
 
 #[cfg(test)]
 mod tests;

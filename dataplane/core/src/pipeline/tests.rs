@@ -860,6 +860,7 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
 
 mod exception;
 mod flows;
+mod icmp_errors;
 mod martians;
 mod modes;
 mod options;
