@@ -1650,27 +1650,34 @@ fn frag_needed_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, hl:
     let client = ipv4::Packet::new_unchecked(&f[ip_at..]).src_addr();
     f.copy_within(ip_at..ip_at + quoted, icmp_at + ICMP_HEADER);
     let icmp_len = ICMP_HEADER + quoted;
-    {
-        let m = &mut f[icmp_at..icmp_at + icmp_len];
-        m[..ICMP_HEADER].copy_from_slice(&[3, 4, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8]);
-        let c = crate::checksum::checksum(m);
-        m[2..4].copy_from_slice(&c.to_be_bytes());
-    }
-    ipv4::Header {
-        tos: 0,
-        total_len: (ipv4::MIN_HEADER_LEN + icmp_len) as u16,
-        dont_frag: false,
-        ttl: ORIGIN_TTL,
-        protocol: ipv4::protocol::ICMP,
-        src: from,
-        dst: client,
-    }
-    .emit(&mut f[ip_at..]);
+    let (ip, msg) = f[ip_at..icmp_at + icmp_len].split_at_mut(ipv4::MIN_HEADER_LEN);
+    write_icmp_error(ip, msg, [3, 4, 0, 0, 0, 0, (mtu >> 8) as u8, mtu as u8], from, client);
     let (eth, _) = f.split_at_mut(ethernet::HEADER_LEN);
     let sender = ethernet::Frame::new_unchecked(&*eth).src_addr();
     set_macs(eth, snap, in_port, sender);
     // At least Ethernet's minimum frame (60 bytes without FCS).
     p.truncate((icmp_at + icmp_len).max(60));
+}
+
+/// Writes an ICMP error: its 8-byte header `head` (type, code, the
+/// checksum's place, 4 bytes of the type's own) at the start of `msg`,
+/// which holds the quote after it, the checksum over `msg`, and in `ip` an
+/// IPv4 header from `from` to `to` carrying it (TTL 64, no DF).
+fn write_icmp_error(ip: &mut [u8], msg: &mut [u8], head: [u8; 8], from: u32, to: u32) {
+    msg[..8].copy_from_slice(&head);
+    msg[2..4].copy_from_slice(&[0, 0]);
+    let c = crate::checksum::checksum(msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4::Header {
+        tos: 0,
+        total_len: (ipv4::MIN_HEADER_LEN + msg.len()) as u16,
+        dont_frag: false,
+        ttl: ORIGIN_TTL,
+        protocol: ipv4::protocol::ICMP,
+        src: from,
+        dst: to,
+    }
+    .emit(ip);
 }
 
 /// How much longer than its quoted part an ICMP error is: its IPv4 and
@@ -1695,23 +1702,9 @@ fn time_exceeded_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, h
     let start = p.start - ICMP_ERROR_GROWTH;
     let icmp_at = ip_at - ICMP_HEADER;
     let icmp_len = ICMP_HEADER + quoted;
-    {
-        let m = &mut p.buf[icmp_at..icmp_at + icmp_len];
-        m[..ICMP_HEADER].copy_from_slice(&[11, 0, 0, 0, 0, 0, 0, 0]);
-        let c = crate::checksum::checksum(m);
-        m[2..4].copy_from_slice(&c.to_be_bytes());
-    }
     let new_ip_at = start + ethernet::HEADER_LEN;
-    ipv4::Header {
-        tos: 0,
-        total_len: (ipv4::MIN_HEADER_LEN + icmp_len) as u16,
-        dont_frag: false,
-        ttl: ORIGIN_TTL,
-        protocol: ipv4::protocol::ICMP,
-        src: from,
-        dst: client,
-    }
-    .emit(&mut p.buf[new_ip_at..icmp_at]);
+    let (ip, msg) = p.buf[new_ip_at..icmp_at + icmp_len].split_at_mut(ipv4::MIN_HEADER_LEN);
+    write_icmp_error(ip, msg, [11, 0, 0, 0, 0, 0, 0, 0], from, client);
     let eth = &mut p.buf[start..new_ip_at];
     ethernet::Frame::new_unchecked(&mut *eth).set_ethertype(EtherType::IPV4);
     set_macs(eth, snap, in_port, sender);
