@@ -36,9 +36,14 @@ pub(super) fn is_icmp_error(l4: &[u8]) -> bool {
     l4.len() >= icmp::HEADER_LEN && matches!(l4[0], icmp::message::DEST_UNREACHABLE | icmp::message::TIME_EXCEEDED)
 }
 
-/// Where the quoted packet sits in the frame, and its header fields.
+/// The error's outer header fields the translation needs, where the
+/// quoted packet sits in the frame, and its header fields.
 #[derive(Clone, Copy, Debug)]
 struct Quoted {
+    /// The outer IP header's length, TTL and total length.
+    outer_hl: usize,
+    ttl: u8,
+    total: usize,
     /// Offset of the quoted IP header in the frame.
     at: usize,
     /// Its header length.
@@ -50,11 +55,12 @@ struct Quoted {
     proto: u8,
 }
 
-/// Reads the packet an ICMP error (the frame's outer IP header is `hl`
-/// bytes, the ICMP message `len` bytes) quotes: an IPv4 TCP or UDP packet,
-/// the first fragment or a whole one, with its ports quoted. `None`
-/// otherwise.
-fn quoted(frame: &[u8], hl: usize, len: usize) -> Option<Quoted> {
+/// Reads the packet an ICMP error quotes (the frame's outer IP header is
+/// `hl` bytes, its TTL `ttl`, its total length `total`): an IPv4 TCP or
+/// UDP packet, the first fragment or a whole one, with its ports quoted.
+/// `None` otherwise.
+fn quoted(frame: &[u8], hl: usize, ttl: u8, total: usize) -> Option<Quoted> {
+    let len = total - hl;
     let at = ethernet::HEADER_LEN + hl + icmp::HEADER_LEN;
     let q = frame.get(at..ethernet::HEADER_LEN + hl + len)?;
     let first = *q.first()?;
@@ -69,7 +75,18 @@ fn quoted(frame: &[u8], hl: usize, len: usize) -> Option<Quoted> {
     }
     let be32 = |i: usize| u32::from_be_bytes([q[i], q[i + 1], q[i + 2], q[i + 3]]);
     let be16 = |i: usize| u16::from_be_bytes([q[i], q[i + 1]]);
-    Some(Quoted { at, hl: qhl, src: be32(12), dst: be32(16), sport: be16(qhl), dport: be16(qhl + 2), proto })
+    Some(Quoted {
+        outer_hl: hl,
+        ttl,
+        total,
+        at,
+        hl: qhl,
+        src: be32(12),
+        dst: be32(16),
+        sport: be16(qhl),
+        dport: be16(qhl + 2),
+        proto,
+    })
 }
 
 /// Rewrites one end of the quoted packet at `q.at` in `frame` (`end`:
@@ -131,32 +148,22 @@ impl Pipeline {
         ttl: u8,
         total: usize,
     ) -> Verdict {
-        let len = total - hl;
-        let Some(q) = quoted(p.frame(), hl, len) else {
+        let Some(q) = quoted(p.frame(), hl, ttl, total) else {
             return Verdict::Drop(DropReason::IcmpNoFlow);
         };
         if snap.is_vip(dst) {
-            return self.icmp_error_to_backend(snap, now, p, &q, hl, ttl, total);
+            return self.icmp_error_to_backend(snap, now, p, &q);
         }
         if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
-            return self.icmp_error_to_client_fullnat(snap, now, p, &q, hl, ttl, pool, addr_index);
+            return self.icmp_error_to_client_fullnat(snap, now, p, &q, pool, addr_index);
         }
-        self.icmp_error_to_client_nat(snap, now, p, &q, hl, ttl)
+        self.icmp_error_to_client_nat(snap, now, p, &q)
     }
 
     /// An error sent to a VIP, quoting `VIP -> client`: to the flow's
     /// backend.
-    #[allow(clippy::too_many_arguments)]
-    fn icmp_error_to_backend(
-        &mut self,
-        snap: &Snapshot,
-        now: u64,
-        p: &mut RxPacket<'_>,
-        q: &Quoted,
-        hl: usize,
-        ttl: u8,
-        total: usize,
-    ) -> Verdict {
+    fn icmp_error_to_backend(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, q: &Quoted) -> Verdict {
+        let (hl, ttl, total) = (q.outer_hl, q.ttl, q.total);
         let Some(svc) = snap.service(q.src, q.sport, q.proto) else {
             return Verdict::Drop(DropReason::IcmpNoFlow);
         };
@@ -236,35 +243,24 @@ impl Pipeline {
 
     /// An error from the backend side to a client, quoting `client ->
     /// backend` (nat): to the client, quoting `client -> VIP`.
-    fn icmp_error_to_client_nat(
-        &mut self,
-        snap: &Snapshot,
-        now: u64,
-        p: &mut RxPacket<'_>,
-        q: &Quoted,
-        hl: usize,
-        ttl: u8,
-    ) -> Verdict {
+    fn icmp_error_to_client_nat(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, q: &Quoted) -> Verdict {
         let Some(rev) = snap.reverse(q.dst, q.dport, q.proto) else {
             return Verdict::Drop(DropReason::IcmpNoFlow);
         };
         if let Some(w) = self.foreign_owner(q.src, q.sport, q.proto) {
             return Verdict::Handoff(w);
         }
-        self.icmp_error_to_client(snap, now, p, q, hl, ttl, (rev.vip, rev.port), None)
+        self.icmp_error_to_client(snap, now, p, q, (rev.vip, rev.port), None)
     }
 
     /// An error from the backend side to a FullNAT source pair, quoting
     /// `pair -> backend`: to the pair's client, quoting `client -> VIP`.
-    #[allow(clippy::too_many_arguments)]
     fn icmp_error_to_client_fullnat(
         &mut self,
         snap: &Snapshot,
         now: u64,
         p: &mut RxPacket<'_>,
         q: &Quoted,
-        hl: usize,
-        ttl: u8,
         pool: u16,
         addr_index: u16,
     ) -> Verdict {
@@ -282,24 +278,22 @@ impl Pipeline {
             return Verdict::Drop(DropReason::IcmpNoFlow);
         }
         let client = (b.key.src_addr, b.key.src_port);
-        self.icmp_error_to_client(snap, now, p, q, hl, ttl, (b.key.dst_addr, b.key.dst_port), Some(client))
+        self.icmp_error_to_client(snap, now, p, q, (b.key.dst_addr, b.key.dst_port), Some(client))
     }
 
     /// The common end of both ways to a client: the quoted backend becomes
     /// `vip`, the quoted source `client` (FullNAT), the outer source the VIP
     /// and the outer destination the client.
-    #[allow(clippy::too_many_arguments)]
     fn icmp_error_to_client(
         &mut self,
         snap: &Snapshot,
         now: u64,
         p: &mut RxPacket<'_>,
         q: &Quoted,
-        hl: usize,
-        ttl: u8,
         vip: (u32, u16),
         client: Option<(u32, u16)>,
     ) -> Verdict {
+        let (hl, ttl) = (q.outer_hl, q.ttl);
         if ttl <= 1 {
             return Verdict::Drop(DropReason::TtlExceeded);
         }
@@ -312,7 +306,7 @@ impl Pipeline {
         };
         let icmp_at = ethernet::HEADER_LEN + hl;
         let f = p.frame_mut();
-        let len = usize::from(ipv4::Packet::new_unchecked(&f[ethernet::HEADER_LEN..]).total_len()) - hl;
+        let len = q.total - hl;
         rewrite_quoted(f, q, Endpoint::Dst, vip.0, vip.1);
         if let Some((addr, port)) = client {
             rewrite_quoted(f, q, Endpoint::Src, addr, port);
