@@ -87,11 +87,14 @@ pub enum DropReason {
     /// gateway itself, that quotes no flow the gateway translated (or no
     /// TCP or UDP packet with its ports).
     IcmpNoFlow,
+    /// An 802.1Q or 802.1ad tagged frame for a VLAN no port carries, or
+    /// with stacked tags (no port carries a VLAN yet).
+    UnknownVlan,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 24;
+    pub const COUNT: usize = 25;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -118,6 +121,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::SourceDenied,
         DropReason::IcmpNoFlow,
+        DropReason::UnknownVlan,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -147,6 +151,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::SourceDenied => "source_denied",
             DropReason::IcmpNoFlow => "icmp_no_flow",
+            DropReason::UnknownVlan => "unknown_vlan",
         }
     }
 }

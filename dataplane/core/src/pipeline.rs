@@ -738,6 +738,9 @@ impl Pipeline {
                 self.arp(snap, now, port, p.frame_mut())
             }
             EtherType::IPV6 if self.punts(p.port) => Verdict::Punt(p.port),
+            // No port carries a VLAN yet: every tagged frame, one tag or
+            // stacked, is for a VLAN the gateway does not have.
+            EtherType::VLAN | EtherType::QINQ => Verdict::Drop(DropReason::UnknownVlan),
             _ => Verdict::Drop(DropReason::Unsupported),
         }
     }

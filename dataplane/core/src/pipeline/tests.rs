@@ -868,3 +868,4 @@ mod other_host;
 mod ratelimit;
 mod stats;
 mod ttl;
+mod vlan;
