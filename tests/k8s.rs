@@ -807,11 +807,17 @@ fn a_deleted_service_leaves_the_gateway_and_vipgate0_and_frees_its_address_withi
     });
     c.env.wait_for(Duration::from_secs(2), "the first request through the VIP", &|| c.log(), || c.whoami(&ip).ok());
     println!("{ip} served and on vipgate0: {:?}", announced(&c));
-    let pool_available = || -> u64 {
-        let out = c.env.kubectl_ok(&["get", "vippool", "default", "-o", "jsonpath={.status.available}"]);
-        out.trim().parse().unwrap_or_else(|_| panic!("VipPool status.available: {out:?}"))
+    // The pool's (assigned, available) addresses, once its status is
+    // written (the controller writes it every 500 ms, so it may lag).
+    let pool_status = || -> Option<(u64, u64)> {
+        let out =
+            c.env.kubectl_ok(&["get", "vippool", "default", "-o", "jsonpath={.status.assigned} {.status.available}"]);
+        let (a, b) = out.trim().split_once(' ')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
     };
-    let available_with = pool_available();
+    c.env.wait_for(Duration::from_secs(5), "the pool's status shows the address taken", &|| c.log(), || {
+        (pool_status() == Some((1, 15))).then_some(())
+    });
 
     c.env.kubectl_ok(&["delete", "svc", "web", "--wait=false"]);
     let deleted = Instant::now();
@@ -822,7 +828,7 @@ fn a_deleted_service_leaves_the_gateway_and_vipgate0_and_frees_its_address_withi
         (!announced(&c).contains(&ip)).then_some(())
     });
     c.env.wait_for(Duration::from_secs(2), "the address is free in the pool", &|| c.log(), || {
-        (pool_available() == available_with + 1).then_some(())
+        (pool_status() == Some((0, 16))).then_some(())
     });
     let took = deleted.elapsed();
     println!("kubectl delete svc web: off the gateway, off vipgate0 and free in the pool {took:?} later");
@@ -830,8 +836,17 @@ fn a_deleted_service_leaves_the_gateway_and_vipgate0_and_frees_its_address_withi
     assert_eq!(announced(&c), vec![static_vip.to_owned()], "the static VIP stays announced");
     assert!(c.whoami(&ip).is_err(), "{ip} no longer answers");
     println!("{}", c.env.kubectl_ok(&["get", "vippool", "default"]));
-    // The controller's metrics tell the same story.
-    let metrics = controller_metrics(&c);
+    // The controller's metrics tell the same story, once it has taken the
+    // gateway's answer to the removal (it may still be reading it).
+    let synced = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("vipgate_k8s_sync_seconds_count{gateway=\"gw1\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|n| n >= 2.0)
+    };
+    let metrics = c.env.wait_for(Duration::from_secs(2), "both changes synced in the metrics", &|| c.log(), || {
+        Some(controller_metrics(&c)).filter(|m| synced(m))
+    });
     let value = |name: &str| -> f64 {
         metrics
             .lines()
