@@ -992,10 +992,7 @@ impl Pipeline {
     #[inline(never)]
     fn time_exceeded(&mut self, p: &mut RxPacket<'_>, snap: &Snapshot, now: u64, src: u32, hl: usize) -> Verdict {
         let in_port = p.port;
-        let from = snap
-            .ports()
-            .get(usize::from(in_port))
-            .and_then(|q| q.address_for(src).or_else(|| q.addresses.first().map(|c| c.addr)));
+        let from = snap.ports().get(usize::from(in_port)).and_then(|q| q.source_for(src));
         let Some(from) = from else {
             return Verdict::Drop(DropReason::TtlExceeded);
         };
@@ -1393,7 +1390,7 @@ impl Pipeline {
 
     fn queue_solicitation(&mut self, snap: &Snapshot, nh: NextHop) {
         let Some(port) = snap.ports().get(usize::from(nh.port)) else { return };
-        let Some(sender_ip) = port.address_for(nh.addr).or_else(|| port.addresses.first().map(|c| c.addr)) else {
+        let Some(sender_ip) = port.source_for(nh.addr) else {
             return;
         };
         // When full, the neighbour table's retransmit timer asks again later.
@@ -1605,11 +1602,7 @@ fn dsr_encapsulate(
         }
         let hl = ip.header_len();
         let in_port = p.port;
-        let Some(from) = snap
-            .ports()
-            .get(usize::from(in_port))
-            .and_then(|q| q.address_for(t.src).or_else(|| q.addresses.first().map(|c| c.addr)))
-        else {
+        let Some(from) = snap.ports().get(usize::from(in_port)).and_then(|q| q.source_for(t.src)) else {
             return Err(Verdict::Drop(DropReason::TooBig));
         };
         frag_needed_in_place(p, snap, in_port, hl, port.mtu - OUTER as u16, from);
@@ -1668,9 +1661,7 @@ fn frag_needed_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, hl:
 /// IPv4 header from `from` to `to` carrying it (TTL 64, no DF).
 fn write_icmp_error(ip: &mut [u8], msg: &mut [u8], head: [u8; 8], from: u32, to: u32) {
     msg[..8].copy_from_slice(&head);
-    msg[2..4].copy_from_slice(&[0, 0]);
-    let c = crate::checksum::checksum(msg);
-    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    fill_icmp_checksum(msg);
     ipv4::Header {
         tos: 0,
         total_len: (ipv4::MIN_HEADER_LEN + msg.len()) as u16,
@@ -1681,6 +1672,14 @@ fn write_icmp_error(ip: &mut [u8], msg: &mut [u8], head: [u8; 8], from: u32, to:
         dst: to,
     }
     .emit(ip);
+}
+
+/// Writes a fresh checksum into ICMP message `msg` (its header, then what
+/// it carries), computed over the whole message.
+fn fill_icmp_checksum(msg: &mut [u8]) {
+    msg[2..4].copy_from_slice(&[0, 0]);
+    let c = crate::checksum::checksum(msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
 }
 
 /// How much longer than its quoted part an ICMP error is: its IPv4 and

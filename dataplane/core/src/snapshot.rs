@@ -484,6 +484,13 @@ impl Port {
     pub fn address_for(&self, addr: u32) -> Option<u32> {
         self.addresses.iter().find(|c| (c.addr ^ addr) & Route::mask(c.len) == 0).map(|c| c.addr)
     }
+
+    /// The address the gateway speaks to `addr` from on this port: the one
+    /// on `addr`'s subnet, else the port's first; `None` for a port with
+    /// no address.
+    pub fn source_for(&self, addr: u32) -> Option<u32> {
+        self.address_for(addr).or_else(|| self.addresses.first().map(|c| c.addr))
+    }
 }
 
 /// Where a reply from a backend is translated back to.
@@ -714,7 +721,7 @@ fn compile_backends(
                 Some(c) => c.addr & Route::mask(c.len),
                 None => {
                     let port = &ports[usize::from(next_hop.port)];
-                    port.address_for(next_hop.addr).or_else(|| port.addresses.first().map(|c| c.addr)).unwrap_or(0)
+                    port.source_for(next_hop.addr).unwrap_or(0)
                 }
             };
         }

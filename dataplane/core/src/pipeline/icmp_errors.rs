@@ -60,9 +60,8 @@ struct Quoted {
 /// UDP packet, the first fragment or a whole one, with its ports quoted.
 /// `None` otherwise.
 fn quoted(frame: &[u8], hl: usize, ttl: u8, total: usize) -> Option<Quoted> {
-    let len = total - hl;
     let at = ethernet::HEADER_LEN + hl + icmp::HEADER_LEN;
-    let q = frame.get(at..ethernet::HEADER_LEN + hl + len)?;
+    let q = frame.get(at..ethernet::HEADER_LEN + total)?;
     let first = *q.first()?;
     let qhl = usize::from(first & 0x0f) * 4;
     if first >> 4 != 4 || qhl < ipv4::MIN_HEADER_LEN || q.len() < qhl + 8 {
@@ -120,14 +119,6 @@ fn rewrite_quoted(frame: &mut [u8], q: &Quoted, end: Endpoint, addr: u32, port: 
             l4[check_at..check_at + 2].copy_from_slice(&n.to_be_bytes());
         }
     }
-}
-
-/// Writes a fresh ICMP checksum over the message at `at`, `len` bytes.
-fn fill_icmp_checksum(frame: &mut [u8], at: usize, len: usize) {
-    let m = &mut frame[at..at + len];
-    m[2..4].copy_from_slice(&[0, 0]);
-    let c = crate::checksum::checksum(m);
-    m[2..4].copy_from_slice(&c.to_be_bytes());
 }
 
 impl Pipeline {
@@ -210,7 +201,7 @@ impl Pipeline {
                 if fullnat {
                     rewrite_quoted(f, q, Endpoint::Dst, snat_addr, snat_port);
                 }
-                fill_icmp_checksum(f, icmp_at, total - hl);
+                fill_icmp_checksum(&mut f[icmp_at..icmp_at + total - hl]);
                 let (eth, rest) = f.split_at_mut(ethernet::HEADER_LEN);
                 let mut ip = ipv4::Packet::new_unchecked(&mut rest[..hl]);
                 ip.set_dst_addr(backend.addr);
@@ -311,7 +302,7 @@ impl Pipeline {
         if let Some((addr, port)) = client {
             rewrite_quoted(f, q, Endpoint::Src, addr, port);
         }
-        fill_icmp_checksum(f, icmp_at, len);
+        fill_icmp_checksum(&mut f[icmp_at..icmp_at + len]);
         let (eth, rest) = f.split_at_mut(ethernet::HEADER_LEN);
         let mut ip = ipv4::Packet::new_unchecked(&mut rest[..hl]);
         ip.set_src_addr(vip.0);
