@@ -58,10 +58,7 @@ pub fn request_slice(slice: Duration) -> std::io::Result<()> {
     attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     attr.sched_deadline = 0;
     attr.sched_period = 0;
-    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads `size`
-    // bytes of `attr`, a live, initialised struct of that size.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    set(&attr)
 }
 
 /// Lets the calling thread run on every CPU. A thread inherits the
@@ -94,10 +91,7 @@ pub fn request_nice(nice: i32) -> std::io::Result<()> {
     let mut attr = current()?;
     attr.size = size_of::<SchedAttr>() as u32;
     attr.sched_nice = nice;
-    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads `size`
-    // bytes of `attr`, a live, initialised struct of that size.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    set(&attr)
 }
 
 /// The calling thread's nice value.
@@ -109,6 +103,14 @@ pub fn current_nice() -> std::io::Result<i32> {
 /// asked for with [`request_slice`] (clamped), or 0 when none was.
 pub fn current_slice() -> std::io::Result<Duration> {
     Ok(Duration::from_nanos(current()?.sched_runtime))
+}
+
+/// Applies `attr` (its `size` set) to the calling thread.
+fn set(attr: &SchedAttr) -> std::io::Result<()> {
+    // SAFETY: sched_setattr(2) on the calling thread (pid 0) reads `size`
+    // bytes of `attr`, a live, initialised struct of that size.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, attr as *const SchedAttr, 0u32) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn current() -> std::io::Result<SchedAttr> {
