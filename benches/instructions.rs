@@ -2,8 +2,11 @@
 //!
 //! `instructions <workload> <bursts>` runs that many 32-packet bursts of a
 //! workload through `Pipeline::process`: `forward`, `reverse`, `drop` (nat
-//! mode), `forward-fullnat`, `reverse-fullnat`, `forward-dsr`, and
-//! `handoff` (worker 0 of 2, every packet owned by worker 1).
+//! mode), `forward-fullnat`, `reverse-fullnat`, `forward-dsr`,
+//! `handoff` (worker 0 of 2, every packet owned by worker 1), and
+//! `fragments` (nat: 8 TCP segments of 8 flows, each in 4 fragments in
+//! order: a first fragment, translated through its flow and recorded, then
+//! 3 later ones rewritten from the fragment table).
 //! `instructions established|new|prepare <flows> <bursts>` measures
 //! connection tracking at scale: `flows` flows are made established first
 //! (set-up, the same in both runs), then the bursts carry packets of those
@@ -75,9 +78,10 @@ fn main() {
             pipe.set_worker(0, 2);
             (foreign_burst(), 0)
         }
+        "fragments" => (fragment_burst(), 0),
         other => {
             eprintln!(
-                "unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr or handoff"
+                "unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr, handoff or fragments"
             );
             std::process::exit(2);
         }
@@ -104,6 +108,32 @@ fn main() {
     assert_eq!(drops, if workload == "drop" { (bursts * BURST) as u64 } else { 0 }, "{workload}: drops");
     assert_eq!(no_service, drops, "{workload}: every drop is no_service");
     println!("{workload}: {bursts} bursts, {transmitted} transmitted, {handed} handed off");
+}
+
+/// `BURST` fragments: 8 client->VIP TCP segments of 20 + 108 bytes, of 8
+/// flows, each split into 4 fragments of 32 bytes, in order.
+fn fragment_burst() -> Vec<Vec<u8>> {
+    const PARTS: usize = 4;
+    const PART: usize = 32;
+    let mut out = Vec::with_capacity(BURST);
+    for i in 0..(BURST / PARTS) as u16 {
+        let whole =
+            tcp_frame(0, u32::from_be_bytes([198, 18, 0, 2]), 20_000 + i, u32::from_be_bytes([198, 18, 100, 1]), 80);
+        let mut segment = whole[34..54].to_vec();
+        segment.extend((0..PARTS * PART - segment.len()).map(|b| b as u8));
+        for part in 0..PARTS {
+            let mut f = whole[..34].to_vec();
+            f.extend_from_slice(&segment[part * PART..(part + 1) * PART]);
+            let ip = &mut f[14..34];
+            ip[2..4].copy_from_slice(&((20 + PART) as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&(1000 + i).to_be_bytes());
+            let more = if part + 1 < PARTS { 0x2000 } else { 0 };
+            ip[6..8].copy_from_slice(&((part * PART / 8) as u16 | more).to_be_bytes());
+            vipgate_dataplane::wire::ipv4::Packet::new_unchecked(&mut f[14..]).fill_checksum();
+            out.push(f);
+        }
+    }
+    out
 }
 
 /// The connection-tracking workloads at scale (see the module comment).

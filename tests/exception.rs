@@ -113,18 +113,25 @@ fn assert_accounting(stats: &serde_json::Value) {
         c["drops"].as_object().expect("drops").values().map(|v| v.as_u64().unwrap()).sum()
     };
     for w in stats["workers"].as_array().expect("workers") {
-        let inflow = get(w, "rx_packets") + get(w, "arp_requests") + get(w, "handoff_in") + get(w, "from_kernel");
+        let inflow = get(w, "rx_packets")
+            + get(w, "arp_requests")
+            + get(w, "fragments_released")
+            + get(w, "handoff_in")
+            + get(w, "from_kernel");
         let outflow =
             get(w, "tx_packets") + drops(w) + get(w, "consumed") + get(w, "handoff_out") + get(w, "to_kernel");
         assert_eq!(
             inflow, outflow,
-            "worker: rx + arp_requests + handoff_in + from_kernel != tx + drops + consumed + handoff_out + to_kernel: {w}"
+            "worker: rx + arp_requests + fragments_released + handoff_in + from_kernel != tx + drops + consumed + handoff_out + to_kernel: {w}"
         );
     }
     let t = &stats["total"];
-    let inflow = get(t, "rx_packets") + get(t, "arp_requests") + get(t, "from_kernel");
+    let inflow = get(t, "rx_packets") + get(t, "arp_requests") + get(t, "fragments_released") + get(t, "from_kernel");
     let outflow = get(t, "tx_packets") + drops(t) + get(t, "consumed") + get(t, "to_kernel");
-    assert_eq!(inflow, outflow, "rx + arp_requests + from_kernel != tx + drops + consumed + to_kernel: {stats}");
+    assert_eq!(
+        inflow, outflow,
+        "rx + arp_requests + fragments_released + from_kernel != tx + drops + consumed + to_kernel: {stats}"
+    );
 }
 
 #[test]

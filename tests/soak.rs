@@ -409,7 +409,8 @@ fn drops(c: &pb::PacketCounters) -> BTreeMap<String, u64> {
 
 fn accounted(c: &pb::PacketCounters) -> bool {
     let dropped: u64 = c.drops.iter().map(|d| d.packets).sum();
-    c.rx_packets + c.arp_requests + c.from_kernel == c.tx_packets + dropped + c.consumed + c.to_kernel
+    c.rx_packets + c.arp_requests + c.fragments_released + c.from_kernel
+        == c.tx_packets + dropped + c.consumed + c.to_kernel
 }
 
 /// Sets its flag when dropped, including while unwinding.

@@ -276,6 +276,10 @@ struct Values {
     flows_active: u64,
     busy_polls: u64,
     busy_cycles: u64,
+    fragments_forwarded: u64,
+    fragments_held: u64,
+    fragments_released: u64,
+    fragments_discarded: u64,
     drops: [u64; DropReason::COUNT],
 }
 
@@ -304,6 +308,10 @@ impl Values {
             flows_active: c.flows_active.get(),
             busy_polls: c.busy_polls.get(),
             busy_cycles: c.busy_cycles.get(),
+            fragments_forwarded: c.fragments_forwarded.get(),
+            fragments_held: c.fragments_held.get(),
+            fragments_released: c.fragments_released.get(),
+            fragments_discarded: c.fragments_discarded.get(),
             drops,
         }
     }
@@ -357,6 +365,24 @@ const WORKER_COUNTERS: &[WorkerField] = &[
     ("vipgate_worker_busy_cycles", "TSC cycles the worker spent in busy iterations (receive through transmit).", |v| {
         v.busy_cycles
     }),
+    (
+        "vipgate_worker_fragments_forwarded_packets",
+        "Later IPv4 fragments translated as their datagram's first fragment was.",
+        |v| v.fragments_forwarded,
+    ),
+    (
+        "vipgate_worker_fragments_held_packets",
+        "Later IPv4 fragments that came before their first and waited for it.",
+        |v| v.fragments_held,
+    ),
+    ("vipgate_worker_fragments_released_packets", "Waiting fragments sent once their first was translated.", |v| {
+        v.fragments_released
+    }),
+    (
+        "vipgate_worker_fragments_discarded_packets",
+        "Waiting fragments freed unsent (their first did not come in time, or their rewrite failed).",
+        |v| v.fragments_discarded,
+    ),
 ];
 
 fn counter(

@@ -18,7 +18,8 @@ pub enum DropReason {
     /// An EtherType, IP protocol or IP feature the fast path does not handle
     /// (IPv6, VLAN tags, ARP operations other than request and reply).
     Unsupported,
-    /// An IPv4 fragment (L4 ports are not in every fragment).
+    /// An IPv4 fragment the gateway does not translate: of an ICMP message
+    /// or of a protocol other than TCP and UDP, not for the gateway itself.
     Fragment,
     /// TTL would reach zero, and the packet got no ICMP time exceeded (over
     /// the worker's rate of ICMP errors, or no headroom for it).
@@ -90,11 +91,19 @@ pub enum DropReason {
     /// An 802.1Q or 802.1ad tagged frame for a VLAN no port carries, or
     /// with stacked tags (no port carries a VLAN yet).
     UnknownVlan,
+    /// A datagram's first fragment found no room in the worker's fragment
+    /// table (a flood of first fragments fills it until its entries lapse):
+    /// its later fragments could not follow it, so it is not translated.
+    FragmentTableFull,
+    /// A later fragment that came before its first found the worker's
+    /// store of waiting fragments full (count or bytes), or is longer than
+    /// a 9000-byte MTU's frame.
+    FragmentHoldFull,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 27;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -122,6 +131,8 @@ impl DropReason {
         DropReason::SourceDenied,
         DropReason::IcmpNoFlow,
         DropReason::UnknownVlan,
+        DropReason::FragmentTableFull,
+        DropReason::FragmentHoldFull,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -152,6 +163,8 @@ impl DropReason {
             DropReason::SourceDenied => "source_denied",
             DropReason::IcmpNoFlow => "icmp_no_flow",
             DropReason::UnknownVlan => "unknown_vlan",
+            DropReason::FragmentTableFull => "fragment_table_full",
+            DropReason::FragmentHoldFull => "fragment_hold_full",
         }
     }
 }
@@ -223,13 +236,29 @@ pub struct WorkerCounters {
     /// the gateway translated, translated and sent to the flow's other end
     /// (to the backend: path MTU discovery through nat and fullnat).
     pub icmp_errors_forwarded: Counter,
+    /// Later fragments of a datagram translated from the fragment table, as
+    /// its first fragment was (each also counts in `nat_forward` or
+    /// `nat_reverse`).
+    pub fragments_forwarded: Counter,
+    /// Later fragments that came before their first and were copied to
+    /// wait for it (each also counts in `consumed`).
+    pub fragments_held: Counter,
+    /// Waiting fragments sent once their first was translated (each also
+    /// counts in `nat_forward` or `nat_reverse`, then in `tx_packets` or a
+    /// transmit drop).
+    pub fragments_released: Counter,
+    /// Waiting fragments freed unsent: their first did not come within the
+    /// timeout, or their rewrite failed (TTL, MTU).
+    pub fragments_discarded: Counter,
     /// Packets absorbed without forwarding or dropping (ARP replies for us
-    /// on a port without a kernel interface).
-    /// Every packet is accounted for: rx + arp_requests + handoff_in +
-    /// from_kernel = tx + drops + consumed + handoff_out + to_kernel per
-    /// worker, where arp_requests are the packets the worker itself
-    /// originates and from_kernel those the kernel sends through it; summed
-    /// over the workers the hand-offs cancel out.
+    /// on a port without a kernel interface, fragments held for their
+    /// first).
+    /// Every packet is accounted for: rx + arp_requests +
+    /// fragments_released + handoff_in + from_kernel = tx + drops +
+    /// consumed + handoff_out + to_kernel per worker, where arp_requests and
+    /// fragments_released are the packets the worker itself sends (built,
+    /// or held earlier) and from_kernel those the kernel sends through it;
+    /// summed over the workers the hand-offs cancel out.
     pub consumed: Counter,
     /// Packets punted to the kernel (the exception path): accepted by the
     /// worker's ring to the kernel interfaces.

@@ -12,6 +12,7 @@ pub mod checksum;
 pub mod counters;
 pub mod driver;
 pub mod flow;
+pub mod fragments;
 pub mod hash;
 pub mod loaded;
 pub mod maglev;

@@ -82,6 +82,7 @@
 use crate::admission::{self, NewFlowLimiter};
 use crate::counters::{DropReason, WorkerCounters};
 use crate::flow::{FlowEntry, FlowHash, FlowState, FlowTable, FlowTimeouts};
+use crate::fragments::{FragmentKey, FragmentNote, FragmentTable, HeldFragments};
 use crate::hash::{FlowKey, flow_hash};
 use crate::neighbour::{NeighbourTable, NeighbourTimers};
 use crate::route::NextHop;
@@ -215,10 +216,28 @@ pub struct NeighbourUpdate {
 /// from its own resolution a second later.
 pub const NEIGHBOUR_INBOX: usize = 1024;
 
-/// Creates the neighbour inboxes of `workers` pipelines: element `i` is
-/// worker `i`'s inbox.
-pub fn neighbour_inboxes(workers: usize) -> Vec<Arc<ArrayQueue<NeighbourUpdate>>> {
-    (0..workers).map(|_| Arc::new(ArrayQueue::new(NEIGHBOUR_INBOX))).collect()
+/// Entries in each worker's inbox of datagram translations (see
+/// [`Pipeline::process`] on fragments). When it is full the note is lost,
+/// and the datagram's later fragments wait, then are discarded.
+pub const FRAGMENT_INBOX: usize = 1024;
+
+/// What other workers tell one worker: the neighbours they learned, and
+/// the translations of datagrams whose later fragments it receives.
+#[derive(Debug)]
+pub struct Inbox {
+    neighbours: ArrayQueue<NeighbourUpdate>,
+    fragments: ArrayQueue<FragmentNote>,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox { neighbours: ArrayQueue::new(NEIGHBOUR_INBOX), fragments: ArrayQueue::new(FRAGMENT_INBOX) }
+    }
+}
+
+/// Creates the inboxes of `workers` pipelines: element `i` is worker `i`'s.
+pub fn worker_inboxes(workers: usize) -> Vec<Arc<Inbox>> {
+    (0..workers).map(|_| Arc::new(Inbox::new())).collect()
 }
 
 /// Tunables of a pipeline.
@@ -241,6 +260,11 @@ pub struct PipelineConfig {
     /// that a run replays exactly (tests, fuzzing, benchmarks). `None`, as
     /// a gateway runs: random seeds an attacker cannot predict.
     pub seed: Option<u64>,
+    /// Entries in the fragment table ([`crate::fragments`]).
+    pub fragment_entries: usize,
+    /// How long a datagram's translation, or a fragment waiting for its
+    /// first, is kept (ns).
+    pub fragment_timeout_ns: u64,
 }
 
 impl Default for PipelineConfig {
@@ -253,6 +277,8 @@ impl Default for PipelineConfig {
             backend_slots: crate::stats::DEFAULT_SLOTS,
             new_flow_sketch_width: admission::DEFAULT_WIDTH,
             seed: None,
+            fragment_entries: crate::fragments::DEFAULT_ENTRIES,
+            fragment_timeout_ns: crate::fragments::DEFAULT_TIMEOUT_NS,
         }
     }
 }
@@ -314,10 +340,10 @@ pub struct Pipeline {
     /// pairs) belong to: a publication that keeps the next hops, permanent
     /// neighbours and pools keeps it, and costs the worker no rebuild.
     next_hop_generation: u64,
-    /// Neighbours other workers learned, for this one (lock-free, bounded).
-    inbox: Option<Arc<ArrayQueue<NeighbourUpdate>>>,
-    /// The other workers' inboxes.
-    peers: Vec<Arc<ArrayQueue<NeighbourUpdate>>>,
+    /// What other workers tell this one (lock-free, bounded).
+    inbox: Option<Arc<Inbox>>,
+    /// Every worker's inbox, by worker index (this one's included).
+    peers: Vec<Arc<Inbox>>,
     /// What the pass ahead learned about each packet of the current burst.
     ahead: [Ahead; HASH_AHEAD],
     /// This pipeline's index among the workers, and their number.
@@ -337,6 +363,10 @@ pub struct Pipeline {
     admission: NewFlowLimiter,
     /// What is left of this worker's rate of ICMP errors.
     icmp_errors: IcmpErrorBudget,
+    /// Translations of datagrams whose later fragments may still come.
+    fragments: FragmentTable,
+    /// Later fragments waiting for their first.
+    held: HeldFragments,
 }
 
 /// Most ICMP errors (time exceeded) one worker sends per second, and in
@@ -417,6 +447,14 @@ impl Pipeline {
                 None => NewFlowLimiter::new(config.new_flow_sketch_width),
             },
             icmp_errors: IcmpErrorBudget::new(),
+            fragments: FragmentTable::new(
+                config.fragment_entries,
+                config.fragment_timeout_ns,
+                config.seed.unwrap_or_else(|| {
+                    std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0x66_72_61_67_u64)
+                }),
+            ),
+            held: HeldFragments::new(config.fragment_timeout_ns),
         }
     }
 
@@ -457,11 +495,14 @@ impl Pipeline {
         &self.snat
     }
 
-    /// Joins this pipeline to its peers: `inboxes[me]` receives what the
-    /// others learn; every other inbox receives what this one learns.
-    pub fn share_neighbours(&mut self, inboxes: &[Arc<ArrayQueue<NeighbourUpdate>>], me: usize) {
+    /// Joins this pipeline, worker `me`, to the others: `inboxes[me]`
+    /// receives what they learn (neighbours, and translations of datagrams
+    /// whose later fragments this worker receives); every other inbox
+    /// receives what this one learns. `inboxes` has one inbox per worker,
+    /// by the index [`Pipeline::set_worker`] gives.
+    pub fn join_workers(&mut self, inboxes: &[Arc<Inbox>], me: usize) {
         self.inbox = inboxes.get(me).cloned();
-        self.peers = inboxes.iter().enumerate().filter(|(i, _)| *i != me).map(|(_, q)| Arc::clone(q)).collect();
+        self.peers = inboxes.to_vec();
     }
 
     /// The counters this pipeline writes.
@@ -602,6 +643,8 @@ impl Pipeline {
             self.adopt(snap, now);
         }
         self.neighbours.expire(now);
+        let discarded = self.held.expire(now);
+        self.counters.fragments_discarded.add(discarded as u64);
         let budget = self.flows.capacity().div_ceil(SWEEP_PASSES);
         let (snat, stats) = (&mut self.snat, &self.stats);
         self.flows.expire_some(now, budget, |e| {
@@ -636,7 +679,11 @@ impl Pipeline {
     #[inline]
     fn drain_inbox(&mut self, snap: &Snapshot, now: u64) {
         let Some(inbox) = &self.inbox else { return };
-        while let Some(u) = inbox.pop() {
+        if !inbox.fragments.is_empty() {
+            self.adopt_fragment_notes(snap, now);
+        }
+        let Some(inbox) = &self.inbox else { return };
+        while let Some(u) = inbox.neighbours.pop() {
             if snap.is_static_neighbour(u.addr) {
                 continue;
             }
@@ -770,175 +817,17 @@ impl Pipeline {
         }
         let (hl, total) = (ip.header_len(), usize::from(ip.total_len()));
         let fragment = ip.is_fragment();
+        let (ip_id, frag_offset) = (ip.ident(), ip.frag_offset());
         let (hdr, l4) = rest.split_at_mut(hl);
         let l4 = &mut l4[..total - hl];
         match proto {
             ipv4::protocol::TCP | ipv4::protocol::UDP => {
-                // Whether it is for the gateway's kernel is asked only once
-                // it is no service's: the fast path pays nothing for it.
+                let head = Head { src, dst, proto, ttl, hl, total };
                 if fragment {
-                    if self.for_kernel(snap, in_port, dst) {
-                        return Verdict::Punt(in_port);
-                    }
-                    return Verdict::Drop(DropReason::Fragment);
+                    let key = FragmentKey { src, dst, id: ip_id, protocol: proto };
+                    return self.fragment(snap, now, p, ahead, head, key, frag_offset);
                 }
-                let ports = if proto == ipv4::protocol::TCP {
-                    tcp::Packet::new_checked(&*l4).map(|t| (t.src_port(), t.dst_port()))
-                } else {
-                    udp::Packet::new_checked(&*l4).map(|u| (u.src_port(), u.dst_port()))
-                };
-                let Ok((sport, dport)) = ports else {
-                    return Verdict::Drop(DropReason::Malformed);
-                };
-                let tcp_flags = if proto == ipv4::protocol::TCP {
-                    let flags = tcp::Packet::new_unchecked(&*l4).flags();
-                    // Either way, before any flow is created or changed.
-                    if is_bad_tcp_flags(flags) {
-                        return Verdict::Drop(DropReason::BadTcpFlags);
-                    }
-                    flags
-                } else {
-                    0
-                };
-
-                // The pass ahead read the same bytes, so its answer stands.
-                let (svc, hash) = match ahead {
-                    Ahead::Service(i, hash) => (snap.services().get(i as usize).map(|s| &**s), Some(hash)),
-                    Ahead::NoService => (None, None),
-                    Ahead::Unknown | Ahead::Handoff(_) => (snap.service(dst, dport, proto), None),
-                };
-                if let Some(svc) = svc {
-                    if hash.is_none()
-                        && let Some(w) = self.foreign_owner(src, sport, proto)
-                    {
-                        return Verdict::Handoff(w);
-                    }
-                    if ttl <= 1 {
-                        return self.time_exceeded(p, snap, now, src, hl);
-                    }
-                    let key =
-                        FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-                    // Every client packet, tracked or not, before any flow
-                    // is created or changed.
-                    if !svc.source_ranges.allows(src) {
-                        self.source_denied(&key, hash, now);
-                        return Verdict::Drop(DropReason::SourceDenied);
-                    }
-                    let (backend, snat_addr, snat_port) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
-                        Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
-                        Choice::None => return Verdict::Drop(DropReason::NoBackend),
-                        Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
-                        Choice::Limited => return Verdict::Drop(DropReason::RateLimited),
-                        Choice::Reset => {
-                            if proto != ipv4::protocol::TCP {
-                                return Verdict::Drop(DropReason::NoBackend);
-                            }
-                            // A segment carrying a RST is never answered.
-                            if tcp_flags & tcp::flags::RST != 0 {
-                                return Verdict::Drop(DropReason::NoBackend);
-                            }
-                            reset_in_place(eth, hdr, l4, snap, in_port);
-                            self.counters.flows_reset.inc();
-                            return Verdict::Transmit(in_port);
-                        }
-                    };
-                    let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
-                        return Verdict::Drop(DropReason::NoNeighbour);
-                    };
-                    let out = backend.next_hop.port;
-                    match svc.mode {
-                        Mode::Nat => {
-                            rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
-                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                            ip.set_dst_addr(backend.addr);
-                            ip.set_ttl(ttl - 1);
-                            set_macs(eth, snap, out, mac);
-                        }
-                        Mode::FullNat { .. } => {
-                            rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
-                            rewrite_l4(proto, l4, Endpoint::Src, src, snat_addr, snat_port);
-                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                            ip.set_dst_addr(backend.addr);
-                            ip.set_src_addr(snat_addr);
-                            ip.set_ttl(ttl - 1);
-                            set_macs(eth, snap, out, mac);
-                        }
-                        Mode::Dsr { source_mask } => {
-                            let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                            if let Err(verdict) =
-                                dsr_encapsulate(p, snap, backend, source_mask, mac, t, total, &self.counters)
-                            {
-                                return verdict;
-                            }
-                        }
-                    }
-                    self.counters.nat_forward.inc();
-                    self.stats.count_in(backend.stats, total);
-                    return Verdict::Transmit(out);
-                }
-
-                if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
-                    let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                    let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
-                    if v == Verdict::Drop(DropReason::TtlExceeded) {
-                        // Not counted yet: answered, or counted, here.
-                        return self.time_exceeded(p, snap, now, src, hl);
-                    }
-                    return v;
-                }
-
-                if let Some(rev) = snap.reverse(src, sport, proto) {
-                    if snap.local_port(dst).is_some() || dst >> 28 == 0xe || dst == u32::MAX {
-                        // From a backend's address and port, but to the
-                        // gateway: a reply to the kernel's own connection (a
-                        // health probe), not one to translate (a client is
-                        // never the gateway).
-                        if self.punts(in_port) {
-                            return Verdict::Punt(in_port);
-                        }
-                        return Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService));
-                    }
-                    if let Some(w) = self.foreign_owner(dst, dport, proto) {
-                        return Verdict::Handoff(w);
-                    }
-                    if ttl <= 1 {
-                        return self.time_exceeded(p, snap, now, src, hl);
-                    }
-                    // The reply's flow, as the client sees it. The
-                    // translation comes from configuration, so a reply is
-                    // translated even without an entry (a flow another
-                    // gateway started); an entry only follows the TCP state.
-                    if proto == ipv4::protocol::TCP {
-                        let key = FlowKey {
-                            src_addr: dst,
-                            dst_addr: rev.vip,
-                            src_port: dport,
-                            dst_port: rev.port,
-                            protocol: proto,
-                        };
-                        if let Some(flow) = self.flows.lookup(&key, now) {
-                            self.on_tcp_flags(flow, false, tcp_flags, now);
-                        }
-                    }
-                    let Some(nh) = snap.routes().next_hop(dst) else {
-                        return Verdict::Drop(DropReason::NoRoute);
-                    };
-                    let Some(mac) = self.resolve(snap, nh, now) else {
-                        return Verdict::Drop(DropReason::NoNeighbour);
-                    };
-                    rewrite_l4(proto, l4, Endpoint::Src, src, rev.vip, rev.port);
-                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                    ip.set_src_addr(rev.vip);
-                    ip.set_ttl(ttl - 1);
-                    set_macs(eth, snap, nh.port, mac);
-                    self.counters.nat_reverse.inc();
-                    self.stats.count_out(rev.stats, total);
-                    return Verdict::Transmit(nh.port);
-                }
-                if self.for_kernel(snap, in_port, dst) {
-                    return Verdict::Punt(in_port);
-                }
-                Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
+                self.transport(snap, now, p, ahead, head, false)
             }
             ipv4::protocol::ICMP => {
                 let local = snap.local_port(dst).is_some();
@@ -981,6 +870,182 @@ impl Pipeline {
             _ if self.for_kernel(snap, in_port, dst) => Verdict::Punt(in_port),
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
+    }
+
+    /// The TCP or UDP packet `p` (its IPv4 header read into `head`): to a
+    /// service, a reply to translate back, for the kernel, or none of
+    /// these. `first_fragment`: it is the first fragment of a datagram, so
+    /// its UDP length field counts bytes of later fragments too.
+    #[inline(always)]
+    fn transport(
+        &mut self,
+        snap: &Snapshot,
+        now: u64,
+        p: &mut RxPacket<'_>,
+        ahead: Ahead,
+        head: Head,
+        first_fragment: bool,
+    ) -> Verdict {
+        let Head { src, dst, proto, ttl, hl, total } = head;
+        let in_port = p.port;
+        let (eth, rest) = p.buf[p.start..p.end].split_at_mut(ethernet::HEADER_LEN);
+        let (hdr, l4) = rest.split_at_mut(hl);
+        let l4 = &mut l4[..total - hl];
+        let ports = if proto == ipv4::protocol::TCP {
+            tcp::Packet::new_checked(&*l4).map(|t| (t.src_port(), t.dst_port()))
+        } else if first_fragment && l4.len() >= udp::HEADER_LEN {
+            // Its length field counts the whole datagram; the first
+            // fragment holds the header.
+            let u = udp::Packet::new_unchecked(&*l4);
+            Ok((u.src_port(), u.dst_port()))
+        } else {
+            udp::Packet::new_checked(&*l4).map(|u| (u.src_port(), u.dst_port()))
+        };
+        let Ok((sport, dport)) = ports else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let tcp_flags = if proto == ipv4::protocol::TCP {
+            let flags = tcp::Packet::new_unchecked(&*l4).flags();
+            // Either way, before any flow is created or changed.
+            if is_bad_tcp_flags(flags) {
+                return Verdict::Drop(DropReason::BadTcpFlags);
+            }
+            flags
+        } else {
+            0
+        };
+
+        // The pass ahead read the same bytes, so its answer stands.
+        let (svc, hash) = match ahead {
+            Ahead::Service(i, hash) => (snap.services().get(i as usize).map(|s| &**s), Some(hash)),
+            Ahead::NoService => (None, None),
+            Ahead::Unknown | Ahead::Handoff(_) => (snap.service(dst, dport, proto), None),
+        };
+        if let Some(svc) = svc {
+            if hash.is_none()
+                && let Some(w) = self.foreign_owner(src, sport, proto)
+            {
+                return Verdict::Handoff(w);
+            }
+            if ttl <= 1 {
+                return self.time_exceeded(p, snap, now, src, hl);
+            }
+            let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
+            // Every client packet, tracked or not, before any flow
+            // is created or changed.
+            if !svc.source_ranges.allows(src) {
+                self.source_denied(&key, hash, now);
+                return Verdict::Drop(DropReason::SourceDenied);
+            }
+            let (backend, snat_addr, snat_port) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
+                Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
+                Choice::None => return Verdict::Drop(DropReason::NoBackend),
+                Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
+                Choice::Limited => return Verdict::Drop(DropReason::RateLimited),
+                Choice::Reset => {
+                    if proto != ipv4::protocol::TCP {
+                        return Verdict::Drop(DropReason::NoBackend);
+                    }
+                    // A segment carrying a RST is never answered.
+                    if tcp_flags & tcp::flags::RST != 0 {
+                        return Verdict::Drop(DropReason::NoBackend);
+                    }
+                    reset_in_place(eth, hdr, l4, snap, in_port);
+                    self.counters.flows_reset.inc();
+                    return Verdict::Transmit(in_port);
+                }
+            };
+            let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
+                return Verdict::Drop(DropReason::NoNeighbour);
+            };
+            let out = backend.next_hop.port;
+            match svc.mode {
+                Mode::Nat => {
+                    rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                    ip.set_dst_addr(backend.addr);
+                    ip.set_ttl(ttl - 1);
+                    set_macs(eth, snap, out, mac);
+                }
+                Mode::FullNat { .. } => {
+                    rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                    rewrite_l4(proto, l4, Endpoint::Src, src, snat_addr, snat_port);
+                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                    ip.set_dst_addr(backend.addr);
+                    ip.set_src_addr(snat_addr);
+                    ip.set_ttl(ttl - 1);
+                    set_macs(eth, snap, out, mac);
+                }
+                Mode::Dsr { source_mask } => {
+                    let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
+                    if let Err(verdict) = dsr_encapsulate(p, snap, backend, source_mask, mac, t, total, &self.counters)
+                    {
+                        return verdict;
+                    }
+                }
+            }
+            self.counters.nat_forward.inc();
+            self.stats.count_in(backend.stats, total);
+            return Verdict::Transmit(out);
+        }
+
+        if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
+            let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
+            let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
+            if v == Verdict::Drop(DropReason::TtlExceeded) {
+                // Not counted yet: answered, or counted, here.
+                return self.time_exceeded(p, snap, now, src, hl);
+            }
+            return v;
+        }
+
+        if let Some(rev) = snap.reverse(src, sport, proto) {
+            if snap.local_port(dst).is_some() || dst >> 28 == 0xe || dst == u32::MAX {
+                // From a backend's address and port, but to the
+                // gateway: a reply to the kernel's own connection (a
+                // health probe), not one to translate (a client is
+                // never the gateway).
+                if self.punts(in_port) {
+                    return Verdict::Punt(in_port);
+                }
+                return Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService));
+            }
+            if let Some(w) = self.foreign_owner(dst, dport, proto) {
+                return Verdict::Handoff(w);
+            }
+            if ttl <= 1 {
+                return self.time_exceeded(p, snap, now, src, hl);
+            }
+            // The reply's flow, as the client sees it. The
+            // translation comes from configuration, so a reply is
+            // translated even without an entry (a flow another
+            // gateway started); an entry only follows the TCP state.
+            if proto == ipv4::protocol::TCP {
+                let key =
+                    FlowKey { src_addr: dst, dst_addr: rev.vip, src_port: dport, dst_port: rev.port, protocol: proto };
+                if let Some(flow) = self.flows.lookup(&key, now) {
+                    self.on_tcp_flags(flow, false, tcp_flags, now);
+                }
+            }
+            let Some(nh) = snap.routes().next_hop(dst) else {
+                return Verdict::Drop(DropReason::NoRoute);
+            };
+            let Some(mac) = self.resolve(snap, nh, now) else {
+                return Verdict::Drop(DropReason::NoNeighbour);
+            };
+            rewrite_l4(proto, l4, Endpoint::Src, src, rev.vip, rev.port);
+            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+            ip.set_src_addr(rev.vip);
+            ip.set_ttl(ttl - 1);
+            set_macs(eth, snap, nh.port, mac);
+            self.counters.nat_reverse.inc();
+            self.stats.count_out(rev.stats, total);
+            return Verdict::Transmit(nh.port);
+        }
+        if self.for_kernel(snap, in_port, dst) {
+            return Verdict::Punt(in_port);
+        }
+        Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
     }
 
     /// A TCP or UDP packet from `src` (IP header `hl` bytes long) whose TTL
@@ -1341,9 +1406,10 @@ impl Pipeline {
                     self.next_hop_macs[slot] = Some(sha);
                 }
             }
-            for peer in &self.peers {
+            let me = self.inbox.as_ref();
+            for peer in self.peers.iter().filter(|q| me.is_none_or(|m| !Arc::ptr_eq(m, q))) {
                 // Full: the peer resolves the neighbour itself shortly.
-                let _ = peer.push(NeighbourUpdate { addr: spa, mac: sha });
+                let _ = peer.neighbours.push(NeighbourUpdate { addr: spa, mac: sha });
             }
         }
 
@@ -1414,6 +1480,11 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
     }
     let protocol = *ip.get(9)?;
     if protocol != ipv4::protocol::TCP && protocol != ipv4::protocol::UDP {
+        return None;
+    }
+    // A later fragment carries no ports: what sits there is payload.
+    let frag = ip.get(6..8)?;
+    if frag[0] & 0x1f != 0 || frag[1] != 0 {
         return None;
     }
     let hl = usize::from(ip[0] & 0x0f) * 4;
@@ -1502,6 +1573,19 @@ fn is_opening(protocol: u8, tcp_flags: u16) -> bool {
 #[inline]
 fn is_echo_request(l4: &[u8]) -> bool {
     l4.len() >= icmp::HEADER_LEN && l4[0] == icmp::message::ECHO_REQUEST && l4[1] == 0
+}
+
+/// What the IPv4 header said, for the transport step.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    src: u32,
+    dst: u32,
+    proto: u8,
+    ttl: u8,
+    /// Header length.
+    hl: usize,
+    /// Total length.
+    total: usize,
 }
 
 /// The header fields of a TCP or UDP packet the pipeline decides on.
@@ -1829,7 +1913,9 @@ fn set_macs(eth: &mut [u8], snap: &Snapshot, port: u16, dst: EthernetAddress) {
     }
 }
 
+mod fragments;
 mod icmp_errors;
+pub use fragments::fragment_owner;
 
 #[cfg(test)]
 mod tests;

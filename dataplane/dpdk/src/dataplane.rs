@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::driver::{DataplaneConfig, PortStats};
 use vipgate_dataplane::loaded::LoadedSnapshot;
-use vipgate_dataplane::pipeline::{PipelineConfig, neighbour_inboxes};
+use vipgate_dataplane::pipeline::{PipelineConfig, worker_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
 use vipgate_dataplane::stats::BackendStats;
 use vipgate_dataplane::wire::EthernetAddress;
@@ -246,7 +246,7 @@ impl Dataplane {
                 )
             })
             .collect();
-        let inboxes = neighbour_inboxes(lcores.len());
+        let inboxes = worker_inboxes(lcores.len());
         let workers = lcores.len();
         let handoff = self.handoff.as_ref().expect("rings exist until shutdown");
         let kernel_ports: Vec<bool> = self

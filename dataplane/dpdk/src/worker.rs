@@ -50,8 +50,8 @@ pub const MAX_IDLE_SLEEP: Duration = Duration::from_millis(10);
 /// Housekeeping (neighbour expiry and refresh) runs this many times a second.
 const HOUSEKEEPING_HZ: u64 = 10;
 
-/// A worker's neighbour inbox.
-pub(crate) type Inbox = Arc<crossbeam::queue::ArrayQueue<vipgate_dataplane::pipeline::NeighbourUpdate>>;
+/// A worker's inbox (neighbours and fragment translations from the others).
+pub(crate) type Inbox = Arc<vipgate_dataplane::pipeline::Inbox>;
 
 /// What a worker is built from, on its own lcore: the pipeline's tables are
 /// allocated and first touched there, so they live on the worker's NUMA
@@ -97,7 +97,7 @@ impl WorkerSetup {
     /// around (a reference from the reader must not borrow the worker).
     fn build(self) -> (Worker, Reader<Snapshot>) {
         let mut pipeline = Pipeline::with_stats(self.pipeline, self.counters, self.stats);
-        pipeline.share_neighbours(&self.inboxes, self.index);
+        pipeline.join_workers(&self.inboxes, self.index);
         pipeline.set_worker(self.index, self.workers);
         if self.exception.is_some() {
             pipeline.set_kernel_ports(&self.kernel_ports);
@@ -382,6 +382,7 @@ impl Worker {
             if start >= next_housekeeping {
                 self.pipeline.housekeeping(snap, clock.ns(start));
                 self.send_solicitations(&counters);
+                self.send_released(&counters);
                 next_housekeeping = start + housekeeping_every;
             }
             let mut received = 0usize;
@@ -589,6 +590,7 @@ impl Worker {
             self.punt(&mut punt.0, false, counters);
         }
         self.send_solicitations(counters);
+        self.send_released(counters);
     }
 
     /// Passes punted packets to the exception thread, on the control ring
@@ -704,6 +706,55 @@ impl Worker {
                 send_arp_request(pool, port_id, queue, &s, counters);
             }
         }
+    }
+}
+
+impl Worker {
+    /// Sends the fragments that waited for their first and are now
+    /// translated (rare: only fragments that overtook their first wait).
+    fn send_released(&mut self, counters: &WorkerCounters) {
+        let (pool, queue, port_ids) = (self.pool, self.queue, &self.port_ids);
+        self.pipeline.drain_released(|out, frame| match port_ids.get(usize::from(out)) {
+            Some(&port_id) => send_copy(pool, port_id, queue, frame, counters),
+            None => counters.count_drop(DropReason::NoRoute),
+        });
+    }
+}
+
+/// Sends a copy of `frame` on `port_id`; counts it sent, or dropped as
+/// `tx_full` when no mbuf or no queue slot is free.
+fn send_copy(pool: *mut vipgate_ffi::rte_mempool, port_id: u16, queue: u16, frame: &[u8], counters: &WorkerCounters) {
+    // SAFETY: the pool is alive for the worker's lifetime.
+    let m = unsafe { vipgate_ffi::rte_pktmbuf_alloc(pool) };
+    if m.is_null() {
+        counters.count_drop(DropReason::TxFull);
+        return;
+    }
+    // SAFETY: `m` is a freshly allocated mbuf we own; its buffer has
+    // buf_len - data_off bytes of room after the data offset.
+    let room = unsafe { std::slice::from_raw_parts_mut(mtod(m), usize::from((*m).buf_len - (*m).data_off)) };
+    if frame.len() > room.len() {
+        // SAFETY: `m` is ours and unsent.
+        unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
+        counters.count_drop(DropReason::TooBig);
+        return;
+    }
+    room[..frame.len()].copy_from_slice(frame);
+    let mut one = [m];
+    // SAFETY: `m` is ours; lengths describe the bytes just written; the
+    // port is started and `queue` is this worker's tx queue.
+    let sent = unsafe {
+        (*m).data_len = frame.len() as u16;
+        (*m).pkt_len = frame.len() as u32;
+        vipgate_ffi::rte_eth_tx_burst(port_id, queue, one.as_mut_ptr(), 1)
+    };
+    if sent == 1 {
+        counters.tx_packets.inc();
+        counters.tx_bytes.add(frame.len() as u64);
+    } else {
+        // SAFETY: not accepted by the driver, still ours.
+        unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
+        counters.count_drop(DropReason::TxFull);
     }
 }
 

@@ -11,7 +11,8 @@
 //! workers are delivered as the driver would.
 //!
 //! Oracles, after every operation:
-//! - accounting, per worker: rx + arp_requests + handoff_in + from_kernel =
+//! - accounting, per worker: rx + arp_requests + fragments_released +
+//!   handoff_in + from_kernel =
 //!   tx + drops + consumed + handoff_out + to_kernel (the driver's side is
 //!   counted here from the verdicts, the pipeline's drops and `consumed`
 //!   are read from its counters and must match the verdicts reason by
@@ -36,7 +37,7 @@ use etherparse::{Ipv4HeaderSlice, TcpHeaderSlice, UdpHeaderSlice};
 use libfuzzer_sys::fuzz_target;
 use vipgate_dataplane::admission::NewFlowLimit;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
-use vipgate_dataplane::pipeline::{NoPrefetch, Pipeline, PipelineConfig, RxPacket, Verdict, neighbour_inboxes};
+use vipgate_dataplane::pipeline::{NoPrefetch, Pipeline, PipelineConfig, RxPacket, Verdict, worker_inboxes};
 use vipgate_dataplane::snapshot::{
     Affinity, BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, OnBackendRemoval, PortSpec, Protocol, RouteSpec,
     ServiceSpec, Snapshot, SnapshotSpec, SourcePoolSpec,
@@ -270,6 +271,7 @@ struct Driver {
     rx: u64,
     tx: u64,
     arp_requests: u64,
+    released: u64,
     handoff_in: u64,
     handoff_out: u64,
     to_kernel: u64,
@@ -299,7 +301,7 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        let inboxes = neighbour_inboxes(WORKERS);
+        let inboxes = worker_inboxes(WORKERS);
         // Small tables, so that evictions and a full pool are reached and
         // each run builds its rig quickly; fixed seeds, so that a crash
         // replays exactly.
@@ -316,7 +318,7 @@ impl Rig {
                 let counters = Arc::new(WorkerCounters::default());
                 let mut pipe = Pipeline::new(config, Arc::clone(&counters));
                 pipe.set_worker(w, WORKERS);
-                pipe.share_neighbours(&inboxes, w);
+                pipe.join_workers(&inboxes, w);
                 pipe.set_kernel_ports(&KERNEL_PORTS);
                 Worker { pipe, counters, driver: Driver::default(), inbox: Vec::new() }
             })
@@ -425,6 +427,14 @@ impl Rig {
             worker.driver.arp_requests += 1;
             worker.driver.tx += 1;
         }
+        // And the fragments that waited for their first.
+        let driver = &mut worker.driver;
+        worker.pipe.drain_released(|port, frame| {
+            assert!(usize::from(port) < snap.ports().len(), "a released fragment's port");
+            assert!(frame.len() >= 34, "a released fragment is an IPv4 frame");
+            driver.released += 1;
+            driver.tx += 1;
+        });
     }
 
     fn housekeeping(&mut self, passes: usize) {
@@ -446,7 +456,8 @@ impl Rig {
                 assert_eq!(c.drops(r), d.drops[r as usize], "worker {w}: drops counted as {} vs verdicts", r.name());
             }
             assert_eq!(c.consumed.get(), d.consumed, "worker {w}: consumed counted vs verdicts");
-            let left = d.rx + d.arp_requests + d.handoff_in;
+            assert_eq!(c.fragments_released.get(), d.released, "worker {w}: released fragments counted vs sent");
+            let left = d.rx + d.arp_requests + d.released + d.handoff_in;
             let right = d.tx + c.total_drops() + c.consumed.get() + d.handoff_out + d.to_kernel;
             assert_eq!(
                 left, right,

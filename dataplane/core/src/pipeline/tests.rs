@@ -427,15 +427,15 @@ fn a_new_snapshot_keeps_what_the_worker_learned() {
 #[test]
 fn workers_share_what_they_learn_from_arp() {
     let snap = Snapshot::build(&spec()).unwrap();
-    let inboxes = neighbour_inboxes(2);
+    let inboxes = worker_inboxes(2);
     let mut a = Rig {
         snap: Snapshot::build(&spec()).unwrap(),
         pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())),
         now: 1,
     };
     let mut b = Rig { snap, pipe: Pipeline::new(test_config(), Arc::new(WorkerCounters::default())), now: 1 };
-    a.pipe.share_neighbours(&inboxes, 0);
-    b.pipe.share_neighbours(&inboxes, 1);
+    a.pipe.join_workers(&inboxes, 0);
+    b.pipe.join_workers(&inboxes, 1);
     // Only worker a sees the ARP replies (RSS put them on its queue).
     a.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
     for (addr, mac) in BACKENDS.iter().zip(BACKEND_MACS) {
@@ -449,7 +449,7 @@ fn workers_share_what_they_learn_from_arp() {
     let mut reply = tcp_frame((dst, 8080), (CLIENT, 40000), 64, b"");
     assert_eq!(b.run(1, &mut reply), Verdict::Transmit(0));
     assert_eq!(b.pipe.take_solicitations().count(), 0);
-    assert!(inboxes[1].is_empty() && inboxes[0].is_empty());
+    assert!(inboxes[1].neighbours.is_empty() && inboxes[0].neighbours.is_empty());
 }
 
 #[test]
@@ -527,6 +527,7 @@ fn answers_ping_to_own_address_and_vip() {
 fn fragments_bad_checksums_and_unsupported_types_are_dropped() {
     let mut r = Rig::resolved();
     let mut f = tcp_frame((CLIENT, 40000), (VIP, 80), 64, b"");
+    f[14 + 9] = 1; // an ICMP fragment
     f[14 + 6] |= 0x20; // more fragments
     let mut ip = ipv4::Packet::new_unchecked(&mut f[14..]);
     ip.fill_checksum();
@@ -860,6 +861,7 @@ fn reset_policy_answers_a_removed_backends_flows_with_a_tcp_reset() {
 
 mod exception;
 mod flows;
+mod fragments;
 mod icmp_errors;
 mod martians;
 mod modes;

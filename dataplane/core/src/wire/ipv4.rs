@@ -118,6 +118,19 @@ impl<T: AsRef<[u8]>> Packet<T> {
         be16(self.buffer.as_ref(), field::FLAGS_FRAG) & 0x3fff != 0
     }
 
+    /// Fragment offset, in 8-byte units (0 for the first fragment or an
+    /// unfragmented packet).
+    #[inline(always)]
+    pub fn frag_offset(&self) -> u16 {
+        be16(self.buffer.as_ref(), field::FLAGS_FRAG) & 0x1fff
+    }
+
+    /// More-fragments flag.
+    #[inline(always)]
+    pub fn more_frags(&self) -> bool {
+        be16(self.buffer.as_ref(), field::FLAGS_FRAG) & 0x2000 != 0
+    }
+
     /// Time to live.
     #[inline(always)]
     pub fn ttl(&self) -> u8 {
