@@ -47,6 +47,16 @@ N-th of them. The capture then holds max(ceil(M / S), ceil(N / (1 - S)),
 --min-packets) packets, so every flood tuple and every established flow
 appear at least once per pass. Needs TCP over IPv4 and --new-share 0.
 
+--fragments F (UDP over IPv4, one fixed size) makes every datagram F
+IPv4 fragments, each frame the given size: the datagram carries F times
+the largest multiple of 8 bytes a frame holds after its IPv4 header
+(24 at 64 bytes), the first fragment its UDP header, the others only
+payload; in order, more-fragments set on all but the last, IP
+identification the datagram's number. Flow f sends datagrams f, f + N, ...,
+so the capture holds max(N, --min-packets) datagrams (times F frames),
+and the UDP checksum is the whole datagram's. Frames shorter than the size
+(the header room left over) carry Ethernet padding.
+
 --shards K splits the capture by flow (flow i goes to shard i mod K) into K
 files, OUT without .pcap plus .s0ofK.pcap to .s<K-1>ofK.pcap, so K queues
 each replay their own share of the flows. A JSON summary of what was written
@@ -181,6 +191,7 @@ def main(argv: list[str]) -> int:
                     help="share of packets that are spoofed SYNs, 0..1 exclusive of 1 (default 0: no flood)")
     ap.add_argument("--flood-flows", type=int, default=0, help="distinct spoofed SYN tuples (with --flood-share)")
     ap.add_argument("--flood-dport", type=int, help="port the spoofed SYNs go to (default: --dport)")
+    ap.add_argument("--fragments", type=int, default=1, help="IPv4 fragments per UDP datagram (default 1: none)")
     ap.add_argument("--out", required=True, help="output file (.pcap)")
     a = ap.parse_args(argv)
 
@@ -192,6 +203,10 @@ def main(argv: list[str]) -> int:
         ap.error("--min-packets must be at least 1")
     if not 1 <= a.shards <= 64 or a.shards > a.flows:
         ap.error("--shards must be from 1 to 64 and at most --flows")
+    if not 1 <= a.fragments <= 64:
+        ap.error("--fragments must be from 1 to 64")
+    if a.fragments > 1 and (a.proto != "udp" or a.ipv != 4 or a.size == "imix" or a.flood_share):
+        ap.error("--fragments needs --proto udp, --ipv 4, a fixed --size and no --flood-share")
     dport = a.dport if a.dport is not None else (80 if a.proto == "tcp" else 53)
     if not 1 <= dport <= 65535:
         ap.error("--dport must be from 1 to 65535")
@@ -300,8 +315,45 @@ def main(argv: list[str]) -> int:
     share = a.new_share
     base_ts = 1_700_000_000
     flood_count = established = 0
+    if a.fragments > 1:
+        packets *= a.fragments
+    piece = ((fixed - 14 - 20) // 8) * 8 if a.fragments > 1 else 0
+    datagram = b""
     for k in range(packets):
         frame_len = sizes[k] if sizes else fixed
+        if a.fragments > 1:
+            d, part = divmod(k, a.fragments)
+            f = d % a.flows
+            if part == 0:
+                j = (mult * f + add) % TUPLE_SPACE
+                src = (client_base + CLIENT_FIRST_HOST + j % CLIENT_HOSTS).to_bytes(4, "big")
+                sport = PORT_FIRST + j // CLIENT_HOSTS
+                udp_len = piece * a.fragments
+                data, dsum = payload(udp_len - 8)
+                sm = word_sum(src) + vip_sum + l4_proto + udp_len + word_sum(struct.pack("!HHHH", sport, dport, udp_len, 0)) + dsum
+                c = (~fold(sm)) & 0xFFFF or 0xFFFF
+                datagram = struct.pack("!HHHH", sport, dport, udp_len, c) + data
+                established += 1
+            chunk = datagram[part * piece:(part + 1) * piece]
+            flags = (part * piece // 8) | (0x2000 if part + 1 < a.fragments else 0)
+            hdr = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(chunk), d & 0xFFFF, flags, 64, l4_proto, 0) + src + vip_bytes
+            hc = (~fold(word_sum(hdr))) & 0xFFFF
+            frame = eth + hdr[:10] + struct.pack("!H", hc) + hdr[12:] + chunk
+            frame += bytes(frame_len - len(frame))
+        else:
+            frame = None
+        if frame is not None:
+            shard = f % a.shards
+            n = written[shard]
+            b = bufs[shard]
+            b += struct.pack("<IIII", base_ts + n // 1_000_000, n % 1_000_000, frame_len, frame_len)
+            b += frame
+            written[shard] = n + 1
+            total_bytes += frame_len
+            if len(b) >= 1 << 22:
+                outs[shard].write(b)
+                b.clear()
+            continue
         l4_len = frame_len - 14 - ip_hlen
         # Evenly spread: packet k is a flood SYN when floor((k+1)s) > floor(ks).
         spoofed = flood and math.floor((k + 1) * a.flood_share + 1e-9) > math.floor(k * a.flood_share + 1e-9)
@@ -395,6 +447,7 @@ def main(argv: list[str]) -> int:
         "proto": a.proto,
         "ipv": a.ipv,
         "seed": a.seed,
+        "fragments": a.fragments,
         "dst_mac": ":".join(f"{b:02x}" for b in a.dst_mac),
         "vip": str(vip),
         "dport": dport,

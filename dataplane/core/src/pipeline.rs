@@ -817,17 +817,196 @@ impl Pipeline {
         }
         let (hl, total) = (ip.header_len(), usize::from(ip.total_len()));
         let fragment = ip.is_fragment();
-        let (ip_id, frag_offset) = (ip.ident(), ip.frag_offset());
         let (hdr, l4) = rest.split_at_mut(hl);
         let l4 = &mut l4[..total - hl];
         match proto {
             ipv4::protocol::TCP | ipv4::protocol::UDP => {
-                let head = Head { src, dst, proto, ttl, hl, total };
+                // Whether it is for the gateway's kernel is asked only once
+                // it is no service's: the fast path pays nothing for it.
                 if fragment {
-                    let key = FragmentKey { src, dst, id: ip_id, protocol: proto };
-                    return self.fragment(snap, now, p, ahead, head, key, frag_offset);
+                    let h = ipv4::Packet::new_unchecked(&*hdr);
+                    let key = FragmentKey { src, dst, id: h.ident(), protocol: proto };
+                    let offset = h.frag_offset();
+                    if offset != 0 || self.for_kernel(snap, in_port, dst) {
+                        return self.fragment(snap, now, p, key, offset);
+                    }
+                    // A first fragment: translated below as an unfragmented
+                    // packet would be, and its translation recorded.
+                    if let Some(v) = self.first_fragment(&key, now) {
+                        return v;
+                    }
                 }
-                self.transport(snap, now, p, ahead, head, false)
+                let ports = if proto == ipv4::protocol::TCP {
+                    tcp::Packet::new_checked(&*l4).map(|t| (t.src_port(), t.dst_port()))
+                } else if fragment && l4.len() >= udp::HEADER_LEN {
+                    // Its length field counts the whole datagram; the first
+                    // fragment holds the header.
+                    let u = udp::Packet::new_unchecked(&*l4);
+                    Ok((u.src_port(), u.dst_port()))
+                } else {
+                    udp::Packet::new_checked(&*l4).map(|u| (u.src_port(), u.dst_port()))
+                };
+                let Ok((sport, dport)) = ports else {
+                    return Verdict::Drop(DropReason::Malformed);
+                };
+                let tcp_flags = if proto == ipv4::protocol::TCP {
+                    let flags = tcp::Packet::new_unchecked(&*l4).flags();
+                    // Either way, before any flow is created or changed.
+                    if is_bad_tcp_flags(flags) {
+                        return Verdict::Drop(DropReason::BadTcpFlags);
+                    }
+                    flags
+                } else {
+                    0
+                };
+
+                // The pass ahead read the same bytes, so its answer stands.
+                let (svc, hash) = match ahead {
+                    Ahead::Service(i, hash) => (snap.services().get(i as usize).map(|s| &**s), Some(hash)),
+                    Ahead::NoService => (None, None),
+                    Ahead::Unknown | Ahead::Handoff(_) => (snap.service(dst, dport, proto), None),
+                };
+                if let Some(svc) = svc {
+                    if hash.is_none()
+                        && let Some(w) = self.foreign_owner(src, sport, proto)
+                    {
+                        return Verdict::Handoff(w);
+                    }
+                    if ttl <= 1 {
+                        return self.time_exceeded(p, snap, now, src, hl);
+                    }
+                    let key =
+                        FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
+                    // Every client packet, tracked or not, before any flow
+                    // is created or changed.
+                    if !svc.source_ranges.allows(src) {
+                        self.source_denied(&key, hash, now);
+                        return Verdict::Drop(DropReason::SourceDenied);
+                    }
+                    let (backend, snat_addr, snat_port) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
+                        Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
+                        Choice::None => return Verdict::Drop(DropReason::NoBackend),
+                        Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
+                        Choice::Limited => return Verdict::Drop(DropReason::RateLimited),
+                        Choice::Reset => {
+                            if proto != ipv4::protocol::TCP {
+                                return Verdict::Drop(DropReason::NoBackend);
+                            }
+                            // A segment carrying a RST is never answered.
+                            if tcp_flags & tcp::flags::RST != 0 {
+                                return Verdict::Drop(DropReason::NoBackend);
+                            }
+                            reset_in_place(eth, hdr, l4, snap, in_port);
+                            self.counters.flows_reset.inc();
+                            return Verdict::Transmit(in_port);
+                        }
+                    };
+                    let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
+                        return Verdict::Drop(DropReason::NoNeighbour);
+                    };
+                    let out = backend.next_hop.port;
+                    match svc.mode {
+                        Mode::Nat => {
+                            rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                            ip.set_dst_addr(backend.addr);
+                            ip.set_ttl(ttl - 1);
+                            set_macs(eth, snap, out, mac);
+                        }
+                        Mode::FullNat { .. } => {
+                            rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
+                            rewrite_l4(proto, l4, Endpoint::Src, src, snat_addr, snat_port);
+                            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                            ip.set_dst_addr(backend.addr);
+                            ip.set_src_addr(snat_addr);
+                            ip.set_ttl(ttl - 1);
+                            set_macs(eth, snap, out, mac);
+                        }
+                        Mode::Dsr { source_mask } => {
+                            let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
+                            if let Err(verdict) =
+                                dsr_encapsulate(p, snap, backend, source_mask, mac, t, total, &self.counters)
+                            {
+                                return verdict;
+                            }
+                        }
+                    }
+                    self.counters.nat_forward.inc();
+                    self.stats.count_in(backend.stats, total);
+                    if fragment {
+                        self.record_fragment(snap, now, p, (src, dst, proto), out, true);
+                    }
+                    return Verdict::Transmit(out);
+                }
+
+                if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
+                    let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
+                    let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
+                    if v == Verdict::Drop(DropReason::TtlExceeded) {
+                        // Not counted yet: answered, or counted, here.
+                        return self.time_exceeded(p, snap, now, src, hl);
+                    }
+                    if fragment && let Verdict::Transmit(out) = v {
+                        self.record_fragment(snap, now, p, (src, dst, proto), out, false);
+                    }
+                    return v;
+                }
+
+                if let Some(rev) = snap.reverse(src, sport, proto) {
+                    if snap.local_port(dst).is_some() || dst >> 28 == 0xe || dst == u32::MAX {
+                        // From a backend's address and port, but to the
+                        // gateway: a reply to the kernel's own connection (a
+                        // health probe), not one to translate (a client is
+                        // never the gateway).
+                        if self.punts(in_port) {
+                            return Verdict::Punt(in_port);
+                        }
+                        return Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService));
+                    }
+                    if let Some(w) = self.foreign_owner(dst, dport, proto) {
+                        return Verdict::Handoff(w);
+                    }
+                    if ttl <= 1 {
+                        return self.time_exceeded(p, snap, now, src, hl);
+                    }
+                    // The reply's flow, as the client sees it. The
+                    // translation comes from configuration, so a reply is
+                    // translated even without an entry (a flow another
+                    // gateway started); an entry only follows the TCP state.
+                    if proto == ipv4::protocol::TCP {
+                        let key = FlowKey {
+                            src_addr: dst,
+                            dst_addr: rev.vip,
+                            src_port: dport,
+                            dst_port: rev.port,
+                            protocol: proto,
+                        };
+                        if let Some(flow) = self.flows.lookup(&key, now) {
+                            self.on_tcp_flags(flow, false, tcp_flags, now);
+                        }
+                    }
+                    let Some(nh) = snap.routes().next_hop(dst) else {
+                        return Verdict::Drop(DropReason::NoRoute);
+                    };
+                    let Some(mac) = self.resolve(snap, nh, now) else {
+                        return Verdict::Drop(DropReason::NoNeighbour);
+                    };
+                    rewrite_l4(proto, l4, Endpoint::Src, src, rev.vip, rev.port);
+                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
+                    ip.set_src_addr(rev.vip);
+                    ip.set_ttl(ttl - 1);
+                    set_macs(eth, snap, nh.port, mac);
+                    self.counters.nat_reverse.inc();
+                    self.stats.count_out(rev.stats, total);
+                    if fragment {
+                        self.record_fragment(snap, now, p, (src, dst, proto), nh.port, false);
+                    }
+                    return Verdict::Transmit(nh.port);
+                }
+                if self.for_kernel(snap, in_port, dst) {
+                    return Verdict::Punt(in_port);
+                }
+                Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
             }
             ipv4::protocol::ICMP => {
                 let local = snap.local_port(dst).is_some();
@@ -870,182 +1049,6 @@ impl Pipeline {
             _ if self.for_kernel(snap, in_port, dst) => Verdict::Punt(in_port),
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
-    }
-
-    /// The TCP or UDP packet `p` (its IPv4 header read into `head`): to a
-    /// service, a reply to translate back, for the kernel, or none of
-    /// these. `first_fragment`: it is the first fragment of a datagram, so
-    /// its UDP length field counts bytes of later fragments too.
-    #[inline(always)]
-    fn transport(
-        &mut self,
-        snap: &Snapshot,
-        now: u64,
-        p: &mut RxPacket<'_>,
-        ahead: Ahead,
-        head: Head,
-        first_fragment: bool,
-    ) -> Verdict {
-        let Head { src, dst, proto, ttl, hl, total } = head;
-        let in_port = p.port;
-        let (eth, rest) = p.buf[p.start..p.end].split_at_mut(ethernet::HEADER_LEN);
-        let (hdr, l4) = rest.split_at_mut(hl);
-        let l4 = &mut l4[..total - hl];
-        let ports = if proto == ipv4::protocol::TCP {
-            tcp::Packet::new_checked(&*l4).map(|t| (t.src_port(), t.dst_port()))
-        } else if first_fragment && l4.len() >= udp::HEADER_LEN {
-            // Its length field counts the whole datagram; the first
-            // fragment holds the header.
-            let u = udp::Packet::new_unchecked(&*l4);
-            Ok((u.src_port(), u.dst_port()))
-        } else {
-            udp::Packet::new_checked(&*l4).map(|u| (u.src_port(), u.dst_port()))
-        };
-        let Ok((sport, dport)) = ports else {
-            return Verdict::Drop(DropReason::Malformed);
-        };
-        let tcp_flags = if proto == ipv4::protocol::TCP {
-            let flags = tcp::Packet::new_unchecked(&*l4).flags();
-            // Either way, before any flow is created or changed.
-            if is_bad_tcp_flags(flags) {
-                return Verdict::Drop(DropReason::BadTcpFlags);
-            }
-            flags
-        } else {
-            0
-        };
-
-        // The pass ahead read the same bytes, so its answer stands.
-        let (svc, hash) = match ahead {
-            Ahead::Service(i, hash) => (snap.services().get(i as usize).map(|s| &**s), Some(hash)),
-            Ahead::NoService => (None, None),
-            Ahead::Unknown | Ahead::Handoff(_) => (snap.service(dst, dport, proto), None),
-        };
-        if let Some(svc) = svc {
-            if hash.is_none()
-                && let Some(w) = self.foreign_owner(src, sport, proto)
-            {
-                return Verdict::Handoff(w);
-            }
-            if ttl <= 1 {
-                return self.time_exceeded(p, snap, now, src, hl);
-            }
-            let key = FlowKey { src_addr: src, dst_addr: dst, src_port: sport, dst_port: dport, protocol: proto };
-            // Every client packet, tracked or not, before any flow
-            // is created or changed.
-            if !svc.source_ranges.allows(src) {
-                self.source_denied(&key, hash, now);
-                return Verdict::Drop(DropReason::SourceDenied);
-            }
-            let (backend, snat_addr, snat_port) = match self.backend_for(svc, &key, hash, tcp_flags, now) {
-                Choice::Backend(c) => (&svc.backends[usize::from(c.index)], c.snat_addr, c.snat_port),
-                Choice::None => return Verdict::Drop(DropReason::NoBackend),
-                Choice::Exhausted => return Verdict::Drop(DropReason::SnatExhausted),
-                Choice::Limited => return Verdict::Drop(DropReason::RateLimited),
-                Choice::Reset => {
-                    if proto != ipv4::protocol::TCP {
-                        return Verdict::Drop(DropReason::NoBackend);
-                    }
-                    // A segment carrying a RST is never answered.
-                    if tcp_flags & tcp::flags::RST != 0 {
-                        return Verdict::Drop(DropReason::NoBackend);
-                    }
-                    reset_in_place(eth, hdr, l4, snap, in_port);
-                    self.counters.flows_reset.inc();
-                    return Verdict::Transmit(in_port);
-                }
-            };
-            let Some(mac) = self.resolve(snap, backend.next_hop, now) else {
-                return Verdict::Drop(DropReason::NoNeighbour);
-            };
-            let out = backend.next_hop.port;
-            match svc.mode {
-                Mode::Nat => {
-                    rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
-                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                    ip.set_dst_addr(backend.addr);
-                    ip.set_ttl(ttl - 1);
-                    set_macs(eth, snap, out, mac);
-                }
-                Mode::FullNat { .. } => {
-                    rewrite_l4(proto, l4, Endpoint::Dst, dst, backend.addr, backend.port);
-                    rewrite_l4(proto, l4, Endpoint::Src, src, snat_addr, snat_port);
-                    let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-                    ip.set_dst_addr(backend.addr);
-                    ip.set_src_addr(snat_addr);
-                    ip.set_ttl(ttl - 1);
-                    set_macs(eth, snap, out, mac);
-                }
-                Mode::Dsr { source_mask } => {
-                    let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                    if let Err(verdict) = dsr_encapsulate(p, snap, backend, source_mask, mac, t, total, &self.counters)
-                    {
-                        return verdict;
-                    }
-                }
-            }
-            self.counters.nat_forward.inc();
-            self.stats.count_in(backend.stats, total);
-            return Verdict::Transmit(out);
-        }
-
-        if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
-            let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-            let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
-            if v == Verdict::Drop(DropReason::TtlExceeded) {
-                // Not counted yet: answered, or counted, here.
-                return self.time_exceeded(p, snap, now, src, hl);
-            }
-            return v;
-        }
-
-        if let Some(rev) = snap.reverse(src, sport, proto) {
-            if snap.local_port(dst).is_some() || dst >> 28 == 0xe || dst == u32::MAX {
-                // From a backend's address and port, but to the
-                // gateway: a reply to the kernel's own connection (a
-                // health probe), not one to translate (a client is
-                // never the gateway).
-                if self.punts(in_port) {
-                    return Verdict::Punt(in_port);
-                }
-                return Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService));
-            }
-            if let Some(w) = self.foreign_owner(dst, dport, proto) {
-                return Verdict::Handoff(w);
-            }
-            if ttl <= 1 {
-                return self.time_exceeded(p, snap, now, src, hl);
-            }
-            // The reply's flow, as the client sees it. The
-            // translation comes from configuration, so a reply is
-            // translated even without an entry (a flow another
-            // gateway started); an entry only follows the TCP state.
-            if proto == ipv4::protocol::TCP {
-                let key =
-                    FlowKey { src_addr: dst, dst_addr: rev.vip, src_port: dport, dst_port: rev.port, protocol: proto };
-                if let Some(flow) = self.flows.lookup(&key, now) {
-                    self.on_tcp_flags(flow, false, tcp_flags, now);
-                }
-            }
-            let Some(nh) = snap.routes().next_hop(dst) else {
-                return Verdict::Drop(DropReason::NoRoute);
-            };
-            let Some(mac) = self.resolve(snap, nh, now) else {
-                return Verdict::Drop(DropReason::NoNeighbour);
-            };
-            rewrite_l4(proto, l4, Endpoint::Src, src, rev.vip, rev.port);
-            let mut ip = ipv4::Packet::new_unchecked(&mut *hdr);
-            ip.set_src_addr(rev.vip);
-            ip.set_ttl(ttl - 1);
-            set_macs(eth, snap, nh.port, mac);
-            self.counters.nat_reverse.inc();
-            self.stats.count_out(rev.stats, total);
-            return Verdict::Transmit(nh.port);
-        }
-        if self.for_kernel(snap, in_port, dst) {
-            return Verdict::Punt(in_port);
-        }
-        Verdict::Drop(Self::unmatched(snap, dst, DropReason::NoService))
     }
 
     /// A TCP or UDP packet from `src` (IP header `hl` bytes long) whose TTL
@@ -1474,25 +1477,24 @@ impl Pipeline {
 /// main pass validates the packet in full and decides what it is.
 #[inline]
 fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
-    let ip = frame.get(ethernet::HEADER_LEN..)?;
-    if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 {
+    // The Ethernet header and a minimal IPv4 header, bounds-checked once.
+    let h: &[u8; 34] = frame.get(..34)?.try_into().ok()?;
+    if h[12..14] != [0x08, 0x00] || h[14] >> 4 != 4 {
         return None;
     }
-    let protocol = *ip.get(9)?;
+    let protocol = h[23];
     if protocol != ipv4::protocol::TCP && protocol != ipv4::protocol::UDP {
         return None;
     }
     // A later fragment carries no ports: what sits there is payload.
-    let frag = ip.get(6..8)?;
-    if frag[0] & 0x1f != 0 || frag[1] != 0 {
+    if h[20] & 0x1f != 0 || h[21] != 0 {
         return None;
     }
-    let hl = usize::from(ip[0] & 0x0f) * 4;
-    let l4 = ip.get(hl..hl + 4)?;
-    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let at = ethernet::HEADER_LEN + usize::from(h[14] & 0x0f) * 4;
+    let l4 = frame.get(at..at + 4)?;
     Some(FlowKey {
-        src_addr: be32(ip.get(12..16)?),
-        dst_addr: be32(ip.get(16..20)?),
+        src_addr: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
+        dst_addr: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
         src_port: u16::from_be_bytes([l4[0], l4[1]]),
         dst_port: u16::from_be_bytes([l4[2], l4[3]]),
         protocol,
@@ -1573,19 +1575,6 @@ fn is_opening(protocol: u8, tcp_flags: u16) -> bool {
 #[inline]
 fn is_echo_request(l4: &[u8]) -> bool {
     l4.len() >= icmp::HEADER_LEN && l4[0] == icmp::message::ECHO_REQUEST && l4[1] == 0
-}
-
-/// What the IPv4 header said, for the transport step.
-#[derive(Clone, Copy, Debug)]
-struct Head {
-    src: u32,
-    dst: u32,
-    proto: u8,
-    ttl: u8,
-    /// Header length.
-    hl: usize,
-    /// Total length.
-    total: usize,
 }
 
 /// The header fields of a TCP or UDP packet the pipeline decides on.
@@ -1801,8 +1790,9 @@ fn time_exceeded_in_place(p: &mut RxPacket<'_>, snap: &Snapshot, in_port: u16, h
 /// Prepends an Ethernet header and the outer IPv4 header `outer` in front of
 /// the packet's IPv4 header, in the headroom: the old Ethernet header is
 /// overwritten, the inner packet does not move. False (nothing changed) if
-/// the headroom is too small.
-#[inline]
+/// the headroom is too small. Always inlined: direct server return's
+/// per-packet path must not pay a call for it (the fragment path shares it).
+#[inline(always)]
 fn encapsulate(p: &mut RxPacket<'_>, outer: &ipv4::Header, dst: EthernetAddress, src: EthernetAddress) -> bool {
     let Some(start) = p.start.checked_sub(ipv4::MIN_HEADER_LEN) else {
         return false;

@@ -26,18 +26,15 @@ use super::*;
 use crate::fragments::FragmentRewrite;
 
 impl Pipeline {
-    /// A fragment of a TCP or UDP datagram, `key` naming the datagram and
-    /// `offset` its place (8-byte units). Out of line: unfragmented packets
-    /// never get here.
+    /// A later fragment of a TCP or UDP datagram (`offset` its place, in
+    /// 8-byte units), or any fragment for the gateway's kernel. Out of
+    /// line: unfragmented packets never get here.
     #[inline(never)]
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn fragment(
         &mut self,
         snap: &Snapshot,
         now: u64,
         p: &mut RxPacket<'_>,
-        ahead: Ahead,
-        head: Head,
         key: FragmentKey,
         offset: u16,
     ) -> Verdict {
@@ -45,9 +42,6 @@ impl Pipeline {
         if self.for_kernel(snap, in_port, key.dst) {
             // The kernel reassembles what is its own.
             return Verdict::Punt(in_port);
-        }
-        if offset == 0 {
-            return self.first_fragment(snap, now, p, ahead, head, key);
         }
         if key.protocol == ipv4::protocol::TCP && offset == 1 {
             // It would overwrite the TCP header the first fragment's
@@ -77,37 +71,40 @@ impl Pipeline {
         }
     }
 
-    /// A datagram's first fragment: translated as an unfragmented packet,
-    /// then its translation recorded for the later fragments.
-    fn first_fragment(
+    /// Before a datagram's first fragment is translated (as an
+    /// unfragmented packet is): its translation can only be recorded if
+    /// this worker's table has room, when this worker owns the later
+    /// fragments. Otherwise they could never follow, and the first is
+    /// dropped (returned) before anything, a flow or a source pair, is made
+    /// for it.
+    #[inline(never)]
+    pub(super) fn first_fragment(&self, key: &FragmentKey, now: u64) -> Option<Verdict> {
+        let local = self.foreign_fragment_owner(key).is_none();
+        (local && !self.fragments.has_room(key, now)).then_some(Verdict::Drop(DropReason::FragmentTableFull))
+    }
+
+    /// A datagram's first fragment was translated into `p` (from the
+    /// client: `forward`), to leave on port `out`: records the translation
+    /// for its later fragments, here or at their owner. `original` is its
+    /// source, destination and protocol as it arrived.
+    #[inline(never)]
+    pub(super) fn record_fragment(
         &mut self,
         snap: &Snapshot,
         now: u64,
-        p: &mut RxPacket<'_>,
-        ahead: Ahead,
-        head: Head,
-        key: FragmentKey,
-    ) -> Verdict {
-        // The translation can only be recorded here if the table has room:
-        // otherwise the later fragments could never follow, and the first
-        // is dropped before anything (a flow, a source pair) is made for it.
-        let local = self.foreign_fragment_owner(&key).is_none();
-        if local && !self.fragments.has_room(&key, now) {
-            return Verdict::Drop(DropReason::FragmentTableFull);
-        }
-        let before = (self.counters.nat_forward.get(), self.counters.nat_reverse.get());
-        let headroom = p.start;
-        let verdict = self.transport(snap, now, p, ahead, head, true);
-        let Verdict::Transmit(out) = verdict else { return verdict };
-        // Transmitted and counted as translated: the datagram's translation.
-        // (Transmitted but not counted: an answer built in its place, a
-        // time exceeded, a reset or a fragmentation needed.)
-        let forward = self.counters.nat_forward.get() != before.0;
-        if !forward && self.counters.nat_reverse.get() == before.1 {
-            return verdict;
-        }
-        let rewrite = rewrite_of(p.frame(), p.start < headroom, out, forward);
-        let note = FragmentNote { key, rewrite };
+        p: &RxPacket<'_>,
+        original: (u32, u32, u8),
+        out: u16,
+        forward: bool,
+    ) {
+        let frame = p.frame();
+        // Direct server return prepended an IPIP header: the datagram's
+        // own header follows it.
+        let tunnelled = frame[ethernet::HEADER_LEN + 9] == ipv4::protocol::IPIP;
+        let inner = if tunnelled { ethernet::HEADER_LEN + ipv4::MIN_HEADER_LEN } else { ethernet::HEADER_LEN };
+        let id = ipv4::Packet::new_unchecked(&frame[inner..]).ident();
+        let key = FragmentKey { src: original.0, dst: original.1, id, protocol: original.2 };
+        let note = FragmentNote { key, rewrite: rewrite_of(frame, tunnelled, out, forward) };
         match self.foreign_fragment_owner(&key) {
             None => self.adopt_fragment(snap, note, now),
             Some(w) => {
@@ -118,7 +115,6 @@ impl Pipeline {
                 }
             }
         }
-        verdict
     }
 
     /// Records a datagram's translation and releases what waited for it.
