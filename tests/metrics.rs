@@ -207,6 +207,10 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         "node_ipvs_backend_weight",
         "vipgate_service_flows_active",
         "vipgate_service_flows_inactive",
+        "vipgate_port_link_up",
+        "vipgate_port_link_speed_mbps",
+        "vipgate_port_uplink",
+        "vipgate_uplinks_down",
     ];
     for name in counters {
         assert_eq!(m.types.get(name).map(String::as_str), Some("counter"), "# TYPE of {name}");
@@ -239,6 +243,13 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         0.0
     );
     assert_eq!(m.get("vipgate_service_flows_inactive", &[("service", "web")]), 0.0);
+
+    // net_null's links are up once started; no port is an uplink.
+    for port in ["a", "b"] {
+        assert_eq!(m.get("vipgate_port_link_up", &[("port", port)]), 1.0, "port {port}");
+        assert_eq!(m.get("vipgate_port_uplink", &[("port", port)]), 0.0, "port {port}");
+    }
+    assert_eq!(m.get("vipgate_uplinks_down", &[]), 0.0);
 
     // Workers: one label value per lcore the API lists.
     let lcores: BTreeSet<String> =

@@ -5,7 +5,8 @@
 //! Owns: that interface (created if missing, brought up, removed at a clean
 //! shutdown) and the set of addresses on it; the hold-down that delays a
 //! withdrawal; the definition of a VIP that may be announced
-//! ([`eligibility`]). It must not touch any other interface, nor speak BGP:
+//! ([`eligibility`]); the withdrawal of every VIP while every uplink port
+//! is down ([`on_interface`]; when that is the case is `link`'s rule). It must not touch any other interface, nor speak BGP:
 //! the routing daemon does, with the network team's own configuration
 //! (examples in `docs/examples/`).
 //!
@@ -22,6 +23,8 @@
 //! interface is compared with the wanted set after every change, on every
 //! kernel notification about it or its addresses (a hand edit is repaired
 //! at once) and every [`RESYNC_INTERVAL`] (which retries failed calls).
+//! While every uplink is down nothing is announced, at once and without a
+//! hold-down; the VIPs come back as soon as one uplink is up.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -252,6 +255,17 @@ impl Announcements {
     pub fn held_down(&self, vip: Ipv4Addr) -> bool {
         matches!(self.wanted.get(&vip), Some(Some(_)))
     }
+}
+
+/// The VIPs to have on the interface: those `announcements` want, or none
+/// while announcement is off or every uplink port is down
+/// (`link::uplinks_down`). A link withdraws at once, without the hold-down:
+/// with no link the gateway receives nothing, so a route kept for the
+/// hold-down would only draw traffic into a dead end. The announcements
+/// keep their state meanwhile, so when a link is back the VIPs are what
+/// they would have been without the outage.
+pub fn on_interface(announcements: &Announcements, enabled: bool, uplinks_down: bool) -> BTreeSet<Ipv4Addr> {
+    if enabled && !uplinks_down { announcements.wanted() } else { BTreeSet::new() }
 }
 
 /// Why the announcer could not do its work. Each names the interface and
@@ -552,6 +566,8 @@ pub struct AnnounceStatus {
     /// Failed attempts to bring the interface to the wanted state since
     /// start (each is retried).
     pub errors: u64,
+    /// Every uplink port is down, so no VIP is announced.
+    pub uplinks_down: bool,
 }
 
 /// Shared between the announcer, which writes it, and the metrics, which
@@ -568,6 +584,8 @@ pub struct Announcer {
     interface: Option<Interface>,
     announcements: Announcements,
     eligibility: BTreeMap<Ipv4Addr, bool>,
+    /// Every uplink port is down: nothing is announced.
+    uplinks_down: bool,
     /// The last sync failed: retried at the next resync.
     failing: bool,
     status: SharedAnnounceStatus,
@@ -594,6 +612,7 @@ impl Announcer {
             interface: None,
             announcements: Announcements::default(),
             eligibility: BTreeMap::new(),
+            uplinks_down: false,
             failing: false,
             status: Arc::new(Mutex::new(AnnounceStatus {
                 enabled: settings.enabled,
@@ -620,9 +639,15 @@ impl Announcer {
     }
 
     /// Follows `input` for ever: applies each new value, expires held-down
-    /// VIPs on time, and resyncs every [`RESYNC_INTERVAL`]. Errors are
-    /// logged and retried; it never returns.
-    pub async fn run(&mut self, input: &mut watch::Receiver<AnnounceInput>) {
+    /// VIPs on time, and resyncs every [`RESYNC_INTERVAL`]; follows
+    /// `uplinks_down` (`link::uplinks_down` of the ports' latest links):
+    /// while it is true nothing is announced. Errors are logged and
+    /// retried; it never returns.
+    pub async fn run(&mut self, input: &mut watch::Receiver<AnnounceInput>, uplinks_down: &mut watch::Receiver<bool>) {
+        self.uplinks_down = *uplinks_down.borrow_and_update();
+        if self.uplinks_down && self.settings.enabled {
+            warn!("announce: every uplink port is down: no VIP is announced until one is up");
+        }
         let mut resync = Instant::now() + RESYNC_INTERVAL;
         loop {
             let expiry = self.announcements.next_expiry(self.settings.hold_down);
@@ -635,6 +660,24 @@ impl Announcer {
                     }
                     let new = input.borrow_and_update().clone();
                     self.apply(new).await;
+                }
+                changed = uplinks_down.changed() => {
+                    if changed.is_err() {
+                        // The daemon dropped the sender: it is stopping.
+                        std::future::pending::<()>().await;
+                    }
+                    let down = *uplinks_down.borrow_and_update();
+                    if down != self.uplinks_down {
+                        self.uplinks_down = down;
+                        if self.settings.enabled {
+                            if down {
+                                warn!("announce: every uplink port is down: every VIP withdrawn until one is up");
+                            } else {
+                                info!("announce: an uplink port is up: the eligible VIPs are announced again");
+                            }
+                        }
+                        self.sync().await;
+                    }
                 }
                 Some((event, _)) = self.events.next() => {
                     let index = self.interface.as_ref().map(|i| i.index);
@@ -739,7 +782,7 @@ impl Announcer {
 
     /// Brings the interface to the wanted set and refreshes the status.
     async fn sync(&mut self) {
-        let wanted = if self.settings.enabled { self.announcements.wanted() } else { BTreeSet::new() };
+        let wanted = on_interface(&self.announcements, self.settings.enabled, self.uplinks_down);
         if let Some(iface) = &self.interface {
             match iface.sync(&self.handle, &wanted).await {
                 Ok((added, removed)) => {
@@ -767,17 +810,18 @@ impl Announcer {
                 }
             }
         }
-        let on_interface = if self.interface.is_some() && !self.failing { wanted } else { BTreeSet::new() };
+        let present = if self.interface.is_some() && !self.failing { wanted } else { BTreeSet::new() };
         let mut status = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         status.enabled = self.settings.enabled;
         status.interface = self.settings.interface.clone();
+        status.uplinks_down = self.uplinks_down;
         status.vips = self
             .eligibility
             .iter()
-            .map(|(vip, e)| (*vip, VipStatus { eligible: *e, announced: on_interface.contains(vip) }))
+            .map(|(vip, e)| (*vip, VipStatus { eligible: *e, announced: present.contains(vip) }))
             .collect();
         // A VIP held down after it left the desired state is still shown.
-        for vip in on_interface.iter().filter(|v| self.announcements.held_down(**v)) {
+        for vip in present.iter().filter(|v| self.announcements.held_down(**v)) {
             status.vips.entry(*vip).or_insert(VipStatus { eligible: false, announced: true });
         }
     }
@@ -864,6 +908,26 @@ mod tests {
         assert_eq!(a.wanted(), set(&["198.18.100.3"]));
         a.expire(t0 + Duration::from_secs(3), hold);
         assert_eq!(a.wanted(), set(&[]));
+    }
+
+    #[test]
+    fn uplinks_down_withdraw_every_vip_at_once_and_keep_the_announcements() {
+        let hold = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut a = Announcements::default();
+        a.update(t0, &elig(&[("198.18.100.1", true), ("198.18.100.2", true)]), hold);
+        assert_eq!(on_interface(&a, true, false), set(&["198.18.100.1", "198.18.100.2"]));
+        // The links go: nothing is announced, at once, whatever the
+        // hold-down; announcement off announces nothing either.
+        assert_eq!(on_interface(&a, true, true), set(&[]));
+        assert_eq!(on_interface(&a, false, false), set(&[]));
+        // Meanwhile the state moves on as usual: a VIP loses its backends
+        // and its hold-down runs out.
+        a.update(t0 + Duration::from_secs(1), &elig(&[("198.18.100.1", true), ("198.18.100.2", false)]), hold);
+        assert_eq!(on_interface(&a, true, true), set(&[]));
+        a.expire(t0 + Duration::from_secs(7), hold);
+        // A link is back: the VIPs are what they would have been.
+        assert_eq!(on_interface(&a, true, false), set(&["198.18.100.1"]));
     }
 
     #[test]

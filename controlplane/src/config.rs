@@ -13,7 +13,7 @@
 //! The reference for every key is `docs/configuration.md`.
 
 use serde::Deserialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -376,6 +376,8 @@ struct RawPort {
     addresses: Vec<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     kernel_interface: Option<Spanned<String>>,
+    #[serde(default)]
+    uplink: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -511,6 +513,10 @@ pub struct Config {
     /// `[announce]`: route announcement of the VIPs (a reload may change
     /// it).
     pub announce: AnnounceSettings,
+    /// The names of the ports that reach the routers (`[[ports]] uplink =
+    /// true`): when every one of them has its link down, no VIP is
+    /// announced (see `link::uplinks_down`).
+    pub uplinks: BTreeSet<String>,
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
@@ -1303,8 +1309,20 @@ impl Validator<'_> {
         let (api_tcp, api_max_request_bytes) = self.api_tcp(&raw.api)?;
         let metrics_listen = self.metrics(&raw.metrics)?;
         let announce = self.announce(&raw.announce)?;
-        let mut fixed =
-            fixed_settings(eal, &lcores, &cpus, dp, &raw.api.socket, &spec.ports, &devices, &kernel_interfaces);
+        let uplink_flags: Vec<bool> = raw.ports.iter().map(|p| p.get_ref().uplink).collect();
+        let uplinks: BTreeSet<String> =
+            spec.ports.iter().zip(&uplink_flags).filter(|(_, u)| **u).map(|(p, _)| p.name.clone()).collect();
+        let mut fixed = fixed_settings(
+            eal,
+            &lcores,
+            &cpus,
+            dp,
+            &raw.api.socket,
+            &spec.ports,
+            &devices,
+            &kernel_interfaces,
+            &uplink_flags,
+        );
         // In file order: after `api.socket`, before `ports`.
         let at = fixed.iter().position(|(f, _)| f == "ports").unwrap_or(fixed.len());
         let mut extra = listener_settings(&raw.api, api_max_request_bytes, metrics_listen);
@@ -1323,6 +1341,7 @@ impl Validator<'_> {
             metrics_listen,
             state_dir: raw.state.dir,
             announce,
+            uplinks,
             spec,
             fixed,
             services,
@@ -1509,6 +1528,7 @@ fn fixed_settings(
     ports: &[PortSpec],
     devices: &[Device],
     kernel_interfaces: &[Option<String>],
+    uplinks: &[bool],
 ) -> Vec<(String, String)> {
     let lcores: Vec<String> =
         lcores.iter().zip(cpus).map(|(l, c)| c.map_or_else(|| l.to_string(), |c| format!("{l}@{c}"))).collect();
@@ -1538,7 +1558,7 @@ fn fixed_settings(
         ("api.socket".to_owned(), format!("{:?}", socket.display().to_string())),
         ("ports".to_owned(), format!("{} port{}", ports.len(), if ports.len() == 1 { "" } else { "s" })),
     ];
-    for (i, ((p, d), k)) in ports.iter().zip(devices).zip(kernel_interfaces).enumerate() {
+    for (i, (((p, d), k), uplink)) in ports.iter().zip(devices).zip(kernel_interfaces).zip(uplinks).enumerate() {
         let device = match d {
             Device::Virtual { args, .. } => args,
             Device::Pci { address } => address,
@@ -1550,6 +1570,7 @@ fn fixed_settings(
         fixed.push((format!("ports[{i}].addresses"), format!("{addresses:?}")));
         fixed.push((format!("ports[{i}].mtu"), p.mtu.to_string()));
         fixed.push((format!("ports[{i}].kernel_interface"), format!("{:?}", k.as_deref().unwrap_or(""))));
+        fixed.push((format!("ports[{i}].uplink"), uplink.to_string()));
     }
     fixed
 }

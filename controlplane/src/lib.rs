@@ -13,6 +13,7 @@ pub mod config;
 pub mod health;
 pub mod health_check;
 pub mod kernel;
+pub mod link;
 pub mod metrics;
 pub mod model;
 pub mod state;

@@ -660,6 +660,41 @@ impl Collector for GatewayCollector {
                 ports.iter().zip(&port_labels).map(|(p, l)| (&l[..], read(p))).collect();
             counter(e, name, help, &rows)?;
         }
+        // Ports whose driver does not report a link have no link series.
+        let link_rows: Vec<(&[(&str, &str)], i64)> =
+            ports.iter().zip(&port_labels).filter_map(|(p, l)| Some((&l[..], i64::from(p.link?.up)))).collect();
+        gauge(
+            e,
+            "vipgate_port_link_up",
+            "1 while the port's link is up, 0 while it is down, as last read (twice a second).",
+            &link_rows,
+        )?;
+        let speed_rows: Vec<(&[(&str, &str)], i64)> = ports
+            .iter()
+            .zip(&port_labels)
+            .filter_map(|(p, l)| Some((&l[..], i64::from(p.link.filter(|l| l.up)?.speed_mbps?))))
+            .collect();
+        gauge(
+            e,
+            "vipgate_port_link_speed_mbps",
+            "The negotiated speed of the port's link while it is up.",
+            &speed_rows,
+        )?;
+        let uplink_rows: Vec<(&[(&str, &str)], i64)> =
+            ports.iter().zip(&port_labels).map(|(p, l)| (&l[..], i64::from(p.uplink))).collect();
+        gauge(
+            e,
+            "vipgate_port_uplink",
+            "1 if the port reaches the routers ([[ports]] uplink = true), else 0.",
+            &uplink_rows,
+        )?;
+        let statuses: Vec<_> = ports.iter().map(PortView::link_status).collect();
+        gauge(
+            e,
+            "vipgate_uplinks_down",
+            "1 while every uplink port's link is down (no VIP is announced then), else 0; always 0 without uplinks.",
+            &[(none, i64::from(crate::link::uplinks_down(&statuses)))],
+        )?;
 
         if let Some(a) = self.view.announce() {
             let announced = a.vips.values().filter(|v| v.announced).count() as i64;

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use vipgate_controlplane::api::{self, ApiError, GatewayView, MempoolView, PortStats, PortView, WorkerView, pb};
+use vipgate_controlplane::api::{
+    self, ApiError, GatewayView, MempoolView, PortLink, PortStats, PortView, WorkerView, pb,
+};
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::loaded::LoadedSnapshot;
 
@@ -24,6 +26,8 @@ struct FakeGateway {
     serving: AtomicBool,
     /// How long ago each worker last completed a loop iteration.
     since_last_loop: std::sync::Mutex<[Option<Duration>; 2]>,
+    /// The port's link as last read (the port is an uplink).
+    link: std::sync::Mutex<Option<PortLink>>,
 }
 
 impl FakeGateway {
@@ -61,6 +65,7 @@ impl FakeGateway {
             ],
             serving: AtomicBool::new(true),
             since_last_loop: std::sync::Mutex::new([Some(Duration::from_micros(3)), Some(Duration::from_millis(10))]),
+            link: std::sync::Mutex::new(Some(PortLink { up: true, speed_mbps: Some(25_000), full_duplex: true })),
         })
     }
 }
@@ -86,6 +91,8 @@ impl GatewayView for FakeGateway {
                 oerrors: 2,
                 rx_nombuf: 5,
             },
+            link: *self.link.lock().unwrap(),
+            uplink: true,
         }]
     }
 
@@ -211,6 +218,29 @@ async fn health_and_counters_over_the_socket() {
     assert_eq!((health.workers, health.ports), (2, 1));
 
     assert_eq!(health.reason, "");
+    let up = pb::PortLink {
+        name: "uplink".to_owned(),
+        port_id: 0,
+        state: pb::LinkState::Up.into(),
+        speed_mbps: 25_000,
+        full_duplex: true,
+        uplink: true,
+    };
+    assert_eq!(health.links.as_slice(), std::slice::from_ref(&up));
+    assert!(!health.uplinks_down);
+
+    // The only uplink goes down: every uplink is down, and the gateway
+    // still serves (a link is no dataplane failure).
+    *gateway.link.lock().unwrap() = Some(PortLink { up: false, speed_mbps: None, full_duplex: true });
+    let health = client.get_health(pb::GetHealthRequest {}).await.expect("GetHealth").into_inner();
+    let down = pb::PortLink { state: pb::LinkState::Down.into(), speed_mbps: 0, full_duplex: false, ..up.clone() };
+    assert_eq!((health.status(), health.links, health.uplinks_down), (pb::ServingStatus::Serving, vec![down], true));
+    // A driver that cannot tell withdraws nothing.
+    *gateway.link.lock().unwrap() = None;
+    let health = client.get_health(pb::GetHealthRequest {}).await.expect("GetHealth").into_inner();
+    assert_eq!(health.links[0].state(), pb::LinkState::Unspecified);
+    assert!(!health.uplinks_down);
+    *gateway.link.lock().unwrap() = Some(PortLink { up: true, speed_mbps: Some(25_000), full_duplex: true });
 
     gateway.serving.store(false, Ordering::Relaxed);
     let health = client.get_health(pb::GetHealthRequest {}).await.expect("GetHealth").into_inner();

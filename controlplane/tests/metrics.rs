@@ -33,6 +33,8 @@ impl GatewayView for Fake {
                 oerrors: 2,
                 rx_nombuf: 5,
             },
+            link: Some(vipgate_controlplane::api::PortLink { up: true, speed_mbps: Some(10_000), full_duplex: true }),
+            uplink: true,
         }]
     }
     fn mempool(&self) -> MempoolView {
@@ -150,6 +152,11 @@ fn exposition_of_a_fake_gateway() {
         "vipgate_port_rx_errors_total{port=\"uplink\"} 1",
         "vipgate_port_tx_errors_total{port=\"uplink\"} 2",
         "vipgate_port_rx_nombuf_total{port=\"uplink\"} 5",
+        "# TYPE vipgate_port_link_up gauge",
+        "vipgate_port_link_up{port=\"uplink\"} 1",
+        "vipgate_port_link_speed_mbps{port=\"uplink\"} 10000",
+        "vipgate_port_uplink{port=\"uplink\"} 1",
+        "vipgate_uplinks_down 0",
         "vipgate_mempool_size_mbufs{pool=\"vipgate_mbufs\"} 16383",
         "vipgate_mempool_in_use_mbufs{pool=\"vipgate_mbufs\"} 2046",
         // node_exporter's ipvs backend families, its labels.
@@ -184,7 +191,7 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 52);
+    assert_eq!(seen.len(), 56);
 }
 
 #[test]

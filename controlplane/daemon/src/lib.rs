@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -24,6 +24,7 @@ use vipgate_controlplane::announce::{self, AnnounceInput, Announcer, SharedAnnou
 use vipgate_controlplane::api::{self, GatewayView, MempoolView, PortView, WorkerView};
 use vipgate_controlplane::config::Config;
 use vipgate_controlplane::health::{Checker, HealthStatus, ProbeReport, Transition};
+use vipgate_controlplane::link::{self, LinkChange, PortLinks};
 use vipgate_controlplane::state::{
     self, Applied, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView,
 };
@@ -89,6 +90,8 @@ struct DaemonView {
     health: Option<Arc<HealthStatus>>,
     announce: SharedAnnounceStatus,
     exception: Option<Arc<vipgate_dpdk::ExceptionCounters>>,
+    /// Every port's link as last read by [`watch_links`].
+    links: Arc<Mutex<PortLinks>>,
 }
 
 impl GatewayView for DaemonView {
@@ -105,9 +108,18 @@ impl GatewayView for DaemonView {
     }
 
     fn ports(&self) -> Vec<PortView> {
+        let links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.ports
             .iter()
-            .map(|p| PortView { name: p.name.clone(), port_id: p.id, mac: p.mac.0, stats: p.stats() })
+            .zip(links.ports())
+            .map(|(p, l)| PortView {
+                name: p.name.clone(),
+                port_id: p.id,
+                mac: p.mac.0,
+                stats: p.stats(),
+                link: l.link,
+                uplink: l.uplink,
+            })
             .collect()
     }
 
@@ -254,6 +266,12 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     if !commands.is_empty() {
         info!(commands = %some_commands(&commands), "kernel interfaces configured");
     }
+    // The links, read once before anything is announced: a gateway whose
+    // uplinks are all down announces nothing from the start.
+    let mut links = PortLinks::new(ports.iter().map(|p| (p.name.clone(), config.uplinks.contains(&p.name))));
+    log_link_changes(&links.update(&ports.iter().map(vipgate_dpdk::PortView::link).collect::<Vec<_>>()));
+    let (uplinks_tx, mut uplinks_rx) = tokio::sync::watch::channel(links.uplinks_down());
+    let links = Arc::new(Mutex::new(links));
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
     info!(workers = ?lcores, pool_size = dataplane.pool().size(), "vipgated ready");
 
@@ -261,6 +279,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     let running = Arc::new(config.clone());
     let (handle, mut requests) = StateHandle::new(StateView { config: Arc::clone(&running), dynamic: dynamic.clone() });
     let (checker, mut probe_reports) = Checker::new(Arc::clone(handle.health()));
+    let link_ports = ports.clone();
     let view = Arc::new(DaemonView {
         workers: dataplane.workers().to_vec(),
         ports,
@@ -269,6 +288,7 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
         health: Some(Arc::clone(handle.health())),
         announce: announcer.status(),
         exception: dataplane.exception_counters(),
+        links: Arc::clone(&links),
     });
     // The workers forward: the eligible VIPs may be announced (every
     // backend starts up).
@@ -348,7 +368,8 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
                 served = api => served,
                 () = stop_then_cut => unreachable!("ends only with the API"),
                 () = changes => unreachable!("the change loop never ends"),
-                () = announcer.run(&mut announce_rx) => unreachable!("the announcer never ends"),
+                () = announcer.run(&mut announce_rx, &mut uplinks_rx) => unreachable!("the announcer never ends"),
+                () = watch_links(&link_ports, &links, &uplinks_tx) => unreachable!("the link watch never ends"),
             }
         });
     // Withdraw every VIP first, so the routers move traffic to the other
@@ -449,6 +470,46 @@ impl Listeners {
         tokio::select! {
             served = tcp => served,
             Err(e) = metrics => Err(e),
+        }
+    }
+}
+
+/// Reads every port's link every [`link::LINK_POLL_INTERVAL`], for ever,
+/// on the control plane's thread (never a worker's): logs each change once,
+/// keeps the latest reading in `links` for the API and the metrics, and
+/// tells the announcer whether every uplink is down.
+async fn watch_links(
+    ports: &[vipgate_dpdk::PortView],
+    links: &Mutex<PortLinks>,
+    uplinks_down: &tokio::sync::watch::Sender<bool>,
+) {
+    let mut tick = tokio::time::interval(link::LINK_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let readings: Vec<_> = ports.iter().map(vipgate_dpdk::PortView::link).collect();
+        let (changes, down) = {
+            let mut links = links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (links.update(&readings), links.uplinks_down())
+        };
+        log_link_changes(&changes);
+        uplinks_down.send_if_modified(|d| std::mem::replace(d, down) != down);
+    }
+}
+
+/// One line per port whose link changed.
+fn log_link_changes(changes: &[LinkChange]) {
+    for c in changes {
+        match c.to {
+            Some(l) if l.up => info!(
+                port = %c.port,
+                uplink = c.uplink,
+                speed_mbps = l.speed_mbps.unwrap_or(0),
+                duplex = if l.full_duplex { "full" } else { "half" },
+                "port link up"
+            ),
+            Some(_) => warn!(port = %c.port, uplink = c.uplink, "port link down"),
+            None => warn!(port = %c.port, uplink = c.uplink, "port link unknown: its driver does not report it"),
         }
     }
 }

@@ -68,13 +68,17 @@ impl Gateway for GatewayService {
             Ok(()) => (pb::ServingStatus::Serving, String::new()),
             Err(reason) => (pb::ServingStatus::NotServing, reason),
         };
+        let ports = self.view.ports();
+        let statuses: Vec<_> = ports.iter().map(PortView::link_status).collect();
         Ok(Response::new(pb::GetHealthResponse {
             status: status.into(),
             reason,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.started.elapsed().as_secs(),
             workers: count(self.view.workers().len()),
-            ports: count(self.view.ports().len()),
+            ports: count(ports.len()),
+            uplinks_down: crate::link::uplinks_down(&statuses),
+            links: ports.iter().map(port_link).collect(),
         }))
     }
 
@@ -286,6 +290,23 @@ fn port_stats(p: PortView) -> pb::PortStats {
         ierrors: s.ierrors,
         oerrors: s.oerrors,
         rx_nombuf: s.rx_nombuf,
+    }
+}
+
+fn port_link(p: &PortView) -> pb::PortLink {
+    let state = match p.link {
+        None => pb::LinkState::Unspecified,
+        Some(l) if l.up => pb::LinkState::Up,
+        Some(_) => pb::LinkState::Down,
+    };
+    let up = p.link.filter(|l| l.up);
+    pb::PortLink {
+        name: p.name.clone(),
+        port_id: p.port_id.into(),
+        state: state.into(),
+        speed_mbps: up.and_then(|l| l.speed_mbps).unwrap_or(0),
+        full_duplex: up.is_some_and(|l| l.full_duplex),
+        uplink: p.uplink,
     }
 }
 

@@ -92,11 +92,27 @@ pub struct PortView {
     pub mac: [u8; 6],
     /// The driver's counters (DPDK's `rte_eth_stats`), read just now.
     pub stats: PortStats,
+    /// Its link as last read (every
+    /// [`LINK_POLL_INTERVAL`](crate::link::LINK_POLL_INTERVAL)); `None`
+    /// when the driver does not report it.
+    pub link: Option<PortLink>,
+    /// It reaches the routers (`[[ports]] uplink`).
+    pub uplink: bool,
+}
+
+impl PortView {
+    /// Its link status, for [`crate::link::uplinks_down`].
+    pub fn link_status(&self) -> crate::link::PortLinkStatus {
+        crate::link::PortLinkStatus { name: self.name.clone(), uplink: self.uplink, link: self.link }
+    }
 }
 
 /// A port's driver counters (plain numbers, DPDK's `rte_eth_stats` totals),
 /// shared with the driver so the daemon hands them over as they are.
 pub use vipgate_dataplane::driver::PortStats;
+
+/// A port's link as its driver reports it (DPDK's `rte_eth_link`).
+pub use vipgate_dataplane::driver::PortLink;
 
 /// The packet buffer pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

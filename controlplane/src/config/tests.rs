@@ -1073,6 +1073,18 @@ fn kernel_interfaces_default_to_the_port_name_and_can_be_named_or_turned_off() {
     );
 }
 
+#[test]
+fn uplinks_are_the_ports_marked_so_and_none_by_default() {
+    assert!(parse(GOOD).unwrap().uplinks.is_empty());
+    let marked = GOOD.replacen("addresses = [\"198.18.0.1/24\"]", "addresses = [\"198.18.0.1/24\"]\nuplink = true", 1);
+    let c = parse(&marked).unwrap();
+    assert_eq!(c.uplinks, ["client".to_owned()].into());
+    let err = parse(&marked.replace("uplink = true", "uplink = \"yes\"")).unwrap_err().to_string();
+    assert!(err.contains("invalid type: string \"yes\", expected a boolean"), "{err}");
+    // Fixed at start, like the rest of a port.
+    assert_eq!(restart_required(&marked).as_deref(), Some("ports[0].uplink changed from false to true"));
+}
+
 /// The line, field and reason of a file refused as invalid.
 fn refused(text: &str) -> (usize, String, String) {
     match parse(text) {

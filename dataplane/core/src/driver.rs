@@ -1,6 +1,6 @@
 //! The plain data the DPDK driver (`vipgate-dpdk`) is built from and
 //! reports: how to build the dataplane, each port's settings, and a port's
-//! driver counters.
+//! driver counters and link.
 //!
 //! They live here, beside the packet core, rather than in the driver, so
 //! that the configuration and the API (and the client built on them) can
@@ -58,4 +58,16 @@ pub struct PortStats {
     pub oerrors: u64,
     /// Receive mbuf allocation failures.
     pub rx_nombuf: u64,
+}
+
+/// A port's link as its driver reports it (DPDK's `rte_eth_link`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortLink {
+    /// The link is up (carrier, and for a tap: its kernel side up).
+    pub up: bool,
+    /// The negotiated speed in Mb/s; `None` when the driver does not say
+    /// (or the link is down).
+    pub speed_mbps: Option<u32>,
+    /// Full duplex (meaningless while the link is down).
+    pub full_duplex: bool,
 }

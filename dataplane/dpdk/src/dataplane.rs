@@ -6,7 +6,7 @@ use crate::error::{DpdkError, strerror};
 use crate::exception::{Exception, ExceptionCounters, KernelPort};
 use crate::handoff::Handoff;
 use crate::mempool::Mempool;
-use crate::port::{Port, read_stats};
+use crate::port::{Port, read_link, read_stats};
 use crate::rcu::{Publisher, Stalled};
 use crate::worker::{Heartbeat, WorkerSetup, rdtsc, worker_main};
 use std::ffi::c_void;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vipgate_dataplane::counters::WorkerCounters;
-use vipgate_dataplane::driver::{DataplaneConfig, PortStats};
+use vipgate_dataplane::driver::{DataplaneConfig, PortLink, PortStats};
 use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{PipelineConfig, worker_inboxes};
 use vipgate_dataplane::snapshot::Snapshot;
@@ -38,6 +38,13 @@ impl PortView {
     /// The driver's counters for this port.
     pub fn stats(&self) -> PortStats {
         read_stats(self.id)
+    }
+
+    /// The port's link as its driver reports it now, without waiting;
+    /// `None` if the driver cannot tell. For the control plane's periodic
+    /// poll, on the main lcore.
+    pub fn link(&self) -> Option<PortLink> {
+        read_link(self.id)
     }
 }
 

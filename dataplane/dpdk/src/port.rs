@@ -1,9 +1,9 @@
-//! Ethernet ports: configuration, queues, start, stop, close, stats.
+//! Ethernet ports: configuration, queues, start, stop, close, stats, link.
 
 use crate::error::{DpdkError, strerror};
 use crate::mempool::Mempool;
 use std::ffi::CString;
-use vipgate_dataplane::driver::PortStats;
+use vipgate_dataplane::driver::{PortLink, PortStats};
 use vipgate_dataplane::wire::EthernetAddress;
 
 /// Descriptors per rx queue of a port.
@@ -32,6 +32,29 @@ pub(crate) fn read_stats(id: u16) -> PortStats {
         oerrors: s.oerrors,
         rx_nombuf: s.rx_nombuf,
     }
+}
+
+/// Reads port `id`'s link without waiting for it to settle
+/// (`rte_eth_link_get_nowait`); `None` if the driver cannot tell. A
+/// control-path call (a register read, or an ioctl for a tap): made by
+/// the control plane's periodic poll, never by a worker.
+pub(crate) fn read_link(id: u16) -> Option<PortLink> {
+    // SAFETY: all-zero is a valid rte_eth_link (plain data); DPDK fills it.
+    let mut link: vipgate_ffi::rte_eth_link = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer; an id that is not (or no longer) a port
+    // makes DPDK return an error, not fault. Called only from the main
+    // lcore's thread, like every other control call on ports.
+    if unsafe { vipgate_ffi::rte_eth_link_get_nowait(id, &mut link) } != 0 {
+        return None;
+    }
+    let up = u32::from(link.link_status()) == vipgate_ffi::RTE_ETH_LINK_UP;
+    let speed = link.link_speed;
+    let known = up && speed != vipgate_ffi::RTE_ETH_SPEED_NUM_NONE && speed != vipgate_ffi::RTE_ETH_SPEED_NUM_UNKNOWN;
+    Some(PortLink {
+        up,
+        speed_mbps: known.then_some(speed),
+        full_duplex: u32::from(link.link_duplex()) == vipgate_ffi::RTE_ETH_LINK_FULL_DUPLEX,
+    })
 }
 
 /// A started DPDK port. Stop and close it with [`Port::close`].

@@ -34,6 +34,42 @@ pub(crate) struct HealthJson {
     pub(crate) ports: u32,
     /// Why it is not serving; empty while it serves.
     pub(crate) reason: String,
+    /// Each port's link, in port id order.
+    pub(crate) links: Vec<PortLinkJson>,
+    /// Every uplink port is down: no VIP is announced.
+    pub(crate) uplinks_down: bool,
+}
+
+/// One port's link in `vipgatectl health --json`.
+#[derive(Debug, Serialize)]
+pub(crate) struct PortLinkJson {
+    pub(crate) name: String,
+    pub(crate) port_id: u32,
+    /// "up", "down" or "unknown" (the driver does not report it).
+    pub(crate) link: &'static str,
+    /// Mb/s while up; 0 when down or not reported.
+    pub(crate) speed_mbps: u32,
+    /// "full" or "half" while up; empty otherwise.
+    pub(crate) duplex: &'static str,
+    /// The port reaches the routers.
+    pub(crate) uplink: bool,
+}
+
+impl From<pb::PortLink> for PortLinkJson {
+    fn from(l: pb::PortLink) -> Self {
+        // `state()` maps values this client does not know to Unspecified.
+        let link = match l.state() {
+            pb::LinkState::Up => "up",
+            pb::LinkState::Down => "down",
+            pb::LinkState::Unspecified => "unknown",
+        };
+        let duplex = match (link, l.full_duplex) {
+            ("up", true) => "full",
+            ("up", false) => "half",
+            _ => "",
+        };
+        PortLinkJson { name: l.name, port_id: l.port_id, link, speed_mbps: l.speed_mbps, duplex, uplink: l.uplink }
+    }
 }
 
 impl From<pb::GetHealthResponse> for HealthJson {
@@ -52,6 +88,8 @@ impl From<pb::GetHealthResponse> for HealthJson {
             workers: h.workers,
             ports: h.ports,
             reason: h.reason,
+            links: h.links.into_iter().map(PortLinkJson::from).collect(),
+            uplinks_down: h.uplinks_down,
         }
     }
 }

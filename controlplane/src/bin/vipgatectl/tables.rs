@@ -22,7 +22,33 @@ pub(crate) fn health_table(h: &HealthJson) -> String {
     if !h.reason.is_empty() {
         rows.insert(1, vec!["reason".to_owned(), h.reason.clone()]);
     }
-    table(None, &rows, 2)
+    if h.uplinks_down {
+        rows.push(vec!["uplinks".to_owned(), "all down: no VIP is announced".to_owned()]);
+    }
+    let mut out = table(None, &rows, 2);
+    if !h.links.is_empty() {
+        let links: Vec<Vec<String>> = h
+            .links
+            .iter()
+            .map(|l| {
+                vec![
+                    l.name.clone(),
+                    l.link.to_owned(),
+                    if l.speed_mbps == 0 { "-".to_owned() } else { format_speed(l.speed_mbps) },
+                    if l.duplex.is_empty() { "-".to_owned() } else { l.duplex.to_owned() },
+                    if l.uplink { "yes" } else { "no" }.to_owned(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(Some(&["port", "link", "speed", "duplex", "uplink"]), &links, 5));
+    }
+    out
+}
+
+/// `10000` -> `10 Gb/s`, `2500` -> `2.5 Gb/s`, `100` -> `100 Mb/s`.
+fn format_speed(mbps: u32) -> String {
+    if mbps < 1000 { format!("{mbps} Mb/s") } else { format!("{} Gb/s", f64::from(mbps) / 1000.0) }
 }
 
 /// `93784` -> `1d 2h 3m 4s`.
@@ -335,4 +361,44 @@ fn source_ranges_summary(ranges: &[String]) -> String {
 /// For the listing, e.g. "new-flows 100/s burst 200 per /24".
 fn new_flow_limit_summary(l: &pb::NewFlowLimit) -> String {
     format!("new-flows {}/s burst {} per /{}", l.per_second, l.burst, l.prefix_len.unwrap_or(32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json::PortLinkJson;
+
+    fn link(name: &str, link: &'static str, speed_mbps: u32, uplink: bool) -> PortLinkJson {
+        let duplex = if link == "up" { "full" } else { "" };
+        PortLinkJson { name: name.to_owned(), port_id: 0, link, speed_mbps, duplex, uplink }
+    }
+
+    #[test]
+    fn health_lists_each_ports_link_and_says_when_every_uplink_is_down() {
+        let mut h = HealthJson {
+            status: "SERVING",
+            serving: true,
+            version: "0.1.0".to_owned(),
+            uptime_seconds: 13,
+            workers: 1,
+            ports: 2,
+            reason: String::new(),
+            links: vec![link("outside", "up", 25_000, true), link("inside", "up", 2_500, false)],
+            uplinks_down: false,
+        };
+        assert_eq!(
+            health_table(&h),
+            "status   SERVING\nversion  0.1.0\nuptime   13s\nworkers  1\nports    2\n\n\
+             port     link  speed     duplex  uplink\n\
+             outside  up    25 Gb/s   full    yes\n\
+             inside   up    2.5 Gb/s  full    no\n"
+        );
+        h.links = vec![link("outside", "down", 0, true), link("inside", "unknown", 0, false)];
+        h.uplinks_down = true;
+        let text = health_table(&h);
+        assert!(text.contains("\nuplinks  all down: no VIP is announced\n"), "{text}");
+        assert!(text.contains("\noutside  down     -      -       yes\n"), "{text}");
+        assert!(text.contains("\ninside   unknown  -      -       no\n"), "{text}");
+        assert_eq!(format_speed(100), "100 Mb/s");
+    }
 }
