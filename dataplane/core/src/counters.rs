@@ -90,11 +90,16 @@ pub enum DropReason {
     /// An 802.1Q or 802.1ad tagged frame for a VLAN no port carries, or
     /// with stacked tags (no port carries a VLAN yet).
     UnknownVlan,
+    /// A frame the driver received into a chain of mbufs: the pipeline
+    /// reads a frame's first segment only, so it is dropped before it is
+    /// parsed. Never expected: the mbufs hold the largest port's frames and
+    /// no port is set up to scatter.
+    MultiSegment,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 26;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -122,6 +127,7 @@ impl DropReason {
         DropReason::SourceDenied,
         DropReason::IcmpNoFlow,
         DropReason::UnknownVlan,
+        DropReason::MultiSegment,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -152,6 +158,7 @@ impl DropReason {
             DropReason::SourceDenied => "source_denied",
             DropReason::IcmpNoFlow => "icmp_no_flow",
             DropReason::UnknownVlan => "unknown_vlan",
+            DropReason::MultiSegment => "multi_segment",
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::BURST;
 use crate::error::{DpdkError, last_error, strerror};
 use crate::handoff::Ring;
 use crate::mempool::Mempool;
-use crate::port::Port;
+use crate::port::{self, Port};
 use arrayvec::ArrayVec;
 use std::ffi::CString;
 use std::ptr::null_mut;
@@ -140,7 +140,21 @@ impl KernelPort {
             return Err(err(format!("probing a tap device failed: {} ({})", strerror(rc), last_error())));
         }
         let label = format!("{name} (kernel interface {iface})");
-        match Port::start_with(&label, &vdev, 1, mtu, pool, (KERNEL_DESC, KERNEL_DESC)) {
+        // DPDK 22.11's tap driver reports 1522-byte frames at most, a limit
+        // it does not have: it reads each frame into one mbuf of the pool
+        // (sized for the largest port), and drops, as an rx error, one that
+        // does not fit. Above what it admits, the port starts at that MTU
+        // and the interface gets the port's MTU from the kernel directly,
+        // as the driver itself would set it.
+        let started = port::max_mtu_of(&label, &vdev).and_then(|max| {
+            let dpdk_mtu = u16::try_from(max).unwrap_or(u16::MAX).min(mtu);
+            let port = Port::start_with(&label, &vdev, 1, dpdk_mtu, pool, (KERNEL_DESC, KERNEL_DESC))?;
+            if dpdk_mtu < mtu {
+                set_kernel_mtu(iface, mtu).map_err(|e| err(format!("setting MTU {mtu}: {e}")))?;
+            }
+            Ok(port)
+        });
+        match started {
             Ok(port) => Ok(KernelPort { iface: iface.to_owned(), phys_id, vdev, port: Some(port) }),
             Err(e) => {
                 unplug(&vdev);
@@ -168,6 +182,32 @@ impl Drop for KernelPort {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Sets the MTU of the kernel interface `iface` (SIOCSIFMTU, as `ip link
+/// set mtu` does).
+fn set_kernel_mtu(iface: &str, mtu: u16) -> Result<(), std::io::Error> {
+    // SAFETY: all-zero is a valid ifreq (plain data).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+    // SAFETY: socket(2) has no preconditions; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is an open socket; `req` is a valid ifreq with a
+    // NUL-terminated name, which SIOCSIFMTU only reads.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCSIFMTU as _, &req) };
+    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    result
 }
 
 fn unplug(vdev: &str) {
