@@ -161,8 +161,10 @@ impl Drop for Net {
 }
 
 /// A gateway in `net`'s gateway namespace, on net_pcap ports over gwc and
-/// gwb at `mtu`, serving the VIP's port 80 from the backend in `mode`.
-fn gateway(net: &Net, tag: &str, mtu: u16, mode: Mode) -> NullGateway {
+/// gwb at `mtu`, serving the VIP's port 80 from the backend in `mode`;
+/// with `kernel`, each port has its kernel interface (named after it).
+fn gateway(net: &Net, tag: &str, mtu: u16, mode: Mode, kernel: bool) -> NullGateway {
+    let kernel = if kernel { "" } else { "kernel_interface = \"\"\n" };
     let (service_mode, pool) = match mode {
         Mode::Nat => (String::new(), String::new()),
         Mode::FullNat => (
@@ -177,9 +179,9 @@ fn gateway(net: &Net, tag: &str, mtu: u16, mode: Mode) -> NullGateway {
         .netns(&net.gw)
         .ports(&format!(
             "[[ports]]\nname = \"client\"\ndevice = \"net_pcap{{prefix}}c,iface=gwc\"\naddresses = [\"{GATEWAY_CLIENT_SIDE}/24\"]\n\
-             mtu = {mtu}\nkernel_interface = \"\"\n\n\
+             mtu = {mtu}\n{kernel}\n\
              [[ports]]\nname = \"backend\"\ndevice = \"net_pcap{{prefix}}b,iface=gwb\"\naddresses = [\"{GATEWAY_BACKEND_SIDE}/24\"]\n\
-             mtu = {mtu}\nkernel_interface = \"\"\n"
+             mtu = {mtu}\n{kernel}"
         ))
         .services(&format!(
             "[[services]]\nname = \"web\"\nvip = \"{}\"\nport = 80\nprotocol = \"tcp\"\n{service_mode}\
@@ -238,13 +240,29 @@ fn ping(ns: &str, to: &str, size: u16, count: u8) -> bool {
 fn jumbo_download(mode: Mode) {
     vipgate::require_root();
     let mut net = Net::create(9000, mode == Mode::Nat);
-    let mut gw = gateway(&net, &format!("j{}", mode.name()), 9000, mode);
+    // nat also runs the exception path: the ports' kernel interfaces.
+    let kernel = mode == Mode::Nat;
+    let mut gw = gateway(&net, &format!("j{}", mode.name()), 9000, mode, kernel);
     net.start_backend(gw.dir());
     // Both sides announce themselves (the gateway learns the sender of an
     // ARP request for its address) and the gateway answers a full-size
     // echo on each port.
     assert!(ping(&net.client, GATEWAY_CLIENT_SIDE, 9000 - 28, 2), "a 9000-byte ping to the client port");
     assert!(ping(&net.backend, GATEWAY_BACKEND_SIDE, 9000 - 28, 2), "a 9000-byte ping to the backend port");
+
+    if kernel {
+        // The kernel interfaces: at most what DPDK 22.11's tap driver
+        // takes (1504), and the exception path works both ways.
+        for iface in ["client", "backend"] {
+            let link = ok_in(&net.gw, &["ip", "-o", "link", "show", "dev", iface]);
+            assert!(link.contains(" mtu 1504 "), "{iface}: {link}");
+        }
+        assert!(
+            ping(&net.gw, "198.18.0.2", 1504 - 28, 2),
+            "a full-size ping from the gateway's kernel: {}",
+            stats(&gw)
+        );
+    }
 
     let before = stats(&gw);
     let client_before = net.rx(&net.client, "c0");
@@ -298,7 +316,7 @@ fn jumbo_frames_larger_than_the_ports_mbufs_are_dropped_as_multi_segment() {
     // DPDK's default 2048 bytes, and net_pcap receives a larger frame into
     // a chain of them.
     let net = Net::create(9000, true);
-    let mut gw = gateway(&net, "jseg", 1500, Mode::Nat);
+    let mut gw = gateway(&net, "jseg", 1500, Mode::Nat, false);
     assert!(ping(&net.client, GATEWAY_CLIENT_SIDE, 1500 - 28, 2), "a 1500-byte ping is answered");
     let before = stats(&gw);
     assert!(!ping(&net.client, GATEWAY_CLIENT_SIDE, 8000, 3), "an 8028-byte ping must not be answered");

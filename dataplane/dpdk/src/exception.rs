@@ -140,19 +140,22 @@ impl KernelPort {
             return Err(err(format!("probing a tap device failed: {} ({})", strerror(rc), last_error())));
         }
         let label = format!("{name} (kernel interface {iface})");
-        // DPDK 22.11's tap driver reports 1522-byte frames at most, a limit
-        // it does not have: it reads each frame into one mbuf of the pool
-        // (sized for the largest port), and drops, as an rx error, one that
-        // does not fit. Above what it admits, the port starts at that MTU
-        // and the interface gets the port's MTU from the kernel directly,
-        // as the driver itself would set it.
+        // DPDK 22.11's tap driver takes MTU 1504 at most, and also refuses
+        // to write a frame longer than its MTU's to the kernel: above that,
+        // the interface stays at the driver's maximum (the kernel then
+        // advertises a TCP MSS that fits, and sends frames the port carries).
         let started = port::max_mtu_of(&label, &vdev).and_then(|max| {
-            let dpdk_mtu = u16::try_from(max).unwrap_or(u16::MAX).min(mtu);
-            let port = Port::start_with(&label, &vdev, 1, dpdk_mtu, pool, (KERNEL_DESC, KERNEL_DESC))?;
-            if dpdk_mtu < mtu {
-                set_kernel_mtu(iface, mtu).map_err(|e| err(format!("setting MTU {mtu}: {e}")))?;
+            let kernel_mtu = u16::try_from(max).unwrap_or(u16::MAX).min(mtu);
+            if kernel_mtu < mtu {
+                tracing::warn!(
+                    port = name,
+                    iface,
+                    mtu,
+                    kernel_mtu,
+                    "the kernel interface's MTU is lower than its port's: the tap driver takes no more"
+                );
             }
-            Ok(port)
+            Port::start_with(&label, &vdev, 1, kernel_mtu, pool, (KERNEL_DESC, KERNEL_DESC))
         });
         match started {
             Ok(port) => Ok(KernelPort { iface: iface.to_owned(), phys_id, vdev, port: Some(port) }),
@@ -182,32 +185,6 @@ impl Drop for KernelPort {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-/// Sets the MTU of the kernel interface `iface` (SIOCSIFMTU, as `ip link
-/// set mtu` does).
-fn set_kernel_mtu(iface: &str, mtu: u16) -> Result<(), std::io::Error> {
-    // SAFETY: all-zero is a valid ifreq (plain data).
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if iface.len() >= req.ifr_name.len() {
-        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
-    for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
-        *d = s as libc::c_char;
-    }
-    req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
-    // SAFETY: socket(2) has no preconditions; the descriptor is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is an open socket; `req` is a valid ifreq with a
-    // NUL-terminated name, which SIOCSIFMTU only reads.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCSIFMTU as _, &req) };
-    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
-    result
 }
 
 fn unplug(vdev: &str) {
