@@ -50,6 +50,9 @@ PACKAGES=(
 	iputils-ping
 	# traceroute through the gateway (tests/e2e.rs): TCP SYN probes (-T).
 	traceroute
+	# Jumbo frames over veths (tests/jumbo.rs): offloads off, so that every
+	# frame on the wire is a real, checksummed frame of at most the MTU.
+	ethtool
 	# The Python gRPC client test: the venv setup.sh creates (pip from PyPI).
 	python3-venv
 	# Route announcement tests (tests/announce.rs): the routing daemons, which

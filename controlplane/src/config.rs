@@ -53,8 +53,10 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9469";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vipgate";
 /// Smallest port MTU (RFC 791's minimum datagram every host accepts).
 pub const MIN_MTU: u16 = 576;
-/// Largest port MTU: a frame must fit one mbuf's 2048-byte data room.
-pub const MAX_MTU: u16 = 2000;
+/// Largest port MTU: jumbo frames. The mbufs are sized for the largest
+/// port MTU (the driver's `mempool::frame_room`), and each device's
+/// own limit is checked when its port starts.
+pub const MAX_MTU: u16 = 9000;
 
 /// Default and bounds of `[api] max_request_bytes`: the largest gRPC
 /// request message the TCP listener decodes.
@@ -964,10 +966,7 @@ impl Validator<'_> {
                         return self.err(
                             m.span(),
                             f("mtu"),
-                            format!(
-                                "{} is not from {MIN_MTU} to {MAX_MTU} (a frame must fit one 2048-byte mbuf)",
-                                m.get_ref()
-                            ),
+                            format!("{} is not from {MIN_MTU} to {MAX_MTU}", m.get_ref()),
                         );
                     }
                 },

@@ -99,11 +99,16 @@ pub enum DropReason {
     /// store of waiting fragments full (count or bytes), or is longer than
     /// a 9000-byte MTU's frame.
     FragmentHoldFull,
+    /// A frame the driver received into a chain of mbufs: the pipeline
+    /// reads a frame's first segment only, so it is dropped before it is
+    /// parsed. Never expected: the mbufs hold the largest port's frames and
+    /// no port is set up to scatter.
+    MultiSegment,
 }
 
 impl DropReason {
     /// Number of reasons.
-    pub const COUNT: usize = 27;
+    pub const COUNT: usize = 28;
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
@@ -133,6 +138,7 @@ impl DropReason {
         DropReason::UnknownVlan,
         DropReason::FragmentTableFull,
         DropReason::FragmentHoldFull,
+        DropReason::MultiSegment,
     ];
 
     /// Stable snake_case name used in the API and in metrics.
@@ -165,6 +171,7 @@ impl DropReason {
             DropReason::UnknownVlan => "unknown_vlan",
             DropReason::FragmentTableFull => "fragment_table_full",
             DropReason::FragmentHoldFull => "fragment_hold_full",
+            DropReason::MultiSegment => "multi_segment",
         }
     }
 }

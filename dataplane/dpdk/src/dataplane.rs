@@ -5,7 +5,7 @@ use crate::eal::Eal;
 use crate::error::{DpdkError, strerror};
 use crate::exception::{Exception, ExceptionCounters, KernelPort};
 use crate::handoff::Handoff;
-use crate::mempool::Mempool;
+use crate::mempool::{self, Mempool};
 use crate::port::{Port, read_link, read_stats};
 use crate::rcu::{Publisher, Stalled};
 use crate::worker::{Heartbeat, WorkerSetup, rdtsc, worker_main};
@@ -17,7 +17,7 @@ use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::driver::{DataplaneConfig, PortLink, PortStats};
 use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{PipelineConfig, worker_inboxes};
-use vipgate_dataplane::snapshot::Snapshot;
+use vipgate_dataplane::snapshot::{DEFAULT_MTU, Snapshot};
 use vipgate_dataplane::stats::BackendStats;
 use vipgate_dataplane::wire::EthernetAddress;
 
@@ -150,7 +150,21 @@ impl Dataplane {
                 config.idle_sleep_us
             );
         }
-        let pool = Arc::new(Mempool::create("vipgate_mbufs", config.mbufs, config.mbuf_cache)?);
+        // One pool for every port: its mbufs hold the largest port's frames.
+        let largest_mtu = config.ports.iter().map(|p| p.mtu).max().unwrap_or(DEFAULT_MTU);
+        let pool = Arc::new(Mempool::create(
+            "vipgate_mbufs",
+            config.mbufs,
+            config.mbuf_cache,
+            mempool::data_room(largest_mtu),
+        )?);
+        tracing::info!(
+            mbufs = pool.size(),
+            data_room = pool.data_room(),
+            largest_mtu,
+            mib = u64::from(pool.size()) * u64::from(pool.bytes_per_mbuf()) / (1024 * 1024),
+            "mbuf pool created"
+        );
         let in_use_at_start = pool.in_use();
         let mut dp = Dataplane {
             workers: lcores

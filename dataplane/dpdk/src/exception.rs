@@ -27,7 +27,7 @@ use crate::BURST;
 use crate::error::{DpdkError, last_error, strerror};
 use crate::handoff::Ring;
 use crate::mempool::Mempool;
-use crate::port::Port;
+use crate::port::{self, Port};
 use arrayvec::ArrayVec;
 use std::ffi::CString;
 use std::ptr::null_mut;
@@ -140,7 +140,24 @@ impl KernelPort {
             return Err(err(format!("probing a tap device failed: {} ({})", strerror(rc), last_error())));
         }
         let label = format!("{name} (kernel interface {iface})");
-        match Port::start_with(&label, &vdev, 1, mtu, pool, (KERNEL_DESC, KERNEL_DESC)) {
+        // DPDK 22.11's tap driver takes MTU 1504 at most, and also refuses
+        // to write a frame longer than its MTU's to the kernel: above that,
+        // the interface stays at the driver's maximum (the kernel then
+        // advertises a TCP MSS that fits, and sends frames the port carries).
+        let started = port::max_mtu_of(&label, &vdev).and_then(|max| {
+            let kernel_mtu = u16::try_from(max).unwrap_or(u16::MAX).min(mtu);
+            if kernel_mtu < mtu {
+                tracing::warn!(
+                    port = name,
+                    iface,
+                    mtu,
+                    kernel_mtu,
+                    "the kernel interface's MTU is lower than its port's: the tap driver takes no more"
+                );
+            }
+            Port::start_with(&label, &vdev, 1, kernel_mtu, pool, (KERNEL_DESC, KERNEL_DESC))
+        });
+        match started {
             Ok(port) => Ok(KernelPort { iface: iface.to_owned(), phys_id, vdev, port: Some(port) }),
             Err(e) => {
                 unplug(&vdev);

@@ -57,6 +57,44 @@ pub(crate) fn read_link(id: u16) -> Option<PortLink> {
     })
 }
 
+/// The largest MTU a device takes, as ethdev checks it: at most its
+/// `max_mtu`, and its largest frame (`max_rx_pktlen`) less the Ethernet
+/// overhead, which is the difference of the two when the driver reports a
+/// `max_mtu`, else 18 (header and CRC).
+pub(crate) fn device_max_mtu(max_mtu: u16, max_rx_pktlen: u32) -> u32 {
+    let overhead =
+        if max_mtu != u16::MAX && max_rx_pktlen > u32::from(max_mtu) { max_rx_pktlen - u32::from(max_mtu) } else { 18 };
+    u32::from(max_mtu).min(max_rx_pktlen.saturating_sub(overhead))
+}
+
+/// The largest MTU of the probed device `device_name` (see
+/// [`device_max_mtu`]), for the port `name`.
+pub(crate) fn max_mtu_of(name: &str, device_name: &str) -> Result<u32, DpdkError> {
+    let (_, info) = device(name, device_name)?;
+    Ok(device_max_mtu(info.max_mtu, info.max_rx_pktlen))
+}
+
+/// The port id and the device info of the probed device `device_name`, for
+/// the port `name`.
+fn device(name: &str, device_name: &str) -> Result<(u16, vipgate_ffi::rte_eth_dev_info), DpdkError> {
+    let cdev = CString::new(device_name).map_err(|_| DpdkError::NulInArgument(device_name.to_owned()))?;
+    let mut id: u16 = 0;
+    // SAFETY: EAL is initialised; cdev is a valid C string; `id` is a
+    // valid out-pointer.
+    if unsafe { vipgate_ffi::rte_eth_dev_get_port_by_name(cdev.as_ptr(), &mut id) } != 0 {
+        return Err(DpdkError::PortNotFound { name: name.to_owned(), device: device_name.to_owned() });
+    }
+    // SAFETY: all-zero is a valid rte_eth_dev_info (plain data); DPDK
+    // fills it.
+    let mut info: vipgate_ffi::rte_eth_dev_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `id` is a probed port; `info` is a valid out-pointer.
+    let rc = unsafe { vipgate_ffi::rte_eth_dev_info_get(id, &mut info) };
+    if rc != 0 {
+        return Err(DpdkError::Port { name: name.to_owned(), op: "reading device info", reason: strerror(rc) });
+    }
+    Ok((id, info))
+}
+
 /// A started DPDK port. Stop and close it with [`Port::close`].
 #[derive(Debug)]
 pub struct Port {
@@ -69,10 +107,11 @@ pub struct Port {
 
 impl Port {
     /// Looks up the probed device `device_name` (a vdev name such as
-    /// `net_tap0`, or a PCI address), configures `queues` rx and tx queues
-    /// (RSS over IP/TCP/UDP when more than one), sets the MTU (when the
-    /// device's differs), sets the queues up with `pool` and starts the
-    /// port.
+    /// `net_tap0`, or a PCI address), checks that it takes `mtu` and that
+    /// `pool`'s mbufs hold its frames whole, configures `queues` rx and tx
+    /// queues (RSS over IP/TCP/UDP when more than one; never scatter, so
+    /// every frame arrives in one mbuf) with that MTU, sets the queues up
+    /// with `pool` and starts the port.
     pub fn start(name: &str, device_name: &str, queues: u16, mtu: u16, pool: &Mempool) -> Result<Port, DpdkError> {
         Port::start_with(name, device_name, queues, mtu, pool, (RX_DESC, TX_DESC))
     }
@@ -88,22 +127,7 @@ impl Port {
         descriptors: (u16, u16),
     ) -> Result<Port, DpdkError> {
         let err = |op, rc: i32| DpdkError::Port { name: name.to_owned(), op, reason: strerror(rc) };
-        let cdev = CString::new(device_name).map_err(|_| DpdkError::NulInArgument(device_name.to_owned()))?;
-        let mut id: u16 = 0;
-        // SAFETY: EAL is initialised; cdev is a valid C string; `id` is a
-        // valid out-pointer.
-        if unsafe { vipgate_ffi::rte_eth_dev_get_port_by_name(cdev.as_ptr(), &mut id) } != 0 {
-            return Err(DpdkError::PortNotFound { name: name.to_owned(), device: device_name.to_owned() });
-        }
-
-        // SAFETY: all-zero is a valid rte_eth_dev_info (plain data); DPDK
-        // fills it.
-        let mut info: vipgate_ffi::rte_eth_dev_info = unsafe { std::mem::zeroed() };
-        // SAFETY: `id` is a probed port; `info` is a valid out-pointer.
-        let rc = unsafe { vipgate_ffi::rte_eth_dev_info_get(id, &mut info) };
-        if rc != 0 {
-            return Err(err("reading device info", rc));
-        }
+        let (id, info) = device(name, device_name)?;
         if queues > info.max_rx_queues || queues > info.max_tx_queues {
             return Err(DpdkError::Port {
                 name: name.to_owned(),
@@ -115,8 +139,35 @@ impl Port {
             });
         }
 
+        let max = device_max_mtu(info.max_mtu, info.max_rx_pktlen);
+        if u32::from(mtu) > max || mtu < info.min_mtu {
+            return Err(DpdkError::Port {
+                name: name.to_owned(),
+                op: "setting the MTU",
+                reason: format!(
+                    "device {device_name} cannot take MTU {mtu}: its MTU is from {} to {max} (max_mtu {}, max_rx_pktlen {})",
+                    info.min_mtu, info.max_mtu, info.max_rx_pktlen
+                ),
+            });
+        }
+        // The pipeline reads an mbuf's first segment only: a frame must fit
+        // one. The pool is sized for the largest port (mempool::frame_room);
+        // this catches a pool made otherwise.
+        let room = u32::from(pool.data_room()).saturating_sub(vipgate_ffi::RTE_PKTMBUF_HEADROOM);
+        if room < u32::from(mtu) + crate::mempool::FRAME_OVERHEAD {
+            return Err(DpdkError::Port {
+                name: name.to_owned(),
+                op: "setting the MTU",
+                reason: format!("frames of MTU {mtu} do not fit the pool's {room}-byte mbufs"),
+            });
+        }
+
         // SAFETY: all-zero is the documented default rte_eth_conf.
         let mut conf: vipgate_ffi::rte_eth_conf = unsafe { std::mem::zeroed() };
+        // The MTU from the start (ethdev checks it against the device);
+        // offloads stay empty: no RTE_ETH_RX_OFFLOAD_SCATTER, and with
+        // buffers as large as the largest frame no driver needs to chain.
+        conf.rxmode.mtu = u32::from(mtu);
         if queues > 1 {
             let wanted = vipgate_ffi::RTE_ETH_RSS_IP | vipgate_ffi::RTE_ETH_RSS_TCP | vipgate_ffi::RTE_ETH_RSS_UDP;
             conf.rxmode.mq_mode = vipgate_ffi::RTE_ETH_MQ_RX_RSS;
@@ -127,19 +178,17 @@ impl Port {
         if rc != 0 {
             return Err(err("configuring", rc));
         }
-        let mut current: u16 = 0;
-        // SAFETY: `id` is a configured port; `current` is a valid out-pointer.
-        let rc = unsafe { vipgate_ffi::rte_eth_dev_get_mtu(id, &mut current) };
-        if rc != 0 || current != mtu {
-            // SAFETY: `id` is a configured, stopped port.
-            let rc = unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) };
-            if rc != 0 {
-                return Err(DpdkError::Port {
-                    name: name.to_owned(),
-                    op: "setting the MTU",
-                    reason: format!("the device refuses MTU {mtu} (its MTU is {current}): {}", strerror(rc)),
-                });
-            }
+        // Also through the driver: some apply the MTU only there (net_tap
+        // sets its kernel interface's). A driver without an MTU setter
+        // (-ENOTSUP, net_pcap) keeps the MTU configured above.
+        // SAFETY: `id` is a configured, stopped port.
+        let rc = unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) };
+        if rc != 0 && rc != -libc::ENOTSUP {
+            return Err(DpdkError::Port {
+                name: name.to_owned(),
+                op: "setting the MTU",
+                reason: format!("the device refuses MTU {mtu}: {}", strerror(rc)),
+            });
         }
         let (mut rxd, mut txd) = descriptors;
         // SAFETY: valid port and in/out pointers.
@@ -242,5 +291,23 @@ impl Drop for Port {
         if self.id != u16::MAX {
             self.shut();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_max_mtu;
+
+    #[test]
+    fn a_devices_largest_mtu_is_read_as_ethdev_checks_it() {
+        // DPDK 22.11's net_tap: no max_mtu, 1522-byte frames.
+        assert_eq!(device_max_mtu(u16::MAX, 1522), 1504);
+        // net_pcap: no limit reported but ethdev's own.
+        assert_eq!(device_max_mtu(u16::MAX, u32::MAX), u32::from(u16::MAX));
+        // A NIC reporting both: its own overhead (here 26, with VLAN tags).
+        assert_eq!(device_max_mtu(9702, 9728), 9702);
+        assert_eq!(device_max_mtu(9000, 9026), 9000);
+        // A max_mtu above what its frames allow.
+        assert_eq!(device_max_mtu(1500, 1400), 1382);
     }
 }

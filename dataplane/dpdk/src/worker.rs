@@ -396,6 +396,10 @@ impl Worker {
                     continue;
                 }
                 received += n;
+                let n = drop_chained(&mut rx[..n], &counters);
+                if n == 0 {
+                    continue;
+                }
                 self.burst(
                     snap,
                     Some(dense as u16),
@@ -756,6 +760,42 @@ fn send_copy(pool: *mut vipgate_ffi::rte_mempool, port_id: u16, queue: u16, fram
         unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
         counters.count_drop(DropReason::TxFull);
     }
+}
+
+/// Frees and counts (as received, then dropped as `multi_segment`) the
+/// frames of a received burst that came in a chain of mbufs: the pipeline
+/// reads a frame's first segment only, and would take the rest for a
+/// truncated frame. Keeps the others, in order, at the front of `rx`;
+/// returns how many. One load per frame (the mbuf's first cache line, which
+/// the driver just wrote); never expected to find one, as the pool's mbufs
+/// hold the largest port's frames and no port scatters.
+#[inline]
+fn drop_chained(rx: &mut [*mut rte_mbuf], counters: &WorkerCounters) -> usize {
+    let mut kept = 0;
+    let mut chained: ArrayVec<*mut rte_mbuf, BURST> = ArrayVec::new();
+    let mut bytes = 0u64;
+    for i in 0..rx.len() {
+        let m = rx[i];
+        // SAFETY: a valid mbuf from rx_burst, owned by this worker.
+        let (segs, len) = unsafe { ((*m).nb_segs, (*m).pkt_len) };
+        if segs > 1 {
+            bytes += u64::from(len);
+            chained.push(m);
+        } else {
+            rx[kept] = m;
+            kept += 1;
+        }
+    }
+    if !chained.is_empty() {
+        let n = chained.len() as u64;
+        counters.rx_packets.add(n);
+        counters.rx_bytes.add(bytes);
+        counters.drops[DropReason::MultiSegment as usize].add(n);
+        // SAFETY: ours, referenced nowhere else; freeing an mbuf frees its
+        // whole chain.
+        unsafe { vipgate_ffi::rte_pktmbuf_free_bulk(chained.as_mut_ptr(), chained.len() as u32) };
+    }
+    kept
 }
 
 fn send_arp_request(

@@ -410,6 +410,51 @@ fn dsr_packets_too_big_once_encapsulated_get_icmp_fragmentation_needed() {
     assert_eq!((v, out.len()), (Verdict::Transmit(1), 14 + 1501));
 }
 
+#[test]
+fn dsr_fragmentation_needed_follows_a_jumbo_backend_ports_mtu() {
+    // Both ports at 9000: 8980 bytes of IP fit once encapsulated, 8981 do
+    // not, and the client is told the 8980 left for it.
+    let mut s = spec_mode(&dsr(), (1024, 65535));
+    s.ports[0].mtu = 9000;
+    s.ports[1].mtu = 9000;
+    let mut r = Rig::with_spec(&s);
+    let fits = tcp_frame((CLIENT, 40000), (VIP, 80), 64, &vec![7u8; 8980 - 40]);
+    let (v, out) = r.run_with_headroom(0, &fits, 128);
+    assert_eq!((v, out.len()), (Verdict::Transmit(1), 14 + 9000));
+    let (_, _, _, _, _, inner) = decapsulate(&out);
+    assert_eq!(inner[14..].len(), 8980, "the client's packet, whole");
+
+    let big = tcp_frame((CLIENT, 40001), (VIP, 80), 64, &vec![7u8; 8981 - 40]);
+    let (v, out) = r.run_with_headroom(0, &big, 128);
+    assert_eq!(v, Verdict::Transmit(0), "answered on the ingress port");
+    assert_eq!(r.pipe.counters().icmp_frag_needed.get(), 1);
+    let s = SlicedPacket::from_ethernet(&out).expect("etherparse parses the ICMP error");
+    let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!("not ICMP: {:?}", s.transport) };
+    assert_eq!(icmp.header().checksum, icmp.icmp_type().calc_checksum(icmp.payload()), "ICMP checksum");
+    match icmp.icmp_type() {
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+        ) => assert_eq!(next_hop_mtu, 8980),
+        other => panic!("not fragmentation needed: {other:?}"),
+    }
+
+    // A jumbo client port in front of a 1500-byte backend port: the
+    // backend port's MTU decides.
+    let mut s = spec_mode(&dsr(), (1024, 65535));
+    s.ports[0].mtu = 9000;
+    let mut r = Rig::with_spec(&s);
+    let (v, out) = r.run_with_headroom(0, &big, 128);
+    assert_eq!(v, Verdict::Transmit(0));
+    let s = SlicedPacket::from_ethernet(&out).expect("etherparse parses the ICMP error");
+    let Some(TransportSlice::Icmpv4(icmp)) = &s.transport else { panic!("not ICMP: {:?}", s.transport) };
+    assert!(matches!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1480 },
+        )
+    ));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
