@@ -171,6 +171,10 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
         "vipgate_worker_busy_polls",
         "vipgate_worker_busy_cycles",
         "vipgate_worker_dropped_packets",
+        "vipgate_worker_fragments_forwarded_packets",
+        "vipgate_worker_fragments_held_packets",
+        "vipgate_worker_fragments_released_packets",
+        "vipgate_worker_fragments_discarded_packets",
         "node_ipvs_connections",
         "node_ipvs_incoming_packets",
         "node_ipvs_outgoing_packets",
@@ -286,6 +290,10 @@ fn metrics_endpoint_serves_every_family_and_agrees_with_vipgatectl() {
             ("vipgate_worker_flows_reset_total", "flows_reset"),
             ("vipgate_worker_busy_polls_total", "busy_polls"),
             ("vipgate_worker_busy_cycles_total", "busy_cycles"),
+            ("vipgate_worker_fragments_forwarded_packets_total", "fragments_forwarded"),
+            ("vipgate_worker_fragments_held_packets_total", "fragments_held"),
+            ("vipgate_worker_fragments_released_packets_total", "fragments_released"),
+            ("vipgate_worker_fragments_discarded_packets_total", "fragments_discarded"),
             ("vipgate_worker_flows_active", "flows_active"),
         ] {
             between(metric, m.get(metric, &l), b[field].as_u64().unwrap(), w[field].as_u64().unwrap());

@@ -100,6 +100,8 @@ class Workload:
     flood_flows: int = 0
     # [dataplane] flow_capacity; 0 leaves vipgated's default.
     flow_capacity: int = 0
+    # IPv4 fragments per UDP datagram (gen-pcap.py --fragments); 1: none.
+    fragments: int = 1
 
     @property
     def label(self) -> str:
@@ -107,6 +109,8 @@ class Workload:
         if self.flood_share:
             return (f"{size} {self.proto.upper()}, {self.flood_share:.0%} SYN flood from {human_count(self.flood_flows)} "
                     f"spoofed tuples, {human_count(self.flows)} established flows")
+        if self.fragments > 1:
+            return f"{size} {self.proto.upper()}, {human_count(self.flows)} flows, datagrams in {self.fragments} fragments"
         return f"{size} {self.proto.upper()}, {human_count(self.flows)} flow{'s' if self.flows != 1 else ''}, {self.new_share:.0%} new"
 
     @property
@@ -125,6 +129,7 @@ FULL = [
     Workload("tcp-64-1m-new100", "tcp", 64, 1_000_000, 1.0),
     Workload("tcp-imix-10k-new0", "tcp", "imix", 10_000, 0.0),
     Workload("udp-64-10k", "udp", 64, 10_000, 0.0),
+    Workload("udp-64-10k-frag4", "udp", 64, 10_000, 0.0, fragments=4),
 ]
 SMOKE = [Workload("smoke-tcp-64-1k-new50", "tcp", 64, 1_000, 0.5)]
 # Run on its own (--workloads flood), never in the full run: it measures
@@ -296,6 +301,8 @@ def capture(wl: Workload, shards: int, seed: int, pcap_dir: Path, python: str) -
     out = pcap_dir / f"{wl.name}-seed{seed}{'' if shards == 1 else f'-{shards}q'}.pcap"
     args = ["--flows", str(wl.flows), "--size", str(wl.size), "--new-share", str(wl.new_share), "--proto", wl.proto,
             "--ipv", "4", "--seed", str(seed), "--shards", str(shards), "--dst-mac", PORT_IN_MAC, "--out", str(out)]
+    if wl.fragments > 1:
+        args += ["--fragments", str(wl.fragments)]
     if wl.flood_share:
         args += ["--flood-share", str(wl.flood_share), "--flood-flows", str(wl.flood_flows), "--flood-dport", str(FLOOD_PORT)]
     meta_path = out.with_suffix(".json")
