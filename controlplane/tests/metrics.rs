@@ -191,7 +191,7 @@ fn exposition_of_a_fake_gateway() {
             assert!(l.starts_with(family), "{l} outside its family {family}");
         }
     }
-    assert_eq!(seen.len(), 56);
+    assert_eq!(seen.len(), 60);
 }
 
 #[test]
