@@ -26,8 +26,8 @@ use crate::wire::{ethernet, ipv4};
 /// Entries in a worker's fragment table by default: datagrams whose first
 /// fragment was translated and whose later fragments may still come.
 pub const DEFAULT_ENTRIES: usize = 4096;
-/// How long a datagram's translation, or a fragment waiting for its first,
-/// is kept: 5 seconds. Fragments of one datagram leave the sender together;
+/// How long a datagram's translation (unless all its fragments pass
+/// sooner), or a fragment waiting for its first, is kept: 5 seconds. Fragments of one datagram leave the sender together;
 /// Linux waits 30 s to reassemble, but a gateway remembering that long would
 /// let a slow flood fill its table.
 pub const DEFAULT_TIMEOUT_NS: u64 = 5_000_000_000;
@@ -87,6 +87,8 @@ pub struct FragmentNote {
     pub key: FragmentKey,
     /// Its rewrite.
     pub rewrite: FragmentRewrite,
+    /// Payload bytes of its first fragment.
+    pub first_len: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,6 +97,11 @@ struct Entry {
     /// When the entry lapses; 0 for a free slot.
     expires: u64,
     rewrite: FragmentRewrite,
+    /// Payload bytes of the datagram's fragments translated so far.
+    seen: u32,
+    /// The datagram's payload length, once its last fragment (the one
+    /// without more-fragments) was seen; 0 before.
+    total: u32,
 }
 
 /// A worker's fragment table: the translations of datagrams whose later
@@ -148,10 +155,35 @@ impl FragmentTable {
         (0..PROBE).map(|i| &self.entries[(home + i) & self.mask]).any(|e| e.expires <= now || e.key == *key)
     }
 
-    /// Records `rewrite` for `key` (replacing what `key` had), in the first
-    /// lapsed slot of its window when it had nothing. False when every slot
-    /// of the window holds a live datagram: the table is full there.
-    pub fn insert(&mut self, key: FragmentKey, rewrite: FragmentRewrite, now: u64) -> bool {
+    /// The rewrite recorded for `key`, unless it lapsed, for a fragment
+    /// of `len` payload bytes ending `end` bytes into the datagram, `last`
+    /// if it is the one without more-fragments. Once the fragments
+    /// translated add up to the whole datagram the entry is freed at once:
+    /// a datagram holds its slot for as long as its fragments take, not for
+    /// the timeout.
+    pub fn take(&mut self, key: &FragmentKey, now: u64, len: u32, end: u32, last: bool) -> Option<FragmentRewrite> {
+        let home = self.home(key);
+        let slot = (0..PROBE).map(|i| (home + i) & self.mask).find(|&s| {
+            let e = &self.entries[s];
+            e.expires > now && e.key == *key
+        })?;
+        let e = &mut self.entries[slot];
+        e.seen = e.seen.saturating_add(len);
+        if last {
+            e.total = end;
+        }
+        let rewrite = e.rewrite;
+        if e.total != 0 && e.seen >= e.total {
+            e.expires = 0;
+        }
+        Some(rewrite)
+    }
+
+    /// Records `rewrite` for `key` (replacing what `key` had), whose first
+    /// fragment carried `first_len` payload bytes, in the first lapsed slot
+    /// of its window when it had nothing. False when every slot of the
+    /// window holds a live datagram: the table is full there.
+    pub fn insert(&mut self, key: FragmentKey, rewrite: FragmentRewrite, now: u64, first_len: u32) -> bool {
         let home = self.home(&key);
         let mut free = None;
         for i in 0..PROBE {
@@ -166,7 +198,8 @@ impl FragmentTable {
             }
         }
         let Some(slot) = free else { return false };
-        self.entries[slot] = Entry { key, expires: now.saturating_add(self.timeout).max(1), rewrite };
+        let expires = now.saturating_add(self.timeout).max(1);
+        self.entries[slot] = Entry { key, expires, rewrite, seen: first_len, total: 0 };
         true
     }
 }

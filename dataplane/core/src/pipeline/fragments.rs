@@ -53,7 +53,8 @@ impl Pipeline {
         {
             return Verdict::Handoff(w);
         }
-        if let Some(rewrite) = self.fragments.lookup(&key, now) {
+        let (len, end, last) = payload_span(p.frame());
+        if let Some(rewrite) = self.fragments.take(&key, now, len, end, last) {
             return match rewrite_fragment(p, &rewrite, snap) {
                 Ok(out) => {
                     self.count_fragment(&rewrite);
@@ -104,7 +105,9 @@ impl Pipeline {
         let inner = if tunnelled { ethernet::HEADER_LEN + ipv4::MIN_HEADER_LEN } else { ethernet::HEADER_LEN };
         let id = ipv4::Packet::new_unchecked(&frame[inner..]).ident();
         let key = FragmentKey { src: original.0, dst: original.1, id, protocol: original.2 };
-        let note = FragmentNote { key, rewrite: rewrite_of(frame, tunnelled, out, forward) };
+        let first_len = u32::from(ipv4::Packet::new_unchecked(&frame[inner..]).total_len())
+            .saturating_sub(u32::from(frame[inner] & 0x0f) * 4);
+        let note = FragmentNote { key, rewrite: rewrite_of(frame, tunnelled, out, forward), first_len };
         match self.foreign_fragment_owner(&key) {
             None => self.adopt_fragment(snap, note, now),
             Some(w) => {
@@ -119,7 +122,7 @@ impl Pipeline {
 
     /// Records a datagram's translation and releases what waited for it.
     pub(super) fn adopt_fragment(&mut self, snap: &Snapshot, note: FragmentNote, now: u64) {
-        if !self.fragments.insert(note.key, note.rewrite, now) {
+        if !self.fragments.insert(note.key, note.rewrite, now, note.first_len) {
             // Only from another worker's note (a local first fragment
             // checked for room): its later fragments wait, then are
             // discarded and counted.
@@ -127,8 +130,13 @@ impl Pipeline {
         }
         let counters = &self.counters;
         let rewrite = note.rewrite;
+        let table = &mut self.fragments;
         let (released, refused) = self.held.release(&note.key, |port, buf, start| {
             let mut p = RxPacket::with_headroom(port, buf, start);
+            let (len, end, last) = payload_span(p.frame());
+            // Counted towards the whole datagram, so that its entry is freed
+            // once every fragment has gone.
+            let _ = table.take(&note.key, now, len, end, last);
             rewrite_fragment(&mut p, &rewrite, snap).ok().map(|out| (out, p.start))
         });
         if released > 0 {
@@ -191,6 +199,16 @@ impl Pipeline {
     pub fn held_fragments(&self) -> &HeldFragments {
         &self.held
     }
+}
+
+/// A fragment's payload: its length, where it ends in the datagram, and
+/// whether it is the last (more-fragments clear). `frame` is a valid IPv4
+/// frame.
+fn payload_span(frame: &[u8]) -> (u32, u32, bool) {
+    let ip = ipv4::Packet::new_unchecked(&frame[ethernet::HEADER_LEN..]);
+    let len = u32::from(ip.total_len()).saturating_sub(ip.header_len() as u32);
+    let end = u32::from(ip.frag_offset()) * 8 + len;
+    (len, end, !ip.more_frags())
 }
 
 /// The worker, of `workers`, that owns the later fragments of datagrams

@@ -266,6 +266,41 @@ fn a_full_fragment_table_drops_first_fragments_but_not_other_traffic() {
 }
 
 #[test]
+fn a_datagrams_entry_is_freed_when_its_last_byte_has_gone() {
+    let config = PipelineConfig { fragment_entries: 16, ..test_config() };
+    let mut r = Rig {
+        snap: Snapshot::build(&spec()).unwrap(),
+        pipe: Pipeline::new(config, Arc::new(WorkerCounters::default())),
+        now: 1_000_000_000,
+    };
+    r.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
+    for (a, m) in BACKENDS.iter().zip(BACKEND_MACS) {
+        r.teach(1, *a, m, GW_B_IP);
+    }
+    // Far more whole datagrams than the table has entries, within one
+    // timeout: each frees its entry when its last fragment goes, in order
+    // or not.
+    for id in 0..1000u16 {
+        let (whole, mut frags) = client_datagram(40000 + id % 50, id);
+        if id % 3 == 1 {
+            frags.reverse();
+        } else if id % 3 == 2 {
+            frags.swap(1, 2);
+        }
+        let (_, out) = run_all(&mut r, 0, &frags);
+        assert_one_datagram(&out, &whole, 1);
+        assert_eq!(r.pipe.fragment_table().live(r.now), 0, "datagram {id}: its entry is freed");
+    }
+    assert_eq!(r.pipe.counters().drops(DropReason::FragmentTableFull), 0);
+    // A datagram whose middle fragment is lost keeps its entry until the
+    // timeout.
+    let (_, frags) = client_datagram(41000, 5000);
+    run_all(&mut r, 0, &[frags[0].clone(), frags[2].clone()]);
+    assert_eq!(r.pipe.fragment_table().live(r.now), 1);
+    assert_eq!(r.pipe.fragment_table().live(r.now + DEFAULT_TIMEOUT_NS), 0);
+}
+
+#[test]
 fn waiting_fragments_are_bounded_and_discarded_after_the_timeout() {
     let mut r = Rig::resolved();
     let mut held = 0;
@@ -379,7 +414,9 @@ fn with_two_workers_every_fragment_reaches_the_worker_that_chose_the_backend() {
             assert!(BACKENDS.contains(&backend));
             let fowner = usize::from(fragment_owner(CLIENT, VIP, 2));
             let fkey = crate::fragments::FragmentKey { src: CLIENT, dst: VIP, id: 200 + i as u16, protocol: 17 };
-            assert!(rigs[fowner].pipe.fragment_table().lookup(&fkey, rigs[fowner].now).is_some());
+            let (table, now) = (rigs[fowner].pipe.fragment_table(), rigs[fowner].now);
+            assert!(table.lookup(&fkey, now).is_none(), "a whole datagram's entry is freed");
+            assert_eq!(rigs[1 - fowner].pipe.fragment_table().live(now), 0, "only the fragment owner had one");
             let owner = usize::from(client_owner(CLIENT, sport, 17, 2));
             remote += usize::from(owner != fowner);
         }
