@@ -311,6 +311,10 @@ impl HeldFragments {
         mut rewrite: impl FnMut(u16, &mut [u8], usize) -> Option<(u16, usize)>,
     ) -> (usize, usize) {
         let (mut released, mut refused) = (0, 0);
+        if self.bytes == 0 {
+            // Nothing waits (nearly always): no slot to visit.
+            return (released, refused);
+        }
         for (i, h) in self.held.iter_mut().enumerate() {
             let Slot::Waiting { port } = h.slot else { continue };
             if h.key != *key {
