@@ -6,7 +6,10 @@
 //! `handoff` (worker 0 of 2, every packet owned by worker 1), and
 //! `fragments` (nat: 8 TCP segments of 8 flows, each in 4 fragments in
 //! order: a first fragment, translated through its flow and recorded, then
-//! 3 later ones rewritten from the fragment table).
+//! 3 later ones rewritten from the fragment table), and `vlan` (`forward`
+//! with every frame tagged 802.1Q VLAN 100 on the client port, the
+//! backends behind VLAN 200 on the backend port: each packet's tag is
+//! stripped on the way in and another put on on the way out).
 //! `instructions established|new|prepare <flows> <bursts>` measures
 //! connection tracking at scale: `flows` flows are made established first
 //! (set-up, the same in both runs), then the bursts carry packets of those
@@ -66,6 +69,7 @@ fn main() {
     let snap = match workload.as_str() {
         "forward-fullnat" | "reverse-fullnat" => snapshot_with(fullnat()),
         "forward-dsr" => snapshot_with(dsr()),
+        "vlan" => snapshot_vlans(),
         _ => snapshot(),
     };
     let mut pipe = pipeline(&snap);
@@ -79,9 +83,10 @@ fn main() {
             (foreign_burst(), 0)
         }
         "fragments" => (fragment_burst(), 0),
+        "vlan" => (forward_burst(0).iter().map(|f| tag(f, 100)).collect(), 0),
         other => {
             eprintln!(
-                "unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr, handoff or fragments"
+                "unknown workload {other:?}: use forward, reverse, drop, forward-fullnat, reverse-fullnat, forward-dsr, handoff, fragments or vlan"
             );
             std::process::exit(2);
         }
@@ -108,6 +113,15 @@ fn main() {
     assert_eq!(drops, if workload == "drop" { (bursts * BURST) as u64 } else { 0 }, "{workload}: drops");
     assert_eq!(no_service, drops, "{workload}: every drop is no_service");
     println!("{workload}: {bursts} bursts, {transmitted} transmitted, {handed} handed off");
+}
+
+/// `frame` tagged 802.1Q with VLAN `id`.
+fn tag(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
 }
 
 /// `BURST` fragments: 8 client->VIP TCP segments of 20 + 108 bytes, of 8

@@ -6,7 +6,8 @@
 # Builds benches/instructions.rs with the bench profile, runs each workload
 # (forward, reverse, drop; forward-fullnat, reverse-fullnat, forward-dsr;
 # handoff: a worker's cost to hand a packet to its owner; fragments: TCP
-# segments in 4 fragments each, through the fragment table) under
+# segments in 4 fragments each, through the fragment table; vlan: forward
+# tagged 802.1Q in and out) under
 # `valgrind --tool=callgrind` with N and 2N
 # bursts of 32 packets, and prints (Ir(2N) - Ir(N)) / (N * 32): the
 # instructions one packet costs, with start-up and set-up cancelled out.
@@ -92,7 +93,7 @@ per_packet() { # WORKLOAD FLOWS -> instructions per packet
 
 if ((!only_options)); then
 	printf '%-16s %14s %14s %12s\n' workload "Ir(${bursts})" "Ir($((2 * bursts)))" "Ir/packet"
-	for w in forward reverse drop forward-fullnat reverse-fullnat forward-dsr handoff fragments; do
+	for w in forward reverse drop forward-fullnat reverse-fullnat forward-dsr handoff fragments vlan; do
 		a=$(count "$w" "$bursts")
 		b=$(count "$w" $((2 * bursts)))
 		per=$(python3 -c "print(f'{($b - $a) / ($bursts * 32):.1f}')")

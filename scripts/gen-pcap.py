@@ -57,6 +57,9 @@ so the capture holds max(N, --min-packets) datagrams (times F frames),
 and the UDP checksum is the whole datagram's. Frames shorter than the size
 (the header room left over) carry Ethernet padding.
 
+--vlan ID tags every frame 802.1Q with VLAN ID (the tag is inside the
+frame size: a 64-byte tagged frame carries 4 bytes less payload).
+
 --shards K splits the capture by flow (flow i goes to shard i mod K) into K
 files, OUT without .pcap plus .s0ofK.pcap to .s<K-1>ofK.pcap, so K queues
 each replay their own share of the flows. A JSON summary of what was written
@@ -192,6 +195,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--flood-flows", type=int, default=0, help="distinct spoofed SYN tuples (with --flood-share)")
     ap.add_argument("--flood-dport", type=int, help="port the spoofed SYNs go to (default: --dport)")
     ap.add_argument("--fragments", type=int, default=1, help="IPv4 fragments per UDP datagram (default 1: none)")
+    ap.add_argument("--vlan", type=int, default=0, help="tag every frame 802.1Q with this VLAN id (default 0: untagged)")
     ap.add_argument("--out", required=True, help="output file (.pcap)")
     a = ap.parse_args(argv)
 
@@ -203,6 +207,10 @@ def main(argv: list[str]) -> int:
         ap.error("--min-packets must be at least 1")
     if not 1 <= a.shards <= 64 or a.shards > a.flows:
         ap.error("--shards must be from 1 to 64 and at most --flows")
+    if not 0 <= a.vlan <= 4094:
+        ap.error("--vlan must be from 1 to 4094 (0: untagged)")
+    if a.vlan and a.ipv != 4:
+        ap.error("--vlan needs --ipv 4")
     if not 1 <= a.fragments <= 64:
         ap.error("--fragments must be from 1 to 64")
     if a.fragments > 1 and (a.proto != "udp" or a.ipv != 4 or a.size == "imix" or a.flood_share):
@@ -273,7 +281,7 @@ def main(argv: list[str]) -> int:
         flood_add = rng.below(FLOOD_SPACE)
 
     eth_type = 0x0800 if a.ipv == 4 else 0x86DD
-    eth = a.dst_mac + SRC_MAC + struct.pack("!H", eth_type)
+    eth = a.dst_mac + SRC_MAC + (struct.pack("!HH", 0x8100, a.vlan) if a.vlan else b"") + struct.pack("!H", eth_type)
     ip_hlen = 20 if a.ipv == 4 else 40
     l4_proto = 6 if a.proto == "tcp" else 17
     vip_bytes = vip.packed
@@ -292,7 +300,7 @@ def main(argv: list[str]) -> int:
 
     # Frames too small for the headers (IPv6 + TCP does not fit 64 bytes)
     # grow to the smallest frame that holds them, as RFC 5180 does for IPv6.
-    header_room = 14 + ip_hlen + (24 if a.proto == "tcp" else 8)  # a SYN has the MSS option
+    header_room = len(eth) + ip_hlen + (24 if a.proto == "tcp" else 8)  # a SYN has the MSS option
     grown = 0
     if sizes:
         grown = sum(1 for s in sizes if s < header_room)
@@ -317,7 +325,7 @@ def main(argv: list[str]) -> int:
     flood_count = established = 0
     if a.fragments > 1:
         packets *= a.fragments
-    piece = ((fixed - 14 - 20) // 8) * 8 if a.fragments > 1 else 0
+    piece = ((fixed - len(eth) - 20) // 8) * 8 if a.fragments > 1 else 0
     datagram = b""
     for k in range(packets):
         frame_len = sizes[k] if sizes else fixed
@@ -354,7 +362,7 @@ def main(argv: list[str]) -> int:
                 outs[shard].write(b)
                 b.clear()
             continue
-        l4_len = frame_len - 14 - ip_hlen
+        l4_len = frame_len - len(eth) - ip_hlen
         # Evenly spread: packet k is a flood SYN when floor((k+1)s) > floor(ks).
         spoofed = flood and math.floor((k + 1) * a.flood_share + 1e-9) > math.floor(k * a.flood_share + 1e-9)
         if spoofed:
@@ -448,6 +456,7 @@ def main(argv: list[str]) -> int:
         "ipv": a.ipv,
         "seed": a.seed,
         "fragments": a.fragments,
+        "vlan": a.vlan,
         "dst_mac": ":".join(f"{b:02x}" for b in a.dst_mac),
         "vip": str(vip),
         "dport": dport,

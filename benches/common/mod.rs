@@ -10,7 +10,7 @@ use vipgate_dataplane::counters::WorkerCounters;
 use vipgate_dataplane::pipeline::{Pipeline, PipelineConfig, RxPacket, Verdict};
 use vipgate_dataplane::snapshot::{
     Affinity, BackendSpec, ForwardingMode, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, ServiceSpec, Snapshot,
-    SnapshotSpec, SourcePoolSpec,
+    SnapshotSpec, SourcePoolSpec, VlanSpec,
 };
 use vipgate_dataplane::wire::{EthernetAddress, ethernet, ipv4, tcp};
 
@@ -57,6 +57,35 @@ pub(crate) fn snapshot_options(
     source_ranges: Vec<Ipv4Cidr>,
     affinity: Affinity,
 ) -> Snapshot {
+    Snapshot::build(&spec_options(mode, limit, source_ranges, affinity)).expect("benchmark snapshot")
+}
+
+/// The nat gateway of [`snapshot`] on VLANs: the client port carries VLAN
+/// 100 (198.18.50.1/24), and the backends' subnet (198.18.1.0/24) is VLAN
+/// 200 on the backend port, whose untagged network becomes 198.18.2.0/24.
+/// Client frames come in tagged 100 and leave tagged 200.
+pub(crate) fn snapshot_vlans() -> Snapshot {
+    let mut spec = spec_options(ForwardingMode::Nat, None, Vec::new(), Affinity::None);
+    let backend_net = spec.ports[1].addresses.clone();
+    spec.ports[1].addresses = vec![Ipv4Cidr { addr: ip(198, 18, 2, 1), len: 24 }];
+    let vlan = |name: &str, port, id, addresses| PortSpec {
+        name: name.into(),
+        mac: EthernetAddress::default(),
+        addresses,
+        mtu: 1500,
+        vlan: Some(VlanSpec { port, id }),
+    };
+    spec.ports.push(vlan("v100", 0, 100, vec![Ipv4Cidr { addr: ip(198, 18, 50, 1), len: 24 }]));
+    spec.ports.push(vlan("v200", 1, 200, backend_net));
+    Snapshot::build(&spec).expect("benchmark snapshot with VLANs")
+}
+
+fn spec_options(
+    mode: ForwardingMode,
+    limit: Option<NewFlowLimit>,
+    source_ranges: Vec<Ipv4Cidr>,
+    affinity: Affinity,
+) -> SnapshotSpec {
     let port = if matches!(mode, ForwardingMode::Dsr { .. }) { 80 } else { 8080 };
     let backends: Vec<u32> = (11..=13).map(|h| ip(198, 18, 1, h)).collect();
     let mut neighbours: Vec<NeighbourSpec> = backends
@@ -64,19 +93,21 @@ pub(crate) fn snapshot_options(
         .map(|&addr| NeighbourSpec { addr, mac: EthernetAddress([2, 0xbb, 0, 0, 0, addr as u8]) })
         .collect();
     neighbours.push(NeighbourSpec { addr: ip(198, 18, 0, 2), mac: EthernetAddress([2, 0xcc, 0, 0, 0, 2]) });
-    Snapshot::build(&SnapshotSpec {
+    SnapshotSpec {
         ports: vec![
             PortSpec {
                 name: "client".into(),
                 mac: PORT_MACS[0],
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 0, 1), len: 24 }],
                 mtu: 1500,
+                vlan: None,
             },
             PortSpec {
                 name: "backend".into(),
                 mac: PORT_MACS[1],
                 addresses: vec![Ipv4Cidr { addr: ip(198, 18, 1, 1), len: 24 }],
                 mtu: 1500,
+                vlan: None,
             },
         ],
         routes: vec![],
@@ -107,8 +138,7 @@ pub(crate) fn snapshot_options(
             first_port: 1024,
             last_port: 65535,
         }],
-    })
-    .expect("benchmark snapshot")
+    }
 }
 
 /// A pipeline whose permanent neighbours are loaded.

@@ -26,7 +26,7 @@ use vipgate_dataplane::maglev::DEFAULT_TABLE_SIZE;
 use vipgate_dataplane::pipeline::PipelineConfig;
 use vipgate_dataplane::route::Route;
 use vipgate_dataplane::snapshot::{
-    DEFAULT_MTU, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, RouteSpec, Snapshot, SnapshotSpec,
+    DEFAULT_MTU, Ipv4Cidr, NeighbourSpec, PortSpec, Protocol, RouteSpec, Snapshot, SnapshotSpec, VlanSpec,
 };
 use vipgate_dataplane::wire::EthernetAddress;
 
@@ -151,6 +151,8 @@ struct RawConfig {
     announce: RawAnnounce,
     #[serde(default)]
     ports: Vec<Spanned<RawPort>>,
+    #[serde(default)]
+    vlans: Vec<Spanned<RawVlan>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
@@ -384,6 +386,18 @@ struct RawPort {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawVlan {
+    name: Spanned<String>,
+    port: Spanned<String>,
+    id: Spanned<i64>,
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+    mtu: Option<Spanned<i64>>,
+    kernel_interface: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRoute {
     prefix: Spanned<String>,
     via: Spanned<String>,
@@ -519,6 +533,9 @@ pub struct Config {
     /// true`): when every one of them has its link down, no VIP is
     /// announced (see `link::uplinks_down`).
     pub uplinks: BTreeSet<String>,
+    /// `[[vlans]]`, in file order: the VLAN interfaces, each a port of the
+    /// snapshot after the `[[ports]]`.
+    pub vlans: Vec<VlanConfig>,
     /// Ports, routes and services; port MACs are filled in once the ports
     /// are open (see [`Config::snapshot_spec`]).
     spec: SnapshotSpec,
@@ -534,6 +551,21 @@ pub struct Config {
     /// pool, and indexed: where every validation of the dynamic state
     /// starts.
     statics: Effective,
+}
+
+/// A `[[vlans]]` entry: an 802.1Q VLAN a port carries, as an interface of
+/// its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VlanConfig {
+    /// The interface's name.
+    pub name: String,
+    /// The `[[ports]]` entry carrying it (its index).
+    pub port: usize,
+    /// The VLAN id, 1 to 4094.
+    pub id: u16,
+    /// Its kernel interface: a Linux VLAN interface on top of the carrying
+    /// port's kernel interface; `None` without one.
+    pub kernel_interface: Option<String>,
 }
 
 /// The API's TCP listener: its address and the PEM files it uses, read and
@@ -692,6 +724,166 @@ impl Validator<'_> {
             }
         };
         ConfigError::Invalid { file: self.file.to_owned(), line: self.line(&span), field: r.field, reason: r.reason }
+    }
+
+    /// `[[vlans]]`: each becomes a port of the snapshot, after the
+    /// `[[ports]]` (pushed to `ports`, its subnets to `subnets`).
+    fn vlans(
+        &self,
+        raw: &RawConfig,
+        ports: &mut Vec<PortSpec>,
+        subnets: &mut Vec<(Ipv4Cidr, String)>,
+        kernel_interfaces: &[Option<String>],
+        port_names: &HashSet<String>,
+    ) -> Result<Vec<VlanConfig>, ConfigError> {
+        let devices = ports.len();
+        let mut vlans: Vec<VlanConfig> = Vec::new();
+        let mut names = port_names.clone();
+        for (i, v) in raw.vlans.iter().enumerate() {
+            let v = v.get_ref();
+            let f = |k: &str| format!("vlans[{i}].{k}");
+            let name = v.name.get_ref().trim();
+            if name.is_empty() {
+                return self.err(v.name.span(), f("name"), "must not be empty");
+            }
+            if !names.insert(name.to_owned()) {
+                return self.err(v.name.span(), f("name"), format!("another port or VLAN is already named {name:?}"));
+            }
+            let Some(port) = ports[..devices].iter().position(|p| p.name == v.port.get_ref().trim()) else {
+                return self.err(
+                    v.port.span(),
+                    f("port"),
+                    format!("no [[ports]] entry is named {:?}; a VLAN is carried by a port", v.port.get_ref()),
+                );
+            };
+            let id = match u16::try_from(*v.id.get_ref()) {
+                Ok(id) if (1..=4094).contains(&id) => id,
+                _ => {
+                    return self.err(
+                        v.id.span(),
+                        f("id"),
+                        format!("{} is not a VLAN id from 1 to 4094", v.id.get_ref()),
+                    );
+                }
+            };
+            if let Some(j) = vlans.iter().position(|o| o.port == port && o.id == id) {
+                return self.err(
+                    v.id.span(),
+                    f("id"),
+                    format!("VLAN {id} on port {:?} is already vlans[{j}] ({:?})", ports[port].name, vlans[j].name),
+                );
+            }
+            if v.addresses.is_empty() {
+                return self.err(
+                    v.name.span(),
+                    f("addresses"),
+                    "a VLAN interface needs at least one address (it sources ARP requests)",
+                );
+            }
+            let mut addresses: Vec<Ipv4Cidr> = Vec::new();
+            for (j, a) in v.addresses.iter().enumerate() {
+                let field = format!("vlans[{i}].addresses[{j}]");
+                let c = self.cidr(a, &field, 1)?;
+                if !is_unicast(c.addr) {
+                    return self.err(a.span(), field, format!("{} is not a unicast address", Ipv4Addr::from(c.addr)));
+                }
+                let mask = Route::mask(c.len);
+                if c.len < 31 && (c.addr & !mask == 0 || c.addr | mask == u32::MAX) {
+                    return self.err(a.span(), field, "is the network or broadcast address of its subnet");
+                }
+                let overlap = subnets
+                    .iter()
+                    .map(|(o, owner)| (*o, owner.clone()))
+                    .chain(addresses.iter().map(|o| (*o, name.to_owned())))
+                    .find(|(o, _)| (c.addr ^ o.addr) & Route::mask(c.len.min(o.len)) == 0);
+                if let Some((o, owner)) = overlap {
+                    return self.err(
+                        a.span(),
+                        field,
+                        format!(
+                            "overlaps {}/{} on {owner:?}; each port and VLAN needs its own subnet",
+                            Ipv4Addr::from(o.addr),
+                            o.len
+                        ),
+                    );
+                }
+                addresses.push(c);
+            }
+            let carrier_mtu = ports[port].mtu;
+            let mtu = match &v.mtu {
+                None => carrier_mtu,
+                Some(m) => match u16::try_from(*m.get_ref()) {
+                    Ok(x) if (MIN_MTU..=carrier_mtu).contains(&x) => x,
+                    _ => {
+                        return self.err(
+                            m.span(),
+                            f("mtu"),
+                            format!(
+                                "{} is not from {MIN_MTU} to {carrier_mtu} (the MTU of port {:?}, which carries it)",
+                                m.get_ref(),
+                                ports[port].name
+                            ),
+                        );
+                    }
+                },
+            };
+            let carrier_kernel = kernel_interfaces.get(port).cloned().flatten();
+            let kernel = match (&v.kernel_interface, &carrier_kernel) {
+                (Some(k), _) if k.get_ref().is_empty() => None,
+                (Some(k), None) => {
+                    return self.err(
+                        k.span(),
+                        f("kernel_interface"),
+                        format!(
+                            "port {:?} has no kernel interface to carry the VLAN's; set it there, or \"\" here",
+                            ports[port].name
+                        ),
+                    );
+                }
+                (None, None) => None,
+                (Some(k), Some(_)) => {
+                    check_interface_name(k.get_ref())
+                        .or_else(|reason| self.err(k.span(), f("kernel_interface"), reason))?;
+                    Some(k.get_ref().clone())
+                }
+                (None, Some(_)) => {
+                    check_interface_name(name).or_else(|reason| {
+                        self.err(
+                            v.name.span(),
+                            f("kernel_interface"),
+                            format!(
+                                "the default kernel interface name is the VLAN's name, which is not usable: {reason}; set kernel_interface to a name of your own, or to \"\" for none"
+                            ),
+                        )
+                    })?;
+                    Some(name.to_owned())
+                }
+            };
+            if let Some(k) = &kernel {
+                let taken = kernel_interfaces.iter().flatten().any(|o| o == k)
+                    || vlans.iter().any(|o| o.kernel_interface.as_ref() == Some(k));
+                if taken {
+                    let at = v.kernel_interface.as_ref().map_or(v.name.span(), Spanned::span);
+                    return self.err(
+                        at,
+                        f("kernel_interface"),
+                        format!("{k:?} is already another port's or VLAN's kernel interface"),
+                    );
+                }
+            }
+            for c in &addresses {
+                subnets.push((*c, name.to_owned()));
+            }
+            ports.push(PortSpec {
+                name: name.to_owned(),
+                mac: EthernetAddress::default(),
+                addresses,
+                mtu,
+                vlan: Some(VlanSpec { port: port as u16, id }),
+            });
+            vlans.push(VlanConfig { name: name.to_owned(), port, id, kernel_interface: kernel });
+        }
+        Ok(vlans)
     }
 
     fn cidr(&self, s: &Spanned<String>, field: &str, min_len: u8) -> Result<Ipv4Cidr, ConfigError> {
@@ -1005,7 +1197,7 @@ impl Validator<'_> {
                 );
             }
             kernel_interfaces.push(kernel);
-            ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses, mtu });
+            ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses, mtu, vlan: None });
             devices.push(device);
         }
 
@@ -1025,6 +1217,8 @@ impl Validator<'_> {
                 );
             }
         }
+
+        let vlans = self.vlans(&raw, &mut ports, &mut subnets, &kernel_interfaces, &port_names)?;
 
         let mut routes = Vec::new();
         for (i, r) in raw.routes.iter().enumerate() {
@@ -1322,6 +1516,19 @@ impl Validator<'_> {
             &kernel_interfaces,
             &uplink_flags,
         );
+        for (i, v) in raw.vlans.iter().enumerate() {
+            let v = v.get_ref();
+            let spec = &spec.ports[spec.ports.len() - raw.vlans.len() + i];
+            let addresses: Vec<String> =
+                spec.addresses.iter().map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).collect();
+            fixed.push((format!("vlans[{i}].name"), format!("{:?}", spec.name)));
+            fixed.push((format!("vlans[{i}].port"), format!("{:?}", v.port.get_ref().trim())));
+            fixed.push((format!("vlans[{i}].id"), v.id.get_ref().to_string()));
+            fixed.push((format!("vlans[{i}].addresses"), format!("{addresses:?}")));
+            fixed.push((format!("vlans[{i}].mtu"), spec.mtu.to_string()));
+            let k = vlans[i].kernel_interface.as_deref().unwrap_or("");
+            fixed.push((format!("vlans[{i}].kernel_interface"), format!("{k:?}")));
+        }
         // In file order: after `api.socket`, before `ports`.
         let at = fixed.iter().position(|(f, _)| f == "ports").unwrap_or(fixed.len());
         let mut extra = listener_settings(&raw.api, api_max_request_bytes, metrics_listen);
@@ -1341,6 +1548,7 @@ impl Validator<'_> {
             state_dir: raw.state.dir,
             announce,
             uplinks,
+            vlans,
             spec,
             fixed,
             services,

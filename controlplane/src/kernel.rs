@@ -42,9 +42,15 @@ pub enum KernelError {
 /// The kernel interface a route's next hop is reached through: that of the
 /// port whose subnet holds `via`, if the port has one.
 fn interface_for(config: &Config, via: u32) -> Option<&str> {
-    config.ports().iter().zip(&config.dataplane.ports).find_map(|(spec, port)| {
+    let kernel = config
+        .dataplane
+        .ports
+        .iter()
+        .map(|p| p.kernel_interface.as_deref())
+        .chain(config.vlans.iter().map(|v| v.kernel_interface.as_deref()));
+    config.ports().iter().zip(kernel).find_map(|(spec, iface)| {
         let on_link = spec.addresses.iter().any(|c| (c.addr ^ via) & vipgate_dataplane::route::Route::mask(c.len) == 0);
-        if on_link { port.kernel_interface.as_deref() } else { None }
+        if on_link { iface } else { None }
     })
 }
 
@@ -61,9 +67,33 @@ fn route_command(verb: &str, r: &RouteSpec, iface: &str) -> String {
 /// static routes whose next hop is on a port with a kernel interface.
 /// Returns what it did, as `ip` commands (empty: no kernel interface).
 pub fn configure(config: &Config) -> Result<String, KernelError> {
+    let batch = configure_batch(config);
+    run(&batch)?;
+    Ok(batch)
+}
+
+/// The `ip -batch` commands [`configure`] runs.
+fn configure_batch(config: &Config) -> String {
     let mut batch = String::new();
     for (spec, port) in config.ports().iter().zip(&config.dataplane.ports) {
         let Some(iface) = &port.kernel_interface else { continue };
+        for c in &spec.addresses {
+            batch.push_str(&format!("address replace {}/{} dev {iface}\n", Ipv4Addr::from(c.addr), c.len));
+        }
+        batch.push_str(&format!("link set dev {iface} up\n"));
+    }
+    // Each VLAN's kernel interface: a Linux VLAN interface on top of the
+    // carrying port's (created with it at start, gone with it at exit), so
+    // the kernel sends and receives the VLAN's frames tagged, as the fast
+    // path punts and transmits them.
+    let specs = &config.ports()[config.dataplane.ports.len()..];
+    for (v, spec) in config.vlans.iter().zip(specs) {
+        let (Some(iface), Some(parent)) =
+            (&v.kernel_interface, config.dataplane.ports.get(v.port).and_then(|p| p.kernel_interface.as_ref()))
+        else {
+            continue;
+        };
+        batch.push_str(&format!("link add link {parent} name {iface} mtu {} type vlan id {}\n", spec.mtu, v.id));
         for c in &spec.addresses {
             batch.push_str(&format!("address replace {}/{} dev {iface}\n", Ipv4Addr::from(c.addr), c.len));
         }
@@ -74,8 +104,7 @@ pub fn configure(config: &Config) -> Result<String, KernelError> {
             batch.push_str(&route_command("replace", r, iface));
         }
     }
-    run(&batch)?;
-    Ok(batch)
+    batch
 }
 
 /// After a reload: removes the kernel routes of `old`'s static routes that
@@ -131,4 +160,52 @@ fn run(batch: &str) -> Result<(), KernelError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[eal]
+lcores = "0,1"
+hugepages = false
+
+[[ports]]
+name = "trunk"
+device = "net_tap0,iface=vgt-t"
+addresses = ["198.18.0.1/24"]
+kernel_interface = "vg-trunk"
+
+[[vlans]]
+name = "clients"
+port = "trunk"
+id = 100
+addresses = ["198.18.10.1/24"]
+mtu = 1400
+
+[[vlans]]
+name = "quiet"
+port = "trunk"
+id = 300
+addresses = ["198.18.30.1/24"]
+kernel_interface = ""
+
+[[routes]]
+prefix = "198.19.0.0/16"
+via = "198.18.10.254"
+"#;
+
+    #[test]
+    fn each_vlan_gets_a_linux_vlan_interface_on_its_ports_and_routes_through_it() {
+        let config = Config::parse(std::path::Path::new("/etc/vipgate/k.toml"), CONFIG).unwrap();
+        let batch = configure_batch(&config);
+        let expected = "address replace 198.18.0.1/24 dev vg-trunk\n\
+                        link set dev vg-trunk up\n\
+                        link add link vg-trunk name clients mtu 1400 type vlan id 100\n\
+                        address replace 198.18.10.1/24 dev clients\n\
+                        link set dev clients up\n\
+                        route replace 198.19.0.0/16 via 198.18.10.254 dev clients\n";
+        assert_eq!(batch, expected);
+    }
 }

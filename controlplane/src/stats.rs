@@ -622,6 +622,7 @@ mod tests {
                 mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
                 addresses: vec![Ipv4Cidr { addr: NET + 254, len: 24 }],
                 mtu: 1500,
+                vlan: None,
             }],
             ..spec(services)
         };

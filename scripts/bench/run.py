@@ -102,6 +102,9 @@ class Workload:
     flow_capacity: int = 0
     # IPv4 fragments per UDP datagram (gen-pcap.py --fragments); 1: none.
     fragments: int = 1
+    # 802.1Q VLAN of every frame (gen-pcap.py --vlan); 0: untagged. The
+    # "in" port then carries it as a [[vlans]] interface.
+    vlan: int = 0
 
     @property
     def label(self) -> str:
@@ -111,6 +114,8 @@ class Workload:
                     f"spoofed tuples, {human_count(self.flows)} established flows")
         if self.fragments > 1:
             return f"{size} {self.proto.upper()}, {human_count(self.flows)} flows, datagrams in {self.fragments} fragments"
+        if self.vlan:
+            return f"{size} {self.proto.upper()}, {human_count(self.flows)} flows, tagged VLAN {self.vlan}"
         return f"{size} {self.proto.upper()}, {human_count(self.flows)} flow{'s' if self.flows != 1 else ''}, {self.new_share:.0%} new"
 
     @property
@@ -130,6 +135,7 @@ FULL = [
     Workload("tcp-imix-10k-new0", "tcp", "imix", 10_000, 0.0),
     Workload("udp-64-10k", "udp", 64, 10_000, 0.0),
     Workload("udp-64-10k-frag4", "udp", 64, 10_000, 0.0, fragments=4),
+    Workload("tcp-64-10k-vlan", "tcp", 64, 10_000, 0.0, vlan=100),
 ]
 SMOKE = [Workload("smoke-tcp-64-1k-new50", "tcp", 64, 1_000, 0.5)]
 # Run on its own (--workloads flood), never in the full run: it measures
@@ -303,6 +309,8 @@ def capture(wl: Workload, shards: int, seed: int, pcap_dir: Path, python: str) -
             "--ipv", "4", "--seed", str(seed), "--shards", str(shards), "--dst-mac", PORT_IN_MAC, "--out", str(out)]
     if wl.fragments > 1:
         args += ["--fragments", str(wl.fragments)]
+    if wl.vlan:
+        args += ["--vlan", str(wl.vlan)]
     if wl.flood_share:
         args += ["--flood-share", str(wl.flood_share), "--flood-flows", str(wl.flood_flows), "--flood-dport", str(FLOOD_PORT)]
     meta_path = out.with_suffix(".json")
@@ -496,6 +504,9 @@ def vipgate_config(ctx: dict, wl: Workload, summary: dict, plan: dict, workers: 
         'kernel_interface = ""',
         "",
     ]
+
+    if wl.vlan:
+        lines += ["[[vlans]]", 'name = "in-vlan"', 'port = "in"', f"id = {wl.vlan}", 'addresses = ["198.18.50.1/24"]', ""]
 
     def backend_list(backends: list[tuple[str, int]], port: int) -> str:
         return "backends = [" + ", ".join(f'{{ address = "{b}", port = {port}, weight = {w} }}' for b, w in backends) + "]"

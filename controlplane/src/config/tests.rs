@@ -1448,3 +1448,103 @@ fn bad_source_ranges_and_affinity_name_line_field_and_reason() {
     );
     assert_eq!(parse(&text).unwrap().services()[0].source_ranges.len(), 256);
 }
+
+/// [`GOOD`] with `vlans` inserted after the ports.
+fn with_vlans(vlans: &str) -> String {
+    GOOD.replacen("[[routes]]", &format!("{vlans}\n[[routes]]"), 1)
+}
+
+const TWO_VLANS: &str = r#"
+[[vlans]]
+name = "c100"
+port = "client"
+id = 100
+addresses = ["198.18.10.1/24"]
+
+[[vlans]]
+name = "b200"
+port = "backend"
+id = 200
+addresses = ["198.18.20.1/24"]
+mtu = 1400
+kernel_interface = ""
+"#;
+
+#[test]
+fn vlans_become_interfaces_after_the_ports() {
+    let c = parse(&with_vlans(TWO_VLANS)).unwrap();
+    let spec = c.snapshot_spec(&[EthernetAddress([2, 0, 0, 0, 0, 1]), EthernetAddress([2, 0, 0, 0, 0, 2])]);
+    let names: Vec<&str> = spec.ports.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["client", "backend", "c100", "b200"]);
+    assert_eq!(spec.ports[2].vlan, Some(VlanSpec { port: 0, id: 100 }));
+    assert_eq!((spec.ports[3].vlan, spec.ports[3].mtu), (Some(VlanSpec { port: 1, id: 200 }), 1400));
+    assert_eq!(spec.ports[2].mtu, 1500, "the carrying port's MTU by default");
+    // Only the [[ports]] are devices.
+    assert_eq!(c.dataplane.ports.len(), 2);
+    // The client port has a kernel interface: its VLAN gets one, named as
+    // the VLAN; the other VLAN asked for none.
+    let kernel: Vec<Option<&str>> = c.vlans.iter().map(|v| v.kernel_interface.as_deref()).collect();
+    assert_eq!(kernel, [Some("c100"), None]);
+    assert_eq!((c.vlans[0].port, c.vlans[0].id), (0, 100));
+    // The snapshot compiles: each VLAN has its carrying port's MAC.
+    let snap = Snapshot::build(&spec).unwrap();
+    assert_eq!(snap.ports()[2].mac, EthernetAddress([2, 0, 0, 0, 0, 1]));
+    // A backend on a VLAN's subnet is on link.
+    let on_vlan = with_vlans(TWO_VLANS).replace("198.18.1.12", "198.18.20.12");
+    parse(&on_vlan).unwrap();
+    // Fixed at start.
+    let running = parse(&with_vlans(TWO_VLANS)).unwrap();
+    let edited = parse(&with_vlans(&TWO_VLANS.replace("id = 100", "id = 101"))).unwrap();
+    let e = running.restart_required(&edited).map(|e| e.to_string());
+    assert_eq!(e.as_deref(), Some("vlans[0].id changed from 100 to 101"));
+}
+
+#[test]
+fn bad_vlans_name_line_field_and_reason() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            TWO_VLANS.replace("port = \"client\"", "port = \"uplink\""),
+            "vlans[0].port",
+            "no [[ports]] entry is named \"uplink\"",
+        ),
+        (TWO_VLANS.replace("id = 100", "id = 4095"), "vlans[0].id", "4095 is not a VLAN id from 1 to 4094"),
+        (TWO_VLANS.replace("id = 100", "id = 0"), "vlans[0].id", "0 is not a VLAN id from 1 to 4094"),
+        (
+            TWO_VLANS.replace("port = \"backend\"\nid = 200", "port = \"client\"\nid = 100"),
+            "vlans[1].id",
+            "VLAN 100 on port \"client\" is already vlans[0] (\"c100\")",
+        ),
+        (
+            TWO_VLANS.replace("name = \"b200\"", "name = \"client\""),
+            "vlans[1].name",
+            "another port or VLAN is already named \"client\"",
+        ),
+        (
+            TWO_VLANS.replace("198.18.20.1/24", "198.18.1.9/24"),
+            "vlans[1].addresses[0]",
+            "overlaps 198.18.1.1/24 on \"backend\"",
+        ),
+        (TWO_VLANS.replace("mtu = 1400", "mtu = 1600"), "vlans[1].mtu", "1600 is not from 576 to 1500"),
+        (
+            TWO_VLANS.replace("addresses = [\"198.18.10.1/24\"]\n", ""),
+            "vlans[0].addresses",
+            "needs at least one address",
+        ),
+        (
+            TWO_VLANS.replace("name = \"c100\"", "name = \"c100\"\nkernel_interface = \"client\""),
+            "vlans[0].kernel_interface",
+            "\"client\" is already another port's or VLAN's kernel interface",
+        ),
+    ];
+    for (vlans, field, reason) in cases {
+        let (_, f, r) = refused(&with_vlans(&vlans));
+        assert_eq!(f, field, "{r}");
+        assert!(r.contains(reason), "{field}: {r}");
+    }
+    // A kernel interface for a VLAN whose port has none.
+    let no_kernel = with_vlans(&TWO_VLANS.replace("kernel_interface = \"\"", "kernel_interface = \"vb200\""))
+        .replace("device = \"0000:03:00.1\"", "device = \"0000:03:00.1\"\nkernel_interface = \"\"");
+    let (_, f, r) = refused(&no_kernel);
+    assert_eq!(f, "vlans[1].kernel_interface");
+    assert!(r.contains("port \"backend\" has no kernel interface"), "{r}");
+}

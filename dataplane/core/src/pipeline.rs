@@ -191,8 +191,11 @@ pub enum Verdict {
 /// An ARP request the driver should build and send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Solicitation {
-    /// Port to send it on.
+    /// Port to send it on (a device: a VLAN interface's solicitations go
+    /// out of the port carrying it, tagged).
     pub port: u16,
+    /// The VLAN to tag it with, for a next hop behind a VLAN interface.
+    pub vlan: Option<u16>,
     /// Our MAC on that port.
     pub sender_mac: EthernetAddress,
     /// Our address on that port's subnet.
@@ -359,6 +362,10 @@ pub struct Pipeline {
     /// By dense port index: whether the port has a kernel interface that
     /// takes what the fast path does not handle ([`Verdict::Punt`]).
     kernel_ports: Vec<bool>,
+    /// The driver's devices (dense index) with a kernel interface, as
+    /// [`Pipeline::set_kernel_ports`] gave them; `kernel_ports` adds each
+    /// VLAN interface, which punts to its carrying port's.
+    kernel_devices: Vec<bool>,
     /// Recent new flows per client source, for services that limit them.
     admission: NewFlowLimiter,
     /// What is left of this worker's rate of ICMP errors.
@@ -442,6 +449,7 @@ impl Pipeline {
             snat: SnatTable::new(0, 1),
             stats,
             kernel_ports: Vec::new(),
+            kernel_devices: Vec::new(),
             admission: match config.seed {
                 Some(seed) => NewFlowLimiter::with_seed(config.new_flow_sketch_width, seed),
                 None => NewFlowLimiter::new(config.new_flow_sketch_width),
@@ -464,8 +472,12 @@ impl Pipeline {
     /// `local`, or `unsupported` for IPv6) and ARP replies for the gateway
     /// are consumed, as without an exception path. Call before processing.
     pub fn set_kernel_ports(&mut self, ports: &[bool]) {
+        self.kernel_devices.clear();
+        self.kernel_devices.extend_from_slice(ports);
         self.kernel_ports.clear();
         self.kernel_ports.extend_from_slice(ports);
+        // The VLAN interfaces are added from the next snapshot.
+        self.next_hop_generation = 0;
     }
 
     /// Whether packets for the gateway that arrive on `port` go to its
@@ -615,9 +627,16 @@ impl Pipeline {
                 prefetch.prefetch(addr);
             }
         }
+        let vlans = snap.has_vlans();
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
             let ahead = self.ahead.get(i).copied().unwrap_or(Ahead::Unknown);
             let mut verdict = self.process_one(snap, now, p, ahead);
+            if vlans
+                && let Verdict::Transmit(port) = verdict
+                && port >= snap.devices()
+            {
+                verdict = tag_egress(snap, p, port);
+            }
             match verdict {
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
@@ -715,6 +734,14 @@ impl Pipeline {
         if !self.snat.built_for(snap.source_pools()) {
             self.rebuild_snat(snap);
         }
+        // A VLAN interface punts to the kernel interface of the port that
+        // carries it (where the kernel has the VLAN's own interface).
+        let devices = &self.kernel_devices;
+        self.kernel_ports.clear();
+        self.kernel_ports.extend(snap.ports().iter().enumerate().map(|(i, p)| {
+            let device = p.vlan.map_or(i, |v| usize::from(v.port));
+            devices.get(device).copied().unwrap_or(false)
+        }));
         self.next_hop_generation = snap.cache_generation();
     }
 
@@ -785,9 +812,10 @@ impl Pipeline {
                 self.arp(snap, now, port, p.frame_mut())
             }
             EtherType::IPV6 if self.punts(p.port) => Verdict::Punt(p.port),
-            // No port carries a VLAN yet: every tagged frame, one tag or
-            // stacked, is for a VLAN the gateway does not have.
-            EtherType::VLAN | EtherType::QINQ => Verdict::Drop(DropReason::UnknownVlan),
+            EtherType::VLAN => self.tagged(snap, now, p),
+            // Stacked tags (802.1ad outside): no interface is a VLAN in a
+            // VLAN.
+            EtherType::QINQ => Verdict::Drop(DropReason::UnknownVlan),
             _ => Verdict::Drop(DropReason::Unsupported),
         }
     }
@@ -1462,9 +1490,14 @@ impl Pipeline {
         let Some(sender_ip) = port.source_for(nh.addr) else {
             return;
         };
+        let (out, vlan) = match port.vlan {
+            Some(v) => (v.port, Some(v.id)),
+            None => (nh.port, None),
+        };
         // When full, the neighbour table's retransmit timer asks again later.
         let _ = self.solicitations.try_push(Solicitation {
-            port: nh.port,
+            port: out,
+            vlan,
             sender_mac: port.mac,
             sender_ip,
             target_ip: nh.addr,
@@ -1501,8 +1534,9 @@ fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
     })
 }
 
-/// True if a frame for the gateway's kernel carries a control protocol that
-/// must get through a flood of other punted traffic: ARP; over IPv4 or IPv6
+/// True if a frame for the gateway's kernel (untagged, or with one 802.1Q
+/// tag) carries a control protocol that must get through a flood of other
+/// punted traffic: ARP; over IPv4 or IPv6
 /// (without extension headers), BGP (TCP port 179 either way), BFD (UDP to
 /// 3784 single hop, 3785 echo, 4784 multihop), OSPF (89), VRRP (112); IPv6
 /// neighbour discovery (ICMPv6 133 to 137). Every read is bounds-checked;
@@ -1517,21 +1551,24 @@ fn is_control_protocol(frame: &[u8]) -> bool {
         89 | 112 => true,
         _ => false,
     };
-    const ETH: usize = ethernet::HEADER_LEN;
-    match be16(12) {
+    // One 802.1Q tag (a VLAN interface's frame, punted as it came) is
+    // looked through.
+    let tagged = be16(12) == Some(EtherType::VLAN);
+    let (type_at, eth) = if tagged { (16, ethernet::HEADER_LEN + 4) } else { (12, ethernet::HEADER_LEN) };
+    match be16(type_at) {
         Some(EtherType::ARP) => true,
         Some(EtherType::IPV4) => {
-            let Some(&vihl) = frame.get(ETH) else { return false };
-            let Some(&proto) = frame.get(ETH + 9) else { return false };
+            let Some(&vihl) = frame.get(eth) else { return false };
+            let Some(&proto) = frame.get(eth + 9) else { return false };
             // A later fragment has no L4 header.
-            let offset = be16(ETH + 6).map_or(0, |f| f & 0x1fff);
-            offset == 0 && l4(proto, ETH + usize::from(vihl & 0x0f) * 4)
+            let offset = be16(eth + 6).map_or(0, |f| f & 0x1fff);
+            offset == 0 && l4(proto, eth + usize::from(vihl & 0x0f) * 4)
         }
         Some(EtherType::IPV6) => {
             const IPV6_HEADER: usize = 40;
-            match frame.get(ETH + 6) {
-                Some(58) => frame.get(ETH + IPV6_HEADER).is_some_and(|t| (133..=137).contains(t)),
-                Some(&next) => l4(next, ETH + IPV6_HEADER),
+            match frame.get(eth + 6) {
+                Some(58) => frame.get(eth + IPV6_HEADER).is_some_and(|t| (133..=137).contains(t)),
+                Some(&next) => l4(next, eth + IPV6_HEADER),
                 None => false,
             }
         }
@@ -1905,7 +1942,9 @@ fn set_macs(eth: &mut [u8], snap: &Snapshot, port: u16, dst: EthernetAddress) {
 
 mod fragments;
 mod icmp_errors;
+mod vlan;
 pub use fragments::fragment_owner;
+use vlan::tag_egress;
 
 #[cfg(test)]
 mod tests;

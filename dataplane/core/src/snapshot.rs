@@ -165,6 +165,20 @@ pub struct PortSpec {
     /// configured): a DSR packet that would exceed it once encapsulated is
     /// answered with ICMP "fragmentation needed".
     pub mtu: u16,
+    /// An 802.1Q VLAN carried tagged by another port: that port's dense
+    /// index (a port without a VLAN of its own, listed before every VLAN)
+    /// and the VLAN's id. The interface has the carrying port's MAC (its
+    /// `mac` here is ignored) and its own addresses and MTU.
+    pub vlan: Option<VlanSpec>,
+}
+
+/// Where a VLAN interface's frames go: tagged on a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VlanSpec {
+    /// Dense index of the port carrying the VLAN.
+    pub port: u16,
+    /// The VLAN id, 1 to 4094.
+    pub id: u16,
 }
 
 /// The MTU of a port unless configured: Ethernet's 1500.
@@ -331,6 +345,16 @@ pub enum SnapshotError {
     /// More ports than the dataplane supports.
     #[error("{0} ports configured; at most {max} are supported", max = u16::MAX)]
     TooManyPorts(usize),
+    /// A VLAN interface that names no port to carry it, a port that is
+    /// itself a VLAN, an id out of 1..=4094, a VLAN listed twice on a port,
+    /// or a port listed after a VLAN.
+    #[error("port {port:?}: {reason}")]
+    BadVlan {
+        /// The VLAN interface.
+        port: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A service's limit on new flows is out of bounds.
     #[error("service {service:?}: new_flow_limit.{}: {source}", source.field())]
     NewFlowLimit {
@@ -477,6 +501,8 @@ pub struct Port {
     pub addresses: Vec<Ipv4Cidr>,
     /// MTU.
     pub mtu: u16,
+    /// For a VLAN interface: the port carrying it, and the VLAN id.
+    pub vlan: Option<VlanSpec>,
 }
 
 impl Port {
@@ -572,6 +598,11 @@ pub struct Snapshot {
     /// Each port's MAC as [`mac_word`] makes it, by dense index: the
     /// destination MAC filter compares one word per packet.
     port_macs: Vec<u64>,
+    /// Ports without a VLAN (the first ones): the driver's devices.
+    devices: u16,
+    /// VLAN interfaces by `(carrying port << 16) | VLAN id`, sorted, with
+    /// their dense index.
+    vlans: Vec<(u32, u16)>,
     local: HashMap<u32, u16, RandomState>,
     vips: HashSet<u32, RandomState>,
     services: HashMap<u64, u32, RandomState>,
@@ -892,10 +923,37 @@ impl Snapshot {
         if spec.ports.len() > usize::from(u16::MAX) {
             return Err(SnapshotError::TooManyPorts(spec.ports.len()));
         }
+        let devices = spec.ports.iter().take_while(|p| p.vlan.is_none()).count();
+        let mut vlans = Vec::new();
+        for p in &spec.ports[devices..] {
+            let bad = |reason: String| SnapshotError::BadVlan { port: p.name.clone(), reason };
+            let Some(v) = p.vlan else {
+                return Err(bad("a port without a VLAN must come before every VLAN interface".into()));
+            };
+            if usize::from(v.port) >= devices {
+                return Err(bad(format!("carried by port {}, which is not a port without a VLAN", v.port)));
+            }
+            if !(1..=4094).contains(&v.id) {
+                return Err(bad(format!("VLAN id {} is not from 1 to 4094", v.id)));
+            }
+            let key = (u32::from(v.port) << 16) | u32::from(v.id);
+            if vlans.iter().any(|&(k, _)| k == key) {
+                return Err(bad(format!("VLAN {} is already on port {}", v.id, v.port)));
+            }
+            vlans.push((key, (devices + vlans.len()) as u16));
+        }
+        vlans.sort_unstable();
         let ports: Vec<Port> = spec
             .ports
             .iter()
-            .map(|p| Port { name: p.name.clone(), mac: p.mac, addresses: p.addresses.clone(), mtu: p.mtu })
+            .map(|p| Port {
+                name: p.name.clone(),
+                // A VLAN interface sends from the MAC of the port carrying it.
+                mac: p.vlan.map_or(p.mac, |v| spec.ports[usize::from(v.port)].mac),
+                addresses: p.addresses.clone(),
+                mtu: p.mtu,
+                vlan: p.vlan,
+            })
             .collect();
 
         let mut local = HashMap::with_hasher(RandomState::new());
@@ -1046,6 +1104,8 @@ impl Snapshot {
             version,
             build_stats: stats,
             port_macs: ports.iter().map(|p| mac_word(p.mac.0)).collect(),
+            devices: devices as u16,
+            vlans,
             ports,
             local,
             vips,
@@ -1096,9 +1156,29 @@ impl Snapshot {
         self.build_stats
     }
 
-    /// Ports in dense index order.
+    /// Ports in dense index order: the driver's devices, then the VLAN
+    /// interfaces they carry.
     pub fn ports(&self) -> &[Port] {
         &self.ports
+    }
+
+    /// How many of [`Snapshot::ports`] are devices (carry no VLAN of their
+    /// own): a dense index below it is a driver's port.
+    #[inline(always)]
+    pub fn devices(&self) -> u16 {
+        self.devices
+    }
+
+    /// True if some port carries a VLAN.
+    #[inline(always)]
+    pub fn has_vlans(&self) -> bool {
+        !self.vlans.is_empty()
+    }
+
+    /// The VLAN interface for VLAN `id` on device `port`, if configured.
+    pub fn vlan_interface(&self, port: u16, id: u16) -> Option<u16> {
+        let key = (u32::from(port) << 16) | u32::from(id);
+        self.vlans.binary_search_by_key(&key, |&(k, _)| k).ok().map(|i| self.vlans[i].1)
     }
 
     /// Port `port`'s MAC as [`mac_word`] makes it; `None` for a port the

@@ -815,7 +815,7 @@ fn send_arp_request(
     // SAFETY: `m` is a freshly allocated mbuf we own; its buffer has
     // buf_len - data_off bytes of room after the data offset.
     let room = unsafe { std::slice::from_raw_parts_mut(mtod(m), usize::from((*m).buf_len - (*m).data_off)) };
-    let Some(len) = arp::emit_request_frame(room, s.sender_mac, s.sender_ip, s.target_ip) else {
+    let Some(len) = arp::emit_request_frame_on(room, s.sender_mac, s.sender_ip, s.target_ip, s.vlan) else {
         // SAFETY: `m` is ours and unsent.
         unsafe { vipgate_ffi::rte_pktmbuf_free(m) };
         return;

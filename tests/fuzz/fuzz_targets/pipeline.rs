@@ -154,6 +154,7 @@ fn spec(variant: u8) -> SnapshotSpec {
         mac: EthernetAddress(mac),
         addresses,
         mtu,
+        vlan: None,
     };
     let (web_w, dns_w, fnat_w, dsr_w): (&[u32], &[u32], &[u32], &[u32]) = match variant {
         0 => (&[1, 1, 2], &[1, 1], &[1, 1], &[1, 1]),

@@ -469,6 +469,8 @@ impl Snapshot {
             build_stats: stats,
             ports: self.ports.clone(),
             port_macs: self.port_macs.clone(),
+            devices: self.devices,
+            vlans: self.vlans.clone(),
             local: self.local.clone(),
             vips,
             services,

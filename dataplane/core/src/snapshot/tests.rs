@@ -19,6 +19,7 @@ fn port(name: &str, last: u8, addr: u32) -> PortSpec {
         mac: EthernetAddress([0x02, 0, 0, 0, 0, last]),
         addresses: vec![Ipv4Cidr { addr, len: 24 }],
         mtu: DEFAULT_MTU,
+        vlan: None,
     }
 }
 

@@ -157,6 +157,30 @@ pub fn emit_request_frame(buf: &mut [u8], sender_hw: EthernetAddress, sender_ip:
     Some(LEN)
 }
 
+/// [`emit_request_frame`], tagged 802.1Q with VLAN `vlan` when given (a
+/// 64-byte frame then). Returns the frame's length, or `None` if `buf` is
+/// shorter.
+pub fn emit_request_frame_on(
+    buf: &mut [u8],
+    sender_hw: EthernetAddress,
+    sender_ip: u32,
+    target_ip: u32,
+    vlan: Option<u16>,
+) -> Option<usize> {
+    let Some(id) = vlan else {
+        return emit_request_frame(buf, sender_hw, sender_ip, target_ip);
+    };
+    const LEN: usize = 64;
+    let buf = buf.get_mut(..LEN)?;
+    let len = emit_request_frame(&mut buf[..60], sender_hw, sender_ip, target_ip)?;
+    // The tag goes in front of the EtherType: everything after the MAC
+    // addresses moves 4 bytes on.
+    buf.copy_within(12..len, 16);
+    buf[12..14].copy_from_slice(&super::EtherType::VLAN.to_be_bytes());
+    buf[14..16].copy_from_slice(&(id & 0x0fff).to_be_bytes());
+    Some(LEN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,6 +149,7 @@ pub(crate) fn port_specs(
             mac: macs[i],
             addresses: vec![Ipv4Cidr { addr: ip(198, 18, i as u8, 1), len: 24 }],
             mtu: 1500,
+            vlan: None,
         })
         .collect()
 }
