@@ -820,7 +820,9 @@ impl Pipeline {
         }
     }
 
-    #[inline]
+    // Always inlined into `process_one`: its second caller, the VLAN path,
+    // must not make every untagged packet pay a call.
+    #[inline(always)]
     fn ipv4(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ahead: Ahead) -> Verdict {
         if let Ahead::Handoff(w) = ahead {
             // The owner validates it.
