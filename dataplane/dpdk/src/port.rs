@@ -280,7 +280,7 @@ impl Port {
                 reason: strerror(rc),
             });
         }
-        let mut port = match Port::start_with(name, bond_device, queues, mtu, pool, (RX_DESC, TX_DESC)) {
+        let mut port = match Port::start_device(name, bond_device, queues, mtu, pool, (RX_DESC, TX_DESC), true) {
             Ok(port) => port,
             Err(e) => {
                 discard_bond(id, &cname, &members);
@@ -308,6 +308,21 @@ impl Port {
         mtu: u16,
         pool: &Mempool,
         descriptors: (u16, u16),
+    ) -> Result<Port, DpdkError> {
+        Port::start_device(name, device_name, queues, mtu, pool, descriptors, false)
+    }
+
+    /// [`Port::start_with`]; `bond`: the device is a bond, whose members
+    /// are configured only when it starts (with its MTU), so the MTU is
+    /// not set through its driver before.
+    fn start_device(
+        name: &str,
+        device_name: &str,
+        queues: u16,
+        mtu: u16,
+        pool: &Mempool,
+        descriptors: (u16, u16),
+        bond: bool,
     ) -> Result<Port, DpdkError> {
         let err = |op, rc: i32| DpdkError::Port { name: name.to_owned(), op, reason: strerror(rc) };
         let (id, info) = device(name, device_name)?;
@@ -363,9 +378,10 @@ impl Port {
         }
         // Also through the driver: some apply the MTU only there (net_tap
         // sets its kernel interface's). A driver without an MTU setter
-        // (-ENOTSUP, net_pcap) keeps the MTU configured above.
+        // (-ENOTSUP, net_pcap) keeps the MTU configured above. A bond sets
+        // its members' MTU itself when it configures them, at start.
         // SAFETY: `id` is a configured, stopped port.
-        let rc = unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) };
+        let rc = if bond { 0 } else { unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) } };
         if rc != 0 && rc != -libc::ENOTSUP {
             return Err(DpdkError::Port {
                 name: name.to_owned(),
