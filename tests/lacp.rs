@@ -202,6 +202,9 @@ fn a_bond_converges_spreads_flows_over_both_members_and_survives_one_pulled() {
     ok(&["ip", "-n", b, "route", "add", "198.18.0.0/24", "via", "198.18.1.1"]);
 
     let mut gw = NullGateway::builder("lacp")
+        // Two workers (sharing CPU 1): the bond and its members have two
+        // queues each, and both workers make the bond's empty tx bursts.
+        .lcores("0@0,1@1,2@1")
         .netns(g)
         .metrics_listen(METRICS)
         // Each member has rx queues of its own, filled from the pool.
