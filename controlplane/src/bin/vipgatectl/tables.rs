@@ -88,11 +88,18 @@ fn lacp_summary(m: &BondMemberJson) -> String {
     if m.in_use {
         return "in use".to_owned();
     }
+    if m.link == "down" {
+        return "link down".to_owned();
+    }
     if !m.active {
-        return "inactive (link down)".to_owned();
+        return "inactive".to_owned();
     }
     let (Some(actor), Some(partner)) = (&m.actor, &m.partner) else { return "unknown".to_owned() };
-    if actor.state & DEFAULTED != 0 {
+    if actor.key == 0 {
+        // The bond gives a member no key while its link reads down or
+        // half duplex, and runs no LACP on it.
+        "no LACP (link down or half duplex)".to_owned()
+    } else if actor.state & DEFAULTED != 0 {
         "no partner (no LACPDU received)".to_owned()
     } else if m.selection != "selected" {
         m.selection.to_owned()
@@ -472,6 +479,11 @@ mod tests {
             member("net_tap1", true, 0x0d, 0x07, false),
             member("net_tap2", true, 0x45, 0x05, false),
             member("net_tap3", false, 0, 0, false),
+            {
+                let mut half = member("net_tap4", true, 0x05, 0x05, false);
+                half.actor.as_mut().unwrap().key = 0;
+                half
+            },
         ];
         let h = HealthJson {
             status: "SERVING",
@@ -502,7 +514,8 @@ mod tests {
         );
         assert_eq!(rows[2][3], "partner not collecting/distributing", "{text}");
         assert_eq!(rows[3][3], "no partner (no LACPDU received)", "{text}");
-        assert_eq!(rows[4][3..6], ["inactive (link down)", "-", "-"], "{text}");
+        assert_eq!(rows[4][3..6], ["link down", "-", "-"], "{text}");
+        assert_eq!(rows[5][3], "no LACP (link down or half duplex)", "{text}");
     }
 
     #[test]
