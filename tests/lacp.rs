@@ -4,12 +4,13 @@
 //! members, and a 40 MiB download survives one member's cable pulled in
 //! the middle of it.
 //!
-//! The partner. A Linux bond (`mode 802.3ad`) is the natural partner, but
-//! the kernel this runs on may be built without bonding (and without team):
-//! then `ip link add ... type bond` fails with "Unknown device type". The
-//! partner is then another, independent 802.3ad state machine: DPDK's
-//! bonding driver in `dpdk-testpmd` (io forwarding between its bond and the
-//! client's wire), in a "switch" namespace. It shows what vipgate avoids:
+//! The partner is DPDK's bonding driver in `dpdk-testpmd` (io forwarding
+//! between its bond and the client's wire), in a "switch" namespace: an
+//! 802.3ad state machine of its own, in another process. Not a Linux bond,
+//! which would be the natural partner: kernels built without bonding (and
+//! team), such as the one this test was written on, cannot make one (`ip
+//! link add ... type bond` fails with "Unknown device type"), while testpmd
+//! comes with DPDK, which the test needs anyway. It shows what vipgate avoids:
 //! testpmd's bond sends LACPDUs only from tx bursts, which it makes only
 //! when it forwards something, so a ping from the client keeps its LACP
 //! alive (and before the bond converges, the client's ARP retries do);
