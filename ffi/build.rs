@@ -29,11 +29,13 @@ const U64_FLAG_PREFIXES: &[&str] =
 
 /// Structs that bindgen cannot lay out: they are packed but contain a member
 /// with an alignment attribute (such as `struct rte_ether_addr`), which Rust
-/// refuses (`packed` may not contain `align`). They are only reachable
-/// through headers vipgate does not use, so they stay opaque blobs of the
-/// right size.
+/// refuses (`packed` may not contain `align`). They stay opaque blobs of the
+/// right size. All but one are only reachable through headers vipgate does
+/// not use; `port_params` (an LACP actor's or partner's system, key and
+/// port, in `rte_eth_bond_8023ad_slave_info`) is read by its byte offsets,
+/// which IEEE 802.1AX fixes.
 const OPAQUE_TYPES: &[&str] =
-    &["rte_arp_ipv4", "rte_arp_hdr", "rte_l2tpv2_combined_msg_hdr", "rte_gtp_psc_generic_hdr"];
+    &["rte_arp_ipv4", "rte_arp_hdr", "rte_l2tpv2_combined_msg_hdr", "rte_gtp_psc_generic_hdr", "port_params"];
 
 #[derive(Debug)]
 struct FlagWidths;
@@ -79,6 +81,9 @@ fn probe_dpdk() -> pkg_config::Library {
     // libdpdk.pc does not list for shared linkage. The linker drops it again
     // (--as-needed) from binaries that call none of its functions.
     println!("cargo:rustc-link-lib=dylib=rte_bus_vdev");
+    // So is the bonding driver, whose API (rte_eth_bond_create, ...) makes
+    // a port out of several devices.
+    println!("cargo:rustc-link-lib=dylib=rte_net_bond");
     dpdk
 }
 
@@ -130,6 +135,8 @@ fn generate_bindings(wrapper: &Path, cflags: &[String], out_dir: &Path) {
         .allowlist_var("(rte|RTE)_.*")
         // A few constants of DPDK's API predate the RTE_ prefix.
         .allowlist_var("RING_F_.*|LCORE_ID_ANY|SOCKET_ID_ANY")
+        // So do the bonding driver's modes and transmit policies.
+        .allowlist_var("BONDING_MODE_.*|BALANCE_XMIT_POLICY_.*")
         // Enum constants keep their C names (RTE_ETH_MQ_RX_RSS), which are
         // unique in C already.
         .prepend_enum_name(false)

@@ -26,5 +26,7 @@
 #include <rte_dev.h>
 #include <rte_pause.h>
 #include <rte_pdump.h>
+#include <rte_eth_bond.h>
+#include <rte_eth_bond_8023ad.h>
 
 #endif /* VIPGATE_FFI_WRAPPER_H */

@@ -35,7 +35,7 @@ pub use services::ServiceManagerService;
 #[doc(hidden)]
 pub use services::fuzzing;
 pub use tcp::{BoundTcp, HANDSHAKE_TIMEOUT, RATE_LIMIT_PER_SECOND, RATE_LIMIT_QUEUE, TcpSettings, bind_tcp, serve_tcp};
-pub use view::{ExceptionView, GatewayView, MempoolView, PortLink, PortStats, PortView, WorkerView};
+pub use view::{BondMemberView, ExceptionView, GatewayView, MempoolView, PortLink, PortStats, PortView, WorkerView};
 
 /// The generated protobuf messages and the tonic client and server of
 /// package `vipgate.v1`.

@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 use vipgate_dataplane::admission::{NewFlowLimit, NewFlowLimitError};
-use vipgate_dataplane::driver::{DataplaneConfig, PortConfig};
+use vipgate_dataplane::driver::{BondConfig, DataplaneConfig, PortConfig, TransmitHash};
 use vipgate_dataplane::flow::{
     DEFAULT_CAPACITY as DEFAULT_FLOW_CAPACITY, FlowTimeouts, MAX_CAPACITY as MAX_FLOW_CAPACITY,
 };
@@ -375,13 +375,58 @@ impl Default for RawState {
 #[serde(deny_unknown_fields)]
 struct RawPort {
     name: Spanned<String>,
-    device: Spanned<String>,
+    device: Option<Spanned<String>>,
+    bond: Option<Spanned<RawBond>>,
     #[serde(default)]
     addresses: Vec<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     kernel_interface: Option<Spanned<String>>,
     #[serde(default)]
     uplink: bool,
+}
+
+/// `bond = { members = [...], mode = "802.3ad", transmit_hash = "layer34" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBond {
+    #[serde(default)]
+    members: Vec<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    transmit_hash: Option<Spanned<String>>,
+}
+
+/// The only bonding mode: IEEE 802.3ad (LACP).
+pub const BOND_MODE: &str = "802.3ad";
+
+/// What a port is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortDevice {
+    /// One device (`device = ...`).
+    Single(Device),
+    /// A bond of devices in 802.3ad mode (`bond = { ... }`).
+    Bond {
+        /// The members, in configuration order.
+        members: Vec<Device>,
+        /// How frames are spread over them.
+        transmit_hash: TransmitHash,
+    },
+}
+
+impl PortDevice {
+    /// The devices EAL probes for it: the device, or the members.
+    pub fn devices(&self) -> &[Device] {
+        match self {
+            PortDevice::Single(d) => std::slice::from_ref(d),
+            PortDevice::Bond { members, .. } => members,
+        }
+    }
+}
+
+/// The name of the bond device the driver creates for port `index`: the
+/// bonding driver's own prefix, and a name no configured device can take
+/// (devices named `net_bonding...` are refused).
+pub fn bond_device_name(index: usize) -> String {
+    format!("net_bonding{index}")
 }
 
 #[derive(Debug, Deserialize)]
@@ -480,6 +525,15 @@ pub enum Device {
 }
 
 impl Device {
+    /// The string the configuration gives it: the vdev's arguments, or the
+    /// PCI address.
+    pub fn eal_string(&self) -> &str {
+        match self {
+            Device::Virtual { args, .. } => args,
+            Device::Pci { address } => address,
+        }
+    }
+
     /// The name EAL knows the probed device by.
     pub fn probed_name(&self) -> &str {
         match self {
@@ -512,7 +566,10 @@ pub struct Config {
     pub eal_args: Vec<String>,
     /// Dataplane settings.
     pub dataplane: DataplaneConfig,
-    /// Ports' devices, in port order.
+    /// What each port is made of, in port order.
+    pub port_devices: Vec<PortDevice>,
+    /// Every device EAL probes, in port order (a bond's members in its
+    /// order).
     pub devices: Vec<Device>,
     /// The API's Unix socket.
     pub api_socket: PathBuf,
@@ -700,6 +757,86 @@ impl Validator<'_> {
             field: field.into(),
             reason: reason.into(),
         })
+    }
+
+    /// What port `i` is made of: `device` (one device) or `bond` (a bond
+    /// of at least two), never both.
+    fn port_device(&self, i: usize, p: &RawPort) -> Result<PortDevice, ConfigError> {
+        let f = |k: &str| format!("ports[{i}].{k}");
+        match (&p.device, &p.bond) {
+            (Some(_), Some(b)) => self.err(
+                b.span(),
+                f("bond"),
+                "a port is one device or a bond of several: set device or bond, not both",
+            ),
+            (None, None) => self.err(
+                p.name.span(),
+                f("device"),
+                "missing: set device (one device), or bond (a bond of several, bond = { members = [...], mode = \"802.3ad\" })",
+            ),
+            (Some(d), None) => Ok(PortDevice::Single(self.device(d, &f("device"))?)),
+            (None, Some(b)) => {
+                let span = b.span();
+                let b = b.get_ref();
+                match &b.mode {
+                    None => {
+                        return self.err(span, f("bond.mode"), format!("missing; the only mode is {BOND_MODE:?}"));
+                    }
+                    Some(m) if m.get_ref() != BOND_MODE => {
+                        return self.err(
+                            m.span(),
+                            f("bond.mode"),
+                            format!("{:?} is not a supported mode; the only mode is {BOND_MODE:?} (LACP)", m.get_ref()),
+                        );
+                    }
+                    Some(_) => {}
+                }
+                if b.members.len() < 2 {
+                    return self.err(
+                        span,
+                        f("bond.members"),
+                        format!(
+                            "a bond needs at least two members, {} given; a port of one device sets device instead",
+                            b.members.len()
+                        ),
+                    );
+                }
+                let members = b
+                    .members
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| self.device(m, &f(&format!("bond.members[{j}]"))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let transmit_hash = match &b.transmit_hash {
+                    None => TransmitHash::default(),
+                    Some(h) => TransmitHash::parse(h.get_ref()).map_or_else(
+                        || {
+                            let names: Vec<&str> = TransmitHash::ALL.iter().map(|h| h.name()).collect();
+                            self.err(
+                                h.span(),
+                                f("bond.transmit_hash"),
+                                format!("{:?} is not one of {}", h.get_ref(), names.join(", ")),
+                            )
+                        },
+                        Ok,
+                    )?,
+                };
+                Ok(PortDevice::Bond { members, transmit_hash })
+            }
+        }
+    }
+
+    /// One device string (a port's device, or a bond member).
+    fn device(&self, d: &Spanned<String>, field: &str) -> Result<Device, ConfigError> {
+        let device = parse_device(d.get_ref()).or_else(|reason| self.err(d.span(), field, reason))?;
+        if device.probed_name().starts_with("net_bonding") {
+            return self.err(
+                d.span(),
+                field,
+                "vipgate makes bonds itself, to drive and report their LACP state: give the port bond = { members = [...], mode = \"802.3ad\" } instead of a net_bonding device",
+            );
+        }
+        Ok(device)
     }
 
     fn ipv4(&self, s: &Spanned<String>, field: &str) -> Result<u32, ConfigError> {
@@ -1067,7 +1204,7 @@ impl Validator<'_> {
             return self.err(raw.eal.span(), "ports", "no [[ports]] configured; the gateway needs at least one");
         }
         let mut ports: Vec<PortSpec> = Vec::new();
-        let mut devices = Vec::new();
+        let mut port_devices: Vec<PortDevice> = Vec::new();
         let mut port_names = HashSet::new();
         // Port index by probed device, and by the kernel interface a vdev
         // works on (`iface=` of net_tap, net_tun, net_af_packet).
@@ -1085,30 +1222,36 @@ impl Validator<'_> {
             if !port_names.insert(name.to_owned()) {
                 return self.err(p.name.span(), f("name"), format!("another port is already named {name:?}"));
             }
-            let device =
-                parse_device(p.device.get_ref()).or_else(|reason| self.err(p.device.span(), f("device"), reason))?;
-            if let Some(j) = probed.insert(device.probed_name().to_owned(), i) {
-                return self.err(
-                    p.device.span(),
-                    f("device"),
-                    format!(
-                        "device {:?} is used by another port, ports[{j}] ({:?}); port {name:?} needs a device of its own",
-                        device.probed_name(),
-                        ports[j].name
-                    ),
-                );
-            }
-            if let Some(iface) = device.interface()
-                && let Some(j) = vdev_ifaces.insert(iface.to_owned(), i)
-            {
-                return self.err(
-                    p.device.span(),
-                    f("device"),
-                    format!(
-                        "interface {iface:?} of port {name:?} is already the interface of ports[{j}] ({:?}); two ports on one interface would run as two queues of one device",
-                        ports[j].name
-                    ),
-                );
+            let port_device = self.port_device(i, p)?;
+            for ((field, span), device) in device_fields(i, p).into_iter().zip(port_device.devices()) {
+                if let Some(j) = probed.insert(device.probed_name().to_owned(), i) {
+                    let reason = if j == i {
+                        format!("device {:?} is listed twice in port {name:?}", device.probed_name())
+                    } else {
+                        format!(
+                            "device {:?} is used by another port, ports[{j}] ({:?}); port {name:?} needs a device of its own",
+                            device.probed_name(),
+                            ports[j].name
+                        )
+                    };
+                    return self.err(span, field, reason);
+                }
+                if let Some(iface) = device.interface()
+                    && let Some(j) = vdev_ifaces.insert(iface.to_owned(), i)
+                {
+                    let whose = if j == i {
+                        "another device of this port".to_owned()
+                    } else {
+                        format!("ports[{j}] ({:?})", ports[j].name)
+                    };
+                    return self.err(
+                        span,
+                        field,
+                        format!(
+                            "interface {iface:?} of port {name:?} is already the interface of {whose}; two devices on one interface would run as two queues of one device"
+                        ),
+                    );
+                }
             }
             if p.addresses.is_empty() {
                 return self.err(
@@ -1198,25 +1341,28 @@ impl Validator<'_> {
             }
             kernel_interfaces.push(kernel);
             ports.push(PortSpec { name: name.to_owned(), mac: EthernetAddress::default(), addresses, mtu, vlan: None });
-            devices.push(device);
+            port_devices.push(port_device);
         }
 
         // A net_tap port's own interface and a kernel interface cannot share
         // a name: both live in the kernel.
-        for (i, (p, device)) in raw.ports.iter().zip(&devices).enumerate() {
-            let Some(tap) = device.interface() else { continue };
-            if let Some(j) = kernel_interfaces.iter().position(|k| k.as_deref() == Some(tap)) {
-                let p = p.get_ref();
-                let at = raw.ports[j].get_ref().kernel_interface.as_ref().map_or(p.device.span(), Spanned::span);
-                return self.err(
-                    at,
-                    format!("ports[{j}].kernel_interface"),
-                    format!(
-                        "{tap:?} is the interface of ports[{i}]'s device; name the kernel interface otherwise, or \"\" for none"
-                    ),
-                );
+        for (i, (p, port_device)) in raw.ports.iter().zip(&port_devices).enumerate() {
+            for ((field, span), device) in device_fields(i, p.get_ref()).into_iter().zip(port_device.devices()) {
+                let Some(tap) = device.interface() else { continue };
+                if let Some(j) = kernel_interfaces.iter().position(|k| k.as_deref() == Some(tap)) {
+                    let at = raw.ports[j].get_ref().kernel_interface.as_ref().map_or(span, Spanned::span);
+                    let field = if field.ends_with(".device") { format!("ports[{i}]'s device") } else { field };
+                    return self.err(
+                        at,
+                        format!("ports[{j}].kernel_interface"),
+                        format!(
+                            "{tap:?} is the interface of {field}; name the kernel interface otherwise, or \"\" for none"
+                        ),
+                    );
+                }
             }
         }
+        let devices: Vec<Device> = port_devices.iter().flat_map(|d| d.devices().iter().cloned()).collect();
 
         let vlans = self.vlans(&raw, &mut ports, &mut subnets, &kernel_interfaces, &port_names)?;
 
@@ -1478,13 +1624,21 @@ impl Validator<'_> {
             ports: spec
                 .ports
                 .iter()
-                .zip(&devices)
+                .zip(&port_devices)
                 .zip(&kernel_interfaces)
-                .map(|((p, d), k)| PortConfig {
-                    name: p.name.clone(),
-                    device: d.probed_name().to_owned(),
-                    mtu: p.mtu,
-                    kernel_interface: k.clone(),
+                .enumerate()
+                .map(|(i, ((p, d), k))| {
+                    let (device, bond) = match d {
+                        PortDevice::Single(d) => (d.probed_name().to_owned(), None),
+                        PortDevice::Bond { members, transmit_hash } => (
+                            bond_device_name(i),
+                            Some(BondConfig {
+                                members: members.iter().map(|m| m.probed_name().to_owned()).collect(),
+                                transmit_hash: *transmit_hash,
+                            }),
+                        ),
+                    };
+                    PortConfig { name: p.name.clone(), device, bond, mtu: p.mtu, kernel_interface: k.clone() }
                 })
                 .collect(),
             mbufs: *dp.mbufs.get_ref(),
@@ -1512,7 +1666,7 @@ impl Validator<'_> {
             dp,
             &raw.api.socket,
             &spec.ports,
-            &devices,
+            &port_devices,
             &kernel_interfaces,
             &uplink_flags,
         );
@@ -1540,6 +1694,7 @@ impl Validator<'_> {
             control_plane_nice,
             eal_args,
             dataplane,
+            port_devices,
             devices,
             api_socket: raw.api.socket,
             api_tcp,
@@ -1733,7 +1888,7 @@ fn fixed_settings(
     dp: &RawDataplane,
     socket: &Path,
     ports: &[PortSpec],
-    devices: &[Device],
+    devices: &[PortDevice],
     kernel_interfaces: &[Option<String>],
     uplinks: &[bool],
 ) -> Vec<(String, String)> {
@@ -1766,14 +1921,22 @@ fn fixed_settings(
         ("ports".to_owned(), format!("{} port{}", ports.len(), if ports.len() == 1 { "" } else { "s" })),
     ];
     for (i, (((p, d), k), uplink)) in ports.iter().zip(devices).zip(kernel_interfaces).zip(uplinks).enumerate() {
-        let device = match d {
-            Device::Virtual { args, .. } => args,
-            Device::Pci { address } => address,
-        };
         let addresses: Vec<String> =
             p.addresses.iter().map(|c| format!("{}/{}", Ipv4Addr::from(c.addr), c.len)).collect();
         fixed.push((format!("ports[{i}].name"), format!("{:?}", p.name)));
-        fixed.push((format!("ports[{i}].device"), format!("{device:?}")));
+        match d {
+            PortDevice::Single(d) => fixed.push((format!("ports[{i}].device"), format!("{:?}", d.eal_string()))),
+            PortDevice::Bond { members, transmit_hash } => {
+                let members: Vec<&str> = members.iter().map(Device::eal_string).collect();
+                fixed.push((
+                    format!("ports[{i}].bond"),
+                    format!(
+                        "{{ members = {members:?}, mode = {BOND_MODE:?}, transmit_hash = {:?} }}",
+                        transmit_hash.name()
+                    ),
+                ));
+            }
+        }
         fixed.push((format!("ports[{i}].addresses"), format!("{addresses:?}")));
         fixed.push((format!("ports[{i}].mtu"), p.mtu.to_string()));
         fixed.push((format!("ports[{i}].kernel_interface"), format!("{:?}", k.as_deref().unwrap_or(""))));
@@ -1941,6 +2104,22 @@ fn parse_device(s: &str) -> Result<Device, String> {
         Err(format!(
             "{s:?} is neither a virtual device (net_tap0,iface=..., net_pcap0,..., net_null0, ...) nor a PCI address (0000:03:00.0)"
         ))
+    }
+}
+
+/// The field and span of each device of port `i`, in the order of
+/// [`PortDevice::devices`]: its `device`, or each of its bond's members.
+fn device_fields(i: usize, p: &RawPort) -> Vec<(String, std::ops::Range<usize>)> {
+    match (&p.device, &p.bond) {
+        (Some(d), _) => vec![(format!("ports[{i}].device"), d.span())],
+        (None, Some(b)) => b
+            .get_ref()
+            .members
+            .iter()
+            .enumerate()
+            .map(|(j, m)| (format!("ports[{i}].bond.members[{j}]"), m.span()))
+            .collect(),
+        (None, None) => Vec::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The ports' links: each port's link as last read, what changed since the
 //! read before, and the rule that says when no uplink works.
 //!
-//! Owns: [`PortLinks`] (the last reading of every port, and its changes),
+//! Owns: [`PortLinks`] (the last reading of every port, a bond's members
+//! too, and their changes),
 //! and [`uplinks_down`], the one definition of "every port that reaches
 //! the routers is down", which makes the announcer withdraw every VIP and
 //! which `GetHealth` and the metrics report. Must not: read a device (the
@@ -18,7 +19,7 @@
 
 use std::time::Duration;
 
-pub use vipgate_dataplane::driver::PortLink;
+pub use vipgate_dataplane::driver::{BondMemberLink, LacpMember, LacpPeer, LacpSelection, LacpState, PortLink};
 
 /// How often the daemon reads every port's link
 /// (`rte_eth_link_get_nowait`, on the control plane's thread): the most a
@@ -34,8 +35,31 @@ pub struct PortLinkStatus {
     /// Whether it reaches the routers (`[[ports]] uplink`).
     pub uplink: bool,
     /// The link as last read; `None` before the first reading, or when the
-    /// driver cannot tell.
+    /// driver cannot tell. A bond's link is up while any member's is (the
+    /// bonding driver's rule), whatever LACP says: see `members`.
     pub link: Option<PortLink>,
+    /// For a bond: its members as last read, in configuration order (empty
+    /// for any other port, and before the first reading).
+    pub members: Vec<BondMemberLink>,
+}
+
+/// A bond member changed between two readings: its link, whether the bond
+/// counts it active, or whether it carries traffic ([`BondMemberLink::in_use`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberChange {
+    /// The bond port's name.
+    pub port: String,
+    /// The member before (`None`: not read yet).
+    pub from: Option<BondMemberLink>,
+    /// The member now.
+    pub to: BondMemberLink,
+}
+
+/// What of a member counts as a change: its link up or down, active or
+/// not, and whether it carries traffic. The steps LACP goes through on its
+/// way (sync, collecting) are not changes of their own.
+fn member_significant(m: &BondMemberLink) -> (Option<bool>, bool, bool) {
+    (m.link.map(|l| l.up), m.active, m.in_use())
 }
 
 /// A port's link changed between two readings.
@@ -85,7 +109,7 @@ impl PortLinks {
         PortLinks {
             ports: ports
                 .into_iter()
-                .map(|(name, uplink)| PortLinkStatus { name: name.into(), uplink, link: None })
+                .map(|(name, uplink)| PortLinkStatus { name: name.into(), uplink, link: None, members: Vec::new() })
                 .collect(),
         }
     }
@@ -102,6 +126,25 @@ impl PortLinks {
                 changes.push(LinkChange { port: p.name.clone(), uplink: p.uplink, from: p.link, to });
             }
             p.link = to;
+        }
+        changes
+    }
+
+    /// Takes a reading of every bond's members (`readings[i]` is port
+    /// `i`'s, empty for a port that is not a bond) and returns the members
+    /// that changed, in port and member order. A member's first reading is
+    /// a change.
+    pub fn update_members(&mut self, readings: &[Vec<BondMemberLink>]) -> Vec<MemberChange> {
+        let mut changes = Vec::new();
+        for (i, p) in self.ports.iter_mut().enumerate() {
+            let to = readings.get(i).cloned().unwrap_or_default();
+            for (j, m) in to.iter().enumerate() {
+                let from = p.members.get(j).filter(|f| f.port_id == m.port_id);
+                if from.map(member_significant) != Some(member_significant(m)) {
+                    changes.push(MemberChange { port: p.name.clone(), from: from.cloned(), to: m.clone() });
+                }
+            }
+            p.members = to;
         }
         changes
     }
@@ -153,6 +196,44 @@ mod tests {
         assert!(!PortLinks::new(ports).uplinks_down());
         // A reading shorter than the port list leaves the rest unknown.
         assert!(!links(&ports, &[DOWN]).uplinks_down());
+    }
+
+    fn member(link_up: bool, active: bool, actor: u8, partner: u8) -> BondMemberLink {
+        let peer = |state| LacpPeer { state: LacpState(state), ..LacpPeer::default() };
+        BondMemberLink {
+            device: "net_tap0".to_owned(),
+            port_id: 3,
+            link: Some(PortLink { up: link_up, speed_mbps: None, full_duplex: true }),
+            active,
+            lacp: active.then_some(LacpMember {
+                selection: LacpSelection::Selected,
+                actor: peer(actor),
+                partner: peer(partner),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_members_link_and_whether_it_carries_traffic_are_changes_lacps_steps_are_not() {
+        let mut l = PortLinks::new([("plain", false), ("bond", true)]);
+        let waiting = member(true, true, 0x45, 0x05);
+        let first = l.update_members(&[vec![], vec![waiting.clone()]]);
+        assert_eq!(first, vec![MemberChange { port: "bond".to_owned(), from: None, to: waiting.clone() }]);
+        // In sync, collecting: not carrying traffic yet, no change.
+        assert_eq!(l.update_members(&[vec![], vec![member(true, true, 0x1d, 0x1f)]]), vec![]);
+        let both = member(true, true, 0x3d, 0x3f);
+        let converged = l.update_members(&[vec![], vec![both.clone()]]);
+        assert_eq!(converged.len(), 1);
+        assert!(converged[0].to.in_use());
+        assert_eq!(l.ports()[1].members, vec![both]);
+        // The partner stops distributing (its side went down, or it
+        // timed out): a change.
+        assert_eq!(l.update_members(&[vec![], vec![member(true, true, 0x3d, 0x07)]]).len(), 1);
+        // The link goes: the bond drops it from its active members.
+        let down = l.update_members(&[vec![], vec![member(false, false, 0, 0)]]);
+        assert_eq!(down.len(), 1);
+        assert!(!down[0].to.active);
+        assert!(l.ports()[0].members.is_empty());
     }
 
     #[test]

@@ -30,7 +30,8 @@ use tokio::sync::Semaphore;
 use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 use vipgate_dataplane::stats::SlotTotals;
 
-use crate::api::{GatewayView, PortView};
+use crate::api::{BondMemberView, GatewayView, PortStats, PortView};
+use crate::link::LacpSelection;
 
 /// The content type of the OpenMetrics text format that `prometheus-client`
 /// writes; Prometheus negotiates and parses it.
@@ -385,6 +386,71 @@ const WORKER_COUNTERS: &[WorkerField] = &[
     ),
 ];
 
+/// The bond ports' families, only when some port is a bond: per bond its
+/// active members, per member its link, LACP state and traffic.
+fn encode_bonds(e: &mut DescriptorEncoder, ports: &[PortView]) -> std::fmt::Result {
+    let bonds: Vec<&PortView> = ports.iter().filter(|p| !p.members.is_empty()).collect();
+    if bonds.is_empty() {
+        return Ok(());
+    }
+    let bond_labels: Vec<[(&str, &str); 1]> = bonds.iter().map(|p| [("port", p.name.as_str())]).collect();
+    let active_rows: Vec<(&[(&str, &str)], i64)> = bonds
+        .iter()
+        .zip(&bond_labels)
+        .map(|(p, l)| (&l[..], p.members.iter().filter(|m| m.link.active).count() as i64))
+        .collect();
+    gauge(
+        e,
+        "vipgate_bond_active_members",
+        "Members the bond counts active (link up, LACP running on them), as last read (twice a second).",
+        &active_rows,
+    )?;
+    let members: Vec<(&BondMemberView, [(&str, &str); 2])> = bonds
+        .iter()
+        .flat_map(|p| p.members.iter().map(|m| (m, [("port", p.name.as_str()), ("member", m.link.device.as_str())])))
+        .collect();
+    type MemberGauge = (&'static str, &'static str, fn(&BondMemberView) -> Option<i64>);
+    let gauges: [MemberGauge; 5] = [
+        ("vipgate_bond_member_link_up", "1 while the member's link is up, 0 while it is down.", |m| {
+            m.link.link.map(|l| i64::from(l.up))
+        }),
+        (
+            "vipgate_bond_member_in_use",
+            "1 while the member carries traffic both ways: selected, and both LACP sides in sync, collecting and distributing.",
+            |m| Some(i64::from(m.link.in_use())),
+        ),
+        ("vipgate_bond_member_lacp_selected", "1 while LACP's selection attaches the member to the aggregate.", |m| {
+            m.link.lacp.map(|l| i64::from(l.selection == LacpSelection::Selected))
+        }),
+        (
+            "vipgate_bond_member_lacp_actor_state",
+            "The LACP state bits the gateway advertises on the member (IEEE 802.1AX: 0x08 synchronization, 0x10 collecting, 0x20 distributing, 0x40 defaulted); absent while the member is not active.",
+            |m| m.link.lacp.map(|l| i64::from(l.actor.state.0)),
+        ),
+        (
+            "vipgate_bond_member_lacp_partner_state",
+            "The LACP state bits the member's partner advertises, as last received; absent while the member is not active.",
+            |m| m.link.lacp.map(|l| i64::from(l.partner.state.0)),
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let rows: Vec<(&[(&str, &str)], i64)> = members.iter().filter_map(|(m, l)| Some((&l[..], read(m)?))).collect();
+        gauge(e, name, help, &rows)?;
+    }
+    type MemberCounter = (&'static str, &'static str, fn(&PortStats) -> u64);
+    let counters: [MemberCounter; 4] = [
+        ("vipgate_bond_member_rx_packets", "Packets the member's driver received.", |s| s.ipackets),
+        ("vipgate_bond_member_tx_packets", "Packets the member's driver sent.", |s| s.opackets),
+        ("vipgate_bond_member_rx_bytes", "Bytes the member's driver received.", |s| s.ibytes),
+        ("vipgate_bond_member_tx_bytes", "Bytes the member's driver sent.", |s| s.obytes),
+    ];
+    for (name, help, read) in counters {
+        let rows: Vec<(&[(&str, &str)], u64)> = members.iter().map(|(m, l)| (&l[..], read(&m.stats))).collect();
+        counter(e, name, help, &rows)?;
+    }
+    Ok(())
+}
+
 fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -688,6 +754,7 @@ impl Collector for GatewayCollector {
             "1 if the port reaches the routers ([[ports]] uplink = true), else 0.",
             &uplink_rows,
         )?;
+        encode_bonds(e, &ports)?;
         let statuses: Vec<_> = ports.iter().map(PortView::link_status).collect();
         gauge(
             e,

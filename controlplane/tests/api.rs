@@ -93,6 +93,7 @@ impl GatewayView for FakeGateway {
             },
             link: *self.link.lock().unwrap(),
             uplink: true,
+            members: Vec::new(),
         }]
     }
 
@@ -225,6 +226,7 @@ async fn health_and_counters_over_the_socket() {
         speed_mbps: 25_000,
         full_duplex: true,
         uplink: true,
+        ..Default::default()
     };
     assert_eq!(health.links.as_slice(), std::slice::from_ref(&up));
     assert!(!health.uplinks_down);

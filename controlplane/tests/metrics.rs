@@ -35,6 +35,7 @@ impl GatewayView for Fake {
             },
             link: Some(vipgate_controlplane::api::PortLink { up: true, speed_mbps: Some(10_000), full_duplex: true }),
             uplink: true,
+            members: Vec::new(),
         }]
     }
     fn mempool(&self) -> MempoolView {

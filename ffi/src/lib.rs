@@ -18,9 +18,13 @@
 //! - [`pktmbuf_mtod`] / [`pktmbuf_mtod_offset`]: the `rte_pktmbuf_mtod*`
 //!   macros, in Rust.
 //!
+//! - The bonding driver's API (`rte_eth_bond.h`, `rte_eth_bond_8023ad.h`),
+//!   with its `BONDING_MODE_*` and `BALANCE_XMIT_POLICY_*` constants.
+//!
 //! Opaque (size and alignment only): `rte_arp_ipv4`, `rte_arp_hdr`,
 //! `rte_l2tpv2_combined_msg_hdr`, `rte_gtp_psc_generic_hdr`. vipgate parses
-//! packets itself, in the packet core.
+//! packets itself, in the packet core. Also `port_params`, an LACP
+//! system's parameters, whose 14 bytes the driver reads by offset.
 
 use core::ffi::c_int;
 
@@ -122,6 +126,15 @@ mod tests {
         assert_eq!(RTE_ETH_RX_OFFLOAD_RSS_HASH, 1 << 19);
         assert_eq!(RTE_ETH_TX_OFFLOAD_MBUF_FAST_FREE, 1 << 16);
         assert_eq!(RTE_ETH_MQ_RX_RSS, RTE_ETH_MQ_RX_RSS_FLAG);
+    }
+
+    #[test]
+    fn bonding_constants_and_lacp_parameters_have_their_c_shape() {
+        assert_eq!(BONDING_MODE_8023AD, 4);
+        assert_eq!(BALANCE_XMIT_POLICY_LAYER34, 2);
+        // Priority, system (MAC), key, port priority, port number.
+        assert_eq!(std::mem::size_of::<port_params>(), 14);
+        assert_eq!(std::mem::align_of::<port_params>(), 2);
     }
 
     #[test]

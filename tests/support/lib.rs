@@ -179,6 +179,7 @@ pub struct NullGatewayBuilder {
     ports: Option<String>,
     services: Option<String>,
     idle_sleep_us: u32,
+    mbufs: u32,
     api: String,
     eal: String,
 }
@@ -206,6 +207,13 @@ impl NullGatewayBuilder {
     /// Sets `[dataplane] idle_sleep_us` (50 unless set).
     pub fn idle_sleep_us(mut self, us: u32) -> Self {
         self.idle_sleep_us = us;
+        self
+    }
+
+    /// Sets `[dataplane] mbufs` (4095 unless set): ports whose queues take
+    /// more, such as a bond's members, each with rx queues of their own.
+    pub fn mbufs(mut self, mbufs: u32) -> Self {
+        self.mbufs = mbufs;
         self
     }
 
@@ -280,7 +288,7 @@ file_prefix = "{prefix}"
 {eal}
 [dataplane]
 idle_sleep_us = {idle_sleep_us}
-mbufs = 4095
+mbufs = {mbufs}
 {dataplane}
 
 [api]
@@ -306,6 +314,7 @@ listen = "{metrics}"
             dataplane = self.dataplane,
             api = self.api,
             idle_sleep_us = self.idle_sleep_us,
+            mbufs = self.mbufs,
             metrics = self.metrics,
             lcores = self.lcores,
             ports = self.ports.map_or_else(
@@ -346,6 +355,7 @@ impl NullGateway {
             ports: None,
             services: None,
             idle_sleep_us: 50,
+            mbufs: 4095,
             api: String::new(),
             eal: String::new(),
         }

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use vipgate_controlplane::announce::{self, AnnounceInput, Announcer, SharedAnnounceStatus};
-use vipgate_controlplane::api::{self, GatewayView, MempoolView, PortView, WorkerView};
+use vipgate_controlplane::api::{self, BondMemberView, GatewayView, MempoolView, PortView, WorkerView};
 use vipgate_controlplane::config::Config;
 use vipgate_controlplane::health::{Checker, HealthStatus, ProbeReport, Transition};
-use vipgate_controlplane::link::{self, LinkChange, PortLinks};
+use vipgate_controlplane::link::{self, LinkChange, MemberChange, PortLinks};
 use vipgate_controlplane::state::{
     self, Applied, Change, DesiredState, ErrorKind, MutationRequest, StateError, StateHandle, StateView,
 };
@@ -119,6 +119,12 @@ impl GatewayView for DaemonView {
                 stats: p.stats(),
                 link: l.link,
                 uplink: l.uplink,
+                members: l
+                    .members
+                    .iter()
+                    .zip(p.member_stats())
+                    .map(|(m, stats)| BondMemberView { link: m.clone(), stats })
+                    .collect(),
             })
             .collect()
     }
@@ -270,6 +276,9 @@ pub fn run(config: &Config) -> Result<ShutdownReport, DaemonError> {
     // uplinks are all down announces nothing from the start.
     let mut links = PortLinks::new(ports.iter().map(|p| (p.name.clone(), config.uplinks.contains(&p.name))));
     log_link_changes(&links.update(&ports.iter().map(vipgate_dpdk::PortView::link).collect::<Vec<_>>()));
+    log_member_changes(
+        &links.update_members(&ports.iter().map(vipgate_dpdk::PortView::bond_members).collect::<Vec<_>>()),
+    );
     let (uplinks_tx, mut uplinks_rx) = tokio::sync::watch::channel(links.uplinks_down());
     let links = Arc::new(Mutex::new(links));
     let lcores: Vec<u32> = dataplane.workers().iter().map(|w| w.lcore).collect();
@@ -488,11 +497,13 @@ async fn watch_links(
     loop {
         tick.tick().await;
         let readings: Vec<_> = ports.iter().map(vipgate_dpdk::PortView::link).collect();
-        let (changes, down) = {
+        let members: Vec<_> = ports.iter().map(vipgate_dpdk::PortView::bond_members).collect();
+        let (changes, member_changes, down) = {
             let mut links = links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            (links.update(&readings), links.uplinks_down())
+            (links.update(&readings), links.update_members(&members), links.uplinks_down())
         };
         log_link_changes(&changes);
+        log_member_changes(&member_changes);
         uplinks_down.send_if_modified(|d| std::mem::replace(d, down) != down);
     }
 }
@@ -510,6 +521,35 @@ fn log_link_changes(changes: &[LinkChange]) {
             ),
             Some(_) => warn!(port = %c.port, uplink = c.uplink, "port link down"),
             None => warn!(port = %c.port, uplink = c.uplink, "port link unknown: its driver does not report it"),
+        }
+    }
+}
+
+/// One line per bond member whose link, activity or use changed.
+fn log_member_changes(changes: &[MemberChange]) {
+    for c in changes {
+        let m = &c.to;
+        let (actor, partner) = m.lacp.map_or((String::new(), String::new()), |l| {
+            (l.actor.state.names().join(","), l.partner.state.names().join(","))
+        });
+        let link = match m.link {
+            Some(l) if l.up => "up",
+            Some(_) => "down",
+            None => "unknown",
+        };
+        if m.in_use() {
+            info!(port = %c.port, member = %m.device, link, %actor, %partner, "bond member in use: LACP collecting and distributing both ways");
+        } else {
+            warn!(
+                port = %c.port,
+                member = %m.device,
+                link,
+                active = m.active,
+                selection = m.lacp.map_or("none", |l| l.selection.name()),
+                %actor,
+                %partner,
+                "bond member not in use"
+            );
         }
     }
 }

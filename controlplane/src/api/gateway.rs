@@ -10,7 +10,8 @@ use vipgate_dataplane::counters::{DropReason, WorkerCounters};
 
 use super::pb;
 use super::pb::gateway_server::{Gateway, GatewayServer};
-use super::view::{GatewayView, MempoolView, PortView};
+use super::view::{BondMemberView, GatewayView, MempoolView, PortLink, PortView};
+use crate::link::{LacpPeer, LacpSelection};
 
 /// A worker that has not completed an iteration of its loop for this long
 /// is stuck, and the gateway is not serving. A worker completes one every
@@ -293,20 +294,57 @@ fn port_stats(p: PortView) -> pb::PortStats {
     }
 }
 
-fn port_link(p: &PortView) -> pb::PortLink {
-    let state = match p.link {
+fn link_state(link: Option<PortLink>) -> pb::LinkState {
+    match link {
         None => pb::LinkState::Unspecified,
         Some(l) if l.up => pb::LinkState::Up,
         Some(_) => pb::LinkState::Down,
-    };
+    }
+}
+
+fn port_link(p: &PortView) -> pb::PortLink {
     let up = p.link.filter(|l| l.up);
     pb::PortLink {
         name: p.name.clone(),
         port_id: p.port_id.into(),
-        state: state.into(),
+        state: link_state(p.link).into(),
         speed_mbps: up.and_then(|l| l.speed_mbps).unwrap_or(0),
         full_duplex: up.is_some_and(|l| l.full_duplex),
         uplink: p.uplink,
+        active_members: count(p.members.iter().filter(|m| m.link.active).count()),
+        members: p.members.iter().map(bond_member).collect(),
+    }
+}
+
+fn bond_member(m: &BondMemberView) -> pb::BondMember {
+    let l = &m.link;
+    let peer = |p: &LacpPeer| pb::LacpPeer {
+        system: format_mac(p.system),
+        system_priority: p.system_priority.into(),
+        key: p.key.into(),
+        port: p.port.into(),
+        state: p.state.0.into(),
+    };
+    let selection = match l.lacp.map(|x| x.selection) {
+        None => pb::LacpSelection::Unspecified,
+        Some(LacpSelection::Unselected) => pb::LacpSelection::Unselected,
+        Some(LacpSelection::Standby) => pb::LacpSelection::Standby,
+        Some(LacpSelection::Selected) => pb::LacpSelection::Selected,
+    };
+    pb::BondMember {
+        device: l.device.clone(),
+        port_id: l.port_id.into(),
+        state: link_state(l.link).into(),
+        speed_mbps: l.link.filter(|x| x.up).and_then(|x| x.speed_mbps).unwrap_or(0),
+        active: l.active,
+        selection: selection.into(),
+        actor: l.lacp.map(|x| peer(&x.actor)),
+        partner: l.lacp.map(|x| peer(&x.partner)),
+        in_use: l.in_use(),
+        rx_packets: m.stats.ipackets,
+        tx_packets: m.stats.opackets,
+        rx_bytes: m.stats.ibytes,
+        tx_bytes: m.stats.obytes,
     }
 }
 

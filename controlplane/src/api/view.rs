@@ -98,13 +98,32 @@ pub struct PortView {
     pub link: Option<PortLink>,
     /// It reaches the routers (`[[ports]] uplink`).
     pub uplink: bool,
+    /// For a bond: its members, in configuration order (empty for any
+    /// other port).
+    pub members: Vec<BondMemberView>,
 }
 
 impl PortView {
     /// Its link status, for [`crate::link::uplinks_down`].
     pub fn link_status(&self) -> crate::link::PortLinkStatus {
-        crate::link::PortLinkStatus { name: self.name.clone(), uplink: self.uplink, link: self.link }
+        crate::link::PortLinkStatus {
+            name: self.name.clone(),
+            uplink: self.uplink,
+            link: self.link,
+            members: self.members.iter().map(|m| m.link.clone()).collect(),
+        }
     }
+}
+
+/// One member of a bond port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BondMemberView {
+    /// Its link, whether the bond counts it active, and its LACP state, as
+    /// last read (with the ports' links).
+    pub link: crate::link::BondMemberLink,
+    /// Its driver's counters, read just now: what it received and sent of
+    /// the bond's traffic.
+    pub stats: PortStats,
 }
 
 /// A port's driver counters (plain numbers, DPDK's `rte_eth_stats` totals),

@@ -1548,3 +1548,135 @@ fn bad_vlans_name_line_field_and_reason() {
     assert_eq!(f, "vlans[1].kernel_interface");
     assert!(r.contains("port \"backend\" has no kernel interface"), "{r}");
 }
+
+/// GOOD with its backend port (line 24, `device = "0000:03:00.1"`) made of
+/// `port`: one or more lines in its place.
+fn backend_port(port: &str) -> String {
+    GOOD.replacen("device = \"0000:03:00.1\"", port, 1)
+}
+
+const BOND: &str = "bond = { members = [\"net_tap1,iface=vgt-b0\", \"net_tap2,iface=vgt-b1\"], mode = \"802.3ad\" }";
+
+#[test]
+fn a_bond_port_probes_its_members_and_is_an_ordinary_port_to_the_rest() {
+    let c = parse(&backend_port(BOND)).unwrap();
+    let p = &c.dataplane.ports[1];
+    assert_eq!((p.name.as_str(), p.device.as_str(), p.mtu), ("backend", "net_bonding1", 1500));
+    assert_eq!(
+        p.bond,
+        Some(BondConfig {
+            members: vec!["net_tap1".to_owned(), "net_tap2".to_owned()],
+            transmit_hash: TransmitHash::Layer34
+        })
+    );
+    assert_eq!(p.kernel_interface.as_deref(), Some("backend"));
+    assert_eq!(c.dataplane.ports[0].bond, None);
+    // EAL probes the members (the bond is made at start), in order.
+    let vdevs: Vec<&str> = c.eal_args.windows(2).filter(|w| w[0] == "--vdev").map(|w| w[1].as_str()).collect();
+    assert_eq!(vdevs, ["net_tap0,iface=vgt-c", "net_tap1,iface=vgt-b0", "net_tap2,iface=vgt-b1"]);
+    assert!(c.eal_args.contains(&"--no-pci".to_owned()), "{:?}", c.eal_args);
+    assert_eq!(c.devices.len(), 3);
+    assert!(matches!(&c.port_devices[1], PortDevice::Bond { members, .. } if members.len() == 2));
+    // Its addresses and MTU are the port's, as for any port.
+    assert_eq!(c.ports()[1].addresses.len(), 1);
+
+    let layer2 = BOND.replace("mode = \"802.3ad\"", "mode = \"802.3ad\", transmit_hash = \"layer2\"");
+    let c = parse(&backend_port(&layer2)).unwrap();
+    assert_eq!(c.dataplane.ports[1].bond.as_ref().unwrap().transmit_hash, TransmitHash::Layer2);
+
+    // A bond's members are fixed at start, like a device.
+    let three = BOND.replace("\"net_tap2,iface=vgt-b1\"", "\"net_tap2,iface=vgt-b1\", \"net_tap3,iface=vgt-b2\"");
+    let mut was = backend_port(BOND);
+    was.push('\n');
+    let edited = backend_port(&three);
+    let old = parse(&was).unwrap();
+    let change = old.restart_required(&parse(&edited).unwrap()).map(|r| r.to_string()).unwrap();
+    assert!(change.contains("ports[1].bond changed"), "{change}");
+    assert!(change.contains("net_tap3,iface=vgt-b2"), "{change}");
+}
+
+#[test]
+fn every_bad_bond_names_its_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "device = \"0000:03:00.1\"\nbond = { members = [\"net_null1\", \"net_null2\"], mode = \"802.3ad\" }",
+            "ports[1].bond",
+            "set device or bond, not both",
+        ),
+        ("", "ports[1].device", "missing: set device (one device), or bond"),
+        (
+            "bond = { members = [\"net_null1\", \"net_null2\"] }",
+            "ports[1].bond.mode",
+            "missing; the only mode is \"802.3ad\"",
+        ),
+        (
+            "bond = { members = [\"net_null1\", \"net_null2\"], mode = \"active-backup\" }",
+            "ports[1].bond.mode",
+            "\"active-backup\" is not a supported mode",
+        ),
+        (
+            "bond = { members = [\"net_null1\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members",
+            "at least two members, 1 given",
+        ),
+        ("bond = { mode = \"802.3ad\" }", "ports[1].bond.members", "at least two members, 0 given"),
+        (
+            "bond = { members = [\"net_null1\", \"eth0\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members[1]",
+            "neither a virtual device",
+        ),
+        (
+            "bond = { members = [\"net_null1\", \"net_null1,no-rx=1\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members[1]",
+            "listed twice in port \"backend\"",
+        ),
+        (
+            "bond = { members = [\"net_null1\", \"net_tap0,iface=x\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members[1]",
+            "used by another port, ports[0]",
+        ),
+        (
+            "bond = { members = [\"net_tap1,iface=vgt-c\", \"net_null2\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members[0]",
+            "already the interface of ports[0]",
+        ),
+        (
+            "bond = { members = [\"net_tap1,iface=b\", \"net_tap2,iface=b\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members[1]",
+            "already the interface of another device of this port",
+        ),
+        (
+            "bond = { members = [\"net_null1\", \"net_null2\"], mode = \"802.3ad\", transmit_hash = \"layer3+4\" }",
+            "ports[1].bond.transmit_hash",
+            "\"layer3+4\" is not one of layer2, layer23, layer34",
+        ),
+        (
+            "device = \"net_bonding0,mode=4,slave=net_null1\"",
+            "ports[1].device",
+            "give the port bond = { members = [...], mode = \"802.3ad\" } instead",
+        ),
+        (
+            "bond = { members = [\"net_null1\", \"net_bonding3\"], mode = \"802.3ad\" }",
+            "ports[1].bond.members[1]",
+            "vipgate makes bonds itself",
+        ),
+    ];
+    for (port, field, reason) in cases {
+        let (line, f, r) = refused(&backend_port(port));
+        assert_eq!(&f, field, "{port}: {r}");
+        assert!(r.contains(reason), "{port}: {r}");
+        assert!((22..=25).contains(&line), "{port}: line {line}");
+    }
+    // A key a bond does not have.
+    let err = parse(&backend_port(
+        "bond = { members = [\"net_null1\", \"net_null2\"], mode = \"802.3ad\", lacp_rate = \"fast\" }",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown field `lacp_rate`"), "{err}");
+    // A bond member's interface is no kernel interface's name either.
+    let clash = backend_port("bond = { members = [\"net_tap1,iface=client\", \"net_null2\"], mode = \"802.3ad\" }");
+    let (_, f, r) = refused(&clash);
+    assert_eq!(f, "ports[0].kernel_interface", "{r}");
+    assert!(r.contains("\"client\" is the interface of ports[1].bond.members[0]"), "{r}");
+}

@@ -6,7 +6,7 @@ use crate::error::{DpdkError, strerror};
 use crate::exception::{Exception, ExceptionCounters, KernelPort};
 use crate::handoff::Handoff;
 use crate::mempool::{self, Mempool};
-use crate::port::{Port, read_link, read_stats};
+use crate::port::{Member, Port, read_bond, read_link, read_stats};
 use crate::rcu::{Publisher, Stalled};
 use crate::worker::{Heartbeat, WorkerSetup, rdtsc, worker_main};
 use std::ffi::c_void;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vipgate_dataplane::counters::WorkerCounters;
-use vipgate_dataplane::driver::{DataplaneConfig, PortLink, PortStats};
+use vipgate_dataplane::driver::{BondMemberLink, DataplaneConfig, PortLink, PortStats};
 use vipgate_dataplane::loaded::LoadedSnapshot;
 use vipgate_dataplane::pipeline::{PipelineConfig, worker_inboxes};
 use vipgate_dataplane::snapshot::{DEFAULT_MTU, Snapshot};
@@ -32,9 +32,31 @@ pub struct PortView {
     pub mac: EthernetAddress,
     /// The name of its kernel interface, if it has one.
     pub kernel_interface: Option<String>,
+    /// For a bond: its members, in configuration order (empty for any
+    /// other port).
+    members: Vec<Member>,
 }
 
 impl PortView {
+    /// Whether the port is a bond.
+    pub fn is_bond(&self) -> bool {
+        !self.members.is_empty()
+    }
+
+    /// For a bond: each member's link, whether the bond counts it active,
+    /// and its LACP state, as the bonding driver last left them (empty for
+    /// any other port). For the control plane's periodic poll, on the main
+    /// lcore, like [`PortView::link`].
+    pub fn bond_members(&self) -> Vec<BondMemberLink> {
+        if self.members.is_empty() { Vec::new() } else { read_bond(self.id, &self.members) }
+    }
+
+    /// For a bond: each member's driver counters, in configuration order
+    /// (empty for any other port).
+    pub fn member_stats(&self) -> Vec<PortStats> {
+        self.members.iter().map(|m| read_stats(m.id)).collect()
+    }
+
     /// The driver's counters for this port.
     pub fn stats(&self) -> PortStats {
         read_stats(self.id)
@@ -193,7 +215,10 @@ impl Dataplane {
         let queues = u16::try_from(lcores.len()).unwrap_or(u16::MAX);
         for p in &config.ports {
             let pool = dp.pool.as_ref().expect("pool exists until shutdown");
-            let port = Port::start(&p.name, &p.device, queues, p.mtu, pool)?;
+            let port = match &p.bond {
+                None => Port::start(&p.name, &p.device, queues, p.mtu, pool)?,
+                Some(bond) => Port::start_bond(&p.name, &p.device, bond, queues, p.mtu, pool)?,
+            };
             dp.ports.push(port);
         }
         let mut kernel = Vec::new();
@@ -224,7 +249,13 @@ impl Dataplane {
         };
         self.ports
             .iter()
-            .map(|p| PortView { name: p.name().to_owned(), id: p.id(), mac: p.mac(), kernel_interface: kernel(p.id()) })
+            .map(|p| PortView {
+                name: p.name().to_owned(),
+                id: p.id(),
+                mac: p.mac(),
+                kernel_interface: kernel(p.id()),
+                members: p.members().to_vec(),
+            })
             .collect()
     }
 
@@ -251,6 +282,7 @@ impl Dataplane {
             return Err(DpdkError::AlreadyLaunched);
         }
         let port_ids: Vec<u16> = self.ports.iter().map(Port::id).collect();
+        let bond_ids: Vec<u16> = self.ports.iter().filter(|p| !p.members().is_empty()).map(Port::id).collect();
         let pool = self.pool().as_ptr();
         let tsc_hz = self.eal.tsc_hz();
         type PerWorker = (u32, Arc<WorkerCounters>, Arc<BackendStats>, Arc<LoadedSnapshot>, Arc<Heartbeat>);
@@ -284,6 +316,7 @@ impl Dataplane {
                 index: i,
                 queue: i as u16,
                 port_ids: port_ids.clone(),
+                bond_ids: bond_ids.clone(),
                 pipeline: self.pipeline,
                 counters,
                 stats,

@@ -61,6 +61,16 @@ pub enum DpdkError {
         /// DPDK's error text.
         reason: String,
     },
+    /// A device could not join a bond port.
+    #[error("port {name:?}: bond member {member:?} cannot join the bond: {reason}")]
+    BondMember {
+        /// Port name.
+        name: String,
+        /// The member's device.
+        member: String,
+        /// DPDK's error text.
+        reason: String,
+    },
     /// A port's kernel interface (the exception path) cannot be created
     /// because a network interface of that name exists.
     #[error(

@@ -26,8 +26,8 @@ pub use mempool::Mempool;
 pub use port::Port;
 /// The plain data the driver is built from and reports, defined in the
 /// packet core so that code without DPDK can name them too.
-pub use vipgate_dataplane::driver::{DataplaneConfig, PortConfig, PortStats};
-pub use worker::MAX_IDLE_SLEEP;
+pub use vipgate_dataplane::driver::{BondConfig, BondMemberLink, DataplaneConfig, PortConfig, PortStats, TransmitHash};
+pub use worker::{LACP_TICK, MAX_IDLE_SLEEP};
 
 /// Packets per rx/tx burst.
 pub const BURST: usize = 32;

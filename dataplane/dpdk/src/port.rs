@@ -1,9 +1,13 @@
-//! Ethernet ports: configuration, queues, start, stop, close, stats, link.
+//! Ethernet ports: configuration, queues, start, stop, close, stats, link;
+//! and bonds, ports made of several devices by DPDK's bonding driver in
+//! 802.3ad (LACP) mode, with their members' link and LACP state.
 
 use crate::error::{DpdkError, strerror};
 use crate::mempool::Mempool;
 use std::ffi::CString;
-use vipgate_dataplane::driver::{PortLink, PortStats};
+use vipgate_dataplane::driver::{
+    BondConfig, BondMemberLink, LacpMember, LacpPeer, LacpSelection, LacpState, PortLink, PortStats, TransmitHash,
+};
 use vipgate_dataplane::wire::EthernetAddress;
 
 /// Descriptors per rx queue of a port.
@@ -95,6 +99,102 @@ fn device(name: &str, device_name: &str) -> Result<(u16, vipgate_ffi::rte_eth_de
     Ok((id, info))
 }
 
+/// One member of a bond port: a device EAL probed, which the bond drives
+/// (configures, starts, polls) in its place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Member {
+    /// Its device name, as probed.
+    pub(crate) device: String,
+    /// Its DPDK port id.
+    pub(crate) id: u16,
+}
+
+/// Reads the members of the bond `bond`: each one's link, whether the bond
+/// counts it active (`rte_eth_bond_active_slaves_get`), and, while it is,
+/// its LACP state (`rte_eth_bond_8023ad_slave_info`). Control-path calls
+/// that copy what the bonding driver's state machine (on EAL's interrupt
+/// thread) last wrote: made by the control plane's periodic poll, never by
+/// a worker.
+pub(crate) fn read_bond(bond: u16, members: &[Member]) -> Vec<BondMemberLink> {
+    let mut active = [0u16; vipgate_ffi::RTE_MAX_ETHPORTS as usize];
+    // SAFETY: `active` has room for `active.len()` port ids, which is
+    // what DPDK is told; an id that is not a bond makes it return an error.
+    let n = unsafe { vipgate_ffi::rte_eth_bond_active_slaves_get(bond, active.as_mut_ptr(), active.len() as u16) };
+    let active = &active[..usize::try_from(n).unwrap_or(0).min(active.len())];
+    members
+        .iter()
+        .map(|m| {
+            let is_active = active.contains(&m.id);
+            BondMemberLink {
+                device: m.device.clone(),
+                port_id: m.id,
+                link: read_link(m.id),
+                active: is_active,
+                lacp: if is_active { read_lacp(bond, m.id) } else { None },
+            }
+        })
+        .collect()
+}
+
+/// The LACP state of the active member `member` of the bond `bond`; `None`
+/// if the driver has none for it.
+fn read_lacp(bond: u16, member: u16) -> Option<LacpMember> {
+    // SAFETY: all-zero is a valid rte_eth_bond_8023ad_slave_info (plain
+    // data, an enum whose 0 is UNSELECTED); DPDK fills it.
+    let mut info: vipgate_ffi::rte_eth_bond_8023ad_slave_info = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer; ids that are not a mode-4 bond and its
+    // active member make DPDK return an error, not fault.
+    if unsafe { vipgate_ffi::rte_eth_bond_8023ad_slave_info(bond, member, &mut info) } != 0 {
+        return None;
+    }
+    let selection = match info.selected {
+        vipgate_ffi::SELECTED => LacpSelection::Selected,
+        vipgate_ffi::STANDBY => LacpSelection::Standby,
+        _ => LacpSelection::Unselected,
+    };
+    Some(LacpMember {
+        selection,
+        actor: lacp_peer(&info.actor, info.actor_state),
+        partner: lacp_peer(&info.partner, info.partner_state),
+    })
+}
+
+/// An LACP system's parameters from DPDK's `struct port_params` (opaque to
+/// Rust: see vipgate-ffi), laid out as in an LACPDU, in network byte
+/// order: system priority, system MAC, key, port priority, port number.
+fn lacp_peer(params: &vipgate_ffi::port_params, state: u8) -> LacpPeer {
+    let mut b = [0u8; 14];
+    for (chunk, word) in b.chunks_exact_mut(2).zip(params._bindgen_opaque_blob.iter()) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let be = |at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    let mut system = [0u8; 6];
+    system.copy_from_slice(&b[2..8]);
+    LacpPeer { system, system_priority: be(0), key: be(8), port: be(12), state: LacpState(state) }
+}
+
+/// DPDK's transmit policy for `hash`.
+fn xmit_policy(hash: TransmitHash) -> u8 {
+    let policy = match hash {
+        TransmitHash::Layer2 => vipgate_ffi::BALANCE_XMIT_POLICY_LAYER2,
+        TransmitHash::Layer23 => vipgate_ffi::BALANCE_XMIT_POLICY_LAYER23,
+        TransmitHash::Layer34 => vipgate_ffi::BALANCE_XMIT_POLICY_LAYER34,
+    };
+    policy as u8
+}
+
+/// Removes the members `added` from the bond `id` named `cname` and frees
+/// it: what a bond that failed to start leaves behind.
+fn discard_bond(id: u16, cname: &CString, added: &[Member]) {
+    for m in added {
+        // SAFETY: `m` was added to the bond `id`, which is stopped.
+        unsafe { vipgate_ffi::rte_eth_bond_slave_remove(id, m.id) };
+    }
+    // SAFETY: `cname` names the bond created above, which nothing else
+    // uses.
+    unsafe { vipgate_ffi::rte_eth_bond_free(cname.as_ptr()) };
+}
+
 /// A started DPDK port. Stop and close it with [`Port::close`].
 #[derive(Debug)]
 pub struct Port {
@@ -103,6 +203,8 @@ pub struct Port {
     mac: EthernetAddress,
     queues: u16,
     started: bool,
+    /// For a bond: its members (empty for any other port).
+    members: Vec<Member>,
 }
 
 impl Port {
@@ -116,6 +218,87 @@ impl Port {
         Port::start_with(name, device_name, queues, mtu, pool, (RX_DESC, TX_DESC))
     }
 
+    /// Creates the bond `bond_device` (a name starting with `net_bonding`)
+    /// in 802.3ad mode over the probed devices of `bond`, and starts it as
+    /// [`Port::start`] starts a device: the bond configures and starts its
+    /// members with its own queues, MTU and pool (so each member's rx
+    /// queues take mbufs from `pool` too). Its MAC is its first member's.
+    ///
+    /// The bond's LACP state machine runs on EAL's interrupt thread, every
+    /// 100 ms, but its LACPDUs travel only inside rx and tx bursts on the
+    /// bond: the workers make those (see `worker.rs`).
+    pub fn start_bond(
+        name: &str,
+        bond_device: &str,
+        bond: &BondConfig,
+        queues: u16,
+        mtu: u16,
+        pool: &Mempool,
+    ) -> Result<Port, DpdkError> {
+        let mut members = Vec::with_capacity(bond.members.len());
+        for device_name in &bond.members {
+            let (id, _) = device(name, device_name)?;
+            members.push(Member { device: device_name.clone(), id });
+        }
+        let first = members.first().ok_or_else(|| DpdkError::Port {
+            name: name.to_owned(),
+            op: "creating the bond",
+            reason: "a bond needs members".to_owned(),
+        })?;
+        let cname = CString::new(bond_device).map_err(|_| DpdkError::NulInArgument(bond_device.to_owned()))?;
+        // SAFETY: `first.id` is a probed port; the lookup has no side
+        // effects.
+        let socket = u8::try_from(unsafe { vipgate_ffi::rte_eth_dev_socket_id(first.id) }).unwrap_or(0);
+        // SAFETY: EAL is initialised; `cname` is a valid C string, the
+        // name of no device yet (the configuration gives every bond its
+        // own).
+        let rc =
+            unsafe { vipgate_ffi::rte_eth_bond_create(cname.as_ptr(), vipgate_ffi::BONDING_MODE_8023AD as u8, socket) };
+        let Ok(id) = u16::try_from(rc) else {
+            return Err(DpdkError::Port { name: name.to_owned(), op: "creating the bond", reason: strerror(rc) });
+        };
+        for (i, m) in members.iter().enumerate() {
+            // SAFETY: `id` is the bond just created, stopped; `m.id` is a
+            // probed port that no one has configured or started.
+            let rc = unsafe { vipgate_ffi::rte_eth_bond_slave_add(id, m.id) };
+            if rc != 0 {
+                discard_bond(id, &cname, &members[..i]);
+                return Err(DpdkError::BondMember {
+                    name: name.to_owned(),
+                    member: m.device.clone(),
+                    reason: strerror(rc),
+                });
+            }
+        }
+        // SAFETY: `id` is a stopped bond.
+        let rc = unsafe { vipgate_ffi::rte_eth_bond_xmit_policy_set(id, xmit_policy(bond.transmit_hash)) };
+        if rc != 0 {
+            discard_bond(id, &cname, &members);
+            return Err(DpdkError::Port {
+                name: name.to_owned(),
+                op: "setting the bond's transmit hash",
+                reason: strerror(rc),
+            });
+        }
+        let mut port = match Port::start_device(name, bond_device, queues, mtu, pool, (RX_DESC, TX_DESC), true) {
+            Ok(port) => port,
+            Err(e) => {
+                discard_bond(id, &cname, &members);
+                return Err(e);
+            }
+        };
+        port.members = members;
+        // An 802.3ad bond drops every multicast frame, broadcasts (ARP
+        // requests) included, unless it is in all-multicast mode; a device
+        // alone takes broadcasts without it.
+        // SAFETY: `id` is a started port.
+        let rc = unsafe { vipgate_ffi::rte_eth_allmulticast_enable(id) };
+        if rc != 0 {
+            return Err(DpdkError::Port { name: name.to_owned(), op: "enabling all-multicast", reason: strerror(rc) });
+        }
+        Ok(port)
+    }
+
     /// [`Port::start`] with `(rx, tx)` descriptors per queue (before the
     /// device adjusts them).
     pub(crate) fn start_with(
@@ -125,6 +308,21 @@ impl Port {
         mtu: u16,
         pool: &Mempool,
         descriptors: (u16, u16),
+    ) -> Result<Port, DpdkError> {
+        Port::start_device(name, device_name, queues, mtu, pool, descriptors, false)
+    }
+
+    /// [`Port::start_with`]; `bond`: the device is a bond, whose members
+    /// are configured only when it starts (with its MTU), so the MTU is
+    /// not set through its driver before.
+    fn start_device(
+        name: &str,
+        device_name: &str,
+        queues: u16,
+        mtu: u16,
+        pool: &Mempool,
+        descriptors: (u16, u16),
+        bond: bool,
     ) -> Result<Port, DpdkError> {
         let err = |op, rc: i32| DpdkError::Port { name: name.to_owned(), op, reason: strerror(rc) };
         let (id, info) = device(name, device_name)?;
@@ -180,9 +378,10 @@ impl Port {
         }
         // Also through the driver: some apply the MTU only there (net_tap
         // sets its kernel interface's). A driver without an MTU setter
-        // (-ENOTSUP, net_pcap) keeps the MTU configured above.
+        // (-ENOTSUP, net_pcap) keeps the MTU configured above. A bond sets
+        // its members' MTU itself when it configures them, at start.
         // SAFETY: `id` is a configured, stopped port.
-        let rc = unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) };
+        let rc = if bond { 0 } else { unsafe { vipgate_ffi::rte_eth_dev_set_mtu(id, mtu) } };
         if rc != 0 && rc != -libc::ENOTSUP {
             return Err(DpdkError::Port {
                 name: name.to_owned(),
@@ -232,7 +431,14 @@ impl Port {
         if rc != 0 {
             return Err(err("reading the MAC address", rc));
         }
-        let mut port = Port { id, name: name.to_owned(), mac: EthernetAddress(mac.addr_bytes), queues, started: false };
+        let mut port = Port {
+            id,
+            name: name.to_owned(),
+            mac: EthernetAddress(mac.addr_bytes),
+            queues,
+            started: false,
+            members: Vec::new(),
+        };
         // SAFETY: the port is configured with all its queues set up.
         let rc = unsafe { vipgate_ffi::rte_eth_dev_start(id) };
         if rc != 0 {
@@ -268,6 +474,12 @@ impl Port {
         read_stats(self.id)
     }
 
+    /// For a bond: its members, in configuration order (empty for any
+    /// other port).
+    pub(crate) fn members(&self) -> &[Member] {
+        &self.members
+    }
+
     /// Stops and closes the port; its queues release every mbuf they hold.
     /// Workers must have stopped polling it.
     pub fn close(mut self) {
@@ -281,7 +493,13 @@ impl Port {
             self.started = false;
         }
         // SAFETY: the port is stopped; close releases its queues and mbufs.
+        // A bond's close stops its members and removes them from it.
         unsafe { vipgate_ffi::rte_eth_dev_close(self.id) };
+        for m in self.members.drain(..) {
+            // SAFETY: out of the bond, stopped; closing releases the rx
+            // queues the bond set up on it, and their mbufs.
+            unsafe { vipgate_ffi::rte_eth_dev_close(m.id) };
+        }
         self.id = u16::MAX;
     }
 }
@@ -296,7 +514,22 @@ impl Drop for Port {
 
 #[cfg(test)]
 mod tests {
-    use super::device_max_mtu;
+    use super::{device_max_mtu, lacp_peer};
+
+    #[test]
+    fn lacp_parameters_are_read_in_network_byte_order() {
+        // Priority 0xffff, system 02:00:00:00:00:01, key 0x00fe (speed
+        // unknown, full duplex), port priority 0x00ff, port 2.
+        let wire = [0xff, 0xff, 0x02, 0, 0, 0, 0, 0x01, 0x00, 0xfe, 0x00, 0xff, 0x00, 0x02];
+        let mut params = vipgate_ffi::port_params::default();
+        for (word, chunk) in params._bindgen_opaque_blob.iter_mut().zip(wire.chunks_exact(2)) {
+            *word = u16::from_ne_bytes([chunk[0], chunk[1]]);
+        }
+        let peer = lacp_peer(&params, 0x3d);
+        assert_eq!(peer.system, [0x02, 0, 0, 0, 0, 0x01]);
+        assert_eq!((peer.system_priority, peer.key, peer.port), (0xffff, 0xfe, 2));
+        assert_eq!(peer.state.0, 0x3d);
+    }
 
     #[test]
     fn a_devices_largest_mtu_is_read_as_ethdev_checks_it() {

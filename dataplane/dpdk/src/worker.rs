@@ -9,7 +9,10 @@
 //! interfaces for packets the pipeline punts (the exception path, see
 //! `exception.rs`); send any ARP requests the pipeline asked for; then one
 //! burst at most from the ring of frames the kernel sent, transmitted on
-//! their ports; declare a quiescent state, after which the control plane
+//! their ports; on bond ports, every [`LACP_TICK`] at most, a
+//! transmit burst of no packets, which is how DPDK's 802.3ad bond sends
+//! the LACPDUs its state machine queued (see [`Worker::drive_bonds`]);
+//! declare a quiescent state, after which the control plane
 //! may free a snapshot it replaced; and beat its [`Heartbeat`] (one
 //! store), which the control plane reads to tell a live worker from a stuck
 //! one. Nothing here
@@ -50,6 +53,14 @@ pub const MAX_IDLE_SLEEP: Duration = Duration::from_millis(10);
 /// Housekeeping (neighbour expiry and refresh) runs this many times a second.
 const HOUSEKEEPING_HZ: u64 = 10;
 
+/// How often at most a worker makes an empty transmit burst on each bond
+/// port, so that the LACPDUs the bond's state machine queues (every 100 ms,
+/// on EAL's interrupt thread) leave within this much, whatever the traffic.
+/// DPDK asks for rx and tx bursts on an 802.3ad bond at least every 100 ms;
+/// rx bursts happen on every iteration anyway (an idle worker sleeps
+/// [`MAX_IDLE_SLEEP`] at most).
+pub const LACP_TICK: Duration = Duration::from_millis(10);
+
 /// A worker's inbox (neighbours and fragment translations from the others).
 pub(crate) type Inbox = Arc<vipgate_dataplane::pipeline::Inbox>;
 
@@ -60,6 +71,8 @@ pub(crate) struct WorkerSetup {
     pub(crate) index: usize,
     pub(crate) queue: u16,
     pub(crate) port_ids: Vec<u16>,
+    /// DPDK port ids of the bond ports (802.3ad).
+    pub(crate) bond_ids: Vec<u16>,
     pub(crate) pipeline: PipelineConfig,
     pub(crate) counters: Arc<WorkerCounters>,
     pub(crate) stats: Arc<vipgate_dataplane::stats::BackendStats>,
@@ -117,6 +130,7 @@ impl WorkerSetup {
         let worker = Worker {
             queue: self.queue,
             port_ids: self.port_ids,
+            bond_ids: self.bond_ids,
             pipeline,
             loaded: self.loaded,
             heartbeat: self.heartbeat,
@@ -199,6 +213,8 @@ pub(crate) struct Worker {
     pub(crate) queue: u16,
     /// DPDK port ids, indexed by dense port index.
     pub(crate) port_ids: Vec<u16>,
+    /// DPDK port ids of the bond ports, driven every [`LACP_TICK`].
+    bond_ids: Vec<u16>,
     pipeline: Pipeline,
     loaded: Arc<LoadedSnapshot>,
     heartbeat: Arc<Heartbeat>,
@@ -363,6 +379,8 @@ impl Worker {
         let clock = Clock::new(self.tsc_hz);
         let housekeeping_every = (self.tsc_hz / HOUSEKEEPING_HZ).max(1);
         let mut next_housekeeping = 0u64;
+        let lacp_every = ((u128::from(self.tsc_hz) * LACP_TICK.as_nanos() / 1_000_000_000) as u64).max(1);
+        let mut next_lacp = 0u64;
         let mut idle_polls = 0u32;
         let counters = Arc::clone(self.pipeline.counters());
         let mut loaded_generation = 0;
@@ -384,6 +402,10 @@ impl Worker {
                 self.send_solicitations(&counters);
                 self.send_released(&counters);
                 next_housekeeping = start + housekeeping_every;
+            }
+            if !self.bond_ids.is_empty() && start >= next_lacp {
+                self.drive_bonds();
+                next_lacp = start + lacp_every;
             }
             let mut received = 0usize;
             for dense in 0..nports {
@@ -699,6 +721,25 @@ impl Worker {
             counters.drops[DropReason::TxFull as usize].add((len - sent) as u64);
         }
         queue.clear();
+    }
+
+    /// Makes a transmit burst of no packets on each bond port. DPDK's
+    /// 802.3ad bond sends the LACPDUs (and marker responses) its state
+    /// machine queued for a member from inside its tx burst, before it
+    /// looks at the packets it was given: a worker with nothing to send
+    /// there must still call it, or the partner times the members out
+    /// (3 s at the fast rate) and stops sending on them. The bond's queues
+    /// of LACPDUs are multi-consumer, so every worker may do it, each on
+    /// its own tx queue: no worker is the only one that keeps LACP alive.
+    /// A few loads when nothing is queued, every [`LACP_TICK`].
+    fn drive_bonds(&self) {
+        let mut none: [*mut rte_mbuf; 1] = [null_mut()];
+        for &id in &self.bond_ids {
+            // SAFETY: the bond is started with `self.queue` configured;
+            // only this worker sends on this queue; a burst of 0 packets
+            // hands the driver nothing.
+            unsafe { vipgate_ffi::rte_eth_tx_burst(id, self.queue, none.as_mut_ptr(), 0) };
+        }
     }
 
     /// Builds and sends the ARP requests the pipeline asked for. Rare: at

@@ -11,6 +11,7 @@
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 use vipgate_controlplane::api::pb;
+use vipgate_controlplane::link::LacpState;
 
 use crate::error::CtlError;
 
@@ -53,22 +54,124 @@ pub(crate) struct PortLinkJson {
     pub(crate) duplex: &'static str,
     /// The port reaches the routers.
     pub(crate) uplink: bool,
+    /// For a bond: how many members it counts active (absent for other
+    /// ports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) active_members: Option<u32>,
+    /// For a bond: its members (absent for other ports).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) members: Vec<BondMemberJson>,
+}
+
+/// One bond member in `vipgatectl health --json`.
+#[derive(Debug, Serialize)]
+pub(crate) struct BondMemberJson {
+    pub(crate) device: String,
+    pub(crate) port_id: u32,
+    /// "up", "down" or "unknown".
+    pub(crate) link: &'static str,
+    pub(crate) speed_mbps: u32,
+    /// The bond counts it active (link up): LACP runs on it.
+    pub(crate) active: bool,
+    /// "selected", "standby", "unselected", or "unknown" (not active).
+    pub(crate) selection: &'static str,
+    /// It carries traffic both ways (both sides in sync, collecting and
+    /// distributing).
+    pub(crate) in_use: bool,
+    /// What the gateway advertises; null while not active.
+    pub(crate) actor: Option<LacpPeerJson>,
+    /// What the other end advertises; null while not active.
+    pub(crate) partner: Option<LacpPeerJson>,
+    pub(crate) rx_packets: u64,
+    pub(crate) tx_packets: u64,
+    pub(crate) rx_bytes: u64,
+    pub(crate) tx_bytes: u64,
+}
+
+/// One side of LACP on a member.
+#[derive(Debug, Serialize)]
+pub(crate) struct LacpPeerJson {
+    pub(crate) system: String,
+    pub(crate) system_priority: u32,
+    pub(crate) key: u32,
+    pub(crate) port: u32,
+    /// The state bits, as a number.
+    pub(crate) state: u32,
+    /// The names of the bits set: "activity", "short_timeout",
+    /// "aggregation", "synchronization", "collecting", "distributing",
+    /// "defaulted", "expired".
+    pub(crate) flags: Vec<&'static str>,
+}
+
+impl From<pb::LacpPeer> for LacpPeerJson {
+    fn from(p: pb::LacpPeer) -> Self {
+        let flags = LacpState(p.state as u8).names();
+        LacpPeerJson {
+            system: p.system,
+            system_priority: p.system_priority,
+            key: p.key,
+            port: p.port,
+            state: p.state,
+            flags,
+        }
+    }
+}
+
+fn link_name(state: pb::LinkState) -> &'static str {
+    match state {
+        pb::LinkState::Up => "up",
+        pb::LinkState::Down => "down",
+        pb::LinkState::Unspecified => "unknown",
+    }
+}
+
+impl From<pb::BondMember> for BondMemberJson {
+    fn from(m: pb::BondMember) -> Self {
+        // `selection()` maps values this client does not know to Unspecified.
+        let selection = match m.selection() {
+            pb::LacpSelection::Selected => "selected",
+            pb::LacpSelection::Standby => "standby",
+            pb::LacpSelection::Unselected => "unselected",
+            pb::LacpSelection::Unspecified => "unknown",
+        };
+        BondMemberJson {
+            link: link_name(m.state()),
+            device: m.device,
+            port_id: m.port_id,
+            speed_mbps: m.speed_mbps,
+            active: m.active,
+            selection,
+            in_use: m.in_use,
+            actor: m.actor.map(LacpPeerJson::from),
+            partner: m.partner.map(LacpPeerJson::from),
+            rx_packets: m.rx_packets,
+            tx_packets: m.tx_packets,
+            rx_bytes: m.rx_bytes,
+            tx_bytes: m.tx_bytes,
+        }
+    }
 }
 
 impl From<pb::PortLink> for PortLinkJson {
     fn from(l: pb::PortLink) -> Self {
         // `state()` maps values this client does not know to Unspecified.
-        let link = match l.state() {
-            pb::LinkState::Up => "up",
-            pb::LinkState::Down => "down",
-            pb::LinkState::Unspecified => "unknown",
-        };
+        let link = link_name(l.state());
         let duplex = match (link, l.full_duplex) {
             ("up", true) => "full",
             ("up", false) => "half",
             _ => "",
         };
-        PortLinkJson { name: l.name, port_id: l.port_id, link, speed_mbps: l.speed_mbps, duplex, uplink: l.uplink }
+        let bond = !l.members.is_empty();
+        PortLinkJson {
+            name: l.name,
+            port_id: l.port_id,
+            link,
+            speed_mbps: l.speed_mbps,
+            duplex,
+            uplink: l.uplink,
+            active_members: bond.then_some(l.active_members),
+            members: l.members.into_iter().map(BondMemberJson::from).collect(),
+        }
     }
 }
 

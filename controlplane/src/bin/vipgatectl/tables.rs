@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use vipgate_controlplane::api::pb;
 
 use crate::json::{
-    BackendJson, CountersJson, HealthCheckJson, HealthJson, PoolJson, ServiceJson, StateJson, StatsJson,
+    BackendJson, BondMemberJson, CountersJson, HealthCheckJson, HealthJson, PoolJson, ServiceJson, StateJson, StatsJson,
 };
 
 /// `vipgatectl health`.
@@ -43,7 +43,71 @@ pub(crate) fn health_table(h: &HealthJson) -> String {
         out.push('\n');
         out.push_str(&table(Some(&["port", "link", "speed", "duplex", "uplink"]), &links, 5));
     }
+    let members: Vec<Vec<String>> = h
+        .links
+        .iter()
+        .flat_map(|l| {
+            l.members.iter().map(|m| {
+                vec![
+                    l.name.clone(),
+                    m.device.clone(),
+                    m.link.to_owned(),
+                    lacp_summary(m),
+                    m.actor.as_ref().map_or_else(|| "-".to_owned(), |p| lacp_flags(p.state)),
+                    m.partner.as_ref().map_or_else(|| "-".to_owned(), |p| lacp_flags(p.state)),
+                    m.rx_packets.to_string(),
+                    m.tx_packets.to_string(),
+                ]
+            })
+        })
+        .collect();
+    if !members.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            Some(&["bond", "member", "link", "lacp", "actor", "partner", "rx_packets", "tx_packets"]),
+            &members,
+            6,
+        ));
+    }
     out
+}
+
+/// LACP state bits, as Linux's bonding driver abbreviates them in
+/// /proc/net/bonding: `ACT,TMO,AGG,SYNC,COL,DIST,DEF,EXP`.
+fn lacp_flags(state: u32) -> String {
+    const SHORT: [&str; 8] = ["ACT", "TMO", "AGG", "SYNC", "COL", "DIST", "DEF", "EXP"];
+    let names: Vec<&str> = (0..8).filter(|b| state & (1 << b) != 0).map(|b| SHORT[b]).collect();
+    if names.is_empty() { "-".to_owned() } else { names.join(",") }
+}
+
+/// What a bond member's LACP state means, in a few words: "in use", or
+/// the first thing that keeps it from carrying traffic.
+fn lacp_summary(m: &BondMemberJson) -> String {
+    const SYNC_COL_DIST: u32 = 0x08 | 0x10 | 0x20;
+    const DEFAULTED: u32 = 0x40;
+    if m.in_use {
+        return "in use".to_owned();
+    }
+    if m.link == "down" {
+        return "link down".to_owned();
+    }
+    if !m.active {
+        return "inactive".to_owned();
+    }
+    let (Some(actor), Some(partner)) = (&m.actor, &m.partner) else { return "unknown".to_owned() };
+    if actor.key == 0 {
+        // The bond gives a member no key while its link reads down or
+        // half duplex, and runs no LACP on it.
+        "no LACP (link down or half duplex)".to_owned()
+    } else if actor.state & DEFAULTED != 0 {
+        "no partner (no LACPDU received)".to_owned()
+    } else if m.selection != "selected" {
+        m.selection.to_owned()
+    } else if partner.state & SYNC_COL_DIST != SYNC_COL_DIST {
+        "partner not collecting/distributing".to_owned()
+    } else {
+        "attaching".to_owned()
+    }
 }
 
 /// `10000` -> `10 Gb/s`, `2500` -> `2.5 Gb/s`, `100` -> `100 Mb/s`.
@@ -370,7 +434,88 @@ mod tests {
 
     fn link(name: &str, link: &'static str, speed_mbps: u32, uplink: bool) -> PortLinkJson {
         let duplex = if link == "up" { "full" } else { "" };
-        PortLinkJson { name: name.to_owned(), port_id: 0, link, speed_mbps, duplex, uplink }
+        PortLinkJson {
+            name: name.to_owned(),
+            port_id: 0,
+            link,
+            speed_mbps,
+            duplex,
+            uplink,
+            active_members: None,
+            members: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn health_lists_bond_members_with_their_lacp_state_and_what_keeps_one_out() {
+        use crate::json::LacpPeerJson;
+        let peer = |state: u32| LacpPeerJson {
+            system: "02:00:00:00:00:01".to_owned(),
+            system_priority: 65535,
+            key: 33,
+            port: 1,
+            state,
+            flags: Vec::new(),
+        };
+        let member = |device: &str, active: bool, actor: u32, partner: u32, in_use: bool| BondMemberJson {
+            device: device.to_owned(),
+            port_id: 1,
+            link: if active { "up" } else { "down" },
+            speed_mbps: 0,
+            active,
+            selection: if active { "selected" } else { "unknown" },
+            in_use,
+            actor: active.then(|| peer(actor)),
+            partner: active.then(|| peer(partner)),
+            rx_packets: 10,
+            tx_packets: 20,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let mut uplink = link("uplink", "up", 0, true);
+        uplink.active_members = Some(2);
+        uplink.members = vec![
+            member("net_tap0", true, 0x3d, 0x3f, true),
+            member("net_tap1", true, 0x0d, 0x07, false),
+            member("net_tap2", true, 0x45, 0x05, false),
+            member("net_tap3", false, 0, 0, false),
+            {
+                let mut half = member("net_tap4", true, 0x05, 0x05, false);
+                half.actor.as_mut().unwrap().key = 0;
+                half
+            },
+        ];
+        let h = HealthJson {
+            status: "SERVING",
+            serving: true,
+            version: "0.1.0".to_owned(),
+            uptime_seconds: 13,
+            workers: 1,
+            ports: 1,
+            reason: String::new(),
+            links: vec![uplink],
+            uplinks_down: false,
+        };
+        let text = health_table(&h);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("bond"))
+            .map(|l| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            ["bond", "member", "link", "lacp", "actor", "partner", "rx_packets", "tx_packets"],
+            "{text}"
+        );
+        assert_eq!(
+            rows[1],
+            ["uplink", "net_tap0", "up", "in use", "ACT,AGG,SYNC,COL,DIST", "ACT,TMO,AGG,SYNC,COL,DIST", "10", "20"],
+            "{text}"
+        );
+        assert_eq!(rows[2][3], "partner not collecting/distributing", "{text}");
+        assert_eq!(rows[3][3], "no partner (no LACPDU received)", "{text}");
+        assert_eq!(rows[4][3..6], ["link down", "-", "-"], "{text}");
+        assert_eq!(rows[5][3], "no LACP (link down or half duplex)", "{text}");
     }
 
     #[test]

@@ -121,8 +121,14 @@ pub(crate) fn pcap_to_null(
     use vipgate_dpdk::PortConfig;
     vipgate_dpdk::DataplaneConfig {
         ports: vec![
-            PortConfig { name: "in".into(), device: "net_pcap0".into(), mtu: 1500, kernel_interface: None },
-            PortConfig { name: "out".into(), device: "net_null0".into(), mtu: 1500, kernel_interface: None },
+            PortConfig { name: "in".into(), device: "net_pcap0".into(), bond: None, mtu: 1500, kernel_interface: None },
+            PortConfig {
+                name: "out".into(),
+                device: "net_null0".into(),
+                bond: None,
+                mtu: 1500,
+                kernel_interface: None,
+            },
         ],
         mbufs,
         mbuf_cache: 128,
