@@ -323,6 +323,19 @@ def main(argv: list[str]) -> int:
     share = a.new_share
     base_ts = 1_700_000_000
     flood_count = established = 0
+    def emit(frame: bytes, flow: int) -> int:
+        """Appends `frame` to flow `flow`'s shard; returns its length."""
+        shard = flow % a.shards
+        n = written[shard]
+        b = bufs[shard]
+        b += struct.pack("<IIII", base_ts + n // 1_000_000, n % 1_000_000, len(frame), len(frame))
+        b += frame
+        written[shard] = n + 1
+        if len(b) >= 1 << 22:
+            outs[shard].write(b)
+            b.clear()
+        return len(frame)
+
     if a.fragments > 1:
         packets *= a.fragments
     piece = ((fixed - len(eth) - 20) // 8) * 8 if a.fragments > 1 else 0
@@ -351,16 +364,7 @@ def main(argv: list[str]) -> int:
         else:
             frame = None
         if frame is not None:
-            shard = f % a.shards
-            n = written[shard]
-            b = bufs[shard]
-            b += struct.pack("<IIII", base_ts + n // 1_000_000, n % 1_000_000, frame_len, frame_len)
-            b += frame
-            written[shard] = n + 1
-            total_bytes += frame_len
-            if len(b) >= 1 << 22:
-                outs[shard].write(b)
-                b.clear()
+            total_bytes += emit(frame, f)
             continue
         l4_len = frame_len - len(eth) - ip_hlen
         # Evenly spread: packet k is a flood SYN when floor((k+1)s) > floor(ks).
@@ -425,16 +429,7 @@ def main(argv: list[str]) -> int:
 
         frame = eth + ip + l4 + data
         assert len(frame) == frame_len, (len(frame), frame_len)
-        shard = f % a.shards
-        n = written[shard]
-        b = bufs[shard]
-        b += struct.pack("<IIII", base_ts + n // 1_000_000, n % 1_000_000, frame_len, frame_len)
-        b += frame
-        written[shard] = n + 1
-        total_bytes += frame_len
-        if len(b) >= 1 << 22:
-            outs[shard].write(b)
-            b.clear()
+        total_bytes += emit(frame, f)
     for o, b in zip(outs, bufs):
         o.write(b)
         o.close()

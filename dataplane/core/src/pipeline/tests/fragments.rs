@@ -229,8 +229,8 @@ fn dsr_encapsulates_every_fragment_to_the_first_ones_backend() {
     assert_eq!(v, [Verdict::Drop(DropReason::TooBig)]);
 }
 
-#[test]
-fn a_full_fragment_table_drops_first_fragments_but_not_other_traffic() {
+/// A resolved rig whose fragment table has 16 entries.
+fn small_table_rig() -> Rig {
     let config = PipelineConfig { fragment_entries: 16, ..test_config() };
     let mut r = Rig {
         snap: Snapshot::build(&spec()).unwrap(),
@@ -241,6 +241,12 @@ fn a_full_fragment_table_drops_first_fragments_but_not_other_traffic() {
     for (a, m) in BACKENDS.iter().zip(BACKEND_MACS) {
         r.teach(1, *a, m, GW_B_IP);
     }
+    r
+}
+
+#[test]
+fn a_full_fragment_table_drops_first_fragments_but_not_other_traffic() {
+    let mut r = small_table_rig();
     let capacity = r.pipe.fragment_table().capacity();
     let (mut sent, mut full) = (0, 0);
     for id in 0..2000u16 {
@@ -267,16 +273,7 @@ fn a_full_fragment_table_drops_first_fragments_but_not_other_traffic() {
 
 #[test]
 fn a_datagrams_entry_is_freed_when_its_last_byte_has_gone() {
-    let config = PipelineConfig { fragment_entries: 16, ..test_config() };
-    let mut r = Rig {
-        snap: Snapshot::build(&spec()).unwrap(),
-        pipe: Pipeline::new(config, Arc::new(WorkerCounters::default())),
-        now: 1_000_000_000,
-    };
-    r.teach(0, CLIENT, CLIENT_MAC, GW_C_IP);
-    for (a, m) in BACKENDS.iter().zip(BACKEND_MACS) {
-        r.teach(1, *a, m, GW_B_IP);
-    }
+    let mut r = small_table_rig();
     // Far more whole datagrams than the table has entries, within one
     // timeout: each frees its entry when its last fragment goes, in order
     // or not.
