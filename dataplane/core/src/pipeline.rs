@@ -857,7 +857,11 @@ impl Pipeline {
                     let h = ipv4::Packet::new_unchecked(&*hdr);
                     let key = FragmentKey { src, dst, id: h.ident(), protocol: proto };
                     let offset = h.frag_offset();
-                    if offset != 0 || self.for_kernel(snap, in_port, dst) {
+                    if self.for_kernel(snap, in_port, dst) {
+                        // The kernel reassembles what is its own.
+                        return Verdict::Punt(in_port);
+                    }
+                    if offset != 0 {
                         return self.fragment(snap, now, p, key, offset);
                     }
                     // A first fragment: translated below as an unfragmented

@@ -27,8 +27,8 @@ use crate::fragments::FragmentRewrite;
 
 impl Pipeline {
     /// A later fragment of a TCP or UDP datagram (`offset` its place, in
-    /// 8-byte units), or any fragment for the gateway's kernel. Out of
-    /// line: unfragmented packets never get here.
+    /// 8-byte units), not for the gateway's kernel (the caller punts those).
+    /// Out of line: unfragmented packets never get here.
     #[inline(never)]
     pub(super) fn fragment(
         &mut self,
@@ -39,10 +39,6 @@ impl Pipeline {
         offset: u16,
     ) -> Verdict {
         let in_port = p.port;
-        if self.for_kernel(snap, in_port, key.dst) {
-            // The kernel reassembles what is its own.
-            return Verdict::Punt(in_port);
-        }
         if key.protocol == ipv4::protocol::TCP && offset == 1 {
             // It would overwrite the TCP header the first fragment's
             // checks and translation were made on (RFC 1858, section 3.2).

@@ -63,12 +63,9 @@ impl Pipeline {
         };
         match verdict {
             Verdict::Handoff(_) | Verdict::Punt(_) | Verdict::PuntControl(_) => {
-                // Leaves as it came, tag and all, from its device.
-                let start = p.start - vlan::HEADER_LEN;
-                p.buf.copy_within(start + vlan::HEADER_LEN..start + vlan::HEADER_LEN + 12, start);
-                p.buf[start + 12..start + 14].copy_from_slice(&EtherType::VLAN.to_be_bytes());
-                p.buf[start + 14..start + 16].copy_from_slice(&tci);
-                p.start = start;
+                // Leaves as it came, tag and all, from its device (the 4
+                // bytes the tag was stripped from are in front of it).
+                push_tag(p, p.start - vlan::HEADER_LEN, tci);
                 p.port = device;
                 match verdict {
                     Verdict::Punt(_) => Verdict::Punt(device),
@@ -93,9 +90,16 @@ pub(super) fn tag_egress(snap: &Snapshot, p: &mut RxPacket<'_>, port: u16) -> Ve
     let Some(start) = p.start.checked_sub(vlan::HEADER_LEN) else {
         return Verdict::Drop(DropReason::NoHeadroom);
     };
+    push_tag(p, start, v.id.to_be_bytes());
+    Verdict::Transmit(v.port)
+}
+
+/// Puts an 802.1Q tag with control information `tci` in front of the
+/// frame's EtherType: the MAC addresses move back to `start`, 4 bytes
+/// before the frame's start, and the frame starts there.
+fn push_tag(p: &mut RxPacket<'_>, start: usize, tci: [u8; 2]) {
     p.buf.copy_within(start + vlan::HEADER_LEN..start + vlan::HEADER_LEN + 12, start);
     p.buf[start + 12..start + 14].copy_from_slice(&EtherType::VLAN.to_be_bytes());
-    p.buf[start + 14..start + 16].copy_from_slice(&v.id.to_be_bytes());
+    p.buf[start + 14..start + 16].copy_from_slice(&tci);
     p.start = start;
-    Verdict::Transmit(v.port)
 }
