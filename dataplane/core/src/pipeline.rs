@@ -355,6 +355,9 @@ pub struct Pipeline {
     /// True while processing packets other workers handed over: they are
     /// this worker's by construction and are never handed on.
     handed_over: bool,
+    /// `workers > 1 && !handed_over`, kept so that the per-packet owner
+    /// test is one load.
+    may_hand_off: bool,
     /// FullNAT source pairs of this worker.
     snat: SnatTable,
     /// Per-backend traffic and flow counts of this worker.
@@ -446,6 +449,7 @@ impl Pipeline {
             worker: 0,
             workers: 1,
             handed_over: false,
+            may_hand_off: false,
             snat: SnatTable::new(0, 1),
             stats,
             kernel_ports: Vec::new(),
@@ -497,6 +501,7 @@ impl Pipeline {
         assert!(worker < workers && workers <= usize::from(u16::MAX), "worker {worker} of {workers}");
         self.worker = worker as u16;
         self.workers = workers as u16;
+        self.may_hand_off = workers > 1;
         self.snat = SnatTable::new(self.worker, self.workers);
         // Rebuild the per-snapshot state (source pools) on the next burst.
         self.next_hop_generation = 0;
@@ -578,8 +583,10 @@ impl Pipeline {
         prefetch: &P,
     ) {
         self.handed_over = true;
+        self.may_hand_off = false;
         self.process_burst(snap, now, packets, verdicts, prefetch);
         self.handed_over = false;
+        self.may_hand_off = self.workers > 1;
     }
 
     #[inline]
@@ -627,17 +634,20 @@ impl Pipeline {
                 prefetch.prefetch(addr);
             }
         }
-        let vlans = snap.has_vlans();
+        // Interfaces past the devices are VLANs (none without VLANs): a
+        // frame sent on one is tagged and leaves by its port. An untagged
+        // transmit pays one compare.
+        let devices = snap.devices();
         for (i, (p, v)) in packets.iter_mut().zip(verdicts.iter_mut()).enumerate() {
             let ahead = self.ahead.get(i).copied().unwrap_or(Ahead::Unknown);
             let mut verdict = self.process_one(snap, now, p, ahead);
-            if vlans
-                && let Verdict::Transmit(port) = verdict
-                && port >= snap.devices()
-            {
-                verdict = tag_egress(snap, p, port);
-            }
             match verdict {
+                Verdict::Transmit(port) if port >= devices => {
+                    verdict = tag_egress(snap, p, port);
+                    if let Verdict::Drop(reason) = verdict {
+                        self.counters.count_drop(reason);
+                    }
+                }
                 Verdict::Drop(reason) => self.counters.count_drop(reason),
                 Verdict::Consumed => self.counters.consumed.inc(),
                 // Only punted frames are classified: the fast path pays
@@ -781,7 +791,7 @@ impl Pipeline {
     /// (and this packet may be handed on).
     #[inline(always)]
     fn foreign_owner(&self, addr: u32, port: u16, protocol: u8) -> Option<u16> {
-        if self.workers <= 1 || self.handed_over {
+        if !self.may_hand_off {
             return None;
         }
         let w = client_owner(addr, port, protocol, self.workers);
@@ -805,8 +815,20 @@ impl Pipeline {
         if !self.handed_over && !addressed_to_port(snap, p.port, p.frame()) {
             return Verdict::Drop(DropReason::OtherHost);
         }
+        // IPv4 first, with one compare: nearly every packet is IPv4, and a
+        // match over all the EtherTypes would test them in value order.
+        if ethertype == EtherType::IPV4 {
+            return self.ipv4(snap, now, p, ahead);
+        }
+        self.not_ipv4(snap, now, p, ethertype)
+    }
+
+    /// [`Pipeline::process_one`] for any EtherType but IPv4: out of line and
+    /// cold, so that an IPv4 packet's dispatch is the one compare above.
+    #[cold]
+    #[inline(never)]
+    fn not_ipv4(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ethertype: u16) -> Verdict {
         match ethertype {
-            EtherType::IPV4 => self.ipv4(snap, now, p, ahead),
             EtherType::ARP => {
                 let port = p.port;
                 self.arp(snap, now, port, p.frame_mut())
@@ -1123,7 +1145,7 @@ impl Pipeline {
         addr_index: u16,
     ) -> Verdict {
         let Tuple { src, dst, sport, dport, proto, ttl, tcp_flags } = t;
-        if self.workers > 1 && !self.handed_over {
+        if self.may_hand_off {
             match snap.source_pools().get(usize::from(pool)).and_then(|p| snat::owner_of(p, dport, self.workers)) {
                 Some(w) if w != self.worker => return Verdict::Handoff(w),
                 Some(_) => {}
