@@ -113,6 +113,7 @@ cleanup() { rm -rf -- "$LOG_DIR"; }
 trap cleanup EXIT
 
 FAILED=()
+REASONS=()
 for t in "${TARGETS[@]}"; do
 	artifacts=$FUZZ_DIR/artifacts/$t
 	mkdir -p "$artifacts" "$FUZZ_DIR/corpus/$t"
@@ -133,17 +134,31 @@ for t in "${TARGETS[@]}"; do
 		grep -m1 -A2 'panicked at' "$log" >&2 || true
 		grep -E '^(==[0-9]+== ERROR|SUMMARY|MS: )' "$log" >&2 || tail -n 40 "$log" >&2
 		crash=$(grep -oE 'Test unit written to [^ ]+' "$log" | tail -n1 | sed 's/^Test unit written to //')
+		# One line on why, repeated in the summary below, so that a log
+		# cut short in the middle still says it.
+		why=$(grep -m1 -A1 'panicked at' "$log" | tr '\n' ' ' || true)
+		[[ -n $why ]] || why=$(grep -m1 -E '^==[0-9]+== ERROR' "$log" || true)
+		[[ -n $why ]] || why="exit status $rc"
 		if [[ -n $crash ]]; then
 			warn "$t: crash, reproducer: $crash"
 			warn "rerun: ${RUSTC_BOOTSTRAP:+RUSTC_BOOTSTRAP=1 }cargo ${TOOLCHAIN[*]:+${TOOLCHAIN[*]} }fuzz run --fuzz-dir $FUZZ_DIR --sanitizer $SANITIZER --debug-assertions $t $crash"
+			# A clean clone's run (CI) keeps no files: a small reproducer
+			# goes into the log itself (base64 -d recreates it).
+			if (($(stat -c %s "$crash") <= 4096)); then
+				why+=" reproducer (base64): $(base64 -w0 "$crash")"
+			fi
 		else
 			warn "$t: the fuzzer exited with status $rc and wrote no reproducer (output above)"
 		fi
 		FAILED+=("$t")
+		REASONS+=("$t: $why")
 	fi
 done
 
 if ((${#FAILED[@]})); then
+	for r in "${REASONS[@]}"; do
+		warn "$r"
+	done
 	warn "FAILED: ${FAILED[*]}"
 	exit 1
 fi
