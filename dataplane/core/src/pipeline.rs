@@ -997,15 +997,10 @@ impl Pipeline {
 
                 if let Some((pool, addr_index)) = snap.source_pool_address(dst) {
                     let t = Tuple { src, dst, sport, dport, proto, ttl, tcp_flags };
-                    let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
-                    if v == Verdict::Drop(DropReason::TtlExceeded) {
-                        // Not counted yet: answered, or counted, here.
-                        return self.time_exceeded(p, snap, now, src, hl);
+                    if ttl <= 1 || fragment {
+                        return self.fullnat_reply_rare(snap, now, p, t, pool, addr_index, hl, total, fragment);
                     }
-                    if fragment && let Verdict::Transmit(out) = v {
-                        self.record_fragment(snap, now, p, (src, dst, proto), out, false);
-                    }
-                    return v;
+                    return self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
                 }
 
                 if let Some(rev) = snap.reverse(src, sport, proto) {
@@ -1105,6 +1100,39 @@ impl Pipeline {
             _ if self.for_kernel(snap, in_port, dst) => Verdict::Punt(in_port),
             _ => Verdict::Drop(Self::unmatched(snap, dst, DropReason::Unsupported)),
         }
+    }
+
+    /// [`Pipeline::fullnat_reply`] for a reply that expires here (answered
+    /// with time exceeded) or is a first fragment (recorded for the
+    /// datagram's later fragments): cold, so that the common reply pays one
+    /// test for both.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn fullnat_reply_rare(
+        &mut self,
+        snap: &Snapshot,
+        now: u64,
+        p: &mut RxPacket<'_>,
+        t: Tuple,
+        pool: u16,
+        addr_index: u16,
+        hl: usize,
+        total: usize,
+        fragment: bool,
+    ) -> Verdict {
+        let (eth, rest) = p.buf[p.start..p.end].split_at_mut(ethernet::HEADER_LEN);
+        let (hdr, l4) = rest.split_at_mut(hl);
+        let l4 = &mut l4[..total - hl];
+        let v = self.fullnat_reply(snap, now, eth, hdr, l4, t, pool, addr_index);
+        if v == Verdict::Drop(DropReason::TtlExceeded) {
+            // Not counted yet: answered, or counted, here.
+            return self.time_exceeded(p, snap, now, t.src, hl);
+        }
+        if fragment && let Verdict::Transmit(out) = v {
+            self.record_fragment(snap, now, p, (t.src, t.dst, t.proto), out, false);
+        }
+        v
     }
 
     /// A TCP or UDP packet from `src` (IP header `hl` bytes long) whose TTL
