@@ -13,6 +13,7 @@ pub mod arp;
 pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
+pub mod ipv6;
 pub mod tcp;
 pub mod udp;
 pub mod vlan;
