@@ -380,6 +380,10 @@ pub struct L4Info {
 /// Why [`walk_extensions`] found no usable upper-layer header. Every variant
 /// means the packet should be dropped as malformed or unsupported; they are
 /// distinct so that a counter can tell them apart.
+///
+/// A first fragment whose header chain continues into a later fragment
+/// fails with [`ExtError::Truncated`]; RFC 7112 requires the whole chain in
+/// the first fragment, so it is dropped like any other truncation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExtError {
@@ -791,6 +795,33 @@ mod tests {
                 proptest::prop_assert!(p.payload().len() <= data.len() - HEADER_LEN);
                 if let Ok(l4) = p.upper_layer() {
                     proptest::prop_assert!(l4.offset <= p.payload().len());
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_headers_never_panic(
+            mut data in proptest::collection::vec(proptest::num::u8::ANY, 40..400),
+            low in 0u8..16,
+            claimed in proptest::num::u16::ANY,
+        ) {
+            // Version 6 and a payload length that mostly fits, so that the
+            // view and the walk run on most cases rather than few.
+            data[0] = 0x60 | low;
+            let room = data.len() - HEADER_LEN;
+            let plen = if claimed & 1 == 0 { usize::from(claimed) % (room + 1) } else { usize::from(claimed) };
+            data[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
+            match Packet::new_checked(&data[..]) {
+                Ok(p) => {
+                    proptest::prop_assert!(plen <= room);
+                    proptest::prop_assert_eq!(p.payload().len(), plen);
+                    if let Ok(l4) = p.upper_layer() {
+                        proptest::prop_assert!(l4.offset <= plen.min(MAX_EXTENSION_BYTES));
+                    }
+                }
+                Err(e) => {
+                    proptest::prop_assert!(plen > room);
+                    proptest::prop_assert_eq!(e, Error::Truncated);
                 }
             }
         }
