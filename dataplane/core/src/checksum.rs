@@ -1,7 +1,9 @@
 //! Internet checksum (RFC 1071) and its incremental update (RFC 1624).
 //!
-//! Owns: the one's-complement arithmetic. Knows nothing of header layouts;
-//! the wire modules call it with the right byte ranges.
+//! Owns: the one's-complement arithmetic and the pseudo-headers. Knows
+//! nothing of header layouts (save where the UDP checksum sits, for IPv6's
+//! rule that it must not be zero); the wire modules call it with the right
+//! byte ranges.
 
 /// One's-complement sum of `data` as big-endian 16-bit words, not yet folded.
 /// An odd trailing byte is padded with zero, as RFC 1071 says.
