@@ -13,8 +13,9 @@
 # packet-rate benchmark (scripts/bench-dataplane.sh --smoke) and of the
 # publication benchmark (benches/publish.rs --smoke); each fuzz target
 # for 20 s (scripts/fuzz.sh --time 20; a crash fails the run); cargo test
-# --doc (when the workspace has doc tests); then a sweep for anything the
-# tests left behind.
+# --doc (when the workspace has doc tests); cargo doc --workspace --no-deps
+# with every rustdoc warning an error (a broken or private intra-doc link
+# fails the run); then a sweep for anything the tests left behind.
 #
 # The tests get VIPGATE_DSR_DECAP=kernel|userspace (kernel when the kernel
 # has IPIP), VIPGATE_HUGEPAGES=1|0 from setup.sh (an explicit
@@ -289,6 +290,8 @@ if step build cargo build --workspace --all-targets; then
 	else
 		record doctests SKIP "no doc tests in the workspace"
 	fi
+	# The API docs build, and every intra-doc link resolves.
+	step docs env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps || true
 else
 	record fmt SKIP "build failed"
 	record clippy SKIP "build failed"
@@ -298,6 +301,7 @@ else
 	record publish-smoke SKIP "build failed"
 	record fuzz SKIP "build failed"
 	record doctests SKIP "build failed"
+	record docs SKIP "build failed"
 fi
 
 say "step: sweep: looking for processes, rigs and DPDK files the tests left behind"

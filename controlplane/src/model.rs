@@ -112,7 +112,7 @@ impl From<NewFlowLimit> for NewFlowLimitState {
 }
 
 /// A prefix of a service's source list, written `a.b.c.d/len` (stored
-/// so too), without host bits ([`parse_source_range`]).
+/// so too), without host bits (`parse_source_range`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SourceRange {

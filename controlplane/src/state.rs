@@ -487,7 +487,7 @@ fn other_owner_error(kind: &str, name: &str, holder: &str, owner: &str) -> State
 }
 
 /// The mutations. Each works on the dynamic state in memory only, through a
-/// [`Tx`] that records what it touched; the daemon validates the result
+/// [`Tx`](ops::Tx) that records what it touched; the daemon validates the result
 /// ([`compile`]) before anything is persisted or published, and assigns
 /// the version and the owners' generations ([`DesiredState::advance`]).
 pub mod ops {

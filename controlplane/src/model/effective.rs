@@ -3,11 +3,11 @@
 //! make a change cost what it changes.
 //!
 //! Owns: every cross-object rule a service or source pool must follow,
-//! static or dynamic, each written once ([`Effective::check_service`],
-//! [`Effective::check_pool`]), and the indexes those rules read:
+//! static or dynamic, each written once (`Effective::check_service`,
+//! `Effective::check_pool`), and the indexes those rules read:
 //! VIP:port/protocol to its service, nat backend to its service, VIPs,
 //! backend addresses, pool addresses, pool users. The configuration file's
-//! objects are added first, when the file is loaded ([`Effective::statics`]):
+//! objects are added first, when the file is loaded (`Effective::statics`):
 //! an error names the field path of the file's object
 //! (`services[2].backends[0].address`), which the loader turns into a line.
 //! Whole validation ([`Effective::build`], at start and reload) starts from

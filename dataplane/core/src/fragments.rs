@@ -117,7 +117,7 @@ pub struct FragmentTable {
 
 impl FragmentTable {
     /// A table of at least `entries` slots (rounded up to a power of two, at
-    /// least [`PROBE`]), whose entries live `timeout_ns`.
+    /// least `PROBE` slots), whose entries live `timeout_ns`.
     pub fn new(entries: usize, timeout_ns: u64, seed: u64) -> FragmentTable {
         let n = entries.max(PROBE).next_power_of_two();
         FragmentTable { entries: vec![Entry::default(); n].into_boxed_slice(), mask: n - 1, seed, timeout: timeout_ns }

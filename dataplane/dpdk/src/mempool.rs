@@ -55,7 +55,7 @@ unsafe impl Sync for Mempool {}
 impl Mempool {
     /// Creates a pool of `size` mbufs with a per-lcore cache of `cache`,
     /// each with `data_room` bytes of buffer, headroom included (see
-    /// [`data_room`]).
+    /// `data_room`).
     pub fn create(name: &str, size: u32, cache: u32, data_room: u16) -> Result<Mempool, DpdkError> {
         let cname = CString::new(name).map_err(|_| DpdkError::NulInArgument(name.to_owned()))?;
         // SAFETY: EAL is initialised (the caller holds an `Eal`); the name is

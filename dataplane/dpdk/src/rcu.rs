@@ -324,8 +324,8 @@ impl<T> Publisher<T> {
 
     /// [`Publisher::synchronize`] for a tokio runtime, including a
     /// current-thread one. Between two polls of the slots it first yields
-    /// to the runtime; then, for at most [`SHORT_SLEEPS_FOR`], it sleeps
-    /// [`POLL_SLEEP`] on the thread itself, which gives the CPU to a worker
+    /// to the runtime; then, for at most `SHORT_SLEEPS_FOR`, it sleeps
+    /// `POLL_SLEEP` on the thread itself, which gives the CPU to a worker
     /// that shares it and is back as soon as that worker has passed its
     /// quiescent state (a worker does every few microseconds; tokio's timer
     /// would round each sleep up to a millisecond); after that, it sleeps
