@@ -108,7 +108,7 @@
 //! [`FlowTable::expire_some`]. Lookups, [`FlowTable::touch`] and
 //! [`FlowTable::on_tcp_flags`] keep every handle valid.
 
-use crate::hash::FlowKey;
+use crate::hash::{FlowKey, FlowKey6};
 use crate::wire::tcp::flags as tcp_flags;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
@@ -142,15 +142,30 @@ const MAX_LIFETIME_UNITS: u32 = 1 << 31;
 /// Tag of an empty slot; real tags always have their low bit set.
 const EMPTY: u32 = 0;
 
+/// Memory per slot of an IPv6 table ([`FlowTable6`]) in bytes: one
+/// 80-byte [`FlowEntry6`] and its share of the bucket metadata, 88 bytes.
+pub const BYTES_PER_SLOT6: usize = size_of::<FlowEntry6>() + size_of::<Bucket>() / SLOTS_PER_BUCKET;
+
 const _: () = assert!(size_of::<FlowEntry>() <= 64);
 const _: () = assert!(size_of::<FlowEntry>() == 32);
 const _: () = assert!(size_of::<Bucket>() == 64);
+const _: () = assert!(BYTES_PER_SLOT == 40);
+const _: () = assert!(size_of::<FlowEntry6>() == 80);
+const _: () = assert!(BYTES_PER_SLOT6 == 88);
 
-/// Memory taken by a table built with `capacity`, in bytes (the boxed slices;
-/// the `FlowTable` struct itself adds about a hundred bytes).
+/// Memory taken by an IPv4 table ([`FlowTable`]) built with `capacity`, in
+/// bytes (the boxed slices; the `FlowTable` struct itself adds about a
+/// hundred bytes).
 #[must_use]
 pub const fn memory_bytes(capacity: usize) -> usize {
     bucket_count(capacity) * SLOTS_PER_BUCKET * BYTES_PER_SLOT
+}
+
+/// Memory taken by an IPv6 table ([`FlowTable6`]) built with `capacity`, in
+/// bytes, as for [`memory_bytes`].
+#[must_use]
+pub const fn memory_bytes6(capacity: usize) -> usize {
+    bucket_count(capacity) * SLOTS_PER_BUCKET * BYTES_PER_SLOT6
 }
 
 /// Buckets for `capacity` slots: rounded up, at least one, at most
@@ -281,9 +296,6 @@ impl FlowEntry {
     /// Flag: a RST was seen; the closing timeout is the reset timeout.
     pub const RESET: u8 = 1 << 2;
 
-    const VACANT: FlowEntry =
-        FlowEntry::new(&FlowKey { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
-
     /// An entry for `key` in `state`, with no translation and no flags; set
     /// the public fields before inserting it.
     #[must_use]
@@ -341,6 +353,18 @@ impl FlowEntry {
             protocol: self.protocol,
         }
     }
+}
+
+impl TableEntry for FlowEntry {
+    type Key = FlowKey;
+
+    const VACANT: FlowEntry =
+        FlowEntry::new(&FlowKey { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
+
+    #[inline]
+    fn flow_key(&self) -> FlowKey {
+        self.key()
+    }
 
     #[inline]
     fn matches(&self, key: &FlowKey) -> bool {
@@ -350,6 +374,190 @@ impl FlowEntry {
             && self.dst_port == key.dst_port
             && self.protocol == key.protocol
     }
+
+    #[inline(always)]
+    fn tracking(&self) -> (FlowState, u8) {
+        (self.state, self.flags)
+    }
+
+    #[inline(always)]
+    fn set_tracking(&mut self, state: FlowState, flags: u8) {
+        (self.state, self.flags) = (state, flags);
+    }
+
+    /// The key packed in two words: `a = src_addr << 32 | src_port << 16 |
+    /// protocol`, `b = dst_addr << 32 | dst_port`.
+    #[inline]
+    fn keyed_hash(key: &FlowKey, seeds: &[u64; SEEDS]) -> u64 {
+        let a = (u64::from(key.src_addr) << 32) | (u64::from(key.src_port) << 16) | u64::from(key.protocol);
+        let b = (u64::from(key.dst_addr) << 32) | u64::from(key.dst_port);
+        mix_words(a, b, seeds)
+    }
+}
+
+/// One tracked IPv6 flow: [`FlowEntry`]'s fields with 128-bit addresses
+/// (the backend's and the source NAT address too). 80 bytes, 16-byte
+/// aligned: like any 80-byte entry it spans two cache lines.
+///
+/// As with [`FlowEntry`], the key is fixed at construction and the public
+/// fields are the pipeline's, through [`FlowTable6::get_mut`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct FlowEntry6 {
+    src_addr: u128,
+    dst_addr: u128,
+    /// Address the flow is translated to (the backend, for a forward flow).
+    pub backend_addr: u128,
+    /// Source address the flow is translated to (FullNAT), or 0.
+    pub snat_addr: u128,
+    src_port: u16,
+    dst_port: u16,
+    /// Port the flow is translated to (the backend's).
+    pub backend_port: u16,
+    /// Source port the flow is translated to (FullNAT), or 0.
+    pub snat_port: u16,
+    /// As [`FlowEntry::backend_index`]: a hint, always verified.
+    pub backend_index: u16,
+    /// Low 16 bits of the flow's stats slot ([`FlowEntry6::stats_slot`]).
+    stats_lo: u16,
+    protocol: u8,
+    /// State, which selects the timeout.
+    pub state: FlowState,
+    /// The [`FlowEntry`] flags (`FIN_FROM_CLIENT`, `FIN_FROM_BACKEND`,
+    /// `RESET`), set by [`FlowTable6::on_tcp_flags`].
+    pub flags: u8,
+    /// High 8 bits of the flow's stats slot.
+    stats_hi: u8,
+}
+
+impl FlowEntry6 {
+    /// An entry for `key` in `state`, with no translation and no flags; set
+    /// the public fields before inserting it.
+    #[must_use]
+    pub const fn new(key: &FlowKey6, state: FlowState) -> FlowEntry6 {
+        FlowEntry6 {
+            src_addr: key.src_addr,
+            dst_addr: key.dst_addr,
+            backend_addr: 0,
+            snat_addr: 0,
+            src_port: key.src_port,
+            dst_port: key.dst_port,
+            backend_port: 0,
+            snat_port: 0,
+            backend_index: 0,
+            stats_lo: (crate::stats::NO_SLOT & 0xffff) as u16,
+            protocol: key.protocol,
+            state,
+            flags: 0,
+            stats_hi: (crate::stats::NO_SLOT >> 16) as u8,
+        }
+    }
+
+    /// As [`FlowEntry::stats_slot`].
+    #[inline(always)]
+    #[must_use]
+    pub const fn stats_slot(&self) -> u32 {
+        ((self.stats_hi as u32) << 16) | self.stats_lo as u32
+    }
+
+    /// As [`FlowEntry::set_stats_slot`].
+    #[inline(always)]
+    pub const fn set_stats_slot(&mut self, slot: u32) {
+        self.stats_lo = slot as u16;
+        self.stats_hi = (slot >> 16) as u8;
+    }
+
+    /// As [`FlowEntry::is_established`].
+    #[inline(always)]
+    #[must_use]
+    pub fn is_established(&self) -> bool {
+        self.state == FlowState::TcpEstablished
+    }
+
+    /// The flow's key, as [`FlowEntry::key`].
+    #[must_use]
+    pub const fn key(&self) -> FlowKey6 {
+        FlowKey6 {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+        }
+    }
+}
+
+impl TableEntry for FlowEntry6 {
+    type Key = FlowKey6;
+
+    const VACANT: FlowEntry6 =
+        FlowEntry6::new(&FlowKey6 { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
+
+    #[inline]
+    fn flow_key(&self) -> FlowKey6 {
+        self.key()
+    }
+
+    #[inline]
+    fn matches(&self, key: &FlowKey6) -> bool {
+        self.src_addr == key.src_addr
+            && self.dst_addr == key.dst_addr
+            && self.src_port == key.src_port
+            && self.dst_port == key.dst_port
+            && self.protocol == key.protocol
+    }
+
+    #[inline(always)]
+    fn tracking(&self) -> (FlowState, u8) {
+        (self.state, self.flags)
+    }
+
+    #[inline(always)]
+    fn set_tracking(&mut self, state: FlowState, flags: u8) {
+        (self.state, self.flags) = (state, flags);
+    }
+
+    /// Each address is first folded into one word under two seeds of its
+    /// own, `fold(high ^ seeds[3], low ^ seeds[4])`, so that a difference in
+    /// either half reaches every bit; the ports and protocol are then placed
+    /// as in the IPv4 key (`a` takes the source port and protocol, `b` the
+    /// destination port), and the two words are mixed exactly as an IPv4
+    /// key's are.
+    #[inline]
+    fn keyed_hash(key: &FlowKey6, seeds: &[u64; SEEDS]) -> u64 {
+        let fold_address = |addr: u128| folded_multiply((addr >> 64) as u64 ^ seeds[3], addr as u64 ^ seeds[4]);
+        let a = fold_address(key.src_addr) ^ ((u64::from(key.src_port) << 16) | u64::from(key.protocol));
+        let b = fold_address(key.dst_addr) ^ u64::from(key.dst_port);
+        mix_words(a, b, seeds)
+    }
+}
+
+/// What a flow table holds: [`FlowEntry`] (IPv4, [`FlowTable`]) or
+/// [`FlowEntry6`] (IPv6, [`FlowTable6`]). The table's code is shared; the
+/// entry type brings its key, how the key is compared and hashed, and where
+/// its state and flags are.
+pub trait TableEntry: Copy {
+    /// The 5-tuple the entry is found by.
+    type Key: Copy;
+
+    /// What a slot that never held a flow contains.
+    const VACANT: Self;
+
+    /// The entry's key.
+    fn flow_key(&self) -> Self::Key;
+
+    /// Whether the entry is `key`'s flow.
+    fn matches(&self, key: &Self::Key) -> bool;
+
+    /// State and flags, which select the timeout.
+    fn tracking(&self) -> (FlowState, u8);
+
+    /// Sets state and flags (by the table's TCP state machine).
+    fn set_tracking(&mut self, state: FlowState, flags: u8);
+
+    /// `key`'s hash under a table's secret seeds (see the module
+    /// documentation): a table hashes with [`FlowTableOf::hash_key`].
+    fn keyed_hash(key: &Self::Key, seeds: &[u64; SEEDS]) -> u64;
 }
 
 /// Handle on a flow in a [`FlowTable`]: a slot index. See the module
@@ -375,22 +583,22 @@ pub struct FlowHash(u64);
 /// entry that left the table: release what it held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "an entry that left the table may hold a source port to release"]
-pub enum InsertOutcome {
+pub enum InsertOutcome<E = FlowEntry> {
     /// The flow went into a slot nobody held.
     Vacant,
     /// The flow reused the slot of this expired entry.
-    ReusedExpired(FlowEntry),
+    ReusedExpired(E),
     /// No room: this live entry, the candidate closest to expiry, was
     /// evicted. Count it.
-    Evicted(FlowEntry),
+    Evicted(E),
     /// A live entry with the same key was there and was replaced.
-    Replaced(FlowEntry),
+    Replaced(E),
 }
 
-impl InsertOutcome {
+impl<E> InsertOutcome<E> {
     /// The entry that left the table, if any.
     #[must_use]
-    pub fn displaced(&self) -> Option<&FlowEntry> {
+    pub fn displaced(&self) -> Option<&E> {
         match self {
             InsertOutcome::Vacant => None,
             InsertOutcome::ReusedExpired(e) | InsertOutcome::Evicted(e) | InsertOutcome::Replaced(e) => Some(e),
@@ -539,13 +747,34 @@ const ALT_MULTIPLIER: u32 = 0x9E37_79B9;
 /// Finishing multiplier of the hash: digits of pi, as in `crate::hash`.
 const HASH_FINISH: u64 = 0x082E_FA98_EC4E_6C89;
 
-/// The per-worker flow table. See the module documentation.
-pub struct FlowTable {
+/// Number of secret seeds of a table's hash: three for the two-word mix
+/// every key ends in, two more for folding IPv6 addresses.
+pub const SEEDS: usize = 5;
+
+/// The keyed mix of a key packed in two words, for both tables: two rounds
+/// of a folded 64x64->128-bit multiply.
+#[inline(always)]
+fn mix_words(a: u64, b: u64, seeds: &[u64; SEEDS]) -> u64 {
+    let h = folded_multiply(a ^ seeds[0], b ^ seeds[1]);
+    folded_multiply(h ^ seeds[2], HASH_FINISH)
+}
+
+/// The per-worker IPv4 flow table. See the module documentation.
+pub type FlowTable = FlowTableOf<FlowEntry>;
+
+/// The per-worker IPv6 flow table: the same table, with [`FlowEntry6`]
+/// entries ([`BYTES_PER_SLOT6`] bytes per slot). See the module
+/// documentation.
+pub type FlowTable6 = FlowTableOf<FlowEntry6>;
+
+/// A flow table holding entries of type `E`: use [`FlowTable`] (IPv4) or
+/// [`FlowTable6`] (IPv6). See the module documentation.
+pub struct FlowTableOf<E> {
     buckets: Box<[Bucket]>,
-    entries: Box<[FlowEntry]>,
+    entries: Box<[E]>,
     /// `buckets.len()` as a `u64`, for the multiply-shift reductions.
     bucket_count: u64,
-    seeds: [u64; 3],
+    seeds: [u64; SEEDS],
     timeouts: FlowTimeouts,
     lifetimes: Lifetimes,
     /// Longest lifetime in coarse units: an entry whose expiry is further
@@ -559,43 +788,33 @@ pub struct FlowTable {
     backoff: u32,
 }
 
-impl fmt::Debug for FlowTable {
+impl<E> fmt::Debug for FlowTableOf<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FlowTable")
-            .field("capacity", &self.capacity())
+            .field("capacity", &self.entries.len())
             .field("occupied", &self.occupied)
             .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
     }
 }
 
-impl FlowTable {
-    /// A table of at least `capacity` slots (rounded up to a multiple of 8, at
-    /// least 8, at most [`MAX_CAPACITY`]), with a hash keyed from the
-    /// operating system's randomness. This is the only allocation the table
-    /// ever makes: [`memory_bytes`]`(capacity)` bytes, all written here so
-    /// the fast path never takes a first-touch page fault.
-    #[must_use]
-    pub fn new(capacity: usize, timeouts: FlowTimeouts) -> FlowTable {
-        // std's RandomState holds keys drawn from the OS once per thread,
-        // advanced for every instance: hashing a constant with a fresh one
-        // gives an unpredictable word.
-        let seed = RandomState::new().hash_one(0x666C_6F77_u64);
-        FlowTable::with_seed(capacity, timeouts, seed)
-    }
-
-    /// Like [`FlowTable::new`], with the hash keyed from `seed`: for tests and
-    /// benchmarks that must be reproducible. Do not use a predictable seed
-    /// in production (see the module documentation).
-    #[must_use]
-    pub fn with_seed(capacity: usize, timeouts: FlowTimeouts, seed: u64) -> FlowTable {
+impl<E: TableEntry> FlowTableOf<E> {
+    /// The table [`FlowTable::with_seed`] builds.
+    #[inline(always)]
+    fn build(capacity: usize, timeouts: FlowTimeouts, seed: u64) -> Self {
         let buckets = bucket_count(capacity);
         let lifetimes = Lifetimes::new(&timeouts);
-        FlowTable {
+        FlowTableOf {
             buckets: vec![Bucket::EMPTY; buckets].into_boxed_slice(),
-            entries: vec![FlowEntry::VACANT; buckets * SLOTS_PER_BUCKET].into_boxed_slice(),
+            entries: vec![E::VACANT; buckets * SLOTS_PER_BUCKET].into_boxed_slice(),
             bucket_count: buckets as u64,
-            seeds: [mix64(seed), mix64(seed ^ 0x5555_5555_5555_5555), mix64(seed.wrapping_add(0x9E37_79B9_7F4A_7C15))],
+            seeds: [
+                mix64(seed),
+                mix64(seed ^ 0x5555_5555_5555_5555),
+                mix64(seed.wrapping_add(0x9E37_79B9_7F4A_7C15)),
+                mix64(seed ^ 0xAAAA_AAAA_AAAA_AAAA),
+                mix64(seed.wrapping_sub(0x9E37_79B9_7F4A_7C15)),
+            ],
             timeouts,
             lifetimes,
             horizon: lifetimes.longest(),
@@ -605,50 +824,11 @@ impl FlowTable {
         }
     }
 
-    /// Number of slots: the most flows the table can hold.
-    #[must_use]
-    pub fn capacity(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Where the table's memory lies, as (address, length in bytes), so the
-    /// DPDK driver can ask the kernel to back it with huge pages. The
-    /// addresses are for that advice only.
-    pub fn memory_regions(&self) -> [(usize, usize); 2] {
-        [
-            (self.buckets.as_ptr() as usize, size_of_val(&*self.buckets)),
-            (self.entries.as_ptr() as usize, size_of_val(&*self.entries)),
-        ]
-    }
-
-    /// Occupied slots: an upper bound on live flows (expired ones count
-    /// until they are swept or reused).
-    pub fn occupied(&self) -> usize {
-        self.occupied
-    }
-
-    /// Live flows at `now`. Visits every slot: for statistics and tests,
-    /// never per packet.
-    #[must_use]
-    pub fn count_live(&self, now: u64) -> usize {
-        let now = coarse(now);
-        self.buckets.iter().map(|b| b.live_mask(now, self.horizon).count_ones() as usize).sum()
-    }
-
-    /// The timeouts this table was built with.
-    #[must_use]
-    pub fn timeouts(&self) -> &FlowTimeouts {
-        &self.timeouts
-    }
-
     /// `key`'s hash under this table's seeds.
     #[inline]
     #[must_use]
-    pub fn hash_key(&self, key: &FlowKey) -> FlowHash {
-        let a = (u64::from(key.src_addr) << 32) | (u64::from(key.src_port) << 16) | u64::from(key.protocol);
-        let b = (u64::from(key.dst_addr) << 32) | u64::from(key.dst_port);
-        let h = folded_multiply(a ^ self.seeds[0], b ^ self.seeds[1]);
-        FlowHash(folded_multiply(h ^ self.seeds[2], HASH_FINISH))
+    pub fn hash_key(&self, key: &E::Key) -> FlowHash {
+        FlowHash(E::keyed_hash(key, &self.seeds))
     }
 
     /// The two buckets a key with this hash may live in (the same bucket
@@ -678,7 +858,7 @@ impl FlowTable {
         let (first, tag) = self.home(hash);
         for bucket in [first, self.other_bucket(first, tag)] {
             if let Some(i) = self.buckets[bucket].tags.iter().position(|&t| t == tag) {
-                return Some(&self.entries[bucket * SLOTS_PER_BUCKET + i] as *const FlowEntry as usize);
+                return Some(&self.entries[bucket * SLOTS_PER_BUCKET + i] as *const E as usize);
             }
         }
         None
@@ -704,7 +884,7 @@ impl FlowTable {
     /// AVX2) it takes fewer instructions than building a bit mask of tag
     /// matches, and inserts fill low slots first, so hits end early.
     #[inline(always)]
-    fn find_in(&self, bucket: usize, tag: u32, key: &FlowKey, now: u32) -> Option<usize> {
+    fn find_in(&self, bucket: usize, tag: u32, key: &E::Key, now: u32) -> Option<usize> {
         let b = &self.buckets[bucket];
         for i in 0..SLOTS_PER_BUCKET {
             if b.tags[i] == tag {
@@ -718,7 +898,7 @@ impl FlowTable {
     }
 
     #[inline]
-    fn find_slot(&self, key: &FlowKey, hash: FlowHash, now: u32) -> Option<usize> {
+    fn find_slot(&self, key: &E::Key, hash: FlowHash, now: u32) -> Option<usize> {
         let (first, tag) = self.home(hash);
         self.find_in(first, tag, key, now).or_else(|| self.find_in(self.other_bucket(first, tag), tag, key, now))
     }
@@ -731,15 +911,15 @@ impl FlowTable {
     /// Recomputes a slot's expiry from its entry's state, as of `now`.
     #[inline]
     fn refresh(&mut self, slot: usize, now: u32) {
-        let e = &self.entries[slot];
-        let expiry = now.wrapping_add(self.lifetimes.of(e.state, e.flags));
+        let (state, flags) = self.entries[slot].tracking();
+        let expiry = now.wrapping_add(self.lifetimes.of(state, flags));
         self.set_expiry(slot, expiry);
     }
 
     /// The live flow with `key` at `now`, its expiry refreshed for its
     /// state (a packet was seen). Per packet.
     #[inline]
-    pub fn lookup(&mut self, key: &FlowKey, now: u64) -> Option<FlowRef> {
+    pub fn lookup(&mut self, key: &E::Key, now: u64) -> Option<FlowRef> {
         let hash = self.hash_key(key);
         self.lookup_hashed(key, hash, now)
     }
@@ -747,31 +927,24 @@ impl FlowTable {
     /// [`FlowTable::lookup`] with the hash already computed by
     /// [`FlowTable::hash_key`] for this key on this table.
     #[inline]
-    pub fn lookup_hashed(&mut self, key: &FlowKey, hash: FlowHash, now: u64) -> Option<FlowRef> {
+    pub fn lookup_hashed(&mut self, key: &E::Key, hash: FlowHash, now: u64) -> Option<FlowRef> {
         let now = coarse(now);
         let slot = self.find_slot(key, hash, now)?;
         self.refresh(slot, now);
         Some(FlowRef(slot as u32))
     }
 
-    /// The live flow with `key` at `now`, without refreshing it: for
-    /// inspection, not for packets.
-    #[must_use]
-    pub fn find(&self, key: &FlowKey, now: u64) -> Option<FlowRef> {
-        self.find_slot(key, self.hash_key(key), coarse(now)).map(|slot| FlowRef(slot as u32))
-    }
-
     /// The entry behind a handle.
     #[inline]
     #[must_use]
-    pub fn get(&self, flow: FlowRef) -> &FlowEntry {
+    pub fn get(&self, flow: FlowRef) -> &E {
         &self.entries[flow.slot()]
     }
 
     /// The entry behind a handle, to update its translation or state (then
     /// [`FlowTable::touch`] it). Its key cannot change.
     #[inline]
-    pub fn get_mut(&mut self, flow: FlowRef) -> &mut FlowEntry {
+    pub fn get_mut(&mut self, flow: FlowRef) -> &mut E {
         &mut self.entries[flow.slot()]
     }
 
@@ -792,64 +965,26 @@ impl FlowTable {
     pub fn on_tcp_flags(&mut self, flow: FlowRef, from_client: bool, flags: u16, now: u64) {
         let slot = flow.slot();
         let e = &mut self.entries[slot];
-        (e.state, e.flags) = tcp_transition(e.state, e.flags, from_client, flags);
+        let (state, old) = e.tracking();
+        let (state, new) = tcp_transition(state, old, from_client, flags);
+        e.set_tracking(state, new);
         self.refresh(slot, coarse(now));
-    }
-
-    /// Inserts a flow at `now`, live for its state's timeout. Never refuses:
-    /// a live flow with the same key is replaced; otherwise the flow goes to
-    /// a free (empty or expired) slot of its buckets, or to one made free by
-    /// moving other flows, or, failing that, takes the slot of the candidate
-    /// closest to expiry. The outcome hands back whatever left the table.
-    ///
-    /// Bounded work: at most 2 + 16 + 128 metadata lines and 3 entries.
-    #[inline]
-    #[must_use = "an entry that left the table may hold a source port to release"]
-    pub fn insert(&mut self, entry: FlowEntry, now: u64) -> (FlowRef, InsertOutcome) {
-        let hash = self.hash_key(&entry.key());
-        self.insert_hashed(entry, hash, now)
-    }
-
-    /// [`FlowTable::insert`] with the hash already computed by
-    /// [`FlowTable::hash_key`] for this entry's key on this table.
-    #[must_use = "an entry that left the table may hold a source port to release"]
-    pub fn insert_hashed(&mut self, entry: FlowEntry, hash: FlowHash, now: u64) -> (FlowRef, InsertOutcome) {
-        match self.insert_with(entry, hash, now, false) {
-            Some(done) => done,
-            None => unreachable!("an insert that may evict any flow always finds a slot"),
-        }
-    }
-
-    /// [`FlowTable::insert_hashed`] for a half-open flow (a connection not
-    /// proved yet, whose source may be spoofed): it takes a free slot, or
-    /// one made free by moving other flows, or evicts the half-open
-    /// candidate ([`FlowState::TcpSynSent`]) closest to expiry; it never
-    /// evicts a flow in any other state. `None`, with nothing changed, when
-    /// both candidate buckets hold only such flows: half-open flows can
-    /// fill free slots and take each other's, never an established flow's.
-    #[must_use = "an entry that left the table may hold a source port to release"]
-    pub fn insert_half_open_hashed(
-        &mut self,
-        entry: FlowEntry,
-        hash: FlowHash,
-        now: u64,
-    ) -> Option<(FlowRef, InsertOutcome)> {
-        self.insert_with(entry, hash, now, true)
     }
 
     #[inline]
     fn insert_with(
         &mut self,
-        entry: FlowEntry,
+        entry: E,
         hash: FlowHash,
         now: u64,
         half_open: bool,
-    ) -> Option<(FlowRef, InsertOutcome)> {
+    ) -> Option<(FlowRef, InsertOutcome<E>)> {
         let now = coarse(now);
-        let expiry = now.wrapping_add(self.lifetimes.of(entry.state, entry.flags));
+        let (state, flags) = entry.tracking();
+        let expiry = now.wrapping_add(self.lifetimes.of(state, flags));
         let (first, tag) = self.home(hash);
         let second = self.other_bucket(first, tag);
-        let key = entry.key();
+        let key = entry.flow_key();
 
         if let Some(slot) = self.find_in(first, tag, &key, now).or_else(|| self.find_in(second, tag, &key, now)) {
             let old = std::mem::replace(&mut self.entries[slot], entry);
@@ -887,7 +1022,7 @@ impl FlowTable {
     /// Takes a free slot (empty or expired) for a new occupant: what was
     /// there, as an outcome.
     #[inline]
-    fn claim_free(&mut self, slot: usize) -> InsertOutcome {
+    fn claim_free(&mut self, slot: usize) -> InsertOutcome<E> {
         if self.buckets[slot / SLOTS_PER_BUCKET].tags[slot % SLOTS_PER_BUCKET] == EMPTY {
             self.occupied += 1;
             InsertOutcome::Vacant
@@ -912,7 +1047,7 @@ impl FlowTable {
     /// Returns the freed slot (its old tag is left for the caller to
     /// overwrite) and what the last move displaced.
     #[cold]
-    fn make_room(&mut self, first: usize, second: usize, now: u32) -> Option<(usize, InsertOutcome)> {
+    fn make_room(&mut self, first: usize, second: usize, now: u32) -> Option<(usize, InsertOutcome<E>)> {
         if self.backoff > 0 {
             self.backoff -= 1;
             return None;
@@ -979,7 +1114,7 @@ impl FlowTable {
             for (i, &expiry) in self.buckets[bucket].expiry.iter().enumerate() {
                 let slot = bucket * SLOTS_PER_BUCKET + i;
                 let remaining = expiry.wrapping_sub(now);
-                if self.entries[slot].state == FlowState::TcpSynSent && best.is_none_or(|(r, _)| remaining < r) {
+                if self.entries[slot].tracking().0 == FlowState::TcpSynSent && best.is_none_or(|(r, _)| remaining < r) {
                     best = Some((remaining, slot));
                 }
             }
@@ -987,10 +1122,9 @@ impl FlowTable {
         best.map(|(_, slot)| slot)
     }
 
-    /// Removes a flow and hands its entry back; `None` if the slot holds no
-    /// entry (a handle used after its flow left).
-    pub fn remove(&mut self, flow: FlowRef) -> Option<FlowEntry> {
-        let slot = flow.slot();
+    /// The body of [`FlowTable::remove`].
+    #[inline(always)]
+    fn remove_slot(&mut self, slot: usize) -> Option<E> {
         let tag = &mut self.buckets[slot / SLOTS_PER_BUCKET].tags[slot % SLOTS_PER_BUCKET];
         if *tag == EMPTY {
             return None;
@@ -1003,7 +1137,7 @@ impl FlowTable {
     /// Keeps only the entries (live or expired, not yet handed back) for
     /// which `keep` returns true; the others are removed. Visits every slot:
     /// for configuration changes, never per packet.
-    pub fn retain(&mut self, mut keep: impl FnMut(&FlowEntry) -> bool) {
+    pub fn retain(&mut self, mut keep: impl FnMut(&E) -> bool) {
         for slot in 0..self.entries.len() {
             let tag = &mut self.buckets[slot / SLOTS_PER_BUCKET].tags[slot % SLOTS_PER_BUCKET];
             if *tag != EMPTY && !keep(&self.entries[slot]) {
@@ -1020,7 +1154,7 @@ impl FlowTable {
     /// visited, not entries cleared, so a call's cost is bounded whatever
     /// the table holds; see the module documentation for how often the
     /// whole table must be covered.
-    pub fn expire_some(&mut self, now: u64, budget: usize, mut on_expire: impl FnMut(&FlowEntry)) -> usize {
+    pub fn expire_some(&mut self, now: u64, budget: usize, mut on_expire: impl FnMut(&E)) -> usize {
         let now = coarse(now);
         let mut cleared = 0;
         for _ in 0..budget.min(self.entries.len()) {
@@ -1037,6 +1171,148 @@ impl FlowTable {
         }
         cleared
     }
+}
+
+/// The table's functions that are not inlined, written once and compiled
+/// for each entry type as plain (not generic) functions of this crate. A
+/// generic function is compiled anew in every crate and code unit that
+/// calls it, which moves code between units and changes what the compiler
+/// inlines in the packet path; these keep their place, so the IPv4 table
+/// compiles as it did before there was an IPv6 one. Everything inlined per
+/// packet is generic, in `impl<E: TableEntry> FlowTableOf<E>`.
+macro_rules! out_of_line_api {
+    ($entry:ty, $key:ty) => {
+        impl FlowTableOf<$entry> {
+            /// A table of at least `capacity` slots (rounded up to a
+            /// multiple of 8, at least 8, at most [`MAX_CAPACITY`]), with a
+            /// hash keyed from the operating system's randomness. This is
+            /// the only allocation the table ever makes:
+            /// [`memory_bytes`]`(capacity)` bytes for an IPv4 table,
+            /// [`memory_bytes6`]`(capacity)` for an IPv6 one, all written
+            /// here so the fast path never takes a first-touch page fault.
+            #[must_use]
+            pub fn new(capacity: usize, timeouts: FlowTimeouts) -> Self {
+                Self::build(capacity, timeouts, random_seed())
+            }
+
+            /// Like `new`, with the hash keyed from `seed`: for tests and
+            /// benchmarks that must be reproducible. Do not use a
+            /// predictable seed in production (see the module
+            /// documentation).
+            #[must_use]
+            pub fn with_seed(capacity: usize, timeouts: FlowTimeouts, seed: u64) -> Self {
+                Self::build(capacity, timeouts, seed)
+            }
+
+            /// Number of slots: the most flows the table can hold.
+            #[must_use]
+            pub fn capacity(&self) -> usize {
+                self.entries.len()
+            }
+
+            /// Where the table's memory lies, as (address, length in
+            /// bytes), so the DPDK driver can ask the kernel to back it with
+            /// huge pages. The addresses are for that advice only.
+            pub fn memory_regions(&self) -> [(usize, usize); 2] {
+                [
+                    (self.buckets.as_ptr() as usize, size_of_val(&*self.buckets)),
+                    (self.entries.as_ptr() as usize, size_of_val(&*self.entries)),
+                ]
+            }
+
+            /// Occupied slots: an upper bound on live flows (expired ones
+            /// count until they are swept or reused).
+            pub fn occupied(&self) -> usize {
+                self.occupied
+            }
+
+            /// Live flows at `now`. Visits every slot: for statistics and
+            /// tests, never per packet.
+            #[must_use]
+            pub fn count_live(&self, now: u64) -> usize {
+                let now = coarse(now);
+                self.buckets.iter().map(|b| b.live_mask(now, self.horizon).count_ones() as usize).sum()
+            }
+
+            /// The timeouts this table was built with.
+            #[must_use]
+            pub fn timeouts(&self) -> &FlowTimeouts {
+                &self.timeouts
+            }
+
+            /// The live flow with `key` at `now`, without refreshing it: for
+            /// inspection, not for packets.
+            #[must_use]
+            pub fn find(&self, key: &$key, now: u64) -> Option<FlowRef> {
+                self.find_slot(key, self.hash_key(key), coarse(now)).map(|slot| FlowRef(slot as u32))
+            }
+
+            /// Inserts a flow at `now`, live for its state's timeout. Never
+            /// refuses: a live flow with the same key is replaced; otherwise
+            /// the flow goes to a free (empty or expired) slot of its
+            /// buckets, or to one made free by moving other flows, or,
+            /// failing that, takes the slot of the candidate closest to
+            /// expiry. The outcome hands back whatever left the table.
+            ///
+            /// Bounded work: at most 2 + 16 + 128 metadata lines and 3
+            /// entries.
+            #[inline]
+            #[must_use = "an entry that left the table may hold a source port to release"]
+            pub fn insert(&mut self, entry: $entry, now: u64) -> (FlowRef, InsertOutcome<$entry>) {
+                let hash = self.hash_key(&entry.key());
+                self.insert_hashed(entry, hash, now)
+            }
+
+            /// `insert` with the hash already computed by `hash_key` for
+            /// this entry's key on this table.
+            #[must_use = "an entry that left the table may hold a source port to release"]
+            pub fn insert_hashed(
+                &mut self,
+                entry: $entry,
+                hash: FlowHash,
+                now: u64,
+            ) -> (FlowRef, InsertOutcome<$entry>) {
+                match self.insert_with(entry, hash, now, false) {
+                    Some(done) => done,
+                    None => unreachable!("an insert that may evict any flow always finds a slot"),
+                }
+            }
+
+            /// `insert_hashed` for a half-open flow (a connection not proved
+            /// yet, whose source may be spoofed): it takes a free slot, or
+            /// one made free by moving other flows, or evicts the half-open
+            /// candidate ([`FlowState::TcpSynSent`]) closest to expiry; it
+            /// never evicts a flow in any other state. `None`, with nothing
+            /// changed, when both candidate buckets hold only such flows:
+            /// half-open flows can fill free slots and take each other's,
+            /// never an established flow's.
+            #[must_use = "an entry that left the table may hold a source port to release"]
+            pub fn insert_half_open_hashed(
+                &mut self,
+                entry: $entry,
+                hash: FlowHash,
+                now: u64,
+            ) -> Option<(FlowRef, InsertOutcome<$entry>)> {
+                self.insert_with(entry, hash, now, true)
+            }
+
+            /// Removes a flow and hands its entry back; `None` if the slot
+            /// holds no entry (a handle used after its flow left).
+            pub fn remove(&mut self, flow: FlowRef) -> Option<$entry> {
+                self.remove_slot(flow.slot())
+            }
+        }
+    };
+}
+
+out_of_line_api!(FlowEntry, FlowKey);
+out_of_line_api!(FlowEntry6, FlowKey6);
+
+/// A seed from the operating system's randomness: std's `RandomState` holds
+/// keys drawn from the OS once per thread, advanced for every instance, so
+/// hashing a constant with a fresh one gives an unpredictable word.
+fn random_seed() -> u64 {
+    RandomState::new().hash_one(0x666C_6F77_u64)
 }
 
 #[cfg(test)]

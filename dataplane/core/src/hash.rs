@@ -7,7 +7,7 @@
 //! Changing any output is a breaking change for a fleet of gateways running
 //! mixed releases, which is why the golden values are tested.
 //!
-//! Owns: [`FlowKey`], [`flow_hash`] (per packet) and [`stable_hash`] (for
+//! Owns: [`FlowKey`] and [`FlowKey6`], [`flow_hash`] (per packet) and [`stable_hash`] (for
 //! Maglev permutations, at table build time). Must not touch packet bytes:
 //! callers extract the key.
 //!
@@ -28,6 +28,25 @@ pub struct FlowKey {
     /// Destination port (0 for protocols without ports).
     pub dst_port: u16,
     /// IP protocol number.
+    pub protocol: u8,
+}
+
+/// The 5-tuple of an IPv6 flow, addresses and ports in host byte order (an
+/// address's first byte on the wire is the most significant byte of its
+/// `u128`). Kept apart from [`FlowKey`] so that an IPv4 flow's key, and the
+/// IPv4 connection-tracking entry built from it, stay small.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey6 {
+    /// Source address.
+    pub src_addr: u128,
+    /// Destination address.
+    pub dst_addr: u128,
+    /// Source port (0 for protocols without ports).
+    pub src_port: u16,
+    /// Destination port (0 for protocols without ports).
+    pub dst_port: u16,
+    /// IP protocol number (the upper-layer protocol, after any extension
+    /// headers).
     pub protocol: u8,
 }
 
