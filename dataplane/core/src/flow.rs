@@ -2199,3 +2199,6 @@ mod tests {
         handed
     }
 }
+
+#[cfg(test)]
+mod tests6;
