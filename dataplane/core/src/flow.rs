@@ -11,6 +11,15 @@
 //! core it never allocates, locks, logs or reads a clock after
 //! construction.
 //!
+//! # IPv4 and IPv6
+//!
+//! IPv6 flows have a table of their own, [`FlowTable6`], so that an IPv4
+//! entry keeps its 32 bytes instead of growing to hold 128-bit addresses.
+//! Both are [`FlowTableOf`], one code for either entry type
+//! ([`TableEntry`]): everything below holds for both, only the entry's size
+//! differs. (The pipeline does not use the IPv6 table yet: IPv6 packets are
+//! punted.)
+//!
 //! # Memory
 //!
 //! All memory is allocated, and written, in [`FlowTable::new`]; nothing
@@ -22,6 +31,13 @@
 //! default [`DEFAULT_CAPACITY`] of 2^20 slots takes 40 MiB and holds a
 //! million live flows before the first eviction (fill tests find the first
 //! eviction at about 98% of the slots).
+//!
+//! An IPv6 slot takes an 80-byte [`FlowEntry6`] (four 128-bit addresses:
+//! client, VIP, backend, source NAT) plus the same 8 bytes of metadata,
+//! [`BYTES_PER_SLOT6`] = 88 bytes: [`memory_bytes6`]`(1_000_000)` is
+//! 88,000,000 bytes (83.9 MiB) and 2^20 slots take 88 MiB. An 80-byte entry
+//! spans two cache lines wherever it starts, so an IPv6 hit reads one line
+//! more than an IPv4 one.
 //!
 //! # Layout
 //!
@@ -98,7 +114,10 @@
 //! is built ([`FlowTable::with_seed`] fixes them for tests and benchmarks).
 //! It is two rounds of a folded 64x64->128-bit multiply over the key packed
 //! in two words, as cheap as `flow_hash`; without the seeds an attacker
-//! cannot predict buckets or tags.
+//! cannot predict buckets or tags. An IPv6 key is brought to the same two
+//! words by first folding each address's two halves together under two
+//! more seeds (one more multiply per address), so it keeps the same
+//! properties, whichever half of an address an attacker varies.
 //!
 //! # Handles
 //!

@@ -7,7 +7,8 @@
 //! Changing any output is a breaking change for a fleet of gateways running
 //! mixed releases, which is why the golden values are tested.
 //!
-//! Owns: [`FlowKey`] and [`FlowKey6`], [`flow_hash`] (per packet) and [`stable_hash`] (for
+//! Owns: [`FlowKey`] and [`FlowKey6`] (the IPv4 and IPv6 5-tuples),
+//! [`flow_hash`] (of an IPv4 key, per packet) and [`stable_hash`] (for
 //! Maglev permutations, at table build time). Must not touch packet bytes:
 //! callers extract the key.
 //!
