@@ -315,104 +315,122 @@ impl FlowEntry {
     /// Flag: a RST was seen; the closing timeout is the reset timeout.
     pub const RESET: u8 = 1 << 2;
 
-    /// An entry for `key` in `state`, with no translation and no flags; set
-    /// the public fields before inserting it.
-    #[must_use]
-    pub const fn new(key: &FlowKey, state: FlowState) -> FlowEntry {
-        FlowEntry {
-            src_addr: key.src_addr,
-            dst_addr: key.dst_addr,
-            backend_addr: 0,
-            snat_addr: 0,
-            backend_index: 0,
-            stats_lo: (crate::stats::NO_SLOT & 0xffff) as u16,
-            src_port: key.src_port,
-            dst_port: key.dst_port,
-            backend_port: 0,
-            snat_port: 0,
-            protocol: key.protocol,
-            state,
-            flags: 0,
-            stats_hi: (crate::stats::NO_SLOT >> 16) as u8,
-        }
-    }
-
-    /// The stats slot the flow is counted under ([`crate::stats`]), 24 bits;
-    /// [`crate::stats::NO_SLOT`] when it is not counted.
+    /// The key packed in two words for the table's hash: `a = src_addr << 32
+    /// | src_port << 16 | protocol`, `b = dst_addr << 32 | dst_port`.
     #[inline(always)]
-    #[must_use]
-    pub const fn stats_slot(&self) -> u32 {
-        ((self.stats_hi as u32) << 16) | self.stats_lo as u32
-    }
-
-    /// Sets the stats slot (only its low 24 bits are kept).
-    #[inline(always)]
-    pub const fn set_stats_slot(&mut self, slot: u32) {
-        self.stats_lo = slot as u16;
-        self.stats_hi = (slot >> 16) as u8;
-    }
-
-    /// Whether the flow counts as active (a TCP flow past its handshake and
-    /// before any FIN or RST) rather than inactive, as IPVS counts them.
-    #[inline(always)]
-    #[must_use]
-    pub fn is_established(&self) -> bool {
-        self.state == FlowState::TcpEstablished
-    }
-
-    /// The flow's key: for a forward flow, source = client and destination =
-    /// VIP, as the client sends them.
-    #[must_use]
-    pub const fn key(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.src_addr,
-            dst_addr: self.dst_addr,
-            src_port: self.src_port,
-            dst_port: self.dst_port,
-            protocol: self.protocol,
-        }
-    }
-}
-
-impl TableEntry for FlowEntry {
-    type Key = FlowKey;
-
-    const VACANT: FlowEntry =
-        FlowEntry::new(&FlowKey { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
-
-    #[inline]
-    fn flow_key(&self) -> FlowKey {
-        self.key()
-    }
-
-    #[inline]
-    fn matches(&self, key: &FlowKey) -> bool {
-        self.src_addr == key.src_addr
-            && self.dst_addr == key.dst_addr
-            && self.src_port == key.src_port
-            && self.dst_port == key.dst_port
-            && self.protocol == key.protocol
-    }
-
-    #[inline(always)]
-    fn tracking(&self) -> (FlowState, u8) {
-        (self.state, self.flags)
-    }
-
-    #[inline(always)]
-    fn set_tracking(&mut self, state: FlowState, flags: u8) {
-        (self.state, self.flags) = (state, flags);
-    }
-
-    /// The key packed in two words: `a = src_addr << 32 | src_port << 16 |
-    /// protocol`, `b = dst_addr << 32 | dst_port`.
-    #[inline]
-    fn keyed_hash(key: &FlowKey, seeds: &[u64; SEEDS]) -> u64 {
+    fn hash_words(key: &FlowKey, _seeds: &[u64; SEEDS]) -> (u64, u64) {
         let a = (u64::from(key.src_addr) << 32) | (u64::from(key.src_port) << 16) | u64::from(key.protocol);
         let b = (u64::from(key.dst_addr) << 32) | u64::from(key.dst_port);
-        mix_words(a, b, seeds)
+        (a, b)
     }
 }
+
+/// What [`FlowEntry`] and [`FlowEntry6`] have alike, written once for both:
+/// their fields have the same names, only the addresses' type differs.
+macro_rules! entry_api {
+    ($entry:ident, $key:ident) => {
+        impl $entry {
+            /// An entry for `key` in `state`, with no translation and no
+            /// flags; set the public fields before inserting it.
+            #[must_use]
+            pub const fn new(key: &$key, state: FlowState) -> $entry {
+                $entry {
+                    src_addr: key.src_addr,
+                    dst_addr: key.dst_addr,
+                    backend_addr: 0,
+                    snat_addr: 0,
+                    backend_index: 0,
+                    stats_lo: (crate::stats::NO_SLOT & 0xffff) as u16,
+                    src_port: key.src_port,
+                    dst_port: key.dst_port,
+                    backend_port: 0,
+                    snat_port: 0,
+                    protocol: key.protocol,
+                    state,
+                    flags: 0,
+                    stats_hi: (crate::stats::NO_SLOT >> 16) as u8,
+                }
+            }
+
+            /// The stats slot the flow is counted under ([`crate::stats`]),
+            /// 24 bits; [`crate::stats::NO_SLOT`] when it is not counted.
+            #[inline(always)]
+            #[must_use]
+            pub const fn stats_slot(&self) -> u32 {
+                ((self.stats_hi as u32) << 16) | self.stats_lo as u32
+            }
+
+            /// Sets the stats slot (only its low 24 bits are kept).
+            #[inline(always)]
+            pub const fn set_stats_slot(&mut self, slot: u32) {
+                self.stats_lo = slot as u16;
+                self.stats_hi = (slot >> 16) as u8;
+            }
+
+            /// Whether the flow counts as active (a TCP flow past its
+            /// handshake and before any FIN or RST) rather than inactive, as
+            /// IPVS counts them.
+            #[inline(always)]
+            #[must_use]
+            pub fn is_established(&self) -> bool {
+                self.state == FlowState::TcpEstablished
+            }
+
+            /// The flow's key: for a forward flow, source = client and
+            /// destination = VIP, as the client sends them.
+            #[must_use]
+            pub const fn key(&self) -> $key {
+                $key {
+                    src_addr: self.src_addr,
+                    dst_addr: self.dst_addr,
+                    src_port: self.src_port,
+                    dst_port: self.dst_port,
+                    protocol: self.protocol,
+                }
+            }
+        }
+
+        impl TableEntry for $entry {
+            type Key = $key;
+
+            const VACANT: $entry =
+                $entry::new(&$key { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
+
+            #[inline]
+            fn flow_key(&self) -> $key {
+                self.key()
+            }
+
+            #[inline]
+            fn matches(&self, key: &$key) -> bool {
+                self.src_addr == key.src_addr
+                    && self.dst_addr == key.dst_addr
+                    && self.src_port == key.src_port
+                    && self.dst_port == key.dst_port
+                    && self.protocol == key.protocol
+            }
+
+            #[inline(always)]
+            fn tracking(&self) -> (FlowState, u8) {
+                (self.state, self.flags)
+            }
+
+            #[inline(always)]
+            fn set_tracking(&mut self, state: FlowState, flags: u8) {
+                (self.state, self.flags) = (state, flags);
+            }
+
+            #[inline]
+            fn keyed_hash(key: &$key, seeds: &[u64; SEEDS]) -> u64 {
+                let (a, b) = $entry::hash_words(key, seeds);
+                mix_words(a, b, seeds)
+            }
+        }
+    };
+}
+
+entry_api!(FlowEntry, FlowKey);
+entry_api!(FlowEntry6, FlowKey6);
 
 /// One tracked IPv6 flow: [`FlowEntry`]'s fields with 128-bit addresses
 /// (the backend's and the source NAT address too). 80 bytes, 16-byte
@@ -450,104 +468,18 @@ pub struct FlowEntry6 {
 }
 
 impl FlowEntry6 {
-    /// An entry for `key` in `state`, with no translation and no flags; set
-    /// the public fields before inserting it.
-    #[must_use]
-    pub const fn new(key: &FlowKey6, state: FlowState) -> FlowEntry6 {
-        FlowEntry6 {
-            src_addr: key.src_addr,
-            dst_addr: key.dst_addr,
-            backend_addr: 0,
-            snat_addr: 0,
-            src_port: key.src_port,
-            dst_port: key.dst_port,
-            backend_port: 0,
-            snat_port: 0,
-            backend_index: 0,
-            stats_lo: (crate::stats::NO_SLOT & 0xffff) as u16,
-            protocol: key.protocol,
-            state,
-            flags: 0,
-            stats_hi: (crate::stats::NO_SLOT >> 16) as u8,
-        }
-    }
-
-    /// As [`FlowEntry::stats_slot`].
-    #[inline(always)]
-    #[must_use]
-    pub const fn stats_slot(&self) -> u32 {
-        ((self.stats_hi as u32) << 16) | self.stats_lo as u32
-    }
-
-    /// As [`FlowEntry::set_stats_slot`].
-    #[inline(always)]
-    pub const fn set_stats_slot(&mut self, slot: u32) {
-        self.stats_lo = slot as u16;
-        self.stats_hi = (slot >> 16) as u8;
-    }
-
-    /// As [`FlowEntry::is_established`].
-    #[inline(always)]
-    #[must_use]
-    pub fn is_established(&self) -> bool {
-        self.state == FlowState::TcpEstablished
-    }
-
-    /// The flow's key, as [`FlowEntry::key`].
-    #[must_use]
-    pub const fn key(&self) -> FlowKey6 {
-        FlowKey6 {
-            src_addr: self.src_addr,
-            dst_addr: self.dst_addr,
-            src_port: self.src_port,
-            dst_port: self.dst_port,
-            protocol: self.protocol,
-        }
-    }
-}
-
-impl TableEntry for FlowEntry6 {
-    type Key = FlowKey6;
-
-    const VACANT: FlowEntry6 =
-        FlowEntry6::new(&FlowKey6 { src_addr: 0, dst_addr: 0, src_port: 0, dst_port: 0, protocol: 0 }, FlowState::Udp);
-
-    #[inline]
-    fn flow_key(&self) -> FlowKey6 {
-        self.key()
-    }
-
-    #[inline]
-    fn matches(&self, key: &FlowKey6) -> bool {
-        self.src_addr == key.src_addr
-            && self.dst_addr == key.dst_addr
-            && self.src_port == key.src_port
-            && self.dst_port == key.dst_port
-            && self.protocol == key.protocol
-    }
-
-    #[inline(always)]
-    fn tracking(&self) -> (FlowState, u8) {
-        (self.state, self.flags)
-    }
-
-    #[inline(always)]
-    fn set_tracking(&mut self, state: FlowState, flags: u8) {
-        (self.state, self.flags) = (state, flags);
-    }
-
-    /// Each address is first folded into one word under two seeds of its
-    /// own, `fold(high ^ seeds[3], low ^ seeds[4])`, so that a difference in
+    /// The key brought to two words for the table's hash: each address is
+    /// first folded into one word under two seeds of its own,
+    /// `fold(high ^ seeds[3], low ^ seeds[4])`, so that a difference in
     /// either half reaches every bit; the ports and protocol are then placed
     /// as in the IPv4 key (`a` takes the source port and protocol, `b` the
-    /// destination port), and the two words are mixed exactly as an IPv4
-    /// key's are.
-    #[inline]
-    fn keyed_hash(key: &FlowKey6, seeds: &[u64; SEEDS]) -> u64 {
+    /// destination port).
+    #[inline(always)]
+    fn hash_words(key: &FlowKey6, seeds: &[u64; SEEDS]) -> (u64, u64) {
         let fold_address = |addr: u128| folded_multiply((addr >> 64) as u64 ^ seeds[3], addr as u64 ^ seeds[4]);
         let a = fold_address(key.src_addr) ^ ((u64::from(key.src_port) << 16) | u64::from(key.protocol));
         let b = fold_address(key.dst_addr) ^ u64::from(key.dst_port);
-        mix_words(a, b, seeds)
+        (a, b)
     }
 }
 
