@@ -58,27 +58,13 @@ mod field {
 /// Length of an Ethernet II header.
 pub const HEADER_LEN: usize = field::PAYLOAD;
 
-/// A view of an Ethernet II frame.
-#[derive(Debug, Clone)]
-pub struct Frame<T: AsRef<[u8]>> {
-    buffer: T,
+super::view! {
+    #[inline] =>
+    /// A view of an Ethernet II frame.
+    Frame
 }
 
 impl<T: AsRef<[u8]>> Frame<T> {
-    /// Wraps a buffer without checking its length.
-    #[inline]
-    pub fn new_unchecked(buffer: T) -> Self {
-        Frame { buffer }
-    }
-
-    /// Wraps a buffer after checking it holds a whole header.
-    #[inline]
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let f = Self::new_unchecked(buffer);
-        f.check_len()?;
-        Ok(f)
-    }
-
     /// Checks the buffer holds a whole header.
     #[inline]
     pub fn check_len(&self) -> Result<()> {

@@ -26,27 +26,13 @@ pub mod message {
     pub const TIME_EXCEEDED: u8 = 11;
 }
 
-/// A view of an ICMP message (the whole IP payload).
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+super::view! {
+    #[inline] =>
+    /// A view of an ICMP message (the whole IP payload).
+    Packet
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without checks.
-    #[inline]
-    pub fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline]
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// Checks the buffer holds the 8-byte header.
     #[inline]
     pub fn check_len(&self) -> Result<()> {

@@ -113,27 +113,13 @@ pub fn ndp_options_offset(msg_type: u8) -> Option<usize> {
     }
 }
 
-/// A view of an ICMPv6 message (the whole upper-layer payload).
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+super::view! {
+    #[inline] =>
+    /// A view of an ICMPv6 message (the whole upper-layer payload).
+    Packet
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without checks.
-    #[inline]
-    pub fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline]
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// Checks the buffer holds the 8-byte header. Longer fixed parts (the
     /// target of NS and NA) are checked by the accessors that read them.
     #[inline]

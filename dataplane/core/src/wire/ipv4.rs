@@ -40,27 +40,13 @@ pub mod protocol {
     pub const UDP: u8 = 17;
 }
 
-/// A view of an IPv4 packet.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+super::view! {
+    #[inline(always)] =>
+    /// A view of an IPv4 packet.
+    Packet
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without checks.
-    #[inline(always)]
-    pub fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline(always)]
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// Checks: buffer holds 20 bytes; version is 4; 20 <= header length <=
     /// total length <= buffer length.
     #[inline(always)]

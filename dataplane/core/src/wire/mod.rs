@@ -9,6 +9,37 @@
 //!
 //! Owns: byte layouts. Must not hold any load-balancing logic.
 
+/// Declares a view type over a byte buffer: the struct, `new_unchecked`,
+/// and `new_checked`, which wraps after the type's own `check_len`. The
+/// attribute before `=>` goes on both constructors; the doc comment after
+/// it on the struct.
+macro_rules! view {
+    (#[$inline:meta] => $(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone)]
+        pub struct $name<T: AsRef<[u8]>> {
+            buffer: T,
+        }
+
+        impl<T: AsRef<[u8]>> $name<T> {
+            /// Wraps a buffer without checks.
+            #[$inline]
+            pub fn new_unchecked(buffer: T) -> Self {
+                $name { buffer }
+            }
+
+            /// Wraps a buffer after [`check_len`](Self::check_len).
+            #[$inline]
+            pub fn new_checked(buffer: T) -> $crate::wire::Result<Self> {
+                let view = Self::new_unchecked(buffer);
+                view.check_len()?;
+                Ok(view)
+            }
+        }
+    };
+}
+use view;
+
 pub mod arp;
 pub mod ethernet;
 pub mod icmp;

@@ -32,27 +32,13 @@ pub mod flags {
     pub const ACK: u16 = 0x010;
 }
 
-/// A view of a TCP segment.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+super::view! {
+    #[inline(always)] =>
+    /// A view of a TCP segment.
+    Packet
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wraps a buffer without checks.
-    #[inline(always)]
-    pub fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    /// Wraps a buffer after [`check_len`](Self::check_len).
-    #[inline(always)]
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// Checks the buffer holds the fixed header and the data offset is sane.
     #[inline(always)]
     pub fn check_len(&self) -> Result<()> {

@@ -12,25 +12,13 @@ mod field {
 /// Length of a VLAN tag.
 pub const HEADER_LEN: usize = field::PAYLOAD;
 
-/// A view of an 802.1Q tag and what follows it.
-#[derive(Debug, Clone)]
-pub struct Tag<T: AsRef<[u8]>> {
-    buffer: T,
+super::view! {
+    #[inline] =>
+    /// A view of an 802.1Q tag and what follows it.
+    Tag
 }
 
 impl<T: AsRef<[u8]>> Tag<T> {
-    /// Wraps a buffer without checking its length.
-    pub fn new_unchecked(buffer: T) -> Self {
-        Tag { buffer }
-    }
-
-    /// Wraps a buffer after checking it holds a whole tag.
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let t = Self::new_unchecked(buffer);
-        t.check_len()?;
-        Ok(t)
-    }
-
     /// Checks the buffer holds a whole tag.
     pub fn check_len(&self) -> Result<()> {
         if self.buffer.as_ref().len() < HEADER_LEN { Err(Error::Truncated) } else { Ok(()) }
