@@ -2176,3 +2176,6 @@ fn eal_arguments(eal: &RawEal, lcores: &[u32], cpus: &[Option<u32>], devices: &[
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod doc_keys;
