@@ -142,3 +142,56 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::Metrics;
+
+    /// `docs/kubernetes.md`'s "Metrics" section names every family the
+    /// controller exports, and no other. The families are read from what
+    /// the endpoint serves once every recording method has been called (a
+    /// labelled family is not written before its first series: a new one
+    /// needs its method called here); the section names each as its sample
+    /// (`X_total` for a counter), with its labels in braces.
+    #[test]
+    fn the_kubernetes_guide_lists_every_metric_family_and_only_those() {
+        let m = Metrics::default();
+        m.reconciled();
+        m.reconcile_failed();
+        m.push_error("gw");
+        m.observe_sync("gw", std::time::Duration::from_millis(20));
+        m.pool_usage("pool", 1, 2);
+        let code: BTreeSet<String> = m
+            .encode()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|rest| match rest.split_once(' ') {
+                Some((name, "counter")) => format!("{name}_total"),
+                Some((name, _)) => name.to_owned(),
+                None => panic!("# TYPE without a type: {rest}"),
+            })
+            .collect();
+        assert!(!code.is_empty(), "no family rendered");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/kubernetes.md");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let section: Vec<&str> =
+            text.lines().skip_while(|l| *l != "## Metrics").skip(1).take_while(|l| !l.starts_with("## ")).collect();
+        assert!(!section.is_empty(), "no \"## Metrics\" section in {}", path.display());
+        let docs: BTreeSet<String> = section
+            .join("\n")
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with("vipgate_k8s_"))
+            .map(|s| s.split('{').next().unwrap_or(s).to_owned())
+            .collect();
+        let undocumented: Vec<&String> = code.difference(&docs).collect();
+        let unknown: Vec<&String> = docs.difference(&code).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "the controller's metrics and docs/kubernetes.md \"## Metrics\" disagree\n  exported, not documented: {undocumented:?}\n  documented, not exported: {unknown:?}"
+        );
+    }
+}
