@@ -820,21 +820,21 @@ impl Pipeline {
         if ethertype == EtherType::IPV4 {
             return self.ipv4(snap, now, p, ahead);
         }
-        self.not_ipv4(snap, now, p, ethertype)
+        self.not_ipv4(snap, now, p, ethertype, ahead)
     }
 
     /// [`Pipeline::process_one`] for any EtherType but IPv4: out of line and
     /// cold, so that an IPv4 packet's dispatch is the one compare above.
     #[cold]
     #[inline(never)]
-    fn not_ipv4(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ethertype: u16) -> Verdict {
+    fn not_ipv4(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ethertype: u16, ahead: Ahead) -> Verdict {
         match ethertype {
             EtherType::ARP => {
                 let port = p.port;
                 self.arp(snap, now, port, p.frame_mut())
             }
             EtherType::IPV6 if self.punts(p.port) => Verdict::Punt(p.port),
-            EtherType::VLAN => self.tagged(snap, now, p),
+            EtherType::VLAN => self.tagged(snap, now, p, ahead),
             // Stacked tags (802.1ad outside): no interface is a VLAN in a
             // VLAN.
             EtherType::QINQ => Verdict::Drop(DropReason::UnknownVlan),
@@ -1561,29 +1561,52 @@ impl Pipeline {
     }
 }
 
-/// The 5-tuple of an untagged IPv4 TCP or UDP frame, read with every bound
-/// checked and nothing else validated: only for computing hashes ahead; the
-/// main pass validates the packet in full and decides what it is.
+/// The 5-tuple of an IPv4 TCP or UDP frame, untagged or with one 802.1Q
+/// tag, read with every bound checked and nothing else validated: only for
+/// computing hashes ahead; the main pass validates the packet in full and
+/// decides what it is. An untagged frame pays nothing for the tagged case,
+/// which is tried only when the untagged reading fails.
 #[inline]
 fn flow_key_of(frame: &[u8]) -> Option<FlowKey> {
-    // The Ethernet header and a minimal IPv4 header, bounds-checked once.
-    let h: &[u8; 34] = frame.get(..34)?.try_into().ok()?;
-    if h[12..14] != [0x08, 0x00] || h[14] >> 4 != 4 {
+    let key = key_after::<{ ethernet::HEADER_LEN }>(frame);
+    if key.is_some() {
+        return key;
+    }
+    tagged_flow_key_of(frame)
+}
+
+/// [`flow_key_of`] for a frame with one 802.1Q tag.
+#[cold]
+#[inline(never)]
+fn tagged_flow_key_of(frame: &[u8]) -> Option<FlowKey> {
+    if frame.get(12..14)? != EtherType::VLAN.to_be_bytes() {
         return None;
     }
-    let protocol = h[23];
+    key_after::<{ ethernet::HEADER_LEN + wire::vlan::HEADER_LEN }>(frame)
+}
+
+/// The 5-tuple of an IPv4 TCP or UDP packet whose EtherType field ends at
+/// byte `L` of the frame and whose IPv4 header starts there.
+#[inline(always)]
+fn key_after<const L: usize>(frame: &[u8]) -> Option<FlowKey> {
+    // The EtherType and a minimal IPv4 header, bounds-checked once.
+    let h = frame.get(..L + 20)?;
+    if h[L - 2..L] != [0x08, 0x00] || h[L] >> 4 != 4 {
+        return None;
+    }
+    let protocol = h[L + 9];
     if protocol != ipv4::protocol::TCP && protocol != ipv4::protocol::UDP {
         return None;
     }
     // A later fragment carries no ports: what sits there is payload.
-    if h[20] & 0x1f != 0 || h[21] != 0 {
+    if h[L + 6] & 0x1f != 0 || h[L + 7] != 0 {
         return None;
     }
-    let at = ethernet::HEADER_LEN + usize::from(h[14] & 0x0f) * 4;
+    let at = L + usize::from(h[L] & 0x0f) * 4;
     let l4 = frame.get(at..at + 4)?;
     Some(FlowKey {
-        src_addr: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
-        dst_addr: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
+        src_addr: u32::from_be_bytes([h[L + 12], h[L + 13], h[L + 14], h[L + 15]]),
+        dst_addr: u32::from_be_bytes([h[L + 16], h[L + 17], h[L + 18], h[L + 19]]),
         src_port: u16::from_be_bytes([l4[0], l4[1]]),
         dst_port: u16::from_be_bytes([l4[2], l4[3]]),
         protocol,

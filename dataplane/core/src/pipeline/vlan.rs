@@ -28,7 +28,7 @@ impl Pipeline {
     /// A frame tagged 802.1Q on device `p.port`. Out of line: untagged
     /// frames never come here.
     #[inline(never)]
-    pub(super) fn tagged(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>) -> Verdict {
+    pub(super) fn tagged(&mut self, snap: &Snapshot, now: u64, p: &mut RxPacket<'_>, ahead: Ahead) -> Verdict {
         let device = p.port;
         let (tci, inner) = {
             let Ok(tag) = vlan::Tag::new_checked(&p.frame()[ethernet::HEADER_LEN..]) else {
@@ -56,7 +56,8 @@ impl Pipeline {
         p.start += vlan::HEADER_LEN;
         p.port = iface;
         let verdict = match inner {
-            EtherType::IPV4 => self.ipv4(snap, now, p, Ahead::Unknown),
+            // The pass ahead classified it through the tag too.
+            EtherType::IPV4 => self.ipv4(snap, now, p, ahead),
             EtherType::ARP => self.arp(snap, now, iface, p.frame_mut()),
             EtherType::IPV6 if self.punts(iface) => Verdict::Punt(iface),
             _ => Verdict::Drop(DropReason::Unsupported),
