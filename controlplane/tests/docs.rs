@@ -1,5 +1,5 @@
 //! The operator's documentation and the code agree: every metric family the
-//! daemon exports is in the metric list of `docs/operations.md`, and
+//! daemon exports is in the metric list of `docs/ops/metrics.md`, and
 //! nothing else is; every drop reason is in its drop reason table, and
 //! nothing else is. (The configuration keys are checked against
 //! `docs/configuration.md` by the config module's own tests, which see its
@@ -173,28 +173,28 @@ async fn every_metric_family_is_in_the_metric_list_and_only_those() {
     let text = metrics::render(Arc::new(Everything { health: Arc::clone(&health) }));
     drop(checker);
     let code = rendered_families(&text);
-    let ops = doc("operations.md");
+    let ops = doc("ops/metrics.md");
     let docs = documented_families(&section(&ops, "### Metric list"), &code);
     let names = |m: &BTreeMap<String, String>| m.keys().cloned().collect::<BTreeSet<String>>();
-    same("metric families", &names(&code), &names(&docs), "docs/operations.md \"### Metric list\"");
+    same("metric families", &names(&code), &names(&docs), "docs/ops/metrics.md \"### Metric list\"");
     let wrong: Vec<String> = code
         .iter()
         .filter(|(name, kind)| docs[*name] != **kind)
         .map(|(name, kind)| format!("{name} is a {kind}, listed as {}", docs[name]))
         .collect();
-    assert!(wrong.is_empty(), "types in docs/operations.md \"### Metric list\": {wrong:?}");
+    assert!(wrong.is_empty(), "types in docs/ops/metrics.md \"### Metric list\": {wrong:?}");
 }
 
 #[test]
 fn every_drop_reason_is_in_the_drop_reason_table_and_only_those() {
     let code: BTreeSet<String> = DropReason::ALL.iter().map(|r| r.name().to_owned()).collect();
     assert_eq!(code.len(), DropReason::COUNT, "two reasons have one name");
-    let ops = doc("operations.md");
+    let ops = doc("ops/metrics.md");
     let mut docs = BTreeSet::new();
     for row in section(&ops, "## Drop reasons").iter().filter_map(|l| cells(l)) {
         if let [name] = spans(row[0])[..] {
             assert!(docs.insert(name.to_owned()), "{name} is listed twice");
         }
     }
-    same("drop reasons", &code, &docs, "docs/operations.md \"## Drop reasons\"");
+    same("drop reasons", &code, &docs, "docs/ops/metrics.md \"## Drop reasons\"");
 }
