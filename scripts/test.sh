@@ -247,7 +247,7 @@ add_cargo_to_path
 say "tests run with VIPGATE_HUGEPAGES=$VIPGATE_HUGEPAGES${VIPGATE_HUGEPAGES_REASON:+ ($VIPGATE_HUGEPAGES_REASON)}"
 
 # DSR backends decapsulate IPIP with the kernel's tunl0 (the set-up
-# docs/operations.md describes). A kernel built without IPIP, that cannot
+# docs/ops/dsr-backends.md describes). A kernel built without IPIP, that cannot
 # load it either, has no tunl0: there the DSR end-to-end tests use
 # scripts/backend.py's user-space decapsulator instead, and say so.
 if [[ -z ${VIPGATE_DSR_DECAP:-} ]]; then

@@ -7,7 +7,7 @@
 //! `prometheus-client` crate. Runs on the control plane's current-thread
 //! tokio runtime, beside the gRPC API; it starts no thread.
 //!
-//! The metric list is documented in `docs/operations.md`.
+//! The metric list is documented in `docs/ops/metrics.md`.
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;

@@ -88,8 +88,8 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Pool(PoolCommand),
     /// Replace the whole dynamic state (services and source pools) with the
-    /// contents of a JSON file (see docs/operations.md for its format); with
-    /// --owner, replace only that owner's objects.
+    /// contents of a JSON file (see docs/ops/vipgatectl.md, "apply", for its
+    /// format); with --owner, replace only that owner's objects.
     ///
     /// Without --expected-version (or, with --owner, --expected-generation)
     /// this reads the current one first (GetState) and sends it: a
