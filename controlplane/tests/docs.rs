@@ -198,3 +198,123 @@ fn every_drop_reason_is_in_the_drop_reason_table_and_only_those() {
     }
     same("drop reasons", &code, &docs, "docs/ops/metrics.md \"## Drop reasons\"");
 }
+
+/// The anchor GitHub gives a heading: lowercase, punctuation other than `-`
+/// and `_` dropped, spaces turned into `-`.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|&c| c.is_alphanumeric() || c == '-' || c == '_' || c == ' ')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The lines of a markdown text outside fenced code blocks, numbered from 1.
+fn unfenced(text: &str) -> Vec<(usize, &str)> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            out.push((i + 1, line));
+        }
+    }
+    out
+}
+
+/// Every anchor of a markdown text; a repeated heading gets `-1`, `-2`, ...
+fn anchors(text: &str) -> BTreeSet<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = BTreeSet::new();
+    for (_, line) in unfenced(text) {
+        let hashes = line.chars().take_while(|&c| c == '#').count();
+        if !(1..=6).contains(&hashes) || !line[hashes..].starts_with(' ') {
+            continue;
+        }
+        let base = anchor(&line[hashes..]);
+        let n = seen.entry(base.clone()).or_insert(0);
+        out.insert(if *n == 0 { base.clone() } else { format!("{base}-{n}") });
+        *n += 1;
+    }
+    out
+}
+
+/// The targets of the inline links `[text](target)` of a line, code spans
+/// left out.
+fn link_targets(line: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for (i, part) in line.split('`').enumerate() {
+        if i % 2 == 1 {
+            continue;
+        }
+        let mut rest = part;
+        while let Some(at) = rest.find("](") {
+            rest = &rest[at + 2..];
+            let end = rest.find(')').unwrap_or(rest.len());
+            let target = rest[..end].split_whitespace().next().unwrap_or("");
+            out.push(target);
+            rest = &rest[end..];
+        }
+    }
+    out
+}
+
+fn markdown_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    for entry in entries {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() {
+            markdown_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "md") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every relative link in README.md and docs/**/*.md leads to a file that
+/// exists and, with `#anchor` into a markdown file, to a heading of it.
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root.canonicalize().expect("the repository's root");
+    let mut files = vec![root.join("README.md")];
+    markdown_files(&root.join("docs"), &mut files);
+    files.sort();
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    };
+    let mut broken = Vec::new();
+    for file in &files {
+        let text = read(file);
+        let shown = file.strip_prefix(&root).unwrap_or(file).display().to_string();
+        for (number, line) in unfenced(&text) {
+            for target in link_targets(line) {
+                let scheme = target.split(['/', '#']).next().unwrap_or("").contains(':');
+                if target.is_empty() || scheme {
+                    continue;
+                }
+                let (path, fragment) = match target.split_once('#') {
+                    Some((path, fragment)) => (path, Some(fragment)),
+                    None => (target, None),
+                };
+                let dest =
+                    if path.is_empty() { file.clone() } else { file.parent().expect("a file's directory").join(path) };
+                if !dest.exists() {
+                    broken.push(format!("{shown}:{number}: {target} (no such file)"));
+                    continue;
+                }
+                if let Some(fragment) = fragment
+                    && dest.extension().is_some_and(|e| e == "md")
+                    && !anchors(&read(&dest)).contains(fragment)
+                {
+                    broken.push(format!("{shown}:{number}: {target} (no such heading)"));
+                }
+            }
+        }
+    }
+    assert!(files.len() > 2, "no documentation found under {}", root.display());
+    assert!(broken.is_empty(), "{} broken link(s):\n  {}", broken.len(), broken.join("\n  "));
+}
