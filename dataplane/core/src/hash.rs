@@ -197,6 +197,61 @@ mod tests {
         FlowKey { src_addr, dst_addr, src_port, dst_port, protocol }
     }
 
+    /// The golden values of a stable hash: part of the contract between
+    /// gateways.
+    fn assert_golden<K: core::fmt::Debug>(cases: &[(K, u32)], hash: fn(&K) -> u32) {
+        for (k, want) in cases {
+            assert_eq!(hash(k), *want, "{k:?}");
+        }
+    }
+
+    /// A fixed-seed xorshift generator: deterministic statistical tests.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    /// For `samples` keys from `random`, flips each of `bits` input bits
+    /// alone: every flip must change the hash, and each output bit must
+    /// flip with a probability within `tolerance` of 1/2. Returns the worst
+    /// bias seen.
+    fn assert_avalanche<K: Copy + core::fmt::Debug>(
+        bits: usize,
+        samples: u32,
+        tolerance: f64,
+        mut random: impl FnMut() -> K,
+        flip: impl Fn(&mut K, usize),
+        hash: fn(&K) -> u32,
+    ) -> f64 {
+        let mut flips = vec![[0u32; 32]; bits];
+        for _ in 0..samples {
+            let base = random();
+            let h = hash(&base);
+            for (bit, counts) in flips.iter_mut().enumerate() {
+                let mut k = base;
+                flip(&mut k, bit);
+                let diff = h ^ hash(&k);
+                assert_ne!(diff, 0, "flipping input bit {bit} of {base:?} left the hash unchanged");
+                for (out, count) in counts.iter_mut().enumerate() {
+                    *count += (diff >> out) & 1;
+                }
+            }
+        }
+        let mut worst = 0.0f64;
+        for (bit, counts) in flips.iter().enumerate() {
+            for (out, &count) in counts.iter().enumerate() {
+                let p = f64::from(count) / f64::from(samples);
+                worst = worst.max((p - 0.5).abs());
+                assert!((p - 0.5).abs() <= tolerance, "input bit {bit} flips output bit {out} with probability {p}");
+            }
+        }
+        worst
+    }
+
     /// 198.18.0.0/15 addresses, as the test rig uses.
     const CLIENT: u32 = 0xC612_0001; // 198.18.0.1
     const VIP: u32 = 0xC613_0064; // 198.19.0.100
@@ -215,9 +270,7 @@ mod tests {
             (key(VIP, CLIENT, 80, 40000, 6), 0x1F78_87E7),
             (key(u32::MAX, u32::MAX, u16::MAX, u16::MAX, u8::MAX), 0xDBE0_EA64),
         ];
-        for (k, want) in cases {
-            assert_eq!(flow_hash(&k), want, "{k:?}");
-        }
+        assert_golden(&cases, flow_hash);
     }
 
     /// 2001:db8::/32 addresses.
@@ -241,53 +294,29 @@ mod tests {
             (key6(VIP6, CLIENT6, 80, 40000, 6), 0x875B_EEA2),
             (key6(u128::MAX, u128::MAX, u16::MAX, u16::MAX, u8::MAX), 0x848F_C508),
         ];
-        for (k, want) in cases {
-            assert_eq!(flow_hash6(&k), want, "{k:?}");
-        }
+        assert_golden(&cases, flow_hash6);
     }
 
     /// Every one of the 296 input bits, flipped alone, changes the hash,
     /// and over many random keys flips each output bit about half the time.
     #[test]
     fn every_input_bit_of_an_ipv6_key_avalanches() {
-        const SAMPLES: u32 = 2000;
-        let mut flips = vec![[0u32; 32]; 296];
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for _ in 0..SAMPLES {
-            let wide = |a: u64, b: u64| (u128::from(a) << 64) | u128::from(b);
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
+        let wide = |a: u64, b: u64| (u128::from(a) << 64) | u128::from(b);
+        let random = move || {
             let (r1, r2, r3, r4, r5) = (next(), next(), next(), next(), next());
-            let base = key6(wide(r1, r2), wide(r3, r4), r5 as u16, (r5 >> 16) as u16, (r5 >> 32) as u8);
-            let h = flow_hash6(&base);
-            for (bit, counts) in flips.iter_mut().enumerate() {
-                let mut k = base;
-                match bit {
-                    0..128 => k.src_addr ^= 1 << bit,
-                    128..256 => k.dst_addr ^= 1 << (bit - 128),
-                    256..272 => k.src_port ^= 1 << (bit - 256),
-                    272..288 => k.dst_port ^= 1 << (bit - 272),
-                    _ => k.protocol ^= 1 << (bit - 288),
-                }
-                let diff = h ^ flow_hash6(&k);
-                assert_ne!(diff, 0, "flipping input bit {bit} of {base:?} left the hash unchanged");
-                for (out, count) in counts.iter_mut().enumerate() {
-                    *count += (diff >> out) & 1;
-                }
-            }
-        }
+            key6(wide(r1, r2), wide(r3, r4), r5 as u16, (r5 >> 16) as u16, (r5 >> 32) as u8)
+        };
+        let flip = |k: &mut FlowKey6, bit: usize| match bit {
+            0..128 => k.src_addr ^= 1 << bit,
+            128..256 => k.dst_addr ^= 1 << (bit - 128),
+            256..272 => k.src_port ^= 1 << (bit - 256),
+            272..288 => k.dst_port ^= 1 << (bit - 272),
+            _ => k.protocol ^= 1 << (bit - 288),
+        };
         // 2000 samples: a fair coin stays within 0.5 +- 0.07 with
         // probability far above 1 - 1e-9 per cell.
-        for (bit, counts) in flips.iter().enumerate() {
-            for (out, &count) in counts.iter().enumerate() {
-                let p = f64::from(count) / f64::from(SAMPLES);
-                assert!((0.43..=0.57).contains(&p), "input bit {bit} flips output bit {out} with probability {p}");
-            }
-        }
+        assert_avalanche(296, 2000, 0.07, random, flip, flow_hash6);
     }
 
     /// Clients that differ only in the low bits of their address's low half
@@ -352,46 +381,21 @@ mod tests {
     /// close to 1/2 (strict avalanche).
     #[test]
     fn every_input_bit_avalanches() {
-        const SAMPLES: u32 = 4000;
-        let mut flips = [[0u32; 32]; 104];
-        // A fixed-seed xorshift generator keeps the test deterministic.
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for _ in 0..SAMPLES {
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
+        let random = move || {
             let (r1, r2) = (next(), next());
-            let base = key(r1 as u32, (r1 >> 32) as u32, r2 as u16, (r2 >> 16) as u16, (r2 >> 32) as u8);
-            let h = flow_hash(&base);
-            for (bit, counts) in flips.iter_mut().enumerate() {
-                let mut k = base;
-                match bit {
-                    0..32 => k.src_addr ^= 1 << bit,
-                    32..64 => k.dst_addr ^= 1 << (bit - 32),
-                    64..80 => k.src_port ^= 1 << (bit - 64),
-                    80..96 => k.dst_port ^= 1 << (bit - 80),
-                    _ => k.protocol ^= 1 << (bit - 96),
-                }
-                let diff = h ^ flow_hash(&k);
-                assert_ne!(diff, 0, "flipping input bit {bit} of {base:?} left the hash unchanged");
-                for (out, count) in counts.iter_mut().enumerate() {
-                    *count += (diff >> out) & 1;
-                }
-            }
-        }
+            key(r1 as u32, (r1 >> 32) as u32, r2 as u16, (r2 >> 16) as u16, (r2 >> 32) as u8)
+        };
+        let flip = |k: &mut FlowKey, bit: usize| match bit {
+            0..32 => k.src_addr ^= 1 << bit,
+            32..64 => k.dst_addr ^= 1 << (bit - 32),
+            64..80 => k.src_port ^= 1 << (bit - 64),
+            80..96 => k.dst_port ^= 1 << (bit - 80),
+            _ => k.protocol ^= 1 << (bit - 96),
+        };
         // With 4000 samples a fair coin stays within 0.5 +- 0.05 with
         // probability far above 1 - 1e-9 per cell.
-        let mut worst = 0.0f64;
-        for (bit, counts) in flips.iter().enumerate() {
-            for (out, &count) in counts.iter().enumerate() {
-                let p = f64::from(count) / f64::from(SAMPLES);
-                worst = worst.max((p - 0.5).abs());
-                assert!((0.45..=0.55).contains(&p), "input bit {bit} flips output bit {out} with probability {p}");
-            }
-        }
+        let worst = assert_avalanche(104, 4000, 0.05, random, flip, flow_hash);
         println!("worst avalanche bias {worst}");
     }
 
