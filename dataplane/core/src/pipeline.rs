@@ -89,7 +89,7 @@ use crate::route::NextHop;
 use crate::snapshot::{Affinity, Backend, MAC_WORD_MASK, Mode, OnBackendRemoval, Service, Snapshot};
 use crate::snat::{self, Binding, SnatTable};
 use crate::stats::BackendStats;
-use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, tcp, udp};
+use crate::wire::{self, EtherType, EthernetAddress, arp, ethernet, icmp, ipv4, ipv6, tcp, udp};
 use arrayvec::ArrayVec;
 use crossbeam::queue::ArrayQueue;
 use std::sync::Arc;
@@ -833,7 +833,7 @@ impl Pipeline {
                 let port = p.port;
                 self.arp(snap, now, port, p.frame_mut())
             }
-            EtherType::IPV6 if self.punts(p.port) => Verdict::Punt(p.port),
+            EtherType::IPV6 if self.punts(p.port) => ipv6_to_kernel(p.frame(), p.port),
             EtherType::VLAN => self.tagged(snap, now, p, ahead),
             // Stacked tags (802.1ad outside): no interface is a VLAN in a
             // VLAN.
@@ -1558,6 +1558,24 @@ impl Pipeline {
             sender_ip,
             target_ip: nh.addr,
         });
+    }
+}
+
+/// An IPv6 frame for the kernel of `port` (there is no IPv6 fast path
+/// yet): punted if its header and extension-header chain are sound, else
+/// dropped as `malformed`. The chain is walked within the bounds of
+/// [`ipv6::walk_extensions`], so a flood of chains no host sends (too
+/// many or too long headers, hop-by-hop out of place, a lying payload
+/// length, a truncation) stops here instead of in the kernel. A chain the
+/// walk does not follow to its end (ESP, AH, no next header) is the
+/// kernel's to judge: IPsec to the gateway goes on working.
+fn ipv6_to_kernel(frame: &[u8], port: u16) -> Verdict {
+    let Some(Ok(packet)) = frame.get(ethernet::HEADER_LEN..).map(ipv6::Packet::new_checked) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    match packet.upper_layer() {
+        Ok(_) | Err(ipv6::ExtError::NoNextHeader | ipv6::ExtError::Unsupported(_)) => Verdict::Punt(port),
+        Err(_) => Verdict::Drop(DropReason::Malformed),
     }
 }
 

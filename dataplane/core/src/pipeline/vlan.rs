@@ -59,7 +59,7 @@ impl Pipeline {
             // The pass ahead classified it through the tag too.
             EtherType::IPV4 => self.ipv4(snap, now, p, ahead),
             EtherType::ARP => self.arp(snap, now, iface, p.frame_mut()),
-            EtherType::IPV6 if self.punts(iface) => Verdict::Punt(iface),
+            EtherType::IPV6 if self.punts(iface) => ipv6_to_kernel(p.frame(), iface),
             _ => Verdict::Drop(DropReason::Unsupported),
         };
         match verdict {

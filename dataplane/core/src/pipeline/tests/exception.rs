@@ -200,12 +200,67 @@ proptest! {
     }
 }
 
+/// An IPv6 frame to the gateway whose payload is `l4`, after a header
+/// saying `next_header` and the payload's true length.
 fn ipv6_with(next_header: u8, l4: &[u8]) -> Vec<u8> {
     let mut f = ipv6_frame();
     f[14 + 6] = next_header;
+    f[14 + 4..14 + 6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
     f.truncate(14 + 40);
     f.extend_from_slice(l4);
     f
+}
+
+/// An IPv6 frame whose payload is a chain of 8-byte extension headers of
+/// the types in `chain` (the first named by the fixed header), then an
+/// 8-byte UDP header. `units` is each header's length field (8-octet units
+/// past the first 8), its bytes zero.
+fn ipv6_chain(chain: &[u8], units: u8) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for (i, _) in chain.iter().enumerate() {
+        let next = chain.get(i + 1).copied().unwrap_or(17);
+        payload.push(next);
+        payload.push(units);
+        payload.resize(payload.len() + 6 + usize::from(units) * 8, 0);
+    }
+    payload.extend_from_slice(&[0x9c, 0x40, 0x00, 0xb3, 0x00, 0x08, 0x00, 0x00]);
+    ipv6_with(chain.first().copied().unwrap_or(17), &payload)
+}
+
+/// IPv6 for the kernel is punted only if its header and extension chain
+/// are sound. Chains past the walk's bounds, hop-by-hop out of place, a
+/// payload length longer than the frame and a truncation at any byte are
+/// dropped as `malformed` and counted; IPsec and "no next header" are the
+/// kernel's to judge.
+#[test]
+fn malformed_ipv6_for_the_kernel_is_dropped_and_counted() {
+    use crate::wire::ipv6::{MAX_EXTENSION_HEADERS, next_header as nh};
+    let mut r = punting();
+    let malformed = |r: &Rig| r.pipe.counters().drops(DropReason::Malformed);
+    let drop = |r: &mut Rig, mut f: Vec<u8>, what: &str| {
+        let before = malformed(r);
+        assert_eq!(r.run(0, &mut f), Verdict::Drop(DropReason::Malformed), "{what}");
+        assert_eq!(malformed(r), before + 1, "{what}: counted");
+    };
+    // Sound: the most headers the walk follows; hop-by-hop first; IPsec
+    // and no next header, which the walk does not follow.
+    let most = ipv6_chain(&[nh::DEST_OPTIONS; MAX_EXTENSION_HEADERS], 0);
+    run_punted(&mut r, 0, most.clone(), "8 destination options headers");
+    run_punted(&mut r, 0, ipv6_chain(&[nh::HOP_BY_HOP, nh::ROUTING, nh::DEST_OPTIONS], 0), "hop-by-hop first");
+    run_punted(&mut r, 0, ipv6_with(nh::ESP, &[0; 16]), "esp");
+    run_punted(&mut r, 0, ipv6_with(nh::NO_NEXT_HEADER, &[]), "no next header");
+    // Not sound.
+    drop(&mut r, ipv6_chain(&[nh::DEST_OPTIONS; MAX_EXTENSION_HEADERS + 1], 0), "one header past the bound");
+    drop(&mut r, ipv6_chain(&[nh::HOP_BY_HOP; 40], 0), "40 hop-by-hop headers");
+    drop(&mut r, ipv6_chain(&[nh::DEST_OPTIONS, nh::HOP_BY_HOP], 0), "hop-by-hop not first");
+    drop(&mut r, ipv6_chain(&[nh::DEST_OPTIONS], 64), "a 520-byte header");
+    let mut lying = most.clone();
+    let len = u16::from_be_bytes([lying[18], lying[19]]) + 1;
+    lying[18..20].copy_from_slice(&len.to_be_bytes());
+    drop(&mut r, lying, "a payload length one byte longer than the frame");
+    for cut in 0..most.len() {
+        drop(&mut r, most[..cut].to_vec(), &format!("truncated to {cut} bytes"));
+    }
 }
 
 #[test]
